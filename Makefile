@@ -1,0 +1,42 @@
+# facetwin — every command a newcomer needs. `make demo` and `make test` set everything up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build of torch from this environment's local wheel cache; GPU hosts override: make TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+OUT ?= out
+
+.PHONY: help venv proto demo test test-fast bench clean
+
+help:
+	@echo "make demo   - set up, train the demo model on synthetic faces, serve it, swap through the SDK (CPU)"
+	@echo "make test   - set up and run the whole test suite"
+	@echo "make proto  - regenerate facetwin.v1 Python code from proto/"
+	@echo "make bench  - bench/serve.py --json (raw ONNX Runtime vs served)"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Generated code is committed; tests/test_proto.py fails when it is stale.
+proto: venv
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto --pyi_out=proto \
+		proto/facetwin/v1/facetwin.proto
+
+demo: venv
+	$(PY) -m facetwin.training.demo --out $(OUT)
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/serve.py --json $(OUT)/bench_serve.json
+
+clean:
+	rm -rf $(OUT) .pytest_cache build *.egg-info

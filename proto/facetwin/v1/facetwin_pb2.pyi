@@ -1,0 +1,184 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ColorOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COLOR_ORDER_UNSPECIFIED: _ClassVar[ColorOrder]
+    COLOR_ORDER_RGB: _ClassVar[ColorOrder]
+    COLOR_ORDER_BGR: _ClassVar[ColorOrder]
+
+class PixelType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PIXEL_TYPE_UNSPECIFIED: _ClassVar[PixelType]
+    PIXEL_TYPE_UINT8: _ClassVar[PixelType]
+    PIXEL_TYPE_FLOAT32: _ClassVar[PixelType]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_RAW: _ClassVar[Encoding]
+    ENCODING_PNG: _ClassVar[Encoding]
+    ENCODING_JPEG: _ClassVar[Encoding]
+
+class ImageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_KIND_UNSPECIFIED: _ClassVar[ImageKind]
+    IMAGE_KIND_ALIGNED_FACE: _ClassVar[ImageKind]
+    IMAGE_KIND_FULL_FRAME: _ClassVar[ImageKind]
+
+class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FRAME_STATUS_UNSPECIFIED: _ClassVar[FrameStatus]
+    FRAME_STATUS_OK: _ClassVar[FrameStatus]
+    FRAME_STATUS_DROPPED: _ClassVar[FrameStatus]
+
+class ModelStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATUS_UNSPECIFIED: _ClassVar[ModelStatus]
+    MODEL_STATUS_LOADING: _ClassVar[ModelStatus]
+    MODEL_STATUS_READY: _ClassVar[ModelStatus]
+    MODEL_STATUS_FAILED: _ClassVar[ModelStatus]
+COLOR_ORDER_UNSPECIFIED: ColorOrder
+COLOR_ORDER_RGB: ColorOrder
+COLOR_ORDER_BGR: ColorOrder
+PIXEL_TYPE_UNSPECIFIED: PixelType
+PIXEL_TYPE_UINT8: PixelType
+PIXEL_TYPE_FLOAT32: PixelType
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_RAW: Encoding
+ENCODING_PNG: Encoding
+ENCODING_JPEG: Encoding
+IMAGE_KIND_UNSPECIFIED: ImageKind
+IMAGE_KIND_ALIGNED_FACE: ImageKind
+IMAGE_KIND_FULL_FRAME: ImageKind
+FRAME_STATUS_UNSPECIFIED: FrameStatus
+FRAME_STATUS_OK: FrameStatus
+FRAME_STATUS_DROPPED: FrameStatus
+MODEL_STATUS_UNSPECIFIED: ModelStatus
+MODEL_STATUS_LOADING: ModelStatus
+MODEL_STATUS_READY: ModelStatus
+MODEL_STATUS_FAILED: ModelStatus
+
+class RawImage(_message.Message):
+    __slots__ = ("pixels", "height", "width", "channels", "color_order", "pixel_type")
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    COLOR_ORDER_FIELD_NUMBER: _ClassVar[int]
+    PIXEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+    color_order: ColorOrder
+    pixel_type: PixelType
+    def __init__(self, pixels: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., color_order: _Optional[_Union[ColorOrder, str]] = ..., pixel_type: _Optional[_Union[PixelType, str]] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "raw")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    raw: RawImage
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+
+class SwapRequest(_message.Message):
+    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_COLOR_ORDER_FIELD_NUMBER: _ClassVar[int]
+    JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    RETURN_MASK_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    target: str
+    image: Image
+    kind: ImageKind
+    output_encoding: Encoding
+    output_color_order: ColorOrder
+    jpeg_quality: int
+    return_mask: bool
+    frame_id: int
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ...) -> None: ...
+
+class StageTimings(_message.Message):
+    __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms", "batch_size")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    encode_ms: float
+    total_ms: float
+    batch_size: int
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class SwapResponse(_message.Message):
+    __slots__ = ("image", "mask", "timings", "frame_id")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    image: Image
+    mask: Image
+    timings: StageTimings
+    frame_id: int
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ...) -> None: ...
+
+class SwapStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: SwapRequest
+    def __init__(self, request: _Optional[_Union[SwapRequest, _Mapping]] = ...) -> None: ...
+
+class SwapStreamResponse(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: FrameStatus
+    response: SwapResponse
+    def __init__(self, status: _Optional[_Union[FrameStatus, str]] = ..., response: _Optional[_Union[SwapResponse, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "identities", "resolution", "backend", "status", "variant", "manifest_sha256", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    IDENTITIES_FIELD_NUMBER: _ClassVar[int]
+    RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    identities: _containers.RepeatedScalarFieldContainer[str]
+    resolution: int
+    backend: str
+    status: ModelStatus
+    variant: str
+    manifest_sha256: str
+    error: str
+    def __init__(self, name: _Optional[str] = ..., identities: _Optional[_Iterable[str]] = ..., resolution: _Optional[int] = ..., backend: _Optional[str] = ..., status: _Optional[_Union[ModelStatus, str]] = ..., variant: _Optional[str] = ..., manifest_sha256: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,202 @@
+"""The model bundle contract shared by training (writes it) and the server (reads it).
+
+A bundle is a folder in the model directory; its name is the model name callers use::
+
+    models/demo/
+        manifest.json          # this module's Manifest, as JSON
+        weights.safetensors    # encoder + every decoder (torch backends rebuild the model from it)
+        target_<identity>.onnx # one graph per target identity: aligned face -> swapped face + mask
+
+Every graph takes ``input.name`` float32 NCHW RGB in [0, 1] with a dynamic batch axis and returns
+``outputs.face`` (B, 3, R, R) RGB in [0, 1] and ``outputs.mask`` (B, 1, R, R) in [0, 1].
+
+Pure standard library: the server and training both import it without torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WEIGHTS_NAME = "weights.safetensors"
+# Model and identity names: safe as folder/file names on every OS, never a path.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, or does not match its manifest."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str  # tensor name inside every ONNX graph of the bundle
+    shape: tuple[str | int, ...]  # "B" marks the dynamic batch axis
+    dtype: str = "float32"  # element type
+    layout: str = "NCHW"  # axis order
+    color_order: str = "RGB"  # for 3-channel tensors
+    value_range: tuple[float, float] = (0.0, 1.0)  # pixel values map linearly to this range
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a bundle holds; written by training/export.py, read by server/registry.py."""
+
+    variant: str  # training variant: ae, vae, vae-gan, cyclegan
+    resolution: int  # side of the square aligned face, pixels
+    identities: tuple[str, ...]  # every identity the model can render
+    input: TensorSpec  # the aligned face fed to every graph
+    output_face: TensorSpec  # the swapped face
+    output_mask: TensorSpec  # the face mask
+    targets: dict[str, str]  # identity -> ONNX file name (relative to the bundle)
+    files: dict[str, str]  # file name -> sha256 of every file in the bundle but the manifest
+    model_config: dict[str, Any]  # the model's config dataclass, as a dict (rebuilds the torch model)
+    training_config: dict[str, Any]  # the effective training config
+    export: dict[str, Any] = dataclasses.field(default_factory=dict)  # opset, max ONNX-vs-torch error, ...
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        if not isinstance(data, dict):
+            raise BundleError("manifest.json must hold a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(f"manifest schema_version {version!r} is not supported (this server reads {SCHEMA_VERSION})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(f for f in fields if f not in data and f not in ("export", "schema_version"))
+        if missing:
+            raise BundleError(f"manifest.json lacks {', '.join(missing)}")
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise BundleError(f"manifest.json has unknown fields {', '.join(unknown)}")
+        try:
+            kwargs = dict(data)
+            for key in ("input", "output_face", "output_mask"):
+                spec = dict(kwargs[key])
+                spec["shape"] = tuple(spec["shape"])
+                spec["value_range"] = tuple(spec.get("value_range", (0.0, 1.0)))
+                kwargs[key] = TensorSpec(**spec)
+            kwargs["identities"] = tuple(kwargs["identities"])
+            manifest = cls(**kwargs)
+        except (TypeError, KeyError) as exc:
+            raise BundleError(f"manifest.json is malformed: {exc}") from exc
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Checks internal consistency (not the files; see verify_files)."""
+        if not isinstance(self.resolution, int) or not 16 <= self.resolution <= 1024:
+            raise BundleError(f"resolution {self.resolution!r} must be an integer in 16..1024")
+        if len(self.identities) < 2:
+            raise BundleError("a bundle needs at least two identities")
+        if len(set(self.identities)) != len(self.identities):
+            raise BundleError("identities must be unique")
+        for ident in self.identities:
+            check_name(ident, "identity")
+        if not self.targets:
+            raise BundleError("a bundle needs at least one target graph")
+        for ident, filename in self.targets.items():
+            if ident not in self.identities:
+                raise BundleError(f"target {ident!r} is not one of the identities {list(self.identities)}")
+            if filename not in self.files:
+                raise BundleError(f"target file {filename!r} has no sha256 in files")
+        for filename in self.files:
+            check_name(filename, "bundle file")
+        for spec in (self.input, self.output_face, self.output_mask):
+            if spec.dtype not in ("float32", "float16"):
+                raise BundleError(f"tensor {spec.name!r}: dtype {spec.dtype!r} must be float32 or float16")
+            if spec.layout != "NCHW" or len(spec.shape) != 4 or spec.shape[0] != "B":
+                raise BundleError(f"tensor {spec.name!r}: must be NCHW with a dynamic batch axis 'B'")
+            if tuple(spec.shape[2:]) != (self.resolution, self.resolution):
+                raise BundleError(f"tensor {spec.name!r}: spatial shape {spec.shape[2:]} != resolution {self.resolution}")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Returns name if it is a safe single path component, else raises BundleError."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise BundleError(
+            f"{what} {name!r} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+def resolve_bundle_dir(model_dir: str | os.PathLike, model: str) -> Path:
+    """The folder of bundle `model` inside model_dir; never a path outside it."""
+    check_name(model, "model name")
+    root = Path(model_dir).resolve()
+    path = (root / model).resolve()
+    if path.parent != root:
+        raise BundleError(f"model name {model!r} escapes the model directory")
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Reads and validates a bundle's manifest; with verify, also checks every file's sha256."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not a model bundle: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    manifest = Manifest.from_dict(data)
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return manifest
+
+
+def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
+    for filename, expected in manifest.files.items():
+        file_path = Path(bundle_dir) / filename
+        if not file_path.is_file():
+            raise BundleError(f"bundle file {filename} is missing from {bundle_dir}")
+        actual = sha256_file(file_path)
+        if actual != expected:
+            raise BundleError(f"bundle file {filename} is corrupt: sha256 {actual[:12]}… != manifest {expected[:12]}…")
+
+
+def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
+    """Validates and writes manifest.json atomically (temp file + os.replace)."""
+    manifest.validate()
+    return atomic_write_bytes(Path(bundle_dir) / MANIFEST_NAME, manifest.to_json().encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Writes data to path so that readers see either the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def manifest_sha256(bundle_dir: str | os.PathLike) -> str:
+    return sha256_file(Path(bundle_dir) / MANIFEST_NAME)
