@@ -1,0 +1,177 @@
+"""Dynamic batching: one batcher per (model, target), shared by unary calls and every stream.
+
+Requests queue per caller (a client connection for unary calls, the stream for SwapStream); batches are
+filled round-robin across callers, so one busy stream cannot starve everyone else. A batch runs when it is
+full, or when its oldest request has waited `max_delay_s`, whichever comes first — and while a batch runs,
+the next one keeps filling, which is where most batching under load comes from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from .errors import ResourceExhaustedError, SwapError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """How one request was served."""
+
+    size: int  # requests in its batch
+    queue_s: float  # time from submit to the batch starting
+    inference_s: float  # time the batch took to run
+
+
+class InferenceFailedError(SwapError):
+    """The backend raised while running a batch (reported as INTERNAL; the server keeps serving)."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    item: Any
+    future: asyncio.Future
+    enqueued: float
+
+
+class DynamicBatcher:
+    """Groups single items from many callers into calls of `run_batch(items) -> results` (same length, same order)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], Sequence[Any]],
+        *,
+        max_batch: int = 16,
+        max_delay_s: float = 0.002,
+        max_queue: int = 256,
+        concurrency: int = 1,
+        name: str = "batcher",
+    ) -> None:
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.name = name
+        self._queues: collections.OrderedDict[Hashable, collections.deque[_Pending]] = collections.OrderedDict()
+        self._size = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._concurrency = concurrency
+        self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=name)
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return self._size
+
+    async def submit(self, item: Any, caller: Hashable) -> tuple[Any, BatchInfo]:
+        """Queues one item and waits for its result. Cancelling the caller's task drops the item."""
+        if self._closed:
+            raise UnavailableError(f"{self.name} is shutting down; retry on another replica")
+        if self._size >= self.max_queue:
+            raise ResourceExhaustedError(
+                f"{self.name}: {self._size} requests are already queued (limit {self.max_queue}); retry with backoff"
+            )
+        self._start()
+        pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._queues.setdefault(caller, collections.deque()).append(pending)
+        self._size += 1
+        self._wakeup.set()
+        return await pending.future  # cancelled with the caller; _take skips it
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._slots = asyncio.Semaphore(self._concurrency)
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+
+    async def _loop(self) -> None:
+        while True:
+            while self._size == 0:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._slots.acquire()  # while the previous batch runs, the queue keeps filling
+            await self._wait_for_batch()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_for_batch(self) -> None:
+        if self._size == 0:
+            return
+        oldest = min(queue[0].enqueued for queue in self._queues.values())
+        while self._size < self.max_batch:
+            remaining = oldest + self.max_delay_s - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        """Up to max_batch live items, one per caller per round (round-robin across callers)."""
+        batch: list[_Pending] = []
+        while len(batch) < self.max_batch and self._queues:
+            caller, queue = next(iter(self._queues.items()))
+            pending = queue.popleft()
+            self._size -= 1
+            if queue:
+                self._queues.move_to_end(caller)
+            else:
+                del self._queues[caller]
+            if not pending.future.done():  # done = cancelled by its caller (deadline, disconnect)
+                batch.append(pending)
+        return batch
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # the backend failed: fail this batch only, keep serving
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            error = InferenceFailedError(f"inference failed on the server ({type(exc).__name__}: {exc})")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        finally:
+            self._slots.release()
+        elapsed = time.perf_counter() - started
+        for pending, result in zip(batch, results):
+            if not pending.future.done():
+                pending.future.set_result((result, BatchInfo(len(batch), started - pending.enqueued, elapsed)))
+
+    async def close(self) -> None:
+        """Stops taking work, fails what is still queued, waits for running batches, frees the thread."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        for queue in self._queues.values():
+            for pending in queue:
+                if not pending.future.done():
+                    pending.future.set_exception(UnavailableError(f"{self.name} shut down before this request ran"))
+        self._queues.clear()
+        self._size = 0
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,104 @@
+"""`facetwin-server`: run the gRPC service. Every flag also reads FACETWIN_<NAME> from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from .config import ServerConfig
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="facetwin gRPC face-swap server")
+
+
+@app.callback()
+def _root() -> None:
+    """facetwin gRPC face-swap server."""
+
+
+@app.command()
+def serve(
+    model_dir: Optional[str] = typer.Option(None, help="Folder of model bundles (env FACETWIN_MODEL_DIR, default models)"),
+    address: Optional[str] = typer.Option(None, help="host:port to listen on (env FACETWIN_ADDRESS, default 0.0.0.0:50051)"),
+    backend: Optional[str] = typer.Option(None, help="Inference backend (env FACETWIN_BACKEND, default onnxruntime)"),
+    max_batch: Optional[int] = typer.Option(None, help="Largest dynamic batch per (model, target)"),
+    max_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms"),
+    max_queue: Optional[int] = typer.Option(None, help="Queued requests per (model, target) before RESOURCE_EXHAUSTED"),
+    intra_op_threads: Optional[int] = typer.Option(None, help="Threads per inference call (0 = all cores)"),
+    max_message_mb: Optional[int] = typer.Option(None, help="Largest gRPC message, MiB"),
+    stream_window: Optional[int] = typer.Option(None, help="Frames in flight per stream"),
+    grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight calls get on SIGTERM"),
+    metrics_port: Optional[int] = typer.Option(None, help="Prometheus /metrics port (0 = off)"),
+    log_level: str = typer.Option("INFO", envvar="FACETWIN_LOG_LEVEL", help="Logging level"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Load and warm every model, serve on a free loopback "
+                                 "port, swap one blank face per model through real gRPC, then exit"),
+) -> None:
+    """Serve every bundle in the model directory until SIGTERM (then drain)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = dict(model_dir=model_dir, address=address, backend=backend, max_batch=max_batch,
+                     max_delay_ms=max_delay_ms, max_queue=max_queue, intra_op_threads=intra_op_threads,
+                     max_message_mb=max_message_mb, stream_window=stream_window, grace_s=grace_s,
+                     metrics_port=metrics_port)
+    try:
+        if dry_run:
+            overrides.update(address="127.0.0.1:0", metrics_port=0)
+        config = ServerConfig.from_env(**overrides)
+        from .server import serve as run_server
+
+        if dry_run:
+            asyncio.run(_dry_run(config))
+        else:
+            asyncio.run(run_server(config))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+async def _dry_run(config: ServerConfig) -> None:
+    import grpc
+    import numpy as np
+
+    from facetwin.v1 import facetwin_pb2 as pb
+    from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
+
+    from .server import FaceSwapServer
+
+    started = time.perf_counter()
+    server = FaceSwapServer(config)
+    port = await server.start()
+    await server.wait_until_loaded()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            listing = await stub.ListModels(pb.ListModelsRequest())
+            for info in listing.models:
+                if info.status != pb.MODEL_STATUS_READY:
+                    typer.echo(f"model {info.name}: FAILED — {info.error}")
+                    continue
+                size = info.resolution
+                face = np.full((size, size, 3), 128, np.uint8)
+                reply = await stub.Swap(pb.SwapRequest(
+                    model=info.name, target=info.identities[0],
+                    image=pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=size, width=size, channels=3))))
+                typer.echo(f"model {info.name}: ready, identities {list(info.identities)}, {size} px, "
+                           f"backend {info.backend}; test swap {reply.timings.total_ms:.1f} ms")
+        typer.echo(f"dry run ok: {len(listing.models)} model(s) in {time.perf_counter() - started:.1f} s")
+        if not any(m.status == pb.MODEL_STATUS_READY for m in listing.models):
+            raise ValueError(f"no model in {config.model_dir} loaded")
+    finally:
+        await server.stop(grace=1.0)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

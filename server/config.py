@@ -1,0 +1,69 @@
+"""Server configuration: one dataclass, filled from defaults < environment (FACETWIN_*) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    address: str = "0.0.0.0:50051"  # host:port to listen on; port 0 picks a free port (tests)
+    model_dir: str = "models"  # folder of model bundles, one sub-folder per model
+    backend: str = "onnxruntime"  # inference backend (see server/backends/__init__.py: BACKENDS)
+    max_batch: int = 16  # largest batch the dynamic batcher forms per (model, target)
+    max_delay_ms: float = 2.0  # longest a request waits for others to join its batch
+    max_queue: int = 256  # requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED
+    intra_op_threads: int = 0  # threads per inference call (0 = backend default: all cores)
+    max_message_mb: int = 16  # largest request/response message; bigger requests get RESOURCE_EXHAUSTED
+    max_image_side: int = 4096  # largest accepted image side in pixels
+    stream_window: int = 16  # frames of one stream in flight at once (backpressure beyond that)
+    grace_s: float = 10.0  # on SIGTERM: seconds in-flight calls get to finish before the server stops
+    metrics_port: int = 0  # Prometheus /metrics HTTP port (0 = disabled)
+    reflection: bool = True  # expose gRPC server reflection (grpcurl, Postman)
+
+    ENV_PREFIX = "FACETWIN_"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "ServerConfig":
+        """Defaults, then FACETWIN_<FIELD> environment variables, then explicit overrides (flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            raw = environ.get(cls.ENV_PREFIX + field.name.upper())
+            if raw is not None:
+                values[field.name] = _parse(field.type, raw, field.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1 or self.stream_window < 1:
+            raise ValueError("max_batch, max_queue and stream_window must be >= 1")
+        if self.max_delay_ms < 0 or self.grace_s < 0:
+            raise ValueError("max_delay_ms and grace_s must be >= 0")
+        if not 1 <= self.max_message_mb <= 1024:
+            raise ValueError("max_message_mb must be in 1..1024")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse(type_name: Any, raw: str, name: str) -> Any:
+    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    try:
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"environment variable FACETWIN_{name.upper()}={raw!r} is not a valid {kind}") from None

@@ -1,0 +1,44 @@
+"""Domain errors raised by the engine and registry; the servicer maps each to one gRPC status code.
+
+Messages are written for the caller: they say what was wrong and what to send instead.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class SwapError(Exception):
+    """Base class: a request that cannot be served. `code` is the gRPC status the caller sees."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInputError(SwapError):
+    """The request itself is wrong (bad image bytes, shape, dtype, enum value); resending it will fail again."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(SwapError):
+    """The named model or target identity is not loaded."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhaustedError(SwapError):
+    """The request is too large, or the server's queue is full; retry later or send less."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(SwapError):
+    """The model is still loading, failed to load, or the server is draining; retry elsewhere or later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class UnimplementedError(SwapError):
+    """The request asks for something this server release does not do yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED

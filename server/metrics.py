@@ -1,0 +1,24 @@
+"""Prometheus metrics (served on --metrics-port when set). Labels stay low-cardinality: method and status code."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+SWAPS = Counter("facetwin_swaps_total", "Swapped images", ["method"])
+ERRORS = Counter("facetwin_errors_total", "Failed requests by gRPC status code", ["method", "code"])
+LATENCY = Histogram(
+    "facetwin_swap_seconds", "Server-side time per swapped image", ["method"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+)
+BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+
+def observe(outcome, method: str) -> None:
+    SWAPS.labels(method=method).inc()
+    LATENCY.labels(method=method).observe(outcome.timings.total_ms / 1e3)
+    BATCH_SIZE.observe(outcome.timings.batch_size)
+
+
+def serve_metrics(port: int) -> None:
+    """Starts the /metrics HTTP endpoint in a daemon thread."""
+    start_http_server(port)

@@ -1,0 +1,142 @@
+"""Loads every bundle in the model directory and owns one backend + one batcher per (model, target)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import imaging
+from .backends import Backend, get_backend
+from .batcher import DynamicBatcher
+from .bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256, resolve_bundle_dir
+from .config import ServerConfig
+from .errors import InvalidInputError, NotFoundError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+@dataclasses.dataclass
+class LoadedTarget:
+    """One target identity of a bundle: its backend and the batcher that feeds it."""
+
+    backend: Backend
+    batcher: DynamicBatcher
+
+    def run_batch(self, faces: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """RGB uint8 (R, R, 3) faces -> [(swapped RGB uint8 (R, R, 3), mask uint8 (R, R))]; runs in a worker thread."""
+        swapped, masks = self.backend.infer(imaging.to_nchw_float(faces))
+        swapped_u8 = imaging.to_hwc_uint8(swapped)
+        masks_u8 = imaging.to_hwc_uint8(masks)[..., 0]
+        return list(zip(swapped_u8, masks_u8))
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """One bundle as the server sees it."""
+
+    name: str
+    path: Path
+    status: str = LOADING
+    error: str = ""
+    manifest: Manifest | None = None
+    manifest_sha256: str = ""
+    targets: dict[str, LoadedTarget] = dataclasses.field(default_factory=dict)
+    ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class ModelRegistry:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.model_dir = Path(config.model_dir)
+        self.backend_cls = get_backend(config.backend)
+        self.models: dict[str, LoadedModel] = {}
+
+    def discover(self) -> list[str]:
+        """Registers every sub-folder holding a manifest.json (status LOADING); returns their names."""
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {self.model_dir} does not exist")
+        for path in sorted(self.model_dir.iterdir()):
+            if not (path / "manifest.json").is_file():
+                continue
+            try:
+                check_name(path.name, "model folder name")
+            except BundleError as exc:
+                log.warning("skipping %s: %s", path, exc)
+                continue
+            self.models[path.name] = LoadedModel(name=path.name, path=path)
+        return list(self.models)
+
+    async def load_all(self) -> None:
+        """Loads and warms every discovered bundle; a broken bundle is marked FAILED, the others still serve."""
+        for model in self.models.values():
+            try:
+                await asyncio.to_thread(self._load, model)
+                await self._warm(model)
+                model.status = READY
+                log.info("model %s ready: identities %s, %d px, backend %s",
+                         model.name, list(model.manifest.identities), model.manifest.resolution, self.backend_cls.name)
+            except Exception as exc:  # any failure is contained to this one model
+                model.status, model.error = FAILED, f"{type(exc).__name__}: {exc}"
+                log.error("model %s failed to load: %s", model.name, model.error)
+            finally:
+                model.ready.set()
+
+    def _load(self, model: LoadedModel) -> None:
+        model.manifest = load_manifest(model.path, verify=True)
+        model.manifest_sha256 = manifest_sha256(model.path)
+        for target in model.manifest.targets:
+            backend = self.backend_cls(model.path, model.manifest, target, intra_op_threads=self.config.intra_op_threads)
+            batcher = DynamicBatcher(
+                lambda faces, t=target: model.targets[t].run_batch(faces),
+                max_batch=self.config.max_batch,
+                max_delay_s=self.config.max_delay_ms / 1000.0,
+                max_queue=self.config.max_queue,
+                name=f"{model.name}/{target}",
+            )
+            model.targets[target] = LoadedTarget(backend, batcher)
+
+    async def _warm(self, model: LoadedModel) -> None:
+        """One batch through every target, so the first caller does not pay for lazy initialisation."""
+        size = model.manifest.resolution
+        blank = np.full((size, size, 3), 128, np.uint8)
+        for target in model.targets.values():
+            await asyncio.to_thread(target.run_batch, [blank])
+
+    async def get(self, model_name: str, target: str, timeout: float | None = None) -> tuple[LoadedModel, LoadedTarget]:
+        """The loaded target, waiting for a model that is still loading; NotFound / Unavailable otherwise."""
+        try:
+            resolve_bundle_dir(self.model_dir, model_name)  # rejects path tricks with a clear message
+        except BundleError as exc:
+            raise InvalidInputError(str(exc)) from None
+        model = self.models.get(model_name)
+        if model is None:
+            raise NotFoundError(f"model {model_name!r} is not loaded; loaded models: {sorted(self.models) or 'none'}")
+        if not model.ready.is_set():
+            try:
+                await asyncio.wait_for(model.ready.wait(), timeout)
+            except TimeoutError:
+                raise UnavailableError(f"model {model_name!r} is still loading; retry shortly") from None
+        if model.status == FAILED:
+            raise UnavailableError(f"model {model_name!r} failed to load: {model.error}")
+        loaded = model.targets.get(target)
+        if loaded is None:
+            raise NotFoundError(
+                f"model {model_name!r} has no target identity {target!r}; choose one of {sorted(model.targets)}"
+            )
+        return model, loaded
+
+    @property
+    def any_ready(self) -> bool:
+        return any(m.status == READY for m in self.models.values())
+
+    async def close(self) -> None:
+        for model in self.models.values():
+            for target in model.targets.values():
+                await target.batcher.close()
+                target.backend.close()

@@ -1,0 +1,104 @@
+"""Wires the gRPC server: servicer, health, reflection, message limits, warm-up, graceful drain. Computes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
+
+from . import metrics
+from .config import ServerConfig
+from .engine import SwapEngine
+from .registry import ModelRegistry
+from .servicer import FaceSwapServicer
+
+log = logging.getLogger("facetwin.server")
+SERVICE_NAME = facetwin_pb2.DESCRIPTOR.services_by_name["FaceSwap"].full_name
+
+
+class FaceSwapServer:
+    """A running server: `await start()`, then `await wait()`; `await stop()` drains it."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry(config)
+        self.health = health_aio.HealthServicer()
+        limit = config.max_message_mb * 1024 * 1024
+        self.grpc_server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        engine = SwapEngine(self.registry, config.max_image_side)
+        facetwin_pb2_grpc.add_FaceSwapServicer_to_server(
+            FaceSwapServicer(self.registry, engine, config.stream_window), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.grpc_server)
+        self.port = 0
+        self._loading: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Binds, starts answering (health NOT_SERVING), then loads and warms models in the background."""
+        log.info("config %s", json.dumps(self.config.as_dict(), sort_keys=True))
+        names = self.registry.discover()
+        log.info("found %d bundle(s) in %s: %s", len(names), self.config.model_dir, names)
+        self.port = self.grpc_server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.config.address}")
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.config.metrics_port:
+            metrics.serve_metrics(self.config.metrics_port)
+        await self.grpc_server.start()
+        log.info("listening on port %d (backend %s)", self.port, self.config.backend)
+        self._loading = asyncio.ensure_future(self._load())
+        return self.port
+
+    async def _load(self) -> None:
+        await self.registry.load_all()
+        status = health_pb2.HealthCheckResponse.SERVING if self.registry.any_ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+        log.info("models warm; health %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+
+    async def wait_until_loaded(self) -> None:
+        if self._loading is not None:
+            await self._loading
+
+    async def wait(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        grace = self.config.grace_s if grace is None else grace
+        log.info("draining (grace %.1f s)", grace)
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        if self._loading is not None:
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        await self.registry.close()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM/SIGINT, then drains gracefully."""
+    server = FaceSwapServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await server.stop()

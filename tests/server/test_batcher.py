@@ -1,0 +1,104 @@
+"""DynamicBatcher: results map to their inputs, batches form, callers are served round-robin, failures stay contained."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from facetwin.server.batcher import DynamicBatcher, InferenceFailedError
+from facetwin.server.errors import ResourceExhaustedError, UnavailableError
+
+
+class Recorder:
+    """A real batch function: doubles numbers, remembers every batch it was given (called from the worker thread)."""
+
+    def __init__(self, delay_s: float = 0.0, fail_on: object = None):
+        self.batches: list[list] = []
+        self.delay_s = delay_s
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+
+    def __call__(self, items):
+        with self.lock:
+            self.batches.append(list(items))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError("poisoned batch")
+        return [(item, item * 2) for item in items]
+
+
+async def test_results_match_inputs_and_batches_form():
+    run = Recorder(delay_s=0.01)
+    batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.005)
+    results = await asyncio.gather(*(batcher.submit(i, caller=i % 3) for i in range(20)))
+    assert [r[0] for r in results] == [(i, 2 * i) for i in range(20)]
+    sizes = [len(b) for b in run.batches]
+    assert sum(sizes) == 20 and max(sizes) <= 4
+    assert max(sizes) > 1, f"no batching happened: {sizes}"
+    assert all(info.size == len(next(b for b in run.batches if r[0][0] in b)) for r, info in
+               ((r, r[1]) for r in results))
+    await batcher.close()
+
+
+async def test_round_robin_serves_a_late_small_caller_early():
+    run = Recorder(delay_s=0.01)
+    batcher = DynamicBatcher(run, max_batch=4, max_delay_s=0.001)
+    greedy = [asyncio.ensure_future(batcher.submit(("greedy", i), caller="greedy")) for i in range(40)]
+    await asyncio.sleep(0.002)  # the first batch is already running
+    polite = [asyncio.ensure_future(batcher.submit(("polite", i), caller="polite")) for i in range(2)]
+    await asyncio.gather(*greedy, *polite)
+    first_polite = next(n for n, batch in enumerate(run.batches) if any(item[0] == "polite" for item in batch))
+    # FIFO would serve "polite" only after all 40 greedy items (batch 10 or later).
+    assert first_polite <= 2, f"polite caller waited until batch {first_polite}: {run.batches}"
+    await batcher.close()
+
+
+async def test_queue_limit_gives_resource_exhausted():
+    run = Recorder(delay_s=0.05)
+    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, max_queue=3)
+    tasks = [asyncio.ensure_future(batcher.submit(i, caller="a")) for i in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhaustedError, match="retry"):
+        await batcher.submit(99, caller="b")
+    assert [r[0] for r in await asyncio.gather(*tasks)] == [(0, 0), (1, 2), (2, 4)]
+    await batcher.close()
+
+
+async def test_failing_batch_fails_only_its_callers():
+    run = Recorder(fail_on=13)
+    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0)
+    with pytest.raises(InferenceFailedError, match="poisoned"):
+        await batcher.submit(13, caller="bad")
+    result, _ = await batcher.submit(4, caller="good")
+    assert result == (4, 8)
+    await batcher.close()
+
+
+async def test_cancelled_request_is_never_run():
+    run = Recorder(delay_s=0.05)
+    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0)
+    first = asyncio.ensure_future(batcher.submit(1, caller="a"))
+    await asyncio.sleep(0.01)  # 1 is running; 2 waits in the queue
+    second = asyncio.ensure_future(batcher.submit(2, caller="a"))
+    await asyncio.sleep(0)
+    second.cancel()
+    assert (await first)[0] == (1, 2)
+    await asyncio.sleep(0.06)
+    assert [2] not in run.batches
+    await batcher.close()
+
+
+async def test_close_fails_queued_and_refuses_new_work():
+    run = Recorder(delay_s=0.05)
+    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0)
+    running = asyncio.ensure_future(batcher.submit(1, caller="a"))
+    queued = asyncio.ensure_future(batcher.submit(2, caller="a"))
+    await asyncio.sleep(0.01)
+    await batcher.close()
+    assert (await running)[0] == (1, 2)  # in-flight work finishes
+    with pytest.raises(UnavailableError):
+        await queued
+    with pytest.raises(UnavailableError):
+        await batcher.submit(3, caller="a")
