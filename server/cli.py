@@ -93,6 +93,26 @@ async def _dry_run(config: ServerConfig) -> None:
         await server.stop(grace=1.0)
 
 
+@app.command()
+def healthcheck(
+    address: str = typer.Option("127.0.0.1:50051", envvar="FACETWIN_HEALTH_ADDRESS", help="Server to probe"),
+    timeout: float = typer.Option(3.0, help="Seconds to wait for the answer"),
+) -> None:
+    """Exit 0 when the server reports SERVING on grpc.health.v1 (for Docker HEALTHCHECK), else 1."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        typer.echo(f"unhealthy: {exc.code().name}: {exc.details()}", err=True)
+        raise typer.Exit(1) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    typer.echo(status)
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
 def main() -> None:
     try:
         app()

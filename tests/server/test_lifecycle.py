@@ -1,0 +1,137 @@
+"""Start-up, broken bundles, the dry run, and graceful drain on SIGTERM of the real `facetwin-server` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facetwin.v1 import facetwin_pb2 as pb
+from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
+
+from ..conftest import ServerThread
+from facetwin.server.config import ServerConfig
+
+SERVER = Path(sys.executable).with_name("facetwin-server")
+
+
+def _face_request(model: str, target: str, size: int) -> pb.SwapRequest:
+    face = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return pb.SwapRequest(model=model, target=target, image=pb.Image(raw=pb.RawImage(
+        pixels=face.tobytes(), height=size, width=size, channels=3)))
+
+
+def test_broken_bundle_fails_alone(tiny_model_dir, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir / "tiny", models / "good")
+    shutil.copytree(tiny_model_dir / "tiny", models / "broken")
+    onnx_file = next((models / "broken").glob("*.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-10] + b"corruption")
+    (models / "not-a-bundle").mkdir()
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(models)))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            listing = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+            assert set(listing) == {"good", "broken"}
+            assert listing["good"].status == pb.MODEL_STATUS_READY
+            assert listing["broken"].status == pb.MODEL_STATUS_FAILED
+            assert "corrupt" in listing["broken"].error and onnx_file.name in listing["broken"].error
+            target = listing["good"].identities[1]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Swap(_face_request("broken", target, 32), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in info.value.details()
+            assert stub.Swap(_face_request("good", target, 32), timeout=10).image.raw.height == 32
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop()
+
+
+def test_dry_run_swaps_through_real_grpc(tiny_model_dir):
+    result = subprocess.run([str(SERVER), "serve", "--dry-run", "--model-dir", str(tiny_model_dir)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "model tiny: ready" in result.stdout and "dry run ok: 1 model(s)" in result.stdout
+
+
+def test_healthcheck_fails_without_a_server():
+    probe = subprocess.run([str(SERVER), "healthcheck", "--address", f"127.0.0.1:{_free_port()}", "--timeout", "1"],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 1 and "unhealthy: UNAVAILABLE" in probe.stderr
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    result = subprocess.run([str(SERVER), "serve", "--dry-run", "--model-dir", str(tmp_path / "nowhere")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_calls(tiny_model_dir):
+    port = _free_port()
+    env = dict(os.environ, FACETWIN_MODEL_DIR=str(tiny_model_dir), FACETWIN_ADDRESS=f"127.0.0.1:{port}",
+               FACETWIN_GRACE_S="10")
+    proc = subprocess.Popen([str(SERVER), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 60
+            while True:  # NOT_SERVING (or not yet listening) until the models are warm
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "server never became SERVING"
+                time.sleep(0.1)
+            probe = subprocess.run([str(SERVER), "healthcheck", "--address", f"127.0.0.1:{port}"],
+                                   capture_output=True, text=True, timeout=30)
+            assert probe.returncode == 0 and probe.stdout.strip() == "SERVING"
+            stub = pb_grpc.FaceSwapStub(channel)
+            target = stub.ListModels(pb.ListModelsRequest()).models[0].identities[1]
+            results: list = []
+
+            def slow_stream():
+                def frames():
+                    for i in range(30):
+                        time.sleep(0.03)  # keeps the stream in flight across the SIGTERM
+                        request = _face_request("tiny", target, 32)
+                        request.frame_id = i
+                        yield pb.SwapStreamRequest(request=request)
+                results.extend(r.response.frame_id for r in stub.SwapStream(frames(), timeout=30))
+
+            worker = threading.Thread(target=slow_stream)
+            worker.start()
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            worker.join(30)
+            assert results == list(range(30)), "the in-flight stream was cut off"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "draining" in log and "stopped" in log
+    config_line = next(line for line in log.splitlines() if " config {" in line)
+    assert json.loads(config_line.split(" config ", 1)[1])["grace_s"] == 10.0
