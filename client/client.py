@@ -1,0 +1,405 @@
+"""Client and AsyncClient: a small facade over the facetwin.v1 FaceSwap gRPC service.
+
+Both classes expose the same methods (list_models, swap, stream) and share every piece of logic that is
+not I/O: argument checks, request building and response parsing (images.py), error mapping (errors.py),
+and stream bookkeeping (StreamState). They differ only in how they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from facetwin.v1 import facetwin_pb2 as pb
+from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
+
+from .errors import InvalidInputError, ServerError, from_rpc_error
+from .images import (
+    ColorName,
+    EncodingName,
+    ImageInput,
+    StreamState,
+    build_swap_request,
+    check_request_size,
+    result_from_response,
+)
+from .types import ModelInfo, SwapResult
+
+__all__ = ["Client", "AsyncClient", "DEFAULT_ADDRESS"]
+
+DEFAULT_ADDRESS = "localhost:50051"
+_END = object()  # sentinel for an exhausted frame iterator
+_SLOT_POLL_S = 0.05  # how often a blocked sync request thread checks whether the stream was abandoned
+
+
+def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> InvalidInputError:
+    return InvalidInputError(code, message)
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise _invalid(f"timeout must be a positive number of seconds or None (no deadline), got {timeout!r}")
+    return float(timeout)
+
+
+class _ClientBase:
+    """Argument checks and request preparation common to Client and AsyncClient."""
+
+    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float) -> None:
+        if not isinstance(address, str) or not address.strip():
+            raise _invalid(f"address must be 'host:port', got {address!r}")
+        if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, (int, float)) or not max_message_mb > 0:
+            raise _invalid(f"max_message_mb must be a positive number, got {max_message_mb!r}")
+        self.address = address
+        self.timeout = _check_timeout(timeout)
+        self._max_bytes = int(max_message_mb * 2**20)
+        self._closed = False
+
+    def _channel_options(self) -> list[tuple[str, int]]:
+        # Raw 1080p frames are ~6 MiB, over gRPC's 4 MiB default, so both directions get the configured limit.
+        return [
+            ("grpc.max_send_message_length", self._max_bytes),
+            ("grpc.max_receive_message_length", self._max_bytes),
+        ]
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        """A per-call timeout, or the client's default when None."""
+        self._ensure_open()
+        return self.timeout if timeout is None else _check_timeout(timeout)
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise _invalid(
+                f"this {type(self).__name__} is closed; create a new one", grpc.StatusCode.FAILED_PRECONDITION
+            )
+
+    def _swap_request(self, image: ImageInput, model: str, target: str, **kwargs: Any) -> pb.SwapRequest:
+        request = build_swap_request(image, model, target, **kwargs)
+        check_request_size(request, self._max_bytes)
+        return request
+
+    def _stream_setup(
+        self, model: str, target: str, color: ColorName, return_mask: bool, max_in_flight: int, timeout: float | None
+    ) -> tuple[StreamState, float | None]:
+        self._ensure_open()
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
+        state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes)
+        # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
+        return state, _check_timeout(timeout)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(address={self.address!r})"
+
+
+class Client(_ClientBase):
+    """Blocking client. Thread-safe: one Client (one HTTP/2 connection) can serve many threads.
+
+    timeout: default deadline in seconds for list_models and swap (None = wait forever); streams have
+    no deadline unless stream(timeout=...) sets one. max_message_mb: largest message sent or received.
+    credentials: grpc.ssl_channel_credentials(...) for TLS; None = plaintext.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        max_message_mb: float = 64,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb)
+        options = self._channel_options()
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.FaceSwapStub(self._channel)
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models loaded on the server, sorted by name."""
+        deadline = self._deadline(timeout)
+        try:
+            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=deadline)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    def swap(
+        self,
+        image: ImageInput,
+        model: str,
+        target: str,
+        *,
+        color: ColorName,
+        return_mask: bool = False,
+        encoding: EncodingName = "raw",
+        frame_id: int = 0,
+        jpeg_quality: int | None = None,
+        timeout: float | None = None,
+    ) -> SwapResult:
+        """Swaps one aligned face to `target`.
+
+        image: uint8 (H, W, 3) array whose channel order is `color` ("bgr" for OpenCV, "rgb" for PIL/ML
+        code), or PNG/JPEG file bytes. Raw results come back in `color` order; with encoding "png" or
+        "jpeg" the result's `encoded` holds the file bytes and `image` is None.
+        """
+        request = self._swap_request(
+            image, model, target, color=color, return_mask=return_mask, encoding=encoding,
+            frame_id=frame_id, jpeg_quality=jpeg_quality,
+        )
+        deadline = self._deadline(timeout)
+        try:
+            response = self._stub.Swap(request, timeout=deadline)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return result_from_response(response, color=color)
+
+    def stream(
+        self,
+        frames: Iterable[Any],
+        model: str,
+        target: str,
+        *,
+        color: ColorName,
+        return_mask: bool = False,
+        max_in_flight: int = 8,
+        timeout: float | None = None,
+    ) -> Iterator[SwapResult]:
+        """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
+
+        Frames get ids 0, 1, 2, ... At most max_in_flight frames are outstanding: `frames` is not pulled
+        further until results come back, so a camera or decoder is read at the speed the server serves.
+        `frames` is iterated on a gRPC thread. Frames the server drops yield dropped=True, image=None.
+        Leaving the loop early cancels the call. timeout: deadline for the whole stream (None = none).
+        """
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout)
+        try:
+            frame_iter = iter(frames)
+        except TypeError:
+            raise _invalid(f"frames must be an iterable of images, got {type(frames).__name__}") from None
+        return self._stream_results(frame_iter, state, max_in_flight, deadline)
+
+    def _stream_results(
+        self, frames: Iterator[Any], state: StreamState, max_in_flight: int, deadline: float | None
+    ) -> Iterator[SwapResult]:
+        slots = threading.Semaphore(max_in_flight)
+        abandoned = threading.Event()
+
+        def requests() -> Iterator[pb.SwapStreamRequest]:
+            try:
+                while True:
+                    # Take a slot before pulling the next frame, so no more than max_in_flight are read ahead.
+                    while not slots.acquire(timeout=_SLOT_POLL_S):
+                        if abandoned.is_set():
+                            return
+                    if abandoned.is_set():
+                        return
+                    frame = next(frames, _END)
+                    if frame is _END:
+                        return
+                    yield state.make_request(frame)
+            except Exception as exc:  # ends the request side cleanly; the consumer re-raises it
+                state.error = exc
+
+        call = self._stub.SwapStream(requests(), timeout=deadline)
+        try:
+            for message in call:
+                slots.release()
+                yield state.on_response(message)
+            state.finish()
+        except grpc.RpcError as err:
+            raise state.failure(err) from err
+        finally:
+            abandoned.set()
+            call.cancel()
+
+    def close(self) -> None:
+        """Closes the connection; calls in progress are cancelled."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient(_ClientBase):
+    """asyncio client (grpc.aio) with Client's methods as coroutines; create it inside a running event loop.
+
+    Use `async with AsyncClient(...) as client:`, or `await client.close()`.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 30.0,
+        max_message_mb: float = 64,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb)
+        options = self._channel_options()
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.FaceSwapStub(self._channel)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models loaded on the server, sorted by name."""
+        deadline = self._deadline(timeout)
+        try:
+            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=deadline)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    async def swap(
+        self,
+        image: ImageInput,
+        model: str,
+        target: str,
+        *,
+        color: ColorName,
+        return_mask: bool = False,
+        encoding: EncodingName = "raw",
+        frame_id: int = 0,
+        jpeg_quality: int | None = None,
+        timeout: float | None = None,
+    ) -> SwapResult:
+        """Swaps one aligned face to `target`; see Client.swap."""
+        request = self._swap_request(
+            image, model, target, color=color, return_mask=return_mask, encoding=encoding,
+            frame_id=frame_id, jpeg_quality=jpeg_quality,
+        )
+        deadline = self._deadline(timeout)
+        try:
+            response = await self._stub.Swap(request, timeout=deadline)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return result_from_response(response, color=color)
+
+    def stream(
+        self,
+        frames: Iterable[Any] | AsyncIterable[Any],
+        model: str,
+        target: str,
+        *,
+        color: ColorName,
+        return_mask: bool = False,
+        max_in_flight: int = 8,
+        timeout: float | None = None,
+    ) -> AsyncIterator[SwapResult]:
+        """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
+
+        A plain iterable is pulled on the event loop, so it should not block (wrap a blocking camera or
+        decoder in an async generator that uses asyncio.to_thread). Breaking out of the loop cancels the
+        call once the generator is closed (use contextlib.aclosing to close it at once).
+
+        The first frame is answered before the rest are sent, so a bad model or target raises its real
+        error. A server-side failure later in the stream can surface as ServerError (INTERNAL): grpc.aio
+        loses the server's status when a write races the server ending the call (grpc/grpc#36066).
+        """
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout)
+        if not isinstance(frames, (Iterable, AsyncIterable)):
+            raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
+        return self._stream_results(frames, state, max_in_flight, deadline)
+
+    async def _stream_results(
+        self, frames: Iterable[Any] | AsyncIterable[Any], state: StreamState, max_in_flight: int,
+        deadline: float | None,
+    ) -> AsyncIterator[SwapResult]:
+        slots = asyncio.Semaphore(max_in_flight)
+        answered = asyncio.Event()  # the server answered the first frame, or ended the call
+        call = self._stub.SwapStream(timeout=deadline)
+
+        async def write_requests() -> None:
+            try:
+                async for frame in _pull_frames(frames, slots):
+                    await call.write(state.make_request(frame))
+                    if state.sent == 1:
+                        # A bad model or target fails the first frame. Sending more before that answer
+                        # would race the server's abort, and grpc.aio then reports INTERNAL instead of
+                        # the server's status (see _lost_status); one round trip of latency avoids it.
+                        await answered.wait()
+                await call.done_writing()
+            except (asyncio.InvalidStateError, grpc.RpcError):
+                return  # the call already ended; the reader reports why
+            except Exception as exc:  # ends the request side cleanly; the reader re-raises it
+                state.error = exc
+                with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
+                    await call.done_writing()
+
+        writer = asyncio.create_task(write_requests())
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                answered.set()
+                slots.release()
+                yield state.on_response(message)
+            answered.set()
+            await writer
+            state.finish()
+        except grpc.RpcError as err:
+            if state.error is None and _lost_status(err):
+                raise ServerError(
+                    grpc.StatusCode.INTERNAL,
+                    f"the server ended the stream after {state.received} results while frames were still being "
+                    "sent, and grpc.aio hides its status in that case (grpc/grpc#36066); "
+                    "Client.stream reports it",
+                ) from err
+            raise state.failure(err) from err
+        finally:
+            call.cancel()
+            if not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Closes the connection; calls in progress are cancelled."""
+        if not self._closed:
+            self._closed = True
+            await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def _lost_status(err: grpc.RpcError) -> bool:
+    """True for grpc.aio's INTERNAL that replaces the server's status when a write fails on an ended call."""
+    debug = getattr(err, "debug_error_string", lambda: "")() or ""
+    return err.code() == grpc.StatusCode.INTERNAL and "SendMessageOperation" in debug
+
+
+async def _pull_frames(frames: Iterable[Any] | AsyncIterable[Any], slots: asyncio.Semaphore) -> AsyncIterator[Any]:
+    """Yields frames from a sync or async iterable, taking a flow-control slot before pulling each one."""
+    if isinstance(frames, AsyncIterable):
+        iterator = aiter(frames)
+        while True:
+            await slots.acquire()
+            try:
+                frame = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            yield frame
+    else:
+        frame_iter = iter(frames)
+        while True:
+            await slots.acquire()
+            frame = next(frame_iter, _END)
+            if frame is _END:
+                return
+            yield frame

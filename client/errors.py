@@ -1,0 +1,100 @@
+"""The SDK's exceptions: one class per kind of failure a caller handles differently.
+
+Every public SDK method raises only FaceTwinError subclasses, so callers never need to import grpc to
+handle errors. The class says what to do next (fix the request, pick another model, back off, retry
+elsewhere); `.code` keeps the exact gRPC status for logging, `.details` the server's message.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "FaceTwinError",
+    "InvalidInputError",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "DeadlineExceededError",
+    "UnimplementedError",
+    "ServerError",
+    "from_rpc_error",
+]
+
+
+class FaceTwinError(Exception):
+    """Base class of every SDK error. `code` is the gRPC status, `details` the human-readable reason."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        # Passing both to Exception keeps the error picklable (args are replayed into __init__).
+        super().__init__(code, details)
+        self.code = code
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.details}"
+
+
+class InvalidInputError(FaceTwinError, ValueError):
+    """The request is wrong (image bytes, shape, dtype, arguments); resending it unchanged fails again.
+
+    Also a ValueError, because the SDK raises it for caller mistakes it catches before sending.
+    """
+
+
+class NotFoundError(FaceTwinError):
+    """The model or target identity is not loaded on the server (see Client.list_models)."""
+
+
+class ResourceExhaustedError(FaceTwinError):
+    """The request is too large or the server is overloaded; send less or retry later."""
+
+
+class UnavailableError(FaceTwinError):
+    """The server cannot be reached, is draining, or the model is not ready; retry later or elsewhere."""
+
+
+class DeadlineExceededError(FaceTwinError):
+    """The call did not finish within its timeout."""
+
+
+class UnimplementedError(FaceTwinError):
+    """The server does not implement what was asked (e.g. full-frame swaps in this release)."""
+
+
+class ServerError(FaceTwinError):
+    """Any other failure: an internal server error, a cancelled call, or a malformed response."""
+
+
+_CLASS_BY_CODE: dict[grpc.StatusCode, type[FaceTwinError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidInputError,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidInputError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+}
+
+
+def error_for_code(code: grpc.StatusCode, details: str) -> FaceTwinError:
+    """The FaceTwinError subclass instance for a status code (ServerError for unmapped codes)."""
+    return _CLASS_BY_CODE.get(code, ServerError)(code, details)
+
+
+def from_rpc_error(err: grpc.RpcError) -> FaceTwinError:
+    """Converts a failed call (grpc.RpcError or grpc.aio.AioRpcError) into the matching FaceTwinError.
+
+    A bare grpc.RpcError that is not also a grpc.Call carries no status; it maps to ServerError/UNKNOWN.
+    """
+    code_fn = getattr(err, "code", None)
+    details_fn = getattr(err, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = details_fn() if callable(details_fn) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    if not details:
+        # A grpc.Call's str() is a multi-line debug dump; only a bare RpcError's message is worth keeping.
+        details = (str(err) if not callable(code_fn) else "") or f"call failed with {code.name}"
+    return error_for_code(code, details)

@@ -1,0 +1,304 @@
+"""numpy <-> facetwin.v1 messages: request building, response parsing and stream bookkeeping, shared by
+Client and AsyncClient so the two differ only in how they wait.
+
+Only numpy and the generated protobuf code: the base install has no image codecs, so encoded (PNG/JPEG)
+images travel as opaque bytes and are never decoded here. Caller mistakes found before sending raise
+InvalidInputError (a ValueError) with a message that says what to pass instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+import grpc
+import numpy as np
+
+from facetwin.v1 import facetwin_pb2 as pb
+
+from .errors import InvalidInputError, ResourceExhaustedError, ServerError, from_rpc_error
+from .types import StageTimings, SwapResult
+
+__all__ = [
+    "ColorName",
+    "EncodingName",
+    "ImageInput",
+    "sniff_format",
+    "fill_raw",
+    "array_to_raw",
+    "fill_image",
+    "image_to_proto",
+    "raw_to_array",
+    "check_swap_args",
+    "build_swap_request",
+    "result_from_response",
+    "check_request_size",
+    "StreamState",
+]
+
+ColorName = Literal["rgb", "bgr"]
+EncodingName = Literal["raw", "png", "jpeg"]
+# An image argument: a uint8 (H, W, 3) array, or the bytes of a PNG/JPEG file.
+ImageInput = Union[np.ndarray, bytes, bytearray, memoryview]
+
+_COLOR_ORDERS = {"rgb": pb.COLOR_ORDER_RGB, "bgr": pb.COLOR_ORDER_BGR}
+_ENCODINGS = {"raw": pb.ENCODING_RAW, "png": pb.ENCODING_PNG, "jpeg": pb.ENCODING_JPEG}
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_HEADROOM_BYTES = 64 * 1024  # far above a request's fields besides the pixels (names, enums, ids)
+
+
+def _invalid(message: str) -> InvalidInputError:
+    return InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _color_enum(color: str) -> int:
+    try:
+        return _COLOR_ORDERS[color]
+    except (KeyError, TypeError):
+        raise _invalid(f"color must be 'rgb' or 'bgr' (the channel order of your arrays), got {color!r}") from None
+
+
+def _encoding_enum(encoding: str) -> int:
+    try:
+        return _ENCODINGS[encoding]
+    except (KeyError, TypeError):
+        raise _invalid(f"encoding must be 'raw', 'png' or 'jpeg', got {encoding!r}") from None
+
+
+def sniff_format(data: bytes | bytearray | memoryview) -> str | None:
+    """'png' or 'jpeg' from a file's magic bytes; None when it is neither."""
+    head = bytes(data[:8])
+    if head.startswith(_PNG_MAGIC):
+        return "png"
+    if head.startswith(_JPEG_MAGIC):
+        return "jpeg"
+    return None
+
+
+def fill_raw(message: pb.RawImage, array: np.ndarray, *, color: ColorName) -> pb.RawImage:
+    """Writes a uint8 (H, W, 3) array in `color` order into `message`; any memory layout, one HWC copy.
+
+    Filling a message in place matters for big frames: protobuf constructors copy nested messages,
+    which costs a full copy of the pixels per level of nesting.
+    """
+    order = _color_enum(color)
+    if not isinstance(array, np.ndarray):
+        raise _invalid(f"expected a numpy array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        hint = " (scale floats in 0..1 with (a * 255).round().astype(np.uint8))" if array.dtype.kind == "f" else ""
+        raise _invalid(f"image dtype is {array.dtype}; send uint8 pixels 0..255{hint}")
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise _invalid(
+            f"image shape is {array.shape}; send an (H, W, 3) colour array "
+            "(add channels with np.repeat for grayscale, drop alpha with a[..., :3])"
+        )
+    height, width = array.shape[:2]
+    if height == 0 or width == 0:
+        raise _invalid(f"image shape is {array.shape}; it has no pixels")
+    message.pixels = np.ascontiguousarray(array).tobytes()
+    message.height, message.width, message.channels = height, width, 3
+    message.color_order = order
+    message.pixel_type = pb.PIXEL_TYPE_UINT8
+    return message
+
+
+def array_to_raw(array: np.ndarray, *, color: ColorName) -> pb.RawImage:
+    """A uint8 (H, W, 3) array in `color` order -> a new RawImage."""
+    return fill_raw(pb.RawImage(), array, color=color)
+
+
+def fill_image(message: pb.Image, image: ImageInput, *, color: ColorName) -> pb.Image:
+    """An array -> message.raw; PNG/JPEG file bytes -> message.encoded (sent as is, never decoded here)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise _invalid("image bytes are empty: pass the contents of a PNG or JPEG file")
+        if sniff_format(data) is None:
+            raise _invalid(
+                f"image bytes ({len(data)} bytes, starting {data[:8].hex()}) are not a PNG or JPEG file; "
+                "pass the file's bytes, or a numpy uint8 (H, W, 3) array"
+            )
+        message.encoded = data
+    elif isinstance(image, np.ndarray):
+        fill_raw(message.raw, image, color=color)
+    else:
+        raise _invalid(
+            f"image must be a numpy uint8 (H, W, 3) array or PNG/JPEG file bytes, got {type(image).__name__}"
+        )
+    return message
+
+
+def image_to_proto(image: ImageInput, *, color: ColorName) -> pb.Image:
+    """An array or PNG/JPEG file bytes -> a new Image."""
+    return fill_image(pb.Image(), image, color=color)
+
+
+def raw_to_array(raw: pb.RawImage, *, color: ColorName | None = None) -> np.ndarray:
+    """RawImage -> writable uint8 array: (H, W, 3) for colour, (H, W) for masks (channels = 1).
+
+    Colour images come back in `color` order: the channels are reversed when the message states the
+    other order (an unspecified order is taken to be the one asked for). Raises ValueError when the
+    message is inconsistent.
+    """
+    if raw.pixel_type not in (pb.PIXEL_TYPE_UNSPECIFIED, pb.PIXEL_TYPE_UINT8):
+        raise ValueError(f"raw image has pixel type {pb.PixelType.Name(raw.pixel_type)}; only uint8 is supported")
+    if raw.channels not in (1, 3):
+        raise ValueError(f"raw image has {raw.channels} channels; expected 3 (colour) or 1 (mask)")
+    expected = raw.height * raw.width * raw.channels
+    if len(raw.pixels) != expected or expected == 0:
+        raise ValueError(
+            f"raw image holds {len(raw.pixels)} bytes but height*width*channels = "
+            f"{raw.height}*{raw.width}*{raw.channels} = {expected}"
+        )
+    # np.frombuffer over bytes is read-only; every path below copies once, so callers get a writable
+    # array (e.g. for cv2 drawing).
+    view = np.frombuffer(raw.pixels, dtype=np.uint8)
+    if raw.channels == 1:
+        return view.reshape(raw.height, raw.width).copy()
+    view = view.reshape(raw.height, raw.width, 3)
+    if color is not None and raw.color_order not in (pb.COLOR_ORDER_UNSPECIFIED, _color_enum(color)):
+        return np.ascontiguousarray(view[:, :, ::-1])
+    return view.copy()
+
+
+def check_swap_args(model: str, target: str, *, color: ColorName, encoding: EncodingName = "raw") -> None:
+    """Validates the per-call arguments, so a stream fails on the call rather than on its first frame."""
+    for name, value in (("model", model), ("target", target)):
+        if not isinstance(value, str) or not value:
+            raise _invalid(f"{name} must be a non-empty string (see Client.list_models), got {value!r}")
+    _color_enum(color)
+    _encoding_enum(encoding)
+
+
+def build_swap_request(
+    image: ImageInput,
+    model: str,
+    target: str,
+    *,
+    color: ColorName,
+    return_mask: bool = False,
+    encoding: EncodingName = "raw",
+    frame_id: int = 0,
+    jpeg_quality: int | None = None,
+    into: pb.SwapRequest | None = None,
+) -> pb.SwapRequest:
+    """Validates the arguments and builds one SwapRequest (raw results come back in `color` order).
+
+    into: an empty SwapRequest to fill in place (e.g. SwapStreamRequest().request), saving a pixel copy.
+    """
+    check_swap_args(model, target, color=color, encoding=encoding)
+    if isinstance(frame_id, bool) or not isinstance(frame_id, (int, np.integer)) or not 0 <= frame_id < 2**64:
+        raise _invalid(f"frame_id must be an integer in 0..2**64-1, got {frame_id!r}")
+    if jpeg_quality is not None and (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int)
+                                     or not 1 <= jpeg_quality <= 100):
+        raise _invalid(f"jpeg_quality must be an integer in 1..100 (None = server default 90), got {jpeg_quality!r}")
+    request = pb.SwapRequest() if into is None else into
+    fill_image(request.image, image, color=color)
+    request.model, request.target = model, target
+    request.kind = pb.IMAGE_KIND_ALIGNED_FACE
+    request.output_encoding = _encoding_enum(encoding)
+    request.output_color_order = _color_enum(color)
+    request.jpeg_quality = jpeg_quality or 0
+    request.return_mask = bool(return_mask)
+    request.frame_id = int(frame_id)
+    return request
+
+
+def _split_image(image: pb.Image, color: ColorName) -> tuple[np.ndarray | None, bytes | None]:
+    kind = image.WhichOneof("data")
+    if kind == "raw":
+        return raw_to_array(image.raw, color=color), None
+    if kind == "encoded":
+        return None, image.encoded
+    return None, None
+
+
+def result_from_response(response: pb.SwapResponse, *, color: ColorName, dropped: bool = False) -> SwapResult:
+    """SwapResponse -> SwapResult; a malformed response raises ServerError (the server broke the contract)."""
+    try:
+        image, encoded = _split_image(response.image, color)
+        mask, encoded_mask = _split_image(response.mask, color)
+    except ValueError as exc:
+        message = f"malformed response for frame {response.frame_id}: {exc}"
+        raise ServerError(grpc.StatusCode.INTERNAL, message) from None
+    if not dropped and image is None and encoded is None:
+        raise ServerError(grpc.StatusCode.INTERNAL, f"response for frame {response.frame_id} carries no image")
+    if image is not None and image.ndim != 3:
+        raise ServerError(grpc.StatusCode.INTERNAL, f"response image for frame {response.frame_id} is not colour")
+    return SwapResult(
+        image=image,
+        mask=mask,
+        frame_id=int(response.frame_id),
+        timings=StageTimings.from_proto(response.timings),
+        dropped=dropped,
+        encoded=encoded,
+        encoded_mask=encoded_mask,
+    )
+
+
+class StreamState:
+    """Per-stream bookkeeping shared by the sync and async streams.
+
+    Assigns frame ids 0, 1, 2, ..., checks that results come back in request order (the service's
+    contract), and keeps the request side's exception so it reaches the caller instead of gRPC's
+    generic "Exception iterating requests".
+    """
+
+    def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int) -> None:
+        check_swap_args(model, target, color=color)
+        self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
+        self.max_bytes = max_bytes
+        self.sent = 0  # frames handed to gRPC; also the next frame id
+        self.received = 0  # results yielded
+        self.error: BaseException | None = None  # raised by the caller's frames or by request building
+
+    def make_request(self, frame: Any) -> pb.SwapStreamRequest:
+        message = pb.SwapStreamRequest()
+        build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
+                           frame_id=self.sent, into=message.request)
+        check_request_size(message.request, self.max_bytes)
+        self.sent += 1
+        return message
+
+    def on_response(self, message: pb.SwapStreamResponse) -> SwapResult:
+        response = message.response
+        if response.frame_id != self.received:
+            raise ServerError(
+                grpc.StatusCode.INTERNAL,
+                f"stream result out of order: got frame {response.frame_id}, expected {self.received}",
+            )
+        self.received += 1
+        if message.status == pb.FRAME_STATUS_DROPPED:
+            timings = StageTimings.from_proto(response.timings)
+            return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
+        if message.status != pb.FRAME_STATUS_OK:
+            raise ServerError(grpc.StatusCode.INTERNAL, f"frame {response.frame_id} has status {message.status}")
+        return result_from_response(response, color=self.color)
+
+    def finish(self) -> None:
+        """Called when the server closed the stream cleanly: re-raises the request side's error, checks counts."""
+        if self.error is not None:
+            raise self.error
+        if self.received != self.sent:
+            raise ServerError(
+                grpc.StatusCode.INTERNAL, f"stream ended after {self.received} results for {self.sent} frames"
+            )
+
+    def failure(self, err: grpc.RpcError) -> BaseException:
+        """The exception to raise for a failed call: the request side's own error wins (it caused the failure)."""
+        return self.error if self.error is not None else from_rpc_error(err)
+
+
+def check_request_size(request: pb.SwapRequest, max_bytes: int) -> None:
+    """Rejects a request over the client's message limit with advice, before gRPC rejects it opaquely."""
+    image = request.image
+    payload = len(image.raw.pixels) if image.WhichOneof("data") == "raw" else len(image.encoded)
+    if payload + _HEADROOM_BYTES < max_bytes:
+        return  # ByteSize walks the whole message (~0.7 ms for a 1080p frame); skip it when clearly under
+    size = request.ByteSize()
+    if size > max_bytes:
+        raise ResourceExhaustedError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request is {size / 2**20:.1f} MiB, over this client's max_message_mb={max_bytes / 2**20:g}; "
+            "send a PNG/JPEG file's bytes, downscale, or raise max_message_mb (and the server's limit)",
+        )

@@ -1,0 +1,293 @@
+"""Client and AsyncClient against a real facetwin server (the served_model fixture), plus offline checks.
+
+Swaps run one at a time or in small stream batches; results of the same face computed in batches of
+different sizes may differ by a rounding step, hence the 2-level tolerance where two calls are compared.
+"""
+
+import itertools
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+import facetwin.client
+from facetwin.client import (
+    AsyncClient,
+    Client,
+    DeadlineExceededError,
+    InvalidInputError,
+    ModelInfo,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
+TOLERANCE = 2  # uint8 levels: same face, different batch composition
+
+
+def assert_close(a: np.ndarray, b: np.ndarray, atol: int = TOLERANCE) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= atol
+
+
+@pytest.fixture(scope="module")
+def pair(served_model):
+    """(source identity face RGB, target identity)."""
+    source, target = served_model.identities[0], served_model.identities[1]
+    return served_model.sample_faces[source][0], target
+
+
+@pytest.fixture(scope="module")
+def client(served_model):
+    with Client(served_model.address) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- offline: no server needed
+
+
+def test_sdk_imports_without_cli_or_ml_packages():
+    blocked = ("typer", "tqdm", "cv2", "torch", "onnxruntime")
+    code = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # any import of them now fails\n"
+        "import facetwin.client\n"
+        "from facetwin.client import Client, AsyncClient, SwapResult, StageTimings, ModelInfo, FaceTwinError\n"
+        "Client('127.0.0.1:1').close()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
+def test_public_names():
+    for name in ("Client", "AsyncClient", "SwapResult", "StageTimings", "ModelInfo", "FaceTwinError",
+                 "InvalidInputError", "NotFoundError", "ResourceExhaustedError", "UnavailableError",
+                 "DeadlineExceededError", "UnimplementedError", "ServerError"):
+        assert name in facetwin.client.__all__ and hasattr(facetwin.client, name)
+
+
+def test_caller_mistakes_fail_locally_before_any_network():
+    # The address is unreachable, so reaching the network would raise UnavailableError instead.
+    with Client(UNREACHABLE) as c:
+        with pytest.raises(InvalidInputError, match="uint8"):
+            c.swap(np.zeros((8, 8, 3), np.float32), "m", "t", color="rgb")
+        with pytest.raises(InvalidInputError, match="color"):
+            c.swap(np.zeros((8, 8, 3), np.uint8), "m", "t", color="BGR")
+        with pytest.raises(InvalidInputError, match="max_in_flight"):
+            c.stream([], "m", "t", color="rgb", max_in_flight=0)  # raised by the call, not the first next()
+        with pytest.raises(InvalidInputError, match="timeout"):
+            c.list_models(timeout=0)
+    for kwargs in ({"timeout": -1}, {"max_message_mb": 0}, {"address": ""}):
+        with pytest.raises(InvalidInputError):
+            Client(**{"address": UNREACHABLE, **kwargs})
+
+
+def test_oversized_request_is_rejected_locally():
+    with Client(UNREACHABLE, max_message_mb=0.01) as c:  # 10 KiB < 64*64*3 bytes
+        with pytest.raises(ResourceExhaustedError, match="max_message_mb"):
+            c.swap(np.zeros((64, 64, 3), np.uint8), "m", "t", color="rgb")
+
+
+def test_unreachable_server_raises_unavailable():
+    with Client(UNREACHABLE) as c:
+        with pytest.raises(UnavailableError):
+            c.list_models()
+        with pytest.raises(UnavailableError):
+            list(c.stream([np.zeros((8, 8, 3), np.uint8)], "m", "t", color="rgb"))
+
+
+async def test_async_unreachable_server_raises_unavailable():
+    async with AsyncClient(UNREACHABLE) as c:
+        with pytest.raises(UnavailableError):
+            await c.list_models()
+
+
+def test_closed_client_refuses_calls():
+    c = Client(UNREACHABLE)
+    c.close()
+    c.close()  # idempotent
+    with pytest.raises(InvalidInputError, match="closed"):
+        c.list_models()
+
+
+# ---------------------------------------------------------------- sync, real server
+
+
+def test_list_models(client, served_model):
+    models = client.list_models()
+    assert [m.name for m in models] == [served_model.model]
+    info = models[0]
+    assert isinstance(info, ModelInfo)
+    assert info.identities == served_model.identities
+    assert info.resolution == served_model.resolution
+    assert info.status == "ready" and info.ready and info.error == ""
+    assert info.backend and len(info.manifest_sha256) == 64
+
+
+def test_swap_rgb_and_bgr_agree(client, pair, served_model):
+    face, target = pair
+    rgb = client.swap(face, served_model.model, target, color="rgb", return_mask=True, frame_id=7)
+    bgr = client.swap(np.ascontiguousarray(face[:, :, ::-1]), served_model.model, target, color="bgr")
+    r = served_model.resolution
+    assert rgb.image.shape == (r, r, 3) and rgb.image.dtype == np.uint8
+    assert rgb.mask.shape == (r, r) and rgb.mask.dtype == np.uint8
+    assert rgb.frame_id == 7 and not rgb.dropped and rgb.encoded is None
+    assert rgb.timings.total_ms > 0 and rgb.timings.batch_size >= 1
+    assert_close(bgr.image, rgb.image[:, :, ::-1])
+    assert bgr.mask is None  # not asked for
+    assert not np.array_equal(rgb.image, face)  # the model changed the face
+
+
+def test_swap_png_and_jpeg_transport(client, pair, served_model):
+    face, target = pair
+    raw = client.swap(face, served_model.model, target, color="rgb", return_mask=True)
+    png = client.swap(face, served_model.model, target, color="rgb", encoding="png", return_mask=True)
+    assert png.image is None and png.mask is None
+    assert png.encoded.startswith(b"\x89PNG") and png.encoded_mask.startswith(b"\x89PNG")
+    decoded = cv2.imdecode(np.frombuffer(png.encoded, np.uint8), cv2.IMREAD_COLOR)  # BGR
+    assert_close(decoded[:, :, ::-1], raw.image)  # PNG is lossless
+    mask = cv2.imdecode(np.frombuffer(png.encoded_mask, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert_close(mask, raw.mask)
+    jpeg = client.swap(face, served_model.model, target, color="rgb", encoding="jpeg", jpeg_quality=95)
+    assert jpeg.image is None and jpeg.encoded.startswith(b"\xff\xd8\xff")
+    decoded = cv2.imdecode(np.frombuffer(jpeg.encoded, np.uint8), cv2.IMREAD_COLOR)
+    assert decoded.shape == raw.image.shape
+    assert np.abs(decoded[:, :, ::-1].astype(np.int16) - raw.image).mean() < 12  # lossy but close
+
+
+def test_swap_encoded_input_and_other_sizes(client, pair, served_model):
+    face, target = pair
+    raw = client.swap(face, served_model.model, target, color="rgb")
+    ok, png = cv2.imencode(".png", face[:, :, ::-1])
+    from_png = client.swap(png.tobytes(), served_model.model, target, color="rgb")
+    assert_close(from_png.image, raw.image)
+    r = served_model.resolution
+    big = cv2.resize(face, (2 * r, 2 * r), interpolation=cv2.INTER_CUBIC)
+    assert client.swap(big, served_model.model, target, color="rgb").image.shape == (2 * r, 2 * r, 3)
+
+
+def test_swap_errors(client, pair, served_model):
+    face, target = pair
+    with pytest.raises(NotFoundError):
+        client.swap(face, "no-such-model", target, color="rgb")
+    with pytest.raises(NotFoundError):
+        client.swap(face, served_model.model, "no-such-identity", color="rgb")
+    corrupt_png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # passes the local magic check, fails to decode
+    with pytest.raises(InvalidInputError):
+        client.swap(corrupt_png, served_model.model, target, color="rgb")
+    with pytest.raises(DeadlineExceededError):
+        client.swap(face, served_model.model, target, color="rgb", timeout=1e-4)
+    with Client(served_model.address, timeout=1e-4) as impatient:  # the client default applies too
+        with pytest.raises(DeadlineExceededError):
+            impatient.swap(face, served_model.model, target, color="rgb")
+    assert client.list_models()  # the client is still usable after failures
+
+
+def test_stream_in_order_with_flow_control(client, served_model):
+    source, target = served_model.identities
+    faces = list(itertools.islice(itertools.cycle(served_model.sample_faces[source]), 20))
+    pulled = 0
+
+    def frames():
+        nonlocal pulled
+        for face in faces:
+            pulled += 1
+            yield face
+
+    max_in_flight = 2
+    results = []
+    for result in client.stream(frames(), served_model.model, target, color="rgb", max_in_flight=max_in_flight,
+                                return_mask=True):
+        # The SDK pulls a frame only when a slot is free: never more than max_in_flight ahead of results.
+        assert pulled <= result.frame_id + 1 + max_in_flight
+        results.append(result)
+    assert [r.frame_id for r in results] == list(range(20))
+    served = [r for r in results if not r.dropped]
+    assert len(served) >= 10, "the server dropped most frames of a slow, flow-controlled stream"
+    for r in results:
+        if r.dropped:
+            assert r.image is None
+        else:
+            assert r.mask.shape == faces[r.frame_id].shape[:2]
+    for r in served[:3]:
+        assert_close(r.image, client.swap(faces[r.frame_id], served_model.model, target, color="rgb").image)
+
+
+def test_stream_bgr_and_early_exit(client, pair, served_model):
+    face, target = pair
+    bgr = np.ascontiguousarray(face[:, :, ::-1])
+    expected = client.swap(face, served_model.model, target, color="rgb").image[:, :, ::-1]
+    for result in client.stream(itertools.repeat(bgr), served_model.model, target, color="bgr"):
+        if not result.dropped:
+            assert_close(result.image, expected)
+        if result.frame_id == 4:
+            break  # an endless source: leaving the loop must cancel the call
+    assert client.list_models()
+
+
+def test_stream_errors(client, pair, served_model):
+    face, target = pair
+    with pytest.raises(NotFoundError):
+        list(client.stream([face] * 3, served_model.model, "no-such-identity", color="rgb"))
+    received = []
+    with pytest.raises(InvalidInputError, match="uint8"):
+        for result in client.stream([face, face, face.astype(np.float32)], served_model.model, target, color="rgb"):
+            received.append(result.frame_id)
+    assert received == [0, 1]  # frames before the bad one still come back
+
+
+# ---------------------------------------------------------------- asyncio, real server
+
+
+async def test_async_list_models_and_swap(served_model, pair):
+    face, target = pair
+    async with AsyncClient(served_model.address) as c:
+        models = await c.list_models()
+        assert [m.name for m in models] == [served_model.model]
+        rgb = await c.swap(face, served_model.model, target, color="rgb", return_mask=True)
+        bgr = await c.swap(np.ascontiguousarray(face[:, :, ::-1]), served_model.model, target, color="bgr")
+        assert_close(bgr.image, rgb.image[:, :, ::-1])
+        assert rgb.mask.shape == face.shape[:2]
+        png = await c.swap(face, served_model.model, target, color="rgb", encoding="png")
+        assert png.image is None and png.encoded.startswith(b"\x89PNG")
+        with pytest.raises(NotFoundError):
+            await c.swap(face, "no-such-model", target, color="rgb")
+        with pytest.raises(NotFoundError):
+            await c.swap(face, served_model.model, "no-such-identity", color="rgb")
+        with pytest.raises(InvalidInputError):
+            await c.swap(b"\xff\xd8\xff" + b"\x00" * 64, served_model.model, target, color="rgb")
+        with pytest.raises(DeadlineExceededError):
+            await c.swap(face, served_model.model, target, color="rgb", timeout=1e-4)
+
+
+async def test_async_stream_sync_and_async_sources(served_model):
+    source, target = served_model.identities
+    faces = list(itertools.islice(itertools.cycle(served_model.sample_faces[source]), 20))
+    pulled = 0
+
+    async def frames():
+        nonlocal pulled
+        for face in faces:
+            pulled += 1
+            yield face
+
+    async with AsyncClient(served_model.address) as c:
+        results = []
+        async for result in c.stream(frames(), served_model.model, target, color="rgb", max_in_flight=3):
+            assert pulled <= result.frame_id + 1 + 3
+            results.append(result)
+        assert [r.frame_id for r in results] == list(range(20))
+        assert all(r.image.shape == faces[0].shape for r in results if not r.dropped)
+        ids = [r.frame_id async for r in c.stream(faces[:5], served_model.model, target, color="rgb")]
+        assert ids == [0, 1, 2, 3, 4]
+        with pytest.raises(NotFoundError):
+            async for _ in c.stream(faces[:3], served_model.model, "no-such-identity", color="rgb"):
+                pass
+        received = []
+        with pytest.raises(InvalidInputError):
+            async for result in c.stream([faces[0], "not an image"], served_model.model, target, color="rgb"):
+                received.append(result.frame_id)
+        assert received == [0]
