@@ -11,14 +11,17 @@ from typing import Any
 class ServerConfig:
     address: str = "0.0.0.0:50051"  # host:port to listen on; port 0 picks a free port (tests)
     model_dir: str = "models"  # folder of model bundles, one sub-folder per model
-    backend: str = "onnxruntime"  # inference backend (see server/backends/__init__.py: BACKENDS)
+    # Inference backend: a name in server/backends/__init__.py BACKENDS, or "auto" (tensorrt, else torch-cuda,
+    # else onnxruntime). The default stays the CPU backend so the demo behaves the same on every machine.
+    backend: str = "onnxruntime"
     max_batch: int = 16  # largest batch the dynamic batcher forms per (model, target)
     max_delay_ms: float = 2.0  # longest a request waits for others to join its batch
     max_queue: int = 256  # requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED
     intra_op_threads: int = 0  # threads per inference call (0 = backend default: all cores)
     max_message_mb: int = 16  # largest request/response message; bigger requests get RESOURCE_EXHAUSTED
     max_image_side: int = 4096  # largest accepted image side in pixels
-    stream_window: int = 16  # frames of one stream in flight at once (backpressure beyond that)
+    stream_window: int = 16  # frames of one stream in flight at once
+    stream_policy: str = "queue"  # when a stream falls behind: "queue" (push back on the sender) or "latest" (drop)
     grace_s: float = 10.0  # on SIGTERM: seconds in-flight calls get to finish before the server stops
     metrics_port: int = 0  # Prometheus /metrics HTTP port (0 = disabled)
     reflection: bool = True  # expose gRPC server reflection (grpcurl, Postman)
@@ -44,6 +47,8 @@ class ServerConfig:
             raise ValueError("max_batch, max_queue and stream_window must be >= 1")
         if self.max_delay_ms < 0 or self.grace_s < 0:
             raise ValueError("max_delay_ms and grace_s must be >= 0")
+        if self.stream_policy not in ("queue", "latest"):
+            raise ValueError(f"stream_policy {self.stream_policy!r} must be 'queue' or 'latest'")
         if not 1 <= self.max_message_mb <= 1024:
             raise ValueError("max_message_mb must be in 1..1024")
 

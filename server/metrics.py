@@ -10,6 +10,7 @@ LATENCY = Histogram(
     "facetwin_swap_seconds", "Server-side time per swapped image", ["method"],
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
 )
+DROPPED = Counter("facetwin_stream_frames_dropped_total", "Stream frames answered DROPPED (latest-frame-wins)")
 BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 

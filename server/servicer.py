@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 
@@ -16,6 +15,7 @@ from .batcher import InferenceFailedError
 from .engine import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
 from .errors import InvalidInputError, SwapError
 from .registry import FAILED, READY, ModelRegistry
+from .streams import DROPPED, run_stream
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ _DTYPE = {pb.PIXEL_TYPE_UNSPECIFIED: "uint8", pb.PIXEL_TYPE_UINT8: "uint8", pb.P
 _ENCODING = {pb.ENCODING_UNSPECIFIED: "same", pb.ENCODING_RAW: "raw", pb.ENCODING_PNG: "png", pb.ENCODING_JPEG: "jpeg"}
 _KIND = {pb.IMAGE_KIND_UNSPECIFIED: "aligned_face", pb.IMAGE_KIND_ALIGNED_FACE: "aligned_face",
          pb.IMAGE_KIND_FULL_FRAME: "full_frame"}
+_POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
 
 
@@ -98,10 +99,12 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
 
 
 class FaceSwapServicer(pb_grpc.FaceSwapServicer):
-    def __init__(self, registry: ModelRegistry, engine: SwapEngine, stream_window: int = 16) -> None:
+    def __init__(self, registry: ModelRegistry, engine: SwapEngine, stream_window: int = 16,
+                 stream_policy: str = "queue") -> None:
         self.registry = registry
         self.engine = engine
         self.stream_window = stream_window
+        self.default_policy = stream_policy
         self._stream_ids = itertools.count()
 
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
@@ -114,56 +117,46 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         return response_to_proto(outcome)
 
     async def SwapStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Frames are swapped concurrently (up to stream_window in flight) and answered strictly in order."""
+        """Frames are swapped concurrently and answered strictly in order (see streams.run_stream)."""
         caller = ("stream", next(self._stream_ids))
-        in_flight: asyncio.Queue = asyncio.Queue(maxsize=self.stream_window)
-        done = object()
+        policy = [self.default_policy]
 
-        async def read_frames() -> None:
-            count = 0
+        async def frames():
+            first = True
             async for message in request_iterator:
+                if first and message.policy != pb.STREAM_POLICY_UNSPECIFIED:
+                    policy[0] = _POLICY.get(message.policy, "invalid")
+                first = False
                 try:
-                    job = job_from_proto(message.request)
-                    task = asyncio.ensure_future(self.engine.swap(job, caller, wait_s=context.time_remaining()))
-                except Exception as exc:  # report in order, after the frames before it
-                    task = asyncio.get_running_loop().create_future()
-                    task.set_exception(exc)
-                await in_flight.put((message.request.frame_id, task))  # blocks when the window is full
-                count += 1
-            if count == 0:
-                failed = asyncio.get_running_loop().create_future()
-                failed.set_exception(InvalidInputError("the stream carried no frames: send at least one SwapStreamRequest"))
-                await in_flight.put((0, failed))
-            await in_flight.put(done)
+                    yield message.request.frame_id, job_from_proto(message.request)
+                except SwapError as exc:  # answered in order, after the frames before it
+                    yield message.request.frame_id, exc
 
-        reader = asyncio.ensure_future(read_frames())
+        def swap(job: SwapJob):
+            return self.engine.swap(job, caller, wait_s=context.time_remaining())
+
+        frames_iter = frames()
         try:
-            while True:
-                getter = asyncio.ensure_future(in_flight.get())
-                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():  # the reader died (client cancelled / transport error)
-                    getter.cancel()
-                    reader.result()
-                    return
-                entry = getter.result()
-                if entry is done:
-                    return
-                frame_id, task = entry
-                try:
-                    outcome = await task
-                except Exception as exc:
-                    prefix = f"frame {frame_id}: "
-                    if isinstance(exc, SwapError):
-                        exc = type(exc)(prefix + str(exc))
-                    await _abort(context, "SwapStream", exc)
+            first = await anext(frames_iter, None)
+        except Exception as exc:
+            await _abort(context, "SwapStream", exc)
+
+        async def replay():
+            if first is not None:
+                yield first
+            async for item in frames_iter:
+                yield item
+
+        try:
+            async for frame_id, outcome in run_stream(replay(), swap, window=self.stream_window, policy=policy[0]):
+                if outcome is DROPPED:
+                    metrics.DROPPED.inc()
+                    yield pb.SwapStreamResponse(status=pb.FRAME_STATUS_DROPPED, response=pb.SwapResponse(frame_id=frame_id))
+                    continue
                 metrics.observe(outcome, "SwapStream")
                 yield pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK, response=response_to_proto(outcome))
-        finally:
-            reader.cancel()
-            while not in_flight.empty():
-                entry = in_flight.get_nowait()
-                if entry is not done:
-                    entry[1].cancel()
+        except Exception as exc:
+            await _abort(context, "SwapStream", exc)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         models = []

@@ -225,3 +225,18 @@ def test_expired_deadline_does_not_disturb_others(stub, served_model):
         stub.Swap(request, timeout=0.02)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_still_serving(stub, served_model)
+
+
+def test_latest_policy_answers_every_frame_in_order(stub, served_model):
+    a, b = served_model.identities[:2]
+    big = np.ascontiguousarray(np.tile(served_model.sample_faces[a][0], (24, 24, 1)))  # slow to decode and shrink
+    requests = [pb.SwapStreamRequest(request=raw_request(big, served_model.model, b, frame_id=i),
+                                     policy=pb.STREAM_POLICY_LATEST) for i in range(40)]
+    replies = list(stub.SwapStream(iter(requests), timeout=120))
+    assert [r.response.frame_id for r in replies] == list(range(40))
+    assert replies[-1].status == pb.FRAME_STATUS_OK
+    for reply in replies:
+        if reply.status == pb.FRAME_STATUS_DROPPED:
+            assert not reply.response.HasField("image")
+        else:
+            assert reply.status == pb.FRAME_STATUS_OK and reply.response.image.raw.height == big.shape[0]

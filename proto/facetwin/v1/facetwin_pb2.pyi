@@ -38,6 +38,12 @@ class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FRAME_STATUS_OK: _ClassVar[FrameStatus]
     FRAME_STATUS_DROPPED: _ClassVar[FrameStatus]
 
+class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_POLICY_UNSPECIFIED: _ClassVar[StreamPolicy]
+    STREAM_POLICY_QUEUE: _ClassVar[StreamPolicy]
+    STREAM_POLICY_LATEST: _ClassVar[StreamPolicy]
+
 class ModelStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODEL_STATUS_UNSPECIFIED: _ClassVar[ModelStatus]
@@ -60,6 +66,9 @@ IMAGE_KIND_FULL_FRAME: ImageKind
 FRAME_STATUS_UNSPECIFIED: FrameStatus
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
+STREAM_POLICY_UNSPECIFIED: StreamPolicy
+STREAM_POLICY_QUEUE: StreamPolicy
+STREAM_POLICY_LATEST: StreamPolicy
 MODEL_STATUS_UNSPECIFIED: ModelStatus
 MODEL_STATUS_LOADING: ModelStatus
 MODEL_STATUS_READY: ModelStatus
@@ -140,10 +149,12 @@ class SwapResponse(_message.Message):
     def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ...) -> None: ...
 
 class SwapStreamRequest(_message.Message):
-    __slots__ = ("request",)
+    __slots__ = ("request", "policy")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     request: SwapRequest
-    def __init__(self, request: _Optional[_Union[SwapRequest, _Mapping]] = ...) -> None: ...
+    policy: StreamPolicy
+    def __init__(self, request: _Optional[_Union[SwapRequest, _Mapping]] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ...) -> None: ...
 
 class SwapStreamResponse(_message.Message):
     __slots__ = ("status", "response")
