@@ -20,6 +20,7 @@ from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from .errors import InvalidInputError, ServerError, from_rpc_error
 from .images import (
+    PolicyName,
     ColorName,
     EncodingName,
     ImageInput,
@@ -86,12 +87,14 @@ class _ClientBase:
         return request
 
     def _stream_setup(
-        self, model: str, target: str, color: ColorName, return_mask: bool, max_in_flight: int, timeout: float | None
+        self, model: str, target: str, color: ColorName, return_mask: bool, max_in_flight: int, timeout: float | None,
+        policy: PolicyName = "queue",
     ) -> tuple[StreamState, float | None]:
         self._ensure_open()
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
-        state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes)
+        state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes,
+                            policy=policy)
         # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
         return state, _check_timeout(timeout)
 
@@ -171,6 +174,7 @@ class Client(_ClientBase):
         color: ColorName,
         return_mask: bool = False,
         max_in_flight: int = 8,
+        policy: PolicyName = "queue",
         timeout: float | None = None,
     ) -> Iterator[SwapResult]:
         """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
@@ -179,8 +183,11 @@ class Client(_ClientBase):
         further until results come back, so a camera or decoder is read at the speed the server serves.
         `frames` is iterated on a gRPC thread. Frames the server drops yield dropped=True, image=None.
         Leaving the loop early cancels the call. timeout: deadline for the whole stream (None = none).
+        policy: what the server does when it falls behind — "queue" swaps every frame (the server pushes
+        back), "latest" answers frames it could not start before a newer one arrived as dropped (live
+        video: raise max_in_flight above the server's window so the server sees the backlog).
         """
-        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout)
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy)
         try:
             frame_iter = iter(frames)
         except TypeError:
@@ -299,6 +306,7 @@ class AsyncClient(_ClientBase):
         color: ColorName,
         return_mask: bool = False,
         max_in_flight: int = 8,
+        policy: PolicyName = "queue",
         timeout: float | None = None,
     ) -> AsyncIterator[SwapResult]:
         """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
@@ -311,7 +319,7 @@ class AsyncClient(_ClientBase):
         error. A server-side failure later in the stream can surface as ServerError (INTERNAL): grpc.aio
         loses the server's status when a write races the server ending the call (grpc/grpc#36066).
         """
-        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout)
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy)
         if not isinstance(frames, (Iterable, AsyncIterable)):
             raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
         return self._stream_results(frames, state, max_in_flight, deadline)

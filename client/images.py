@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 ColorName = Literal["rgb", "bgr"]
+PolicyName = Literal["queue", "latest"]
+_POLICIES = {"queue": pb.STREAM_POLICY_QUEUE, "latest": pb.STREAM_POLICY_LATEST}
 EncodingName = Literal["raw", "png", "jpeg"]
 # An image argument: a uint8 (H, W, 3) array, or the bytes of a PNG/JPEG file.
 ImageInput = Union[np.ndarray, bytes, bytearray, memoryview]
@@ -244,8 +246,12 @@ class StreamState:
     generic "Exception iterating requests".
     """
 
-    def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int) -> None:
+    def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int,
+                 policy: PolicyName = "queue") -> None:
         check_swap_args(model, target, color=color)
+        if policy not in _POLICIES:
+            raise _invalid(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
+        self.policy = _POLICIES[policy]
         self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
         self.max_bytes = max_bytes
         self.sent = 0  # frames handed to gRPC; also the next frame id
@@ -253,7 +259,7 @@ class StreamState:
         self.error: BaseException | None = None  # raised by the caller's frames or by request building
 
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
-        message = pb.SwapStreamRequest()
+        message = pb.SwapStreamRequest(policy=self.policy if self.sent == 0 else pb.STREAM_POLICY_UNSPECIFIED)
         build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
                            frame_id=self.sent, into=message.request)
         check_request_size(message.request, self.max_bytes)

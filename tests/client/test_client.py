@@ -291,3 +291,24 @@ async def test_async_stream_sync_and_async_sources(served_model):
             async for result in c.stream([faces[0], "not an image"], served_model.model, target, color="rgb"):
                 received.append(result.frame_id)
         assert received == [0]
+
+
+def test_stream_latest_policy_answers_every_frame(served_model):
+    from facetwin.client import Client
+
+    a, b = served_model.identities[:2]
+    face = np.ascontiguousarray(np.tile(served_model.sample_faces[a][0], (24, 24, 1)))
+    with Client(served_model.address) as client:
+        results = list(client.stream([face] * 30, served_model.model, b, color="rgb", policy="latest",
+                                     max_in_flight=64, timeout=120))
+    assert [r.frame_id for r in results] == list(range(30))
+    assert not results[-1].dropped and results[-1].image.shape == face.shape
+    assert all(r.image is None for r in results if r.dropped)
+
+
+def test_stream_rejects_unknown_policy(served_model):
+    from facetwin.client import Client, InvalidInputError
+
+    a, b = served_model.identities[:2]
+    with Client(served_model.address) as client, pytest.raises(InvalidInputError, match="policy"):
+        list(client.stream([served_model.sample_faces[a][0]], served_model.model, b, color="rgb", policy="fast"))
