@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 SWAPS = Counter("facetwin_swaps_total", "Swapped images", ["method"])
 ERRORS = Counter("facetwin_errors_total", "Failed requests by gRPC status code", ["method", "code"])
@@ -11,6 +11,7 @@ LATENCY = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
 )
 DROPPED = Counter("facetwin_stream_frames_dropped_total", "Stream frames answered DROPPED (latest-frame-wins)")
+QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)")
 BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 

@@ -131,6 +131,10 @@ class ModelRegistry:
             )
         return model, loaded
 
+    def queued(self) -> int:
+        """Requests waiting in every batcher."""
+        return sum(t.batcher.queued for m in self.models.values() for t in m.targets.values())
+
     @property
     def any_ready(self) -> bool:
         return any(m.status == READY for m in self.models.values())

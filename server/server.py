@@ -30,6 +30,7 @@ class FaceSwapServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.registry = ModelRegistry(config)
+        metrics.QUEUE_DEPTH.set_function(self.registry.queued)
         self.health = health_aio.HealthServicer()
         limit = config.max_message_mb * 1024 * 1024
         self.grpc_server = grpc.aio.server(options=[
