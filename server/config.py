@@ -17,11 +17,17 @@ class ServerConfig:
     max_batch: int = 16  # largest batch the dynamic batcher forms per (model, target)
     max_delay_ms: float = 2.0  # longest a request waits for others to join its batch
     max_queue: int = 256  # requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED
+    engine_cache_dir: str = ""  # TensorRT engine cache ("" = <model_dir>/.engines); engines are built on a miss
     intra_op_threads: int = 0  # threads per inference call (0 = backend default: all cores)
     max_message_mb: int = 16  # largest request/response message; bigger requests get RESOURCE_EXHAUSTED
     max_image_side: int = 4096  # largest accepted image side in pixels
     stream_window: int = 16  # frames of one stream in flight at once
     stream_policy: str = "queue"  # when a stream falls behind: "queue" (push back on the sender) or "latest" (drop)
+    # Full frames: face detection runs on this many threads, each with its own detector (dlib's are not thread-safe).
+    detect_threads: int = 2
+    # Full frames: faces are searched on a copy shrunk to this side (HOG costs ~0.2 s on a whole 1080p frame);
+    # landmarks are still fitted at full resolution. Faces narrower than ~80 px after shrinking are missed.
+    detect_max_side: int = 640
     grace_s: float = 10.0  # on SIGTERM: seconds in-flight calls get to finish before the server stops
     metrics_port: int = 0  # Prometheus /metrics HTTP port (0 = disabled)
     reflection: bool = True  # expose gRPC server reflection (grpcurl, Postman)
@@ -49,6 +55,10 @@ class ServerConfig:
             raise ValueError("max_delay_ms and grace_s must be >= 0")
         if self.stream_policy not in ("queue", "latest"):
             raise ValueError(f"stream_policy {self.stream_policy!r} must be 'queue' or 'latest'")
+        if self.detect_threads < 1:
+            raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
+        if self.detect_max_side < 64:
+            raise ValueError(f"detect_max_side must be >= 64 pixels, got {self.detect_max_side}")
         if not 1 <= self.max_message_mb <= 1024:
             raise ValueError("max_message_mb must be in 1..1024")
 

@@ -91,7 +91,9 @@ class ModelRegistry:
         model.manifest = load_manifest(model.path, verify=True)
         model.manifest_sha256 = manifest_sha256(model.path)
         for target in model.manifest.targets:
-            backend = self.backend_cls(model.path, model.manifest, target, intra_op_threads=self.config.intra_op_threads)
+            backend = self.backend_cls(model.path, model.manifest, target, intra_op_threads=self.config.intra_op_threads,
+                                       max_batch=self.config.max_batch,
+                                       engine_cache_dir=self.config.engine_cache_dir or None)
             batcher = DynamicBatcher(
                 lambda faces, t=target: model.targets[t].run_batch(faces),
                 max_batch=self.config.max_batch,

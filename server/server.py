@@ -38,9 +38,9 @@ class FaceSwapServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ])
-        engine = SwapEngine(self.registry, config.max_image_side)
+        self.engine = SwapEngine(self.registry, config.max_image_side, config.detect_threads, config.detect_max_side)
         facetwin_pb2_grpc.add_FaceSwapServicer_to_server(
-            FaceSwapServicer(self.registry, engine, config.stream_window, config.stream_policy), self.grpc_server)
+            FaceSwapServicer(self.registry, self.engine, config.stream_window, config.stream_policy), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if config.reflection:
             reflection.enable_server_reflection(
@@ -62,7 +62,7 @@ class FaceSwapServer:
         if self.config.metrics_port:
             metrics.serve_metrics(self.config.metrics_port)
         await self.grpc_server.start()
-        log.info("listening on port %d (backend %s)", self.port, self.config.backend)
+        log.info("listening on port %d (backend %s)", self.port, self.registry.backend_cls.name)
         self._loading = asyncio.ensure_future(self._load())
         return self.port
 
@@ -90,6 +90,7 @@ class FaceSwapServer:
             self._loading.cancel()
             await asyncio.gather(self._loading, return_exceptions=True)
         await self.registry.close()
+        await asyncio.to_thread(self.engine.close)
         log.info("stopped")
 
 

@@ -19,11 +19,14 @@ class Backend(abc.ABC):
 
     name: str = "base"  # registry key, reported by ListModels
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, target: str, *, intra_op_threads: int = 0) -> None:
+    def __init__(self, bundle_dir: Path, manifest: Manifest, target: str, *, intra_op_threads: int = 0,
+                 max_batch: int = 16, engine_cache_dir: str | Path | None = None) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.target = target
-        self.intra_op_threads = intra_op_threads
+        self.intra_op_threads = intra_op_threads  # CPU threads per call (0 = backend default)
+        self.max_batch = max_batch  # largest batch the batcher sends: GPU backends prepare graphs/profiles up to it
+        self.engine_cache_dir = engine_cache_dir  # compiled-engine cache (TensorRT); None = default location
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

@@ -10,13 +10,13 @@ from .base import Backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, bundle_dir, manifest, target, *, intra_op_threads: int = 0) -> None:
-        super().__init__(bundle_dir, manifest, target, intra_op_threads=intra_op_threads)
+    def __init__(self, bundle_dir, manifest, target, **options) -> None:
+        super().__init__(bundle_dir, manifest, target, **options)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads  # 0 = one per core
+        options.intra_op_num_threads = self.intra_op_threads  # 0 = one per core
         options.inter_op_num_threads = 1
         path = bundle_dir / manifest.targets[target]
         self._session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

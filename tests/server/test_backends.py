@@ -1,0 +1,211 @@
+"""Every backend gives onnxruntime's answers; batch bucketing; `--backend auto` selection.
+
+The conformance test is parametrised over the whole registry: on this CPU host onnxruntime and torch-cpu run,
+on a GPU host torch-cuda (and tensorrt where installed) run too; the rest skip with their reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+
+import numpy as np
+import pytest
+
+from facetwin.server.backends import AUTO_ORDER, BACKENDS, get_backend, select_backend
+from facetwin.server.backends.torch_backend import batch_buckets, load_swap_graph, plan_chunks
+from facetwin.server.bundle import BundleError, load_manifest
+
+REFERENCE = "onnxruntime"
+# Largest |backend - onnxruntime| over both outputs, per backend: fp32 backends must agree to float rounding,
+# fp16 ones to half precision on sigmoid outputs in [0, 1] (measured on the tiny bundle: ~1e-3).
+TOLERANCE = {"onnxruntime": 1e-4, "torch-cpu": 1e-4, "torch-cuda": 2e-2, "tensorrt": 2e-2}
+GPU_BACKENDS = {"torch-cuda", "tensorrt"}
+SMALL_MAX_BATCH = 4  # so batch 5 exercises both padding (1 -> bucket 1) and chunking (5 = 4 + 1)
+
+
+def _params():
+    for name in BACKENDS:
+        marks = [pytest.mark.gpu] if name in GPU_BACKENDS else []
+        if name == "tensorrt":
+            marks.append(pytest.mark.tensorrt)
+        yield pytest.param(name, marks=marks, id=name)
+
+
+def make_backend(name, bundle, manifest, target, tmp_path=None, **options):
+    """Constructs a registered backend, passing max_batch / engine_cache_dir only to backends that take them."""
+    cls = BACKENDS[name]
+    ok, why = cls.available()
+    if not ok:
+        pytest.skip(f"{name} is not available here: {why}")
+    accepted = inspect.signature(cls.__init__).parameters
+    if tmp_path is not None:
+        options["engine_cache_dir"] = tmp_path / "engines"
+    return cls(bundle, manifest, target, **{k: v for k, v in options.items() if k in accepted})
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_model_dir):
+    path = tiny_model_dir / "tiny"
+    return path, load_manifest(path)
+
+
+@pytest.fixture(scope="module")
+def faces(bundle):
+    _, manifest = bundle
+    size = manifest.resolution
+    return np.random.default_rng(7).random((5, 3, size, size), dtype=np.float32)
+
+
+def test_every_backend_has_a_tolerance():
+    assert set(BACKENDS) <= set(TOLERANCE), "a new backend needs a stated conformance tolerance"
+
+
+@pytest.mark.parametrize("name", list(_params()))
+def test_backend_matches_onnxruntime(name, bundle, faces, tmp_path):
+    path, manifest = bundle
+    for target in manifest.targets:
+        reference = make_backend(REFERENCE, path, manifest, target)
+        backend = make_backend(name, path, manifest, target, tmp_path, max_batch=SMALL_MAX_BATCH)
+        try:
+            for batch in (1, 5):
+                want = reference.infer(faces[:batch])
+                got = backend.infer(faces[:batch])
+                for expected, actual, channels in zip(want, got, (3, 1)):
+                    assert actual.shape == (batch, channels, manifest.resolution, manifest.resolution)
+                    assert actual.dtype == np.float32
+                    assert 0.0 <= actual.min() and actual.max() <= 1.0
+                    error = float(np.abs(actual - expected).max())
+                    assert error <= TOLERANCE[name], f"{name}/{target} batch {batch}: max |diff| {error:.2e}"
+        finally:
+            backend.close()
+            reference.close()
+
+
+def test_batch_buckets_are_powers_of_two_ending_at_max_batch():
+    assert batch_buckets(1) == (1,)
+    assert batch_buckets(16) == (1, 2, 4, 8, 16)
+    assert batch_buckets(20) == (1, 2, 4, 8, 16, 20)  # a full batch is never padded
+    with pytest.raises(ValueError, match="max_batch"):
+        batch_buckets(0)
+
+
+def test_plan_chunks_pads_to_the_smallest_bucket_and_splits_oversized_batches():
+    buckets = batch_buckets(16)
+    assert plan_chunks(1, buckets) == [(0, 1, 1)]
+    assert plan_chunks(5, buckets) == [(0, 5, 8)]
+    assert plan_chunks(16, buckets) == [(0, 16, 16)]
+    assert plan_chunks(37, buckets) == [(0, 16, 16), (16, 32, 16), (32, 37, 8)]
+    for batch in range(1, 70):
+        chunks = plan_chunks(batch, buckets)
+        assert chunks[0][0] == 0 and chunks[-1][1] == batch
+        for (start, stop, bucket), following in zip(chunks, chunks[1:] + [(batch, None, None)]):
+            assert stop == following[0]  # contiguous, no gaps or overlaps
+            assert bucket in buckets and stop - start <= bucket
+            assert bucket == min(b for b in buckets if b >= stop - start)  # the tightest bucket
+    for bad_batch, bad_buckets in ((0, buckets), (3, ()), (3, (4, 2))):
+        with pytest.raises(ValueError):
+            plan_chunks(bad_batch, bad_buckets)
+
+
+def test_auto_picks_the_first_available_backend_and_says_why_others_were_skipped():
+    cls, reason = select_backend("auto")
+    available = [name for name in AUTO_ORDER if BACKENDS[name].available()[0]]
+    assert cls is BACKENDS[available[0]]
+    for name in AUTO_ORDER[:AUTO_ORDER.index(available[0])]:
+        assert f"{name}: {BACKENDS[name].available()[1]}" in reason
+    assert get_backend("auto") is cls
+
+
+def test_auto_on_a_host_without_cuda_picks_onnxruntime():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA; auto picks a GPU backend here")
+    cls, reason = select_backend("auto")
+    assert cls.name == "onnxruntime"
+    assert "skipped tensorrt:" in reason and "torch-cuda:" in reason
+
+
+def test_unknown_backend_name_errors_with_the_choices():
+    with pytest.raises(ValueError, match=r"unknown backend 'tensorflow'.*'auto'.*'onnxruntime'.*'torch-cpu'"):
+        select_backend("tensorflow")
+
+
+def test_unavailable_backend_errors_with_its_reason():
+    missing = [name for name, cls in BACKENDS.items() if not cls.available()[0]]
+    if not missing:
+        pytest.skip("every backend is available on this host")
+    with pytest.raises(ValueError, match=f"backend '{missing[0]}' is not available here: .+"):
+        get_backend(missing[0])
+
+
+def test_torch_rebuild_rejects_weights_that_do_not_fit_the_manifest(bundle):
+    path, manifest = bundle
+    wrong = dataclasses.replace(manifest, model_config={**manifest.model_config, "latent": 7})
+    with pytest.raises(BundleError, match="does not fit the manifest's model_config"):
+        load_swap_graph(path, wrong, manifest.identities[0])
+    with pytest.raises(BundleError, match="target 'nobody' is not in the bundle"):
+        load_swap_graph(path, manifest, "nobody")
+
+
+def test_torch_cpu_rejects_a_wrong_input_shape(bundle):
+    path, manifest = bundle
+    backend = make_backend("torch-cpu", path, manifest, manifest.identities[0])
+    with pytest.raises(ValueError, match=r"faces must be \(B, 3, 32, 32\)"):
+        backend.infer(np.zeros((2, 3, 16, 16), np.float32))
+
+
+@pytest.mark.parametrize("backend", ["torch-cpu", "auto"])
+def test_registry_serves_concurrent_requests_through_the_batcher(backend, bundle):
+    """The server path: registry load + warm-up (one worker thread), then batched calls (the batcher's thread).
+
+    With "auto" this runs onnxruntime on a CPU host and torch-cuda (CUDA graphs) on a GPU host.
+    """
+    from facetwin.server.config import ServerConfig
+    from facetwin.server.registry import READY, ModelRegistry
+
+    path, manifest = bundle
+    expected_name = select_backend(backend)[0].name
+    registry = ModelRegistry(ServerConfig(model_dir=str(path.parent), backend=backend))
+    size, target_name = manifest.resolution, manifest.identities[1]
+    faces = list(np.random.default_rng(5).integers(0, 256, (6, size, size, 3), dtype=np.uint8))
+
+    async def load_and_swap():
+        registry.discover()
+        await registry.load_all()
+        try:
+            model, target = await registry.get("tiny", target_name)
+            batched = await asyncio.gather(*(target.batcher.submit(face, caller=i) for i, face in enumerate(faces)))
+            alone = [await asyncio.to_thread(target.run_batch, [face]) for face in faces]
+            return model, target, batched, alone
+        finally:
+            await registry.close()
+
+    model, target, batched, alone = asyncio.run(load_and_swap())
+    assert model.status == READY, model.error
+    assert type(target.backend).name == expected_name
+    assert max(info.size for _, info in batched) > 1  # requests really were batched together
+    for ((swapped, mask), _), [(swapped_alone, mask_alone)] in zip(batched, alone):
+        assert swapped.shape == (size, size, 3) and mask.shape == (size, size)
+        # uint8 levels: a face must not depend on which batch (and padding bucket) it rode in
+        assert np.abs(swapped.astype(int) - swapped_alone).max() <= 3
+        assert np.abs(mask.astype(int) - mask_alone).max() <= 3
+
+
+@pytest.mark.gpu
+def test_torch_cuda_captures_one_graph_per_bucket_and_padding_does_not_leak(bundle, faces):
+    path, manifest = bundle
+    backend = make_backend("torch-cuda", path, manifest, manifest.identities[0], max_batch=SMALL_MAX_BATCH)
+    try:
+        assert sorted(backend._graphs) == list(batch_buckets(SMALL_MAX_BATCH))
+        alone = [backend.infer(faces[i:i + 1]) for i in range(3)]
+        together = backend.infer(faces[:3])  # padded 3 -> 4: the padding row must not change real rows
+        for i, (face, mask) in enumerate(alone):
+            np.testing.assert_allclose(together[0][i:i + 1], face, atol=1e-2)
+            np.testing.assert_allclose(together[1][i:i + 1], mask, atol=1e-2)
+        big = np.concatenate([faces, faces])  # 10 faces with max batch 4: chunks 4 + 4 + 2
+        face, mask = backend.infer(big)
+        np.testing.assert_allclose(face[:5], face[5:], atol=1e-2)
+    finally:
+        backend.close()
