@@ -16,7 +16,7 @@ import numpy as np
 from facetwin.v1 import facetwin_pb2 as pb
 
 from .errors import InvalidInputError, ResourceExhaustedError, ServerError, from_rpc_error
-from .types import StageTimings, SwapResult
+from .types import DetectedFace, StageTimings, SwapResult
 
 __all__ = [
     "ColorName",
@@ -235,6 +235,7 @@ def result_from_response(response: pb.SwapResponse, *, color: ColorName, dropped
         dropped=dropped,
         encoded=encoded,
         encoded_mask=encoded_mask,
+        faces=tuple(DetectedFace.from_proto(face) for face in response.faces),
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from facetwin.v1 import facetwin_pb2 as pb
 
-__all__ = ["StageTimings", "SwapResult", "ModelInfo"]
+__all__ = ["StageTimings", "DetectedFace", "SwapResult", "ModelInfo"]
 
 _STATUS_NAMES = {
     pb.MODEL_STATUS_LOADING: "loading",
@@ -30,7 +30,10 @@ class StageTimings:
     inference_ms: float  # running the model on the whole batch this request was part of
     encode_ms: float  # encoding the response image
     total_ms: float  # request arrival to response ready
-    batch_size: int  # images in the batch this request ran in
+    batch_size: int  # images in the batch this request ran in (the largest, for several faces of a full frame)
+    detect_ms: float = 0.0  # full frames: finding the faces and their landmarks
+    align_ms: float = 0.0  # full frames: landmark smoothing and cutting out the aligned faces
+    blend_ms: float = 0.0  # full frames: colour matching and pasting the swapped faces back
 
     @classmethod
     def from_proto(cls, message: pb.StageTimings) -> "StageTimings":
@@ -41,7 +44,27 @@ class StageTimings:
             encode_ms=float(message.encode_ms),
             total_ms=float(message.total_ms),
             batch_size=int(message.batch_size),
+            detect_ms=float(message.detect_ms),
+            align_ms=float(message.align_ms),
+            blend_ms=float(message.blend_ms),
         )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DetectedFace:
+    """A face the server found in a full frame (coordinates in the frame's pixels)."""
+
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the detector box; x1, y1 exclusive, may pass the edge
+    landmarks: np.ndarray | None  # (68, 2) float32 iBUG 300-W points it was aligned on; None from box-only detectors
+    score: float  # detector confidence (higher is surer)
+    swapped: bool  # whether this face was swapped (see the faces selection of the request)
+
+    @classmethod
+    def from_proto(cls, message: pb.DetectedFace) -> "DetectedFace":
+        b = message.box
+        points = np.array([(p.x, p.y) for p in message.landmarks], np.float32).reshape(-1, 2)
+        return cls(box=(int(b.x0), int(b.y0), int(b.x1), int(b.y1)), landmarks=points if len(points) else None,
+                   score=float(message.score), swapped=bool(message.swapped))
 
 
 # eq=False: the generated __eq__ would compare numpy arrays with ==, which raises on truth-testing;
@@ -63,6 +86,7 @@ class SwapResult:
     dropped: bool = False  # the server skipped this stream frame because the stream fell behind
     encoded: bytes | None = None  # PNG/JPEG file bytes of the swapped face, encoded transport only
     encoded_mask: bytes | None = None  # PNG/JPEG file bytes of the mask, encoded transport with return_mask
+    faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first; () for aligned faces
 
 
 @dataclasses.dataclass(frozen=True)

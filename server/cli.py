@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -24,13 +25,16 @@ def _root() -> None:
 def serve(
     model_dir: Optional[str] = typer.Option(None, help="Folder of model bundles (env FACETWIN_MODEL_DIR, default models)"),
     address: Optional[str] = typer.Option(None, help="host:port to listen on (env FACETWIN_ADDRESS, default 0.0.0.0:50051)"),
-    backend: Optional[str] = typer.Option(None, help="Inference backend (env FACETWIN_BACKEND, default onnxruntime)"),
+    backend: Optional[str] = typer.Option(None, help="Inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, "
+                                          "or auto (best available) (env FACETWIN_BACKEND, default onnxruntime)"),
     max_batch: Optional[int] = typer.Option(None, help="Largest dynamic batch per (model, target)"),
     max_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms"),
     max_queue: Optional[int] = typer.Option(None, help="Queued requests per (model, target) before RESOURCE_EXHAUSTED"),
     intra_op_threads: Optional[int] = typer.Option(None, help="Threads per inference call (0 = all cores)"),
     max_message_mb: Optional[int] = typer.Option(None, help="Largest gRPC message, MiB"),
     stream_window: Optional[int] = typer.Option(None, help="Frames in flight per stream"),
+    stream_policy: Optional[str] = typer.Option(None, help="When a stream falls behind: queue (push back) or "
+                                                "latest (drop waiting frames, answer them DROPPED)"),
     grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight calls get on SIGTERM"),
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus /metrics port (0 = off)"),
     log_level: str = typer.Option("INFO", envvar="FACETWIN_LOG_LEVEL", help="Logging level"),
@@ -41,7 +45,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(model_dir=model_dir, address=address, backend=backend, max_batch=max_batch,
                      max_delay_ms=max_delay_ms, max_queue=max_queue, intra_op_threads=intra_op_threads,
-                     max_message_mb=max_message_mb, stream_window=stream_window, grace_s=grace_s,
+                     max_message_mb=max_message_mb, stream_window=stream_window, stream_policy=stream_policy, grace_s=grace_s,
                      metrics_port=metrics_port)
     try:
         if dry_run:
@@ -91,6 +95,52 @@ async def _dry_run(config: ServerConfig) -> None:
             raise ValueError(f"no model in {config.model_dir} loaded")
     finally:
         await server.stop(grace=1.0)
+
+
+@app.command("build-engines")
+def build_engines(
+    model_dir: str = typer.Option("models", envvar="FACETWIN_MODEL_DIR", help="Folder of model bundles"),
+    cache_dir: Optional[str] = typer.Option(None, help="Engine cache (default $FACETWIN_ENGINE_CACHE_DIR, else "
+                                            "<model-dir>/.engines: where the tensorrt backend looks)"),
+    max_batch: int = typer.Option(ServerConfig.max_batch, envvar="FACETWIN_MAX_BATCH", min=1,
+                                  help="Largest batch the engines accept: use the server's --max-batch"),
+    opt_batch: Optional[int] = typer.Option(None, min=1, help="Batch TensorRT tunes for (default: max-batch)"),
+    workspace_gb: float = typer.Option(4.0, min=0.25, help="TensorRT builder scratch memory, GiB"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="No TensorRT needed: read every bundle, convert each "
+                                 "target to fp16 ONNX and check it, compute the cache keys, report hit/miss"),
+    log_level: str = typer.Option("WARNING", envvar="FACETWIN_LOG_LEVEL", help="Logging level"),
+) -> None:
+    """Build (or find cached) TensorRT engines for every (model, target), so the server starts without building."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .backends.tensorrt import TensorRTBackend
+    from .engines import EngineReport, build_all, default_cache_dir
+
+    if not dry_run:
+        ok, why = TensorRTBackend.available()
+        if not ok:
+            typer.echo(f"error: cannot build TensorRT engines here: {why}. Run this on the GPU host "
+                       "(pip install 'facetwin[gpu]'), or pass --dry-run to check the bundles only.", err=True)
+            raise typer.Exit(2)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir(model_dir)
+    mode = "dry run, nothing built" if dry_run else "building missing engines"
+    typer.echo(f"engine cache {cache} ({mode}); batch profile 1..{max_batch}")
+
+    def show(report: EngineReport) -> None:
+        key = report.key
+        detail = f"fp16 ONNX ok, {report.fp16_onnx_bytes / 1024:.0f} KiB; " if report.fp16_onnx_bytes else ""
+        typer.echo(f"  {report.model}/{report.target}: {report.status:5s} {report.path.name} "
+                   f"({detail}gpu {key.gpu_name} sm {key.compute_capability}, TensorRT {key.tensorrt_version}, "
+                   f"{report.seconds:.1f} s)")
+
+    try:
+        reports = build_all(model_dir, cache, max_batch=max_batch, opt_batch=opt_batch, dry_run=dry_run,
+                            workspace_bytes=int(workspace_gb * (1 << 30)), report=show)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    counts = {status: sum(r.status == status for r in reports) for status in ("hit", "built", "miss")}
+    typer.echo(f"{len(reports)} engine(s): {counts['hit']} cached, {counts['built']} built, "
+               f"{counts['miss']} to build")
 
 
 @app.command()

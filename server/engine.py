@@ -1,5 +1,8 @@
 """The swap itself, as plain domain objects: decode -> fit to the model -> batch -> fit back -> encode.
 
+Full frames (kind "full_frame") take a longer road through fullframe.py: decode -> detect -> align -> batch ->
+colour-match and paste back -> encode.
+
 No gRPC here: the servicer turns protobuf into a SwapJob and a SwapOutcome back into protobuf.
 """
 
@@ -13,8 +16,10 @@ from collections.abc import Hashable
 import numpy as np
 
 from . import imaging
-from .errors import InvalidInputError, UnimplementedError
+from .errors import InvalidInputError
+from .fullframe import DetectedFace, FaceDetectorPool, FaceSelection, FullFrameSwapper
 from .registry import ModelRegistry
+from .smoothing import FrameTicket, SmoothingConfig, StreamFaceState
 
 # Images bigger than this are decoded/encoded in a worker thread so the event loop keeps serving others.
 _INLINE_PIXELS = 256 * 256
@@ -46,6 +51,8 @@ class SwapJob:
     jpeg_quality: int = 90
     return_mask: bool = False
     frame_id: int = 0
+    faces: str = "largest"  # full frames: "all" | "largest" | "index" (see fullframe.FaceSelection)
+    face_index: int = 0  # full frames with faces="index": the face to swap, 0 = largest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,9 @@ class Timings:
     encode_ms: float
     total_ms: float
     batch_size: int
+    detect_ms: float = 0.0  # full frames: face detection + landmarks
+    align_ms: float = 0.0  # full frames: landmark smoothing + cropping the aligned faces
+    blend_ms: float = 0.0  # full frames: colour matching + paste-back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +84,45 @@ class SwapOutcome:
     mask: OutputImage | None
     timings: Timings
     frame_id: int
+    faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first
 
 
 class SwapEngine:
-    def __init__(self, registry: ModelRegistry, max_image_side: int = 4096) -> None:
+    def __init__(self, registry: ModelRegistry, max_image_side: int = 4096, detect_threads: int = 2,
+                 detect_max_side: int | None = 640, smoothing: SmoothingConfig | None = None) -> None:
+        """detect_threads / detect_max_side: see fullframe.FaceDetectorPool. smoothing: landmark smoothing of
+        full frames in streams (None = SmoothingConfig defaults)."""
         self.registry = registry
         self.max_image_side = max_image_side
+        self.smoothing = smoothing or SmoothingConfig()
+        self.fullframe = FullFrameSwapper(FaceDetectorPool(detect_threads, detect_max_side))
 
-    async def swap(self, job: SwapJob, caller: Hashable, wait_s: float | None = None) -> SwapOutcome:
+    def new_stream_state(self) -> StreamFaceState:
+        """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order."""
+        return StreamFaceState(self.smoothing)
+
+    def close(self) -> None:
+        """Stops the face-detection threads (after the server stopped taking calls)."""
+        self.fullframe.detectors.close()
+
+    async def swap(self, job: SwapJob, caller: Hashable, wait_s: float | None = None,
+                   stream: StreamFaceState | None = None) -> SwapOutcome:
+        """stream: the caller's stream state when the job is a frame of a SwapStream (full frames are then
+        smoothed over time); swap() must then be called in frame order."""
+        ticket = stream.ticket() if stream is not None else None  # before any await: tickets follow call order
+        try:
+            if job.kind == "full_frame":
+                return await self._swap_full_frame(job, caller, wait_s, ticket)
+            if ticket is not None:
+                ticket.release()  # now: aligned faces have no landmarks to smooth, later frames need not wait
+            return await self._swap_aligned(job, caller, wait_s)
+        finally:
+            if ticket is not None:
+                ticket.release()
+
+    async def _swap_aligned(self, job: SwapJob, caller: Hashable, wait_s: float | None) -> SwapOutcome:
         start = time.perf_counter()
-        if job.kind == "full_frame":
-            raise UnimplementedError("full-frame swaps are not in this release; send an aligned face crop")
-        if not 1 <= job.jpeg_quality <= 100:
-            raise InvalidInputError(f"jpeg_quality {job.jpeg_quality} must be in 1..100")
+        self._check_output(job)
         _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
 
         decoded = await self._maybe_in_thread(self._decode, job)
@@ -109,6 +145,37 @@ class SwapEngine:
             batch_size=info.size,
         )
         return SwapOutcome(image, mask_out, timings, job.frame_id)
+
+    async def _swap_full_frame(self, job: SwapJob, caller: Hashable, wait_s: float | None,
+                               ticket: FrameTicket | None) -> SwapOutcome:
+        start = time.perf_counter()
+        self._check_output(job)
+        selection = FaceSelection(job.faces, job.face_index)
+        _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
+        frame = await self._maybe_in_thread(self._decode, job)
+        decoded_at = time.perf_counter()
+        result = await self.fullframe.swap(frame, target, caller, selection, ticket, want_mask=job.return_mask)
+        blended_at = time.perf_counter()
+        height, width = frame.shape[:2]
+        image, mask_out = await self._maybe_in_thread(self._encode, job, result.image, result.mask, height, width)
+        done = time.perf_counter()
+        timings = Timings(
+            decode_ms=(decoded_at - start) * 1e3,
+            queue_ms=result.batch.queue_s * 1e3,
+            inference_ms=result.batch.inference_s * 1e3,
+            encode_ms=(done - blended_at) * 1e3,
+            total_ms=(done - start) * 1e3,
+            batch_size=result.batch.size,
+            detect_ms=result.detect_s * 1e3,
+            align_ms=result.align_s * 1e3,
+            blend_ms=result.blend_s * 1e3,
+        )
+        return SwapOutcome(image, mask_out, timings, job.frame_id, result.faces)
+
+    @staticmethod
+    def _check_output(job: SwapJob) -> None:
+        if not 1 <= job.jpeg_quality <= 100:
+            raise InvalidInputError(f"jpeg_quality {job.jpeg_quality} must be in 1..100")
 
     async def _maybe_in_thread(self, fn, *args):
         job = args[0]

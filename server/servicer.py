@@ -13,6 +13,7 @@ from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 from . import metrics
 from .batcher import InferenceFailedError
 from .engine import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
+from .fullframe import DetectedFace
 from .errors import InvalidInputError, SwapError
 from .registry import FAILED, READY, ModelRegistry
 from .streams import DROPPED, run_stream
@@ -25,6 +26,8 @@ _DTYPE = {pb.PIXEL_TYPE_UNSPECIFIED: "uint8", pb.PIXEL_TYPE_UINT8: "uint8", pb.P
 _ENCODING = {pb.ENCODING_UNSPECIFIED: "same", pb.ENCODING_RAW: "raw", pb.ENCODING_PNG: "png", pb.ENCODING_JPEG: "jpeg"}
 _KIND = {pb.IMAGE_KIND_UNSPECIFIED: "aligned_face", pb.IMAGE_KIND_ALIGNED_FACE: "aligned_face",
          pb.IMAGE_KIND_FULL_FRAME: "full_frame"}
+_FACES = {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all",
+          pb.FACE_SELECTION_LARGEST: "largest", pb.FACE_SELECTION_INDEX: "index"}
 _POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
 
@@ -50,6 +53,10 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
                         _enum(_DTYPE, r.pixel_type, "image.raw.pixel_type"))
     elif which is None:
         raise InvalidInputError("image is empty: set image.encoded (JPEG/PNG bytes) or image.raw")
+    faces = _enum(_FACES, request.faces, "faces")
+    if request.face_index and faces != "index":
+        raise InvalidInputError(f"face_index is {request.face_index} but faces is not FACE_SELECTION_INDEX: "
+                                "set faces = FACE_SELECTION_INDEX to pick a face by number")
     out_color = None
     if request.output_color_order != pb.COLOR_ORDER_UNSPECIFIED:
         out_color = _enum(_COLOR, request.output_color_order, "output_color_order")
@@ -64,6 +71,8 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         jpeg_quality=request.jpeg_quality or 90,
         return_mask=request.return_mask,
         frame_id=request.frame_id,
+        faces=faces,
+        face_index=request.face_index,
     )
 
 
@@ -75,14 +84,24 @@ def _image_to_proto(image: OutputImage) -> pb.Image:
     return pb.Image(encoded=image.data)
 
 
+def _face_to_proto(detected: DetectedFace) -> pb.DetectedFace:
+    face = detected.face
+    x0, y0, x1, y1 = (int(v) for v in face.box)
+    points = [] if face.landmarks is None else [pb.Point(x=float(x), y=float(y)) for x, y in face.landmarks]
+    return pb.DetectedFace(box=pb.Box(x0=x0, y0=y0, x1=x1, y1=y1), landmarks=points, score=face.score,
+                           swapped=detected.swapped)
+
+
 def response_to_proto(outcome: SwapOutcome) -> pb.SwapResponse:
     t = outcome.timings
     return pb.SwapResponse(
         image=_image_to_proto(outcome.image),
         mask=_image_to_proto(outcome.mask) if outcome.mask is not None else None,
         timings=pb.StageTimings(decode_ms=t.decode_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms,
-                                encode_ms=t.encode_ms, total_ms=t.total_ms, batch_size=t.batch_size),
+                                encode_ms=t.encode_ms, total_ms=t.total_ms, batch_size=t.batch_size,
+                                detect_ms=t.detect_ms, align_ms=t.align_ms, blend_ms=t.blend_ms),
         frame_id=outcome.frame_id,
+        faces=[_face_to_proto(face) for face in outcome.faces],
     )
 
 
@@ -120,6 +139,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         """Frames are swapped concurrently and answered strictly in order (see streams.run_stream)."""
         caller = ("stream", next(self._stream_ids))
         policy = [self.default_policy]
+        faces_over_time = self.engine.new_stream_state()  # face tracks, so full-frame landmarks are smoothed
 
         async def frames():
             first = True
@@ -132,8 +152,8 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
                 except SwapError as exc:  # answered in order, after the frames before it
                     yield message.request.frame_id, exc
 
-        def swap(job: SwapJob):
-            return self.engine.swap(job, caller, wait_s=context.time_remaining())
+        def swap(job: SwapJob):  # run_stream starts frames in arrival order, as the stream state requires
+            return self.engine.swap(job, caller, wait_s=context.time_remaining(), stream=faces_over_time)
 
         frames_iter = frames()
         try:

@@ -168,7 +168,8 @@ def _bad_requests(m):
         "huge side": (raw(pixels=bytes(5000 * 9 * 3), height=5000, width=9), grpc.StatusCode.RESOURCE_EXHAUSTED,
                       "at most 4096"),
         "full frame": (pb.SwapRequest(model=m.model, target=b, image=pb.Image(encoded=b"x"),
-                                      kind=pb.IMAGE_KIND_FULL_FRAME), grpc.StatusCode.UNIMPLEMENTED, "aligned face"),
+                                      kind=pb.IMAGE_KIND_FULL_FRAME), grpc.StatusCode.INVALID_ARGUMENT,
+                       "not a decodable"),
     }
 
 

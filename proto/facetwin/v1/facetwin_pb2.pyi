@@ -32,6 +32,13 @@ class ImageKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_KIND_ALIGNED_FACE: _ClassVar[ImageKind]
     IMAGE_KIND_FULL_FRAME: _ClassVar[ImageKind]
 
+class FaceSelection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FACE_SELECTION_UNSPECIFIED: _ClassVar[FaceSelection]
+    FACE_SELECTION_ALL: _ClassVar[FaceSelection]
+    FACE_SELECTION_LARGEST: _ClassVar[FaceSelection]
+    FACE_SELECTION_INDEX: _ClassVar[FaceSelection]
+
 class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FRAME_STATUS_UNSPECIFIED: _ClassVar[FrameStatus]
@@ -63,6 +70,10 @@ ENCODING_JPEG: Encoding
 IMAGE_KIND_UNSPECIFIED: ImageKind
 IMAGE_KIND_ALIGNED_FACE: ImageKind
 IMAGE_KIND_FULL_FRAME: ImageKind
+FACE_SELECTION_UNSPECIFIED: FaceSelection
+FACE_SELECTION_ALL: FaceSelection
+FACE_SELECTION_LARGEST: FaceSelection
+FACE_SELECTION_INDEX: FaceSelection
 FRAME_STATUS_UNSPECIFIED: FrameStatus
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
@@ -99,7 +110,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
 
 class SwapRequest(_message.Message):
-    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id")
+    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id", "faces", "face_index")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +120,8 @@ class SwapRequest(_message.Message):
     JPEG_QUALITY_FIELD_NUMBER: _ClassVar[int]
     RETURN_MASK_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
+    FACE_INDEX_FIELD_NUMBER: _ClassVar[int]
     model: str
     target: str
     image: Image
@@ -118,35 +131,77 @@ class SwapRequest(_message.Message):
     jpeg_quality: int
     return_mask: bool
     frame_id: int
-    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ...) -> None: ...
+    faces: FaceSelection
+    face_index: int
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Union[FaceSelection, str]] = ..., face_index: _Optional[int] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x0", "y0", "x1", "y1")
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
+
+class DetectedFace(_message.Message):
+    __slots__ = ("box", "landmarks", "score", "swapped")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    LANDMARKS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    landmarks: _containers.RepeatedCompositeFieldContainer[Point]
+    score: float
+    swapped: bool
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., score: _Optional[float] = ..., swapped: _Optional[bool] = ...) -> None: ...
 
 class StageTimings(_message.Message):
-    __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms", "batch_size")
+    __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms", "batch_size", "detect_ms", "align_ms", "blend_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DETECT_MS_FIELD_NUMBER: _ClassVar[int]
+    ALIGN_MS_FIELD_NUMBER: _ClassVar[int]
+    BLEND_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     queue_ms: float
     inference_ms: float
     encode_ms: float
     total_ms: float
     batch_size: int
-    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    detect_ms: float
+    align_ms: float
+    blend_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., detect_ms: _Optional[float] = ..., align_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ...) -> None: ...
 
 class SwapResponse(_message.Message):
-    __slots__ = ("image", "mask", "timings", "frame_id")
+    __slots__ = ("image", "mask", "timings", "frame_id", "faces")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
+    FACES_FIELD_NUMBER: _ClassVar[int]
     image: Image
     mask: Image
     timings: StageTimings
     frame_id: int
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ...) -> None: ...
+    faces: _containers.RepeatedCompositeFieldContainer[DetectedFace]
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[DetectedFace, _Mapping]]] = ...) -> None: ...
 
 class SwapStreamRequest(_message.Message):
     __slots__ = ("request", "policy")
