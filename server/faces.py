@@ -132,14 +132,20 @@ def model_path(filename: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
-def _load(kind: str) -> Any:
-    """dlib models, loaded once per process (the shape predictor is 100 MB, the embedding net 22 MB)."""
+def _new_detector(kind: str) -> Any:
+    """A fresh dlib detector: each FaceDetector owns one, since dlib's detectors are not thread-safe (~1 ms for HOG)."""
     dlib = _dlib()
     if kind == "hog":
         return dlib.get_frontal_face_detector()
     if kind == "cnn":
         return dlib.cnn_face_detection_model_v1(str(model_path("mmod_human_face_detector.dat")))
+    raise ValueError(f"unknown dlib detector {kind!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _load(kind: str) -> Any:
+    """Read-only dlib models shared by the whole process (the shape predictor is 100 MB, the embedding net 22 MB)."""
+    dlib = _dlib()
     if kind == "landmarks":
         return dlib.shape_predictor(str(model_path("shape_predictor_68_face_landmarks.dat")))
     if kind == "embedding":
@@ -186,7 +192,7 @@ class FaceDetector:
                 raise FaceModelsUnavailable(f"cannot load the OpenCV Haar cascade {cascade}: "
                                             "install opencv-python-headless<5 (OpenCV 5 ships no cascades)")
         else:
-            self._detector = _load(backend)
+            self._detector = _new_detector(backend)
             self._predictor = _load("landmarks")
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:

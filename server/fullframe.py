@@ -130,12 +130,7 @@ class FaceDetectorPool:
     def _detector(self) -> FaceDetector:
         detector = getattr(self._local, "detector", None)
         if detector is None:
-            detector = FaceDetector(self.backend, max_side=self.max_side)
-            if detector.backend == "hog":
-                # faces._load caches ONE dlib HOG detector per process and every FaceDetector shares it; dlib's
-                # object_detector must not be used from two threads at once, so give this thread its own (it
-                # costs ~1 ms to build; the 100 MB shape predictor stays shared: dlib documents it thread-safe).
-                detector._detector = facelib._dlib().get_frontal_face_detector()
+            detector = FaceDetector(self.backend, max_side=self.max_side)  # owns its dlib detector: one per thread
             self._local.detector = detector
         return detector
 
