@@ -22,7 +22,7 @@ from .errors import (
     UnimplementedError,
     from_rpc_error,
 )
-from .types import ModelInfo, StageTimings, SwapResult
+from .types import DetectedFace, ModelInfo, StageTimings, SwapResult
 
 __all__ = [
     "Client",
@@ -31,6 +31,7 @@ __all__ = [
     "SwapResult",
     "StageTimings",
     "ModelInfo",
+    "DetectedFace",
     "FaceTwinError",
     "InvalidInputError",
     "NotFoundError",

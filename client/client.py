@@ -20,6 +20,7 @@ from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from .errors import InvalidInputError, ServerError, from_rpc_error
 from .images import (
+    FacesArg,
     PolicyName,
     ColorName,
     EncodingName,
@@ -89,12 +90,13 @@ class _ClientBase:
     def _stream_setup(
         self, model: str, target: str, color: ColorName, return_mask: bool, max_in_flight: int, timeout: float | None,
         policy: PolicyName = "queue",
+        faces: FacesArg = None,
     ) -> tuple[StreamState, float | None]:
         self._ensure_open()
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes,
-                            policy=policy)
+                            policy=policy, faces=faces)
         # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
         return state, _check_timeout(timeout)
 
@@ -146,17 +148,21 @@ class Client(_ClientBase):
         encoding: EncodingName = "raw",
         frame_id: int = 0,
         jpeg_quality: int | None = None,
+        faces: FacesArg = None,
         timeout: float | None = None,
     ) -> SwapResult:
-        """Swaps one aligned face to `target`.
+        """Swaps one aligned face (or, with `faces`, the faces of a whole frame) to `target`.
 
         image: uint8 (H, W, 3) array whose channel order is `color` ("bgr" for OpenCV, "rgb" for PIL/ML
         code), or PNG/JPEG file bytes. Raw results come back in `color` order; with encoding "png" or
         "jpeg" the result's `encoded` holds the file bytes and `image` is None.
+        faces: None (default) = `image` is an aligned face crop; "largest", "all" or an index (largest
+        first) = `image` is a whole frame: the server detects, swaps and pastes back, and the result's
+        `faces` lists every face it found (a frame with no face comes back unchanged).
         """
         request = self._swap_request(
             image, model, target, color=color, return_mask=return_mask, encoding=encoding,
-            frame_id=frame_id, jpeg_quality=jpeg_quality,
+            frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces,
         )
         deadline = self._deadline(timeout)
         try:
@@ -175,6 +181,7 @@ class Client(_ClientBase):
         return_mask: bool = False,
         max_in_flight: int = 8,
         policy: PolicyName = "queue",
+        faces: FacesArg = None,
         timeout: float | None = None,
     ) -> Iterator[SwapResult]:
         """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
@@ -187,7 +194,7 @@ class Client(_ClientBase):
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
         """
-        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy)
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces)
         try:
             frame_iter = iter(frames)
         except TypeError:
@@ -283,12 +290,13 @@ class AsyncClient(_ClientBase):
         encoding: EncodingName = "raw",
         frame_id: int = 0,
         jpeg_quality: int | None = None,
+        faces: FacesArg = None,
         timeout: float | None = None,
     ) -> SwapResult:
         """Swaps one aligned face to `target`; see Client.swap."""
         request = self._swap_request(
             image, model, target, color=color, return_mask=return_mask, encoding=encoding,
-            frame_id=frame_id, jpeg_quality=jpeg_quality,
+            frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces,
         )
         deadline = self._deadline(timeout)
         try:
@@ -307,6 +315,7 @@ class AsyncClient(_ClientBase):
         return_mask: bool = False,
         max_in_flight: int = 8,
         policy: PolicyName = "queue",
+        faces: FacesArg = None,
         timeout: float | None = None,
     ) -> AsyncIterator[SwapResult]:
         """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
@@ -319,7 +328,7 @@ class AsyncClient(_ClientBase):
         error. A server-side failure later in the stream can surface as ServerError (INTERNAL): grpc.aio
         loses the server's status when a write races the server ending the call (grpc/grpc#36066).
         """
-        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy)
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces)
         if not isinstance(frames, (Iterable, AsyncIterable)):
             raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
         return self._stream_results(frames, state, max_in_flight, deadline)

@@ -37,6 +37,9 @@ __all__ = [
 
 ColorName = Literal["rgb", "bgr"]
 PolicyName = Literal["queue", "latest"]
+# Which faces of a full frame to swap: None = the image is an aligned face crop (no detection);
+# "largest" / "all" / an int (the n-th face, largest first) = a whole frame the server detects faces in.
+FacesArg = Union[None, Literal["largest", "all"], int]
 _POLICIES = {"queue": pb.STREAM_POLICY_QUEUE, "latest": pb.STREAM_POLICY_LATEST}
 EncodingName = Literal["raw", "png", "jpeg"]
 # An image argument: a uint8 (H, W, 3) array, or the bytes of a PNG/JPEG file.
@@ -182,6 +185,7 @@ def build_swap_request(
     encoding: EncodingName = "raw",
     frame_id: int = 0,
     jpeg_quality: int | None = None,
+    faces: FacesArg = None,
     into: pb.SwapRequest | None = None,
 ) -> pb.SwapRequest:
     """Validates the arguments and builds one SwapRequest (raw results come back in `color` order).
@@ -197,13 +201,28 @@ def build_swap_request(
     request = pb.SwapRequest() if into is None else into
     fill_image(request.image, image, color=color)
     request.model, request.target = model, target
-    request.kind = pb.IMAGE_KIND_ALIGNED_FACE
+    _fill_faces(request, faces)
     request.output_encoding = _encoding_enum(encoding)
     request.output_color_order = _color_enum(color)
     request.jpeg_quality = jpeg_quality or 0
     request.return_mask = bool(return_mask)
     request.frame_id = int(frame_id)
     return request
+
+
+def _fill_faces(request: pb.SwapRequest, faces: FacesArg) -> None:
+    if faces is None:
+        request.kind = pb.IMAGE_KIND_ALIGNED_FACE
+        return
+    request.kind = pb.IMAGE_KIND_FULL_FRAME
+    if faces == "largest":
+        request.faces = pb.FACE_SELECTION_LARGEST
+    elif faces == "all":
+        request.faces = pb.FACE_SELECTION_ALL
+    elif isinstance(faces, (int, np.integer)) and not isinstance(faces, bool) and 0 <= faces < 2**32:
+        request.faces, request.face_index = pb.FACE_SELECTION_INDEX, int(faces)
+    else:
+        raise _invalid(f"faces must be None (aligned crop), 'largest', 'all' or a face index >= 0, got {faces!r}")
 
 
 def _split_image(image: pb.Image, color: ColorName) -> tuple[np.ndarray | None, bytes | None]:
@@ -248,12 +267,14 @@ class StreamState:
     """
 
     def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int,
-                 policy: PolicyName = "queue") -> None:
+                 policy: PolicyName = "queue", faces: FacesArg = None) -> None:
         check_swap_args(model, target, color=color)
         if policy not in _POLICIES:
             raise _invalid(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
         self.policy = _POLICIES[policy]
         self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
+        self.faces = faces
+        _fill_faces(pb.SwapRequest(), faces)  # validates now, before the stream starts
         self.max_bytes = max_bytes
         self.sent = 0  # frames handed to gRPC; also the next frame id
         self.received = 0  # results yielded
@@ -262,7 +283,7 @@ class StreamState:
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
         message = pb.SwapStreamRequest(policy=self.policy if self.sent == 0 else pb.STREAM_POLICY_UNSPECIFIED)
         build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
-                           frame_id=self.sent, into=message.request)
+                           frame_id=self.sent, faces=self.faces, into=message.request)
         check_request_size(message.request, self.max_bytes)
         self.sent += 1
         return message

@@ -199,3 +199,20 @@ def test_match_color_lab_moves_the_statistics_inside_the_mask(franck):
     np.testing.assert_array_equal(match_color_lab(source, reference, np.zeros_like(mask)), source)  # nothing to match
     with pytest.raises(ValueError, match="one shape"):
         match_color_lab(source, reference[:32], mask)
+
+
+def test_sdk_swaps_full_frames_unary_and_streamed(served_model, franck, two_faces):
+    from facetwin.client import Client, InvalidInputError
+
+    target = served_model.identities[1]
+    with Client(served_model.address) as client:
+        result = client.swap(franck[0], served_model.model, target, color="rgb", faces="largest")
+        assert result.image.shape == franck[0].shape and len(result.faces) == 1 and result.faces[0].swapped
+        both = client.swap(two_faces, served_model.model, target, color="rgb", faces="all")
+        assert [f.swapped for f in both.faces] == [True, True]
+        second = client.swap(two_faces, served_model.model, target, color="rgb", faces=1)
+        assert [f.swapped for f in second.faces] == [False, True]
+        streamed = list(client.stream(franck[:4], served_model.model, target, color="rgb", faces="largest"))
+        assert [len(r.faces) for r in streamed] == [1, 1, 1, 1]
+        with pytest.raises(InvalidInputError, match="faces must be"):
+            client.swap(franck[0], served_model.model, target, color="rgb", faces="biggest")
