@@ -1,14 +1,21 @@
-# facetwin server image — DRAFT (issue 2). The GPU image (pinned NVIDIA TensorRT base, engines built on first start)
-# is issue 4; this one serves bundles with the embedded ONNX Runtime CPU backend and runs anywhere.
+# facetwin GPU server image.
 #   docker build -t facetwin .
-#   docker run -p 50051:50051 -v $PWD/out/models:/models:ro facetwin
-FROM python:3.11.7-slim-bookworm
+#   docker run --gpus all -p 50051:50051 -v $PWD/out/models:/models:ro -v facetwin-cache:/cache facetwin
+# Backend "auto" picks TensorRT (this base image ships it), else torch-CUDA (if torch is installed), else ONNX Runtime
+# on the CPU, and logs why. TensorRT engines are built on the first start into the /cache volume (keyed by bundle
+# sha256, GPU, compute capability, TensorRT version and batch profile) and reused after; health stays NOT_SERVING
+# until every model is warm. Not built or run in the development environment (no Docker engine, no TensorRT there):
+# tests/test_dockerfile.py checks it statically and runs its entrypoint command in a fresh virtualenv.
+FROM nvcr.io/nvidia/tensorrt:25.10-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     FACETWIN_MODEL_DIR=/models \
-    FACETWIN_ADDRESS=0.0.0.0:50051
+    FACETWIN_ADDRESS=0.0.0.0:50051 \
+    FACETWIN_BACKEND=auto \
+    FACETWIN_ENGINE_CACHE_DIR=/cache/engines \
+    FACETWIN_METRICS_PORT=9090
 
 WORKDIR /opt/facetwin
 COPY pyproject.toml README.md ./
@@ -16,10 +23,14 @@ COPY proto proto
 COPY client client
 COPY server server
 COPY training training
-RUN pip install ".[server]" && useradd --create-home --uid 10001 facetwin
+# tensorrt comes with the base image (pip sees it installed); pycuda builds against the image's CUDA toolkit.
+RUN python3 -m pip install ".[server,gpu]" \
+    && useradd --create-home --uid 10001 facetwin \
+    && mkdir -p /models /cache/engines && chown -R facetwin /cache
 
 USER facetwin
-EXPOSE 50051
-HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+VOLUME ["/cache"]
+EXPOSE 50051 9090
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["facetwin-server", "healthcheck", "--address", "127.0.0.1:50051"]
 ENTRYPOINT ["facetwin-server", "serve"]
