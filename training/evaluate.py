@@ -197,6 +197,17 @@ def swap_grid(bundle_dir: str | os.PathLike, out_png: str | os.PathLike, count: 
         swapped, _ = runner.swap(images, b)
         truth = np.stack([synth.render(known[b], pose, res)[0] for pose in poses])
         rows += [(a, images), (f"{a}->{b}", np.round(swapped * 255).astype(np.uint8)), (f"true {b}", truth)]
+    grid = compose_grid(rows, scale)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("cv2.imencode failed to encode the grid PNG")
+    return atomic_write_bytes(Path(out_png), png.tobytes())
+
+
+def compose_grid(rows: list[tuple[str, list[np.ndarray] | np.ndarray]], scale: int = 3) -> np.ndarray:
+    """Labelled rows of equal-sized RGB images -> one RGB grid image, each cell upscaled `scale` times (nearest)."""
+    res = rows[0][1][0].shape[0]
+    count = max(len(images) for _, images in rows)
     cell, gap = res * scale, 2
     font, font_scale = cv2.FONT_HERSHEY_PLAIN, 0.9
     label_w = max(cv2.getTextSize(label, font, font_scale, 1)[0][0] for label, _ in rows) + 12
@@ -208,7 +219,4 @@ def swap_grid(bundle_dir: str | os.PathLike, out_png: str | os.PathLike, count: 
         for c, image in enumerate(images):
             x = label_w + gap + c * (cell + gap)
             grid[y:y + cell, x:x + cell] = cv2.resize(image, (cell, cell), interpolation=cv2.INTER_NEAREST)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise RuntimeError("cv2.imencode failed to encode the grid PNG")
-    return atomic_write_bytes(Path(out_png), png.tobytes())
+    return grid

@@ -1,0 +1,231 @@
+"""Training data: aligned faces of each identity in memory, and faceswap-style augmentation in torch.
+
+The data set is the synth folder layout (``training/synth.py``)::
+
+    data/index.json                 # {"schema": "facetwin-synth/1", "size", "seed", "identities", "images"}
+    data/<identity>/00000.png       # aligned face, RGB
+    data/<identity>/00000_mask.png  # face mask, 255 = face
+
+The sets are small (hundreds of 64 px faces per identity), so every image is decoded once into a uint8
+tensor and batches are gathered by index: no DataLoader workers, no per-step disk reads.
+
+Augmentation follows the original deepfakes trainer: the same random affine, flip and colour jitter go to
+the network's input and its target, but the "random warp" (a smooth grid distortion) only to the input.
+The decoder therefore learns to produce an undistorted face from a distorted one, which is what lets it
+render a face of another identity -- a distortion it never saw -- in its own identity's likeness.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+INDEX_NAME = "index.json"
+SYNTH_SCHEMA = "facetwin-synth/1"
+
+
+class DatasetError(ValueError):
+    """The data folder is missing, not a data set, or unusable for training."""
+
+
+class IdentityFaces(Dataset):
+    """All faces and masks of one identity, held as uint8 tensors: faces (N, 3, R, R), masks (N, 1, R, R)."""
+
+    def __init__(self, name: str, faces: torch.Tensor, masks: torch.Tensor) -> None:
+        if faces.dtype != torch.uint8 or faces.dim() != 4 or faces.shape[1] != 3:
+            raise DatasetError(f"identity {name!r}: faces must be uint8 (N, 3, H, W), got {faces.dtype} {tuple(faces.shape)}")
+        if masks.shape != (faces.shape[0], 1, *faces.shape[2:]):
+            raise DatasetError(f"identity {name!r}: masks {tuple(masks.shape)} do not match faces {tuple(faces.shape)}")
+        if faces.shape[0] == 0:
+            raise DatasetError(f"identity {name!r} has no images")
+        self.name = name
+        self.faces = faces
+        self.masks = masks
+
+    def __len__(self) -> int:
+        return self.faces.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One face and mask as float32 in [0, 1] (for generic torch tooling; training uses `sample`)."""
+        return self.faces[index].float() / 255.0, self.masks[index].float() / 255.0
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch (with replacement) as uint8: faces (B, 3, R, R), masks (B, 1, R, R)."""
+        idx = torch.randint(len(self), (batch_size,), generator=generator)
+        return self.faces[idx], self.masks[idx]
+
+
+def load_index(data_dir: str | Path) -> dict[str, Any]:
+    """Reads and checks the data set's index.json; raises DatasetError with what is wrong."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DatasetError(f"data folder {data_dir} does not exist (make one with: facetwin-train synth {data_dir})")
+    path = data_dir / INDEX_NAME
+    if not path.is_file():
+        raise DatasetError(f"{data_dir} is not a data set: {INDEX_NAME} is missing")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict) or index.get("schema") != SYNTH_SCHEMA:
+        raise DatasetError(f"{path}: schema is {index.get('schema') if isinstance(index, dict) else None!r}, "
+                           f"expected {SYNTH_SCHEMA!r}")
+    for key in ("identities", "images"):
+        if not isinstance(index.get(key), list):
+            raise DatasetError(f"{path}: {key!r} must be a list")
+    return index
+
+
+def identity_names(index: dict[str, Any]) -> list[str]:
+    names = [str(entry["name"]) for entry in index["identities"]]
+    if len(names) < 2:
+        raise DatasetError(f"a face-swap data set needs at least 2 identities, this one has {len(names)}: {names}")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"identity names repeat in the index: {names}")
+    return names
+
+
+def describe(index: dict[str, Any]) -> dict[str, Any]:
+    """What the model was trained on, for checkpoints and bundle manifests."""
+    return {"kind": "synth", "seed": index.get("seed"), "size": index.get("size"), "identities": identity_names(index)}
+
+
+def _read_image(path: Path, flags: int) -> np.ndarray:
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise DatasetError(f"cannot read image {path} (missing or not an image)")
+    return image
+
+
+def load_faces(data_dir: str | Path, resolution: int | None = None) -> dict[str, IdentityFaces]:
+    """Every identity of the data set, in index order; images are resized to `resolution` if given."""
+    data_dir = Path(data_dir)
+    index = load_index(data_dir)
+    names = identity_names(index)
+    by_identity: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {name: ([], []) for name in names}
+    for entry in index["images"]:
+        name = entry.get("identity")
+        if name not in by_identity:
+            raise DatasetError(f"image {entry.get('file')!r} belongs to unknown identity {name!r}")
+        face = cv2.cvtColor(_read_image(data_dir / entry["file"], cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        mask = _read_image(data_dir / entry["mask"], cv2.IMREAD_GRAYSCALE)
+        if face.shape[:2] != mask.shape[:2] or face.shape[0] != face.shape[1]:
+            raise DatasetError(f"{entry['file']}: face {face.shape[:2]} and mask {mask.shape[:2]} must be one square size")
+        if resolution is not None and face.shape[0] != resolution:
+            face = cv2.resize(face, (resolution, resolution), interpolation=cv2.INTER_AREA)
+            mask = cv2.resize(mask, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        by_identity[name][0].append(face)
+        by_identity[name][1].append(mask)
+    result = {}
+    for name, (faces, masks) in by_identity.items():
+        if not faces:
+            raise DatasetError(f"identity {name!r} has no images in {data_dir / INDEX_NAME}")
+        faces_t = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).contiguous()  # (N, 3, R, R)
+        masks_t = torch.from_numpy(np.stack(masks))[:, None].contiguous()  # (N, 1, R, R)
+        result[name] = IdentityFaces(name, faces_t, masks_t)
+    return result
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strength of each augmentation; zeros turn one off."""
+
+    rotation_deg: float = 10.0  # max rotation either way (faceswap: 10)
+    scale: float = 0.05  # max zoom in or out, as a fraction (faceswap: 5%)
+    shift: float = 0.05  # max translation, as a fraction of the side (faceswap: 5%)
+    flip: float = 0.5  # probability of a horizontal flip (faceswap: 50%)
+    warp: float = 0.025  # std of the random-warp offsets, as a fraction of the side (faceswap: 5 px of 256 -> ~0.02)
+    warp_grid: int = 5  # control points per side of the random-warp grid (faceswap: 5x5)
+    brightness: float = 0.05  # max brightness offset either way, in [0, 1] units
+    contrast: float = 0.1  # max contrast change either way, as a fraction
+    saturation: float = 0.1  # max saturation change either way, as a fraction
+    face_color: float = 0.0  # probability of recolouring the input's face region (input only; see augment)
+    face_color_grow: float = 0.1  # the recoloured region: the face mask grown by this fraction of the side
+
+
+def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+            config: AugmentConfig = AugmentConfig()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 faces (B, 3, R, R) and masks (B, 1, R, R) -> (warped input, target, target mask), float32 in [0, 1].
+
+    One grid_sample per tensor: the input's sampling grid is the target's affine grid plus the warp offsets,
+    so the input is not resampled twice.
+    """
+    batch, _, side, _ = faces.shape
+    x = faces.float() / 255.0
+    m = masks.float() / 255.0
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator) * (high - low) + low
+
+    # Colour jitter first (pointwise, so it commutes with the geometry); applied to input and target alike.
+    if config.contrast or config.brightness or config.saturation:
+        gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        sat = 1 + uniform(-config.saturation, config.saturation, batch, 1, 1, 1)
+        x = gray + (x - gray) * sat
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1 + uniform(-config.contrast, config.contrast, batch, 1, 1, 1)
+        x = (x - mean) * contrast + mean + uniform(-config.brightness, config.brightness, batch, 1, 1, 1)
+        x = x.clamp(0.0, 1.0)
+
+    # Random affine + flip, as the 2x3 matrices of affine_grid (normalised coords, output -> input).
+    angle = uniform(-config.rotation_deg, config.rotation_deg, batch) * math.pi / 180
+    scale = 1 + uniform(-config.scale, config.scale, batch)
+    flip = torch.where(torch.rand(batch, generator=generator) < config.flip, -1.0, 1.0)
+    shift = uniform(-config.shift, config.shift, batch, 2) * 2  # fraction of side -> normalised [-1, 1] units
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, shift[:, 0]], dim=1),
+        torch.stack([sin * flip, cos, shift[:, 1]], dim=1),
+    ], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [batch, 3, side, side], align_corners=False)  # (B, R, R, 2)
+
+    # Random warp: smooth offsets from a coarse grid of Gaussian control points, upsampled to full size.
+    if config.warp > 0:
+        control = torch.randn(batch, 2, config.warp_grid, config.warp_grid, generator=generator) * (config.warp * 2)
+        control[:, :, [0, -1], :] = 0  # pin the border, as faceswap does, so the warp never pulls in the outside
+        control[:, :, :, [0, -1]] = 0
+        offsets = F.interpolate(control, size=(side, side), mode="bicubic", align_corners=True)  # (B, 2, R, R)
+        warped_grid = grid + offsets.permute(0, 2, 3, 1)
+    else:
+        warped_grid = grid
+
+    target = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    target_mask = F.grid_sample(m, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inputs = F.grid_sample(x, warped_grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if config.face_color > 0:
+        inputs = _recolour_face(inputs, F.grid_sample(m, warped_grid, mode="bilinear", padding_mode="border",
+                                                      align_corners=False), generator, config)
+    return inputs.clamp(0, 1), target.clamp(0, 1), target_mask.clamp(0, 1)
+
+
+def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
+                   config: AugmentConfig) -> torch.Tensor:
+    """Gives the input's face (and what surrounds it: hair, neck) a random colour; the target keeps the true one.
+
+    Each decoder only ever sees its own identity, so skin and hair colour tell it nothing -- but the encoder
+    encodes them anyway unless taught otherwise, and then a face of another identity reaches the decoder as
+    a code it never saw. Recolouring the input (a random Reinhard-style colour transfer: shift the region's
+    mean colour, scale its contrast) teaches the encoder to pass on shading and shape but not skin tone,
+    which is what a swap needs. The background keeps its colours: it belongs to the pose.
+    """
+    batch, _, side, _ = inputs.shape
+    radius = max(1, round(config.face_color_grow * side))
+    region = F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)  # grow into hair and neck
+    region = F.avg_pool2d(region, 5, stride=1, padding=2, count_include_pad=False)  # soft edge, no seam
+    chosen = (torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float()
+    weight = region * chosen
+    area = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    mean = (inputs * weight).sum(dim=(2, 3), keepdim=True) / area  # (B, 3, 1, 1) mean colour of the region
+    new_mean = torch.rand(batch, 3, 1, 1, generator=generator) * 0.7 + 0.15
+    contrast = torch.rand(batch, 3, 1, 1, generator=generator) * 0.6 + 0.7
+    recoloured = (inputs - mean) * contrast + new_mean
+    return inputs * (1 - weight) + recoloured * weight

@@ -1,0 +1,191 @@
+"""Turns a training checkpoint into a model bundle the server loads (contract: ``server/bundle.py``).
+
+    <out_dir>/<name>/
+        manifest.json              # Manifest: identities, tensor specs, configs, sha256 of every file, export check
+        weights.safetensors        # every weight of the model (encoder + all decoders), no pickle
+        target_<identity>.onnx     # SwapGraph(encoder, decoder[identity]): face -> swapped face + mask
+
+The bundle is assembled in a hidden temp folder next to its final place and renamed into place only when
+every graph has been checked (onnx.checker + ONNX Runtime vs torch within 1e-3), so a crash or a failed
+check never leaves a half bundle where the server looks.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facetwin.server.bundle import (
+    MANIFEST_NAME, WEIGHTS_NAME, Manifest, TensorSpec, check_name, load_manifest, sha256_file, write_manifest,
+)
+from facetwin.training.model import FaceSwapAutoencoder, SwapGraph
+from facetwin.training.train import load_checkpoint, model_from_checkpoint
+
+INPUT_NAME = "face"
+OUTPUT_FACE = "swapped"
+OUTPUT_MASK = "mask"
+MAX_ABS_ERROR = 1e-3  # ONNX Runtime vs torch on the same inputs; float32 graphs land near 1e-6
+CHECK_BATCHES = (1, 3)  # batch sizes run through both runtimes (1 and >1 exercise the dynamic axis)
+
+
+class ExportError(ValueError):
+    """The export cannot proceed (bad name, bundle exists) or a graph failed its check."""
+
+
+def target_file(identity: str) -> str:
+    return check_name(f"target_{identity}.onnx", "bundle file")
+
+
+def export_graph(graph: SwapGraph, resolution: int, opset: int) -> bytes:
+    """One SwapGraph as ONNX bytes: input "face" (B, 3, R, R), outputs "swapped" and "mask", dynamic batch."""
+    sample = torch.rand(1, 3, resolution, resolution)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, but it needs no onnxscript and
+        # yields a plain, stable graph for this conv/linear/pixel-shuffle model.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(
+            graph, (sample,), buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_FACE, OUTPUT_MASK],
+            dynamic_axes={INPUT_NAME: {0: "B"}, OUTPUT_FACE: {0: "B"}, OUTPUT_MASK: {0: "B"}},
+        )
+    return buffer.getvalue()
+
+
+def check_graph(path: Path, graph: SwapGraph, resolution: int, seed: int = 0) -> float:
+    """onnx.checker, then the largest |ONNX Runtime - torch| over both outputs and the check batches."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(str(path), full_check=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # small graphs; keeps the check from fighting training for cores
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in CHECK_BATCHES:
+        face = torch.rand(batch, 3, resolution, resolution, generator=generator)
+        with torch.no_grad():
+            expected = [t.numpy() for t in graph(face)]
+        actual = session.run([OUTPUT_FACE, OUTPUT_MASK], {INPUT_NAME: face.numpy()})
+        for want, got in zip(expected, actual):
+            if want.shape != got.shape:
+                raise ExportError(f"{path.name}: ONNX output shape {got.shape} != torch {want.shape} at batch {batch}")
+            worst = max(worst, float(np.abs(want - got).max()))
+    return worst
+
+
+def _tensor_specs(resolution: int) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
+    return (
+        TensorSpec(INPUT_NAME, ("B", 3, resolution, resolution)),
+        TensorSpec(OUTPUT_FACE, ("B", 3, resolution, resolution)),
+        TensorSpec(OUTPUT_MASK, ("B", 1, resolution, resolution)),
+    )
+
+
+def _save_weights(model: FaceSwapAutoencoder, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses shared or non-contiguous storage; every parameter here is its own tensor.
+    state = {key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "model": "facetwin.training.model.FaceSwapAutoencoder"})
+
+
+def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    config = dict(checkpoint["config"])
+    config.pop("model", None)  # the manifest keeps it separately, as model_config
+    data = checkpoint.get("data")
+    if isinstance(data, dict) and data.get("kind") == "synth":
+        config["data"] = {"kind": "synth", "seed": data.get("seed"), "identities": list(data.get("identities", []))}
+    config["step"] = int(checkpoint["step"])
+    return config
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None = None, opset: int = 17,
+                  check: bool = True, overwrite: bool = False) -> Path:
+    """Writes bundle `out_dir/<name>` from a checkpoint (name defaults to the run folder's name); returns its path."""
+    checkpoint = Path(checkpoint)
+    name = name if name is not None else checkpoint.resolve().parent.name
+    try:
+        check_name(name, "model name")
+    except ValueError as exc:
+        raise ExportError(f"{exc} (pass --name)") from exc
+    out_dir = Path(out_dir)
+    final = out_dir / name
+    if final.exists() and not overwrite:
+        raise ExportError(f"bundle {final} already exists; pass overwrite=True (--overwrite) to replace it")
+
+    loaded = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(loaded)
+    config = loaded["train_config"].model
+    resolution = config.resolution
+    for identity in config.identities:
+        target_file(identity)  # fail before any work if an identity cannot be a file name
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.export-"))
+    try:
+        _save_weights(model, staging / WEIGHTS_NAME)
+        targets: dict[str, str] = {}
+        worst = 0.0
+        for identity in config.identities:
+            graph = model.swap_graph(identity).eval()
+            filename = target_file(identity)
+            (staging / filename).write_bytes(export_graph(graph, resolution, opset))
+            if check:
+                error = check_graph(staging / filename, graph, resolution)
+                if error > MAX_ABS_ERROR:
+                    raise ExportError(f"{filename}: ONNX Runtime differs from torch by {error:.2e} (> {MAX_ABS_ERROR})")
+                worst = max(worst, error)
+            targets[identity] = filename
+        input_spec, face_spec, mask_spec = _tensor_specs(resolution)
+        files = {path.name: sha256_file(path) for path in sorted(staging.iterdir()) if path.name != MANIFEST_NAME}
+        manifest = Manifest(
+            variant=config.variant, resolution=resolution, identities=tuple(config.identities),
+            input=input_spec, output_face=face_spec, output_mask=mask_spec, targets=targets, files=files,
+            model_config=config.to_dict(), training_config=_training_config(loaded),
+            export={"opset": opset, "max_abs_error": worst if check else None, "checked": check,
+                    "torch_version": torch.__version__},
+        )
+        write_manifest(staging, manifest)
+        load_manifest(staging, verify=True)  # what the server will do: the bundle must pass its own reader
+        _move_into_place(staging, final, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _move_into_place(staging: Path, final: Path, overwrite: bool) -> None:
+    """Renames the finished bundle into place; an old bundle is moved aside first and deleted after."""
+    if not final.exists():
+        staging.rename(final)
+        return
+    if not overwrite:
+        raise ExportError(f"bundle {final} appeared while exporting; not replacing it")
+    retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+    final.rename(retired / final.name)
+    staging.rename(final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def dry_run(out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Tiny train + export in a temp dir (or into out_dir): checks the whole export path in seconds."""
+    from facetwin.training import train as train_mod
+
+    with tempfile.TemporaryDirectory(prefix="facetwin-export-dry-") as tmp:
+        run = Path(tmp) / "run"
+        train_mod.dry_run(run, steps=2)
+        bundle = export_bundle(run / train_mod.CHECKPOINT_NAME, Path(out_dir) if out_dir else Path(tmp) / "models",
+                               name="dry-run", overwrite=out_dir is not None)
+        manifest = load_manifest(bundle)
+        return {"bundle": str(bundle) if out_dir else None, "identities": list(manifest.identities),
+                "files": sorted(manifest.files), "max_abs_error": manifest.export["max_abs_error"]}

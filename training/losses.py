@@ -1,0 +1,99 @@
+"""Reconstruction losses of the faceswap family: L1 + structural dissimilarity (DSSIM) on the face, and a
+mask loss against the data set's face mask.
+
+SSIM follows Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2
+with data range L = 1, computed per channel and averaged. DSSIM = (1 - SSIM) / 2, so identical images score
+0 and the loss lies in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SSIM_WINDOW = 11  # Gaussian window side of the reference SSIM
+SSIM_SIGMA = 1.5  # Gaussian window sigma of the reference SSIM
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, channels: int = 3,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A normalised 2-D Gaussian as a depthwise conv weight: (channels, 1, size, size)."""
+    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    window = torch.outer(g, g)
+    return window.expand(channels, 1, size, size).contiguous()
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
+             data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel SSIM of two NCHW batches (valid region only, no padding): (B, C, H-10, W-10)."""
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim needs two NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"images of {tuple(x.shape[-2:])} px are smaller than the {window_size} px SSIM window")
+    channels = x.shape[1]
+    window = gaussian_window(window_size, sigma, channels, x.dtype, x.device)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
+    var_x = blur(x * x) - mu_xx
+    var_y = blur(y * y) - mu_yy
+    cov_xy = blur(x * y) - mu_xy
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    return ((2 * mu_xy + c1) * (2 * cov_xy + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM over the batch (scalar); 1 for identical images."""
+    return ssim_map(x, y, data_range=data_range).mean()
+
+
+def dssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural dissimilarity (1 - SSIM) / 2: 0 for identical images."""
+    return (1.0 - ssim(x, y, data_range)) / 2.0
+
+
+def mask_loss(predicted: torch.Tensor, target: torch.Tensor, kind: str = "bce") -> torch.Tensor:
+    """Loss of a predicted face mask in [0, 1] against the data set's mask in [0, 1]: "bce" or "l1"."""
+    if predicted.shape != target.shape:
+        raise ValueError(f"mask shapes differ: {tuple(predicted.shape)} vs {tuple(target.shape)}")
+    if kind == "bce":
+        # Clamp so a saturated sigmoid (exact 0 or 1 in float32) cannot produce log(0).
+        return F.binary_cross_entropy(predicted.clamp(1e-6, 1 - 1e-6), target)
+    if kind == "l1":
+        return F.l1_loss(predicted, target)
+    raise ValueError(f"mask loss kind {kind!r} is not 'bce' or 'l1'")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """How the terms add up; TrainConfig carries one of these."""
+
+    l1: float = 1.0  # mean absolute error on RGB: gets colours right fast
+    dssim: float = 1.0  # structure (edges, eyes, mouth); L1 alone gives blurry faces
+    face: float = 1.0  # extra L1 inside the face mask, so the background cannot dominate small faces
+    mask: float = 0.5  # mask head vs the data set's mask; lower because the mask is an auxiliary output
+    mask_kind: str = "bce"  # "bce" (sharp edges) or "l1"
+
+
+def reconstruction_loss(face: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor,
+                        weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict[str, float]]:
+    """Total loss of one decoder's output against its un-warped target, plus each term for logging."""
+    l1 = F.l1_loss(face, target)
+    structural = dssim(face, target)
+    # Face-weighted L1: the mean over face pixels only (the mask is 0 on the background).
+    face_l1 = (torch.abs(face - target) * target_mask).sum() / (target_mask.sum() * face.shape[1] + 1e-6)
+    mask_term = mask_loss(mask, target_mask, weights.mask_kind)
+    total = weights.l1 * l1 + weights.dssim * structural + weights.face * face_l1 + weights.mask * mask_term
+    terms = {"l1": float(l1.detach()), "dssim": float(structural.detach()), "face_l1": float(face_l1.detach()),
+             "mask": float(mask_term.detach())}
+    return total, terms
