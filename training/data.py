@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 INDEX_NAME = "index.json"
-SYNTH_SCHEMA = "facetwin-synth/1"
+SYNTH_SCHEMA = "facetwin-synth/1"  # synthetic faces with ground truth (training/synth.py)
+FACES_SCHEMA = "facetwin-faces/1"  # real faces extracted from photos/videos (training/extract.py)
+SCHEMAS = (SYNTH_SCHEMA, FACES_SCHEMA)
 
 
 class DatasetError(ValueError):
@@ -76,9 +78,9 @@ def load_index(data_dir: str | Path) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(index, dict) or index.get("schema") != SYNTH_SCHEMA:
+    if not isinstance(index, dict) or index.get("schema") not in SCHEMAS:
         raise DatasetError(f"{path}: schema is {index.get('schema') if isinstance(index, dict) else None!r}, "
-                           f"expected {SYNTH_SCHEMA!r}")
+                           f"expected one of {SCHEMAS}")
     for key in ("identities", "images"):
         if not isinstance(index.get(key), list):
             raise DatasetError(f"{path}: {key!r} must be a list")
@@ -96,7 +98,8 @@ def identity_names(index: dict[str, Any]) -> list[str]:
 
 def describe(index: dict[str, Any]) -> dict[str, Any]:
     """What the model was trained on, for checkpoints and bundle manifests."""
-    return {"kind": "synth", "seed": index.get("seed"), "size": index.get("size"), "identities": identity_names(index)}
+    kind = "faces" if index.get("schema") == FACES_SCHEMA else "synth"
+    return {"kind": kind, "seed": index.get("seed"), "size": index.get("size"), "identities": identity_names(index)}
 
 
 def _read_image(path: Path, flags: int) -> np.ndarray:
