@@ -182,11 +182,24 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return atomic_write_bytes(Path(bundle_dir) / MANIFEST_NAME, manifest.to_json().encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 whatever the umask; files we publish get the modes open()/mkdir() would
+# give, so a server running as another user (the container's) can read bundles written by training.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Writes data to path so that readers see either the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while waiting slow torch ~50x when other processes share the 2 cores (CI, helpers).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import asyncio
 import dataclasses
 import threading
