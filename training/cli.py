@@ -154,7 +154,7 @@ def export(
     checkpoint: Optional[Path] = typer.Option(None, help="checkpoint.pt of a training run"),
     out: Path = typer.Option(Path("models"), help="model directory the bundle goes into"),
     name: Optional[str] = typer.Option(None, help="bundle (model) name; default: the run folder's name"),
-    opset: int = typer.Option(17, min=13, help="ONNX opset"),
+    opset: int = typer.Option(17, min=13, max=20, help="ONNX opset (13..20)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of that name"),
     dry_run: bool = typer.Option(False, "--dry-run", help="export a tiny freshly trained model in a temp dir"),
 ) -> None:
@@ -169,7 +169,7 @@ def export(
     if checkpoint is None:
         _fail("export needs --checkpoint (or --dry-run)")
     started = time.perf_counter()
-    typer.echo(f"exporting {checkpoint} ...", err=True)
+    typer.echo(f"exporting {checkpoint} ...")
     bundle = _run(lambda: export_mod.export_bundle(checkpoint, out, name=name, opset=opset, overwrite=overwrite))
     from facetwin.server.bundle import load_manifest
 

@@ -50,6 +50,7 @@ class TrainConfig:
     steps: int = 2400  # total optimizer steps (a resumed run continues up to this number)
     batch_size: int = 16  # faces per identity per step
     lr: float = 5e-4  # Adam learning rate; faceswap uses 5e-5 for days of GPU time, the demo has minutes
+    warmup_steps: int = 50  # linear learning-rate warm-up from ~0 to lr
     lr_final_fraction: float = 0.1  # cosine decay from lr to lr * this by the last step; 1.0 keeps lr constant
     betas: tuple[float, float] = (0.5, 0.999)  # Adam betas, as in faceswap (beta1 0.5: less momentum)
     loss: LossWeights = field(default_factory=LossWeights)  # weights of the loss terms
@@ -66,7 +67,8 @@ class TrainConfig:
         if preset not in PRESETS:
             raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
         tuned: dict[str, Any] = {
-            "tiny": {"steps": 200, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 100},
+            # One thread: the tiny model's ops are too small to split, and a second thread only waits.
+            "tiny": {"steps": 200, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 100, "threads": 1},
             "demo": {},  # the dataclass defaults are the demo
         }[preset]
         values = {**tuned, **{k: v for k, v in overrides.items() if v is not None}}
@@ -102,7 +104,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError) for bad files
-        raise CheckpointError(f"{path} is not a readable facetwin checkpoint: {exc}".splitlines()[0]) from exc
+        raise CheckpointError(f"{path} is not a facetwin checkpoint (refused by the pickle-free loader: "
+                              f"{type(exc).__name__})") from exc
     if not isinstance(checkpoint, dict) or not {"config", "model", "optimizer", "step"} <= set(checkpoint):
         raise CheckpointError(f"{path} is not a facetwin checkpoint (needs config, model, optimizer, step)")
     try:
@@ -170,8 +173,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Cosine decay from cfg.lr to cfg.lr * lr_final_fraction: big steps early, fine detail at the end."""
-    progress = min(step / max(cfg.steps - 1, 1), 1.0)
+    """Linear warm-up over warmup_steps, then cosine decay to lr * lr_final_fraction at the last step.
+
+    The warm-up keeps Adam's first, poorly estimated steps small (a fresh autoencoder can otherwise jump into
+    a saturated, all-black-or-white state it never leaves); the decay trades big steps early for detail late.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.steps - cfg.warmup_steps - 1, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
     return cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -208,8 +218,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     if saved is not None:
         model.load_state_dict(saved["model"])  # optimizer state follows the parameters' device on load
         optimizer.load_state_dict(saved["optimizer"])
-    # Batches depend on (seed, step) only, so a resumed run samples what an uninterrupted one would have.
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + start_step)
+    generator = torch.Generator()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out_dir / CONFIG_NAME, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
@@ -222,6 +231,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     smoothed = None
     started = time.perf_counter()
     for step in range(start_step, cfg.steps):
+        # Batches depend on (seed, step) only: a resumed run trains exactly as an uninterrupted one would.
+        generator.manual_seed(cfg.seed * 1_000_003 + step)
         # 1. one augmented batch per identity
         batches = [[t.to(device, non_blocking=True) for t in augment(*faces[name].sample(cfg.batch_size, generator),
                                                                       generator, cfg.augment)] for name in names]

@@ -1,0 +1,187 @@
+"""The `facetwin-train` console script as a user runs it: dry runs, one-line user errors, and surviving SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.main import get_command
+
+from facetwin.training import synth
+from facetwin.training.cli import app
+from facetwin.training.train import load_checkpoint
+
+TRAIN = Path(sys.executable).with_name("facetwin-train")  # the console script installed next to this Python
+# Two OpenMP threads that spin-wait crawl (~50x) when other processes hold the cores, as on a shared 2-core
+# test host; passive waiting keeps the subprocesses' timings meaningful without changing what they compute.
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+COMMANDS = sorted(get_command(app).commands)
+DRY_RUN_ARGS = {"synth": ["never-written"]}  # positional arguments a command needs besides --dry-run
+
+
+def run_cli(*args: object, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    assert TRAIN.exists(), f"{TRAIN} is missing: install the project (pip install -e '.[training]')"
+    return subprocess.run([str(TRAIN), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd,
+                          timeout=timeout)
+
+
+def assert_user_error(run: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit code 2 and exactly one line on stderr, no traceback: what the CLI promises for bad input."""
+    assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return synth.write_dataset(tmp_path_factory.mktemp("cli") / "data", identities=2, images=8, size=32,
+                               progress=False)
+
+
+def test_the_documented_commands_exist():
+    assert {"synth", "train", "export", "evaluate"} <= set(COMMANDS)
+    run = run_cli("--help")
+    assert run.returncode == 0 and all(name in run.stdout for name in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_dry_runs_in_seconds_and_leaves_nothing(command, tmp_path):
+    started = time.monotonic()
+    run = run_cli(command, *DRY_RUN_ARGS.get(command, []), "--dry-run", cwd=tmp_path)
+    elapsed = time.monotonic() - started
+    assert run.returncode == 0, (run.stdout, run.stderr)
+    assert "dry run" in run.stdout.lower()
+    assert "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []  # temp dirs only: not even the positional output folder
+    assert elapsed < 60, f"{command} --dry-run took {elapsed:.1f} s"
+
+
+def test_missing_or_wrong_data_folder(tmp_path):
+    assert_user_error(run_cli("train", "--data", tmp_path / "nope", "--out", tmp_path / "run", "--preset", "tiny"),
+                      str(tmp_path / "nope"), "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_cli("train", "--data", tmp_path / "empty", "--out", tmp_path / "run", "--preset", "tiny"),
+                      "index.json is missing")
+    assert not (tmp_path / "run").exists()
+    assert_user_error(run_cli("train", "--preset", "tiny"), "--data")
+    assert_user_error(run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", "--preset", "huge"), "huge")
+
+
+def test_bad_checkpoint_paths(tiny_model_dir, tmp_path):
+    models = tmp_path / "models"
+    assert_user_error(run_cli("export", "--checkpoint", tmp_path / "missing.pt", "--out", models),
+                      "missing.pt", "does not exist")
+    real = (tiny_model_dir.parent / "run" / "checkpoint.pt").read_bytes()
+    for damage, content in (("garbage", b"definitely not a checkpoint"), ("truncated", real[: len(real) // 2])):
+        bad = tmp_path / damage / "checkpoint.pt"
+        bad.parent.mkdir()
+        bad.write_bytes(content)
+        assert_user_error(run_cli("export", "--checkpoint", bad, "--out", models), str(bad),
+                          "not a facetwin checkpoint")
+        assert not models.exists() or not any(models.iterdir())  # no bundle, no staging folder left behind
+    assert_user_error(run_cli("export", "--out", models), "--checkpoint")
+    assert_user_error(run_cli("evaluate", "--bundle", tmp_path / "no-bundle"), "manifest.json is missing")
+
+
+def test_existing_bundle_needs_overwrite(tiny_model_dir):
+    bundle = tiny_model_dir / "tiny"
+    before = snapshot(bundle)
+    run = run_cli("export", "--checkpoint", tiny_model_dir.parent / "run" / "checkpoint.pt", "--out", tiny_model_dir,
+                  "--name", "tiny")
+    assert_user_error(run, "already exists", "--overwrite")
+    assert snapshot(bundle) == before
+
+
+def test_refused_resume_leaves_the_run_untouched(tiny_model_dir, data, tmp_path):
+    """A run trained on ada/ben at 32 px cannot be resumed at 64 px (demo preset) or on other identities."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_model_dir.parent / "run", run_dir)
+    before = snapshot(run_dir)
+    assert_user_error(run_cli("train", "--data", data, "--out", run_dir, "--preset", "demo", "--resume"),
+                      "32 px", "64 px")
+    assert snapshot(run_dir) == before
+    three = synth.write_dataset(tmp_path / "three", identities=3, images=2, size=32, progress=False)
+    assert_user_error(run_cli("train", "--data", three, "--out", run_dir, "--preset", "tiny", "--resume"), "cleo")
+    assert snapshot(run_dir) == before
+    assert_user_error(run_cli("train", "--data", data, "--out", run_dir, "--preset", "tiny"), "--resume")
+    assert snapshot(run_dir) == before
+
+
+def test_evaluate_prints_json_scores(tiny_model_dir):
+    run = run_cli("evaluate", "--bundle", tiny_model_dir / "tiny", "--count", 2, "--json")
+    assert run.returncode == 0, run.stderr
+    scores = json.loads(run.stdout)
+    assert scores["count"] == 2 and -1 <= scores["ssim"] <= 1 and 0 <= scores["l1"] <= 1
+
+
+class ProgressReader(threading.Thread):
+    """Collects a child's stderr (tqdm writes 'N/TOTAL' with carriage returns) while it runs."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.text = stream, ""
+
+    def run(self) -> None:
+        while chunk := os.read(self.stream.fileno(), 4096):
+            self.text += chunk.decode(errors="replace")
+
+    def steps(self, total: int) -> int:
+        found = re.findall(rf"(\d+)/{total}\b", self.text)
+        return int(found[-1]) if found else 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_keeps_a_checkpoint_that_resume_continues(data, tmp_path):
+    run_dir, total = tmp_path / "run", 400
+    # The tiny preset checkpoints every 100 steps (the CLI has no flag for it); --threads 1 suits its tiny model.
+    cmd = [str(TRAIN), "train", "--data", str(data), "--out", str(run_dir), "--preset", "tiny", "--steps", str(total),
+           "--threads", "1"]
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    reader = ProgressReader(child.stderr)
+    reader.start()
+    checkpoint = run_dir / "checkpoint.pt"
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), f"no checkpoint appeared: {reader.text[-500:]}"
+        interval = json.loads((run_dir / "config.json").read_text())["checkpoint_every"]
+        first = load_checkpoint(checkpoint)["step"]  # safe while training: checkpoints are replaced atomically
+        # Kill halfway into the next interval, so the work since the last checkpoint is really lost.
+        while reader.steps(total) < first + interval // 2 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+    reader.join(10)
+    assert child.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    done = reader.steps(total)  # a lower bound on the steps finished when the signal landed
+
+    saved = load_checkpoint(checkpoint)
+    step = int(saved["step"])
+    assert step % interval == 0 and interval <= step < total
+    assert done - step < interval, f"{done} steps were done, but the checkpoint holds only {step}"
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"trained {total - step} steps" in resumed.stdout  # continued from the checkpoint, did not restart
+    assert load_checkpoint(checkpoint)["step"] == total

@@ -1,0 +1,131 @@
+"""Export: a checkpoint becomes a bundle the server's own reader accepts, with checked ONNX graphs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facetwin.server.bundle import load_manifest
+from facetwin.training import export as export_mod
+from facetwin.training import synth
+from facetwin.training.evaluate import synthetic_swap_score
+from facetwin.training.export import ExportError, export_bundle
+from facetwin.training.train import CheckpointError, TrainConfig, load_checkpoint, model_from_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    data = synth.write_dataset(root / "data", identities=2, images=4, size=32, seed=5, progress=False)
+    return train(TrainConfig.from_preset("tiny", data, root / "run", steps=3), progress=False)
+
+
+@pytest.fixture(scope="module")
+def bundle(checkpoint, tmp_path_factory) -> Path:
+    return export_bundle(checkpoint, tmp_path_factory.mktemp("models"), name="tiny-test")
+
+
+def test_bundle_passes_the_servers_reader(bundle):
+    manifest = load_manifest(bundle, verify=True)  # sha256 of every file checked
+    assert bundle.name == "tiny-test"
+    assert manifest.identities == ("ada", "ben") and manifest.resolution == 32 and manifest.variant == "ae"
+    assert manifest.targets == {"ada": "target_ada.onnx", "ben": "target_ben.onnx"}
+    assert set(manifest.files) == {"weights.safetensors", "target_ada.onnx", "target_ben.onnx"}
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([*manifest.files, "manifest.json"])
+    assert manifest.input.name == "face" and manifest.input.shape == ("B", 3, 32, 32)
+    assert manifest.output_face.name == "swapped" and manifest.output_mask.shape == ("B", 1, 32, 32)
+
+
+def test_manifest_records_configs_data_and_the_export_check(bundle):
+    manifest = load_manifest(bundle)
+    assert manifest.training_config["data"] == {"kind": "synth", "seed": 5, "identities": ["ada", "ben"]}
+    assert manifest.training_config["preset"] == "tiny" and manifest.training_config["step"] == 3
+    assert "model" not in manifest.training_config  # kept once, as model_config
+    assert manifest.model_config["identities"] == ["ada", "ben"] and manifest.model_config["resolution"] == 32
+    assert manifest.export["opset"] == 17 and manifest.export["torch_version"] == torch.__version__
+    assert 0 <= manifest.export["max_abs_error"] <= 1e-3
+
+
+def test_weights_hold_every_tensor_of_the_checkpoint(bundle, checkpoint):
+    weights = load_file(str(bundle / "weights.safetensors"))
+    state = load_checkpoint(checkpoint)["model"]
+    assert set(weights) == set(state)
+    assert all(torch.equal(weights[k], state[k]) for k in state)
+
+
+def test_onnx_graphs_match_torch_at_any_batch(bundle, checkpoint):
+    model = model_from_checkpoint(load_checkpoint(checkpoint))
+    for identity in ("ada", "ben"):
+        path = bundle / f"target_{identity}.onnx"
+        graph = onnx.load(str(path))
+        onnx.checker.check_model(graph)
+        assert [i.name for i in graph.graph.input] == ["face"]
+        assert [o.name for o in graph.graph.output] == ["swapped", "mask"]
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        face = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)  # a batch the check did not use
+        swapped, mask = session.run(None, {"face": face})
+        with torch.no_grad():
+            want_face, want_mask = model(torch.from_numpy(face), identity)
+        assert swapped.shape == (5, 3, 32, 32) and mask.shape == (5, 1, 32, 32)
+        assert np.abs(swapped - want_face.numpy()).max() < 1e-4
+        assert np.abs(mask - want_mask.numpy()).max() < 1e-4
+
+
+def test_the_ground_truth_evaluation_reads_the_bundle(bundle):
+    scores = synthetic_swap_score(bundle, count=2)
+    assert {p["source"] for p in scores["pairs"]} == {"ada", "ben"}
+    assert 0 <= scores["ssim"] <= 1 and 0 <= scores["l1"] <= 1
+
+
+def test_refuses_to_overwrite_unless_asked(bundle, checkpoint):
+    manifest_before = (bundle / "manifest.json").read_text()
+    with pytest.raises(ExportError, match="already exists"):
+        export_bundle(checkpoint, bundle.parent, name=bundle.name)
+    assert (bundle / "manifest.json").read_text() == manifest_before
+    replaced = export_bundle(checkpoint, bundle.parent, name=bundle.name, overwrite=True, check=False)
+    assert replaced == bundle
+    assert load_manifest(bundle).export["max_abs_error"] is None  # the new one (unchecked) is in place
+    assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # no staging or retired folders
+
+
+def test_default_name_is_the_run_folder(checkpoint, tmp_path):
+    assert export_bundle(checkpoint, tmp_path, check=False).name == "run"
+
+
+def test_bad_names_and_checkpoints_are_clear_errors(checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="not valid"):
+        export_bundle(checkpoint, tmp_path, name="../escape")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        export_bundle(tmp_path / "missing.pt", tmp_path, name="x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_mid_export_leaves_no_bundle_and_no_debris(checkpoint, tmp_path, monkeypatch):
+    calls = []
+    real = export_mod.export_graph
+
+    def fail_on_second(graph, resolution, opset):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")  # stands in for any crash half-way through
+        return real(graph, resolution, opset)
+
+    monkeypatch.setattr(export_mod, "export_graph", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_bundle(checkpoint, tmp_path, name="half")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_exports_in_a_temp_dir():
+    summary = export_mod.dry_run()
+    assert summary["bundle"] is None and summary["identities"] == ["ada", "ben"]
+    assert summary["files"] == ["target_ada.onnx", "target_ben.onnx", "weights.safetensors"]
+    assert summary["max_abs_error"] <= 1e-3
+    json.dumps(summary)  # printable as JSON by the CLI

@@ -1,0 +1,104 @@
+"""SSIM / DSSIM, the mask loss and the combined reconstruction loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facetwin.training.losses import (
+    LossWeights, dssim, gaussian_window, mask_loss, reconstruction_loss, ssim, ssim_map,
+)
+
+
+def _images(seed: int = 0, batch: int = 2, side: int = 32) -> torch.Tensor:
+    return torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gaussian_window_is_normalised_and_symmetric():
+    window = gaussian_window(11, 1.5, channels=3)
+    assert window.shape == (3, 1, 11, 11)
+    assert torch.allclose(window.sum(dim=(1, 2, 3)), torch.ones(3))
+    assert torch.allclose(window, window.flip(-1)) and torch.allclose(window, window.transpose(-1, -2))
+    assert int(window[0, 0].argmax()) == 5 * 11 + 5  # peak in the centre
+
+
+def test_identical_images_score_ssim_one_and_zero_loss():
+    x = _images()
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(dssim(x, x)) == pytest.approx(0.0, abs=1e-5)
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    total, terms = reconstruction_loss(x, x, mask, mask)
+    assert terms["l1"] == 0 and terms["face_l1"] == 0
+    assert terms["dssim"] == pytest.approx(0.0, abs=1e-5)
+    assert terms["mask"] < 1e-4  # BCE of a perfect binary mask (clamped away from log(0))
+    assert float(total) < 1e-4
+
+
+def test_ssim_of_flat_images_matches_the_closed_form():
+    """Zero variance leaves only the luminance term: (2 mx my + C1) / (mx^2 + my^2 + C1)."""
+    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.6)
+    c1 = 0.01**2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)
+    assert float(ssim(a, b)) == pytest.approx(expected, rel=1e-4)
+
+
+def test_ssim_is_symmetric_and_drops_with_noise():
+    x = _images(1)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    slightly, badly = (x + 0.05 * noise).clamp(0, 1), (x + 0.3 * noise).clamp(0, 1)
+    assert float(ssim(x, slightly)) == pytest.approx(float(ssim(slightly, x)), abs=1e-6)
+    assert 1.0 > float(ssim(x, slightly)) > float(ssim(x, badly))
+    assert 0.0 < float(dssim(x, slightly)) < float(dssim(x, badly)) <= 1.0
+
+
+def test_ssim_map_covers_the_valid_region():
+    assert ssim_map(_images(), _images(3)).shape == (2, 3, 22, 22)
+
+
+def test_gradients_flow_to_the_prediction():
+    target = _images(4)
+    pred = _images(5).requires_grad_(True)
+    mask_pred = torch.full((2, 1, 32, 32), 0.5, requires_grad=True)
+    mask_true = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    total, _ = reconstruction_loss(pred, target, mask_pred, mask_true)
+    total.backward()
+    assert pred.grad is not None and torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
+    assert mask_pred.grad is not None and mask_pred.grad.abs().sum() > 0
+
+
+def test_loss_weights_scale_their_terms():
+    pred, target = _images(6), _images(7)
+    mask = torch.ones(2, 1, 32, 32)
+    only_l1, terms = reconstruction_loss(pred, target, mask * 0.5, mask, LossWeights(l1=2.0, dssim=0, face=0, mask=0))
+    assert float(only_l1) == pytest.approx(2 * terms["l1"], rel=1e-5)
+    # With a full mask the face-weighted L1 equals the plain L1.
+    assert terms["face_l1"] == pytest.approx(terms["l1"], rel=1e-4)
+
+
+def test_face_l1_ignores_the_background():
+    target = torch.zeros(1, 3, 16, 16)
+    pred = target.clone()
+    pred[..., :8] = 1.0  # wrong only on the left half
+    right_half = torch.zeros(1, 1, 16, 16)
+    right_half[..., 8:] = 1.0
+    _, terms = reconstruction_loss(pred, target, right_half, right_half)
+    assert terms["face_l1"] == pytest.approx(0.0, abs=1e-6)
+    assert terms["l1"] == pytest.approx(0.5)
+
+
+def test_mask_loss_kinds_and_errors():
+    pred, true = torch.full((1, 1, 4, 4), 0.75), torch.ones(1, 1, 4, 4)
+    assert float(mask_loss(pred, true, "l1")) == pytest.approx(0.25)
+    assert float(mask_loss(pred, true, "bce")) == pytest.approx(-torch.log(torch.tensor(0.75)).item(), rel=1e-5)
+    assert torch.isfinite(mask_loss(torch.zeros(1, 1, 4, 4), true, "bce"))  # saturated prediction, no inf
+    with pytest.raises(ValueError, match="bce"):
+        mask_loss(pred, true, "hinge")
+    with pytest.raises(ValueError, match="shapes differ"):
+        mask_loss(pred, torch.ones(1, 1, 4, 5))
+
+
+def test_ssim_rejects_mismatched_or_tiny_images():
+    with pytest.raises(ValueError, match="one shape"):
+        ssim(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 17))
+    with pytest.raises(ValueError, match="smaller than"):
+        ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))

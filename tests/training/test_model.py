@@ -1,0 +1,159 @@
+"""training/model.py: the shapes documented in its comments, one decoder per identity, output ranges, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from facetwin.training.model import (
+    Decoder, Encoder, FaceSwapAutoencoder, ModelConfig, ModelConfigError, SwapGraph, count_parameters,
+)
+
+NAMES = ("ada", "ben", "cleo")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors run fastest on one thread; two spin-waiting OpenMP threads crawl on a busy 2-core host."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> FaceSwapAutoencoder:
+    torch.manual_seed(0)
+    return FaceSwapAutoencoder(ModelConfig.tiny(NAMES)).eval()
+
+
+def faces(batch: int, resolution: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset, resolution, bottleneck, features", [
+    # tiny: 32 px, encoder (8, 16, 32): 32 -> 4 px, Upscale to 8 px with 16 channels; decoder (16, 8): 8 -> 32 px
+    ("tiny", 32, (32, 4, 4), (16, 8, 8)),
+    # demo: 64 px, encoder (32, 64, 128, 256): 64 -> 4 px, Upscale to 8 px with 128 channels; decoder 8 -> 64 px
+    ("demo", 64, (256, 4, 4), (128, 8, 8)),
+])
+def test_encoder_and_decoder_shapes_follow_the_module_comments(preset, resolution, bottleneck, features):
+    torch.manual_seed(0)
+    config = getattr(ModelConfig, preset)(NAMES[:2])
+    assert config.resolution == resolution and config.bottleneck_side == bottleneck[1]
+    encoder, decoder = Encoder(config), Decoder(config)
+    x = faces(2, resolution)
+    with torch.no_grad():
+        convs = encoder.convs(x * 2 - 1)
+        latent = encoder.to_latent(encoder.flatten(convs))
+        out = encoder(x)
+        face, mask = decoder(out)
+    assert tuple(convs.shape) == (2, *bottleneck)
+    assert tuple(latent.shape) == (2, config.latent)
+    assert tuple(out.shape) == (2, *features)
+    assert tuple(face.shape) == (2, 3, resolution, resolution)
+    assert tuple(mask.shape) == (2, 1, resolution, resolution)
+
+
+def test_original_config_is_the_64px_deepfakes_model():
+    config = ModelConfig.original(["ada", "ben"])
+    assert (config.resolution, config.encoder_widths, config.latent) == (64, (128, 256, 512, 1024), 1024)
+    assert config.bottleneck_side == 4 and config.decoder_widths == (256, 128, 64)
+
+
+def test_one_decoder_per_identity_and_one_shared_encoder(tiny):
+    assert list(tiny.decoders) == list(NAMES)
+    decoder_params = [{id(p) for p in tiny.decoders[name].parameters()} for name in NAMES]
+    assert all(a.isdisjoint(b) for i, a in enumerate(decoder_params) for b in decoder_params[i + 1:])
+    encoder_params = {id(p) for p in tiny.encoder.parameters()}
+    assert count_parameters(tiny) == count_parameters(tiny.encoder) + sum(
+        count_parameters(tiny.decoders[name]) for name in NAMES)
+    for name in NAMES:
+        graph = tiny.swap_graph(name)
+        assert graph.encoder is tiny.encoder and graph.decoder is tiny.decoders[name]
+        assert encoder_params <= {id(p) for p in graph.parameters()}
+
+
+def test_forward_renders_as_the_named_identity(tiny):
+    x = faces(2, 32)
+    with torch.no_grad():
+        features = tiny.encoder(x)
+        outputs = {name: tiny(x, name) for name in NAMES}
+        for name in NAMES:
+            expected_face, expected_mask = tiny.decoders[name](features)
+            torch.testing.assert_close(outputs[name][0], expected_face)
+            torch.testing.assert_close(outputs[name][1], expected_mask)
+    # Separately initialised decoders render the same code differently: the identity really picks the decoder.
+    assert (outputs["ada"][0] - outputs["ben"][0]).abs().max() > 1e-3
+    with pytest.raises(KeyError, match="unknown identity 'zoe'"):
+        tiny(x, "zoe")
+    with pytest.raises(KeyError, match="unknown identity"):
+        tiny.swap_graph("zoe")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_swap_graph_outputs_lie_in_unit_range(tiny, batch):
+    graph = tiny.swap_graph("ben")
+    assert isinstance(graph, SwapGraph)
+    inputs = torch.cat([faces(batch, 32, seed=1), torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32)])
+    with torch.no_grad():
+        face, mask = graph(inputs)
+    assert face.shape == (batch + 2, 3, 32, 32) and mask.shape == (batch + 2, 1, 32, 32)
+    for tensor in (face, mask):
+        assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all()
+        assert tensor.min() >= 0.0 and tensor.max() <= 1.0
+    # A fresh model starts near 0.5 (Glorot heads before a sigmoid), not saturated at 0 or 1.
+    assert 0.05 < float(face.mean()) < 0.95 and 0.05 < float(mask.mean()) < 0.95
+
+
+def test_fresh_model_is_not_a_constant_grey(tiny):
+    """He/ICNR init keep the signal alive through the bottleneck: different faces give different outputs."""
+    with torch.no_grad():
+        face, _ = tiny(faces(4, 32, seed=2), "ada")
+    assert float(face.std(dim=0).mean()) > 1e-3
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"identities": ("ada",)}, "at least two identities"),
+    ({"identities": ("ada", "ada")}, "unique"),
+    ({"identities": ("ada", "../etc")}, "not valid"),
+    ({"identities": ("ada", "two words")}, "not valid"),
+    ({"variant": "gan"}, "not one of"),
+    ({"variant": "vae"}, "not implemented"),
+    ({"encoder_widths": ()}, "positive"),
+    ({"encoder_widths": (8, 0, 32)}, "positive"),
+    ({"latent": -1}, "positive"),
+    ({"decoder_widths": (16, 8.5)}, "positive"),
+    ({"resolution": 36}, r"resolution 36 must be divisible by 2\^3"),
+    ({"resolution": 8}, "resolution 8 .* leave at least 2 px"),
+    ({"decoder_widths": (16, 8, 4)}, "needs 2 entries"),
+])
+def test_inconsistent_configs_are_refused_with_a_reason(changes, message):
+    values = {**ModelConfig.tiny(["ada", "ben"]).to_dict(), **changes}
+    with pytest.raises(ModelConfigError, match=message):
+        ModelConfig(**values)
+    assert issubclass(ModelConfigError, ValueError)  # callers (the CLI) treat it as a user error
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "original"])
+def test_config_round_trips_through_dict_and_json(preset):
+    config = getattr(ModelConfig, preset)(NAMES)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    # JSON turns tuples into lists; the config comes back equal, hashable, with tuples again.
+    restored = ModelConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config and hash(restored) == hash(config)
+    assert isinstance(restored.identities, tuple) and isinstance(restored.encoder_widths, tuple)
+
+
+def test_from_dict_rejects_malformed_mappings():
+    good = ModelConfig.tiny(["ada", "ben"]).to_dict()
+    with pytest.raises(ModelConfigError, match="unknown fields colour"):
+        ModelConfig.from_dict({**good, "colour": "red"})
+    with pytest.raises(ModelConfigError, match="malformed"):
+        ModelConfig.from_dict({k: v for k, v in good.items() if k != "identities"})
+    with pytest.raises(ModelConfigError, match="mapping"):
+        ModelConfig.from_dict(["ada", "ben"])  # type: ignore[arg-type]
+    with pytest.raises(ModelConfigError, match="at least two"):
+        ModelConfig.from_dict({**good, "identities": ["ada"]})

@@ -1,0 +1,146 @@
+"""The training loop, checkpoints (atomic, pickle-free), resume, and the dry run."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+from facetwin.training import synth
+from facetwin.training.data import load_faces
+from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
+from facetwin.training.train import (
+    CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, dry_run, learning_rate, load_checkpoint,
+    model_from_checkpoint, train,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return synth.write_dataset(tmp_path_factory.mktemp("data") / "faces", identities=2, images=8, size=32, seed=0,
+                               progress=False)
+
+
+def tiny(data: Path, out: Path, **overrides) -> TrainConfig:
+    return TrainConfig.from_preset("tiny", data, out, **overrides)
+
+
+def test_train_writes_a_loadable_checkpoint_and_config(data, tmp_path):
+    ckpt = train(tiny(data, tmp_path / "run", steps=6, checkpoint_every=4), progress=False)
+    assert ckpt == tmp_path / "run" / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(ckpt)
+    assert checkpoint["step"] == 6
+    assert set(checkpoint) >= {"config", "model", "optimizer", "step"}
+    assert checkpoint["train_config"].model.identities == ("ada", "ben")
+    assert checkpoint["data"] == {"kind": "synth", "seed": 0, "size": 32, "identities": ["ada", "ben"]}
+    config = json.loads((tmp_path / "run" / CONFIG_NAME).read_text())
+    assert config["preset"] == "tiny" and config["model"]["identities"] == ["ada", "ben"]
+    assert config["betas"] == [0.5, 0.999]
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no temp files left
+    model = model_from_checkpoint(checkpoint)
+    assert not model.training
+
+
+def test_training_lowers_the_reconstruction_error(data, tmp_path):
+    cfg = tiny(data, tmp_path / "run", steps=150)
+    faces = load_faces(data, resolution=32)
+    torch.manual_seed(cfg.seed)  # train() seeds the same way, so this is the model it starts from
+    before = FaceSwapAutoencoder(ModelConfig.tiny(["ada", "ben"])).eval()
+
+    def error(model: FaceSwapAutoencoder) -> float:
+        with torch.no_grad():
+            return sum(float((model(f.faces.float() / 255, n)[0] - f.faces.float() / 255).abs().mean())
+                       for n, f in faces.items()) / len(faces)
+
+    trained = model_from_checkpoint(load_checkpoint(train(cfg, progress=False)))
+    assert error(trained) < 0.75 * error(before)
+
+
+def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(data, tmp_path):
+    constant = {"lr_final_fraction": 1.0, "warmup_steps": 0, "checkpoint_every": 100}  # schedule independent of steps
+    whole = train(tiny(data, tmp_path / "whole", steps=8, **constant), progress=False)
+    train(tiny(data, tmp_path / "parts", steps=4, **constant), progress=False)
+    parts = train(tiny(data, tmp_path / "parts", steps=8, **constant), progress=False, resume=True)
+    a, b = load_checkpoint(whole), load_checkpoint(parts)
+    assert a["step"] == b["step"] == 8
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
+def test_resume_of_a_finished_run_is_a_no_op(data, tmp_path):
+    ckpt = train(tiny(data, tmp_path / "run", steps=3), progress=False)
+    before = ckpt.stat().st_mtime_ns
+    assert train(tiny(data, tmp_path / "run", steps=3), progress=False, resume=True) == ckpt
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_resume(data, tmp_path):
+    train(tiny(data, tmp_path / "run", steps=2), progress=False)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(tiny(data, tmp_path / "run", steps=2), progress=False)
+
+
+def test_resume_refuses_an_incompatible_run(data, tmp_path):
+    train(tiny(data, tmp_path / "run", steps=2), progress=False)
+    with pytest.raises(CheckpointError, match="trained at 32 px"):
+        train(TrainConfig.from_preset("demo", data, tmp_path / "run", steps=4), progress=False, resume=True)
+    three = synth.write_dataset(tmp_path / "three", identities=3, images=2, size=32, progress=False)
+    with pytest.raises(CheckpointError, match="cleo"):
+        train(tiny(three, tmp_path / "run", steps=4), progress=False, resume=True)
+
+
+def test_load_checkpoint_rejects_what_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a torch file")
+    with pytest.raises(CheckpointError, match="not a facetwin checkpoint"):
+        load_checkpoint(garbage)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"config": Namespace(evil=True), "model": {}, "optimizer": {}, "step": 0}, pickled)
+    with pytest.raises(CheckpointError, match="not a facetwin checkpoint"):  # weights_only=True refuses arbitrary classes
+        load_checkpoint(pickled)
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}}, partial)
+    with pytest.raises(CheckpointError, match="needs config, model, optimizer, step"):
+        load_checkpoint(partial)
+
+
+def test_missing_data_is_a_dataset_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        train(tiny(tmp_path / "nowhere", tmp_path / "run", steps=1), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = TrainConfig("d", "o", steps=100, lr=1e-3, warmup_steps=10, lr_final_fraction=0.1)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 99) == pytest.approx(1e-4)
+    rates = [learning_rate(cfg, s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_config_roundtrip_and_preset_overrides():
+    cfg = TrainConfig.from_preset("tiny", "d", "o", steps=7, lr=None)
+    assert cfg.steps == 7 and cfg.lr == TrainConfig.from_preset("tiny", "d", "o").lr  # None keeps the preset's
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="preset"):
+        TrainConfig.from_preset("huge", "d", "o")
+    with pytest.raises(ValueError, match="at least 1"):
+        train(TrainConfig("d", "o", steps=0), progress=False)
+
+
+def test_dry_run_takes_seconds_and_leaves_nothing(tmp_path):
+    before = set(Path(tempfile.gettempdir()).glob("facetwin-dry-*"))
+    summary = dry_run(steps=3)
+    assert summary["steps"] == 3 and summary["identities"] == ["ada", "ben"] and summary["checkpoint"] is None
+    assert summary["seconds"] < 30
+    assert set(Path(tempfile.gettempdir()).glob("facetwin-dry-*")) == before
+    kept = dry_run(tmp_path / "run", steps=2)
+    assert Path(kept["checkpoint"]).is_file()
