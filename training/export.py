@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from facetwin.server.bundle import (
-    MANIFEST_NAME, WEIGHTS_NAME, Manifest, TensorSpec, check_name, load_manifest, sha256_file, write_manifest,
+    DIR_MODE, FILE_MODE, MANIFEST_NAME, WEIGHTS_NAME, Manifest, TensorSpec, check_name, load_manifest, sha256_file, write_manifest,
 )
 from facetwin.training.model import FaceSwapAutoencoder, SwapGraph
 from facetwin.training.train import load_checkpoint, model_from_checkpoint
@@ -132,6 +132,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.export-"))
+    staging.chmod(DIR_MODE)  # mkdtemp makes it 0700; the server may run as another user (the container's)
     try:
         _save_weights(model, staging / WEIGHTS_NAME)
         targets: dict[str, str] = {}
@@ -147,6 +148,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
                 worst = max(worst, error)
             targets[identity] = filename
         input_spec, face_spec, mask_spec = _tensor_specs(resolution)
+        for path in staging.iterdir():
+            path.chmod(FILE_MODE)  # some writers (safetensors) create 0600 files
         files = {path.name: sha256_file(path) for path in sorted(staging.iterdir()) if path.name != MANIFEST_NAME}
         manifest = Manifest(
             variant=config.variant, resolution=resolution, identities=tuple(config.identities),

@@ -129,3 +129,15 @@ def test_dry_run_exports_in_a_temp_dir():
     assert summary["files"] == ["target_ada.onnx", "target_ben.onnx", "weights.safetensors"]
     assert summary["max_abs_error"] <= 1e-3
     json.dumps(summary)  # printable as JSON by the CLI
+
+
+
+def test_bundle_is_readable_by_other_users(bundle):
+    """The server usually runs as another user (the container's uid 10001) than training."""
+    import stat
+
+    from facetwin.server.bundle import DIR_MODE, FILE_MODE
+
+    assert stat.S_IMODE(bundle.stat().st_mode) == DIR_MODE
+    for path in bundle.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE, path.name
