@@ -140,7 +140,7 @@ def load_faces(data_dir: str | Path, resolution: int | None = None) -> dict[str,
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Strength of each augmentation; zeros turn one off."""
+    """Strength of each augmentation; zeros turn one off. The defaults are faceswap's, for real footage."""
 
     rotation_deg: float = 10.0  # max rotation either way (faceswap: 10)
     scale: float = 0.05  # max zoom in or out, as a fraction (faceswap: 5%)
@@ -151,8 +151,15 @@ class AugmentConfig:
     brightness: float = 0.05  # max brightness offset either way, in [0, 1] units
     contrast: float = 0.1  # max contrast change either way, as a fraction
     saturation: float = 0.1  # max saturation change either way, as a fraction
-    face_color: float = 0.0  # probability of recolouring the input's face region (input only; see augment)
+    face_color: float = 0.0  # probability of recolouring the input's face region (input only; see _recolour_face)
     face_color_grow: float = 0.1  # the recoloured region: the face mask grown by this fraction of the side
+
+    @classmethod
+    def synthetic(cls) -> "AugmentConfig":
+        """For synth data: the renderer already varies roll, shift, scale and lighting, so a light affine and
+        the random warp suffice. Flips and colour jitter only add variation a few-minute run cannot absorb
+        (measured: swap SSIM 0.70 vs 0.68 at 1,500 steps)."""
+        return cls(rotation_deg=5.0, scale=0.03, shift=0.03, flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
 
 
 def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,

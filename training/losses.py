@@ -2,7 +2,7 @@
 mask loss against the data set's face mask.
 
 SSIM follows Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2
-with data range L = 1, computed per channel and averaged. DSSIM = (1 - SSIM) / 2, so identical images score
+with data range L = 1, computed per channel (borders reflected) and averaged. DSSIM = (1 - SSIM) / 2, so identical images score
 0 and the loss lies in [0, 1].
 """
 
@@ -31,7 +31,11 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, channels
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA,
              data_range: float = 1.0) -> torch.Tensor:
-    """Per-pixel SSIM of two NCHW batches (valid region only, no padding): (B, C, H-10, W-10)."""
+    """Per-pixel SSIM of two NCHW batches, same size as the input: (B, C, H, W).
+
+    Borders are reflected so the map covers every pixel: a 64 px crop would otherwise leave its outer 5 px
+    (30% of the pixels, mostly background) without a structural loss, yet evaluation scores them.
+    """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim needs two NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if min(x.shape[-2:]) < window_size:
@@ -39,8 +43,10 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, s
     channels = x.shape[1]
     window = gaussian_window(window_size, sigma, channels, x.dtype, x.device)
 
+    pad = window_size // 2
+
     def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, groups=channels)
+        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), window, groups=channels)
 
     mu_x, mu_y = blur(x), blur(y)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
@@ -80,8 +86,9 @@ class LossWeights:
 
     l1: float = 1.0  # mean absolute error on RGB: gets colours right fast
     dssim: float = 1.0  # structure (edges, eyes, mouth); L1 alone gives blurry faces
-    face: float = 1.0  # extra L1 inside the face mask, so the background cannot dominate small faces
-    mask: float = 0.5  # mask head vs the data set's mask; lower because the mask is an auxiliary output
+    face: float = 0.0  # extra L1 inside the face mask; 0 here because synth scores the whole crop, but raise it
+    # (e.g. 1.0) on real footage with busy backgrounds, where only the face matters
+    mask: float = 0.1  # mask head vs the data set's mask: an auxiliary output, kept from stealing capacity
     mask_kind: str = "bce"  # "bce" (sharp edges) or "l1"
 
 

@@ -51,8 +51,12 @@ def test_ssim_is_symmetric_and_drops_with_noise():
     assert 0.0 < float(dssim(x, slightly)) < float(dssim(x, badly)) <= 1.0
 
 
-def test_ssim_map_covers_the_valid_region():
-    assert ssim_map(_images(), _images(3)).shape == (2, 3, 22, 22)
+def test_ssim_map_covers_every_pixel():
+    x, y = _images(), _images(3)
+    assert ssim_map(x, y).shape == (2, 3, 32, 32)
+    damaged = x.clone()
+    damaged[..., 0, 0] = 1 - damaged[..., 0, 0]  # a corner pixel: outside any unpadded 11x11 window's centre
+    assert float(ssim_map(x, damaged)[..., 0, 0].mean()) < 0.99
 
 
 def test_gradients_flow_to_the_prediction():
@@ -102,3 +106,14 @@ def test_ssim_rejects_mismatched_or_tiny_images():
         ssim(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 17))
     with pytest.raises(ValueError, match="smaller than"):
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+
+
+def test_training_ssim_agrees_with_the_evaluation_metric():
+    """The loss optimises what training/evaluate.py scores (it differs only in how borders are reflected)."""
+    from facetwin.training.evaluate import ssim as evaluate_ssim
+
+    x = _images(8, batch=1, side=48)
+    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))).clamp(0, 1)
+    ours = float(ssim(x, y))
+    theirs = evaluate_ssim(x[0].permute(1, 2, 0).numpy() * 255, y[0].permute(1, 2, 0).numpy() * 255)
+    assert ours == pytest.approx(theirs, abs=0.01)
