@@ -192,21 +192,28 @@ def evaluate(
     from facetwin.training import export as export_mod
 
     with tempfile.TemporaryDirectory(prefix="facetwin-eval-dry-") as tmp:
+        grid_path = grid
         if dry_run:
             _run(lambda: export_mod.dry_run(Path(tmp) / "models"))
             bundle, count = Path(tmp) / "models" / "dry-run", min(count, 4)
+            grid_path = Path(tmp) / "grid.png" if grid is not None else None  # a dry run writes nothing outside
         elif bundle is None:
             _fail("evaluate needs --bundle (or --dry-run)")
         scores = _run(lambda: evaluate_mod.synthetic_swap_score(bundle, count=count, seed=seed))
-        if grid is not None:
-            _run(lambda: evaluate_mod.swap_grid(bundle, grid))
+        if grid_path is not None:
+            _run(lambda: evaluate_mod.swap_grid(bundle, grid_path))
     if as_json:
         typer.echo(json.dumps(scores, indent=2, sort_keys=True))
-    else:
-        prefix = "dry run (tiny untrained model, scores are meaningless): " if dry_run else ""
-        typer.echo(prefix + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in sorted(scores.items())))
-    if grid is not None:
+        return
+    if dry_run:
+        typer.echo("dry run: scored a tiny, barely trained bundle in a temp dir (deleted); the numbers mean nothing"
+                   + (f"; would write the grid to {grid}" if grid is not None else ""))
+    typer.echo(f"{scores['count']} held-out poses per direction (seed {scores['seed']}): "
+               f"ssim {scores['ssim']:.4f}, ssim_face {scores['ssim_face']:.4f}, l1 {scores['l1']:.4f}")
+    for pair in scores["pairs"]:
+        typer.echo(f"  {pair['source']} -> {pair['target']}: ssim {pair['ssim']:.4f}, "
+                   f"ssim_face {pair['ssim_face']:.4f}, l1 {pair['l1']:.4f}")
+    if grid is not None and not dry_run:
         typer.echo(f"grid: {grid}")
 
 
