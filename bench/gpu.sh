@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The whole GPU bench in one command (issue 4): untrained 128 px + 64 px bundles, model-only speed per GPU
+# backend, served aligned-crop throughput and single-stream latency, 1080p full frames; JSON into --out and a
+# summary against the targets. Within ~5 minutes on one H100/H200-class host (16 cores). The work is in
+# bench/gpu_bench.py; this script only finds Python and makes facetwin importable on a bare GPU host.
+#
+#   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz + wheels/
+#   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench), JSON to
+#                                              #   --out (default out/gpu-bench); bundles + log in --work (/tmp/...)
+#   bench/gpu.sh --smoke --out DIR             # same pipeline on the CPU, tiny models, < ~60 s (the tests run it)
+#
+# Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
+# FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
+# FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+mode=run data=".gpubench" out="out/gpu-bench" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --prepare) mode=prepare; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
+        --no-wheels) no_wheels="--no-wheels" ;;
+        --smoke) smoke=1 ;;
+        --data) data="$2"; shift ;;
+        --out) out="$2"; shift ;;
+        --work) work="$2"; shift ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3
+fi
+
+if [[ "$mode" == prepare ]]; then
+    exec "$PY" bench/gpu_bench.py prepare "${prepare_dir:-.gpubench}" $no_wheels
+fi
+
+[[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
+mkdir -p "$work"
+
+# Wheels carried from --prepare (the GPU image lacks grpcio-health-checking / grpcio-reflection and has no network).
+if compgen -G "$data/wheels/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
+        --target "$work/site" "$data"/wheels/*.whl
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# facetwin not installed (a bare GPU host): the same package layout as pyproject.toml, through symlinks.
+if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("facetwin") is None)' 2>/dev/null; then
+    mkdir -p "$work/src/facetwin"
+    ln -sfn "$ROOT/proto/facetwin/v1" "$work/src/facetwin/v1"
+    for pkg in client server training; do ln -sfn "$ROOT/$pkg" "$work/src/facetwin/$pkg"; done
+    export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if ! "$PY" -c 'import facetwin.server.cli, facetwin.training.export, grpc_health.v1, grpc_reflection.v1alpha' ; then
+    echo "bench/gpu.sh: $PY cannot import facetwin's server and training code (above); carry the wheels that" \
+         "\`bench/gpu.sh --prepare\` downloads, or install .[training]" >&2
+    exit 2
+fi
+
+args=(run --out "$out" --work "$work" --data "$data")
+[[ "$smoke" == 1 ]] && args+=(--smoke)
+PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_bench.py "${args[@]}"

