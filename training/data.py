@@ -7,7 +7,14 @@ The data set is the synth folder layout (``training/synth.py``)::
     data/<identity>/00000_mask.png  # face mask, 255 = face
 
 The sets are small (hundreds of 64 px faces per identity), so every image is decoded once into a uint8
-tensor and batches are gathered by index: no DataLoader workers, no per-step disk reads.
+tensor and batches are gathered by index: no DataLoader workers, no per-step disk reads. The trainer moves
+those uint8 tensors to the training device once (``IdentityFaces.to``) and augments there, so on a GPU the
+input pipeline is a handful of kernels per step and only a few random numbers cross the bus.
+
+Each face also gets an eye/mouth weight map (uint8, 255 = eye or mouth; ``regions``), derived at load time,
+so data sets need no new files: from the 68 landmarks of extracted faces (the index's "landmarks"; none for
+Haar detections, whose map stays empty) and, for synthetic faces, from the renderer's own geometry for the
+image's identity and pose.
 
 Augmentation follows the original deepfakes trainer: the same random affine, flip and colour jitter go to
 the network's input and its target, but the "random warp" (a smooth grid distortion) only to the input.
@@ -21,7 +28,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -39,19 +46,53 @@ class DatasetError(ValueError):
     """The data folder is missing, not a data set, or unusable for training."""
 
 
-class IdentityFaces(Dataset):
-    """All faces and masks of one identity, held as uint8 tensors: faces (N, 3, R, R), masks (N, 1, R, R)."""
+# 68-point landmark indices (iBUG 300-W): the two eyes' outlines and the outer lip line.
+EYE_LANDMARKS = (range(36, 42), range(42, 48))
+MOUTH_LANDMARKS = (range(48, 60),)
 
-    def __init__(self, name: str, faces: torch.Tensor, masks: torch.Tensor) -> None:
+
+class Sample(NamedTuple):
+    """A batch drawn from one identity, uint8 on the data's device."""
+
+    faces: torch.Tensor  # (B, 3, R, R)
+    masks: torch.Tensor  # (B, 1, R, R), 255 = face
+    regions: torch.Tensor  # (B, 1, R, R), 255 = eye or mouth
+
+
+class Augmented(NamedTuple):
+    """What `augment` returns: float32 in [0, 1] on the input's device."""
+
+    inputs: torch.Tensor  # (B, 3, R, R): the network's input, randomly warped
+    target: torch.Tensor  # (B, 3, R, R): what the decoder must produce (same affine/flip/colour, no warp)
+    target_mask: torch.Tensor  # (B, 1, R, R)
+    target_regions: torch.Tensor  # (B, 1, R, R): eye/mouth weight map of the target (zeros if unknown)
+
+
+class IdentityFaces(Dataset):
+    """All faces, masks and eye/mouth maps of one identity as uint8 tensors: faces (N, 3, R, R), masks and
+    regions (N, 1, R, R)."""
+
+    def __init__(self, name: str, faces: torch.Tensor, masks: torch.Tensor,
+                 regions: torch.Tensor | None = None) -> None:
         if faces.dtype != torch.uint8 or faces.dim() != 4 or faces.shape[1] != 3:
             raise DatasetError(f"identity {name!r}: faces must be uint8 (N, 3, H, W), got {faces.dtype} {tuple(faces.shape)}")
         if masks.shape != (faces.shape[0], 1, *faces.shape[2:]):
             raise DatasetError(f"identity {name!r}: masks {tuple(masks.shape)} do not match faces {tuple(faces.shape)}")
+        if regions is None:
+            regions = torch.zeros_like(masks)
+        if regions.shape != masks.shape or regions.dtype != torch.uint8:
+            raise DatasetError(f"identity {name!r}: regions must be uint8 {tuple(masks.shape)}, got "
+                               f"{regions.dtype} {tuple(regions.shape)}")
         if faces.shape[0] == 0:
             raise DatasetError(f"identity {name!r} has no images")
         self.name = name
         self.faces = faces
         self.masks = masks
+        self.regions = regions
+
+    def to(self, device: torch.device | str) -> "IdentityFaces":
+        """The same data on `device`, still uint8 (a 64 px face is 12 KiB: thousands fit any GPU)."""
+        return IdentityFaces(self.name, self.faces.to(device), self.masks.to(device), self.regions.to(device))
 
     def __len__(self) -> int:
         return self.faces.shape[0]
@@ -60,10 +101,11 @@ class IdentityFaces(Dataset):
         """One face and mask as float32 in [0, 1] (for generic torch tooling; training uses `sample`)."""
         return self.faces[index].float() / 255.0, self.masks[index].float() / 255.0
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random batch (with replacement) as uint8: faces (B, 3, R, R), masks (B, 1, R, R)."""
-        idx = torch.randint(len(self), (batch_size,), generator=generator)
-        return self.faces[idx], self.masks[idx]
+    def sample(self, batch_size: int, generator: torch.Generator) -> Sample:
+        """A random batch (with replacement), uint8 on the data's device. `generator` is a CPU generator: the
+        indices are drawn on the CPU, so a seed gives the same batches on every device."""
+        idx = torch.randint(len(self), (batch_size,), generator=generator).to(self.faces.device)
+        return Sample(self.faces[idx], self.masks[idx], self.regions[idx])
 
 
 def load_index(data_dir: str | Path) -> dict[str, Any]:
@@ -109,12 +151,62 @@ def _read_image(path: Path, flags: int) -> np.ndarray:
     return image
 
 
-def load_faces(data_dir: str | Path, resolution: int | None = None) -> dict[str, IdentityFaces]:
-    """Every identity of the data set, in index order; images are resized to `resolution` if given."""
+def region_map(outlines: list[np.ndarray], side: int) -> np.ndarray:
+    """Eye/mouth weight map (side, side) uint8: each outline's convex hull, grown by ~1/32 of the side and
+    feathered (as DeepFaceLab's eye/mouth masks), 255 inside. Outlines are (N, 2) pixel coordinates."""
+    canvas = np.zeros((side, side), np.uint8)
+    for points in outlines:
+        points = np.asarray(points, np.float64)
+        if len(points) < 3 or not np.isfinite(points).all():
+            continue
+        hull = cv2.convexHull(np.round(points * 4).astype(np.int32))  # 2 bits of sub-pixel precision
+        cv2.fillConvexPoly(canvas, hull, 255, cv2.LINE_AA, shift=2)
+    grow = max(1, round(side / 32))
+    canvas = cv2.dilate(canvas, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1)))
+    return cv2.GaussianBlur(canvas, (2 * grow + 1, 2 * grow + 1), 0)
+
+
+def landmark_outlines(landmarks: Any) -> list[np.ndarray]:
+    """The eye and mouth outlines of 68 landmarks ((68, 2), crop pixels); [] when there are none."""
+    points = np.asarray(landmarks if landmarks is not None else [], np.float64)
+    if points.shape != (68, 2):
+        return []
+    return [points[list(group)] for group in (*EYE_LANDMARKS, *MOUTH_LANDMARKS)]
+
+
+def _synth_outlines(index: dict[str, Any]) -> Any:
+    """For a synth index: entry -> eye/mouth outlines at the index's size, from the renderer's geometry."""
+    from facetwin.training import synth
+    from facetwin.training.synth_render import feature_outlines
+
+    identities = {entry["name"]: synth.identity_from_dict(entry) for entry in index["identities"]}
+    size = int(index["size"])
+
+    def outlines(entry: dict[str, Any]) -> list[np.ndarray]:
+        regions = feature_outlines(identities[entry["identity"]], synth.pose_from_dict(entry["pose"]), size)
+        return [*regions["eyes"], *regions["mouth"]]
+
+    return outlines
+
+
+def _entry_outlines(index: dict[str, Any]) -> Any:
+    """entry -> its eye/mouth outlines in the stored image's pixels, for either data set kind."""
+    if index.get("schema") == SYNTH_SCHEMA:
+        try:
+            return _synth_outlines(index)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"synthetic index has unusable identity or pose parameters: {exc}") from exc
+    return lambda entry: landmark_outlines(entry.get("landmarks"))
+
+
+def load_faces(data_dir: str | Path, resolution: int | None = None, regions: bool = True) -> dict[str, IdentityFaces]:
+    """Every identity of the data set, in index order; images are resized to `resolution` if given.
+    regions=False skips the eye/mouth maps (all zero; ~1 ms per face saved when the loss does not use them)."""
     data_dir = Path(data_dir)
     index = load_index(data_dir)
     names = identity_names(index)
-    by_identity: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {name: ([], []) for name in names}
+    outlines_of = _entry_outlines(index) if regions else (lambda entry: [])
+    by_identity: dict[str, tuple[list[np.ndarray], ...]] = {name: ([], [], []) for name in names}
     for entry in index["images"]:
         name = entry.get("identity")
         if name not in by_identity:
@@ -123,18 +215,24 @@ def load_faces(data_dir: str | Path, resolution: int | None = None) -> dict[str,
         mask = _read_image(data_dir / entry["mask"], cv2.IMREAD_GRAYSCALE)
         if face.shape[:2] != mask.shape[:2] or face.shape[0] != face.shape[1]:
             raise DatasetError(f"{entry['file']}: face {face.shape[:2]} and mask {mask.shape[:2]} must be one square size")
+        stored = face.shape[0]
         if resolution is not None and face.shape[0] != resolution:
             face = cv2.resize(face, (resolution, resolution), interpolation=cv2.INTER_AREA)
             mask = cv2.resize(mask, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        side = face.shape[0]
+        # Outlines are in the stored image's pixels (centres at integers); rescale them to the loaded side.
+        outlines = [(points + 0.5) * (side / stored) - 0.5 for points in outlines_of(entry)]
         by_identity[name][0].append(face)
         by_identity[name][1].append(mask)
+        by_identity[name][2].append(region_map(outlines, side))
     result = {}
-    for name, (faces, masks) in by_identity.items():
+    for name, (faces, masks, regions) in by_identity.items():
         if not faces:
             raise DatasetError(f"identity {name!r} has no images in {data_dir / INDEX_NAME}")
         faces_t = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).contiguous()  # (N, 3, R, R)
         masks_t = torch.from_numpy(np.stack(masks))[:, None].contiguous()  # (N, 1, R, R)
-        result[name] = IdentityFaces(name, faces_t, masks_t)
+        regions_t = torch.from_numpy(np.stack(regions))[:, None].contiguous()  # (N, 1, R, R)
+        result[name] = IdentityFaces(name, faces_t, masks_t, regions_t)
     return result
 
 
@@ -163,22 +261,25 @@ class AugmentConfig:
 
 
 def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
-            config: AugmentConfig = AugmentConfig()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 faces (B, 3, R, R) and masks (B, 1, R, R) -> (warped input, target, target mask), float32 in [0, 1].
+            config: AugmentConfig = AugmentConfig(), regions: torch.Tensor | None = None) -> Augmented:
+    """uint8 faces (B, 3, R, R), masks and eye/mouth regions (B, 1, R, R) -> Augmented, float32 in [0, 1].
 
-    One grid_sample per tensor: the input's sampling grid is the target's affine grid plus the warp offsets,
-    so the input is not resampled twice.
+    Runs on the tensors' device. The random parameters (a few numbers per face) come from the CPU `generator`
+    and are then moved there, so one seed gives the same augmentation on every device. One grid_sample per
+    tensor: the input's sampling grid is the target's affine grid plus the warp offsets, so the input is not
+    resampled twice.
     """
     batch, _, side, _ = faces.shape
+    device = faces.device
     x = faces.float() / 255.0
     m = masks.float() / 255.0
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=generator) * (high - low) + low
+        return (torch.rand(*shape, generator=generator) * (high - low) + low).to(device)
 
     # Colour jitter first (pointwise, so it commutes with the geometry); applied to input and target alike.
     if config.contrast or config.brightness or config.saturation:
-        gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        gray = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
         sat = 1 + uniform(-config.saturation, config.saturation, batch, 1, 1, 1)
         x = gray + (x - gray) * sat
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -189,7 +290,7 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     # Random affine + flip, as the 2x3 matrices of affine_grid (normalised coords, output -> input).
     angle = uniform(-config.rotation_deg, config.rotation_deg, batch) * math.pi / 180
     scale = 1 + uniform(-config.scale, config.scale, batch)
-    flip = torch.where(torch.rand(batch, generator=generator) < config.flip, -1.0, 1.0)
+    flip = torch.where(torch.rand(batch, generator=generator) < config.flip, -1.0, 1.0).to(device)
     shift = uniform(-config.shift, config.shift, batch, 2) * 2  # fraction of side -> normalised [-1, 1] units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([
@@ -203,18 +304,23 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
         control = torch.randn(batch, 2, config.warp_grid, config.warp_grid, generator=generator) * (config.warp * 2)
         control[:, :, [0, -1], :] = 0  # pin the border, as faceswap does, so the warp never pulls in the outside
         control[:, :, :, [0, -1]] = 0
-        offsets = F.interpolate(control, size=(side, side), mode="bicubic", align_corners=True)  # (B, 2, R, R)
-        warped_grid = grid + offsets.permute(0, 2, 3, 1)
+        offsets = F.interpolate(control.to(device), size=(side, side), mode="bicubic", align_corners=True)
+        warped_grid = grid + offsets.permute(0, 2, 3, 1)  # offsets: (B, 2, R, R)
     else:
         warped_grid = grid
 
-    target = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    target_mask = F.grid_sample(m, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    inputs = F.grid_sample(x, warped_grid, mode="bilinear", padding_mode="border", align_corners=False)
+    def resample(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(t, where, mode="bilinear", padding_mode="border", align_corners=False)
+
+    target = resample(x, grid)
+    target_mask = resample(m, grid)
+    inputs = resample(x, warped_grid)
     if config.face_color > 0:
-        inputs = _recolour_face(inputs, F.grid_sample(m, warped_grid, mode="bilinear", padding_mode="border",
-                                                      align_corners=False), generator, config)
-    return inputs.clamp(0, 1), target.clamp(0, 1), target_mask.clamp(0, 1)
+        inputs = _recolour_face(inputs, resample(m, warped_grid), generator, config)
+    # The eye/mouth map follows the target (the loss compares against the target); zeros = no extra weight.
+    target_regions = (resample(regions.float() / 255.0, grid).clamp(0, 1) if regions is not None
+                      else torch.zeros_like(target_mask))
+    return Augmented(inputs.clamp(0, 1), target.clamp(0, 1), target_mask.clamp(0, 1), target_regions)
 
 
 def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
@@ -234,11 +340,12 @@ def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Ge
     radius = max(1, round(config.face_color_grow * side))
     region = F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)  # grow into hair and neck
     region = F.avg_pool2d(region, 5, stride=1, padding=2, count_include_pad=False)  # soft edge, no seam
-    chosen = (torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float()
+    device = inputs.device
+    chosen = (torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float().to(device)
     weight = region * chosen
     area = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
     mean = (inputs * weight).sum(dim=(2, 3), keepdim=True) / area  # (B, 3, 1, 1) mean colour of the region
-    new_mean = torch.rand(batch, 3, 1, 1, generator=generator) * 0.7 + 0.15
-    contrast = torch.rand(batch, 3, 1, 1, generator=generator) * 0.6 + 0.7
+    new_mean = (torch.rand(batch, 3, 1, 1, generator=generator) * 0.7 + 0.15).to(device)
+    contrast = (torch.rand(batch, 3, 1, 1, generator=generator) * 0.6 + 0.7).to(device)
     recoloured = (inputs - mean) * contrast + new_mean
     return inputs * (1 - weight) + recoloured * weight

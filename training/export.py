@@ -2,8 +2,11 @@
 
     <out_dir>/<name>/
         manifest.json              # Manifest: identities, tensor specs, configs, sha256 of every file, export check
-        weights.safetensors        # every weight of the model (encoder + all decoders), no pickle
+        weights.safetensors        # every generator weight (encoder + all decoders; cyclegan: both generators), no pickle
         target_<identity>.onnx     # SwapGraph(encoder, decoder[identity]): face -> swapped face + mask
+
+Every variant exports the same contract: the vae's graphs decode the posterior mean, the vae-gan's
+discriminators stay in the checkpoint (training only), and the cyclegan's target B is its generator A -> B.
 
 The bundle is assembled in a hidden temp folder next to its final place and renamed into place only when
 every graph has been checked (onnx.checker + ONNX Runtime vs torch within 1e-3), so a crash or a failed
@@ -25,7 +28,7 @@ import torch
 from facetwin.server.bundle import (
     DIR_MODE, FILE_MODE, MANIFEST_NAME, WEIGHTS_NAME, Manifest, TensorSpec, check_name, load_manifest, sha256_file, write_manifest,
 )
-from facetwin.training.model import FaceSwapAutoencoder, SwapGraph
+from facetwin.training.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
 from facetwin.training.train import load_checkpoint, model_from_checkpoint
 
 INPUT_NAME = "face"
@@ -91,12 +94,12 @@ def _tensor_specs(resolution: int) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
     )
 
 
-def _save_weights(model: FaceSwapAutoencoder, path: Path) -> None:
+def _save_weights(model: FaceSwapAutoencoder | CycleGAN, path: Path) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses shared or non-contiguous storage; every parameter here is its own tensor.
     state = {key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "model": "facetwin.training.model.FaceSwapAutoencoder"})
+    save_file(state, str(path), metadata={"format": "pt", "model": f"facetwin.training.model.{type(model).__name__}"})
 
 
 def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -180,15 +183,16 @@ def _move_into_place(staging: Path, final: Path, overwrite: bool) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def dry_run(out_dir: str | Path | None = None) -> dict[str, Any]:
+def dry_run(out_dir: str | Path | None = None, variant: str = "ae") -> dict[str, Any]:
     """Tiny train + export in a temp dir (or into out_dir): checks the whole export path in seconds."""
     from facetwin.training import train as train_mod
 
     with tempfile.TemporaryDirectory(prefix="facetwin-export-dry-") as tmp:
         run = Path(tmp) / "run"
-        train_mod.dry_run(run, steps=2)
+        train_mod.dry_run(run, steps=2, variant=variant, tensorboard=False)
         bundle = export_bundle(run / train_mod.CHECKPOINT_NAME, Path(out_dir) if out_dir else Path(tmp) / "models",
                                name="dry-run", overwrite=out_dir is not None)
         manifest = load_manifest(bundle)
         return {"bundle": str(bundle) if out_dir else None, "identities": list(manifest.identities),
+                "variant": manifest.variant,
                 "files": sorted(manifest.files), "max_abs_error": manifest.export["max_abs_error"]}

@@ -1,5 +1,6 @@
-"""Reconstruction losses of the faceswap family: L1 + structural dissimilarity (DSSIM) on the face, and a
-mask loss against the data set's face mask.
+"""Losses: the faceswap family's reconstruction (L1 + structural dissimilarity (DSSIM), extra weight on eyes and
+mouth, a mask loss against the data set's face mask) and the variants' terms: the VAE's KL divergence, the
+least-squares GAN loss (with mixup) and CycleGAN's cycle consistency.
 
 SSIM follows Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2
 with data range L = 1, computed per channel (borders reflected) and averaged. DSSIM = (1 - SSIM) / 2, so identical images score
@@ -90,17 +91,69 @@ class LossWeights:
     # (e.g. 1.0) on real footage with busy backgrounds, where only the face matters
     mask: float = 0.1  # mask head vs the data set's mask: an auxiliary output, kept from stealing capacity
     mask_kind: str = "bce"  # "bce" (sharp edges) or "l1"
+    # Extra L1 inside the eye and mouth regions (the seed's eye-aware training; DeepFaceLab's eyes_mouth_prio,
+    # faceswap's eye/mouth multipliers): gaze and lips carry expression but cover ~5% of the crop, so plain L1
+    # leaves them blurry. 0 here: the demo is tuned without it; try 1.0-3.0 on real footage.
+    eyes_mouth: float = 0.0
+    kl: float = 1e-4  # KL(q(z|x) || N(0, I)) in nats per face (vae, vae-gan); the reconstruction is a per-pixel
+    # mean, so this is the usual VAE balance of ~1/(3*64*64); larger smooths the latent but blurs the faces
+    gan: float = 0.1  # least-squares adversarial term of each generator (vae-gan, cyclegan; faceswap-GAN: 0.1)
+    mixup_alpha: float = 0.2  # discriminators see Beta(a, a) mixes of real and fake, as in faceswap-GAN; 0 = off
+    cycle: float = 1.0  # CycleGAN cycle-consistency L1; the paper's lambda = 10 x the GAN weight
+    identity: float = 1.0  # CycleGAN identity loss G(b) ~ b, as the full reconstruction loss (L1 + DSSIM + mask)
+
+
+def region_l1(face: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error weighted by a (B, 1, H, W) map in [0, 1]: the mean over the weighted pixels only.
+    Exactly 0 where the map is all zero (e.g. faces without landmarks)."""
+    return (torch.abs(face - target) * weight).sum() / (weight.sum() * face.shape[1] + 1e-6)
 
 
 def reconstruction_loss(face: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, target_mask: torch.Tensor,
-                        weights: LossWeights = LossWeights()) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss of one decoder's output against its un-warped target, plus each term for logging."""
+                        weights: LossWeights = LossWeights(), target_regions: torch.Tensor | None = None,
+                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss of one decoder's output against its un-warped target, plus each term for logging.
+
+    target_regions: the eye/mouth weight map (B, 1, H, W) in [0, 1] of the target (data.py), or None.
+    Terms are detached 0-d tensors (no device sync here; float() them to log).
+    """
     l1 = F.l1_loss(face, target)
     structural = dssim(face, target)
     # Face-weighted L1: the mean over face pixels only (the mask is 0 on the background).
-    face_l1 = (torch.abs(face - target) * target_mask).sum() / (target_mask.sum() * face.shape[1] + 1e-6)
+    face_l1 = region_l1(face, target, target_mask)
     mask_term = mask_loss(mask, target_mask, weights.mask_kind)
     total = weights.l1 * l1 + weights.dssim * structural + weights.face * face_l1 + weights.mask * mask_term
-    terms = {"l1": float(l1.detach()), "dssim": float(structural.detach()), "face_l1": float(face_l1.detach()),
-             "mask": float(mask_term.detach())}
+    terms = {"l1": l1.detach(), "dssim": structural.detach(), "face_l1": face_l1.detach(), "mask": mask_term.detach()}
+    if target_regions is not None and weights.eyes_mouth:  # skipped at weight 0: the demo pays nothing for it
+        eyes_mouth = region_l1(face, target, target_regions)
+        total = total + weights.eyes_mouth * eyes_mouth
+        terms["eyes_mouth_l1"] = eyes_mouth.detach()
     return total, terms
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag(exp(logvar))) || N(0, I)) in closed form (Kingma & Welling 2014, appendix B), summed over
+    the latent dimensions and averaged over the batch: 0 exactly when mu = 0 and logvar = 0."""
+    return (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+
+
+def lsgan_discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """Least-squares GAN (Mao et al. 2017, a=0, b=1): the critic regresses real patches to 1, fakes to 0."""
+    return 0.5 * (F.mse_loss(real_scores, torch.ones_like(real_scores))
+                  + F.mse_loss(fake_scores, torch.zeros_like(fake_scores)))
+
+
+def lsgan_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    """Least-squares GAN (c=1): the generator pushes the critic's scores of its outputs towards 'real'."""
+    return F.mse_loss(fake_scores, torch.ones_like(fake_scores))
+
+
+def mixup_discriminator_loss(mixed_scores: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Mixup for the critic, as in faceswap-GAN: it sees lam * real + (1 - lam) * fake and regresses every patch
+    score to lam (B,) -- a smoother target than 1/0 that keeps the critic from overpowering the generator."""
+    return F.mse_loss(mixed_scores, lam.view(-1, 1, 1, 1).expand_as(mixed_scores).to(mixed_scores.dtype))
+
+
+def cycle_consistency_loss(cycled: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """CycleGAN's L1 between x and F(G(x)): the translation must keep enough of x to undo it."""
+    return F.l1_loss(cycled, real)

@@ -1,10 +1,30 @@
-"""The classic deepfake autoencoder: one shared encoder, one decoder per identity.
+"""The classic deepfake autoencoder (one shared encoder, one decoder per identity) and its three rivals from the
+seed report: a variational autoencoder, a VAE-GAN and a CycleGAN.
 
 Training teaches every decoder to rebuild its own identity's faces from the shared latent code, so the
 encoder has to describe what all identities have in common (pose, expression, lighting) and each decoder
 learns how its identity looks. A swap encodes a face of identity A and decodes it with B's decoder::
 
     face A (B, 3, R, R) -> Encoder -> (B, C, R/2^(n-1), R/2^(n-1)) -> Decoder[B] -> face in B's likeness + mask
+
+Variants (``ModelConfig.variant``), all exported the same way -- per target identity, face (B, 3, R, R) ->
+swapped face (B, 3, R, R) + mask (B, 1, R, R) -- so ONNX-based serving cannot tell them apart
+(``swap_graph_from_state`` rebuilds any variant's graph from a bundle's weights for torch-based serving):
+
+* ``ae``: the autoencoder above (deepfakes 2017 / faceswap "Original").
+* ``vae``: the encoder predicts the mean and log-variance of a diagonal Gaussian q(z|x); training decodes a sample
+  z = mu + sigma * eps (the reparameterisation trick) and adds KL(q(z|x) || N(0, I)) to the loss (Kingma &
+  Welling 2014); inference and export decode mu.
+* ``vae-gan``: the vae plus one PatchGAN ``Discriminator`` per identity judging that identity's decoder outputs,
+  trained with the least-squares GAN loss (Larsen et al. 2016; Isola et al. 2017; Mao et al. 2017), mixup of
+  real and fake as in faceswap-GAN. One critic per identity rather than one shared, identity-conditioned critic:
+  each decoder faces its own critic as in faceswap-GAN and CycleGAN, no critic capacity is traded between
+  identities, and a critic costs little next to a decoder.
+* ``cyclegan``: two independent generators G: A -> B and F: B -> A, each an Encoder + Decoder, with one
+  discriminator per domain, cycle consistency F(G(a)) ~ a and the identity loss G(b) ~ b (Zhu et al. 2017).
+  The identity loss is the autoencoder's reconstruction loss (L1 + DSSIM + mask), so masks are learnt too.
+  The generators reuse the autoencoder's blocks so that the comparison measures the objective, not the
+  architecture. Exactly two identities; the export's target B is G (A -> B).
 
 Shapes in comments are for ``ModelConfig.original`` at R = 64 (encoder 128-256-512-1024, latent 1024).
 Inputs and outputs are float32 NCHW RGB in [0, 1].
@@ -22,8 +42,12 @@ from torch import nn
 from facetwin.server.bundle import check_name
 
 VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")
+VARIATIONAL = ("vae", "vae-gan")  # the encoder predicts (mu, logvar) instead of a code
+ADVERSARIAL = ("vae-gan", "cyclegan")  # trained against one Discriminator per identity
 # Slope of every LeakyReLU, as in the faceswap / DeepFaceLab models.
 LEAKY_SLOPE = 0.1
+CRITIC_SLOPE = 0.2  # LeakyReLU slope of the discriminators (DCGAN, pix2pix, CycleGAN)
+INITIAL_LOGVAR = -4.0  # starting log sigma^2 of the VAE posterior (see Encoder)
 
 
 class ModelConfigError(ValueError):
@@ -40,21 +64,25 @@ class ModelConfig:
     latent: int = 1024  # size of the dense bottleneck, the code shared by all identities
     encoder_upscale_width: int = 512  # channels after the encoder's closing Upscale (the decoders' input)
     decoder_widths: tuple[int, ...] = (256, 128, 64)  # channels of each decoder Upscale: 8 -> 64 px
-    variant: str = "ae"  # training variant; only the plain autoencoder ("ae") is implemented so far
+    variant: str = "ae"  # "ae", "vae", "vae-gan" or "cyclegan" (see the module docstring)
+    # Channels of the PatchGAN discriminators' stride-2 convs (vae-gan, cyclegan only; pix2pix: 64-128-256);
+    # () takes the encoder's first three widths, so a critic stays a fraction of a generator at any size.
+    discriminator_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists (JSON round trips) but store tuples so configs stay hashable and comparable.
-        for name in ("identities", "encoder_widths", "decoder_widths"):
+        for name in ("identities", "encoder_widths", "decoder_widths", "discriminator_widths"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
             raise ModelConfigError(f"variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
-        if self.variant != "ae":
-            raise ModelConfigError(f"variant {self.variant!r} is not implemented yet; use 'ae'")
         if len(self.identities) < 2:
             raise ModelConfigError(f"a face-swap model needs at least two identities, got {list(self.identities)}")
+        if self.variant == "cyclegan" and len(self.identities) != 2:
+            raise ModelConfigError(f"cyclegan translates between exactly two identities (one generator each way), "
+                                   f"got {len(self.identities)}: {list(self.identities)}; use ae, vae or vae-gan")
         if len(set(self.identities)) != len(self.identities):
             raise ModelConfigError(f"identity names must be unique, got {list(self.identities)}")
         for identity in self.identities:
@@ -62,7 +90,8 @@ class ModelConfig:
                 check_name(identity, "identity")
             except ValueError as exc:
                 raise ModelConfigError(str(exc)) from exc
-        widths = (*self.encoder_widths, *self.decoder_widths, self.latent, self.encoder_upscale_width)
+        widths = (*self.encoder_widths, *self.decoder_widths, *self.discriminator_widths, self.latent,
+                  self.encoder_upscale_width)
         if not self.encoder_widths or not self.decoder_widths or any(int(w) != w or w < 1 for w in widths):
             raise ModelConfigError("encoder_widths, decoder_widths, latent and encoder_upscale_width must be positive")
         # The encoder halves the side len(encoder_widths) times, its Upscale doubles it once, and every
@@ -78,6 +107,22 @@ class ModelConfig:
                 f"decoder_widths needs {downs - 1} entries (encoder_widths has {downs}; the encoder's own Upscale "
                 f"covers one doubling), got {len(self.decoder_widths)}"
             )
+        if self.resolution // (2 ** len(self.critic_widths)) < 2:
+            raise ModelConfigError(f"discriminator_widths {list(self.critic_widths)} halve {self.resolution} px "
+                                   "below 2 px; use fewer")
+
+    @property
+    def variational(self) -> bool:
+        return self.variant in VARIATIONAL
+
+    @property
+    def adversarial(self) -> bool:
+        return self.variant in ADVERSARIAL
+
+    @property
+    def critic_widths(self) -> tuple[int, ...]:
+        """The discriminators' widths with the () default resolved."""
+        return self.discriminator_widths or self.encoder_widths[:3]
 
     @property
     def bottleneck_side(self) -> int:
@@ -178,7 +223,11 @@ class Upscale(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Shared by every identity: face -> dense latent code -> small feature map the decoders start from."""
+    """Shared by every identity: face -> dense latent code -> small feature map the decoders start from.
+
+    For the variational variants ``to_latent`` is the posterior mean mu(x) and ``to_logvar`` adds log sigma^2(x);
+    ``forward`` (inference, export) always decodes the mean, so every variant exports the same graph.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -190,18 +239,33 @@ class Encoder(nn.Module):
         self.flatten = nn.Flatten()
         # The dense bottleneck is what forces identity-independent features: every decoder reads the same code.
         self.to_latent = nn.Linear(self._channels * side * side, config.latent)
+        self.to_logvar: nn.Linear | None = None
+        if config.variational:
+            self.to_logvar = nn.Linear(self._channels * side * side, config.latent)
+            # Zero weights, bias -4: q(z|x) starts nearly deterministic (sigma ~0.14 against a unit-scale mu),
+            # so the decoders first learn faces as in the ae and the KL term then widens the posterior.
+            nn.init.zeros_(self.to_logvar.weight)
+            nn.init.constant_(self.to_logvar.bias, INITIAL_LOGVAR)
         self.from_latent = nn.Linear(config.latent, self._channels * side * side)
         self.upscale = Upscale(self._channels, config.encoder_upscale_width)
         _he_init(self.to_latent, "linear")  # no activation between the two dense layers
         _he_init(self.from_latent, "linear")
 
-    def forward(self, face: torch.Tensor) -> torch.Tensor:
+    def encode(self, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """face -> (code or posterior mean mu, log-variance or None): both (B, latent)."""
         # Centre the [0, 1] input on zero: the first conv then starts unbiased and learns faster.
-        x = self.convs(face * 2.0 - 1.0)  # (B, 3, 64, 64) -> (B, 1024, 4, 4)
-        x = self.to_latent(self.flatten(x))  # (B, 1024): the latent code
-        x = self.from_latent(x)  # (B, 1024*4*4)
+        x = self.flatten(self.convs(face * 2.0 - 1.0))  # (B, 3, 64, 64) -> (B, 1024, 4, 4) -> (B, 1024*4*4)
+        mu = self.to_latent(x)  # (B, 1024): the latent code
+        return mu, (self.to_logvar(x) if self.to_logvar is not None else None)
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent code (B, latent) -> the decoders' input feature map."""
+        x = self.from_latent(z)  # (B, 1024*4*4)
         x = x.view(-1, self._channels, self._side, self._side)  # (B, 1024, 4, 4)
         return self.upscale(x)  # (B, 512, 8, 8)
+
+    def forward(self, face: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.encode(face)[0])  # the mean code: deterministic at inference
 
 
 class Decoder(nn.Module):
@@ -225,13 +289,32 @@ class Decoder(nn.Module):
 
 
 class FaceSwapAutoencoder(nn.Module):
-    """The whole model: a shared Encoder and one Decoder per identity (ModuleDict keyed by identity name)."""
+    """The ae / vae / vae-gan generator: a shared Encoder and one Decoder per identity (ModuleDict by name)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.variant == "cyclegan":
+            raise ModelConfigError("a cyclegan config builds a CycleGAN, not a FaceSwapAutoencoder (use build_model)")
         self.config = config
         self.encoder = Encoder(config)
         self.decoders = nn.ModuleDict({name: Decoder(config) for name in config.identities})
+
+    def training_forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One training pass over every identity's batch at once; identity i owns rows [i*B, (i+1)*B).
+
+        inputs (I*B, 3, R, R): the warped faces. noise (I*B, latent): eps ~ N(0, I) for the reparameterisation
+        z = mu + exp(logvar / 2) * eps (variational variants; None decodes mu). Returns "face" and "mask" (each
+        identity's decoder on its own rows), "mu" and, for the variational variants, "logvar".
+        """
+        mu, logvar = self.encoder.encode(inputs)  # (I*B, latent) each
+        z = mu if logvar is None or noise is None else reparameterize(mu, logvar, noise)
+        features = self.encoder.expand(z).chunk(len(self.decoders))  # I x (B, 512, 8, 8)
+        outputs = [decoder(part) for decoder, part in zip(self.decoders.values(), features)]
+        result = {"face": torch.cat([face for face, _ in outputs]), "mask": torch.cat([mask for _, mask in outputs]),
+                  "mu": mu}
+        if logvar is not None:
+            result["logvar"] = logvar
+        return result
 
     def forward(self, face: torch.Tensor, identity: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Encodes `face` (any identity) and renders it as `identity`: reconstruction or swap."""
@@ -255,6 +338,130 @@ class SwapGraph(nn.Module):
 
     def forward(self, face: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder(self.encoder(face))  # (B, 3, R, R), (B, 1, R, R)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * eps with sigma = exp(logvar / 2) (Kingma & Welling 2014): a sample of q(z|x) that
+    gradients flow through. The caller draws eps ~ N(0, I), so runs stay reproducible."""
+    return mu + torch.exp(0.5 * logvar) * noise
+
+
+class CycleGAN(nn.Module):
+    """Zhu et al. 2017 for two identities A, B: generators G: A -> B and F: B -> A, nothing shared.
+
+    ``generators[name]`` renders any face as `name` (generators[B] is G, generators[A] is F); each is an Encoder +
+    Decoder pair (a SwapGraph), so the generators have the autoencoder's capacity and export as its swap graph.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.variant != "cyclegan":
+            raise ModelConfigError(f"CycleGAN needs variant 'cyclegan', got {config.variant!r}")
+        self.config = config
+        self.generators = nn.ModuleDict({name: SwapGraph(Encoder(config), Decoder(config))
+                                         for name in config.identities})
+
+    def forward(self, face: torch.Tensor, identity: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Renders `face` (either identity) as `identity`: a translation, or the identity mapping."""
+        return self.swap_graph(identity)(face)
+
+    def swap_graph(self, identity: str) -> "SwapGraph":
+        if identity not in self.generators:
+            raise KeyError(f"unknown identity {identity!r}; the model has {list(self.generators)}")
+        return self.generators[identity]  # type: ignore[return-value]
+
+    def training_forward(self, inputs: torch.Tensor, reals: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every generator pass of one CycleGAN step; rows [0, B) are identity A, [B, 2B) identity B.
+
+        inputs: the warped faces (2B, 3, R, R); reals: the un-warped faces. Returns, each (2B, C, R, R) in the
+        same row order (rows of identity X hold what generators[X] produced or what ends in X):
+          "same", "same_mask": generators[X](warped x) -- the identity mapping, trained like the autoencoder;
+          "fake", "fake_mask": generators[X](y) for the other identity's y -- the translation (the swap);
+          "cycled": generators[X](generators[Y](x)) -- x through the other domain and back (cycle consistency).
+        """
+        warped_a, warped_b = inputs.chunk(2)  # (B, 3, R, R) each
+        real_a, real_b = reals.chunk(2)
+        to_a, to_b = self.generators.values()  # F: B -> A and G: A -> B
+        same_a_and_fake_a, masks_a = to_a(torch.cat([warped_a, real_b]))  # F(a~), F(b): (2B, 3, R, R)
+        same_b_and_fake_b, masks_b = to_b(torch.cat([warped_b, real_a]))  # G(b~), G(a)
+        same_a, fake_a = same_a_and_fake_a.chunk(2)
+        same_b, fake_b = same_b_and_fake_b.chunk(2)
+        same_mask_a, fake_mask_a = masks_a.chunk(2)
+        same_mask_b, fake_mask_b = masks_b.chunk(2)
+        cycled_a, _ = to_a(fake_b)  # F(G(a)) ~ a
+        cycled_b, _ = to_b(fake_a)  # G(F(b)) ~ b
+        return {"same": torch.cat([same_a, same_b]), "same_mask": torch.cat([same_mask_a, same_mask_b]),
+                "fake": torch.cat([fake_a, fake_b]), "fake_mask": torch.cat([fake_mask_a, fake_mask_b]),
+                "cycled": torch.cat([cycled_a, cycled_b])}
+
+
+class Discriminator(nn.Module):
+    """PatchGAN critic (Isola et al. 2017): a stack of 4x4 stride-2 convs whose output is one real/fake score
+    per overlapping patch, not per image, so it judges texture and local detail -- what L1 blurs away.
+
+    No sigmoid: the least-squares GAN loss (Mao et al. 2017) regresses the raw scores to 1 (real) / 0 (fake).
+    Instance norm after every conv but the first, as in CycleGAN's discriminator (batch norm would need
+    synchronising across DistributedDataParallel ranks).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        widths = (3, *config.critic_widths)
+        for index, (cin, cout) in enumerate(zip(widths, widths[1:])):
+            layers.append(nn.Conv2d(cin, cout, kernel_size=4, stride=2, padding=1))
+            if index > 0:
+                layers.append(nn.InstanceNorm2d(cout, affine=True))
+            layers.append(nn.LeakyReLU(CRITIC_SLOPE))
+        self.features = nn.Sequential(*layers)
+        self.score = nn.Conv2d(widths[-1], 1, kernel_size=3, padding=1)  # one score per patch
+
+    def forward(self, face: torch.Tensor) -> torch.Tensor:
+        x = self.features(face * 2.0 - 1.0)  # (B, 3, 64, 64) -> (B, 512, 8, 8) for widths 128-256-512
+        return self.score(x)  # (B, 1, 8, 8): one score per receptive-field patch
+
+
+class Discriminators(nn.Module):
+    """One Discriminator per identity; one forward call scores a batch for every identity (what DDP needs)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.critics = nn.ModuleDict({name: Discriminator(config) for name in config.identities})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images (I*N, 3, R, R), identity i's rows [i*N, (i+1)*N) -> scores (I*N, 1, P, P), each by its critic."""
+        parts = images.chunk(len(self.critics))
+        return torch.cat([critic(part) for critic, part in zip(self.critics.values(), parts)])
+
+
+def build_model(config: ModelConfig) -> "FaceSwapAutoencoder | CycleGAN":
+    """The generator(s) of a config's variant; both classes offer forward(face, identity) and swap_graph."""
+    return CycleGAN(config) if config.variant == "cyclegan" else FaceSwapAutoencoder(config)
+
+
+def build_discriminators(config: ModelConfig) -> Discriminators | None:
+    """The per-identity critics of the adversarial variants; None for ae and vae."""
+    return Discriminators(config) if config.adversarial else None
+
+
+def swap_graph_from_state(config: ModelConfig, state: dict[str, torch.Tensor], target: str) -> SwapGraph:
+    """The target's SwapGraph from a full model state dict (a bundle's weights), for any variant; strict.
+
+    Raises KeyError for an unknown target and RuntimeError when the weights do not fit the config.
+    """
+    if target not in config.identities:
+        raise KeyError(f"unknown identity {target!r}; the model has {list(config.identities)}")
+    if config.variant == "cyclegan":
+        graph_state = {key[len(f"generators.{target}."):]: value for key, value in state.items()
+                       if key.startswith(f"generators.{target}.")}
+    else:
+        decoder_prefix = f"decoders.{target}."
+        graph_state = {key: value for key, value in state.items() if key.startswith("encoder.")}
+        graph_state.update({"decoder." + key[len(decoder_prefix):]: value
+                            for key, value in state.items() if key.startswith(decoder_prefix)})
+    graph = SwapGraph(Encoder(config), Decoder(config))
+    graph.load_state_dict(graph_state, strict=True)
+    return graph.eval()
 
 
 def count_parameters(module: nn.Module) -> int:

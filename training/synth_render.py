@@ -316,6 +316,25 @@ def _hair(sc: _Scene, head: np.ndarray) -> tuple[tuple[slice, slice], np.ndarray
     return box, cover, colour
 
 
+def feature_outlines(identity: Identity, pose: Pose, size: int) -> dict[str, list[np.ndarray]]:
+    """Outlines of the eyes (lids and lashes) and the mouth (lips at their opening and smile), as (N, 2) float
+    arrays in output pixel coordinates (pixel centres at integers): what the trainer weights higher. Uses the same
+    geometry as _draw_eyes and _draw_mouth; occlusion by yaw is ignored (the region is a loss weight, not a mask)."""
+    sc = _Scene(identity, pose, size)
+    a, b, _ = sc.axes
+    w = identity.eye_size * a
+    eyes = [_ellipse(side * identity.eye_spacing * a, 0.04 * b + 0.1 * w, 1.1 * w, 0.6 * w) for side in (-1, 1)]
+    ym = (0.04 - identity.nose_length - 0.2) * b
+    mw = identity.mouth_width * a * (1 + 0.15 * pose.smile)
+    lift, gap = pose.smile * 0.11 * b * 0.7, pose.mouth_open * 0.17 * b  # corners rise with a smile; lips part
+    mouth = _ellipse(0.0, ym + 0.5 * lift - 0.25 * gap, 1.05 * mw, 0.08 * b + 0.5 * lift + 0.5 * gap)
+
+    def to_pixels(xy: np.ndarray) -> np.ndarray:
+        return (sc.project(sc.surface(xy)) + 0.5) / SUPERSAMPLE - 0.5
+
+    return {"eyes": [to_pixels(eye) for eye in eyes], "mouth": [to_pixels(mouth)]}
+
+
 def render_face(identity: Identity, pose: Pose, size: int) -> tuple[np.ndarray, np.ndarray]:
     """synth.render without its argument checks."""
     sc = _Scene(identity, pose, size)

@@ -1,20 +1,32 @@
-"""Trains the shared-encoder / per-identity-decoder autoencoder on aligned faces.
+"""Trains a face-swap model (model.py: ae, vae, vae-gan or cyclegan) on aligned faces.
 
-One step, for every identity at once:
-  1. sample a batch of that identity's faces, augment (affine + flip + colour on input and target alike,
-     random warp on the input only);
-  2. encode all inputs with the shared encoder, decode each identity's part with that identity's decoder;
-  3. loss = L1 + DSSIM (+ face-weighted L1 + mask BCE) against the un-warped targets, summed over identities;
-  4. one Adam step over encoder and all decoders.
+One step (``train_step``), for every identity at once:
+  1. sample a batch of that identity's faces, augment on the training device (affine + flip + colour on input
+     and target alike, random warp on the input only);
+  2. ae / vae / vae-gan: encode all inputs with the shared encoder (vae: sample z = mu + sigma * eps), decode
+     each identity's part with that identity's decoder. cyclegan: every generator pass of the cycle;
+  3. loss = L1 + DSSIM (+ face-weighted L1, eye/mouth L1, mask BCE) against the un-warped targets, summed over
+     identities; + KL (vae, vae-gan); + cycle consistency and translated-mask terms (cyclegan); + the
+     least-squares GAN term against each identity's discriminator (vae-gan, cyclegan);
+  4. one Adam step over the generator(s); then, for the adversarial variants, one Adam step of the
+     discriminators on real vs (mixed-up) generated faces.
 
-A run folder holds ``checkpoint.pt`` (config, model and optimizer state, step) and ``config.json`` (the
-effective config, for people). Checkpoints are written atomically and loaded with weights_only=True.
+CUDA runs may use mixed precision (``amp``: bf16, or fp16 with a GradScaler). Started by ``torchrun``, every
+process trains on its own batches (batch_size is per process) under DistributedDataParallel, and only rank 0
+writes: checkpoints, config.json, TensorBoard events and preview grids.
+
+A run folder holds ``checkpoint.pt`` (config, model and optimizer state, step; discriminators and their
+optimizer for the adversarial variants), ``config.json`` (the effective config, for people), TensorBoard
+event files and ``previews/step_<N>.png`` (rows: faces of A, A -> A, A -> B, ... per identity). Checkpoints
+are written atomically and loaded with weights_only=True.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import tempfile
@@ -23,13 +35,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from facetwin.server.bundle import atomic_write_bytes
-from facetwin.training.data import AugmentConfig, augment, describe, load_faces, load_index, identity_names
-from facetwin.training.losses import LossWeights, reconstruction_loss
-from facetwin.training.model import FaceSwapAutoencoder, ModelConfig, ModelConfigError
+from facetwin.training.data import (
+    AugmentConfig, Augmented, IdentityFaces, augment, describe, identity_names, load_faces, load_index,
+)
+from facetwin.training.losses import (
+    LossWeights, cycle_consistency_loss, kl_divergence, lsgan_discriminator_loss, lsgan_generator_loss, mask_loss,
+    mixup_discriminator_loss, reconstruction_loss,
+)
+from facetwin.training.model import (
+    VARIANTS, CycleGAN, Discriminators, FaceSwapAutoencoder, ModelConfig, ModelConfigError, build_discriminators,
+    build_model,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
@@ -40,6 +65,10 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 200, "batch_size": 8, "checkpoint_every": 100, "threads": 1},
 }
 PRESETS = tuple(PRESET_OVERRIDES)
+AMP_MODES = ("off", "bf16", "fp16")
+PREVIEW_DIR = "previews"  # preview grids go to <run>/previews/step_<N>.png
+PREVIEW_FACES = 6  # columns of a preview grid
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -68,6 +97,11 @@ class TrainConfig:
     threads: int = 2  # torch CPU threads (the demo host has two cores)
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     model: ModelConfig | None = None  # None: the preset's model for the data set's identities
+    variant: str = "ae"  # "ae", "vae", "vae-gan" or "cyclegan" (model.py); must match model.variant if model is set
+    amp: str = "off"  # CUDA mixed precision: "off", "bf16" (autocast) or "fp16" (autocast + GradScaler); CPU: off
+    tensorboard: bool = True  # loss scalars as TensorBoard event files in out_dir (tensorboard --logdir <runs>)
+    log_every: int = 10  # steps between TensorBoard scalars and progress-bar loss updates
+    preview_every: int = 0  # steps between PNG preview grids in out_dir/previews (0: none)
 
     @classmethod
     def from_preset(cls, preset: str, data_dir: str | Path, out_dir: str | Path, **overrides: Any) -> "TrainConfig":
@@ -91,12 +125,14 @@ class TrainConfig:
         return cls(**data)
 
 
-def preset_model(preset: str, identities: list[str] | tuple[str, ...]) -> ModelConfig:
+def preset_model(preset: str, identities: list[str] | tuple[str, ...], variant: str = "ae") -> ModelConfig:
     if preset == "tiny":
-        return ModelConfig.tiny(identities)
-    if preset == "demo":
-        return ModelConfig.demo(identities)
-    raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+        config = ModelConfig.tiny(identities)
+    elif preset == "demo":
+        config = ModelConfig.demo(identities)
+    else:
+        raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+    return config if variant == config.variant else dataclasses.replace(config, variant=variant)  # re-validates
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -120,9 +156,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder:
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | CycleGAN:
     """The trained model of a loaded checkpoint, in eval mode."""
-    model = FaceSwapAutoencoder(checkpoint["train_config"].model)
+    model = build_model(checkpoint["train_config"].model)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -130,11 +166,12 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder:
     return model.eval()
 
 
-def save_checkpoint(path: Path, cfg: TrainConfig, model: FaceSwapAutoencoder, optimizer: torch.optim.Optimizer,
-                    step: int, data: dict[str, Any]) -> Path:
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a checkpoint."""
+def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    step: int, data: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a checkpoint.
+    `extra` adds entries (the discriminators' state, the fp16 GradScaler's)."""
     payload = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "step": step, "data": data}
+               "step": step, "data": data, **(extra or {})}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -149,11 +186,15 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model: FaceSwapAutoencoder, op
 
 
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    assert saved.model is not None
+    variant = cfg.model.variant if cfg.model is not None else cfg.variant
+    if variant != saved.model.variant:
+        raise CheckpointError(f"{path} was trained as variant {saved.model.variant!r}, not {variant!r}: resume it "
+                              f"with --variant {saved.model.variant} or use another --out folder")
     if cfg.model is not None and cfg.model != saved.model:
         raise CheckpointError(f"{path} was trained with a different model ({saved.model}); "
                               "use another --out folder or the same preset")
-    assert saved.model is not None
-    wanted = preset_model(cfg.preset, saved.model.identities) if cfg.model is None else cfg.model
+    wanted = preset_model(cfg.preset, saved.model.identities, variant) if cfg.model is None else cfg.model
     if (wanted.resolution, wanted.identities) != (saved.model.resolution, saved.model.identities):
         raise CheckpointError(
             f"{path} was trained at {saved.model.resolution} px on {list(saved.model.identities)}; "
@@ -188,11 +229,273 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _check_config(cfg: TrainConfig) -> None:
+    """Settings that are wrong whatever the data: fail before anything is read or written."""
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1 or cfg.log_every < 1:
+        raise ValueError("steps, batch_size, checkpoint_every and log_every must be at least 1")
+    if cfg.preview_every < 0:
+        raise ValueError(f"preview_every must be 0 (off) or a number of steps, got {cfg.preview_every}")
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"variant {cfg.variant!r} is not one of {', '.join(VARIANTS)}")
+    if cfg.model is not None and cfg.model.variant != cfg.variant:
+        raise ValueError(f"the model config is variant {cfg.model.variant!r} but the run asks for {cfg.variant!r}")
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"amp {cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a torchrun job (one process, rank 0 of 1, without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        """torchrun's environment: RANK, WORLD_SIZE, LOCAL_RANK (MASTER_ADDR/PORT are read by init_process_group)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an amp setting on this device; None = full float32."""
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        log.warning("amp=%s ignored: mixed precision is only used on CUDA, this run is on %s (float32)", amp, device)
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"amp=bf16 asked for, but {torch.cuda.get_device_name(device)} has no bfloat16; use fp16")
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs (built by `make_trainer`, used by `train_step`)."""
+
+    cfg: TrainConfig
+    names: list[str]  # identities, in the data set's (and the batches') order
+    device: torch.device
+    model: FaceSwapAutoencoder | CycleGAN  # the generator(s), unwrapped: checkpoints, previews, scoring
+    forward: nn.Module  # the model's training_forward, behind DistributedDataParallel when distributed
+    optimizer: torch.optim.Optimizer
+    critics: Discriminators | None = None  # unwrapped; the generator's adversarial term scores with these
+    critics_forward: nn.Module | None = None  # the critics' own step goes through this (DDP when distributed)
+    critic_optimizer: torch.optim.Optimizer | None = None
+    autocast_dtype: torch.dtype | None = None  # None: float32
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cuda", enabled=False))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+
+class _TrainingForward(nn.Module):
+    """What DDP wraps: a step's whole generator pass is one forward call, so DDP all-reduces every gradient once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> dict[str, torch.Tensor]:
+        return self.model.training_forward(*args)
+
+
+def make_trainer(cfg: TrainConfig, names: list[str], device: torch.device, saved: dict[str, Any] | None = None,
+                 world: Distributed = Distributed()) -> Trainer:
+    """Builds the model (+ discriminators), optimizers and scaler of a run on `device`, restoring `saved`."""
+    assert cfg.model is not None
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run of a seed
+    model = build_model(cfg.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    critics = build_discriminators(cfg.model)
+    critic_optimizer = None
+    if critics is not None:
+        critics = critics.to(device)
+        critic_optimizer = torch.optim.Adam(critics.parameters(), lr=cfg.lr, betas=cfg.betas)
+    autocast_dtype = _autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)  # fp16 gradients underflow
+    if saved is not None:
+        model.load_state_dict(saved["model"])  # optimizer state follows the parameters' device on load
+        optimizer.load_state_dict(saved["optimizer"])
+        if critics is not None and critic_optimizer is not None:
+            if "critics" not in saved or "critic_optimizer" not in saved:
+                raise CheckpointError(f"the checkpoint of this {cfg.model.variant} run lacks its discriminators")
+            critics.load_state_dict(saved["critics"])
+            critic_optimizer.load_state_dict(saved["critic_optimizer"])
+        if scaler.is_enabled() and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+    forward: nn.Module = _TrainingForward(model)
+    critics_forward: nn.Module | None = critics
+    if world.world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = DistributedDataParallel(forward, device_ids=ids)
+        if critics is not None:
+            critics_forward = DistributedDataParallel(critics, device_ids=ids)
+    return Trainer(cfg, names, device, model, forward, optimizer, critics, critics_forward, critic_optimizer,
+                   autocast_dtype, scaler)
+
+
+def train_step(t: Trainer, batches: list[Augmented], step: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One optimizer step of the generator(s) (and of the discriminators) on one augmented batch per identity.
+
+    `generator` (CPU) supplies the step's remaining random numbers (VAE noise, mixup weights), so a seeded step is
+    reproducible on any device. Returns the loss terms, averaged over identities, as detached 0-d tensors
+    ("total" is the generator's objective): no device sync happens here.
+    """
+    for optimizer in (t.optimizer, t.critic_optimizer):
+        for group in optimizer.param_groups if optimizer is not None else ():
+            group["lr"] = learning_rate(t.cfg, step)
+    if isinstance(t.model, CycleGAN):
+        total, terms, reals, fakes = _cyclegan_losses(t, batches)
+    else:
+        total, terms, reals, fakes = _autoencoder_losses(t, batches, generator)
+    if t.critics is not None:  # the generator's adversarial term: fool each identity's critic
+        adversarial = _generator_adversarial_loss(t, fakes)
+        total = total + t.cfg.loss.gan * adversarial
+        terms["gan"] = adversarial.detach()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(total).backward()
+    t.scaler.step(t.optimizer)
+    if t.critics is not None:
+        terms["critic"] = _critic_step(t, reals, fakes.detach(), generator)
+    t.scaler.update()  # once per step, after every optimizer (torch.amp's multi-optimizer recipe)
+    terms["total"] = total.detach()
+    return {key: value / len(batches) for key, value in terms.items()}
+
+
+def _add_terms(terms: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
+    for key, value in new.items():
+        terms[key] = terms[key] + value if key in terms else value
+
+
+def _autoencoder_losses(t: Trainer, batches: list[Augmented], generator: torch.Generator):
+    """ae / vae / vae-gan: reconstruction of every identity by its own decoder (+ KL)."""
+    assert isinstance(t.model, FaceSwapAutoencoder)
+    inputs = torch.cat([batch.inputs for batch in batches])  # (I*B, 3, R, R), warped
+    noise = None
+    if t.model.config.variational:  # eps ~ N(0, I) of the reparameterisation, drawn on the CPU like all randomness
+        noise = torch.randn(inputs.shape[0], t.model.config.latent, generator=generator).to(t.device)
+    with t.autocast():
+        out = t.forward(inputs, noise)  # the shared encoder sees every identity in one pass
+    faces, masks = out["face"].float().chunk(len(batches)), out["mask"].float().chunk(len(batches))
+    total = torch.zeros((), device=t.device)
+    terms: dict[str, torch.Tensor] = {}
+    for face, mask, batch in zip(faces, masks, batches):  # each decoder against its identity's un-warped target
+        loss, parts = reconstruction_loss(face, batch.target, mask, batch.target_mask, t.cfg.loss,
+                                          batch.target_regions)
+        total = total + loss
+        _add_terms(terms, parts)
+    if "logvar" in out:
+        kl = kl_divergence(out["mu"].float(), out["logvar"].float())  # per face, over all identities' faces
+        total = total + t.cfg.loss.kl * kl * len(batches)  # summed over identities like the other terms
+        terms["kl"] = kl.detach() * len(batches)
+    return total, terms, torch.cat([batch.target for batch in batches]), out["face"]
+
+
+def _cyclegan_losses(t: Trainer, batches: list[Augmented]):
+    """cyclegan: identity (as reconstruction), translated masks, cycle consistency; the critics judge translations."""
+    weights = t.cfg.loss
+    reals = torch.cat([batch.target for batch in batches])  # (2B, 3, R, R), row blocks: A, B
+    with t.autocast():
+        out = t.forward(torch.cat([batch.inputs for batch in batches]), reals)
+    same, same_mask, fake_mask, cycled = (out[key].float().chunk(2) for key in ("same", "same_mask", "fake_mask",
+                                                                                 "cycled"))
+    total = torch.zeros((), device=t.device)
+    terms: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        other = batches[1 - i]
+        loss, parts = reconstruction_loss(same[i], batch.target, same_mask[i], batch.target_mask, weights,
+                                          batch.target_regions)
+        translated_mask = mask_loss(fake_mask[i], other.target_mask, weights.mask_kind)  # a swap keeps the face's place
+        cycle = cycle_consistency_loss(cycled[i], batch.target)
+        total = total + weights.identity * loss + weights.mask * translated_mask + weights.cycle * cycle
+        _add_terms(terms, {**parts, "fake_mask": translated_mask.detach(), "cycle": cycle.detach()})
+    return total, terms, reals, out["fake"]
+
+
+def _generator_adversarial_loss(t: Trainer, fakes: torch.Tensor) -> torch.Tensor:
+    """LSGAN generator term, summed over identities; the critics are frozen for this pass (no weight gradients)."""
+    assert t.critics is not None
+    t.critics.requires_grad_(False)
+    with t.autocast():
+        scores = t.critics(fakes)  # unwrapped: DDP must not expect gradients of the critics here
+    t.critics.requires_grad_(True)  # autograd recorded the pass without them; the critics' step needs them back
+    return sum(lsgan_generator_loss(part) for part in scores.float().chunk(len(t.names)))
+
+
+def _critic_step(t: Trainer, reals: torch.Tensor, fakes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One Adam step of every identity's critic: real faces vs the generator's, optionally mixed up."""
+    assert t.critics_forward is not None and t.critic_optimizer is not None
+    alpha, count = t.cfg.loss.mixup_alpha, len(t.names)
+    if alpha > 0:  # faceswap-GAN's mixup: score lam * real + (1 - lam) * fake, regress to lam
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, reals.shape[0])).float().to(t.device)
+        mixed = lam.view(-1, 1, 1, 1) * reals + (1 - lam.view(-1, 1, 1, 1)) * fakes.float()
+        with t.autocast():
+            scores = t.critics_forward(mixed)
+        loss = sum(mixup_discriminator_loss(part, weight)
+                   for part, weight in zip(scores.float().chunk(count), lam.chunk(count)))
+    else:
+        pairs = torch.cat([torch.cat([real, fake.float()]) for real, fake in zip(reals.chunk(count),
+                                                                                 fakes.chunk(count))])
+        with t.autocast():
+            scores = t.critics_forward(pairs)  # identity i's rows: its real faces, then its fakes
+        loss = sum(lsgan_discriminator_loss(*part.chunk(2)) for part in scores.float().chunk(count))
+    t.critic_optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.critic_optimizer)
+    return loss.detach()
+
+
+def preview_grid(model: nn.Module, faces: dict[str, IdentityFaces], count: int = PREVIEW_FACES) -> np.ndarray:
+    """uint8 RGB grid (H, W, 3): per source identity X, rows X, X -> X, X -> Y for every other Y; columns: X's
+    first `count` faces (fixed, un-augmented, so grids of successive steps compare)."""
+    was_training = model.training
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for source, data in faces.items():
+            x = data.faces[:count].float() / 255.0  # (n, 3, R, R)
+            rows.append(x)
+            rows.extend(model(x, target)[0].float() for target in [source, *(n for n in faces if n != source)])
+    model.train(was_training)
+    side = rows[0].shape[-1]
+    strips = [torch.cat([*row, *[torch.zeros(3, side, side, device=row.device)] * (count - len(row))], dim=2)
+              for row in rows]  # each (3, R, count*R); short identities padded black
+    grid = torch.cat(strips, dim=1)  # (3, rows*R, count*R)
+    return (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("cv2.imencode failed to encode a PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data.tobytes())
+
+
+def batch_seed(cfg: TrainConfig, step: int, rank: int = 0) -> int:
+    """Batches depend on (seed, step, rank) only: a resumed run trains exactly as an uninterrupted one would,
+    and every torchrun process draws its own batches (rank 0's are the single-process run's). The CPU generator
+    keeps only the seed's low 32 bits, so ranks are spread by an odd 32-bit constant (2^32 / golden ratio)."""
+    return cfg.seed * 1_000_003 + step + rank * 0x9E3779B9
+
+
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
-    """Runs (or resumes) training; returns the path of the final checkpoint."""
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1:
-        raise ValueError("steps, batch_size and checkpoint_every must be at least 1")
+    """Runs (or resumes) training; returns the path of the final checkpoint. Under torchrun, every process
+    calls this; rank 0 writes."""
+    _check_config(cfg)
     torch.set_num_threads(max(1, cfg.threads))
+    world = Distributed.from_env()
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
     index = load_index(cfg.data_dir)
@@ -208,81 +511,113 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         cfg = dataclasses.replace(cfg, model=saved["train_config"].model)
         start_step = int(saved["step"])
     elif cfg.model is None:
-        cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names))
+        cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant))
     assert cfg.model is not None
     if list(cfg.model.identities) != names:
         raise CheckpointError(f"the model's identities {list(cfg.model.identities)} differ from the data set's {names}")
 
     device = resolve_device(cfg.device)
-    faces = load_faces(cfg.data_dir, resolution=cfg.model.resolution)
-    torch.manual_seed(cfg.seed)
-    model = FaceSwapAutoencoder(cfg.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
-    if saved is not None:
-        model.load_state_dict(saved["model"])  # optimizer state follows the parameters' device on load
-        optimizer.load_state_dict(saved["optimizer"])
-    generator = torch.Generator()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / CONFIG_NAME, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-    if start_step >= cfg.steps:
-        return ckpt_path
-
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=not progress, desc="train", unit="step",
-               dynamic_ncols=True)
-    smoothed = None
-    started = time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        # Batches depend on (seed, step) only: a resumed run trains exactly as an uninterrupted one would.
-        generator.manual_seed(cfg.seed * 1_000_003 + step)
-        # 1. one augmented batch per identity
-        batches = [[t.to(device, non_blocking=True) for t in augment(*faces[name].sample(cfg.batch_size, generator),
-                                                                      generator, cfg.augment)] for name in names]
-        inputs = torch.cat([inp for inp, _, _ in batches])  # (I*B, 3, R, R), warped
-        # 2. the shared encoder sees every identity in one pass; each decoder gets its own identity's part
-        features = model.encoder(inputs).split(cfg.batch_size)
-        total = torch.zeros((), device=device)
-        for name, feats, (_, target, target_mask) in zip(names, features, batches):
-            face, mask = model.decoders[name](feats)
-            # 3. reconstruct the un-warped target
-            loss, _terms = reconstruction_loss(face, target, mask, target_mask, cfg.loss)
-            total = total + loss
-        # 4. one Adam step over the encoder and every decoder
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-
-        value = float(total.detach()) / len(names)
-        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-        bar.update(1)
-        if step % 10 == 0 or step + 1 == cfg.steps:
-            bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{learning_rate(cfg, step):.1e}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(ckpt_path, cfg, model, optimizer, step + 1, data_info)
-    bar.close()
-    elapsed = time.perf_counter() - started
-    if progress:
-        done = cfg.steps - start_step
-        print(f"trained {done} steps in {elapsed:.1f} s ({done / elapsed:.2f} steps/s), loss {smoothed:.4f}; "
-              f"checkpoint {ckpt_path}")
+    if world.world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
+    # uint8 faces live on the training device; augmentation runs there (data.py). Eye/mouth maps only when weighted.
+    loaded = load_faces(cfg.data_dir, resolution=cfg.model.resolution, regions=bool(cfg.loss.eyes_mouth))
+    faces = {name: data.to(device) for name, data in loaded.items()}
+    if world.world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        trainer = make_trainer(cfg, names, device, saved, world)
+        del saved
+        if world.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out_dir / CONFIG_NAME, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        if start_step < cfg.steps:
+            _loop(trainer, faces, start_step, ckpt_path, data_info, world, progress)
+    finally:
+        if world.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
     return ckpt_path
 
 
-def dry_run(out_dir: str | Path | None = None, steps: int = 5, progress: bool = False) -> dict[str, Any]:
-    """A few tiny-preset steps on a freshly generated tiny data set; only touches a temp dir unless out_dir is given."""
+def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_path: Path, data_info: dict[str, Any],
+          world: Distributed, progress: bool) -> None:
+    """The training loop proper: sample + augment, step, then (rank 0) log, preview and checkpoint."""
+    cfg, out_dir = t.cfg, ckpt_path.parent
+    writer = None
+    if cfg.tensorboard and world.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the training extra installs it; a bare torch install may not have it
+            log.warning("tensorboard is not installed: no event files (pip install tensorboard; --no-tensorboard "
+                        "silences this)")
+        else:
+            # purge_step: a resumed run hides what the interrupted one logged after its last checkpoint.
+            writer = SummaryWriter(log_dir=str(out_dir), purge_step=start_step or None)
+    generator = torch.Generator()
+    t.model.train()
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and world.is_main), desc="train",
+               unit="step", dynamic_ncols=True)
+    smoothed = None
+    started = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        generator.manual_seed(batch_seed(cfg, step, world.rank))
+        # 1. one augmented batch per identity, on the training device
+        batches = []
+        for name in t.names:  # sample, then augment, one identity after the other: the generator's order of draws
+            sample = faces[name].sample(cfg.batch_size, generator)
+            regions = sample.regions if cfg.loss.eyes_mouth else None  # None: no resampling of an all-zero map
+            batches.append(augment(sample.faces, sample.masks, generator, cfg.augment, regions))
+        # 2-4. forward, losses, backward, optimizer step(s)
+        terms = train_step(t, batches, step, generator)
+
+        smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
+        bar.update(1)
+        done = step + 1
+        if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
+            bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
+            if writer is not None:
+                for key, value in terms.items():
+                    writer.add_scalar(f"loss/{key}", float(value), done)
+                writer.add_scalar("lr", learning_rate(cfg, step), done)
+        if world.is_main and cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
+            grid = preview_grid(t.model, faces)
+            _write_png(out_dir / PREVIEW_DIR / f"step_{done:06d}.png", grid)
+            if writer is not None:
+                writer.add_image("preview", grid, done, dataformats="HWC")
+        if world.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            extra: dict[str, Any] = {"world_size": world.world_size}
+            if t.critics is not None and t.critic_optimizer is not None:
+                extra.update(critics=t.critics.state_dict(), critic_optimizer=t.critic_optimizer.state_dict())
+            if t.scaler.is_enabled():
+                extra["scaler"] = t.scaler.state_dict()
+            save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info, extra)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if world.world_size > 1:
+        dist.barrier()  # every process returns once rank 0's final checkpoint is on disk
+    elapsed = time.perf_counter() - started
+    if progress and world.is_main:
+        count = cfg.steps - start_step
+        print(f"trained {count} steps in {elapsed:.1f} s ({count / elapsed:.2f} steps/s), loss {float(smoothed):.4f}; "
+              f"checkpoint {ckpt_path}")
+
+
+def dry_run(out_dir: str | Path | None = None, steps: int = 5, progress: bool = False, variant: str = "ae",
+            **overrides: Any) -> dict[str, Any]:
+    """A few tiny-preset steps on a freshly generated tiny data set; only touches a temp dir unless out_dir is given.
+    Keyword arguments override TrainConfig fields (amp, tensorboard, preview_every, ...)."""
     from facetwin.training import synth  # imported lazily: only dry runs need the generator
 
     with tempfile.TemporaryDirectory(prefix="facetwin-dry-") as tmp:
         data_dir = synth.write_dataset(Path(tmp) / "data", identities=2, images=8, size=32, seed=0, progress=False)
         run_dir = Path(out_dir) if out_dir is not None else Path(tmp) / "run"
-        cfg = TrainConfig.from_preset("tiny", data_dir, run_dir, steps=steps, checkpoint_every=steps)
+        cfg = TrainConfig.from_preset("tiny", data_dir, run_dir, steps=steps, checkpoint_every=steps, variant=variant,
+                                      **overrides)
         started = time.perf_counter()
         ckpt = train(cfg, progress=progress)
         seconds = time.perf_counter() - started
         checkpoint = load_checkpoint(ckpt)
-        return {"steps": int(checkpoint["step"]), "seconds": round(seconds, 2),
+        return {"steps": int(checkpoint["step"]), "seconds": round(seconds, 2), "variant": variant,
                 "identities": list(checkpoint["train_config"].model.identities),
                 "checkpoint": str(ckpt) if out_dir is not None else None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -100,17 +101,17 @@ def test_missing_image_file_names_the_file(dataset, tmp_path):
 
 
 def test_augment_with_everything_off_is_the_identity(batch):
-    faces, masks = batch
-    inputs, target, target_mask = augment(faces, masks, torch.Generator().manual_seed(0), NO_AUGMENT)
+    faces, masks, _ = batch
+    inputs, target, target_mask, _ = augment(faces, masks, torch.Generator().manual_seed(0), NO_AUGMENT)
     expected = faces.float() / 255
     assert torch.allclose(inputs, expected, atol=1e-5) and torch.allclose(target, expected, atol=1e-5)
     assert torch.allclose(target_mask, masks.float() / 255, atol=1e-5)
 
 
 def test_random_warp_changes_the_input_only(batch):
-    faces, masks = batch
+    faces, masks, _ = batch
     config = AugmentConfig(**{**NO_AUGMENT.__dict__, "warp": 0.03})
-    inputs, target, target_mask = augment(faces, masks, torch.Generator().manual_seed(0), config)
+    inputs, target, target_mask, _ = augment(faces, masks, torch.Generator().manual_seed(0), config)
     expected = faces.float() / 255
     assert torch.allclose(target, expected, atol=1e-5)  # the decoder must produce the un-warped face
     assert torch.allclose(target_mask, masks.float() / 255, atol=1e-5)
@@ -118,21 +119,22 @@ def test_random_warp_changes_the_input_only(batch):
 
 
 def test_flip_applies_to_input_target_and_mask_alike(batch):
-    faces, masks = batch
+    faces, masks, _ = batch
     config = AugmentConfig(**{**NO_AUGMENT.__dict__, "flip": 1.0})
-    inputs, target, target_mask = augment(faces, masks, torch.Generator().manual_seed(0), config)
+    inputs, target, target_mask, _ = augment(faces, masks, torch.Generator().manual_seed(0), config)
     expected = (faces.float() / 255).flip(-1)
     assert torch.allclose(target, expected, atol=1e-5) and torch.allclose(inputs, expected, atol=1e-5)
     assert torch.allclose(target_mask, (masks.float() / 255).flip(-1), atol=1e-5)
 
 
 def test_default_augment_is_in_range_reproducible_and_geometry_shared(batch):
-    faces, masks = batch
+    faces, masks, _ = batch
     first = augment(faces, masks, torch.Generator().manual_seed(7))
     second = augment(faces, masks, torch.Generator().manual_seed(7))
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    inputs, target, target_mask = first
+    inputs, target, target_mask, target_regions = first
+    assert not target_regions.any()  # no eye/mouth map given: no extra weight anywhere
     assert inputs.shape == target.shape == (5, 3, 32, 32) and target_mask.shape == (5, 1, 32, 32)
     for t in first:
         assert t.dtype == torch.float32 and float(t.min()) >= 0 and float(t.max()) <= 1
@@ -142,9 +144,9 @@ def test_default_augment_is_in_range_reproducible_and_geometry_shared(batch):
 
 
 def test_face_recolouring_touches_the_input_near_the_face_only(batch):
-    faces, masks = batch
+    faces, masks, _ = batch
     config = AugmentConfig(**{**NO_AUGMENT.__dict__, "face_color": 1.0, "face_color_grow": 0.05})
-    inputs, target, _ = augment(faces, masks, torch.Generator().manual_seed(0), config)
+    inputs, target, _, _ = augment(faces, masks, torch.Generator().manual_seed(0), config)
     expected = faces.float() / 255
     assert torch.allclose(target, expected, atol=1e-5)  # the target keeps the identity's true colours
     changed = (inputs - expected).abs().amax(dim=1, keepdim=True) > 1e-4
@@ -152,3 +154,62 @@ def test_face_recolouring_touches_the_input_near_the_face_only(batch):
     assert changed[face].float().mean() > 0.9  # the face is recoloured ...
     near = torch.nn.functional.max_pool2d(face.float(), 9, stride=1, padding=4) > 0
     assert not changed[~near].any()  # ... and pixels well away from it are not
+
+
+def test_synthetic_faces_carry_an_eye_and_mouth_map_from_the_renderer(dataset):
+    ident = load_faces(dataset)["ada"]
+    assert ident.regions.dtype == torch.uint8 and ident.regions.shape == (6, 1, 32, 32)
+    regions, masks = ident.regions.float() / 255, ident.masks.float() / 255
+    per_face = regions.mean(dim=(1, 2, 3))
+    assert (per_face > 0.02).all() and (per_face < 0.3).all()  # eyes and mouth: a small part of every crop
+    assert float((regions * masks).sum() / regions.sum()) > 0.8  # on the face, not the background or hair
+    # Eyes above the mouth: the map has weight in both the upper and the lower half of the face.
+    assert (regions[..., 8:16, :].sum(dim=(1, 2, 3)) > 0).all() and (regions[..., 17:26, :].sum(dim=(1, 2, 3)) > 0).all()
+    resized = load_faces(dataset, resolution=16)["ada"].regions
+    assert resized.shape == (6, 1, 16, 16) and (resized.float().mean(dim=(1, 2, 3)) > 0).all()
+
+
+def _landmarks(eye_y: float, mouth_y: float) -> list[list[float]]:
+    """68 points with only what the weight map reads placed on purpose: both eyes at eye_y, the lips at mouth_y."""
+    points = [[16.0, 16.0]] * 68
+    for group, cx in ((range(36, 42), 10.0), (range(42, 48), 22.0)):
+        for k, i in enumerate(group):
+            angle = 2 * 3.14159 * k / 6
+            points[i] = [cx + 3 * math.cos(angle), eye_y + 1.5 * math.sin(angle)]
+    for k, i in enumerate(range(48, 68)):
+        angle = 2 * 3.14159 * k / 20
+        points[i] = [16 + 5 * math.cos(angle), mouth_y + 2 * math.sin(angle)]
+    return points
+
+
+def test_extracted_faces_get_their_map_from_the_68_landmarks(dataset, tmp_path):
+    """A facetwin-faces/1 index (extract.py) with landmarks on one face and none (a Haar detection) on another."""
+    shutil.copytree(dataset, tmp_path / "faces")
+    synth_index = json.loads((tmp_path / "faces" / "index.json").read_text())
+    images = [{k: e[k] for k in ("identity", "file", "mask")} for e in synth_index["images"]]
+    for entry in images:
+        entry["landmarks"] = _landmarks(12, 24) if entry["file"].endswith("00000.png") else None
+    index = {"schema": "facetwin-faces/1", "size": 32, "margin": 0.2,
+             "identities": [{"name": e["name"], "sources": []} for e in synth_index["identities"]], "images": images}
+    (tmp_path / "faces" / "index.json").write_text(json.dumps(index))
+    regions = load_faces(tmp_path / "faces")["ada"].regions.float() / 255
+    first = regions[0, 0]
+    assert float(first[12, 10]) > 0.9 and float(first[12, 22]) > 0.9 and float(first[24, 16]) > 0.9  # eyes, mouth
+    assert float(first[3, 3]) == 0 and float(first[18, 16]) < 0.5  # corner and nose: no extra weight
+    assert not regions[1:].any()  # no landmarks: an empty map, the loss falls back to the plain terms
+
+
+def test_augment_moves_the_eye_and_mouth_map_with_the_target(dataset):
+    ident = load_faces(dataset)["ada"]
+    faces, masks, regions = ident.sample(3, torch.Generator().manual_seed(0))
+    config = AugmentConfig(**{**NO_AUGMENT.__dict__, "flip": 1.0, "warp": 0.03})
+    out = augment(faces, masks, torch.Generator().manual_seed(0), config, regions)
+    assert torch.allclose(out.target_regions, (regions.float() / 255).flip(-1), atol=1e-5)  # flipped, not warped
+
+
+def test_data_moves_to_a_device_as_uint8_and_samples_there(dataset):
+    ident = load_faces(dataset)["ada"].to("cpu")  # the trainer's path; a CUDA device keeps the same dtypes
+    sample = ident.sample(4, torch.Generator().manual_seed(0))
+    assert all(t.dtype == torch.uint8 and t.device.type == "cpu" for t in sample)
+    again = load_faces(dataset)["ada"].sample(4, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(sample, again))

@@ -141,3 +141,21 @@ def test_bundle_is_readable_by_other_users(bundle):
     assert stat.S_IMODE(bundle.stat().st_mode) == DIR_MODE
     for path in bundle.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == FILE_MODE, path.name
+
+
+def test_a_vae_bundle_rebuilds_in_the_servers_torch_backend(tmp_path):
+    """The vae's extra log-variance head travels in the weights; the server rebuilds the graph from them."""
+    from facetwin.server.backends.torch_backend import load_swap_graph
+
+    data = synth.write_dataset(tmp_path / "data", identities=2, images=4, size=32, seed=5, progress=False)
+    ckpt = train(TrainConfig.from_preset("tiny", data, tmp_path / "run", steps=2, variant="vae", tensorboard=False),
+                 progress=False)
+    bundle = export_bundle(ckpt, tmp_path / "models", name="vae")
+    manifest = load_manifest(bundle)
+    assert manifest.variant == "vae" and manifest.model_config["variant"] == "vae"
+    assert "encoder.to_logvar.weight" in load_file(str(bundle / "weights.safetensors"))
+    face = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    session = ort.InferenceSession(str(bundle / manifest.targets["ben"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        rebuilt = load_swap_graph(bundle, manifest, "ben")(face)[0].numpy()
+    assert np.abs(rebuilt - session.run(["swapped"], {"face": face.numpy()})[0]).max() < 1e-4

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from facetwin.training.losses import (
-    LossWeights, dssim, gaussian_window, mask_loss, reconstruction_loss, ssim, ssim_map,
+    LossWeights, cycle_consistency_loss, dssim, gaussian_window, kl_divergence, lsgan_discriminator_loss,
+    lsgan_generator_loss, mask_loss, mixup_discriminator_loss, reconstruction_loss, region_l1, ssim, ssim_map,
 )
 
 
@@ -28,9 +29,9 @@ def test_identical_images_score_ssim_one_and_zero_loss():
     assert float(dssim(x, x)) == pytest.approx(0.0, abs=1e-5)
     mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
     total, terms = reconstruction_loss(x, x, mask, mask)
-    assert terms["l1"] == 0 and terms["face_l1"] == 0
-    assert terms["dssim"] == pytest.approx(0.0, abs=1e-5)
-    assert terms["mask"] < 1e-4  # BCE of a perfect binary mask (clamped away from log(0))
+    assert float(terms["l1"]) == 0 and float(terms["face_l1"]) == 0
+    assert float(terms["dssim"]) == pytest.approx(0.0, abs=1e-5)
+    assert float(terms["mask"]) < 1e-4  # BCE of a perfect binary mask (clamped away from log(0))
     assert float(total) < 1e-4
 
 
@@ -74,9 +75,9 @@ def test_loss_weights_scale_their_terms():
     pred, target = _images(6), _images(7)
     mask = torch.ones(2, 1, 32, 32)
     only_l1, terms = reconstruction_loss(pred, target, mask * 0.5, mask, LossWeights(l1=2.0, dssim=0, face=0, mask=0))
-    assert float(only_l1) == pytest.approx(2 * terms["l1"], rel=1e-5)
+    assert float(only_l1) == pytest.approx(2 * float(terms["l1"]), rel=1e-5)
     # With a full mask the face-weighted L1 equals the plain L1.
-    assert terms["face_l1"] == pytest.approx(terms["l1"], rel=1e-4)
+    assert float(terms["face_l1"]) == pytest.approx(float(terms["l1"]), rel=1e-4)
 
 
 def test_face_l1_ignores_the_background():
@@ -86,8 +87,8 @@ def test_face_l1_ignores_the_background():
     right_half = torch.zeros(1, 1, 16, 16)
     right_half[..., 8:] = 1.0
     _, terms = reconstruction_loss(pred, target, right_half, right_half)
-    assert terms["face_l1"] == pytest.approx(0.0, abs=1e-6)
-    assert terms["l1"] == pytest.approx(0.5)
+    assert float(terms["face_l1"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(terms["l1"]) == pytest.approx(0.5)
 
 
 def test_mask_loss_kinds_and_errors():
@@ -117,3 +118,57 @@ def test_training_ssim_agrees_with_the_evaluation_metric():
     ours = float(ssim(x, y))
     theirs = evaluate_ssim(x[0].permute(1, 2, 0).numpy() * 255, y[0].permute(1, 2, 0).numpy() * 255)
     assert ours == pytest.approx(theirs, abs=0.01)
+
+
+def test_eyes_and_mouth_weigh_only_inside_their_map():
+    target = torch.zeros(1, 3, 16, 16)
+    pred = target.clone()
+    pred[..., 4:6, 4:6] = 1.0  # wrong on a 2x2 "eye"
+    eye = torch.zeros(1, 1, 16, 16)
+    eye[..., 3:7, 3:7] = 1.0  # the eye region: 16 px, 4 of them wrong
+    plain, _ = reconstruction_loss(pred, target, eye, eye, LossWeights(dssim=0, mask=0))
+    weighted, terms = reconstruction_loss(pred, target, eye, eye, LossWeights(dssim=0, mask=0, eyes_mouth=2.0), eye)
+    assert float(terms["eyes_mouth_l1"]) == pytest.approx(4 / 16, rel=1e-4)
+    assert float(weighted - plain) == pytest.approx(2.0 * 4 / 16, rel=1e-4)
+    # An empty map (faces without landmarks) adds exactly nothing, and weight 0 keeps the old loss.
+    assert float(region_l1(pred, target, torch.zeros_like(eye))) == 0.0
+    unweighted, _ = reconstruction_loss(pred, target, eye, eye, LossWeights(dssim=0, mask=0), eye)
+    assert float(unweighted) == float(plain)
+
+
+def test_kl_divergence_is_zero_for_the_prior_and_falls_when_optimised():
+    zeros = torch.zeros(4, 8)
+    assert float(kl_divergence(zeros, zeros)) == 0.0
+    # Closed form for one dimension: 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2).
+    mu, logvar = torch.full((1, 1), 1.5), torch.full((1, 1), -1.0)
+    expected = 0.5 * (1.5**2 + torch.exp(torch.tensor(-1.0)) - 1 + 1.0)
+    assert float(kl_divergence(mu, logvar)) == pytest.approx(float(expected), rel=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 8, generator=generator).requires_grad_(True)
+    logvar = torch.randn(4, 8, generator=generator).requires_grad_(True)
+    optimizer = torch.optim.SGD([mu, logvar], lr=0.1)
+    values = []
+    for _ in range(60):
+        loss = kl_divergence(mu, logvar)
+        values.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(a > b for a, b in zip(values, values[1:])) and values[-1] < 0.2 * values[0]
+
+
+def test_least_squares_gan_losses_are_zero_at_their_optimum():
+    ones, zeros = torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
+    assert float(lsgan_discriminator_loss(ones, zeros)) == 0.0  # real scored 1, fake 0: a perfect critic
+    assert float(lsgan_discriminator_loss(zeros, ones)) == pytest.approx(1.0)
+    assert float(lsgan_generator_loss(ones)) == 0.0  # the critic takes the fakes for real
+    assert float(lsgan_generator_loss(zeros)) == pytest.approx(1.0)
+    lam = torch.tensor([0.2, 0.9])
+    assert float(mixup_discriminator_loss(lam.view(2, 1, 1, 1).expand(2, 1, 4, 4), lam)) == 0.0
+    assert float(mixup_discriminator_loss(zeros, lam)) == pytest.approx((0.2**2 + 0.9**2) / 2)
+
+
+def test_cycle_consistency_is_l1_to_the_original():
+    x = _images(10)
+    assert float(cycle_consistency_loss(x, x)) == 0.0
+    assert float(cycle_consistency_loss(x, 1 - x)) == pytest.approx(float((2 * x - 1).abs().mean()))

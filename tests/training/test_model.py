@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from facetwin.training.model import (
-    Decoder, Encoder, FaceSwapAutoencoder, ModelConfig, ModelConfigError, SwapGraph, count_parameters,
+    INITIAL_LOGVAR, CycleGAN, Decoder, Discriminators, Encoder, FaceSwapAutoencoder, ModelConfig, ModelConfigError,
+    SwapGraph, build_discriminators, build_model, count_parameters, swap_graph_from_state,
 )
 
 NAMES = ("ada", "ben", "cleo")
@@ -121,7 +123,8 @@ def test_fresh_model_is_not_a_constant_grey(tiny):
     ({"identities": ("ada", "../etc")}, "not valid"),
     ({"identities": ("ada", "two words")}, "not valid"),
     ({"variant": "gan"}, "not one of"),
-    ({"variant": "vae"}, "not implemented"),
+    ({"variant": "cyclegan", "identities": ("ada", "ben", "cleo")}, "exactly two identities"),
+    ({"discriminator_widths": (8, 16, 32, 64, 64)}, "below 2 px"),
     ({"encoder_widths": ()}, "positive"),
     ({"encoder_widths": (8, 0, 32)}, "positive"),
     ({"latent": -1}, "positive"),
@@ -157,3 +160,50 @@ def test_from_dict_rejects_malformed_mappings():
         ModelConfig.from_dict(["ada", "ben"])  # type: ignore[arg-type]
     with pytest.raises(ModelConfigError, match="at least two"):
         ModelConfig.from_dict({**good, "identities": ["ada"]})
+
+
+def test_ae_weights_keep_their_names_and_old_configs_still_load():
+    """Checkpoints and bundles of the ae predate the variants: same state-dict keys, configs without new fields."""
+    model = FaceSwapAutoencoder(ModelConfig.tiny(["ada", "ben"]))
+    keys = set(model.state_dict())
+    assert not any("logvar" in key or "critic" in key for key in keys)
+    assert {"encoder.to_latent.weight", "encoder.from_latent.weight", "decoders.ben.face_head.weight"} <= keys
+    old = {k: v for k, v in ModelConfig.tiny(["ada", "ben"]).to_dict().items() if k != "discriminator_widths"}
+    assert ModelConfig.from_dict(old) == ModelConfig.tiny(["ada", "ben"])
+
+
+@pytest.mark.parametrize("variant", ["ae", "vae", "vae-gan", "cyclegan"])
+def test_every_variant_rebuilds_its_swap_graph_from_a_state_dict(variant):
+    config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), variant=variant)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert isinstance(model, CycleGAN if variant == "cyclegan" else FaceSwapAutoencoder)
+    assert (build_discriminators(config) is not None) == config.adversarial
+    x = faces(2, 32, seed=4)
+    for target in ("ada", "ben"):
+        graph = swap_graph_from_state(config, model.state_dict(), target)
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(graph(x), model(x, target)))
+    with pytest.raises(KeyError, match="cleo"):
+        swap_graph_from_state(config, model.state_dict(), "cleo")
+
+
+def test_the_vae_encoder_adds_a_log_variance_head_and_starts_nearly_deterministic():
+    config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), variant="vae")
+    encoder = Encoder(config)
+    mu, logvar = encoder.encode(faces(3, 32))
+    assert mu.shape == logvar.shape == (3, config.latent)
+    assert torch.allclose(logvar, torch.full_like(logvar, INITIAL_LOGVAR))
+    assert Encoder(ModelConfig.tiny(["ada", "ben"])).encode(faces(3, 32))[1] is None
+
+
+def test_patch_discriminators_score_each_identity_separately():
+    config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), variant="vae-gan")
+    assert config.critic_widths == config.encoder_widths[:3]  # the () default
+    critics = Discriminators(config)
+    scores = critics(faces(4, 32))  # rows 0-1 for ada's critic, 2-3 for ben's
+    assert scores.shape == (4, 1, 4, 4)  # 32 px halved three times: a 4 x 4 grid of patch scores
+    with torch.no_grad():
+        assert torch.equal(scores[2:], critics.critics["ben"](faces(4, 32)[2:]))
+    wide = dataclasses.replace(config, discriminator_widths=(4, 8))
+    assert Discriminators(wide)(faces(2, 32)).shape == (2, 1, 8, 8)

@@ -144,3 +144,20 @@ def test_dry_run_takes_seconds_and_leaves_nothing(tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("facetwin-dry-*")) == before
     kept = dry_run(tmp_path / "run", steps=2)
     assert Path(kept["checkpoint"]).is_file()
+
+
+def test_a_checkpoint_from_before_the_variants_still_loads_and_resumes(data, tmp_path):
+    """Older checkpoints lack the variant/amp/tensorboard/preview fields and the newer loss weights."""
+    ckpt = train(tiny(data, tmp_path / "run", steps=2, tensorboard=False), progress=False)
+    payload = torch.load(ckpt, weights_only=True)
+    for key in ("variant", "amp", "tensorboard", "log_every", "preview_every"):
+        del payload["config"][key]
+    for key in ("eyes_mouth", "kl", "gan", "mixup_alpha", "cycle", "identity"):
+        del payload["config"]["loss"][key]
+    del payload["config"]["model"]["discriminator_widths"]
+    del payload["world_size"]
+    torch.save(payload, ckpt)
+    loaded = load_checkpoint(ckpt)
+    assert loaded["train_config"].variant == "ae" and loaded["train_config"].model == ModelConfig.tiny(["ada", "ben"])
+    resumed = train(tiny(data, tmp_path / "run", steps=4, tensorboard=False), progress=False, resume=True)
+    assert load_checkpoint(resumed)["step"] == 4
