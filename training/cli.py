@@ -4,6 +4,10 @@
     facetwin-train train --data data --out runs/demo --preset demo
     facetwin-train export --checkpoint runs/demo/checkpoint.pt --out models --name demo
     facetwin-train evaluate --bundle models/demo --grid swap.png
+    facetwin-train evaluate --bundle models/real --data faces --json --markdown report.md
+    facetwin-train compare --bundle models/ae --bundle models/vae --data faces
+    facetwin-train dfm-export --bundle models/demo --target ben --out ben.dfm
+    facetwin-train dfm-import ben.dfm --out models --name ben-dfm
 
 Every command takes --dry-run: a tiny version of the same work in a temp dir, done in seconds. Mistakes a
 user can make (missing folders, bad checkpoints, an existing bundle) end with one line on stderr and exit
@@ -123,20 +127,33 @@ def train(
     out: Optional[Path] = typer.Option(None, help="run folder for checkpoint.pt and config.json"),
     preset: str = typer.Option("demo", help="demo (CPU demo quality, minutes) or tiny (seconds, tests)"),
     steps: Optional[int] = typer.Option(None, min=1, help="override the preset's number of steps"),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="override the preset's faces per identity per step"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="override the preset's faces per identity per step "
+                                            "(per process under torchrun)"),
     lr: Optional[float] = typer.Option(None, min=0.0, help="override the preset's learning rate"),
     seed: Optional[int] = typer.Option(None, min=0, help="override the seed"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default 2)"),
+    variant: str = typer.Option("ae", help="ae (autoencoder), vae, vae-gan or cyclegan (two identities)"),
+    amp: str = typer.Option("off", help="mixed precision on CUDA: off, bf16 or fp16 (ignored on CPU)"),
+    tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard",
+                                     help="write TensorBoard loss scalars into --out"),
+    preview_every: int = typer.Option(0, min=0, help="write a PNG preview grid to --out/previews every N steps "
+                                      "(0 = never)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
     dry_run: bool = typer.Option(False, "--dry-run", help="a few tiny steps on tiny generated data in a temp dir"),
 ) -> None:
-    """Trains the shared-encoder / per-identity-decoder autoencoder."""
+    """Trains a face-swap model (--variant); under `torchrun --nproc_per_node N` on N processes (DDP)."""
     from facetwin.training import train as train_mod
+    from facetwin.training.model import VARIANTS
 
+    if variant not in VARIANTS:
+        _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    if amp not in train_mod.AMP_MODES:
+        _fail(f"--amp must be one of {', '.join(train_mod.AMP_MODES)}, not {amp!r}")
+    options = {"amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
     if dry_run:
-        summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False))
+        summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant, **options))
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "nothing kept (temp dir)"
-        typer.echo(f"dry run: trained the tiny preset for {summary['steps']} steps on generated faces of "
+        typer.echo(f"dry run: trained the tiny {variant} preset for {summary['steps']} steps on generated faces of "
                    f"{summary['identities']} in {summary['seconds']} s; {where}")
         return
     if data is None or out is None:
@@ -144,9 +161,10 @@ def train(
     if preset not in train_mod.PRESETS:
         _fail(f"--preset must be one of {', '.join(train_mod.PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
-                                            seed=seed, threads=threads)
+                                            seed=seed, threads=threads, variant=variant, **options)
     ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
-    typer.echo(f"checkpoint: {ckpt}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        typer.echo(f"checkpoint: {ckpt}")
 
 
 @app.command()
@@ -178,43 +196,183 @@ def export(
                f"max ONNX-vs-torch error {manifest.export['max_abs_error']:.2e} ({time.perf_counter() - started:.1f} s)")
 
 
+def _identity_map(pairs: Optional[list[str]]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs or []:
+        data_name, sep, bundle_name = pair.partition("=")
+        if not sep or not data_name or not bundle_name:
+            _fail(f"--map takes DATA_IDENTITY=BUNDLE_IDENTITY, got {pair!r}")
+        mapping[data_name] = bundle_name
+    return mapping
+
+
+def _load_real(data: Optional[Path], video: Optional[Path], video_identity: Optional[str],
+               mapping: Optional[list[str]], every: int, max_frames: int) -> Any:
+    from facetwin.training import evaluate as evaluate_mod
+
+    if data is None and video is None:
+        return None
+    return _run(lambda: evaluate_mod.RealInput.load(data, video, video_identity, _identity_map(mapping), every,
+                                                    max_frames))
+
+
+def _publish(reports: list[dict[str, Any]], as_json: bool, markdown: Optional[Path], single: bool) -> None:
+    from facetwin.server.bundle import atomic_write_bytes
+    from facetwin.training import evaluate as evaluate_mod
+
+    table = evaluate_mod.markdown_table(reports)
+    if markdown is not None:
+        _run(lambda: atomic_write_bytes(markdown, table.encode()))
+    if as_json:
+        typer.echo(json.dumps(reports[0] if single else reports, indent=2, sort_keys=True))
+    else:
+        typer.echo(table, nl=False)
+
+
+DATA_HELP = "extracted real-face data set (facetwin-train extract): identity, landmark and flicker metrics"
+VIDEO_HELP = "video of one person (its largest face per frame) to swap; name the person with --video-identity"
+MAP_HELP = "DATA=BUNDLE: score the data set's / video's identity DATA as the bundle's identity BUNDLE (repeatable)"
+
+
 @app.command()
 def evaluate(
-    bundle: Optional[Path] = typer.Option(None, help="bundle folder (models/<name>) trained on synthetic faces"),
-    count: int = typer.Option(64, min=1, help="held-out poses to swap"),
+    bundle: Optional[Path] = typer.Option(None, help="bundle folder (models/<name>)"),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    video: Optional[Path] = typer.Option(None, help=VIDEO_HELP),
+    video_identity: Optional[str] = typer.Option(None, help="the bundle identity --video shows"),
+    identity_map: Optional[list[str]] = typer.Option(None, "--map", help=MAP_HELP),
+    count: int = typer.Option(64, min=1, help="held-out synthetic poses to swap (bundles trained on synth data)"),
     seed: int = typer.Option(1234, min=0, help="seed of the held-out poses"),
-    as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
-    grid: Optional[Path] = typer.Option(None, help="also write a PNG grid of source / swap / truth"),
+    faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair, in playing order"),
+    references: int = typer.Option(32, min=1, help="real crops averaged into each identity's reference embedding"),
+    every: int = typer.Option(1, min=1, help="with --video: use every N-th frame"),
+    max_frames: int = typer.Option(120, min=1, help="with --video: read at most this many frames"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    markdown: Optional[Path] = typer.Option(None, help="also write the report as a Markdown table to this file"),
+    grid: Optional[Path] = typer.Option(None, help="also write a PNG grid of source / swap / truth (synth bundles)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="evaluate a tiny freshly trained bundle in a temp dir"),
 ) -> None:
-    """Scores swaps against ground truth: SSIM / L1 of A->B swaps vs B rendered in A's pose."""
+    """One report per bundle: synthetic SSIM/L1, identity distances, landmark NME, flicker ratio (null + reason
+    where a metric does not apply)."""
     from facetwin.training import evaluate as evaluate_mod
-    from facetwin.training import export as export_mod
 
     with tempfile.TemporaryDirectory(prefix="facetwin-eval-dry-") as tmp:
-        grid_path = grid
+        grid_path, markdown_path = grid, markdown
         if dry_run:
-            _run(lambda: export_mod.dry_run(Path(tmp) / "models"))
-            bundle, count = Path(tmp) / "models" / "dry-run", min(count, 4)
-            grid_path = Path(tmp) / "grid.png" if grid is not None else None  # a dry run writes nothing outside
+            bundles, real, used = _run(lambda: evaluate_mod.dry_run_inputs(tmp))
+            bundle, count, faces, references = bundles[0], min(count, 4), min(faces, 3), min(references, 3)
+            # a dry run writes nothing outside its temp dir
+            grid_path = Path(tmp) / "grid.png" if grid is not None else None
+            markdown_path = Path(tmp) / "report.md" if markdown is not None else None
         elif bundle is None:
             _fail("evaluate needs --bundle (or --dry-run)")
-        scores = _run(lambda: evaluate_mod.synthetic_swap_score(bundle, count=count, seed=seed))
+        else:
+            _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
+            real = _load_real(data, video, video_identity, identity_map, every, max_frames)
+        report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed,
+                                                           faces_per_pair=faces, reference_faces=references))
         if grid_path is not None:
             _run(lambda: evaluate_mod.swap_grid(bundle, grid_path))
-    if as_json:
-        typer.echo(json.dumps(scores, indent=2, sort_keys=True))
-        return
-    if dry_run:
-        typer.echo("dry run: scored a tiny, barely trained bundle in a temp dir (deleted); the numbers mean nothing"
-                   + (f"; would write the grid to {grid}" if grid is not None else ""))
-    typer.echo(f"{scores['count']} held-out poses per direction (seed {scores['seed']}): "
-               f"ssim {scores['ssim']:.4f}, ssim_face {scores['ssim_face']:.4f}, l1 {scores['l1']:.4f}")
-    for pair in scores["pairs"]:
-        typer.echo(f"  {pair['source']} -> {pair['target']}: ssim {pair['ssim']:.4f}, "
-                   f"ssim_face {pair['ssim_face']:.4f}, l1 {pair['l1']:.4f}")
+        if dry_run:
+            typer.echo(f"dry run: evaluated a tiny, barely trained bundle in a temp dir (deleted) on {used}; "
+                       "the numbers mean nothing")
+        _publish([report], as_json, markdown_path, single=True)
     if grid is not None and not dry_run:
         typer.echo(f"grid: {grid}")
+
+
+@app.command()
+def compare(
+    bundles: Optional[list[Path]] = typer.Option(None, "--bundle", help="bundle folders to compare (repeat)"),
+    data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+    video: Optional[Path] = typer.Option(None, help=VIDEO_HELP),
+    video_identity: Optional[str] = typer.Option(None, help="the bundle identity --video shows"),
+    identity_map: Optional[list[str]] = typer.Option(None, "--map", help=MAP_HELP),
+    count: int = typer.Option(64, min=1, help="held-out synthetic poses to swap (bundles trained on synth data)"),
+    faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair"),
+    references: int = typer.Option(32, min=1, help="real crops averaged into each reference embedding"),
+    every: int = typer.Option(1, min=1, help="with --video: use every N-th frame"),
+    max_frames: int = typer.Option(120, min=1, help="with --video: read at most this many frames"),
+    as_json: bool = typer.Option(False, "--json", help="print the reports as a JSON list instead of the table"),
+    markdown: Optional[Path] = typer.Option(None, help="also write the table to this Markdown file"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="compare two tiny bundles in a temp dir"),
+) -> None:
+    """Evaluates several bundles (variants) on the same faces and prints the comparison table."""
+    from facetwin.training import evaluate as evaluate_mod
+
+    with tempfile.TemporaryDirectory(prefix="facetwin-compare-dry-") as tmp:
+        markdown_path = markdown
+        if dry_run:
+            bundles, real, used = _run(lambda: evaluate_mod.dry_run_inputs(tmp, bundles=2))
+            count, faces, references = min(count, 4), min(faces, 3), min(references, 3)
+            markdown_path = Path(tmp) / "compare.md" if markdown is not None else None
+            typer.echo(f"dry run: compared two copies of a tiny, barely trained bundle in a temp dir (deleted) on "
+                       f"{used}; the numbers mean nothing")
+        elif not bundles:
+            _fail("compare needs at least one --bundle (or --dry-run)")
+        else:
+            for path in bundles:
+                _run(lambda: evaluate_mod.load_manifest(path))
+            real = _load_real(data, video, video_identity, identity_map, every, max_frames)
+        reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
+                                                             reference_faces=references)) for path in bundles]
+        _publish(reports, as_json, markdown_path, single=False)
+
+
+@app.command("dfm-export")
+def dfm_export(
+    bundle: Optional[Path] = typer.Option(None, help="bundle folder (models/<name>)"),
+    target: Optional[str] = typer.Option(None, help="the bundle identity the .dfm swaps faces into"),
+    out: Optional[Path] = typer.Option(None, help=".dfm file to write (default: <target>.dfm)"),
+    face_mask_from: Optional[str] = typer.Option(None, help="bundle identity whose decoder gives out_face_mask "
+                                                 "(DFL's dst mask); default: repeat the target's mask"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing .dfm"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="tiny bundle -> .dfm -> bundle round trip in a temp dir"),
+) -> None:
+    """Exports one bundle target as a DeepFaceLab / DeepFaceLive .dfm (in_face:0 NHWC BGR -> out_* NHWC)."""
+    from facetwin.training import dfm
+
+    if dry_run:
+        summary = _run(dfm.dry_run)
+        typer.echo(f"dry run: exported target {summary['target']} of a tiny bundle as a {summary['resolution']} px "
+                   f".dfm (inputs {summary['dfm_inputs']}, outputs {summary['dfm_outputs']}) and imported it back "
+                   f"as {summary['imported_identities']}: max round-trip error "
+                   f"{summary['round_trip_max_abs_error']:.1e}; temp dir deleted")
+        return
+    if bundle is None or target is None:
+        _fail("dfm-export needs --bundle and --target (or --dry-run)")
+    path = _run(lambda: dfm.bundle_to_dfm(bundle, target, out or Path(f"{target}.dfm"), face_mask_from, overwrite))
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {bundle.name}/{target} as a DeepFaceLab .dfm")
+
+
+@app.command("dfm-import")
+def dfm_import(
+    dfm_file: Optional[Path] = typer.Argument(None, help="DeepFaceLab / DeepFaceLive .dfm file"),
+    out: Path = typer.Option(Path("models"), help="model directory the bundle goes into"),
+    name: Optional[str] = typer.Option(None, help="bundle (model) name; default: the file's stem"),
+    celeb: Optional[str] = typer.Option(None, help="identity name of the face the .dfm renders (default: its stem)"),
+    dst: str = typer.Option("dst", help="name of the bundle's second identity (the faces the .dfm swaps)"),
+    morph: float = typer.Option(0.75, min=0.0, max=1.0, help="morph_value baked into AMP models (DeepFaceLive's "
+                                "default: 0.75)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of that name"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="tiny bundle -> .dfm -> bundle round trip in a temp dir"),
+) -> None:
+    """Converts a DeepFaceLab .dfm into a bundle the server loads (onnxruntime / tensorrt backends)."""
+    from facetwin.server.bundle import load_manifest
+    from facetwin.training import dfm
+
+    if dry_run:
+        summary = _run(dfm.dry_run)
+        typer.echo(f"dry run: imported a .dfm exported from a tiny bundle ({summary['resolution']} px) as "
+                   f"identities {summary['imported_identities']}: max round-trip error "
+                   f"{summary['round_trip_max_abs_error']:.1e}; temp dir deleted")
+        return
+    if dfm_file is None:
+        _fail("dfm-import needs a .dfm file (or --dry-run)")
+    bundle = _run(lambda: dfm.dfm_to_bundle(dfm_file, out, name or dfm_file.stem, celeb, dst, morph, overwrite))
+    manifest = load_manifest(bundle)
+    typer.echo(f"bundle {bundle}: target {sorted(manifest.targets)}, identities {list(manifest.identities)}, "
+               f"{manifest.resolution} px, max error vs the .dfm {manifest.export['max_abs_error']:.1e}")
 
 
 def _fail(message: str) -> NoReturn:

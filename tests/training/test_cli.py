@@ -126,7 +126,7 @@ def test_refused_resume_leaves_the_run_untouched(tiny_model_dir, data, tmp_path)
 def test_evaluate_prints_json_scores(tiny_model_dir):
     run = run_cli("evaluate", "--bundle", tiny_model_dir / "tiny", "--count", 2, "--json")
     assert run.returncode == 0, run.stderr
-    scores = json.loads(run.stdout)
+    scores = json.loads(run.stdout)["synthetic"]
     assert scores["count"] == 2 and -1 <= scores["ssim"] <= 1 and 0 <= scores["l1"] <= 1
 
 

