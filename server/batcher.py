@@ -4,6 +4,10 @@ Requests queue per caller (a client connection for unary calls, the stream for S
 filled round-robin across callers, so one busy stream cannot starve everyone else. A batch runs when it is
 full, or when its oldest request has waited `max_delay_s`, whichever comes first — and while a batch runs,
 the next one keeps filling, which is where most batching under load comes from.
+
+Up to `prefetch` batches wait in the executor's queue behind the running ones, so the backend starts the next
+batch the moment the previous one returns instead of waiting for the event loop (which under load is busy
+with gRPC) to hand it over.
 """
 
 from __future__ import annotations
@@ -53,8 +57,12 @@ class DynamicBatcher:
         max_delay_s: float = 0.002,
         max_queue: int = 256,
         concurrency: int = 1,
+        prefetch: int = 1,
         name: str = "batcher",
     ) -> None:
+        """concurrency: batches running at once (executor threads); prefetch: batches formed ahead of them."""
+        if concurrency < 1 or prefetch < 0:
+            raise ValueError("concurrency must be >= 1 and prefetch >= 0")
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -65,6 +73,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._concurrency = concurrency
+        self._prefetch = prefetch
         self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=name)
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -92,7 +101,7 @@ class DynamicBatcher:
     def _start(self) -> None:
         if self._task is None:
             self._wakeup = asyncio.Event()
-            self._slots = asyncio.Semaphore(self._concurrency)
+            self._slots = asyncio.Semaphore(self._concurrency + self._prefetch)
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
     async def _loop(self) -> None:
@@ -100,7 +109,7 @@ class DynamicBatcher:
             while self._size == 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._slots.acquire()  # while the previous batch runs, the queue keeps filling
+            await self._slots.acquire()  # while the running (and prefetched) batches run, the queue keeps filling
             await self._wait_for_batch()
             batch = self._take()
             if not batch:
@@ -139,11 +148,17 @@ class DynamicBatcher:
                 batch.append(pending)
         return batch
 
+    def _timed_run(self, items: list[Any]) -> tuple[Sequence[Any], float, float]:
+        """Runs in the executor thread: the clock starts when the backend does, not when the batch was queued."""
+        started = time.perf_counter()
+        results = self._run_batch(items)
+        return results, started, time.perf_counter() - started
+
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
+            results, started, elapsed = await loop.run_in_executor(self._executor, self._timed_run,
+                                                                   [p.item for p in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # the backend failed: fail this batch only, keep serving
@@ -155,7 +170,6 @@ class DynamicBatcher:
             return
         finally:
             self._slots.release()
-        elapsed = time.perf_counter() - started
         for pending, result in zip(batch, results):
             if not pending.future.done():
                 pending.future.set_result((result, BatchInfo(len(batch), started - pending.enqueued, elapsed)))

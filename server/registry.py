@@ -12,7 +12,7 @@ import numpy as np
 from . import imaging
 from .backends import Backend, get_backend
 from .batcher import DynamicBatcher
-from .bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256, resolve_bundle_dir
+from .bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256
 from .config import ServerConfig
 from .errors import InvalidInputError, NotFoundError, UnavailableError
 
@@ -112,12 +112,12 @@ class ModelRegistry:
 
     async def get(self, model_name: str, target: str, timeout: float | None = None) -> tuple[LoadedModel, LoadedTarget]:
         """The loaded target, waiting for a model that is still loading; NotFound / Unavailable otherwise."""
-        try:
-            resolve_bundle_dir(self.model_dir, model_name)  # rejects path tricks with a clear message
-        except BundleError as exc:
-            raise InvalidInputError(str(exc)) from None
-        model = self.models.get(model_name)
+        model = self.models.get(model_name)  # loaded names were checked at load: the hot path is one dict lookup
         if model is None:
+            try:
+                check_name(model_name, "model name")  # "../x", "" and friends get INVALID_ARGUMENT, not NOT_FOUND
+            except BundleError as exc:
+                raise InvalidInputError(str(exc)) from None
             raise NotFoundError(f"model {model_name!r} is not loaded; loaded models: {sorted(self.models) or 'none'}")
         if not model.ready.is_set():
             try:
