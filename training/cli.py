@@ -132,6 +132,8 @@ def train(
     lr: Optional[float] = typer.Option(None, min=0.0, help="override the preset's learning rate"),
     seed: Optional[int] = typer.Option(None, min=0, help="override the seed"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default 2)"),
+    max_seconds: Optional[float] = typer.Option(None, min=0.0, help="stop early after this many seconds of training "
+                                                "(checkpoint written; --resume continues); 0 = no limit"),
     variant: str = typer.Option("ae", help="ae (autoencoder), vae, vae-gan or cyclegan (two identities)"),
     amp: str = typer.Option("off", help="mixed precision on CUDA: off, bf16 or fp16 (ignored on CPU)"),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard",
@@ -161,7 +163,8 @@ def train(
     if preset not in train_mod.PRESETS:
         _fail(f"--preset must be one of {', '.join(train_mod.PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
-                                            seed=seed, threads=threads, variant=variant, **options)
+                                            seed=seed, threads=threads, variant=variant, max_seconds=max_seconds,
+                                            **options)
     ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")

@@ -10,6 +10,7 @@ go through the real gRPC server with the client SDK. Writes to --out:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -59,6 +61,19 @@ def wait_ready(client: Client, model: str, timeout_s: float = 120) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"error: the server did not get {model} ready within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serving(model_dir: Path) -> Iterator[str]:
+    """`facetwin-server serve` of model_dir on a free loopback port; yields its address, stops it (SIGTERM) on exit."""
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, FACETWIN_MODEL_DIR=str(model_dir), FACETWIN_ADDRESS=address, FACETWIN_LOG_LEVEL="WARNING")
+    server = subprocess.Popen([str(BIN / "facetwin-server"), "serve"], env=env)
+    try:
+        yield address
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
 
 
 def clip_poses(count: int, seed: int) -> list[synth.Pose]:
@@ -109,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="demo", choices=["demo", "tiny"], help="tiny = seconds-long smoke run")
     p.add_argument("--images", type=int, default=None, help="images per identity (default 500, tiny 48)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="training time budget (default 360 s for the demo preset, so make demo stays under 10 minutes "
+                        "on a slower machine; 0 = none)")
     p.add_argument("--eval-poses", type=int, default=32, help="held-out poses scored per direction")
     p.add_argument("--clip-frames", type=int, default=72)
     args = p.parse_args(argv)
@@ -125,16 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     banner(2, total, f"train the {args.preset} autoencoder (shared encoder, one decoder per identity)")
     train_cmd = [str(BIN / "facetwin-train"), "train", "--data", str(data), "--out", str(run_dir), "--preset",
                  args.preset, "--resume"]
-    run(train_cmd + (["--steps", str(args.steps)] if args.steps else []))
+    budget = args.max_seconds if args.max_seconds is not None else (0 if tiny else 360)
+    run(train_cmd + (["--steps", str(args.steps)] if args.steps else []) + ["--max-seconds", str(budget)])
     banner(3, total, "export the model bundle (ONNX per target + manifest)")
     run([str(BIN / "facetwin-train"), "export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(models),
          "--name", "demo", "--overwrite"])
 
     banner(4, total, "start facetwin-server (ONNX Runtime, CPU) on loopback")
-    address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, FACETWIN_MODEL_DIR=str(models), FACETWIN_ADDRESS=address, FACETWIN_LOG_LEVEL="WARNING")
-    server = subprocess.Popen([str(BIN / "facetwin-server"), "serve"], env=env)
-    try:
+    with serving(models) as address:
         with Client(address, timeout=60) as client:
             wait_ready(client, "demo")
             (info,) = [m for m in client.list_models() if m.name == "demo"]
@@ -156,9 +172,6 @@ def main(argv: list[str] | None = None) -> None:
             banner(6, total, f"stream a {args.clip_frames}-frame clip of {a} as {b} through SwapStream")
             clip_path = out / "swap_clip.mp4"
             frames = write_clip(client, "demo", known, a, b, args.resolution, clip_path, args.clip_frames)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
 
     score = {key: (forward[key] + backward[key]) / 2 for key in ("ssim", "ssim_face", "l1")}
     report = {

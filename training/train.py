@@ -82,7 +82,10 @@ class TrainConfig:
     data_dir: str  # data set folder (synth layout with index.json)
     out_dir: str  # run folder: checkpoint.pt + config.json
     preset: str = "demo"  # "demo" (CPU demo quality) or "tiny" (tests: seconds); picks the model when model is None
-    steps: int = 2400  # total optimizer steps; ~4 min on 2 CPU cores for the demo model (a resume continues to this)
+    steps: int = 4000  # total optimizer steps; ~6 min on 2 idle CPU cores for the demo model (a resume continues to this)
+    # Stop early once training has run this long (0: no limit), with a checkpoint at the stop; --resume continues
+    # towards `steps`. The demo sets it so `make demo` keeps its 10-minute promise on a slower machine.
+    max_seconds: float = 0.0
     batch_size: int = 4  # faces per identity per step: at a fixed time budget, more small steps beat fewer big ones
     lr: float = 1e-3  # Adam peak learning rate; faceswap uses 5e-5 over days of GPU time, the demo has minutes
     warmup_steps: int = 50  # linear learning-rate warm-up from ~0 to lr
@@ -235,6 +238,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError("steps, batch_size, checkpoint_every and log_every must be at least 1")
     if cfg.preview_every < 0:
         raise ValueError(f"preview_every must be 0 (off) or a number of steps, got {cfg.preview_every}")
+    if cfg.max_seconds < 0:
+        raise ValueError(f"max_seconds must be 0 (no limit) or a number of seconds, got {cfg.max_seconds}")
     if cfg.variant not in VARIANTS:
         raise ValueError(f"variant {cfg.variant!r} is not one of {', '.join(VARIANTS)}")
     if cfg.model is not None and cfg.model.variant != cfg.variant:
@@ -490,6 +495,17 @@ def batch_seed(cfg: TrainConfig, step: int, rank: int = 0) -> int:
     return cfg.seed * 1_000_003 + step + rank * 0x9E3779B9
 
 
+def sample_batches(t: Trainer, faces: dict[str, IdentityFaces], generator: torch.Generator) -> list[Augmented]:
+    """Step 1: one augmented batch per identity, on the faces' (the training) device. Sample, then augment, one
+    identity after the other: the generator's order of draws. bench/train.py times this same function."""
+    batches = []
+    for name in t.names:
+        sample = faces[name].sample(t.cfg.batch_size, generator)
+        regions = sample.regions if t.cfg.loss.eyes_mouth else None  # None: no resampling of an all-zero map
+        batches.append(augment(sample.faces, sample.masks, generator, t.cfg.augment, regions))
+    return batches
+
+
 def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
     """Runs (or resumes) training; returns the path of the final checkpoint. Under torchrun, every process
     calls this; rank 0 writes."""
@@ -539,6 +555,15 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     return ckpt_path
 
 
+def _all_agree(flag: bool, world: Distributed, device: torch.device) -> bool:
+    """True on every process once any process says so (ranks must stop at the same step)."""
+    if world.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)  # the training device: NCCL reduces CUDA tensors only
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_path: Path, data_info: dict[str, Any],
           world: Distributed, progress: bool) -> None:
     """The training loop proper: sample + augment, step, then (rank 0) log, preview and checkpoint."""
@@ -562,11 +587,7 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
     for step in range(start_step, cfg.steps):
         generator.manual_seed(batch_seed(cfg, step, world.rank))
         # 1. one augmented batch per identity, on the training device
-        batches = []
-        for name in t.names:  # sample, then augment, one identity after the other: the generator's order of draws
-            sample = faces[name].sample(cfg.batch_size, generator)
-            regions = sample.regions if cfg.loss.eyes_mouth else None  # None: no resampling of an all-zero map
-            batches.append(augment(sample.faces, sample.masks, generator, cfg.augment, regions))
+        batches = sample_batches(t, faces, generator)
         # 2-4. forward, losses, backward, optimizer step(s)
         terms = train_step(t, batches, step, generator)
 
@@ -584,13 +605,19 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
             _write_png(out_dir / PREVIEW_DIR / f"step_{done:06d}.png", grid)
             if writer is not None:
                 writer.add_image("preview", grid, done, dataformats="HWC")
-        if world.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        spent = time.perf_counter() - started
+        out_of_time = bool(cfg.max_seconds) and _all_agree(spent > cfg.max_seconds, world, t.device)
+        if world.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time):
             extra: dict[str, Any] = {"world_size": world.world_size}
             if t.critics is not None and t.critic_optimizer is not None:
                 extra.update(critics=t.critics.state_dict(), critic_optimizer=t.critic_optimizer.state_dict())
             if t.scaler.is_enabled():
                 extra["scaler"] = t.scaler.state_dict()
             save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info, extra)
+        if out_of_time:
+            if world.is_main:
+                bar.write(f"stopping at step {done} of {cfg.steps}: the {cfg.max_seconds:g} s time budget is spent")
+            break
     bar.close()
     if writer is not None:
         writer.close()
@@ -598,7 +625,7 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
         dist.barrier()  # every process returns once rank 0's final checkpoint is on disk
     elapsed = time.perf_counter() - started
     if progress and world.is_main:
-        count = cfg.steps - start_step
+        count = done - start_step
         print(f"trained {count} steps in {elapsed:.1f} s ({count / elapsed:.2f} steps/s), loss {float(smoothed):.4f}; "
               f"checkpoint {ckpt_path}")
 

@@ -161,3 +161,13 @@ def test_a_checkpoint_from_before_the_variants_still_loads_and_resumes(data, tmp
     assert loaded["train_config"].variant == "ae" and loaded["train_config"].model == ModelConfig.tiny(["ada", "ben"])
     resumed = train(tiny(data, tmp_path / "run", steps=4, tensorboard=False), progress=False, resume=True)
     assert load_checkpoint(resumed)["step"] == 4
+
+
+def test_a_time_budget_stops_early_with_a_checkpoint_and_resume_finishes(data, tmp_path):
+    # A budget far below one step's time: the run stops after its first step, checkpointed; resume goes on to steps.
+    ckpt = train(tiny(data, tmp_path / "run", steps=50, checkpoint_every=100, max_seconds=1e-9), progress=False)
+    assert load_checkpoint(ckpt)["step"] == 1
+    finished = train(tiny(data, tmp_path / "run", steps=50, checkpoint_every=100), progress=False, resume=True)
+    assert load_checkpoint(finished)["step"] == 50
+    with pytest.raises(ValueError, match="max_seconds"):
+        train(tiny(data, tmp_path / "bad", max_seconds=-1), progress=False)
