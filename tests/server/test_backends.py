@@ -209,3 +209,44 @@ def test_torch_cuda_captures_one_graph_per_bucket_and_padding_does_not_leak(bund
         np.testing.assert_allclose(face[:5], face[5:], atol=1e-2)
     finally:
         backend.close()
+
+
+@pytest.fixture(scope="module")
+def cyclegan_bundle(tmp_path_factory):
+    """A tiny cyclegan trained a few steps and exported: its weights hold two generators, no shared encoder."""
+    pytest.importorskip("torch")
+    from facetwin.training.export import dry_run
+
+    root = tmp_path_factory.mktemp("cyclegan")
+    summary = dry_run(root / "models", variant="cyclegan")
+    path = root / "models" / "dry-run"
+    assert summary["variant"] == "cyclegan"
+    return path, load_manifest(path)
+
+
+def test_torch_cpu_serves_a_cyclegan_bundle_like_onnxruntime(cyclegan_bundle):
+    path, manifest = cyclegan_bundle
+    assert manifest.variant == "cyclegan"
+    size = manifest.resolution
+    faces = np.random.default_rng(11).random((3, 3, size, size), dtype=np.float32)
+    for target in manifest.targets:
+        reference = make_backend(REFERENCE, path, manifest, target)
+        backend = make_backend("torch-cpu", path, manifest, target, max_batch=SMALL_MAX_BATCH)
+        try:
+            for expected, actual in zip(reference.infer(faces), backend.infer(faces)):
+                error = float(np.abs(actual - expected).max())
+                assert error <= TOLERANCE["torch-cpu"], f"cyclegan/{target}: max |diff| {error:.2e}"
+        finally:
+            backend.close()
+            reference.close()
+
+
+def test_torch_rebuild_of_a_cyclegan_bundle_reports_bad_weights_as_a_bundle_error(cyclegan_bundle):
+    path, manifest = cyclegan_bundle
+    wrong = dataclasses.replace(manifest, model_config={**manifest.model_config, "latent": 7})
+    with pytest.raises(BundleError, match="does not fit the manifest's model_config"):
+        load_swap_graph(path, wrong, manifest.identities[0])
+    # a manifest whose targets name someone the model_config does not know: KeyError -> BundleError
+    stranger = dataclasses.replace(manifest, targets={**manifest.targets, "nobody": "target_nobody.onnx"})
+    with pytest.raises(BundleError, match="'nobody' is not an identity"):
+        load_swap_graph(path, stranger, "nobody")
