@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -42,6 +40,7 @@ from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client processes)
+from report import host_info, write_report  # noqa: E402  (bench/report.py)
 
 
 def parse_args() -> argparse.Namespace:
@@ -261,18 +260,6 @@ def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int
     return pb.SwapRequest(model=model, target=target, frame_id=frame_id, kind=pb.IMAGE_KIND_FULL_FRAME,
                           image=pb.Image(raw=pb.RawImage(pixels=frame.tobytes(), height=h, width=w, channels=3,
                                                          color_order=pb.COLOR_ORDER_RGB)))
-
-
-def host_info() -> dict:
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
-
-
-def write_report(report: dict, json_path: str | None) -> None:
-    text = json.dumps(report, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text + "\n")
 
 
 def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: str, res: int) -> None:

@@ -32,8 +32,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -42,6 +40,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import host_info as base_host_info, write_report  # noqa: E402  (bench/report.py)
 
 from facetwin.training import synth  # noqa: E402
 from facetwin.training.data import describe, identity_names, load_faces, load_index  # noqa: E402
@@ -200,8 +201,7 @@ def measure(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def host_info(device: torch.device) -> dict[str, Any]:
-    info = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    info = {**base_host_info(), "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -212,14 +212,6 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:  # not every platform has it
         return None
-
-
-def write_report(report: dict, json_path: str | None) -> None:
-    text = json.dumps(report, indent=2)
-    print(text)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text + "\n")
 
 
 def with_data(args: argparse.Namespace, body: Callable[[Path, Path], dict]) -> dict:

