@@ -44,7 +44,7 @@ async def _client(address: str, payloads: list[bytes], kind: str, count: int, se
         latencies: list[float] = []
         timings: list[Any] = []
         dropped = 0
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         stop_at = start + seconds
 
         async def unary_worker(k: int) -> int:
@@ -78,9 +78,9 @@ async def _client(address: str, payloads: list[bytes], kind: str, count: int, se
 
         worker = unary_worker if kind == "unary" else stream_worker
         done = sum(await asyncio.gather(*(worker(k) for k in range(count))))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     stages = ("decode_ms", "detect_ms", "align_ms", "queue_ms", "inference_ms", "blend_ms", "encode_ms", "total_ms")
-    return {"done": done, "elapsed_s": elapsed, "dropped": dropped, "latencies_ms": [t * 1e3 for t in latencies],
+    return {"done": done, "elapsed_s": elapsed, "cpu_s": cpu, "dropped": dropped, "latencies_ms": [t * 1e3 for t in latencies],
             "batch_sizes": [t.batch_size for t in timings],
             "stage_sums_ms": {name: float(sum(getattr(t, name) for t in timings)) for name in stages},
             "timed": len(timings)}
@@ -130,6 +130,8 @@ def run_load(address: str, payloads: list[bytes], kind: str, total: int, clients
         "per_s": float(sum(o["done"] / o["elapsed_s"] for o in outcomes)),
         "completed": done, "dropped": sum(o["dropped"] for o in outcomes),
         "clients": len(procs), ("in_flight" if kind == "unary" else "streams"): total,
+        # CPU cores the client processes kept busy: on a small host they compete with the server for the same cores.
+        "client_cpu_cores": float(sum(o["cpu_s"] / o["elapsed_s"] for o in outcomes)),
         "mean_batch": float(np.mean([b for o in outcomes for b in o["batch_sizes"]])) if timed else None,
         "mean_stage_ms": {name: (sum(o["stage_sums_ms"][name] for o in outcomes) / timed if timed else None)
                           for name in outcomes[0]["stage_sums_ms"]},

@@ -12,6 +12,15 @@ def host_info() -> dict:
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (Linux /proc), or None where /proc is unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def write_report(report: dict, json_path: str | None) -> None:
     """Prints the report as JSON and, with json_path, also writes it there."""
     text = json.dumps(report, indent=2)

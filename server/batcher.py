@@ -116,7 +116,12 @@ class DynamicBatcher:
             if not batch:
                 self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            # Hand the batch to the executor now, not in the new task's first step: that step would run only after
+            # every callback already queued on the loop -- typically the replies of the batch that just finished --
+            # leaving the backend idle for milliseconds per batch.
+            loop = asyncio.get_running_loop()
+            running = loop.run_in_executor(self._executor, self._timed_run, [p.item for p in batch])
+            task = loop.create_task(self._execute(batch, running))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -155,11 +160,9 @@ class DynamicBatcher:
         results = self._run_batch(items)
         return results, started, time.perf_counter() - started
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _execute(self, batch: list[_Pending], running: asyncio.Future) -> None:
         try:
-            results, started, elapsed = await loop.run_in_executor(self._executor, self._timed_run,
-                                                                   [p.item for p in batch])
+            results, started, elapsed = await running
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # the backend failed: fail this batch only, keep serving

@@ -30,7 +30,9 @@ def serve(
     max_batch: Optional[int] = typer.Option(None, help="Largest dynamic batch per (model, target)"),
     max_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms"),
     max_queue: Optional[int] = typer.Option(None, help="Queued requests per (model, target) before RESOURCE_EXHAUSTED"),
-    intra_op_threads: Optional[int] = typer.Option(None, help="Threads per inference call (0 = all cores)"),
+    inference_workers: Optional[int] = typer.Option(None, help="Batches run at once per (model, target), each on its "
+                                                    "own backend instance (0 = the backend's default: 2 on CPU, 1 on GPU)"),
+    intra_op_threads: Optional[int] = typer.Option(None, help="CPU threads per inference call (0 = cores / workers)"),
     max_message_mb: Optional[int] = typer.Option(None, help="Largest gRPC message, MiB"),
     stream_window: Optional[int] = typer.Option(None, help="Frames in flight per stream"),
     stream_policy: Optional[str] = typer.Option(None, help="When a stream falls behind: queue (push back) or "
@@ -44,7 +46,8 @@ def serve(
     """Serve every bundle in the model directory until SIGTERM (then drain)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = dict(model_dir=model_dir, address=address, backend=backend, max_batch=max_batch,
-                     max_delay_ms=max_delay_ms, max_queue=max_queue, intra_op_threads=intra_op_threads,
+                     max_delay_ms=max_delay_ms, max_queue=max_queue, inference_workers=inference_workers,
+                     intra_op_threads=intra_op_threads,
                      max_message_mb=max_message_mb, stream_window=stream_window, stream_policy=stream_policy, grace_s=grace_s,
                      metrics_port=metrics_port)
     try:

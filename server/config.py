@@ -18,10 +18,14 @@ class ServerConfig:
     max_delay_ms: float = 2.0  # longest a request waits for others to join its batch
     max_queue: int = 256  # requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED
     engine_cache_dir: str = ""  # TensorRT engine cache ("" = <model_dir>/.engines); engines are built on a miss
-    intra_op_threads: int = 0  # threads per inference call (0 = backend default: all cores)
+    # Batches of one (model, target) running at once, each on its own backend instance (0 = the backend's
+    # default_workers: 2 for onnxruntime, 1 for the GPU backends). One worker gives the lowest latency for a lone
+    # call (all cores on one batch); two give more throughput under load on CPU (see backends/onnxruntime.py).
+    inference_workers: int = 0
+    intra_op_threads: int = 0  # CPU threads per inference call (0 = the cores shared out evenly among the workers)
     max_message_mb: int = 16  # largest request/response message; bigger requests get RESOURCE_EXHAUSTED
     max_image_side: int = 4096  # largest accepted image side in pixels
-    stream_window: int = 16  # frames of one stream in flight at once
+    stream_window: int = 32  # frames of one stream in flight at once (32: a full batch for each of two workers)
     stream_policy: str = "queue"  # when a stream falls behind: "queue" (push back on the sender) or "latest" (drop)
     # Full frames: face detection runs on this many threads, each with its own detector (dlib's are not thread-safe).
     detect_threads: int = 2
@@ -55,6 +59,8 @@ class ServerConfig:
             raise ValueError("max_delay_ms and grace_s must be >= 0")
         if self.stream_policy not in ("queue", "latest"):
             raise ValueError(f"stream_policy {self.stream_policy!r} must be 'queue' or 'latest'")
+        if self.inference_workers < 0 or self.intra_op_threads < 0:
+            raise ValueError("inference_workers and intra_op_threads must be >= 0 (0 = automatic)")
         if self.detect_threads < 1:
             raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
         if self.detect_max_side < 64:

@@ -127,7 +127,7 @@ class SwapEngine:
 
         decoded = await self._maybe_in_thread(self._decode, job)
         height, width = decoded.shape[:2]
-        size = target.backend.manifest.resolution
+        size = target.manifest.resolution
         face = imaging.resize(decoded, size, size)
         decoded_at = time.perf_counter()
 

@@ -181,7 +181,7 @@ class FullFrameSwapper:
             mask = np.zeros(frame.shape[:2], np.uint8) if want_mask else None
             now = time.perf_counter()
             return FrameSwap(frame, mask, faces, detected - started, now - detected, 0.0, BatchInfo(0, 0.0, 0.0))
-        size = target.backend.manifest.resolution
+        size = target.manifest.resolution
         aligned = await asyncio.to_thread(self._align, frame, [found[i] for i in chosen], size)
         aligned_at = time.perf_counter()
         results = await self._infer(target, [a.crop for a in aligned], caller)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import queue
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +23,39 @@ log = logging.getLogger(__name__)
 LOADING, READY, FAILED = "loading", "ready", "failed"
 
 
+def worker_plan(config: ServerConfig, backend_cls: type[Backend]) -> tuple[int, int]:
+    """(inference workers per target, intra-op threads per worker; 0 = the backend's default) on this host."""
+    workers = config.inference_workers or backend_cls.default_workers
+    if config.intra_op_threads or workers == 1:
+        return workers, config.intra_op_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return workers, max(1, cores // workers)
+
+
 @dataclasses.dataclass
 class LoadedTarget:
-    """One target identity of a bundle: its backend and the batcher that feeds it."""
+    """One target identity of a bundle: its backends (one per inference worker) and the batcher that feeds them."""
 
-    backend: Backend
+    backends: list[Backend]
     batcher: DynamicBatcher
+    _free: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for backend in self.backends:
+            self._free.put(backend)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.backends[0].manifest
 
     def run_batch(self, faces: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """RGB uint8 (R, R, 3) faces -> [(swapped RGB uint8 (R, R, 3), mask uint8 (R, R))]; runs in a worker thread."""
-        swapped, masks = self.backend.infer(imaging.to_nchw_float(faces))
+        """RGB uint8 (R, R, 3) faces -> [(swapped RGB uint8 (R, R, 3), mask uint8 (R, R))]; runs in a worker thread
+        on whichever backend is free (the batcher runs at most one batch per backend; other callers wait)."""
+        backend = self._free.get()
+        try:
+            swapped, masks = backend.infer(imaging.to_nchw_float(faces))
+        finally:
+            self._free.put(backend)
         swapped_u8 = imaging.to_hwc_uint8(swapped)
         masks_u8 = imaging.to_hwc_uint8(masks)[..., 0]
         return list(zip(swapped_u8, masks_u8))
@@ -90,25 +115,30 @@ class ModelRegistry:
     def _load(self, model: LoadedModel) -> None:
         model.manifest = load_manifest(model.path, verify=True)
         model.manifest_sha256 = manifest_sha256(model.path)
+        workers, threads = worker_plan(self.config, self.backend_cls)
         for target in model.manifest.targets:
-            backend = self.backend_cls(model.path, model.manifest, target, intra_op_threads=self.config.intra_op_threads,
-                                       max_batch=self.config.max_batch,
-                                       engine_cache_dir=self.config.engine_cache_dir or None)
+            backends = [self.backend_cls(model.path, model.manifest, target, intra_op_threads=threads,
+                                         max_batch=self.config.max_batch,
+                                         engine_cache_dir=self.config.engine_cache_dir or None)
+                        for _ in range(workers)]
             batcher = DynamicBatcher(
                 lambda faces, t=target: model.targets[t].run_batch(faces),
                 max_batch=self.config.max_batch,
                 max_delay_s=self.config.max_delay_ms / 1000.0,
                 max_queue=self.config.max_queue,
+                concurrency=workers,
                 name=f"{model.name}/{target}",
             )
-            model.targets[target] = LoadedTarget(backend, batcher)
+            model.targets[target] = LoadedTarget(backends, batcher)
+        log.info("model %s: %d inference worker(s) per target, intra-op threads %s", model.name, workers,
+                 threads or "backend default")
 
     async def _warm(self, model: LoadedModel) -> None:
-        """One batch through every target, so the first caller does not pay for lazy initialisation."""
+        """One batch through every backend of every target, so the first callers do not pay for lazy initialisation."""
         size = model.manifest.resolution
         blank = np.full((size, size, 3), 128, np.uint8)
         for target in model.targets.values():
-            await asyncio.to_thread(target.run_batch, [blank])
+            await asyncio.gather(*(asyncio.to_thread(target.run_batch, [blank]) for _ in target.backends))
 
     async def get(self, model_name: str, target: str, timeout: float | None = None) -> tuple[LoadedModel, LoadedTarget]:
         """The loaded target, waiting for a model that is still loading; NotFound / Unavailable otherwise."""
@@ -145,4 +175,5 @@ class ModelRegistry:
         for model in self.models.values():
             for target in model.targets.values():
                 await target.batcher.close()
-                target.backend.close()
+                for backend in target.backends:
+                    backend.close()

@@ -18,6 +18,9 @@ class Backend(abc.ABC):
     """
 
     name: str = "base"  # registry key, reported by ListModels
+    # Batches run at once per (model, target) unless the server is told otherwise (--inference-workers), each on
+    # its own instance of the backend and its own share of the CPU threads (see ServerConfig.inference_workers).
+    default_workers: int = 1
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, target: str, *, intra_op_threads: int = 0,
                  max_batch: int = 16, engine_cache_dir: str | Path | None = None) -> None:

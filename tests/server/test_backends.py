@@ -163,7 +163,7 @@ def test_registry_serves_concurrent_requests_through_the_batcher(backend, bundle
     With "auto" this runs onnxruntime on a CPU host and torch-cuda (CUDA graphs) on a GPU host.
     """
     from facetwin.server.config import ServerConfig
-    from facetwin.server.registry import READY, ModelRegistry
+    from facetwin.server.registry import READY, ModelRegistry, worker_plan
 
     path, manifest = bundle
     expected_name = select_backend(backend)[0].name
@@ -184,7 +184,9 @@ def test_registry_serves_concurrent_requests_through_the_batcher(backend, bundle
 
     model, target, batched, alone = asyncio.run(load_and_swap())
     assert model.status == READY, model.error
-    assert type(target.backend).name == expected_name
+    workers, _ = worker_plan(registry.config, select_backend(backend)[0])
+    assert len(target.backends) == workers  # onnxruntime: two sessions side by side; torch: one
+    assert {type(b).name for b in target.backends} == {expected_name}
     assert max(info.size for _, info in batched) > 1  # requests really were batched together
     for ((swapped, mask), _), [(swapped_alone, mask_alone)] in zip(batched, alone):
         assert swapped.shape == (size, size, 3) and mask.shape == (size, size)

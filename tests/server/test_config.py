@@ -1,5 +1,7 @@
 """ServerConfig: defaults < environment < flags, with clear errors."""
 
+import os
+
 import pytest
 
 from facetwin.server.config import ServerConfig
@@ -22,3 +24,17 @@ def test_bad_env_value_names_the_variable():
 def test_invalid_values_are_rejected():
     with pytest.raises(ValueError, match="max_batch"):
         ServerConfig.from_env({}, max_batch=0)
+
+
+def test_inference_workers_share_out_the_cores():
+    from facetwin.server.backends import BACKENDS
+    from facetwin.server.registry import worker_plan
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ort, torch_cpu = BACKENDS["onnxruntime"], BACKENDS["torch-cpu"]
+    assert worker_plan(ServerConfig(), ort) == (2, max(1, cores // 2))  # the CPU default: two half-core sessions
+    assert worker_plan(ServerConfig(), torch_cpu) == (1, 0)  # one worker keeps the backend's own default
+    assert worker_plan(ServerConfig(inference_workers=3, intra_op_threads=5), ort) == (3, 5)  # flags win
+    assert worker_plan(ServerConfig(inference_workers=1), ort) == (1, 0)
+    with pytest.raises(ValueError, match="inference_workers"):
+        ServerConfig.from_env({"FACETWIN_INFERENCE_WORKERS": "-1"})
