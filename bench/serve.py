@@ -299,7 +299,7 @@ def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: 
             warm = pb_grpc.FaceSwapStub(channel).Swap(requests[0], timeout=120)
         if not warm.faces:
             sys.exit("error: the server found no face in the benchmark frame")
-        landmarks = bool(warm.faces[0].landmarks)
+        landmarks = len(warm.faces[0].landmarks)  # 68 or 5 (dlib), 0 (OpenCV Haar: boxes only)
         unary = with_server_cpu(proc, lambda: run_load(address, payloads, "unary", min(args.concurrency, 4 * args.streams),
                                                         args.clients, args.seconds))
         one_stream = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", 1, 1, args.seconds))
@@ -315,7 +315,7 @@ def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: 
                    "detect_threads": args.detect_threads},
         "frame": list(FULL_HD), "distinct_frames": len(frames), "frame_encoding": args.frame_encoding,
         "request_bytes_mean": float(np.mean([len(r.image.encoded) or len(r.image.raw.pixels) for r in requests])),
-        "face_detector": "dlib HOG + 68 landmarks" if landmarks else "boxes only (no landmarks: OpenCV Haar)",
+        "face_detector": f"dlib HOG + {landmarks} landmarks" if landmarks else "boxes only (no landmarks: OpenCV Haar)",
         "unary": unary,
         "stream": one_stream,
         "streams": streams,

@@ -55,7 +55,7 @@ class DetectedFace:
     """A face the server found in a full frame (coordinates in the frame's pixels)."""
 
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the detector box; x1, y1 exclusive, may pass the edge
-    landmarks: np.ndarray | None  # (68, 2) float32 iBUG 300-W points it was aligned on; None from box-only detectors
+    landmarks: np.ndarray | None  # (68, 2) iBUG 300-W or (5, 2) dlib float32 points it was aligned on; None: boxes only
     score: float  # detector confidence (higher is surer)
     swapped: bool  # whether this face was swapped (see the faces selection of the request)
 

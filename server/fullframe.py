@@ -116,21 +116,26 @@ class FaceDetectorPool:
     Detection is the slow step of a full frame (tens of ms against ~1 ms for a small model's share of a batch);
     running it off the event loop keeps the server answering, and `threads` frames are detected at once."""
 
-    def __init__(self, threads: int = 2, max_side: int | None = 640, backend: str = "auto") -> None:
+    def __init__(self, threads: int = 2, max_side: int | None = 640, backend: str = "auto",
+                 landmarks: str = "auto") -> None:
+        """landmarks: "68", "5" or "auto" (68 when its weights are found, else 5): see server/faces.py."""
         if threads < 1:
             raise ValueError(f"detect_threads must be >= 1, got {threads}")
         if max_side is not None and max_side < 64:
             raise ValueError(f"detect_max_side must be >= 64 pixels, got {max_side}")
+        if str(landmarks) not in facelib.LANDMARK_MODELS:  # now, not at the first frame; "auto" resolves then
+            raise ValueError(f"landmarks must be one of {', '.join(facelib.LANDMARK_MODELS)}, got {landmarks!r}")
         # Detectors are built on first use, in their threads: a server that never sees a full frame does not load
         # the 100 MB landmark model.
-        self.max_side, self.backend = max_side, backend
+        self.max_side, self.backend, self.landmarks = max_side, backend, str(landmarks)
         self._local = threading.local()
         self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="facetwin-detect")
 
     def _detector(self) -> FaceDetector:
         detector = getattr(self._local, "detector", None)
         if detector is None:
-            detector = FaceDetector(self.backend, max_side=self.max_side)  # owns its dlib detector: one per thread
+            # Owns its dlib detector: one per thread.
+            detector = FaceDetector(self.backend, max_side=self.max_side, landmarks=self.landmarks)
             self._local.detector = detector
         return detector
 
@@ -194,7 +199,7 @@ class FullFrameSwapper:
 
     def _align(self, frame: np.ndarray, chosen: list[Face], size: int) -> list[_Aligned]:
         out = []
-        for face in chosen:
+        for face in chosen:  # 68 landmarks: hull mask; 5 (eye corners, nose) or none: the template's ellipse
             crop, matrix = facelib.align(frame, face, size, self.margin)
             points = None if face.landmarks is None else facelib.transform_points(face.landmarks, matrix)
             out.append(_Aligned(crop, matrix, facelib.face_mask(size, points, self.margin)))

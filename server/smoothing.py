@@ -103,7 +103,7 @@ class _Track:
     box: tuple[int, int, int, int]  # the last matched detector box
     unit: float  # face width when the track started: positions are filtered in these units
     last_frame: int  # frame number of the last match
-    has_landmarks: bool
+    landmark_model: str | None  # "68", "5" or None (box only): a track only matches faces of the same kind
 
 
 class FaceTracker:
@@ -132,7 +132,7 @@ class FaceTracker:
             if iou < cfg.min_iou:
                 break
             track = self._tracks[ti]
-            if ti in used or fi in matched or track.has_landmarks != (faces[fi].landmarks is not None):
+            if ti in used or fi in matched or track.landmark_model != faces[fi].landmark_model:
                 continue
             used.add(ti)
             matched[fi] = track
@@ -141,7 +141,7 @@ class FaceTracker:
             track = matched.get(fi)
             if track is None:
                 track = _Track(OneEuroFilter(cfg.min_cutoff_hz, cfg.beta, cfg.d_cutoff_hz), face.box,
-                               float(max(face.width, 1)), frame, face.landmarks is not None)
+                               float(max(face.width, 1)), frame, face.landmark_model)
                 self._tracks.append(track)
                 dt = 1.0 / cfg.frame_rate_hz  # unused by a fresh filter's first sample
             else:

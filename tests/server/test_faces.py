@@ -190,3 +190,84 @@ def test_embedding_separates_the_two_people(hog, franck_frames, cap_frames):
     same = [np.linalg.norm(e[i] - e[j]) for e in (first, second) for i in range(5) for j in range(i + 1, 5)]
     different = np.linalg.norm(first[:, None] - second[None], axis=-1)
     assert max(same) < 0.5 and different.min() > 0.7, (max(same), different.min())  # measured <= 0.44, >= 0.78
+
+
+# ------------------------------------------------------------------------------------------- 5-point landmarks
+
+
+@pytest.fixture(scope="module")
+def hog5():
+    return F.FaceDetector("hog", landmarks="5")
+
+
+def _crop_corner_shift(matrix: np.ndarray, reference: np.ndarray, size: int) -> float:
+    """Largest distance between the crop corners of two image->crop matrices, in the frame, over the reference
+    crop's side in the frame: 0.03 = the crop frames the face 3 % of its side elsewhere."""
+    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
+    inverse, reference_inverse = cv2.invertAffineTransform(matrix), cv2.invertAffineTransform(reference)
+    side = size * float(np.sqrt(abs(np.linalg.det(reference_inverse[:, :2]))))
+    shift = F.transform_points(corners, inverse) - F.transform_points(corners, reference_inverse)
+    return float(np.linalg.norm(shift, axis=1).max()) / side
+
+
+def test_five_points_are_the_eye_corners_and_nose_base_of_the_68(hog, hog5, franck_frames, cap_frames):
+    assert F.FIVE_POINT_INDICES == (45, 42, 36, 39, 33)
+    for frame in franck_frames + cap_frames:
+        five, full = hog5.detect(frame), hog.detect(frame)
+        assert len(five) == 1 and five[0].box == full[0].box  # same detector, other shape predictor
+        face = five[0]
+        assert face.landmarks.shape == (5, 2) and face.landmarks.dtype == np.float32
+        assert not face.landmarks.flags.writeable
+        assert face.landmark_model == "5" and full[0].landmark_model == "68"
+        distance = np.linalg.norm(face.landmarks - full[0].landmarks[list(F.FIVE_POINT_INDICES)], axis=1)
+        assert distance.max() < 0.03 * face.width, distance / face.width  # measured <= 0.015 of the face width
+    np.testing.assert_array_equal(hog5.landmarks(franck_frames[0], face.box).shape, (5, 2))
+
+
+def test_five_point_alignment_frames_the_face_like_the_68_point_one(hog, hog5, franck_frames, cap_frames):
+    size, shifts, eye_errors = 128, [], []
+    for frame in franck_frames + cap_frames:
+        full, five = hog.detect(frame)[0], hog5.detect(frame)[0]
+        crop, matrix = F.align(frame, five, size)
+        assert crop.shape == (size, size, 3)
+        shifts.append(_crop_corner_shift(matrix, F.alignment_matrix(full, size), size))
+        eye_errors.append(_eye_error(full, matrix, size))  # the 68 points' eyes, through the 5-point crop
+    # Measured on these 15 frames: corners 1.3-3.5 % of the crop side apart (median 2.4 %; the 5-point crop is
+    # 0-4 % tighter and within 1.4 degrees of the 68-point one); eyes at most 2.5 px from the template at 128 px
+    # (the 68-point fit itself: 1.6-3.8 px).
+    assert max(shifts) < 0.05 and float(np.median(shifts)) < 0.035, shifts
+    assert max(eye_errors) < 0.035 * size, eye_errors
+
+
+def test_landmark_model_auto_picks_68_when_its_weights_are_found(monkeypatch, tmp_path, franck_frames):
+    assert F.landmark_model("auto") == "68" and F.landmark_model(5) == "5"
+    detector = F.FaceDetector("auto", landmarks="auto")
+    assert detector.backend == "hog" and detector.landmark_model == "68"
+    assert detector.detect(franck_frames[0])[0].landmarks.shape == (68, 2)
+    # A weights folder holding only the 5-point file (as carried to the GPU host): auto falls back to it.
+    (tmp_path / F.LANDMARK_FILES["5"]).symlink_to(F.model_path(F.LANDMARK_FILES["5"]))
+    monkeypatch.setenv(F.MODELS_ENV, str(tmp_path))
+    assert F.landmark_model("auto") == "5" and F.dlib_available("auto") and not F.dlib_available("68")
+    detector = F.FaceDetector("auto", landmarks="auto")
+    assert detector.backend == "hog" and detector.detect(franck_frames[0])[0].landmark_model == "5"
+    with pytest.raises(F.FaceModelsUnavailable, match=f"{F.LANDMARK_FILES['68']} is missing.*{F.MODELS_ENV}"):
+        F.model_path(F.LANDMARK_FILES["68"])  # (FaceDetector would still use the process's already loaded weights)
+
+
+def test_unknown_landmark_settings_and_shapes_are_clear_errors(hog5, franck_frames):
+    for bad in ("7", "dlib", 68.0, None):
+        with pytest.raises(ValueError, match="unknown landmark model .*: choose one of auto, 68, 5"):
+            F.FaceDetector("hog", landmarks=bad)
+    face = hog5.detect(franck_frames[0])[0]
+    odd = F.Face(face.box, face.landmarks[:3], face.score)
+    with pytest.raises(ValueError, match=r"must be \(68, 2\) or \(5, 2\)"):
+        F.alignment_matrix(odd)
+
+
+def test_five_point_faces_get_the_template_ellipse_as_mask(hog5, franck_frames):
+    face = hog5.detect(franck_frames[0])[0]
+    _, matrix = F.align(franck_frames[0], face, 64)
+    points = F.transform_points(face.landmarks, matrix)
+    mask = F.face_mask(64, points)  # five points outline no face: the ellipse where alignment puts one
+    np.testing.assert_array_equal(mask, F.face_mask(64, None))
+    assert all(mask[int(round(y)), int(round(x))] == 255 for x, y in points)  # the eyes and nose are inside

@@ -216,3 +216,67 @@ def test_sdk_swaps_full_frames_unary_and_streamed(served_model, franck, two_face
         assert [len(r.faces) for r in streamed] == [1, 1, 1, 1]
         with pytest.raises(InvalidInputError, match="faces must be"):
             client.swap(franck[0], served_model.model, target, color="rgb", faces="biggest")
+
+
+# ------------------------------------------------------------------------------------------- 5-point landmarks
+
+
+@pytest.fixture(scope="module")
+def five_point_stub(tiny_model_dir):
+    """A second real server on the same bundle, aligning full frames on dlib's 5-point landmarks."""
+    from facetwin.server.config import ServerConfig
+
+    from ..conftest import ServerThread
+
+    config = ServerConfig.from_env({"FACETWIN_LANDMARKS": "5"}, address="127.0.0.1:0", model_dir=str(tiny_model_dir),
+                                   max_delay_ms=2.0, grace_s=1.0)
+    assert config.landmarks == "5"
+    server = ServerThread(config)
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.FaceSwapStub(channel)
+    server.stop()
+
+
+def test_full_frame_swap_with_five_point_landmarks(five_point_stub, served_model, franck):
+    frame = franck[0]
+    reply = five_point_stub.Swap(frame_request(served_model, frame, return_mask=True), timeout=60)
+    out = image_of(reply)
+    (face,) = reply.faces
+    expected = F.FaceDetector("hog", landmarks="5").detect(frame)[0]
+    box = (face.box.x0, face.box.y0, face.box.x1, face.box.y1)
+    assert box == expected.box and face.swapped
+    np.testing.assert_allclose(landmarks_of(face), expected.landmarks, atol=1e-3)  # the 5 points, as aligned on
+    diff = np.abs(out.astype(int) - frame.astype(int)).max(-1)
+    assert diff[outside(frame.shape, box, 20)].max() == 0
+    x0, y0, x1, y1 = box
+    cheeks_to_mouth = diff[y0 + (y1 - y0) // 3:y1 - (y1 - y0) // 6, x0 + (x1 - x0) // 4:x1 - (x1 - x0) // 4]
+    assert cheeks_to_mouth.mean() > 8, cheeks_to_mouth.mean()
+    mask = np.frombuffer(reply.mask.raw.pixels, np.uint8).reshape(frame.shape[:2])
+    nose = expected.landmarks[4].round().astype(int)
+    assert mask[nose[1], nose[0]] == 255  # the ellipse mask covers the middle of the face
+    assert not (diff > 0)[mask == 0].any()
+
+
+def test_stream_of_full_frames_with_five_point_landmarks(five_point_stub, served_model, franck):
+    requests = [pb.SwapStreamRequest(request=frame_request(served_model, frame, frame_id=i))
+                for i, frame in enumerate(franck)]
+    replies = list(five_point_stub.SwapStream(iter(requests), timeout=120))
+    assert [r.response.frame_id for r in replies] == list(range(10))
+    assert all(r.status == pb.FRAME_STATUS_OK and len(r.response.faces) == 1 for r in replies)
+    smoothed = np.stack([landmarks_of(r.response.faces[0]) for r in replies])
+    hog5 = F.FaceDetector("hog", landmarks="5")
+    detected = np.stack([hog5.detect(frame)[0].landmarks for frame in franck])
+    assert smoothed.shape == (10, 5, 2)
+    np.testing.assert_allclose(smoothed[0], detected[0], atol=1e-3)  # a track starts at its first detection
+    assert np.abs(smoothed - detected).mean() < 2.0  # smoothed, not frozen
+
+
+def test_landmark_setting_is_checked_up_front():
+    from facetwin.server.config import ServerConfig
+    from facetwin.server.fullframe import FaceDetectorPool
+
+    assert ServerConfig().landmarks == "auto"
+    with pytest.raises(ValueError, match="landmarks '7' must be 'auto', '68' or '5'"):
+        ServerConfig.from_env({"FACETWIN_LANDMARKS": "7"})
+    with pytest.raises(ValueError, match="landmarks must be one of auto, 68, 5"):
+        FaceDetectorPool(1, landmarks="dlib")
