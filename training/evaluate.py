@@ -14,6 +14,8 @@ evaluate_bundle builds the report `facetwin-train evaluate --json` prints (`comp
     reasons     why each section that is null could not be computed (never an exception for that)
 
 Real faces come from an extracted data set (`--data`, frame order from the index) and/or a video (`--video`).
+When the data set is one part of `facetwin-train split` (the held-out part: the end of each identity's footage,
+kept out of training), the report's "split" says which frames those are and the Markdown table says so under it.
 """
 
 from __future__ import annotations
@@ -253,6 +255,7 @@ class RealInput:
     video_identity: str | None = None  # the bundle identity the video shows
     identity_map: dict[str, str] = dataclasses.field(default_factory=dict)
     described: str = ""  # where the faces came from, for the report
+    split: dict[str, Any] | None = None  # the data set's "split" entry when it is a part of `facetwin-train split`
 
     @classmethod
     def load(cls, data: str | os.PathLike | None = None, video: str | os.PathLike | None = None,
@@ -263,7 +266,12 @@ class RealInput:
         parts = []
         if data is not None:
             real.dataset, real.margin = metrics.faces_from_dataset(data)
-            parts.append(f"data set {data} ({', '.join(f'{k}: {len(v.crops)}' for k, v in real.dataset.items())})")
+            real.split = metrics.dataset_split(data)
+            if real.split:
+                parts.append(f"data set {data}, the {real.split.get('part')} part of {real.split.get('of')} "
+                             f"({metrics.describe_split(real.split)})")
+            else:
+                parts.append(f"data set {data} ({', '.join(f'{k}: {len(v.crops)}' for k, v in real.dataset.items())})")
         if video is not None:
             if not video_identity:
                 raise metrics.MetricsError("--video needs --video-identity: the bundle identity the video shows")
@@ -370,7 +378,7 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
     manifest = load_manifest(bundle_dir)
     report: dict[str, Any] = {"model": bundle_dir.name, "bundle": str(bundle_dir), "variant": manifest.variant,
                               "resolution": manifest.resolution, "identities": list(manifest.identities),
-                              "real_faces": real.described if real else None}
+                              "real_faces": real.described if real else None, "split": real.split if real else None}
     reasons: dict[str, str] = {}
     try:
         report["synthetic"] = synthetic_section(bundle_dir, count, seed)
@@ -426,7 +434,20 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
     unique = list(dict.fromkeys(notes))
     if unique:
         lines += [""] + [f"- n/a: {note}" for note in unique]
+    splits = list(dict.fromkeys(split_note(r["split"]) for r in reports if r.get("split")))
+    if splits:
+        lines += [""] + [f"Real faces: {note}" for note in splits]
     return "\n".join(lines) + "\n"
+
+
+def split_note(split: dict[str, Any]) -> str:
+    """What the faces of a `facetwin-train split` part are, for the Markdown report."""
+    if split.get("part") == "holdout":
+        kind = (f"held-out frames (the last {split['fraction']:.0%} of each identity's faces, kept out of the "
+                f"training part {split.get('train')})")
+    else:
+        kind = f"the {split.get('part')} part (frames a model trained on it saw)"
+    return f"{kind} of {split.get('of')}: {metrics.describe_split(split)}"
 
 
 def dry_run_inputs(workdir: str | os.PathLike, bundles: int = 1) -> tuple[list[Path], RealInput | None, str]:

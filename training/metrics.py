@@ -130,6 +130,27 @@ def faces_from_dataset(data_dir: str | Path) -> tuple[dict[str, RealFaces], floa
     return out, margin
 
 
+def dataset_split(data_dir: str | Path) -> dict[str, Any] | None:
+    """The "split" entry of a data set written by `facetwin-train split` (which part it is, of what, and each
+    identity's frame ranges per part), or None for a whole data set."""
+    try:
+        index = json.loads((Path(data_dir) / "index.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetricsError(f"{Path(data_dir) / 'index.json'} is unreadable: {exc}") from None
+    split = index.get("split") if isinstance(index, dict) else None
+    return split if isinstance(split, dict) else None
+
+
+def describe_split(split: dict[str, Any]) -> str:
+    """One line: which faces of each identity a split part holds ("franck: 94 faces, franck.mp4 frames 3860-4790")."""
+    part = split.get("part", "holdout")
+    people = []
+    for name, parts in split.get("identities", {}).items():
+        ranges = ", ".join(f"{r['source']} frames {r['first']}-{r['last']}" for r in parts[part]["frames"])
+        people.append(f"{name}: {parts[part]['faces']} faces, {ranges}")
+    return "; ".join(people)
+
+
 @dataclasses.dataclass
 class VideoFaces:
     """Frames of a video with the largest face of each: aligned on demand at any model resolution."""

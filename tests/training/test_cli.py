@@ -83,6 +83,30 @@ def test_missing_or_wrong_data_folder(tmp_path):
     assert_user_error(run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", "--preset", "huge"), "huge")
 
 
+def test_split_writes_the_two_parts_next_to_the_data_set(data, tmp_path):
+    faces = tmp_path / "faces"
+    images = []
+    for person in ("ada", "ben"):
+        (faces / person).mkdir(parents=True)
+        for k in range(5):
+            for suffix in ("", "_mask"):
+                (faces / person / f"{k:05d}{suffix}.png").write_bytes((data / "ada" / "00000.png").read_bytes())
+            images.append({"identity": person, "file": f"{person}/{k:05d}.png", "mask": f"{person}/{k:05d}_mask.png",
+                           "source": f"/v/{person}.mp4", "frame": 10 * k, "face": 0})
+    (faces / "index.json").write_text(json.dumps({"schema": "facetwin-faces/1", "size": 32, "margin": 0.1,
+                                                  "identities": [{"name": "ada"}, {"name": "ben"}], "images": images}))
+    run = run_cli("split", "--data", faces, "--fraction", "0.4")
+    assert run.returncode == 0, run.stderr
+    assert "ada: 3 faces to train on, 2 held out" in run.stdout
+    assert f"evaluate --data {tmp_path / 'faces-holdout'}" in run.stdout
+    held = json.loads((tmp_path / "faces-holdout" / "index.json").read_text())
+    assert [e["frame"] for e in held["images"]] == [30, 40, 30, 40] and held["split"]["part"] == "holdout"
+    assert (tmp_path / "faces-train" / "ben" / "00002.png").is_file()
+    assert_user_error(run_cli("split", "--data", faces, "--fraction", "1"), "between 0 and 1")
+    assert_user_error(run_cli("split", "--data", data), "not real faces")
+    assert_user_error(run_cli("split"), "--data")
+
+
 def test_bad_checkpoint_paths(tiny_model_dir, tmp_path):
     models = tmp_path / "models"
     assert_user_error(run_cli("export", "--checkpoint", tmp_path / "missing.pt", "--out", models),

@@ -6,10 +6,18 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import pytest
 
+from facetwin.training.realdata import PEOPLE
+
+
+def _faces(data_dir: Path) -> list[tuple]:
+    """(person, video file, frame, face) of every face in a data set folder, in index order."""
+    images = json.loads((data_dir / "index.json").read_text())["images"]
+    return [(e["identity"], Path(e["source"]).name, e["frame"], e["face"]) for e in images]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -45,6 +53,31 @@ def test_dry_run_extracts_trains_serves_swaps_full_frames_and_scores_real_faces(
         assert report[section] is not None, report["reasons"]
     assert "| variant |" in (out / "report.md").read_text()
 
+    # Held out: the last 20 % of each man's faces, never trained on, are what was scored.
+    train, held = _faces(out / "faces-train"), _faces(out / "faces-holdout")
+    assert not set(train) & set(held) and sorted(train + held) == sorted(_faces(out / "faces"))  # a partition
+    for person in ("franck", "cap"):
+        # (rank of the video in playing order, frame)
+        trained = [(PEOPLE[person].index(key[1]), key[2]) for key in train if key[0] == person]
+        scored = [(PEOPLE[person].index(key[1]), key[2]) for key in held if key[0] == person]
+        assert scored and max(trained) < min(scored)  # one block at the end of his footage
+        assert scored == sorted(scored)  # kept in frame order (flicker needs consecutive frames)
+        parts = summary["split"]["identities"][person]
+        assert parts["holdout"]["faces"] == len(scored) and parts["train"]["faces"] == len(trained)
+        assert parts["train"]["faces"] + parts["holdout"]["faces"] == summary["faces"][person]
+        assert parts["holdout"]["frames"][-1]["last"] == scored[-1][1]
+    config = json.loads((out / "runs" / "ae" / "config.json").read_text())
+    assert config["data_dir"] == str((out / "faces-train").resolve())  # the trainer read the training part only
+    recorded = {tuple(key) for key in json.loads((out / "runs" / "ae" / "frames_trained.json").read_text())}
+    assert recorded == set(train)
+    assert report["split"]["part"] == "holdout" and report["split"]["identities"] == summary["split"]["identities"]
+    assert report["split"]["fraction"] == summary["split"]["fraction"] == 0.2
+    assert "held-out frames (the last 20% of each identity's faces" in (out / "report.md").read_text()
+    assert summary["scored_on"].startswith("held-out frames, never trained on") and "scored on held-out" in run.stdout
+    first_held = summary["split"]["identities"]["franck"]["holdout"]["frames"][0]
+    assert summary["clip"]["video"] == first_held["source"] == "franck.mp4"
+    assert summary["clip"]["first_frame"] == first_held["first"] > 0  # the clip shows held-out frames only
+
     grid = cv2.imread(str(out / "swap_grid.png"))
     # four rows (franck, franck->cap, cap, cap->franck) of 3 crops at 32 px, scaled up: a real picture
     assert grid is not None and grid.shape[0] >= 4 * 32 and grid.std() > 5
@@ -59,6 +92,32 @@ def test_dry_run_extracts_trains_serves_swaps_full_frames_and_scores_real_faces(
     assert (first[:, width:].astype(int) - first[:, :width]).any()  # the swap changed the frame
     assert summary["clip"]["frames_with_a_swapped_face"] >= 5  # the man is in every frame
     assert (out / "models" / "real" / "manifest.json").is_file() and (out / "runs" / "ae" / "checkpoint.pt").is_file()
+
+
+def _write_faces(folder: Path, keys: list[tuple]) -> Path:
+    images = [{"identity": p, "file": f"{p}/{i:05d}.png", "source": f"/cache/{v}", "frame": f, "face": s}
+              for i, (p, v, f, s) in enumerate(keys)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.json").write_text(json.dumps({"images": images}))
+    return folder
+
+
+def test_a_resumed_run_that_trained_on_held_out_frames_is_refused(tmp_path):
+    from facetwin.training.demo_real import FRAMES_TRAINED, guard_run
+
+    run_dir = tmp_path / "runs" / "ae"
+    early, late = [("franck", "franck.mp4", f, 0) for f in (0, 10, 20)], [("franck", "franck.mp4", 30, 0)]
+    train, held = _write_faces(tmp_path / "train", early), _write_faces(tmp_path / "holdout", late)
+    guard_run(run_dir, train, held)  # a new run: records what it trains on
+    assert {tuple(k) for k in json.loads((run_dir / FRAMES_TRAINED).read_text())} == set(early)
+    (run_dir / "checkpoint.pt").write_bytes(b"trained")
+    guard_run(run_dir, train, held)  # the same split again: resumes
+    # split with a larger fraction: frame 20, trained on, would now be scored
+    with pytest.raises(SystemExit, match="trained on 1 of the faces now held out"):
+        guard_run(run_dir, _write_faces(tmp_path / "t2", early[:2]), _write_faces(tmp_path / "h2", early[2:] + late))
+    (run_dir / FRAMES_TRAINED).unlink()  # a run from before held-out frames existed
+    with pytest.raises(SystemExit, match="trained before frames were held out"):
+        guard_run(run_dir, train, held)
 
 
 def test_without_npm_or_cached_videos_it_fails_in_one_line(tmp_path):

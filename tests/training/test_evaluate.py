@@ -209,6 +209,23 @@ def test_a_model_that_swaps_nothing_keeps_pose_motion_and_identity(real_data, tm
     assert identity["raw_dist_to_source"] < 0.5 < identity["raw_dist_to_target"]
 
 
+def test_a_held_out_part_is_scored_in_frame_order_and_named_in_the_report(real_data, tmp_path):
+    from facetwin.training import extract
+
+    extract.split_holdout(real_data, tmp_path / "train", tmp_path / "holdout", fraction=0.5)
+    real = RealInput.load(data=tmp_path / "holdout")
+    assert real.split["part"] == "holdout" and f"the holdout part of {real_data.resolve()}" in real.described
+    held = {name: parts["holdout"]["faces"] for name, parts in real.split["identities"].items()}
+    assert {name: len(faces.crops) for name, faces in real.dataset.items()} == held == {"franck": 3, "cap": 6}
+    bundle = make_bundle(tmp_path / "nothing", names=["franck", "cap"], res=64, data={"kind": "faces"})
+    report = evaluate_bundle(bundle, real, count=2, faces_per_pair=3, reference_faces=3)
+    assert report["split"] == real.split and report["temporal"]["flicker_ratio"] == 1.0  # consecutive frames kept
+    table = markdown_table([report])
+    assert "Real faces: held-out frames (the last 50% of each identity's faces" in table
+    assert "franck: 3 faces, franck.mp4 frames 15-25" in table and "cap13_edit2.mp4 frames 0-25" in table
+    assert evaluate_bundle(bundle, None, count=2)["split"] is None
+
+
 def test_sections_that_cannot_be_computed_are_null_with_a_reason(tiny_model_dir, real_data):
     report = evaluate_bundle(tiny_model_dir / "tiny", None, count=2)
     assert report["synthetic"] is not None
