@@ -15,14 +15,16 @@ Pure standard library: the server and training both import it without torch or o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -209,6 +211,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def replace_folder(dest: Path) -> Iterator[Path]:
+    """Yields an empty staging folder beside dest (0700, as mkdtemp makes it) to fill. If the block succeeds, an old
+    dest is deleted and the staging folder renamed to dest, so dest is never seen half-written; if it raises, the
+    staging folder is deleted and dest is left as it was."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        yield staging
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def manifest_sha256(bundle_dir: str | os.PathLike) -> str:

@@ -134,16 +134,16 @@ def split(
 ) -> None:
     """Splits an extracted data set into a training set and a held-out set (the last part of each identity's
     footage, in frame order) so evaluate scores frames the model never saw (re-runs replace both)."""
-    from facetwin.training import extract as extract_mod
+    from facetwin.training import split as split_mod
 
     if dry_run:
-        typer.echo(f"dry run: {_run(extract_mod.split_dry_run)['message']}")
+        typer.echo(f"dry run: {_run(split_mod.dry_run)['message']}")
         return
     if data is None:
         _fail("split needs --data (or --dry-run)")
     train_dir = train_out or data.with_name(f"{data.name}-train")
     holdout_dir = holdout_out or data.with_name(f"{data.name}-holdout")
-    result = _run(lambda: extract_mod.split_holdout(data, train_dir, holdout_dir, fraction))
+    result = _run(lambda: split_mod.split_holdout(data, train_dir, holdout_dir, fraction))
     for name, parts in result["identities"].items():
         typer.echo(f"{name}: {parts['train']['faces']} faces to train on, {parts['holdout']['faces']} held out")
     typer.echo(f"train on {result['train']}; evaluate --data {result['holdout']}")

@@ -42,7 +42,7 @@ from facetwin.training import metrics, realdata
 from facetwin.training.demo import BIN, banner, run, serving, wait_ready
 from facetwin.training import evaluate as evaluate_mod
 from facetwin.training.evaluate import compose_grid
-from facetwin.training.extract import HOLDOUT_FRACTION
+from facetwin.training.split import HOLDOUT_FRACTION
 
 MODEL = "real"
 SOURCE, TARGET = "franck", "cap"  # the clip shows SOURCE's video with TARGET's face

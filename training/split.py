@@ -1,0 +1,162 @@
+"""`split`: one extracted data set becomes a training set and a held-out set, so scores measure frames the model
+never saw: train on the one, `evaluate --data` the other.
+
+The held-out part is the end of each identity's footage, in frame order (flicker needs consecutive frames), so
+near-identical neighbouring frames never sit on both sides. Both parts are whole data sets in extract's layout
+(training/extract.py), each index naming its part under "split".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facetwin.server import faces as facelib
+from facetwin.server.bundle import replace_folder
+from facetwin.training.extract import INDEX_NAME, SCHEMA, ExtractError, index_json, png_bytes, read_index
+
+HOLDOUT_FRACTION = 0.2  # the share of each identity's faces, the end of its footage, kept out of training
+
+
+def _playing_order(index: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Each identity's image entries in playing order: its sources as the index lists them, then frame, then face
+    (the order metrics.faces_from_dataset scores them in)."""
+    rank: dict[Any, int] = {}
+    for ident in index["identities"]:
+        for source in ident.get("sources", []):
+            rank.setdefault(source.get("path"), len(rank))
+    by_identity: dict[str, list[dict[str, Any]]] = {ident["name"]: [] for ident in index["identities"]}
+    for entry in index["images"]:
+        by_identity.setdefault(entry["identity"], []).append(entry)
+    for entries in by_identity.values():
+        entries.sort(key=lambda e: (rank.get(e.get("source"), len(rank)), str(e.get("source")), e.get("frame", 0),
+                                    e.get("face", 0)))
+    return by_identity
+
+
+def _frame_ranges(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """{"faces": n, "frames": [{"source": file name, "first", "last", "faces"}, ...]}: one part's frames, per run
+    of consecutive faces from one source."""
+    ranges: list[dict[str, Any]] = []
+    for entry in entries:
+        source, frame = Path(str(entry.get("source"))).name, entry.get("frame")
+        if not ranges or ranges[-1]["source"] != source:
+            ranges.append({"source": source, "first": frame, "last": frame, "faces": 0})
+        ranges[-1]["last"] = frame
+        ranges[-1]["faces"] += 1
+    return {"faces": len(entries), "frames": ranges}
+
+
+def _replaceable(folder: Path) -> bool:
+    """split_holdout may replace a folder that is absent, empty, or a part it wrote before -- nothing else."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        index = json.loads((folder / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "split" in index
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        raise ExtractError(f"{source} is missing: the data set is damaged (extract it again)") from None
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, target)
+
+
+def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str | Path,
+                  fraction: float = HOLDOUT_FRACTION) -> dict[str, Any]:
+    """Splits an extracted data set in two: per identity, the last `fraction` of its faces in playing order (at
+    least one, never all) go to holdout_dir, the rest to train_dir; train on one, `evaluate --data` the other.
+
+    The held-out faces are one block at the end of each identity's footage, in frame order (flicker needs
+    consecutive frames), so near-identical neighbouring frames never sit on both sides (only the two faces at the
+    cut are neighbours), and every face of one frame stays on one side. Both parts are complete data sets (PNGs
+    hard-linked, copied where links fail) in the data set's own image order; each index adds "split": {"part",
+    "of", "fraction", "train", "holdout", "identities": {name: {"train" | "holdout": {"faces", "frames": [{"source",
+    "first", "last", "faces"}]}}}}. Re-running replaces both parts (only empty folders or earlier parts are
+    replaced, each atomically). Returns that "split" entry without "part"."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ExtractError(f"the held-out fraction must lie between 0 and 1 (both excluded), got {fraction!r}")
+    folders = {"data set": Path(data_dir).resolve(), "train": Path(train_dir).resolve(),
+               "held-out": Path(holdout_dir).resolve()}
+    named = list(folders.items())
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if a.is_relative_to(b) or b.is_relative_to(a):
+                raise ExtractError(f"the {name_a} folder {a} and the {name_b} folder {b} must be apart (neither "
+                                   "inside the other)")
+    data_dir, train_dir, holdout_dir = folders.values()
+    if not (data_dir / INDEX_NAME).is_file():
+        raise ExtractError(f"{data_dir} is not a data set: {INDEX_NAME} is missing (make one with facetwin-train "
+                           "extract)")
+    index = read_index(data_dir)
+    if "split" in index:
+        raise ExtractError(f"{data_dir} is already the {index['split'].get('part')} part of a split: split "
+                           f"{index['split'].get('of')} instead")
+    for part, folder in (("train", train_dir), ("held-out", holdout_dir)):
+        if not _replaceable(folder):
+            raise ExtractError(f"{folder} is not empty and not an earlier split: choose another folder for the "
+                               f"{part} part")
+    held: set[int] = set()  # id() of the held-out entries
+    identities = {}
+    for name, entries in _playing_order(index).items():
+        frames = [(e.get("source"), e.get("frame")) for e in entries]
+        cuts = [i for i in range(1, len(frames)) if frames[i] != frames[i - 1]]  # one frame's faces stay together
+        if not cuts:
+            raise ExtractError(f"identity {name!r} has {len(entries)} face(s) from {len(set(frames))} frame(s): a "
+                               "split needs faces of at least 2 frames (one to train on, one to hold out)")
+        wanted = len(entries) - max(1, int(len(entries) * fraction + 0.5))
+        cut = min(cuts, key=lambda i: (abs(i - wanted), i))  # the nearest; on a tie the larger held-out part
+        held.update(id(entry) for entry in entries[cut:])
+        identities[name] = {"train": _frame_ranges(entries[:cut]), "holdout": _frame_ranges(entries[cut:])}
+    split = {"of": str(data_dir), "fraction": fraction, "train": str(train_dir), "holdout": str(holdout_dir),
+             "identities": identities}
+    head = {k: v for k, v in index.items() if k != "images"}
+    for part, folder in (("holdout", holdout_dir), ("train", train_dir)):
+        images = [e for e in index["images"] if (id(e) in held) == (part == "holdout")]
+        with replace_folder(folder) as staging:
+            staging.chmod(0o755)  # mkdtemp's 0700 would hide the part from other users
+            for entry in images:
+                for key in ("file", "mask"):
+                    (staging / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+                    _link_or_copy(data_dir / entry[key], staging / entry[key])
+            (staging / INDEX_NAME).write_text(index_json({**head, "split": {"part": part, **split}, "images": images}))
+    return split
+
+
+def dry_run() -> dict[str, Any]:
+    """`split --dry-run`: a stand-in data set (two people, 10 frames each, grey squares) split in a temp dir."""
+    with tempfile.TemporaryDirectory(prefix="facetwin-split-dry-") as tmp:
+        data = Path(tmp) / "faces"
+        images = []
+        for person in ("ada", "ben"):
+            (data / person).mkdir(parents=True)
+            for k in range(10):
+                for suffix in ("", "_mask"):
+                    (data / person / f"{k:05d}{suffix}.png").write_bytes(png_bytes(np.full((16, 16), 25 * k, np.uint8)))
+                images.append({"identity": person, "file": f"{person}/{k:05d}.png",
+                               "mask": f"{person}/{k:05d}_mask.png", "source": f"{person}.mp4", "frame": 5 * k})
+        index = {"schema": SCHEMA, "size": 16, "margin": facelib.DEFAULT_MARGIN, "seed": None,
+                 "identities": [{"name": p, "sources": [{"path": f"{p}.mp4"}]} for p in ("ada", "ben")],
+                 "images": images}
+        (data / INDEX_NAME).write_text(index_json(index))
+        split = split_holdout(data, Path(tmp) / "train", Path(tmp) / "holdout")
+    held = split["identities"]["ada"]["holdout"]
+    return {"message": f"split a stand-in data set (2 people x 10 frames) into {10 - held['faces']} training + "
+                       f"{held['faces']} held-out faces each (frames {held['frames'][0]['first']}-"
+                       f"{held['frames'][-1]['last']} held out) in a temp dir (deleted)", "split": split}
+
