@@ -1,6 +1,7 @@
 """Losses: the faceswap family's reconstruction (L1 + structural dissimilarity (DSSIM), extra weight on eyes and
-mouth, a mask loss against the data set's face mask) and the variants' terms: the VAE's KL divergence, the
-least-squares GAN loss (with mixup) and CycleGAN's cycle consistency.
+mouth, a mask loss against the data set's face mask), the shared latent's moment matching across identities, and
+the variants' terms: the VAE's KL divergence, the least-squares GAN loss (with mixup) and CycleGAN's cycle
+consistency.
 
 SSIM follows Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2
 with data range L = 1, computed per channel (borders reflected) and averaged. DSSIM = (1 - SSIM) / 2, so identical images score
@@ -41,19 +42,18 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window_size: int = SSIM_WINDOW, s
         raise ValueError(f"ssim needs two NCHW tensors of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if min(x.shape[-2:]) < window_size:
         raise ValueError(f"images of {tuple(x.shape[-2:])} px are smaller than the {window_size} px SSIM window")
-    channels = x.shape[1]
-    window = gaussian_window(window_size, sigma, channels, x.dtype, x.device)
-
-    pad = window_size // 2
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), window, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
+    # The Gaussian is separable: one 1-D pass down, one across (2 x 11 taps instead of 121), over all five
+    # statistics stacked as channels of one depthwise conv. Same values as the 2-D window (to float rounding),
+    # half the time of five 2-D convs, which made up ~13 % of a demo training step.
+    g = gaussian_window(window_size, sigma, 1, x.dtype, x.device)[0, 0].sum(dim=0)  # (size,), sums to 1
+    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
+    k, pad = stack.shape[1], window_size // 2
+    stack = F.pad(stack, (pad, pad, pad, pad), mode="reflect")
+    stack = F.conv2d(stack, g.view(1, 1, window_size, 1).expand(k, 1, window_size, 1), groups=k)
+    stack = F.conv2d(stack, g.view(1, 1, 1, window_size).expand(k, 1, 1, window_size), groups=k)
+    mu_x, mu_y, e_xx, e_yy, e_xy = stack.chunk(5, dim=1)
     mu_xx, mu_yy, mu_xy = mu_x * mu_x, mu_y * mu_y, mu_x * mu_y
-    var_x = blur(x * x) - mu_xx
-    var_y = blur(y * y) - mu_yy
-    cov_xy = blur(x * y) - mu_xy
+    var_x, var_y, cov_xy = e_xx - mu_xx, e_yy - mu_yy, e_xy - mu_xy
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     return ((2 * mu_xy + c1) * (2 * cov_xy + c2)) / ((mu_xx + mu_yy + c1) * (var_x + var_y + c2))
@@ -95,6 +95,10 @@ class LossWeights:
     # faceswap's eye/mouth multipliers): gaze and lips carry expression but cover ~5% of the crop, so plain L1
     # leaves them blurry. 0 here: the demo is tuned without it; try 1.0-3.0 on real footage.
     eyes_mouth: float = 0.0
+    # Moment matching of the shared code across identities (latent_moment_gap; ae, vae, vae-gan): a swap feeds
+    # A's codes to B's decoder, which only ever saw B's, so codes that differ by identity leak A into the swap.
+    # On the synthetic demo, 1,000 steps: swap SSIM 0.660 without, 0.687 / 0.690 / 0.691 / 0.680 at 0.3 / 1 / 3 / 10.
+    latent_match: float = 1.0
     kl: float = 1e-4  # KL(q(z|x) || N(0, I)) in nats per face (vae, vae-gan); the reconstruction is a per-pixel
     # mean, so this is the usual VAE balance of ~1/(3*64*64); larger smooths the latent but blurs the faces
     gan: float = 0.1  # least-squares adversarial term of each generator (vae-gan, cyclegan; faceswap-GAN: 0.1)
@@ -129,6 +133,21 @@ def reconstruction_loss(face: torch.Tensor, target: torch.Tensor, mask: torch.Te
         total = total + weights.eyes_mouth * eyes_mouth
         terms["eyes_mouth_l1"] = eyes_mouth.detach()
     return total, terms
+
+
+def latent_moment_gap(codes: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """How far apart the identities' latent codes lie as distributions: the squared differences of their
+    per-dimension means and standard deviations, averaged over dimensions and over pairs of identities.
+
+    codes: one (B, latent) batch per identity, encoded from faces whose pose, expression and lighting come from the
+    same distribution, so any remaining difference in the codes' statistics is identity the encoder let through.
+    Matching the first two moments (as in CORAL, Sun & Saenko 2016, per dimension) is the cheap end of
+    distribution matching; 0 for one identity."""
+    means = [c.mean(dim=0) for c in codes]
+    stds = [c.std(dim=0, correction=0) for c in codes]  # population std: defined for a batch of one
+    gaps = [((means[i] - means[j]) ** 2).mean() + ((stds[i] - stds[j]) ** 2).mean()
+            for i in range(len(codes)) for j in range(i + 1, len(codes))]
+    return torch.stack(gaps).mean() if gaps else codes[0].new_zeros(())
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ One step (``train_step``), for every identity at once:
   2. ae / vae / vae-gan: encode all inputs with the shared encoder (vae: sample z = mu + sigma * eps), decode
      each identity's part with that identity's decoder. cyclegan: every generator pass of the cycle;
   3. loss = L1 + DSSIM (+ face-weighted L1, eye/mouth L1, mask BCE) against the un-warped targets, summed over
-     identities; + KL (vae, vae-gan); + cycle consistency and translated-mask terms (cyclegan); + the
+     identities; + the gap between the identities' latent code statistics (ae, vae, vae-gan); + KL (vae, vae-gan); + cycle consistency and translated-mask terms (cyclegan); + the
      least-squares GAN term against each identity's discriminator (vae-gan, cyclegan);
   4. one Adam step over the generator(s); then, for the adversarial variants, one Adam step of the
      discriminators on real vs (mixed-up) generated faces.
@@ -48,8 +48,8 @@ from facetwin.training.data import (
     AugmentConfig, Augmented, IdentityFaces, augment, describe, identity_names, load_faces, load_index,
 )
 from facetwin.training.losses import (
-    LossWeights, cycle_consistency_loss, kl_divergence, lsgan_discriminator_loss, lsgan_generator_loss, mask_loss,
-    mixup_discriminator_loss, reconstruction_loss,
+    LossWeights, cycle_consistency_loss, kl_divergence, latent_moment_gap, lsgan_discriminator_loss,
+    lsgan_generator_loss, mask_loss, mixup_discriminator_loss, reconstruction_loss,
 )
 from facetwin.training.model import (
     VARIANTS, CycleGAN, Discriminators, FaceSwapAutoencoder, ModelConfig, ModelConfigError, build_discriminators,
@@ -399,6 +399,10 @@ def _autoencoder_losses(t: Trainer, batches: list[Augmented], generator: torch.G
                                           batch.target_regions)
         total = total + loss
         _add_terms(terms, parts)
+    if t.cfg.loss.latent_match and len(batches) > 1:  # B's decoder must meet A's codes as codes it knows
+        gap = latent_moment_gap(out["mu"].float().chunk(len(batches)))
+        total = total + t.cfg.loss.latent_match * gap
+        terms["latent_match"] = gap.detach()
     if "logvar" in out:
         kl = kl_divergence(out["mu"].float(), out["logvar"].float())  # per face, over all identities' faces
         total = total + t.cfg.loss.kl * kl * len(batches)  # summed over identities like the other terms

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from facetwin.training.losses import (
-    LossWeights, cycle_consistency_loss, dssim, gaussian_window, kl_divergence, lsgan_discriminator_loss,
-    lsgan_generator_loss, mask_loss, mixup_discriminator_loss, reconstruction_loss, region_l1, ssim, ssim_map,
+    LossWeights, cycle_consistency_loss, dssim, gaussian_window, kl_divergence, latent_moment_gap,
+    lsgan_discriminator_loss, lsgan_generator_loss, mask_loss, mixup_discriminator_loss, reconstruction_loss, region_l1, ssim, ssim_map,
 )
 
 
@@ -172,3 +172,25 @@ def test_cycle_consistency_is_l1_to_the_original():
     x = _images(10)
     assert float(cycle_consistency_loss(x, x)) == 0.0
     assert float(cycle_consistency_loss(x, 1 - x)) == pytest.approx(float((2 * x - 1).abs().mean()))
+
+
+def test_latent_moment_gap_is_zero_for_one_distribution_and_pulls_two_together():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randn(8, 16, generator=g)
+    assert latent_moment_gap([codes, codes.flip(0)]).item() == pytest.approx(0.0, abs=1e-7)  # same moments
+    assert latent_moment_gap([codes]).item() == 0.0  # one identity: nothing to match
+    # Stretched about its mean and shifted by 1: mean gap 1, std gap = the std, averaged over dimensions.
+    mean = codes.mean(dim=0)
+    shifted = (codes - mean) * 2 + mean + 1
+    expected = 1.0 + (codes.std(dim=0, correction=0) ** 2).mean().item()
+    assert latent_moment_gap([codes, shifted]).item() == pytest.approx(expected, rel=1e-5)
+    assert latent_moment_gap([codes[:1], shifted[:1]]).isfinite()  # a batch of one: defined (population std)
+    # Gradient descent on the gap moves B's codes onto A's statistics.
+    b = shifted.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([b], lr=0.05)
+    start = latent_moment_gap([codes, b]).item()
+    for _ in range(300):
+        optimizer.zero_grad()
+        latent_moment_gap([codes, b]).backward()
+        optimizer.step()
+    assert latent_moment_gap([codes, b]).item() < 0.01 * start
