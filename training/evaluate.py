@@ -414,16 +414,22 @@ def headline(report: dict[str, Any]) -> dict[str, float | None]:
             "landmarks.nme": get("landmarks", "nme"), "temporal.flicker_ratio": get("temporal", "flicker_ratio")}
 
 
-def markdown_table(reports: list[dict[str, Any]]) -> str:
+def markdown_table(reports: list[dict[str, Any]], columns: list[str] | None = None,
+                   extra: dict[str, list[str]] | None = None) -> str:
     """The seed paper's comparison, with numbers: one row per bundle (variant), one column per metric; n/a cells
-    are explained under the table."""
-    columns = list(headline(reports[0])) if reports else []
-    lines = ["| variant | model | px | " + " | ".join(columns) + " |",
-             "|---|---|---|" + "---|" * len(columns)]
+    are explained under the table. `columns` picks headline metrics (default: all of them); `extra` adds columns
+    after px, name -> one cell per report (make compare-real: steps and seconds trained)."""
+    columns = columns if columns is not None else (list(headline(reports[0])) if reports else [])
+    extra = extra or {}
+    names = list(extra) + columns
+    lines = ["| variant | model | px | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
     notes = []
-    for report in reports:
-        cells = []
-        for key, value in headline(report).items():
+    for row, report in enumerate(reports):
+        cells = [values[row] for values in extra.values()]
+        numbers = headline(report)
+        for key in columns:
+            value = numbers[key]
             if value is None:
                 notes.append(f"{report['model']} {key.split('.')[0]}: {report['reasons'].get(key.split('.')[0], '?')}")
                 cells.append("n/a")
