@@ -18,7 +18,7 @@ Every number and picture is made from frames the model never trained on; a resum
 a frame now held out (one from before the split, or split with another --holdout) is refused.
 Writes to --out (default out/real): swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json (which
 frames were held out: counts and frame ranges per person).
-Presets: `cpu` (default; ~15 min on 2 cores) and `gpu` (the full run for a CUDA host). `--dry-run` does every
+Presets: `cpu` (default; ~11 min on 2 idle cores, training capped at 15) and `gpu` (the full run for a CUDA host). `--dry-run` does every
 step with tiny settings on a few frames in a temp dir, in well under a minute.
 """
 
@@ -73,8 +73,8 @@ class Preset:
 
 
 PRESETS = {
-    # 2 CPU cores: 4,800 steps of the demo model took 14.6 min on a shared machine (5.5 steps/s), everything else
-    # ~40 s; the budget caps training at 15 min where the machine is slower still.
+    # 2 CPU cores: 4,800 steps of the demo model took 9.6 min on idle cores (8.3 steps/s) and 14.6 min on a shared
+    # machine (5.5 steps/s), everything else ~40 s; the budget caps training at 15 min where it is slower still.
     "cpu": Preset("demo", 64, 10, None, 4800, 900, None, "off", 150, 8, 16, 32),
     # A CUDA host: every 2nd frame (~5x the faces), 8x the steps at 4x the batch, bf16 autocast.
     "gpu": Preset("demo", 64, 2, None, 40000, 0, 16, "bf16", 600, 8, 64, 64),
@@ -311,7 +311,7 @@ def one_line_errors() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default out/real; --dry-run: a temp dir)")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"], help="cpu (~15 min, 2 cores) or gpu (CUDA)")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"], help="cpu (~11 min on 2 idle cores) or gpu (CUDA)")
     p.add_argument("--variant", default="ae", choices=VARIANTS)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-seconds", type=float, default=None,
