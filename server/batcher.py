@@ -5,10 +5,9 @@ filled round-robin across callers, so one busy stream cannot starve everyone els
 full, or when its oldest request has waited `max_delay_s`, whichever comes first — and while a batch runs,
 the next one keeps filling, which is where most batching under load comes from.
 
-With `prefetch` > 0 up to that many batches wait in the executor's queue behind the running ones, so the
-backend starts the next batch the moment the previous one returns instead of waiting for the event loop to hand
-it over. Off by default: on the 2-core CPU host it made batches smaller (mean 12 instead of 16 under
-bench/serve.py) and did not raise throughput measurably.
+A batch goes to its executor thread the moment it is formed (see _loop); batches formed further ahead were tried
+and dropped: on the 2-core CPU host they made batches smaller (mean 12 instead of 16 under bench/serve.py) and
+did not raise throughput.
 """
 
 from __future__ import annotations
@@ -58,12 +57,11 @@ class DynamicBatcher:
         max_delay_s: float = 0.002,
         max_queue: int = 256,
         concurrency: int = 1,
-        prefetch: int = 0,
         name: str = "batcher",
     ) -> None:
-        """concurrency: batches running at once (executor threads); prefetch: batches formed ahead of them."""
-        if concurrency < 1 or prefetch < 0:
-            raise ValueError("concurrency must be >= 1 and prefetch >= 0")
+        """concurrency: batches running at once (executor threads)."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
@@ -74,7 +72,6 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._concurrency = concurrency
-        self._prefetch = prefetch
         self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=name)
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -102,7 +99,7 @@ class DynamicBatcher:
     def _start(self) -> None:
         if self._task is None:
             self._wakeup = asyncio.Event()
-            self._slots = asyncio.Semaphore(self._concurrency + self._prefetch)
+            self._slots = asyncio.Semaphore(self._concurrency)
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
     async def _loop(self) -> None:
@@ -110,7 +107,7 @@ class DynamicBatcher:
             while self._size == 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._slots.acquire()  # while the running (and prefetched) batches run, the queue keeps filling
+            await self._slots.acquire()  # while the running batches run, the queue keeps filling
             await self._wait_for_batch()
             batch = self._take()
             if not batch:

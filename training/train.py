@@ -6,8 +6,9 @@ One step (``train_step``), for every identity at once:
   2. ae / vae / vae-gan: encode all inputs with the shared encoder (vae: sample z = mu + sigma * eps), decode
      each identity's part with that identity's decoder. cyclegan: every generator pass of the cycle;
   3. loss = L1 + DSSIM (+ face-weighted L1, eye/mouth L1, mask BCE) against the un-warped targets, summed over
-     identities; + the gap between the identities' latent code statistics (ae, vae, vae-gan); + KL (vae, vae-gan); + cycle consistency and translated-mask terms (cyclegan); + the
-     least-squares GAN term against each identity's discriminator (vae-gan, cyclegan);
+     identities; + the gap between the identities' latent code statistics (ae, vae, vae-gan); + KL (vae,
+     vae-gan); + cycle consistency and translated-mask terms (cyclegan); + the least-squares GAN term against
+     each identity's discriminator (vae-gan, cyclegan);
   4. one Adam step over the generator(s); then, for the adversarial variants, one Adam step of the
      discriminators on real vs (mixed-up) generated faces.
 
@@ -609,8 +610,10 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
             _write_png(out_dir / PREVIEW_DIR / f"step_{done:06d}.png", grid)
             if writer is not None:
                 writer.add_image("preview", grid, done, dataformats="HWC")
-        spent = time.perf_counter() - started
-        out_of_time = bool(cfg.max_seconds) and _all_agree(spent > cfg.max_seconds, world, t.device)
+        # Under DDP the ranks agree on the budget every log_every steps only: each agreement is an all-reduce and a
+        # device sync, which would stall every step; one process checks its own clock every step.
+        out_of_time = bool(cfg.max_seconds) and (world.world_size == 1 or done % cfg.log_every == 0) and _all_agree(
+            time.perf_counter() - started > cfg.max_seconds, world, t.device)
         if world.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps or out_of_time):
             extra: dict[str, Any] = {"world_size": world.world_size}
             if t.critics is not None and t.critic_optimizer is not None:

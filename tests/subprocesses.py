@@ -1,0 +1,23 @@
+"""Running the product's commands as subprocesses from tests, the way a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """This environment for a child process, without server settings that would redirect it, plus `extra`.
+    (OMP_WAIT_POLICY=PASSIVE comes from tests/conftest.py: spin-waiting threads crawl on a busy 2-core host.)"""
+    env = {**os.environ, **extra}
+    env.pop("FACETWIN_MODEL_DIR", None)
+    env.pop("FACETWIN_ADDRESS", None)
+    return env
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 280) -> subprocess.CompletedProcess:
+    """`python -m module args...` with captured text output."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=command_env() if env is None else env, timeout=timeout)
