@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, default="demo")
     p.add_argument("--variant", choices=VARIANTS, default="ae")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", nargs="?", const="bf16", default="off", choices=AMP_MODES,
-                   help="CUDA mixed precision (bare --amp: bf16)")
+    p.add_argument("--amp", nargs="?", const="bf16", default="auto", choices=AMP_MODES,
+                   help="mixed precision as in training (default auto; bare --amp: bf16)")
     p.add_argument("--batch-size", type=int, default=None, help="faces per identity per step (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the preset's)")
     p.add_argument("--steps", type=int, default=None,

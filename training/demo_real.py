@@ -65,7 +65,7 @@ class Preset:
     steps: int  # training steps
     max_seconds: float  # training time budget (stops early with a checkpoint; 0 = none): keeps the promised time
     batch_size: int | None  # faces per identity per step (None: the train preset's)
-    amp: str  # CUDA mixed precision
+    amp: str  # facetwin-train --amp (auto: bf16 where the GPU or CPU has it natively)
     clip_frames: int  # frames of franck.mp4 streamed as full frames, from his first held-out frame on
     grid_faces: int  # crops per direction in the grid, spread evenly over the held-out faces
     eval_faces: int  # evaluate --faces: real faces swapped per pair
@@ -73,9 +73,10 @@ class Preset:
 
 
 PRESETS = {
-    # 2 CPU cores: 4,800 steps of the demo model took 9.6 min on idle cores (8.3 steps/s) and 14.6 min on a shared
-    # machine (5.5 steps/s), everything else ~40 s; the budget caps training at 15 min where it is slower still.
-    "cpu": Preset("demo", 64, 10, None, 4800, 900, None, "off", 150, 8, 16, 32),
+    # 2 CPU cores: in float32, 4,800 steps of the demo model took 9.6 min on idle cores (8.3 steps/s) and 14.6 min on
+    # a shared machine (5.5 steps/s); the bf16 autocast of CPUs with AVX512-BF16 makes 9,000 steps about as long.
+    # Everything else takes ~40 s; the budget caps training at 15 min where it is slower still.
+    "cpu": Preset("demo", 64, 10, None, 9000, 900, None, "auto", 150, 8, 16, 32),
     # A CUDA host: every 2nd frame (~5x the faces), 8x the steps at 4x the batch, bf16 autocast.
     "gpu": Preset("demo", 64, 2, None, 40000, 0, 16, "bf16", 600, 8, 64, 64),
     # --dry-run: a few frames, the tiny 32 px model, seconds.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from argparse import Namespace
@@ -9,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from facetwin.training import synth
 from facetwin.training.data import load_faces
 from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training.train import (
-    CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, dry_run, learning_rate, load_checkpoint,
-    model_from_checkpoint, train,
+    CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, _autocast_dtype, cpu_has_bf16, dry_run,
+    learning_rate, load_checkpoint, model_from_checkpoint, train, update_average,
 )
 
 
@@ -67,8 +69,56 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(data, tmp_
     parts = train(tiny(data, tmp_path / "parts", steps=8, **constant), progress=False, resume=True)
     a, b = load_checkpoint(whole), load_checkpoint(parts)
     assert a["step"] == b["step"] == 8
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
+    for part in ("model", "ema"):  # the weights' moving average resumes too
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
+
+
+def test_the_moving_average_of_the_weights_is_what_gets_exported(data, tmp_path):
+    averaged = load_checkpoint(train(tiny(data, tmp_path / "on", steps=30), progress=False))
+    assert averaged["ema"].keys() == averaged["model"].keys()
+    assert any(not torch.equal(averaged["ema"][k], v) for k, v in averaged["model"].items())
+    for key, tensor in model_from_checkpoint(averaged).state_dict().items():
+        assert torch.equal(tensor, averaged["ema"][key]), key
+    plain = load_checkpoint(train(tiny(data, tmp_path / "off", steps=30, ema_decay=0.0), progress=False))
+    assert "ema" not in plain
+    for key, tensor in model_from_checkpoint(plain).state_dict().items():
+        assert torch.equal(tensor, plain["model"][key]), key
+    for key, tensor in plain["model"].items():  # the average only watches: training itself is the same
+        assert torch.equal(tensor, averaged["model"][key]), key
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(tiny(data, tmp_path / "bad", ema_decay=1.0), progress=False)
+
+
+def test_update_average_follows_the_weights_fast_early_and_slowly_later():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    average = copy.deepcopy(model)
+    start = average.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_average(average, model, decay=0.999, step=0)  # early: d = min(0.999, 1 / 10) = 0.1
+    torch.testing.assert_close(average.weight, start + 0.9)
+    update_average(average, model, decay=0.5, step=10_000)  # later: d = the decay
+    torch.testing.assert_close(average.weight, start + 0.95)
+    torch.testing.assert_close(average.bias, model.bias)  # equal weights stay equal
+
+
+def test_mixed_precision_on_the_cpu(data, tmp_path):
+    cpu = torch.device("cpu")
+    assert _autocast_dtype("off", cpu) is None
+    assert _autocast_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert _autocast_dtype("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        _autocast_dtype("fp16", cpu)
+    assert TrainConfig("d", "o").amp == "auto" and TrainConfig.from_preset("tiny", "d", "o").amp == "off"
+    half = load_checkpoint(train(tiny(data, tmp_path / "bf16", steps=20, amp="bf16"), progress=False))
+    full = load_checkpoint(train(tiny(data, tmp_path / "fp32", steps=20), progress=False))
+    for key, tensor in half["model"].items():  # autocast computes in bf16 but keeps float32 weights
+        assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), key
+    assert any(not torch.equal(t, full["model"][k]) for k, t in half["model"].items())  # bf16 really ran
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        train(tiny(data, tmp_path / "fp16", steps=2, amp="fp16"), progress=False)
 
 
 def test_resume_of_a_finished_run_is_a_no_op(data, tmp_path):

@@ -137,10 +137,7 @@ def test_a_mixed_precision_step_runs_the_autocast_and_grad_scaler_path(data, dty
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
-def test_amp_on_cpu_is_ignored_with_a_note(data, tmp_path, caplog):
-    with caplog.at_level("WARNING", logger="facetwin.training.train"):
-        train(tiny(data, tmp_path / "run", steps=1, amp="fp16"), progress=False)
-    assert "amp=fp16 ignored" in caplog.text
+def test_an_unknown_amp_mode_is_refused(data, tmp_path):  # CPU bf16 / fp16: test_train.py
     with pytest.raises(ValueError, match="amp 'fp8'"):
         train(tiny(data, tmp_path / "other", steps=1, amp="fp8"), progress=False)
 
@@ -150,7 +147,7 @@ def test_a_resumed_vae_gan_continues_exactly_including_its_discriminators(data, 
     whole = load_checkpoint(train(tiny(data, tmp_path / "whole", steps=4, **constant), progress=False))
     train(tiny(data, tmp_path / "parts", steps=2, **constant), progress=False)
     parts = load_checkpoint(train(tiny(data, tmp_path / "parts", steps=4, **constant), progress=False, resume=True))
-    for key in ("model", "critics"):
+    for key in ("model", "ema", "critics"):
         for name, tensor in whole[key].items():
             assert torch.equal(tensor, parts[key][name]), (key, name)
 
@@ -170,7 +167,7 @@ def test_resuming_another_variant_is_refused_and_leaves_the_run_untouched(data, 
 
 def test_cli_rejects_bad_variant_and_amp_in_one_line(data, tmp_path):
     for args, needle in ((["--variant", "gan"], "--variant must be one of ae, vae, vae-gan, cyclegan"),
-                         (["--amp", "fp8"], "--amp must be one of off, bf16, fp16")):
+                         (["--amp", "fp8"], "--amp must be one of auto, off, bf16, fp16")):
         result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), *args])
         assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
