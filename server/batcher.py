@@ -5,9 +5,11 @@ filled round-robin across callers, so one busy stream cannot starve everyone els
 full, or when its oldest request has waited `max_delay_s`, whichever comes first — and while a batch runs,
 the next one keeps filling, which is where most batching under load comes from.
 
-A batch goes to its executor thread the moment it is formed (see _loop); batches formed further ahead were tried
-and dropped: on the 2-core CPU host they made batches smaller (mean 12 instead of 16 under bench/serve.py) and
-did not raise throughput.
+A batch goes to its executor thread the moment it is formed (see _loop). While every worker is busy, one more
+batch may wait in the executor behind them, but only a full one: a worker that finishes takes it at once, without
+a round trip through the event loop (which is busy sending the finished batch's replies just then). Batches formed
+further ahead whatever their size were tried and dropped: they made batches smaller (mean 12 instead of 16 under
+bench/serve.py on the 2-core host) and did not raise throughput.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class DynamicBatcher:
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._concurrency = concurrency
+        self._in_flight = 0  # batches handed to the executor and not finished
         self._executor = concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix=name)
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
@@ -93,13 +96,14 @@ class DynamicBatcher:
         pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queues.setdefault(caller, collections.deque()).append(pending)
         self._size += 1
-        self._wakeup.set()
+        if self._size == 1 or self._size >= self.max_batch:  # what _loop and _wait_for_batch wait for
+            self._wakeup.set()
         return await pending.future  # cancelled with the caller; _take skips it
 
     def _start(self) -> None:
         if self._task is None:
             self._wakeup = asyncio.Event()
-            self._slots = asyncio.Semaphore(self._concurrency)
+            self._slots = asyncio.Semaphore(self._concurrency + 1)  # + the full batch queued behind busy workers
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
 
     async def _loop(self) -> None:
@@ -117,19 +121,23 @@ class DynamicBatcher:
             # every callback already queued on the loop -- typically the replies of the batch that just finished --
             # leaving the backend idle for milliseconds per batch.
             loop = asyncio.get_running_loop()
+            self._in_flight += 1
             running = loop.run_in_executor(self._executor, self._timed_run, [p.item for p in batch])
             task = loop.create_task(self._execute(batch, running))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _wait_for_batch(self) -> None:
+        """Until max_batch items are queued, or max_delay_s after the oldest one while a worker is free."""
         if self._size == 0:
             return
         oldest = min(queue[0].enqueued for queue in self._queues.values())
         while self._size < self.max_batch:
-            remaining = oldest + self.max_delay_s - time.perf_counter()
-            if remaining <= 0:
-                return
+            remaining = None  # every worker busy: only a full batch goes ahead (or wait until one is free)
+            if self._in_flight < self._concurrency:
+                remaining = oldest + self.max_delay_s - time.perf_counter()
+                if remaining <= 0:
+                    return
             self._wakeup.clear()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
@@ -170,7 +178,9 @@ class DynamicBatcher:
                     pending.future.set_exception(error)
             return
         finally:
+            self._in_flight -= 1
             self._slots.release()
+            self._wakeup.set()  # a batch waiting for a free worker may now go at its delay
         for pending, result in zip(batch, results):
             if not pending.future.done():
                 pending.future.set_result((result, BatchInfo(len(batch), started - pending.enqueued, elapsed)))

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,6 +23,10 @@ from .servicer import FaceSwapServicer
 
 log = logging.getLogger("facetwin.server")
 SERVICE_NAME = facetwin_pb2.DESCRIPTOR.services_by_name["FaceSwap"].full_name
+# The inference threads hold the GIL for a moment before and after each batch (numpy in, numpy out); with Python's
+# default 5 ms switch interval they can wait that long behind the event loop, the cores idle. 0.5 ms: served faces/s
+# +8 % on the 2-core host (unary, 64 in flight: 443 -> 477 and 419 -> 452; server CPU 1.75 -> 1.81 cores).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class FaceSwapServer:
@@ -96,6 +101,7 @@ class FaceSwapServer:
 
 async def serve(config: ServerConfig) -> None:
     """Runs until SIGTERM/SIGINT, then drains gracefully."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the process is the server's: its threads are ours to schedule
     server = FaceSwapServer(config)
     await server.start()
     loop = asyncio.get_running_loop()

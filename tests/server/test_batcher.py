@@ -55,6 +55,25 @@ async def test_round_robin_serves_a_late_small_caller_early():
     await batcher.close()
 
 
+async def test_only_a_full_batch_waits_behind_busy_workers():
+    """While the only worker is busy, a full batch is handed on at once (it starts the moment the worker is free,
+    with no event-loop round trip); a partial one stays in the queue, where later arrivals can still join it."""
+    run = Recorder(delay_s=0.05)
+    batcher = DynamicBatcher(run, max_batch=2, max_delay_s=0.0, concurrency=1)
+    first = asyncio.ensure_future(batcher.submit(0, caller="a"))
+    await asyncio.sleep(0.01)  # [0] runs
+    full = [asyncio.ensure_future(batcher.submit(i, caller="a")) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 0  # [1, 2] waits in the executor behind [0]
+    lone = asyncio.ensure_future(batcher.submit(3, caller="a"))
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 1  # [3] alone is not full: it waits for a free worker
+    late = asyncio.ensure_future(batcher.submit(4, caller="a"))
+    await asyncio.gather(first, *full, lone, late)
+    assert run.batches == [[0], [1, 2], [3, 4]]
+    await batcher.close()
+
+
 async def test_queue_limit_gives_resource_exhausted():
     run = Recorder(delay_s=0.05)
     batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, max_queue=3)
@@ -95,11 +114,13 @@ async def test_close_fails_queued_and_refuses_new_work():
     batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, concurrency=2)
     running = asyncio.ensure_future(batcher.submit(1, caller="a"))
     also_running = asyncio.ensure_future(batcher.submit(2, caller="a"))
-    queued = asyncio.ensure_future(batcher.submit(3, caller="a"))
+    next_up = asyncio.ensure_future(batcher.submit(3, caller="a"))  # a full batch: waits in the executor
+    queued = asyncio.ensure_future(batcher.submit(4, caller="a"))
     await asyncio.sleep(0.01)
     await batcher.close()
     assert (await running)[0] == (1, 2)  # in-flight work finishes: every batch handed to the backend
     assert (await also_running)[0] == (2, 4)
+    assert (await next_up)[0] == (3, 6)
     with pytest.raises(UnavailableError):
         await queued
     with pytest.raises(UnavailableError):
@@ -112,7 +133,7 @@ async def test_queue_time_runs_until_the_backend_starts_the_batch():
     batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0)
     calls = [asyncio.ensure_future(batcher.submit(i, caller="a")) for i in range(3)]
     await asyncio.sleep(0.03)
-    assert batcher.queued == 2
+    assert batcher.queued == 1  # one runs, one (a full batch) waits in the executor behind it, one in the queue
     results = await asyncio.gather(*calls)
     assert [r[0] for r in results] == [(i, 2 * i) for i in range(3)]
     assert results[1][1].queue_s >= 0.09 and results[2][1].queue_s >= 0.19, [info for _, info in results]
