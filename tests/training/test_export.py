@@ -55,7 +55,7 @@ def test_manifest_records_configs_data_and_the_export_check(bundle):
 
 def test_weights_hold_every_tensor_of_the_checkpoint(bundle, checkpoint):
     weights = load_file(str(bundle / "weights.safetensors"))
-    state = load_checkpoint(checkpoint)["model"]
+    state = load_checkpoint(checkpoint)["ema"]  # the exported weights are the training weights' moving average
     assert set(weights) == set(state)
     assert all(torch.equal(weights[k], state[k]) for k in state)
 
