@@ -48,6 +48,9 @@ ADVERSARIAL = ("vae-gan", "cyclegan")  # trained against one Discriminator per i
 LEAKY_SLOPE = 0.1
 CRITIC_SLOPE = 0.2  # LeakyReLU slope of the discriminators (DCGAN, pix2pix, CycleGAN)
 INITIAL_LOGVAR = -4.0  # starting log sigma^2 of the VAE posterior (see Encoder)
+# log sigma^2 is clamped to this range, as VAE code commonly does: one face's log-variance once spiked past 177 in a
+# bf16 vae-gan run (step 2,973 of make compare-real), exp(logvar / 2) overflowed and the decoder returned NaN.
+LOGVAR_RANGE = (-30.0, 20.0)
 
 
 class ModelConfigError(ValueError):
@@ -256,7 +259,7 @@ class Encoder(nn.Module):
         # Centre the [0, 1] input on zero: the first conv then starts unbiased and learns faster.
         x = self.flatten(self.convs(face * 2.0 - 1.0))  # (B, 3, 64, 64) -> (B, 1024, 4, 4) -> (B, 1024*4*4)
         mu = self.to_latent(x)  # (B, 1024): the latent code
-        return mu, (self.to_logvar(x) if self.to_logvar is not None else None)
+        return mu, (self.to_logvar(x).clamp(*LOGVAR_RANGE) if self.to_logvar is not None else None)
 
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """Latent code (B, latent) -> the decoders' input feature map."""

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from facetwin.training.model import (
-    INITIAL_LOGVAR, CycleGAN, Decoder, Discriminators, Encoder, FaceSwapAutoencoder, ModelConfig, ModelConfigError,
-    SwapGraph, build_discriminators, build_model, count_parameters, swap_graph_from_state,
+    INITIAL_LOGVAR, LOGVAR_RANGE, CycleGAN, Decoder, Discriminators, Encoder, FaceSwapAutoencoder, ModelConfig,
+    ModelConfigError, SwapGraph, build_discriminators, build_model, count_parameters, swap_graph_from_state,
 )
 
 NAMES = ("ada", "ben", "cleo")
@@ -195,6 +195,17 @@ def test_the_vae_encoder_adds_a_log_variance_head_and_starts_nearly_deterministi
     assert mu.shape == logvar.shape == (3, config.latent)
     assert torch.allclose(logvar, torch.full_like(logvar, INITIAL_LOGVAR))
     assert Encoder(ModelConfig.tiny(["ada", "ben"])).encode(faces(3, 32))[1] is None
+
+
+def test_the_vae_log_variance_is_clamped_so_a_spike_cannot_turn_the_decoder_to_nan():
+    config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), variant="vae")
+    model = FaceSwapAutoencoder(config)
+    with torch.no_grad():
+        model.encoder.to_logvar.bias.fill_(400.0)  # exp(400 / 2) overflows float32 and bfloat16 alike
+    inputs = faces(4, 32)
+    out = model.training_forward(inputs, torch.randn(4, config.latent))
+    assert out["logvar"].max() == LOGVAR_RANGE[1]
+    assert torch.isfinite(out["face"]).all() and torch.isfinite(out["mask"]).all()
 
 
 def test_patch_discriminators_score_each_identity_separately():
