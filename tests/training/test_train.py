@@ -108,6 +108,7 @@ def test_mixed_precision_on_the_cpu(data, tmp_path):
     cpu = torch.device("cpu")
     assert _autocast_dtype("off", cpu) is None
     assert _autocast_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert _autocast_dtype("auto", cpu, "vae-gan") is None and _autocast_dtype("bf16", cpu, "vae-gan") == torch.bfloat16
     assert _autocast_dtype("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         _autocast_dtype("fp16", cpu)
