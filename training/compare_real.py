@@ -41,7 +41,7 @@ from facetwin.training.demo_real import (PRESETS, VARIANTS, Preset, fraction, gu
 from facetwin.training.split import HOLDOUT_FRACTION
 
 # Training-time budget per variant, seconds (0 = none: the step cap alone is the budget). On 2 idle CPU cores 300 s
-# was 2,608 steps of ae, 2,512 of vae, 1,950 of vae-gan and 980 of cyclegan; the whole comparison took 21 min.
+# was 4,701 steps of ae, 5,090 of vae (both bf16), 3,033 of vae-gan and 1,335 of cyclegan (float32); ~23 min in all.
 MAX_SECONDS = {"cpu": 300.0, "gpu": 0.0, "dry-run": 60.0}
 TRAINING_TIME = "training_time.json"  # in each run folder: the training sessions this command ran, and seconds
 TRAINED = re.compile(r"trained (\d+) steps in ([0-9.]+) s")  # train.py's last line: its loop's own timer
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default out/real; --dry-run: a temp dir)")
     p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
-                   help="cpu (2 cores: 300 s of training per variant, ~21 min for four) or gpu (CUDA, no time limit)")
+                   help="cpu (2 cores: 300 s of training per variant, ~23 min for four) or gpu (CUDA, no time limit)")
     p.add_argument("--variants", type=variant_list, default=list(VARIANTS),
                    help=f"comma-separated variants to train and compare (default {','.join(VARIANTS)})")
     p.add_argument("--steps", type=positive_int, default=None,
