@@ -177,6 +177,11 @@ def _load(kind: str) -> Any:
     raise ValueError(f"unknown dlib model {kind!r}")
 
 
+def shape_predictor(model: str) -> Any:
+    """The process-wide dlib shape predictor of a landmark model, "68" or "5"."""
+    return _load("landmarks" if model == "68" else "landmarks5")
+
+
 def landmark_model(landmarks: str | int = "auto") -> str:
     """"68" or "5" for a landmarks setting ("auto": 68 when its weights are found, else 5)."""
     choice = str(landmarks)
@@ -233,7 +238,7 @@ class FaceDetector:
                                             "install opencv-python-headless<5 (OpenCV 5 ships no cascades)")
         else:
             self._detector = _new_detector(backend)
-            self._predictor = _load("landmarks" if self.landmark_model == "68" else "landmarks5")
+            self._predictor = shape_predictor(self.landmark_model)
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
         """All faces in the image, largest first."""
@@ -272,8 +277,7 @@ class FaceDetector:
         x0, y0, x1, y1 = (int(v) for v in box)
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
-        predictor = self._predictor if self.backend != "haar" else _load(
-            "landmarks" if self.landmark_model == "68" else "landmarks5")
+        predictor = self._predictor if self.backend != "haar" else shape_predictor(self.landmark_model)
         return _points(predictor(_check_image(image_rgb), _dlib().rectangle(x0, y0, x1 - 1, y1 - 1)))
 
 
@@ -451,7 +455,7 @@ def embed(image_rgb: np.ndarray, face: Face) -> np.ndarray:
     x0, y0, x1, y1 = face.box
     rect = dlib.rectangle(int(x0), int(y0), int(x1) - 1, int(y1) - 1)
     if face.landmarks is None:
-        shape = _load("landmarks" if landmark_model("auto") == "68" else "landmarks5")(image, rect)
+        shape = shape_predictor(landmark_model("auto"))(image, rect)
     else:
         shape = dlib.full_object_detection(rect, [dlib.point(round(float(x)), round(float(y))) for x, y in face.landmarks])
     chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)

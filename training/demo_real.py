@@ -46,7 +46,9 @@ from facetwin.training.evaluate import compose_grid
 from facetwin.training.split import HOLDOUT_FRACTION
 
 MODEL = "real"
-VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")  # facetwin-train train --variant
+# facetwin-train train --variant: model.VARIANTS, spelled out so this orchestrator never imports torch (a test keeps
+# the two equal).
+VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")
 SOURCE, TARGET = "franck", "cap"  # the clip shows SOURCE's video with TARGET's face
 # The targets for the real pair (identity distances are dlib ResNet embeddings; < 0.6 = same person).
 # dist_to_*: the served full-frame blend; raw_dist_to_*: the model's own output crop.

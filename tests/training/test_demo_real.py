@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -123,3 +125,12 @@ def test_bad_steps_are_refused_before_any_work(tmp_path):
     run = run_module(DEMO_REAL, "--dry-run", "--steps", "0", "--out", str(tmp_path / "out"), timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "--steps" in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_orchestrators_variants_are_the_models_and_need_no_torch():
+    from facetwin.training import demo_real, model
+
+    assert demo_real.VARIANTS == model.VARIANTS
+    probe = "import sys, facetwin.training.demo_real; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          env=command_env()).stdout.strip() == "False"
