@@ -41,6 +41,9 @@ def serve(
     metrics_port: Optional[int] = typer.Option(None, help="Prometheus /metrics port (0 = off)"),
     landmarks: Optional[str] = typer.Option(None, help="Full frames: dlib landmark model 68, 5 (9 MB weights) or "
                                             "auto (68 if its weights are found, else 5) (env FACETWIN_LANDMARKS)"),
+    keep_shape: Optional[float] = typer.Option(None, help="Full frames: how far the swap is bent toward the original "
+                                               "face's shape, 0 (target's) .. 1 (original's) (env FACETWIN_KEEP_SHAPE, "
+                                               "default 0.5)"),
     log_level: str = typer.Option("INFO", envvar="FACETWIN_LOG_LEVEL", help="Logging level"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Load and warm every model, serve on a free loopback "
                                  "port, swap one blank face per model through real gRPC, then exit"),
@@ -51,7 +54,7 @@ def serve(
                      max_delay_ms=max_delay_ms, max_queue=max_queue, inference_workers=inference_workers,
                      intra_op_threads=intra_op_threads,
                      max_message_mb=max_message_mb, stream_window=stream_window, stream_policy=stream_policy, grace_s=grace_s,
-                     metrics_port=metrics_port, landmarks=landmarks)
+                     metrics_port=metrics_port, landmarks=landmarks, keep_shape=keep_shape)
     try:
         if dry_run:
             overrides.update(address="127.0.0.1:0", metrics_port=0)

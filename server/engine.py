@@ -90,15 +90,17 @@ class SwapOutcome:
 class SwapEngine:
     def __init__(self, registry: ModelRegistry, max_image_side: int = 4096, detect_threads: int = 2,
                  detect_max_side: int | None = 640, smoothing: SmoothingConfig | None = None,
-                 landmarks: str | None = None) -> None:
+                 landmarks: str | None = None, keep_shape: float | None = None) -> None:
         """detect_threads / detect_max_side / landmarks: see fullframe.FaceDetectorPool (landmarks None = the
         registry's ServerConfig.landmarks). smoothing: landmark smoothing of full frames in streams (None =
-        SmoothingConfig defaults)."""
+        SmoothingConfig defaults). keep_shape: see fullframe.finish_face (None = ServerConfig.keep_shape)."""
         self.registry = registry
         self.max_image_side = max_image_side
         self.smoothing = smoothing or SmoothingConfig()
         landmarks = registry.config.landmarks if landmarks is None else landmarks
-        self.fullframe = FullFrameSwapper(FaceDetectorPool(detect_threads, detect_max_side, landmarks=landmarks))
+        keep_shape = registry.config.keep_shape if keep_shape is None else keep_shape
+        self.fullframe = FullFrameSwapper(FaceDetectorPool(detect_threads, detect_max_side, landmarks=landmarks),
+                                          keep_shape=keep_shape)
 
     def new_stream_state(self) -> StreamFaceState:
         """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order."""

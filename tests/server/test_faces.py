@@ -271,3 +271,51 @@ def test_five_point_faces_get_the_template_ellipse_as_mask(hog5, franck_frames):
     mask = F.face_mask(64, points)  # five points outline no face: the ellipse where alignment puts one
     np.testing.assert_array_equal(mask, F.face_mask(64, None))
     assert all(mask[int(round(y)), int(round(x))] == 255 for x, y in points)  # the eyes and nose are inside
+
+
+def test_warp_points_moves_what_lies_at_the_points_and_pins_the_border():
+    size = 96
+    points = np.array([[30.0, 30.0], [66.0, 30.0], [48.0, 60.0]])
+    moved = points + [[4.0, -3.0], [-5.0, 2.0], [0.0, 6.0]]
+    image = np.full((size, size, 3), 255, np.uint8)
+    for x, y in points:
+        cv2.circle(image, (int(x), int(y)), 3, (0, 0, 0), -1)
+    warped = F.warp_points(image, points, moved)
+    for x, y in moved:  # each dark blob now sits where it was sent
+        window = 255 - warped[int(y) - 6:int(y) + 7, int(x) - 6:int(x) + 7, 0].astype(float)
+        ys, xs = np.mgrid[-6:7, -6:7]
+        centre = np.array([(xs * window).sum(), (ys * window).sum()]) / window.sum()
+        assert np.abs(centre).max() < 0.75, centre
+    assert (warped[0] == 255).all() and (warped[:, -1] == 255).all()  # the border stays put
+    np.testing.assert_array_equal(F.warp_points(image, points, points), image)  # nothing to move: unchanged
+    with pytest.raises(ValueError, match="matching"):
+        F.warp_points(image, points, moved[:2])
+
+
+def _face_error(points, reference) -> float:
+    return float(np.linalg.norm(points - reference, axis=1).mean() / np.ptp(reference[:17, 0]))
+
+
+def test_keep_shape_bends_a_face_toward_the_original_faces_shape(hog, franck_frames):
+    """A 'swap' that is the same face 12 % wider and 6 % shorter: keep_shape 1 brings its landmarks back onto the
+    original's, 0.5 halfway, 0 leaves it alone."""
+    size = 128
+    frame = franck_frames[0]
+    face = hog.detect(frame)[0]
+    crop, matrix = F.align(frame, face, size)
+    original = F.crop_landmarks(crop)
+    assert _face_error(original, F.transform_points(face.landmarks, matrix)) < 0.03  # the frame's fit, within noise
+    centre = size / 2
+    stretch = np.array([[1.12, 0, centre * (1 - 1.12)], [0, 0.94, centre * (1 - 0.94)]])
+    other = cv2.warpAffine(crop, stretch, (size, size), borderMode=cv2.BORDER_REPLICATE)
+    other_points = F.crop_landmarks(other)
+    before = _face_error(other_points, original)
+    assert before > 0.025
+    halfway = _face_error(F.crop_landmarks(F.keep_shape(other, other_points, original, 0.5)), original)
+    full = _face_error(F.crop_landmarks(F.keep_shape(other, other_points, original, 1.0)), original)
+    print(f"\nface-width error: stretched {before:.4f}, keep_shape 0.5 {halfway:.4f}, 1 {full:.4f}")
+    assert full < 0.4 * before and full < halfway < before, (before, halfway, full)
+    assert F.keep_shape(other, other_points, original, 0.0) is other
+    with pytest.raises(ValueError, match="keep_shape must be in 0..1"):
+        F.keep_shape(other, other_points, original, 1.5)
+    assert F.box_in_crop(size) == (17, 6, 112, 111)  # where dlib's HOG box lands in a 128 px crop

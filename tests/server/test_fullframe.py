@@ -281,3 +281,26 @@ def test_landmark_setting_is_checked_up_front():
         ServerConfig.from_env({"FACETWIN_LANDMARKS": "7"})
     with pytest.raises(ValueError, match="landmarks must be one of auto, 68, 5"):
         FaceDetectorPool(1, landmarks="dlib")
+
+
+def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_and_pasted(stub, served_model, franck):
+    """The server's full-frame answer, rebuilt from its aligned-face answer with fullframe.finish_face and
+    faces.paste_back: the face is bent KEEP_SHAPE of the way toward the frame's face shape before the blend."""
+    from facetwin.server.fullframe import ALIGN_MARGIN, BLEND_FEATHER, finish_face
+
+    frame = franck[0]
+    out = image_of(stub.Swap(frame_request(served_model, frame), timeout=60))
+    face = F.FaceDetector("hog").detect(frame)[0]
+    size = served_model.resolution
+    crop, matrix = F.align(frame, face, size, ALIGN_MARGIN)
+    aligned = stub.Swap(pb.SwapRequest(
+        model=served_model.model, target=served_model.identities[1], kind=pb.IMAGE_KIND_ALIGNED_FACE,
+        image=pb.Image(raw=pb.RawImage(pixels=crop.tobytes(), height=size, width=size, channels=3,
+                                       color_order=pb.COLOR_ORDER_RGB))), timeout=60)
+    swapped = image_of(aligned)
+    points = F.transform_points(face.landmarks, matrix)
+    hull = F.face_mask(size, points, ALIGN_MARGIN)
+    expected = {keep: F.paste_back(frame, finish_face(crop, swapped, hull, points, ALIGN_MARGIN, keep), hull, matrix,
+                                   BLEND_FEATHER) for keep in (F.KEEP_SHAPE, 0.0)}
+    assert np.abs(out.astype(int) - expected[F.KEEP_SHAPE]).max() <= 1
+    assert np.abs(out.astype(int) - expected[0.0]).max() > 10  # without the bend the face would differ

@@ -189,9 +189,11 @@ def test_report_of_the_tiny_bundle_on_real_faces_has_every_section(tiny_model_di
     assert len(identity["pairs"]) == 2
     assert identity["reference_faces"] == dict.fromkeys(tiny_map(tiny_model_dir).values(), 6)
     assert all(0 < identity[k] < 2 for k in ("dist_to_target", "dist_to_source", "raw_dist_to_target"))
-    assert 0 < report["landmarks"]["nme"] < 1
+    assert 0 < report["landmarks"]["nme"] < 1 and 0 < report["landmarks"]["raw_nme"] < 1
     temporal = report["temporal"]
     assert temporal["flicker_ratio"] == pytest.approx(temporal["swap_change"] / temporal["source_change"], rel=0.5)
+    assert temporal["served_flicker_ratio"] == pytest.approx(temporal["served_change"] / temporal["source_change"],
+                                                             rel=0.5)
     assert all(p["frame_pairs"] == 5 for p in temporal["pairs"])
     json.dumps(report)  # plain JSON all the way down
 
@@ -202,7 +204,7 @@ def test_a_model_that_swaps_nothing_keeps_pose_motion_and_identity(real_data, tm
     bundle = make_bundle(tmp_path / "nothing", names=["franck", "cap"], res=64, data={"kind": "faces"})
     report = evaluate_bundle(bundle, RealInput.load(data=real_data), count=2, faces_per_pair=6, reference_faces=6)
     assert report["synthetic"] is None and "not trained on synthetic faces" in report["reasons"]["synthetic"]
-    assert report["landmarks"]["nme"] == 0.0
+    assert report["landmarks"]["raw_nme"] == 0.0 and report["landmarks"]["nme"] < 0.01
     assert report["temporal"]["flicker_ratio"] == 1.0
     identity = report["identity"]
     assert identity["dist_to_source"] < 0.5 < identity["dist_to_target"]
