@@ -91,12 +91,13 @@ class _ClientBase:
         self, model: str, target: str, color: ColorName, return_mask: bool, max_in_flight: int, timeout: float | None,
         policy: PolicyName = "queue",
         faces: FacesArg = None,
+        keep_shape: float | None = None,
     ) -> tuple[StreamState, float | None]:
         self._ensure_open()
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes,
-                            policy=policy, faces=faces)
+                            policy=policy, faces=faces, keep_shape=keep_shape)
         # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
         return state, _check_timeout(timeout)
 
@@ -149,6 +150,7 @@ class Client(_ClientBase):
         frame_id: int = 0,
         jpeg_quality: int | None = None,
         faces: FacesArg = None,
+        keep_shape: float | None = None,
         timeout: float | None = None,
     ) -> SwapResult:
         """Swaps one aligned face (or, with `faces`, the faces of a whole frame) to `target`.
@@ -159,10 +161,12 @@ class Client(_ClientBase):
         faces: None (default) = `image` is an aligned face crop; "largest", "all" or an index (largest
         first) = `image` is a whole frame: the server detects, swaps and pastes back, and the result's
         `faces` lists every face it found (a frame with no face comes back unchanged).
+        keep_shape: whole frames only: how far each swapped face is bent toward the original face's shape, 0 (the
+        target's) .. 1 (the original's); None = the server's default (0.5).
         """
         request = self._swap_request(
             image, model, target, color=color, return_mask=return_mask, encoding=encoding,
-            frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces,
+            frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces, keep_shape=keep_shape,
         )
         deadline = self._deadline(timeout)
         try:
@@ -182,6 +186,7 @@ class Client(_ClientBase):
         max_in_flight: int = 8,
         policy: PolicyName = "queue",
         faces: FacesArg = None,
+        keep_shape: float | None = None,
         timeout: float | None = None,
     ) -> Iterator[SwapResult]:
         """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
@@ -194,7 +199,8 @@ class Client(_ClientBase):
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
         """
-        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces)
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
+                                             keep_shape)
         try:
             frame_iter = iter(frames)
         except TypeError:
@@ -291,12 +297,13 @@ class AsyncClient(_ClientBase):
         frame_id: int = 0,
         jpeg_quality: int | None = None,
         faces: FacesArg = None,
+        keep_shape: float | None = None,
         timeout: float | None = None,
     ) -> SwapResult:
         """Swaps one aligned face to `target`; see Client.swap."""
         request = self._swap_request(
             image, model, target, color=color, return_mask=return_mask, encoding=encoding,
-            frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces,
+            frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces, keep_shape=keep_shape,
         )
         deadline = self._deadline(timeout)
         try:
@@ -316,6 +323,7 @@ class AsyncClient(_ClientBase):
         max_in_flight: int = 8,
         policy: PolicyName = "queue",
         faces: FacesArg = None,
+        keep_shape: float | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[SwapResult]:
         """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
@@ -328,7 +336,8 @@ class AsyncClient(_ClientBase):
         error. A server-side failure later in the stream can surface as ServerError (INTERNAL): grpc.aio
         loses the server's status when a write races the server ending the call (grpc/grpc#36066).
         """
-        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces)
+        state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
+                                             keep_shape)
         if not isinstance(frames, (Iterable, AsyncIterable)):
             raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
         return self._stream_results(frames, state, max_in_flight, deadline)

@@ -186,6 +186,7 @@ def build_swap_request(
     frame_id: int = 0,
     jpeg_quality: int | None = None,
     faces: FacesArg = None,
+    keep_shape: float | None = None,
     into: pb.SwapRequest | None = None,
 ) -> pb.SwapRequest:
     """Validates the arguments and builds one SwapRequest (raw results come back in `color` order).
@@ -201,7 +202,7 @@ def build_swap_request(
     request = pb.SwapRequest() if into is None else into
     fill_image(request.image, image, color=color)
     request.model, request.target = model, target
-    _fill_faces(request, faces)
+    _fill_faces(request, faces, keep_shape)
     request.output_encoding = _encoding_enum(encoding)
     request.output_color_order = _color_enum(color)
     request.jpeg_quality = jpeg_quality or 0
@@ -210,7 +211,15 @@ def build_swap_request(
     return request
 
 
-def _fill_faces(request: pb.SwapRequest, faces: FacesArg) -> None:
+def _fill_faces(request: pb.SwapRequest, faces: FacesArg, keep_shape: float | None = None) -> None:
+    if keep_shape is not None:
+        if faces is None:
+            raise _invalid("keep_shape applies to whole frames only: pass faces='largest', 'all' or an index too")
+        if isinstance(keep_shape, bool) or not isinstance(keep_shape, (int, float, np.floating)) \
+                or not 0.0 <= keep_shape <= 1.0:
+            raise _invalid(f"keep_shape must be a number in 0..1 (0 = the target's face shape, 1 = the original "
+                           f"face's; None = the server's default), got {keep_shape!r}")
+        request.keep_shape = float(keep_shape)
     if faces is None:
         request.kind = pb.IMAGE_KIND_ALIGNED_FACE
         return
@@ -267,14 +276,14 @@ class StreamState:
     """
 
     def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int,
-                 policy: PolicyName = "queue", faces: FacesArg = None) -> None:
+                 policy: PolicyName = "queue", faces: FacesArg = None, keep_shape: float | None = None) -> None:
         check_swap_args(model, target, color=color)
         if policy not in _POLICIES:
             raise _invalid(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
         self.policy = _POLICIES[policy]
         self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
-        self.faces = faces
-        _fill_faces(pb.SwapRequest(), faces)  # validates now, before the stream starts
+        self.faces, self.keep_shape = faces, keep_shape
+        _fill_faces(pb.SwapRequest(), faces, keep_shape)  # validates now, before the stream starts
         self.max_bytes = max_bytes
         self.sent = 0  # frames handed to gRPC; also the next frame id
         self.received = 0  # results yielded
@@ -283,7 +292,7 @@ class StreamState:
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
         message = pb.SwapStreamRequest(policy=self.policy if self.sent == 0 else pb.STREAM_POLICY_UNSPECIFIED)
         build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
-                           frame_id=self.sent, faces=self.faces, into=message.request)
+                           frame_id=self.sent, faces=self.faces, keep_shape=self.keep_shape, into=message.request)
         check_request_size(message.request, self.max_bytes)
         self.sent += 1
         return message

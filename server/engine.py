@@ -53,6 +53,7 @@ class SwapJob:
     frame_id: int = 0
     faces: str = "largest"  # full frames: "all" | "largest" | "index" (see fullframe.FaceSelection)
     face_index: int = 0  # full frames with faces="index": the face to swap, 0 = largest
+    keep_shape: float | None = None  # full frames: 0..1, see fullframe.finish_face; None = the server's setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +160,8 @@ class SwapEngine:
         _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         frame = await self._maybe_in_thread(self._decode, job)
         decoded_at = time.perf_counter()
-        result = await self.fullframe.swap(frame, target, caller, selection, ticket, want_mask=job.return_mask)
+        result = await self.fullframe.swap(frame, target, caller, selection, ticket, want_mask=job.return_mask,
+                                           keep_shape=job.keep_shape)
         blended_at = time.perf_counter()
         height, width = frame.shape[:2]
         image, mask_out = await self._maybe_in_thread(self._encode, job, result.image, result.mask, height, width)

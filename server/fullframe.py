@@ -184,8 +184,10 @@ class FullFrameSwapper:
         self.detectors, self.margin, self.feather, self.keep_shape = detectors, margin, feather, keep_shape
 
     async def swap(self, frame: np.ndarray, target: LoadedTarget, caller: Hashable, selection: FaceSelection,
-                   ticket: FrameTicket | None = None, want_mask: bool = False) -> FrameSwap:
-        """frame: RGB uint8 (H, W, 3). ticket: the frame's place in its stream (landmarks are smoothed), or None."""
+                   ticket: FrameTicket | None = None, want_mask: bool = False,
+                   keep_shape: float | None = None) -> FrameSwap:
+        """frame: RGB uint8 (H, W, 3). ticket: the frame's place in its stream (landmarks are smoothed), or None.
+        keep_shape: this frame's setting (see finish_face), None = the swapper's."""
         started = time.perf_counter()
         try:
             found = await self.detectors.detect(frame)
@@ -206,7 +208,8 @@ class FullFrameSwapper:
         aligned_at = time.perf_counter()
         results = await self._infer(target, [a.crop for a in aligned], caller)
         inferred_at = time.perf_counter()
-        image, mask = await asyncio.to_thread(self._blend, frame, aligned, [r[0][0] for r in results], want_mask)
+        keep = self.keep_shape if keep_shape is None else keep_shape
+        image, mask = await asyncio.to_thread(self._blend, frame, aligned, [r[0][0] for r in results], want_mask, keep)
         done = time.perf_counter()
         infos = [info for _, info in results]
         batch = BatchInfo(max(i.size for i in infos), max(i.queue_s for i in infos), max(i.inference_s for i in infos))
@@ -231,12 +234,12 @@ class FullFrameSwapper:
                 task.cancel()
             raise
 
-    def _blend(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[np.ndarray],
-               want_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _blend(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[np.ndarray], want_mask: bool,
+               keep_shape: float) -> tuple[np.ndarray, np.ndarray | None]:
         image = frame
         weight = np.zeros(frame.shape, np.uint8) if want_mask else None
         for face, new in zip(aligned, swapped):
-            matched = finish_face(face.crop, new, face.hull, face.points, self.margin, self.keep_shape)
+            matched = finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape)
             image = facelib.paste_back(image, matched, face.hull, face.matrix, self.feather)
             if weight is not None:  # the same warp and feathering, of an all-white face: the blend weight
                 white = np.full_like(face.crop, 255)

@@ -57,6 +57,15 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
     if request.face_index and faces != "index":
         raise InvalidInputError(f"face_index is {request.face_index} but faces is not FACE_SELECTION_INDEX: "
                                 "set faces = FACE_SELECTION_INDEX to pick a face by number")
+    keep_shape = None
+    if request.HasField("keep_shape"):
+        keep_shape = request.keep_shape
+        if not 0.0 <= keep_shape <= 1.0:  # NaN fails too
+            raise InvalidInputError(f"keep_shape is {keep_shape}: it must be in 0..1 (0 = the target's face shape, "
+                                    "1 = the original face's), or unset for the server's default")
+        if _enum(_KIND, request.kind, "kind") != "full_frame":
+            raise InvalidInputError("keep_shape applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an aligned "
+                                    "face is returned as the model drew it; unset it")
     out_color = None
     if request.output_color_order != pb.COLOR_ORDER_UNSPECIFIED:
         out_color = _enum(_COLOR, request.output_color_order, "output_color_order")
@@ -73,6 +82,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         frame_id=request.frame_id,
         faces=faces,
         face_index=request.face_index,
+        keep_shape=keep_shape,
     )
 
 

@@ -110,6 +110,9 @@ def test_caller_mistakes_raise_invalid_input_before_sending(image, message):
         ({"jpeg_quality": 101}, "jpeg_quality"),
         ({"model": ""}, "model"),
         ({"target": None}, "target"),
+        ({"keep_shape": 0.5}, "keep_shape applies to whole frames only"),
+        ({"faces": "largest", "keep_shape": 1.2}, "keep_shape must be a number in 0..1"),
+        ({"faces": "largest", "keep_shape": True}, "keep_shape must be a number in 0..1"),
     ],
 )
 def test_bad_arguments_raise_invalid_input(face, kwargs, message):
@@ -129,6 +132,9 @@ def test_build_swap_request_raw_fields(face):
     assert request.jpeg_quality == 75 and request.return_mask
     assert request.image.WhichOneof("data") == "raw"
     np.testing.assert_array_equal(raw_to_array(request.image.raw, color="bgr"), face)
+    assert not request.HasField("keep_shape")  # unset: the server's default
+    frame = build_swap_request(face, "demo", "bob", color="bgr", faces="all", keep_shape=0)
+    assert frame.kind == pb.IMAGE_KIND_FULL_FRAME and frame.HasField("keep_shape") and frame.keep_shape == 0.0
 
 
 @pytest.mark.parametrize("data, fmt", [(PNG_HEADER, "png"), (JPEG_HEADER, "jpeg")])

@@ -220,6 +220,11 @@ def test_sdk_swaps_full_frames_unary_and_streamed(served_model, franck, two_face
         assert [f.swapped for f in second.faces] == [False, True]
         streamed = list(client.stream(franck[:4], served_model.model, target, color="rgb", faces="largest"))
         assert [len(r.faces) for r in streamed] == [1, 1, 1, 1]
+        unbent = list(client.stream(franck[:4], served_model.model, target, color="rgb", faces="largest",
+                                    keep_shape=0.0))  # per stream: every frame pasted as the model drew it
+        assert all(np.abs(a.image.astype(int) - b.image).max() > 10 for a, b in zip(unbent, streamed))
+        assert np.abs(client.swap(franck[0], served_model.model, target, color="rgb", faces="largest",
+                                  keep_shape=1.0).image.astype(int) - result.image).max() > 10
         with pytest.raises(InvalidInputError, match="faces must be"):
             client.swap(franck[0], served_model.model, target, color="rgb", faces="biggest")
 
@@ -304,3 +309,19 @@ def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_an
                                    BLEND_FEATHER) for keep in (F.KEEP_SHAPE, 0.0)}
     assert np.abs(out.astype(int) - expected[F.KEEP_SHAPE]).max() <= 1
     assert np.abs(out.astype(int) - expected[0.0]).max() > 10  # without the bend the face would differ
+    unbent = image_of(stub.Swap(frame_request(served_model, frame, keep_shape=0.0), timeout=60))  # per request
+    assert np.abs(unbent.astype(int) - expected[0.0]).max() <= 1
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"keep_shape": 1.5}, "keep_shape is 1.5: it must be in 0..1"),
+    ({"keep_shape": float("nan")}, "keep_shape is nan"),
+    ({"keep_shape": 0.5, "kind": pb.IMAGE_KIND_ALIGNED_FACE}, "keep_shape applies to full frames"),
+])
+def test_bad_keep_shape_is_invalid_argument(stub, served_model, franck, fields, message):
+    request = frame_request(served_model, franck[0])
+    for name, value in fields.items():
+        setattr(request, name, value)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Swap(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
