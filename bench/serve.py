@@ -73,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--frame-encoding", choices=("raw", "jpeg"), default="raw",
                    help="--full-frame: send and receive raw pixels or JPEG (quality 90)")
     p.add_argument("--detect-threads", type=int, default=2, help="--full-frame: the server's face-detection threads")
+    p.add_argument("--keep-shape", type=float, default=None,
+                   help="--full-frame: the server's --keep-shape (default: the server's, 0.5; 0 skips the bend)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
     return p.parse_args()
 
@@ -143,6 +145,8 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
            "--max-delay-ms", str(args.max_delay_ms), "--inference-workers", str(args.inference_workers),
            "--max-queue", "4096", "--max-message-mb", "64",
            "--stream-policy", "queue", "--log-level", "WARNING"]
+    if getattr(args, "keep_shape", None) is not None:
+        cmd += ["--keep-shape", str(args.keep_shape)]
     env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads))  # read by ServerConfig.from_env
     proc = subprocess.Popen(cmd, env=env)
     address = f"127.0.0.1:{port}"
@@ -312,7 +316,8 @@ def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: 
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
         "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
-                   "detect_threads": args.detect_threads},
+                   "detect_threads": args.detect_threads,
+                   "keep_shape": args.keep_shape if args.keep_shape is not None else ServerConfig().keep_shape},
         "frame": list(FULL_HD), "distinct_frames": len(frames), "frame_encoding": args.frame_encoding,
         "request_bytes_mean": float(np.mean([len(r.image.encoded) or len(r.image.raw.pixels) for r in requests])),
         "face_detector": f"dlib HOG + {landmarks} landmarks" if landmarks else "boxes only (no landmarks: OpenCV Haar)",
