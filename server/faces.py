@@ -15,7 +15,8 @@ Alignment follows DeepFaceLab's / faceswap's "umeyama to a mean face": a least-s
 33 stable landmarks (brows, nose, eyes, mouth corners; the jaw line and lips move with pose and speech) onto
 DFL's ``landmarks_2D_new`` template in unit coordinates. The crop is a square around the whole face (brows to
 chin, jaw to jaw) plus ``margin`` on each side. The 2x3 matrix maps frame pixels to crop pixels, so
-``paste_back`` can put a generated crop back into the frame.
+``paste_back`` can put a generated crop back into the frame, after ``keep_shape`` has bent it (a thin-plate spline
+on the 68 landmarks) part of the way toward the original face's shape.
 
 Landmark models (``FaceDetector(landmarks=...)``): ``"68"`` (iBUG 300-W, 100 MB of weights), ``"5"`` (dlib's eye
 corners + nose base, 9 MB: small enough to carry to a host without the 68-point file) or ``"auto"`` (68 when its
