@@ -53,6 +53,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
                         _enum(_DTYPE, r.pixel_type, "image.raw.pixel_type"))
     elif which is None:
         raise InvalidInputError("image is empty: set image.encoded (JPEG/PNG bytes) or image.raw")
+    kind = _enum(_KIND, request.kind, "kind")
     faces = _enum(_FACES, request.faces, "faces")
     if request.face_index and faces != "index":
         raise InvalidInputError(f"face_index is {request.face_index} but faces is not FACE_SELECTION_INDEX: "
@@ -63,7 +64,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         if not 0.0 <= keep_shape <= 1.0:  # NaN fails too
             raise InvalidInputError(f"keep_shape is {keep_shape}: it must be in 0..1 (0 = the target's face shape, "
                                     "1 = the original face's), or unset for the server's default")
-        if _enum(_KIND, request.kind, "kind") != "full_frame":
+        if kind != "full_frame":
             raise InvalidInputError("keep_shape applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an aligned "
                                     "face is returned as the model drew it; unset it")
     out_color = None
@@ -74,7 +75,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         target=request.target,
         encoded=request.image.encoded if which == "encoded" else None,
         raw=raw,
-        kind=_enum(_KIND, request.kind, "kind"),
+        kind=kind,
         output_encoding=_enum(_ENCODING, request.output_encoding, "output_encoding"),
         output_color=out_color,
         jpeg_quality=request.jpeg_quality or 90,
