@@ -12,8 +12,8 @@ that is available on this host (onnxruntime, torch-cpu, torch-cuda fp16 + CUDA g
     python bench/gpu_backends.py --synthetic original --json out/bench_gpu_backends.json
 
 --synthetic ARCH benchmarks a freshly made bundle of that architecture instead (tiny, demo, or original: the
-64 px, ~50 M parameter deepfakes model), trained for one step on generated faces: speed does not depend on
-what the weights learned. It needs the training extra (torch, onnx, safetensors).
+64 px deepfakes model, 76 M parameters per swap graph), trained for one step on generated faces: speed does not
+depend on what the weights learned. It needs the training extra (torch, onnx, safetensors).
 """
 
 from __future__ import annotations

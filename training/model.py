@@ -150,7 +150,7 @@ class ModelConfig:
 
     @classmethod
     def original(cls, identities: tuple[str, ...] | list[str]) -> "ModelConfig":
-        """The 2017 deepfakes / faceswap "Original" model at 64 px (~50 M parameters; GPU sized)."""
+        """The 2017 deepfakes / faceswap "Original" model at 64 px (82 M parameters with two decoders, 76 M per swap graph; GPU sized)."""
         return cls(identities=tuple(identities))
 
     @classmethod

@@ -17,7 +17,7 @@ from facetwin.training.data import load_faces
 from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training.train import (
     CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, _autocast_dtype, cpu_has_bf16, dry_run,
-    learning_rate, load_checkpoint, model_from_checkpoint, train, update_average,
+    learning_rate, load_checkpoint, model_from_checkpoint, preset_model, train, update_average,
 )
 
 
@@ -185,6 +185,14 @@ def test_config_roundtrip_and_preset_overrides():
         TrainConfig.from_preset("huge", "d", "o")
     with pytest.raises(ValueError, match="at least 1"):
         train(TrainConfig("d", "o", steps=0), progress=False)
+
+
+def test_the_full_preset_is_the_original_model_at_a_gentler_learning_rate():
+    full, demo = TrainConfig.from_preset("full", "d", "o"), TrainConfig.from_preset("demo", "d", "o")
+    assert preset_model("full", ["ada", "ben"]) == ModelConfig.original(["ada", "ben"])
+    assert preset_model("full", ["ada", "ben"], "vae").variant == "vae"
+    assert full.batch_size == 4 * demo.batch_size and full.lr < demo.lr  # lr 1e-3 diverged on the original model
+    assert TrainConfig.from_dict(json.loads(json.dumps(full.to_dict()))) == full
 
 
 def test_dry_run_takes_seconds_and_leaves_nothing(tmp_path):
