@@ -7,7 +7,8 @@ compares the result with that rendering: SSIM over the whole crop, SSIM over B's
 
 evaluate_bundle builds the report `facetwin-train evaluate --json` prints (`compare` prints one table row per bundle):
 
-    synthetic   ssim, l1 on B's face mask; ssim_crop, l1_crop over the whole crop (bundles trained on synth faces)
+    synthetic   ssim, l1 on B's face mask; ssim_crop, l1_crop over the whole crop; ssim_rebuild: B -> B on the same
+                poses, the model's own ceiling (bundles trained on synth faces)
     identity    dist_to_target, dist_to_source (dlib descriptors on dlib-framed chips; raw_* on the raw output)
     landmarks   nme: 68-landmark error between source and served swap / face width (raw_nme: the raw output)
     temporal    flicker_ratio: frame-to-frame change of the swapped clip / that of the source clip (served_*: served)
@@ -152,9 +153,10 @@ def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = 64, seed: i
     """Scores swaps A->B against the true rendering of B on `count` held-out poses (synth.test_poses(count, seed)).
 
     Returns {"pairs": [{"source", "target", "ssim", "ssim_face", "l1", "l1_face"}], "ssim", "ssim_face", "l1",
-    "l1_face", "count", ...} where ssim_face / l1_face are taken over B's ground-truth face mask (dilated a little,
-    so the face outline counts), ssim / l1 over the whole crop, l1 as mean absolute error in 0..1; the top-level
-    values are means over the pairs."""
+    "l1_face", "ssim_face_rebuild", "rebuild", "count", ...} where ssim_face / l1_face are taken over B's
+    ground-truth face mask (dilated a little, so the face outline counts), ssim / l1 over the whole crop, l1 as mean
+    absolute error in 0..1; the top-level values are means over the pairs. rebuild: per target B, the face SSIM of
+    B's own faces under the same poses through B's graph (B -> B); ssim_face_rebuild is their mean."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     runner = SwapRunner(bundle_dir)
@@ -187,8 +189,15 @@ def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = 64, seed: i
             "l1_face": float(np.mean([np.abs(p - t / 255.0)[m > 0].mean() for p, t, m in zip(swapped, truth, face)])),
         })
     summary = {key: float(np.mean([r[key] for r in results])) for key in ("ssim", "ssim_face", "l1", "l1_face")}
-    return {"pairs": results, **summary, "count": count, "seed": seed, "synth_seed": synth_seed,
-            "resolution": res}
+    # The same poses of each target rebuilt by its own decoder: what the model can draw at all, so a reader can tell
+    # missing detail (low here too) from identity the swap leaks (high here, low above).
+    rebuild = {}
+    for b in sorted({b for _, b in pairs}):
+        truth, face = rendered(b)
+        rebuilt, _ = runner.swap(truth, b)
+        rebuild[b] = float(np.mean([ssim(p * 255.0, t, m) for p, t, m in zip(rebuilt, truth, face)]))
+    return {"pairs": results, **summary, "ssim_face_rebuild": float(np.mean(list(rebuild.values()))),
+            "rebuild": rebuild, "count": count, "seed": seed, "synth_seed": synth_seed, "resolution": res}
 
 
 def swap_grid(bundle_dir: str | os.PathLike, out_png: str | os.PathLike, count: int = 6, seed: int = 1234,
@@ -366,11 +375,12 @@ def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per
 
 
 def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> dict[str, Any]:
-    """synthetic_swap_score renamed for the report: ssim / l1 on the face, *_crop over the whole crop."""
+    """synthetic_swap_score renamed for the report: ssim / l1 on the face, *_crop over the whole crop, ssim_rebuild
+    the face SSIM of each target rebuilding its own faces (the ceiling the swap is measured against)."""
     score = synthetic_swap_score(bundle_dir, count=count, seed=seed)
     rename = {"ssim_face": "ssim", "l1_face": "l1", "ssim": "ssim_crop", "l1": "l1_crop"}
     return {"ssim": score["ssim_face"], "l1": score["l1_face"], "ssim_crop": score["ssim"], "l1_crop": score["l1"],
-            "count": score["count"], "seed": score["seed"],
+            "ssim_rebuild": score["ssim_face_rebuild"], "count": score["count"], "seed": score["seed"],
             "pairs": [{rename.get(k, k): v for k, v in pair.items()} for pair in score["pairs"]]}
 
 

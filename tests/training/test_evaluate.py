@@ -112,6 +112,9 @@ def test_score_of_a_model_that_swaps_nothing(bundle):
         assert 0.2 < pair["ssim"] < 0.9
         assert pair["l1"] > 0.02
     assert result["ssim"] == pytest.approx(np.mean([p["ssim"] for p in result["pairs"]]))
+    # Rebuilding is what a pass-through does perfectly: each target's own faces come back unchanged.
+    assert result["rebuild"] == pytest.approx({"ada": 1.0, "ben": 1.0, "cleo": 1.0}, abs=1e-6)
+    assert result["ssim_face_rebuild"] == pytest.approx(1.0, abs=1e-6) and result["ssim_face"] < 0.9
 
 
 def test_perfect_oracle_scores_one(bundle):
@@ -185,6 +188,7 @@ def test_report_of_the_tiny_bundle_on_real_faces_has_every_section(tiny_model_di
     synthetic = report["synthetic"]
     assert -1 <= synthetic["ssim"] <= 1 and 0 <= synthetic["l1"] <= 1
     assert {"ssim_crop", "l1_crop"} <= set(synthetic) and synthetic["ssim"] != synthetic["ssim_crop"]
+    assert -1 <= synthetic["ssim_rebuild"] <= 1
     identity = report["identity"]
     assert len(identity["pairs"]) == 2
     assert identity["reference_faces"] == dict.fromkeys(tiny_map(tiny_model_dir).values(), 6)
