@@ -10,26 +10,31 @@
 #                                              #   weights serve full frames where no 68-point ones are installed),
 #                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
 #   bench/gpu.sh --smoke --out DIR             # same pipeline on the CPU, tiny models, < ~60 s (the tests run it)
+#   bench/gpu.sh --train [--out DIR]           # issue 3 instead (bench/gpu_train.py, ~7 min): training input
+#                                              #   ratio and synthetic swap SSIM of 4-minute full/demo runs (JSON
+#                                              #   to --out, default out/gpu-train); with --smoke: CPU, seconds
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
 # FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
-# FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files).
+# FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
+# FACETWIN_BENCH_TRAIN_SECONDS (--train: 240 s of training per preset).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-mode=run data=".gpubench" out="out/gpu-bench" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels=""
+mode=run data=".gpubench" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --prepare) mode=prepare; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
         --no-wheels) no_wheels="--no-wheels" ;;
         --smoke) smoke=1 ;;
+        --train) mode=train ;;
         --data) data="$2"; shift ;;
         --out) out="$2"; shift ;;
         --work) work="$2"; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -53,6 +58,20 @@ if compgen -G "$data/wheels/*.whl" >/dev/null; then
         --target "$work/site" "$data"/wheels/*.whl
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# --train: training's own pure dependencies (wheels/train), only those the host does not already have.
+if [[ "$mode" == train ]] && compgen -G "$data/wheels/train/*.whl" >/dev/null; then
+    missing=()
+    for whl in "$data"/wheels/train/*.whl; do
+        dist="$(basename "$whl")"
+        "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "${dist%%-*}" 2>/dev/null \
+            || missing+=("$whl")
+    done
+    if [[ ${#missing[@]} -gt 0 ]]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
+            --target "$work/site" "${missing[@]}"
+        export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
 
 # facetwin not installed (a bare GPU host): the same package layout as pyproject.toml, through symlinks.
 if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("facetwin") is None)' 2>/dev/null; then
@@ -62,12 +81,19 @@ if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("fa
     export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-if ! "$PY" -c 'import facetwin.server.cli, facetwin.training.export, grpc_health.v1, grpc_reflection.v1alpha' ; then
+needs='import facetwin.server.cli, facetwin.training.export, grpc_health.v1, grpc_reflection.v1alpha'
+[[ "$mode" == train ]] && needs='import facetwin.training.train, facetwin.training.export, facetwin.training.evaluate'
+if ! "$PY" -c "$needs" ; then
     echo "bench/gpu.sh: $PY cannot import facetwin's server and training code (above); carry the wheels that" \
          "\`bench/gpu.sh --prepare\` downloads, or install .[training]" >&2
     exit 2
 fi
 
-args=(run --out "$out" --work "$work" --data "$data")
+if [[ "$mode" == train ]]; then
+    args=(run --out "${out:-out/gpu-train}" --work "$work")
+    [[ "$smoke" == 1 ]] && args+=(--smoke)
+    PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_train.py "${args[@]}"
+fi
+args=(run --out "${out:-out/gpu-bench}" --work "$work" --data "$data")
 [[ "$smoke" == 1 ]] && args+=(--smoke)
 PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_bench.py "${args[@]}"

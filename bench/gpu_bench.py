@@ -388,10 +388,15 @@ def copy_landmark_weights(folder: Path) -> None:
           "weights are missing")
 
 
+# What `bench/gpu.sh --train` needs beyond torch, numpy, cv2 and onnxruntime (training's progress bar, export's
+# ONNX and safetensors writers). The GPU image may have some: gpu.sh installs only the ones that are missing there.
+TRAIN_WHEELS = ("tqdm", "safetensors", "onnx", "ml_dtypes", "typing_extensions")
+
+
 def download_wheels(folder: Path) -> int:
-    """Wheels of the gRPC packages and dlib-bin, at the versions installed here, for the GPU host's Python 3.12 (no
-    network there; its image lacks grpcio-health-checking, grpcio-reflection and dlib, and its grpcio may predate
-    the generated code's)."""
+    """Wheels for the GPU host's Python 3.12 (no network there), at the versions installed here: into `folder`, the
+    gRPC packages and dlib-bin (its image lacks grpcio-health-checking, grpcio-reflection and dlib, and its grpcio
+    may predate the generated code's; gpu.sh installs them all), into `folder/train`, TRAIN_WHEELS."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = {n: version(n) for n in ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")}
@@ -401,13 +406,17 @@ def download_wheels(folder: Path) -> int:
         pins["dlib-bin"] = "20.0.1.post1"  # pyproject.toml's [faces] pin
     platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
                  for arg in ("--platform", tag)]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-           "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *(f"{n}=={v}" for n, v in pins.items())]
-    print("downloading wheels:", " ".join(cmd[cmd.index("-d") + 2:]), flush=True)
-    code = subprocess.run(cmd).returncode
-    if code:
-        print(f"error: pip download failed ({code}); the host then needs these packages another way", file=sys.stderr)
-    return code
+    for where, wanted in ((folder, pins), (folder / "train", {n: version(n) for n in TRAIN_WHEELS})):
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+               "3.12", "--implementation", "cp", *platforms, "-d", str(where),
+               *(f"{n}=={v}" for n, v in wanted.items())]
+        print("downloading wheels:", " ".join(cmd[cmd.index("-d") + 2:]), flush=True)
+        code = subprocess.run(cmd).returncode
+        if code:
+            print(f"error: pip download failed ({code}); the host then needs these packages another way",
+                  file=sys.stderr)
+            return code
+    return 0
 
 
 def parse_args() -> argparse.Namespace:

@@ -111,3 +111,28 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     assert written == sorted(["summary.json", *PHASE_FILES, *(["full_frame.json"] if has_frames else [])])
     # What a lent GPU machine hands back from $OUT: at most 8 files, each well under its 16 MiB limit.
     assert len(written) <= 8 and all((out / name).stat().st_size < 1 << 20 for name in written)
+
+
+@pytest.mark.slow
+def test_gpu_train_bench_smoke_trains_scores_and_judges(tmp_path):
+    """bench/gpu.sh --train (issue 3 on a GPU host) in its CPU smoke mode: the tiny preset trains on a fresh
+    synthetic set, is exported and scored against the ground truth; the summary judges both targets."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    run = subprocess.run([str(GPU_SH), "--train", "--smoke", "--out", str(out), "--work", str(work)],
+                         capture_output=True, text=True, env=_bench_env(), timeout=240)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "Traceback" not in run.stdout + run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bench"] == "gpu-train" and summary["mode"] == "smoke" and summary["targets_apply"] is False
+    assert {name: phase["status"] for name, phase in summary["phases"].items()} == {
+        "synth": "ok", "train_input_tiny": "ok", "synthetic_tiny": "ok"}
+    tiny = summary["synthetic"]["tiny"]
+    assert tiny["steps"] > 0 and tiny["model"]["resolution"] == 32 and tiny["variant"] == "ae"
+    assert Path(tiny["bundle"]).is_relative_to(work)  # bundles stay out of the JSON folder
+    synthetic = tiny["synthetic"]
+    assert 0 < synthetic["ssim"] < 1 and 0 < synthetic["l1"] < 1  # scored against the true renderings
+    assert summary["targets"]["synthetic_ssim"]["value"] == synthetic["ssim"]
+    assert summary["targets"]["train_input_ratio"]["value"] == summary["train_input"]["tiny"]["ratio"] > 0
+    for target in summary["targets"].values():
+        assert target["met"] in (True, False) and target["target"].startswith(">=")
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "synthetic_tiny.json", "train_input_tiny.json"]
