@@ -150,7 +150,8 @@ class ModelConfig:
 
     @classmethod
     def original(cls, identities: tuple[str, ...] | list[str]) -> "ModelConfig":
-        """The 2017 deepfakes / faceswap "Original" model at 64 px (82 M parameters with two decoders, 76 M per swap graph; GPU sized)."""
+        """The 2017 deepfakes / faceswap "Original" model at 64 px: 82 M parameters with two decoders, 76 M per swap
+        graph (the dense bottleneck holds 34 M of them); GPU sized."""
         return cls(identities=tuple(identities))
 
     @classmethod
