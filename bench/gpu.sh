@@ -11,14 +11,14 @@
 #                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
 #   bench/gpu.sh --smoke --out DIR             # same pipeline on the CPU, tiny models, < ~60 s (the tests run it)
 #   bench/gpu.sh --train [--out DIR]           # issue 3 instead (bench/gpu_train.py, ~7 min): training input
-#                                              #   ratio and synthetic swap SSIM of 4-minute full/demo runs (JSON
+#                                              #   ratio, synthetic swap SSIM of a 5-minute full-preset run (JSON
 #                                              #   to --out, default out/gpu-train); with --smoke: CPU, seconds
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
 # FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
-# FACETWIN_BENCH_TRAIN_SECONDS (--train: 240 s of training per preset).
+# FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
