@@ -72,8 +72,8 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 200, "batch_size": 8, "checkpoint_every": 100, "threads": 1, "amp": "off"},
     # A GPU host: the 2017 deepfakes model (ModelConfig.original, 82 M parameters) at 4x the demo's batch. Its
     # 1,024-wide code diverged at the demo's lr 1e-3 (the latent-matching term reached 2e4 by step 61 on the CPU);
-    # at 2e-4 it trained steadily through the 1,200 steps a CPU could afford, after which it rebuilt held-out faces
-    # better than the demo model does after 6,000 (face SSIM 0.755 vs 0.741; README "Measured").
+    # at 2e-4 it trained steadily through the 1,800 steps a CPU could afford; after 1,200 it already rebuilt held-out
+    # faces better than the demo model does after 6,000 (face SSIM 0.755 vs 0.741; README "Measured").
     "full": {"steps": 100_000, "batch_size": 16, "lr": 2e-4, "checkpoint_every": 2000},
 }
 PRESETS = tuple(PRESET_OVERRIDES)
