@@ -184,8 +184,9 @@ def host_info() -> dict[str, Any]:
     return info
 
 
-def judge(name: str, value: float | None) -> dict[str, Any]:
-    op, goal, how = TARGETS[name]
+def judge(name: str, value: float | None, targets: dict[str, tuple[str, float, str]] = TARGETS) -> dict[str, Any]:
+    """One target's verdict; `targets` maps a name to (comparison, goal, how it is measured)."""
+    op, goal, how = targets[name]
     passed = None if value is None else (value >= goal if op == ">=" else value <= goal)
     return {"value": value, "goal": f"{op} {goal:g}", "pass": passed, "measured_as": how}
 

@@ -31,7 +31,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from gpu_bench import host_info, run_phase  # noqa: E402  (bench/gpu_bench.py)
+from gpu_bench import host_info, judge, run_phase  # noqa: E402  (bench/gpu_bench.py)
 
 TARGETS = {  # issue 3: (comparison, goal, how it is measured)
     "synthetic_ssim": (">=", 0.90, "ae at 64 px: swap vs the true rendering of the target on held-out poses, SSIM "
@@ -45,11 +45,11 @@ EVAL_POSES = 64  # held-out poses per direction, as `facetwin-train evaluate` sc
 def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
     """Sizes and time limits: the GPU host's, or the CPU smoke run's."""
     if smoke:
-        return {"mode": "smoke", "speed_presets": ["tiny"], "trained_presets": ["tiny"], "size": 32, "images": 24,
+        return {"mode": "smoke", "speed_presets": ["tiny"], "trained_presets": ["tiny"], "images": 24,
                 "train_seconds": seconds or 3.0, "batch_size": None, "device": "cpu",
                 "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "synthetic": 120}}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_TRAIN_SECONDS", "300"))
-    return {"mode": "gpu", "speed_presets": ["demo", "full"], "trained_presets": ["full"], "size": 64, "images": 2000,
+    return {"mode": "gpu", "speed_presets": ["demo", "full"], "trained_presets": ["full"], "images": 2000,
             "train_seconds": seconds, "batch_size": 16, "device": "cuda",
             "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "synthetic": 150}}
 
@@ -58,10 +58,11 @@ def one(args: argparse.Namespace) -> int:
     """Trains, exports and scores one preset; writes its JSON to args.json."""
     import torch
 
+    from facetwin.server.bundle import load_manifest
     from facetwin.training.evaluate import synthetic_section
     from facetwin.training.export import export_bundle
-    from facetwin.training.model import count_parameters
-    from facetwin.training.train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+    from facetwin.training.model import ModelConfig, build_model, count_parameters
+    from facetwin.training.train import TrainConfig, train
 
     work = Path(args.work)
     cfg = TrainConfig.from_preset(args.preset, args.data, work / f"run-{args.preset}", max_seconds=args.seconds,
@@ -69,27 +70,20 @@ def one(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     checkpoint_path = train(cfg, progress=False)
     trained_s = time.perf_counter() - started
-    checkpoint = load_checkpoint(checkpoint_path)
-    steps = int(checkpoint["step"])
-    params = count_parameters(model_from_checkpoint(checkpoint))
-    saved = checkpoint["train_config"]
-    del checkpoint
     bundle = export_bundle(checkpoint_path, work / "models", name=args.preset, overwrite=True)
+    manifest = load_manifest(bundle)  # the run's step and effective config, as the export recorded them
+    trained, steps = manifest.training_config, int(manifest.training_config["step"])
+    params = count_parameters(build_model(ModelConfig.from_dict(manifest.model_config)))
     synthetic = synthetic_section(bundle, count=EVAL_POSES, seed=1234)
-    report = {"preset": args.preset, "variant": saved.variant, "model": saved.model.to_dict(),
-              "params_m": round(params / 1e6, 1), "batch_size": saved.batch_size, "lr": saved.lr, "amp": saved.amp,
-              "device": str(args.device), "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available()
-              else None, "steps": steps, "train_s": round(trained_s, 1), "steps_per_s": round(steps / trained_s, 2),
-              "bundle": str(bundle), "synthetic": synthetic}
+    report = {"preset": args.preset, "variant": trained["variant"], "model": manifest.model_config,
+              "params_m": round(params / 1e6, 1), "batch_size": trained["batch_size"], "lr": trained["lr"],
+              "amp": trained["amp"], "device": str(args.device),
+              "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "steps": steps,
+              "train_s": round(trained_s, 1), "steps_per_s": round(steps / trained_s, 2), "bundle": str(bundle),
+              "synthetic": synthetic}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.preset}: {steps} steps in {trained_s:.0f} s, synthetic.ssim {synthetic['ssim']:.3f}", flush=True)
     return 0
-
-
-def judge(name: str, value: float | None) -> dict[str, Any]:
-    op, goal, how = TARGETS[name]
-    met = None if value is None else (value >= goal if op == ">=" else value <= goal)
-    return {"value": value, "target": f"{op} {goal}", "met": met, "measured": how}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,12 +101,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"host: {summary['host']['device']}; logs in {work}", flush=True)
 
     from facetwin.training import synth
+    from facetwin.training.train import preset_model
 
     t0 = time.perf_counter()
-    data = synth.write_dataset(work / "data", identities=2, images=p["images"], size=p["size"], seed=0,
+    size = preset_model(p["trained_presets"][0], ["a", "b"]).resolution  # faces at the trained model's resolution
+    data = synth.write_dataset(work / "data", identities=2, images=p["images"], size=size, seed=0,
                                progress=False, workers=min(16, os.cpu_count() or 1))
     phases["synth"] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"[synth] 2 x {p['images']} faces at {p['size']} px in {phases['synth']['seconds']} s", flush=True)
+    print(f"[synth] 2 x {p['images']} faces at {size} px in {phases['synth']['seconds']} s", flush=True)
 
     python, log = sys.executable, work / "bench.log"
     log.write_text("")
@@ -143,8 +139,8 @@ def finish(summary: dict[str, Any], out: Path, started: float) -> int:
                             if name.startswith("synthetic_") and r}
     ssims = [r["synthetic"]["ssim"] for r in summary["synthetic"].values()]
     ratios = [r["ratio"] for r in summary["train_input"].values() if r.get("ratio") is not None]
-    summary["targets"] = {"synthetic_ssim": judge("synthetic_ssim", max(ssims) if ssims else None),
-                          "train_input_ratio": judge("train_input_ratio", min(ratios) if ratios else None)}
+    summary["targets"] = {"synthetic_ssim": judge("synthetic_ssim", max(ssims) if ssims else None, TARGETS),
+                          "train_input_ratio": judge("train_input_ratio", min(ratios) if ratios else None, TARGETS)}
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ngpu-train bench ({summary['mode']}) on {summary['host']['device']}, {summary['elapsed_s']} s")
@@ -156,8 +152,8 @@ def finish(summary: dict[str, Any], out: Path, started: float) -> int:
     for preset, r in summary["train_input"].items():
         print(f"  {preset:>5}: train input ratio {r['ratio']:.3f}")
     for name, t in summary["targets"].items():
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        print(f"  {name}: {t['value']} (target {t['target']}): {verdict}")
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[t["pass"]]
+        print(f"  {name}: {t['value']} (target {t['goal']}): {verdict}")
     for name, phase in phases.items():
         if phase["status"] != "ok":
             print(f"  phase {name}: {phase['status']}: {phase.get('error')}")

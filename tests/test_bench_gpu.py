@@ -134,5 +134,5 @@ def test_gpu_train_bench_smoke_trains_scores_and_judges(tmp_path):
     assert summary["targets"]["synthetic_ssim"]["value"] == synthetic["ssim"]
     assert summary["targets"]["train_input_ratio"]["value"] == summary["train_input"]["tiny"]["ratio"] > 0
     for target in summary["targets"].values():
-        assert target["met"] in (True, False) and target["target"].startswith(">=")
+        assert target["pass"] in (True, False) and target["goal"].startswith(">=")
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "synthetic_tiny.json", "train_input_tiny.json"]
