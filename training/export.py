@@ -97,8 +97,15 @@ def _tensor_specs(resolution: int) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
 def _save_weights(model: FaceSwapAutoencoder | CycleGAN, path: Path) -> None:
     from safetensors.torch import save_file
 
-    # safetensors refuses shared or non-contiguous storage; every parameter here is its own tensor.
-    state = {key: tensor.detach().contiguous() for key, tensor in model.state_dict().items()}
+    # safetensors refuses shared or non-contiguous storage. A shared decoder trunk (ModelConfig.shared_upscales)
+    # appears under every identity's decoder with the same tensors: each key gets its own copy, so any target's
+    # weights load on their own (swap_graph_from_state) and the file stays a plain name -> tensor map.
+    seen: set[int] = set()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        tensor = tensor.detach().contiguous()
+        state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
+        seen.add(tensor.data_ptr())
     save_file(state, str(path), metadata={"format": "pt", "model": f"facetwin.training.model.{type(model).__name__}"})
 
 

@@ -157,7 +157,10 @@ def preset_model(preset: str, identities: list[str] | tuple[str, ...], variant: 
         config = ModelConfig.original(identities)
     else:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
-    return config if variant == config.variant else dataclasses.replace(config, variant=variant)  # re-validates
+    if variant == config.variant:
+        return config
+    shared = 0 if variant == "cyclegan" else config.shared_upscales  # cyclegan's generators share nothing
+    return dataclasses.replace(config, variant=variant, shared_upscales=shared)  # re-validates
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

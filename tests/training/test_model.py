@@ -78,6 +78,33 @@ def test_one_decoder_per_identity_and_one_shared_encoder(tiny):
         assert encoder_params <= {id(p) for p in graph.parameters()}
 
 
+@pytest.mark.parametrize("shared", [1, 2])
+def test_a_shared_trunk_is_one_set_of_weights_and_each_identity_keeps_its_film_and_heads(shared):
+    torch.manual_seed(0)
+    model = FaceSwapAutoencoder(dataclasses.replace(ModelConfig.tiny(NAMES), shared_upscales=shared))
+    separate = FaceSwapAutoencoder(ModelConfig.tiny(NAMES))
+    trunk = model.decoders["ada"].trunk
+    assert trunk is not None and len(trunk) == shared
+    assert all(model.decoders[name].trunk is trunk for name in NAMES)
+    assert len(model.decoders["ada"].upscales) == 2 - shared
+    trunk_ids = {id(p) for p in trunk.parameters()}
+    own = [{id(p) for p in model.decoders[name].parameters()} - trunk_ids for name in NAMES]
+    assert all(a.isdisjoint(b) for i, a in enumerate(own) for b in own[i + 1:])  # FiLM, own Upscales, heads
+    # The trunk counts once: three decoders cost two trunks less than separate ones, plus each identity's FiLM (a
+    # gain and a bias per trunk output channel).
+    film = sum(2 * up.conv.out_channels // 4 for up in trunk)
+    assert count_parameters(model) == (count_parameters(separate) - (len(NAMES) - 1) * count_parameters(trunk)
+                                       + len(NAMES) * film)
+    # Every identity's faces train the trunk: ada's loss alone moves the weights ben's decoder reads.
+    face, _ = model(faces(2, 32), "ada")
+    face.mean().backward()
+    assert model.decoders["ben"].trunk[0].conv.weight.grad.abs().sum() > 0
+    assert model.decoders["ben"].face_head.weight.grad is None
+    # FiLM starts as the identity map (gain 1, bias 0): each identity learns how it differs from the shared trunk.
+    assert all(torch.equal(p, torch.ones_like(p)) for p in model.decoders["cleo"].film_scale)
+    assert all(torch.equal(p, torch.zeros_like(p)) for p in model.decoders["cleo"].film_shift)
+
+
 def test_forward_renders_as_the_named_identity(tiny):
     x = faces(2, 32)
     with torch.no_grad():
@@ -132,6 +159,10 @@ def test_fresh_model_is_not_a_constant_grey(tiny):
     ({"resolution": 36}, r"resolution 36 must be divisible by 2\^3"),
     ({"resolution": 8}, "resolution 8 .* leave at least 2 px"),
     ({"decoder_widths": (16, 8, 4)}, "needs 2 entries"),
+    ({"shared_upscales": 3}, "shared_upscales must be an integer from 0 to 2"),
+    ({"shared_upscales": -1}, "shared_upscales must be an integer from 0 to 2"),
+    ({"shared_upscales": 1.5}, "shared_upscales must be an integer"),
+    ({"variant": "cyclegan", "shared_upscales": 1}, "share nothing"),
 ])
 def test_inconsistent_configs_are_refused_with_a_reason(changes, message):
     values = {**ModelConfig.tiny(["ada", "ben"]).to_dict(), **changes}
@@ -172,9 +203,10 @@ def test_ae_weights_keep_their_names_and_old_configs_still_load():
     assert ModelConfig.from_dict(old) == ModelConfig.tiny(["ada", "ben"])
 
 
-@pytest.mark.parametrize("variant", ["ae", "vae", "vae-gan", "cyclegan"])
-def test_every_variant_rebuilds_its_swap_graph_from_a_state_dict(variant):
-    config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), variant=variant)
+@pytest.mark.parametrize("variant, shared", [("ae", 0), ("vae", 0), ("vae-gan", 0), ("cyclegan", 0), ("ae", 1),
+                                             ("ae", 2), ("vae", 2)])
+def test_every_variant_rebuilds_its_swap_graph_from_a_state_dict(variant, shared):
+    config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), variant=variant, shared_upscales=shared)
     torch.manual_seed(0)
     model = build_model(config).eval()
     assert isinstance(model, CycleGAN if variant == "cyclegan" else FaceSwapAutoencoder)

@@ -191,6 +191,9 @@ def test_the_full_preset_is_the_original_model_at_a_gentler_learning_rate():
     full, demo = TrainConfig.from_preset("full", "d", "o"), TrainConfig.from_preset("demo", "d", "o")
     assert preset_model("full", ["ada", "ben"]) == ModelConfig.original(["ada", "ben"])
     assert preset_model("full", ["ada", "ben"], "vae").variant == "vae"
+    # The demo model shares its decoders' first two Upscales; cyclegan's two generators share nothing.
+    assert preset_model("demo", ["ada", "ben"], "vae").shared_upscales == 2
+    assert preset_model("demo", ["ada", "ben"], "cyclegan").shared_upscales == 0
     assert full.batch_size == 4 * demo.batch_size and full.lr < demo.lr  # lr 1e-3 diverged on the original model
     assert TrainConfig.from_dict(json.loads(json.dumps(full.to_dict()))) == full
 
