@@ -119,7 +119,8 @@ class ModelConfig:
                 f"decoder_widths needs {downs - 1} entries (encoder_widths has {downs}; the encoder's own Upscale "
                 f"covers one doubling), got {len(self.decoder_widths)}"
             )
-        if not 0 <= self.shared_upscales <= len(self.decoder_widths) or int(self.shared_upscales) != self.shared_upscales:
+        shared = self.shared_upscales
+        if not isinstance(shared, int) or isinstance(shared, bool) or not 0 <= shared <= len(self.decoder_widths):
             raise ModelConfigError(f"shared_upscales must be an integer from 0 to {len(self.decoder_widths)} (the "
                                    f"decoders' Upscales), got {self.shared_upscales!r}")
         if self.variant == "cyclegan" and self.shared_upscales:

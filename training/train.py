@@ -230,7 +230,12 @@ def _check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
             f"this run wants {wanted.resolution} px on {list(wanted.identities)}"
         )
     if wanted != saved.model:
-        raise CheckpointError(f"{path} was trained with preset {saved.preset!r}, not {cfg.preset!r}")
+        if saved.preset != cfg.preset:
+            raise CheckpointError(f"{path} was trained with preset {saved.preset!r}, not {cfg.preset!r}")
+        changed = ", ".join(f"{key} {value!r} -> {getattr(wanted, key)!r}"
+                            for key, value in saved.model.to_dict().items() if value != getattr(wanted, key))
+        raise CheckpointError(f"{path} was trained with an older model of preset {cfg.preset!r} ({changed}): delete "
+                              f"{path.parent} to train the current one, or pick another --out folder")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import tempfile
 from argparse import Namespace
@@ -142,6 +143,17 @@ def test_resume_refuses_an_incompatible_run(data, tmp_path):
     three = synth.write_dataset(tmp_path / "three", identities=3, images=2, size=32, progress=False)
     with pytest.raises(CheckpointError, match="cleo"):
         train(tiny(three, tmp_path / "run", steps=4), progress=False, resume=True)
+
+
+def test_a_run_of_an_older_preset_model_names_what_changed_and_stays_intact(data, tmp_path):
+    """A preset's model can change between releases (the demo model gained a shared decoder trunk): resuming a run
+    of the older model says which fields differ and what to do, and leaves the checkpoint as it was."""
+    older = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), shared_upscales=1)
+    ckpt = train(tiny(data, tmp_path / "run", steps=2, model=older), progress=False)
+    before = ckpt.read_bytes()
+    with pytest.raises(CheckpointError, match=r"older model of preset 'tiny' \(shared_upscales 1 -> 0\): delete"):
+        train(tiny(data, tmp_path / "run", steps=4), progress=False, resume=True)
+    assert ckpt.read_bytes() == before
 
 
 def test_load_checkpoint_rejects_what_is_not_a_checkpoint(tmp_path):
