@@ -122,10 +122,10 @@ class ModelConfig:
         shared = self.shared_upscales
         if not isinstance(shared, int) or isinstance(shared, bool) or not 0 <= shared <= len(self.decoder_widths):
             raise ModelConfigError(f"shared_upscales must be an integer from 0 to {len(self.decoder_widths)} (the "
-                                   f"decoders' Upscales), got {self.shared_upscales!r}")
-        if self.variant == "cyclegan" and self.shared_upscales:
+                                   f"decoders' Upscales), got {shared!r}")
+        if self.variant == "cyclegan" and shared:
             raise ModelConfigError("cyclegan's two generators share nothing (Zhu et al. 2017): shared_upscales must "
-                                   f"be 0, got {self.shared_upscales}")
+                                   f"be 0, got {shared}")
         if self.resolution // (2 ** len(self.critic_widths)) < 2:
             raise ModelConfigError(f"discriminator_widths {list(self.critic_widths)} halve {self.resolution} px "
                                    "below 2 px; use fewer")
@@ -308,17 +308,13 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig, trunk: nn.ModuleList | None = None) -> None:
         super().__init__()
-        widths = (config.encoder_upscale_width, *config.decoder_widths)
-        layers = list(zip(widths, widths[1:]))
-        shared = config.shared_upscales
-        if trunk is None and shared:
-            trunk = make_trunk(config)
-        self.trunk = trunk if shared else None
+        layers, shared = _decoder_layers(config), config.shared_upscales
+        self.trunk = trunk if trunk is not None else make_trunk(config)  # None when nothing is shared
         self.film_scale = nn.ParameterList([nn.Parameter(torch.ones(cout)) for _, cout in layers[:shared]])
         self.film_shift = nn.ParameterList([nn.Parameter(torch.zeros(cout)) for _, cout in layers[:shared]])
         self.upscales = nn.Sequential(*(Upscale(cin, cout) for cin, cout in layers[shared:]))
-        self.face_head = nn.Conv2d(widths[-1], 3, kernel_size=5, padding=2)
-        self.mask_head = nn.Conv2d(widths[-1], 1, kernel_size=5, padding=2)
+        self.face_head = nn.Conv2d(config.decoder_widths[-1], 3, kernel_size=5, padding=2)
+        self.mask_head = nn.Conv2d(config.decoder_widths[-1], 1, kernel_size=5, padding=2)
         for head in (self.face_head, self.mask_head):  # Glorot before a sigmoid: starts near 0.5, not saturated
             nn.init.xavier_uniform_(head.weight)
             nn.init.zeros_(head.bias)
@@ -333,10 +329,16 @@ class Decoder(nn.Module):
         return face, mask
 
 
-def make_trunk(config: ModelConfig) -> nn.ModuleList:
-    """The decoders' shared leading Upscales (config.shared_upscales of them; Decoder)."""
+def _decoder_layers(config: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) channels of each decoder Upscale: from the encoder's closing Upscale through decoder_widths."""
     widths = (config.encoder_upscale_width, *config.decoder_widths)
-    return nn.ModuleList([Upscale(cin, cout) for cin, cout in list(zip(widths, widths[1:]))[:config.shared_upscales]])
+    return list(zip(widths, widths[1:]))
+
+
+def make_trunk(config: ModelConfig) -> nn.ModuleList | None:
+    """The decoders' shared leading Upscales (config.shared_upscales of them; Decoder); None when none are shared."""
+    layers = _decoder_layers(config)[:config.shared_upscales]
+    return nn.ModuleList([Upscale(cin, cout) for cin, cout in layers]) if layers else None
 
 
 class FaceSwapAutoencoder(nn.Module):
@@ -348,7 +350,7 @@ class FaceSwapAutoencoder(nn.Module):
             raise ModelConfigError("a cyclegan config builds a CycleGAN, not a FaceSwapAutoencoder (use build_model)")
         self.config = config
         self.encoder = Encoder(config)
-        trunk = make_trunk(config) if config.shared_upscales else None  # one set of weights in every decoder
+        trunk = make_trunk(config)  # one set of weights in every decoder (None: separate decoders)
         self.decoders = nn.ModuleDict({name: Decoder(config, trunk) for name in config.identities})
 
     def training_forward(self, inputs: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
