@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import host_info as base_host_info, write_report  # noqa: E402  (bench/report.py)
 
 from facetwin.training import synth  # noqa: E402
-from facetwin.training.data import describe, identity_names, load_faces, load_index  # noqa: E402
+from facetwin.training.data import AugmentConfig, describe, identity_names, load_faces, load_index  # noqa: E402
 from facetwin.training.model import VARIANTS  # noqa: E402
 from facetwin.training.train import (  # noqa: E402
     AMP_MODES, PRESETS, Trainer, TrainConfig, batch_seed, make_trainer, preset_model, resolve_device,
@@ -132,7 +132,9 @@ def build(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> tuple[Benc
     torch.set_num_threads(max(1, cfg.threads))
     index = load_index(data_dir)
     names = identity_names(index)
-    cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant))
+    # Real footage's augmentation (affine + warp) whatever the data: synthetic faces train without any geometry
+    # (AugmentConfig.synthetic), which would time an input pipeline of almost nothing.
+    cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant), augment=AugmentConfig.footage())
     device = resolve_device(cfg.device)
     loaded = load_faces(data_dir, resolution=cfg.model.resolution, regions=bool(cfg.loss.eyes_mouth))
     faces = {name: data.to(device) for name, data in loaded.items()}

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out", help="output folder")
     p.add_argument("--preset", default="demo", choices=["demo", "tiny"], help="tiny = seconds-long smoke run")
-    p.add_argument("--images", type=int, default=None, help="images per identity (default 500, tiny 48)")
+    p.add_argument("--images", type=int, default=None, help="images per identity (default 5000, tiny 48)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="training time budget (default 360 s for the demo preset, so make demo stays under 10 minutes "
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     tiny = args.preset == "tiny"
     args.resolution = 32 if tiny else 64
-    images = args.images or (48 if tiny else 500)
+    images = args.images or (48 if tiny else 5000)
     out = Path(args.out).resolve()
     data, run_dir, models = out / "data", out / "run", out / "models"
     started, total = time.perf_counter(), 6

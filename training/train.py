@@ -108,7 +108,8 @@ class TrainConfig:
     lr_final_fraction: float = 1.0
     betas: tuple[float, float] = (0.5, 0.999)  # Adam betas as in faceswap (stable at lr 1e-3 given the warm-up)
     loss: LossWeights = field(default_factory=LossWeights)  # weights of the loss terms
-    augment: AugmentConfig = field(default_factory=AugmentConfig.synthetic)  # light: synth data varies pose itself
+    # None: AugmentConfig.for_data(the data set's kind): none for synthetic faces, light affine + warp for real ones
+    augment: AugmentConfig | None = None
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     seed: int = 0  # seeds initialisation and batch sampling
     threads: int = 2  # torch CPU threads (the demo host has two cores)
@@ -141,7 +142,7 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         data = dict(data)
         data["loss"] = LossWeights(**data.get("loss", {}))
-        data["augment"] = AugmentConfig(**data.get("augment", {}))
+        data["augment"] = AugmentConfig(**data["augment"]) if data.get("augment") is not None else None
         data["betas"] = tuple(data.get("betas", (0.5, 0.999)))
         if data.get("model") is not None:
             data["model"] = ModelConfig.from_dict(data["model"])
@@ -599,6 +600,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     index = load_index(cfg.data_dir)
     data_info = describe(index)
     names = identity_names(index)
+    if cfg.augment is None:
+        cfg = dataclasses.replace(cfg, augment=AugmentConfig.for_data(data_info["kind"]))
 
     start_step, saved = 0, None
     if ckpt_path.exists():

@@ -143,6 +143,21 @@ def test_default_augment_is_in_range_reproducible_and_geometry_shared(batch):
     assert float((inputs - target).abs().mean()) < float((target - faces.float() / 255).abs().mean())
 
 
+def test_synthetic_faces_train_without_geometry_and_real_faces_with_it(batch):
+    synthetic, footage = AugmentConfig.for_data("synth"), AugmentConfig.for_data("faces")
+    assert synthetic == AugmentConfig.synthetic() and footage == AugmentConfig.footage()
+    assert not synthetic.geometric and footage.geometric and footage.warp > 0 and footage.rotation_deg > 0
+    assert synthetic.face_color == footage.face_color > 0  # both still recolour the input's face
+    faces, masks, _ = batch
+    inputs, target, target_mask, _ = augment(faces, masks, torch.Generator().manual_seed(0), synthetic)
+    # The targets are the rendered faces bit for bit (no bilinear round trip), the input differs by its colours only.
+    assert torch.equal(target, faces.float() / 255) and torch.equal(target_mask, masks.float() / 255)
+    background = (masks == 0).expand_as(inputs) & (inputs == target)
+    assert float(background.float().mean()) > 0.2 and not torch.equal(inputs, target)
+    moved, _, _, _ = augment(faces, masks, torch.Generator().manual_seed(0), footage)
+    assert float((moved - faces.float() / 255).abs().mean()) > 0.01
+
+
 def test_face_recolouring_touches_the_input_near_the_face_only(batch):
     faces, masks, _ = batch
     config = AugmentConfig(**{**NO_AUGMENT.__dict__, "face_color": 1.0, "face_color_grow": 0.05})

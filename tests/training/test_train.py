@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from facetwin.training import synth
-from facetwin.training.data import load_faces
+from facetwin.training.data import AugmentConfig, load_faces
 from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training.train import (
     CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, _autocast_dtype, cpu_has_bf16, dry_run,
@@ -46,6 +46,16 @@ def test_train_writes_a_loadable_checkpoint_and_config(data, tmp_path):
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no temp files left
     model = model_from_checkpoint(checkpoint)
     assert not model.training
+
+
+def test_the_augmentation_is_picked_for_the_data_and_saved_with_the_weights(data, tmp_path):
+    train(tiny(data, tmp_path / "run", steps=2), progress=False)
+    config = json.loads((tmp_path / "run" / CONFIG_NAME).read_text())
+    assert config["augment"] == dataclasses.asdict(AugmentConfig.synthetic())  # synthetic faces: no geometry
+    assert TrainConfig.from_dict(config).augment == AugmentConfig.synthetic()
+    chosen = AugmentConfig.footage()
+    train(tiny(data, tmp_path / "chosen", steps=2, augment=chosen), progress=False)
+    assert load_checkpoint(tmp_path / "chosen" / CHECKPOINT_NAME)["train_config"].augment == chosen
 
 
 def test_training_lowers_the_reconstruction_error(data, tmp_path):
