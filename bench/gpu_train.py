@@ -49,7 +49,7 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
                 "train_seconds": seconds or 3.0, "batch_size": None, "device": "cpu",
                 "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "synthetic": 120}}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_TRAIN_SECONDS", "300"))
-    return {"mode": "gpu", "speed_presets": ["demo", "full"], "trained_presets": ["full"], "images": 2000,
+    return {"mode": "gpu", "speed_presets": ["demo", "full"], "trained_presets": ["full"], "images": 5000,
             "train_seconds": seconds, "batch_size": 16, "device": "cuda",
             "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "synthetic": 150}}
 
