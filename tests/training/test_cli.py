@@ -147,6 +147,21 @@ def test_refused_resume_leaves_the_run_untouched(tiny_model_dir, data, tmp_path)
     assert snapshot(run_dir) == before
 
 
+def test_synth_and_train_options_reach_the_saved_config(tmp_path):
+    made = run_cli("synth", tmp_path / "data", "--images", 3, "--size", 32, "--workers", 1)
+    assert made.returncode == 0, made.stderr
+    assert len(synth.load_index(tmp_path / "data")["images"]) == 6
+    trained = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2,
+                      "--lr-final-fraction", 0.05, "--no-tensorboard")
+    assert trained.returncode == 0, trained.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["lr_final_fraction"] == 0.05 and config["steps"] == 2
+    assert config["augment"]["warp"] == 0 and config["augment"]["rotation_deg"] == 0  # synthetic faces: no geometry
+    refused = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "other", "--preset", "tiny",
+                      "--lr-final-fraction", 2)
+    assert refused.returncode == 2 and "lr-final-fraction" in refused.stderr and not (tmp_path / "other").exists()
+
+
 def test_evaluate_prints_json_scores(tiny_model_dir):
     run = run_cli("evaluate", "--bundle", tiny_model_dir / "tiny", "--count", 2, "--json")
     assert run.returncode == 0, run.stderr
