@@ -8,10 +8,12 @@ For one data set, preset, variant, device and AMP setting, on one trainer built 
                on the device: pure compute, the ceiling the input pipeline could reach;
   input_only   `sample_batches` alone (no model): step-batches/s of the input pipeline, so a reader sees where
                the time of real_input goes (1/real_input ~ 1/preloaded + 1/input_only).
-The three run after warm-up, repeated --repeats times in alternating order (A B C, C B A, ...) so that drift
-(thermal, other processes) does not bias one of them; every repetition is reported. Each measurement is timed
-between device synchronisations on CUDA (none inside: the CPU runs ahead as it does in training). Not timed:
-what the loop does every N steps (progress, TensorBoard, previews, checkpoints), the same with either input.
+The input pipeline is real footage's (AugmentConfig.footage: affine + warp) on any data set, the heavier of
+the two that training picks by data kind. The three run after warm-up, repeated --repeats times in alternating
+order (A B C, C B A, ...) so that drift (thermal, other processes) does not bias one of them; every repetition
+is reported. Each measurement is timed between device synchronisations on CUDA (none inside: the CPU runs ahead
+as it does in training). Not timed: what the loop does every N steps (progress, TensorBoard, previews,
+checkpoints), the same with either input.
 
 The headline `ratio` is the median over repetitions of real_input / preloaded (each from back-to-back runs);
 `ratio_pooled` divides the rates pooled over all repetitions. Target (issue 3): ratio >= 0.85. On the CPU,

@@ -199,8 +199,8 @@ def train(
     if preset not in train_mod.PRESETS:
         _fail(f"--preset must be one of {', '.join(train_mod.PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
-                                            lr_final_fraction=lr_final_fraction, seed=seed, threads=threads, variant=variant, max_seconds=max_seconds,
-                                            **options)
+                                            lr_final_fraction=lr_final_fraction, seed=seed, threads=threads,
+                                            variant=variant, max_seconds=max_seconds, **options)
     ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")
