@@ -8,8 +8,8 @@ The data set is the synth folder layout (``training/synth.py``)::
 
 The sets are small (hundreds to a few thousand 64 px faces per identity: 2 x 5,000 is ~120 MB), so every image
 is decoded once into a uint8 tensor and batches are gathered by index: no DataLoader workers, no per-step disk
-reads. The trainer moves those uint8 tensors to the training device once (``IdentityFaces.to``) and augments there, so on a GPU the
-input pipeline is a handful of kernels per step and only a few random numbers cross the bus.
+reads. The trainer moves those uint8 tensors to the training device once (``IdentityFaces.to``) and augments
+there, so on a GPU the input pipeline is a handful of kernels per step and only a few random numbers cross the bus.
 
 Each face also gets an eye/mouth weight map (uint8, 255 = eye or mouth; ``regions``), derived at load time,
 so data sets need no new files: from the 68 landmarks of extracted faces (the index's "landmarks"; none for
