@@ -165,6 +165,9 @@ def train(
     lr_final_fraction: Optional[float] = typer.Option(
         None, min=0.0, max=1.0, help="cosine-decay the learning rate to lr x this by the last of --steps (default 1: "
         "constant); long runs on synthetic faces: 0.05"),
+    grad_clip: Optional[float] = typer.Option(
+        None, min=0.0, help="scale a step's gradient down to this L2 norm when larger (default 2; 0 = never): "
+        "TensorBoard's grad_norm shows the norms before clipping"),
     seed: Optional[int] = typer.Option(None, min=0, help="override the seed"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default 2)"),
     max_seconds: Optional[float] = typer.Option(None, min=0.0, help="stop early after this many seconds of training "
@@ -199,8 +202,8 @@ def train(
     if preset not in train_mod.PRESETS:
         _fail(f"--preset must be one of {', '.join(train_mod.PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
-                                            lr_final_fraction=lr_final_fraction, seed=seed, threads=threads,
-                                            variant=variant, max_seconds=max_seconds, **options)
+                                            lr_final_fraction=lr_final_fraction, grad_clip=grad_clip, seed=seed,
+                                            threads=threads, variant=variant, max_seconds=max_seconds, **options)
     ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")

@@ -74,7 +74,9 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # 1,024-wide code diverged at the demo's lr 1e-3 (the latent-matching term reached 2e4 by step 61 on the CPU);
     # at 2e-4 it trained steadily through the 1,800 steps a CPU could afford; after 1,200 it already rebuilt held-out
     # faces better than the demo model does after 6,000 (face SSIM 0.755 vs 0.741; README "Measured").
-    "full": {"steps": 100_000, "batch_size": 16, "lr": 2e-4, "checkpoint_every": 2000},
+    # Its gradient norm (median 1.39, 99th percentile 2.4 over its first 319 steps on a CPU) clips at ~3x its
+    # median, as the demo's (median 0.8) does at 2.
+    "full": {"steps": 100_000, "batch_size": 16, "lr": 2e-4, "checkpoint_every": 2000, "grad_clip": 4.0},
 }
 PRESETS = tuple(PRESET_OVERRIDES)
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -107,6 +109,11 @@ class TrainConfig:
     # steps (0.827 vs 0.817 decaying to 0.05 over 7,000), but long runs need the decay: the demo resumed to 30,000
     # steps decaying to 0.05 swapped at 0.893, at a constant lr it fell apart (7,141 -> 28,325 steps: 0.827 -> 0.497).
     lr_final_fraction: float = 1.0
+    # Largest L2 norm of the generator's whole gradient; a step's larger gradient is scaled down to it (0: no limit).
+    # With Adam's beta1 0.5 one gradient 25x the usual moves every weight ~15x further than usual: in the demo
+    # (median norm 0.8) such a step at 5,330 set off a runaway in which latent_match reached 28,000 and the swap
+    # was ruined (face SSIM 0.05); clipped at 2 the same run trained through (0.801). TensorBoard: grad_norm.
+    grad_clip: float = 2.0
     betas: tuple[float, float] = (0.5, 0.999)  # Adam betas as in faceswap (stable at lr 1e-3 given the warm-up)
     loss: LossWeights = field(default_factory=LossWeights)  # weights of the loss terms
     # None: AugmentConfig.for_data(the data set's kind): none for synthetic faces, light affine + warp for real ones
@@ -279,6 +286,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"the model config is variant {cfg.model.variant!r} but the run asks for {cfg.variant!r}")
     if cfg.amp not in AMP_MODES:
         raise ValueError(f"amp {cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
+    if not cfg.grad_clip >= 0.0:  # also refuses NaN
+        raise ValueError(f"grad_clip must be 0 (no clipping) or a positive gradient norm, got {cfg.grad_clip}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: no moving average), got {cfg.ema_decay}")
 
@@ -422,7 +431,8 @@ def train_step(t: Trainer, batches: list[Augmented], step: int, generator: torch
 
     `generator` (CPU) supplies the step's remaining random numbers (VAE noise, mixup weights), so a seeded step is
     reproducible on any device. Returns the loss terms, averaged over identities, as detached 0-d tensors
-    ("total" is the generator's objective): no device sync happens here.
+    ("total" is the generator's objective) and "grad_norm", the generator's gradient norm before clipping: no device
+    sync happens here.
     """
     for optimizer in (t.optimizer, t.critic_optimizer):
         for group in optimizer.param_groups if optimizer is not None else ():
@@ -437,6 +447,8 @@ def train_step(t: Trainer, batches: list[Augmented], step: int, generator: torch
         terms["gan"] = adversarial.detach()
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(total).backward()
+    t.scaler.unscale_(t.optimizer)  # the true gradients (a no-op without fp16's scaler), then the norm before clipping
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip or math.inf)
     t.scaler.step(t.optimizer)
     if t.critics is not None:
         terms["critic"] = _critic_step(t, reals, fakes.detach(), generator)
@@ -444,7 +456,7 @@ def train_step(t: Trainer, batches: list[Augmented], step: int, generator: torch
     if t.average is not None:
         update_average(t.average, t.model, t.cfg.ema_decay, step)
     terms["total"] = total.detach()
-    return {key: value / len(batches) for key, value in terms.items()}
+    return {key: value / len(batches) for key, value in terms.items()} | {"grad_norm": grad_norm.detach()}
 
 
 @torch.no_grad()
@@ -684,7 +696,7 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
             bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
             if writer is not None:
                 for key, value in terms.items():
-                    writer.add_scalar(f"loss/{key}", float(value), done)
+                    writer.add_scalar(key if key == "grad_norm" else f"loss/{key}", float(value), done)
                 writer.add_scalar("lr", learning_rate(cfg, step), done)
         if world.is_main and cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
             grid = preview_grid(t.average if t.average is not None else t.model, faces)

@@ -152,10 +152,10 @@ def test_synth_and_train_options_reach_the_saved_config(tmp_path):
     assert made.returncode == 0, made.stderr
     assert len(synth.load_index(tmp_path / "data")["images"]) == 6
     trained = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2,
-                      "--lr-final-fraction", 0.05, "--no-tensorboard")
+                      "--lr-final-fraction", 0.05, "--grad-clip", 0.5, "--no-tensorboard")
     assert trained.returncode == 0, trained.stderr
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["lr_final_fraction"] == 0.05 and config["steps"] == 2
+    assert config["lr_final_fraction"] == 0.05 and config["steps"] == 2 and config["grad_clip"] == 0.5
     assert config["augment"]["warp"] == 0 and config["augment"]["rotation_deg"] == 0  # synthetic faces: no geometry
     refused = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "other", "--preset", "tiny",
                       "--lr-final-fraction", 2)

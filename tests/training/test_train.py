@@ -18,7 +18,8 @@ from facetwin.training.data import AugmentConfig, load_faces
 from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training.train import (
     CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, _autocast_dtype, cpu_has_bf16, dry_run,
-    learning_rate, load_checkpoint, model_from_checkpoint, preset_model, train, update_average,
+    learning_rate, load_checkpoint, make_trainer, model_from_checkpoint, preset_model, sample_batches, train,
+    train_step, update_average,
 )
 
 
@@ -99,6 +100,30 @@ def test_the_moving_average_of_the_weights_is_what_gets_exported(data, tmp_path)
         assert torch.equal(tensor, averaged["model"][key]), key
     with pytest.raises(ValueError, match="ema_decay"):
         train(tiny(data, tmp_path / "bad", ema_decay=1.0), progress=False)
+
+
+def test_a_gradient_above_grad_clip_is_scaled_down_to_it_and_its_norm_reported(data, tmp_path):
+    faces = load_faces(data, resolution=32)
+
+    def one_step(grad_clip: float) -> tuple[float, float, dict[str, torch.Tensor]]:
+        cfg = tiny(data, tmp_path, grad_clip=grad_clip, model=preset_model("tiny", ["ada", "ben"]),
+                   augment=AugmentConfig.synthetic())
+        t = make_trainer(cfg, ["ada", "ben"], torch.device("cpu"))
+        generator = torch.Generator().manual_seed(0)
+        terms = train_step(t, sample_batches(t, faces, generator), 0, generator)
+        applied = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.model.parameters()]))
+        return float(terms["grad_norm"]), float(applied), t.model.state_dict()
+
+    norm, applied, free = one_step(0.0)  # 0: no clipping, the step uses the whole gradient
+    assert norm > 0.01 and applied == pytest.approx(norm, rel=1e-5)
+    unclipped_norm, applied, clipped = one_step(grad_clip=norm / 10)
+    assert unclipped_norm == pytest.approx(norm, rel=1e-5)  # the norm before clipping is what gets reported
+    assert applied == pytest.approx(norm / 10, rel=1e-3)  # the optimizer stepped on a gradient of norm grad_clip
+    assert any(not torch.equal(tensor, clipped[key]) for key, tensor in free.items())
+    assert TrainConfig("d", "o").grad_clip == 2.0  # on by default
+    with pytest.raises(ValueError, match="grad_clip"):
+        train(tiny(data, tmp_path / "bad", grad_clip=-1.0), progress=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_update_average_follows_the_weights_fast_early_and_slowly_later():
