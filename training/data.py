@@ -29,11 +29,12 @@ learns to draw (see ``synthetic``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import cv2
 import numpy as np
@@ -275,8 +276,7 @@ class AugmentConfig:
         is, so the decoder learns to draw a feature's average position. Demo model, 5,000 faces per identity,
         360 s on 2 cores (held-out swap face SSIM / rebuild): footage() 0.732 / 0.766; without the warp
         0.766 / 0.855; without warp and affine 0.827 / 0.867."""
-        return cls(rotation_deg=0.0, scale=0.0, shift=0.0, flip=0.0, warp=0.0, brightness=0.0, contrast=0.0,
-                   saturation=0.0, face_color=0.5)
+        return dataclasses.replace(cls.footage(), rotation_deg=0.0, scale=0.0, shift=0.0, flip=0.0, warp=0.0)
 
     @classmethod
     def for_data(cls, kind: str) -> "AugmentConfig":
@@ -303,8 +303,7 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     x = faces.float() / 255.0
     m = masks.float() / 255.0
 
-    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return (torch.rand(*shape, generator=generator) * (high - low) + low).to(device)
+    uniform = _uniform(generator, device)
 
     # Colour jitter first (pointwise, so it commutes with the geometry); applied to input and target alike.
     if config.contrast or config.brightness or config.saturation:
@@ -316,6 +315,38 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
         x = (x - mean) * contrast + mean + uniform(-config.brightness, config.brightness, batch, 1, 1, 1)
         x = x.clamp(0.0, 1.0)
 
+    # One grid for the target (affine + flip) and the same plus the warp for the input; None when nothing moves.
+    grids = _sampling_grids(config, batch, side, device, generator) if config.geometric else None
+
+    def resample(t: torch.Tensor, warped: bool = False) -> torch.Tensor:
+        if grids is None:  # the faces themselves, without a bilinear round trip
+            return t
+        where = grids[1] if warped else grids[0]
+        return F.grid_sample(t, where, mode="bilinear", padding_mode="border", align_corners=False)
+
+    target = resample(x)
+    target_mask = resample(m)
+    inputs = resample(x, warped=True)
+    if config.face_color > 0:
+        inputs = _recolour_face(inputs, resample(m, warped=True), generator, config)
+    # The eye/mouth map follows the target (the loss compares against the target); zeros = no extra weight.
+    target_regions = (resample(regions.float() / 255.0).clamp(0, 1) if regions is not None
+                      else torch.zeros_like(target_mask))
+    return Augmented(inputs.clamp(0, 1), target.clamp(0, 1), target_mask.clamp(0, 1), target_regions)
+
+
+def _uniform(generator: torch.Generator, device: torch.device) -> Callable[..., torch.Tensor]:
+    """uniform(low, high, *shape): U(low, high) numbers drawn on the CPU `generator`, moved to `device`."""
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return (torch.rand(*shape, generator=generator) * (high - low) + low).to(device)
+    return uniform
+
+
+def _sampling_grids(config: AugmentConfig, batch: int, side: int, device: torch.device,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample grids (B, R, R, 2) of one batch: (the target's random affine + flip, the input's: that plus the
+    random warp)."""
+    uniform = _uniform(generator, device)
     # Random affine + flip, as the 2x3 matrices of affine_grid (normalised coords, output -> input).
     angle = uniform(-config.rotation_deg, config.rotation_deg, batch) * math.pi / 180
     scale = 1 + uniform(-config.scale, config.scale, batch)
@@ -327,31 +358,14 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
         torch.stack([sin * flip, cos, shift[:, 1]], dim=1),
     ], dim=1)  # (B, 2, 3)
     grid = F.affine_grid(theta, [batch, 3, side, side], align_corners=False)  # (B, R, R, 2)
-
+    if config.warp <= 0:
+        return grid, grid
     # Random warp: smooth offsets from a coarse grid of Gaussian control points, upsampled to full size.
-    if config.warp > 0:
-        control = torch.randn(batch, 2, config.warp_grid, config.warp_grid, generator=generator) * (config.warp * 2)
-        control[:, :, [0, -1], :] = 0  # pin the border, as faceswap does, so the warp never pulls in the outside
-        control[:, :, :, [0, -1]] = 0
-        offsets = F.interpolate(control.to(device), size=(side, side), mode="bicubic", align_corners=True)
-        warped_grid = grid + offsets.permute(0, 2, 3, 1)  # offsets: (B, 2, R, R)
-    else:
-        warped_grid = grid
-
-    def resample(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        if not config.geometric:  # the identity grid: the faces themselves, without a float round trip
-            return t
-        return F.grid_sample(t, where, mode="bilinear", padding_mode="border", align_corners=False)
-
-    target = resample(x, grid)
-    target_mask = resample(m, grid)
-    inputs = resample(x, warped_grid)
-    if config.face_color > 0:
-        inputs = _recolour_face(inputs, resample(m, warped_grid), generator, config)
-    # The eye/mouth map follows the target (the loss compares against the target); zeros = no extra weight.
-    target_regions = (resample(regions.float() / 255.0, grid).clamp(0, 1) if regions is not None
-                      else torch.zeros_like(target_mask))
-    return Augmented(inputs.clamp(0, 1), target.clamp(0, 1), target_mask.clamp(0, 1), target_regions)
+    control = torch.randn(batch, 2, config.warp_grid, config.warp_grid, generator=generator) * (config.warp * 2)
+    control[:, :, [0, -1], :] = 0  # pin the border, as faceswap does, so the warp never pulls in the outside
+    control[:, :, :, [0, -1]] = 0
+    offsets = F.interpolate(control.to(device), size=(side, side), mode="bicubic", align_corners=True)
+    return grid, grid + offsets.permute(0, 2, 3, 1)  # offsets: (B, 2, R, R)
 
 
 def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
