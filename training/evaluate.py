@@ -10,7 +10,8 @@ evaluate_bundle builds the report `facetwin-train evaluate --json` prints (`comp
     synthetic   ssim, l1 on B's face mask; ssim_crop, l1_crop over the whole crop; ssim_rebuild: B -> B on the same
                 poses, the model's own ceiling (bundles trained on synth faces)
     identity    dist_to_target, dist_to_source (dlib descriptors on dlib-framed chips; raw_* on the raw output)
-    landmarks   nme: 68-landmark error between source and served swap / face width (raw_nme: the raw output)
+    landmarks   nme: 68-landmark error between source and served swap / face width (raw_nme: the raw output);
+                motion_error: the raw swap's landmark motion vs the source's (0 = followed, 1 = a still face)
     temporal    flicker_ratio: frame-to-frame change of the swapped clip / that of the source clip (served_*: served)
     reasons     why each section that is null could not be computed (never an exception for that)
 
@@ -341,9 +342,15 @@ def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per
 
     rows = [metrics.score_pair(scorer, swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
             for a, b in pairs]
-    sections["landmarks"] = {"nme": _mean(rows, "nme"), "raw_nme": _mean(rows, "raw_nme"), "keep_shape": keep_shape,
-                             "normalised_by": "face width (x extent of the jaw line)",
-                             "pairs": [{k: r[k] for k in ("source", "target", "faces", "nme", "raw_nme")} for r in rows]}
+    moving = [r for r in rows if r["motion_error"] is not None]
+    if not moving:
+        reasons["landmarks.motion_error"] = "one face per pair: no motion to follow (swap more faces: --faces)"
+    sections["landmarks"] = {"nme": _mean(rows, "nme"), "raw_nme": _mean(rows, "raw_nme"),
+                             "motion_error": _mean(moving, "motion_error") if moving else None,
+                             "mouth_motion_error": _mean(moving, "mouth_motion_error") if moving else None,
+                             "keep_shape": keep_shape, "normalised_by": "face width (x extent of the jaw line)",
+                             "pairs": [{k: r[k] for k in ("source", "target", "faces", "nme", "raw_nme", "motion_error",
+                                                          "mouth_motion_error")} for r in rows]}
     scored = [r for r in rows if "dist_to_target" in r]
     if scored:
         sections["identity"] = {
@@ -428,7 +435,13 @@ def headline(report: dict[str, Any]) -> dict[str, float | None]:
             "identity.raw_dist_to_target": get("identity", "raw_dist_to_target"),
             "identity.raw_dist_to_source": get("identity", "raw_dist_to_source"),
             "landmarks.nme": get("landmarks", "nme"), "landmarks.raw_nme": get("landmarks", "raw_nme"),
+            "landmarks.motion_error": get("landmarks", "motion_error"),
             "temporal.flicker_ratio": get("temporal", "flicker_ratio")}
+
+
+def reason(reasons: dict[str, str], key: str) -> str:
+    """Why headline number `key` ("section.name") is null: its own reason, else its section's."""
+    return reasons.get(key) or reasons.get(key.split(".")[0], "not computed")
 
 
 def markdown_table(reports: list[dict[str, Any]], columns: list[str] | None = None,
@@ -448,7 +461,8 @@ def markdown_table(reports: list[dict[str, Any]], columns: list[str] | None = No
         for key in columns:
             value = numbers[key]
             if value is None:
-                notes.append(f"{report['model']} {key.split('.')[0]}: {report['reasons'].get(key.split('.')[0], '?')}")
+                label = key if key in report["reasons"] else key.split(".")[0]  # one note per section
+                notes.append(f"{report['model']} {label}: {reason(report['reasons'], key)}")
                 cells.append("n/a")
             else:
                 cells.append(f"{value:.4f}")

@@ -194,6 +194,8 @@ def test_report_of_the_tiny_bundle_on_real_faces_has_every_section(tiny_model_di
     assert identity["reference_faces"] == dict.fromkeys(tiny_map(tiny_model_dir).values(), 6)
     assert all(0 < identity[k] < 2 for k in ("dist_to_target", "dist_to_source", "raw_dist_to_target"))
     assert 0 < report["landmarks"]["nme"] < 1 and 0 < report["landmarks"]["raw_nme"] < 1
+    assert report["landmarks"]["motion_error"] > 0 and report["landmarks"]["mouth_motion_error"] > 0
+    assert all(p["motion_error"] is not None for p in report["landmarks"]["pairs"])
     temporal = report["temporal"]
     assert temporal["flicker_ratio"] == pytest.approx(temporal["swap_change"] / temporal["source_change"], rel=0.5)
     assert temporal["served_flicker_ratio"] == pytest.approx(temporal["served_change"] / temporal["source_change"],
@@ -209,6 +211,7 @@ def test_a_model_that_swaps_nothing_keeps_pose_motion_and_identity(real_data, tm
     report = evaluate_bundle(bundle, RealInput.load(data=real_data), count=2, faces_per_pair=6, reference_faces=6)
     assert report["synthetic"] is None and "not trained on synthetic faces" in report["reasons"]["synthetic"]
     assert report["landmarks"]["raw_nme"] == 0.0 and report["landmarks"]["nme"] < 0.01
+    assert report["landmarks"]["motion_error"] == 0.0  # it moves exactly as the source does
     assert report["temporal"]["flicker_ratio"] == 1.0
     identity = report["identity"]
     assert identity["dist_to_source"] < 0.5 < identity["dist_to_target"]
@@ -241,6 +244,11 @@ def test_sections_that_cannot_be_computed_are_null_with_a_reason(tiny_model_dir,
     assert unmapped["landmarks"] is None and "--map" in unmapped["reasons"]["landmarks"]
     table = markdown_table([report, unmapped])
     assert table.count("\n| ae | tiny | 32 |") == 2 and "n/a: tiny identity: no real faces given" in table
+    real = RealInput.load(data=real_data, identity_map=tiny_map(tiny_model_dir))
+    single = evaluate_bundle(tiny_model_dir / "tiny", real, count=2, faces_per_pair=1, reference_faces=2)  # no motion
+    assert single["landmarks"]["nme"] > 0 and single["landmarks"]["motion_error"] is None
+    assert "one face per pair" in single["reasons"]["landmarks.motion_error"]
+    assert "n/a: tiny landmarks.motion_error: one face per pair" in markdown_table([single])
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:

