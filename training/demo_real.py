@@ -18,8 +18,9 @@ Every number and picture is made from frames the model never trained on; a resum
 a frame now held out (one from before the split, or split with another --holdout) is refused.
 Writes to --out (default out/real): swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json (which
 frames were held out: counts and frame ranges per person).
-Presets: `cpu` (default; ~11 min on 2 idle cores, training capped at 15) and `gpu` (the full run for a CUDA host). `--dry-run` does every
-step with tiny settings on a few frames in a temp dir, in well under a minute.
+Presets: `cpu` (default; ~11 min on 2 idle cores, training capped at 15), `cpu-long` (the largest run 2 cores
+afford: ~1 hour) and `gpu` (the full run for a CUDA host). `--dry-run` does every step with tiny settings on a few
+frames in a temp dir, in well under a minute.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class Preset:
     grid_faces: int  # crops per direction in the grid, spread evenly over the held-out faces
     eval_faces: int  # evaluate --faces: real faces swapped per pair
     eval_references: int  # evaluate --references
+    # Cosine decay of the learning rate to lr * this by the last step (facetwin-train --lr-final-fraction; 1.0 =
+    # constant). Runs of tens of thousands of steps need it: the synthetic demo model fell apart at a constant lr.
+    lr_final_fraction: float = 1.0
 
 
 PRESETS = {
@@ -79,8 +83,11 @@ PRESETS = {
     # a shared machine (5.5 steps/s); the bf16 autocast of CPUs with AVX512-BF16 makes 9,000 steps about as long.
     # Everything else takes ~40 s; the budget caps training at 15 min where it is slower still.
     "cpu": Preset("demo", 64, 10, None, 9000, 900, None, "auto", 150, 8, 16, 32),
+    # The largest run 2 CPU cores afford in an hour: every 2nd frame (~5x the faces), 50,000 steps of the demo model
+    # (~50 min at ~17 steps/s), the learning rate decaying to 5 % by the last step.
+    "cpu-long": Preset("demo", 64, 2, None, 50000, 3600, None, "auto", 600, 8, 64, 64, lr_final_fraction=0.05),
     # A CUDA host: the full preset (the 2017 model, batch 16) on every 2nd frame (~5x the faces), bf16 autocast.
-    "gpu": Preset("full", 64, 2, None, 40000, 0, None, "bf16", 600, 8, 64, 64),
+    "gpu": Preset("full", 64, 2, None, 40000, 0, None, "bf16", 600, 8, 64, 64, lr_final_fraction=0.05),
     # --dry-run: a few frames, the tiny 32 px model, seconds.
     "dry-run": Preset("tiny", 32, 4, 40, 30, 0, 8, "off", 6, 3, 3, 3),
 }
@@ -180,7 +187,7 @@ def headline(report: dict) -> dict[str, float | None]:
 def print_headline(numbers: dict[str, float | None], reasons: dict) -> None:
     for key, value in numbers.items():
         if value is None:
-            print(f"  {key:34s} n/a ({reasons.get(key.split('.')[0], 'not computed')})")
+            print(f"  {key:34s} n/a ({evaluate_mod.reason(reasons, key)})")
             continue
         target = TARGETS.get(key)
         verdict = ""
@@ -229,7 +236,8 @@ def train_command(preset: Preset, variant: str, steps: int, max_seconds: float, 
     """`facetwin-train train` of one variant on the training part, resuming run_dir's checkpoint."""
     cmd = [str(BIN / "facetwin-train"), "train", "--data", str(train_dir), "--out", str(run_dir), "--preset",
            preset.train_preset, "--variant", variant, "--steps", str(steps), "--amp", preset.amp, "--resume",
-           "--max-seconds", f"{max_seconds:g}", "--preview-every", str(max(steps // 4, 1))]
+           "--max-seconds", f"{max_seconds:g}", "--preview-every", str(max(steps // 4, 1)),
+           "--lr-final-fraction", f"{preset.lr_final_fraction:g}"]
     return cmd + (["--batch-size", str(preset.batch_size)] if preset.batch_size else [])
 
 
@@ -314,11 +322,13 @@ def one_line_errors() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default out/real; --dry-run: a temp dir)")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"], help="cpu (~11 min on 2 idle cores) or gpu (CUDA)")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-long", "gpu"],
+                   help="cpu (~11 min on 2 idle cores), cpu-long (~1 hour on 2 cores) or gpu (CUDA)")
     p.add_argument("--variant", default="ae", choices=VARIANTS)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="training time budget, stops early with a checkpoint (default: cpu 900 s, gpu none; 0 = none)")
+                   help="training time budget, stops early with a checkpoint (default: cpu 900 s, cpu-long 3600 s, "
+                        "gpu none; 0 = none)")
     p.add_argument("--holdout", type=fraction, default=HOLDOUT_FRACTION,
                    help="share of each person's faces (the end of their footage, in frame order) kept out of training "
                         f"and scored instead (default {HOLDOUT_FRACTION:g})")

@@ -134,3 +134,15 @@ def test_the_orchestrators_variants_are_the_models_and_need_no_torch():
     probe = "import sys, facetwin.training.demo_real; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env=command_env()).stdout.strip() == "False"
+
+
+def test_every_preset_trains_a_trainer_preset_with_its_learning_rate_schedule():
+    from facetwin.training import demo_real, train
+
+    for name, preset in demo_real.PRESETS.items():
+        assert preset.train_preset in train.PRESETS, name
+        cmd = demo_real.train_command(preset, "ae", preset.steps, preset.max_seconds, Path("t"), Path("r"))
+        assert cmd[cmd.index("--lr-final-fraction") + 1] == f"{preset.lr_final_fraction:g}", name
+        assert cmd[cmd.index("--preset") + 1] == preset.train_preset
+    # runs of tens of thousands of steps decay the learning rate (a constant one wrecked the long synthetic runs)
+    assert all(p.lr_final_fraction < 1 for p in demo_real.PRESETS.values() if p.steps >= 20_000)
