@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -311,35 +312,101 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
-def real_face_sections(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair: int = REAL_FACES,
-                       reference_faces: int = REFERENCE_FACES,
-                       keep_shape: float = metrics.facelib.KEEP_SHAPE) -> tuple[dict[str, Any], dict[str, str]]:
+def real_pairs(manifest: Manifest, clips: dict[str, metrics.RealFaces]) -> list[tuple[str, str]]:
+    """(source, target) pairs to score: every identity with real faces to every other target of the bundle."""
+    return [(a, b) for a in manifest.identities for b in sorted(manifest.targets) if a != b and a in clips]
+
+
+@dataclasses.dataclass
+class SavedSwaps:
+    """Swaps of real faces made on one host and scored on another (save_swaps / load_swaps): a GPU host that trains
+    the full model has no dlib weights to score with, and its bundle is too big to carry back. Per (source, target)
+    pair the source crops and the raw model outputs, and the bundle's manifest; scoring checks that the crops it
+    would swap are exactly the saved ones."""
+
+    manifest: Manifest
+    pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (source, target) -> (crops, swaps), uint8 RGB
+
+    def swapper(self, target: str):
+        def swap(crops: np.ndarray) -> np.ndarray:
+            for (_, b), (saved, swapped) in self.pairs.items():
+                if b == target and saved.shape[1:] == crops.shape[1:] and len(saved) >= len(crops) \
+                        and np.array_equal(saved[:len(crops)], crops):
+                    return swapped[:len(crops)]
+            raise metrics.MetricsError(f"no saved swaps to {target!r} of these {len(crops)} faces: score the data "
+                                       "set the swaps were saved from, with at most as many --faces")
+        return swap
+
+
+def bundle_swaps(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair: int = REAL_FACES) -> SavedSwaps:
+    """Runs the bundle on the real faces evaluate would score (the first `faces_per_pair` of each source, in
+    playing order, to every other target): needs ONNX Runtime, not dlib."""
+    runner = SwapRunner(bundle_dir)
+    clips, _ = real.faces_for(runner.manifest)
+    pairs = {}
+    for a, b in real_pairs(runner.manifest, clips):
+        crops = clips[a].crops[:faces_per_pair]
+        pairs[(a, b)] = (crops, np.round(runner.swap(crops, b)[0] * 255.0).astype(np.uint8))
+    return SavedSwaps(runner.manifest, pairs)
+
+
+def save_swaps(swaps: SavedSwaps, path: str | os.PathLike) -> Path:
+    arrays = {f"{kind}:{a}:{b}": array for (a, b), pair in swaps.pairs.items()
+              for kind, array in zip(("crops", "swaps"), pair)}
+    path = Path(path)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, manifest=np.array(swaps.manifest.to_json()), **arrays)
+    return path
+
+
+def load_swaps(path: str | os.PathLike) -> SavedSwaps:
+    """A save_swaps file (read without pickle); MetricsError when it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            manifest = Manifest.from_dict(json.loads(str(data["manifest"])))
+            pairs = {}
+            for key in data.files:
+                kind, _, rest = key.partition(":")
+                if kind == "crops":
+                    a, b = rest.split(":")
+                    pairs[(a, b)] = (data[key], data[f"swaps:{a}:{b}"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise metrics.MetricsError(f"{path} is not a file of saved swaps: {exc}") from exc
+    return SavedSwaps(manifest, pairs)
+
+
+def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, faces_per_pair: int = REAL_FACES,
+                       reference_faces: int = REFERENCE_FACES, keep_shape: float = metrics.facelib.KEEP_SHAPE,
+                       saved: SavedSwaps | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """The identity, landmarks and temporal sections (see training/metrics.py), and a reason for each that
-    cannot be computed. keep_shape: the server setting the served faces are scored with."""
+    cannot be computed. keep_shape: the server setting the served faces are scored with. With `saved`, the swaps
+    come from that file instead of running the bundle (bundle_dir is then unused)."""
     reasons: dict[str, str] = {}
     sections: dict[str, Any] = {"identity": None, "landmarks": None, "temporal": None}
     missing = metrics.dlib_ready()
     if missing:
         return sections, {k: f"dlib is unavailable: {missing}" for k in sections}
-    runner = SwapRunner(bundle_dir)
-    manifest = runner.manifest
+    if saved is None:
+        runner = SwapRunner(bundle_dir)
+        manifest = runner.manifest
+
+        def swapper(target: str):
+            return lambda crops: np.round(runner.swap(crops, target)[0] * 255.0).astype(np.uint8)
+    else:
+        manifest, swapper = saved.manifest, saved.swapper
     clips, ref_faces = real.faces_for(manifest)
     if not clips:
         names = sorted(set(real.dataset or {}) | ({real.video_identity} if real.video_identity else set()))
         why = (f"no real faces of the bundle's identities {list(manifest.identities)} (the real faces are of "
                f"{names}; map them with --map DATA=BUNDLE)")
         return sections, {k: why for k in sections}
-    pairs = [(a, b) for a in manifest.identities for b in sorted(manifest.targets) if a != b and a in clips]
+    pairs = real_pairs(manifest, clips)
     if not pairs:
         why = f"no target other than {sorted(clips)} to swap their faces to (targets: {sorted(manifest.targets)})"
         return sections, {k: why for k in sections}
     scorer = metrics.ChipScorer(manifest.resolution, real.margin)
     references = {name: metrics.reference_embedding(scorer, faces, reference_faces)[0]
                   for name, faces in ref_faces.items()}
-
-    def swapper(target: str):
-        return lambda crops: np.round(runner.swap(crops, target)[0] * 255.0).astype(np.uint8)
-
     rows = [metrics.score_pair(scorer, swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
             for a, b in pairs]
     moving = [r for r in rows if r["motion_error"] is not None]
@@ -393,26 +460,31 @@ def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> d
 
 def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = 64, seed: int = 1234,
                     faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES,
-                    keep_shape: float = metrics.facelib.KEEP_SHAPE) -> dict[str, Any]:
+                    keep_shape: float = metrics.facelib.KEEP_SHAPE, saved: SavedSwaps | None = None) -> dict[str, Any]:
     """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",
     "temporal", "reasons"}. A section that cannot be computed is None and `reasons` says why; only a bundle that
-    cannot be read at all raises (BundleError). keep_shape: the server's --keep-shape the served faces get."""
+    cannot be read at all raises (BundleError). keep_shape: the server's --keep-shape the served faces get.
+    With `saved` (load_swaps), bundle_dir names the swaps file and the real-face sections score its swaps."""
     bundle_dir = Path(bundle_dir)
-    manifest = load_manifest(bundle_dir)
-    report: dict[str, Any] = {"model": bundle_dir.name, "bundle": str(bundle_dir), "variant": manifest.variant,
+    manifest = load_manifest(bundle_dir) if saved is None else saved.manifest
+    report: dict[str, Any] = {"model": bundle_dir.name if saved is None else bundle_dir.stem,
+                              "bundle": str(bundle_dir), "variant": manifest.variant,
                               "resolution": manifest.resolution, "identities": list(manifest.identities),
                               "real_faces": real.described if real else None, "split": real.split if real else None}
     reasons: dict[str, str] = {}
-    try:
-        report["synthetic"] = synthetic_section(bundle_dir, count, seed)
-    except (ValueError, RuntimeError) as exc:
-        report["synthetic"], reasons["synthetic"] = None, str(exc)
+    if saved is not None:
+        report["synthetic"], reasons["synthetic"] = None, f"scored from saved swaps ({bundle_dir.name}), not a bundle"
+    else:
+        try:
+            report["synthetic"] = synthetic_section(bundle_dir, count, seed)
+        except (ValueError, RuntimeError) as exc:
+            report["synthetic"], reasons["synthetic"] = None, str(exc)
     if real is None:
         sections = dict.fromkeys(("identity", "landmarks", "temporal"))
         reasons.update(dict.fromkeys(sections, "no real faces given (--data DIR or --video FILE)"))
     else:
         try:
-            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces, keep_shape)
+            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces, keep_shape, saved)
         except (ValueError, RuntimeError) as exc:  # e.g. a graph ONNX Runtime refuses: report it, score the rest
             sections = dict.fromkeys(("identity", "landmarks", "temporal"))
             first_line = (str(exc).strip().splitlines() or [""])[0]

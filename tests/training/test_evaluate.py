@@ -16,8 +16,10 @@ from onnx import TensorProto, helper
 
 from facetwin.server.bundle import Manifest, TensorSpec, sha256_file, write_manifest
 from facetwin.training import synth
+from facetwin.training import metrics
 from facetwin.training.evaluate import (
-    RealInput, evaluate_bundle, markdown_table, ssim, swap_grid, synthetic_swap_score,
+    RealInput, bundle_swaps, evaluate_bundle, load_swaps, markdown_table, save_swaps, ssim, swap_grid,
+    synthetic_swap_score,
 )
 
 RES = 32
@@ -233,6 +235,28 @@ def test_a_held_out_part_is_scored_in_frame_order_and_named_in_the_report(real_d
     assert "Real faces: held-out frames (the last 50% of each identity's faces" in table
     assert "franck: 3 faces, franck.mp4 frames 15-25" in table and "cap13_edit2.mp4 frames 0-25" in table
     assert evaluate_bundle(bundle, None, count=2)["split"] is None
+
+
+def test_swaps_saved_on_one_host_score_as_the_bundle_does(tiny_model_dir, real_data, tmp_path):
+    """A GPU host swaps (ONNX Runtime, no dlib) and saves; a host with dlib scores the file: the same numbers."""
+    real = RealInput.load(data=real_data, identity_map=tiny_map(tiny_model_dir))
+    direct = evaluate_bundle(tiny_model_dir / "tiny", real, count=2, faces_per_pair=5, reference_faces=4)
+    path = save_swaps(bundle_swaps(tiny_model_dir / "tiny", real, faces_per_pair=5), tmp_path / "swaps.npz")
+    saved = load_swaps(path)
+    assert sorted(saved.pairs) == sorted((p["source"], p["target"]) for p in direct["landmarks"]["pairs"])
+    assert all(crops.dtype == swaps.dtype == np.uint8 and crops.shape == swaps.shape == (5, 32, 32, 3)
+               for crops, swaps in saved.pairs.values())
+    report = evaluate_bundle(path, real, faces_per_pair=5, reference_faces=4, saved=saved)
+    for section in ("identity", "landmarks", "temporal"):
+        assert report[section] == direct[section], section
+    assert report["synthetic"] is None and "saved swaps" in report["reasons"]["synthetic"]
+    assert report["model"] == "swaps" and report["resolution"] == 32
+    # more faces than were saved, or other faces: refused with what to do, never scored from the wrong swaps
+    more = evaluate_bundle(path, real, faces_per_pair=6, reference_faces=4, saved=saved)
+    assert more["landmarks"] is None and "no saved swaps" in more["reasons"]["landmarks"]
+    (tmp_path / "not-swaps.npz").write_bytes(b"not a zip")
+    with pytest.raises(metrics.MetricsError, match="not a file of saved swaps"):
+        load_swaps(tmp_path / "not-swaps.npz")
 
 
 def test_sections_that_cannot_be_computed_are_null_with_a_reason(tiny_model_dir, real_data):
