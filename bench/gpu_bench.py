@@ -394,10 +394,11 @@ def copy_landmark_weights(folder: Path) -> None:
 TRAIN_WHEELS = ("tqdm", "safetensors", "onnx", "ml_dtypes", "typing_extensions")
 
 
-def download_wheels(folder: Path) -> int:
+def download_wheels(folder: Path, serving: bool = True) -> int:
     """Wheels for the GPU host's Python 3.12 (no network there), at the versions installed here: into `folder`, the
     gRPC packages and dlib-bin (its image lacks grpcio-health-checking, grpcio-reflection and dlib, and its grpcio
-    may predate the generated code's; gpu.sh installs them all), into `folder/train`, TRAIN_WHEELS."""
+    may predate the generated code's; gpu.sh installs them all; serving=False: none of these), into
+    `folder/train`, TRAIN_WHEELS."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = {n: version(n) for n in ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")}
@@ -407,7 +408,8 @@ def download_wheels(folder: Path) -> int:
         pins["dlib-bin"] = "20.0.1.post1"  # pyproject.toml's [faces] pin
     platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
                  for arg in ("--platform", tag)]
-    for where, wanted in ((folder, pins), (folder / "train", {n: version(n) for n in TRAIN_WHEELS})):
+    wanted_by_folder = [(folder, pins)] if serving else []
+    for where, wanted in wanted_by_folder + [(folder / "train", {n: version(n) for n in TRAIN_WHEELS})]:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                "3.12", "--implementation", "cp", *platforms, "-d", str(where),
                *(f"{n}=={v}" for n, v in wanted.items())]

