@@ -16,6 +16,8 @@ evaluate_bundle builds the report `facetwin-train evaluate --json` prints (`comp
     reasons     why each section that is null could not be computed (never an exception for that)
 
 Real faces come from an extracted data set (`--data`, frame order from the index) and/or a video (`--video`).
+The swaps scored on them can also come from a file another host saved (bundle_swaps / save_swaps / load_swaps:
+a GPU host that trained the model without dlib's weights; bench/gpu_real.py).
 When the data set is one part of `facetwin-train split` (the held-out part: the end of each identity's footage,
 kept out of training), the report's "split" says which frames those are and the Markdown table says so under it.
 """
@@ -23,6 +25,7 @@ kept out of training), the report's "split" says which frames those are and the 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -351,12 +354,13 @@ def bundle_swaps(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair:
 
 
 def save_swaps(swaps: SavedSwaps, path: str | os.PathLike) -> Path:
+    """One compressed .npz (no pickle): the manifest as JSON, "crops:<source>:<target>" and "swaps:<...>" arrays."""
     arrays = {f"{kind}:{a}:{b}": array for (a, b), pair in swaps.pairs.items()
               for kind, array in zip(("crops", "swaps"), pair)}
-    path = Path(path)
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, manifest=np.array(swaps.manifest.to_json()), **arrays)
-    return path
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, manifest=np.array(swaps.manifest.to_json()), **arrays)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
 
 
 def load_swaps(path: str | os.PathLike) -> SavedSwaps:
