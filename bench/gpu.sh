@@ -69,7 +69,7 @@ if compgen -G "$data/wheels/*.whl" >/dev/null; then
         --target "$work/site" "$data"/wheels/*.whl
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# --train: training's own pure dependencies (wheels/train), only those the host does not already have.
+# --train, --real: training's own pure dependencies (wheels/train), only those the host does not already have.
 if [[ "$mode" == train || "$mode" == real ]] && compgen -G "$data/wheels/train/*.whl" >/dev/null; then
     missing=()
     for whl in "$data"/wheels/train/*.whl; do

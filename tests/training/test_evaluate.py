@@ -15,8 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from facetwin.server.bundle import Manifest, TensorSpec, sha256_file, write_manifest
-from facetwin.training import synth
-from facetwin.training import metrics
+from facetwin.training import metrics, synth
 from facetwin.training.evaluate import (
     RealInput, bundle_swaps, evaluate_bundle, load_swaps, markdown_table, save_swaps, ssim, swap_grid,
     synthetic_swap_score,
