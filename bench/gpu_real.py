@@ -77,6 +77,7 @@ def prepare(args: argparse.Namespace) -> int:
 
 def one(args: argparse.Namespace) -> int:
     """Trains the preset on faces-train, exports it, swaps the held-out faces: JSON, swaps file and grid to --out."""
+    import cv2
     import numpy as np
     import torch
 
@@ -102,8 +103,6 @@ def one(args: argparse.Namespace) -> int:
     for (source, target), (crops, swapped) in swaps.pairs.items():
         picks = np.linspace(0, len(crops) - 1, min(GRID_FACES, len(crops))).round().astype(int)
         rows += [(source, crops[picks]), (f"{source}->{target}", swapped[picks])]
-    import cv2
-
     cv2.imwrite(str(out / GRID_FILE), cv2.cvtColor(compose_grid(rows, scale=2), cv2.COLOR_RGB2BGR))
     report = {"preset": args.preset, "variant": manifest.variant, "resolution": manifest.resolution,
               "params_m": round(count_parameters(build_model(ModelConfig.from_dict(manifest.model_config))) / 1e6, 1),
