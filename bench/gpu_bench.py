@@ -161,9 +161,9 @@ def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: P
 
 def host_info() -> dict[str, Any]:
     sys.path.insert(0, str(BENCH))
+    import importlib.metadata
+
     import cv2
-    import grpc
-    import google.protobuf
     from gpu_backends import host_info as backend_host_info
 
     from facetwin.server import faces
@@ -178,8 +178,14 @@ def host_info() -> dict[str, Any]:
             detector = f"dlib HOG + {found.landmark_model} landmarks ({weights})"
     except Exception as exc:  # e.g. OpenCV 5 (no Haar cascades) and no dlib weights
         detector = f"unavailable: {exc}"
-    info.update({"cpus": os.cpu_count(), "platform": platform.platform(), "grpcio": grpc.__version__,
-                 "protobuf": google.protobuf.__version__, "opencv": cv2.__version__, "face_detector": detector})
+    versions = {}
+    for name in ("grpcio", "protobuf"):  # bench/gpu.sh --train and --real run without them
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    info.update({"cpus": os.cpu_count(), "platform": platform.platform(), **versions, "opencv": cv2.__version__,
+                 "face_detector": detector})
     info["device"] = info["gpu"]["name"] if info.get("gpu") else f"CPU only ({platform.processor() or platform.machine()})"
     return info
 
