@@ -78,12 +78,12 @@ def prepare(args: argparse.Namespace) -> int:
 def one(args: argparse.Namespace) -> int:
     """Trains the preset on faces-train, exports it, swaps the held-out faces: JSON, swaps file and grid to --out."""
     import cv2
-    import numpy as np
     import torch
 
     from facetwin.server.bundle import load_manifest
     from facetwin.training.evaluate import RealInput, bundle_swaps, compose_grid, save_swaps
     from facetwin.training.export import export_bundle
+    from facetwin.training.metrics import evenly
     from facetwin.training.model import ModelConfig, build_model, count_parameters
     from facetwin.training.train import TrainConfig, train
 
@@ -101,7 +101,7 @@ def one(args: argparse.Namespace) -> int:
     save_swaps(swaps, out / SWAPS_FILE)
     rows = []
     for (source, target), (crops, swapped) in swaps.pairs.items():
-        picks = np.linspace(0, len(crops) - 1, min(GRID_FACES, len(crops))).round().astype(int)
+        picks = evenly(len(crops), GRID_FACES)
         rows += [(source, crops[picks]), (f"{source}->{target}", swapped[picks])]
     cv2.imwrite(str(out / GRID_FILE), cv2.cvtColor(compose_grid(rows, scale=2), cv2.COLOR_RGB2BGR))
     report = {"preset": args.preset, "variant": manifest.variant, "resolution": manifest.resolution,

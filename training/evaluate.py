@@ -345,7 +345,11 @@ def bundle_swaps(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair:
     """Runs the bundle on the real faces evaluate would score (the first `faces_per_pair` of each source, in
     playing order, to every other target): needs ONNX Runtime, not dlib."""
     runner = SwapRunner(bundle_dir)
-    clips, _ = real.faces_for(runner.manifest)
+    return swap_clips(runner, real.faces_for(runner.manifest)[0], faces_per_pair)
+
+
+def swap_clips(runner: SwapRunner, clips: dict[str, metrics.RealFaces], faces_per_pair: int) -> SavedSwaps:
+    """The first `faces_per_pair` faces of each clip (RealInput.faces_for) swapped to every other target."""
     pairs = {}
     for a, b in real_pairs(runner.manifest, clips):
         crops = clips[a].crops[:faces_per_pair]
@@ -384,20 +388,15 @@ def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, fa
                        saved: SavedSwaps | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """The identity, landmarks and temporal sections (see training/metrics.py), and a reason for each that
     cannot be computed. keep_shape: the server setting the served faces are scored with. With `saved`, the swaps
-    come from that file instead of running the bundle (bundle_dir is then unused)."""
+    come from that file instead of running the bundle (bundle_dir is then unused); without, the bundle's swaps are
+    made first (swap_clips) and scored the same way."""
     reasons: dict[str, str] = {}
     sections: dict[str, Any] = {"identity": None, "landmarks": None, "temporal": None}
     missing = metrics.dlib_ready()
     if missing:
         return sections, {k: f"dlib is unavailable: {missing}" for k in sections}
-    if saved is None:
-        runner = SwapRunner(bundle_dir)
-        manifest = runner.manifest
-
-        def swapper(target: str):
-            return lambda crops: np.round(runner.swap(crops, target)[0] * 255.0).astype(np.uint8)
-    else:
-        manifest, swapper = saved.manifest, saved.swapper
+    runner = SwapRunner(bundle_dir) if saved is None else None
+    manifest = runner.manifest if runner is not None else saved.manifest
     clips, ref_faces = real.faces_for(manifest)
     if not clips:
         names = sorted(set(real.dataset or {}) | ({real.video_identity} if real.video_identity else set()))
@@ -408,10 +407,12 @@ def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, fa
     if not pairs:
         why = f"no target other than {sorted(clips)} to swap their faces to (targets: {sorted(manifest.targets)})"
         return sections, {k: why for k in sections}
+    if runner is not None:
+        saved = swap_clips(runner, clips, faces_per_pair)
     scorer = metrics.ChipScorer(manifest.resolution, real.margin)
     references = {name: metrics.reference_embedding(scorer, faces, reference_faces)[0]
                   for name, faces in ref_faces.items()}
-    rows = [metrics.score_pair(scorer, swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
+    rows = [metrics.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
             for a, b in pairs]
     moving = [r for r in rows if r["motion_error"] is not None]
     if not moving:
