@@ -174,7 +174,8 @@ def train(
                                                 "(checkpoint written; --resume continues); 0 = no limit"),
     variant: str = typer.Option("ae", help="ae (autoencoder), vae, vae-gan or cyclegan (two identities)"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: auto (bf16 where the GPU or CPU has it natively; "
-                                      "the demo preset's default), off (the tiny preset's), bf16 or fp16 (CUDA only)"),
+                                      "the demo preset's default), off (the tiny preset's), bf16 or fp16 (for CUDA; "
+                                      "slow on a CPU)"),
     tensorboard: bool = typer.Option(True, "--tensorboard/--no-tensorboard",
                                      help="write TensorBoard loss scalars into --out"),
     preview_every: int = typer.Option(0, min=0, help="write a PNG preview grid to --out/previews every N steps "

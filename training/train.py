@@ -14,11 +14,12 @@ One step (``train_step``), for every identity at once:
   5. the exponential moving average of the generator's weights takes a small step towards them: checkpoints keep
      both, and export, evaluation and previews use the average (smoother than any single step's weights).
 
-Mixed precision (``amp``): bf16 autocast, or fp16 with a GradScaler on CUDA; ``auto`` (the default) picks bf16
-wherever the hardware computes it natively -- CUDA GPUs with bf16, and CPUs with AVX512-BF16 or AMX, where it
-runs a step ~1.3x faster -- and float32 elsewhere and for the adversarial variants (FLOAT32_UNDER_AUTO). Started by ``torchrun``, every process trains on its own batches
-(batch_size is per process) under DistributedDataParallel, and only rank 0 writes: checkpoints, config.json,
-TensorBoard events and preview grids.
+Mixed precision (``amp``): bf16 autocast, or fp16 autocast with a GradScaler (meant for CUDA; on a CPU it runs,
+slowly, so the recipe can be checked without a GPU); ``auto`` (the default) picks bf16 wherever the hardware
+computes it natively -- CUDA GPUs with bf16, and CPUs with AVX512-BF16 or AMX, where it runs a step ~1.3x faster --
+and float32 elsewhere and for the adversarial variants (FLOAT32_UNDER_AUTO). Started by ``torchrun``, every process
+trains on its own batches (batch_size is per process) under DistributedDataParallel, and only rank 0 writes:
+checkpoints, config.json, TensorBoard events and preview grids.
 
 A run folder holds ``checkpoint.pt`` (config, model and optimizer state, step, the weights' moving average;
 discriminators and their optimizer for the adversarial variants), ``config.json`` (the effective config, for
@@ -125,7 +126,8 @@ class TrainConfig:
     model: ModelConfig | None = None  # None: the preset's model for the data set's identities
     variant: str = "ae"  # "ae", "vae", "vae-gan" or "cyclegan" (model.py); must match model.variant if model is set
     # Mixed precision: "auto" (bf16 where the device has it natively, else off), "off", "bf16" (autocast) or "fp16"
-    # (autocast + GradScaler; CUDA only). The demo host has AVX512-BF16: 6,048 steps in its 360 s, 4,087 in float32.
+    # (autocast + GradScaler; for CUDA: it runs on a CPU, many times slower). The demo host has AVX512-BF16: 6,048
+    # steps in its 360 s, 4,087 in float32.
     amp: str = "auto"
     # Decay of the weights' exponential moving average, which is what gets exported (0: export the last step's
     # weights). Early steps use min(decay, (1 + step) / (10 + step)) so short runs average a short window. On the
@@ -337,8 +339,10 @@ def _autocast_dtype(amp: str, device: torch.device, variant: str = "ae") -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
     if device.type == "cpu":
-        if amp == "fp16":
-            raise ValueError("amp=fp16 needs CUDA (its GradScaler); on a CPU use --amp bf16, auto or off")
+        if amp == "fp16":  # runs (with its GradScaler) so the CUDA recipe can be checked anywhere; slow everywhere
+            log.warning("amp=fp16 on a CPU: torch's fp16 kernels there are many times slower than bf16 or off; "
+                        "use it to check the fp16 path, not to train")
+            return torch.float16
         if not cpu_has_bf16():
             log.warning("amp=bf16 on a CPU without AVX512-BF16 or AMX: torch emulates it, expect it slower than off")
         return torch.bfloat16
@@ -364,7 +368,7 @@ class Trainer:
     critics_forward: nn.Module | None = None  # the critics' own step goes through this (DDP when distributed)
     critic_optimizer: torch.optim.Optimizer | None = None
     autocast_dtype: torch.dtype | None = None  # None: float32
-    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cuda", enabled=False))
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     average: nn.Module | None = None  # the generator's weights' moving average (cfg.ema_decay); None when off
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -398,7 +402,7 @@ def make_trainer(cfg: TrainConfig, names: list[str], device: torch.device, saved
         critics = critics.to(device)
         critic_optimizer = torch.optim.Adam(critics.parameters(), lr=cfg.lr, betas=cfg.betas, fused=fused)
     autocast_dtype = _autocast_dtype(cfg.amp, device, cfg.variant)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)  # fp16 gradients underflow
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # fp16 gradients underflow
     if saved is not None:
         model.load_state_dict(saved["model"])  # optimizer state follows the parameters' device on load
         optimizer.load_state_dict(saved["optimizer"])

@@ -146,16 +146,32 @@ def test_mixed_precision_on_the_cpu(data, tmp_path):
     assert _autocast_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
     assert _autocast_dtype("auto", cpu, "vae-gan") is None and _autocast_dtype("bf16", cpu, "vae-gan") == torch.bfloat16
     assert _autocast_dtype("bf16", cpu) == torch.bfloat16
-    with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        _autocast_dtype("fp16", cpu)
+    assert _autocast_dtype("fp16", cpu) == torch.float16  # runs (slowly) so the CUDA recipe is checked here
     assert TrainConfig("d", "o").amp == "auto" and TrainConfig.from_preset("tiny", "d", "o").amp == "off"
     half = load_checkpoint(train(tiny(data, tmp_path / "bf16", steps=20, amp="bf16"), progress=False))
     full = load_checkpoint(train(tiny(data, tmp_path / "fp32", steps=20), progress=False))
     for key, tensor in half["model"].items():  # autocast computes in bf16 but keeps float32 weights
         assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), key
     assert any(not torch.equal(t, full["model"][k]) for k, t in half["model"].items())  # bf16 really ran
-    with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        train(tiny(data, tmp_path / "fp16", steps=2, amp="fp16"), progress=False)
+    assert "scaler" not in half  # only fp16 scales its loss
+
+
+def test_an_fp16_run_checkpoints_its_grad_scaler_and_resumes_exactly(data, tmp_path):
+    """fp16 is the recipe for GPUs without bf16: autocast plus a GradScaler whose state (the loss scale, and how
+    many steps since it last grew) is part of the run. CPU autocast runs the same code path as CUDA's."""
+    fp16 = {"lr_final_fraction": 1.0, "warmup_steps": 0, "checkpoint_every": 100, "amp": "fp16",
+            "variant": "vae-gan"}  # the critic's optimizer steps through the same scaler
+    whole = load_checkpoint(train(tiny(data, tmp_path / "whole", steps=6, **fp16), progress=False))
+    halfway = load_checkpoint(train(tiny(data, tmp_path / "parts", steps=3, **fp16), progress=False))
+    parts = load_checkpoint(train(tiny(data, tmp_path / "parts", steps=6, **fp16), progress=False, resume=True))
+    assert whole["scaler"] == parts["scaler"] != halfway["scaler"]  # the loss scale resumes where it was
+    assert whole["scaler"]["scale"] <= 2.0**16 and 0 < whole["scaler"]["_growth_tracker"] <= 6
+    for key in ("model", "ema", "critics"):
+        for name, tensor in whole[key].items():
+            assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), (key, name)
+            assert torch.equal(tensor, parts[key][name]), (key, name)
+    plain = load_checkpoint(train(tiny(data, tmp_path / "fp32", steps=6, **(fp16 | {"amp": "off"})), progress=False))
+    assert any(not torch.equal(t, plain["model"][k]) for k, t in whole["model"].items())  # fp16 really ran
 
 
 def test_resume_of_a_finished_run_is_a_no_op(data, tmp_path):

@@ -123,14 +123,13 @@ def test_gan_terms_are_absent_where_they_do_not_belong(data):
         assert set(terms) - always == expected, variant
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_mixed_precision_step_runs_the_autocast_and_grad_scaler_path(data, dtype):
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_a_mixed_precision_step_runs_the_autocast_and_grad_scaler_path(data, amp, dtype):
     """CUDA is where amp applies; CPU autocast runs the same code (casts, loss in float32, GradScaler)."""
-    cfg = tiny(data, "unused", variant="vae-gan")
+    cfg = tiny(data, "unused", variant="vae-gan", amp=amp)
     cfg = dataclasses.replace(cfg, model=preset_model("tiny", ["ada", "ben"], "vae-gan"))
     trainer = make_trainer(cfg, ["ada", "ben"], torch.device("cpu"))
-    trainer = dataclasses.replace(trainer, autocast_dtype=dtype,
-                                  scaler=torch.amp.GradScaler("cpu", enabled=dtype == torch.float16))
+    assert trainer.autocast_dtype == dtype and trainer.scaler.is_enabled() == (amp == "fp16")
     before = [p.detach().clone() for p in trainer.model.parameters()]
     for step in range(2):
         terms = train_step(trainer, _fixed_batches(data), step, torch.Generator().manual_seed(step))
@@ -138,7 +137,25 @@ def test_a_mixed_precision_step_runs_the_autocast_and_grad_scaler_path(data, dty
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
-def test_an_unknown_amp_mode_is_refused(data, tmp_path):  # CPU bf16 / fp16: test_train.py
+def test_an_fp16_step_whose_gradients_overflow_is_skipped_and_the_loss_scale_halved(data):
+    cfg = dataclasses.replace(tiny(data, "unused", amp="fp16"), model=preset_model("tiny", ["ada", "ben"], "ae"))
+    trainer = make_trainer(cfg, ["ada", "ben"], torch.device("cpu"))
+    trainer.scaler.load_state_dict(trainer.scaler.state_dict() | {"scale": 2.0**60})  # far past float16's range
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    terms = train_step(trainer, _fixed_batches(data), 0, torch.Generator().manual_seed(0))
+    assert not torch.isfinite(terms["grad_norm"]) and torch.isfinite(terms["total"])
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # the step was skipped
+    assert trainer.scaler.get_scale() == 2.0**59
+    for step in range(1, 60):  # it halves the scale on every overflow until the gradients fit, then steps
+        terms = train_step(trainer, _fixed_batches(data), step, torch.Generator().manual_seed(step))
+        if torch.isfinite(terms["grad_norm"]):
+            break
+    assert torch.isfinite(terms["grad_norm"])
+    assert trainer.scaler.get_scale() == 2.0**59 / 2**(step - 1)  # halved on each overflow, kept on the step
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_an_unknown_amp_mode_is_refused(data, tmp_path):  # whole CPU bf16 / fp16 runs: test_train.py
     with pytest.raises(ValueError, match="amp 'fp8'"):
         train(tiny(data, tmp_path / "other", steps=1, amp="fp8"), progress=False)
 
