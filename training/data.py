@@ -110,7 +110,7 @@ class IdentityFaces(Dataset):
     def sample(self, batch_size: int, generator: torch.Generator) -> Sample:
         """A random batch (with replacement), uint8 on the data's device. `generator` is a CPU generator: the
         indices are drawn on the CPU, so a seed gives the same batches on every device."""
-        idx = torch.randint(len(self), (batch_size,), generator=generator).to(self.faces.device)
+        idx = to_device(torch.randint(len(self), (batch_size,), generator=generator), self.faces.device)
         return Sample(self.faces[idx], self.masks[idx], self.regions[idx])
 
 
@@ -335,10 +335,22 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
     return Augmented(inputs.clamp(0, 1), target.clamp(0, 1), target_mask.clamp(0, 1), target_regions)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (random numbers drawn on the CPU generator) on `device`, without making the CPU wait.
+
+    A plain .to("cuda") from pageable memory waits until every kernel already queued on the stream has run, so a
+    step's ~20 draws would each stall the CPU behind the previous step's GPU work. Staged in pinned memory, the
+    copy is queued like a kernel (the caching host allocator keeps the staging buffer until the copy is done) and
+    the CPU keeps preparing batches ahead of the GPU. Elsewhere it is .to(device)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(generator: torch.Generator, device: torch.device) -> Callable[..., torch.Tensor]:
     """uniform(low, high, *shape): U(low, high) numbers drawn on the CPU `generator`, moved to `device`."""
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-        return (torch.rand(*shape, generator=generator) * (high - low) + low).to(device)
+        return to_device(torch.rand(*shape, generator=generator) * (high - low) + low, device)
     return uniform
 
 
@@ -350,7 +362,7 @@ def _sampling_grids(config: AugmentConfig, batch: int, side: int, device: torch.
     # Random affine + flip, as the 2x3 matrices of affine_grid (normalised coords, output -> input).
     angle = uniform(-config.rotation_deg, config.rotation_deg, batch) * math.pi / 180
     scale = 1 + uniform(-config.scale, config.scale, batch)
-    flip = torch.where(torch.rand(batch, generator=generator) < config.flip, -1.0, 1.0).to(device)
+    flip = to_device(torch.where(torch.rand(batch, generator=generator) < config.flip, -1.0, 1.0), device)
     shift = uniform(-config.shift, config.shift, batch, 2) * 2  # fraction of side -> normalised [-1, 1] units
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([
@@ -364,7 +376,7 @@ def _sampling_grids(config: AugmentConfig, batch: int, side: int, device: torch.
     control = torch.randn(batch, 2, config.warp_grid, config.warp_grid, generator=generator) * (config.warp * 2)
     control[:, :, [0, -1], :] = 0  # pin the border, as faceswap does, so the warp never pulls in the outside
     control[:, :, :, [0, -1]] = 0
-    offsets = F.interpolate(control.to(device), size=(side, side), mode="bicubic", align_corners=True)
+    offsets = F.interpolate(to_device(control, device), size=(side, side), mode="bicubic", align_corners=True)
     return grid, grid + offsets.permute(0, 2, 3, 1)  # offsets: (B, 2, R, R)
 
 
@@ -387,11 +399,11 @@ def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Ge
     region = F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)  # grow into hair and neck
     region = F.avg_pool2d(region, 5, stride=1, padding=2, count_include_pad=False)  # soft edge, no seam
     device = inputs.device
-    chosen = (torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float().to(device)
+    chosen = to_device((torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float(), device)
     weight = region * chosen
     area = weight.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
     mean = (inputs * weight).sum(dim=(2, 3), keepdim=True) / area  # (B, 3, 1, 1) mean colour of the region
-    new_mean = (torch.rand(batch, 3, 1, 1, generator=generator) * 0.7 + 0.15).to(device)
-    contrast = (torch.rand(batch, 3, 1, 1, generator=generator) * 0.6 + 0.7).to(device)
+    new_mean = to_device(torch.rand(batch, 3, 1, 1, generator=generator) * 0.7 + 0.15, device)
+    contrast = to_device(torch.rand(batch, 3, 1, 1, generator=generator) * 0.6 + 0.7, device)
     recoloured = (inputs - mean) * contrast + new_mean
     return inputs * (1 - weight) + recoloured * weight

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from facetwin.server.bundle import atomic_write_bytes
 from facetwin.training.data import (
-    AugmentConfig, Augmented, IdentityFaces, augment, describe, identity_names, load_faces, load_index,
+    AugmentConfig, Augmented, IdentityFaces, augment, describe, identity_names, load_faces, load_index, to_device,
 )
 from facetwin.training.losses import (
     LossWeights, cycle_consistency_loss, kl_divergence, latent_moment_gap, lsgan_discriminator_loss,
@@ -328,6 +328,13 @@ def cpu_has_bf16() -> bool:
 FLOAT32_UNDER_AUTO = ("vae-gan", "cyclegan")
 
 
+def _cuda_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bfloat16 in hardware (Ampere and later). torch.cuda.is_bf16_supported() alone also
+    says yes where bf16 is only emulated (V100, T4: slower than float32), and asks the current device, not this one."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def _autocast_dtype(amp: str, device: torch.device, variant: str = "ae") -> torch.dtype | None:
     """The autocast dtype of an amp setting on this device for this variant; None = full float32."""
     if amp == "off":
@@ -336,7 +343,7 @@ def _autocast_dtype(amp: str, device: torch.device, variant: str = "ae") -> torc
         if variant in FLOAT32_UNDER_AUTO:
             return None
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+            return torch.bfloat16 if _cuda_has_bf16(device) else None
         return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
     if device.type == "cpu":
         if amp == "fp16":  # runs (with its GradScaler) so the CUDA recipe can be checked anywhere; slow everywhere
@@ -349,8 +356,8 @@ def _autocast_dtype(amp: str, device: torch.device, variant: str = "ae") -> torc
     if device.type != "cuda":
         log.warning("amp=%s ignored: mixed precision runs on CUDA and CPUs, this run is on %s (float32)", amp, device)
         return None
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"amp=bf16 asked for, but {torch.cuda.get_device_name(device)} has no bfloat16; use fp16")
+    if amp == "bf16" and not _cuda_has_bf16(device):
+        raise ValueError(f"amp=bf16 asked for, but {torch.cuda.get_device_name(device)} has no bfloat16 in hardware; use fp16")
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
@@ -484,7 +491,7 @@ def _autoencoder_losses(t: Trainer, batches: list[Augmented], generator: torch.G
     inputs = torch.cat([batch.inputs for batch in batches])  # (I*B, 3, R, R), warped
     noise = None
     if t.model.config.variational:  # eps ~ N(0, I) of the reparameterisation, drawn on the CPU like all randomness
-        noise = torch.randn(inputs.shape[0], t.model.config.latent, generator=generator).to(t.device)
+        noise = to_device(torch.randn(inputs.shape[0], t.model.config.latent, generator=generator), t.device)
     with t.autocast():
         out = t.forward(inputs, noise)  # the shared encoder sees every identity in one pass
     faces, masks = out["face"].float().chunk(len(batches)), out["mask"].float().chunk(len(batches))
@@ -543,7 +550,8 @@ def _critic_step(t: Trainer, reals: torch.Tensor, fakes: torch.Tensor, generator
     alpha, count = t.cfg.loss.mixup_alpha, len(t.names)
     if alpha > 0:  # faceswap-GAN's mixup: score lam * real + (1 - lam) * fake, regress to lam
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        lam = torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, reals.shape[0])).float().to(t.device)
+        lam = to_device(torch.from_numpy(np.random.default_rng(seed).beta(alpha, alpha, reals.shape[0])).float(),
+                        t.device)
         mixed = lam.view(-1, 1, 1, 1) * reals + (1 - lam.view(-1, 1, 1, 1)) * fakes.float()
         with t.autocast():
             scores = t.critics_forward(mixed)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from facetwin.training import synth
-from facetwin.training.data import AugmentConfig, load_faces
+from facetwin.training.data import AugmentConfig, load_faces, to_device
 from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training.train import (
     CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, _autocast_dtype, cpu_has_bf16, dry_run,
@@ -172,6 +172,39 @@ def test_an_fp16_run_checkpoints_its_grad_scaler_and_resumes_exactly(data, tmp_p
             assert torch.equal(tensor, parts[key][name]), (key, name)
     plain = load_checkpoint(train(tiny(data, tmp_path / "fp32", steps=6, **(fp16 | {"amp": "off"})), progress=False))
     assert any(not torch.equal(t, plain["model"][k]) for k, t in whole["model"].items())  # fp16 really ran
+
+
+def test_to_device_keeps_the_values_and_leaves_device_tensors_alone():
+    numbers = torch.rand(4, 3, generator=torch.Generator().manual_seed(0))
+    moved = to_device(numbers, torch.device("cpu"))
+    assert torch.equal(moved, numbers) and moved.device.type == "cpu"
+    if torch.cuda.is_available():
+        on_gpu = to_device(numbers, torch.device("cuda"))
+        assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), numbers)
+        assert to_device(on_gpu, torch.device("cuda")) is on_gpu
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_sampling_and_augmenting_a_step_never_makes_the_cpu_wait_for_the_gpu(data, tmp_path):
+    """The input pipeline draws its random numbers on the CPU; each copy to the GPU must be queued, not waited for
+    (torch's sync debug mode raises on any synchronising CUDA call), or the GPU idles while the CPU prepares."""
+    device = torch.device("cuda")
+    cfg = tiny(data, tmp_path / "run", device="cuda", augment=AugmentConfig.footage(),  # affine, warp, recolour
+               loss=dataclasses.replace(TrainConfig.from_preset("tiny", data, tmp_path).loss, eyes_mouth=1.0))
+    cfg = dataclasses.replace(cfg, model=preset_model("tiny", ["ada", "ben"]))
+    trainer = make_trainer(cfg, ["ada", "ben"], device)
+    faces = {name: ident.to(device) for name, ident in load_faces(data).items()}
+    generator = torch.Generator().manual_seed(0)
+    sample_batches(trainer, faces, generator)  # first use: allocator and kernel set-up may synchronise
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = sample_batches(trainer, faces, generator)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(batch.inputs.device.type == "cuda" for batch in batches)
+    assert all(torch.isfinite(batch.inputs).all() for batch in batches)
+    native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on; older GPUs only emulate it
+    assert _autocast_dtype("auto", device) == (torch.bfloat16 if native_bf16 else None)
 
 
 def test_resume_of_a_finished_run_is_a_no_op(data, tmp_path):
