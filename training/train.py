@@ -2,7 +2,7 @@
 
 One step (``train_step``), for every identity at once:
   1. sample a batch of that identity's faces, augment on the training device (affine + flip + colour on input
-     and target alike, random warp on the input only);
+     and target alike; the random warp, where configured, on the input only);
   2. ae / vae / vae-gan: encode all inputs with the shared encoder (vae: sample z = mu + sigma * eps), decode
      each identity's part with that identity's decoder. cyclegan: every generator pass of the cycle;
   3. loss = L1 + DSSIM (+ face-weighted L1, eye/mouth L1, mask BCE) against the un-warped targets, summed over
@@ -117,7 +117,7 @@ class TrainConfig:
     grad_clip: float = 2.0
     betas: tuple[float, float] = (0.5, 0.999)  # Adam betas as in faceswap (stable at lr 1e-3 given the warm-up)
     loss: LossWeights = field(default_factory=LossWeights)  # weights of the loss terms
-    # None: AugmentConfig.for_data(the data set's kind): none for synthetic faces, light affine + warp for real ones
+    # None: AugmentConfig.for_data(the data set's kind): none for synthetic faces, a light affine for real ones
     augment: AugmentConfig | None = None
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     seed: int = 0  # seeds initialisation and batch sampling
@@ -625,8 +625,6 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     index = load_index(cfg.data_dir)
     data_info = describe(index)
     names = identity_names(index)
-    if cfg.augment is None:
-        cfg = dataclasses.replace(cfg, augment=AugmentConfig.for_data(data_info["kind"]))
 
     start_step, saved = 0, None
     if ckpt_path.exists():
@@ -634,10 +632,14 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
             raise CheckpointError(f"{ckpt_path} already exists: resume it (--resume) or pick another --out folder")
         saved = load_checkpoint(ckpt_path)
         _check_resumable(saved["train_config"], cfg, ckpt_path)
-        cfg = dataclasses.replace(cfg, model=saved["train_config"].model)
+        # A resumed run keeps its own augmentation unless told otherwise, even where the default has changed since.
+        cfg = dataclasses.replace(cfg, model=saved["train_config"].model,
+                                  augment=cfg.augment or saved["train_config"].augment)
         start_step = int(saved["step"])
     elif cfg.model is None:
         cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant))
+    if cfg.augment is None:
+        cfg = dataclasses.replace(cfg, augment=AugmentConfig.for_data(data_info["kind"]))
     assert cfg.model is not None
     if list(cfg.model.identities) != names:
         raise CheckpointError(f"the model's identities {list(cfg.model.identities)} differ from the data set's {names}")

@@ -146,7 +146,8 @@ def test_default_augment_is_in_range_reproducible_and_geometry_shared(batch):
 def test_synthetic_faces_train_without_geometry_and_real_faces_with_it(batch):
     synthetic, footage = AugmentConfig.for_data("synth"), AugmentConfig.for_data("faces")
     assert synthetic == AugmentConfig.synthetic() and footage == AugmentConfig.footage()
-    assert not synthetic.geometric and footage.geometric and footage.warp > 0 and footage.rotation_deg > 0
+    assert not synthetic.geometric and footage.geometric and footage.rotation_deg > 0
+    assert footage.warp == 0 < AugmentConfig().warp  # faceswap's warp stilled the swapped mouth: one setting away
     assert synthetic.face_color == footage.face_color > 0  # both still recolour the input's face
     faces, masks, _ = batch
     inputs, target, target_mask, _ = augment(faces, masks, torch.Generator().manual_seed(0), synthetic)
