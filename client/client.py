@@ -37,6 +37,7 @@ __all__ = ["Client", "AsyncClient", "DEFAULT_ADDRESS"]
 DEFAULT_ADDRESS = "localhost:50051"
 _END = object()  # sentinel for an exhausted frame iterator
 _SLOT_POLL_S = 0.05  # how often a blocked sync request thread checks whether the stream was abandoned
+_SOURCE_RELEASE_S = 10.0  # how long an ended sync stream waits for a frame read under way on its request thread
 
 
 def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> InvalidInputError:
@@ -193,8 +194,9 @@ class Client(_ClientBase):
 
         Frames get ids 0, 1, 2, ... At most max_in_flight frames are outstanding: `frames` is not pulled
         further until results come back, so a camera or decoder is read at the speed the server serves.
-        `frames` is iterated on a gRPC thread. Frames the server drops yield dropped=True, image=None.
-        Leaving the loop early cancels the call. timeout: deadline for the whole stream (None = none).
+        `frames` is iterated on a gRPC thread; once the stream has ended, raised or been left, that thread is out
+        of `frames` for good (a read under way is waited for, up to 10 s), so the source may be closed at once.
+        Frames the server drops yield dropped=True, image=None. Leaving the loop early cancels the call. timeout: deadline for the whole stream (None = none).
         policy: what the server does when it falls behind — "queue" swaps every frame (the server pushes
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
@@ -212,6 +214,7 @@ class Client(_ClientBase):
     ) -> Iterator[SwapResult]:
         slots = threading.Semaphore(max_in_flight)
         abandoned = threading.Event()
+        pulling = threading.Lock()  # held by gRPC's request thread while it is inside `frames`
 
         def requests() -> Iterator[pb.SwapStreamRequest]:
             try:
@@ -220,9 +223,10 @@ class Client(_ClientBase):
                     while not slots.acquire(timeout=_SLOT_POLL_S):
                         if abandoned.is_set():
                             return
-                    if abandoned.is_set():
-                        return
-                    frame = next(frames, _END)
+                    with pulling:
+                        if abandoned.is_set():
+                            return
+                        frame = next(frames, _END)
                     if frame is _END:
                         return
                     yield state.make_request(frame)
@@ -240,6 +244,10 @@ class Client(_ClientBase):
         finally:
             abandoned.set()
             call.cancel()
+            # Let a read under way finish before returning: the caller may close its source (a cv2.VideoCapture
+            # released while another thread reads it can hang). A source stuck longer is left to that thread.
+            if pulling.acquire(timeout=_SOURCE_RELEASE_S):
+                pulling.release()
 
     def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""

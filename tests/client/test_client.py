@@ -7,6 +7,8 @@ different sizes may differ by a rounding step, hence the 2-level tolerance where
 import itertools
 import subprocess
 import sys
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -237,6 +239,48 @@ def test_stream_errors(client, pair, served_model):
         for result in client.stream([face, face, face.astype(np.float32)], served_model.model, target, color="rgb"):
             received.append(result.frame_id)
     assert received == [0, 1]  # frames before the bad one still come back
+
+
+class SlowSource:
+    """A frame source (think cv2.VideoCapture) whose reads take a while, and that says whether one is under way."""
+
+    def __init__(self, face: np.ndarray, read_s: float) -> None:
+        self.face, self.read_s, self.reading, self.reads = face, read_s, threading.Event(), 0
+
+    def __iter__(self) -> "SlowSource":
+        return self
+
+    def __next__(self) -> np.ndarray:
+        self.reading.set()
+        try:
+            time.sleep(self.read_s)
+            self.reads += 1
+            return self.face
+        finally:
+            self.reading.clear()
+
+
+@pytest.mark.parametrize("stop", ["error", "break"])
+def test_when_a_stream_ends_its_frame_source_is_no_longer_being_read(client, pair, served_model, stop):
+    """The SDK pulls `frames` on a gRPC thread. Once stream() has raised, or the caller has left the loop, that thread
+    must be out of the source, so the caller may close it at once (releasing a cv2.VideoCapture that another thread
+    is reading can hang the process)."""
+    face, target = pair
+    for attempt in range(5):  # each time, the error or the break lands while the gRPC thread waits in a read
+        source = SlowSource(face, read_s=0.05 * (attempt + 1))
+        if stop == "error":
+            with pytest.raises(NotFoundError):
+                for _ in client.stream(source, served_model.model, "no-such-identity", color="rgb"):
+                    pass
+        else:
+            for result in client.stream(source, served_model.model, target, color="rgb"):
+                if result.frame_id == 2:
+                    break
+        assert not source.reading.is_set(), f"still reading after the stream ended (attempt {attempt})"
+        reads = source.reads
+        time.sleep(source.read_s * 3)
+        assert source.reads == reads, "the source was read again after the stream ended"
+    assert client.list_models()
 
 
 # ---------------------------------------------------------------- asyncio, real server
