@@ -196,7 +196,8 @@ class Client(_ClientBase):
         further until results come back, so a camera or decoder is read at the speed the server serves.
         `frames` is iterated on a gRPC thread; once the stream has ended, raised or been left, that thread is out
         of `frames` for good (a read under way is waited for, up to 10 s), so the source may be closed at once.
-        Frames the server drops yield dropped=True, image=None. Leaving the loop early cancels the call. timeout: deadline for the whole stream (None = none).
+        Frames the server drops yield dropped=True, image=None. Leaving the loop early cancels the call.
+        timeout: deadline for the whole stream (None = none).
         policy: what the server does when it falls behind — "queue" swaps every frame (the server pushes
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
