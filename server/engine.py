@@ -16,7 +16,7 @@ from collections.abc import Hashable
 import numpy as np
 
 from . import imaging
-from .errors import InvalidInputError
+from .errors import DeadlineExceededError, InvalidInputError
 from .fullframe import DetectedFace, FaceDetectorPool, FaceSelection, FullFrameSwapper
 from .registry import ModelRegistry
 from .smoothing import FrameTicket, SmoothingConfig, StreamFaceState
@@ -117,6 +117,9 @@ class SwapEngine:
         smoothed over time); swap() must then be called in frame order."""
         ticket = stream.ticket() if stream is not None else None  # before any await: tickets follow call order
         try:
+            if wait_s is not None and wait_s <= 0:  # the caller has given up: no work on its behalf
+                raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
+                                            "server took it up")
             if job.kind == "full_frame":
                 return await self._swap_full_frame(job, caller, wait_s, ticket)
             if ticket is not None:

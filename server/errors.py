@@ -38,6 +38,12 @@ class UnavailableError(SwapError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceededError(SwapError):
+    """The call's deadline passed before the server took it up: the caller has given up, so no work is done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class UnimplementedError(SwapError):
     """The request asks for something this server release does not do yet."""
 

@@ -138,11 +138,6 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         self._stream_ids = itertools.count()
 
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:  # the caller has given up: no work on its behalf
-            metrics.ERRORS.labels(method="Swap", code=grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the call's deadline passed {-remaining * 1000:.1f} ms before the server started it")
         try:
             job = job_from_proto(request)
             outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
