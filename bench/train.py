@@ -44,15 +44,23 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import host_info as base_host_info, write_report  # noqa: E402  (bench/report.py)
-
+from facetwin.core.model import VARIANTS  # noqa: E402
 from facetwin.training import synth  # noqa: E402
 from facetwin.training.data import AugmentConfig, describe, identity_names, load_faces, load_index  # noqa: E402
-from facetwin.training.model import VARIANTS  # noqa: E402
 from facetwin.training.train import (  # noqa: E402
-    AMP_MODES, PRESETS, Trainer, TrainConfig, batch_seed, make_trainer, preset_model, resolve_device,
-    sample_batches, train_step,
+    AMP_MODES,
+    PRESETS,
+    TrainConfig,
+    Trainer,
+    batch_seed,
+    make_trainer,
+    preset_model,
+    resolve_device,
+    sample_batches,
+    train_step,
 )
+from report import host_info as base_host_info  # noqa: E402  (bench/report.py)
+from report import write_report
 
 TARGET_RATIO = 0.85
 MODES = ("real_input", "preloaded", "input_only")

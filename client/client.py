@@ -14,17 +14,16 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import grpc
-
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from .errors import InvalidInputError, ServerError, from_rpc_error
 from .images import (
-    FacesArg,
-    PolicyName,
     ColorName,
     EncodingName,
+    FacesArg,
     ImageInput,
+    PolicyName,
     StreamState,
     build_swap_request,
     check_request_size,

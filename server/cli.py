@@ -73,7 +73,6 @@ def serve(
 async def _dry_run(config: ServerConfig) -> None:
     import grpc
     import numpy as np
-
     from facetwin.v1 import facetwin_pb2 as pb
     from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
@@ -121,7 +120,7 @@ def build_engines(
     """Build (or find cached) TensorRT engines for every (model, target), so the server starts without building."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .backends.tensorrt import TensorRTBackend
-    from .engines import EngineReport, build_all, default_cache_dir
+    from .backends.tensorrt_engines import EngineReport, build_all, default_cache_dir
 
     if not dry_run:
         ok, why = TensorRTBackend.available()

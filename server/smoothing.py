@@ -22,8 +22,7 @@ import dataclasses
 import math
 
 import numpy as np
-
-from .faces import Face
+from facetwin.core.faces import Face
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from facetwin.server.config import ServerConfig
 
 
@@ -90,7 +89,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def served_model(tiny_model_dir) -> ServedModel:
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
 
     config = ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), max_delay_ms=2.0, grace_s=1.0)
     server = ServerThread(config)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: `python -m examples.demo` runs from here
 
 
 def command_env(**extra: str) -> dict[str, str]:
@@ -19,5 +22,5 @@ def command_env(**extra: str) -> dict[str, str]:
 def run_module(module: str, *args: str, env: dict[str, str] | None = None,
                timeout: float = 280) -> subprocess.CompletedProcess:
     """`python -m module args...` with captured text output."""
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                           env=command_env() if env is None else env, timeout=timeout)

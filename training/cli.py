@@ -184,8 +184,8 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="a few tiny steps on tiny generated data in a temp dir"),
 ) -> None:
     """Trains a face-swap model (--variant); under `torchrun --nproc_per_node N` on N processes (DDP)."""
+    from facetwin.core.model import VARIANTS
     from facetwin.training import train as train_mod
-    from facetwin.training.model import VARIANTS
 
     if variant not in VARIANTS:
         _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
@@ -232,7 +232,7 @@ def export(
     started = time.perf_counter()
     typer.echo(f"exporting {checkpoint} ...")
     bundle = _run(lambda: export_mod.export_bundle(checkpoint, out, name=name, opset=opset, overwrite=overwrite))
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
 
     manifest = load_manifest(bundle)
     typer.echo(f"bundle {bundle}: identities {list(manifest.identities)}, {manifest.resolution} px, "
@@ -260,7 +260,7 @@ def _load_real(data: Optional[Path], video: Optional[Path], video_identity: Opti
 
 
 def _publish(reports: list[dict[str, Any]], as_json: bool, markdown: Optional[Path], single: bool) -> None:
-    from facetwin.server.bundle import atomic_write_bytes
+    from facetwin.core.files import atomic_write_bytes
     from facetwin.training import evaluate as evaluate_mod
 
     table = evaluate_mod.markdown_table(reports)
@@ -414,7 +414,7 @@ def dfm_import(
     dry_run: bool = typer.Option(False, "--dry-run", help="tiny bundle -> .dfm -> bundle round trip in a temp dir"),
 ) -> None:
     """Converts a DeepFaceLab .dfm into a bundle the server loads (onnxruntime / tensorrt backends)."""
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
     from facetwin.training import dfm
 
     if dry_run:

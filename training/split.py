@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from facetwin.server import faces as facelib
-from facetwin.server.bundle import replace_folder
+from facetwin.core import alignment
+from facetwin.core.files import replace_folder
 from facetwin.training.extract import INDEX_NAME, SCHEMA, ExtractError, index_json, png_bytes, read_index
 
 HOLDOUT_FRACTION = 0.2  # the share of each identity's faces, the end of its footage, kept out of training
@@ -26,7 +25,7 @@ HOLDOUT_FRACTION = 0.2  # the share of each identity's faces, the end of its foo
 
 def _playing_order(index: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Each identity's image entries in playing order: its sources as the index lists them, then frame, then face
-    (the order metrics.faces_from_dataset scores them in)."""
+    (the order quality.faces_from_dataset scores them in)."""
     rank: dict[Any, int] = {}
     for ident in index["identities"]:
         for source in ident.get("sources", []):
@@ -150,7 +149,7 @@ def dry_run() -> dict[str, Any]:
                     (data / person / f"{k:05d}{suffix}.png").write_bytes(png_bytes(np.full((16, 16), 25 * k, np.uint8)))
                 images.append({"identity": person, "file": f"{person}/{k:05d}.png",
                                "mask": f"{person}/{k:05d}_mask.png", "source": f"{person}.mp4", "frame": 5 * k})
-        index = {"schema": SCHEMA, "size": 16, "margin": facelib.DEFAULT_MARGIN, "seed": None,
+        index = {"schema": SCHEMA, "size": 16, "margin": alignment.DEFAULT_MARGIN, "seed": None,
                  "identities": [{"name": p, "sources": [{"path": f"{p}.mp4"}]} for p in ("ada", "ben")],
                  "images": images}
         (data / INDEX_NAME).write_text(index_json(index))

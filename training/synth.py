@@ -28,8 +28,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-
-from facetwin.server.bundle import atomic_write_bytes, check_name
+from facetwin.core.bundle import check_name
+from facetwin.core.files import atomic_write_bytes
 from facetwin.training.synth_render import render_face
 
 SCHEMA = "facetwin-synth/1"

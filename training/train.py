@@ -46,22 +46,41 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+from facetwin.core.files import atomic_write, atomic_write_bytes
+from facetwin.core.model import (
+    VARIANTS,
+    CycleGAN,
+    Discriminators,
+    FaceSwapAutoencoder,
+    ModelConfig,
+    build_discriminators,
+    build_model,
+)
+from facetwin.training.data import (
+    AugmentConfig,
+    Augmented,
+    IdentityFaces,
+    augment,
+    describe,
+    identity_names,
+    load_faces,
+    load_index,
+    to_device,
+)
+from facetwin.training.losses import (
+    LossWeights,
+    cycle_consistency_loss,
+    kl_divergence,
+    latent_moment_gap,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+    mask_loss,
+    mixup_discriminator_loss,
+    reconstruction_loss,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-
-from facetwin.server.bundle import atomic_write_bytes
-from facetwin.training.data import (
-    AugmentConfig, Augmented, IdentityFaces, augment, describe, identity_names, load_faces, load_index, to_device,
-)
-from facetwin.training.losses import (
-    LossWeights, cycle_consistency_loss, kl_divergence, latent_moment_gap, lsgan_discriminator_loss,
-    lsgan_generator_loss, mask_loss, mixup_discriminator_loss, reconstruction_loss,
-)
-from facetwin.training.model import (
-    VARIANTS, CycleGAN, Discriminators, FaceSwapAutoencoder, ModelConfig, ModelConfigError, build_discriminators,
-    build_model,
-)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"
@@ -208,20 +227,12 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | C
 
 def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                     step: int, data: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves half a checkpoint.
+    """torch.save through files.atomic_write: a crash never leaves half a checkpoint.
     `extra` adds entries (the discriminators' state, the fp16 GradScaler's)."""
     payload = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "step": step, "data": data, **(extra or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -6,8 +6,7 @@ import abc
 from pathlib import Path
 
 import numpy as np
-
-from ..bundle import Manifest
+from facetwin.core.bundle import Manifest
 
 
 class Backend(abc.ABC):

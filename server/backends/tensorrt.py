@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from facetwin.core.bundle import Manifest
 
-from ..bundle import Manifest
 from ..config import ServerConfig
-from ..engines import BatchProfile, EngineCache, GpuInfo, default_cache_dir, ensure_engine
 from .base import Backend
+from .tensorrt_engines import BatchProfile, EngineCache, GpuInfo, default_cache_dir, ensure_engine
 
 log = logging.getLogger(__name__)
 

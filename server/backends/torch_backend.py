@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from facetwin.core.bundle import WEIGHTS_NAME, BundleError, Manifest
 
-from ..bundle import WEIGHTS_NAME, BundleError, Manifest
 from ..config import ServerConfig
 from .base import Backend
 
@@ -71,14 +71,13 @@ def plan_chunks(batch: int, buckets: tuple[int, ...]) -> list[tuple[int, int, in
 def load_swap_graph(bundle_dir: Path, manifest: Manifest, target: str) -> "torch.nn.Module":
     """The target's SwapGraph with the bundle's weights, on the CPU, eval, for any variant the manifest names.
 
-    ``facetwin.training.model.swap_graph_from_state`` picks the tensors (ae/vae/vae-gan: the shared encoder and the
+    ``facetwin.core.model.swap_graph_from_state`` picks the tensors (ae/vae/vae-gan: the shared encoder and the
     target's decoder; cyclegan: the target's own generator); strict loading rejects a weights file that does not
     match the manifest's model_config. training.model imports nothing but torch, so the server stays free of
     training-only dependencies.
     """
+    from facetwin.core.model import ModelConfig, ModelConfigError, swap_graph_from_state
     from safetensors.torch import load_file
-
-    from facetwin.training.model import ModelConfig, ModelConfigError, swap_graph_from_state
 
     if target not in manifest.targets:
         raise BundleError(f"target {target!r} is not in the bundle; it has {sorted(manifest.targets)}")
@@ -230,8 +229,8 @@ class TorchCpuBackend(TorchBackend):
     @classmethod
     def available(cls) -> tuple[bool, str]:
         try:
-            import torch  # noqa: F401
             import safetensors  # noqa: F401
+            import torch  # noqa: F401
         except ImportError as exc:
             return False, f"{exc.name} is not installed (pip install 'facetwin[training]')"
         return True, ""

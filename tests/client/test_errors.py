@@ -10,7 +10,6 @@ from concurrent import futures
 
 import grpc
 import pytest
-
 from facetwin.client import (
     DeadlineExceededError,
     FaceTwinError,

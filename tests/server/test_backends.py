@@ -12,10 +12,9 @@ import inspect
 
 import numpy as np
 import pytest
-
+from facetwin.core.bundle import BundleError, load_manifest
 from facetwin.server.backends import AUTO_ORDER, BACKENDS, get_backend, select_backend
 from facetwin.server.backends.torch_backend import batch_buckets, load_swap_graph, plan_chunks
-from facetwin.server.bundle import BundleError, load_manifest
 
 REFERENCE = "onnxruntime"
 # Largest |backend - onnxruntime| over both outputs, per backend: fp32 backends must agree to float rounding,

@@ -5,7 +5,6 @@ import threading
 import time
 
 import pytest
-
 from facetwin.server.batcher import DynamicBatcher, InferenceFailedError
 from facetwin.server.errors import ResourceExhaustedError, UnavailableError
 

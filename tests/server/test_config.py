@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from facetwin.server.config import ServerConfig
 
 
@@ -41,10 +40,3 @@ def test_inference_workers_share_out_the_cores():
     assert worker_plan(ServerConfig(inference_workers=1), ort) == (1, 0)
     with pytest.raises(ValueError, match="inference_workers"):
         ServerConfig.from_env({"FACETWIN_INFERENCE_WORKERS": "-1"})
-
-
-def test_keep_shape_default_is_the_one_faces_py_documents():
-    pytest.importorskip("cv2")
-    from facetwin.server import faces
-
-    assert ServerConfig().keep_shape == faces.KEEP_SHAPE

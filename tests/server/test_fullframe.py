@@ -10,8 +10,9 @@ import pytest
 pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
 
 from facetwin.client.images import result_from_response  # noqa: E402
-from facetwin.server import faces as F  # noqa: E402
-from facetwin.server.fullframe import match_color_lab  # noqa: E402
+from facetwin.core import alignment, blending
+from facetwin.core import faces as F  # noqa: E402
+from facetwin.core.blending import match_color_lab  # noqa: E402
 from facetwin.training import realdata  # noqa: E402
 from facetwin.v1 import facetwin_pb2 as pb  # noqa: E402
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc  # noqa: E402
@@ -291,23 +292,24 @@ def test_landmark_setting_is_checked_up_front():
 def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_and_pasted(stub, served_model, franck):
     """The server's full-frame answer, rebuilt from its aligned-face answer with fullframe.finish_face and
     faces.paste_back: the face is bent KEEP_SHAPE of the way toward the frame's face shape before the blend."""
-    from facetwin.server.fullframe import ALIGN_MARGIN, BLEND_FEATHER, finish_face
+    from facetwin.core.blending import finish_face
+    from facetwin.server.fullframe import ALIGN_MARGIN, BLEND_FEATHER
 
     frame = franck[0]
     out = image_of(stub.Swap(frame_request(served_model, frame), timeout=60))
     face = F.FaceDetector("hog").detect(frame)[0]
     size = served_model.resolution
-    crop, matrix = F.align(frame, face, size, ALIGN_MARGIN)
+    crop, matrix = alignment.align(frame, face, size, ALIGN_MARGIN)
     aligned = stub.Swap(pb.SwapRequest(
         model=served_model.model, target=served_model.identities[1], kind=pb.IMAGE_KIND_ALIGNED_FACE,
         image=pb.Image(raw=pb.RawImage(pixels=crop.tobytes(), height=size, width=size, channels=3,
                                        color_order=pb.COLOR_ORDER_RGB))), timeout=60)
     swapped = image_of(aligned)
-    points = F.transform_points(face.landmarks, matrix)
-    hull = F.face_mask(size, points, ALIGN_MARGIN)
-    expected = {keep: F.paste_back(frame, finish_face(crop, swapped, hull, points, ALIGN_MARGIN, keep), hull, matrix,
-                                   BLEND_FEATHER) for keep in (F.KEEP_SHAPE, 0.0)}
-    assert np.abs(out.astype(int) - expected[F.KEEP_SHAPE]).max() <= 1
+    points = alignment.transform_points(face.landmarks, matrix)
+    hull = blending.face_mask(size, points, ALIGN_MARGIN)
+    expected = {keep: blending.paste_back(frame, finish_face(crop, swapped, hull, points, ALIGN_MARGIN, keep), hull, matrix,
+                                   BLEND_FEATHER) for keep in (blending.KEEP_SHAPE, 0.0)}
+    assert np.abs(out.astype(int) - expected[blending.KEEP_SHAPE]).max() <= 1
     assert np.abs(out.astype(int) - expected[0.0]).max() > 10  # without the bend the face would differ
     unbent = image_of(stub.Swap(frame_request(served_model, frame, keep_shape=0.0), timeout=60))  # per request
     assert np.abs(unbent.astype(int) - expected[0.0]).max() <= 1

@@ -6,8 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
-
-from facetwin.server.faces import Face
+from facetwin.core.faces import Face
 from facetwin.server.smoothing import FaceTracker, OneEuroFilter, SmoothingConfig, StreamFaceState, box_iou
 
 DT = 1 / 30

@@ -9,10 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from facetwin.training import synth
 from facetwin.training.data import (
-    AugmentConfig, DatasetError, IdentityFaces, augment, describe, load_faces, load_index,
+    AugmentConfig,
+    DatasetError,
+    IdentityFaces,
+    augment,
+    describe,
+    load_faces,
+    load_index,
 )
 
 NO_AUGMENT = AugmentConfig(rotation_deg=0, scale=0, shift=0, flip=0, warp=0, brightness=0, contrast=0, saturation=0,

@@ -11,11 +11,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
-
-from facetwin.server.bundle import load_manifest
+from facetwin.core.bundle import load_manifest
 from facetwin.server.config import ServerConfig
 from facetwin.training import dfm
+from onnx import TensorProto, helper
 
 TRAIN = Path(sys.executable).with_name("facetwin-train")
 
@@ -88,6 +87,7 @@ def test_round_trip_gives_the_same_outputs(exported, tiny, tmp_path):
 
 def test_imported_bundle_is_served_by_the_real_server(exported, tiny, tiny_model_dir, tmp_path):
     from facetwin.client import Client
+
     from tests.conftest import ServerThread
 
     path, celeb, dst = exported
@@ -197,7 +197,8 @@ def test_cli_dry_run(tmp_path):
 
 def test_float16_bundle_exports_with_casts(tmp_path):
     """A bundle whose graphs take float16 (allowed by the contract): the .dfm still speaks float32 NHWC."""
-    from facetwin.server.bundle import Manifest, TensorSpec, sha256_file, write_manifest
+    from facetwin.core.bundle import Manifest, TensorSpec, write_manifest
+    from facetwin.core.files import sha256_file
 
     res, half = 16, TensorProto.FLOAT16
     nodes = [helper.make_node("Identity", ["face"], ["swapped"]),

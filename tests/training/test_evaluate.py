@@ -12,14 +12,21 @@ import cv2
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
-from facetwin.server.bundle import Manifest, TensorSpec, sha256_file, write_manifest
-from facetwin.training import metrics, synth
+from facetwin.core.bundle import Manifest, TensorSpec, write_manifest
+from facetwin.core.files import sha256_file
+from facetwin.training import quality, synth
 from facetwin.training.evaluate import (
-    RealInput, bundle_swaps, evaluate_bundle, load_swaps, markdown_table, save_swaps, ssim, swap_grid,
+    RealInput,
+    bundle_swaps,
+    evaluate_bundle,
+    load_swaps,
+    markdown_table,
+    save_swaps,
+    ssim,
+    swap_grid,
     synthetic_swap_score,
 )
+from onnx import TensorProto, helper
 
 RES = 32
 TRAIN = Path(sys.executable).with_name("facetwin-train")
@@ -175,7 +182,7 @@ def real_data(tmp_path_factory) -> Path:
 
 
 def tiny_map(tiny_model_dir) -> dict[str, str]:
-    from facetwin.server.bundle import load_manifest
+    from facetwin.core.bundle import load_manifest
 
     first, second = load_manifest(tiny_model_dir / "tiny").identities[:2]
     return {"franck": first, "cap": second}
@@ -254,7 +261,7 @@ def test_swaps_saved_on_one_host_score_as_the_bundle_does(tiny_model_dir, real_d
     more = evaluate_bundle(path, real, faces_per_pair=6, reference_faces=4, saved=saved)
     assert more["landmarks"] is None and "no saved swaps" in more["reasons"]["landmarks"]
     (tmp_path / "not-swaps.npz").write_bytes(b"not a zip")
-    with pytest.raises(metrics.MetricsError, match="not a file of saved swaps"):
+    with pytest.raises(quality.MetricsError, match="not a file of saved swaps"):
         load_swaps(tmp_path / "not-swaps.npz")
 
 

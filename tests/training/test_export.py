@@ -10,14 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from facetwin.server.bundle import load_manifest
+from facetwin.core.bundle import load_manifest
 from facetwin.training import export as export_mod
 from facetwin.training import synth
 from facetwin.training.evaluate import synthetic_swap_score
 from facetwin.training.export import ExportError, export_bundle
 from facetwin.training.train import CheckpointError, TrainConfig, load_checkpoint, model_from_checkpoint, train
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +135,7 @@ def test_bundle_is_readable_by_other_users(bundle):
     """The server usually runs as another user (the container's uid 10001) than training."""
     import stat
 
-    from facetwin.server.bundle import DIR_MODE, FILE_MODE
+    from facetwin.core.files import DIR_MODE, FILE_MODE
 
     assert stat.S_IMODE(bundle.stat().st_mode) == DIR_MODE
     for path in bundle.iterdir():
@@ -166,8 +165,8 @@ def test_a_shared_decoder_trunk_trains_resumes_and_exports_for_every_backend(tmp
     moving average and a resume, and every target's graph exports and loads on its own (ONNX, server's torch)."""
     import dataclasses
 
+    from facetwin.core.model import ModelConfig
     from facetwin.server.backends.torch_backend import load_swap_graph
-    from facetwin.training.model import ModelConfig
 
     data = synth.write_dataset(tmp_path / "data", identities=2, images=4, size=32, seed=5, progress=False)
     model_config = dataclasses.replace(ModelConfig.tiny(["ada", "ben"]), shared_upscales=2)

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
 
-from facetwin.server import faces as facelib  # noqa: E402
+from facetwin.core import faces as facelib  # noqa: E402
 from facetwin.training import extract as E  # noqa: E402
 from facetwin.training import realdata  # noqa: E402
 

@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from facetwin.training.losses import (
-    LossWeights, cycle_consistency_loss, dssim, gaussian_window, kl_divergence, latent_moment_gap,
-    lsgan_discriminator_loss, lsgan_generator_loss, mask_loss, mixup_discriminator_loss, reconstruction_loss, region_l1, ssim, ssim_map,
+    LossWeights,
+    cycle_consistency_loss,
+    dssim,
+    gaussian_window,
+    kl_divergence,
+    latent_moment_gap,
+    lsgan_discriminator_loss,
+    lsgan_generator_loss,
+    mask_loss,
+    mixup_discriminator_loss,
+    reconstruction_loss,
+    region_l1,
+    ssim,
+    ssim_map,
 )
 
 

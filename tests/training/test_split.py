@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from facetwin.training import extract as E
 from facetwin.training import split as S
 
@@ -44,7 +43,7 @@ def _keys(folder: Path) -> list[tuple]:
 
 def test_split_holds_out_the_end_of_each_identity_in_frame_order(tmp_path):
     from facetwin.training import data as D
-    from facetwin.training import metrics
+    from facetwin.training import quality
 
     faces = _faces_set(tmp_path / "faces", SPLIT_FACES)
     split = S.split_holdout(faces, tmp_path / "train", tmp_path / "holdout", fraction=0.2)
@@ -65,10 +64,10 @@ def test_split_holds_out_the_end_of_each_identity_in_frame_order(tmp_path):
     # each part is a whole data set: the trainer loads the training part, evaluate the held-out one in frame order
     assert {name: len(f) for name, f in D.load_faces(tmp_path / "train", regions=False).items()} == {"ada": 8,
                                                                                                      "ben": 8}
-    held_faces, _ = metrics.faces_from_dataset(tmp_path / "holdout")
+    held_faces, _ = quality.faces_from_dataset(tmp_path / "holdout")
     assert held_faces["ben"].labels == ["b.mp4#80", "b.mp4#80", "b.mp4#90"]
     assert list(held_faces["ada"].segments) == [0, 0]  # consecutive frames of one clip: flicker is measured
-    assert metrics.dataset_split(tmp_path / "holdout")["part"] == "holdout" and metrics.dataset_split(faces) is None
+    assert quality.dataset_split(tmp_path / "holdout")["part"] == "holdout" and quality.dataset_split(faces) is None
     # faces extracted into a part would bypass the split
     cv2.imwrite(str(tmp_path / "photo.png"), np.zeros((32, 32, 3), np.uint8))
     with pytest.raises(E.ExtractError, match="is the holdout part of"):

@@ -11,16 +11,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
+from facetwin.core.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training import synth
 from facetwin.training.data import AugmentConfig, load_faces, to_device
-from facetwin.training.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training.train import (
-    CHECKPOINT_NAME, CONFIG_NAME, CheckpointError, TrainConfig, _autocast_dtype, cpu_has_bf16, dry_run,
-    learning_rate, load_checkpoint, make_trainer, model_from_checkpoint, preset_model, sample_batches, train,
-    train_step, update_average,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    CheckpointError,
+    TrainConfig,
+    _autocast_dtype,
+    cpu_has_bf16,
+    dry_run,
+    learning_rate,
+    load_checkpoint,
+    make_trainer,
+    model_from_checkpoint,
+    preset_model,
+    sample_batches,
+    train,
+    train_step,
+    update_average,
 )
+from torch import nn
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,28 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from facetwin.server.bundle import load_manifest
+from facetwin.core.bundle import load_manifest
+from facetwin.core.model import VARIANTS, CycleGAN, ModelConfigError, build_model
 from facetwin.training import synth
 from facetwin.training.cli import app
 from facetwin.training.data import AugmentConfig, augment, load_faces
 from facetwin.training.export import export_bundle
 from facetwin.training.losses import LossWeights
-from facetwin.training.model import VARIANTS, CycleGAN, ModelConfigError, build_model
 from facetwin.training.train import (
-    CHECKPOINT_NAME, CONFIG_NAME, PREVIEW_DIR, PREVIEW_FACES, CheckpointError, TrainConfig, load_checkpoint,
-    make_trainer, model_from_checkpoint, preset_model, train, train_step,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    PREVIEW_DIR,
+    PREVIEW_FACES,
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    make_trainer,
+    model_from_checkpoint,
+    preset_model,
+    train,
+    train_step,
 )
+from typer.testing import CliRunner
 
 NO_AUGMENT = AugmentConfig(rotation_deg=0, scale=0, shift=0, flip=0, warp=0, brightness=0, contrast=0, saturation=0)
 

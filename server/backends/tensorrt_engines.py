@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .bundle import MANIFEST_NAME, BundleError, Manifest, atomic_write_bytes, check_name, load_manifest, \
-    manifest_sha256, sha256_file
-from .config import ServerConfig
+from facetwin.core.bundle import MANIFEST_NAME, BundleError, Manifest, check_name, load_manifest, manifest_sha256
+from facetwin.core.files import atomic_write_bytes, sha256_file
+
+from ..config import ServerConfig
 
 log = logging.getLogger(__name__)
 

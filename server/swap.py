@@ -53,7 +53,7 @@ class SwapJob:
     frame_id: int = 0
     faces: str = "largest"  # full frames: "all" | "largest" | "index" (see fullframe.FaceSelection)
     face_index: int = 0  # full frames with faces="index": the face to swap, 0 = largest
-    keep_shape: float | None = None  # full frames: 0..1, see fullframe.finish_face; None = the server's setting
+    keep_shape: float | None = None  # full frames: 0..1, see blending.finish_face; None = the server's setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class SwapEngine:
                  landmarks: str | None = None, keep_shape: float | None = None) -> None:
         """detect_threads / detect_max_side / landmarks: see fullframe.FaceDetectorPool (landmarks None = the
         registry's ServerConfig.landmarks). smoothing: landmark smoothing of full frames in streams (None =
-        SmoothingConfig defaults). keep_shape: see fullframe.finish_face (None = ServerConfig.keep_shape)."""
+        SmoothingConfig defaults). keep_shape: see blending.finish_face (None = ServerConfig.keep_shape)."""
         self.registry = registry
         self.max_image_side = max_image_side
         self.smoothing = smoothing or SmoothingConfig()

@@ -15,16 +15,14 @@ Pure standard library: the server and training both import it without torch or o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from .files import atomic_write_bytes, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -134,24 +132,6 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def resolve_bundle_dir(model_dir: str | os.PathLike, model: str) -> Path:
-    """The folder of bundle `model` inside model_dir; never a path outside it."""
-    check_name(model, "model name")
-    root = Path(model_dir).resolve()
-    path = (root / model).resolve()
-    if path.parent != root:
-        raise BundleError(f"model name {model!r} escapes the model directory")
-    return path
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifest:
     """Reads and validates a bundle's manifest; with verify, also checks every file's sha256."""
     bundle_dir = Path(bundle_dir)
@@ -184,51 +164,18 @@ def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return atomic_write_bytes(Path(bundle_dir) / MANIFEST_NAME, manifest.to_json().encode())
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp/mkdtemp create 0600/0700 whatever the umask; files we publish get the modes open()/mkdir() would
-# give, so a server running as another user (the container's) can read bundles written by training.
-FILE_MODE = 0o666 & ~_umask()
-DIR_MODE = 0o777 & ~_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Writes data to path so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def replace_folder(dest: Path) -> Iterator[Path]:
-    """Yields an empty staging folder beside dest (0700, as mkdtemp makes it) to fill. If the block succeeds, an old
-    dest is deleted and the staging folder renamed to dest, so dest is never seen half-written; if it raises, the
-    staging folder is deleted and dest is left as it was."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
-    try:
-        yield staging
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
 def manifest_sha256(bundle_dir: str | os.PathLike) -> str:
     return sha256_file(Path(bundle_dir) / MANIFEST_NAME)
+
+
+def pick_bundle(model_dir: str | os.PathLike, name: str | None = None) -> Path:
+    """Bundle `name` of model_dir, or its first bundle (by name) when name is None; BundleError when there is none."""
+    model_dir = Path(model_dir)
+    if name:
+        check_name(name, "model name")
+        return model_dir / name
+    bundles = sorted(p.parent for p in model_dir.glob(f"*/{MANIFEST_NAME}"))
+    if not bundles:
+        raise BundleError(f"no model bundle in {model_dir}: train and export one first (make demo), or name another "
+                          "model directory")
+    return bundles[0]

