@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from facetwin.core.bundle import load_manifest
+
+from facetwin.core.bundle import BundleError, load_manifest, pick_bundle
 from facetwin.server.backends import BACKENDS
 from facetwin.server.backends.tensorrt_engines import detect_gpu, tensorrt_version
 
@@ -56,15 +57,6 @@ def parse_args() -> argparse.Namespace:
     default = QUICK_BATCHES if args.quick else FULL_BATCHES
     args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else default
     return args
-
-
-def pick_bundle(model_dir: Path, name: str | None) -> Path:
-    if name:
-        return model_dir / name
-    bundles = sorted(p.parent for p in model_dir.glob("*/manifest.json"))
-    if not bundles:
-        sys.exit(f"error: no bundle in {model_dir}; run `make demo` first (or pass --model-dir)")
-    return bundles[0]
 
 
 def make_synthetic_bundle(arch: str, root: Path) -> Path:
@@ -172,7 +164,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="facetwin-bench-") as tmp:
             run(args, make_synthetic_bundle(args.synthetic, Path(tmp)))
     else:
-        run(args, pick_bundle(Path(args.model_dir), args.model))
+        try:
+            bundle = pick_bundle(args.model_dir, args.model)
+        except BundleError as exc:
+            sys.exit(f"error: {exc}")
+        run(args, bundle)
 
 
 def run(args: argparse.Namespace, bundle: Path) -> None:

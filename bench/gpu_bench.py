@@ -114,6 +114,7 @@ def model_configs(mode: str) -> dict[str, Any]:
 def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Path) -> dict[str, Any]:
     """A step-0 checkpoint of `config` exported with training/export.py (ONNX checked against torch)."""
     import torch
+
     from facetwin.core.bundle import load_manifest
     from facetwin.core.model import FaceSwapAutoencoder, SwapGraph, count_parameters
     from facetwin.training.export import export_bundle
@@ -163,8 +164,9 @@ def host_info() -> dict[str, Any]:
     import importlib.metadata
 
     import cv2
-    from facetwin.core import faces
     from gpu_backends import host_info as backend_host_info
+
+    from facetwin.core import faces
 
     info = backend_host_info()
     try:  # what the server's full-frame path will detect with (the same "auto" choices, FACETWIN_LANDMARKS read alike)
@@ -355,8 +357,9 @@ def prepare(args: argparse.Namespace) -> int:
     import numpy as np
 
     sys.path.insert(0, str(BENCH))
-    from facetwin.training import realdata
     from serve import source_frames
+
+    from facetwin.training import realdata
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ def one(args: argparse.Namespace) -> int:
     """Trains the preset on faces-train, exports it, swaps the held-out faces: JSON, swaps file and grid to --out."""
     import cv2
     import torch
+
     from facetwin.core.bundle import load_manifest
     from facetwin.core.model import ModelConfig, build_model, count_parameters
     from facetwin.training.evaluate import RealInput, bundle_swaps, compose_grid, save_swaps

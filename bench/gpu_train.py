@@ -57,6 +57,7 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
 def one(args: argparse.Namespace) -> int:
     """Trains, exports and scores one preset; writes its JSON to args.json."""
     import torch
+
     from facetwin.core.bundle import load_manifest
     from facetwin.core.model import ModelConfig, build_model, count_parameters
     from facetwin.training.evaluate import synthetic_section

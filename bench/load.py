@@ -29,6 +29,7 @@ async def _client(address: str, payloads: list[bytes], kind: str, count: int, se
                   offset: int) -> dict[str, Any]:
     """`count` unary workers or `count` streams on one channel; returns completions, rate and stage timings."""
     import grpc
+
     from facetwin.v1 import facetwin_pb2 as pb
 
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:

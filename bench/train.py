@@ -44,6 +44,9 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import host_info as base_host_info  # noqa: E402  (bench/report.py)
+from report import write_report
+
 from facetwin.core.model import VARIANTS  # noqa: E402
 from facetwin.training import synth  # noqa: E402
 from facetwin.training.data import AugmentConfig, describe, identity_names, load_faces, load_index  # noqa: E402
@@ -59,8 +62,6 @@ from facetwin.training.train import (  # noqa: E402
     sample_batches,
     train_step,
 )
-from report import host_info as base_host_info  # noqa: E402  (bench/report.py)
-from report import write_report
 
 TARGET_RATIO = 0.85
 MODES = ("real_input", "preloaded", "input_only")

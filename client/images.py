@@ -12,6 +12,7 @@ from typing import Any, Literal, Union
 
 import grpc
 import numpy as np
+
 from facetwin.v1 import facetwin_pb2 as pb
 
 from .errors import InvalidInputError, ResourceExhaustedError, ServerError, from_rpc_error

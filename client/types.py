@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
 from facetwin.v1 import facetwin_pb2 as pb
 
 __all__ = ["StageTimings", "DetectedFace", "SwapResult", "ModelInfo"]

@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from facetwin.core.bundle import check_name
 from torch import nn
+
+from facetwin.core.bundle import check_name
 
 VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")
 VARIATIONAL = ("vae", "vae-gan")  # the encoder predicts (mu, logvar) instead of a code

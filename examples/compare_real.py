@@ -36,6 +36,9 @@ from facetwin.core.bundle import load_manifest
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod
 from facetwin.training import quality, realdata
+from facetwin.training.split import HOLDOUT_FRACTION
+
+from .common import BIN, banner, run
 from .demo_real import (
     PRESETS,
     VARIANTS,
@@ -47,9 +50,6 @@ from .demo_real import (
     prepare_faces,
     train_command,
 )
-from facetwin.training.split import HOLDOUT_FRACTION
-
-from .common import BIN, banner, run
 
 # Training-time budget per variant, seconds (0 = none: the step cap alone is the budget). On 2 idle CPU cores 300 s
 # was 4,701 steps of ae, 5,090 of vae (both bf16), 3,033 of vae-gan and 1,335 of cyclegan (float32); ~23 min in all.

@@ -10,25 +10,20 @@ go through the real gRPC server with the client SDK. Writes to --out:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
+
 from facetwin.client import Client
 from facetwin.training import synth
 from facetwin.training.evaluate import compose_grid, ssim
 
 from .common import BIN, banner, run, serving, wait_ready
+
 
 def clip_poses(count: int, seed: int) -> list[synth.Pose]:
     """A smooth head turn with talking and a blink: one held-out pose, animated."""

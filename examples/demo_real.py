@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 import cv2
 import numpy as np
+
 from facetwin.client import Client, FaceTwinError
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod

@@ -73,6 +73,7 @@ def serve(
 async def _dry_run(config: ServerConfig) -> None:
     import grpc
     import numpy as np
+
     from facetwin.v1 import facetwin_pb2 as pb
     from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 

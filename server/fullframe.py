@@ -17,6 +17,7 @@ import time
 from collections.abc import Hashable
 
 import numpy as np
+
 from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib
 from facetwin.core.faces import Face, FaceDetector

@@ -10,6 +10,7 @@ import queue
 from pathlib import Path
 
 import numpy as np
+
 from facetwin.core.bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256
 
 from . import imaging

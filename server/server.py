@@ -9,10 +9,11 @@ import signal
 import sys
 
 import grpc
-from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
+from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
 
 from . import metrics
 from .config import ServerConfig

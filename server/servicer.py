@@ -6,6 +6,7 @@ import itertools
 import logging
 
 import grpc
+
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 

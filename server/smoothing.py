@@ -22,6 +22,7 @@ import dataclasses
 import math
 
 import numpy as np
+
 from facetwin.core.faces import Face
 
 

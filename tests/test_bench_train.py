@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from facetwin.training import synth
 
 ROOT = Path(__file__).resolve().parents[1]

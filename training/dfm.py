@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from facetwin.core.bundle import (
     BundleError,
     Manifest,

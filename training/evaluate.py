@@ -34,6 +34,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from facetwin.core import alignment, blending
 from facetwin.core.bundle import Manifest, load_manifest
 from facetwin.core.files import atomic_write_bytes

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from facetwin.core.bundle import (
     MANIFEST_NAME,
     WEIGHTS_NAME,

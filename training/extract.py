@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import cv2
 import numpy as np
+
 from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib
 from facetwin.core.bundle import BundleError, check_name

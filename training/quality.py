@@ -57,6 +57,7 @@ from typing import Any, Callable
 
 import cv2
 import numpy as np
+
 from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib
 

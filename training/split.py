@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from facetwin.core import alignment
 from facetwin.core.files import replace_folder
 from facetwin.training.extract import INDEX_NAME, SCHEMA, ExtractError, index_json, png_bytes, read_index

@@ -28,6 +28,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from facetwin.core.bundle import check_name
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training.synth_render import render_face

@@ -46,6 +46,10 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
 from facetwin.core.files import atomic_write, atomic_write_bytes
 from facetwin.core.model import (
     VARIANTS,
@@ -78,9 +82,6 @@ from facetwin.training.losses import (
     mixup_discriminator_loss,
     reconstruction_loss,
 )
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.json"

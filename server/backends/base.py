@@ -6,6 +6,7 @@ import abc
 from pathlib import Path
 
 import numpy as np
+
 from facetwin.core.bundle import Manifest
 
 

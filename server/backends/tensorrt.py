@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from facetwin.core.bundle import Manifest
 
 from ..config import ServerConfig

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from facetwin.core.bundle import WEIGHTS_NAME, BundleError, Manifest
 
 from ..config import ServerConfig
@@ -76,8 +77,9 @@ def load_swap_graph(bundle_dir: Path, manifest: Manifest, target: str) -> "torch
     match the manifest's model_config. training.model imports nothing but torch, so the server stays free of
     training-only dependencies.
     """
-    from facetwin.core.model import ModelConfig, ModelConfigError, swap_graph_from_state
     from safetensors.torch import load_file
+
+    from facetwin.core.model import ModelConfig, ModelConfigError, swap_graph_from_state
 
     if target not in manifest.targets:
         raise BundleError(f"target {target!r} is not in the bundle; it has {sorted(manifest.targets)}")

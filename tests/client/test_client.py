@@ -11,9 +11,10 @@ import threading
 import time
 
 import cv2
-import facetwin.client
 import numpy as np
 import pytest
+
+import facetwin.client
 from facetwin.client import (
     AsyncClient,
     Client,

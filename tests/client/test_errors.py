@@ -10,6 +10,7 @@ from concurrent import futures
 
 import grpc
 import pytest
+
 from facetwin.client import (
     DeadlineExceededError,
     FaceTwinError,

@@ -3,6 +3,7 @@
 import grpc
 import numpy as np
 import pytest
+
 from facetwin.client import InvalidInputError, ResourceExhaustedError, ServerError
 from facetwin.client.images import (
     StreamState,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from facetwin.core.model import (
     INITIAL_LOGVAR,
     LOGVAR_RANGE,

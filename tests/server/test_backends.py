@@ -12,6 +12,7 @@ import inspect
 
 import numpy as np
 import pytest
+
 from facetwin.core.bundle import BundleError, load_manifest
 from facetwin.server.backends import AUTO_ORDER, BACKENDS, get_backend, select_backend
 from facetwin.server.backends.torch_backend import batch_buckets, load_swap_graph, plan_chunks

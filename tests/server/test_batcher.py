@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+
 from facetwin.server.batcher import DynamicBatcher, InferenceFailedError
 from facetwin.server.errors import ResourceExhaustedError, UnavailableError
 

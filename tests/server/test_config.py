@@ -3,6 +3,7 @@
 import os
 
 import pytest
+
 from facetwin.server.config import ServerConfig
 
 

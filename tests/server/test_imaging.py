@@ -3,6 +3,7 @@
 import cv2
 import numpy as np
 import pytest
+
 from facetwin.server import imaging
 from facetwin.server.errors import InvalidInputError, ResourceExhaustedError
 

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+
 from facetwin.core.faces import Face
 from facetwin.server.smoothing import FaceTracker, OneEuroFilter, SmoothingConfig, StreamFaceState, box_iou
 

@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+
 from facetwin.server.errors import InvalidInputError
 from facetwin.server.streams import DROPPED, run_stream
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from facetwin.core.bundle import BundleError, load_manifest, manifest_sha256
 from facetwin.server.backends.tensorrt_engines import (
     CACHE_ENV,

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.main import get_command
+
 from facetwin.training import synth
 from facetwin.training.cli import app
 from facetwin.training.train import load_checkpoint
-from typer.main import get_command
 
 TRAIN = Path(sys.executable).with_name("facetwin-train")  # the console script installed next to this Python
 # Two OpenMP threads that spin-wait crawl (~50x) when other processes hold the cores, as on a shared 2-core

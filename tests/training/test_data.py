@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from facetwin.training import synth
 from facetwin.training.data import (
     AugmentConfig,

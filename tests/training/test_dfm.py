@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
+
 from facetwin.core.bundle import load_manifest
 from facetwin.server.config import ServerConfig
 from facetwin.training import dfm
-from onnx import TensorProto, helper
 
 TRAIN = Path(sys.executable).with_name("facetwin-train")
 
@@ -87,7 +88,6 @@ def test_round_trip_gives_the_same_outputs(exported, tiny, tmp_path):
 
 def test_imported_bundle_is_served_by_the_real_server(exported, tiny, tiny_model_dir, tmp_path):
     from facetwin.client import Client
-
     from tests.conftest import ServerThread
 
     path, celeb, dst = exported

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from facetwin.training import synth
 from facetwin.training.train import CHECKPOINT_NAME, CONFIG_NAME, TrainConfig, load_checkpoint, train
 

@@ -12,6 +12,8 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
+
 from facetwin.core.bundle import Manifest, TensorSpec, write_manifest
 from facetwin.core.files import sha256_file
 from facetwin.training import quality, synth
@@ -26,7 +28,6 @@ from facetwin.training.evaluate import (
     swap_grid,
     synthetic_swap_score,
 )
-from onnx import TensorProto, helper
 
 RES = 32
 TRAIN = Path(sys.executable).with_name("facetwin-train")

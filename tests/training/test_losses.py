@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from facetwin.training.losses import (
     LossWeights,
     cycle_consistency_loss,

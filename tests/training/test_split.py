@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from facetwin.training import extract as E
 from facetwin.training import split as S
 

@@ -8,6 +8,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+
 from facetwin.core.bundle import NAME_PATTERN
 from facetwin.training import synth
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from facetwin.core.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training import synth
 from facetwin.training.data import AugmentConfig, load_faces, to_device
@@ -32,7 +34,6 @@ from facetwin.training.train import (
     train_step,
     update_average,
 )
-from torch import nn
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
+
 from facetwin.core.bundle import load_manifest
 from facetwin.core.model import VARIANTS, CycleGAN, ModelConfigError, build_model
 from facetwin.training import synth
@@ -32,7 +34,6 @@ from facetwin.training.train import (
     train,
     train_step,
 )
-from typer.testing import CliRunner
 
 NO_AUGMENT = AugmentConfig(rotation_deg=0, scale=0, shift=0, flip=0, warp=0, brightness=0, contrast=0, saturation=0)
 
