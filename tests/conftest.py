@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny model really trained in this session, and a real gRPC server serving it on loopback."""
+"""Shared fixtures: a tiny model really trained by this test run, and a real gRPC server serving it on loopback."""
 
 from __future__ import annotations
 
