@@ -42,7 +42,18 @@ class ServerConfig:
                                      "instance (0: the backend's default, 2 for onnxruntime, 1 on a GPU)")
     intra_op_threads: int = setting(0, "CPU threads per inference call (0: the cores shared out among the workers)")
     max_message_mb: int = setting(16, "largest request or response message, MiB; bigger ones get RESOURCE_EXHAUSTED")
-    max_image_side: int = setting(4096, "largest accepted image side, pixels")
+    max_image_side: int = setting(4096, "largest accepted image side, pixels (read from the header before decoding)")
+    # 4096 x 4096: a decoded RGB frame of this size is 48 MiB; the header is read before any pixel is.
+    max_image_pixels: int = setting(4096 * 4096, "largest accepted image area, width x height pixels")
+    max_faces_per_frame: int = setting(8, "most faces one full frame may swap (faces=all on a frame with more is "
+                                       "RESOURCE_EXHAUSTED)")
+    # A client is its bearer token's name when tokens are in use, else its IP address.
+    max_calls_per_client: int = setting(64, "unary calls one client may have in flight (0: no limit)")
+    max_streams_per_client: int = setting(16, "streams one client may have open (0: no limit)")
+    max_calls: int = setting(1024, "unary calls in flight on the whole server (0: no limit)")
+    max_streams: int = setting(128, "streams open on the whole server (0: no limit)")
+    stream_idle_timeout_s: float = setting(60.0, "a stream that sends no frame for this long ends with "
+                                           "DEADLINE_EXCEEDED, seconds (0: never)")
     # 48: a full batch of 16 for each of two workers and one queued behind them (batcher.py), so one stream alone
     # keeps the workers busy (32: mean batch 11.4 and ~10 % fewer faces/s).
     stream_window: int = setting(48, "frames of one stream in flight at once")
@@ -60,7 +71,17 @@ class ServerConfig:
                                 "0 (the target's) .. 1 (the original's); needs the 68-point model")
     grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops")
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)")
-    reflection: bool = setting(True, "expose gRPC server reflection (grpcurl, Postman)")
+    # Metrics carry no credentials check of their own: loopback unless an operator opens them on purpose.
+    metrics_address: str = setting("127.0.0.1", "interface the Prometheus port binds (0.0.0.0: all)")
+    reflection: bool = setting(True, "expose gRPC server reflection (grpcurl, Postman); it asks for the same "
+                               "credentials as the API")
+    tls_cert: str = setting("", "PEM certificate chain of the server; with --tls-key the server speaks TLS only")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA certificates: every client must present a certificate they signed "
+                                 "(mutual TLS; needs --tls-cert)")
+    # Several tokens let keys rotate: add the new one, move clients over, remove the old one.
+    auth_tokens_file: str = setting("", "file of accepted bearer tokens, one per line as NAME:TOKEN (NAME labels "
+                                    "the client); empty: no authentication. Re-read when it changes")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "ServerConfig":
@@ -96,6 +117,15 @@ class ServerConfig:
             raise ValueError(f"keep_shape must be in 0..1, got {self.keep_shape}")
         if not 1 <= self.max_message_mb <= 1024:
             raise ValueError("max_message_mb must be in 1..1024")
+        if self.max_image_side < 8 or self.max_image_pixels < 64 or self.max_faces_per_frame < 1:
+            raise ValueError("max_image_side must be >= 8, max_image_pixels >= 64 and max_faces_per_frame >= 1")
+        limits = ("max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams")
+        if any(getattr(self, name) < 0 for name in limits) or self.stream_idle_timeout_s < 0:
+            raise ValueError(f"{', '.join(limits)} and stream_idle_timeout_s must be >= 0 (0: no limit)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both for TLS, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

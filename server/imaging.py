@@ -12,6 +12,7 @@ import numpy as np
 from .errors import InvalidInputError, ResourceExhaustedError
 
 MIN_SIDE = 8  # smaller images carry no usable face
+FORMATS = ("jpeg", "png")  # what Image.encoded may hold
 
 
 def _check_size(height: int, width: int, max_side: int) -> None:

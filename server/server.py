@@ -45,7 +45,7 @@ class FaceSwapServer:
         ])
         self.engine = SwapEngine(self.registry, config.max_image_side, config.detect_threads, config.detect_max_side)
         facetwin_pb2_grpc.add_FaceSwapServicer_to_server(
-            FaceSwapServicer(self.registry, self.engine, config.stream_window, config.stream_policy), self.grpc_server)
+            FaceSwapServicer(self.registry, self.engine, config), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if config.reflection:
             reflection.enable_server_reflection(

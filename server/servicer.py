@@ -10,8 +10,9 @@ import grpc
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
-from . import metrics
+from . import __version__, imaging, metrics
 from .batcher import InferenceFailedError
+from .config import ServerConfig
 from .errors import InvalidInputError, SwapError
 from .fullframe import DetectedFace
 from .registry import FAILED, READY, ModelRegistry
@@ -29,6 +30,7 @@ _KIND = {pb.IMAGE_KIND_UNSPECIFIED: "aligned_face", pb.IMAGE_KIND_ALIGNED_FACE: 
 _FACES = {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all",
           pb.FACE_SELECTION_LARGEST: "largest", pb.FACE_SELECTION_INDEX: "index"}
 _POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
+_POLICY_OUT = {name: value for value, name in _POLICY.items()}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
 
 
@@ -129,12 +131,12 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
 
 
 class FaceSwapServicer(pb_grpc.FaceSwapServicer):
-    def __init__(self, registry: ModelRegistry, engine: SwapEngine, stream_window: int = 16,
-                 stream_policy: str = "queue") -> None:
+    def __init__(self, registry: ModelRegistry, engine: SwapEngine, config: ServerConfig) -> None:
         self.registry = registry
         self.engine = engine
-        self.stream_window = stream_window
-        self.default_policy = stream_policy
+        self.config = config
+        self.stream_window = config.stream_window
+        self.default_policy = config.stream_policy
         self._stream_ids = itertools.count()
 
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
@@ -204,3 +206,21 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
                 error=model.error,
             ))
         return pb.ListModelsResponse(models=models)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.GetServerInfoResponse:
+        return server_info(self.config)
+
+
+def server_info(config: ServerConfig) -> pb.GetServerInfoResponse:
+    """The configuration a caller can act on: credentials wanted, and every limit with the status past it."""
+    limits = pb.ServerLimits(
+        max_message_bytes=config.max_message_mb * 1024 * 1024, max_image_side=config.max_image_side,
+        max_image_pixels=config.max_image_pixels, image_formats=list(imaging.FORMATS),
+        max_faces_per_frame=config.max_faces_per_frame, max_calls_per_client=config.max_calls_per_client,
+        max_streams_per_client=config.max_streams_per_client, max_calls=config.max_calls,
+        max_streams=config.max_streams, stream_window=config.stream_window,
+        stream_idle_timeout_s=config.stream_idle_timeout_s, max_queue=config.max_queue)
+    return pb.GetServerInfoResponse(
+        version=__version__, auth_required=bool(config.auth_tokens_file), tls=bool(config.tls_cert),
+        client_certificate_required=bool(config.tls_client_ca),
+        default_stream_policy=_POLICY_OUT[config.stream_policy], limits=limits)

@@ -241,3 +241,18 @@ def test_latest_policy_answers_every_frame_in_order(stub, served_model):
             assert not reply.response.HasField("image")
         else:
             assert reply.status == pb.FRAME_STATUS_OK and reply.response.image.raw.height == big.shape[0]
+
+
+def test_server_info_tells_a_caller_every_limit_in_force(stub, served_model):
+    from facetwin.server.config import ServerConfig
+
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    config = ServerConfig()  # the fixture's server changes none of these
+    assert info.version and not info.auth_required and not info.tls
+    assert info.default_stream_policy == pb.STREAM_POLICY_QUEUE
+    assert info.limits.max_image_side == config.max_image_side
+    assert info.limits.max_image_pixels == config.max_image_pixels
+    assert info.limits.max_message_bytes == config.max_message_mb * 1024 * 1024
+    assert list(info.limits.image_formats) == ["jpeg", "png"]
+    assert info.limits.stream_window == config.stream_window and info.limits.max_queue == config.max_queue
+    assert info.limits.max_faces_per_frame == config.max_faces_per_frame
