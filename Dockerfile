@@ -20,6 +20,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/facetwin
 COPY pyproject.toml README.md ./
 COPY proto proto
+COPY core core
 COPY client client
 COPY server server
 COPY training training

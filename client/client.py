@@ -93,12 +93,13 @@ class _ClientBase:
         policy: PolicyName = "queue",
         faces: FacesArg = None,
         keep_shape: float | None = None,
+        frame_errors: str = "raise",
     ) -> tuple[StreamState, float | None]:
         self._ensure_open()
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes,
-                            policy=policy, faces=faces, keep_shape=keep_shape)
+                            policy=policy, faces=faces, keep_shape=keep_shape, frame_errors=frame_errors)
         # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
         return state, _check_timeout(timeout)
 
@@ -189,6 +190,7 @@ class Client(_ClientBase):
         faces: FacesArg = None,
         keep_shape: float | None = None,
         timeout: float | None = None,
+        frame_errors: str = "raise",
     ) -> Iterator[SwapResult]:
         """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
 
@@ -196,14 +198,16 @@ class Client(_ClientBase):
         further until results come back, so a camera or decoder is read at the speed the server serves.
         `frames` is iterated on a gRPC thread; once the stream has ended, raised or been left, that thread is out
         of `frames` for good (a read under way is waited for, up to 10 s), so the source may be closed at once.
-        Frames the server drops yield dropped=True, image=None. Leaving the loop early cancels the call.
+        Frames the server drops yield dropped=True, image=None. A frame the server could not swap (a bad image, an
+        unknown target) raises its FaceTwinError, which ends the loop; with frame_errors="yield" it is yielded as a
+        result with `error` set and the stream goes on. Leaving the loop early cancels the call.
         timeout: deadline for the whole stream (None = none).
         policy: what the server does when it falls behind — "queue" swaps every frame (the server pushes
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
         """
         state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
-                                             keep_shape)
+                                             keep_shape, frame_errors)
         try:
             frame_iter = iter(frames)
         except TypeError:
@@ -334,6 +338,7 @@ class AsyncClient(_ClientBase):
         faces: FacesArg = None,
         keep_shape: float | None = None,
         timeout: float | None = None,
+        frame_errors: str = "raise",
     ) -> AsyncIterator[SwapResult]:
         """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
 
@@ -346,7 +351,7 @@ class AsyncClient(_ClientBase):
         loses the server's status when a write races the server ending the call (grpc/grpc#36066).
         """
         state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
-                                             keep_shape)
+                                             keep_shape, frame_errors)
         if not isinstance(frames, (Iterable, AsyncIterable)):
             raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
         return self._stream_results(frames, state, max_in_flight, deadline)

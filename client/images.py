@@ -15,7 +15,7 @@ import numpy as np
 
 from facetwin.v1 import facetwin_pb2 as pb
 
-from .errors import InvalidInputError, ResourceExhaustedError, ServerError, from_rpc_error
+from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code, from_rpc_error
 from .types import DetectedFace, StageTimings, SwapResult
 
 __all__ = [
@@ -276,11 +276,15 @@ class StreamState:
     """
 
     def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int,
-                 policy: PolicyName = "queue", faces: FacesArg = None, keep_shape: float | None = None) -> None:
+                 policy: PolicyName = "queue", faces: FacesArg = None, keep_shape: float | None = None,
+                 frame_errors: str = "raise") -> None:
         check_swap_args(model, target, color=color)
         if policy not in _POLICIES:
             raise _invalid(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
         self.policy = _POLICIES[policy]
+        if frame_errors not in ("raise", "yield"):
+            raise _invalid(f"frame_errors must be 'raise' or 'yield', got {frame_errors!r}")
+        self.raise_frame_errors = frame_errors == "raise"
         self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
         self.faces, self.keep_shape = faces, keep_shape
         _fill_faces(pb.SwapRequest(), faces, keep_shape)  # validates now, before the stream starts
@@ -308,6 +312,12 @@ class StreamState:
         if message.status == pb.FRAME_STATUS_DROPPED:
             timings = StageTimings.from_proto(response.timings)
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
+        if message.status == pb.FRAME_STATUS_ERROR:
+            error = error_for_code(_status_code(message.error.code), message.error.message)
+            if self.raise_frame_errors:
+                raise error
+            timings = StageTimings.from_proto(response.timings)
+            return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, error=error)
         if message.status != pb.FRAME_STATUS_OK:
             raise ServerError(grpc.StatusCode.INTERNAL, f"frame {response.frame_id} has status {message.status}")
         return result_from_response(response, color=self.color)
@@ -324,6 +334,10 @@ class StreamState:
     def failure(self, err: grpc.RpcError) -> BaseException:
         """The exception to raise for a failed call: the request side's own error wins (it caused the failure)."""
         return self.error if self.error is not None else from_rpc_error(err)
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
 
 
 def check_request_size(request: pb.SwapRequest, max_bytes: int) -> None:

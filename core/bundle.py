@@ -126,9 +126,9 @@ class Manifest:
 def check_name(name: str, what: str = "name") -> str:
     """Returns name if it is a safe single path component, else raises BundleError."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise BundleError(
-            f"{what} {name!r} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
-        )
+        shown = repr(name) if len(repr(name)) <= 72 else f"{repr(name)[:64]}... ({len(name)} characters)"
+        raise BundleError(f"{what} {shown} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                          "letter or digit")
     return name
 
 

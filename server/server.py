@@ -13,12 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
+from facetwin.v1 import facetwin_pb2
 
 from . import metrics
 from .config import ServerConfig
 from .registry import ModelRegistry
-from .servicer import FaceSwapServicer
+from .servicer import FaceSwapServicer, add_to_server
 from .swap import SwapEngine
 
 log = logging.getLogger("facetwin.server")
@@ -43,9 +43,9 @@ class FaceSwapServer:
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ])
-        self.engine = SwapEngine(self.registry, config.max_image_side, config.detect_threads, config.detect_max_side)
-        facetwin_pb2_grpc.add_FaceSwapServicer_to_server(
-            FaceSwapServicer(self.registry, self.engine, config), self.grpc_server)
+        self.engine = SwapEngine(self.registry)
+        self.servicer = FaceSwapServicer(self.registry, self.engine, config)
+        add_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if config.reflection:
             reflection.enable_server_reflection(
@@ -86,10 +86,12 @@ class FaceSwapServer:
         await self.grpc_server.wait_for_termination()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period. Streams
+        stop taking frames at once, answer every frame they took, and end with UNAVAILABLE (reconnect)."""
         grace = self.config.grace_s if grace is None else grace
         log.info("draining (grace %.1f s)", grace)
         await self.health.enter_graceful_shutdown()
+        self.servicer.draining.set()
         await self.grpc_server.stop(grace)
         if self._loading is not None:
             self._loading.cancel()
