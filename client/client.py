@@ -18,6 +18,7 @@ import grpc
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
+from .credentials import PemInput, channel_credentials
 from .errors import InvalidInputError, ServerError, from_rpc_error
 from .images import (
     ColorName,
@@ -55,7 +56,7 @@ def _check_timeout(timeout: float | None) -> float | None:
 class _ClientBase:
     """Argument checks and request preparation common to Client and AsyncClient."""
 
-    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float) -> None:
+    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float, **credentials: Any) -> None:
         if not isinstance(address, str) or not address.strip():
             raise _invalid(f"address must be 'host:port', got {address!r}")
         if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, (int, float)) or not max_message_mb > 0:
@@ -63,6 +64,7 @@ class _ClientBase:
         self.address = address
         self.timeout = _check_timeout(timeout)
         self._max_bytes = int(max_message_mb * 2**20)
+        self._credentials = channel_credentials(address, **credentials)
         self._closed = False
 
     def _channel_options(self) -> list[tuple[str, int]]:
@@ -112,7 +114,10 @@ class Client(_ClientBase):
 
     timeout: default deadline in seconds for list_models and swap (None = wait forever); streams have
     no deadline unless stream(timeout=...) sets one. max_message_mb: largest message sent or received.
-    credentials: grpc.ssl_channel_credentials(...) for TLS; None = plaintext.
+    token: bearer token of a server that asks for one (without TLS: loopback addresses only).
+    root_certificates: PEM (bytes, or a file's path) of the CA that signed the server's certificate: TLS.
+    tls: TLS trusting gRPC's bundled public roots, for a server whose certificate a public CA signed.
+    client_certificate, client_key: PEM (bytes or path) for a server that asks for one (mutual TLS).
     """
 
     def __init__(
@@ -121,14 +126,20 @@ class Client(_ClientBase):
         *,
         timeout: float | None = 30.0,
         max_message_mb: float = 64,
-        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        root_certificates: PemInput | None = None,
+        client_certificate: PemInput | None = None,
+        client_key: PemInput | None = None,
+        tls: bool = False,
     ) -> None:
-        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb)
+        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls,
+                         root_certificates=root_certificates, client_certificate=client_certificate,
+                         client_key=client_key)
         options = self._channel_options()
-        if credentials is None:
+        if self._credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+            self._channel = grpc.secure_channel(address, self._credentials, options=options)
         self._stub = pb_grpc.FaceSwapStub(self._channel)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -269,6 +280,7 @@ class Client(_ClientBase):
 
 class AsyncClient(_ClientBase):
     """asyncio client (grpc.aio) with Client's methods as coroutines; create it inside a running event loop.
+    Takes Client's arguments, credentials included.
 
     Use `async with AsyncClient(...) as client:`, or `await client.close()`.
     """
@@ -279,14 +291,20 @@ class AsyncClient(_ClientBase):
         *,
         timeout: float | None = 30.0,
         max_message_mb: float = 64,
-        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        root_certificates: PemInput | None = None,
+        client_certificate: PemInput | None = None,
+        client_key: PemInput | None = None,
+        tls: bool = False,
     ) -> None:
-        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb)
+        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls,
+                         root_certificates=root_certificates, client_certificate=client_certificate,
+                         client_key=client_key)
         options = self._channel_options()
-        if credentials is None:
+        if self._credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+            self._channel = grpc.aio.secure_channel(address, self._credentials, options=options)
         self._stub = pb_grpc.FaceSwapStub(self._channel)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:

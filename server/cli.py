@@ -78,13 +78,16 @@ async def _dry_run(config: ServerConfig) -> None:
     from .server import FaceSwapServer
 
     started = time.perf_counter()
-    server = FaceSwapServer(config)
+    metadata = _dry_run_security(config)
+    # The TLS files were checked above as serve checks them; the dry run itself holds no CA or client certificate,
+    # so it listens (on loopback) in plaintext.
+    server = FaceSwapServer(dataclasses.replace(config, tls_cert="", tls_key="", tls_client_ca=""))
     port = await server.start()
     await server.wait_until_loaded()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.FaceSwapStub(channel)
-            listing = await stub.ListModels(pb.ListModelsRequest())
+            listing = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
             for info in listing.models:
                 if info.status != pb.MODEL_STATUS_READY:
                     typer.echo(f"model {info.name}: FAILED — {info.error}")
@@ -93,7 +96,8 @@ async def _dry_run(config: ServerConfig) -> None:
                 face = np.full((size, size, 3), 128, np.uint8)
                 reply = await stub.Swap(pb.SwapRequest(
                     model=info.name, target=info.identities[0],
-                    image=pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=size, width=size, channels=3))))
+                    image=pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=size, width=size, channels=3))),
+                    metadata=metadata)
                 typer.echo(f"model {info.name}: ready, identities {list(info.identities)}, {size} px, "
                            f"backend {info.backend}; test swap {reply.timings.total_ms:.1f} ms")
         typer.echo(f"dry run ok: {len(listing.models)} model(s) in {time.perf_counter() - started:.1f} s")
@@ -101,6 +105,20 @@ async def _dry_run(config: ServerConfig) -> None:
             raise ValueError(f"no model in {config.model_dir} loaded")
     finally:
         await server.stop(grace=1.0)
+
+
+def _dry_run_security(config: ServerConfig) -> tuple[tuple[str, str], ...]:
+    """Checks the TLS files and the tokens file as serve would; returns the metadata the dry run calls with."""
+    from .auth import read_tokens, server_credentials
+
+    if server_credentials(config) is not None:
+        typer.echo(f"tls: {config.tls_cert} and its key are usable"
+                   + (f"; clients must hold a certificate from {config.tls_client_ca}" if config.tls_client_ca else ""))
+    if not config.auth_tokens_file:
+        return ()
+    tokens = read_tokens(config.auth_tokens_file)
+    typer.echo(f"auth: {len(tokens)} token(s) in {config.auth_tokens_file}; the dry run calls as {tokens[0][0]!r}")
+    return (("authorization", f"Bearer {tokens[0][1]}"),)
 
 
 @app.command("build-engines")
@@ -153,13 +171,36 @@ def build_engines(
 def healthcheck(
     address: str = typer.Option("127.0.0.1:50051", envvar="FACETWIN_HEALTH_ADDRESS", help="Server to probe"),
     timeout: float = typer.Option(3.0, help="Seconds to wait for the answer"),
+    ca: Optional[Path] = typer.Option(None, envvar="FACETWIN_HEALTH_CA", help="PEM CA certificates that signed the "
+                                      "server's certificate: probe over TLS"),
+    cert: Optional[Path] = typer.Option(None, envvar="FACETWIN_HEALTH_CERT", help="PEM client certificate, for a "
+                                        "server that wants one (mutual TLS); needs --ca and --key"),
+    key: Optional[Path] = typer.Option(None, envvar="FACETWIN_HEALTH_KEY", help="PEM private key of --cert"),
+    server_name: Optional[str] = typer.Option(None, envvar="FACETWIN_HEALTH_SERVER_NAME", help="Name the server's "
+                                              "certificate must carry, when it is not the host of --address "
+                                              "(a probe of 127.0.0.1 inside the container)"),
 ) -> None:
-    """Exit 0 when the server reports SERVING on grpc.health.v1 (for Docker HEALTHCHECK), else 1."""
+    """Exit 0 when the server reports SERVING on grpc.health.v1 (for Docker HEALTHCHECK), else 1. Health asks for
+    no token; a TLS server needs --ca (and --cert/--key when it wants client certificates)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if (cert or key or server_name) and not ca or bool(cert) != bool(key):
+        typer.echo("error: --cert and --key go together, and they and --server-name need --ca", err=True)
+        raise typer.Exit(2)
     try:
-        with grpc.insecure_channel(address) as channel:
+        if ca is None:
+            channel = grpc.insecure_channel(address)
+        else:
+            credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes() if key else None,
+                                                       cert.read_bytes() if cert else None)
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            channel = grpc.secure_channel(address, credentials, options=options)
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
     except grpc.RpcError as exc:
         typer.echo(f"unhealthy: {exc.code().name}: {exc.details()}", err=True)
