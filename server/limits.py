@@ -55,13 +55,3 @@ class Admission:
             if not counts[client]:
                 del counts[client]
 
-
-def peer_host(peer: str) -> str:
-    """The client's address without its port, from grpc's context.peer(): "ipv4:10.0.0.7:53211" -> "10.0.0.7",
-    "ipv6:[::1]:53211" -> "::1"; other forms (unix sockets) are kept whole."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or rest
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]") or rest
-    return peer

@@ -13,11 +13,12 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from . import __version__, imaging, metrics
+from .auth import client_id
 from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
 from .fullframe import DetectedFace
-from .limits import Admission, AdmissionLimits, peer_host
+from .limits import Admission, AdmissionLimits
 from .registry import FAILED, READY, ModelRegistry
 from .streams import DROPPED, OK, FrameAnswer, StreamRun
 from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
@@ -35,11 +36,6 @@ _FACES = {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all"
 _POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
 _POLICY_OUT = {name: value for value, name in _POLICY.items()}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
-
-
-def client_id(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling, for per-client limits: the peer's address."""
-    return peer_host(context.peer())
 
 
 def _enum(table: dict, value: int, field: str):

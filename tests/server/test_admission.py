@@ -9,9 +9,10 @@ import threading
 import grpc
 import pytest
 
+from facetwin.server.auth import peer_host
 from facetwin.server.config import ServerConfig
 from facetwin.server.errors import ResourceExhaustedError
-from facetwin.server.limits import Admission, AdmissionLimits, peer_host
+from facetwin.server.limits import Admission, AdmissionLimits
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread

@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from facetwin.client import Client, InvalidInputError, ServerError, UnavailableError
+from facetwin.client import AuthenticationError, Client, InvalidInputError, UnavailableError
 from facetwin.server.auth import AuthInterceptor, TokenFile, client_id
 from facetwin.server.config import ServerConfig
 from facetwin.server.server import FaceSwapServer
@@ -243,7 +243,7 @@ def test_tokens_rotate_when_the_file_changes(tiny_model_dir, tmp_path, caplog):
             with Client(server.address, token=token, timeout=10) as client:
                 try:
                     return [m.name for m in client.list_models()] == ["tiny"]
-                except ServerError as exc:
+                except AuthenticationError as exc:
                     assert exc.code == grpc.StatusCode.UNAUTHENTICATED
                     return False
 
