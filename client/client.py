@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from .credentials import PemInput, channel_credentials
-from .errors import InvalidInputError, ServerError, from_rpc_error
+from .errors import InvalidInputError, ServerError, UnavailableError, from_rpc_error
 from .images import (
     ColorName,
     EncodingName,
@@ -45,6 +46,11 @@ def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUM
     return InvalidInputError(code, message)
 
 
+def _remaining(ends_at: float | None) -> float | None:
+    """Seconds left until a monotonic deadline (None: none); at least a millisecond, so gRPC reports the expiry."""
+    return None if ends_at is None else max(ends_at - time.monotonic(), 1e-3)
+
+
 def _check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -56,9 +62,14 @@ def _check_timeout(timeout: float | None) -> float | None:
 class _ClientBase:
     """Argument checks and request preparation common to Client and AsyncClient."""
 
-    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float, **credentials: Any) -> None:
+    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float, stream_resumes: int,
+                 resume_timeout: float, **credentials: Any) -> None:
         if not isinstance(address, str) or not address.strip():
             raise _invalid(f"address must be 'host:port', got {address!r}")
+        if isinstance(stream_resumes, bool) or not isinstance(stream_resumes, int) or stream_resumes < 0:
+            raise _invalid(f"stream_resumes must be an integer >= 0, got {stream_resumes!r}")
+        self.stream_resumes = stream_resumes
+        self.resume_timeout = _check_timeout(resume_timeout)
         if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, (int, float)) or not max_message_mb > 0:
             raise _invalid(f"max_message_mb must be a positive number, got {max_message_mb!r}")
         self.address = address
@@ -118,6 +129,9 @@ class Client(_ClientBase):
     root_certificates: PEM (bytes, or a file's path) of the CA that signed the server's certificate: TLS.
     tls: TLS trusting gRPC's bundled public roots, for a server whose certificate a public CA signed.
     client_certificate, client_key: PEM (bytes or path) for a server that asks for one (mutual TLS).
+    stream_resumes: how often one stream may resume on a new connection after its server went away (UNAVAILABLE:
+    a draining or restarted server, a lost connection): the frames not yet answered are sent again, so every frame
+    gets a result or an error. resume_timeout: how long to wait for the address to answer again, seconds.
     """
 
     def __init__(
@@ -131,8 +145,11 @@ class Client(_ClientBase):
         client_certificate: PemInput | None = None,
         client_key: PemInput | None = None,
         tls: bool = False,
+        stream_resumes: int = 3,
+        resume_timeout: float = 30.0,
     ) -> None:
         super().__init__(address, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls,
+                         stream_resumes=stream_resumes, resume_timeout=resume_timeout,
                          root_certificates=root_certificates, client_certificate=client_certificate,
                          client_key=client_key)
         options = self._channel_options()
@@ -229,41 +246,64 @@ class Client(_ClientBase):
         self, frames: Iterator[Any], state: StreamState, max_in_flight: int, deadline: float | None
     ) -> Iterator[SwapResult]:
         slots = threading.Semaphore(max_in_flight)
-        abandoned = threading.Event()
         pulling = threading.Lock()  # held by gRPC's request thread while it is inside `frames`
+        ends_at = None if deadline is None else time.monotonic() + deadline
 
-        def requests() -> Iterator[pb.SwapStreamRequest]:
+        def requests(call_over: threading.Event, resend: list[pb.SwapStreamRequest]) -> Iterator[pb.SwapStreamRequest]:
+            """One call's requests: the frames sent on an earlier call and not answered, then new ones."""
             try:
+                yield from resend
                 while True:
                     # Take a slot before pulling the next frame, so no more than max_in_flight are read ahead.
                     while not slots.acquire(timeout=_SLOT_POLL_S):
-                        if abandoned.is_set():
+                        if call_over.is_set():
                             return
                     with pulling:
-                        if abandoned.is_set():
+                        if call_over.is_set():
+                            slots.release()
                             return
                         frame = next(frames, _END)
-                    if frame is _END:
-                        return
-                    yield state.make_request(frame)
+                        if frame is _END:
+                            return
+                        # Recorded before it is sent: a frame pulled for a call that then breaks is resent.
+                        request = state.make_request(frame)
+                    yield request
             except Exception as exc:  # ends the request side cleanly; the consumer re-raises it
                 state.error = exc
 
-        call = self._stub.SwapStream(requests(), timeout=deadline)
+        resumes = 0
+        while True:
+            call_over = threading.Event()
+            call = self._stub.SwapStream(requests(call_over, state.resend()), timeout=_remaining(ends_at))
+            try:
+                for message in call:
+                    slots.release()
+                    yield state.on_response(message)
+                state.finish()
+                return
+            except grpc.RpcError as err:
+                if not state.can_resume(err, resumes, self.stream_resumes):
+                    raise state.failure(err) from err
+                resumes += 1
+            finally:
+                call_over.set()
+                call.cancel()
+                # Let a read under way finish: the next call (or, once the stream is over, the caller's closing of
+                # its source, e.g. a cv2.VideoCapture) must not race it. A source stuck longer is left to that thread.
+                if pulling.acquire(timeout=_SOURCE_RELEASE_S):
+                    pulling.release()
+            self._reconnect(ends_at)
+
+    def _reconnect(self, ends_at: float | None) -> None:
+        """Waits (up to resume_timeout) until the channel is connected again: the server drained and a replica, or
+        the same server restarted, answers at the address."""
+        wait = self.resume_timeout if ends_at is None else min(self.resume_timeout, _remaining(ends_at))
         try:
-            for message in call:
-                slots.release()
-                yield state.on_response(message)
-            state.finish()
-        except grpc.RpcError as err:
-            raise state.failure(err) from err
-        finally:
-            abandoned.set()
-            call.cancel()
-            # Let a read under way finish before returning: the caller may close its source (a cv2.VideoCapture
-            # released while another thread reads it can hang). A source stuck longer is left to that thread.
-            if pulling.acquire(timeout=_SOURCE_RELEASE_S):
-                pulling.release()
+            grpc.channel_ready_future(self._channel).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and {self.address} "
+                                   f"did not answer again within {wait:.0f} s; the frames not yet answered were "
+                                   "not swapped") from None
 
     def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""
@@ -296,8 +336,11 @@ class AsyncClient(_ClientBase):
         client_certificate: PemInput | None = None,
         client_key: PemInput | None = None,
         tls: bool = False,
+        stream_resumes: int = 3,
+        resume_timeout: float = 30.0,
     ) -> None:
         super().__init__(address, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls,
+                         stream_resumes=stream_resumes, resume_timeout=resume_timeout,
                          root_certificates=root_certificates, client_certificate=client_certificate,
                          client_key=client_key)
         options = self._channel_options()
@@ -379,17 +422,33 @@ class AsyncClient(_ClientBase):
         deadline: float | None,
     ) -> AsyncIterator[SwapResult]:
         slots = asyncio.Semaphore(max_in_flight)
-        answered = asyncio.Event()  # the server answered the first frame, or ended the call
-        call = self._stub.SwapStream(timeout=deadline)
+        source = _pull_frames(frames, slots)
+        pull: list[asyncio.Future | None] = [None]  # a frame being pulled; it outlives a call that breaks meanwhile
+        ends_at = None if deadline is None else time.monotonic() + deadline
 
-        async def write_requests() -> None:
+        async def write_requests(call, answered: asyncio.Event, call_over: asyncio.Event,
+                                 resend: list[pb.SwapStreamRequest]) -> None:
             try:
-                async for frame in _pull_frames(frames, slots):
-                    await call.write(state.make_request(frame))
+                for message in resend:  # sent on an earlier call and not answered
+                    await call.write(message)
+                while True:
+                    if pull[0] is None:
+                        pull[0] = asyncio.ensure_future(anext(source, _END))
+                    over = asyncio.ensure_future(call_over.wait())
+                    try:
+                        await asyncio.wait({pull[0], over}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        over.cancel()
+                    if not pull[0].done():
+                        return  # this call is over; the frame being pulled goes to the next one
+                    frame, pull[0] = pull[0].result(), None
+                    if frame is _END:
+                        break
+                    await call.write(state.make_request(frame))  # recorded first: resent if this call breaks
                     if state.sent == 1:
-                        # A bad model or target fails the first frame. Sending more before that answer
-                        # would race the server's abort, and grpc.aio then reports INTERNAL instead of
-                        # the server's status (see _lost_status); one round trip of latency avoids it.
+                        # A stream the server refuses (a limit, a bad policy) ends at its first frame. Sending more
+                        # before that answer would race the server's abort, and grpc.aio then reports INTERNAL
+                        # instead of the server's status (see _lost_status); one round trip of latency avoids it.
                         await answered.wait()
                 await call.done_writing()
             except (asyncio.InvalidStateError, grpc.RpcError):
@@ -399,29 +458,53 @@ class AsyncClient(_ClientBase):
                 with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
                     await call.done_writing()
 
-        writer = asyncio.create_task(write_requests())
+        resumes = 0
         try:
-            while (message := await call.read()) is not grpc.aio.EOF:
-                answered.set()
-                slots.release()
-                yield state.on_response(message)
-            answered.set()
-            await writer
-            state.finish()
-        except grpc.RpcError as err:
-            if state.error is None and _lost_status(err):
-                raise ServerError(
-                    grpc.StatusCode.INTERNAL,
-                    f"the server ended the stream after {state.received} results while frames were still being "
-                    "sent, and grpc.aio hides its status in that case (grpc/grpc#36066); "
-                    "Client.stream reports it",
-                ) from err
-            raise state.failure(err) from err
+            while True:
+                call = self._stub.SwapStream(timeout=_remaining(ends_at))
+                answered, call_over = asyncio.Event(), asyncio.Event()
+                writer = asyncio.create_task(write_requests(call, answered, call_over, state.resend()))
+                try:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        answered.set()
+                        slots.release()
+                        yield state.on_response(message)
+                    answered.set()
+                    await writer
+                    state.finish()
+                    return
+                except grpc.RpcError as err:
+                    if not state.can_resume(err, resumes, self.stream_resumes):
+                        if state.error is None and _lost_status(err):
+                            raise ServerError(
+                                grpc.StatusCode.INTERNAL,
+                                f"the server ended the stream after {state.received} results while frames were "
+                                "still being sent, and grpc.aio hides its status in that case (grpc/grpc#36066); "
+                                "Client.stream reports it",
+                            ) from err
+                        raise state.failure(err) from err
+                    resumes += 1
+                finally:
+                    call_over.set()
+                    answered.set()
+                    call.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
+                await self._reconnect(ends_at)
         finally:
-            call.cancel()
-            if not writer.done():
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+            if pull[0] is not None:
+                pull[0].cancel()
+                await asyncio.gather(pull[0], return_exceptions=True)
+            await source.aclose()
+
+    async def _reconnect(self, ends_at: float | None) -> None:
+        """Waits (up to resume_timeout) until the channel is connected again; see Client._reconnect."""
+        wait = self.resume_timeout if ends_at is None else min(self.resume_timeout, _remaining(ends_at))
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), wait)
+        except TimeoutError:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and {self.address} "
+                                   f"did not answer again within {wait:.0f} s; the frames not yet answered were "
+                                   "not swapped") from None
 
     async def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""

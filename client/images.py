@@ -8,6 +8,7 @@ InvalidInputError (a ValueError) with a message that says what to pass instead.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Literal, Union
 
 import grpc
@@ -291,6 +292,7 @@ class StreamState:
         self.max_bytes = max_bytes
         self.sent = 0  # frames handed to gRPC; also the next frame id
         self.received = 0  # results yielded
+        self.unanswered: collections.deque[pb.SwapStreamRequest] = collections.deque()  # sent, no answer yet
         self.error: BaseException | None = None  # raised by the caller's frames or by request building
 
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
@@ -299,7 +301,25 @@ class StreamState:
                            frame_id=self.sent, faces=self.faces, keep_shape=self.keep_shape, into=message.request)
         check_request_size(message.request, self.max_bytes)
         self.sent += 1
+        self.unanswered.append(message)
         return message
+
+    def resend(self) -> list[pb.SwapStreamRequest]:
+        """The frames to send first on a new call: those sent on an earlier call and not answered, the first one
+        carrying the stream's policy (the server reads it from a stream's first message)."""
+        resend = list(self.unanswered)
+        if resend and resend[0].policy != self.policy:
+            first = pb.SwapStreamRequest()
+            first.CopyFrom(resend[0])
+            first.policy = self.policy
+            resend[0] = first
+        return resend
+
+    def can_resume(self, err: grpc.RpcError, resumes: int, limit: int) -> bool:
+        """Whether a stream that failed with err may go on over a new call: its server went away (UNAVAILABLE --
+        draining, restarted, connection lost), the request side is fine, and resumes are left."""
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        return code == grpc.StatusCode.UNAVAILABLE and self.error is None and resumes < limit
 
     def on_response(self, message: pb.SwapStreamResponse) -> SwapResult:
         response = message.response
@@ -309,6 +329,8 @@ class StreamState:
                 f"stream result out of order: got frame {response.frame_id}, expected {self.received}",
             )
         self.received += 1
+        if self.unanswered and self.unanswered[0].request.frame_id == response.frame_id:
+            self.unanswered.popleft()
         if message.status == pb.FRAME_STATUS_DROPPED:
             timings = StageTimings.from_proto(response.timings)
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
