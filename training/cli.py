@@ -167,11 +167,13 @@ def train(
     """Trains a face-swap model (--variant); under `torchrun --nproc_per_node N` on N processes (DDP)."""
     from facetwin.core.model import VARIANTS
     from facetwin.training import train as train_mod
+    from facetwin.training.amp import AMP_MODES
+    from facetwin.training.config import PRESETS
 
     if variant not in VARIANTS:
         _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    if amp is not None and amp not in train_mod.AMP_MODES:
-        _fail(f"--amp must be one of {', '.join(train_mod.AMP_MODES)}, not {amp!r}")
+    if amp is not None and amp not in AMP_MODES:
+        _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
     options = {"amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
     if dry_run:
         summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant, **options))
@@ -181,8 +183,8 @@ def train(
         return
     if data is None or out is None:
         _fail("train needs --data and --out (or --dry-run)")
-    if preset not in train_mod.PRESETS:
-        _fail(f"--preset must be one of {', '.join(train_mod.PRESETS)}, not {preset!r}")
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
                                             lr_final_fraction=lr_final_fraction, grad_clip=grad_clip, seed=seed,
                                             threads=threads, variant=variant, max_seconds=max_seconds, **options)

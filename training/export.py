@@ -36,7 +36,7 @@ from facetwin.core.bundle import (
 )
 from facetwin.core.files import DIR_MODE, FILE_MODE, sha256_file
 from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
-from facetwin.training.train import load_checkpoint, model_from_checkpoint
+from facetwin.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 INPUT_NAME = "face"
 OUTPUT_FACE = "swapped"

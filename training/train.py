@@ -25,10 +25,7 @@ from tqdm import tqdm
 
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import amp
-from facetwin.training.amp import AMP_MODES as AMP_MODES  # re-exported: training/cli.py reads it from here
 from facetwin.training.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
-from facetwin.training.checkpoint import model_from_checkpoint as model_from_checkpoint  # re-exported: export.py
-from facetwin.training.config import PRESETS as PRESETS  # re-exported: training/cli.py reads it from here
 from facetwin.training.config import TrainConfig, check_config, learning_rate, preset_model
 from facetwin.training.data import AugmentConfig, IdentityFaces, describe, identity_names, load_faces, load_index
 from facetwin.training.distributed import Distributed, all_agree, barrier, process_group, training_device
