@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from facetwin.core.files import atomic_write_bytes
+from facetwin.core.files import atomic_write_bytes, remove_stale_temporaries
 from facetwin.training import amp
 from facetwin.training.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from facetwin.training.config import TrainConfig, check_config, learning_rate, preset_model
@@ -55,6 +55,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     data_info = describe(index)
     names = identity_names(index)
 
+    if world.is_main:  # a run killed while writing its checkpoint left a temp file; the last good one is intact
+        remove_stale_temporaries(ckpt_path)
     start_step, saved = 0, None
     if ckpt_path.exists():
         if not resume:

@@ -20,9 +20,9 @@ from typer.main import get_command
 
 from facetwin.core.bundle import load_manifest
 from facetwin.training import synth
+from facetwin.training.checkpoint import load_checkpoint
 from facetwin.training.cli import app
 from facetwin.training.layout import FACES_SCHEMA
-from facetwin.training.train import load_checkpoint
 
 TRAIN = Path(sys.executable).with_name("facetwin-train")  # the console script installed next to this Python
 # Two OpenMP threads that spin-wait crawl (~50x) when other processes hold the cores, as on a shared 2-core

@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 from facetwin.core.bundle import load_manifest
 from facetwin.training import export as export_mod
 from facetwin.training import synth
+from facetwin.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from facetwin.training.evaluate import synthetic_swap_score
 from facetwin.training.export import ExportError, export_bundle
-from facetwin.training.train import CheckpointError, TrainConfig, load_checkpoint, model_from_checkpoint, train
+from facetwin.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
