@@ -34,12 +34,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-import torch
 
 from facetwin.core import alignment, blending
 from facetwin.core.bundle import Manifest, load_manifest
 from facetwin.core.files import atomic_write_bytes
-from facetwin.training import losses, quality, synth
+from facetwin.training import quality, synth
 from facetwin.training.layout import png_bytes
 
 BATCH = 32  # images per ONNX Runtime call: bounds memory at large resolutions
@@ -49,6 +48,12 @@ def ssim_maps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-pixel SSIM of two batches of images (N, H, W, C) in 0..255, averaged over channels: (N, H, W). It is the
     training loss's SSIM (losses.ssim_map: Wang et al. 2004, reflected borders, so the map covers every pixel),
     computed in float32 as in training (6x faster on a CPU than float64; a face SSIM moves by ~1e-5)."""
+    # torch is imported here, not with the module: scripts that only read reports or draw grids (the examples, the
+    # CLI's compare) start without its 2 s import.
+    import torch
+
+    from facetwin.training import losses
+
     maps = []
     for start in range(0, len(a), BATCH):  # bounds the memory of the five stacked statistics at large sides
         x, y = (torch.from_numpy(np.ascontiguousarray(v[start:start + BATCH].transpose(0, 3, 1, 2), np.float32))
