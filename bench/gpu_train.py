@@ -40,7 +40,6 @@ TARGETS = {  # the training targets: (comparison, goal, how it is measured)
     "train_input_ratio": (">=", 0.85, "bench/train.py: median steps/s with the real input pipeline over steps/s on "
                           "batches already on the device; the worst preset of this run"),
 }
-EVAL_POSES = 64  # held-out poses per direction, as `facetwin-train evaluate` scores by default
 
 
 def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
@@ -64,6 +63,7 @@ def one(args: argparse.Namespace) -> int:
     from facetwin.training.config import TrainConfig
     from facetwin.training.evaluate import synthetic_section
     from facetwin.training.export import export_bundle
+    from facetwin.training.layout import HELD_OUT_POSES, HELD_OUT_SEED
     from facetwin.training.train import train
 
     work = Path(args.work)
@@ -76,7 +76,7 @@ def one(args: argparse.Namespace) -> int:
     manifest = load_manifest(bundle)  # the run's step and effective config, as the export recorded them
     trained, steps = manifest.training_config, int(manifest.training_config["step"])
     params = count_parameters(build_model(ModelConfig.from_dict(manifest.model_config)))
-    synthetic = synthetic_section(bundle, count=EVAL_POSES, seed=1234)
+    synthetic = synthetic_section(bundle, count=HELD_OUT_POSES, seed=HELD_OUT_SEED)
     report = {"preset": args.preset, "variant": trained["variant"], "model": manifest.model_config,
               "params_m": round(params / 1e6, 1), "batch_size": trained["batch_size"], "lr": trained["lr"],
               "amp": trained["amp"], "device": str(args.device),

@@ -68,17 +68,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 @contextlib.contextmanager
-def replace_folder(dest: Path) -> Iterator[Path]:
-    """Yields an empty staging folder beside dest (0700, as mkdtemp makes it) to fill. If the block succeeds, an old
-    dest is deleted and the staging folder renamed to dest, so dest is never seen half-written; if it raises, the
-    staging folder is deleted and dest is left as it was."""
+def replace_folder(dest: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yields an empty staging folder beside dest to fill (0700, as mkdtemp makes it, or `mode`). If the block
+    succeeds, an old dest is moved aside, the staging folder renamed to dest and the old one deleted, so readers see
+    the old folder or the whole new one, never a half-written one; if it raises, the staging folder is deleted and
+    dest is left as it was."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    if mode is not None:
+        staging.chmod(mode)
+    retired = None
     try:
         yield staging
         if dest.exists():
-            shutil.rmtree(dest)
+            retired = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, retired / dest.name)
         os.replace(staging, dest)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for leftover in (staging, retired):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)

@@ -153,13 +153,13 @@ def train_and_export(variant: str, preset: Preset, args: argparse.Namespace, tra
             "seconds": round(spent_seconds(run_dir), 1)}
 
 
-def compare(bundles: list[Path], holdout_dir: Path, preset: Preset) -> list[dict[str, Any]]:
-    """`facetwin-train compare --json` of the bundles on the held-out faces: one report per bundle."""
-    cmd = [str(BIN / "facetwin-train"), "compare", *[a for b in bundles for a in ("--bundle", str(b))], "--data",
-           str(holdout_dir), "--faces", str(preset.eval_faces), "--references", str(preset.eval_references), "--json"]
-    print("$ " + " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    return json.loads(done.stdout)
+def compare(bundles: list[Path], holdout_dir: Path, preset: Preset, out: Path) -> list[dict[str, Any]]:
+    """`facetwin-train compare --report` of the bundles on the held-out faces: one report per bundle."""
+    reports = out / "compare-reports.json"
+    run([str(BIN / "facetwin-train"), "compare", *[a for b in bundles for a in ("--bundle", str(b))], "--data",
+         str(holdout_dir), "--faces", str(preset.eval_faces), "--references", str(preset.eval_references),
+         "--report", str(reports)])
+    return json.loads(reports.read_text())
 
 
 def budget(args: argparse.Namespace, preset: Preset) -> str:
@@ -179,7 +179,7 @@ def compare_real(args: argparse.Namespace, preset: Preset, out: Path) -> dict[st
         trained.append(train_and_export(variant, preset, args, data.train, data.holdout, runs, models))
 
     banner(total, total, f"score {', '.join(args.variants)} on the same held-out faces: identity, landmarks, flicker")
-    reports = compare([Path(t["bundle"]) for t in trained], data.holdout, preset)
+    reports = compare([Path(t["bundle"]) for t in trained], data.holdout, preset, out)
     columns = [key for key in evaluate_mod.headline(reports[0]) if not key.startswith("synthetic.")]
     table = evaluate_mod.markdown_table(reports, columns, {"steps": [str(t["steps"]) for t in trained],
                                                            "train s": [f"{t['seconds']:.0f}" for t in trained]})

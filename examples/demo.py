@@ -22,6 +22,7 @@ from facetwin.client import Client
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import synth
 from facetwin.training.evaluate import compose_grid, ssim
+from facetwin.training.layout import HELD_OUT_SEED
 
 from .common import BIN, banner, finished_training, run, serving, wait_ready
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
             a, b = info.identities[:2]
 
             banner(5, total, f"swap held-out poses through the SDK: {a}->{b} and {b}->{a}")
-            poses = synth.test_poses(args.eval_poses, 1234)
+            poses = synth.test_poses(args.eval_poses, HELD_OUT_SEED)
             forward = served_swaps(client, args, "demo", known, a, b, poses)
             backward = served_swaps(client, args, "demo", known, b, a, poses)
             grid_rows = []

@@ -169,14 +169,11 @@ def guard_run(run_dir: Path, train_dir: Path, holdout_dir: Path) -> None:
 
 
 def evaluate(bundle: Path, faces_dir: Path, preset: Preset, out: Path) -> dict:
-    """`facetwin-train evaluate --json --markdown`; its JSON goes to out/report.json."""
-    cmd = [str(BIN / "facetwin-train"), "evaluate", "--bundle", str(bundle), "--data", str(faces_dir), "--json",
-           "--markdown", str(out / "report.md"), "--faces", str(preset.eval_faces), "--references",
-           str(preset.eval_references)]
-    print("$ " + " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    atomic_write_bytes(out / "report.json", done.stdout.encode())
-    return json.loads(done.stdout)
+    """`facetwin-train evaluate --report out/report.json --markdown out/report.md`; returns the report."""
+    run([str(BIN / "facetwin-train"), "evaluate", "--bundle", str(bundle), "--data", str(faces_dir), "--report",
+         str(out / "report.json"), "--markdown", str(out / "report.md"), "--faces", str(preset.eval_faces),
+         "--references", str(preset.eval_references)])
+    return json.loads((out / "report.json").read_text())
 
 
 def headline(report: dict) -> dict[str, float | None]:

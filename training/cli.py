@@ -25,6 +25,8 @@ from typing import Any, Callable, NoReturn, Optional
 
 import typer
 
+from facetwin.training.layout import HELD_OUT_POSES, HELD_OUT_SEED
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 USAGE_ERROR = 2
 
@@ -236,15 +238,19 @@ def _load_real(data: Optional[Path], video: Optional[Path], video_identity: Opti
                                                     max_frames))
 
 
-def _publish(reports: list[dict[str, Any]], as_json: bool, markdown: Optional[Path], single: bool) -> None:
+def _publish(reports: list[dict[str, Any]], as_json: bool, markdown: Optional[Path], report_file: Optional[Path],
+             single: bool) -> None:
     from facetwin.core.files import atomic_write_bytes
     from facetwin.training import evaluate as evaluate_mod
 
     table = evaluate_mod.markdown_table(reports)
+    text = json.dumps(reports[0] if single else reports, indent=2, sort_keys=True) + "\n"
     if markdown is not None:
         _run(lambda: atomic_write_bytes(markdown, table.encode()))
+    if report_file is not None:
+        _run(lambda: atomic_write_bytes(report_file, text.encode()))
     if as_json:
-        typer.echo(json.dumps(reports[0] if single else reports, indent=2, sort_keys=True))
+        typer.echo(text, nl=False)
     else:
         typer.echo(table, nl=False)
 
@@ -271,8 +277,8 @@ def evaluate(
     video: Optional[Path] = typer.Option(None, help=VIDEO_HELP),
     video_identity: Optional[str] = typer.Option(None, help="the bundle identity --video shows"),
     identity_map: Optional[list[str]] = typer.Option(None, "--map", help=MAP_HELP),
-    count: int = typer.Option(64, min=1, help=COUNT_HELP),
-    seed: int = typer.Option(1234, min=0, help="seed of the held-out poses"),
+    count: int = typer.Option(HELD_OUT_POSES, min=1, help=COUNT_HELP),
+    seed: int = typer.Option(HELD_OUT_SEED, min=0, help="seed of the held-out poses"),
     faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair, in playing order"),
     references: int = typer.Option(32, min=1, help="real crops averaged into each identity's reference embedding"),
     keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=KEEP_SHAPE_HELP),
@@ -280,6 +286,7 @@ def evaluate(
     max_frames: int = typer.Option(120, min=1, help=MAX_FRAMES_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     markdown: Optional[Path] = typer.Option(None, help="also write the report as a Markdown table to this file"),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="also write the report as JSON to this file"),
     grid: Optional[Path] = typer.Option(None, help="also write a PNG grid of source / swap / truth (synth bundles)"),
 ) -> None:
     """One report per bundle: synthetic SSIM/L1, identity distances, landmark NME, flicker ratio (null + reason
@@ -294,8 +301,8 @@ def evaluate(
                                                        reference_faces=references, **_keep_shape(keep_shape)))
     if grid is not None:
         _run(lambda: evaluate_mod.swap_grid(bundle, grid))
-    _publish([report], as_json, markdown, single=True)
-    if grid is not None:
+    _publish([report], as_json, markdown, report_file, single=True)
+    if grid is not None and not as_json:  # --json prints nothing but the report
         typer.echo(f"grid: {grid}")
 
 
@@ -306,7 +313,7 @@ def compare(
     video: Optional[Path] = typer.Option(None, help=VIDEO_HELP),
     video_identity: Optional[str] = typer.Option(None, help="the bundle identity --video shows"),
     identity_map: Optional[list[str]] = typer.Option(None, "--map", help=MAP_HELP),
-    count: int = typer.Option(64, min=1, help=COUNT_HELP),
+    count: int = typer.Option(HELD_OUT_POSES, min=1, help=COUNT_HELP),
     faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair"),
     references: int = typer.Option(32, min=1, help="real crops averaged into each reference embedding"),
     keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=KEEP_SHAPE_HELP),
@@ -314,6 +321,8 @@ def compare(
     max_frames: int = typer.Option(120, min=1, help=MAX_FRAMES_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the reports as a JSON list instead of the table"),
     markdown: Optional[Path] = typer.Option(None, help="also write the table to this Markdown file"),
+    report_file: Optional[Path] = typer.Option(None, "--report", help="also write the reports as a JSON list to "
+                                               "this file"),
 ) -> None:
     """Evaluates several bundles (variants) on the same faces and prints the comparison table."""
     from facetwin.training import evaluate as evaluate_mod
@@ -326,7 +335,7 @@ def compare(
     reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
                                                          reference_faces=references, **_keep_shape(keep_shape)))
                for path in bundles]
-    _publish(reports, as_json, markdown, single=False)
+    _publish(reports, as_json, markdown, report_file, single=False)
 
 
 @app.command("dfm-export")

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,7 @@ from facetwin.core.bundle import (
     load_manifest,
     write_manifest,
 )
-from facetwin.core.files import DIR_MODE, FILE_MODE, atomic_write_bytes, sha256_file
+from facetwin.core.files import DIR_MODE, FILE_MODE, atomic_write_bytes, replace_folder, sha256_file
 
 DFM_INPUT = "in_face:0"
 DFM_MORPH = "morph_value:0"
@@ -345,26 +343,13 @@ def _check_converted(model: Any, original: Any, signature: dict[str, Any], morph
 def _write_bundle(final: Path, celeb: str, model: Any, manifest: Manifest) -> Path:
     """Writes the graph and its manifest (targets and files filled in) into a staging folder beside `final`,
     verifies it as the server will, and renames it into place; an old bundle is moved aside first."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.dfm-import-"))
-    staging.chmod(DIR_MODE)
-    try:
+    with replace_folder(final, mode=DIR_MODE) as staging:
         filename = check_name(f"target_{celeb}.onnx", "bundle file")
         (staging / filename).write_bytes(model.SerializeToString())
         (staging / filename).chmod(FILE_MODE)
         write_manifest(staging, dataclasses.replace(manifest, targets={celeb: filename},
                                                     files={filename: sha256_file(staging / filename)}))
         load_manifest(staging, verify=True)
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-            final.rename(retired / final.name)
-            staging.rename(final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

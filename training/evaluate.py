@@ -39,7 +39,7 @@ from facetwin.core import alignment, blending
 from facetwin.core.bundle import Manifest, load_manifest
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import quality, synth
-from facetwin.training.layout import png_bytes
+from facetwin.training.layout import HELD_OUT_POSES, HELD_OUT_SEED, png_bytes
 
 BATCH = 32  # images per ONNX Runtime call: bounds memory at large resolutions
 
@@ -160,7 +160,7 @@ def _pairs(manifest: Manifest, known: dict[str, synth.Identity], source: str | N
     return [(a, b) for a, b in pairs if source in (None, a) and target in (None, b)]
 
 
-def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = 64, seed: int = 1234,
+def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = HELD_OUT_POSES, seed: int = HELD_OUT_SEED,
                          source: str | None = None, target: str | None = None) -> dict[str, Any]:
     """Scores swaps A->B against the true rendering of B on `count` held-out poses (synth.test_poses(count, seed)).
 
@@ -212,7 +212,7 @@ def synthetic_swap_score(bundle_dir: str | os.PathLike, count: int = 64, seed: i
             "rebuild": rebuild, "count": count, "seed": seed, "synth_seed": synth_seed, "resolution": res}
 
 
-def swap_grid(bundle_dir: str | os.PathLike, out_png: str | os.PathLike, count: int = 6, seed: int = 1234,
+def swap_grid(bundle_dir: str | os.PathLike, out_png: str | os.PathLike, count: int = 6, seed: int = HELD_OUT_SEED,
               source: str | None = None, target: str | None = None, scale: int = 3) -> Path:
     """Writes a PNG with rows source A | swap A->B | ground truth B, then the same for B->A when the bundle has a
     graph for A; `count` held-out poses per row, upscaled `scale` times (nearest) with a label column."""
@@ -465,7 +465,7 @@ def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> d
             "pairs": [{rename.get(k, k): v for k, v in pair.items()} for pair in score["pairs"]]}
 
 
-def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = 64, seed: int = 1234,
+def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = HELD_OUT_POSES, seed: int = HELD_OUT_SEED,
                     faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES,
                     keep_shape: float = blending.KEEP_SHAPE, saved: SavedSwaps | None = None) -> dict[str, Any]:
     """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",

@@ -16,8 +16,6 @@ check never leaves a half bundle where the server looks.
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from facetwin.core.bundle import (
     load_manifest,
     write_manifest,
 )
-from facetwin.core.files import DIR_MODE, FILE_MODE, sha256_file
+from facetwin.core.files import DIR_MODE, FILE_MODE, replace_folder, sha256_file
 from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
 from facetwin.training.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -147,10 +145,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
     for identity in config.identities:
         target_file(identity)  # fail before any work if an identity cannot be a file name
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.export-"))
-    staging.chmod(DIR_MODE)  # mkdtemp makes it 0700; the server may run as another user (the container's)
-    try:
+    # DIR_MODE, not mkdtemp's 0700: the server may run as another user (the container's).
+    with replace_folder(final, mode=DIR_MODE) as staging:
         _save_weights(model, staging / WEIGHTS_NAME)
         targets: dict[str, str] = {}
         worst = 0.0
@@ -177,21 +173,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
         )
         write_manifest(staging, manifest)
         load_manifest(staging, verify=True)  # what the server will do: the bundle must pass its own reader
-        _move_into_place(staging, final, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if final.exists() and not overwrite:
+            raise ExportError(f"bundle {final} appeared while exporting; not replacing it")
     return final
-
-
-def _move_into_place(staging: Path, final: Path, overwrite: bool) -> None:
-    """Renames the finished bundle into place; an old bundle is moved aside first and deleted after."""
-    if not final.exists():
-        staging.rename(final)
-        return
-    if not overwrite:
-        raise ExportError(f"bundle {final} appeared while exporting; not replacing it")
-    retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
-    final.rename(retired / final.name)
-    staging.rename(final)
-    shutil.rmtree(retired, ignore_errors=True)
