@@ -8,6 +8,7 @@ line, goes on with the rest, and exits 1 if any failed.
 
 import datetime
 import importlib
+import os
 import sys
 import threading
 import time
@@ -114,7 +115,7 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
         raise CliError(f"{source} is a photo, not a video" if kind == "image" else f"{source} is not a {only}")
     suffixes = IMAGE_OUTPUTS if kind == "image" else VIDEO_OUTPUTS
     if output.suffix.lower() not in suffixes:
-        raise CliError(f"OUT {output} must end in {', '.join(suffixes)} for a {kind}", 2)
+        raise CliError(f"OUT {output} must end in {', '.join(suffixes)} for a {'photo' if kind == 'image' else kind}", 2)
     if mask is not None and kind != "image":
         raise CliError("--mask applies to photos only", 2)
     video_options, address, max_in_flight = swap.pop("options"), swap.pop("address"), swap.pop("max_in_flight")
@@ -169,10 +170,10 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
               f"({jobs} at a time); summary -> {summary}")
         return
     check_writable(summary)
-    counts_estimate = [expected_frames(item) for item in pending]
-    total = sum(counts_estimate) if all(n is not None for n in counts_estimate) else None
+    total = sum(expected_frames(item) or 0 for item in pending) or None  # a broken file counts 0 (it fails fast)
     lock = threading.Lock()
     finished = [0]
+    pending_inputs = {str(item.source) for item in pending}
     started = time.perf_counter()
     header = {"model": swap["model"], "target": swap["target"], "faces": swap["faces"], "address": swap["address"],
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
@@ -186,7 +187,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
             with lock:
                 if entry["status"] == "failed":
                     bar.write(f"error: {entry['error']}", file=sys.stderr)
-                if entry["status"] in ("done", "failed") and entry["input"] in {str(i.source) for i in pending}:
+                if entry["status"] in ("done", "failed") and entry["input"] in pending_inputs:
                     finished[0] += 1
                     bar.set_description(f"{finished[0]}/{len(pending)} files")
 
@@ -204,7 +205,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
         raise CliError(f"{counts['failed']} of {len(entries)} file(s) failed (see {summary})")
 
 
-def run_swap(inputs: list[Path] | None, output: Path, *, model: str, target: str, only: str | None = None,
+def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, target: str, only: str | None = None,
              aligned: bool = False, faces: str = "largest", keep_shape: float | None = None,
              quality: int | None = None, mask: Path | None = None, codec: str = "libx264", crf: int | None = 18,
              preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 8,
@@ -222,8 +223,11 @@ def run_swap(inputs: list[Path] | None, output: Path, *, model: str, target: str
     swap = dict(model=model, target=target, faces=parse_faces(faces, aligned), keep_shape=keep_shape,
                 quality=quality, options=options, max_in_flight=max_in_flight, address=address)
     inputs = [str(path) for path in inputs or []]
+    # One file to one file, unless OUT is a folder (then the file goes into it, as in a folder run).
     single = len(inputs) == 1 and list_file is None and not Path(inputs[0]).is_dir() \
-        and (Path(inputs[0]).exists() or not any(c in inputs[0] for c in "*?["))
+        and (Path(inputs[0]).exists() or not any(c in inputs[0] for c in "*?[")) \
+        and not Path(output).is_dir() and not str(output).endswith(("/", os.sep))
+    output = Path(output)
     if single:
         _swap_one(Path(inputs[0]), output, only=only, mask=mask, dry_run=dry_run, progress_bar=tqdm, **swap)
     elif not inputs and list_file is None:
@@ -280,7 +284,7 @@ def build_app() -> Any:
         def command(
             inputs: Annotated[list[Path] | None, typer.Argument(metavar="IN...", help=in_help, show_default=False)]
             = None,
-            output: Annotated[Path, typer.Argument(
+            output: Annotated[str, typer.Argument(  # str: a trailing / (a folder) must survive
                 metavar="OUT", help="Output file for one input (its suffix picks the format), else a folder.")]
             = ...,
             model: Annotated[str, typer.Option("--model", "-m", help="Model bundle name (see `facetwin models`).")]

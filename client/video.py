@@ -98,6 +98,7 @@ class VideoJob:
         self._rate = self._video.average_rate or self._video.guessed_rate or _FALLBACK_RATE
         self._step = max(1, round(1 / (self._rate * self._time_base)))  # one frame, in time-base units
         self._reading = threading.Lock()  # held while the input is read; closing takes it first
+        self._writing = threading.Lock()  # held while the output is written (the async driver writes on a thread)
         # (pts, duration, frame) of frames sent and not yet written
         self._sent: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
         self._audio_waiting: collections.deque[Any] = collections.deque()  # packets read, not yet muxed
@@ -156,17 +157,17 @@ class VideoJob:
         if self._size is None:
             self._size = (frame.width, frame.height)
             self._color = (frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc)
+        pts, duration, rotation = frame.pts, frame.duration, frame.rotation
         if (frame.width, frame.height) != self._size:  # a stream that changes size mid-way: keep the first's
             frame = frame.reformat(width=self._size[0], height=self._size[1])
-        rgb = upright(to_rgb(frame), frame.rotation)
+        rgb = upright(to_rgb(frame), rotation)
         rgb = rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2]  # yuv420p halves both sides: keep them even
-        pts = frame.pts
         if pts is None:
             pts = 0 if self._last_pts is None else self._last_pts + self._step
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1  # encoders refuse timestamps that do not increase
         self._last_pts = pts
-        self._sent.append((pts, frame.duration, rgb))
+        self._sent.append((pts, duration, rgb))
         self._read += 1
         return rgb
 
@@ -174,7 +175,13 @@ class VideoJob:
 
     def write(self, result: SwapResult) -> None:
         """Encodes the result of the oldest frame sent (the original where the server dropped the frame)."""
+        with self._writing:
+            self._write(result)
+
+    def _write(self, result: SwapResult) -> None:
         self._check_cancel()
+        if self._closed:
+            raise CancelledError(f"{self.source}: closed")
         pts, duration, original = self._sent.popleft()
         image = original if result.dropped else result.image
         if image is None or image.shape != original.shape:
@@ -242,6 +249,10 @@ class VideoJob:
 
     def finish(self) -> FileReport:
         """Flushes the encoder, writes the rest of the audio, closes and renames the output into place."""
+        with self._writing:
+            return self._finish()
+
+    def _finish(self) -> FileReport:
         if self._output is None:
             raise MediaFileError(self.source, "has no decodable frames")
         av = load_av()
@@ -265,14 +276,15 @@ class VideoJob:
 
     def abort(self) -> None:
         """Closes both files and removes the partial output; safe to call more than once."""
-        if self._output is not None:
-            try:
-                self._output.close()
-            except Exception:  # a half-written file is removed next, whatever state its muxer is in
-                pass
-            self._output = None
-        self._close_input()
-        self._partial.discard()
+        with self._writing:  # waits for a frame being encoded on another thread
+            if self._output is not None:
+                try:
+                    self._output.close()
+                except Exception:  # a half-written file is removed next, whatever state its muxer is in
+                    pass
+                self._output = None
+            self._close_input()
+            self._partial.discard()
 
     def _close_input(self) -> None:
         with self._reading:  # waits for a read under way on the request thread
