@@ -6,16 +6,21 @@
         print(client.list_models())
         result = client.swap(face_bgr, "demo", "bob", color="bgr")   # OpenCV array in, BGR array out
 
-Needs only grpcio, protobuf and numpy; the `facetwin` command line lives in facetwin.client.cli
-(install facetwin[cli]).
+Photo and video files (whole frames, faces found by the server; video with its audio) go through
+swap_image_file / swap_video_file and their *_async twins (see facetwin.client.files).
+
+Needs only grpcio, protobuf and numpy; video files and photos other than PNG/JPEG need PyAV, and the `facetwin`
+command line lives in facetwin.client.cli (both: install facetwin[cli]).
 """
 
 from .client import DEFAULT_ADDRESS, AsyncClient, Client
 from .errors import (
     AuthenticationError,
+    CancelledError,
     DeadlineExceededError,
     FaceTwinError,
     InvalidInputError,
+    MediaFileError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -24,7 +29,10 @@ from .errors import (
     UnimplementedError,
     from_rpc_error,
 )
-from .types import DetectedFace, ModelInfo, StageTimings, SwapResult
+from .files import swap_image_file, swap_image_file_async, swap_video_file, swap_video_file_async
+from .media import MediaInfo, probe
+from .types import DetectedFace, FileReport, ModelInfo, StageTimings, SwapResult
+from .video import VideoOptions
 
 __all__ = [
     "Client",
@@ -34,6 +42,14 @@ __all__ = [
     "StageTimings",
     "ModelInfo",
     "DetectedFace",
+    "FileReport",
+    "swap_image_file",
+    "swap_image_file_async",
+    "swap_video_file",
+    "swap_video_file_async",
+    "VideoOptions",
+    "MediaInfo",
+    "probe",
     "FaceTwinError",
     "InvalidInputError",
     "NotFoundError",
@@ -44,5 +60,7 @@ __all__ = [
     "AuthenticationError",
     "PermissionDeniedError",
     "ServerError",
+    "MediaFileError",
+    "CancelledError",
     "from_rpc_error",
 ]

@@ -1,28 +1,31 @@
-"""The `facetwin` command line: list models, swap an image file, swap a video, through a facetwin server.
+"""The `facetwin` command line: list models; swap the faces in photos, videos, folders of them, through a server.
 
-Needs the `cli` extra (typer, tqdm, OpenCV); the SDK itself does not. Expected failures (server
-unreachable, unknown model, unreadable file) print one `error: ...` line and exit 1; usage mistakes
-exit 2; nothing prints a traceback.
+Needs the `cli` extra (typer, tqdm, PyAV); the SDK itself does not. Expected failures (server unreachable, unknown
+model, a file that is not media) print one `error: ...` line and exit 1; usage mistakes exit 2; Ctrl-C exits 130
+and leaves no half-written output; nothing prints a traceback. A folder run reports each failed file on its own
+line, goes on with the rest, and exits 1 if any failed.
 """
 
+import datetime
 import importlib
 import os
 import sys
+import threading
 import time
-from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .batch import BatchInterrupted, PlanError, expected_frames, plan_batch, run_batch, write_summary
 from .client import DEFAULT_ADDRESS, Client
-from .errors import FaceTwinError, NotFoundError, UnavailableError
-from .images import build_swap_request, sniff_format
+from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundError, UnavailableError
+from .files import swap_image_file, swap_video_file
+from .images import FacesArg, sniff_format
+from .media import IMAGE_OUTPUTS, VIDEO_OUTPUTS, check_writable, probe
+from .types import FileReport
+from .video import VideoOptions
 
 ADDRESS_ENV = "FACETWIN_ADDRESS"
-_IMAGE_ENCODINGS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
-_VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")  # containers that take the mp4v codec
-_DRY_RUN_FRAMES = 3  # frames a video dry run reads and validates: enough to catch a bad file, still instant
-_FALLBACK_FPS = 25.0  # when the container does not state a frame rate
+SUMMARY_NAME = "facetwin-summary.json"
 
 
 class CliError(Exception):
@@ -35,43 +38,13 @@ class CliError(Exception):
 
 def _describe(err: FaceTwinError, address: str) -> str:
     details = " ".join(err.details.split())  # gRPC details can span lines; the CLI prints one
+    if isinstance(err, MediaFileError):
+        return details
     if isinstance(err, UnavailableError):
         return f"server at {address} is unavailable ({details})"
     if isinstance(err, NotFoundError):
         return f"{details} (list what is loaded with: facetwin models --address {address})"
     return f"{err.code.name}: {details}"
-
-
-def _cv2() -> Any:
-    """OpenCV with its stderr logging off: the CLI reports every failure itself, as one line."""
-    # FFmpeg's own log level is read once, when OpenCV first opens a video; -8 is AV_LOG_QUIET.
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    import cv2
-
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    return cv2
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    except OSError as exc:
-        raise CliError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _image_encoding(path: Path, what: str) -> str:
-    try:
-        return _IMAGE_ENCODINGS[path.suffix.lower()]
-    except KeyError:
-        raise CliError(f"{what} {path} must end in .png, .jpg or .jpeg (it picks the encoding)", 2) from None
 
 
 def run_models(address: str) -> None:
@@ -91,172 +64,184 @@ def run_models(address: str) -> None:
             print(f"{m.name}: {m.error}")
 
 
-def _reencode(data: bytes, encoding: str) -> bytes:
-    """Converts PNG/JPEG bytes to `encoding` (the mask comes back in the image's encoding)."""
-    import numpy as np
+def parse_faces(text: str, aligned: bool) -> FacesArg:
+    """--faces / --aligned -> the SDK's `faces`: None (aligned crops), "largest", "all" or a face index.
 
-    cv2 = _cv2()
-    if sniff_format(data) == encoding:
-        return data
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    ok, buf = cv2.imencode(".png" if encoding == "png" else ".jpg", image) if image is not None else (False, None)
-    if not ok:
-        raise CliError(f"could not convert the server's mask to {encoding}")
-    return buf.tobytes()
+    Choosing faces by a reference photo of the person belongs here too, as another form of --faces, once the
+    service can match faces by identity."""
+    if aligned:
+        return None
+    if text in ("largest", "all"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise CliError(f"--faces must be largest, all or a face number (0 = largest), got {text!r}", 2)
 
 
-def run_swap(
-    input_path: Path, output: Path, *, model: str, target: str, mask: Path | None, address: str, dry_run: bool
-) -> None:
-    """Sends IN's file bytes as they are (the server decodes) and writes the PNG/JPEG it returns."""
-    import numpy as np
+def _summary_line(report: FileReport) -> str:
+    per_second = report.frames / report.seconds if report.seconds else 0.0
+    audio = f"; {report.audio_streams} audio stream(s) copied" if report.audio_streams else ""
+    return (f"wrote {report.output}: {report.frames} frame(s), {report.frames_with_faces} with a face, "
+            f"{report.faces_swapped} face(s) swapped, in {report.seconds:.1f} s ({per_second:.1f} frames/s){audio}")
 
-    cv2 = _cv2()
-    encoding = _image_encoding(output, "OUT")
-    mask_encoding = _image_encoding(mask, "--mask") if mask is not None else None
-    data = _read_bytes(input_path)
-    if sniff_format(data) is None:
-        raise CliError(f"{input_path} is not a PNG or JPEG file")
-    request = build_swap_request(data, model, target, color="rgb", return_mask=mask is not None, encoding=encoding)
+
+def _kind_of(path: Path) -> tuple[str, Any]:
+    """("image", None) for PNG/JPEG bytes (no decoding needed), else (kind, MediaInfo) from FFmpeg."""
+    try:
+        with open(path, "rb") as file:
+            if sniff_format(file.read(8)) is not None:
+                return "image", None
+    except OSError:
+        pass  # probe says what is wrong with it
+    info = probe(path)
+    return info.kind, info
+
+
+def _inspect(source: Path) -> tuple[str, Any, str]:
+    """(kind, MediaInfo, a one-line description) of an input; FFmpeg decodes its first picture to prove it."""
+    info = probe(source)
+    turned = f", turned {info.rotation} degrees" if info.rotation else ""
+    if info.kind == "image":
+        return info.kind, info, f"{info.codec} {info.width}x{info.height}{turned}"
+    frames = f"{info.frames} frames" if info.frames else "frame count unknown"
+    return info.kind, info, (f"{info.codec} {info.width}x{info.height}, {info.fps or 0:g} fps, {frames}{turned}, "
+                             f"audio: {', '.join(info.audio) or 'none'}")
+
+
+def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None, dry_run: bool,
+              progress_bar: Any, **swap: Any) -> None:
+    kind, info, description = _inspect(source) if dry_run else (*_kind_of(source), "")
+    if only is not None and kind != only:
+        raise CliError(f"{source} is a photo, not a video" if kind == "image" else f"{source} is not a {only}")
+    suffixes = IMAGE_OUTPUTS if kind == "image" else VIDEO_OUTPUTS
+    if output.suffix.lower() not in suffixes:
+        raise CliError(f"OUT {output} must end in {', '.join(suffixes)} for a {'photo' if kind == 'image' else kind}", 2)
+    if mask is not None and kind != "image":
+        raise CliError("--mask applies to photos only", 2)
+    video_options, address, max_in_flight = swap.pop("options"), swap.pop("address"), swap.pop("max_in_flight")
     if dry_run:
-        # Decode locally only here, to prove the file is whole; the real run lets the server decode.
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise CliError(f"{input_path} is not a decodable PNG or JPEG file")
-        height, width = image.shape[:2]
-        print(
-            f"dry run: would send {input_path} ({sniff_format(data).upper()} {width}x{height}, {len(data)} bytes; "
-            f"request {request.ByteSize()} bytes) to {address}: model={model} target={target}, "
-            f"result as {encoding} -> {output}" + (f", mask -> {mask}" if mask is not None else "")
-        )
+        check_writable(output)
+        if kind == "image":
+            print(f"dry run: would send {source} ({description}) to {address}: model={swap['model']} "
+                  f"target={swap['target']} faces={swap['faces']} -> {output}"
+                  + (f", mask -> {mask}" if mask is not None else ""))
+        else:
+            frames = min(info.frames, video_options.max_frames or info.frames) if info.frames else None
+            print(f"dry run: would stream {frames or 'all'} frames of {source} ({description}) to {address}: "
+                  f"model={swap['model']} target={swap['target']} faces={swap['faces']} -> {output} "
+                  f"({video_options.codec} yuv420p, audio copied)")
         return
-    started = time.perf_counter()
     with Client(address) as client:
-        result = client.swap(data, model, target, color="rgb", return_mask=mask is not None, encoding=encoding)
-    if result.encoded is None:
-        raise CliError(f"the server at {address} returned no {encoding} image")
-    _write_bytes(output, result.encoded)
-    if mask is not None:
-        if result.encoded_mask is None:
-            raise CliError(f"the server at {address} returned no mask")
-        _write_bytes(mask, _reencode(result.encoded_mask, mask_encoding))
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    print(f"wrote {output} ({len(result.encoded)} bytes) in {elapsed_ms:.0f} ms "
-          f"(server {result.timings.total_ms:.1f} ms)")
+        if kind == "image":
+            report = swap_image_file(client, source, output, mask=mask, quality=swap.pop("quality"), **swap)
+        else:
+            swap.pop("quality")
+            total = info.frames and min(info.frames, video_options.max_frames or info.frames)
+            with progress_bar(total=total, unit="frame", desc=source.name, disable=None) as bar:
+                report = swap_video_file(client, source, output, options=video_options, max_in_flight=max_in_flight,
+                                         progress=bar.update, **swap)
+    print(_summary_line(report))
 
 
-def _open_video(path: Path) -> Any:
-    cv2 = _cv2()
-    if not path.is_file():
-        raise CliError(f"cannot read {path}: no such file")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise CliError(f"cannot read {path}: OpenCV cannot open it as a video")
-    return capture
+def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file: Path | None, jobs: int,
+               overwrite: bool, summary: Path | None, dry_run: bool, progress_bar: Any, **swap: Any) -> None:
+    if out_dir.is_file():
+        raise CliError(f"OUT {out_dir} is a file; with several inputs OUT is the folder the results go to", 2)
+    try:
+        items = plan_batch(inputs, out_dir, list_file=list_file, only=only)
+    except PlanError as exc:
+        raise CliError(str(exc), 2) from None
+    if not items:
+        raise CliError(f"no {only or 'image or video'} files in {', '.join(inputs)}", 2)
+    summary = summary or out_dir / SUMMARY_NAME
+    pending = [i for i in items if i.error is None and (overwrite or not i.output.exists())]
+    if dry_run:
+        bad = 0
+        for item in items:
+            if item.error is None and item in pending:
+                try:
+                    state = f"swap ({_inspect(item.source)[2]})"
+                except MediaFileError as exc:
+                    state, bad = f"would fail ({exc.details})", bad + 1
+            else:
+                state = f"would fail ({item.error})" if item.error else "skip (output exists)"
+            print(f"{item.source}" + (f" -> {item.output}" if item.output else "") + f": {state}")
+        print(f"dry run: {len(pending) - bad} of {len(items)} file(s) would be swapped through {swap['address']} "
+              f"({jobs} at a time); summary -> {summary}")
+        return
+    check_writable(summary)
+    total = sum(expected_frames(item) or 0 for item in pending) or None  # a broken file counts 0 (it fails fast)
+    lock = threading.Lock()
+    finished = [0]
+    pending_inputs = {str(item.source) for item in pending}
+    started = time.perf_counter()
+    header = {"model": swap["model"], "target": swap["target"], "faces": swap["faces"], "address": swap["address"],
+              "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    with progress_bar(total=total, unit="frame", desc=f"0/{len(pending)} files", disable=None) as bar:
+
+        def advance(frames: int) -> None:
+            with lock:
+                bar.update(frames)
+
+        def on_entry(entry: dict[str, Any]) -> None:
+            with lock:
+                if entry["status"] == "failed":
+                    bar.write(f"error: {entry['error']}", file=sys.stderr)
+                if entry["status"] in ("done", "failed") and entry["input"] in pending_inputs:
+                    finished[0] += 1
+                    bar.set_description(f"{finished[0]}/{len(pending)} files")
+
+        address = swap.pop("address")
+        try:
+            with Client(address) as client:
+                entries = run_batch(client, items, jobs=jobs, overwrite=overwrite, progress=advance,
+                                    on_entry=on_entry, **swap)
+        except BatchInterrupted as exc:
+            write_summary(summary, exc.entries, **header, seconds=time.perf_counter() - started, interrupted=True)
+            raise
+    counts = write_summary(summary, entries, **header, seconds=time.perf_counter() - started)
+    print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f"; summary: {summary}")
+    if counts.get("failed"):
+        raise CliError(f"{counts['failed']} of {len(entries)} file(s) failed (see {summary})")
 
 
-def run_swap_video(
-    input_path: Path, output: Path, *, model: str, target: str, address: str, max_frames: int | None,
-    max_in_flight: int, dry_run: bool,
-) -> None:
-    """Streams IN's frames (BGR raw) through Client.stream and writes the results as mp4v at IN's frame rate.
-
-    Each frame must show an aligned face; frames the server drops are written unchanged to keep the timing.
-    """
+def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, target: str, only: str | None = None,
+             aligned: bool = False, faces: str = "largest", keep_shape: float | None = None,
+             quality: int | None = None, mask: Path | None = None, codec: str = "libx264", crf: int | None = 18,
+             preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 8,
+             list_file: Path | None = None, jobs: int = 2, overwrite: bool = False, summary: Path | None = None,
+             address: str = DEFAULT_ADDRESS, dry_run: bool = False) -> None:
+    """`facetwin swap` / `swap-video`: one file to one file, or many (folders, patterns, a list) into a folder."""
     from tqdm import tqdm
 
-    cv2 = _cv2()
-    if output.suffix.lower() not in _VIDEO_SUFFIXES:
-        raise CliError(f"OUT {output} must end in {', '.join(_VIDEO_SUFFIXES)} (written with the mp4v codec)", 2)
-    if max_frames is not None and max_frames < 1:
-        raise CliError(f"--max-frames must be at least 1, got {max_frames}", 2)
-    capture = _open_video(input_path)
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    fps = fps if fps and fps > 0 else _FALLBACK_FPS
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    total = count if count > 0 else None  # some containers do not state their length
-    if max_frames is not None:
-        total = min(total, max_frames) if total else max_frames
-    limit = max_frames if max_frames is not None else float("inf")
-    originals: deque[Any] = deque()  # frames sent and not yet answered, to stand in for dropped ones
-
-    def frames() -> Iterator[Any]:
-        read = 0
-        while read < limit:
-            ok, frame = capture.read()
-            if not ok:
-                return
-            read += 1
-            originals.append(frame)
-            yield frame
-
     try:
-        if dry_run:
-            sample = [frame for _, frame in zip(range(_DRY_RUN_FRAMES), frames())]
-            if not sample:
-                raise CliError(f"{input_path} has no readable frames")
-            requests = [build_swap_request(f, model, target, color="bgr", frame_id=i) for i, f in enumerate(sample)]
-            height, width = sample[0].shape[:2]
-            print(
-                f"dry run: would stream {total or 'all'} frames of {input_path} ({width}x{height} BGR raw, "
-                f"{sample[0].nbytes} pixel bytes, {requests[0].ByteSize()} bytes per request, {fps:g} fps; "
-                f"checked {len(sample)}) to {address}: model={model} target={target} -> {output} (mp4v)"
-            )
-            return
-        _stream_video(frames(), originals, output, fps, total, model=model, target=target, address=address,
-                      max_in_flight=max_in_flight, progress=tqdm)
-    finally:
-        capture.release()
-
-
-def _stream_video(
-    frames: Iterator[Any], originals: deque[Any], output: Path, fps: float, total: int | None, *, model: str,
-    target: str, address: str, max_in_flight: int, progress: Any,
-) -> None:
-    cv2 = _cv2()
-    writer = None
-    written = dropped = 0
-    server_ms = 0.0
-    started = time.perf_counter()
-    try:
-        with Client(address) as client:
-            results = client.stream(frames, model, target, color="bgr", max_in_flight=max_in_flight)
-            for result in progress(results, total=total, unit="frame", disable=None):
-                original = originals.popleft()
-                image = original if result.dropped else result.image
-                if writer is None:
-                    output.parent.mkdir(parents=True, exist_ok=True)
-                    height, width = original.shape[:2]
-                    writer = cv2.VideoWriter(str(output), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-                    if not writer.isOpened():
-                        raise CliError(f"cannot write {output}: OpenCV cannot open an mp4v writer there")
-                if image.shape != original.shape:
-                    raise CliError(f"server returned a {image.shape} frame for a {original.shape} one")
-                writer.write(image)
-                written += 1
-                dropped += result.dropped
-                server_ms += result.timings.total_ms
-    except BaseException:
-        if writer is not None:
-            writer.release()
-            writer = None
-            output.unlink(missing_ok=True)  # a truncated video is worse than none
-        raise
-    finally:
-        if writer is not None:
-            writer.release()
-    if written == 0:
-        raise CliError("the input has no readable frames")
-    elapsed = time.perf_counter() - started
-    print(
-        f"wrote {output}: {written} frames ({dropped} dropped) in {elapsed:.1f} s ({written / elapsed:.1f} fps), "
-        f"server {server_ms / max(written - dropped, 1):.1f} ms/frame"
-    )
+        options = VideoOptions(codec=codec, crf=crf, preset=preset, max_frames=max_frames)
+    except InvalidInputError as exc:
+        raise CliError(exc.details, 2) from None
+    if keep_shape is not None and aligned:
+        raise CliError("--keep-shape applies to whole frames, not to --aligned crops", 2)
+    swap = dict(model=model, target=target, faces=parse_faces(faces, aligned), keep_shape=keep_shape,
+                quality=quality, options=options, max_in_flight=max_in_flight, address=address)
+    inputs = [str(path) for path in inputs or []]
+    # One file to one file, unless OUT is a folder (then the file goes into it, as in a folder run).
+    single = len(inputs) == 1 and list_file is None and not Path(inputs[0]).is_dir() \
+        and (Path(inputs[0]).exists() or not any(c in inputs[0] for c in "*?[")) \
+        and not Path(output).is_dir() and not str(output).endswith(("/", os.sep))
+    output = Path(output)
+    if single:
+        _swap_one(Path(inputs[0]), output, only=only, mask=mask, dry_run=dry_run, progress_bar=tqdm, **swap)
+    elif not inputs and list_file is None:
+        raise CliError("name at least one input (a file, folder or pattern) or a --list file", 2)
+    elif mask is not None:
+        raise CliError("--mask applies to a single photo, not to a folder run", 2)
+    else:
+        _swap_many(inputs, output, only=only, list_file=list_file, jobs=jobs, overwrite=overwrite, summary=summary,
+                   dry_run=dry_run, progress_bar=tqdm, **swap)
 
 
 def _missing_cli_packages() -> list[str]:
     missing = []
-    for module, package in (("typer", "typer"), ("tqdm", "tqdm"), ("cv2", "opencv-python-headless")):
+    for module, package in (("typer", "typer"), ("tqdm", "tqdm"), ("av", "av")):
         try:
             importlib.import_module(module)
         except ImportError:
@@ -271,18 +256,11 @@ def build_app() -> Any:
     import typer
 
     app = typer.Typer(
-        name="facetwin", help="Swap faces through a facetwin server.", add_completion=False,
+        name="facetwin", help="Swap faces in photos and videos through a facetwin server.", add_completion=False,
         no_args_is_help=True, pretty_exceptions_enable=False,
     )
-    address_option = typer.Option(
-        "--address", "-a", envvar=ADDRESS_ENV, help=f"Server host:port (env {ADDRESS_ENV}).", show_default=True
-    )
-    Address = Annotated[str, address_option]
-    Model = Annotated[str, typer.Option("--model", "-m", help="Model bundle name (see `facetwin models`).")]
-    Target = Annotated[str, typer.Option("--target", "-t", help="Target identity: the face to render.")]
-    DryRun = Annotated[
-        bool, typer.Option("--dry-run", help="Read and validate the input, print the request, send nothing.")
-    ]
+    Address = Annotated[str, typer.Option("--address", "-a", envvar=ADDRESS_ENV,
+                                          help=f"Server host:port (env {ADDRESS_ENV}).", show_default=True)]
 
     def guarded(action: Any, address: str, **kwargs: Any) -> None:
         try:
@@ -294,7 +272,7 @@ def build_app() -> Any:
             typer.echo(f"error: {_describe(exc, address)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
+            typer.echo("error: interrupted; no partial output was left", err=True)
             raise typer.Exit(130) from None
 
     @app.command()
@@ -302,35 +280,72 @@ def build_app() -> Any:
         """List the models loaded on the server."""
         guarded(run_models, address)
 
-    @app.command()
-    def swap(
-        input_path: Annotated[Path, typer.Argument(metavar="IN", help="Aligned face, PNG or JPEG.")],
-        output: Annotated[Path, typer.Argument(metavar="OUT", help="Result; .png or .jpg picks the encoding.")],
-        model: Model,
-        target: Target,
-        mask: Annotated[Path | None, typer.Option("--mask", help="Also write the face mask here (.png/.jpg).")] = None,
-        address: Address = DEFAULT_ADDRESS,
-        dry_run: DryRun = False,
-    ) -> None:
-        """Swap the face in one image file."""
-        guarded(run_swap, address, input_path=input_path, output=output, model=model, target=target, mask=mask,
-                dry_run=dry_run)
+    def swap_command(only: str | None, help_text: str, in_help: str) -> Any:
+        def command(
+            inputs: Annotated[list[Path] | None, typer.Argument(metavar="IN...", help=in_help, show_default=False)]
+            = None,
+            output: Annotated[str, typer.Argument(  # str: a trailing / (a folder) must survive
+                metavar="OUT", help="Output file for one input (its suffix picks the format), else a folder.")]
+            = ...,
+            model: Annotated[str, typer.Option("--model", "-m", help="Model bundle name (see `facetwin models`).")]
+            = ...,
+            target: Annotated[str, typer.Option("--target", "-t", help="Target identity: the face to render.")]
+            = ...,
+            faces: Annotated[str, typer.Option(
+                "--faces", help="Which faces: largest, all, or a number (0 = largest).")] = "largest",
+            aligned: Annotated[bool, typer.Option(
+                "--aligned", help="Inputs are aligned face crops (from facetwin-train extract): no face finding.")]
+            = False,
+            keep_shape: Annotated[float | None, typer.Option(
+                "--keep-shape", min=0.0, max=1.0,
+                help="0 = the target's face shape .. 1 = the original's (default: the server's).")] = None,
+            quality: Annotated[int | None, typer.Option(
+                "--quality", min=1, max=100, help="JPEG quality of photo outputs (default 90).")] = None,
+            mask: Annotated[Path | None, typer.Option(
+                "--mask", help="One photo: also write the blend mask here (.png/.jpg).")] = None,
+            codec: Annotated[str, typer.Option(
+                "--codec", help="Video encoder (libx264 = H.264, plays in browsers; libx265, h264_nvenc ...).")]
+            = "libx264",
+            crf: Annotated[int, typer.Option(
+                "--crf", min=0, max=63, help="Video quality: lower is better and bigger (x264: 18 looks lossless).")]
+            = 18,
+            preset: Annotated[str | None, typer.Option(
+                "--preset", help="Encoder speed (x264: ultrafast .. veryslow; default: the encoder's).")] = None,
+            max_frames: Annotated[int | None, typer.Option(
+                "--max-frames", min=1, help="Videos: stop after this many frames (audio cut to match).")] = None,
+            max_in_flight: Annotated[int, typer.Option(
+                "--max-in-flight", min=1, help="Video frames sent ahead of results.")] = 8,
+            list_file: Annotated[Path | None, typer.Option(
+                "--list", help="A file naming inputs, one per line (relative to the list's folder).")] = None,
+            jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Files swapped at once (folder runs).")]
+            = 2,
+            overwrite: Annotated[bool, typer.Option(
+                "--overwrite", help="Folder runs: swap files whose output exists (they are skipped otherwise).")]
+            = False,
+            summary: Annotated[Path | None, typer.Option(
+                "--summary", help=f"Folder runs: where the JSON summary goes (default OUT/{SUMMARY_NAME}).")]
+            = None,
+            address: Address = DEFAULT_ADDRESS,
+            dry_run: Annotated[bool, typer.Option(
+                "--dry-run", help="Check the inputs and outputs and print what would be done; send nothing.")]
+            = False,
+        ) -> None:
+            guarded(run_swap, address, inputs=inputs, output=output, model=model, target=target, only=only,
+                    aligned=aligned, faces=faces, keep_shape=keep_shape, quality=quality, mask=mask, codec=codec,
+                    crf=crf, preset=preset, max_frames=max_frames, max_in_flight=max_in_flight,
+                    list_file=list_file, jobs=jobs, overwrite=overwrite, summary=summary, dry_run=dry_run)
 
-    @app.command("swap-video")
-    def swap_video(
-        input_path: Annotated[Path, typer.Argument(metavar="IN", help="Video whose frames show an aligned face.")],
-        output: Annotated[Path, typer.Argument(metavar="OUT", help="Result video (.mp4, mp4v codec, IN's fps).")],
-        model: Model,
-        target: Target,
-        address: Address = DEFAULT_ADDRESS,
-        max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after this many frames.")] = None,
-        max_in_flight: Annotated[int, typer.Option("--max-in-flight", min=1, help="Frames sent ahead of results.")] = 8,
-        dry_run: DryRun = False,
-    ) -> None:
-        """Swap the face in every frame of a video, streaming the frames to the server."""
-        guarded(run_swap_video, address, input_path=input_path, output=output, model=model, target=target,
-                max_frames=max_frames, max_in_flight=max_in_flight, dry_run=dry_run)
+        command.__doc__ = help_text
+        return command
 
+    app.command("swap")(swap_command(
+        None, "Swap the faces in photos and videos: one file to OUT, or folders, patterns and --list into folder OUT.",
+        "Photos, videos, folders of them, or quoted patterns ('shots/*.jpg').",
+    ))
+    app.command("swap-video")(swap_command(
+        "video", "Swap the faces in videos: one file to OUT, or folders, patterns and --list into folder OUT.",
+        "Videos, folders of them, or quoted patterns ('clips/*.mp4').",
+    ))
     return app
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "AuthenticationError",
     "PermissionDeniedError",
     "ServerError",
+    "MediaFileError",
+    "CancelledError",
     "from_rpc_error",
 ]
 
@@ -75,6 +77,31 @@ class PermissionDeniedError(FaceTwinError):
 
 class ServerError(FaceTwinError):
     """Any other failure: an internal server error, a cancelled call, or a malformed response."""
+
+
+class MediaFileError(InvalidInputError):
+    """A local file cannot be used: it is not an image or video, has no video stream, cannot be decoded, or the
+    output cannot be written there. Raised on this side, before or instead of a call; `path` names the file."""
+
+    def __init__(self, path: object, details: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, f"{path}: {details}")
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.details  # the path and what is wrong with it; the status code adds nothing for a local file
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path, self.details.removeprefix(f"{self.path}: "))
+
+
+class CancelledError(FaceTwinError):
+    """The caller stopped the work (its cancel event was set); nothing half-written was left behind."""
+
+    def __init__(self, details: str = "cancelled") -> None:
+        super().__init__(grpc.StatusCode.CANCELLED, details)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.details,)
 
 
 _CLASS_BY_CODE: dict[grpc.StatusCode, type[FaceTwinError]] = {

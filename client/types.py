@@ -12,7 +12,7 @@ import numpy as np
 
 from facetwin.v1 import facetwin_pb2 as pb
 
-__all__ = ["StageTimings", "DetectedFace", "SwapResult", "ModelInfo"]
+__all__ = ["StageTimings", "DetectedFace", "SwapResult", "ModelInfo", "FileReport"]
 
 _STATUS_NAMES = {
     pb.MODEL_STATUS_LOADING: "loading",
@@ -120,3 +120,22 @@ class ModelInfo:
             manifest_sha256=message.manifest_sha256,
             error=message.error,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class FileReport:
+    """What swapping one photo or video file did (swap_image_file, swap_video_file)."""
+
+    input: str  # the file read
+    output: str  # the file written
+    kind: str  # "image" or "video"
+    frames: int  # frames written (1 for a photo)
+    frames_with_faces: int  # frames in which the server found at least one face
+    faces_swapped: int  # faces swapped, summed over the frames
+    max_faces: int  # most faces found in one frame
+    seconds: float  # wall time, reading to renaming the output into place
+    dropped: int = 0  # stream frames the server skipped (written unchanged)
+    audio_streams: int = 0  # audio streams copied unchanged into the output
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

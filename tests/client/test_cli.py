@@ -1,23 +1,36 @@
-"""The `facetwin` console script, run as a real subprocess: dry runs and errors offline, real runs on served_model."""
+"""The `facetwin` console script, run as a real subprocess: dry runs and errors offline; real photos, videos and
+folders through the served model."""
 
+from __future__ import annotations
+
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+
+from facetwin.client.media import decode_image, encode_image
+
+from .clips import inspect_video, write_clip
 
 FACETWIN = Path(sys.executable).with_name("facetwin")  # the console script installed next to this Python
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    assert FACETWIN.exists(), f"{FACETWIN} is missing: install the project (pip install -e '.[cli]')"
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
     full_env = {k: v for k, v in os.environ.items() if k != "FACETWIN_ADDRESS"}
     full_env.update(env or {})
-    return subprocess.run([str(FACETWIN), *map(str, args)], capture_output=True, text=True, env=full_env,
+    return full_env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    assert FACETWIN.exists(), f"{FACETWIN} is missing: install the project (pip install -e '.[cli]')"
+    return subprocess.run([str(FACETWIN), *map(str, args)], capture_output=True, text=True, env=cli_env(env),
                           timeout=timeout)
 
 
@@ -30,101 +43,75 @@ def assert_one_error_line(run: subprocess.CompletedProcess, code: int, *needles:
         assert needle in lines[0]
 
 
-def write_png(path: Path, size: int = 40) -> Path:
-    image = np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    assert cv2.imwrite(str(path), image)
+@pytest.fixture(scope="module")
+def photo(franck, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    path.write_bytes(encode_image(franck[0], "png"))
     return path
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: float) -> Path:
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    assert writer.isOpened()
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
-
-
-def read_video(path: Path) -> tuple[list[np.ndarray], float]:
-    capture = cv2.VideoCapture(str(path))
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    frames = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
-    capture.release()
-    return frames, fps
 
 
 # ---------------------------------------------------------------- offline
 
 
-def test_swap_dry_run_validates_and_sends_nothing(tmp_path):
-    image = write_png(tmp_path / "face.png")
-    out = tmp_path / "out.png"
-    run = run_cli("swap", image, out, "--model", "demo", "--target", "bob", "--mask", tmp_path / "m.png",
+def test_dry_runs_check_inputs_and_send_nothing(photo, clip, tmp_path):
+    run = run_cli("swap", photo, tmp_path / "out.jpg", "-m", "demo", "-t", "bob", "--mask", tmp_path / "m.png",
                   "--address", UNREACHABLE, "--dry-run")
     assert run.returncode == 0, run.stderr
-    for needle in ("dry run", "PNG 40x40", f"{image.stat().st_size} bytes", "model=demo", "target=bob",
-                   UNREACHABLE, "result as png"):
-        assert needle in run.stdout
-    assert not out.exists() and not (tmp_path / "m.png").exists()
-
-
-def test_swap_video_dry_run_reads_a_few_frames(tmp_path):
-    frames = [np.full((48, 64, 3), 10 * i, np.uint8) for i in range(10)]
-    video = write_video(tmp_path / "in.mp4", frames, fps=15.0)
-    out = tmp_path / "out.mp4"
-    run = run_cli("swap-video", video, out, "-m", "demo", "-t", "bob", "--max-frames", 6, "--dry-run",
-                  env={"FACETWIN_ADDRESS": "example.invalid:50051"})
-    assert run.returncode == 0, run.stderr
-    for needle in ("would stream 6 frames", "64x48 BGR raw", f"{64 * 48 * 3}", "15 fps", "checked 3",
-                   "model=demo", "target=bob", "example.invalid:50051"):  # the address came from the env
+    for needle in ("dry run", "png 360x288", "model=demo", "target=bob", "faces=largest", UNREACHABLE):
         assert needle in run.stdout, run.stdout
-    assert not out.exists()
+    run = run_cli("swap-video", clip, tmp_path / "out.mp4", "-m", "demo", "-t", "bob", "--max-frames", 6,
+                  "--faces", "all", "--dry-run", env={"FACETWIN_ADDRESS": "example.invalid:50051"})
+    assert run.returncode == 0, run.stderr
+    for needle in ("would stream 6 frames", "h264 360x288", "24 fps", "24 frames", "audio: aac", "faces=all",
+                   "libx264", "example.invalid:50051"):  # the address came from the env
+        assert needle in run.stdout, run.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_unreadable_inputs_are_one_error_line(tmp_path):
+def test_unusable_inputs_are_one_error_line(photo, tmp_path):
     missing = tmp_path / "missing.png"
     assert_one_error_line(run_cli("swap", missing, tmp_path / "o.png", "-m", "d", "-t", "b", "--dry-run"), 1,
-                          "cannot read", "missing.png")
+                          "missing.png", "no such file")
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     assert_one_error_line(run_cli("swap", text, tmp_path / "o.png", "-m", "d", "-t", "b", "--dry-run"), 1,
-                          "not a PNG or JPEG")
+                          "notes.png", "cannot be decoded")
     truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(write_png(tmp_path / "whole.png").read_bytes()[:40])
+    truncated.write_bytes(photo.read_bytes()[:40])
     assert_one_error_line(run_cli("swap", truncated, tmp_path / "o.png", "-m", "d", "-t", "b", "--dry-run"), 1,
-                          "not a decodable")
-    assert_one_error_line(run_cli("swap-video", missing, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--dry-run"), 1,
-                          "cannot read")
-    assert_one_error_line(run_cli("swap-video", text, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--dry-run"), 1)
+                          "truncated.png")
+    assert_one_error_line(run_cli("swap-video", photo, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--dry-run"), 1,
+                          "is a photo, not a video")
+    assert_one_error_line(run_cli("swap", photo, text / "o.png", "-m", "d", "-t", "b", "--dry-run"), 1,
+                          "cannot be written")
 
 
-def test_usage_mistakes_exit_2(tmp_path):
-    image = write_png(tmp_path / "face.png")
-    assert_one_error_line(run_cli("swap", image, tmp_path / "out.gif", "-m", "d", "-t", "b", "--dry-run"), 2, ".png")
-    assert_one_error_line(run_cli("swap-video", image, tmp_path / "out.avi", "-m", "d", "-t", "b"), 2, ".mp4")
-    missing_option = run_cli("swap", image, tmp_path / "out.png", "--target", "b")
+def test_usage_mistakes_exit_2(photo, clip, tmp_path):
+    assert_one_error_line(run_cli("swap", photo, tmp_path / "out.gif", "-m", "d", "-t", "b", "--dry-run"), 2, ".png")
+    assert_one_error_line(run_cli("swap", clip, tmp_path / "out.webm", "-m", "d", "-t", "b"), 2, ".mp4")
+    assert_one_error_line(run_cli("swap", photo, tmp_path / "o.png", "-m", "d", "-t", "b", "--faces", "biggest"), 2,
+                          "--faces")
+    assert_one_error_line(run_cli("swap", clip, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--codec", "nope"), 2,
+                          "nope")
+    assert_one_error_line(run_cli("swap", "no/such/*.jpg", tmp_path / "out", "-m", "d", "-t", "b"), 2,
+                          "matches no file")
+    missing_option = run_cli("swap", photo, tmp_path / "out.png", "--target", "b")
     assert missing_option.returncode == 2 and "--model" in missing_option.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_unreachable_server_is_one_error_line(tmp_path):
-    image = write_png(tmp_path / "face.png")
-    assert_one_error_line(run_cli("swap", image, tmp_path / "out.png", "-m", "d", "-t", "b", "-a", UNREACHABLE), 1,
+def test_unreachable_server_is_one_error_line(photo, tmp_path):
+    assert_one_error_line(run_cli("swap", photo, tmp_path / "out.png", "-m", "d", "-t", "b", "-a", UNREACHABLE), 1,
                           UNREACHABLE, "unavailable")
     assert_one_error_line(run_cli("models", "--address", UNREACHABLE), 1, UNREACHABLE)
-    assert not (tmp_path / "out.png").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_cli_extra_says_what_to_install():
-    code = "import sys; sys.modules['typer'] = None\nfrom facetwin.client.cli import main\nmain()"
+    code = "import sys; sys.modules['av'] = None\nfrom facetwin.client.cli import main\nmain()"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
-    assert "install facetwin[cli]" in run.stderr and "Traceback" not in run.stderr
+    assert "needs av" in run.stderr and "install facetwin[cli]" in run.stderr and "Traceback" not in run.stderr
 
 
 # ---------------------------------------------------------------- real server
@@ -139,58 +126,142 @@ def test_models_table(served_model):
     assert rows[0].split()[-1] == "ready"
 
 
-def test_swap_writes_png_jpeg_and_mask(served_model, tmp_path):
+def test_swap_a_photo_and_a_video(full_frames, photo, clip, tmp_path):
+    model, target, address = full_frames.model, full_frames.identities[1], full_frames.address
+    run = run_cli("swap", photo, tmp_path / "out.jpg", "-m", model, "-t", target, "-a", address, "--quality", 85)
+    assert run.returncode == 0, run.stderr
+    assert "1 face(s) swapped" in run.stdout
+    assert decode_image((tmp_path / "out.jpg").read_bytes()).shape == (288, 360, 3)
+    run = run_cli("swap-video", clip, tmp_path / "out.mp4", "-m", model, "-t", target, "--keep-shape", 0.3,
+                  "--crf", 23, "--preset", "veryfast", env={"FACETWIN_ADDRESS": address})
+    assert run.returncode == 0, run.stderr
+    assert "24 frame(s), 24 with a face" in run.stdout and "1 audio stream(s) copied" in run.stdout
+    before, after = inspect_video(clip), inspect_video(tmp_path / "out.mp4")
+    assert (after.codec, after.pix_fmt, len(after.frames), after.pts) == ("h264", "yuv420p", 24, before.pts)
+    assert after.audio_packets == before.audio_packets
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jpg", "out.mp4"]
+
+
+def test_aligned_crops_and_mask(served_model, tmp_path):
     source, target = served_model.identities
-    face_rgb = served_model.sample_faces[source][0]
-    image = tmp_path / "face.png"
-    cv2.imwrite(str(image), face_rgb[:, :, ::-1])
+    face = tmp_path / "face.png"
+    face.write_bytes(encode_image(served_model.sample_faces[source][0], "png"))
     r = served_model.resolution
-    out_png, mask = tmp_path / "out" / "swapped.png", tmp_path / "mask.png"
-    run = run_cli("swap", image, out_png, "-m", served_model.model, "-t", target, "--mask", mask,
+    out_jpg, mask = tmp_path / "out" / "swapped.jpg", tmp_path / "mask.png"
+    run = run_cli("swap", face, out_jpg, "-m", served_model.model, "-t", target, "--aligned", "--mask", mask,
                   "-a", served_model.address)
     assert run.returncode == 0, run.stderr
-    assert cv2.imread(str(out_png), cv2.IMREAD_UNCHANGED).shape == (r, r, 3)
-    assert cv2.imread(str(mask), cv2.IMREAD_UNCHANGED).shape == (r, r)
-    # A JPEG result with a PNG mask: the mask is converted to the format its name asks for.
-    out_jpg = tmp_path / "swapped.jpg"
-    run = run_cli("swap", image, out_jpg, "-m", served_model.model, "-t", target, "--mask", mask,
-                  env={"FACETWIN_ADDRESS": served_model.address})
-    assert run.returncode == 0, run.stderr
     assert out_jpg.read_bytes()[:3] == b"\xff\xd8\xff" and mask.read_bytes()[:4] == b"\x89PNG"
+    assert decode_image(out_jpg.read_bytes()).shape == (r, r, 3)
+    assert decode_image(mask.read_bytes(), grey=True).shape == (r, r)
 
 
-def test_swap_unknown_model_and_target(served_model, tmp_path):
-    image = tmp_path / "face.png"
-    cv2.imwrite(str(image), served_model.sample_faces[served_model.identities[0]][0])
-    assert_one_error_line(run_cli("swap", image, tmp_path / "o.png", "-m", "nope", "-t", served_model.identities[1],
-                                  "-a", served_model.address), 1, "facetwin models")
-    assert_one_error_line(run_cli("swap", image, tmp_path / "o.png", "-m", served_model.model, "-t", "nobody",
-                                  "-a", served_model.address), 1, "nobody")
-    assert not (tmp_path / "o.png").exists()
+def test_unknown_target_leaves_no_file(served_model, clip, photo, tmp_path):
+    for source, out in ((clip, tmp_path / "out.mp4"), (photo, tmp_path / "out.png")):
+        assert_one_error_line(run_cli("swap", source, out, "-m", served_model.model, "-t", "nobody",
+                                      "-a", served_model.address), 1, "nobody")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_swap_video_round_trip(served_model, tmp_path):
-    source, target = served_model.identities
-    frames = [face[:, :, ::-1] for face in served_model.sample_faces[source]][:12]  # BGR for OpenCV
-    video = write_video(tmp_path / "in.mp4", frames, fps=10.0)
-    out = tmp_path / "out.mp4"
-    run = run_cli("swap-video", video, out, "-m", served_model.model, "-t", target, "-a", served_model.address)
+def test_folder_run_skips_done_files_and_survives_broken_ones(full_frames, franck, clip, photo, tmp_path):
+    shots = tmp_path / "shots"
+    (shots / "holiday").mkdir(parents=True)
+    (shots / "photo.png").write_bytes(photo.read_bytes())
+    (shots / "holiday" / "clip.mp4").write_bytes(clip.read_bytes())
+    (shots / "broken.mp4").write_bytes(clip.read_bytes()[: clip.stat().st_size // 3])  # cut short: no index
+    (shots / "notes.jpg").write_text("not a picture")
+    (shots / "readme.txt").write_text("not media, and not picked up by a folder scan")
+    out = tmp_path / "out"
+    args = ("swap", shots, out, "-m", full_frames.model, "-t", full_frames.identities[1], "-a", full_frames.address,
+            "-j", 2)
+    run = run_cli(*args)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("error: ") == 3 and "broken.mp4" in run.stderr and "notes.jpg" in run.stderr
+    summary = json.loads((out / "facetwin-summary.json").read_text())
+    files = {Path(f["input"]).name: f for f in summary["files"]}
+    assert summary["counts"] == {"done": 2, "failed": 2}
+    assert files["clip.mp4"]["frames"] == 24 and files["clip.mp4"]["frames_with_faces"] == 24
+    assert files["photo.png"]["faces_swapped"] == 1 and files["photo.png"]["seconds"] > 0
+    assert "is not an image or video" in files["broken.mp4"]["error"] and files["notes.jpg"]["error"]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "facetwin-summary.json", "holiday", "holiday/clip.mp4", "photo.png"]
+    assert len(inspect_video(out / "holiday" / "clip.mp4").frames) == 24
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "photo.png", out / "holiday" / "clip.mp4")}
+
+    again = run_cli(*args)
+    assert again.returncode == 1
+    summary = json.loads((out / "facetwin-summary.json").read_text())
+    assert summary["counts"] == {"skipped": 2, "failed": 2}
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # A list file and a pattern, redone with --overwrite, photos only through their own suffix.
+    (tmp_path / "list.txt").write_text("# the photo again\nshots/photo.png\n\n")
+    redo = run_cli("swap", str(shots / "holiday" / "*.mp4"), out, "--list", tmp_path / "list.txt", "--overwrite",
+                   "-m", full_frames.model, "-t", full_frames.identities[1], "-a", full_frames.address,
+                   "--summary", tmp_path / "redo.json", "--max-frames", 3)
+    assert redo.returncode == 0, redo.stderr
+    summary = json.loads((tmp_path / "redo.json").read_text())
+    assert summary["counts"] == {"done": 2}
+    assert [f["frames"] for f in summary["files"]] == [3, 1]
+    assert len(inspect_video(out / "clip.mp4").frames) == 3
+
+
+def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0) -> tuple[int, str, str]:
+    """Runs the command, sends Ctrl-C (SIGINT) once a partial output appears under `out`; (exit code, out, err)."""
+    process = subprocess.Popen([str(arg) for arg in (FACETWIN, *args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and any(".partial" in p.name for p in out.iterdir())):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        time.sleep(settle_s)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, stdout, stderr
+
+
+def test_ctrl_c_stops_cleanly_and_leaves_no_partial_output(full_frames, franck, tmp_path):
+    long_clip = write_clip(tmp_path / "long.mp4", franck * 8)  # 192 frames; finding faces keeps it going for a while
+    out = tmp_path / "out"
+    code, stdout, stderr = interrupt_mid_way(
+        ("swap", long_clip, out / "long.mp4", "-m", full_frames.model, "-t", full_frames.identities[1],
+         "-a", full_frames.address, "--max-in-flight", 2), out, settle_s=0.5)
+    assert code == 130, (stdout, stderr)
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert list(out.iterdir()) == []
+
+
+def test_folder_run_interrupted_writes_the_summary_so_far(full_frames, franck, tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        write_clip(shots / name, franck * 8, audio=False)
+    out = tmp_path / "out"
+    code, stdout, stderr = interrupt_mid_way(
+        ("swap-video", shots, out, "-m", full_frames.model, "-t", full_frames.identities[1],
+         "-a", full_frames.address, "-j", 1, "--max-in-flight", 2), out)
+    assert code == 130, (stdout, stderr)
+    summary = json.loads((out / "facetwin-summary.json").read_text())
+    assert summary["interrupted"] is True and summary["counts"] == {"cancelled": 2}
+    assert [p.name for p in out.iterdir()] == ["facetwin-summary.json"]
+
+
+def test_blank_frames_have_no_faces_and_pass_through(full_frames, tmp_path):
+    """Frames without a face come back unchanged: a still life is not an error."""
+    served_model = full_frames
+    still = np.full((96, 128, 3), (40, 90, 160), np.uint8)
+    source = write_clip(tmp_path / "still.mp4", [still] * 4, audio=False)
+    run = run_cli("swap", source, tmp_path / "out.mkv", "-m", served_model.model, "-t", served_model.identities[1],
+                  "-a", served_model.address)
     assert run.returncode == 0, run.stderr
-    written, fps = read_video(out)
-    assert len(written) == len(frames) and fps == pytest.approx(10.0)
-    assert written[0].shape == frames[0].shape
-    assert f"{len(frames)} frames" in run.stdout
-    short = tmp_path / "short.mp4"
-    run = run_cli("swap-video", video, short, "-m", served_model.model, "-t", target, "-a", served_model.address,
-                  "--max-frames", 5)
-    assert run.returncode == 0, run.stderr
-    assert len(read_video(short)[0]) == 5
-
-
-def test_swap_video_unknown_target_leaves_no_file(served_model, tmp_path):
-    frames = [face[:, :, ::-1] for face in served_model.sample_faces[served_model.identities[0]]][:4]
-    video = write_video(tmp_path / "in.mp4", frames, fps=10.0)
-    out = tmp_path / "out.mp4"
-    assert_one_error_line(run_cli("swap-video", video, out, "-m", served_model.model, "-t", "nobody",
-                                  "-a", served_model.address), 1, "nobody")
-    assert not out.exists()
+    assert "4 frame(s), 0 with a face" in run.stdout
+    before, after = inspect_video(source), inspect_video(tmp_path / "out.mkv")
+    assert after.container.startswith("matroska") and len(after.frames) == 4
+    # Matroska counts time in milliseconds: the same times, in its units.
+    assert [float(p * after.time_base) for p in after.pts] == pytest.approx(
+        [float(p * before.time_base) for p in before.pts], abs=1e-3)
+    assert np.abs(after.frames[0].astype(int) - before.frames[0]).max() <= 1  # decode + encode keeps the levels

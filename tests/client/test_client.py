@@ -52,12 +52,13 @@ def client(served_model):
 
 
 def test_sdk_imports_without_cli_or_ml_packages():
-    blocked = ("typer", "tqdm", "cv2", "torch", "onnxruntime")
+    blocked = ("typer", "tqdm", "cv2", "av", "torch", "onnxruntime")
     code = (
         "import sys\n"
         f"for name in {blocked!r}: sys.modules[name] = None  # any import of them now fails\n"
         "import facetwin.client\n"
         "from facetwin.client import Client, AsyncClient, SwapResult, StageTimings, ModelInfo, FaceTwinError\n"
+        "from facetwin.client import swap_image_file, swap_video_file, VideoOptions, FileReport, MediaFileError\n"
         "Client('127.0.0.1:1').close()\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -67,7 +68,9 @@ def test_sdk_imports_without_cli_or_ml_packages():
 def test_public_names():
     for name in ("Client", "AsyncClient", "SwapResult", "StageTimings", "ModelInfo", "FaceTwinError",
                  "InvalidInputError", "NotFoundError", "ResourceExhaustedError", "UnavailableError",
-                 "DeadlineExceededError", "UnimplementedError", "ServerError"):
+                 "DeadlineExceededError", "UnimplementedError", "ServerError", "MediaFileError", "CancelledError",
+                 "FileReport", "VideoOptions", "swap_image_file", "swap_image_file_async", "swap_video_file",
+                 "swap_video_file_async", "probe", "MediaInfo"):
         assert name in facetwin.client.__all__ and hasattr(facetwin.client, name)
 
 

@@ -1,0 +1,161 @@
+"""Swap photo and video files through a server: the SDK side of `facetwin swap`, sync and asyncio.
+
+    from facetwin.client import Client, swap_image_file, swap_video_file
+
+    with Client("localhost:50051") as client:
+        swap_image_file(client, "photo.jpg", "out.jpg", "demo", "bob")        # whole photo, largest face
+        report = swap_video_file(client, "clip.mp4", "out.mp4", "demo", "bob", faces="all")
+        print(report.frames, report.frames_with_faces)
+
+Outputs are written to a hidden temporary file next to the output and renamed into place when complete, so an
+error, a cancel or Ctrl-C leaves no half-written file. PNG and JPEG photos need only the base install; other photo
+formats and every video need PyAV (pip install 'facetwin[cli]').
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+
+from .client import AsyncClient, Client
+from .errors import ServerError
+from .images import FacesArg
+from .media import PartialFile, decode_image, encode_image, output_encoding, read_image
+from .types import FileReport, SwapResult
+from .video import VideoJob, VideoOptions
+
+__all__ = ["swap_image_file", "swap_image_file_async", "swap_video_file", "swap_video_file_async"]
+
+PathLike = str | os.PathLike
+
+
+class _ImageJob:
+    """One photo: read and checked at creation (the outputs' temporary files too), written by finish()."""
+
+    def __init__(self, source: PathLike, output: PathLike, mask: PathLike | None) -> None:
+        self.started = time.perf_counter()
+        self.source, self.output = Path(source), Path(output)
+        self.encoding = output_encoding(self.output)
+        self.mask = Path(mask) if mask is not None else None
+        self.mask_encoding = output_encoding(self.mask, "mask") if self.mask is not None else None
+        self.payload = read_image(self.source)
+        self.partials = [PartialFile(self.output)]
+        if self.mask is not None:
+            self.partials.append(PartialFile(self.mask))
+
+    def finish(self, result: SwapResult) -> FileReport:
+        if result.encoded is None:
+            raise ServerError(grpc.StatusCode.INTERNAL, f"the server returned no {self.encoding} image")
+        self.partials[0].write(result.encoded)
+        if self.mask is not None:
+            if result.encoded_mask is None:
+                raise ServerError(grpc.StatusCode.INTERNAL, "the server returned no mask")
+            mask = result.encoded_mask
+            if self.mask_encoding != self.encoding:  # the server encodes the mask like the image
+                mask = encode_image(decode_image(mask, grey=True), self.mask_encoding)
+            self.partials[1].write(mask)
+        for partial in self.partials:
+            partial.commit()
+        return FileReport(
+            input=str(self.source), output=str(self.output), kind="image", frames=1,
+            frames_with_faces=int(bool(result.faces)), faces_swapped=sum(face.swapped for face in result.faces),
+            max_faces=len(result.faces), seconds=time.perf_counter() - self.started,
+        )
+
+    def abort(self) -> None:
+        for partial in self.partials:
+            partial.discard()
+
+
+def swap_image_file(
+    client: Client, source: PathLike, output: PathLike, model: str, target: str, *,
+    faces: FacesArg = "largest", keep_shape: float | None = None, quality: int | None = None,
+    mask: PathLike | None = None, timeout: float | None = None,
+) -> FileReport:
+    """Swaps the faces of one photo file and writes the result; .png or .jpg/.jpeg on `output` picks the encoding.
+
+    faces: "largest" (default), "all" or an index (largest first) for an ordinary photo; None when the photo is
+    an aligned face crop. keep_shape: 0 (the target's face shape) .. 1 (the original's); None = the server's.
+    quality: JPEG quality 1..100 (None = the server's 90). mask: also write the blend mask there (.png/.jpg).
+    Raises MediaFileError for a file that is not a photo or an output that cannot be written, and the SDK's
+    other errors for the call itself; nothing is left at `output` unless it succeeded.
+    """
+    job = _ImageJob(source, output, mask)
+    try:
+        result = client.swap(job.payload, model, target, color="rgb", encoding=job.encoding, jpeg_quality=quality,
+                             return_mask=mask is not None, faces=faces, keep_shape=keep_shape, timeout=timeout)
+        return job.finish(result)
+    except BaseException:
+        job.abort()
+        raise
+
+
+async def swap_image_file_async(
+    client: AsyncClient, source: PathLike, output: PathLike, model: str, target: str, *,
+    faces: FacesArg = "largest", keep_shape: float | None = None, quality: int | None = None,
+    mask: PathLike | None = None, timeout: float | None = None,
+) -> FileReport:
+    """swap_image_file for an AsyncClient; file work runs on a thread, off the event loop."""
+    job = await asyncio.to_thread(_ImageJob, source, output, mask)
+    try:
+        result = await client.swap(job.payload, model, target, color="rgb", encoding=job.encoding,
+                                   jpeg_quality=quality, return_mask=mask is not None, faces=faces,
+                                   keep_shape=keep_shape, timeout=timeout)
+        return await asyncio.to_thread(job.finish, result)
+    except BaseException:
+        job.abort()
+        raise
+
+
+def swap_video_file(
+    client: Client, source: PathLike, output: PathLike, model: str, target: str, *,
+    faces: FacesArg = "largest", keep_shape: float | None = None, options: VideoOptions | None = None,
+    max_in_flight: int = 8, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+) -> FileReport:
+    """Swaps the faces in every frame of a video file over one stream and writes the result.
+
+    The output (.mp4, .m4v, .mov or .mkv) is H.264 yuv420p by default (see VideoOptions), with the input's frame
+    timestamps (variable frame rates included) and every audio stream copied unchanged; a rotated input (phone
+    video) is turned upright. faces / keep_shape: as swap_image_file. progress(n) is called as frames are written;
+    setting `cancel` stops the work with CancelledError. Nothing is left at `output` unless it succeeded.
+    """
+    with VideoJob(source, output, options or VideoOptions(), progress=progress, cancel=cancel) as job:
+        results = client.stream(job.frames(), model, target, color="rgb", faces=faces, keep_shape=keep_shape,
+                                max_in_flight=max_in_flight)
+        with contextlib.closing(results):  # an error while writing cancels the call before the input closes
+            for result in results:
+                job.write(result)
+        return job.finish()
+
+
+async def swap_video_file_async(
+    client: AsyncClient, source: PathLike, output: PathLike, model: str, target: str, *,
+    faces: FacesArg = "largest", keep_shape: float | None = None, options: VideoOptions | None = None,
+    max_in_flight: int = 8, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+) -> FileReport:
+    """swap_video_file for an AsyncClient: decoding and encoding run on threads, off the event loop."""
+    job = await asyncio.to_thread(VideoJob, source, output, options or VideoOptions(), progress=progress,
+                                  cancel=cancel)
+    try:
+        frames = job.frames()
+
+        async def pull():
+            while (frame := await asyncio.to_thread(next, frames, None)) is not None:
+                yield frame
+
+        results = client.stream(pull(), model, target, color="rgb", faces=faces, keep_shape=keep_shape,
+                                max_in_flight=max_in_flight)
+        async with contextlib.aclosing(results):
+            async for result in results:
+                await asyncio.to_thread(job.write, result)
+        return await asyncio.to_thread(job.finish)
+    except BaseException:
+        job.abort()  # not on a thread: it must run even while this task is being cancelled
+        raise

@@ -1,0 +1,297 @@
+"""One video file through the service: FFmpeg decodes it, every frame goes over one SwapStream, FFmpeg encodes the
+results (H.264 in MP4, yuv420p, by default) with the input's own timestamps, and the audio is copied packet for packet.
+
+VideoJob holds the files and does the media work; the SDK's swap_video_file (sync) and swap_video_file_async drive
+it with Client.stream / AsyncClient.stream. Frames are read on the stream's request thread while results are encoded
+on the caller's, so the two sides share only two queues (frames sent, audio packets waiting) and one lock that keeps
+the input open while it is being read.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .errors import CancelledError, InvalidInputError, MediaFileError, ServerError
+from .media import VIDEO_OUTPUTS, PartialFile, _is_image, _open_input, _reason, load_av, to_rgb, upright
+from .types import FileReport, SwapResult
+
+__all__ = ["VideoOptions", "VideoJob"]
+
+_FALLBACK_RATE = Fraction(25)  # when the container states no frame rate at all
+# FFmpeg colour matrices by AVColorSpace value, as swscale names them; others convert with swscale's default (601).
+_SWS_COLORSPACES = {1: "itu709", 4: "fcc", 5: "itu601", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+_MPEG_RANGE = 1  # AVCOL_RANGE_MPEG: limited range, what H.264 players expect
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoOptions:
+    """How the output video is encoded."""
+
+    codec: str = "libx264"  # an FFmpeg video encoder: libx264 (H.264, plays in browsers), libx265, h264_nvenc ...
+    crf: int | None = 18  # constant quality: lower is better and bigger (x264: 18 looks lossless, 23 is its default)
+    preset: str | None = None  # encoder speed/size trade-off (x264: ultrafast .. veryslow); None = the encoder's own
+    max_frames: int | None = None  # stop after this many frames (the audio is cut at the same time)
+
+    def __post_init__(self) -> None:
+        av = load_av()
+        try:
+            codec = av.codec.Codec(self.codec, "w")
+        except (ValueError, TypeError):
+            codec = None
+        if codec is None or codec.type != "video":
+            raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"codec {self.codec!r} is not a video encoder of this FFmpeg (try libx264)")
+        if self.crf is not None and (isinstance(self.crf, bool) or not isinstance(self.crf, int)
+                                     or not 0 <= self.crf <= 63):
+            raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT, f"crf must be an integer 0..63, got {self.crf!r}")
+        if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
+            raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"max_frames must be a positive integer or None, got {self.max_frames!r}")
+
+    def encoder_options(self) -> dict[str, str]:
+        options = {}
+        if self.crf is not None:
+            options["cq" if self.codec.endswith("_nvenc") else "crf"] = str(self.crf)
+        if self.preset:
+            options["preset"] = self.preset
+        return options
+
+
+class VideoJob:
+    """One input video and its output, written to a hidden temporary file that finish() renames into place.
+
+    Opening checks everything that can be checked before a frame is sent: the input is a video, the output suffix
+    names a container, the output can be created. Use it as a context manager: leaving it with an exception (or
+    calling abort()) removes the partial output.
+    """
+
+    def __init__(self, source: str | Path, output: str | Path, options: VideoOptions | None = None, *,
+                 progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
+        self.source, self.output, self.options = Path(source), Path(output), options or VideoOptions()
+        try:
+            self._format = VIDEO_OUTPUTS[self.output.suffix.lower()]
+        except KeyError:
+            raise MediaFileError(self.output, f"a video output must end in {', '.join(VIDEO_OUTPUTS)}") from None
+        self._progress, self._cancel = progress, cancel
+        self._input = _open_input(self.source)
+        try:
+            if _is_image(self._input):
+                raise MediaFileError(self.source, "is a photo, not a video")
+            self._video = self._input.streams.video[0]
+            self._video.thread_type = "AUTO"  # frame + slice threads in the decoder
+            self._audio = list(self._input.streams.audio)
+            self._partial = PartialFile(self.output)
+        except BaseException:
+            self._input.close()
+            raise
+        self._time_base = self._video.time_base or Fraction(1, 90000)
+        self._rate = self._video.average_rate or self._video.guessed_rate or _FALLBACK_RATE
+        self._step = max(1, round(1 / (self._rate * self._time_base)))  # one frame, in time-base units
+        self._reading = threading.Lock()  # held while the input is read; closing takes it first
+        self._writing = threading.Lock()  # held while the output is written (the async driver writes on a thread)
+        # (pts, duration, frame) of frames sent and not yet written
+        self._sent: collections.deque[tuple[int, int, np.ndarray]] = collections.deque()
+        self._audio_waiting: collections.deque[Any] = collections.deque()  # packets read, not yet muxed
+        self._output: Any = None
+        self._out_video: Any = None
+        self._out_audio: dict[int, Any] = {}
+        self._size: tuple[int, int] | None = None  # decoded width, height (all frames are scaled to the first's)
+        self._color: tuple[int, int, int, int] = (2, 0, 2, 2)  # colorspace, range, primaries, trc (unspecified)
+        self._last_pts: int | None = None
+        self._read = 0
+        self._truncated = False
+        self._closed = False
+        self._started = time.perf_counter()
+        self._stats = collections.Counter()
+
+    def __enter__(self) -> VideoJob:
+        return self
+
+    def __exit__(self, exc_type: type | None, *rest: object) -> None:
+        if exc_type is not None or not self._closed:
+            self.abort()
+
+    # ------------------------------------------------------------------ reading (the stream's request thread)
+
+    def frames(self) -> Iterator[np.ndarray]:
+        """Upright RGB uint8 frames in decode order; audio packets met on the way wait for their video."""
+        av = load_av()
+        packets = self._input.demux(self._video, *self._audio)
+        while True:
+            with self._reading:
+                if self._closed:
+                    return
+                self._check_cancel()
+                try:
+                    packet = next(packets, None)
+                    if packet is None:
+                        return
+                    if packet.stream.type == "audio":
+                        if packet.dts is not None:  # the demuxer's empty end-of-stream packets carry no time
+                            self._audio_waiting.append(packet)
+                        continue
+                    decoded = packet.decode()
+                except av.FFmpegError as exc:
+                    raise MediaFileError(self.source, f"frame {self._read} cannot be decoded ({_reason(exc)})") from None
+                batch = []
+                for frame in decoded:
+                    if self.options.max_frames is not None and self._read >= self.options.max_frames:
+                        self._truncated = True
+                        break
+                    batch.append(self._take(frame))
+            yield from batch
+            if self._truncated:
+                return
+
+    def _take(self, frame: Any) -> np.ndarray:
+        if self._size is None:
+            self._size = (frame.width, frame.height)
+            self._color = (frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc)
+        pts, duration, rotation = frame.pts, frame.duration, frame.rotation
+        if (frame.width, frame.height) != self._size:  # a stream that changes size mid-way: keep the first's
+            frame = frame.reformat(width=self._size[0], height=self._size[1])
+        rgb = upright(to_rgb(frame), rotation)
+        rgb = rgb[: rgb.shape[0] // 2 * 2, : rgb.shape[1] // 2 * 2]  # yuv420p halves both sides: keep them even
+        if pts is None:
+            pts = 0 if self._last_pts is None else self._last_pts + self._step
+        if self._last_pts is not None and pts <= self._last_pts:
+            pts = self._last_pts + 1  # encoders refuse timestamps that do not increase
+        self._last_pts = pts
+        self._sent.append((pts, duration, rgb))
+        self._read += 1
+        return rgb
+
+    # ------------------------------------------------------------------ writing (the caller's thread)
+
+    def write(self, result: SwapResult) -> None:
+        """Encodes the result of the oldest frame sent (the original where the server dropped the frame)."""
+        with self._writing:
+            self._write(result)
+
+    def _write(self, result: SwapResult) -> None:
+        self._check_cancel()
+        if self._closed:
+            raise CancelledError(f"{self.source}: closed")
+        pts, duration, original = self._sent.popleft()
+        image = original if result.dropped else result.image
+        if image is None or image.shape != original.shape:
+            raise ServerError(grpc.StatusCode.INTERNAL, f"the server returned a {getattr(image, 'shape', None)} "
+                                                        f"frame for a {original.shape} one")
+        av = load_av()
+        try:
+            if self._output is None:
+                self._open_output(image.shape[1], image.shape[0])
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts, frame.time_base = pts, self._time_base
+            if duration:  # the last frame's duration sets the stream's: keeps its length and average rate exact
+                frame.duration = duration
+            self._encode(frame)
+            self._mux_audio(until=pts * self._time_base)
+        except av.FFmpegError as exc:
+            raise MediaFileError(self.output, f"cannot be encoded ({_reason(exc)})") from None
+        swapped = sum(face.swapped for face in result.faces)
+        self._stats.update(frames=1, dropped=int(result.dropped), faces_swapped=swapped,
+                           frames_with_faces=int(bool(result.faces)))
+        self._stats["max_faces"] = max(self._stats["max_faces"], len(result.faces))
+        if self._progress is not None:
+            self._progress(1)
+
+    def _open_output(self, width: int, height: int) -> None:
+        av = load_av()
+        try:
+            output = av.open(str(self._partial.temp), "w", format=self._format)
+        except (av.FFmpegError, OSError) as exc:
+            raise MediaFileError(self.output, f"cannot be written ({_reason(exc)})") from None
+        self._output = output
+        stream = output.add_stream(self.options.codec, rate=self._rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # The input's time base and timestamps go through unchanged: variable frame rates stay as they were.
+        stream.time_base = stream.codec_context.time_base = self._time_base
+        context = stream.codec_context
+        context.colorspace, _, context.color_primaries, context.color_trc = self._color
+        context.color_range = _MPEG_RANGE
+        stream.options = self.options.encoder_options()
+        self._out_video = stream
+        for audio in self._audio:
+            name = audio.codec_context.name
+            if name not in output.supported_codecs:
+                raise MediaFileError(self.output, f"a {self._format} file cannot hold the input's {name} audio; "
+                                                  "write .mkv (it holds any audio) instead")
+            self._out_audio[audio.index] = output.add_stream_from_template(audio)
+
+    def _encode(self, frame: Any | None) -> None:
+        if frame is not None:
+            frame = frame.reformat(format="yuv420p", dst_colorspace=_SWS_COLORSPACES.get(self._color[0]),
+                                   dst_color_range=_MPEG_RANGE)
+        for packet in self._out_video.encode(frame):
+            self._output.mux(packet)
+
+    def _mux_audio(self, until: Fraction | None) -> None:
+        """Muxes the audio packets that start at or before `until` seconds (all of them with None)."""
+        while self._audio_waiting:
+            packet = self._audio_waiting[0]
+            start = (packet.pts if packet.pts is not None else packet.dts) * packet.time_base
+            if until is not None and start > until:
+                return
+            self._audio_waiting.popleft()
+            packet.stream = self._out_audio[packet.stream.index]
+            self._output.mux(packet)
+
+    def finish(self) -> FileReport:
+        """Flushes the encoder, writes the rest of the audio, closes and renames the output into place."""
+        with self._writing:
+            return self._finish()
+
+    def _finish(self) -> FileReport:
+        if self._output is None:
+            raise MediaFileError(self.source, "has no decodable frames")
+        av = load_av()
+        try:
+            self._encode(None)
+            # Cut at the end of the last frame when max_frames stopped early; otherwise the audio goes whole.
+            self._mux_audio(until=(self._last_pts + self._step) * self._time_base if self._truncated else None)
+            self._output.close()
+        except av.FFmpegError as exc:
+            raise MediaFileError(self.output, f"cannot be encoded ({_reason(exc)})") from None
+        self._output = None
+        self._close_input()
+        self._partial.commit()
+        stats = self._stats
+        return FileReport(
+            input=str(self.source), output=str(self.output), kind="video", frames=stats["frames"],
+            frames_with_faces=stats["frames_with_faces"], faces_swapped=stats["faces_swapped"],
+            max_faces=stats["max_faces"], dropped=stats["dropped"], audio_streams=len(self._audio),
+            seconds=time.perf_counter() - self._started,
+        )
+
+    def abort(self) -> None:
+        """Closes both files and removes the partial output; safe to call more than once."""
+        with self._writing:  # waits for a frame being encoded on another thread
+            if self._output is not None:
+                try:
+                    self._output.close()
+                except Exception:  # a half-written file is removed next, whatever state its muxer is in
+                    pass
+                self._output = None
+            self._close_input()
+            self._partial.discard()
+
+    def _close_input(self) -> None:
+        with self._reading:  # waits for a read under way on the request thread
+            if not self._closed:
+                self._closed = True
+                self._input.close()
+
+    def _check_cancel(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise CancelledError(f"{self.source}: cancelled")
