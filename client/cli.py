@@ -47,9 +47,9 @@ def _describe(err: FaceTwinError, address: str) -> str:
     return f"{err.code.name}: {details}"
 
 
-def run_models(address: str) -> None:
+def run_models(address: str, credentials: dict[str, Any] | None = None) -> None:
     """Prints a table of the models loaded on the server."""
-    with Client(address) as client:
+    with Client(address, **(credentials or {})) as client:
         models = client.list_models()
     if not models:
         print(f"no models loaded at {address}")
@@ -119,6 +119,7 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
     if mask is not None and kind != "image":
         raise CliError("--mask applies to photos only", 2)
     video_options, address, max_in_flight = swap.pop("options"), swap.pop("address"), swap.pop("max_in_flight")
+    credentials = swap.pop("credentials")
     if dry_run:
         check_writable(output)
         if kind == "image":
@@ -131,7 +132,7 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
                   f"model={swap['model']} target={swap['target']} faces={swap['faces']} -> {output} "
                   f"({video_options.codec} yuv420p, audio copied)")
         return
-    with Client(address) as client:
+    with Client(address, **credentials) as client:
         if kind == "image":
             report = swap_image_file(client, source, output, mask=mask, quality=swap.pop("quality"), **swap)
         else:
@@ -191,9 +192,9 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
                     finished[0] += 1
                     bar.set_description(f"{finished[0]}/{len(pending)} files")
 
-        address = swap.pop("address")
+        address, credentials = swap.pop("address"), swap.pop("credentials")
         try:
-            with Client(address) as client:
+            with Client(address, **credentials) as client:
                 entries = run_batch(client, items, jobs=jobs, overwrite=overwrite, progress=advance,
                                     on_entry=on_entry, **swap)
         except BatchInterrupted as exc:
@@ -210,8 +211,10 @@ def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, targe
              quality: int | None = None, mask: Path | None = None, codec: str = "libx264", crf: int | None = 18,
              preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 8,
              list_file: Path | None = None, jobs: int = 2, overwrite: bool = False, summary: Path | None = None,
-             address: str = DEFAULT_ADDRESS, dry_run: bool = False) -> None:
-    """`facetwin swap` / `swap-video`: one file to one file, or many (folders, patterns, a list) into a folder."""
+             address: str = DEFAULT_ADDRESS, credentials: dict[str, Any] | None = None,
+             dry_run: bool = False) -> None:
+    """`facetwin swap` / `swap-video`: one file to one file, or many (folders, patterns, a list) into a folder.
+    credentials: Client's keyword arguments for a server that asks for them (token, root_certificates, ...)."""
     from tqdm import tqdm
 
     try:
@@ -221,7 +224,8 @@ def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, targe
     if keep_shape is not None and aligned:
         raise CliError("--keep-shape applies to whole frames, not to --aligned crops", 2)
     swap = dict(model=model, target=target, faces=parse_faces(faces, aligned), keep_shape=keep_shape,
-                quality=quality, options=options, max_in_flight=max_in_flight, address=address)
+                quality=quality, options=options, max_in_flight=max_in_flight, address=address,
+                credentials=credentials or {})
     inputs = [str(path) for path in inputs or []]
     # One file to one file, unless OUT is a folder (then the file goes into it, as in a folder run).
     single = len(inputs) == 1 and list_file is None and not Path(inputs[0]).is_dir() \
@@ -262,9 +266,37 @@ def build_app() -> Any:
     Address = Annotated[str, typer.Option("--address", "-a", envvar=ADDRESS_ENV,
                                           help=f"Server host:port (env {ADDRESS_ENV}).", show_default=True)]
 
-    def guarded(action: Any, address: str, **kwargs: Any) -> None:
+    Token = Annotated[str | None, typer.Option("--token", envvar="FACETWIN_TOKEN", show_default=False,
+                                               help="Bearer token of a server that asks for one (env FACETWIN_TOKEN).")]
+    TokenFile = Annotated[Path | None, typer.Option(
+        "--token-file", envvar="FACETWIN_TOKEN_FILE", show_default=False,
+        help="File holding the bearer token (env FACETWIN_TOKEN_FILE; keeps it out of the process list).")]
+    CA = Annotated[Path | None, typer.Option("--ca", envvar="FACETWIN_CA", show_default=False,
+                                             help="PEM of the CA that signed the server's certificate: TLS (env "
+                                                  "FACETWIN_CA).")]
+    Cert = Annotated[Path | None, typer.Option("--cert", envvar="FACETWIN_CERT", show_default=False,
+                                               help="PEM client certificate, for mutual TLS (env FACETWIN_CERT).")]
+    Key = Annotated[Path | None, typer.Option("--key", envvar="FACETWIN_KEY", show_default=False,
+                                              help="PEM key of --cert (env FACETWIN_KEY).")]
+    TLS = Annotated[bool, typer.Option("--tls", envvar="FACETWIN_TLS",
+                                       help="TLS trusting the public CAs gRPC ships (a server with a public "
+                                            "certificate); --ca implies TLS.")]
+
+    def credentials(token: str | None, token_file: Path | None, ca: Path | None, cert: Path | None,
+                    key: Path | None, tls: bool) -> dict[str, Any]:
+        if token and token_file:
+            raise CliError("give --token or --token-file, not both", 2)
+        if token_file is not None:
+            try:
+                token = token_file.read_text().strip()
+            except OSError as exc:
+                raise CliError(f"cannot read --token-file {token_file}: {exc.strerror}", 2) from None
+        return {"token": token or None, "root_certificates": ca, "client_certificate": cert, "client_key": key,
+                "tls": tls}
+
+    def guarded(action: Any, address: str, auth: tuple, **kwargs: Any) -> None:
         try:
-            action(address=address, **kwargs)
+            action(address=address, credentials=credentials(*auth), **kwargs)
         except CliError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -276,9 +308,10 @@ def build_app() -> Any:
             raise typer.Exit(130) from None
 
     @app.command()
-    def models(address: Address = DEFAULT_ADDRESS) -> None:
+    def models(address: Address = DEFAULT_ADDRESS, token: Token = None, token_file: TokenFile = None, ca: CA = None,
+               cert: Cert = None, key: Key = None, tls: TLS = False) -> None:
         """List the models loaded on the server."""
-        guarded(run_models, address)
+        guarded(run_models, address, (token, token_file, ca, cert, key, tls))
 
     def swap_command(only: str | None, help_text: str, in_help: str) -> Any:
         def command(
@@ -326,11 +359,17 @@ def build_app() -> Any:
                 "--summary", help=f"Folder runs: where the JSON summary goes (default OUT/{SUMMARY_NAME}).")]
             = None,
             address: Address = DEFAULT_ADDRESS,
+            token: Token = None,
+            token_file: TokenFile = None,
+            ca: CA = None,
+            cert: Cert = None,
+            key: Key = None,
+            tls: TLS = False,
             dry_run: Annotated[bool, typer.Option(
                 "--dry-run", help="Check the inputs and outputs and print what would be done; send nothing.")]
             = False,
         ) -> None:
-            guarded(run_swap, address, inputs=inputs, output=output, model=model, target=target, only=only,
+            guarded(run_swap, address, (token, token_file, ca, cert, key, tls), inputs=inputs, output=output, model=model, target=target, only=only,
                     aligned=aligned, faces=faces, keep_shape=keep_shape, quality=quality, mask=mask, codec=codec,
                     crf=crf, preset=preset, max_frames=max_frames, max_in_flight=max_in_flight,
                     list_file=list_file, jobs=jobs, overwrite=overwrite, summary=summary, dry_run=dry_run)

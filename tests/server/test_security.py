@@ -367,3 +367,20 @@ def test_sdk_credential_arguments_are_checked(pki):
         Client("localhost:1", token="two words")
     with pytest.raises(InvalidInputError, match="cannot read"):
         Client("localhost:1", root_certificates=pki.ca.with_name("missing.pem"))
+
+
+def test_the_cli_takes_credentials_from_flags_and_environment(tls_server, pki, tmp_path):
+    facetwin = str(Path(sys.executable).with_name("facetwin"))
+    token_file = tmp_path / "token"
+    token_file.write_text("alice-token-1\n")
+    ok = subprocess.run([facetwin, "models", "--address", tls_server.address, "--ca", str(pki.ca), "--token-file",
+                         str(token_file)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "tiny" in ok.stdout, ok.stderr
+    env = {**os.environ, "FACETWIN_TOKEN": "bob-token-2", "FACETWIN_CA": str(pki.ca)}
+    ok = subprocess.run([facetwin, "models", "--address", tls_server.address], capture_output=True, text=True,
+                        timeout=60, env=env)
+    assert ok.returncode == 0 and "tiny" in ok.stdout, ok.stderr
+    refused = subprocess.run([facetwin, "models", "--address", tls_server.address, "--ca", str(pki.ca)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED"), refused.stderr
+    assert "alice-token-1" not in refused.stderr
