@@ -152,6 +152,8 @@ def train(
         "TensorBoard's grad_norm shows the norms before clipping"),
     seed: Optional[int] = typer.Option(None, min=0, help="override the seed"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default 2)"),
+    fixed_threads: bool = typer.Option(False, "--fixed-threads", help="keep --threads even when other processes "
+                                       "take cores (by default a CPU run uses only the cores left free)"),
     max_seconds: Optional[float] = typer.Option(None, min=0.0, help="stop early after this many seconds of training "
                                                 "(checkpoint written; --resume continues); 0 = no limit"),
     variant: str = typer.Option("ae", help="ae (autoencoder), vae, vae-gan or cyclegan (two identities)"),
@@ -189,7 +191,8 @@ def train(
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
                                             lr_final_fraction=lr_final_fraction, grad_clip=grad_clip, seed=seed,
-                                            threads=threads, variant=variant, max_seconds=max_seconds, **options)
+                                            threads=threads, variant=variant, max_seconds=max_seconds,
+                                            follow_free_cores=not fixed_threads, **options)
     ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")

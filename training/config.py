@@ -64,6 +64,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     seed: int = 0  # seeds initialisation and batch sampling
     threads: int = 2  # torch CPU threads (the demo host has two cores)
+    # On a CPU, use only as many of those threads as other processes leave cores free (cpu_share.py): one busy
+    # process beside make demo's training slowed it 15x with a fixed two.
+    follow_free_cores: bool = True
     device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
     model: ModelConfig | None = None  # None: the preset's model for the data set's identities
     variant: str = "ae"  # one of core.bundle.VARIANTS; must match model.variant if model is set

@@ -27,6 +27,7 @@ from facetwin.core.files import atomic_write_bytes, remove_stale_temporaries
 from facetwin.training import amp
 from facetwin.training.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
 from facetwin.training.config import TrainConfig, check_config, learning_rate, preset_model
+from facetwin.training.cpu_share import CpuShare
 from facetwin.training.data import AugmentConfig, IdentityFaces, describe, identity_names, load_faces, load_index
 from facetwin.training.distributed import Distributed, all_agree, barrier, process_group, training_device
 from facetwin.training.previews import preview_grid, write_preview
@@ -106,8 +107,11 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
     smoothed, losses, stopped, done = None, {}, None, start_step
     if world.is_main:  # from now on the summary describes this call, even if it is killed before its first checkpoint
         write_summary(out_dir, _summary(t, world, ckpt_path, start_step, start_step, 0.0, losses, None))
+    cpu_share = CpuShare(cfg.threads) if t.device.type == "cpu" and cfg.follow_free_cores else None
     started = time.perf_counter()
     for step in range(start_step, cfg.steps):
+        if cpu_share is not None and (threads := cpu_share.update()) is not None:
+            torch.set_num_threads(threads)  # another process took (or gave back) a core: see cpu_share.py
         generator.manual_seed(batch_seed(cfg, step, world.rank))
         # 1. one augmented batch per identity, on the training device
         batches = sample_batches(t, faces, generator)
