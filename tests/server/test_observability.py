@@ -1,0 +1,422 @@
+"""Provenance marks, request ids, metrics and log lines, through the real server and the real CLI process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+import zlib
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from facetwin.server import imaging, logs
+from facetwin.server.config import ServerConfig
+from facetwin.server.errors import InvalidInputError
+from facetwin.server.interceptors import CallInterceptor, request_id_from
+from facetwin.server.provenance import DIGITAL_SOURCE_TYPE, mark_synthetic
+from facetwin.v1 import facetwin_pb2 as pb
+from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
+
+from ..conftest import ServerThread
+
+SERVER = Path(sys.executable).with_name("facetwin-server")
+IPTC_EXT = "{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}"
+SHA = "ab" * 32
+
+
+# ---- the files: read back by walking their structure, by Pillow and by OpenCV -------------------------------------
+
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, body) of every chunk; asserts each CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at:at + 4])
+        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
+        assert crc == zlib.crc32(kind + body), f"bad CRC on {kind!r}"
+        chunks.append((kind, body))
+        at += 12 + length
+    assert chunks[-1][0] == b"IEND" and at == len(data)
+    return chunks
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """(marker, body) of every segment before the entropy-coded data (SOS)."""
+    assert data[:2] == b"\xff\xd8"
+    segments, at = [], 2
+    while True:
+        marker = data[at + 1]
+        (length,) = struct.unpack(">H", data[at + 2:at + 4])
+        segments.append((marker, data[at + 4:at + 2 + length]))
+        if marker == 0xDA:
+            return segments
+        at += 2 + length
+
+
+def xmp_of(data: bytes) -> bytes:
+    """The XMP packet, found the way the format specifies it."""
+    if data.startswith(b"\x89PNG"):
+        packets = [body for kind, body in png_chunks(data) if kind == b"iTXt" and body.startswith(b"XML:com.adobe.xmp\0")]
+        assert len(packets) == 1
+        keyword, rest = packets[0].split(b"\0", 1)
+        assert rest[:2] == b"\0\0"  # uncompressed
+        _language, _translated, text = rest[2:].split(b"\0", 2)
+        return text
+    packets = [body for marker, body in jpeg_segments(data) if marker == 0xE1
+               and body.startswith(b"http://ns.adobe.com/xap/1.0/\0")]
+    assert len(packets) == 1
+    return packets[0][len(b"http://ns.adobe.com/xap/1.0/\0"):]
+
+
+def source_type(packet: bytes) -> tuple[str, str]:
+    """(DigitalSourceType, AISystemVersionUsed) of an XMP packet, read with an XML parser."""
+    description = ET.fromstring(packet).find(".//{http://www.w3.org/1999/02/22-rdf-syntax-ns#}Description")
+    return description.get(IPTC_EXT + "DigitalSourceType"), description.get(IPTC_EXT + "AISystemVersionUsed")
+
+
+@pytest.fixture(scope="module")
+def picture() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+
+
+def test_png_mark_is_a_valid_chunk_before_the_pixels(picture):
+    plain = imaging.encode(picture, "png")
+    marked = mark_synthetic(plain, "png", SHA)
+    kinds = [kind for kind, _ in png_chunks(marked)]
+    assert kinds[:2] == [b"IHDR", b"iTXt"] and kinds.index(b"iTXt") < kinds.index(b"IDAT")
+    assert source_type(xmp_of(marked)) == (DIGITAL_SOURCE_TYPE, f"bundle manifest sha256 {SHA}")
+    decoded = cv2.cvtColor(cv2.imdecode(np.frombuffer(marked, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(decoded, picture)  # lossless, untouched pixels
+    with Image.open(io.BytesIO(marked)) as image:
+        image.load()  # Pillow checks every CRC it reads
+        assert DIGITAL_SOURCE_TYPE in image.info["XML:com.adobe.xmp"]
+        np.testing.assert_array_equal(np.asarray(image), picture)
+
+
+def test_jpeg_mark_is_an_app1_segment_after_jfif(picture):
+    plain = imaging.encode(picture, "jpeg", jpeg_quality=85)
+    marked = mark_synthetic(plain, "jpeg", SHA)
+    markers = [marker for marker, _ in jpeg_segments(marked)]
+    assert markers[:2] == [0xE0, 0xE1]  # JFIF APP0 stays first
+    assert source_type(xmp_of(marked)) == (DIGITAL_SOURCE_TYPE, f"bundle manifest sha256 {SHA}")
+    before = cv2.imdecode(np.frombuffer(plain, np.uint8), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(marked, np.uint8), cv2.IMREAD_COLOR), before)
+    with Image.open(io.BytesIO(marked)) as image:
+        assert DIGITAL_SOURCE_TYPE.encode() in image.info["xmp"]
+    without_jfif = plain[:2] + plain[4 + struct.unpack(">H", plain[4:6])[0]:]
+    assert [m for m, _ in jpeg_segments(mark_synthetic(without_jfif, "jpeg", SHA))][0] == 0xE1  # right after SOI
+
+
+def test_raw_pixels_are_left_alone_and_foreign_bytes_refused(picture):
+    raw = imaging.encode(picture, "raw")
+    assert mark_synthetic(raw, "raw", SHA) is raw
+    with pytest.raises(ValueError, match="not a PNG"):
+        mark_synthetic(b"GIF89a" + bytes(40), "png", SHA)
+    with pytest.raises(ValueError, match="not a JPEG"):
+        mark_synthetic(b"\x89PNG" + bytes(40), "jpeg", SHA)
+
+
+# ---- the real server ---------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def observed(tiny_model_dir):
+    """A server with its metrics port open; a window of one frame makes "latest" streams drop frames."""
+    metrics_port = _free_port()
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), metrics_port=metrics_port,
+                                       stream_window=1, grace_s=1.0))
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.FaceSwapStub(channel)
+        info = stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+        yield stub, info, metrics_port
+    server.stop()
+
+
+def face_request(info, target: str | None = None, size: int = 32, **kwargs) -> pb.SwapRequest:
+    face = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return pb.SwapRequest(model=info.name, target=info.identities[1] if target is None else target,
+                          image=pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=size, width=size, channels=3)),
+                          **kwargs)
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def series(name: str, **labels: str) -> str:
+    return name + "{" + ",".join(f'{key}="{value}"' for key, value in sorted(labels.items())) + "}"
+
+
+def assert_provenance(response: pb.SwapResponse, info, target: str) -> None:
+    p = response.provenance
+    assert p.synthetic and p.digital_source_type == DIGITAL_SOURCE_TYPE
+    assert (p.model, p.target, p.manifest_sha256) == (info.name, target, info.manifest_sha256)
+    assert len(info.manifest_sha256) == 64
+
+
+def test_request_id_is_the_callers_or_a_new_one(observed):
+    stub, info, _ = observed
+    reply, call = stub.Swap.with_call(face_request(info), metadata=[("x-request-id", "order-17/frame-3")], timeout=10)
+    assert reply.request_id == "order-17/frame-3"
+    assert ("x-request-id", "order-17/frame-3") in call.trailing_metadata()
+    fresh = {stub.Swap(face_request(info), timeout=10).request_id for _ in range(2)}
+    for unusable in ("x" * 129, ""):  # gRPC itself refuses to send values that are not printable ASCII
+        fresh.add(stub.Swap(face_request(info), metadata=[("x-request-id", unusable)], timeout=10).request_id)
+    assert len(fresh) == 4 and all(len(rid) == 32 and int(rid, 16) >= 0 for rid in fresh)
+    with pytest.raises(grpc.RpcError) as error:  # a rejected call names its id too, for the caller to quote
+        stub.Swap(face_request(info, target="nobody"), metadata=[("x-request-id", "bad-1")], timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ("x-request-id", "bad-1") in error.value.trailing_metadata()
+
+
+def test_request_ids_that_are_kept_and_replaced():
+    assert request_id_from([("x-request-id", "x" * 128)]) == "x" * 128
+    assert request_id_from([("other", "a"), ("x-request-id", "a b~")]) == "a b~"
+    for unusable in ("x" * 129, "", "tab\there", "caf\u00e9", b"bytes"):
+        assert len(request_id_from([("x-request-id", unusable)])) == 32
+    assert request_id_from(None) != request_id_from(None)
+
+
+def test_every_unary_response_carries_provenance_and_encoded_files_the_xmp(observed):
+    stub, info, _ = observed
+    target = info.identities[1]
+    assert_provenance(stub.Swap(face_request(info), timeout=10), info, target)  # raw pixels: the field only
+    face = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    png = imaging.encode(face, "png")
+    for encoding in (pb.ENCODING_PNG, pb.ENCODING_JPEG):
+        reply = stub.Swap(pb.SwapRequest(model=info.name, target=target, image=pb.Image(encoded=png),
+                                         output_encoding=encoding, return_mask=True), timeout=10)
+        assert_provenance(reply, info, target)
+        data = reply.image.encoded
+        assert source_type(xmp_of(data)) == (DIGITAL_SOURCE_TYPE, f"bundle manifest sha256 {info.manifest_sha256}")
+        assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (32, 32, 3)
+
+
+def test_stream_frames_carry_provenance_and_the_request_id_dropped_ones_too(observed):
+    stub, info, _ = observed
+    target = info.identities[0]
+    big = np.ascontiguousarray(np.tile(np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                                       (24, 24, 1)))  # slow enough to decode and shrink that frames pile up
+    requests = [pb.SwapStreamRequest(policy=pb.STREAM_POLICY_LATEST, request=pb.SwapRequest(
+        model=info.name, target=target, frame_id=i, image=pb.Image(raw=pb.RawImage(
+            pixels=big.tobytes(), height=big.shape[0], width=big.shape[1], channels=3)))) for i in range(30)]
+    replies = list(stub.SwapStream(iter(requests), metadata=[("x-request-id", "stream-9")], timeout=120))
+    statuses = {reply.status for reply in replies}
+    assert statuses == {pb.FRAME_STATUS_OK, pb.FRAME_STATUS_DROPPED}, "a one-frame window must drop frames"
+    for reply in replies:
+        assert reply.response.request_id == "stream-9"
+        assert_provenance(reply.response, info, target)
+
+
+def test_metrics_count_every_status_with_bounded_labels(observed):
+    stub, info, port = observed
+    target = info.identities[1]
+    before = scrape(port)
+    for _ in range(3):
+        stub.Swap(face_request(info), timeout=10)
+    made_up = [f"made-up-{i}" for i in range(4)]
+    for name in made_up:
+        with pytest.raises(grpc.RpcError):
+            stub.Swap(face_request(info, target=name), timeout=10)  # a loaded model, a made-up target
+        with pytest.raises(grpc.RpcError):
+            stub.Swap(pb.SwapRequest(model=name, target=target, image=face_request(info).image), timeout=10)
+    with pytest.raises(grpc.RpcError):
+        stub.Swap(face_request(info, size=4), timeout=10)  # too small: INVALID_ARGUMENT
+    stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    frames = [pb.SwapStreamRequest(request=face_request(info, frame_id=i)) for i in range(5)]
+    assert len(list(stub.SwapStream(iter(frames), timeout=30))) == 5
+    after = scrape(port)
+
+    def grew(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    ok = dict(method="Swap", model=info.name, target=target)
+    assert grew(series("facetwin_requests_total", code="OK", **ok)) == 3
+    assert grew(series("facetwin_requests_total", code="NOT_FOUND", method="Swap", model=info.name,
+                       target="unknown")) == 4
+    assert grew(series("facetwin_requests_total", code="NOT_FOUND", method="Swap", model="unknown",
+                       target="unknown")) == 4
+    assert grew(series("facetwin_requests_total", code="INVALID_ARGUMENT", **ok)) == 1
+    assert grew(series("facetwin_requests_total", code="OK", method="ListModels", model="", target="")) == 1
+    assert grew(series("facetwin_requests_total", code="OK", method="SwapStream", **{k: v for k, v in ok.items()
+                                                                                     if k != "method"})) == 1
+    assert grew(series("facetwin_request_duration_seconds_count", **ok)) == 4  # 3 OK + 1 INVALID_ARGUMENT
+    assert grew(series("facetwin_stream_duration_seconds_count", method="SwapStream")) == 1
+    assert grew(series("facetwin_swaps_total", **ok)) == 3
+    stream = dict(method="SwapStream", model=info.name, target=target)
+    assert grew(series("facetwin_swaps_total", **stream)) == 5
+    assert grew(series("facetwin_stream_frames_total", model=info.name, target=target, status="OK")) == 5
+    for histogram in ("facetwin_swap_seconds", "facetwin_queue_seconds", "facetwin_inference_seconds"):
+        assert grew(series(histogram + "_count", **ok)) == 3
+        assert grew(series(histogram + "_sum", **ok)) > 0
+    assert grew(series("facetwin_batch_size_count", model=info.name, target=target)) == 8
+    assert after[series("facetwin_calls_in_flight", method="Swap")] == 0
+    assert after[series("facetwin_streams_open", method="SwapStream")] == 0
+    assert "facetwin_queue_depth" in after  # the autoscaling signal stays
+    assert not [key for key in after if "made-up" in key], "a caller's names became label values"
+
+
+def test_open_streams_are_counted_while_open(observed):
+    stub, info, port = observed
+    release = threading.Event()
+
+    def frames():
+        yield pb.SwapStreamRequest(request=face_request(info))
+        release.wait(30)  # keeps the stream open
+
+    replies = stub.SwapStream(frames(), timeout=60)
+    next(replies)  # the first answer: the stream is surely open
+    gauge = series("facetwin_streams_open", method="SwapStream")
+    try:
+        assert scrape(port)[gauge] == 1
+    finally:
+        release.set()
+    assert list(replies) == []
+    deadline = time.monotonic() + 10
+    while scrape(port)[gauge] != 0:
+        assert time.monotonic() < deadline, "the stream's gauge never went back down"
+        time.sleep(0.05)
+
+
+# ---- the interceptor on its own real gRPC server: the error paths a healthy servicer never takes ------------------
+
+async def _serve_faulty_methods(calls):
+    async def invalid(request, context):
+        raise InvalidInputError("image.raw.height is 0: send the image's height")
+
+    async def bug(request, context):
+        return {}["missing key"]
+
+    async def refused(request, context):  # what an authentication interceptor does
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "token 'ci' may not call this")
+
+    handlers = {name: grpc.unary_unary_rpc_method_handler(fn, request_deserializer=pb.SwapRequest.FromString,
+                                                          response_serializer=pb.SwapResponse.SerializeToString)
+                for name, fn in (("Invalid", invalid), ("Bug", bug), ("Refused", refused))}
+    server = grpc.aio.server(interceptors=[CallInterceptor(lambda model, target: ("unknown", "unknown"))])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Faulty", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    results = {}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            for name in calls:
+                method = channel.unary_unary(f"/test.Faulty/{name}", request_serializer=pb.SwapRequest.SerializeToString,
+                                             response_deserializer=pb.SwapResponse.FromString)
+                try:
+                    await method(pb.SwapRequest(model="m"), metadata=[("x-request-id", f"id-{name}")], timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    results[name] = (exc.code(), exc.details())
+    finally:
+        await server.stop(0)
+    return results
+
+
+def test_errors_become_statuses_and_one_log_line_each(caplog):
+    caplog.set_level(logging.INFO, logger="facetwin.server.calls")
+    results = asyncio.run(_serve_faulty_methods(["Invalid", "Bug", "Refused"]))
+    assert results["Invalid"] == (grpc.StatusCode.INVALID_ARGUMENT, "image.raw.height is 0: send the image's height")
+    assert results["Refused"] == (grpc.StatusCode.PERMISSION_DENIED, "token 'ci' may not call this")
+    code, details = results["Bug"]
+    assert code == grpc.StatusCode.INTERNAL and details == ("internal error (KeyError); the server log has it under "
+                                                            "request id id-Bug")
+    lines = {record.request_id: record for record in caplog.records if record.name == "facetwin.server.calls"}
+    assert set(lines) == {"id-Invalid", "id-Bug", "id-Refused"}  # one line per call
+    for rid, code, level in (("id-Invalid", "INVALID_ARGUMENT", logging.INFO),
+                             ("id-Refused", "PERMISSION_DENIED", logging.INFO), ("id-Bug", "INTERNAL", logging.ERROR)):
+        record = lines[rid]
+        assert (record.code, record.levelno, record.model, record.method) == (code, level, "unknown", rid[3:])
+        assert record.peer.startswith("ipv4:127.0.0.1:") and record.duration_ms >= 0
+        assert (record.exc_info is not None) == (code == "INTERNAL"), "a traceback for the server's bugs only"
+    assert "missing key" in lines["id-Bug"].error  # the operator sees what the caller is not told
+
+
+def test_log_lines_of_a_call_carry_its_request_id():
+    text, structured = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("facetwin.test.lines")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.handlers = [logs.handler("text", text), logs.handler("json", structured)]
+    token = logs.bind_call(request_id="abc-1", method="Swap")
+    try:
+        logger.info("inside %s", "the call", extra={"faces": 2})
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        logs.unbind_call(token)
+    logger.info("outside")
+    lines = text.getvalue().splitlines()
+    assert lines[0].endswith("INFO facetwin.test.lines [abc-1]: inside the call")
+    assert lines[-1].endswith("INFO facetwin.test.lines: outside")
+    inside, failed, outside = (json.loads(line) for line in structured.getvalue().splitlines())
+    assert (inside["message"], inside["request_id"], inside["method"], inside["faces"]) == \
+           ("inside the call", "abc-1", "Swap", 2)
+    assert failed["request_id"] == "abc-1" and "RuntimeError: boom" in failed["exception"]
+    assert "request_id" not in outside and outside["level"] == "INFO"
+    with pytest.raises(ValueError, match="log_format 'xml' must be one of text, json"):
+        ServerConfig.from_env({"FACETWIN_LOG_FORMAT": "xml"})
+
+
+# ---- the real CLI process: JSON lines on stderr -------------------------------------------------------------------
+
+def test_json_log_lines_of_the_real_process(tiny_model_dir):
+    port = _free_port()
+    proc = subprocess.Popen([str(SERVER), "serve", "--log-format", "json", "--log-level", "DEBUG", "--model-dir",
+                             str(tiny_model_dir), "--address", f"127.0.0.1:{port}"],
+                            env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            deadline = time.monotonic() + 60
+            while True:  # until the model is warm
+                try:
+                    info = stub.ListModels(pb.ListModelsRequest(), timeout=1).models[0]
+                    if info.status == pb.MODEL_STATUS_READY:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "the server never loaded its model"
+                time.sleep(0.1)
+            stub.Swap(face_request(info), metadata=[("x-request-id", "json-ok")], timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.Swap(face_request(info, target="nobody"), metadata=[("x-request-id", "json-bad")], timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [json.loads(line) for line in stderr.splitlines()]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    by_id = {line["request_id"]: line for line in lines if line["logger"] == "facetwin.server.calls"}
+    bad = by_id["json-bad"]
+    assert (bad["level"], bad["method"], bad["code"], bad["model"], bad["target"]) == \
+           ("INFO", "Swap", "NOT_FOUND", info.name, "unknown")
+    assert "has no target identity 'nobody'" in bad["error"] and "exception" not in bad
+    assert bad["peer"].startswith("ipv4:127.0.0.1:") and bad["duration_ms"] > 0
+    assert (by_id["json-ok"]["level"], by_id["json-ok"]["code"]) == ("DEBUG", "OK")
+    assert any(line["message"].startswith("config {") for line in lines)
