@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from . import logs, metrics
+from . import logs, metrics, tracing
 from .errors import SwapError
 
 log = logging.getLogger("facetwin.server.calls")
@@ -70,6 +70,7 @@ class _Call:
         self.names: tuple[str, str] | None = None
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         self._log_token = logs.bind_call(request_id=self.request_id, method=method)
+        tracing.annotate(request_id=self.request_id)
         self._gauge = gauge  # the method's in-flight or open-streams gauge
         gauge.inc()
 
@@ -89,6 +90,8 @@ class _Call:
     def finish(self, code: grpc.StatusCode, message: str = "", exc: BaseException | None = None) -> None:
         seconds = time.perf_counter() - self.started
         model, target = self.labels()
+        if self.names is not None:
+            tracing.annotate(model=model, target=target)
         metrics.REQUESTS.labels(self.method, model, target, code.name).inc()
         if self.streaming:
             metrics.STREAM_SECONDS.labels(self.method).observe(seconds)

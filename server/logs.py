@@ -3,7 +3,8 @@
 The call's fields live in a context variable: asyncio copies it into each task and each `asyncio.to_thread` the
 call starts, so lines from the engine, the batcher's submitter and worker threads are tagged without passing ids
 around. In JSON every line is one object: time, level, logger, message, the call's fields, any `extra` fields, and
-the traceback as `exception` when there is one.
+the traceback as `exception` when there is one, and the trace_id and span_id when the server is traced
+(tracing.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import datetime
 import json
 import logging
 from typing import Any
+
+from . import tracing
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,7 +39,7 @@ def current_request_id() -> str:
 
 class _CallFields(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in _CALL.get().items():
+        for key, value in (*_CALL.get().items(), *tracing.current_ids().items()):
             if not hasattr(record, key):  # a field passed as `extra` wins
                 setattr(record, key, value)
         return True

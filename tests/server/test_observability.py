@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -122,6 +123,19 @@ def test_jpeg_mark_is_an_app1_segment_after_jfif(picture):
         assert DIGITAL_SOURCE_TYPE.encode() in image.info["xmp"]
     without_jfif = plain[:2] + plain[4 + struct.unpack(">H", plain[4:6])[0]:]
     assert [m for m, _ in jpeg_segments(mark_synthetic(without_jfif, "jpeg", SHA))][0] == 0xE1  # right after SOI
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool is not installed (Debian: "
+                    "libimage-exiftool-perl); the structure and Pillow checks above still run")
+def test_exiftool_reads_the_mark_and_finds_nothing_wrong(picture, tmp_path):
+    for encoding, suffix in (("png", ".png"), ("jpeg", ".jpg")):
+        path = tmp_path / f"swap{suffix}"
+        path.write_bytes(mark_synthetic(imaging.encode(picture, encoding), encoding, SHA))
+        found = json.loads(subprocess.run(["exiftool", "-json", "-validate", "-warning", "-XMP-iptcExt:all", str(path)],
+                                          capture_output=True, text=True, check=True).stdout)[0]
+        assert found["Validate"] == "OK" and "Warning" not in found
+        assert found["DigitalSourceType"] == DIGITAL_SOURCE_TYPE and found["AISystemUsed"] == "facetwin"
+        assert found["AISystemVersionUsed"] == f"bundle manifest sha256 {SHA}"
 
 
 def test_raw_pixels_are_left_alone_and_foreign_bytes_refused(picture):
@@ -380,6 +394,80 @@ def test_log_lines_of_a_call_carry_its_request_id():
     assert "request_id" not in outside and outside["level"] == "INFO"
     with pytest.raises(ValueError, match="log_format 'xml' must be one of text, json"):
         ServerConfig.from_env({"FACETWIN_LOG_FORMAT": "xml"})
+
+
+def test_the_shared_batcher_does_not_keep_its_first_callers_request_id():
+    from facetwin.server.batcher import DynamicBatcher, InferenceFailedError
+
+    lines = io.StringIO()
+    logger = logging.getLogger("facetwin.server.batcher")
+    handler = logs.handler("json", lines)
+    logger.addHandler(handler)
+
+    def broken(items):
+        raise RuntimeError("backend fell over")
+
+    async def two_callers():
+        batcher = DynamicBatcher(broken, max_batch=1, max_delay_s=0.0)
+        try:
+            for rid in ("first", "second"):
+                token = logs.bind_call(request_id=rid, method="Swap")
+                try:
+                    with pytest.raises(InferenceFailedError):
+                        await batcher.submit(1, caller=rid)
+                finally:
+                    logs.unbind_call(token)
+        finally:
+            await batcher.close()
+
+    try:
+        asyncio.run(two_callers())
+    finally:
+        logger.removeHandler(handler)
+    failures = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert len(failures) == 2 and all("backend fell over" in f["exception"] for f in failures)
+    assert not [f for f in failures if "request_id" in f], "a batch serves many calls: it is no one call's line"
+
+
+def test_traced_calls_carry_the_request_id_and_their_log_lines_the_trace(tiny_model_dir):
+    from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorServer
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    instrumentor = GrpcAioInstrumentorServer()  # what `opentelemetry-instrument` applies
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0))
+    finally:
+        instrumentor.uninstrument()  # servers made later in this process are not traced
+    lines, logger = io.StringIO(), logging.getLogger("facetwin.server.calls")
+    handler, level = logs.handler("json", lines), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            info = stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+            stub.Swap(face_request(info), metadata=[("x-request-id", "traced-ok")], timeout=10)
+            with pytest.raises(grpc.RpcError):
+                stub.Swap(face_request(info, target="nobody"), metadata=[("x-request-id", "traced-bad")], timeout=10)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        server.stop()
+    by_id = {span.attributes.get("facetwin.request_id"): span for span in spans.get_finished_spans()}
+    ok, bad = by_id["traced-ok"], by_id["traced-bad"]
+    assert ok.name == "/facetwin.v1.FaceSwap/Swap" and ok.attributes["rpc.grpc.status_code"] == 0
+    assert (ok.attributes["facetwin.model"], ok.attributes["facetwin.target"]) == (info.name, info.identities[1])
+    assert bad.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert bad.attributes["facetwin.target"] == "unknown"
+    line = json.loads(lines.getvalue().splitlines()[-1])
+    assert (line["request_id"], line["trace_id"], line["span_id"]) == (
+        "traced-bad", format(bad.context.trace_id, "032x"), format(bad.context.span_id, "016x"))
 
 
 # ---- the real CLI process: JSON lines on stderr -------------------------------------------------------------------
