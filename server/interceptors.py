@@ -104,8 +104,8 @@ class _Call:
         message = " ".join(message.split())  # one line, whatever the message held
         if len(message) > MAX_LOGGED_MESSAGE:
             message = message[:MAX_LOGGED_MESSAGE] + "..."
-        fields = {"request_id": self.request_id, "method": self.method, "code": code.name, "peer": self.context.peer(), "model": model, "target": target,
-                  "duration_ms": round(seconds * 1e3, 2), "error": message}
+        fields = {"request_id": self.request_id, "method": self.method, "code": code.name, "peer": self.context.peer(),
+                  "model": model, "target": target, "duration_ms": round(seconds * 1e3, 2), "error": message}
         log.log(level, "%s %s in %.1f ms (peer %s, model %s, target %s)%s", self.method, code.name, seconds * 1e3,
                 fields["peer"], model or "-", target or "-", f": {message}" if message else "",
                 exc_info=exc if fault else None, extra=fields)

@@ -29,7 +29,10 @@ def bind_call(**fields: str) -> contextvars.Token:
 
 
 def unbind_call(token: contextvars.Token) -> None:
-    _CALL.reset(token)
+    try:
+        _CALL.reset(token)
+    except ValueError:  # a stream closed from another context (the loop's shutdown); its own context ends with it
+        pass
 
 
 def current_request_id() -> str:
