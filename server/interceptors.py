@@ -25,8 +25,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import descriptor_pool
 
 from . import logs, metrics, tracing
+from .auth import client_id
 from .errors import SwapError
 
 log = logging.getLogger("facetwin.server.calls")
@@ -34,6 +36,7 @@ log = logging.getLogger("facetwin.server.calls")
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID = 128
 MAX_LOGGED_MESSAGE = 300  # characters of an error message in the log line
+MAX_CACHED_HANDLERS = 256
 SERVER_FAULTS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 
@@ -105,9 +108,10 @@ class _Call:
         if len(message) > MAX_LOGGED_MESSAGE:
             message = message[:MAX_LOGGED_MESSAGE] + "..."
         fields = {"request_id": self.request_id, "method": self.method, "code": code.name, "peer": self.context.peer(),
-                  "model": model, "target": target, "duration_ms": round(seconds * 1e3, 2), "error": message}
-        log.log(level, "%s %s in %.1f ms (peer %s, model %s, target %s)%s", self.method, code.name, seconds * 1e3,
-                fields["peer"], model or "-", target or "-", f": {message}" if message else "",
+                  "client": client_id(self.context), "model": model, "target": target,
+                  "duration_ms": round(seconds * 1e3, 2), "error": message}
+        log.log(level, "%s %s in %.1f ms (client %s, model %s, target %s)%s", self.method, code.name, seconds * 1e3,
+                fields["client"], model or "-", target or "-", f": {message}" if message else "",
                 exc_info=exc if fault else None, extra=fields)
 
     async def fail(self, exc: BaseException) -> NoReturn:
@@ -141,33 +145,43 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, bound: Callable[[str, str], tuple[str, str]]) -> None:
         self.bound = bound
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}  # per registered method
+        # Wrapped handlers, by the identity of the handler they wrap: a service's handlers are the same objects call
+        # after call; handlers made per call (an authentication refusal) are dropped when the cache fills.
+        self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
             return None
-        full_name = handler_call_details.method
-        cached = self._wrapped.get(full_name)
+        cached = self._wrapped.get(id(handler))
         if cached is None or cached[0] is not handler:
-            cached = (handler, self._wrap_handler(handler, full_name.rsplit("/", 1)[-1]))
-            self._wrapped[full_name] = cached
+            if len(self._wrapped) >= MAX_CACHED_HANDLERS:
+                self._wrapped.clear()
+            cached = (handler, self._wrap_handler(handler, handler_call_details.method))
+            self._wrapped[id(handler)] = cached
         return cached[1]
 
-    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, full_name: str) -> grpc.RpcMethodHandler:
+        method = full_name.rsplit("/", 1)[-1]
+        # Gauges and histograms follow the method's declared kind: a handler may differ from it (the authentication
+        # refusal is a streaming handler whatever the method, so that it reads no request).
+        try:
+            declared = descriptor_pool.Default().FindMethodByName(full_name.strip("/").replace("/", "."))
+            streaming = declared.client_streaming or declared.server_streaming
+        except KeyError:  # a service without a protobuf descriptor
+            streaming = handler.request_streaming or handler.response_streaming
         for kind, make in (("unary_unary", grpc.unary_unary_rpc_method_handler),
                            ("unary_stream", grpc.unary_stream_rpc_method_handler),
                            ("stream_unary", grpc.stream_unary_rpc_method_handler),
                            ("stream_stream", grpc.stream_stream_rpc_method_handler)):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                wrapped = self._wrap(behavior, method, handler.request_streaming, handler.response_streaming)
+                wrapped = self._wrap(behavior, method, handler.request_streaming, streaming)
                 return make(wrapped, request_deserializer=handler.request_deserializer,
                             response_serializer=handler.response_serializer)
         return handler
 
-    def _wrap(self, behavior, method: str, request_streaming: bool, response_streaming: bool):
-        streaming = request_streaming or response_streaming
+    def _wrap(self, behavior, method: str, request_streaming: bool, streaming: bool):
         bound = self.bound
         gauge = (metrics.STREAMS_OPEN if streaming else metrics.CALLS_IN_FLIGHT).labels(method)
 

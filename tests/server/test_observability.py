@@ -238,12 +238,18 @@ def test_stream_frames_carry_provenance_and_the_request_id_dropped_ones_too(obse
     requests = [pb.SwapStreamRequest(policy=pb.STREAM_POLICY_LATEST, request=pb.SwapRequest(
         model=info.name, target=target, frame_id=i, image=pb.Image(raw=pb.RawImage(
             pixels=big.tobytes(), height=big.shape[0], width=big.shape[1], channels=3)))) for i in range(30)]
+    # keep_shape applies to full frames only: refused as the frame is read, so it is never dropped
+    requests.append(pb.SwapStreamRequest(request=face_request(info, target, keep_shape=0.5, frame_id=30)))
+    requests.append(pb.SwapStreamRequest(request=face_request(info, "nobody", frame_id=31)))  # names no target
     replies = list(stub.SwapStream(iter(requests), metadata=[("x-request-id", "stream-9")], timeout=120))
-    statuses = {reply.status for reply in replies}
+    statuses = {reply.status for reply in replies[:30]}
     assert statuses == {pb.FRAME_STATUS_OK, pb.FRAME_STATUS_DROPPED}, "a one-frame window must drop frames"
+    assert [reply.status for reply in replies[30:]] == [pb.FRAME_STATUS_ERROR] * 2
     for reply in replies:
         assert reply.response.request_id == "stream-9"
+    for reply in replies[:31]:
         assert_provenance(reply.response, info, target)
+    assert not replies[31].response.HasField("provenance")  # no model made anything for a target it lacks
 
 
 def test_metrics_count_every_status_with_bounded_labels(observed):
@@ -262,7 +268,10 @@ def test_metrics_count_every_status_with_bounded_labels(observed):
         stub.Swap(face_request(info, size=4), timeout=10)  # too small: INVALID_ARGUMENT
     stub.ListModels(pb.ListModelsRequest(), timeout=10)
     frames = [pb.SwapStreamRequest(request=face_request(info, frame_id=i)) for i in range(5)]
-    assert len(list(stub.SwapStream(iter(frames), timeout=30))) == 5
+    frames.append(pb.SwapStreamRequest(request=face_request(info, size=4, frame_id=5)))  # a frame's own error
+    frames.append(pb.SwapStreamRequest(request=face_request(info, target="made-up-frame", frame_id=6)))
+    statuses = [reply.status for reply in stub.SwapStream(iter(frames), timeout=30)]
+    assert statuses == [pb.FRAME_STATUS_OK] * 5 + [pb.FRAME_STATUS_ERROR] * 2
     after = scrape(port)
 
     def grew(key: str) -> float:
@@ -283,7 +292,11 @@ def test_metrics_count_every_status_with_bounded_labels(observed):
     assert grew(series("facetwin_swaps_total", **ok)) == 3
     stream = dict(method="SwapStream", model=info.name, target=target)
     assert grew(series("facetwin_swaps_total", **stream)) == 5
-    assert grew(series("facetwin_stream_frames_total", model=info.name, target=target, status="OK")) == 5
+    frame = dict(model=info.name, target=target)
+    assert grew(series("facetwin_stream_frames_total", status="OK", code="", **frame)) == 5
+    assert grew(series("facetwin_stream_frames_total", status="ERROR", code="INVALID_ARGUMENT", **frame)) == 1
+    assert grew(series("facetwin_stream_frames_total", status="ERROR", code="NOT_FOUND", model=info.name,
+                       target="unknown")) == 1
     for histogram in ("facetwin_swap_seconds", "facetwin_queue_seconds", "facetwin_inference_seconds"):
         assert grew(series(histogram + "_count", **ok)) == 3
         assert grew(series(histogram + "_sum", **ok)) > 0
@@ -314,6 +327,33 @@ def test_open_streams_are_counted_while_open(observed):
     while scrape(port)[gauge] != 0:
         assert time.monotonic() < deadline, "the stream's gauge never went back down"
         time.sleep(0.05)
+
+
+def test_a_call_refused_for_credentials_is_counted_and_logged_once(tiny_model_dir, tmp_path, caplog):
+    from prometheus_client import REGISTRY
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ci:ci-token-1\n")
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir),
+                                       auth_tokens_file=str(tokens), grace_s=1.0))
+    labels = dict(method="Swap", model="", target="", code="UNAUTHENTICATED")  # refused before the request is read
+    before = REGISTRY.get_sample_value("facetwin_requests_total", labels) or 0.0
+    caplog.set_level(logging.INFO, logger="facetwin")
+    try:
+        with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as error:
+            pb_grpc.FaceSwapStub(channel).Swap(pb.SwapRequest(model="tiny"), metadata=[("x-request-id", "no-token")],
+                                               timeout=10)
+    finally:
+        server.stop()
+    assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ("x-request-id", "no-token") in error.value.trailing_metadata()
+    assert REGISTRY.get_sample_value("facetwin_requests_total", labels) == before + 1
+    # timed as the unary call it is, though the refusal's handler is a streaming one
+    assert REGISTRY.get_sample_value("facetwin_stream_duration_seconds_count", {"method": "Swap"}) is None
+    assert REGISTRY.get_sample_value("facetwin_streams_open", {"method": "Swap"}) is None
+    lines = [r for r in caplog.records if "no-token" in (getattr(r, "request_id", ""), r.getMessage())]
+    assert len(lines) == 1 and lines[0].code == "UNAUTHENTICATED" and "needs credentials" in lines[0].error
+    assert lines[0].client == "127.0.0.1"  # no token: the client is its address
 
 
 # ---- the interceptor on its own real gRPC server: the error paths a healthy servicer never takes ------------------
@@ -505,6 +545,6 @@ def test_json_log_lines_of_the_real_process(tiny_model_dir):
     assert (bad["level"], bad["method"], bad["code"], bad["model"], bad["target"]) == \
            ("INFO", "Swap", "NOT_FOUND", info.name, "unknown")
     assert "has no target identity 'nobody'" in bad["error"] and "exception" not in bad
-    assert bad["peer"].startswith("ipv4:127.0.0.1:") and bad["duration_ms"] > 0
+    assert bad["peer"].startswith("ipv4:127.0.0.1:") and bad["client"] == "127.0.0.1" and bad["duration_ms"] > 0
     assert (by_id["json-ok"]["level"], by_id["json-ok"]["code"]) == ("DEBUG", "OK")
     assert any(line["message"].startswith("config {") for line in lines)
