@@ -123,11 +123,12 @@ def _digests(tokens: list[tuple[str, str]]) -> list[tuple[bytes, str]]:
     return [(_digest(token), name) for name, token in tokens]
 
 
-def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+def _refuse(details: str) -> grpc.RpcMethodHandler:
     # A stream-stream handler whatever the method's kind: grpc.aio then calls it before reading any request
-    # message, so an unauthenticated caller's payload (up to max_message_mb) is never parsed.
+    # message, so an unauthenticated caller's payload (up to max_message_mb) is never parsed. The refusal is counted
+    # and logged, with its request id, by interceptors.CallInterceptor.
     async def refuse(request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, details)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
 
@@ -148,25 +149,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
         if not values:
-            return self._refused(method, "no credentials", "this server needs credentials: send the metadata "
-                                 "'authorization: Bearer <token>' (SDK: Client(address, token=...))")
+            return _refuse("this server needs credentials: send the metadata 'authorization: Bearer <token>' (SDK: "
+                           "Client(address, token=...))")
         scheme, _, token = values[0].partition(" ")
         token = token.strip()
         if len(values) > 1 or scheme.lower() != "bearer" or not token:
-            return self._refused(method, "malformed credentials", "malformed authorization metadata: expected "
-                                 "exactly one 'authorization: Bearer <token>'")
+            return _refuse("malformed authorization metadata: expected exactly one 'authorization: Bearer <token>'")
         name = self.tokens.match(token)
         if name is None:
-            return self._refused(method, "unknown token", "the bearer token sent is not accepted by this server "
-                                 "(unknown or revoked); ask its operator for a valid token")
+            return _refuse("the bearer token sent is not accepted by this server (unknown or revoked); ask its "
+                           "operator for a valid token")
         _CLIENT.set(name)
         log.debug("%s called by %s", method, name)
         return await continuation(details)
-
-    @staticmethod
-    def _refused(method: str, why: str, details: str) -> grpc.RpcMethodHandler:
-        log.warning("refused %s: %s", method, why)
-        return _refuse(grpc.StatusCode.UNAUTHENTICATED, details)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import dataclasses
 import logging
 import time
@@ -111,7 +112,9 @@ class DynamicBatcher:
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._slots = asyncio.Semaphore(self._concurrency + 1)  # + the full batch queued behind busy workers
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+            # Started by the first caller's submit, but it serves every caller: a fresh context, so it does not carry
+            # that call's request id (logs.py) or trace span for the rest of the server's life.
+            self._task = contextvars.Context().run(asyncio.get_running_loop().create_task, self._loop(), name=self.name)
 
     async def _loop(self) -> None:
         while True:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from . import logs
 from .config import ServerConfig, env_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="facetwin gRPC face-swap server")
@@ -26,11 +27,11 @@ def _root() -> None:
 
 def serve(log_level: str, dry_run: bool, **settings: Any) -> None:
     """Serve every bundle in the model directory until SIGTERM (then drain)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if dry_run:
             settings.update(address="127.0.0.1:0", metrics_port=0)
         config = ServerConfig.from_env(**settings)
+        logs.configure(log_level, config.log_format)
         from .server import serve as run_server
 
         if dry_run:

@@ -15,6 +15,8 @@ from typing import Any
 from facetwin.core.blending import KEEP_SHAPE
 from facetwin.core.faces import LANDMARK_MODELS
 
+from .logs import FORMATS as LOG_FORMATS
+
 ENV_PREFIX = "FACETWIN_"
 
 
@@ -69,6 +71,8 @@ class ServerConfig:
                              "masks are ellipses) or auto (68 when its weights are found, else 5)")
     keep_shape: float = setting(KEEP_SHAPE, "full frames: how far the swap is bent toward the original face's shape, "
                                 "0 (the target's) .. 1 (the original's); needs the 68-point model")
+    log_format: str = setting("text", "log lines: text, or json (one object per line, with the request id of the "
+                              "call each line is about)")
     grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops")
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)")
     # Metrics carry no credentials check of their own: loopback unless an operator opens them on purpose.
@@ -105,6 +109,8 @@ class ServerConfig:
             raise ValueError("max_delay_ms and grace_s must be >= 0")
         if self.stream_policy not in ("queue", "latest"):
             raise ValueError(f"stream_policy {self.stream_policy!r} must be 'queue' or 'latest'")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format {self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
         if self.inference_workers < 0 or self.intra_op_threads < 0:
             raise ValueError("inference_workers and intra_op_threads must be >= 0 (0 = automatic)")
         if self.detect_threads < 1:

@@ -1,26 +1,72 @@
-"""Prometheus metrics (served on --metrics-port when set). Labels stay low-cardinality: method and status code."""
+"""Prometheus metrics (served on --metrics-port when set), after Triton's nv_inference_* set.
+
+Labels stay bounded: `method` is one of the service's RPCs, `code` a gRPC status name, `model` and `target` only ever
+a loaded bundle and one of its identities. A name a caller made up is counted as "unknown", so no caller can grow
+the number of series; calls that name no model (ListModels, GetServerInfo) have empty model and target labels.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-SWAPS = Counter("facetwin_swaps_total", "Swapped images", ["method"])
-ERRORS = Counter("facetwin_errors_total", "Failed requests by gRPC status code", ["method", "code"])
-LATENCY = Histogram(
-    "facetwin_swap_seconds", "Server-side time per swapped image", ["method"],
-    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
-)
-DROPPED = Counter("facetwin_stream_frames_dropped_total", "Stream frames answered DROPPED (latest-frame-wins)")
+if TYPE_CHECKING:
+    from .registry import ModelRegistry
+    from .swap import SwapOutcome
+
+UNKNOWN = "unknown"  # the label of a model or target that is not loaded
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_SWAP = ("method", "model", "target")
+
+REQUESTS = Counter("facetwin_requests_total", "Finished calls by gRPC status code (OK and every error)",
+                   ["method", "model", "target", "code"])
+REQUEST_SECONDS = Histogram("facetwin_request_duration_seconds", "Unary call duration, from the call's arrival to "
+                            "its answer (or error)", ["method", "model", "target"], buckets=_LATENCY_BUCKETS)
+STREAM_SECONDS = Histogram("facetwin_stream_duration_seconds", "How long streams stayed open", ["method"],
+                           buckets=(0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0))
+CALLS_IN_FLIGHT = Gauge("facetwin_calls_in_flight", "Unary calls being served", ["method"])
+STREAMS_OPEN = Gauge("facetwin_streams_open", "Streaming calls open", ["method"])
+
+SWAPS = Counter("facetwin_swaps_total", "Swapped images (unary calls and stream frames)", _SWAP)
+SWAP_SECONDS = Histogram("facetwin_swap_seconds", "Server-side time per swapped image, decode to encode", _SWAP,
+                         buckets=_LATENCY_BUCKETS)
+QUEUE_SECONDS = Histogram("facetwin_queue_seconds", "Time an image waited in the batcher for its batch to start",
+                          _SWAP, buckets=_LATENCY_BUCKETS)
+INFERENCE_SECONDS = Histogram("facetwin_inference_seconds", "Compute time: the model run of the batch that carried "
+                              "the image", _SWAP, buckets=_LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", ["model", "target"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+STREAM_FRAMES = Counter("facetwin_stream_frames_total", "Stream frames answered, by frame status (OK, DROPPED, "
+                        "ERROR) and, for ERROR, the frame's gRPC status code", ["model", "target", "status", "code"])
 QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)")
-BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
-def observe(outcome, method: str) -> None:
-    SWAPS.labels(method=method).inc()
-    LATENCY.labels(method=method).observe(outcome.timings.total_ms / 1e3)
-    BATCH_SIZE.observe(outcome.timings.batch_size)
+class LabelBound:
+    """Maps the model and target a caller named to metric labels: themselves when loaded, else "unknown"."""
+
+    def __init__(self, registry: "ModelRegistry") -> None:
+        self.registry = registry
+
+    def __call__(self, model: str, target: str) -> tuple[str, str]:
+        loaded = self.registry.models.get(model)
+        if loaded is None:
+            return UNKNOWN, UNKNOWN
+        return model, target if target in loaded.targets else UNKNOWN
+
+
+def observe(outcome: "SwapOutcome", method: str) -> None:
+    """One swapped image: its total, queue and compute time. Its model and target are loaded ones (it was swapped)."""
+    origin, timings = outcome.provenance, outcome.timings
+    labels = (method, origin.model, origin.target)
+    SWAPS.labels(*labels).inc()
+    SWAP_SECONDS.labels(*labels).observe(timings.total_ms / 1e3)
+    if timings.batch_size == 0:  # a full frame without a face to swap ran no model: no queue or compute time
+        return
+    QUEUE_SECONDS.labels(*labels).observe(timings.queue_ms / 1e3)
+    INFERENCE_SECONDS.labels(*labels).observe(timings.inference_ms / 1e3)
+    BATCH_SIZE.labels(origin.model, origin.target).observe(timings.batch_size)
 
 
 def serve_metrics(port: int, address: str = "127.0.0.1") -> WSGIServer:

@@ -18,6 +18,7 @@ from facetwin.v1 import facetwin_pb2
 from . import metrics
 from .auth import AuthInterceptor, TokenFile, server_credentials
 from .config import ServerConfig
+from .interceptors import CallInterceptor
 from .registry import ModelRegistry
 from .servicer import FaceSwapServicer, add_to_server
 from .swap import SwapEngine
@@ -37,8 +38,11 @@ class FaceSwapServer:
         self.config = config
         # Credentials are read first, before any model loads, so a bad certificate or tokens file fails at once.
         self.credentials = server_credentials(config)
-        interceptors = [AuthInterceptor(TokenFile(config.auth_tokens_file))] if config.auth_tokens_file else []
         self.registry = ModelRegistry(config)
+        # The call interceptor comes first, so it accounts for the calls the others turn away too.
+        interceptors = [CallInterceptor(metrics.LabelBound(self.registry))]
+        if config.auth_tokens_file:
+            interceptors.append(AuthInterceptor(TokenFile(config.auth_tokens_file)))
         metrics.QUEUE_DEPTH.set_function(self.registry.queued)
         self.health = health_aio.HealthServicer()
         limit = config.max_message_mb * 1024 * 1024

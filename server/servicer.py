@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
-import logging
 
 import grpc
 
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
-from . import __version__, imaging, metrics
+from . import __version__, imaging, logs, metrics
 from .auth import client_id
 from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
 from .fullframe import DetectedFace
 from .limits import Admission, AdmissionLimits
+from .provenance import DIGITAL_SOURCE_TYPE, Provenance
 from .registry import FAILED, READY, ModelRegistry
 from .streams import DROPPED, OK, FrameAnswer, StreamRun
 from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
-
-log = logging.getLogger(__name__)
 
 _COLOR = {pb.COLOR_ORDER_UNSPECIFIED: "rgb", pb.COLOR_ORDER_RGB: "rgb", pb.COLOR_ORDER_BGR: "bgr"}
 _COLOR_OUT = {"rgb": pb.COLOR_ORDER_RGB, "bgr": pb.COLOR_ORDER_BGR}
@@ -120,17 +119,22 @@ def stream_frame(message, number: int) -> tuple[int, SwapJob | SwapError]:
         return message.request.frame_id, exc
 
 
-def stream_answer_to_proto(answer: FrameAnswer) -> pb.SwapStreamResponse:
+def stream_answer_to_proto(answer: FrameAnswer, registry: ModelRegistry, named: tuple[str, str],
+                           request_id: str) -> pb.SwapStreamResponse:
+    """One frame's answer; `named` is the (model, target) the frame asked for, for its provenance and labels."""
+    labels = metrics.LabelBound(registry)(*named)
     if answer.status == OK:
         metrics.observe(answer.outcome, "SwapStream")
-        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK, response=response_to_proto(answer.outcome))
+        metrics.STREAM_FRAMES.labels(*labels, "OK", "").inc()
+        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK, response=response_to_proto(answer.outcome, request_id))
+    response = pb.SwapResponse(frame_id=answer.frame_id, provenance=named_provenance(registry, *named),
+                               request_id=request_id)
     if answer.status == DROPPED:
-        metrics.DROPPED.inc()
-        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_DROPPED, response=pb.SwapResponse(frame_id=answer.frame_id))
+        metrics.STREAM_FRAMES.labels(*labels, "DROPPED", "").inc()
+        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_DROPPED, response=response)
     error = frame_error_to_proto(answer.error)
-    metrics.ERRORS.labels(method="SwapStream/frame", code=error.code_name).inc()
-    return pb.SwapStreamResponse(status=pb.FRAME_STATUS_ERROR, response=pb.SwapResponse(frame_id=answer.frame_id),
-                                 error=error)
+    metrics.STREAM_FRAMES.labels(*labels, "ERROR", error.code_name).inc()
+    return pb.SwapStreamResponse(status=pb.FRAME_STATUS_ERROR, response=response, error=error)
 
 
 def _safe_deserializer(message_class):
@@ -153,7 +157,7 @@ def add_to_server(servicer: "FaceSwapServicer", server) -> None:
     for method in service.methods:
         method_handler = getattr(servicer, method.name)
         if not method.client_streaming:
-            method_handler = _checked_unary(method.name, method_handler)
+            method_handler = _checked_unary(method_handler)
         handlers[method.name] = factories[(method.client_streaming, method.server_streaming)](
             method_handler, request_deserializer=_safe_deserializer(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString)
@@ -161,13 +165,9 @@ def add_to_server(servicer: "FaceSwapServicer", server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _checked_unary(name: str, method):
+def _checked_unary(method):
     async def handle(request, context):
-        try:
-            checked(request)
-        except InvalidInputError as exc:
-            await _abort(context, name, exc)
-        return await method(request, context)
+        return await method(checked(request), context)
     return handle
 
 
@@ -187,7 +187,20 @@ def _face_to_proto(detected: DetectedFace) -> pb.DetectedFace:
                            swapped=detected.swapped)
 
 
-def response_to_proto(outcome: SwapOutcome) -> pb.SwapResponse:
+def provenance_to_proto(origin: Provenance) -> pb.Provenance:
+    return pb.Provenance(synthetic=True, digital_source_type=DIGITAL_SOURCE_TYPE, model=origin.model,
+                         target=origin.target, manifest_sha256=origin.manifest_sha256)
+
+
+def named_provenance(registry: ModelRegistry, model: str, target: str) -> pb.Provenance | None:
+    """The provenance of a frame that was not swapped (dropped, failed), when it named a loaded model and target."""
+    loaded = registry.models.get(model)
+    if loaded is None or loaded.status != READY or target not in loaded.targets:
+        return None
+    return provenance_to_proto(Provenance(model, target, loaded.manifest_sha256))
+
+
+def response_to_proto(outcome: SwapOutcome, request_id: str) -> pb.SwapResponse:
     t = outcome.timings
     return pb.SwapResponse(
         image=_image_to_proto(outcome.image),
@@ -197,6 +210,8 @@ def response_to_proto(outcome: SwapOutcome) -> pb.SwapResponse:
                                 detect_ms=t.detect_ms, align_ms=t.align_ms, blend_ms=t.blend_ms),
         frame_id=outcome.frame_id,
         faces=[_face_to_proto(face) for face in outcome.faces],
+        provenance=provenance_to_proto(outcome.provenance),
+        request_id=request_id,
     )
 
 
@@ -204,17 +219,6 @@ def _error_code(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, SwapError) and not isinstance(exc, InferenceFailedError):
         return exc.code
     return grpc.StatusCode.INTERNAL
-
-
-async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
-    if isinstance(exc, SwapError):
-        message = str(exc)
-    else:  # a bug: report it as INTERNAL with its type, keep serving
-        log.exception("%s failed", method)
-        message = f"internal error ({type(exc).__name__}); see server logs"
-    code = _error_code(exc)
-    metrics.ERRORS.labels(method=method, code=code.name).inc()
-    await context.abort(code, message)
 
 
 def frame_error_to_proto(error: SwapError) -> pb.FrameError:
@@ -232,25 +236,20 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         self.draining = asyncio.Event()  # set on SIGTERM: streams stop taking frames (server.FaceSwapServer.stop)
         self._stream_ids = itertools.count()
 
+    # Errors propagate: interceptors.CallInterceptor answers a SwapError with its status code, counts and logs it.
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
-        try:
-            with self.admission.admit("call", client_id(context)):
-                job = job_from_proto(request)
-                outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
-        except Exception as exc:
-            await _abort(context, "Swap", exc)
+        with self.admission.admit("call", client_id(context)):
+            job = job_from_proto(request)
+            outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
         metrics.observe(outcome, "Swap")
-        return response_to_proto(outcome)
+        return response_to_proto(outcome, logs.current_request_id())
 
     async def SwapStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """Frames are swapped concurrently and answered strictly in order, each with its own status
         (streams.StreamRun); the stream ends early only when idle, empty, or when the server drains."""
-        try:
-            with self.admission.admit("stream", client_id(context)):
-                async for answer in self._run_stream(request_iterator, context):
-                    yield answer
-        except Exception as exc:
-            await _abort(context, "SwapStream", exc)
+        with self.admission.admit("stream", client_id(context)):
+            async for answer in self._run_stream(request_iterator, context):
+                yield answer
 
     async def _run_stream(self, request_iterator, context: grpc.aio.ServicerContext):
         caller = ("stream", next(self._stream_ids))
@@ -266,10 +265,16 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         if first is not None and not isinstance(first, MalformedMessage) and first.policy:
             policy = _enum(_POLICY, first.policy, "policy")
 
+        # (model, target) of each frame taken: StreamRun answers every frame it takes, in arrival order.
+        named: collections.deque[tuple[str, str]] = collections.deque()
+        request_id = logs.current_request_id()
+
         async def frames():
             number = 0
             message = first
             while message is not None:
+                request = None if isinstance(message, MalformedMessage) else message.request
+                named.append(("", "") if request is None else (request.model, request.target))
                 yield stream_frame(message, number)
                 number += 1
                 message = await anext(messages, None)
@@ -280,7 +285,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         run = StreamRun(frames(), swap, window=self.config.stream_window, policy=policy, stop=self.draining,
                         idle_timeout_s=self.config.stream_idle_timeout_s)
         async for answer in run.answers():
-            yield stream_answer_to_proto(answer)
+            yield stream_answer_to_proto(answer, self.registry, named.popleft(), request_id)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         models = []

@@ -18,6 +18,7 @@ import numpy as np
 from . import imaging
 from .errors import DeadlineExceededError, InvalidInputError
 from .fullframe import DetectedFace, FaceDetectorPool, FaceSelection, FullFrameSwapper
+from .provenance import Provenance, mark_synthetic
 from .registry import ModelRegistry
 from .smoothing import FrameTicket, SmoothingConfig, StreamFaceState
 
@@ -85,6 +86,7 @@ class SwapOutcome:
     mask: OutputImage | None
     timings: Timings
     frame_id: int
+    provenance: Provenance  # the bundle and weights that made the image
     faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first
 
 
@@ -130,7 +132,8 @@ class SwapEngine:
                             bounded: bool) -> SwapOutcome:
         start = time.perf_counter()
         self._check_output(job)
-        _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
+        model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
+        origin = Provenance(job.model, job.target, model.manifest_sha256)
 
         decoded = await self._maybe_in_thread(self._decode, job)
         height, width = decoded.shape[:2]
@@ -141,7 +144,7 @@ class SwapEngine:
         (swapped, mask), info = await target.batcher.submit(face, caller, bounded)
 
         encoded_at = time.perf_counter()
-        image, mask_out = await self._maybe_in_thread(self._encode, job, swapped, mask, height, width)
+        image, mask_out = await self._maybe_in_thread(self._encode, job, swapped, mask, height, width, origin)
         done = time.perf_counter()
         timings = Timings(
             decode_ms=(decoded_at - start) * 1e3,
@@ -151,21 +154,23 @@ class SwapEngine:
             total_ms=(done - start) * 1e3,
             batch_size=info.size,
         )
-        return SwapOutcome(image, mask_out, timings, job.frame_id)
+        return SwapOutcome(image, mask_out, timings, job.frame_id, origin)
 
     async def _swap_full_frame(self, job: SwapJob, caller: Hashable, wait_s: float | None,
                                ticket: FrameTicket | None, bounded: bool) -> SwapOutcome:
         start = time.perf_counter()
         self._check_output(job)
         selection = FaceSelection(job.faces, job.face_index)
-        _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
+        model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
+        origin = Provenance(job.model, job.target, model.manifest_sha256)
         frame = await self._maybe_in_thread(self._decode, job)
         decoded_at = time.perf_counter()
         result = await self.fullframe.swap(frame, target, caller, selection, ticket, bounded, want_mask=job.return_mask,
                                            keep_shape=job.keep_shape)
         blended_at = time.perf_counter()
         height, width = frame.shape[:2]
-        image, mask_out = await self._maybe_in_thread(self._encode, job, result.image, result.mask, height, width)
+        image, mask_out = await self._maybe_in_thread(self._encode, job, result.image, result.mask, height, width,
+                                                       origin)
         done = time.perf_counter()
         timings = Timings(
             decode_ms=(decoded_at - start) * 1e3,
@@ -178,7 +183,7 @@ class SwapEngine:
             align_ms=result.align_s * 1e3,
             blend_ms=result.blend_s * 1e3,
         )
-        return SwapOutcome(image, mask_out, timings, job.frame_id, result.faces)
+        return SwapOutcome(image, mask_out, timings, job.frame_id, origin, result.faces)
 
     @staticmethod
     def _check_output(job: SwapJob) -> None:
@@ -201,14 +206,16 @@ class SwapEngine:
         raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
 
     def _encode(
-        self, job: SwapJob, swapped: np.ndarray, mask: np.ndarray, height: int, width: int
+        self, job: SwapJob, swapped: np.ndarray, mask: np.ndarray, height: int, width: int,
+        origin: Provenance,
     ) -> tuple[OutputImage, OutputImage | None]:
         encoding = job.output_encoding
         if encoding == "same":
             encoding = "raw" if job.raw is not None else "png"
         color = job.output_color or (job.raw.color if job.raw is not None else "rgb")
         swapped = imaging.resize(swapped, height, width)
-        image = OutputImage(imaging.encode(swapped, encoding, color, job.jpeg_quality), encoding, height, width, 3, color)
+        encoded = imaging.encode(swapped, encoding, color, job.jpeg_quality)
+        image = OutputImage(mark_synthetic(encoded, encoding, origin.manifest_sha256), encoding, height, width, 3, color)
         mask_out = None
         if job.return_mask:
             mask = imaging.resize(mask, height, width)

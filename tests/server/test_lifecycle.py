@@ -143,26 +143,3 @@ def test_sigterm_drains_in_flight_calls(tiny_model_dir):
     assert "draining" in log and "stopped" in log
     config_line = next(line for line in log.splitlines() if " config {" in line)
     assert json.loads(config_line.split(" config ", 1)[1])["grace_s"] == 10.0
-
-
-def test_metrics_endpoint_counts_swaps(tiny_model_dir):
-    import urllib.request
-
-    port = _free_port()
-    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), metrics_port=port))
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = pb_grpc.FaceSwapStub(channel)
-            target = stub.ListModels(pb.ListModelsRequest()).models[0].identities[1]
-            for _ in range(3):
-                stub.Swap(_face_request("tiny", target, 32), timeout=10)
-            with pytest.raises(grpc.RpcError):
-                stub.Swap(_face_request("missing", target, 32), timeout=10)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    finally:
-        server.stop()
-    counts = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
-    assert counts['facetwin_swaps_total{method="Swap"}'] >= 3
-    assert counts['facetwin_errors_total{code="NOT_FOUND",method="Swap"}'] >= 1
-    assert "facetwin_queue_depth" in counts and "facetwin_batch_size_count" in counts
