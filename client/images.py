@@ -17,7 +17,7 @@ import numpy as np
 from facetwin.v1 import facetwin_pb2 as pb
 
 from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code, from_rpc_error
-from .types import DetectedFace, StageTimings, SwapResult
+from .types import DetectedFace, Provenance, StageTimings, SwapResult
 
 __all__ = [
     "ColorName",
@@ -265,6 +265,8 @@ def result_from_response(response: pb.SwapResponse, *, color: ColorName, dropped
         encoded=encoded,
         encoded_mask=encoded_mask,
         faces=tuple(DetectedFace.from_proto(face) for face in response.faces),
+        provenance=Provenance.from_proto(response.provenance),
+        request_id=response.request_id,
     )
 
 

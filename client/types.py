@@ -67,6 +67,24 @@ class DetectedFace:
                    score=float(message.score), swapped=bool(message.swapped))
 
 
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where a swapped image came from: always synthetic, and the exact weights that made it."""
+
+    synthetic: bool  # always True: a trained model made the image
+    digital_source_type: str  # the IPTC URI (trainedAlgorithmicMedia); PNG/JPEG outputs carry it as XMP too
+    model: str  # the model bundle that made it
+    target: str  # the identity it rendered
+    manifest_sha256: str  # sha256 of the bundle's manifest, which lists the sha256 of every weight file
+
+    @classmethod
+    def from_proto(cls, message: pb.Provenance) -> "Provenance | None":
+        if not message.synthetic:
+            return None  # not set (a dropped frame of a model the server does not know)
+        return cls(synthetic=True, digital_source_type=message.digital_source_type, model=message.model,
+                   target=message.target, manifest_sha256=message.manifest_sha256)
+
+
 # eq=False: the generated __eq__ would compare numpy arrays with ==, which raises on truth-testing;
 # results compare by identity, and callers compare the arrays themselves.
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -89,6 +107,8 @@ class SwapResult:
     encoded_mask: bytes | None = None  # PNG/JPEG file bytes of the mask, encoded transport with return_mask
     faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first; () for aligned faces
     error: Exception | None = None  # streams with frame_errors="yield": why this frame failed (a FaceTwinError)
+    provenance: Provenance | None = None  # the model and weights that made the image (None where none did)
+    request_id: str = ""  # the call's request id: the server's log lines about it carry the same one
 
 
 @dataclasses.dataclass(frozen=True)

@@ -359,3 +359,14 @@ def test_stream_rejects_unknown_policy(served_model):
     a, b = served_model.identities[:2]
     with Client(served_model.address) as client, pytest.raises(InvalidInputError, match="policy"):
         list(client.stream([served_model.sample_faces[a][0]], served_model.model, b, color="rgb", policy="fast"))
+
+
+def test_results_say_which_weights_made_them(client, pair, served_model):
+    from facetwin.core.bundle import manifest_sha256
+
+    face, target = pair
+    result = client.swap(face, served_model.model, target, color="rgb")
+    assert result.provenance.synthetic and "trainedAlgorithmicMedia" in result.provenance.digital_source_type
+    assert (result.provenance.model, result.provenance.target) == (served_model.model, target)
+    assert result.provenance.manifest_sha256 == manifest_sha256(served_model.model_dir / served_model.model)
+    assert len(result.request_id) >= 16
