@@ -172,7 +172,8 @@ class FaceDetector:
     """Finds faces and their landmarks in RGB images; see the module docstring for the backends."""
 
     def __init__(self, backend: str = "auto", upsample: int = 0, min_size: int = 0,
-                 max_side: int | None = None, landmarks: str | int = "68", rotations: tuple[int, ...] = (0,)) -> None:
+                 max_side: int | None = None, landmarks: str | int = "68", rotations: tuple[int, ...] = (0,),
+                 threads: int = 0) -> None:
         """upsample: image doublings before detection (each finds faces half as small at ~4x the cost).
         min_size: faces narrower than this many pixels are dropped (blazeface: and not searched for, which
         saves the finest pyramid levels).
@@ -181,7 +182,9 @@ class FaceDetector:
         resolution. None = never shrink.
         landmarks: "68", "5" or "auto" (dlib: 68 when its weights are found, else 5; blazeface: 68).
         rotations: blazeface only: clockwise image rotations searched (any of 0, 90, 180, 270; each costs one more
-        detection pass), for faces lying sideways or upside down; up to ~60 degrees of roll need none."""
+        detection pass), for faces lying sideways or upside down; up to ~60 degrees of roll need none.
+        threads: blazeface only: ONNX Runtime threads per call (0 = one per core); detectors on several threads at
+        once want fewer each."""
         if max_side is not None and (not isinstance(max_side, int) or max_side < 64):
             raise ValueError(f"max_side must be None or an integer >= 64, got {max_side!r}")
         if backend not in BACKENDS:
@@ -203,7 +206,9 @@ class FaceDetector:
                 raise FaceModelsUnavailable(why)
             if not self.rotations or any(r not in blazeface.ROTATIONS for r in self.rotations):
                 raise ValueError(f"rotations must be a non-empty subset of {blazeface.ROTATIONS}, got {rotations!r}")
-            self._blazeface, self._mesh = blazeface.BlazeFace(), blazeface.FaceMesh()
+            if not isinstance(threads, int) or threads < 0:
+                raise ValueError(f"threads must be an integer >= 0 (0 = one per core), got {threads!r}")
+            self._blazeface, self._mesh = blazeface.BlazeFace(threads=threads), blazeface.FaceMesh(threads=threads)
         elif backend == "haar":
             cascade = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
             self._haar = cv2.CascadeClassifier(str(cascade))
@@ -245,12 +250,10 @@ class FaceDetector:
         scale = shrink * 2 ** self.upsample
         if self.min_size > blazeface.SMALLEST_FACE:  # no level finer than the smallest face wanted needs
             scale = min(scale, blazeface.SMALLEST_FACE / self.min_size)
-        faces = []
-        for found in self._blazeface.detect(image, scale, self.rotations):
-            mesh, _ = self._mesh.fit(image, found.box, found.keypoints[:2])
-            box = tuple(int(round(v)) for v in found.box)
-            faces.append(Face(box, self._mesh_landmarks(mesh), found.score, "blazeface", _read_only(mesh)))  # type: ignore[arg-type]
-        return faces
+        found = self._blazeface.detect(image, scale, self.rotations)
+        meshes = self._mesh.fit(image, [d.box for d in found], [d.keypoints[:2] for d in found])
+        return [Face(tuple(int(round(v)) for v in d.box), self._mesh_landmarks(mesh), d.score,  # type: ignore[arg-type]
+                     "blazeface", _read_only(mesh)) for d, (mesh, _) in zip(found, meshes)]
 
     def _mesh_landmarks(self, mesh: np.ndarray) -> np.ndarray:
         points = mesh_to_68(mesh)
@@ -271,7 +274,7 @@ class FaceDetector:
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
         if self.backend == "blazeface":
-            return self._mesh_landmarks(self._mesh.fit(check_rgb(image_rgb), (x0, y0, x1, y1))[0])
+            return self._mesh_landmarks(self._mesh.fit(check_rgb(image_rgb), [(x0, y0, x1, y1)])[0][0])
         predictor = self._predictor if self.backend != "haar" else shape_predictor(self.landmark_model)
         return _points(predictor(check_rgb(image_rgb), _dlib().rectangle(x0, y0, x1 - 1, y1 - 1)))
 
@@ -285,7 +288,7 @@ class FaceDetector:
         face_side = crop.shape[0] / (1 + 2 * margin)  # alignment centres the face square in the crop
         centre = crop.shape[0] / 2
         box = (centre - face_side / 2, centre - face_side / 2, centre + face_side / 2, centre + face_side / 2)
-        return _read_only(mesh_to_68(self._mesh.fit(crop, box)[0]))
+        return _read_only(mesh_to_68(self._mesh.fit(crop, [box])[0][0]))
 
 
 def _auto_backend(landmarks: str) -> str:
