@@ -6,6 +6,8 @@
 # sha256, GPU, compute capability, TensorRT version and batch profile) and reused after; health stays NOT_SERVING
 # until every model is warm. Not built or run in the development environment (no Docker engine, no TensorRT there):
 # tests/test_dockerfile.py checks it statically and runs its entrypoint command in a fresh virtualenv.
+# The gRPC and metrics ports listen on every interface of the container, in plaintext and without credentials
+# unless TLS and tokens are configured: docs/security.md (FACETWIN_TLS_CERT, FACETWIN_AUTH_TOKENS_FILE, ...).
 FROM nvcr.io/nvidia/tensorrt:25.10-py3
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -15,11 +17,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FACETWIN_ADDRESS=0.0.0.0:50051 \
     FACETWIN_BACKEND=auto \
     FACETWIN_ENGINE_CACHE_DIR=/cache/engines \
-    FACETWIN_METRICS_PORT=9090
+    FACETWIN_METRICS_PORT=9090 \
+    FACETWIN_METRICS_ADDRESS=0.0.0.0
 
 WORKDIR /opt/facetwin
 COPY pyproject.toml README.md ./
 COPY proto proto
+COPY core core
 COPY client client
 COPY server server
 COPY training training

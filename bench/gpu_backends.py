@@ -63,8 +63,9 @@ def make_synthetic_bundle(arch: str, root: Path) -> Path:
     """A bundle of architecture `arch` after one training step on two generated identities."""
     from facetwin.core.model import ModelConfig
     from facetwin.training import synth
+    from facetwin.training.config import TrainConfig
     from facetwin.training.export import export_bundle
-    from facetwin.training.train import TrainConfig, train
+    from facetwin.training.train import train
 
     factory = {"tiny": ModelConfig.tiny, "demo": ModelConfig.demo, "original": ModelConfig.original}[arch]
     probe = factory(["a", "b"])

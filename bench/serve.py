@@ -135,6 +135,8 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
            "--address", f"127.0.0.1:{port}", "--backend", args.backend, "--max-batch", str(args.max_batch),
            "--max-delay-ms", str(args.max_delay_ms), "--inference-workers", str(args.inference_workers),
            "--max-queue", "4096", "--max-message-mb", "64",
+           # every bench client connects from 127.0.0.1: one "client" to the per-client limits, which would cap the load
+           "--max-calls-per-client", "0", "--max-streams-per-client", "0", "--max-calls", "0", "--max-streams", "0",
            "--stream-policy", "queue", "--log-level", "WARNING"]
     if getattr(args, "keep_shape", None) is not None:
         cmd += ["--keep-shape", str(args.keep_shape)]

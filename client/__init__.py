@@ -12,10 +12,12 @@ Needs only grpcio, protobuf and numpy; the `facetwin` command line lives in face
 
 from .client import DEFAULT_ADDRESS, AsyncClient, Client
 from .errors import (
+    AuthenticationError,
     DeadlineExceededError,
     FaceTwinError,
     InvalidInputError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     ServerError,
     UnavailableError,
@@ -39,6 +41,8 @@ __all__ = [
     "UnavailableError",
     "DeadlineExceededError",
     "UnimplementedError",
+    "AuthenticationError",
+    "PermissionDeniedError",
     "ServerError",
     "from_rpc_error",
 ]

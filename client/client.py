@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -18,7 +19,8 @@ import grpc
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
-from .errors import InvalidInputError, ServerError, from_rpc_error
+from .credentials import PemInput, channel_credentials
+from .errors import InvalidInputError, ServerError, UnavailableError, from_rpc_error
 from .images import (
     ColorName,
     EncodingName,
@@ -44,6 +46,11 @@ def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUM
     return InvalidInputError(code, message)
 
 
+def _remaining(ends_at: float | None) -> float | None:
+    """Seconds left until a monotonic deadline (None: none); at least a millisecond, so gRPC reports the expiry."""
+    return None if ends_at is None else max(ends_at - time.monotonic(), 1e-3)
+
+
 def _check_timeout(timeout: float | None) -> float | None:
     if timeout is None:
         return None
@@ -55,14 +62,20 @@ def _check_timeout(timeout: float | None) -> float | None:
 class _ClientBase:
     """Argument checks and request preparation common to Client and AsyncClient."""
 
-    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float) -> None:
+    def __init__(self, address: str, *, timeout: float | None, max_message_mb: float, stream_resumes: int,
+                 resume_timeout: float, **credentials: Any) -> None:
         if not isinstance(address, str) or not address.strip():
             raise _invalid(f"address must be 'host:port', got {address!r}")
+        if isinstance(stream_resumes, bool) or not isinstance(stream_resumes, int) or stream_resumes < 0:
+            raise _invalid(f"stream_resumes must be an integer >= 0, got {stream_resumes!r}")
+        self.stream_resumes = stream_resumes
+        self.resume_timeout = _check_timeout(resume_timeout)
         if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, (int, float)) or not max_message_mb > 0:
             raise _invalid(f"max_message_mb must be a positive number, got {max_message_mb!r}")
         self.address = address
         self.timeout = _check_timeout(timeout)
         self._max_bytes = int(max_message_mb * 2**20)
+        self._credentials = channel_credentials(address, **credentials)
         self._closed = False
 
     def _channel_options(self) -> list[tuple[str, int]]:
@@ -93,12 +106,13 @@ class _ClientBase:
         policy: PolicyName = "queue",
         faces: FacesArg = None,
         keep_shape: float | None = None,
+        frame_errors: str = "raise",
     ) -> tuple[StreamState, float | None]:
         self._ensure_open()
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes,
-                            policy=policy, faces=faces, keep_shape=keep_shape)
+                            policy=policy, faces=faces, keep_shape=keep_shape, frame_errors=frame_errors)
         # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
         return state, _check_timeout(timeout)
 
@@ -111,7 +125,13 @@ class Client(_ClientBase):
 
     timeout: default deadline in seconds for list_models and swap (None = wait forever); streams have
     no deadline unless stream(timeout=...) sets one. max_message_mb: largest message sent or received.
-    credentials: grpc.ssl_channel_credentials(...) for TLS; None = plaintext.
+    token: bearer token of a server that asks for one (without TLS: loopback addresses only).
+    root_certificates: PEM (bytes, or a file's path) of the CA that signed the server's certificate: TLS.
+    tls: TLS trusting gRPC's bundled public roots, for a server whose certificate a public CA signed.
+    client_certificate, client_key: PEM (bytes or path) for a server that asks for one (mutual TLS).
+    stream_resumes: how often one stream may resume on a new connection after its server went away (UNAVAILABLE:
+    a draining or restarted server, a lost connection): the frames not yet answered are sent again, so every frame
+    gets a result or an error. resume_timeout: how long to wait for the address to answer again, seconds.
     """
 
     def __init__(
@@ -120,14 +140,23 @@ class Client(_ClientBase):
         *,
         timeout: float | None = 30.0,
         max_message_mb: float = 64,
-        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        root_certificates: PemInput | None = None,
+        client_certificate: PemInput | None = None,
+        client_key: PemInput | None = None,
+        tls: bool = False,
+        stream_resumes: int = 3,
+        resume_timeout: float = 30.0,
     ) -> None:
-        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb)
+        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls,
+                         stream_resumes=stream_resumes, resume_timeout=resume_timeout,
+                         root_certificates=root_certificates, client_certificate=client_certificate,
+                         client_key=client_key)
         options = self._channel_options()
-        if credentials is None:
+        if self._credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+            self._channel = grpc.secure_channel(address, self._credentials, options=options)
         self._stub = pb_grpc.FaceSwapStub(self._channel)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -189,6 +218,7 @@ class Client(_ClientBase):
         faces: FacesArg = None,
         keep_shape: float | None = None,
         timeout: float | None = None,
+        frame_errors: str = "raise",
     ) -> Iterator[SwapResult]:
         """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
 
@@ -196,14 +226,16 @@ class Client(_ClientBase):
         further until results come back, so a camera or decoder is read at the speed the server serves.
         `frames` is iterated on a gRPC thread; once the stream has ended, raised or been left, that thread is out
         of `frames` for good (a read under way is waited for, up to 10 s), so the source may be closed at once.
-        Frames the server drops yield dropped=True, image=None. Leaving the loop early cancels the call.
+        Frames the server drops yield dropped=True, image=None. A frame the server could not swap (a bad image, an
+        unknown target) raises its FaceTwinError, which ends the loop; with frame_errors="yield" it is yielded as a
+        result with `error` set and the stream goes on. Leaving the loop early cancels the call.
         timeout: deadline for the whole stream (None = none).
         policy: what the server does when it falls behind — "queue" swaps every frame (the server pushes
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
         """
         state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
-                                             keep_shape)
+                                             keep_shape, frame_errors)
         try:
             frame_iter = iter(frames)
         except TypeError:
@@ -214,41 +246,64 @@ class Client(_ClientBase):
         self, frames: Iterator[Any], state: StreamState, max_in_flight: int, deadline: float | None
     ) -> Iterator[SwapResult]:
         slots = threading.Semaphore(max_in_flight)
-        abandoned = threading.Event()
         pulling = threading.Lock()  # held by gRPC's request thread while it is inside `frames`
+        ends_at = None if deadline is None else time.monotonic() + deadline
 
-        def requests() -> Iterator[pb.SwapStreamRequest]:
+        def requests(call_over: threading.Event, resend: list[pb.SwapStreamRequest]) -> Iterator[pb.SwapStreamRequest]:
+            """One call's requests: the frames sent on an earlier call and not answered, then new ones."""
             try:
+                yield from resend
                 while True:
                     # Take a slot before pulling the next frame, so no more than max_in_flight are read ahead.
                     while not slots.acquire(timeout=_SLOT_POLL_S):
-                        if abandoned.is_set():
+                        if call_over.is_set():
                             return
                     with pulling:
-                        if abandoned.is_set():
+                        if call_over.is_set():
+                            slots.release()
                             return
                         frame = next(frames, _END)
-                    if frame is _END:
-                        return
-                    yield state.make_request(frame)
+                        if frame is _END:
+                            return
+                        # Recorded before it is sent: a frame pulled for a call that then breaks is resent.
+                        request = state.make_request(frame)
+                    yield request
             except Exception as exc:  # ends the request side cleanly; the consumer re-raises it
                 state.error = exc
 
-        call = self._stub.SwapStream(requests(), timeout=deadline)
+        resumes = 0
+        while True:
+            call_over = threading.Event()
+            call = self._stub.SwapStream(requests(call_over, state.resend()), timeout=_remaining(ends_at))
+            try:
+                for message in call:
+                    slots.release()
+                    yield state.on_response(message)
+                state.finish()
+                return
+            except grpc.RpcError as err:
+                if not state.can_resume(err, resumes, self.stream_resumes):
+                    raise state.failure(err) from err
+                resumes += 1
+            finally:
+                call_over.set()
+                call.cancel()
+                # Let a read under way finish: the next call (or, once the stream is over, the caller's closing of
+                # its source, e.g. a cv2.VideoCapture) must not race it. A source stuck longer is left to that thread.
+                if pulling.acquire(timeout=_SOURCE_RELEASE_S):
+                    pulling.release()
+            self._reconnect(ends_at)
+
+    def _reconnect(self, ends_at: float | None) -> None:
+        """Waits (up to resume_timeout) until the channel is connected again: the server drained and a replica, or
+        the same server restarted, answers at the address."""
+        wait = self.resume_timeout if ends_at is None else min(self.resume_timeout, _remaining(ends_at))
         try:
-            for message in call:
-                slots.release()
-                yield state.on_response(message)
-            state.finish()
-        except grpc.RpcError as err:
-            raise state.failure(err) from err
-        finally:
-            abandoned.set()
-            call.cancel()
-            # Let a read under way finish before returning: the caller may close its source (a cv2.VideoCapture
-            # released while another thread reads it can hang). A source stuck longer is left to that thread.
-            if pulling.acquire(timeout=_SOURCE_RELEASE_S):
-                pulling.release()
+            grpc.channel_ready_future(self._channel).result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and {self.address} "
+                                   f"did not answer again within {wait:.0f} s; the frames not yet answered were "
+                                   "not swapped") from None
 
     def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""
@@ -265,6 +320,7 @@ class Client(_ClientBase):
 
 class AsyncClient(_ClientBase):
     """asyncio client (grpc.aio) with Client's methods as coroutines; create it inside a running event loop.
+    Takes Client's arguments, credentials included.
 
     Use `async with AsyncClient(...) as client:`, or `await client.close()`.
     """
@@ -275,14 +331,23 @@ class AsyncClient(_ClientBase):
         *,
         timeout: float | None = 30.0,
         max_message_mb: float = 64,
-        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        root_certificates: PemInput | None = None,
+        client_certificate: PemInput | None = None,
+        client_key: PemInput | None = None,
+        tls: bool = False,
+        stream_resumes: int = 3,
+        resume_timeout: float = 30.0,
     ) -> None:
-        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb)
+        super().__init__(address, timeout=timeout, max_message_mb=max_message_mb, token=token, tls=tls,
+                         stream_resumes=stream_resumes, resume_timeout=resume_timeout,
+                         root_certificates=root_certificates, client_certificate=client_certificate,
+                         client_key=client_key)
         options = self._channel_options()
-        if credentials is None:
+        if self._credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+            self._channel = grpc.aio.secure_channel(address, self._credentials, options=options)
         self._stub = pb_grpc.FaceSwapStub(self._channel)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
@@ -334,6 +399,7 @@ class AsyncClient(_ClientBase):
         faces: FacesArg = None,
         keep_shape: float | None = None,
         timeout: float | None = None,
+        frame_errors: str = "raise",
     ) -> AsyncIterator[SwapResult]:
         """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
 
@@ -346,7 +412,7 @@ class AsyncClient(_ClientBase):
         loses the server's status when a write races the server ending the call (grpc/grpc#36066).
         """
         state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
-                                             keep_shape)
+                                             keep_shape, frame_errors)
         if not isinstance(frames, (Iterable, AsyncIterable)):
             raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
         return self._stream_results(frames, state, max_in_flight, deadline)
@@ -356,17 +422,33 @@ class AsyncClient(_ClientBase):
         deadline: float | None,
     ) -> AsyncIterator[SwapResult]:
         slots = asyncio.Semaphore(max_in_flight)
-        answered = asyncio.Event()  # the server answered the first frame, or ended the call
-        call = self._stub.SwapStream(timeout=deadline)
+        source = _pull_frames(frames, slots)
+        pull: list[asyncio.Future | None] = [None]  # a frame being pulled; it outlives a call that breaks meanwhile
+        ends_at = None if deadline is None else time.monotonic() + deadline
 
-        async def write_requests() -> None:
+        async def write_requests(call, answered: asyncio.Event, call_over: asyncio.Event,
+                                 resend: list[pb.SwapStreamRequest]) -> None:
             try:
-                async for frame in _pull_frames(frames, slots):
-                    await call.write(state.make_request(frame))
+                for message in resend:  # sent on an earlier call and not answered
+                    await call.write(message)
+                while True:
+                    if pull[0] is None:
+                        pull[0] = asyncio.ensure_future(anext(source, _END))
+                    over = asyncio.ensure_future(call_over.wait())
+                    try:
+                        await asyncio.wait({pull[0], over}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        over.cancel()
+                    if not pull[0].done():
+                        return  # this call is over; the frame being pulled goes to the next one
+                    frame, pull[0] = pull[0].result(), None
+                    if frame is _END:
+                        break
+                    await call.write(state.make_request(frame))  # recorded first: resent if this call breaks
                     if state.sent == 1:
-                        # A bad model or target fails the first frame. Sending more before that answer
-                        # would race the server's abort, and grpc.aio then reports INTERNAL instead of
-                        # the server's status (see _lost_status); one round trip of latency avoids it.
+                        # A stream the server refuses (a limit, a bad policy) ends at its first frame. Sending more
+                        # before that answer would race the server's abort, and grpc.aio then reports INTERNAL
+                        # instead of the server's status (see _lost_status); one round trip of latency avoids it.
                         await answered.wait()
                 await call.done_writing()
             except (asyncio.InvalidStateError, grpc.RpcError):
@@ -376,29 +458,53 @@ class AsyncClient(_ClientBase):
                 with contextlib.suppress(asyncio.InvalidStateError, grpc.RpcError):
                     await call.done_writing()
 
-        writer = asyncio.create_task(write_requests())
+        resumes = 0
         try:
-            while (message := await call.read()) is not grpc.aio.EOF:
-                answered.set()
-                slots.release()
-                yield state.on_response(message)
-            answered.set()
-            await writer
-            state.finish()
-        except grpc.RpcError as err:
-            if state.error is None and _lost_status(err):
-                raise ServerError(
-                    grpc.StatusCode.INTERNAL,
-                    f"the server ended the stream after {state.received} results while frames were still being "
-                    "sent, and grpc.aio hides its status in that case (grpc/grpc#36066); "
-                    "Client.stream reports it",
-                ) from err
-            raise state.failure(err) from err
+            while True:
+                call = self._stub.SwapStream(timeout=_remaining(ends_at))
+                answered, call_over = asyncio.Event(), asyncio.Event()
+                writer = asyncio.create_task(write_requests(call, answered, call_over, state.resend()))
+                try:
+                    while (message := await call.read()) is not grpc.aio.EOF:
+                        answered.set()
+                        slots.release()
+                        yield state.on_response(message)
+                    answered.set()
+                    await writer
+                    state.finish()
+                    return
+                except grpc.RpcError as err:
+                    if not state.can_resume(err, resumes, self.stream_resumes):
+                        if state.error is None and _lost_status(err):
+                            raise ServerError(
+                                grpc.StatusCode.INTERNAL,
+                                f"the server ended the stream after {state.received} results while frames were "
+                                "still being sent, and grpc.aio hides its status in that case (grpc/grpc#36066); "
+                                "Client.stream reports it",
+                            ) from err
+                        raise state.failure(err) from err
+                    resumes += 1
+                finally:
+                    call_over.set()
+                    answered.set()
+                    call.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
+                await self._reconnect(ends_at)
         finally:
-            call.cancel()
-            if not writer.done():
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
+            if pull[0] is not None:
+                pull[0].cancel()
+                await asyncio.gather(pull[0], return_exceptions=True)
+            await source.aclose()
+
+    async def _reconnect(self, ends_at: float | None) -> None:
+        """Waits (up to resume_timeout) until the channel is connected again; see Client._reconnect."""
+        wait = self.resume_timeout if ends_at is None else min(self.resume_timeout, _remaining(ends_at))
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), wait)
+        except TimeoutError:
+            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and {self.address} "
+                                   f"did not answer again within {wait:.0f} s; the frames not yet answered were "
+                                   "not swapped") from None
 
     async def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""

@@ -17,6 +17,8 @@ __all__ = [
     "UnavailableError",
     "DeadlineExceededError",
     "UnimplementedError",
+    "AuthenticationError",
+    "PermissionDeniedError",
     "ServerError",
     "from_rpc_error",
 ]
@@ -62,6 +64,15 @@ class UnimplementedError(FaceTwinError):
     """The server does not implement what was asked (e.g. full-frame swaps in this release)."""
 
 
+class AuthenticationError(FaceTwinError):
+    """The server wants credentials this call did not carry, or did not accept them: pass token= (or a client
+    certificate) to Client."""
+
+
+class PermissionDeniedError(FaceTwinError):
+    """The credentials were accepted but do not allow this call."""
+
+
 class ServerError(FaceTwinError):
     """Any other failure: an internal server error, a cancelled call, or a malformed response."""
 
@@ -75,6 +86,8 @@ _CLASS_BY_CODE: dict[grpc.StatusCode, type[FaceTwinError]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 

@@ -8,6 +8,7 @@ InvalidInputError (a ValueError) with a message that says what to pass instead.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Literal, Union
 
 import grpc
@@ -15,7 +16,7 @@ import numpy as np
 
 from facetwin.v1 import facetwin_pb2 as pb
 
-from .errors import InvalidInputError, ResourceExhaustedError, ServerError, from_rpc_error
+from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code, from_rpc_error
 from .types import DetectedFace, StageTimings, SwapResult
 
 __all__ = [
@@ -276,17 +277,22 @@ class StreamState:
     """
 
     def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int,
-                 policy: PolicyName = "queue", faces: FacesArg = None, keep_shape: float | None = None) -> None:
+                 policy: PolicyName = "queue", faces: FacesArg = None, keep_shape: float | None = None,
+                 frame_errors: str = "raise") -> None:
         check_swap_args(model, target, color=color)
         if policy not in _POLICIES:
             raise _invalid(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
         self.policy = _POLICIES[policy]
+        if frame_errors not in ("raise", "yield"):
+            raise _invalid(f"frame_errors must be 'raise' or 'yield', got {frame_errors!r}")
+        self.raise_frame_errors = frame_errors == "raise"
         self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
         self.faces, self.keep_shape = faces, keep_shape
         _fill_faces(pb.SwapRequest(), faces, keep_shape)  # validates now, before the stream starts
         self.max_bytes = max_bytes
         self.sent = 0  # frames handed to gRPC; also the next frame id
         self.received = 0  # results yielded
+        self.unanswered: collections.deque[pb.SwapStreamRequest] = collections.deque()  # sent, no answer yet
         self.error: BaseException | None = None  # raised by the caller's frames or by request building
 
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
@@ -295,7 +301,25 @@ class StreamState:
                            frame_id=self.sent, faces=self.faces, keep_shape=self.keep_shape, into=message.request)
         check_request_size(message.request, self.max_bytes)
         self.sent += 1
+        self.unanswered.append(message)
         return message
+
+    def resend(self) -> list[pb.SwapStreamRequest]:
+        """The frames to send first on a new call: those sent on an earlier call and not answered, the first one
+        carrying the stream's policy (the server reads it from a stream's first message)."""
+        resend = list(self.unanswered)
+        if resend and resend[0].policy != self.policy:
+            first = pb.SwapStreamRequest()
+            first.CopyFrom(resend[0])
+            first.policy = self.policy
+            resend[0] = first
+        return resend
+
+    def can_resume(self, err: grpc.RpcError, resumes: int, limit: int) -> bool:
+        """Whether a stream that failed with err may go on over a new call: its server went away (UNAVAILABLE --
+        draining, restarted, connection lost), the request side is fine, and resumes are left."""
+        code = err.code() if callable(getattr(err, "code", None)) else None
+        return code == grpc.StatusCode.UNAVAILABLE and self.error is None and resumes < limit
 
     def on_response(self, message: pb.SwapStreamResponse) -> SwapResult:
         response = message.response
@@ -305,9 +329,17 @@ class StreamState:
                 f"stream result out of order: got frame {response.frame_id}, expected {self.received}",
             )
         self.received += 1
+        if self.unanswered and self.unanswered[0].request.frame_id == response.frame_id:
+            self.unanswered.popleft()
         if message.status == pb.FRAME_STATUS_DROPPED:
             timings = StageTimings.from_proto(response.timings)
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
+        if message.status == pb.FRAME_STATUS_ERROR:
+            error = error_for_code(_status_code(message.error.code), message.error.message)
+            if self.raise_frame_errors:
+                raise error
+            timings = StageTimings.from_proto(response.timings)
+            return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, error=error)
         if message.status != pb.FRAME_STATUS_OK:
             raise ServerError(grpc.StatusCode.INTERNAL, f"frame {response.frame_id} has status {message.status}")
         return result_from_response(response, color=self.color)
@@ -324,6 +356,10 @@ class StreamState:
     def failure(self, err: grpc.RpcError) -> BaseException:
         """The exception to raise for a failed call: the request side's own error wins (it caused the failure)."""
         return self.error if self.error is not None else from_rpc_error(err)
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == number), grpc.StatusCode.UNKNOWN)
 
 
 def check_request_size(request: pb.SwapRequest, max_bytes: int) -> None:

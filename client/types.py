@@ -76,7 +76,8 @@ class SwapResult:
     With raw transport (the default) `image` is uint8 (H, W, 3) in the colour order the caller asked
     for and `mask` is uint8 (H, W). With png/jpeg transport the SDK does not decode (the base install
     has no image codecs): `image`/`mask` are None and the file bytes are in `encoded`/`encoded_mask`.
-    A frame the server dropped from a stream has dropped=True and no image.
+    A frame the server dropped from a stream has dropped=True and no image; one it could not swap (streams with
+    frame_errors="yield") has `error` set and no image.
     """
 
     image: np.ndarray | None  # swapped face, raw transport only
@@ -87,6 +88,7 @@ class SwapResult:
     encoded: bytes | None = None  # PNG/JPEG file bytes of the swapped face, encoded transport only
     encoded_mask: bytes | None = None  # PNG/JPEG file bytes of the mask, encoded transport with return_mask
     faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first; () for aligned faces
+    error: Exception | None = None  # streams with frame_errors="yield": why this frame failed (a FaceTwinError)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,9 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
 # Model and identity names: safe as folder/file names on every OS, never a path.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The training variants a manifest's `variant` names; core/model.py builds each. Here, not in model.py, so code that
+# only names a variant (a CLI's choices, the examples) needs no torch.
+VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")
 
 
 class BundleError(ValueError):
@@ -51,7 +54,7 @@ class TensorSpec:
 class Manifest:
     """What a bundle holds; written by training/export.py, read by server/registry.py."""
 
-    variant: str  # training variant: ae, vae, vae-gan, cyclegan
+    variant: str  # training variant, one of VARIANTS
     resolution: int  # side of the square aligned face, pixels
     identities: tuple[str, ...]  # every identity the model can render
     input: TensorSpec  # the aligned face fed to every graph
@@ -126,9 +129,9 @@ class Manifest:
 def check_name(name: str, what: str = "name") -> str:
     """Returns name if it is a safe single path component, else raises BundleError."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
-        raise BundleError(
-            f"{what} {name!r} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
-        )
+        shown = repr(name) if len(repr(name)) <= 72 else f"{repr(name)[:64]}... ({len(name)} characters)"
+        raise BundleError(f"{what} {shown} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a "
+                          "letter or digit")
     return name
 
 

@@ -50,6 +50,16 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Deletes what atomic_write(path) left behind when its process was killed mid-write (SIGKILL, power loss:
+    no cleanup runs); call it before writing `path` again, from the only process that writes it."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for leftover in stale:
+        leftover.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes data to path through atomic_write."""
     with atomic_write(path) as fh:

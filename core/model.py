@@ -45,9 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from facetwin.core.bundle import check_name
+from facetwin.core.bundle import VARIANTS, check_name
 
-VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")
 VARIATIONAL = ("vae", "vae-gan")  # the encoder predicts (mu, logvar) instead of a code
 ADVERSARIAL = ("vae-gan", "cyclegan")  # trained against one Discriminator per identity
 # Slope of every LeakyReLU, as in the faceswap / DeepFaceLab models.

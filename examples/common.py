@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from facetwin.client import Client, UnavailableError
+from facetwin.training.run_folder import TrainSummary, read_summary
 
 BIN = Path(sys.executable).parent
 
@@ -24,6 +25,15 @@ def banner(step: int, total: int, text: str) -> None:
 def run(cmd: list[str]) -> None:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def finished_training(run_dir: Path) -> TrainSummary:
+    """The summary `facetwin-train train` left in run_dir: steps (fewer than asked if its time budget ran out),
+    seconds, losses, the checkpoint's path."""
+    summary = read_summary(run_dir)
+    if summary is None or summary.stopped is None:
+        raise SystemExit(f"error: facetwin-train train finished but left no finished training summary in {run_dir}")
+    return summary
 
 
 def free_port() -> int:

@@ -24,24 +24,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from facetwin.core.bundle import load_manifest
+from facetwin.core.bundle import VARIANTS, load_manifest
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod
 from facetwin.training import quality, realdata
+from facetwin.training.run_folder import CHECKPOINT_NAME, SUMMARY_NAME, read_summary
 from facetwin.training.split import HOLDOUT_FRACTION
 
 from .common import BIN, banner, run
 from .demo_real import (
     PRESETS,
-    VARIANTS,
     Preset,
     fraction,
     guard_run,
@@ -55,7 +53,6 @@ from .demo_real import (
 # was 4,701 steps of ae, 5,090 of vae (both bf16), 3,033 of vae-gan and 1,335 of cyclegan (float32); ~23 min in all.
 MAX_SECONDS = {"cpu": 300.0, "gpu": 0.0, "dry-run": 60.0}
 TRAINING_TIME = "training_time.json"  # in each run folder: the training sessions this command ran, and seconds
-TRAINED = re.compile(r"trained (\d+) steps in ([0-9.]+) s")  # train.py's last line: its loop's own timer
 BUNDLE_PREFIX = "real-"
 
 
@@ -68,7 +65,7 @@ def spent_seconds(run_dir: Path) -> float:
     """Seconds of training the run in run_dir has had. A record without a checkpoint is dropped (the run starts
     again from scratch); a checkpoint without a record is refused (its training time is unknown)."""
     record = run_dir / TRAINING_TIME
-    if not (run_dir / "checkpoint.pt").exists():
+    if not (run_dir / CHECKPOINT_NAME).exists():
         record.unlink(missing_ok=True)
         return 0.0
     if not record.is_file():
@@ -86,18 +83,13 @@ def _record(run_dir: Path, seconds: float, steps: int | None, timer: str) -> Non
 
 
 def train_timed(cmd: list[str], run_dir: Path) -> None:
-    """Runs `facetwin-train train` with its output shown as it comes, and adds the session's training seconds to
-    run_dir's record: train's own timer, or the wall clock when it was interrupted or failed (the budget errs
-    towards less training, never more)."""
+    """Runs `facetwin-train train` and adds the session's training seconds to run_dir's record: the training loop's
+    own time from the summary train leaves in run_dir (facetwin.training.run_folder), or the wall clock when it
+    was interrupted or failed (the budget errs towards less training, never more)."""
     print("$ " + " ".join(cmd), flush=True)
-    started, steps, seconds = time.perf_counter(), None, None
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    started = time.perf_counter()
+    process = subprocess.Popen(cmd)
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            print(line, end="", flush=True)
-            if match := TRAINED.match(line):
-                steps, seconds = int(match[1]), float(match[2])
         code = process.wait()
     except BaseException:  # Ctrl-C reaches train too: let it stop, then count the time it had
         try:
@@ -107,20 +99,24 @@ def train_timed(cmd: list[str], run_dir: Path) -> None:
             process.wait()
         _record(run_dir, time.perf_counter() - started, None, "wall clock (interrupted)")
         raise
-    if seconds is None:
-        _record(run_dir, time.perf_counter() - started, None, f"wall clock (exit {code})")
+    summary = read_summary(run_dir)  # train rewrites it as it starts: a finished one is this session's
+    if code == 0 and summary is not None and summary.stopped is not None:
+        _record(run_dir, summary.seconds, summary.steps_trained, "train")
     else:
-        _record(run_dir, seconds, steps, "train")
+        _record(run_dir, time.perf_counter() - started, None, f"wall clock (exit {code})")
     if code:
         raise subprocess.CalledProcessError(code, cmd)
 
 
 def _checkpoint_step(run_dir: Path) -> int:
-    if not (run_dir / "checkpoint.pt").exists():
+    """The step of run_dir's checkpoint, as the training summary beside it says (0: no checkpoint yet)."""
+    if not (run_dir / CHECKPOINT_NAME).exists():
         return 0
-    from facetwin.training.train import load_checkpoint  # torch: only once there is a checkpoint to read
-
-    return int(load_checkpoint(run_dir / "checkpoint.pt")["step"])
+    summary = read_summary(run_dir)
+    if summary is None:
+        raise SystemExit(f"error: {run_dir} holds a checkpoint but no {SUMMARY_NAME}, so its step is unknown here: "
+                         "delete that folder")
+    return summary.step_end
 
 
 def _bundle_step(bundle: Path, run_dir: Path) -> int | None:
@@ -151,7 +147,7 @@ def train_and_export(variant: str, preset: Preset, args: argparse.Namespace, tra
     if _bundle_step(models / name, run_dir) == step:
         print(f"bundle {models / name} holds step {step} already: not exported again")
     else:
-        run([str(BIN / "facetwin-train"), "export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out",
+        run([str(BIN / "facetwin-train"), "export", "--checkpoint", str(run_dir / CHECKPOINT_NAME), "--out",
              str(models), "--name", name, "--overwrite"])
     return {"variant": variant, "bundle": str(models / name), "run": str(run_dir), "steps": step,
             "seconds": round(spent_seconds(run_dir), 1)}
@@ -242,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             summary = compare_real(args, preset, out)
         where = "a temp dir (deleted)" if args.dry_run and not args.out else str(out)
         print(f"\n{', '.join(args.variants)} on the real pair "
-              f"({'dry run: the numbers mean nothing' if args.dry_run else 'issue 3'}); scored on "
+              f"({'dry run: the numbers mean nothing' if args.dry_run else 'one budget each'}); scored on "
               f"{summary['scored_on']}:\n")
         print((out / "compare.md").read_text(), end="")
         print(f"\nwrote compare.json, compare.md to {where} in {summary['seconds']:.0f} s")

@@ -4,7 +4,7 @@ Each step runs the same command a user would type (facetwin-train, facetwin-serv
 go through the real gRPC server with the client SDK. Writes to --out:
     swap_grid.png     rows: source A | served swap A->B | ground-truth B (and B->A), held-out poses
     swap_clip.mp4     a synthetic clip of A streamed through SwapStream: source | swap, side by side
-    demo_report.json  ground-truth scores of the served swaps, timings, where everything is
+    demo_report.json  ground-truth scores of the served swaps, the training summary, timings, where everything is
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import cv2
 import numpy as np
 
 from facetwin.client import Client
+from facetwin.core.files import atomic_write_bytes
 from facetwin.training import synth
 from facetwin.training.evaluate import compose_grid, ssim
 
-from .common import BIN, banner, run, serving, wait_ready
+from .common import BIN, banner, finished_training, run, serving, wait_ready
 
 
 def clip_poses(count: int, seed: int) -> list[synth.Pose]:
@@ -94,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                  args.preset, "--resume"]
     budget = args.max_seconds if args.max_seconds is not None else (0 if tiny else 360)
     run(train_cmd + (["--steps", str(args.steps)] if args.steps else []) + ["--max-seconds", str(budget)])
+    trained = finished_training(run_dir)
     banner(3, total, "export the model bundle (ONNX per target + manifest)")
-    run([str(BIN / "facetwin-train"), "export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(models),
+    run([str(BIN / "facetwin-train"), "export", "--checkpoint", trained.checkpoint, "--out", str(models),
          "--name", "demo", "--overwrite"])
 
     banner(4, total, "start facetwin-server (ONNX Runtime, CPU) on loopback")
@@ -128,11 +130,12 @@ def main(argv: list[str] | None = None) -> None:
                               "per_direction": {f"{a}->{b}": {k: forward[k] for k in ("ssim", "ssim_face", "l1")},
                                                 f"{b}->{a}": {k: backward[k] for k in ("ssim", "ssim_face", "l1")}}},
         "server_ms_per_swap": (forward["server_ms"] + backward["server_ms"]) / 2,
+        "training": trained.to_dict(),
         "clip_frames": frames,
         "files": {"grid": str(grid_path), "clip": str(clip_path), "bundle": str(models / "demo")},
         "seconds": time.perf_counter() - started,
     }
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_bytes(out / "demo_report.json", (json.dumps(report, indent=2) + "\n").encode())
     print(f"\nground-truth swap score (served swaps vs true renders, {len(poses)} held-out poses per direction):")
     print(f"  SSIM {score['ssim']:.3f}   SSIM on the face {score['ssim_face']:.3f}   L1 {score['l1']:.4f}")
     print(f"wrote {grid_path}, {clip_path} ({frames} frames), {out / 'demo_report.json'} "

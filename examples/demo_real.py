@@ -39,20 +39,19 @@ import cv2
 import numpy as np
 
 from facetwin.client import Client, FaceTwinError
+from facetwin.core.bundle import VARIANTS
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod
 from facetwin.training import quality, realdata
 from facetwin.training.evaluate import compose_grid
+from facetwin.training.run_folder import CHECKPOINT_NAME
 from facetwin.training.split import HOLDOUT_FRACTION
 
-from .common import BIN, banner, run, serving, wait_ready
+from .common import BIN, banner, finished_training, run, serving, wait_ready
 
 MODEL = "real"
-# facetwin-train train --variant: model.VARIANTS, spelled out so this orchestrator never imports torch (a test keeps
-# the two equal).
-VARIANTS = ("ae", "vae", "vae-gan", "cyclegan")
 SOURCE, TARGET = "franck", "cap"  # the clip shows SOURCE's video with TARGET's face
-# The issue's targets for the real pair (identity distances are dlib ResNet embeddings; < 0.6 = same person).
+# The real-pair targets (identity distances are dlib ResNet embeddings; < 0.6 = same person).
 # dist_to_*: the served full-frame blend; raw_dist_to_*: the model's own output crop.
 TARGETS = {"identity.dist_to_target": ("<=", 0.5), "identity.dist_to_source": (">=", 0.6),
            "identity.raw_dist_to_target": ("<=", 0.5), "identity.raw_dist_to_source": (">=", 0.6),
@@ -156,7 +155,7 @@ def guard_run(run_dir: Path, train_dir: Path, holdout_dir: Path) -> None:
     from before the split, or one split with another --holdout), then records the frames this run trains on."""
     record = run_dir / FRAMES_TRAINED
     trained: set[tuple] = set()
-    if (run_dir / "checkpoint.pt").exists():
+    if (run_dir / CHECKPOINT_NAME).exists():
         if not record.is_file():
             raise SystemExit(f"error: {run_dir} holds a run trained before frames were held out (on every extracted "
                              "frame, the held-out ones included): delete that folder to train on the training part")
@@ -176,7 +175,7 @@ def evaluate(bundle: Path, faces_dir: Path, preset: Preset, out: Path) -> dict:
            str(preset.eval_references)]
     print("$ " + " ".join(cmd), flush=True)
     done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-    (out / "report.json").write_text(done.stdout)
+    atomic_write_bytes(out / "report.json", done.stdout.encode())
     return json.loads(done.stdout)
 
 
@@ -252,12 +251,10 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
 
     banner(4, total, f"train the {args.variant} swap model ({preset.train_preset} preset, {args.steps} steps)")
     run(train_command(preset, args.variant, args.steps, args.max_seconds, train_dir, run_dir))
+    trained = finished_training(run_dir)
 
-    from facetwin.training.train import load_checkpoint  # torch: only once there is a checkpoint to read
-
-    args.steps_trained = int(load_checkpoint(run_dir / "checkpoint.pt")["step"])  # < steps if the budget ran out
     banner(5, total, "export the model bundle")
-    run([train_bin, "export", "--checkpoint", str(run_dir / "checkpoint.pt"), "--out", str(models), "--name", MODEL,
+    run([train_bin, "export", "--checkpoint", trained.checkpoint, "--out", str(models), "--name", MODEL,
          "--overwrite"])
 
     # The clip starts at franck's first held-out frame: from there to the end of that video nothing was trained on.
@@ -274,8 +271,8 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
 
     banner(8, total, "score the bundle on the held-out faces: identity, landmarks, flicker")
     report = evaluate(models / MODEL, holdout_dir, preset, out)
-    summary = {"preset": args.preset, "variant": args.variant, "steps": args.steps_trained, "steps_asked": args.steps,
-               "max_seconds": args.max_seconds, "resolution": preset.size,
+    summary = {"preset": args.preset, "variant": args.variant, "steps": trained.step_end, "steps_asked": args.steps,
+               "max_seconds": args.max_seconds, "training": trained.to_dict(), "resolution": preset.size,
                "faces": {p: len(list((faces_dir / p).glob("*_mask.png"))) for p in videos},
                "scored_on": f"held-out frames, never trained on: the last {args.holdout:.0%} of each person's faces "
                             f"({quality.describe_split(split)})",
@@ -284,7 +281,7 @@ def demo(args: argparse.Namespace, preset: Preset, out: Path) -> dict:
                "files": {name: str(out / name) for name in ("swap_grid.png", "swap_clip.mp4", "report.json",
                                                             "report.md")} | {"bundle": str(models / MODEL)},
                "seconds": round(time.perf_counter() - started, 1)}
-    (out / "demo_real.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(out / "demo_real.json", (json.dumps(summary, indent=2) + "\n").encode())
     return summary
 
 
@@ -350,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     held = {name: parts["holdout"]["faces"] for name, parts in summary["split"]["identities"].items()}
     faces = ", ".join(f"{k} {v} ({held[k]} held out)" for k, v in summary["faces"].items())
     print(f"\nreal pair ({args.variant}, {summary['steps']} steps, {summary['resolution']} px; faces: {faces}; "
-          f"{'dry run: the numbers mean nothing' if args.dry_run else 'targets of issue 3'}):")
+          f"{'dry run: the numbers mean nothing' if args.dry_run else 'against the real-pair targets'}):")
     print(f"scored on {summary['scored_on']}")
     print_headline(summary["headline"], summary["reasons"])
     where = "a temp dir (deleted)" if args.dry_run and not args.out else str(out)

@@ -46,6 +46,7 @@ class _Pending:
     item: Any
     future: asyncio.Future
     enqueued: float
+    bounded: bool = True  # counts against max_queue
 
 
 class DynamicBatcher:
@@ -71,6 +72,7 @@ class DynamicBatcher:
         self.name = name
         self._queues: collections.OrderedDict[Hashable, collections.deque[_Pending]] = collections.OrderedDict()
         self._size = 0
+        self._bounded = 0  # queued items that count against max_queue
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._concurrency = concurrency
@@ -84,16 +86,21 @@ class DynamicBatcher:
     def queued(self) -> int:
         return self._size
 
-    async def submit(self, item: Any, caller: Hashable) -> tuple[Any, BatchInfo]:
-        """Queues one item and waits for its result. Cancelling the caller's task drops the item."""
+    async def submit(self, item: Any, caller: Hashable, bounded: bool = True) -> tuple[Any, BatchInfo]:
+        """Queues one item and waits for its result. Cancelling the caller's task drops the item.
+
+        bounded: the item counts against max_queue and is refused (RESOURCE_EXHAUSTED) when that many bounded items
+        wait. Stream frames are submitted unbounded: each stream already holds at most its window in flight, and a
+        stream that must wait should push back on its sender, not fail."""
         if self._closed:
             raise UnavailableError(f"{self.name} is shutting down; retry on another replica")
-        if self._size >= self.max_queue:
+        if bounded and self._bounded >= self.max_queue:
             raise ResourceExhaustedError(
-                f"{self.name}: {self._size} requests are already queued (limit {self.max_queue}); retry with backoff"
+                f"{self.name}: {self._bounded} requests are already queued (limit {self.max_queue}); retry with backoff"
             )
         self._start()
-        pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter())
+        pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter(), bounded)
+        self._bounded += bounded
         self._queues.setdefault(caller, collections.deque()).append(pending)
         self._size += 1
         if self._size == 1 or self._size >= self.max_batch:  # what _loop and _wait_for_batch wait for
@@ -151,6 +158,7 @@ class DynamicBatcher:
             caller, queue = next(iter(self._queues.items()))
             pending = queue.popleft()
             self._size -= 1
+            self._bounded -= pending.bounded
             if queue:
                 self._queues.move_to_end(caller)
             else:
@@ -198,5 +206,5 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_exception(UnavailableError(f"{self.name} shut down before this request ran"))
         self._queues.clear()
-        self._size = 0
+        self._size = self._bounded = 0
         self._executor.shutdown(wait=True)

@@ -1,17 +1,20 @@
-"""`facetwin-server`: run the gRPC service. Every flag also reads FACETWIN_<NAME> from the environment."""
+"""`facetwin-server`: run the gRPC service. Every serve flag also reads FACETWIN_<NAME> from the environment."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import sys
 import time
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from .config import ServerConfig
+from .config import ServerConfig, env_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="facetwin gRPC face-swap server")
 
@@ -21,44 +24,13 @@ def _root() -> None:
     """facetwin gRPC face-swap server."""
 
 
-@app.command()
-def serve(
-    model_dir: Optional[str] = typer.Option(None, help="Folder of model bundles (env FACETWIN_MODEL_DIR, default models)"),
-    address: Optional[str] = typer.Option(None, help="host:port to listen on (env FACETWIN_ADDRESS, default 0.0.0.0:50051)"),
-    backend: Optional[str] = typer.Option(None, help="Inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, "
-                                          "or auto (best available) (env FACETWIN_BACKEND, default onnxruntime)"),
-    max_batch: Optional[int] = typer.Option(None, help="Largest dynamic batch per (model, target)"),
-    max_delay_ms: Optional[float] = typer.Option(None, help="Longest wait for a batch to fill, ms"),
-    max_queue: Optional[int] = typer.Option(None, help="Queued requests per (model, target) before RESOURCE_EXHAUSTED"),
-    inference_workers: Optional[int] = typer.Option(None, help="Batches run at once per (model, target), each on its "
-                                                    "own backend instance (0 = the backend's default: 2 on CPU, 1 on GPU)"),
-    intra_op_threads: Optional[int] = typer.Option(None, help="CPU threads per inference call (0 = cores / workers)"),
-    max_message_mb: Optional[int] = typer.Option(None, help="Largest gRPC message, MiB"),
-    stream_window: Optional[int] = typer.Option(None, help="Frames in flight per stream"),
-    stream_policy: Optional[str] = typer.Option(None, help="When a stream falls behind: queue (push back) or "
-                                                "latest (drop waiting frames, answer them DROPPED)"),
-    grace_s: Optional[float] = typer.Option(None, help="Seconds in-flight calls get on SIGTERM"),
-    metrics_port: Optional[int] = typer.Option(None, help="Prometheus /metrics port (0 = off)"),
-    landmarks: Optional[str] = typer.Option(None, help="Full frames: dlib landmark model 68, 5 (9 MB weights) or "
-                                            "auto (68 if its weights are found, else 5) (env FACETWIN_LANDMARKS)"),
-    keep_shape: Optional[float] = typer.Option(None, help="Full frames: how far the swap is bent toward the original "
-                                               "face's shape, 0 (target's) .. 1 (original's) (env FACETWIN_KEEP_SHAPE, "
-                                               "default 0.5)"),
-    log_level: str = typer.Option("INFO", envvar="FACETWIN_LOG_LEVEL", help="Logging level"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Load and warm every model, serve on a free loopback "
-                                 "port, swap one blank face per model through real gRPC, then exit"),
-) -> None:
+def serve(log_level: str, dry_run: bool, **settings: Any) -> None:
     """Serve every bundle in the model directory until SIGTERM (then drain)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = dict(model_dir=model_dir, address=address, backend=backend, max_batch=max_batch,
-                     max_delay_ms=max_delay_ms, max_queue=max_queue, inference_workers=inference_workers,
-                     intra_op_threads=intra_op_threads,
-                     max_message_mb=max_message_mb, stream_window=stream_window, stream_policy=stream_policy, grace_s=grace_s,
-                     metrics_port=metrics_port, landmarks=landmarks, keep_shape=keep_shape)
     try:
         if dry_run:
-            overrides.update(address="127.0.0.1:0", metrics_port=0)
-        config = ServerConfig.from_env(**overrides)
+            settings.update(address="127.0.0.1:0", metrics_port=0)
+        config = ServerConfig.from_env(**settings)
         from .server import serve as run_server
 
         if dry_run:
@@ -68,6 +40,32 @@ def serve(
     except (ValueError, FileNotFoundError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+def _setting_options() -> list[inspect.Parameter]:
+    """One flag per ServerConfig field (--model-dir, ...), its help and default from the field: the config is
+    declared once. A flag left out is None, so from_env falls back to FACETWIN_<FIELD>, then to the default."""
+    types = typing.get_type_hints(ServerConfig)
+    options = []
+    for field in dataclasses.fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if types[field.name] is bool else [flag]
+        default = "empty" if field.default == "" else field.default
+        text = f"{field.metadata['help']} (env {env_name(field.name)}, default {default})"
+        options.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[types[field.name]],
+                                         default=typer.Option(None, *decls, help=text, show_default=False)))
+    return options
+
+
+serve.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+    inspect.Parameter("log_level", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                      default=typer.Option("INFO", envvar="FACETWIN_LOG_LEVEL", help="Logging level")),
+    inspect.Parameter("dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--dry-run", help="Load and warm every model, serve on a free "
+                                           "loopback port, swap one blank face per model through real gRPC, then exit")),
+    *_setting_options(),
+])
+app.command()(serve)
 
 
 async def _dry_run(config: ServerConfig) -> None:
@@ -80,13 +78,16 @@ async def _dry_run(config: ServerConfig) -> None:
     from .server import FaceSwapServer
 
     started = time.perf_counter()
-    server = FaceSwapServer(config)
+    metadata = _dry_run_security(config)
+    # The TLS files were checked above as serve checks them; the dry run itself holds no CA or client certificate,
+    # so it listens (on loopback) in plaintext.
+    server = FaceSwapServer(dataclasses.replace(config, tls_cert="", tls_key="", tls_client_ca=""))
     port = await server.start()
     await server.wait_until_loaded()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.FaceSwapStub(channel)
-            listing = await stub.ListModels(pb.ListModelsRequest())
+            listing = await stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
             for info in listing.models:
                 if info.status != pb.MODEL_STATUS_READY:
                     typer.echo(f"model {info.name}: FAILED — {info.error}")
@@ -95,7 +96,8 @@ async def _dry_run(config: ServerConfig) -> None:
                 face = np.full((size, size, 3), 128, np.uint8)
                 reply = await stub.Swap(pb.SwapRequest(
                     model=info.name, target=info.identities[0],
-                    image=pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=size, width=size, channels=3))))
+                    image=pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=size, width=size, channels=3))),
+                    metadata=metadata)
                 typer.echo(f"model {info.name}: ready, identities {list(info.identities)}, {size} px, "
                            f"backend {info.backend}; test swap {reply.timings.total_ms:.1f} ms")
         typer.echo(f"dry run ok: {len(listing.models)} model(s) in {time.perf_counter() - started:.1f} s")
@@ -103,6 +105,20 @@ async def _dry_run(config: ServerConfig) -> None:
             raise ValueError(f"no model in {config.model_dir} loaded")
     finally:
         await server.stop(grace=1.0)
+
+
+def _dry_run_security(config: ServerConfig) -> tuple[tuple[str, str], ...]:
+    """Checks the TLS files and the tokens file as serve would; returns the metadata the dry run calls with."""
+    from .auth import read_tokens, server_credentials
+
+    if server_credentials(config) is not None:
+        typer.echo(f"tls: {config.tls_cert} and its key are usable"
+                   + (f"; clients must hold a certificate from {config.tls_client_ca}" if config.tls_client_ca else ""))
+    if not config.auth_tokens_file:
+        return ()
+    tokens = read_tokens(config.auth_tokens_file)
+    typer.echo(f"auth: {len(tokens)} token(s) in {config.auth_tokens_file}; the dry run calls as {tokens[0][0]!r}")
+    return (("authorization", f"Bearer {tokens[0][1]}"),)
 
 
 @app.command("build-engines")
@@ -155,13 +171,36 @@ def build_engines(
 def healthcheck(
     address: str = typer.Option("127.0.0.1:50051", envvar="FACETWIN_HEALTH_ADDRESS", help="Server to probe"),
     timeout: float = typer.Option(3.0, help="Seconds to wait for the answer"),
+    ca: Optional[Path] = typer.Option(None, envvar="FACETWIN_HEALTH_CA", help="PEM CA certificates that signed the "
+                                      "server's certificate: probe over TLS"),
+    cert: Optional[Path] = typer.Option(None, envvar="FACETWIN_HEALTH_CERT", help="PEM client certificate, for a "
+                                        "server that wants one (mutual TLS); needs --ca and --key"),
+    key: Optional[Path] = typer.Option(None, envvar="FACETWIN_HEALTH_KEY", help="PEM private key of --cert"),
+    server_name: Optional[str] = typer.Option(None, envvar="FACETWIN_HEALTH_SERVER_NAME", help="Name the server's "
+                                              "certificate must carry, when it is not the host of --address "
+                                              "(a probe of 127.0.0.1 inside the container)"),
 ) -> None:
-    """Exit 0 when the server reports SERVING on grpc.health.v1 (for Docker HEALTHCHECK), else 1."""
+    """Exit 0 when the server reports SERVING on grpc.health.v1 (for Docker HEALTHCHECK), else 1. Health asks for
+    no token; a TLS server needs --ca (and --cert/--key when it wants client certificates)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if (cert or key or server_name) and not ca or bool(cert) != bool(key):
+        typer.echo("error: --cert and --key go together, and they and --server-name need --ca", err=True)
+        raise typer.Exit(2)
     try:
-        with grpc.insecure_channel(address) as channel:
+        if ca is None:
+            channel = grpc.insecure_channel(address)
+        else:
+            credentials = grpc.ssl_channel_credentials(ca.read_bytes(), key.read_bytes() if key else None,
+                                                       cert.read_bytes() if cert else None)
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            channel = grpc.secure_channel(address, credentials, options=options)
+    except OSError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
     except grpc.RpcError as exc:
         typer.echo(f"unhealthy: {exc.code().name}: {exc.details()}", err=True)

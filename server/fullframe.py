@@ -23,7 +23,7 @@ from facetwin.core import faces as facelib
 from facetwin.core.faces import Face, FaceDetector
 
 from .batcher import BatchInfo
-from .errors import InvalidInputError, UnavailableError
+from .errors import InvalidInputError, ResourceExhaustedError, UnavailableError
 from .registry import LoadedTarget
 from .smoothing import FrameTicket
 
@@ -140,15 +140,18 @@ class FullFrameSwapper:
     """Swaps the faces of whole frames; one per server, shared by every call and stream."""
 
     def __init__(self, detectors: FaceDetectorPool, margin: float = ALIGN_MARGIN, feather: float = BLEND_FEATHER,
-                 keep_shape: float = blending.KEEP_SHAPE) -> None:
+                 keep_shape: float = blending.KEEP_SHAPE, max_faces: int = 8) -> None:
+        """max_faces: most faces one frame may swap (ServerConfig.max_faces_per_frame)."""
         if not 0.0 <= keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {keep_shape}")
         self.detectors, self.margin, self.feather, self.keep_shape = detectors, margin, feather, keep_shape
+        self.max_faces = max_faces
 
     async def swap(self, frame: np.ndarray, target: LoadedTarget, caller: Hashable, selection: FaceSelection,
-                   ticket: FrameTicket | None = None, want_mask: bool = False,
+                   ticket: FrameTicket | None = None, bounded: bool = True, want_mask: bool = False,
                    keep_shape: float | None = None) -> FrameSwap:
         """frame: RGB uint8 (H, W, 3). ticket: the frame's place in its stream (landmarks are smoothed), or None.
+        bounded: the faces count against the batcher's queue limit (DynamicBatcher.submit; False for stream frames).
         keep_shape: this frame's setting (see blending.finish_face), None = the swapper's."""
         started = time.perf_counter()
         try:
@@ -160,6 +163,10 @@ class FullFrameSwapper:
             if ticket is not None:
                 ticket.release()
         chosen = selection.pick(len(found))
+        if len(chosen) > self.max_faces:  # before any face is aligned or swapped
+            raise ResourceExhaustedError(f"the frame has {len(chosen)} faces to swap; this server swaps at most "
+                                         f"{self.max_faces} per frame: pick faces by index (FACE_SELECTION_INDEX) or "
+                                         "the largest (see GetServerInfo limits)")
         faces = tuple(DetectedFace(face, i in chosen) for i, face in enumerate(found))
         if not chosen:
             mask = np.zeros(frame.shape[:2], np.uint8) if want_mask else None
@@ -168,7 +175,7 @@ class FullFrameSwapper:
         size = target.manifest.resolution
         aligned = await asyncio.to_thread(self._align, frame, [found[i] for i in chosen], size)
         aligned_at = time.perf_counter()
-        results = await self._infer(target, [a.crop for a in aligned], caller)
+        results = await self._infer(target, [a.crop for a in aligned], caller, bounded)
         inferred_at = time.perf_counter()
         keep = self.keep_shape if keep_shape is None else keep_shape
         image, mask = await asyncio.to_thread(self._blend, frame, aligned, [r[0][0] for r in results], want_mask, keep)
@@ -186,9 +193,9 @@ class FullFrameSwapper:
         return out
 
     @staticmethod
-    async def _infer(target: LoadedTarget, crops: list[np.ndarray], caller: Hashable) -> list[tuple]:
+    async def _infer(target: LoadedTarget, crops: list[np.ndarray], caller: Hashable, bounded: bool) -> list[tuple]:
         """All crops into the batcher at once (they batch together); if one fails, the others are withdrawn."""
-        tasks = [asyncio.ensure_future(target.batcher.submit(crop, caller)) for crop in crops]
+        tasks = [asyncio.ensure_future(target.batcher.submit(crop, caller, bounded)) for crop in crops]
         try:
             return await asyncio.gather(*tasks)
         except BaseException:

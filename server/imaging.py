@@ -1,49 +1,88 @@
 """Pure image functions on numpy arrays: decode, validate, resize, batch layout, encode.
 
 Everything here takes and returns RGB uint8 HWC arrays unless it says otherwise; colour order is converted
-only at the edges (decode_raw / encode).
+only at the edges (decode_raw / encode). Limits are checked before any pixel is decoded: an encoded image's size
+comes from its header (a 0.75 MB PNG can claim 16000 x 16000 pixels, 730 MB decoded).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import warnings
+
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidInputError, ResourceExhaustedError
 
 MIN_SIDE = 8  # smaller images carry no usable face
+FORMATS = ("jpeg", "png")  # what Image.encoded may hold
+_PIL_FORMATS = ["JPEG", "PNG"]
+# Pillow's own decompression-bomb guard is redundant here (ImageLimits is checked on the header first) and would
+# warn for large but allowed images; its error, for absurd headers, is still caught below.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
-def _check_size(height: int, width: int, max_side: int) -> None:
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """The largest image the server decodes (ServerConfig.max_image_side / max_image_pixels)."""
+
+    max_side: int = 4096
+    max_pixels: int = 4096 * 4096
+
+
+def check_size(height: int, width: int, limits: ImageLimits) -> None:
     if height < MIN_SIDE or width < MIN_SIDE:
         raise InvalidInputError(f"image is {width}x{height}; both sides must be at least {MIN_SIDE} pixels")
-    if height > max_side or width > max_side:
-        raise ResourceExhaustedError(
-            f"image is {width}x{height}; this server accepts at most {max_side} pixels per side — downscale it first"
-        )
+    if height > limits.max_side or width > limits.max_side:
+        raise ResourceExhaustedError(f"image is {width}x{height}; this server accepts at most {limits.max_side} "
+                                     "pixels per side: downscale it first")
+    if height * width > limits.max_pixels:
+        raise ResourceExhaustedError(f"image is {width}x{height} = {height * width} pixels; this server accepts at "
+                                     f"most {limits.max_pixels}: downscale it first")
 
 
-def decode_encoded(data: bytes, max_side: int) -> np.ndarray:
-    """JPEG/PNG bytes -> RGB uint8 (H, W, 3)."""
+def probe_encoded(data: bytes, limits: ImageLimits) -> str:
+    """The format of JPEG/PNG bytes ("jpeg" | "png"), its size checked against the limits from the header alone."""
     if not data:
         raise InvalidInputError("image.encoded is empty: send JPEG or PNG file bytes, or use image.raw")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    try:
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as header:  # reads the header, decodes nothing
+            width, height = header.size
+            kind = header.format.lower()
+    except Image.DecompressionBombError:
+        raise ResourceExhaustedError(f"image.encoded claims more than {Image.MAX_IMAGE_PIXELS} pixels; this server "
+                                     f"accepts at most {limits.max_pixels}: downscale it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # Pillow's errors for unreadable headers
+        raise InvalidInputError(f"image.encoded ({len(data)} bytes, starting {data[:8].hex()}) is not a JPEG or PNG "
+                                f"file: this server accepts {' or '.join(FORMATS)} (or image.raw pixels)") from None
+    check_size(height, width, limits)
+    return kind
+
+
+def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
+    """JPEG/PNG bytes -> RGB uint8 (H, W, 3); the header is checked first (probe_encoded)."""
+    probe_encoded(data, limits)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        bgr = None
     if bgr is None:
-        raise InvalidInputError(
-            f"image.encoded ({len(data)} bytes, starting {data[:8].hex()}) is not a decodable JPEG or PNG file"
-        )
-    _check_size(bgr.shape[0], bgr.shape[1], max_side)
+        raise InvalidInputError(f"image.encoded ({len(data)} bytes) has a valid header but its pixels cannot be "
+                                "decoded: the file is truncated or corrupt")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def decode_raw(pixels: bytes, height: int, width: int, channels: int, color: str, dtype: str, max_side: int) -> np.ndarray:
+def decode_raw(pixels: bytes, height: int, width: int, channels: int, color: str, dtype: str,
+               limits: ImageLimits) -> np.ndarray:
     """Raw HWC bytes with an explicit shape -> RGB uint8 (H, W, 3)."""
     if dtype != "uint8":
         raise InvalidInputError(f"image.raw.pixel_type {dtype} is not supported: send PIXEL_TYPE_UINT8 (0..255)")
     if channels != 3:
         raise InvalidInputError(f"image.raw.channels is {channels}; send 3-channel colour (RGB or BGR) images")
-    _check_size(height, width, max_side)
+    check_size(height, width, limits)
     expected = height * width * channels
     if len(pixels) != expected:
         raise InvalidInputError(

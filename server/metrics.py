@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from wsgiref.simple_server import WSGIServer
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 SWAPS = Counter("facetwin_swaps_total", "Swapped images", ["method"])
@@ -21,6 +23,8 @@ def observe(outcome, method: str) -> None:
     BATCH_SIZE.observe(outcome.timings.batch_size)
 
 
-def serve_metrics(port: int) -> None:
-    """Starts the /metrics HTTP endpoint in a daemon thread."""
-    start_http_server(port)
+def serve_metrics(port: int, address: str = "127.0.0.1") -> WSGIServer:
+    """Starts the /metrics HTTP endpoint on `address` (loopback unless opened on purpose: it has no credentials
+    check) in a daemon thread; returns the HTTP server, for `shutdown()`."""
+    server, _thread = start_http_server(port, addr=address)
+    return server

@@ -17,7 +17,7 @@ from . import imaging
 from .backends import Backend, get_backend
 from .batcher import DynamicBatcher
 from .config import ServerConfig
-from .errors import InvalidInputError, NotFoundError, UnavailableError
+from .errors import InvalidInputError, NotFoundError, UnavailableError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ class ModelRegistry:
                 check_name(model_name, "model name")  # "../x", "" and friends get INVALID_ARGUMENT, not NOT_FOUND
             except BundleError as exc:
                 raise InvalidInputError(str(exc)) from None
-            raise NotFoundError(f"model {model_name!r} is not loaded; loaded models: {sorted(self.models) or 'none'}")
+            raise NotFoundError(f"model {shorten(model_name)} is not loaded; loaded models: "
+                                f"{sorted(self.models) or 'none'}")
         if not model.ready.is_set():
             try:
                 await asyncio.wait_for(model.ready.wait(), timeout)
@@ -160,7 +161,7 @@ class ModelRegistry:
         loaded = model.targets.get(target)
         if loaded is None:
             raise NotFoundError(
-                f"model {model_name!r} has no target identity {target!r}; choose one of {sorted(model.targets)}"
+                f"model {model_name!r} has no target identity {shorten(target)}; choose one of {sorted(model.targets)}"
             )
         return model, loaded
 

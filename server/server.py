@@ -13,12 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from facetwin.v1 import facetwin_pb2, facetwin_pb2_grpc
+from facetwin.v1 import facetwin_pb2
 
 from . import metrics
+from .auth import AuthInterceptor, TokenFile, server_credentials
 from .config import ServerConfig
 from .registry import ModelRegistry
-from .servicer import FaceSwapServicer
+from .servicer import FaceSwapServicer, add_to_server
 from .swap import SwapEngine
 
 log = logging.getLogger("facetwin.server")
@@ -34,40 +35,55 @@ class FaceSwapServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        # Credentials are read first, before any model loads, so a bad certificate or tokens file fails at once.
+        self.credentials = server_credentials(config)
+        interceptors = [AuthInterceptor(TokenFile(config.auth_tokens_file))] if config.auth_tokens_file else []
         self.registry = ModelRegistry(config)
         metrics.QUEUE_DEPTH.set_function(self.registry.queued)
         self.health = health_aio.HealthServicer()
         limit = config.max_message_mb * 1024 * 1024
-        self.grpc_server = grpc.aio.server(options=[
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
         ])
-        self.engine = SwapEngine(self.registry, config.max_image_side, config.detect_threads, config.detect_max_side)
-        facetwin_pb2_grpc.add_FaceSwapServicer_to_server(
-            FaceSwapServicer(self.registry, self.engine, config.stream_window, config.stream_policy), self.grpc_server)
+        self.engine = SwapEngine(self.registry)
+        self.servicer = FaceSwapServicer(self.registry, self.engine, config)
+        add_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if config.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 self.grpc_server)
         self.port = 0
+        self.metrics_http = None
         self._loading: asyncio.Task | None = None
+
+    def _security(self) -> str:
+        transport = "mutual TLS" if self.config.tls_client_ca else "TLS" if self.config.tls_cert else "plaintext"
+        auth = "bearer tokens" if self.config.auth_tokens_file else "no authentication"
+        return f"{transport}, {auth}"
 
     async def start(self) -> int:
         """Binds, starts answering (health NOT_SERVING), then loads and warms models in the background."""
         log.info("config %s", json.dumps(self.config.as_dict(), sort_keys=True))
         names = self.registry.discover()
         log.info("found %d bundle(s) in %s: %s", len(names), self.config.model_dir, names)
-        self.port = self.grpc_server.add_insecure_port(self.config.address)
+        if self.credentials is None:
+            self.port = self.grpc_server.add_insecure_port(self.config.address)
+        else:
+            self.port = self.grpc_server.add_secure_port(self.config.address, self.credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.config.address}")
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.metrics_port:
-            metrics.serve_metrics(self.config.metrics_port)
+            self.metrics_http = metrics.serve_metrics(self.config.metrics_port, self.config.metrics_address)
         await self.grpc_server.start()
-        log.info("listening on port %d (backend %s)", self.port, self.registry.backend_cls.name)
+        log.info("listening on port %d (%s; backend %s)", self.port, self._security(), self.registry.backend_cls.name)
+        if not (self.config.auth_tokens_file or self.config.tls_client_ca or _loopback(self.config.address)):
+            log.warning("%s is reachable from other hosts and asks callers for no credentials: set "
+                        "--auth-tokens-file or --tls-client-ca (docs/security.md)", self.config.address)
         self._loading = asyncio.ensure_future(self._load())
         return self.port
 
@@ -86,17 +102,27 @@ class FaceSwapServer:
         await self.grpc_server.wait_for_termination()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period. Streams
+        stop taking frames at once, answer every frame they took, and end with UNAVAILABLE (reconnect)."""
         grace = self.config.grace_s if grace is None else grace
         log.info("draining (grace %.1f s)", grace)
         await self.health.enter_graceful_shutdown()
+        self.servicer.draining.set()
         await self.grpc_server.stop(grace)
         if self._loading is not None:
             self._loading.cancel()
             await asyncio.gather(self._loading, return_exceptions=True)
+        if self.metrics_http is not None:
+            await asyncio.to_thread(self.metrics_http.shutdown)
+            self.metrics_http.server_close()
         await self.registry.close()
         await asyncio.to_thread(self.engine.close)
         log.info("stopped")
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.") or address.startswith("unix:")
 
 
 async def serve(config: ServerConfig) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import logging
 
@@ -10,12 +12,15 @@ import grpc
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
-from . import metrics
+from . import __version__, imaging, metrics
+from .auth import client_id
 from .batcher import InferenceFailedError
-from .errors import InvalidInputError, SwapError
+from .config import ServerConfig
+from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
 from .fullframe import DetectedFace
+from .limits import Admission, AdmissionLimits
 from .registry import FAILED, READY, ModelRegistry
-from .streams import DROPPED, run_stream
+from .streams import DROPPED, OK, FrameAnswer, StreamRun
 from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,7 @@ _KIND = {pb.IMAGE_KIND_UNSPECIFIED: "aligned_face", pb.IMAGE_KIND_ALIGNED_FACE: 
 _FACES = {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all",
           pb.FACE_SELECTION_LARGEST: "largest", pb.FACE_SELECTION_INDEX: "index"}
 _POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
+_POLICY_OUT = {name: value for value, name in _POLICY.items()}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
 
 
@@ -87,6 +93,84 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class MalformedMessage:
+    """A request whose bytes are not a valid protobuf message (or hold invalid UTF-8 in a string field)."""
+
+    kind: str  # the message type expected
+    error: str  # the parser's complaint
+
+
+def checked(request):
+    """The request, or InvalidInputError when it arrived malformed."""
+    if isinstance(request, MalformedMessage):
+        raise InvalidInputError(f"the request is not a valid {request.kind} message ({shorten(request.error)}): "
+                                "check the client's protobuf definitions against facetwin.v1")
+    return request
+
+
+def stream_frame(message, number: int) -> tuple[int, SwapJob | SwapError]:
+    """One stream message as (frame_id, job), or (frame_id, the error to answer it with)."""
+    if isinstance(message, MalformedMessage):
+        return 0, InvalidInputError(f"stream message {number} is not a valid SwapStreamRequest "
+                                    f"({shorten(message.error)}); frame id unknown")
+    try:
+        return message.request.frame_id, job_from_proto(message.request)
+    except SwapError as exc:
+        return message.request.frame_id, exc
+
+
+def stream_answer_to_proto(answer: FrameAnswer) -> pb.SwapStreamResponse:
+    if answer.status == OK:
+        metrics.observe(answer.outcome, "SwapStream")
+        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK, response=response_to_proto(answer.outcome))
+    if answer.status == DROPPED:
+        metrics.DROPPED.inc()
+        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_DROPPED, response=pb.SwapResponse(frame_id=answer.frame_id))
+    error = frame_error_to_proto(answer.error)
+    metrics.ERRORS.labels(method="SwapStream/frame", code=error.code_name).inc()
+    return pb.SwapStreamResponse(status=pb.FRAME_STATUS_ERROR, response=pb.SwapResponse(frame_id=answer.frame_id),
+                                 error=error)
+
+
+def _safe_deserializer(message_class):
+    """Parses request bytes; malformed bytes become a MalformedMessage for the servicer to answer as
+    INVALID_ARGUMENT, instead of an UNKNOWN status and a traceback from inside gRPC."""
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # DecodeError, and UnicodeDecodeError from some protobuf runtimes
+            return MalformedMessage(message_class.DESCRIPTOR.name, str(exc) or type(exc).__name__)
+    return parse
+
+
+def add_to_server(servicer: "FaceSwapServicer", server) -> None:
+    """pb_grpc.add_FaceSwapServicer_to_server, with request parsing that never fails inside gRPC."""
+    service = pb.DESCRIPTOR.services_by_name["FaceSwap"]
+    factories = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {}
+    for method in service.methods:
+        method_handler = getattr(servicer, method.name)
+        if not method.client_streaming:
+            method_handler = _checked_unary(method.name, method_handler)
+        handlers[method.name] = factories[(method.client_streaming, method.server_streaming)](
+            method_handler, request_deserializer=_safe_deserializer(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _checked_unary(name: str, method):
+    async def handle(request, context):
+        try:
+            checked(request)
+        except InvalidInputError as exc:
+            await _abort(context, name, exc)
+        return await method(request, context)
+    return handle
+
+
 def _image_to_proto(image: OutputImage) -> pb.Image:
     if image.encoding == "raw":
         return pb.Image(raw=pb.RawImage(pixels=image.data, height=image.height, width=image.width,
@@ -116,78 +200,87 @@ def response_to_proto(outcome: SwapOutcome) -> pb.SwapResponse:
     )
 
 
+def _error_code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, SwapError) and not isinstance(exc, InferenceFailedError):
+        return exc.code
+    return grpc.StatusCode.INTERNAL
+
+
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
     if isinstance(exc, SwapError):
-        code, message = exc.code, str(exc)
+        message = str(exc)
     else:  # a bug: report it as INTERNAL with its type, keep serving
         log.exception("%s failed", method)
-        code, message = grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"
-    if isinstance(exc, InferenceFailedError):
-        code = grpc.StatusCode.INTERNAL
+        message = f"internal error ({type(exc).__name__}); see server logs"
+    code = _error_code(exc)
     metrics.ERRORS.labels(method=method, code=code.name).inc()
     await context.abort(code, message)
 
 
+def frame_error_to_proto(error: SwapError) -> pb.FrameError:
+    code = _error_code(error)
+    return pb.FrameError(code=code.value[0], code_name=code.name, message=str(error))
+
+
 class FaceSwapServicer(pb_grpc.FaceSwapServicer):
-    def __init__(self, registry: ModelRegistry, engine: SwapEngine, stream_window: int = 16,
-                 stream_policy: str = "queue") -> None:
+    def __init__(self, registry: ModelRegistry, engine: SwapEngine, config: ServerConfig) -> None:
         self.registry = registry
         self.engine = engine
-        self.stream_window = stream_window
-        self.default_policy = stream_policy
+        self.config = config
+        self.admission = Admission(AdmissionLimits(config.max_calls_per_client, config.max_streams_per_client,
+                                                   config.max_calls, config.max_streams))
+        self.draining = asyncio.Event()  # set on SIGTERM: streams stop taking frames (server.FaceSwapServer.stop)
         self._stream_ids = itertools.count()
 
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
         try:
-            job = job_from_proto(request)
-            outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
+            with self.admission.admit("call", client_id(context)):
+                job = job_from_proto(request)
+                outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
         except Exception as exc:
             await _abort(context, "Swap", exc)
         metrics.observe(outcome, "Swap")
         return response_to_proto(outcome)
 
     async def SwapStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Frames are swapped concurrently and answered strictly in order (see streams.run_stream)."""
+        """Frames are swapped concurrently and answered strictly in order, each with its own status
+        (streams.StreamRun); the stream ends early only when idle, empty, or when the server drains."""
+        try:
+            with self.admission.admit("stream", client_id(context)):
+                async for answer in self._run_stream(request_iterator, context):
+                    yield answer
+        except Exception as exc:
+            await _abort(context, "SwapStream", exc)
+
+    async def _run_stream(self, request_iterator, context: grpc.aio.ServicerContext):
         caller = ("stream", next(self._stream_ids))
-        policy = [self.default_policy]
         faces_over_time = self.engine.new_stream_state()  # face tracks, so full-frame landmarks are smoothed
+        messages = aiter(request_iterator)
+        idle = self.config.stream_idle_timeout_s or None
+        try:
+            first = await asyncio.wait_for(anext(messages, None), idle)
+        except TimeoutError:
+            raise DeadlineExceededError(f"the stream sent no frame for {idle:g} s (the server's idle stream "
+                                        "timeout)") from None
+        policy = self.config.stream_policy
+        if first is not None and not isinstance(first, MalformedMessage) and first.policy:
+            policy = _enum(_POLICY, first.policy, "policy")
 
         async def frames():
-            first = True
-            async for message in request_iterator:
-                if first and message.policy != pb.STREAM_POLICY_UNSPECIFIED:
-                    policy[0] = _POLICY.get(message.policy, "invalid")
-                first = False
-                try:
-                    yield message.request.frame_id, job_from_proto(message.request)
-                except SwapError as exc:  # answered in order, after the frames before it
-                    yield message.request.frame_id, exc
+            number = 0
+            message = first
+            while message is not None:
+                yield stream_frame(message, number)
+                number += 1
+                message = await anext(messages, None)
 
-        def swap(job: SwapJob):  # run_stream starts frames in arrival order, as the stream state requires
+        def swap(job: SwapJob):  # StreamRun starts frames in arrival order, as the stream state requires
             return self.engine.swap(job, caller, wait_s=context.time_remaining(), stream=faces_over_time)
 
-        frames_iter = frames()
-        try:
-            first = await anext(frames_iter, None)
-        except Exception as exc:
-            await _abort(context, "SwapStream", exc)
-
-        async def replay():
-            if first is not None:
-                yield first
-            async for item in frames_iter:
-                yield item
-
-        try:
-            async for frame_id, outcome in run_stream(replay(), swap, window=self.stream_window, policy=policy[0]):
-                if outcome is DROPPED:
-                    metrics.DROPPED.inc()
-                    yield pb.SwapStreamResponse(status=pb.FRAME_STATUS_DROPPED, response=pb.SwapResponse(frame_id=frame_id))
-                    continue
-                metrics.observe(outcome, "SwapStream")
-                yield pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK, response=response_to_proto(outcome))
-        except Exception as exc:
-            await _abort(context, "SwapStream", exc)
+        run = StreamRun(frames(), swap, window=self.config.stream_window, policy=policy, stop=self.draining,
+                        idle_timeout_s=self.config.stream_idle_timeout_s)
+        async for answer in run.answers():
+            yield stream_answer_to_proto(answer)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         models = []
@@ -204,3 +297,21 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
                 error=model.error,
             ))
         return pb.ListModelsResponse(models=models)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.GetServerInfoResponse:
+        return server_info(self.config)
+
+
+def server_info(config: ServerConfig) -> pb.GetServerInfoResponse:
+    """The configuration a caller can act on: credentials wanted, and every limit with the status past it."""
+    limits = pb.ServerLimits(
+        max_message_bytes=config.max_message_mb * 1024 * 1024, max_image_side=config.max_image_side,
+        max_image_pixels=config.max_image_pixels, image_formats=list(imaging.FORMATS),
+        max_faces_per_frame=config.max_faces_per_frame, max_calls_per_client=config.max_calls_per_client,
+        max_streams_per_client=config.max_streams_per_client, max_calls=config.max_calls,
+        max_streams=config.max_streams, stream_window=config.stream_window,
+        stream_idle_timeout_s=config.stream_idle_timeout_s, max_queue=config.max_queue)
+    return pb.GetServerInfoResponse(
+        version=__version__, auth_required=bool(config.auth_tokens_file), tls=bool(config.tls_cert),
+        client_certificate_required=bool(config.tls_client_ca),
+        default_stream_policy=_POLICY_OUT[config.stream_policy], limits=limits)

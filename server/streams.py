@@ -1,125 +1,180 @@
-"""One SwapStream as domain logic: frames in, results out in arrival order, with a flow-control policy.
+"""One SwapStream as domain logic: frames in, one answer per frame out, in arrival order.
 
+Flow control follows the stream's policy:
 - "queue": every frame is swapped. Once `window` frames are in flight the stream stops reading, which pushes back
-  on the sender through gRPC flow control.
+  on the sender through HTTP/2 flow control; it never fails for being fast.
 - "latest" (latest frame wins): up to `window` frames run at once; when the stream falls behind, a frame still
-  waiting to start is answered DROPPED as soon as a newer frame arrives. Dropped frames are answered, in order,
-  never silently lost.
+  waiting to start is answered DROPPED as soon as a newer frame arrives.
+
+A frame that cannot be swapped is answered with its error, in its place, and the stream goes on: one bad frame
+never costs the caller the frames after it. The stream itself ends early only when the caller sends nothing for
+`idle_timeout_s` (DEADLINE_EXCEEDED), or when the server drains (`stop` is set): it then takes no new frame,
+answers every frame it took, and ends with UNAVAILABLE so the caller reconnects and resends the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .errors import InvalidInputError, SwapError
+from .errors import DeadlineExceededError, InvalidInputError, SwapError, UnavailableError
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("queue", "latest")
-DROPPED = object()  # the result of a frame answered as dropped
+OK, DROPPED, ERROR = "ok", "dropped", "error"
 
 
-async def run_stream(
-    frames: AsyncIterator[tuple[int, Any]],
-    swap: Callable[[Any], Awaitable[Any]],
-    *,
-    window: int,
-    policy: str = "queue",
-) -> AsyncIterator[tuple[int, Any]]:
-    """Yields (frame_id, outcome or DROPPED) in arrival order.
+@dataclasses.dataclass(frozen=True)
+class FrameAnswer:
+    """What happened to one frame."""
 
-    `frames` yields (frame_id, job) — a job may be an Exception (an invalid frame), which is raised when its turn
-    comes, after every earlier frame's result. `swap(job)` computes one outcome.
-    """
-    if policy not in POLICIES:
-        raise InvalidInputError(f"stream policy {policy!r} is not one of {POLICIES}")
-    loop = asyncio.get_running_loop()
-    entries: asyncio.Queue = asyncio.Queue(maxsize=4 * window)  # answers not yet sent, in arrival order
-    waiting: collections.deque = collections.deque()  # ("latest") frames not started yet
-    running: set[asyncio.Task] = set()
-    in_flight = 0  # frames started and not finished (the window counts these)
-    freed = asyncio.Event()
-    end = object()
+    frame_id: int
+    status: str  # OK | DROPPED | ERROR
+    outcome: Any = None  # the swap's result, with OK
+    error: SwapError | None = None  # why, with ERROR
 
-    async def run_one(job: Any, future: asyncio.Future) -> None:
-        nonlocal in_flight
+
+class _End:
+    """Queued after the last answer."""
+
+
+class StreamRun:
+    """Runs one stream: `async for answer in StreamRun(...).answers()`.
+
+    `frames` yields (frame_id, job); a job may be a SwapError (a frame that could not even be read), answered with
+    that error in its place. `swap(job)` computes one outcome; it is called in arrival order."""
+
+    def __init__(self, frames: AsyncIterator[tuple[int, Any]], swap: Callable[[Any], Awaitable[Any]], *,
+                 window: int, policy: str = "queue", stop: asyncio.Event | None = None,
+                 idle_timeout_s: float = 0.0) -> None:
+        if policy not in POLICIES:
+            raise InvalidInputError(f"stream policy {policy!r} is not one of {POLICIES}")
+        self._frames, self._swap = frames, swap
+        self.window, self.policy, self.idle_timeout_s = window, policy, idle_timeout_s
+        self._stop = stop
+        # Answers not yet sent, in arrival order. Bounded, so a caller that stops reading its answers stops the
+        # stream from reading frames too (push-back both ways).
+        self._answers: asyncio.Queue = asyncio.Queue(maxsize=4 * window)
+        self._waiting: collections.deque = collections.deque()  # "latest": frames not started yet
+        self._running: set[asyncio.Task] = set()
+        self._in_flight = 0  # frames started and not finished (the window counts these)
+        self._freed = asyncio.Event()
+        self._end_error: SwapError | None = None  # how the stream ends once every answer is out
+
+    async def answers(self) -> AsyncIterator[FrameAnswer]:
+        """Every frame's answer in arrival order; raises the stream's own ending error (idle, drain, no frames)
+        after the last answer."""
+        reader = asyncio.get_running_loop().create_task(self._read())
         try:
-            outcome = await swap(job)
-            if not future.done():
-                future.set_result(outcome)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
-        except Exception as exc:
-            if not future.done():
-                future.set_exception(exc)
+            while not isinstance(entry := await self._answers.get(), _End):
+                yield await entry
+            if self._end_error is not None:
+                raise self._end_error
         finally:
-            in_flight -= 1
-            freed.set()
-            start_waiting()
+            reader.cancel()
+            for task in list(self._running):
+                task.cancel()
+            await asyncio.gather(reader, *self._running, return_exceptions=True)
 
-    def start(job: Any, future: asyncio.Future) -> None:
-        nonlocal in_flight
-        in_flight += 1
-        task = loop.create_task(run_one(job, future))
-        running.add(task)
-        task.add_done_callback(running.discard)
+    # -- reading frames ---------------------------------------------------------------------------------------
 
-    def start_waiting() -> None:
-        while waiting and in_flight < window:
-            start(*waiting.popleft())
-
-    async def read() -> None:
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
         count = 0
-        async for frame_id, job in frames:
-            count += 1
-            future = loop.create_future()
-            if isinstance(job, Exception):
-                future.set_exception(job)
-            elif policy == "queue":
-                while in_flight >= window:
-                    freed.clear()
-                    await freed.wait()
-                start(job, future)
-            else:
-                waiting.append((job, future))
-                while len(waiting) > 1:  # latest frame wins: older unstarted frames are dropped
-                    _, stale = waiting.popleft()
-                    stale.set_result(DROPPED)
-                start_waiting()
-            await entries.put((frame_id, future))
-        if count == 0:
-            future = loop.create_future()
-            future.set_exception(InvalidInputError("the stream carried no frames: send at least one SwapStreamRequest"))
-            await entries.put((None, future))
-        await entries.put(end)
+        try:
+            while (frame := await self._next_frame()) is not None:
+                count += 1
+                frame_id, job = frame
+                answer = loop.create_future()
+                if isinstance(job, SwapError):
+                    answer.set_result(FrameAnswer(frame_id, ERROR, error=job))
+                elif self.policy == "queue":
+                    await self._room()
+                    self._start(frame_id, job, answer)
+                else:
+                    self._wait_latest(frame_id, job, answer)
+                await self._answers.put(answer)
+            if count == 0 and self._end_error is None:
+                self._end_error = InvalidInputError("the stream carried no frames: send at least one "
+                                                    "SwapStreamRequest")
+        except SwapError as exc:  # the caller's side failed: idle, or a message that ended the stream
+            self._end_error = exc
+        finally:  # a frame still waiting ("latest") starts when a running one finishes: taken frames are answered
+            await self._answers.put(_End())
 
-    reader = loop.create_task(read())
-    try:
-        while True:
-            getter = loop.create_task(entries.get())
-            await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():  # the reader ended without `end`: the caller went away or sent garbage
-                getter.cancel()
-                reader.result()
-                return
-            entry = getter.result()
-            if entry is end:
-                return
-            frame_id, future = entry
-            try:
-                result = await future
-            except SwapError as exc:
-                if frame_id is None:
-                    raise
-                raise type(exc)(f"frame {frame_id}: {exc}") from exc
-            yield frame_id, result
-    finally:
-        reader.cancel()
-        for task in list(running):
-            task.cancel()
-        while not entries.empty():
-            entry = entries.get_nowait()
-            if entry is not end:
-                entry[1].cancel()
+    async def _next_frame(self) -> tuple[int, Any] | None:
+        """The next frame; None at the end of the stream or when the server drains; DeadlineExceededError when the
+        caller has sent nothing for idle_timeout_s."""
+        if self._stop is not None and self._stop.is_set():
+            return self._stopped()
+        nxt = asyncio.ensure_future(anext(self._frames, None))
+        waiters = {nxt}
+        stopping = None
+        if self._stop is not None:
+            stopping = asyncio.ensure_future(self._stop.wait())
+            waiters.add(stopping)
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=self.idle_timeout_s or None,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if stopping is not None:
+                stopping.cancel()
+        if nxt in done:
+            return nxt.result()
+        nxt.cancel()
+        if stopping is not None and stopping in done:
+            return self._stopped()
+        raise DeadlineExceededError(f"the stream sent no frame for {self.idle_timeout_s:g} s (the server's idle "
+                                    "stream timeout): send frames more often, or close the stream and open a new one")
+
+    def _stopped(self) -> None:
+        self._end_error = UnavailableError("the server is shutting down: every frame it took was answered; reconnect "
+                                           "(another replica, or this one once it is back) and resend the frames "
+                                           "after the last answer")
+        return None
+
+    # -- running frames ---------------------------------------------------------------------------------------
+
+    async def _room(self) -> None:
+        while self._in_flight >= self.window:
+            self._freed.clear()
+            await self._freed.wait()
+
+    def _wait_latest(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
+        self._waiting.append((frame_id, job, answer))
+        while len(self._waiting) > 1:  # latest frame wins: older frames not started yet are dropped
+            stale_id, _, stale = self._waiting.popleft()
+            stale.set_result(FrameAnswer(stale_id, DROPPED))
+        while self._waiting and self._in_flight < self.window:
+            self._start(*self._waiting.popleft())
+
+    def _start(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
+        self._in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(frame_id, job, answer))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
+        try:
+            result = FrameAnswer(frame_id, OK, outcome=await self._swap(job))
+        except SwapError as exc:
+            result = FrameAnswer(frame_id, ERROR, error=exc)
+        except asyncio.CancelledError:
+            answer.cancel()
+            raise
+        except Exception as exc:  # a bug: this frame fails as INTERNAL, the stream and the server go on
+            log.exception("stream frame %d failed", frame_id)
+            result = FrameAnswer(frame_id, ERROR, error=SwapError(f"internal error ({type(exc).__name__}); see the "
+                                                                  "server log"))
+        finally:
+            self._in_flight -= 1
+            self._freed.set()
+            while self._waiting and self._in_flight < self.window:
+                self._start(*self._waiting.popleft())
+        if not answer.done():
+            answer.set_result(result)

@@ -89,19 +89,16 @@ class SwapOutcome:
 
 
 class SwapEngine:
-    def __init__(self, registry: ModelRegistry, max_image_side: int = 4096, detect_threads: int = 2,
-                 detect_max_side: int | None = 640, smoothing: SmoothingConfig | None = None,
-                 landmarks: str | None = None, keep_shape: float | None = None) -> None:
-        """detect_threads / detect_max_side / landmarks: see fullframe.FaceDetectorPool (landmarks None = the
-        registry's ServerConfig.landmarks). smoothing: landmark smoothing of full frames in streams (None =
-        SmoothingConfig defaults). keep_shape: see blending.finish_face (None = ServerConfig.keep_shape)."""
+    def __init__(self, registry: ModelRegistry, smoothing: SmoothingConfig | None = None) -> None:
+        """Image limits, face detection and the face-shape bend follow the registry's ServerConfig. smoothing:
+        landmark smoothing of full frames in streams (None = SmoothingConfig defaults)."""
+        config = registry.config
         self.registry = registry
-        self.max_image_side = max_image_side
+        self.image_limits = imaging.ImageLimits(config.max_image_side, config.max_image_pixels)
         self.smoothing = smoothing or SmoothingConfig()
-        landmarks = registry.config.landmarks if landmarks is None else landmarks
-        keep_shape = registry.config.keep_shape if keep_shape is None else keep_shape
-        self.fullframe = FullFrameSwapper(FaceDetectorPool(detect_threads, detect_max_side, landmarks=landmarks),
-                                          keep_shape=keep_shape)
+        detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, landmarks=config.landmarks)
+        self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
+                                          max_faces=config.max_faces_per_frame)
 
     def new_stream_state(self) -> StreamFaceState:
         """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order."""
@@ -121,15 +118,16 @@ class SwapEngine:
                 raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
                                             "server took it up")
             if job.kind == "full_frame":
-                return await self._swap_full_frame(job, caller, wait_s, ticket)
+                return await self._swap_full_frame(job, caller, wait_s, ticket, bounded=stream is None)
             if ticket is not None:
                 ticket.release()  # now: aligned faces have no landmarks to smooth, later frames need not wait
-            return await self._swap_aligned(job, caller, wait_s)
+            return await self._swap_aligned(job, caller, wait_s, bounded=stream is None)
         finally:
             if ticket is not None:
                 ticket.release()
 
-    async def _swap_aligned(self, job: SwapJob, caller: Hashable, wait_s: float | None) -> SwapOutcome:
+    async def _swap_aligned(self, job: SwapJob, caller: Hashable, wait_s: float | None,
+                            bounded: bool) -> SwapOutcome:
         start = time.perf_counter()
         self._check_output(job)
         _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
@@ -140,7 +138,7 @@ class SwapEngine:
         face = imaging.resize(decoded, size, size)
         decoded_at = time.perf_counter()
 
-        (swapped, mask), info = await target.batcher.submit(face, caller)
+        (swapped, mask), info = await target.batcher.submit(face, caller, bounded)
 
         encoded_at = time.perf_counter()
         image, mask_out = await self._maybe_in_thread(self._encode, job, swapped, mask, height, width)
@@ -156,14 +154,14 @@ class SwapEngine:
         return SwapOutcome(image, mask_out, timings, job.frame_id)
 
     async def _swap_full_frame(self, job: SwapJob, caller: Hashable, wait_s: float | None,
-                               ticket: FrameTicket | None) -> SwapOutcome:
+                               ticket: FrameTicket | None, bounded: bool) -> SwapOutcome:
         start = time.perf_counter()
         self._check_output(job)
         selection = FaceSelection(job.faces, job.face_index)
         _, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         frame = await self._maybe_in_thread(self._decode, job)
         decoded_at = time.perf_counter()
-        result = await self.fullframe.swap(frame, target, caller, selection, ticket, want_mask=job.return_mask,
+        result = await self.fullframe.swap(frame, target, caller, selection, ticket, bounded, want_mask=job.return_mask,
                                            keep_shape=job.keep_shape)
         blended_at = time.perf_counter()
         height, width = frame.shape[:2]
@@ -197,9 +195,9 @@ class SwapEngine:
     def _decode(self, job: SwapJob) -> np.ndarray:
         if job.raw is not None:
             r = job.raw
-            return imaging.decode_raw(r.data, r.height, r.width, r.channels, r.color, r.dtype, self.max_image_side)
+            return imaging.decode_raw(r.data, r.height, r.width, r.channels, r.color, r.dtype, self.image_limits)
         if job.encoded is not None:
-            return imaging.decode_encoded(job.encoded, self.max_image_side)
+            return imaging.decode_encoded(job.encoded, self.image_limits)
         raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
 
     def _encode(

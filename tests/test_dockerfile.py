@@ -56,6 +56,7 @@ def test_runs_as_non_root_with_health_check_and_ports():
     assert '"facetwin-server", "healthcheck"' in health
     env = env_of(parsed)
     assert env["FACETWIN_BACKEND"] == "auto" and env["FACETWIN_ENGINE_CACHE_DIR"].startswith("/cache")
+    assert env["FACETWIN_METRICS_ADDRESS"] == "0.0.0.0"  # the metrics port is published: not loopback in a container
     install = " ".join(args for keyword, args in parsed if keyword == "RUN")
     assert '.[server,gpu]' in install
 

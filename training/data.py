@@ -46,9 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-INDEX_NAME = "index.json"
-SYNTH_SCHEMA = "facetwin-synth/1"  # synthetic faces with ground truth (training/synth.py)
-FACES_SCHEMA = "facetwin-faces/1"  # real faces extracted from photos/videos (training/extract.py)
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, SYNTH_SCHEMA
+
 SCHEMAS = (SYNTH_SCHEMA, FACES_SCHEMA)
 
 
@@ -271,7 +270,7 @@ class AugmentConfig:
         mouth and eyes truly are, so the decoder drew their average position: on the pair's held-out faces
         (`make demo-real`'s cpu recipe, 64 per direction, seeds 0 / 1) dropping it took the swap's landmark
         motion error from 0.68 / 0.70 to 0.59 / 0.60 and the mouth's from 0.78 / 0.83 to 0.65 / 0.68, at
-        ~0.01 more identity distance to the target (0.44 / 0.45 served, limit 0.5). Flips and colour jitter only
+        ~0.01 more identity distance to the target (0.44 / 0.45 served; the real-pair target is 0.5 at most). Flips and colour jitter only
         add variation a few-minute run cannot absorb (measured on synthetic faces: swap SSIM 0.70 vs 0.68 at
         1,500 steps). Half the inputs get their face recoloured: with the latent matching loss, swap SSIM 0.711
         at 1,000 steps vs 0.682 without recolouring and 0.698 with all."""

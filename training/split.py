@@ -11,33 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from facetwin.core import alignment
 from facetwin.core.files import replace_folder
-from facetwin.training.extract import INDEX_NAME, SCHEMA, ExtractError, index_json, png_bytes, read_index
+from facetwin.training.extract import ExtractError, index_json, read_index
+from facetwin.training.layout import INDEX_NAME, playing_order
 
 HOLDOUT_FRACTION = 0.2  # the share of each identity's faces, the end of its footage, kept out of training
-
-
-def _playing_order(index: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Each identity's image entries in playing order: its sources as the index lists them, then frame, then face
-    (the order quality.faces_from_dataset scores them in)."""
-    rank: dict[Any, int] = {}
-    for ident in index["identities"]:
-        for source in ident.get("sources", []):
-            rank.setdefault(source.get("path"), len(rank))
-    by_identity: dict[str, list[dict[str, Any]]] = {ident["name"]: [] for ident in index["identities"]}
-    for entry in index["images"]:
-        by_identity.setdefault(entry["identity"], []).append(entry)
-    for entries in by_identity.values():
-        entries.sort(key=lambda e: (rank.get(e.get("source"), len(rank)), str(e.get("source")), e.get("frame", 0),
-                                    e.get("face", 0)))
-    return by_identity
 
 
 def _frame_ranges(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -113,7 +94,8 @@ def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str 
                                f"{part} part")
     held: set[int] = set()  # id() of the held-out entries
     identities = {}
-    for name, entries in _playing_order(index).items():
+    # every identity the index names, faces or not: one without faces of 2 frames cannot be split
+    for name, entries in {**{ident["name"]: [] for ident in index["identities"]}, **playing_order(index)}.items():
         frames = [(e.get("source"), e.get("frame")) for e in entries]
         cuts = [i for i in range(1, len(frames)) if frames[i] != frames[i - 1]]  # one frame's faces stay together
         if not cuts:
@@ -136,27 +118,3 @@ def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str 
                     _link_or_copy(data_dir / entry[key], staging / entry[key])
             (staging / INDEX_NAME).write_text(index_json({**head, "split": {"part": part, **split}, "images": images}))
     return split
-
-
-def dry_run() -> dict[str, Any]:
-    """`split --dry-run`: a stand-in data set (two people, 10 frames each, grey squares) split in a temp dir."""
-    with tempfile.TemporaryDirectory(prefix="facetwin-split-dry-") as tmp:
-        data = Path(tmp) / "faces"
-        images = []
-        for person in ("ada", "ben"):
-            (data / person).mkdir(parents=True)
-            for k in range(10):
-                for suffix in ("", "_mask"):
-                    (data / person / f"{k:05d}{suffix}.png").write_bytes(png_bytes(np.full((16, 16), 25 * k, np.uint8)))
-                images.append({"identity": person, "file": f"{person}/{k:05d}.png",
-                               "mask": f"{person}/{k:05d}_mask.png", "source": f"{person}.mp4", "frame": 5 * k})
-        index = {"schema": SCHEMA, "size": 16, "margin": alignment.DEFAULT_MARGIN, "seed": None,
-                 "identities": [{"name": p, "sources": [{"path": f"{p}.mp4"}]} for p in ("ada", "ben")],
-                 "images": images}
-        (data / INDEX_NAME).write_text(index_json(index))
-        split = split_holdout(data, Path(tmp) / "train", Path(tmp) / "holdout")
-    held = split["identities"]["ada"]["holdout"]
-    return {"message": f"split a stand-in data set (2 people x 10 frames) into {10 - held['faces']} training + "
-                       f"{held['faces']} held-out faces each (frames {held['frames'][0]['first']}-"
-                       f"{held['frames'][-1]['last']} held out) in a temp dir (deleted)", "split": split}
-

@@ -26,15 +26,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from facetwin.core.bundle import check_name
 from facetwin.core.files import atomic_write_bytes
+from facetwin.training.layout import INDEX_NAME, SYNTH_SCHEMA, png_bytes
 from facetwin.training.synth_render import render_face
 
-SCHEMA = "facetwin-synth/1"
-INDEX_NAME = "index.json"
 RENDERER_VERSION = 2  # bump when synth_render's output changes, so write_dataset re-renders cached datasets
 MIN_SIZE, MAX_SIZE = 16, 512
 PARALLEL_MIN_IMAGES = 400  # below this, starting worker processes costs more than it saves
@@ -249,17 +247,8 @@ def dataset_index(identities: int, images: int, size: int = 64, seed: int = 0) -
             pose = sample_pose(rng)
             entries.append({"identity": ident.name, "file": f"{ident.name}/{k:05d}.png",
                             "mask": f"{ident.name}/{k:05d}_mask.png", "pose": dataclasses.asdict(pose)})
-    return {"schema": SCHEMA, "renderer": RENDERER_VERSION, "size": int(size), "seed": int(seed),
+    return {"schema": SYNTH_SCHEMA, "renderer": RENDERER_VERSION, "size": int(size), "seed": int(seed),
             "identities": [_identity_entry(ident) for ident in idents], "images": entries}
-
-
-def _png(array: np.ndarray) -> bytes:
-    if array.ndim == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # cv2 writes BGR
-    ok, data = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
-    if not ok:
-        raise RuntimeError("cv2.imencode failed to encode a PNG")
-    return data.tobytes()
 
 
 def _render_files(out_dir: str, identities: list[dict[str, Any]], entries: list[dict[str, Any]], size: int) -> int:
@@ -267,8 +256,8 @@ def _render_files(out_dir: str, identities: list[dict[str, Any]], entries: list[
     by_name = {e["name"]: identity_from_dict(e) for e in identities}
     for entry in entries:
         image, mask = render(by_name[entry["identity"]], pose_from_dict(entry["pose"]), size)
-        (Path(out_dir) / entry["file"]).write_bytes(_png(image))
-        (Path(out_dir) / entry["mask"]).write_bytes(_png(mask))
+        (Path(out_dir) / entry["file"]).write_bytes(png_bytes(image))
+        (Path(out_dir) / entry["mask"]).write_bytes(png_bytes(mask))
     return len(entries)
 
 
@@ -327,9 +316,9 @@ def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(index, dict) or index.get("schema") != SCHEMA:
+    if not isinstance(index, dict) or index.get("schema") != SYNTH_SCHEMA:
         found = index.get("schema") if isinstance(index, dict) else None
-        raise ValueError(f"{path} is not a synthetic dataset index: schema {found!r} != {SCHEMA!r}")
+        raise ValueError(f"{path} is not a synthetic dataset index: schema {found!r} != {SYNTH_SCHEMA!r}")
     for key in ("size", "seed", "identities", "images"):
         if key not in index:
             raise ValueError(f"{path} lacks {key!r}")

@@ -37,12 +37,12 @@ from typing import Any, Callable
 from facetwin.core.bundle import MANIFEST_NAME, BundleError, Manifest, check_name, load_manifest, manifest_sha256
 from facetwin.core.files import atomic_write_bytes, sha256_file
 
-from ..config import ServerConfig
+from ..config import ServerConfig, env_name
 
 log = logging.getLogger(__name__)
 
 PRECISION = "fp16"  # the only precision built: strongly typed fp16 graph, fp32 I/O
-CACHE_ENV = "FACETWIN_ENGINE_CACHE_DIR"  # overrides the default cache folder (<model_dir>/.engines)
+CACHE_ENV = env_name("engine_cache_dir")  # overrides the default cache folder (<model_dir>/.engines)
 CACHE_FOLDER = ".engines"  # default cache folder inside the model dir; starts with "." so it is never a bundle
 TIMING_CACHE_NAME = "timing.cache"
 DEFAULT_WORKSPACE_BYTES = 4 << 30  # TensorRT scratch memory while building; tactics needing more are skipped

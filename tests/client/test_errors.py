@@ -12,10 +12,12 @@ import grpc
 import pytest
 
 from facetwin.client import (
+    AuthenticationError,
     DeadlineExceededError,
     FaceTwinError,
     InvalidInputError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     ServerError,
     UnavailableError,
@@ -30,7 +32,7 @@ EXPECTED = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: ServerError,
-    grpc.StatusCode.PERMISSION_DENIED: ServerError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.FAILED_PRECONDITION: InvalidInputError,
     grpc.StatusCode.ABORTED: ServerError,
@@ -38,8 +40,8 @@ EXPECTED = {
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
     grpc.StatusCode.INTERNAL: ServerError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.DATA_LOSS: ServerError,
-    grpc.StatusCode.UNAUTHENTICATED: ServerError,
 }
 METHOD = "/facetwin.test.Failing/Fail"
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from facetwin.core.bundle import VARIANTS
 from tests.subprocesses import command_env, run_module
 
 COMPARE_REAL = "examples.compare_real"
-
-from examples.demo_real import VARIANTS
 
 
 def _rows(table: str) -> list[list[str]]:
@@ -42,6 +43,8 @@ def test_dry_run_trains_exports_and_compares_the_four_variants_on_held_out_frame
         assert config["data_dir"] == str(out / "faces-train") and config["steps"] == 30  # the same cap for all
         record = json.loads((run_dir / "training_time.json").read_text())
         assert 0 < entry["seconds"] == record["seconds"] < 60 and record["sessions"][0]["timer"] == "train"
+        trained = json.loads((run_dir / "train_summary.json").read_text())  # where the record's seconds come from
+        assert record["sessions"][0] == {"seconds": round(trained["seconds"], 1), "steps": 30, "timer": "train"}
 
     reports = summary["reports"]  # facetwin-train compare's own JSON, on the held-out part
     assert [r["model"] for r in reports] == [f"real-{v}" for v in VARIANTS]
@@ -83,6 +86,21 @@ def test_the_budget_counts_what_a_run_has_trained_across_runs(tmp_path):
     _record(run_dir, 100.0, 500, "train")
     _record(run_dir, 20.25, None, "wall clock (interrupted)")
     assert spent_seconds(run_dir) == pytest.approx(120.2)
+
+
+def test_a_failed_training_session_counts_its_wall_clock_not_an_earlier_summary(tmp_path):
+    from examples.compare_real import TRAINING_TIME, train_timed
+    from facetwin.training.run_folder import TrainSummary, write_summary
+
+    run_dir = tmp_path / "ae"
+    run_dir.mkdir()
+    earlier = TrainSummary(checkpoint=str(run_dir / "checkpoint.pt"), variant="ae", precision="float32", world_size=1,
+                           steps=30, step_start=0, step_end=30, seconds=999.0, losses={}, stopped="steps")
+    write_summary(run_dir, earlier)  # a finished summary from an earlier session
+    with pytest.raises(subprocess.CalledProcessError):
+        train_timed([sys.executable, "-c", "raise SystemExit(3)"], run_dir)
+    (session,) = json.loads((run_dir / TRAINING_TIME).read_text())["sessions"]
+    assert session["timer"] == "wall clock (exit 3)" and session["steps"] is None and session["seconds"] < 60
 
 
 def test_the_dry_run_never_downloads(tmp_path):

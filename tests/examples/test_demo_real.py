@@ -10,11 +10,10 @@ from pathlib import Path
 import cv2
 import pytest
 
+from facetwin.training.realdata import PEOPLE
 from tests.subprocesses import command_env, run_module
 
 DEMO_REAL = "examples.demo_real"
-
-from facetwin.training.realdata import PEOPLE
 
 
 def _faces(data_dir: Path) -> list[tuple]:
@@ -82,6 +81,9 @@ def test_dry_run_extracts_trains_serves_swaps_full_frames_and_scores_real_faces(
     assert (first[:, width:].astype(int) - first[:, :width]).any()  # the swap changed the frame
     assert summary["clip"]["frames_with_a_swapped_face"] >= 5  # the man is in every frame
     assert (out / "models" / "real" / "manifest.json").is_file() and (out / "runs" / "ae" / "checkpoint.pt").is_file()
+    training = summary["training"]  # the training summary train left in its run folder, as the demo read it
+    assert training == json.loads((out / "runs" / "ae" / "train_summary.json").read_text())
+    assert training["step_end"] == summary["steps"] == 30 and training["stopped"] == "steps"
 
 
 def _write_faces(folder: Path, keys: list[tuple]) -> Path:
@@ -127,22 +129,18 @@ def test_bad_steps_are_refused_before_any_work(tmp_path):
     assert "--steps" in run.stderr and not (tmp_path / "out").exists()
 
 
-def test_the_orchestrators_variants_are_the_models_and_need_no_torch():
-    from examples import demo_real
-    from facetwin.core import model
-
-    assert demo_real.VARIANTS == model.VARIANTS
-    probe = "import sys, examples.demo_real; print('torch' in sys.modules)"
+def test_the_orchestrators_need_no_torch():
+    probe = "import sys, examples.demo_real, examples.compare_real; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env=command_env()).stdout.strip() == "False"
 
 
 def test_every_preset_trains_a_trainer_preset_with_its_learning_rate_schedule():
     from examples import demo_real
-    from facetwin.training import train
+    from facetwin.training.config import PRESETS
 
     for name, preset in demo_real.PRESETS.items():
-        assert preset.train_preset in train.PRESETS, name
+        assert preset.train_preset in PRESETS, name
         cmd = demo_real.train_command(preset, "ae", preset.steps, preset.max_seconds, Path("t"), Path("r"))
         assert cmd[cmd.index("--lr-final-fraction") + 1] == f"{preset.lr_final_fraction:g}", name
         assert cmd[cmd.index("--preset") + 1] == preset.train_preset

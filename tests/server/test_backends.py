@@ -217,12 +217,9 @@ def test_torch_cuda_captures_one_graph_per_bucket_and_padding_does_not_leak(bund
 def cyclegan_bundle(tmp_path_factory):
     """A tiny cyclegan trained a few steps and exported: its weights hold two generators, no shared encoder."""
     pytest.importorskip("torch")
-    from facetwin.training.export import dry_run
+    from tests.conftest import train_and_export
 
-    root = tmp_path_factory.mktemp("cyclegan")
-    summary = dry_run(root / "models", variant="cyclegan")
-    path = root / "models" / "dry-run"
-    assert summary["variant"] == "cyclegan"
+    path = train_and_export(tmp_path_factory.mktemp("cyclegan"), name="cyclegan", variant="cyclegan")
     return path, load_manifest(path)
 
 

@@ -41,3 +41,22 @@ def test_inference_workers_share_out_the_cores():
     assert worker_plan(ServerConfig(inference_workers=1), ort) == (1, 0)
     with pytest.raises(ValueError, match="inference_workers"):
         ServerConfig.from_env({"FACETWIN_INFERENCE_WORKERS": "-1"})
+
+
+def test_every_setting_is_a_flag_with_its_environment_variable():
+    """The serve command's flags are built from ServerConfig's fields: a new setting needs no other edit."""
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = Path(sys.executable).parent / "facetwin-server"
+    result = subprocess.run([str(server), "serve", "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stderr
+    for field in dataclasses.fields(ServerConfig):
+        flag = "--" + field.name.replace("_", "-")
+        assert flag in result.stdout and f"FACETWIN_{field.name.upper()}" in result.stdout, field.name
+    bad = subprocess.run([str(server), "serve", "--max-batch", "0", "--model-dir", "."], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "error: max_batch" in bad.stderr

@@ -283,7 +283,7 @@ def test_landmark_setting_is_checked_up_front():
     from facetwin.server.fullframe import FaceDetectorPool
 
     assert ServerConfig().landmarks == "auto"
-    with pytest.raises(ValueError, match="landmarks '7' must be 'auto', '68' or '5'"):
+    with pytest.raises(ValueError, match="landmarks '7' must be one of auto, 68, 5"):
         ServerConfig.from_env({"FACETWIN_LANDMARKS": "7"})
     with pytest.raises(ValueError, match="landmarks must be one of auto, 68, 5"):
         FaceDetectorPool(1, landmarks="dlib")

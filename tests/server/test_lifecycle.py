@@ -111,22 +111,30 @@ def test_sigterm_drains_in_flight_calls(tiny_model_dir):
             stub = pb_grpc.FaceSwapStub(channel)
             target = stub.ListModels(pb.ListModelsRequest()).models[0].identities[1]
             results: list = []
+            ended: list = []
 
             def slow_stream():
                 def frames():
-                    for i in range(30):
+                    for i in range(100):
                         time.sleep(0.03)  # keeps the stream in flight across the SIGTERM
                         request = _face_request("tiny", target, 32)
                         request.frame_id = i
                         yield pb.SwapStreamRequest(request=request)
-                results.extend(r.response.frame_id for r in stub.SwapStream(frames(), timeout=30))
+                try:
+                    for reply in stub.SwapStream(frames(), timeout=30):
+                        results.append((reply.response.frame_id, reply.status))
+                except grpc.RpcError as err:
+                    ended.append((err.code(), err.details()))
 
             worker = threading.Thread(target=slow_stream)
             worker.start()
-            time.sleep(0.3)
+            time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             worker.join(30)
-            assert results == list(range(30)), "the in-flight stream was cut off"
+            # The stream stopped taking frames at once, answered every frame it had taken, then said to reconnect.
+            assert 5 < len(results) < 100, results
+            assert results == [(i, pb.FRAME_STATUS_OK) for i in range(len(results))], "a taken frame went unanswered"
+            assert ended and ended[0][0] == grpc.StatusCode.UNAVAILABLE and "reconnect" in ended[0][1], ended
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:

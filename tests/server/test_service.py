@@ -153,7 +153,7 @@ def _bad_requests(m):
 
     return {
         "corrupt bytes": (pb.SwapRequest(model=m.model, target=b, image=pb.Image(encoded=b"\x89PNG garbage")),
-                          grpc.StatusCode.INVALID_ARGUMENT, "not a decodable"),
+                          grpc.StatusCode.INVALID_ARGUMENT, "is not a JPEG or PNG file"),
         "wrong shape": (raw(height=h + 1), grpc.StatusCode.INVALID_ARGUMENT, "height*width*channels"),
         "wrong channels": (raw(pixels=face.tobytes() + bytes(h * w), channels=4), grpc.StatusCode.INVALID_ARGUMENT,
                            "channels is 4"),
@@ -169,7 +169,7 @@ def _bad_requests(m):
                       "at most 4096"),
         "full frame": (pb.SwapRequest(model=m.model, target=b, image=pb.Image(encoded=b"x"),
                                       kind=pb.IMAGE_KIND_FULL_FRAME), grpc.StatusCode.INVALID_ARGUMENT,
-                       "not a decodable"),
+                       "is not a JPEG or PNG file"),
     }
 
 
@@ -201,19 +201,51 @@ def test_empty_stream_is_invalid_argument(stub, served_model):
     assert_still_serving(stub, served_model)
 
 
-def test_bad_frame_mid_stream_keeps_earlier_results(stub, served_model):
+def test_a_bad_frame_gets_its_own_error_and_the_stream_goes_on(stub, served_model):
     a, b = served_model.identities[:2]
     face = served_model.sample_faces[a][0]
-    requests = [pb.SwapStreamRequest(request=raw_request(face, served_model.model, b, frame_id=i)) for i in range(5)]
-    requests[3].request.image.raw.height = 3  # frame 3 lies about its shape
-    replies = []
-    with pytest.raises(grpc.RpcError) as info:
-        for reply in stub.SwapStream(iter(requests), timeout=30):
-            replies.append(reply.response.frame_id)
-    assert replies == [0, 1, 2]
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("frame 3:")
+    requests = [pb.SwapStreamRequest(request=raw_request(face, served_model.model, b, frame_id=i)) for i in range(6)]
+    requests[3].request.image.raw.height = 20  # frame 3 lies about its shape
+    requests[4].request.target = "nobody"  # frame 4 names an identity the model lacks
+    replies = list(stub.SwapStream(iter(requests), timeout=30))
+    assert [r.response.frame_id for r in replies] == list(range(6))
+    assert [r.status for r in replies] == [pb.FRAME_STATUS_OK] * 3 + [pb.FRAME_STATUS_ERROR] * 2 + [pb.FRAME_STATUS_OK]
+    assert replies[3].error.code_name == "INVALID_ARGUMENT" and replies[3].error.code == 3
+    assert "image.raw.pixels holds" in replies[3].error.message and not replies[3].response.HasField("image")
+    assert replies[4].error.code_name == "NOT_FOUND" and "'nobody'" in replies[4].error.message
+    np.testing.assert_array_equal(raw_to_array(replies[5].response.image), raw_to_array(replies[0].response.image))
     assert_still_serving(stub, served_model)
+
+
+def test_malformed_protobuf_is_invalid_argument_not_unknown(channel, served_model):
+    swap = channel.unary_unary("/facetwin.v1.FaceSwap/Swap", request_serializer=None, response_deserializer=None)
+    for garbage in (b"\xff\xff\xff", b"\x0a\x05\xff\xfe\xfd\xfc\xfb"):  # a broken tag; invalid UTF-8 in `model`
+        with pytest.raises(grpc.RpcError) as info:
+            swap(garbage, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "not a valid SwapRequest" in info.value.details()
+    stream = channel.stream_stream("/facetwin.v1.FaceSwap/SwapStream", request_serializer=None,
+                                   response_deserializer=pb.SwapStreamResponse.FromString)
+    a, b = served_model.identities[:2]
+    good = pb.SwapStreamRequest(request=raw_request(served_model.sample_faces[a][0], served_model.model, b,
+                                                    frame_id=7)).SerializeToString()
+    replies = list(stream(iter([good, b"\xff\xff\xff", good]), timeout=30))
+    assert [r.status for r in replies] == [pb.FRAME_STATUS_OK, pb.FRAME_STATUS_ERROR, pb.FRAME_STATUS_OK]
+    assert "stream message 1 is not a valid SwapStreamRequest" in replies[1].error.message
+    assert_still_serving(stub=pb_grpc.FaceSwapStub(channel), served_model=served_model)
+
+
+def test_unknown_stream_policy_and_long_names_are_invalid_argument(stub, served_model):
+    a, b = served_model.identities[:2]
+    face = served_model.sample_faces[a][0]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.SwapStream(iter([pb.SwapStreamRequest(request=raw_request(face, served_model.model, b),
+                                                        policy=99)]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "policy" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Swap(raw_request(face, "m" * 10_000, b), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(info.value.details()) < 300 and "10000 characters" in info.value.details()
 
 
 def test_expired_deadline_does_not_disturb_others(stub, served_model):
@@ -241,3 +273,18 @@ def test_latest_policy_answers_every_frame_in_order(stub, served_model):
             assert not reply.response.HasField("image")
         else:
             assert reply.status == pb.FRAME_STATUS_OK and reply.response.image.raw.height == big.shape[0]
+
+
+def test_server_info_tells_a_caller_every_limit_in_force(stub, served_model):
+    from facetwin.server.config import ServerConfig
+
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    config = ServerConfig()  # the fixture's server changes none of these
+    assert info.version and not info.auth_required and not info.tls
+    assert info.default_stream_policy == pb.STREAM_POLICY_QUEUE
+    assert info.limits.max_image_side == config.max_image_side
+    assert info.limits.max_image_pixels == config.max_image_pixels
+    assert info.limits.max_message_bytes == config.max_message_mb * 1024 * 1024
+    assert list(info.limits.image_formats) == ["jpeg", "png"]
+    assert info.limits.stream_window == config.stream_window and info.limits.max_queue == config.max_queue
+    assert info.limits.max_faces_per_frame == config.max_faces_per_frame

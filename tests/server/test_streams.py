@@ -1,11 +1,17 @@
-"""run_stream: in-order answers, the window, latest-frame-wins dropping, and errors in their place."""
+"""StreamRun: in-order answers, the window, latest-frame-wins dropping, per-frame errors, idle and drain endings."""
 
 import asyncio
 
 import pytest
 
-from facetwin.server.errors import InvalidInputError
-from facetwin.server.streams import DROPPED, run_stream
+from facetwin.server.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    NotFoundError,
+    SwapError,
+    UnavailableError,
+)
+from facetwin.server.streams import DROPPED, ERROR, OK, StreamRun
 
 
 class SlowSquare:
@@ -17,62 +23,114 @@ class SlowSquare:
         self.peak = 0
         self.started: list[int] = []
 
-    async def __call__(self, job: int) -> int:
+    async def __call__(self, job):
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.started.append(job)
         try:
             await asyncio.sleep(self.delay_s)
+            if job == "missing":
+                raise NotFoundError("no such target")
+            if job == "bug":
+                raise ZeroDivisionError("a bug")
             return job * job
         finally:
             self.active -= 1
 
 
-async def frames_of(jobs, gap_s: float = 0.0):
-    for i, job in enumerate(jobs):
-        if gap_s:
-            await asyncio.sleep(gap_s)
-        yield i, job
+class Frames:
+    """An async frame source that records how far it has been read (what push-back is about)."""
+
+    def __init__(self, jobs, gap_s: float = 0.0, hang_after: int | None = None):
+        self.jobs, self.gap_s, self.hang_after = list(jobs), gap_s, hang_after
+        self.read = 0
+
+    def __aiter__(self):
+        return self._gen()
+
+    async def _gen(self):
+        for i, job in enumerate(self.jobs):
+            if self.hang_after is not None and i >= self.hang_after:
+                await asyncio.sleep(3600)
+            if self.gap_s:
+                await asyncio.sleep(self.gap_s)
+            self.read += 1
+            yield i, job
 
 
-async def collect(agen):
-    return [item async for item in agen]
+async def collect(run: StreamRun):
+    return [answer async for answer in run.answers()]
 
 
 async def test_queue_answers_every_frame_in_order_within_the_window():
     swap = SlowSquare(0.005)
-    out = await collect(run_stream(frames_of(range(30)), swap, window=4, policy="queue"))
-    assert out == [(i, i * i) for i in range(30)]
+    out = await collect(StreamRun(aiter(Frames(range(30))), swap, window=4, policy="queue"))
+    assert [(a.frame_id, a.status, a.outcome) for a in out] == [(i, OK, i * i) for i in range(30)]
     assert 1 < swap.peak <= 4
+
+
+async def test_queue_stops_reading_while_the_window_is_full():
+    swap = SlowSquare(0.2)
+    frames = Frames(range(50))
+    run = StreamRun(aiter(frames), swap, window=4, policy="queue")
+    answers = run.answers()
+    first = await anext(answers)
+    assert first.frame_id == 0
+    # While the first four frames ran, the stream read at most the window plus one waiting for room.
+    assert frames.read <= 4 + 1 + 4  # + the frames that entered once the first ones finished
+    await answers.aclose()
 
 
 async def test_latest_drops_waiting_frames_but_answers_all_in_order():
     swap = SlowSquare(0.02)
-    out = await collect(run_stream(frames_of(range(40), gap_s=0.001), swap, window=2, policy="latest"))
-    assert [frame_id for frame_id, _ in out] == list(range(40))  # every frame answered, in order
-    dropped = [frame_id for frame_id, result in out if result is DROPPED]
-    done = [frame_id for frame_id, result in out if result is not DROPPED]
+    out = await collect(StreamRun(aiter(Frames(range(40), gap_s=0.001)), swap, window=2, policy="latest"))
+    assert [a.frame_id for a in out] == list(range(40))  # every frame answered, in order
+    dropped = [a.frame_id for a in out if a.status == DROPPED]
+    done = [a.frame_id for a in out if a.status == OK]
     assert dropped, "a producer 20x faster than the swap must see drops"
     assert done[-1] == 39, "the newest frame always wins"
-    assert all(result == frame_id ** 2 for frame_id, result in out if result is not DROPPED)
+    assert all(a.outcome == a.frame_id ** 2 for a in out if a.status == OK)
     assert swap.peak <= 2 and sorted(swap.started) == done
 
 
-async def test_invalid_frame_fails_in_its_place():
+async def test_bad_frames_are_answered_in_their_place_and_the_stream_goes_on():
     swap = SlowSquare(0.001)
-    jobs = [1, 2, InvalidInputError("bad pixels"), 4]
-    seen = []
-    with pytest.raises(InvalidInputError, match="^frame 2: bad pixels$"):
-        async for item in run_stream(frames_of(jobs), swap, window=4):
-            seen.append(item)
-    assert seen == [(0, 1), (1, 4)]
+    jobs = [1, 2, InvalidInputError("bad pixels"), "missing", "bug", 6]
+    out = await collect(StreamRun(aiter(Frames(jobs)), swap, window=4))
+    assert [a.status for a in out] == [OK, OK, ERROR, ERROR, ERROR, OK]
+    assert str(out[2].error) == "bad pixels" and isinstance(out[3].error, NotFoundError)
+    assert type(out[4].error) is SwapError and "ZeroDivisionError" in str(out[4].error)  # INTERNAL, no traceback
+    assert out[5].outcome == 36
 
 
 async def test_empty_stream_is_invalid():
     with pytest.raises(InvalidInputError, match="no frames"):
-        await collect(run_stream(frames_of([]), SlowSquare(0), window=2))
+        await collect(StreamRun(aiter(Frames([])), SlowSquare(0), window=2))
 
 
 async def test_unknown_policy_is_invalid():
     with pytest.raises(InvalidInputError, match="policy"):
-        await collect(run_stream(frames_of([1]), SlowSquare(0), window=2, policy="fastest"))
+        StreamRun(aiter(Frames([1])), SlowSquare(0), window=2, policy="fastest")
+
+
+async def test_an_idle_stream_ends_after_answering_what_it_took():
+    out = []
+    with pytest.raises(DeadlineExceededError, match="no frame for 0.2 s"):
+        async for answer in StreamRun(aiter(Frames(range(5), hang_after=3)), SlowSquare(0.01), window=2,
+                                      idle_timeout_s=0.2).answers():
+            out.append(answer.frame_id)
+    assert out == [0, 1, 2]
+
+
+async def test_a_draining_server_answers_every_frame_taken_then_says_reconnect():
+    stop = asyncio.Event()
+    swap = SlowSquare(0.05)
+    frames = Frames(range(1000), gap_s=0.005)
+    out = []
+    with pytest.raises(UnavailableError, match="reconnect"):
+        async for answer in StreamRun(aiter(frames), swap, window=4, stop=stop).answers():
+            out.append(answer)
+            if answer.frame_id == 2:
+                stop.set()
+    assert [a.frame_id for a in out] == list(range(frames.read))  # every frame read was answered, none lost
+    assert all(a.status == OK for a in out) and frames.read < 1000

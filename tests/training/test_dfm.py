@@ -1,10 +1,9 @@
 """DeepFaceLab .dfm interop on the real tiny bundle: the signature DeepFaceLive expects, the round trip
-bundle -> .dfm -> bundle, an imported bundle served over real gRPC, and clear errors for files that are no .dfm."""
+bundle -> .dfm -> bundle, an imported bundle served over real gRPC, and clear errors for files that are no .dfm
+(the dfm-export / dfm-import commands: tests/training/test_cli.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ from onnx import TensorProto, helper
 from facetwin.core.bundle import load_manifest
 from facetwin.server.config import ServerConfig
 from facetwin.training import dfm
-
-TRAIN = Path(sys.executable).with_name("facetwin-train")
 
 
 def session(path) -> ort.InferenceSession:
@@ -154,45 +151,6 @@ def test_wrong_signature_is_a_clear_error(tmp_path, changes, message):
         dfm.dfm_to_bundle(path, tmp_path / "models", "bad")
     assert message in str(caught.value)
     assert not (tmp_path / "models").exists()
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRAIN), *map(str, args)], capture_output=True, text=True, timeout=120)
-
-
-def assert_user_error(run: subprocess.CompletedProcess, needle: str) -> None:
-    assert run.returncode == 2, (run.stdout, run.stderr)
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], run.stderr
-    assert "Traceback" not in run.stdout + run.stderr
-
-
-def test_cli_export_import_and_bad_inputs(tiny, tmp_path):
-    manifest = load_manifest(tiny)
-    target = manifest.identities[0]
-    run = run_cli("dfm-export", "--bundle", tiny, "--target", target, "--out", tmp_path / "x.dfm")
-    assert run.returncode == 0, run.stderr
-    run = run_cli("dfm-import", tmp_path / "x.dfm", "--out", tmp_path / "models", "--name", "x")
-    assert run.returncode == 0, run.stderr
-    assert load_manifest(tmp_path / "models" / "x").targets == {target: f"target_{target}.onnx"}
-    assert_user_error(run_cli("dfm-export", "--bundle", tmp_path / "nope", "--target", target), "manifest.json")
-    assert_user_error(run_cli("dfm-export", "--bundle", tiny, "--target", "zed", "--out", tmp_path / "z.dfm"),
-                      "no graph for target 'zed'")
-    assert_user_error(run_cli("dfm-import", tmp_path / "missing.dfm"), "does not exist")
-    (tmp_path / "junk.dfm").write_bytes(b"not onnx at all")
-    assert_user_error(run_cli("dfm-import", tmp_path / "junk.dfm", "--out", tmp_path / "models"), "not an ONNX model")
-    assert_user_error(run_cli("dfm-import", tiny / manifest.targets[target], "--out", tmp_path / "models"),
-                      "not a DeepFaceLab .dfm")
-
-
-def test_cli_dry_run(tmp_path):
-    """(test_cli.py dry-runs every command, dfm-import included, which runs the same round trip.)"""
-    run = subprocess.run([str(TRAIN), "dfm-export", "--dry-run"], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("dry run:") and "'in_face:0'" in run.stdout
-    assert "max round-trip error 0.0e+00" in run.stdout
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_float16_bundle_exports_with_casts(tmp_path):

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from facetwin.training import synth
-from facetwin.training.train import CHECKPOINT_NAME, CONFIG_NAME, TrainConfig, load_checkpoint, train
+from facetwin.training.checkpoint import load_checkpoint
+from facetwin.training.config import TrainConfig
+from facetwin.training.run_folder import CHECKPOINT_NAME, CONFIG_NAME, SUMMARY_NAME, read_summary
+from facetwin.training.train import train
 
 pytestmark = pytest.mark.slow
 ARGS = ["--preset", "tiny", "--steps", "3", "--batch-size", "2", "--threads", "1", "--variant", "vae-gan",
@@ -28,13 +31,16 @@ def test_torchrun_with_two_processes_writes_one_checkpoint_from_rank_zero(tmp_pa
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("checkpoint: ") == 1  # rank 0 reports; rank 1 stays quiet
 
-    # Rank 0 alone wrote the run folder: one checkpoint, one config, one event file, the previews; no temp files.
+    # Rank 0 alone wrote the run folder: one checkpoint, one config, one summary, one event file, the previews; no
+    # temp files.
     files = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
     assert [f for f in files if not f.startswith("events.out.tfevents.")] == [
-        CHECKPOINT_NAME, CONFIG_NAME, "previews/step_000003.png"]
+        CHECKPOINT_NAME, CONFIG_NAME, "previews/step_000003.png", SUMMARY_NAME]
     assert len([f for f in files if f.startswith("events.out.tfevents.")]) == 1
     checkpoint = load_checkpoint(run / CHECKPOINT_NAME)
     assert checkpoint["step"] == 3 and checkpoint["world_size"] == 2 and "critics" in checkpoint
+    summary = read_summary(run)
+    assert (summary.world_size, summary.step_end, summary.stopped) == (2, 3, "steps") and summary.losses
 
     # The same flags in one process give the same config: the process count is not part of the run's recipe.
     single = TrainConfig.from_preset("tiny", data, tmp_path / "alone", steps=3, batch_size=2, threads=1,

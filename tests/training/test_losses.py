@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,15 +122,55 @@ def test_ssim_rejects_mismatched_or_tiny_images():
         ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
 
 
-def test_training_ssim_agrees_with_the_evaluation_metric():
-    """The loss optimises what training/evaluate.py scores (it differs only in how borders are reflected)."""
+def reference_ssim_map(x: np.ndarray, y: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Wang et al. 2004, eq. 13 with the Gaussian-weighted statistics of eqs. 14-16 (11x11 window, sigma 1.5,
+    K1 = 0.01, K2 = 0.03), pixel by pixel in float64, borders reflected: written from the paper, independent of
+    ssim_map's separable convolutions."""
+    offsets = np.arange(-5, 6)
+    g = np.exp(-(offsets**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    px, py = np.pad(x, 5, mode="reflect"), np.pad(y, 5, mode="reflect")
+    out = np.empty(x.shape)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            a, b = px[i:i + 11, j:j + 11], py[i:i + 11, j:j + 11]
+            mu_a, mu_b = (w * a).sum(), (w * b).sum()
+            var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
+            cov = (w * (a - mu_a) * (b - mu_b)).sum()
+            out[i, j] = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return out
+
+
+def test_ssim_map_is_the_papers_definition():
+    # One window that covers the whole 11x11 image: no border involved, a number computed once from the formula.
+    i, j = np.mgrid[0:11, 0:11]
+    x = (i + 2 * j) / 30.0
+    assert reference_ssim_map(x, x**2)[5, 5] == pytest.approx(0.8134414149266, rel=1e-12)
+    centre = ssim_map(torch.from_numpy(x)[None, None], torch.from_numpy(x**2)[None, None])[0, 0, 5, 5]
+    assert float(centre) == pytest.approx(0.8134414149266, rel=1e-12)
+    # Every pixel of a random pair, borders included, per channel.
+    rng = np.random.default_rng(7)
+    a = rng.random((2, 16, 20))
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    got = ssim_map(torch.from_numpy(a)[None], torch.from_numpy(b)[None])[0].numpy()
+    for channel in range(2):
+        np.testing.assert_allclose(got[channel], reference_ssim_map(a[channel], b[channel]), rtol=0, atol=1e-12)
+
+
+def test_the_evaluation_ssim_is_the_same_definition_on_0_255_images():
+    """training/evaluate.py scores swaps with the loss's SSIM: HxWxC images in 0..255, channels averaged, and with a
+    mask the mean over the masked pixels (in float32, as training computes it)."""
     from facetwin.training.evaluate import ssim as evaluate_ssim
 
-    x = _images(8, batch=1, side=48)
-    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))).clamp(0, 1)
-    ours = float(ssim(x, y))
-    theirs = evaluate_ssim(x[0].permute(1, 2, 0).numpy() * 255, y[0].permute(1, 2, 0).numpy() * 255)
-    assert ours == pytest.approx(theirs, abs=0.01)
+    rng = np.random.default_rng(8)
+    a = rng.integers(0, 256, (24, 24, 3)).astype(np.float64)
+    b = np.clip(a + rng.normal(0, 30, a.shape), 0, 255)
+    want = np.mean([reference_ssim_map(a[..., c], b[..., c], 255.0) for c in range(3)], axis=0)
+    assert evaluate_ssim(a, b) == pytest.approx(want.mean(), abs=1e-5)
+    mask = np.zeros((24, 24), np.uint8)
+    mask[4:12, 6:20] = 255
+    assert evaluate_ssim(a, b, mask) == pytest.approx(want[mask > 0].mean(), abs=1e-5)
 
 
 def test_eyes_and_mouth_weigh_only_inside_their_map():

@@ -11,6 +11,7 @@ import pytest
 
 from facetwin.training import extract as E
 from facetwin.training import split as S
+from facetwin.training.layout import FACES_SCHEMA
 
 
 def _faces_set(folder: Path, faces: dict[str, list[tuple[str, int, int]]]) -> Path:
@@ -25,7 +26,7 @@ def _faces_set(folder: Path, faces: dict[str, list[tuple[str, int, int]]]) -> Pa
             cv2.imwrite(str(folder / name / f"{k:05d}_mask.png"), np.full((16, 16), 255, np.uint8))
             images.append({"identity": name, "file": f"{name}/{k:05d}.png", "mask": f"{name}/{k:05d}_mask.png",
                            "landmarks": None, "source": f"/videos/{source}", "frame": frame, "face": slot})
-    index = {"schema": E.SCHEMA, "size": 16, "margin": 0.1, "seed": None, "template": "t",
+    index = {"schema": FACES_SCHEMA, "size": 16, "margin": 0.1, "seed": None, "template": "t",
              "identities": [{"name": n, "sources": [{"path": f"/videos/{s}"} for s in srcs]}
                             for n, srcs in sources.items()], "images": images}
     (folder / "index.json").write_text(json.dumps(index))

@@ -15,25 +15,20 @@ from torch import nn
 
 from facetwin.core.model import FaceSwapAutoencoder, ModelConfig
 from facetwin.training import synth
+from facetwin.training.amp import autocast_dtype, cpu_has_bf16
+from facetwin.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from facetwin.training.config import TrainConfig, learning_rate, preset_model
 from facetwin.training.data import AugmentConfig, load_faces, to_device
-from facetwin.training.train import (
+from facetwin.training.run_folder import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
-    CheckpointError,
-    TrainConfig,
-    _autocast_dtype,
-    cpu_has_bf16,
-    dry_run,
-    learning_rate,
-    load_checkpoint,
-    make_trainer,
-    model_from_checkpoint,
-    preset_model,
-    sample_batches,
-    train,
-    train_step,
-    update_average,
+    STOPPED_AT_STEPS,
+    STOPPED_AT_TIME_BUDGET,
+    SUMMARY_NAME,
+    read_summary,
 )
+from facetwin.training.step import make_trainer, sample_batches, train_step, update_average
+from facetwin.training.train import dry_run, train
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +55,38 @@ def test_train_writes_a_loadable_checkpoint_and_config(data, tmp_path):
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]  # no temp files left
     model = model_from_checkpoint(checkpoint)
     assert not model.training
+
+
+def test_each_call_leaves_a_summary_of_what_it_trained_beside_the_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    ckpt = train(tiny(data, run, steps=6, checkpoint_every=4, log_every=2), progress=False)
+    summary = read_summary(run)
+    assert (summary.checkpoint, summary.step_start, summary.step_end, summary.steps) == (str(ckpt), 0, 6, 6)
+    assert summary.stopped == STOPPED_AT_STEPS and summary.steps_trained == 6 and summary.seconds > 0
+    assert (summary.variant, summary.precision, summary.world_size) == ("ae", "float32", 1)
+    assert {"total", "grad_norm", "l1"} <= set(summary.losses) and all(v >= 0 for v in summary.losses.values())
+    written = json.loads((run / SUMMARY_NAME).read_text())  # the file spells out what readers derive
+    assert written["steps_trained"] == 6 and written["steps_per_second"] == pytest.approx(6 / summary.seconds, rel=1e-3)
+
+    train(tiny(data, run, steps=10, checkpoint_every=4), progress=False, resume=True)
+    resumed = read_summary(run)
+    assert (resumed.step_start, resumed.step_end, resumed.steps_trained) == (6, 10, 4)
+    assert resumed.step_end == load_checkpoint(ckpt)["step"]
+    train(tiny(data, run, steps=10), progress=False, resume=True)  # nothing left to train
+    finished = read_summary(run)
+    assert (finished.step_start, finished.step_end, finished.seconds, finished.stopped) == (10, 10, 0.0, "steps")
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_the_summary_of_a_call_that_did_not_finish_says_so_and_matches_its_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "previews").write_text("a file where the preview folder goes")  # the step-3 preview fails
+    with pytest.raises(FileExistsError):
+        train(tiny(data, run, steps=8, checkpoint_every=2, preview_every=3), progress=False)
+    summary = read_summary(run)
+    assert summary.stopped is None  # neither the steps nor the time budget ended it
+    assert (summary.step_start, summary.step_end) == (0, 2) == (0, load_checkpoint(run / CHECKPOINT_NAME)["step"])
 
 
 def test_the_augmentation_is_picked_for_the_data_and_saved_with_the_weights(data, tmp_path):
@@ -161,11 +188,11 @@ def test_update_average_follows_the_weights_fast_early_and_slowly_later():
 
 def test_mixed_precision_on_the_cpu(data, tmp_path):
     cpu = torch.device("cpu")
-    assert _autocast_dtype("off", cpu) is None
-    assert _autocast_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
-    assert _autocast_dtype("auto", cpu, "vae-gan") is None and _autocast_dtype("bf16", cpu, "vae-gan") == torch.bfloat16
-    assert _autocast_dtype("bf16", cpu) == torch.bfloat16
-    assert _autocast_dtype("fp16", cpu) == torch.float16  # runs (slowly) so the CUDA recipe is checked here
+    assert autocast_dtype("off", cpu) is None
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_bf16() else None)
+    assert autocast_dtype("auto", cpu, "vae-gan") is None and autocast_dtype("bf16", cpu, "vae-gan") == torch.bfloat16
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("fp16", cpu) == torch.float16  # runs (slowly) so the CUDA recipe is checked here
     assert TrainConfig("d", "o").amp == "auto" and TrainConfig.from_preset("tiny", "d", "o").amp == "off"
     half = load_checkpoint(train(tiny(data, tmp_path / "bf16", steps=20, amp="bf16"), progress=False))
     full = load_checkpoint(train(tiny(data, tmp_path / "fp32", steps=20), progress=False))
@@ -223,7 +250,7 @@ def test_on_cuda_sampling_and_augmenting_a_step_never_makes_the_cpu_wait_for_the
     assert all(batch.inputs.device.type == "cuda" for batch in batches)
     assert all(torch.isfinite(batch.inputs).all() for batch in batches)
     native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # Ampere on; older GPUs only emulate it
-    assert _autocast_dtype("auto", device) == (torch.bfloat16 if native_bf16 else None)
+    assert autocast_dtype("auto", device) == (torch.bfloat16 if native_bf16 else None)
 
 
 def test_resume_of_a_finished_run_is_a_no_op(data, tmp_path):
@@ -344,6 +371,8 @@ def test_a_time_budget_stops_early_with_a_checkpoint_and_resume_finishes(data, t
     # A budget far below one step's time: the run stops after its first step, checkpointed; resume goes on to steps.
     ckpt = train(tiny(data, tmp_path / "run", steps=50, checkpoint_every=100, max_seconds=1e-9), progress=False)
     assert load_checkpoint(ckpt)["step"] == 1
+    summary = read_summary(tmp_path / "run")
+    assert summary.stopped == STOPPED_AT_TIME_BUDGET and summary.step_end == 1 and summary.steps == 50
     finished = train(tiny(data, tmp_path / "run", steps=50, checkpoint_every=100), progress=False, resume=True)
     assert load_checkpoint(finished)["step"] == 50
     with pytest.raises(ValueError, match="max_seconds"):

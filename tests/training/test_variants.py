@@ -13,27 +13,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from facetwin.core.bundle import load_manifest
-from facetwin.core.model import VARIANTS, CycleGAN, ModelConfigError, build_model
+from facetwin.core.bundle import VARIANTS, load_manifest
+from facetwin.core.model import CycleGAN, ModelConfigError, build_model
 from facetwin.training import synth
+from facetwin.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from facetwin.training.cli import app
+from facetwin.training.config import TrainConfig, preset_model
 from facetwin.training.data import AugmentConfig, augment, load_faces
 from facetwin.training.export import export_bundle
 from facetwin.training.losses import LossWeights
-from facetwin.training.train import (
-    CHECKPOINT_NAME,
-    CONFIG_NAME,
-    PREVIEW_DIR,
-    PREVIEW_FACES,
-    CheckpointError,
-    TrainConfig,
-    load_checkpoint,
-    make_trainer,
-    model_from_checkpoint,
-    preset_model,
-    train,
-    train_step,
-)
+from facetwin.training.previews import PREVIEW_FACES
+from facetwin.training.run_folder import CHECKPOINT_NAME, CONFIG_NAME, PREVIEW_DIR, SUMMARY_NAME
+from facetwin.training.step import make_trainer, train_step
+from facetwin.training.train import train
 
 NO_AUGMENT = AugmentConfig(rotation_deg=0, scale=0, shift=0, flip=0, warp=0, brightness=0, contrast=0, saturation=0)
 
@@ -223,7 +215,7 @@ def test_tensorboard_scalars_and_preview_grids_land_in_the_run_folder(data, tmp_
 
     quiet = tmp_path / "quiet"
     train(tiny(data, quiet, steps=2), progress=False)
-    assert sorted(p.name for p in quiet.iterdir()) == [CHECKPOINT_NAME, CONFIG_NAME]
+    assert sorted(p.name for p in quiet.iterdir()) == [CHECKPOINT_NAME, CONFIG_NAME, SUMMARY_NAME]  # no events
     assert json.loads((quiet / CONFIG_NAME).read_text())["tensorboard"] is False
 
 

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x61\x63\x65twin/v1/facetwin.proto\x12\x0b\x66\x61\x63\x65twin.v1\"\xa5\x01\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12,\n\x0b\x63olor_order\x18\x05 \x01(\x0e\x32\x17.facetwin.v1.ColorOrder\x12*\n\npixel_type\x18\x06 \x01(\x0e\x32\x16.facetwin.v1.PixelType\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.facetwin.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"\xfe\x02\n\x0bSwapRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12!\n\x05image\x18\x03 \x01(\x0b\x32\x12.facetwin.v1.Image\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.facetwin.v1.ImageKind\x12.\n\x0foutput_encoding\x18\x05 \x01(\x0e\x32\x15.facetwin.v1.Encoding\x12\x33\n\x12output_color_order\x18\x06 \x01(\x0e\x32\x17.facetwin.v1.ColorOrder\x12\x14\n\x0cjpeg_quality\x18\x07 \x01(\r\x12\x13\n\x0breturn_mask\x18\x08 \x01(\x08\x12\x10\n\x08\x66rame_id\x18\t \x01(\x04\x12)\n\x05\x66\x61\x63\x65s\x18\n \x01(\x0e\x32\x1a.facetwin.v1.FaceSelection\x12\x12\n\nface_index\x18\x0b \x01(\r\x12\x17\n\nkeep_shape\x18\x0c \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_keep_shape\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x05\x12\n\n\x02y0\x18\x02 \x01(\x05\x12\n\n\x02x1\x18\x03 \x01(\x05\x12\n\n\x02y1\x18\x04 \x01(\x05\"t\n\x0c\x44\x65tectedFace\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.facetwin.v1.Box\x12%\n\tlandmarks\x18\x02 \x03(\x0b\x32\x12.facetwin.v1.Point\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07swapped\x18\x04 \x01(\x08\"\xb9\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\x12\x11\n\tencode_ms\x18\x04 \x01(\x02\x12\x10\n\x08total_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x11\n\tdetect_ms\x18\x07 \x01(\x02\x12\x10\n\x08\x61lign_ms\x18\x08 \x01(\x02\x12\x10\n\x08\x62lend_ms\x18\t \x01(\x02\"\xbb\x01\n\x0cSwapResponse\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.facetwin.v1.Image\x12 \n\x04mask\x18\x02 \x01(\x0b\x32\x12.facetwin.v1.Image\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.facetwin.v1.StageTimings\x12\x10\n\x08\x66rame_id\x18\x04 \x01(\x04\x12(\n\x05\x66\x61\x63\x65s\x18\x05 \x03(\x0b\x32\x19.facetwin.v1.DetectedFace\"i\n\x11SwapStreamRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.facetwin.v1.SwapRequest\x12)\n\x06policy\x18\x02 \x01(\x0e\x32\x19.facetwin.v1.StreamPolicy\"k\n\x12SwapStreamResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.facetwin.v1.FrameStatus\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.facetwin.v1.SwapResponse\"\x13\n\x11ListModelsRequest\"\xb5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nidentities\x18\x02 \x03(\t\x12\x12\n\nresolution\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.facetwin.v1.ModelStatus\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.facetwin.v1.ModelInfo*S\n\nColorOrder\x12\x1b\n\x17\x43OLOR_ORDER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OLOR_ORDER_RGB\x10\x01\x12\x13\n\x0f\x43OLOR_ORDER_BGR\x10\x02*U\n\tPixelType\x12\x1a\n\x16PIXEL_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10PIXEL_TYPE_UINT8\x10\x01\x12\x16\n\x12PIXEL_TYPE_FLOAT32\x10\x02*[\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x10\n\x0c\x45NCODING_PNG\x10\x02\x12\x11\n\rENCODING_JPEG\x10\x03*_\n\tImageKind\x12\x1a\n\x16IMAGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IMAGE_KIND_ALIGNED_FACE\x10\x01\x12\x19\n\x15IMAGE_KIND_FULL_FRAME\x10\x02*}\n\rFaceSelection\x12\x1e\n\x1a\x46\x41\x43\x45_SELECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41\x43\x45_SELECTION_ALL\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_SELECTION_LARGEST\x10\x02\x12\x18\n\x14\x46\x41\x43\x45_SELECTION_INDEX\x10\x03*Z\n\x0b\x46rameStatus\x12\x1c\n\x18\x46RAME_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x46RAME_STATUS_OK\x10\x01\x12\x18\n\x14\x46RAME_STATUS_DROPPED\x10\x02*`\n\x0cStreamPolicy\x12\x1d\n\x19STREAM_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13STREAM_POLICY_QUEUE\x10\x01\x12\x18\n\x14STREAM_POLICY_LATEST\x10\x02*v\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATUS_LOADING\x10\x01\x12\x16\n\x12MODEL_STATUS_READY\x10\x02\x12\x17\n\x13MODEL_STATUS_FAILED\x10\x03\x32\xe9\x01\n\x08\x46\x61\x63\x65Swap\x12;\n\x04Swap\x12\x18.facetwin.v1.SwapRequest\x1a\x19.facetwin.v1.SwapResponse\x12Q\n\nSwapStream\x12\x1e.facetwin.v1.SwapStreamRequest\x1a\x1f.facetwin.v1.SwapStreamResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.facetwin.v1.ListModelsRequest\x1a\x1f.facetwin.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x61\x63\x65twin/v1/facetwin.proto\x12\x0b\x66\x61\x63\x65twin.v1\"\xa5\x01\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12,\n\x0b\x63olor_order\x18\x05 \x01(\x0e\x32\x17.facetwin.v1.ColorOrder\x12*\n\npixel_type\x18\x06 \x01(\x0e\x32\x16.facetwin.v1.PixelType\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12$\n\x03raw\x18\x02 \x01(\x0b\x32\x15.facetwin.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"\xfe\x02\n\x0bSwapRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12!\n\x05image\x18\x03 \x01(\x0b\x32\x12.facetwin.v1.Image\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.facetwin.v1.ImageKind\x12.\n\x0foutput_encoding\x18\x05 \x01(\x0e\x32\x15.facetwin.v1.Encoding\x12\x33\n\x12output_color_order\x18\x06 \x01(\x0e\x32\x17.facetwin.v1.ColorOrder\x12\x14\n\x0cjpeg_quality\x18\x07 \x01(\r\x12\x13\n\x0breturn_mask\x18\x08 \x01(\x08\x12\x10\n\x08\x66rame_id\x18\t \x01(\x04\x12)\n\x05\x66\x61\x63\x65s\x18\n \x01(\x0e\x32\x1a.facetwin.v1.FaceSelection\x12\x12\n\nface_index\x18\x0b \x01(\r\x12\x17\n\nkeep_shape\x18\x0c \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_keep_shape\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x05\x12\n\n\x02y0\x18\x02 \x01(\x05\x12\n\n\x02x1\x18\x03 \x01(\x05\x12\n\n\x02y1\x18\x04 \x01(\x05\"t\n\x0c\x44\x65tectedFace\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.facetwin.v1.Box\x12%\n\tlandmarks\x18\x02 \x03(\x0b\x32\x12.facetwin.v1.Point\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07swapped\x18\x04 \x01(\x08\"\xb9\x01\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\x12\x11\n\tencode_ms\x18\x04 \x01(\x02\x12\x10\n\x08total_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x11\n\tdetect_ms\x18\x07 \x01(\x02\x12\x10\n\x08\x61lign_ms\x18\x08 \x01(\x02\x12\x10\n\x08\x62lend_ms\x18\t \x01(\x02\"\xfc\x01\n\x0cSwapResponse\x12!\n\x05image\x18\x01 \x01(\x0b\x32\x12.facetwin.v1.Image\x12 \n\x04mask\x18\x02 \x01(\x0b\x32\x12.facetwin.v1.Image\x12*\n\x07timings\x18\x03 \x01(\x0b\x32\x19.facetwin.v1.StageTimings\x12\x10\n\x08\x66rame_id\x18\x04 \x01(\x04\x12(\n\x05\x66\x61\x63\x65s\x18\x05 \x03(\x0b\x32\x19.facetwin.v1.DetectedFace\x12+\n\nprovenance\x18\x06 \x01(\x0b\x32\x17.facetwin.v1.Provenance\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"t\n\nProvenance\x12\x11\n\tsynthetic\x18\x01 \x01(\x08\x12\x1b\n\x13\x64igital_source_type\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06target\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\">\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"i\n\x11SwapStreamRequest\x12)\n\x07request\x18\x01 \x01(\x0b\x32\x18.facetwin.v1.SwapRequest\x12)\n\x06policy\x18\x02 \x01(\x0e\x32\x19.facetwin.v1.StreamPolicy\"\x93\x01\n\x12SwapStreamResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.facetwin.v1.FrameStatus\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x19.facetwin.v1.SwapResponse\x12&\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.facetwin.v1.FrameError\"\x13\n\x11ListModelsRequest\"\xb5\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nidentities\x18\x02 \x03(\t\x12\x12\n\nresolution\x18\x03 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.facetwin.v1.ModelStatus\x12\x0f\n\x07variant\x18\x06 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.facetwin.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\xbe\x02\n\x0cServerLimits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x16\n\x0emax_image_side\x18\x02 \x01(\r\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x04\x12\x15\n\rimage_formats\x18\x04 \x03(\t\x12\x1b\n\x13max_faces_per_frame\x18\x05 \x01(\r\x12\x1c\n\x14max_calls_per_client\x18\x06 \x01(\r\x12\x1e\n\x16max_streams_per_client\x18\x07 \x01(\r\x12\x11\n\tmax_calls\x18\x08 \x01(\r\x12\x13\n\x0bmax_streams\x18\t \x01(\r\x12\x15\n\rstream_window\x18\n \x01(\r\x12\x1d\n\x15stream_idle_timeout_s\x18\x0b \x01(\x02\x12\x11\n\tmax_queue\x18\x0c \x01(\r\"\xd6\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x15\n\rauth_required\x18\x02 \x01(\x08\x12\x0b\n\x03tls\x18\x03 \x01(\x08\x12#\n\x1b\x63lient_certificate_required\x18\x04 \x01(\x08\x12\x38\n\x15\x64\x65\x66\x61ult_stream_policy\x18\x05 \x01(\x0e\x32\x19.facetwin.v1.StreamPolicy\x12)\n\x06limits\x18\x06 \x01(\x0b\x32\x19.facetwin.v1.ServerLimits*S\n\nColorOrder\x12\x1b\n\x17\x43OLOR_ORDER_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x43OLOR_ORDER_RGB\x10\x01\x12\x13\n\x0f\x43OLOR_ORDER_BGR\x10\x02*U\n\tPixelType\x12\x1a\n\x16PIXEL_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10PIXEL_TYPE_UINT8\x10\x01\x12\x16\n\x12PIXEL_TYPE_FLOAT32\x10\x02*[\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x45NCODING_RAW\x10\x01\x12\x10\n\x0c\x45NCODING_PNG\x10\x02\x12\x11\n\rENCODING_JPEG\x10\x03*_\n\tImageKind\x12\x1a\n\x16IMAGE_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IMAGE_KIND_ALIGNED_FACE\x10\x01\x12\x19\n\x15IMAGE_KIND_FULL_FRAME\x10\x02*}\n\rFaceSelection\x12\x1e\n\x1a\x46\x41\x43\x45_SELECTION_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x41\x43\x45_SELECTION_ALL\x10\x01\x12\x1a\n\x16\x46\x41\x43\x45_SELECTION_LARGEST\x10\x02\x12\x18\n\x14\x46\x41\x43\x45_SELECTION_INDEX\x10\x03*r\n\x0b\x46rameStatus\x12\x1c\n\x18\x46RAME_STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x46RAME_STATUS_OK\x10\x01\x12\x18\n\x14\x46RAME_STATUS_DROPPED\x10\x02\x12\x16\n\x12\x46RAME_STATUS_ERROR\x10\x03*`\n\x0cStreamPolicy\x12\x1d\n\x19STREAM_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13STREAM_POLICY_QUEUE\x10\x01\x12\x18\n\x14STREAM_POLICY_LATEST\x10\x02*v\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14MODEL_STATUS_LOADING\x10\x01\x12\x16\n\x12MODEL_STATUS_READY\x10\x02\x12\x17\n\x13MODEL_STATUS_FAILED\x10\x03\x32\xc1\x02\n\x08\x46\x61\x63\x65Swap\x12;\n\x04Swap\x12\x18.facetwin.v1.SwapRequest\x1a\x19.facetwin.v1.SwapResponse\x12Q\n\nSwapStream\x12\x1e.facetwin.v1.SwapStreamRequest\x1a\x1f.facetwin.v1.SwapStreamResponse(\x01\x30\x01\x12M\n\nListModels\x12\x1e.facetwin.v1.ListModelsRequest\x1a\x1f.facetwin.v1.ListModelsResponse\x12V\n\rGetServerInfo\x12!.facetwin.v1.GetServerInfoRequest\x1a\".facetwin.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facetwin.v1.facetwin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COLORORDER']._serialized_start=1735
-  _globals['_COLORORDER']._serialized_end=1818
-  _globals['_PIXELTYPE']._serialized_start=1820
-  _globals['_PIXELTYPE']._serialized_end=1905
-  _globals['_ENCODING']._serialized_start=1907
-  _globals['_ENCODING']._serialized_end=1998
-  _globals['_IMAGEKIND']._serialized_start=2000
-  _globals['_IMAGEKIND']._serialized_end=2095
-  _globals['_FACESELECTION']._serialized_start=2097
-  _globals['_FACESELECTION']._serialized_end=2222
-  _globals['_FRAMESTATUS']._serialized_start=2224
-  _globals['_FRAMESTATUS']._serialized_end=2314
-  _globals['_STREAMPOLICY']._serialized_start=2316
-  _globals['_STREAMPOLICY']._serialized_end=2412
-  _globals['_MODELSTATUS']._serialized_start=2414
-  _globals['_MODELSTATUS']._serialized_end=2532
+  _globals['_COLORORDER']._serialized_start=2585
+  _globals['_COLORORDER']._serialized_end=2668
+  _globals['_PIXELTYPE']._serialized_start=2670
+  _globals['_PIXELTYPE']._serialized_end=2755
+  _globals['_ENCODING']._serialized_start=2757
+  _globals['_ENCODING']._serialized_end=2848
+  _globals['_IMAGEKIND']._serialized_start=2850
+  _globals['_IMAGEKIND']._serialized_end=2945
+  _globals['_FACESELECTION']._serialized_start=2947
+  _globals['_FACESELECTION']._serialized_end=3072
+  _globals['_FRAMESTATUS']._serialized_start=3074
+  _globals['_FRAMESTATUS']._serialized_end=3188
+  _globals['_STREAMPOLICY']._serialized_start=3190
+  _globals['_STREAMPOLICY']._serialized_end=3286
+  _globals['_MODELSTATUS']._serialized_start=3288
+  _globals['_MODELSTATUS']._serialized_end=3406
   _globals['_RAWIMAGE']._serialized_start=44
   _globals['_RAWIMAGE']._serialized_end=209
   _globals['_IMAGE']._serialized_start=211
@@ -62,17 +62,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGETIMINGS']._serialized_start=875
   _globals['_STAGETIMINGS']._serialized_end=1060
   _globals['_SWAPRESPONSE']._serialized_start=1063
-  _globals['_SWAPRESPONSE']._serialized_end=1250
-  _globals['_SWAPSTREAMREQUEST']._serialized_start=1252
-  _globals['_SWAPSTREAMREQUEST']._serialized_end=1357
-  _globals['_SWAPSTREAMRESPONSE']._serialized_start=1359
-  _globals['_SWAPSTREAMRESPONSE']._serialized_end=1466
-  _globals['_LISTMODELSREQUEST']._serialized_start=1468
-  _globals['_LISTMODELSREQUEST']._serialized_end=1487
-  _globals['_MODELINFO']._serialized_start=1490
-  _globals['_MODELINFO']._serialized_end=1671
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1673
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1733
-  _globals['_FACESWAP']._serialized_start=2535
-  _globals['_FACESWAP']._serialized_end=2768
+  _globals['_SWAPRESPONSE']._serialized_end=1315
+  _globals['_PROVENANCE']._serialized_start=1317
+  _globals['_PROVENANCE']._serialized_end=1433
+  _globals['_FRAMEERROR']._serialized_start=1435
+  _globals['_FRAMEERROR']._serialized_end=1497
+  _globals['_SWAPSTREAMREQUEST']._serialized_start=1499
+  _globals['_SWAPSTREAMREQUEST']._serialized_end=1604
+  _globals['_SWAPSTREAMRESPONSE']._serialized_start=1607
+  _globals['_SWAPSTREAMRESPONSE']._serialized_end=1754
+  _globals['_LISTMODELSREQUEST']._serialized_start=1756
+  _globals['_LISTMODELSREQUEST']._serialized_end=1775
+  _globals['_MODELINFO']._serialized_start=1778
+  _globals['_MODELINFO']._serialized_end=1959
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1961
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2021
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2023
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2045
+  _globals['_SERVERLIMITS']._serialized_start=2048
+  _globals['_SERVERLIMITS']._serialized_end=2366
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2369
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2583
+  _globals['_FACESWAP']._serialized_start=3409
+  _globals['_FACESWAP']._serialized_end=3730
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,7 @@ class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FRAME_STATUS_UNSPECIFIED: _ClassVar[FrameStatus]
     FRAME_STATUS_OK: _ClassVar[FrameStatus]
     FRAME_STATUS_DROPPED: _ClassVar[FrameStatus]
+    FRAME_STATUS_ERROR: _ClassVar[FrameStatus]
 
 class StreamPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -77,6 +78,7 @@ FACE_SELECTION_INDEX: FaceSelection
 FRAME_STATUS_UNSPECIFIED: FrameStatus
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
+FRAME_STATUS_ERROR: FrameStatus
 STREAM_POLICY_UNSPECIFIED: StreamPolicy
 STREAM_POLICY_QUEUE: StreamPolicy
 STREAM_POLICY_LATEST: StreamPolicy
@@ -192,18 +194,46 @@ class StageTimings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., detect_ms: _Optional[float] = ..., align_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ...) -> None: ...
 
 class SwapResponse(_message.Message):
-    __slots__ = ("image", "mask", "timings", "frame_id", "faces")
+    __slots__ = ("image", "mask", "timings", "frame_id", "faces", "provenance", "request_id")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     FACES_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     image: Image
     mask: Image
     timings: StageTimings
     frame_id: int
     faces: _containers.RepeatedCompositeFieldContainer[DetectedFace]
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[DetectedFace, _Mapping]]] = ...) -> None: ...
+    provenance: Provenance
+    request_id: str
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[DetectedFace, _Mapping]]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("synthetic", "digital_source_type", "model", "target", "manifest_sha256")
+    SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
+    DIGITAL_SOURCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    synthetic: bool
+    digital_source_type: str
+    model: str
+    target: str
+    manifest_sha256: str
+    def __init__(self, synthetic: _Optional[bool] = ..., digital_source_type: _Optional[str] = ..., model: _Optional[str] = ..., target: _Optional[str] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
+
+class FrameError(_message.Message):
+    __slots__ = ("code", "code_name", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    CODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    code_name: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SwapStreamRequest(_message.Message):
     __slots__ = ("request", "policy")
@@ -214,12 +244,14 @@ class SwapStreamRequest(_message.Message):
     def __init__(self, request: _Optional[_Union[SwapRequest, _Mapping]] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ...) -> None: ...
 
 class SwapStreamResponse(_message.Message):
-    __slots__ = ("status", "response")
+    __slots__ = ("status", "response", "error")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     status: FrameStatus
     response: SwapResponse
-    def __init__(self, status: _Optional[_Union[FrameStatus, str]] = ..., response: _Optional[_Union[SwapResponse, _Mapping]] = ...) -> None: ...
+    error: FrameError
+    def __init__(self, status: _Optional[_Union[FrameStatus, str]] = ..., response: _Optional[_Union[SwapResponse, _Mapping]] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -250,3 +282,51 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_image_side", "max_image_pixels", "image_formats", "max_faces_per_frame", "max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams", "stream_window", "stream_idle_timeout_s", "max_queue")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACES_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_image_side: int
+    max_image_pixels: int
+    image_formats: _containers.RepeatedScalarFieldContainer[str]
+    max_faces_per_frame: int
+    max_calls_per_client: int
+    max_streams_per_client: int
+    max_calls: int
+    max_streams: int
+    stream_window: int
+    stream_idle_timeout_s: float
+    max_queue: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ..., max_faces_per_frame: _Optional[int] = ..., max_calls_per_client: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_calls: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "auth_required", "tls", "client_certificate_required", "default_stream_policy", "limits")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STREAM_POLICY_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    auth_required: bool
+    tls: bool
+    client_certificate_required: bool
+    default_stream_policy: StreamPolicy
+    limits: ServerLimits
+    def __init__(self, version: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tls: _Optional[bool] = ..., client_certificate_required: _Optional[bool] = ..., default_stream_policy: _Optional[_Union[StreamPolicy, str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...

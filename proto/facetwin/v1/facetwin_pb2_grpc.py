@@ -51,6 +51,11 @@ class FaceSwapStub:
                 request_serializer=facetwin_dot_v1_dot_facetwin__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=facetwin_dot_v1_dot_facetwin__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/facetwin.v1.FaceSwap/GetServerInfo',
+                request_serializer=facetwin_dot_v1_dot_facetwin__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=facetwin_dot_v1_dot_facetwin__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class FaceSwapServicer:
@@ -79,6 +84,13 @@ class FaceSwapServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """Describes the server: its version, whether it wants credentials, and every limit it enforces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FaceSwapServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +108,11 @@ def add_FaceSwapServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=facetwin_dot_v1_dot_facetwin__pb2.ListModelsRequest.FromString,
                     response_serializer=facetwin_dot_v1_dot_facetwin__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=facetwin_dot_v1_dot_facetwin__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=facetwin_dot_v1_dot_facetwin__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +198,33 @@ class FaceSwap:
             '/facetwin.v1.FaceSwap/ListModels',
             facetwin_dot_v1_dot_facetwin__pb2.ListModelsRequest.SerializeToString,
             facetwin_dot_v1_dot_facetwin__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facetwin.v1.FaceSwap/GetServerInfo',
+            facetwin_dot_v1_dot_facetwin__pb2.GetServerInfoRequest.SerializeToString,
+            facetwin_dot_v1_dot_facetwin__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,217 @@
+"""Who may call: TLS server credentials (optionally mutual TLS) and bearer tokens checked by a server interceptor.
+
+Every method except grpc.health.v1 asks for "authorization: Bearer <token>" when a tokens file is configured:
+the FaceSwap API and reflection alike (reflection lists the API, so it is as private as the API). Health stays
+open because load balancers and Kubernetes probe it without credentials.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import unquote
+
+import grpc
+
+from .config import ServerConfig
+
+log = logging.getLogger("facetwin.server.auth")
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+_CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("facetwin_client", default=None)
+
+
+def client_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller, for logs and per-client limits: its token's NAME when tokens are in use, else its IP address.
+
+    The interceptor sets the name in the call's task before the handler runs (grpc.aio runs both in one task, and
+    each call in its own), so an async handler always sees its own caller.
+    """
+    name = _CLIENT.get()
+    return name if name is not None else peer_host(context.peer())
+
+
+def peer_host(peer: str) -> str:
+    """"ipv4:10.0.0.7:5123" -> "10.0.0.7", "ipv6:%5B::1%5D:5123" -> "::1"; other kinds (unix:...) stay whole."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return unquote(peer)
+
+
+class TokenFile:
+    """Accepted bearer tokens, one `NAME:TOKEN` per line (blank lines and # comments allowed).
+
+    Several lines may share a NAME (its old and new token while keys rotate). The file is re-read when its
+    mtime, size or inode changes, so tokens rotate without a restart; a bad rewrite keeps the last good tokens
+    (and logs why), so a half-written file never locks every client out.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._stamp = self._stat()
+        self._digests = _digests(read_tokens(self.path))  # raises: a bad file at start is a startup error
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _refresh(self) -> None:
+        stamp = self._stat()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # a bad version is reported once, not on every call until the file changes again
+        try:
+            digests = _digests(read_tokens(self.path))
+        except (OSError, ValueError) as exc:
+            log.error("%s; keeping the %d token(s) read before", exc, len(self._digests))
+            return
+        self._digests = digests
+        log.info("auth_tokens_file %s re-read: %d token(s)", self.path, len(digests))
+
+    def match(self, token: str) -> str | None:
+        """The NAME of `token`, or None. Compares against every token: the time taken says nothing about which
+        token (or how much of one) matched, and comparing digests hides the tokens' lengths too."""
+        self._refresh()
+        presented = _digest(token)
+        found = None
+        for digest, name in self._digests:
+            if hmac.compare_digest(presented, digest):
+                found = name
+        return found
+
+
+def read_tokens(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(NAME, TOKEN) of every token line of a tokens file; OSError when it cannot be read, ValueError (naming the
+    line, never the token) when it is malformed or holds no token."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OSError(f"auth_tokens_file {path} cannot be read: {exc}") from None
+    tokens: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = (part.strip() for part in line.partition(":"))
+        if not sep or not name or not token or any(c.isspace() for c in token):
+            raise ValueError(f"auth_tokens_file {path} line {number}: expected NAME:TOKEN (no spaces in TOKEN)")
+        if tokens.get(token, name) != name:
+            raise ValueError(f"auth_tokens_file {path} line {number}: this token is already given to "
+                             f"{tokens[token]!r}; each token must name one client")
+        tokens[token] = name
+    if not tokens:
+        raise ValueError(f"auth_tokens_file {path} holds no token; add lines NAME:TOKEN")
+    return [(name, token) for token, name in tokens.items()]
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def _digests(tokens: list[tuple[str, str]]) -> list[tuple[bytes, str]]:
+    return [(_digest(token), name) for name, token in tokens]
+
+
+def _refuse(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
+    # A stream-stream handler whatever the method's kind: grpc.aio then calls it before reading any request
+    # message, so an unauthenticated caller's payload (up to max_message_mb) is never parsed.
+    async def refuse(request_iterator, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, details)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Lets a call through when its bearer token is in the tokens file (health always); else UNAUTHENTICATED."""
+
+    def __init__(self, tokens: TokenFile) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        if method.startswith(OPEN_PREFIXES):
+            return await continuation(details)
+        values = [value for key, value in details.invocation_metadata or () if key == "authorization"]
+        if not values:
+            return self._refused(method, "no credentials", "this server needs credentials: send the metadata "
+                                 "'authorization: Bearer <token>' (SDK: Client(address, token=...))")
+        scheme, _, token = values[0].partition(" ")
+        token = token.strip()
+        if len(values) > 1 or scheme.lower() != "bearer" or not token:
+            return self._refused(method, "malformed credentials", "malformed authorization metadata: expected "
+                                 "exactly one 'authorization: Bearer <token>'")
+        name = self.tokens.match(token)
+        if name is None:
+            return self._refused(method, "unknown token", "the bearer token sent is not accepted by this server "
+                                 "(unknown or revoked); ask its operator for a valid token")
+        _CLIENT.set(name)
+        log.debug("%s called by %s", method, name)
+        return await continuation(details)
+
+    @staticmethod
+    def _refused(method: str, why: str, details: str) -> grpc.RpcMethodHandler:
+        log.warning("refused %s: %s", method, why)
+        return _refuse(grpc.StatusCode.UNAUTHENTICATED, details)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials for the listening port (None: plaintext). The files are checked with Python's ssl first, so a
+    wrong path, a key that does not match its certificate or an encrypted key fails with a message that says so
+    (gRPC itself only reports "Failed to bind")."""
+    if not config.tls_cert:
+        return None
+    chain, key = _read_pem(config.tls_cert, "tls_cert"), _read_pem(config.tls_key, "tls_key")
+    client_ca = _read_pem(config.tls_client_ca, "tls_client_ca") if config.tls_client_ca else None
+    _check_tls_files(config)
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def _check_tls_files(config: ServerConfig) -> None:
+    """ValueError, naming the setting, when the (readable) TLS files cannot serve."""
+    def encrypted() -> bytes:
+        raise ValueError(f"tls_key {config.tls_key} is encrypted; give the server an unencrypted PEM key (keep it "
+                         "readable by the server's user only)")
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=encrypted)
+    except ssl.SSLError as exc:
+        raise ValueError(f"tls_cert {config.tls_cert} with tls_key {config.tls_key}: {_ssl_reason(exc)}") from None
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"tls_client_ca {config.tls_client_ca}: {_ssl_reason(exc)}") from None
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str:
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return "the key does not belong to the certificate"
+    if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+        return "no PEM certificate found"
+    if exc.reason is None:  # OpenSSL's "PEM lib": one of the two files is not PEM of the expected kind
+        return "expected a PEM certificate chain and its PEM private key"
+    return f"not usable ({exc.reason})"
+
+
+def _read_pem(path: str, name: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise OSError(f"{name} {path} cannot be read: {exc.strerror}") from None

@@ -1,0 +1,92 @@
+"""Checkpoints: written atomically, read without pickle, and checked before a run resumes from one.
+
+A checkpoint holds ``{config, model, optimizer, step, data}`` and, as a run has them, ``ema`` (the weights' moving
+average), ``critics`` and ``critic_optimizer`` (the adversarial variants), ``scaler`` (fp16) and ``world_size``:
+enough for export and resume to rebuild everything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from facetwin.core.files import atomic_write
+from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, build_model
+from facetwin.training.config import TrainConfig, preset_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the requested run."""
+
+
+def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    step: int, data: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """torch.save through files.atomic_write: a crash never leaves half a checkpoint.
+    `extra` adds entries (the discriminators' state, the fp16 GradScaler's)."""
+    payload = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+               "step": step, "data": data, **(extra or {})}
+    with atomic_write(path) as fh:
+        torch.save(payload, fh)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads a checkpoint without pickle (weights_only=True) and checks its shape; adds "train_config", the
+    checkpoint's config as a TrainConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError) for bad files
+        raise CheckpointError(f"{path} is not a facetwin checkpoint (refused by the pickle-free loader: "
+                              f"{type(exc).__name__})") from exc
+    if not isinstance(checkpoint, dict) or not {"config", "model", "optimizer", "step"} <= set(checkpoint):
+        raise CheckpointError(f"{path} is not a facetwin checkpoint (needs config, model, optimizer, step)")
+    try:
+        checkpoint["train_config"] = TrainConfig.from_dict(checkpoint["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an unusable config: {exc}") from exc
+    if checkpoint["train_config"].model is None:
+        raise CheckpointError(f"{path} has no model config")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | CycleGAN:
+    """The trained model of a loaded checkpoint, in eval mode: the weights' moving average when the run kept one,
+    else the last step's weights."""
+    model = build_model(checkpoint["train_config"].model)
+    try:
+        model.load_state_dict(checkpoint.get("ema", checkpoint["model"]))
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint weights do not fit its model config: {exc}".splitlines()[0]) from exc
+    return model.eval()
+
+
+def check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
+    """Refuses to resume the run `saved` (the checkpoint at `path`) as `cfg` where the two would train different
+    models, saying what differs and what to do."""
+    assert saved.model is not None
+    variant = cfg.model.variant if cfg.model is not None else cfg.variant
+    if variant != saved.model.variant:
+        raise CheckpointError(f"{path} was trained as variant {saved.model.variant!r}, not {variant!r}: resume it "
+                              f"with --variant {saved.model.variant} or use another --out folder")
+    if cfg.model is not None and cfg.model != saved.model:
+        raise CheckpointError(f"{path} was trained with a different model ({saved.model}); "
+                              "use another --out folder or the same preset")
+    wanted = preset_model(cfg.preset, saved.model.identities, variant) if cfg.model is None else cfg.model
+    if (wanted.resolution, wanted.identities) != (saved.model.resolution, saved.model.identities):
+        raise CheckpointError(
+            f"{path} was trained at {saved.model.resolution} px on {list(saved.model.identities)}; "
+            f"this run wants {wanted.resolution} px on {list(wanted.identities)}"
+        )
+    if wanted != saved.model:
+        if saved.preset != cfg.preset:
+            raise CheckpointError(f"{path} was trained with preset {saved.preset!r}, not {cfg.preset!r}")
+        changed = ", ".join(f"{key} {value!r} -> {getattr(wanted, key)!r}"
+                            for key, value in saved.model.to_dict().items() if value != getattr(wanted, key))
+        raise CheckpointError(f"{path} was trained with an older model of preset {cfg.preset!r} ({changed}): delete "
+                              f"{path.parent} to train the current one, or pick another --out folder")
