@@ -176,7 +176,8 @@ class BlazeFace:
                rotations: tuple[int, ...] = (0,)) -> list[Detection]:
         """Faces in an RGB uint8 image, best score first. finest_scale: the pyramid's finest level relative to the
         image (1 = full resolution finds faces down to ~16 px; 0.5 halves the cost and finds them from ~32 px).
-        rotations: clockwise image rotations in degrees (multiples of 90) searched, for faces lying sideways."""
+        rotations: image rotations searched, in degrees counter-clockwise (multiples of 90; np.rot90's turns), for
+        faces lying sideways or upside down."""
         if not 0.0 < finest_scale <= 4.0:
             raise ValueError(f"finest_scale must be in (0, 4], got {finest_scale!r}")
         if not rotations or any(r not in ROTATIONS for r in rotations):

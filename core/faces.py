@@ -181,8 +181,9 @@ class FaceDetector:
         ~0.2 s for 1080p; blazeface's too, ~0.14 s per megapixel on 2 cores); landmarks are still fitted at full
         resolution. None = never shrink.
         landmarks: "68", "5" or "auto" (dlib: 68 when its weights are found, else 5; blazeface: 68).
-        rotations: blazeface only: clockwise image rotations searched (any of 0, 90, 180, 270; each costs one more
-        detection pass), for faces lying sideways or upside down; up to ~60 degrees of roll need none.
+        rotations: blazeface only: image rotations searched, in degrees counter-clockwise (any of 0, 90, 180, 270;
+        each costs one more detection pass): 90 finds faces whose top points to the image's right, 180 upside-down
+        ones; faces rolled up to ~60 degrees need none.
         threads: blazeface only: ONNX Runtime threads per call (0 = one per core); detectors on several threads at
         once want fewer each."""
         if max_side is not None and (not isinstance(max_side, int) or max_side < 64):
@@ -248,7 +249,7 @@ class FaceDetector:
 
     def _detect_blazeface(self, image: np.ndarray, shrink: float) -> list[Face]:
         scale = shrink * 2 ** self.upsample
-        if self.min_size > blazeface.SMALLEST_FACE:  # no level finer than the smallest face wanted needs
+        if self.min_size > blazeface.SMALLEST_FACE:  # skip the fine levels that would only find dropped faces
             scale = min(scale, blazeface.SMALLEST_FACE / self.min_size)
         found = self._blazeface.detect(image, scale, self.rotations)
         meshes = self._mesh.fit(image, [d.box for d in found], [d.keypoints[:2] for d in found])
