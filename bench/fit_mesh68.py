@@ -104,7 +104,8 @@ def table(indices: np.ndarray, weights: np.ndarray) -> str:
     rows = []
     for point in range(68):
         keep = weights[point] > 0.0005
-        pairs = [f"({int(i)}, {w:.3f})" for i, w in zip(indices[point][keep], weights[point][keep] / weights[point][keep].sum())]
+        kept = weights[point][keep] / weights[point][keep].sum()
+        pairs = [f"({int(i)}, {w:.3f})" for i, w in zip(indices[point][keep], kept)]
         rows.append("(" + ", ".join(pairs) + ("," if len(pairs) == 1 else "") + "),")
     return "\n".join(f"    {row}  # {point}" for point, row in enumerate(rows))
 

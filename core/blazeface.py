@@ -273,4 +273,6 @@ class FaceMesh:
     def follow(self, image_rgb: np.ndarray, meshes: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """One pass from earlier meshes of the same faces: in this image (the second pass) or in the next frame of a
         video (MediaPipe's tracking, which skips detection while the face confidence stays high)."""
-        return self._fit(image_rgb, [self._next_crop(np.asarray(mesh, np.float64)) for mesh in meshes]) if meshes else []
+        if not meshes:
+            return []
+        return self._fit(image_rgb, [self._next_crop(np.asarray(mesh, np.float64)) for mesh in meshes])
