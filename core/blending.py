@@ -8,6 +8,8 @@ quality scores of training/quality.py go through the same function, so they scor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 
@@ -181,10 +183,14 @@ def match_color_lab(source: np.ndarray, reference: np.ndarray, mask: np.ndarray 
 
 
 def finish_face(crop: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None,
-                margin: float = DEFAULT_MARGIN, keep_shape: float = KEEP_SHAPE) -> np.ndarray:
+                margin: float = DEFAULT_MARGIN, keep_shape: float = KEEP_SHAPE,
+                crop_landmarks: Callable[[np.ndarray, float], np.ndarray] | None = None) -> np.ndarray:
     """The swapped crop as it is pasted: with 68 landmarks of the original face (`points`, crop pixels), bent
     `keep_shape` of the way to the original's face shape (KEEP_SHAPE), then colour-matched to it.
+    crop_landmarks(crop, margin) fits the swapped crop's landmarks; it must be the landmarker `points` came from
+    (FaceDetector.crop_landmarks), or the bend moves the face by the two models' disagreement (default: dlib's).
     training/quality.py scores swaps through this same function."""
     if keep_shape and points is not None and len(points) == 68:
-        swapped = bend_to_shape(swapped, faces.crop_landmarks(swapped, margin), points, keep_shape)
+        fitted = (crop_landmarks or faces.crop_landmarks)(swapped, margin)
+        swapped = bend_to_shape(swapped, fitted, points, keep_shape)
     return match_color_lab(swapped, crop, hull)

@@ -13,6 +13,7 @@ import typing
 from typing import Any
 
 from facetwin.core.blending import KEEP_SHAPE
+from facetwin.core.faces import BACKENDS as DETECTORS
 from facetwin.core.faces import LANDMARK_MODELS
 
 from .logs import FORMATS as LOG_FORMATS
@@ -61,6 +62,9 @@ class ServerConfig:
     stream_window: int = setting(48, "frames of one stream in flight at once")
     stream_policy: str = setting("queue", "when a stream falls behind: queue (push back on the sender) or latest "
                                  "(drop waiting frames, answered DROPPED)")
+    detector: str = setting("auto", "full frames: face detector: blazeface (MediaPipe's, with FaceMesh landmarks), "
+                            "hog (dlib), cnn (dlib, slow), haar (OpenCV, boxes only), or auto (blazeface, else hog, "
+                            "else haar); see docs/faces.md")
     # dlib's detectors are not thread-safe: each thread has its own.
     detect_threads: int = setting(2, "full frames: face detection threads")
     # HOG costs ~0.2 s on a whole 1080p frame; landmarks are still fitted at full resolution.
@@ -117,6 +121,8 @@ class ServerConfig:
             raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
         if self.detect_max_side < 64:
             raise ValueError(f"detect_max_side must be >= 64 pixels, got {self.detect_max_side}")
+        if self.detector not in DETECTORS:
+            raise ValueError(f"detector {self.detector!r} must be one of {', '.join(DETECTORS)}")
         if self.landmarks not in LANDMARK_MODELS:
             raise ValueError(f"landmarks {self.landmarks!r} must be one of {', '.join(LANDMARK_MODELS)}")
         if not 0.0 <= self.keep_shape <= 1.0:

@@ -108,7 +108,9 @@ class FaceDetectorPool:
         detector = getattr(self._local, "detector", None)
         if detector is None:
             # Owns its dlib detector: one per thread.
-            detector = FaceDetector(self.backend, max_side=self.max_side, landmarks=self.landmarks)
+            # One intra-op thread each: the pool's threads are the parallelism (blazeface's ONNX sessions
+            # are shared and thread-safe; dlib's detectors are not, hence one detector per thread).
+            detector = FaceDetector(self.backend, max_side=self.max_side, landmarks=self.landmarks, threads=1)
             self._local.detector = detector
         return detector
 
@@ -120,6 +122,11 @@ class FaceDetectorPool:
             raise UnavailableError(f"this server cannot detect faces ({exc}); send aligned faces "
                                    "(IMAGE_KIND_ALIGNED_FACE) or use a server with the face models installed") from None
         return detector.detect(image)
+
+    def crop_landmarks(self, crop: np.ndarray, margin: float) -> np.ndarray:
+        """68 landmarks of the face in an aligned crop, from the same landmarker as the frames' (the shape bend
+        compares the two); on the calling thread."""
+        return self._detector().crop_landmarks(crop, margin)
 
     async def detect(self, image: np.ndarray) -> list[Face]:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.detect_sync, image)
@@ -208,7 +215,8 @@ class FullFrameSwapper:
         image = frame
         weight = np.zeros(frame.shape, np.uint8) if want_mask else None
         for face, new in zip(aligned, swapped):
-            matched = blending.finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape)
+            matched = blending.finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape,
+                                           self.detectors.crop_landmarks)
             image = blending.paste_back(image, matched, face.hull, face.matrix, self.feather)
             if weight is not None:  # the same warp and feathering, of an all-white face: the blend weight
                 white = np.full_like(face.crop, 255)

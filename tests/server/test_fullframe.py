@@ -13,6 +13,7 @@ from facetwin.client.images import result_from_response  # noqa: E402
 from facetwin.core import alignment, blending
 from facetwin.core import faces as F  # noqa: E402
 from facetwin.core.blending import match_color_lab  # noqa: E402
+from facetwin.server.config import ServerConfig  # noqa: E402
 from facetwin.training import realdata  # noqa: E402
 from facetwin.v1 import facetwin_pb2 as pb  # noqa: E402
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc  # noqa: E402
@@ -57,6 +58,11 @@ def frame_request(served_model, frame: np.ndarray, **kwargs) -> pb.SwapRequest:
                                                          color_order=pb.COLOR_ORDER_RGB)), **kwargs)
 
 
+def server_detector(landmarks: str = "auto") -> F.FaceDetector:
+    """A detector as the server's full frames use it by default (ServerConfig.detector)."""
+    return F.FaceDetector(ServerConfig().detector, max_side=ServerConfig().detect_max_side, landmarks=landmarks)
+
+
 def image_of(reply: pb.SwapResponse) -> np.ndarray:
     r = reply.image.raw
     return np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width, r.channels)
@@ -91,7 +97,7 @@ def test_full_frame_swaps_the_face_and_leaves_the_rest(stub, served_model, franc
     out = image_of(reply)
     assert out.shape == frame.shape and reply.frame_id == 7
     (face,) = reply.faces
-    expected = F.FaceDetector("hog").detect(frame)[0]  # a unary call is not smoothed: exactly the detector's answer
+    expected = server_detector().detect(frame)[0]  # a unary call is not smoothed: exactly the detector's answer
     box = (face.box.x0, face.box.y0, face.box.x1, face.box.y1)
     assert box == expected.box and face.swapped and face.score > 0
     np.testing.assert_allclose(landmarks_of(face), expected.landmarks, atol=1e-3)
@@ -176,8 +182,8 @@ def test_bad_face_selection_is_invalid_argument(stub, served_model, two_faces, f
 def test_stream_of_full_frames_has_smoother_landmarks_than_detection(stub, served_model, franck):
     replies, smoothed = stream_one_face(stub, served_model, franck)
     assert all(image_of(r.response).shape == franck[0].shape for r in replies)
-    hog = F.FaceDetector("hog")
-    detected = np.stack([hog.detect(frame)[0].landmarks for frame in franck])
+    detector = server_detector()
+    detected = np.stack([detector.detect(frame)[0].landmarks for frame in franck])
     np.testing.assert_allclose(smoothed[0], detected[0], atol=1e-3)  # a track starts at its first detection
     jitter = np.abs(np.diff(smoothed, axis=0)).mean()
     raw_jitter = np.abs(np.diff(detected, axis=0)).mean()
@@ -254,7 +260,7 @@ def test_full_frame_swap_with_five_point_landmarks(five_point_stub, served_model
     reply = five_point_stub.Swap(frame_request(served_model, frame, return_mask=True), timeout=60)
     out = image_of(reply)
     (face,) = reply.faces
-    expected = F.FaceDetector("hog", landmarks="5").detect(frame)[0]
+    expected = server_detector(landmarks="5").detect(frame)[0]
     box = (face.box.x0, face.box.y0, face.box.x1, face.box.y1)
     assert box == expected.box and face.swapped
     np.testing.assert_allclose(landmarks_of(face), expected.landmarks, atol=1e-3)  # the 5 points, as aligned on
@@ -271,8 +277,8 @@ def test_full_frame_swap_with_five_point_landmarks(five_point_stub, served_model
 
 def test_stream_of_full_frames_with_five_point_landmarks(five_point_stub, served_model, franck):
     _, smoothed = stream_one_face(five_point_stub, served_model, franck)
-    hog5 = F.FaceDetector("hog", landmarks="5")
-    detected = np.stack([hog5.detect(frame)[0].landmarks for frame in franck])
+    five = server_detector(landmarks="5")
+    detected = np.stack([five.detect(frame)[0].landmarks for frame in franck])
     assert smoothed.shape == (10, 5, 2)
     np.testing.assert_allclose(smoothed[0], detected[0], atol=1e-3)  # a track starts at its first detection
     assert np.abs(smoothed - detected).mean() < 2.0  # smoothed, not frozen
@@ -297,7 +303,8 @@ def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_an
 
     frame = franck[0]
     out = image_of(stub.Swap(frame_request(served_model, frame), timeout=60))
-    face = F.FaceDetector("hog").detect(frame)[0]
+    detector = server_detector()
+    face = detector.detect(frame)[0]
     size = served_model.resolution
     crop, matrix = alignment.align(frame, face, size, ALIGN_MARGIN)
     aligned = stub.Swap(pb.SwapRequest(
@@ -307,8 +314,9 @@ def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_an
     swapped = image_of(aligned)
     points = alignment.transform_points(face.landmarks, matrix)
     hull = blending.face_mask(size, points, ALIGN_MARGIN)
-    expected = {keep: blending.paste_back(frame, finish_face(crop, swapped, hull, points, ALIGN_MARGIN, keep), hull, matrix,
-                                   BLEND_FEATHER) for keep in (blending.KEEP_SHAPE, 0.0)}
+    expected = {keep: blending.paste_back(frame, finish_face(crop, swapped, hull, points, ALIGN_MARGIN, keep,
+                                                             detector.crop_landmarks), hull, matrix, BLEND_FEATHER)
+                for keep in (blending.KEEP_SHAPE, 0.0)}
     assert np.abs(out.astype(int) - expected[blending.KEEP_SHAPE]).max() <= 1
     assert np.abs(out.astype(int) - expected[0.0]).max() > 10  # without the bend the face would differ
     unbent = image_of(stub.Swap(frame_request(served_model, frame, keep_shape=0.0), timeout=60))  # per request
