@@ -99,7 +99,7 @@ def train_timed(cmd: list[str], run_dir: Path) -> None:
             process.wait()
         _record(run_dir, time.perf_counter() - started, None, "wall clock (interrupted)")
         raise
-    summary = read_summary(run_dir)  # train rewrites it as it starts: a finished one is this session's
+    summary = read_summary(run_dir)  # train rewrites it as it starts: a finished one is this run's
     if code == 0 and summary is not None and summary.stopped is not None:
         _record(run_dir, summary.seconds, summary.steps_trained, "train")
     else:
