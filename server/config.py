@@ -39,7 +39,7 @@ class ServerConfig:
     # One worker gives the lowest latency for a lone call (all cores on one batch); two give more throughput under
     # load on a CPU (see backends/onnxruntime.py).
     inference_workers: int = setting(0, "batches of one (model, target) run at once, each on its own backend "
-                                     "instance (0: the backend's default, 2 for onnxruntime, 1 on a GPU)")
+                                     "instance (0: the backend's default: 2 for onnxruntime and torch-cuda, else 1)")
     intra_op_threads: int = setting(0, "CPU threads per inference call (0: the cores shared out among the workers)")
     max_message_mb: int = setting(16, "largest request or response message, MiB; bigger ones get RESOURCE_EXHAUSTED")
     max_image_side: int = setting(4096, "largest accepted image side, pixels (read from the header before decoding)")

@@ -317,7 +317,8 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
 
     # Colour jitter first (pointwise, so it commutes with the geometry); applied to input and target alike.
     if config.contrast or config.brightness or config.saturation:
-        gray = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        # Luma from Python scalars: a torch.tensor(..., device=cuda) here would be a blocking copy every step.
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # (B, 1, R, R)
         sat = 1 + uniform(-config.saturation, config.saturation, batch, 1, 1, 1)
         x = gray + (x - gray) * sat
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
