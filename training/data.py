@@ -391,6 +391,15 @@ def _sampling_grids(config: AugmentConfig, batch: int, side: int, device: torch.
     return grid, grid + offsets.permute(0, 2, 3, 1)  # offsets: (B, 2, R, R)
 
 
+def grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Dilation of (B, 1, R, R) by a (2 radius + 1)-pixel square: a max over rows, then over columns -- the same
+    numbers as one square max_pool2d, at 2 (2 radius + 1) comparisons per pixel instead of (2 radius + 1)^2 (a 27 px
+    square at 128 px took a sixth of a CPU training step)."""
+    side = 2 * radius + 1
+    rows = F.max_pool2d(mask, (1, side), stride=1, padding=(0, radius))
+    return F.max_pool2d(rows, (side, 1), stride=1, padding=(radius, 0))
+
+
 def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
                    config: AugmentConfig) -> torch.Tensor:
     """Gives the input's face (and what surrounds it: hair, neck) a random colour; the target keeps the true one.
@@ -407,7 +416,7 @@ def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Ge
     """
     batch, _, side, _ = inputs.shape
     radius = max(1, round(config.face_color_grow * side))
-    region = F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)  # grow into hair and neck
+    region = grow(mask, radius)  # into hair and neck
     region = F.avg_pool2d(region, 5, stride=1, padding=2, count_include_pad=False)  # soft edge, no seam
     device = inputs.device
     chosen = to_device((torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float(), device)
