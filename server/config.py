@@ -32,7 +32,7 @@ class ServerConfig:
     backend: str = setting("onnxruntime", "inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, or auto "
                            "(tensorrt, else torch-cuda, else onnxruntime)")
     max_batch: int = setting(16, "largest batch the dynamic batcher forms per (model, target)")
-    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch, ms")
+    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch while another runs, ms")
     max_queue: int = setting(256, "requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED")
     engine_cache_dir: str = setting("", "TensorRT engine cache (empty: <model-dir>/.engines); engines are built on a "
                                     "miss")
