@@ -17,8 +17,8 @@
 #   bench/gpu.sh --real [--data DIR] [--out D] # the real pair (bench/gpu_real.py, ~8 min): the gpu-128 model
 #                                              #   trained on DIR's faces, its swaps of the held-out ones to --out
 #                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
-#   bench/gpu.sh --all [--out DIR]             # one window: serving (.gpubench -> DIR/serve) then the real pair
-#                                              #   (.gpureal -> DIR/real), everything done within
+#   bench/gpu.sh --all [--out DIR]             # one window: serving (--data, .gpubench -> DIR/serve) then the real
+#                                              #   pair (--real-data, .gpureal -> DIR/real), everything done within
 #                                              #   FACETWIN_BENCH_BUDGET_S (570) seconds; shorter serving rounds
 #                                              #   (2 x 2 s) and 150 s of training unless set (--smoke: CPU)
 #
@@ -34,7 +34,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-mode=run data="" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real=""
+mode=run data="" real_data=".gpureal" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --prepare) prepare=1; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
@@ -44,6 +44,7 @@ while [[ $# -gt 0 ]]; do
         --train) mode=train ;;
         --all) mode=all ;;
         --data) data="$2"; shift ;;
+        --real-data) real_data="$2"; shift ;;
         --out) out="$2"; shift ;;
         --work) work="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo pipefail/{/^set/!p}' "$0"; exit 0 ;;
@@ -66,8 +67,7 @@ elif [[ -n "$prepare" ]]; then
     exec "$PY" bench/gpu_bench.py prepare "${prepare_dir:-.gpubench}" $no_wheels
 fi
 [[ -n "$data" ]] || { [[ "$mode" == real ]] && data=".gpureal" || data=".gpubench"; }
-real_data=".gpureal"  # --all: the real pair's faces (--data names the serving folder)
-[[ "$mode" == real ]] && real_data="$data"
+[[ "$mode" == real ]] && real_data="$data"  # --all: --data is the serving folder, --real-data the faces
 if [[ "$mode" == all ]]; then  # one deadline for both halves; shorter serving rounds unless asked otherwise
     export FACETWIN_BENCH_DEADLINE="$(( $(date +%s) + ${FACETWIN_BENCH_BUDGET_S:-570} ))"
     export FACETWIN_BENCH_REPEATS="${FACETWIN_BENCH_REPEATS:-2}" FACETWIN_BENCH_SECONDS="${FACETWIN_BENCH_SECONDS:-2}"

@@ -212,3 +212,16 @@ def test_gpu_real_smoke_prepares_here_trains_there_and_scores_back_here(clmtrack
     missing = subprocess.run([str(GPU_SH), "--real", "--smoke", "--data", str(tmp_path / "nothing"), "--out",
                               str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 2 and "--real --prepare" in missing.stderr and "Traceback" not in missing.stderr
+
+    # --all, the one-window run: serving then these faces under one deadline. With 1 s the bundles still get built,
+    # then every timed phase of both halves is skipped with the reason, and both summaries are still written.
+    both = subprocess.run([str(GPU_SH), "--all", "--smoke", "--data", str(tmp_path / "no-frames"), "--real-data",
+                           str(data), "--out", str(tmp_path / "all"), "--work", str(tmp_path / "all-work")],
+                          capture_output=True, text=True, env={**env, "FACETWIN_BENCH_BUDGET_S": "1"}, timeout=240)
+    assert both.returncode == 0, both.stdout[-4000:] + both.stderr[-4000:]
+    serve = json.loads((tmp_path / "all" / "serve" / "summary.json").read_text())
+    real_half = json.loads((tmp_path / "all" / "real" / "summary.json").read_text())
+    assert serve["phases"]["bundles"]["status"] == "ok" and real_half["bench"] == "gpu-real"
+    timed = [p for n, p in serve["phases"].items() if n.startswith(("model_only", "serve"))]
+    timed += list(real_half["phases"].values())
+    assert timed and all(p["status"] == "skipped" and "out of time" in p["reason"] for p in timed)
