@@ -251,6 +251,8 @@ def print_summary(summary: dict[str, Any]) -> None:
                            for b, r in model_only.get("backends", {}).items()) or "not measured"
         print(f"  model-only {name} ({bundle.get('resolution')} px, {bundle.get('swap_graph_params_m')} M params): "
               f"{speeds}")
+        for backend, error in model_only.get("failed", {}).items():  # the others still ran
+            print(f"    {backend} FAILED: {error}")
     print(f"  {'target (128 px model)':28s} {'measured':>10s} {'goal':>8s}")
     for name, t in summary["targets"].items():
         value = "-" if t["value"] is None else f"{t['value']:,.2f}"

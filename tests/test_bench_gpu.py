@@ -36,6 +36,29 @@ def test_load_split_spreads_calls_over_client_processes():
     assert sum(load.split(256, 4)) == 256
 
 
+def test_model_only_bench_records_a_failing_backend_and_measures_the_others(tiny_model_dir, tmp_path):
+    """One backend failing (here torch-cpu: the manifest's model config no longer fits the weights it rebuilds the
+    model from; ONNX Runtime does not read them) must not lose the others' numbers: its error is recorded, the rest
+    run, and the JSON is written."""
+    import shutil
+
+    bundle = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir / "tiny", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["model_config"]["latent"] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_backends.py"), "--model-dir", str(bundle.parent),
+                          "--backends", "torch-cpu,onnxruntime", "--quick", "--latency-calls", "5", "--json",
+                          str(report)], capture_output=True, text=True, env=_bench_env(), timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert "does not fit the manifest's model_config" in result["failed"]["torch-cpu"]
+    assert "FAILED: " in run.stdout
+    assert set(result["backends"]) == {"onnxruntime"}
+    assert result["backends"]["onnxruntime"]["throughput_faces_per_s"]["1"] > 0
+
+
 @pytest.mark.slow
 def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     env = _bench_env()
