@@ -205,8 +205,8 @@ class ModelConfig:
 
         The encoder halves the face down to 8 px with widths encoder_width x 1, 2, 4, ... (128 px: 4 convs,
         256 px: 5), so the dense bottleneck (8 x 8 x last width -> latent -> back) has the same size at every
-        resolution; its Upscale gives the decoders 16 px at decoder_width x 8 channels, and each decoder Upscale
-        doubles the side and halves the width down to decoder_width at full resolution, each followed by
+        resolution; its Upscale gives the decoders 16 px at decoder_width x 8 channels (x 4 at 64 px), and each
+        decoder Upscale doubles the side and halves the width down to decoder_width at full resolution, each followed by
         `residual_blocks` ResidualBlocks. The defaults are the GPU model at 128 px: 111 M parameters per swap
         graph, like the reference classic autoencoder (convs 128-256-512-1024, dense bottleneck, pixel-shuffle
         decoder) measured on an H200.

@@ -5,8 +5,8 @@ filled round-robin across callers, so one busy stream cannot starve everyone els
 
 When a batch goes:
 * while no batch is running, at once, with whatever is queued: a lone request never waits for company that
-  nothing is sending (waiting max_delay_s here cost every lone call 2 ms: a quarter of the 2-core CPU host's
-  lone-call p50, and alone more than a GPU's 2 ms p50 target);
+  nothing is sending (waiting max_delay_s there would add 2 ms to every lone call: a quarter of the 2-core CPU
+  host's lone-call p50, and alone as much as a GPU's 2 ms p50 target);
 * while batches run, the next one forms: it goes when it is full, or when a worker is free and its oldest request
   has waited `max_delay_s` (only with several workers; with one, a free worker means nothing runs). Most batching
   under load comes from here. Not at once whenever a worker is free: while the other worker runs, the free one

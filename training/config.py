@@ -43,8 +43,8 @@ PRESET_MODELS: dict[str, Callable[[Sequence[str]], ModelConfig]] = {
     "demo": ModelConfig.demo,
     "tiny": ModelConfig.tiny,
     "full": ModelConfig.original,
-    # The demo model's widths one halving deeper (128 -> 8 px), a ResidualBlock after each decoder Upscale and the
-    # demo's shared trunk (16 -> 64 px): 4.9 M parameters.
+    # The demo model's widths at 128 px (its four halvings end at 8 px, not 4: the code reads a finer map), one
+    # more Upscale, a ResidualBlock after each, and the demo's shared trunk (16 -> 64 px): 4.9 M parameters.
     "cpu-128": functools.partial(ModelConfig.residual, resolution=128, encoder_width=32, decoder_width=16,
                                  latent=64, shared_upscales=2),
     "gpu-128": functools.partial(ModelConfig.residual, resolution=128),  # 119 M parameters, 111 M per swap graph
