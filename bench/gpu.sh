@@ -20,15 +20,16 @@
 #   bench/gpu.sh --all [--out DIR]             # one window: serving (--data, .gpubench -> DIR/serve) then the real
 #                                              #   pair (--real-data, .gpureal -> DIR/real), everything done within
 #                                              #   FACETWIN_BENCH_BUDGET_S (570) seconds; shorter serving rounds
-#                                              #   (2 x 2 s) and 150 s of training unless set (--smoke: CPU)
+#                                              #   (2 x 2 s), no 256 px bundle and 150 s of training unless set
+#                                              #   (--smoke: CPU)
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
 # FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
 # FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360),
-# FACETWIN_BENCH_REPEATS (3 serving rounds), FACETWIN_BENCH_BUDGET_S (--all: 570), FACETWIN_BENCH_DEADLINE (a Unix
-# time no phase runs past; --all sets it from the budget).
+# FACETWIN_BENCH_REPEATS (3 serving rounds), FACETWIN_BENCH_BUNDLES (gpu128,gpu256,demo64), FACETWIN_BENCH_BUDGET_S
+# (--all: 570), FACETWIN_BENCH_DEADLINE (a Unix time no phase runs past; --all sets it from the budget).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,6 +73,7 @@ if [[ "$mode" == all ]]; then  # one deadline for both halves; shorter serving r
     export FACETWIN_BENCH_DEADLINE="$(( $(date +%s) + ${FACETWIN_BENCH_BUDGET_S:-570} ))"
     export FACETWIN_BENCH_REPEATS="${FACETWIN_BENCH_REPEATS:-2}" FACETWIN_BENCH_SECONDS="${FACETWIN_BENCH_SECONDS:-2}"
     export FACETWIN_BENCH_REAL_SECONDS="${FACETWIN_BENCH_REAL_SECONDS:-150}"
+    export FACETWIN_BENCH_BUNDLES="${FACETWIN_BENCH_BUNDLES:-gpu128,demo64}"  # the 256 px export takes a minute
 fi
 
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"

@@ -102,21 +102,27 @@ def smoke_plan() -> Plan:
                 timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
 
 
-def model_configs(mode: str) -> dict[str, Any]:
-    """name -> ModelConfig of the bundles. Smoke: the same families at the same resolutions with tiny widths."""
+def model_configs(mode: str, only: str | None = None) -> dict[str, Any]:
+    """name -> ModelConfig of the bundles (`only`: a comma-separated subset, which must hold the served one). Smoke:
+    the same families at the same resolutions with tiny widths."""
     from facetwin.core.model import ModelConfig
     from facetwin.training.config import PRESET_MODELS
 
     if mode == "smoke":
         tiny = {"encoder_width": 4, "decoder_width": 4, "latent": 16}
-        return {"gpu128": ModelConfig.residual(IDENTITIES, 128, **tiny),
-                "gpu256": ModelConfig.residual(IDENTITIES, 256, **tiny),
-                "demo64": ModelConfig(identities=IDENTITIES, resolution=64, encoder_widths=(8, 16, 32), latent=16,
-                                      encoder_upscale_width=16, decoder_widths=(16, 8))}
-    # gpu-128: convs 128-256-512-1024 to 8 px, latent 512, pixel-shuffle decoder with residual blocks: 111 M parameters
-    # per swap graph, the reference's size; gpu-256 one halving and one Upscale more (125 M).
-    return {"gpu128": PRESET_MODELS["gpu-128"](IDENTITIES), "gpu256": PRESET_MODELS["gpu-256"](IDENTITIES),
-            "demo64": ModelConfig.demo(IDENTITIES)}
+        configs = {"gpu128": ModelConfig.residual(IDENTITIES, 128, **tiny),
+                   "gpu256": ModelConfig.residual(IDENTITIES, 256, **tiny),
+                   "demo64": ModelConfig(identities=IDENTITIES, resolution=64, encoder_widths=(8, 16, 32), latent=16,
+                                         encoder_upscale_width=16, decoder_widths=(16, 8))}
+    else:
+        # gpu-128: convs 128-256-512-1024 to 8 px, latent 512, pixel-shuffle decoder with residual blocks: 111 M
+        # parameters per swap graph, the reference's size; gpu-256 one halving and one Upscale more (125 M).
+        configs = {"gpu128": PRESET_MODELS["gpu-128"](IDENTITIES), "gpu256": PRESET_MODELS["gpu-256"](IDENTITIES),
+                   "demo64": ModelConfig.demo(IDENTITIES)}
+    names = [name.strip() for name in only.split(",")] if only else list(configs)
+    if SERVED not in names or not set(names) <= set(configs):
+        raise ValueError(f"FACETWIN_BENCH_BUNDLES {only!r}: choose from {', '.join(configs)}, {SERVED} included")
+    return {name: configs[name] for name in names}
 
 
 def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -301,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. Bundles (training/export code, no downloads), each in its own model folder so a server loads only it.
     t0 = time.perf_counter()
     try:
-        for name, config in model_configs(plan.mode).items():
+        for name, config in model_configs(plan.mode, os.environ.get("FACETWIN_BENCH_BUNDLES")).items():
             summary["bundles"][name] = build_untrained_bundle(config, name, work / f"models-{name}", work / f"run-{name}")
             print(f"[bundles] {name}: {summary['bundles'][name]['swap_graph_params_m']} M params, "
                   f"{summary['bundles'][name]['build_s']} s", flush=True)
