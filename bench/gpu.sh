@@ -73,7 +73,7 @@ if [[ "$mode" == all ]]; then  # one deadline for both halves; shorter serving r
     export FACETWIN_BENCH_DEADLINE="$(( $(date +%s) + ${FACETWIN_BENCH_BUDGET_S:-570} ))"
     export FACETWIN_BENCH_REPEATS="${FACETWIN_BENCH_REPEATS:-2}" FACETWIN_BENCH_SECONDS="${FACETWIN_BENCH_SECONDS:-2}"
     export FACETWIN_BENCH_REAL_SECONDS="${FACETWIN_BENCH_REAL_SECONDS:-150}"
-    export FACETWIN_BENCH_BUNDLES="${FACETWIN_BENCH_BUNDLES:-gpu128,demo64}"  # the 256 px export takes a minute
+    export FACETWIN_BENCH_BUNDLES="${FACETWIN_BENCH_BUNDLES:-gpu128,demo64}"  # the 256 px bundle: the largest export
 fi
 
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
