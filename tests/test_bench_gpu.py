@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "bench" / "gpu.sh"
-PHASE_FILES = ("model_only_ref128.json", "model_only_demo64.json", "serve_ref128.json")
+BUNDLES = {"gpu128": 128, "gpu256": 256, "demo64": 64}  # name -> resolution
+PHASE_FILES = (*(f"model_only_{name}.json" for name in BUNDLES), "serve_gpu128.json")
 TARGETS = ("served_over_model_only", "single_stream_p50_ms", "single_stream_p99_ms", "full_frame_aggregate_fps",
            "full_frame_one_stream_fps")
 
@@ -33,6 +34,29 @@ def test_load_split_spreads_calls_over_client_processes():
     assert load.split(10, 4) == [3, 3, 2, 2]
     assert load.split(1, 4) == [1]  # never an idle client process
     assert sum(load.split(256, 4)) == 256
+
+
+def test_model_only_bench_records_a_failing_backend_and_measures_the_others(tiny_model_dir, tmp_path):
+    """One backend failing (here torch-cpu: the manifest's model config no longer fits the weights it rebuilds the
+    model from; ONNX Runtime does not read them) must not lose the others' numbers: its error is recorded, the rest
+    run, and the JSON is written."""
+    import shutil
+
+    bundle = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir / "tiny", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["model_config"]["latent"] += 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    report = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_backends.py"), "--model-dir", str(bundle.parent),
+                          "--backends", "torch-cpu,onnxruntime", "--quick", "--latency-calls", "5", "--json",
+                          str(report)], capture_output=True, text=True, env=_bench_env(), timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert "does not fit the manifest's model_config" in result["failed"]["torch-cpu"]
+    assert "FAILED: " in run.stdout
+    assert set(result["backends"]) == {"onnxruntime"}
+    assert result["backends"]["onnxruntime"]["throughput_faces_per_s"]["1"] > 0
 
 
 @pytest.mark.slow
@@ -64,14 +88,14 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
         assert key in host
     assert summary["plan"]["serve_backend"] == "onnxruntime"
 
-    assert set(summary["bundles"]) == {"ref128", "demo64"}
-    assert summary["bundles"]["ref128"]["resolution"] == 128 and summary["bundles"]["demo64"]["resolution"] == 64
+    assert {name: bundle["resolution"] for name, bundle in summary["bundles"].items()} == BUNDLES
+    assert summary["bundles"]["gpu256"]["model_config"]["residual_blocks"] == 1  # the residual family, tiny widths
     for bundle in summary["bundles"].values():
         assert bundle["trained"] is False and "untrained" in bundle["note"]
         assert Path(bundle["path"]).is_relative_to(work)  # bundles stay out of the JSON folder
 
     max_batch = summary["plan"]["max_batch"]
-    for name in ("ref128", "demo64"):
+    for name in BUNDLES:
         backends = summary["model_only"][name]["backends"]
         assert set(backends) == {"torch-cpu", "onnxruntime"}
         for result in backends.values():
@@ -111,6 +135,36 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     assert written == sorted(["summary.json", *PHASE_FILES, *(["full_frame.json"] if has_frames else [])])
     # Small enough to copy back from a GPU host: a few files, each far under 16 MiB.
     assert len(written) <= 8 and all((out / name).stat().st_size < 1 << 20 for name in written)
+
+
+def _gpu_bench_module():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_phase_never_runs_past_the_deadline(tmp_path, monkeypatch):
+    """`bench/gpu.sh --all` must end inside one device window: each phase's time limit shrinks to what is left, a
+    phase with too little left is skipped with the reason, and a phase that overruns is stopped and reported."""
+    import time
+
+    gpu_bench = _gpu_bench_module()
+    log, result = tmp_path / "log", tmp_path / "result.json"
+    log.write_text("")
+    write = [sys.executable, "-c", f"import json; json.dump({{'ok': 1}}, open({str(result)!r}, 'w'))"]
+    monkeypatch.delenv(gpu_bench.DEADLINE_ENV, raising=False)
+    assert gpu_bench.time_left() == float("inf")
+    assert gpu_bench.run_phase("fine", write, 60, log, result) == {"status": "ok", "seconds": pytest.approx(0, abs=30),
+                                                                    "result": {"ok": 1}}
+    monkeypatch.setenv(gpu_bench.DEADLINE_ENV, str(time.time() + 5))
+    skipped = gpu_bench.run_phase("late", write, 60, log, tmp_path / "never.json")
+    assert skipped["status"] == "skipped" and "left before FACETWIN_BENCH_DEADLINE" in skipped["reason"]
+    monkeypatch.setenv(gpu_bench.DEADLINE_ENV, str(time.time() + gpu_bench.MIN_PHASE_S + 3))
+    slow = gpu_bench.run_phase("slow", [sys.executable, "-c", "import time; time.sleep(60)"], 600, log,
+                               tmp_path / "never.json")
+    assert slow["status"] == "failed" and slow["error"].startswith("timed out after 2")  # ~23 s, not 600
 
 
 @pytest.mark.slow
@@ -181,3 +235,16 @@ def test_gpu_real_smoke_prepares_here_trains_there_and_scores_back_here(clmtrack
     missing = subprocess.run([str(GPU_SH), "--real", "--smoke", "--data", str(tmp_path / "nothing"), "--out",
                               str(tmp_path / "o2")], capture_output=True, text=True, env=env, timeout=60)
     assert missing.returncode == 2 and "--real --prepare" in missing.stderr and "Traceback" not in missing.stderr
+
+    # --all, the one-window run: serving then these faces under one deadline. With 1 s the bundles still get built,
+    # then every timed phase of both halves is skipped with the reason, and both summaries are still written.
+    both = subprocess.run([str(GPU_SH), "--all", "--smoke", "--data", str(tmp_path / "no-frames"), "--real-data",
+                           str(data), "--out", str(tmp_path / "all"), "--work", str(tmp_path / "all-work")],
+                          capture_output=True, text=True, env={**env, "FACETWIN_BENCH_BUDGET_S": "1"}, timeout=240)
+    assert both.returncode == 0, both.stdout[-4000:] + both.stderr[-4000:]
+    serve = json.loads((tmp_path / "all" / "serve" / "summary.json").read_text())
+    real_half = json.loads((tmp_path / "all" / "real" / "summary.json").read_text())
+    assert serve["phases"]["bundles"]["status"] == "ok" and real_half["bench"] == "gpu-real"
+    timed = [p for n, p in serve["phases"].items() if n.startswith(("model_only", "serve"))]
+    timed += list(real_half["phases"].values())
+    assert timed and all(p["status"] == "skipped" and "out of time" in p["reason"] for p in timed)

@@ -138,8 +138,9 @@ def split(
 def train(
     data: Optional[Path] = typer.Option(None, help="data set folder (from `facetwin-train synth`)"),
     out: Optional[Path] = typer.Option(None, help="run folder for checkpoint.pt and config.json"),
-    preset: str = typer.Option("demo", help="demo (CPU demo quality, minutes), tiny (seconds, tests) or full (the 2017 "
-                                "deepfakes model at 64 px, 82 M parameters: GPU hosts)"),
+    preset: str = typer.Option("demo", help="demo (CPU demo quality, minutes), tiny (seconds, tests), full (the 2017 "
+                                "deepfakes model at 64 px, 82 M parameters: GPU hosts), cpu-128 (128 px on a CPU), "
+                                "gpu-128 or gpu-256 (128 / 256 px, 119 / 147 M parameters: GPU hosts)"),
     steps: Optional[int] = typer.Option(None, min=1, help="override the preset's number of steps"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="override the preset's faces per identity per step "
                                             "(per process under torchrun)"),

@@ -4,10 +4,11 @@ learning-rate schedule the settings describe."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from facetwin.core.bundle import VARIANTS
 from facetwin.core.model import ModelConfig
@@ -28,8 +29,29 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # Its gradient norm (median 1.39, 99th percentile 2.4 over its first 319 steps on a CPU) clips at ~3x its
     # median, as the demo's (median 0.8) does at 2.
     "full": {"steps": 100_000, "batch_size": 16, "lr": 2e-4, "checkpoint_every": 2000, "grad_clip": 4.0},
+    # 128 px on 2 CPU cores (ModelConfig.residual at the demo's widths; see PRESET_MODELS): the demo's recipe at half
+    # its learning rate. At the demo's 1e-3 the model trained well on the real pair for 3,000 steps, then ran away
+    # (gradient norm 0.6 -> 1.6 -> 124 within 60 steps, saturated masks, loss 0.07 -> 1.5 and stuck there).
+    "cpu-128": {"steps": 9000, "lr": 5e-4, "checkpoint_every": 1000},
+    # A GPU host at 128 / 256 px: the residual family at the reference autoencoder's size, trained as the full
+    # preset's 2017 model is (its lr and clipping; a wide code diverges at the demo's lr 1e-3), at batches a GPU
+    # fills. Never trained on a GPU yet.
+    "gpu-128": {"steps": 100_000, "batch_size": 32, "lr": 2e-4, "checkpoint_every": 2000, "grad_clip": 4.0},
+    "gpu-256": {"steps": 100_000, "batch_size": 16, "lr": 2e-4, "checkpoint_every": 2000, "grad_clip": 4.0},
 }
 PRESETS = tuple(PRESET_OVERRIDES)
+# The model each preset trains, for a data set's identities.
+PRESET_MODELS: dict[str, Callable[[Sequence[str]], ModelConfig]] = {
+    "demo": ModelConfig.demo,
+    "tiny": ModelConfig.tiny,
+    "full": ModelConfig.original,
+    # The demo model's widths at 128 px (its four halvings end at 8 px, not 4: the code reads a finer map), one
+    # more Upscale, a ResidualBlock after each, and the demo's shared trunk (16 -> 64 px): 4.9 M parameters.
+    "cpu-128": functools.partial(ModelConfig.residual, resolution=128, encoder_width=32, decoder_width=16,
+                                 latent=64, shared_upscales=2),
+    "gpu-128": functools.partial(ModelConfig.residual, resolution=128),  # 119 M parameters, 111 M per swap graph
+    "gpu-256": functools.partial(ModelConfig.residual, resolution=256, encoder_width=64),  # 147 M, 125 M per graph
+}
 
 
 @dataclass
@@ -38,7 +60,8 @@ class TrainConfig:
 
     data_dir: str  # data set folder (synth layout with index.json)
     out_dir: str  # run folder (run_folder.py): checkpoint.pt, config.json, train_summary.json
-    # "demo" (CPU demo quality), "tiny" (tests: seconds) or "full" (GPU hosts); picks the model when model is None
+    # "demo" (CPU demo quality), "tiny" (tests: seconds), "full" (the 2017 model, GPU hosts), "cpu-128" (128 px on a
+    # CPU), "gpu-128" or "gpu-256" (128 / 256 px, GPU hosts); picks the model when model is None
     preset: str = "demo"
     # Total optimizer steps (a resume continues to this): the demo model's 6,000 took 334 s on 2 idle cores in bf16.
     steps: int = 6000
@@ -106,14 +129,9 @@ class TrainConfig:
 
 def preset_model(preset: str, identities: list[str] | tuple[str, ...], variant: str = "ae") -> ModelConfig:
     """The model a preset trains for these identities, as `variant`."""
-    if preset == "tiny":
-        config = ModelConfig.tiny(identities)
-    elif preset == "demo":
-        config = ModelConfig.demo(identities)
-    elif preset == "full":
-        config = ModelConfig.original(identities)
-    else:
+    if preset not in PRESET_MODELS:
         raise ValueError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
+    config = PRESET_MODELS[preset](identities)
     if variant == config.variant:
         return config
     shared = 0 if variant == "cyclegan" else config.shared_upscales  # cyclegan's generators share nothing

@@ -317,7 +317,8 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
 
     # Colour jitter first (pointwise, so it commutes with the geometry); applied to input and target alike.
     if config.contrast or config.brightness or config.saturation:
-        gray = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        # Luma from Python scalars: a torch.tensor(..., device=cuda) here would be a blocking copy every step.
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # (B, 1, R, R)
         sat = 1 + uniform(-config.saturation, config.saturation, batch, 1, 1, 1)
         x = gray + (x - gray) * sat
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -390,6 +391,15 @@ def _sampling_grids(config: AugmentConfig, batch: int, side: int, device: torch.
     return grid, grid + offsets.permute(0, 2, 3, 1)  # offsets: (B, 2, R, R)
 
 
+def grow(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Dilation of (B, 1, R, R) by a (2 radius + 1)-pixel square: a max over rows, then over columns -- the same
+    numbers as one square max_pool2d, at 2 (2 radius + 1) comparisons per pixel instead of (2 radius + 1)^2 (a 27 px
+    square at 128 px took a sixth of a CPU training step)."""
+    side = 2 * radius + 1
+    rows = F.max_pool2d(mask, (1, side), stride=1, padding=(0, radius))
+    return F.max_pool2d(rows, (side, 1), stride=1, padding=(radius, 0))
+
+
 def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
                    config: AugmentConfig) -> torch.Tensor:
     """Gives the input's face (and what surrounds it: hair, neck) a random colour; the target keeps the true one.
@@ -406,7 +416,7 @@ def _recolour_face(inputs: torch.Tensor, mask: torch.Tensor, generator: torch.Ge
     """
     batch, _, side, _ = inputs.shape
     radius = max(1, round(config.face_color_grow * side))
-    region = F.max_pool2d(mask, 2 * radius + 1, stride=1, padding=radius)  # grow into hair and neck
+    region = grow(mask, radius)  # into hair and neck
     region = F.avg_pool2d(region, 5, stride=1, padding=2, count_include_pad=False)  # soft edge, no seam
     device = inputs.device
     chosen = to_device((torch.rand(batch, 1, 1, 1, generator=generator) < config.face_color).float(), device)

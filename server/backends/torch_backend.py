@@ -6,7 +6,12 @@ pickle), so they serve exactly the weights the ONNX graphs were exported from:
 * ``torch-cuda``: fp16, channels_last, one CUDA graph per batch-size bucket (powers of two up to the server's
   max batch). A graph replays a whole forward pass with a single launch, which is what makes small batches
   fast on a GPU; inputs are padded up to the bucket and outputs sliced back. Host<->device copies go through
-  pinned buffers so they run asynchronously on the backend's own stream.
+  pinned buffers so they run asynchronously on the backend's own stream. The server runs two instances per
+  target (``default_workers``), each with its own stream, pinned buffers and graphs: a batch's work on the CPU
+  (uint8 -> float, filling the pinned buffer, waiting for the stream, float -> uint8) then overlaps the other
+  instance's work on the GPU, which one instance would leave idle in between. Graphs are captured in the
+  thread-local error mode, so a capture does not fail CUDA calls that other threads make meanwhile (a model
+  loading while another already serves).
 * ``torch-cpu``: fp32, eager. Mostly here so the same rebuild path is exercised on machines without a GPU.
 
 torch is imported lazily: the ``server`` extra does not install it, and importing this module must stay free.
@@ -170,7 +175,9 @@ class TorchBackend(Backend):
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
             graph = torch.cuda.CUDAGraph()
             # Each bucket gets its own memory pool: graphs replay in any order, so they must not share one.
-            with torch.cuda.graph(graph, stream=self._stream):
+            # thread_local: only this thread's unsafe calls abort the capture; the global default would make every
+            # other thread's CUDA calls fail while it lasts (another model's workers serving meanwhile).
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 self._outputs[bucket] = self._forward(static_in)
             self._stream.synchronize()
         self._graphs[bucket] = graph
@@ -243,6 +250,8 @@ class TorchCudaBackend(TorchBackend):
     device_type = "cuda"
     dtype_name = "float16"
     use_cuda_graphs = True
+    # Two instances, two streams: one batch's host work overlaps the other's GPU work (module docstring).
+    default_workers = 2
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

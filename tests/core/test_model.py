@@ -18,6 +18,7 @@ from facetwin.core.model import (
     FaceSwapAutoencoder,
     ModelConfig,
     ModelConfigError,
+    ResidualBlock,
     SwapGraph,
     build_discriminators,
     build_model,
@@ -175,12 +176,77 @@ def test_fresh_model_is_not_a_constant_grey(tiny):
     ({"shared_upscales": -1}, "shared_upscales must be an integer from 0 to 2"),
     ({"shared_upscales": 1.5}, "shared_upscales must be an integer"),
     ({"variant": "cyclegan", "shared_upscales": 1}, "share nothing"),
+    ({"residual_blocks": -1}, "residual_blocks must be an integer from 0 to 8"),
+    ({"residual_blocks": 1.0}, "residual_blocks must be an integer"),
 ])
 def test_inconsistent_configs_are_refused_with_a_reason(changes, message):
     values = {**ModelConfig.tiny(["ada", "ben"]).to_dict(), **changes}
     with pytest.raises(ModelConfigError, match=message):
         ModelConfig(**values)
     assert issubclass(ModelConfigError, ValueError)  # callers (the CLI) treat it as a user error
+
+
+def small_residual(resolution: int, **changes) -> ModelConfig:
+    """The residual family at a real resolution with tiny widths: shapes and cost of the real thing, test speed."""
+    return ModelConfig.residual(NAMES[:2], resolution, **{"encoder_width": 4, "decoder_width": 4, "latent": 16,
+                                                          **changes})
+
+
+@pytest.mark.parametrize("resolution, encoder, decoder", [
+    # 128 px: four stride-2 convs down to 8 px; the encoder's Upscale gives 16 px; three decoder Upscales to 128.
+    (128, (4, 8, 16, 32), (16, 8, 4)),
+    # 256 px: one more halving and one more Upscale; the widths stop doubling at 8x (the 16 px input stays 32 wide).
+    (256, (4, 8, 16, 32, 64), (32, 16, 8, 4)),
+])
+def test_the_residual_family_bottlenecks_at_8_px_and_upscales_with_residual_blocks(resolution, encoder, decoder):
+    torch.manual_seed(0)
+    config = small_residual(resolution, residual_blocks=2)
+    assert (config.encoder_widths, config.encoder_upscale_width, config.decoder_widths) == (encoder, 32, decoder)
+    assert config.bottleneck_side == 8
+    model = FaceSwapAutoencoder(config).eval()
+    decoder_model = model.decoders["ben"]
+    assert [len(up.residual) for up in decoder_model.upscales] == [2] * len(decoder)
+    assert all(isinstance(block, ResidualBlock) for up in decoder_model.upscales for block in up.residual)
+    assert len(model.encoder.upscale.residual) == 0  # the blocks refine the decoders' drawing, not the code
+    with torch.no_grad():
+        features = model.encoder(faces(2, resolution))
+        face, mask = model(faces(2, resolution), "ben")
+    assert tuple(features.shape) == (2, 32, 16, 16)
+    assert face.shape == (2, 3, resolution, resolution) and mask.shape == (2, 1, resolution, resolution)
+    assert 0.0 <= float(face.min()) and float(face.max()) <= 1.0 and float(face.std(dim=0).mean()) > 1e-3
+    # The blocks share the decoders' trunk like the Upscales they follow.
+    shared = FaceSwapAutoencoder(small_residual(resolution, shared_upscales=2))
+    assert shared.decoders["ada"].trunk[1].residual[0] is shared.decoders["ben"].trunk[1].residual[0]
+
+
+def test_the_residual_family_presets_are_the_reference_sizes():
+    """gpu-128 is sized like the reference classic autoencoder measured on an H200 (119 M parameters at 128 px),
+    gpu-256 like its 256 px row (145 M); counted from the shapes, without building 500 MB of weights."""
+    from facetwin.training.config import PRESET_MODELS
+
+    def parameters(config: ModelConfig) -> int:
+        with torch.device("meta"):  # shapes only
+            return count_parameters(FaceSwapAutoencoder(config))
+
+    assert round(parameters(PRESET_MODELS["gpu-128"](NAMES[:2])) / 1e6) == 119
+    assert round(parameters(PRESET_MODELS["gpu-256"](NAMES[:2])) / 1e6) == 147
+    cpu = PRESET_MODELS["cpu-128"](NAMES[:2])
+    assert (cpu.resolution, cpu.residual_blocks, cpu.shared_upscales) == (128, 1, 2)
+    assert round(parameters(cpu) / 1e5) == 49
+    with pytest.raises(ModelConfigError, match="power-of-two resolution of 32 px or more"):
+        ModelConfig.residual(NAMES[:2], 96)
+    with pytest.raises(ModelConfigError, match="power-of-two"):
+        ModelConfig.residual(NAMES[:2], 16)
+
+
+def test_a_fresh_residual_block_is_nearly_the_identity_on_positive_inputs():
+    torch.manual_seed(0)
+    block = ResidualBlock(8)
+    x = torch.rand(2, 8, 16, 16) + 0.5
+    with torch.no_grad():
+        y = block(x)
+    assert y.shape == x.shape
+    assert float((y - x).abs().mean()) < 0.2 * float(x.abs().mean())
 
 
 @pytest.mark.parametrize("preset", ["tiny", "demo", "original"])
@@ -211,8 +277,10 @@ def test_ae_weights_keep_their_names_and_old_configs_still_load():
     keys = set(model.state_dict())
     assert not any("logvar" in key or "critic" in key for key in keys)
     assert {"encoder.to_latent.weight", "encoder.from_latent.weight", "decoders.ben.face_head.weight"} <= keys
-    old = {k: v for k, v in ModelConfig.tiny(["ada", "ben"]).to_dict().items() if k != "discriminator_widths"}
+    old = {k: v for k, v in ModelConfig.tiny(["ada", "ben"]).to_dict().items()
+           if k not in ("discriminator_widths", "residual_blocks")}
     assert ModelConfig.from_dict(old) == ModelConfig.tiny(["ada", "ben"])
+    assert not any("residual" in key for key in keys)  # no blocks: the 2017 decoder's keys exactly
 
 
 @pytest.mark.parametrize("variant, shared", [("ae", 0), ("vae", 0), ("vae-gan", 0), ("cyclegan", 0), ("ae", 1),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import threading
 
 import numpy as np
 import pytest
@@ -62,14 +63,34 @@ def test_every_backend_has_a_tolerance():
     assert set(BACKENDS) <= set(TOLERANCE), "a new backend needs a stated conformance tolerance"
 
 
-@pytest.mark.parametrize("name", list(_params()))
-def test_backend_matches_onnxruntime(name, bundle, faces, tmp_path):
-    path, manifest = bundle
+@pytest.fixture(scope="module", params=[128, 256], ids=["128px", "256px"])
+def residual_bundle(request, tmp_path_factory):
+    """The residual family (residual blocks, a shared trunk) at a real resolution with tiny widths, trained two steps
+    on synthetic faces of that size and exported: the sizes users judge a swap at, in test time."""
+    pytest.importorskip("torch")
+    from facetwin.core.model import ModelConfig
+    from facetwin.training import synth
+    from facetwin.training.config import TrainConfig
+    from facetwin.training.export import export_bundle
+    from facetwin.training.train import train
+
+    size, root = request.param, tmp_path_factory.mktemp(f"residual{request.param}")
+    data = synth.write_dataset(root / "data", identities=2, images=2, size=size, seed=0, progress=False)
+    model = ModelConfig.residual(["ada", "ben"], size, encoder_width=4, decoder_width=4, latent=16, shared_upscales=1)
+    cfg = TrainConfig.from_preset("tiny", data, root / "run", steps=2, batch_size=2, model=model, tensorboard=False)
+    path = export_bundle(train(cfg, progress=False), root / "models", name=f"residual{size}")
+    manifest = load_manifest(path, verify=True)
+    assert manifest.resolution == size and manifest.model_config["residual_blocks"] == 1
+    return path, manifest
+
+
+def assert_matches_onnxruntime(name, path, manifest, faces, tmp_path, batches=(1, 5)):
+    """Every target of the bundle through backend `name` and through onnxruntime: the same faces and masks."""
     for target in manifest.targets:
         reference = make_backend(REFERENCE, path, manifest, target)
         backend = make_backend(name, path, manifest, target, tmp_path, max_batch=SMALL_MAX_BATCH)
         try:
-            for batch in (1, 5):
+            for batch in batches:
                 want = reference.infer(faces[:batch])
                 got = backend.infer(faces[:batch])
                 for expected, actual, channels in zip(want, got, (3, 1)):
@@ -81,6 +102,20 @@ def test_backend_matches_onnxruntime(name, bundle, faces, tmp_path):
         finally:
             backend.close()
             reference.close()
+
+
+@pytest.mark.parametrize("name", list(_params()))
+def test_backend_matches_onnxruntime(name, bundle, faces, tmp_path):
+    path, manifest = bundle
+    assert_matches_onnxruntime(name, path, manifest, faces, tmp_path)
+
+
+@pytest.mark.parametrize("name", list(_params()))
+def test_backend_matches_onnxruntime_at_128_and_256_px(name, residual_bundle, tmp_path):
+    path, manifest = residual_bundle
+    size = manifest.resolution
+    faces = np.random.default_rng(8).random((5, 3, size, size), dtype=np.float32)
+    assert_matches_onnxruntime(name, path, manifest, faces, tmp_path, batches=(5,))  # padded and chunked: 4 + 1
 
 
 def test_batch_buckets_are_powers_of_two_ending_at_max_batch():
@@ -185,7 +220,7 @@ def test_registry_serves_concurrent_requests_through_the_batcher(backend, bundle
     model, target, batched, alone = asyncio.run(load_and_swap())
     assert model.status == READY, model.error
     workers, _ = worker_plan(registry.config, select_backend(backend)[0])
-    assert len(target.backends) == workers  # onnxruntime: two sessions side by side; torch: one
+    assert len(target.backends) == workers  # onnxruntime and torch-cuda: two side by side; torch-cpu: one
     assert {type(b).name for b in target.backends} == {expected_name}
     assert max(info.size for _, info in batched) > 1  # requests really were batched together
     for ((swapped, mask), _), [(swapped_alone, mask_alone)] in zip(batched, alone):
@@ -211,6 +246,37 @@ def test_torch_cuda_captures_one_graph_per_bucket_and_padding_does_not_leak(bund
         np.testing.assert_allclose(face[:5], face[5:], atol=1e-2)
     finally:
         backend.close()
+
+
+@pytest.mark.gpu
+def test_torch_cuda_captures_graphs_while_another_instance_serves(bundle, faces):
+    """A server loads a model while others already serve: capturing one instance's CUDA graphs must not fail the
+    CUDA calls another thread makes meanwhile (the capture's error mode is thread-local, not global)."""
+    path, manifest = bundle
+    serving = make_backend("torch-cuda", path, manifest, manifest.identities[0], max_batch=SMALL_MAX_BATCH)
+    expected = serving.infer(faces[:3])
+    stop, errors, calls = threading.Event(), [], []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                face, _ = serving.infer(faces[:3])
+                calls.append(float(np.abs(face - expected[0]).max()))
+            except Exception as exc:  # reported below: the assertion names it
+                errors.append(exc)
+                return
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        for _ in range(3):  # each captures one graph per bucket (1, 2, 4, ..., 64) while `serve` runs
+            make_backend("torch-cuda", path, manifest, manifest.identities[1], max_batch=64).close()
+    finally:
+        stop.set()
+        worker.join()
+        serving.close()
+    assert not errors, errors[0]
+    assert calls and max(calls) <= 1e-2
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,48 @@ async def test_only_a_full_batch_waits_behind_busy_workers():
     await batcher.close()
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_lone_request_goes_at_once_whatever_the_delay(concurrency):
+    """Nothing runs, so nothing else is coming: waiting max_delay_s for company would only add latency."""
+    batcher = DynamicBatcher(Recorder(), max_batch=16, max_delay_s=1.0, concurrency=concurrency)
+    started = time.perf_counter()
+    for i in range(3):
+        result, info = await batcher.submit(i, caller="a")
+        assert result == (i, 2 * i) and info.size == 1 and info.queue_s < 0.1
+    assert time.perf_counter() - started < 0.5  # not 3 x 1 s
+    await batcher.close()
+
+
+async def test_requests_arriving_while_the_worker_runs_form_the_next_batch():
+    run = Recorder(delay_s=0.05)
+    batcher = DynamicBatcher(run, max_batch=8, max_delay_s=1.0, concurrency=1)
+    first = asyncio.ensure_future(batcher.submit(0, caller="a"))
+    await asyncio.sleep(0.01)  # [0] runs alone, at once
+    later = [asyncio.ensure_future(batcher.submit(i, caller=i)) for i in (1, 2, 3)]
+    await asyncio.sleep(0.01)
+    assert batcher.queued == 3  # forming: neither full nor a worker free
+    results = await asyncio.gather(first, *later)
+    assert run.batches == [[0], [1, 2, 3]]  # the moment the worker was free, not after the 1 s delay
+    assert all(info.queue_s < 0.5 for _, info in results)
+    await batcher.close()
+
+
+async def test_with_two_workers_a_partial_batch_waits_up_to_the_delay_while_one_runs():
+    """A free second worker does not take each request as it comes while the first runs: the batch forms for up to
+    max_delay_s, so later arrivals join it."""
+    run = Recorder(delay_s=0.2)
+    batcher = DynamicBatcher(run, max_batch=8, max_delay_s=0.05, concurrency=2)
+    first = asyncio.ensure_future(batcher.submit(0, caller="a"))
+    await asyncio.sleep(0.01)  # [0] runs on one worker
+    second = asyncio.ensure_future(batcher.submit(1, caller="b"))
+    await asyncio.sleep(0.01)
+    third = asyncio.ensure_future(batcher.submit(2, caller="c"))
+    results = await asyncio.gather(first, second, third)
+    assert run.batches == [[0], [1, 2]]
+    assert 0.04 <= results[1][1].queue_s < 0.15  # the delay, not the first batch's 0.2 s
+    await batcher.close()
+
+
 async def test_queue_limit_gives_resource_exhausted():
     run = Recorder(delay_s=0.05)
     batcher = DynamicBatcher(run, max_batch=1, max_delay_s=0.0, max_queue=3)

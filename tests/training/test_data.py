@@ -235,3 +235,37 @@ def test_data_moves_to_a_device_as_uint8_and_samples_there(dataset):
     assert all(t.dtype == torch.uint8 and t.device.type == "cpu" for t in sample)
     again = load_faces(dataset)["ada"].sample(4, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(sample, again))
+
+
+@pytest.fixture(scope="module")
+def faces_128(tmp_path_factory) -> Path:
+    return synth.write_dataset(tmp_path_factory.mktemp("data128") / "faces", identities=2, images=3, size=128, seed=5,
+                               progress=False)
+
+
+@pytest.mark.parametrize("resolution", [128, 256])
+def test_loading_and_every_augmentation_work_at_128_and_256_px(faces_128, resolution):
+    """The residual family's sizes: faces rendered at 128 px load at 128 (and resized to 256), carry their eye/mouth
+    maps at that size, and every augmentation (colour, affine, flip, warp, recolouring) keeps the shapes and the
+    shared geometry of input and target."""
+    loaded = load_faces(faces_128, resolution=resolution)
+    ada = loaded["ada"]
+    assert ada.faces.shape == (3, 3, resolution, resolution) and ada.regions.shape == (3, 1, resolution, resolution)
+    assert ada.regions.any()  # the eye/mouth maps scale with the side
+    faces, masks, regions = ada.sample(2, torch.Generator().manual_seed(0))
+    everything = AugmentConfig(flip=1.0, face_color=1.0)  # the defaults' affine, colour jitter and warp, and more
+    out = augment(faces, masks, torch.Generator().manual_seed(1), everything, regions)
+    for tensor, channels in zip(out, (3, 3, 1, 1)):
+        assert tensor.shape == (2, channels, resolution, resolution) and tensor.dtype == torch.float32
+        assert float(tensor.min()) >= 0 and float(tensor.max()) <= 1
+    # Flipped like the target: the target's mask matches the flipped source mask up to the light affine.
+    flipped = (masks.float() / 255).flip(-1)
+    assert float((out.target_mask - flipped).abs().mean()) < float((out.target_mask - masks.float() / 255).abs().mean())
+    assert float((out.inputs - out.target).abs().mean()) > 0.005  # the warp and the recolouring: input only
+    # The colour jitter's luma is computed on the device from scalars: the same numbers as a weighted channel sum.
+    plain = AugmentConfig(**{**NO_AUGMENT.__dict__, "saturation": 0.5})
+    saturated = augment(faces, masks, torch.Generator().manual_seed(2), plain)
+    x = faces.float() / 255
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    scale = 1 + (torch.rand(2, 1, 1, 1, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 0.5
+    torch.testing.assert_close(saturated.target, (gray + (x - gray) * scale).clamp(0, 1), atol=1e-5, rtol=0)

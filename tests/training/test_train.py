@@ -340,6 +340,23 @@ def test_the_full_preset_is_the_original_model_at_a_gentler_learning_rate():
     assert TrainConfig.from_dict(json.loads(json.dumps(full.to_dict()))) == full
 
 
+def test_the_128_and_256_px_presets_train_the_residual_family(tmp_path):
+    """cpu-128 trains the demo's recipe on the residual family at 128 px; gpu-128 and gpu-256 the full preset's on the
+    reference-sized models, at larger batches. One real cpu-128 step on faces rendered at 128 px."""
+    names = ["ada", "ben"]
+    for preset, resolution in (("cpu-128", 128), ("gpu-128", 128), ("gpu-256", 256)):
+        model = preset_model(preset, names)
+        assert (model.resolution, model.bottleneck_side, model.residual_blocks) == (resolution, 8, 1), preset
+    gpu, full = TrainConfig.from_preset("gpu-128", "d", "o"), TrainConfig.from_preset("full", "d", "o")
+    assert (gpu.lr, gpu.grad_clip) == (full.lr, full.grad_clip) and gpu.batch_size > full.batch_size
+    assert TrainConfig.from_preset("cpu-128", "d", "o").batch_size == TrainConfig.from_preset("demo", "d", "o").batch_size
+    data = synth.write_dataset(tmp_path / "faces", identities=2, images=2, size=128, seed=0, progress=False)
+    cfg = TrainConfig.from_preset("cpu-128", data, tmp_path / "run", steps=1, threads=1, tensorboard=False)
+    checkpoint = load_checkpoint(train(cfg, progress=False))
+    assert checkpoint["train_config"].model == preset_model("cpu-128", names) and checkpoint["step"] == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
 def test_dry_run_takes_seconds_and_leaves_nothing(tmp_path):
     before = set(Path(tempfile.gettempdir()).glob("facetwin-dry-*"))
     summary = dry_run(steps=3)
