@@ -11,21 +11,20 @@ with everyone else's requests.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
-import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import cv2
 import numpy as np
 
 from facetwin.core import alignment, blending
-from facetwin.core import faces as facelib
-from facetwin.core.faces import Face, FaceDetector
+from facetwin.core.faces import Face
 
 from .batcher import BatchInfo
-from .errors import ResourceExhaustedError, UnavailableError
+from .detectors import FaceDetectorPool
+from .errors import ResourceExhaustedError
 from .mapping import Decision, Mapping, decide
 from .registry import LoadedTarget
 from .tracking import DETECTED, FrameTicket, StreamFaceState, TrackedFace
@@ -86,100 +85,14 @@ class FrameRequest:
     keep_shape: float | None = None  # this frame's setting (see blending.finish_face), None = the swapper's
 
 
-def single_threaded_blas() -> None:
-    """Makes BLAS and LAPACK (numpy's OpenBLAS and the copy OpenCV carries) run each call on its calling thread, for
-    the whole process. The server's parallelism is its own threads (detection, inference, blending); a 100x100 solve
-    in the shape bend that OpenBLAS splits over both cores of a busy 2-core host waited ~100 ms for the other core
-    (0.1 ms on one thread)."""
-    import threadpoolctl
-
-    threadpoolctl.threadpool_limits(1, user_api="blas")
-
-
-class FaceDetectorPool:
-    """Face detection, following and description on a few worker threads, one FaceDetector per thread (dlib's
-    detectors are not thread-safe; blazeface's ONNX sessions are shared).
-
-    Detection is the slow step of a full frame (tens of ms against ~1 ms for a small model's share of a batch);
-    running it off the event loop keeps the server answering, and `threads` frames are detected at once."""
-
-    def __init__(self, threads: int = 2, max_side: int | None = 640, backend: str = "auto",
-                 landmarks: str = "auto") -> None:
-        """landmarks: "68", "5" or "auto" (68 when its weights are found, else 5): see facetwin.core.faces."""
-        if threads < 1:
-            raise ValueError(f"detect_threads must be >= 1, got {threads}")
-        if max_side is not None and max_side < 64:
-            raise ValueError(f"detect_max_side must be >= 64 pixels, got {max_side}")
-        if str(landmarks) not in facelib.LANDMARK_MODELS:  # now, not at the first frame; "auto" resolves then
-            raise ValueError(f"landmarks must be one of {', '.join(facelib.LANDMARK_MODELS)}, got {landmarks!r}")
-        # Detectors are built on first use, in their threads: a server that never sees a full frame does not load
-        # the 100 MB landmark model.
-        self.max_side, self.backend, self.landmarks = max_side, backend, str(landmarks)
-        self._local = threading.local()
-        self._embed_lock = threading.Lock()  # dlib's descriptor network is one per process and not thread-safe
-        self._can_follow: bool | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="facetwin-detect")
-
-    def _detector(self) -> FaceDetector:
-        detector = getattr(self._local, "detector", None)
-        if detector is None:
-            # One intra-op thread each: the pool's threads are the parallelism (blazeface's ONNX sessions
-            # are shared and thread-safe; dlib's detectors are not, hence one detector per thread).
-            try:
-                detector = FaceDetector(self.backend, max_side=self.max_side, landmarks=self.landmarks, threads=1)
-            except facelib.FaceModelsUnavailable as exc:
-                raise UnavailableError(f"this server cannot detect faces ({exc}); send aligned faces "
-                                       "(IMAGE_KIND_ALIGNED_FACE) or use a server with the face models installed") from None
-            self._local.detector = detector
-        return detector
-
-    def detect_sync(self, image: np.ndarray) -> list[Face]:
-        """Faces in an RGB uint8 image, largest first (on the calling thread)."""
-        return self._detector().detect(image)
-
-    def crop_landmarks(self, crop: np.ndarray, margin: float) -> np.ndarray:
-        """68 landmarks of the face in an aligned crop, from the same landmarker as the frames' (the shape bend
-        compares the two); on the calling thread."""
-        return self._detector().crop_landmarks(crop, margin)
-
-    def embed_sync(self, image: np.ndarray, face: Face) -> np.ndarray:
-        """dlib's 128-D descriptor of a face (faces.embed, ~75 ms on a CPU); on the calling thread."""
-        with self._embed_lock:
-            try:
-                return facelib.embed(image, face)
-            except facelib.FaceModelsUnavailable as exc:
-                raise UnavailableError(f"this server cannot compare faces with reference photos ({exc}): use rules "
-                                       "by place or track id, or a server with facetwin[faces] installed") from None
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    async def detect(self, image: np.ndarray) -> list[Face]:
-        return await self._run(self.detect_sync, image)
-
-    async def follow(self, image: np.ndarray, faces: list[Face]) -> list[tuple[Face, float]]:
-        """FaceDetector.follow on a pool thread: the faces of the previous frame, found again in this one."""
-        return await self._run(lambda: self._detector().follow(image, faces))
-
-    async def embed(self, image: np.ndarray, face: Face) -> np.ndarray:
-        return await self._run(self.embed_sync, image, face)
-
-    async def can_follow(self) -> bool:
-        """Whether the detector keeps meshes to follow faces with (blazeface), so streams detect every few frames."""
-        if self._can_follow is None:
-            self._can_follow = await self._run(lambda: self._detector().can_follow)
-        return self._can_follow
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-
 @dataclasses.dataclass(eq=False)
 class _Aligned:
     crop: np.ndarray  # RGB uint8 (R, R, 3): the face as the model sees it
     matrix: np.ndarray  # 2x3 frame -> crop
     hull: np.ndarray  # uint8 (R, R) 0/255: where the original face is in the crop
     points: np.ndarray | None  # the original face's landmarks in crop pixels (68, 5 or none)
+    landmarker: Callable[[np.ndarray, float], np.ndarray] | None = None  # the swapped crop's landmarks, for the bend
+    fitted_offset: np.ndarray | None = None  # set by a landmarker that fitted the swapped crop afresh
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -200,6 +113,8 @@ class _Plan:
     lost_actions: dict[int, str] = dataclasses.field(default_factory=dict)  # index into faces -> PASSED|HELD|BLURRED
     held: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)  # index -> the paste a hold repeats
     pastes: dict[int, asyncio.Future] = dataclasses.field(default_factory=dict)  # index -> this frame's paste (to set)
+    # index -> the track's shape offset: a future this frame fits and sets (refit), or one an earlier frame sets
+    offsets: dict[int, tuple[bool, asyncio.Future]] = dataclasses.field(default_factory=dict)
 
 
 class _Clock:
@@ -249,8 +164,9 @@ class FullFrameSwapper:
         finally:
             if ticket is not None:
                 ticket.release()
-            for future in plan.pastes.values() if plan is not None else ():
-                if not future.done():  # a frame that failed or was cancelled pastes nothing to hold
+            futures = [*plan.pastes.values(), *(f for _, f in plan.offsets.values())] if plan is not None else []
+            for future in futures:
+                if not future.done():  # a frame that failed or was cancelled: nothing to hold, no offset fitted
                     future.set_result(None)
 
     async def _plan_alone(self, frame: np.ndarray, request: FrameRequest, clock: _Clock) -> _Plan:
@@ -282,9 +198,16 @@ class FullFrameSwapper:
         for decision, face in zip(decide(present, request.mapping, request.target, descriptors), present):
             index = faces.index(face)
             plan.decisions[index] = decision
+            if face.track.target != decision.target:  # another identity draws another shape: fit it afresh
+                face.track.shape_offset = None
             face.track.target = decision.target
             if decision.target is not None:  # this frame's paste of the face: a later frame that loses it may hold it
                 face.track.paste = plan.pastes[index] = loop.create_future()
+                track, refit = face.track, face.track.shape_offset is None
+                refit = refit or number - track.shape_fitted_at >= stream.tracks.config.detect_every
+                if refit:
+                    track.shape_offset, track.shape_fitted_at = loop.create_future(), number
+                plan.offsets[index] = (refit, track.shape_offset)
         for index, face in enumerate(faces):
             if face.present:
                 continue
@@ -310,6 +233,11 @@ class FullFrameSwapper:
         size = next(iter(request.targets.values())).manifest.resolution
         aligned = await asyncio.to_thread(self._align, frame, [plan.faces[i].face for i in chosen], size) \
             if chosen else []
+        for i, face in zip(chosen, aligned):
+            refit, offset = plan.offsets.get(i, (True, None))
+            if offset is not None and not refit:  # fitted on an earlier frame of the track (None: that frame failed)
+                offset = await asyncio.shield(offset)
+            face.landmarker = self._landmarker(face, None if offset is None else (refit, offset))
         aligned_at = time.perf_counter()
         results = await self._infer([request.targets[plan.decisions[i].target] for i in chosen],
                                     [a.crop for a in aligned], request.caller, request.bounded)
@@ -324,6 +252,10 @@ class FullFrameSwapper:
         for i, paste in zip(chosen, finished):
             if i in plan.pastes:
                 plan.pastes[i].set_result(paste)
+        for i, face in zip(chosen, aligned):
+            refit, offset = plan.offsets.get(i, (False, None))
+            if refit and face.fitted_offset is not None:
+                offset.set_result(face.fitted_offset)
         infos = [info for _, info in results] or [BatchInfo(0, 0.0, 0.0)]
         batch = BatchInfo(max(i.size for i in infos), max(i.queue_s for i in infos), max(i.inference_s for i in infos))
         faces = tuple(self._frame_face(i, face, plan, covered) for i, face in enumerate(plan.faces))
@@ -386,10 +318,33 @@ class FullFrameSwapper:
         out = []
         for face, new in zip(aligned, swapped):
             matched = blending.finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape,
-                                           self.detectors.crop_landmarks)
+                                           face.landmarker or self.detectors.crop_landmarks)
             blending.paste_into(image, matched, face.hull, face.matrix, self.feather)
             out.append(_Paste(matched, face.hull, face.matrix))
         return out
+
+    def _landmarker(self, face: _Aligned, offset: tuple[bool, Any] | None) -> Callable[[np.ndarray, float],
+                                                                                       np.ndarray]:
+        """The swapped crop's landmarks for the shape bend. A lone frame fits them (FaceMesh, ~8 ms). A track fits them
+        every detect_every frames (offset (True, future): the fit's offset from the original face's landmarks is
+        kept in face.fitted_offset for the track) and in between moves the original face's landmarks by the offset
+        last fitted (offset (False, array)): the decoder draws the target's shape, a nearly constant offset from the
+        original's. On franck.mp4 (a real franck -> cap model) the estimate lay 0.024 of the eye distance from a fresh
+        fit, the pasted faces 1.6 grey levels apart, and the bend moved 4x less from frame to frame (0.04 instead of
+        0.16 crop pixels)."""
+        fit = self.detectors.crop_landmarks
+        if offset is None or face.points is None or len(face.points) != 68:
+            return fit
+        refit, fitted = offset
+        side = face.crop.shape[0]
+
+        def landmarks(swapped: np.ndarray, margin: float) -> np.ndarray:
+            if not refit:
+                return face.points + fitted * side
+            points = fit(swapped, margin)
+            face.fitted_offset = (points - face.points) / side
+            return points
+        return landmarks
 
     def _blurred(self, image: np.ndarray, face: Face) -> _Paste:
         """A lost face's last place, blurred: its aligned crop at BLUR_SIDE pixels, pasted back through its mask."""

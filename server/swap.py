@@ -17,8 +17,9 @@ from collections.abc import Hashable
 import numpy as np
 
 from . import imaging
+from .detectors import FaceDetectorPool, single_threaded_blas
 from .errors import DeadlineExceededError, InvalidInputError, SwapError
-from .fullframe import FaceDetectorPool, FrameFace, FrameRequest, FullFrameSwapper, single_threaded_blas
+from .fullframe import FrameFace, FrameRequest, FullFrameSwapper
 from .mapping import DescriptorCache, Mapping, Photo, largest_face
 from .provenance import Provenance, mark_synthetic
 from .registry import ModelRegistry

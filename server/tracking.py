@@ -138,10 +138,13 @@ class Track:
     last_seen: int  # frame number of the latest frame the face was found in
     lost_since: int | None = None  # first frame of the current loss; None while the face is found
     # Filled in by the frames that use them (fullframe.py): the face descriptor, computed once per track when a face
-    # mapping compares faces with references, and the latest swap of the face, which a lost face's hold pastes again.
+    # mapping compares faces with references; the latest swap of the face, which a lost face's hold pastes again; and
+    # where the swapped face's landmarks lie relative to the original's, which the shape bend refits every few frames.
     embedding: asyncio.Future | None = None
     target: str | None = None  # the identity the face was last swapped to (None: it was not swapped)
     paste: asyncio.Future | None = None  # the latest frame's paste of this face, resolved once that frame blended
+    shape_offset: asyncio.Future | None = None  # (68, 2) swapped minus original landmarks in crop sides, once fitted
+    shape_fitted_at: int | None = None  # the frame whose swap the offset is fitted on
 
     @property
     def lost(self) -> bool:

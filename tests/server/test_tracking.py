@@ -363,3 +363,38 @@ def test_bad_lost_face_settings_refuse_the_stream(stub, served_model, franck_str
     with pytest.raises(grpc.RpcError) as err:
         stream_frames(stub, served_model, franck_stream[:2], **first)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+def test_a_stream_refits_the_swapped_faces_landmarks_every_detection_interval_and_moves_them_between(
+        stub, served_model, franck_stream):
+    """Frame 0 of a stream is bent on a fresh fit of the swapped crop's landmarks, exactly as a lone frame is; frame 1
+    on the original face's landmarks moved by the offset fitted on frame 0."""
+    from facetwin.core import alignment, blending
+    from facetwin.v1 import facetwin_pb2 as pb
+
+    from .test_fullframe import frame_request, image_of, landmarks_of, server_detector
+
+    replies = stream_frames(stub, served_model, franck_stream[:2])
+    detector, size, margin = server_detector(), served_model.resolution, alignment.DEFAULT_MARGIN
+
+    def rebuilt(frame, reply, landmarker):
+        face = Face((0, 0, 1, 1), landmarks_of(reply.faces[0]), 1.0, "blazeface")
+        crop, matrix = alignment.align(frame, face, size, margin)
+        swapped = image_of(stub.Swap(pb.SwapRequest(
+            model=served_model.model, target=served_model.identities[1], kind=pb.IMAGE_KIND_ALIGNED_FACE,
+            image=pb.Image(raw=pb.RawImage(pixels=crop.tobytes(), height=size, width=size, channels=3,
+                                           color_order=pb.COLOR_ORDER_RGB))), timeout=60))
+        points = alignment.transform_points(face.landmarks, matrix)
+        hull = blending.face_mask(size, points, margin)
+        pasted = blending.paste_back(frame, blending.finish_face(crop, swapped, hull, points, margin,
+                                                                 blending.KEEP_SHAPE, landmarker(swapped, points)),
+                                     hull, matrix)
+        return pasted, points, swapped
+
+    first, points0, swapped0 = rebuilt(franck_stream[0], replies[0], lambda s, p: detector.crop_landmarks)
+    assert np.abs(image_of(replies[0]).astype(int) - first).max() <= 1
+    offset = detector.crop_landmarks(swapped0, margin) - points0
+    second, _, _ = rebuilt(franck_stream[1], replies[1], lambda s, p: (lambda crop, m: p + offset))
+    assert np.abs(image_of(replies[1]).astype(int) - second).max() <= 1
+    unary = image_of(stub.Swap(frame_request(served_model, franck_stream[1]), timeout=60))  # fitted afresh
+    assert np.abs(unary.astype(int) - image_of(replies[1])).max() > 0  # the stream's frame 1 was not refitted
