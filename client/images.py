@@ -17,6 +17,7 @@ import numpy as np
 from facetwin.v1 import facetwin_pb2 as pb
 
 from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code, from_rpc_error
+from .mapping import FaceMapping, LostFaces, fill_mapping, lost_faces_enum
 from .types import DetectedFace, Provenance, StageTimings, SwapResult
 
 __all__ = [
@@ -39,8 +40,9 @@ __all__ = [
 ColorName = Literal["rgb", "bgr"]
 PolicyName = Literal["queue", "latest"]
 # Which faces of a full frame to swap: None = the image is an aligned face crop (no detection);
-# "largest" / "all" / an int (the n-th face, largest first) = a whole frame the server detects faces in.
-FacesArg = Union[None, Literal["largest", "all"], int]
+# "largest" / "all" / an int (the n-th face, largest first) = a whole frame the server detects faces in;
+# a FaceMapping = a whole frame, faces picked rule by rule (by place, track id or reference photos of a person).
+FacesArg = Union[None, Literal["largest", "all"], int, FaceMapping]
 _POLICIES = {"queue": pb.STREAM_POLICY_QUEUE, "latest": pb.STREAM_POLICY_LATEST}
 EncodingName = Literal["raw", "png", "jpeg"]
 # An image argument: a uint8 (H, W, 3) array, or the bytes of a PNG/JPEG file.
@@ -203,7 +205,7 @@ def build_swap_request(
     request = pb.SwapRequest() if into is None else into
     fill_image(request.image, image, color=color)
     request.model, request.target = model, target
-    _fill_faces(request, faces, keep_shape)
+    _fill_faces(request, faces, keep_shape, color=color)
     request.output_encoding = _encoding_enum(encoding)
     request.output_color_order = _color_enum(color)
     request.jpeg_quality = jpeg_quality or 0
@@ -212,7 +214,9 @@ def build_swap_request(
     return request
 
 
-def _fill_faces(request: pb.SwapRequest, faces: FacesArg, keep_shape: float | None = None) -> None:
+def _fill_faces(request: pb.SwapRequest, faces: FacesArg, keep_shape: float | None = None, *, color: ColorName,
+                with_mapping: bool = True) -> None:
+    """with_mapping: False for a stream's later frames, which the first frame's mapping covers."""
     if keep_shape is not None:
         if faces is None:
             raise _invalid("keep_shape applies to whole frames only: pass faces='largest', 'all' or an index too")
@@ -225,14 +229,18 @@ def _fill_faces(request: pb.SwapRequest, faces: FacesArg, keep_shape: float | No
         request.kind = pb.IMAGE_KIND_ALIGNED_FACE
         return
     request.kind = pb.IMAGE_KIND_FULL_FRAME
-    if faces == "largest":
+    if isinstance(faces, FaceMapping):
+        if with_mapping:
+            fill_mapping(request.mapping, faces, color=color)
+    elif faces == "largest":
         request.faces = pb.FACE_SELECTION_LARGEST
     elif faces == "all":
         request.faces = pb.FACE_SELECTION_ALL
     elif isinstance(faces, (int, np.integer)) and not isinstance(faces, bool) and 0 <= faces < 2**32:
         request.faces, request.face_index = pb.FACE_SELECTION_INDEX, int(faces)
     else:
-        raise _invalid(f"faces must be None (aligned crop), 'largest', 'all' or a face index >= 0, got {faces!r}")
+        raise _invalid(f"faces must be None (aligned crop), 'largest', 'all', a face index >= 0 or a FaceMapping, "
+                       f"got {faces!r}")
 
 
 def _split_image(image: pb.Image, color: ColorName) -> tuple[np.ndarray | None, bytes | None]:
@@ -280,7 +288,8 @@ class StreamState:
 
     def __init__(self, model: str, target: str, *, color: ColorName, return_mask: bool, max_bytes: int,
                  policy: PolicyName = "queue", faces: FacesArg = None, keep_shape: float | None = None,
-                 frame_errors: str = "raise") -> None:
+                 frame_errors: str = "raise", lost_faces: LostFaces | None = None,
+                 lost_face_frames: int | None = None) -> None:
         check_swap_args(model, target, color=color)
         if policy not in _POLICIES:
             raise _invalid(f"policy must be one of {sorted(_POLICIES)}, got {policy!r}")
@@ -290,7 +299,14 @@ class StreamState:
         self.raise_frame_errors = frame_errors == "raise"
         self.model, self.target, self.color, self.return_mask = model, target, color, return_mask
         self.faces, self.keep_shape = faces, keep_shape
-        _fill_faces(pb.SwapRequest(), faces, keep_shape)  # validates now, before the stream starts
+        self.lost_faces = lost_faces_enum(lost_faces)
+        if lost_face_frames is not None and (isinstance(lost_face_frames, bool) or not isinstance(lost_face_frames, int)
+                                             or not 1 <= lost_face_frames <= 300):
+            raise _invalid(f"lost_face_frames must be an integer in 1..300 or None (the server's default), "
+                           f"got {lost_face_frames!r}")
+        self.lost_face_frames = lost_face_frames or 0
+        self._first = pb.SwapRequest()  # the faces fields of the stream's first message, mapping included
+        _fill_faces(self._first, faces, keep_shape, color=color)  # validates now, before the stream starts
         self.max_bytes = max_bytes
         self.sent = 0  # frames handed to gRPC; also the next frame id
         self.received = 0  # results yielded
@@ -298,9 +314,14 @@ class StreamState:
         self.error: BaseException | None = None  # raised by the caller's frames or by request building
 
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
-        message = pb.SwapStreamRequest(policy=self.policy if self.sent == 0 else pb.STREAM_POLICY_UNSPECIFIED)
+        message = pb.SwapStreamRequest()
+        faces = self.faces if not isinstance(self.faces, FaceMapping) else None
         build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
-                           frame_id=self.sent, faces=self.faces, keep_shape=self.keep_shape, into=message.request)
+                           frame_id=self.sent, faces=faces, keep_shape=self.keep_shape, into=message.request)
+        if isinstance(self.faces, FaceMapping):  # a whole frame; the mapping travels in the first message only
+            message.request.kind = pb.IMAGE_KIND_FULL_FRAME
+        if self.sent == 0:
+            self._open(message)
         check_request_size(message.request, self.max_bytes)
         self.sent += 1
         self.unanswered.append(message)
@@ -310,12 +331,19 @@ class StreamState:
         """The frames to send first on a new call: those sent on an earlier call and not answered, the first one
         carrying the stream's policy (the server reads it from a stream's first message)."""
         resend = list(self.unanswered)
-        if resend and resend[0].policy != self.policy:
+        if resend and resend[0].request.frame_id != 0:  # a new call is a new stream: its first message opens it
             first = pb.SwapStreamRequest()
             first.CopyFrom(resend[0])
-            first.policy = self.policy
+            self._open(first)
             resend[0] = first
         return resend
+
+    def _open(self, message: pb.SwapStreamRequest) -> None:
+        """Makes `message` a stream's first: the stream's policies and its face mapping."""
+        message.policy = self.policy
+        message.lost_faces, message.lost_face_frames = self.lost_faces, self.lost_face_frames
+        if self._first.HasField("mapping"):
+            message.request.mapping.CopyFrom(self._first.mapping)
 
     def can_resume(self, err: grpc.RpcError, resumes: int, limit: int) -> bool:
         """Whether a stream that failed with err may go on over a new call: its server went away (UNAVAILABLE --

@@ -14,6 +14,9 @@ from facetwin.v1 import facetwin_pb2 as pb
 
 __all__ = ["StageTimings", "DetectedFace", "SwapResult", "ModelInfo", "FileReport"]
 
+_STATES = {pb.FACE_STATE_DETECTED: "detected", pb.FACE_STATE_TRACKED: "tracked", pb.FACE_STATE_LOST: "lost"}
+_ACTIONS = {pb.FACE_ACTION_SWAPPED: "swapped", pb.FACE_ACTION_NOT_SWAPPED: "not_swapped",
+            pb.FACE_ACTION_PASSED: "passed", pb.FACE_ACTION_HELD: "held", pb.FACE_ACTION_BLURRED: "blurred"}
 _STATUS_NAMES = {
     pb.MODEL_STATUS_LOADING: "loading",
     pb.MODEL_STATUS_READY: "ready",
@@ -32,8 +35,10 @@ class StageTimings:
     total_ms: float  # request arrival to response ready
     batch_size: int  # images in the batch this request ran in (the largest, for several faces of a full frame)
     detect_ms: float = 0.0  # full frames: finding the faces and their landmarks
-    align_ms: float = 0.0  # full frames: landmark smoothing and cutting out the aligned faces
+    align_ms: float = 0.0  # full frames: cutting out the aligned faces
     blend_ms: float = 0.0  # full frames: colour matching and pasting the swapped faces back
+    track_ms: float = 0.0  # stream full frames: following faces from the previous frame without detection
+    embed_ms: float = 0.0  # full frames with reference rules: describing the frame's new faces
 
     @classmethod
     def from_proto(cls, message: pb.StageTimings) -> "StageTimings":
@@ -47,24 +52,35 @@ class StageTimings:
             detect_ms=float(message.detect_ms),
             align_ms=float(message.align_ms),
             blend_ms=float(message.blend_ms),
+            track_ms=float(message.track_ms),
+            embed_ms=float(message.embed_ms),
         )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DetectedFace:
-    """A face the server found in a full frame (coordinates in the frame's pixels)."""
+    """A face of a full frame (coordinates in the frame's pixels)."""
 
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the detector box; x1, y1 exclusive, may pass the edge
     landmarks: np.ndarray | None  # (68, 2) iBUG 300-W or (5, 2) dlib float32 points it was aligned on; None: boxes only
-    score: float  # detector confidence (higher is surer)
-    swapped: bool  # whether this face was swapped (see the faces selection of the request)
+    score: float  # confidence of the detection that found it (higher is surer)
+    swapped: bool  # whether a swap of this face is in the frame (action "swapped" or "held")
+    track_id: int = 0  # the same in every frame of a stream while the face is followed; unary: 1 = largest
+    state: str = "detected"  # "detected", "tracked" (followed without detection) or "lost" (where last seen)
+    action: str = "not_swapped"  # "swapped", "not_swapped", or for lost faces "passed", "held", "blurred"
+    target: str | None = None  # the identity it was swapped to (swapped, held)
+    reference_distance: float | None = None  # face-descriptor distance to the nearest reference photo, if compared
+    note: str = ""  # why it was or was not swapped
 
     @classmethod
     def from_proto(cls, message: pb.DetectedFace) -> "DetectedFace":
         b = message.box
         points = np.array([(p.x, p.y) for p in message.landmarks], np.float32).reshape(-1, 2)
+        distance = float(message.reference_distance) if message.HasField("reference_distance") else None
         return cls(box=(int(b.x0), int(b.y0), int(b.x1), int(b.y1)), landmarks=points if len(points) else None,
-                   score=float(message.score), swapped=bool(message.swapped))
+                   score=float(message.score), swapped=bool(message.swapped), track_id=int(message.track_id),
+                   state=_STATES.get(message.state, "detected"), action=_ACTIONS.get(message.action, "not_swapped"),
+                   target=message.target or None, reference_distance=distance, note=message.note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +121,7 @@ class SwapResult:
     dropped: bool = False  # the server skipped this stream frame because the stream fell behind
     encoded: bytes | None = None  # PNG/JPEG file bytes of the swapped face, encoded transport only
     encoded_mask: bytes | None = None  # PNG/JPEG file bytes of the mask, encoded transport with return_mask
-    faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first; () for aligned faces
+    faces: tuple[DetectedFace, ...] = ()  # full frames: faces found largest first, then lost ones; () for crops
     error: Exception | None = None  # streams with frame_errors="yield": why this frame failed (a FaceTwinError)
     provenance: Provenance | None = None  # the model and weights that made the image (None where none did)
     request_id: str = ""  # the call's request id: the server's log lines about it carry the same one

@@ -114,15 +114,15 @@ def paste_back(frame_rgb: np.ndarray, crop_rgb: np.ndarray, mask: np.ndarray | N
 
     mask: (S, S) uint8 0..255 or float 0..1 in crop coordinates (None = the whole crop). It is eroded and blurred
     by `feather` * S pixels, so the seam fades out inside the face rather than showing the crop's edge.
-    Only the frame region the crop covers is resampled, so the cost depends on the face size, not the frame's."""
-    frame = check_rgb(frame_rgb, "frame_rgb")
-    crop = check_rgb(crop_rgb, "crop_rgb")
-    side = crop.shape[0]
-    if crop.shape[1] != side:
-        raise ValueError(f"crop must be square, got {crop.shape[:2]}")
-    matrix = np.asarray(matrix, np.float64)
-    if matrix.shape != (2, 3) or not np.isfinite(matrix).all():
-        raise ValueError(f"matrix must be a finite 2x3 image->crop affine matrix, got shape {matrix.shape}")
+    Only the frame region the mask covers is resampled, so the cost depends on the face size, not the frame's."""
+    out = check_rgb(frame_rgb, "frame_rgb").copy()
+    paste_into(out, crop_rgb, mask, matrix, feather)
+    return out
+
+
+def blend_weight(side: int, mask: np.ndarray | None, feather: float = DEFAULT_FEATHER) -> np.ndarray:
+    """paste_back's blend weight in crop coordinates: (side, side) float32 0..1, the mask eroded and blurred by
+    `feather` * side pixels and zero on the crop's outermost pixels."""
     if mask is None:
         alpha = np.ones((side, side), np.float32)
     else:
@@ -137,24 +137,55 @@ def paste_back(frame_rgb: np.ndarray, crop_rgb: np.ndarray, mask: np.ndarray | N
     if radius > 0:
         alpha = cv2.erode(alpha, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
         alpha = cv2.GaussianBlur(alpha, (0, 0), sigmaX=radius / 2)
-    # The frame region the crop covers: its corners mapped back through the inverse matrix.
-    inverse = cv2.invertAffineTransform(matrix)
-    corners = transform_points(np.array([[0, 0], [side, 0], [0, side], [side, side]]), inverse)
-    height, width = frame.shape[:2]
-    x0, y0 = (max(0, int(np.floor(v))) for v in corners.min(0))
-    x1, y1 = min(width, int(np.ceil(corners[:, 0].max())) + 1), min(height, int(np.ceil(corners[:, 1].max())) + 1)
-    out = frame.copy()
-    if x1 <= x0 or y1 <= y0:
-        return out  # the crop lies entirely outside the frame
+    return alpha
+
+
+def paste_into(frame_rgb: np.ndarray, crop_rgb: np.ndarray, mask: np.ndarray | None, matrix: np.ndarray,
+               feather: float = DEFAULT_FEATHER) -> tuple[int, int, int, int] | None:
+    """paste_back in place: writes the blended face into `frame_rgb` (uint8, writable) and returns the frame region
+    (x0, y0, x1, y1) it changed at most, or None when the mask lies outside the frame.
+
+    Only the bounding box of the blend weight's footprint is resampled and blended (OpenCV's blendLinear, uint8
+    in and out), so a face costs the same in a 640x480 frame and in 4K."""
+    frame = check_rgb(frame_rgb, "frame_rgb")
+    crop = check_rgb(crop_rgb, "crop_rgb")
+    side = crop.shape[0]
+    if crop.shape[1] != side:
+        raise ValueError(f"crop must be square, got {crop.shape[:2]}")
+    matrix = np.asarray(matrix, np.float64)
+    if matrix.shape != (2, 3) or not np.isfinite(matrix).all():
+        raise ValueError(f"matrix must be a finite 2x3 image->crop affine matrix, got shape {matrix.shape}")
+    alpha = blend_weight(side, mask, feather)
+    region = weight_region(alpha, matrix, frame.shape[:2])
+    if region is None:
+        return None
+    x0, y0, x1, y1 = region
     shifted = matrix.copy()
-    shifted[:, 2] += matrix[:, :2] @ np.array([x0, y0], np.float64)  # ROI pixel -> crop pixel
+    shifted[:, 2] += matrix[:, :2] @ np.array([x0, y0], np.float64)  # region pixel -> crop pixel
     size = (x1 - x0, y1 - y0)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpAffine(crop, shifted, size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    weight = cv2.warpAffine(alpha, shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)[..., None]
-    region = out[y0:y1, x0:x1].astype(np.float32)
-    out[y0:y1, x0:x1] = np.clip(region + weight * (warped.astype(np.float32) - region) + 0.5, 0, 255).astype(np.uint8)
-    return out
+    weight = cv2.warpAffine(alpha, shifted, size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    target = frame[y0:y1, x0:x1]
+    target[...] = cv2.blendLinear(warped, np.ascontiguousarray(target), weight, 1.0 - weight)
+    return region
+
+
+def weight_region(alpha: np.ndarray, matrix: np.ndarray, frame_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The frame box (x0, y0, x1, y1) that the non-zero part of a crop-space weight covers once warped back through
+    the image->crop `matrix`, clipped to the frame; None when it is empty."""
+    x, y, w, h = cv2.boundingRect((alpha > 0).astype(np.uint8))
+    if w == 0 or h == 0:
+        return None
+    inverse = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    corners = transform_points(np.array([[x - 1, y - 1], [x + w, y - 1], [x - 1, y + h], [x + w, y + h]],
+                                        np.float64), inverse)
+    height, width = frame_shape
+    x0, y0 = (max(0, int(np.floor(v))) for v in corners.min(0))
+    x1, y1 = min(width, int(np.ceil(corners[:, 0].max())) + 1), min(height, int(np.ceil(corners[:, 1].max())) + 1)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
 
 
 def match_color_lab(source: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:

@@ -268,6 +268,27 @@ class FaceDetector:
         return [Face((int(x), int(y), int(x + w), int(y + h)), None, float(s), "haar")
                 for (x, y, w, h), s in zip(rects, np.ravel(weights))]
 
+    @property
+    def can_follow(self) -> bool:
+        """Whether follow() works: blazeface keeps each face's mesh, which the next frame's fit starts from."""
+        return self.backend == "blazeface"
+
+    def follow(self, image_rgb: np.ndarray, faces: list[Face]) -> list[tuple[Face, float]]:
+        """The same faces in the next frame of a video, without detection: one FaceMesh pass per face from its mesh in
+        the previous frame (MediaPipe's tracking step), with FaceMesh's confidence that a face is still there
+        (0..1). Each face's box keeps its place relative to the mesh, and its score is carried over from the
+        detection. blazeface only (can_follow); every face must have a mesh."""
+        if not self.can_follow:
+            raise ValueError(f"follow() needs the blazeface backend (its meshes), not {self.backend}")
+        if any(face.mesh is None for face in faces):
+            raise ValueError("follow() needs faces found by blazeface: a face without a mesh cannot be followed")
+        image = check_rgb(image_rgb)
+        out = []
+        for face, (mesh, confidence) in zip(faces, self._mesh.follow(image, [face.mesh for face in faces])):
+            box = _carry_box(face.box, face.mesh, mesh)
+            out.append((Face(box, self._mesh_landmarks(mesh), face.score, face.detector, _read_only(mesh)), confidence))
+        return out
+
     def landmarks(self, image_rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         """Landmarks of this detector's landmark model for a known face box (e.g. from tracking): FaceMesh's for
         blazeface, else dlib's whatever the backend."""
@@ -302,6 +323,16 @@ def _auto_backend(landmarks: str) -> str:
     log.warning("blazeface and dlib are unavailable: detecting faces with OpenCV Haar cascades (no landmarks, "
                 "alignment on boxes only); for landmarks: %s", blazeface.INSTALL_HINT)
     return "haar"
+
+
+def _carry_box(box: tuple[int, int, int, int], old_mesh: np.ndarray, new_mesh: np.ndarray) -> tuple[int, int, int, int]:
+    """`box` moved and scaled with the mesh: the same place relative to the new mesh's bounding box as it had relative
+    to the old one's (detector boxes and mesh extents differ, and track matching compares detector-style boxes)."""
+    old_low, old_high = old_mesh[:, :2].min(0), old_mesh[:, :2].max(0)
+    new_low, new_high = new_mesh[:, :2].min(0), new_mesh[:, :2].max(0)
+    scale = (new_high - new_low) / np.maximum(old_high - old_low, 1e-6)
+    corners = (np.asarray(box, np.float64).reshape(2, 2) - old_low) * scale + new_low
+    return tuple(int(round(v)) for v in corners.ravel())  # type: ignore[return-value]
 
 
 def _read_only(points: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ Like `make demo` (examples/demo.py) every step runs the command a user would typ
     5. facetwin-train export                the bundle out/real/models/real
     6. facetwin-server serve                ONNX Runtime on loopback
     7. the SDK swaps held-out crops both ways (before/after grid) and streams franck.mp4 as full frames from his
-       first held-out frame on, his face replaced by cap's (source | swap clip)
+       first held-out frame on, his face (picked by a reference photo, followed from frame to frame) replaced by
+       cap's (source | swap clip)
     8. facetwin-train evaluate --data faces-holdout   identity distances, landmark NME, flicker on held-out frames
 
 Every number and picture is made from frames the model never trained on; a resumed run that may have trained on
@@ -27,6 +28,7 @@ a minute.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -39,7 +41,7 @@ from typing import Any, Iterator
 import cv2
 import numpy as np
 
-from facetwin.client import Client, FaceTwinError
+from facetwin.client import Client, FaceMapping, FaceTwinError
 from facetwin.core.bundle import VARIANTS
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import evaluate as evaluate_mod
@@ -122,14 +124,19 @@ def swap_grid(client: Client, faces_dir: Path, count: int, path: Path) -> None:
 
 
 def swap_clip(client: Client, video: Path, start: int, frames: int, path: Path) -> dict[str, Any]:
-    """Streams `frames` frames of the video from frame `start` on as full frames (largest face -> TARGET); writes
-    source | swap."""
+    """Streams `frames` frames of the video from frame `start` on as full frames and writes source | swap. The faces
+    swapped are SOURCE's, picked by a reference photo of him (the video's first frame, which training saw): the
+    server follows each face from frame to frame (detecting every few frames) and compares each new face with the
+    photo once; a face it loses keeps its last swap for a few frames."""
     capture = cv2.VideoCapture(str(video))
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
-    for _ in range(start):  # decoded in order, not sought: seeking an mp4 can land on another frame
+    ok, first = capture.read()
+    if not ok:
+        raise SystemExit(f"error: OpenCV cannot read frames from {video}")
+    for _ in range(start - 1):  # decoded in order, not sought: seeking an mp4 can land on another frame
         if not capture.grab():
             break
-    sources = []
+    sources = [first] if start == 0 else []
     while len(sources) < frames:
         ok, frame = capture.read()
         if not ok:
@@ -138,18 +145,26 @@ def swap_clip(client: Client, video: Path, start: int, frames: int, path: Path) 
     capture.release()
     if not sources:
         raise SystemExit(f"error: OpenCV cannot read frames from {video} (from frame {start} on)")
+    reference = cv2.imencode(".png", first)[1].tobytes()
     height, width = sources[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (2 * width, height))
     if not writer.isOpened():
         raise SystemExit(f"error: OpenCV cannot write {path}")
-    swapped, server_ms = 0, []
-    for source, result in zip(sources, client.stream(sources, MODEL, TARGET, color="bgr", faces="largest")):
+    swapped, server_ms, states, tracks, distances = 0, [], collections.Counter(), set(), []
+    results = client.stream(sources, MODEL, TARGET, color="bgr", faces=FaceMapping.person(reference),
+                            lost_faces="hold")
+    for source, result in zip(sources, results):
         writer.write(np.concatenate([source, result.image], axis=1))
         swapped += any(face.swapped for face in result.faces)
         server_ms.append(result.timings.total_ms)
+        states.update(face.state for face in result.faces)
+        tracks.update(face.track_id for face in result.faces)
+        distances += [face.reference_distance for face in result.faces if face.reference_distance is not None]
     writer.release()
     return {"video": video.name, "first_frame": start, "frames": len(sources), "frames_with_a_swapped_face": swapped,
-            "fps": fps, "server_ms_per_frame": float(np.mean(server_ms))}
+            "fps": fps, "server_ms_per_frame": float(np.mean(server_ms)), "faces_by_state": dict(states),
+            "tracks": len(tracks), "reference": f"{video.name} frame 0",
+            "reference_distance": float(np.median(distances)) if distances else None}
 
 
 def _frame_keys(data_dir: Path) -> set[tuple]:

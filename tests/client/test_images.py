@@ -212,3 +212,57 @@ def test_stream_state_validates_eagerly_and_keeps_size_limit(face):
     with pytest.raises(ResourceExhaustedError, match="max_message_mb"):
         state.make_request(face)
     assert state.sent == 0  # a rejected frame takes no id
+
+
+def test_a_stream_sends_its_mapping_and_lost_face_policy_once_and_again_when_it_resumes(face):
+    from facetwin.client import FaceMapping, FaceRule
+
+    photo = np.random.default_rng(1).integers(0, 256, (9, 8, 3), dtype=np.uint8)
+    mapping = FaceMapping([FaceRule(reference=[photo], target="ada"), FaceRule(track_id=3), FaceRule(faces=2)],
+                          match_threshold=0.5)
+    state = StreamState("demo", "bob", color="bgr", return_mask=False, max_bytes=2**20, faces=mapping,
+                        lost_faces="hold", lost_face_frames=20, policy="latest")
+    first, second, third = (state.make_request(face) for _ in range(3))
+    assert (first.policy, first.lost_faces, first.lost_face_frames) == (pb.STREAM_POLICY_LATEST,
+                                                                        pb.LOST_FACE_POLICY_HOLD, 20)
+    rules = first.request.mapping.rules
+    assert [r.WhichOneof("pick") for r in rules] == ["reference", "track_id", "selection"]
+    assert (rules[0].target, rules[1].track_id, rules[2].selection, rules[2].face_index) == (
+        "ada", 3, pb.FACE_SELECTION_INDEX, 2)
+    sent = rules[0].reference.images[0].raw
+    assert sent.color_order == pb.COLOR_ORDER_BGR and sent.pixels == photo.tobytes()  # the call's colour order
+    assert first.request.mapping.match_threshold == pytest.approx(0.5)
+    for later in (second, third):  # whole frames, the faces chosen by the stream's mapping
+        assert later.request.kind == pb.IMAGE_KIND_FULL_FRAME and not later.request.HasField("mapping")
+        assert (later.policy, later.lost_faces, later.request.faces) == (0, 0, 0)
+    state.on_response(_stream_message(0, pb.FRAME_STATUS_OK, face))
+    resent = state.resend()  # a new call is a new stream: the first frame it sends opens it like the original
+    assert [m.request.frame_id for m in resent] == [1, 2]
+    assert resent[0].request.mapping == first.request.mapping and resent[0].lost_faces == pb.LOST_FACE_POLICY_HOLD
+    assert not second.request.HasField("mapping")  # the message kept for the original call is unchanged
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lost_faces": "keep"}, "lost_faces must be 'pass', 'hold', 'blur' or None"),
+    ({"lost_face_frames": 0}, "lost_face_frames must be an integer in 1..300"),
+    ({"faces": "biggest"}, "or a FaceMapping"),
+])
+def test_stream_lost_face_and_faces_arguments_are_checked_before_sending(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        StreamState("demo", "bob", color="rgb", return_mask=False, max_bytes=2**20, **kwargs)
+
+
+def test_face_rules_pick_one_way_each():
+    from facetwin.client import FaceMapping, FaceRule
+
+    with pytest.raises(InvalidInputError, match="exactly one of faces"):
+        FaceRule()
+    with pytest.raises(InvalidInputError, match="track_id must be an integer >= 1"):
+        FaceRule(track_id=0)
+    with pytest.raises(InvalidInputError, match="FaceRule.faces must be"):
+        FaceRule(faces="biggest")
+    with pytest.raises(InvalidInputError, match="list of FaceRule"):
+        FaceMapping(FaceRule(faces="all"))
+    request = build_swap_request(np.zeros((4, 4, 3), np.uint8), "demo", "bob", color="rgb",
+                                 faces=FaceMapping.person(PNG_HEADER, target="ada"))
+    assert request.kind == pb.IMAGE_KIND_FULL_FRAME and request.mapping.rules[0].reference.images[0].encoded

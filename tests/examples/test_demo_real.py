@@ -80,6 +80,9 @@ def test_dry_run_extracts_trains_serves_swaps_full_frames_and_scores_real_faces(
     assert first.shape[:2] == (height, 2 * width)  # full frames, source | swap, side by side
     assert (first[:, width:].astype(int) - first[:, :width]).any()  # the swap changed the frame
     assert summary["clip"]["frames_with_a_swapped_face"] >= 5  # the man is in every frame
+    # He was picked by a reference photo of himself (the video's first frame) and followed from frame to frame.
+    assert summary["clip"]["reference_distance"] < 0.6 and summary["clip"]["tracks"] == 1
+    assert summary["clip"]["faces_by_state"]["detected"] >= 1 and summary["clip"]["faces_by_state"].get("tracked", 0) >= 4
     assert (out / "models" / "real" / "manifest.json").is_file() and (out / "runs" / "ae" / "checkpoint.pt").is_file()
     training = summary["training"]  # the training summary train left in its run folder, as the demo read it
     assert training == json.loads((out / "runs" / "ae" / "train_summary.json").read_text())

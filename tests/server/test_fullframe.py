@@ -286,7 +286,7 @@ def test_stream_of_full_frames_with_five_point_landmarks(five_point_stub, served
 
 def test_landmark_setting_is_checked_up_front():
     from facetwin.server.config import ServerConfig
-    from facetwin.server.fullframe import FaceDetectorPool
+    from facetwin.server.detectors import FaceDetectorPool
 
     assert ServerConfig().landmarks == "auto"
     with pytest.raises(ValueError, match="landmarks '7' must be one of auto, 68, 5"):

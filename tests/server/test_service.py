@@ -288,3 +288,8 @@ def test_server_info_tells_a_caller_every_limit_in_force(stub, served_model):
     assert list(info.limits.image_formats) == ["jpeg", "png"]
     assert info.limits.stream_window == config.stream_window and info.limits.max_queue == config.max_queue
     assert info.limits.max_faces_per_frame == config.max_faces_per_frame
+    assert (info.limits.max_face_rules, info.limits.max_reference_images, info.limits.max_reference_side) == (
+        config.max_face_rules, config.max_reference_images, config.max_reference_side)
+    assert info.default_lost_faces == pb.LOST_FACE_POLICY_PASS and info.default_lost_face_frames == config.lost_face_frames
+    assert info.default_match_threshold == pytest.approx(config.match_threshold)
+    assert info.detect_every == config.detect_every

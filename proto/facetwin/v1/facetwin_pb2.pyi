@@ -39,6 +39,29 @@ class FaceSelection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FACE_SELECTION_LARGEST: _ClassVar[FaceSelection]
     FACE_SELECTION_INDEX: _ClassVar[FaceSelection]
 
+class LostFacePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOST_FACE_POLICY_UNSPECIFIED: _ClassVar[LostFacePolicy]
+    LOST_FACE_POLICY_PASS: _ClassVar[LostFacePolicy]
+    LOST_FACE_POLICY_HOLD: _ClassVar[LostFacePolicy]
+    LOST_FACE_POLICY_BLUR: _ClassVar[LostFacePolicy]
+
+class FaceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FACE_STATE_UNSPECIFIED: _ClassVar[FaceState]
+    FACE_STATE_DETECTED: _ClassVar[FaceState]
+    FACE_STATE_TRACKED: _ClassVar[FaceState]
+    FACE_STATE_LOST: _ClassVar[FaceState]
+
+class FaceAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FACE_ACTION_UNSPECIFIED: _ClassVar[FaceAction]
+    FACE_ACTION_SWAPPED: _ClassVar[FaceAction]
+    FACE_ACTION_NOT_SWAPPED: _ClassVar[FaceAction]
+    FACE_ACTION_PASSED: _ClassVar[FaceAction]
+    FACE_ACTION_HELD: _ClassVar[FaceAction]
+    FACE_ACTION_BLURRED: _ClassVar[FaceAction]
+
 class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FRAME_STATUS_UNSPECIFIED: _ClassVar[FrameStatus]
@@ -75,6 +98,20 @@ FACE_SELECTION_UNSPECIFIED: FaceSelection
 FACE_SELECTION_ALL: FaceSelection
 FACE_SELECTION_LARGEST: FaceSelection
 FACE_SELECTION_INDEX: FaceSelection
+LOST_FACE_POLICY_UNSPECIFIED: LostFacePolicy
+LOST_FACE_POLICY_PASS: LostFacePolicy
+LOST_FACE_POLICY_HOLD: LostFacePolicy
+LOST_FACE_POLICY_BLUR: LostFacePolicy
+FACE_STATE_UNSPECIFIED: FaceState
+FACE_STATE_DETECTED: FaceState
+FACE_STATE_TRACKED: FaceState
+FACE_STATE_LOST: FaceState
+FACE_ACTION_UNSPECIFIED: FaceAction
+FACE_ACTION_SWAPPED: FaceAction
+FACE_ACTION_NOT_SWAPPED: FaceAction
+FACE_ACTION_PASSED: FaceAction
+FACE_ACTION_HELD: FaceAction
+FACE_ACTION_BLURRED: FaceAction
 FRAME_STATUS_UNSPECIFIED: FrameStatus
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
@@ -112,7 +149,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
 
 class SwapRequest(_message.Message):
-    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id", "faces", "face_index", "keep_shape")
+    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id", "faces", "face_index", "keep_shape", "mapping")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +162,7 @@ class SwapRequest(_message.Message):
     FACES_FIELD_NUMBER: _ClassVar[int]
     FACE_INDEX_FIELD_NUMBER: _ClassVar[int]
     KEEP_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MAPPING_FIELD_NUMBER: _ClassVar[int]
     model: str
     target: str
     image: Image
@@ -137,7 +175,36 @@ class SwapRequest(_message.Message):
     faces: FaceSelection
     face_index: int
     keep_shape: float
-    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Union[FaceSelection, str]] = ..., face_index: _Optional[int] = ..., keep_shape: _Optional[float] = ...) -> None: ...
+    mapping: FaceMapping
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Union[FaceSelection, str]] = ..., face_index: _Optional[int] = ..., keep_shape: _Optional[float] = ..., mapping: _Optional[_Union[FaceMapping, _Mapping]] = ...) -> None: ...
+
+class FaceMapping(_message.Message):
+    __slots__ = ("rules", "match_threshold")
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    rules: _containers.RepeatedCompositeFieldContainer[FaceRule]
+    match_threshold: float
+    def __init__(self, rules: _Optional[_Iterable[_Union[FaceRule, _Mapping]]] = ..., match_threshold: _Optional[float] = ...) -> None: ...
+
+class FaceRule(_message.Message):
+    __slots__ = ("target", "selection", "track_id", "reference", "face_index")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    FACE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    selection: FaceSelection
+    track_id: int
+    reference: FaceReference
+    face_index: int
+    def __init__(self, target: _Optional[str] = ..., selection: _Optional[_Union[FaceSelection, str]] = ..., track_id: _Optional[int] = ..., reference: _Optional[_Union[FaceReference, _Mapping]] = ..., face_index: _Optional[int] = ...) -> None: ...
+
+class FaceReference(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
@@ -160,19 +227,31 @@ class Box(_message.Message):
     def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
 
 class DetectedFace(_message.Message):
-    __slots__ = ("box", "landmarks", "score", "swapped")
+    __slots__ = ("box", "landmarks", "score", "swapped", "track_id", "state", "action", "target", "reference_distance", "note")
     BOX_FIELD_NUMBER: _ClassVar[int]
     LANDMARKS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     box: Box
     landmarks: _containers.RepeatedCompositeFieldContainer[Point]
     score: float
     swapped: bool
-    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., score: _Optional[float] = ..., swapped: _Optional[bool] = ...) -> None: ...
+    track_id: int
+    state: FaceState
+    action: FaceAction
+    target: str
+    reference_distance: float
+    note: str
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., landmarks: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., score: _Optional[float] = ..., swapped: _Optional[bool] = ..., track_id: _Optional[int] = ..., state: _Optional[_Union[FaceState, str]] = ..., action: _Optional[_Union[FaceAction, str]] = ..., target: _Optional[str] = ..., reference_distance: _Optional[float] = ..., note: _Optional[str] = ...) -> None: ...
 
 class StageTimings(_message.Message):
-    __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms", "batch_size", "detect_ms", "align_ms", "blend_ms")
+    __slots__ = ("decode_ms", "queue_ms", "inference_ms", "encode_ms", "total_ms", "batch_size", "detect_ms", "align_ms", "blend_ms", "track_ms", "embed_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +261,8 @@ class StageTimings(_message.Message):
     DETECT_MS_FIELD_NUMBER: _ClassVar[int]
     ALIGN_MS_FIELD_NUMBER: _ClassVar[int]
     BLEND_MS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_MS_FIELD_NUMBER: _ClassVar[int]
+    EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     queue_ms: float
     inference_ms: float
@@ -191,7 +272,9 @@ class StageTimings(_message.Message):
     detect_ms: float
     align_ms: float
     blend_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., detect_ms: _Optional[float] = ..., align_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ...) -> None: ...
+    track_ms: float
+    embed_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., detect_ms: _Optional[float] = ..., align_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ..., track_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ...) -> None: ...
 
 class SwapResponse(_message.Message):
     __slots__ = ("image", "mask", "timings", "frame_id", "faces", "provenance", "request_id")
@@ -236,12 +319,16 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SwapStreamRequest(_message.Message):
-    __slots__ = ("request", "policy")
+    __slots__ = ("request", "policy", "lost_faces", "lost_face_frames")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    LOST_FACES_FIELD_NUMBER: _ClassVar[int]
+    LOST_FACE_FRAMES_FIELD_NUMBER: _ClassVar[int]
     request: SwapRequest
     policy: StreamPolicy
-    def __init__(self, request: _Optional[_Union[SwapRequest, _Mapping]] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ...) -> None: ...
+    lost_faces: LostFacePolicy
+    lost_face_frames: int
+    def __init__(self, request: _Optional[_Union[SwapRequest, _Mapping]] = ..., policy: _Optional[_Union[StreamPolicy, str]] = ..., lost_faces: _Optional[_Union[LostFacePolicy, str]] = ..., lost_face_frames: _Optional[int] = ...) -> None: ...
 
 class SwapStreamResponse(_message.Message):
     __slots__ = ("status", "response", "error")
@@ -288,7 +375,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_image_side", "max_image_pixels", "image_formats", "max_faces_per_frame", "max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams", "stream_window", "stream_idle_timeout_s", "max_queue")
+    __slots__ = ("max_message_bytes", "max_image_side", "max_image_pixels", "image_formats", "max_faces_per_frame", "max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams", "stream_window", "stream_idle_timeout_s", "max_queue", "max_face_rules", "max_reference_images", "max_reference_side")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +388,9 @@ class ServerLimits(_message.Message):
     STREAM_WINDOW_FIELD_NUMBER: _ClassVar[int]
     STREAM_IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACE_RULES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFERENCE_SIDE_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_image_side: int
     max_image_pixels: int
@@ -313,20 +403,31 @@ class ServerLimits(_message.Message):
     stream_window: int
     stream_idle_timeout_s: float
     max_queue: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ..., max_faces_per_frame: _Optional[int] = ..., max_calls_per_client: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_calls: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
+    max_face_rules: int
+    max_reference_images: int
+    max_reference_side: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ..., max_faces_per_frame: _Optional[int] = ..., max_calls_per_client: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_calls: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_face_rules: _Optional[int] = ..., max_reference_images: _Optional[int] = ..., max_reference_side: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "auth_required", "tls", "client_certificate_required", "default_stream_policy", "limits")
+    __slots__ = ("version", "auth_required", "tls", "client_certificate_required", "default_stream_policy", "limits", "default_lost_faces", "default_lost_face_frames", "default_match_threshold", "detect_every")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_CERTIFICATE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_STREAM_POLICY_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LOST_FACES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_LOST_FACE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DETECT_EVERY_FIELD_NUMBER: _ClassVar[int]
     version: str
     auth_required: bool
     tls: bool
     client_certificate_required: bool
     default_stream_policy: StreamPolicy
     limits: ServerLimits
-    def __init__(self, version: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tls: _Optional[bool] = ..., client_certificate_required: _Optional[bool] = ..., default_stream_policy: _Optional[_Union[StreamPolicy, str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    default_lost_faces: LostFacePolicy
+    default_lost_face_frames: int
+    default_match_threshold: float
+    detect_every: int
+    def __init__(self, version: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tls: _Optional[bool] = ..., client_certificate_required: _Optional[bool] = ..., default_stream_policy: _Optional[_Union[StreamPolicy, str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., default_lost_faces: _Optional[_Union[LostFacePolicy, str]] = ..., default_lost_face_frames: _Optional[int] = ..., default_match_threshold: _Optional[float] = ..., detect_every: _Optional[int] = ...) -> None: ...
