@@ -147,12 +147,16 @@ class FullFrameSwapper:
     """Swaps the faces of whole frames; one per server, shared by every call and stream."""
 
     def __init__(self, detectors: FaceDetectorPool, margin: float = ALIGN_MARGIN, feather: float = BLEND_FEATHER,
-                 keep_shape: float = blending.KEEP_SHAPE, max_faces: int = 8) -> None:
-        """max_faces: most faces one frame may swap (ServerConfig.max_faces_per_frame)."""
+                 keep_shape: float = blending.KEEP_SHAPE, max_faces: int = 8,
+                 paste_mask: str = blending.PASTE_MASK) -> None:
+        """max_faces: most faces one frame may swap (ServerConfig.max_faces_per_frame). paste_mask: where swaps are
+        pasted, blending.PASTE_MASKS (ServerConfig.paste_mask)."""
         if not 0.0 <= keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {keep_shape}")
+        if paste_mask not in blending.PASTE_MASKS:
+            raise ValueError(f"paste_mask must be one of {', '.join(blending.PASTE_MASKS)}, got {paste_mask!r}")
         self.detectors, self.margin, self.feather, self.keep_shape = detectors, margin, feather, keep_shape
-        self.max_faces = max_faces
+        self.max_faces, self.paste_mask = max_faces, paste_mask
 
     async def swap(self, frame: np.ndarray, target: LoadedTarget, caller: Hashable, selection: FaceSelection,
                    ticket: FrameTicket | None = None, bounded: bool = True, want_mask: bool = False,
@@ -185,7 +189,7 @@ class FullFrameSwapper:
         results = await self._infer(target, [a.crop for a in aligned], caller, bounded)
         inferred_at = time.perf_counter()
         keep = self.keep_shape if keep_shape is None else keep_shape
-        image, mask = await asyncio.to_thread(self._blend, frame, aligned, [r[0][0] for r in results], want_mask, keep)
+        image, mask = await asyncio.to_thread(self._blend, frame, aligned, [r[0] for r in results], want_mask, keep)
         done = time.perf_counter()
         infos = [info for _, info in results]
         batch = BatchInfo(max(i.size for i in infos), max(i.queue_s for i in infos), max(i.inference_s for i in infos))
@@ -210,16 +214,18 @@ class FullFrameSwapper:
                 task.cancel()
             raise
 
-    def _blend(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[np.ndarray], want_mask: bool,
-               keep_shape: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def _blend(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[tuple[np.ndarray, np.ndarray]],
+               want_mask: bool, keep_shape: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """swapped: (face, the model's mask) of each aligned face."""
         image = frame
         weight = np.zeros(frame.shape, np.uint8) if want_mask else None
-        for face, new in zip(aligned, swapped):
-            matched = blending.finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape,
+        for face, (new, model_mask) in zip(aligned, swapped):
+            paste = blending.paste_mask(face.hull, model_mask, self.paste_mask)
+            matched = blending.finish_face(face.crop, new, paste, face.points, self.margin, keep_shape,
                                            self.detectors.crop_landmarks)
-            image = blending.paste_back(image, matched, face.hull, face.matrix, self.feather)
+            image = blending.paste_back(image, matched, paste, face.matrix, self.feather)
             if weight is not None:  # the same warp and feathering, of an all-white face: the blend weight
                 white = np.full_like(face.crop, 255)
-                weight = np.maximum(weight, blending.paste_back(np.zeros_like(weight), white, face.hull, face.matrix,
+                weight = np.maximum(weight, blending.paste_back(np.zeros_like(weight), white, paste, face.matrix,
                                                                self.feather))
         return image, None if weight is None else np.ascontiguousarray(weight[..., 0])

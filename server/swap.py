@@ -101,7 +101,7 @@ class SwapEngine:
         detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, backend=config.detector,
                                      landmarks=config.landmarks)
         self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
-                                          max_faces=config.max_faces_per_frame)
+                                          max_faces=config.max_faces_per_frame, paste_mask=config.paste_mask)
 
     def new_stream_state(self) -> StreamFaceState:
         """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order."""
