@@ -44,6 +44,7 @@ from facetwin.training.config import PRESETS, TrainConfig  # noqa: E402
 from facetwin.training.data import AugmentConfig, describe, load_index  # noqa: E402
 from facetwin.training.evaluate import compose_grid, synth_identities  # noqa: E402
 from facetwin.training.export import export_bundle  # noqa: E402
+from facetwin.training.losses import LossWeights  # noqa: E402
 from facetwin.training.layout import png_bytes  # noqa: E402
 from facetwin.training.train import train  # noqa: E402
 
@@ -51,17 +52,19 @@ GRID_FACES = 8  # faces per row of the --grid picture
 
 
 def train_run(data: Path, out: Path, steps: int, occluders: float, preset: str = "demo", seed: int = 0,
-              progress: bool = True) -> dict[str, Any]:
-    """Trains one run (the data kind's augmentation plus `occluders`) and exports it to out/bundle/<out's name>."""
+              mask_weight: float | None = None, progress: bool = True) -> dict[str, Any]:
+    """Trains one run (the data kind's augmentation plus `occluders`; the mask loss at `mask_weight`, None: the
+    default) and exports it to out/bundle/<out's name>."""
     augment = dataclasses.replace(AugmentConfig.for_data(describe(load_index(data))["kind"]), occluders=occluders)
+    loss = LossWeights() if mask_weight is None else dataclasses.replace(LossWeights(), mask=mask_weight)
     cfg = TrainConfig.from_preset(preset, data, out, steps=steps, seed=seed, max_seconds=0.0, augment=augment,
-                                  tensorboard=False)
+                                  loss=loss, tensorboard=False)
     started = time.perf_counter()
     checkpoint = train(cfg, progress=progress, resume=True)
     seconds = time.perf_counter() - started
     bundle = export_bundle(checkpoint, out / "bundle", name=out.name, overwrite=True)
-    return {"bundle": str(bundle), "steps": steps, "occluders": occluders, "preset": preset, "seed": seed,
-            "train_seconds": seconds}
+    return {"bundle": str(bundle), "steps": steps, "occluders": occluders, "mask_weight": loss.mask, "preset": preset,
+            "seed": seed, "train_seconds": seconds}
 
 
 def grid(bundle: Path, path: Path, real_data: Path | None) -> Path:
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--occluders", type=float, default=0.0, help="share of training faces given an occluder")
     t.add_argument("--preset", choices=PRESETS, default="demo")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--mask-weight", type=float, default=None, help="weight of the mask loss (default: LossWeights')")
     t.add_argument("--json", default=argparse.SUPPRESS, help="also write the JSON report here")
     s = sub.add_parser("score", help="score bundles on held-out faces with held-out occluders")
     s.add_argument("--bundle", type=Path, action="append", required=True, help="bundle folder (repeatable)")
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.steps < 1 or not 0.0 <= args.occluders <= 1.0:
             p.error("--steps must be >= 1 and --occluders in 0..1")
         report = {"bench": "occlusion", "host": host_info(), "run": train_run(
-            args.data, args.out, args.steps, args.occluders, args.preset, args.seed)}
+            args.data, args.out, args.steps, args.occluders, args.preset, args.seed, args.mask_weight)}
     elif args.command == "score":
         if args.count < 1:
             p.error("--count must be >= 1")
