@@ -35,6 +35,12 @@ ELLIPSE_CENTER, ELLIPSE_AXES = (0.47, 0.46), (0.60, 0.82)
 # channel (a uniform skin patch at 32 px) cannot be amplified into noise.
 COLOR_GAIN_RANGE = (0.5, 2.0)
 MIN_MASK_PIXELS = 16  # fewer face pixels than this: too few for statistics, colour transfer is skipped
+# Where a swap is pasted (paste_mask): "hull", the original face's landmark hull (face_mask); "model", the face
+# mask the model outputs with the swap; "both", pixels inside both. A model trained with occluders
+# (training/occluders.py) leaves a hand or microphone in front of the face out of its mask, and the hull keeps the
+# paste on the original face where the model's mask strays past it.
+PASTE_MASKS = ("hull", "model", "both")
+PASTE_MASK = "both"
 
 
 def _tps_kernel(squared: np.ndarray) -> np.ndarray:
@@ -106,6 +112,24 @@ def face_mask(size: int, landmarks_in_crop: np.ndarray | None, margin: float = D
     cv2.ellipse(mask, (round(float(centre[0])), round(float(centre[1]))), (round(axes[0]), round(axes[1])), 0, 0,
                 360, 255, -1)
     return mask
+
+
+def paste_mask(hull: np.ndarray, model_mask: np.ndarray | None, rule: str = PASTE_MASK) -> np.ndarray:
+    """(S, S) uint8 0/255: where the swapped face is pasted and its colour statistics are taken, by `rule`
+    (PASTE_MASKS). hull: face_mask's 0/255; model_mask: the model's mask of the swap, uint8 0..255 or float 0..1,
+    taken as face where it is at least one half (paste_back feathers the edge); None: the hull, whatever the rule."""
+    if rule not in PASTE_MASKS:
+        raise ValueError(f"paste mask rule {rule!r} is not one of {', '.join(PASTE_MASKS)}")
+    hull = np.asarray(hull)
+    if rule == "hull" or model_mask is None:
+        return hull
+    model = np.asarray(model_mask)
+    if model.shape != hull.shape:
+        raise ValueError(f"the model's mask is {model.shape}, the hull {hull.shape}: they must match")
+    face = model >= (128 if model.dtype == np.uint8 else 0.5)
+    if rule == "both":
+        face &= hull > 0
+    return np.where(face, 255, 0).astype(np.uint8)
 
 
 def paste_back(frame_rgb: np.ndarray, crop_rgb: np.ndarray, mask: np.ndarray | None, matrix: np.ndarray,

@@ -12,7 +12,7 @@ import os
 import typing
 from typing import Any
 
-from facetwin.core.blending import KEEP_SHAPE
+from facetwin.core.blending import KEEP_SHAPE, PASTE_MASK, PASTE_MASKS
 from facetwin.core.faces import BACKENDS as DETECTORS
 from facetwin.core.faces import LANDMARK_MODELS
 
@@ -90,6 +90,9 @@ class ServerConfig:
                                       "header before decoding)")
     keep_shape: float = setting(KEEP_SHAPE, "full frames: how far the swap is bent toward the original face's shape, "
                                 "0 (the target's) .. 1 (the original's); needs the 68-point model")
+    paste_mask: str = setting(PASTE_MASK, "full frames: where the swap is pasted: hull (the original face's landmark "
+                              "hull), model (the model's own face mask, which leaves out hands and objects in front "
+                              "of the face when it was trained with occluders) or both (inside both)")
     log_format: str = setting("text", "log lines: text, or json (one object per line, with the request id of the "
                               "call each line is about)")
     grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops")
@@ -149,6 +152,8 @@ class ServerConfig:
             raise ValueError("max_face_rules must be >= 1, max_reference_images >= 0 and max_reference_side >= 8")
         if not 0.0 <= self.keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {self.keep_shape}")
+        if self.paste_mask not in PASTE_MASKS:
+            raise ValueError(f"paste_mask {self.paste_mask!r} must be one of {', '.join(PASTE_MASKS)}")
         if not 1 <= self.max_message_mb <= 1024:
             raise ValueError("max_message_mb must be in 1..1024")
         if self.max_image_side < 8 or self.max_image_pixels < 64 or self.max_faces_per_frame < 1:

@@ -137,12 +137,16 @@ class FullFrameSwapper:
     """Swaps the faces of whole frames; one per server, shared by every call and stream."""
 
     def __init__(self, detectors: FaceDetectorPool, margin: float = ALIGN_MARGIN, feather: float = BLEND_FEATHER,
-                 keep_shape: float = blending.KEEP_SHAPE, max_faces: int = 8) -> None:
-        """max_faces: most faces one frame may swap (ServerConfig.max_faces_per_frame)."""
+                 keep_shape: float = blending.KEEP_SHAPE, max_faces: int = 8,
+                 paste_mask: str = blending.PASTE_MASK) -> None:
+        """max_faces: most faces one frame may swap (ServerConfig.max_faces_per_frame). paste_mask: where swaps are
+        pasted, blending.PASTE_MASKS (ServerConfig.paste_mask)."""
         if not 0.0 <= keep_shape <= 1.0:
             raise ValueError(f"keep_shape must be in 0..1, got {keep_shape}")
+        if paste_mask not in blending.PASTE_MASKS:
+            raise ValueError(f"paste_mask must be one of {', '.join(blending.PASTE_MASKS)}, got {paste_mask!r}")
         self.detectors, self.margin, self.feather, self.keep_shape = detectors, margin, feather, keep_shape
-        self.max_faces = max_faces
+        self.max_faces, self.paste_mask = max_faces, paste_mask
 
     async def swap(self, frame: np.ndarray, request: FrameRequest, stream: StreamFaceState | None = None,
                    ticket: FrameTicket | None = None) -> FrameSwap:
@@ -246,7 +250,7 @@ class FullFrameSwapper:
         image, mask, finished = frame, None, []
         if chosen or covered or request.want_mask:
             image, mask, finished = await asyncio.to_thread(
-                self._paste_all, frame, aligned, [r[0][0] for r in results], keep,
+                self._paste_all, frame, aligned, [r[0] for r in results], keep,
                 [(plan.faces[i].face, holds.get(i)) for i in covered], request.want_mask)
         done = time.perf_counter()
         for i, paste in zip(chosen, finished):
@@ -300,7 +304,8 @@ class FullFrameSwapper:
                 task.cancel()
             raise
 
-    def _paste_all(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[np.ndarray], keep_shape: float,
+    def _paste_all(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[tuple[np.ndarray, np.ndarray]],
+                   keep_shape: float,
                    covered: list[tuple[Face, _Paste | None]],
                    want_mask: bool) -> tuple[np.ndarray, np.ndarray | None, list[_Paste]]:
         """One copy of the frame with the swapped faces blended in and the lost ones covered (held or blurred)."""
@@ -312,15 +317,17 @@ class FullFrameSwapper:
         mask = self._mask(frame.shape[:2], pastes) if want_mask else None
         return image, mask, finished
 
-    def _blend(self, image: np.ndarray, aligned: list[_Aligned], swapped: list[np.ndarray],
+    def _blend(self, image: np.ndarray, aligned: list[_Aligned], swapped: list[tuple[np.ndarray, np.ndarray]],
                keep_shape: float) -> list[_Paste]:
-        """Bends, colour-matches and pastes each swapped face into `image` (in place); returns what was pasted."""
+        """Bends, colour-matches and pastes each swapped face (the model's face and mask) into `image` (in place)
+        through the paste mask rule; returns what was pasted."""
         out = []
-        for face, new in zip(aligned, swapped):
-            matched = blending.finish_face(face.crop, new, face.hull, face.points, self.margin, keep_shape,
+        for face, (new, model_mask) in zip(aligned, swapped):
+            paste = blending.paste_mask(face.hull, model_mask, self.paste_mask)
+            matched = blending.finish_face(face.crop, new, paste, face.points, self.margin, keep_shape,
                                            face.landmarker or self.detectors.crop_landmarks)
-            blending.paste_into(image, matched, face.hull, face.matrix, self.feather)
-            out.append(_Paste(matched, face.hull, face.matrix))
+            blending.paste_into(image, matched, paste, face.matrix, self.feather)
+            out.append(_Paste(matched, paste, face.matrix))
         return out
 
     def _landmarker(self, face: _Aligned, offset: tuple[bool, Any] | None) -> Callable[[np.ndarray, float],

@@ -110,7 +110,7 @@ class SwapEngine:
         detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, backend=config.detector,
                                      landmarks=config.landmarks)
         self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
-                                          max_faces=config.max_faces_per_frame)
+                                          max_faces=config.max_faces_per_frame, paste_mask=config.paste_mask)
         self.descriptors = DescriptorCache()
 
     async def new_stream_state(self, lost_faces: str | None = None, lost_face_frames: int | None = None,

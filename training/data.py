@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from facetwin.training import occluders
 from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, SYNTH_SCHEMA
 
 SCHEMAS = (SYNTH_SCHEMA, FACES_SCHEMA)
@@ -260,6 +261,9 @@ class AugmentConfig:
     saturation: float = 0.1  # max saturation change either way, as a fraction
     face_color: float = 0.0  # probability of recolouring the input's face region (input only; see _recolour_face)
     face_color_grow: float = 0.1  # the recoloured region: the face mask grown by this fraction of the side
+    # Share of faces that get a synthetic occluder (a hand, object or hair strands: occluders.py) in the input, left
+    # out of the mask target, so the mask head learns to keep it out of the paste. 0: none.
+    occluders: float = 0.0
 
     @classmethod
     def footage(cls) -> "AugmentConfig":
@@ -335,9 +339,13 @@ def augment(faces: torch.Tensor, masks: torch.Tensor, generator: torch.Generator
         where = grids[1] if warped else grids[0]
         return F.grid_sample(t, where, mode="bilinear", padding_mode="border", align_corners=False)
 
+    occluded, target_mask = x, m
+    if config.occluders > 0:  # drawn before the geometry, so the mask target moves with the occluder
+        occluded, coverage = occluders.occlude(x, m, generator, config.occluders)
+        target_mask = m * (1 - coverage)  # the image target stays the clean face: see occluders.py
     target = resample(x)
-    target_mask = resample(m)
-    inputs = resample(x, warped=True)
+    target_mask = resample(target_mask)
+    inputs = resample(occluded, warped=True)
     if config.face_color > 0:
         inputs = _recolour_face(inputs, resample(m, warped=True), generator, config)
     # The eye/mouth map follows the target (the loss compares against the target); zeros = no extra weight.

@@ -326,18 +326,22 @@ def real_pairs(manifest: Manifest, clips: dict[str, quality.RealFaces]) -> list[
 class SavedSwaps:
     """Swaps of real faces made on one host and scored on another (save_swaps / load_swaps): a GPU host that trains
     the full model has no dlib weights to score with, and its bundle is too big to carry back. Per (source, target)
-    pair the source crops and the raw model outputs, and the bundle's manifest; scoring checks that the crops it
-    would swap are exactly the saved ones."""
+    pair the source crops and the raw model outputs (faces and masks), and the bundle's manifest; scoring checks that
+    the crops it would swap are exactly the saved ones."""
 
     manifest: Manifest
     pairs: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (source, target) -> (crops, swaps), uint8 RGB
+    # (source, target) -> the model's masks of the swaps, uint8 (N, R, R); missing from files saved without them,
+    # whose served faces are then pasted through the hull alone
+    masks: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
 
     def swapper(self, target: str):
-        def swap(crops: np.ndarray) -> np.ndarray:
-            for (_, b), (saved, swapped) in self.pairs.items():
+        def swap(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+            for (a, b), (saved, swapped) in self.pairs.items():
                 if b == target and saved.shape[1:] == crops.shape[1:] and len(saved) >= len(crops) \
                         and np.array_equal(saved[:len(crops)], crops):
-                    return swapped[:len(crops)]
+                    masks = self.masks.get((a, b))
+                    return swapped[:len(crops)], None if masks is None else masks[:len(crops)]
             raise quality.MetricsError(f"no saved swaps to {target!r} of these {len(crops)} faces: score the data "
                                        "set the swaps were saved from, with at most as many --faces")
         return swap
@@ -352,17 +356,20 @@ def bundle_swaps(bundle_dir: str | os.PathLike, real: RealInput, faces_per_pair:
 
 def swap_clips(runner: SwapRunner, clips: dict[str, quality.RealFaces], faces_per_pair: int) -> SavedSwaps:
     """The first `faces_per_pair` faces of each clip (RealInput.faces_for) swapped to every other target."""
-    pairs = {}
+    pairs, masks = {}, {}
     for a, b in real_pairs(runner.manifest, clips):
         crops = clips[a].crops[:faces_per_pair]
-        pairs[(a, b)] = (crops, np.round(runner.swap(crops, b)[0] * 255.0).astype(np.uint8))
-    return SavedSwaps(runner.manifest, pairs)
+        swapped, masks[(a, b)] = (np.round(v * 255.0).astype(np.uint8) for v in runner.swap(crops, b))
+        pairs[(a, b)] = (crops, swapped)
+    return SavedSwaps(runner.manifest, pairs, masks)
 
 
 def save_swaps(swaps: SavedSwaps, path: str | os.PathLike) -> Path:
-    """One compressed .npz (no pickle): the manifest as JSON, "crops:<source>:<target>" and "swaps:<...>" arrays."""
+    """One compressed .npz (no pickle): the manifest as JSON, "crops:<source>:<target>", "swaps:<...>" and
+    "masks:<...>" arrays."""
     arrays = {f"{kind}:{a}:{b}": array for (a, b), pair in swaps.pairs.items()
               for kind, array in zip(("crops", "swaps"), pair)}
+    arrays.update({f"masks:{a}:{b}": array for (a, b), array in swaps.masks.items()})
     buffer = io.BytesIO()
     np.savez_compressed(buffer, manifest=np.array(swaps.manifest.to_json()), **arrays)
     atomic_write_bytes(Path(path), buffer.getvalue())
@@ -374,22 +381,26 @@ def load_swaps(path: str | os.PathLike) -> SavedSwaps:
     try:
         with np.load(path, allow_pickle=False) as data:
             manifest = Manifest.from_dict(json.loads(str(data["manifest"])))
-            pairs = {}
+            pairs, masks = {}, {}
             for key in data.files:
                 kind, _, rest = key.partition(":")
                 if kind == "crops":
                     a, b = rest.split(":")
                     pairs[(a, b)] = (data[key], data[f"swaps:{a}:{b}"])
+                elif kind == "masks":
+                    a, b = rest.split(":")
+                    masks[(a, b)] = data[key]
     except (OSError, KeyError, ValueError) as exc:
         raise quality.MetricsError(f"{path} is not a file of saved swaps: {exc}") from exc
-    return SavedSwaps(manifest, pairs)
+    return SavedSwaps(manifest, pairs, masks)
 
 
 def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, faces_per_pair: int = REAL_FACES,
                        reference_faces: int = REFERENCE_FACES, keep_shape: float = blending.KEEP_SHAPE,
-                       saved: SavedSwaps | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+                       saved: SavedSwaps | None = None, paste_mask: str = blending.PASTE_MASK,
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
     """The identity, landmarks and temporal sections (see training/quality.py), and a reason for each that
-    cannot be computed. keep_shape: the server setting the served faces are scored with. With `saved`, the swaps
+    cannot be computed. keep_shape, paste_mask: the server settings the served faces are scored with. With `saved`, the swaps
     come from that file instead of running the bundle (bundle_dir is then unused); without, the bundle's swaps are
     made first (swap_clips) and scored the same way."""
     reasons: dict[str, str] = {}
@@ -414,15 +425,15 @@ def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, fa
     scorer = quality.ChipScorer(manifest.resolution, real.margin)
     references = {name: quality.reference_embedding(scorer, faces, reference_faces)[0]
                   for name, faces in ref_faces.items()}
-    rows = [quality.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape)
-            for a, b in pairs]
+    rows = [quality.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape,
+                               paste_mask) for a, b in pairs]
     moving = [r for r in rows if r["motion_error"] is not None]
     if not moving:
         reasons["landmarks.motion_error"] = "one face per pair: no motion to follow (swap more faces: --faces)"
     sections["landmarks"] = {"nme": _mean(rows, "nme"), "raw_nme": _mean(rows, "raw_nme"),
                              "motion_error": _mean(moving, "motion_error") if moving else None,
                              "mouth_motion_error": _mean(moving, "mouth_motion_error") if moving else None,
-                             "keep_shape": keep_shape, "normalised_by": "face width (x extent of the jaw line)",
+                             "keep_shape": keep_shape, "paste_mask": paste_mask, "normalised_by": "face width (x extent of the jaw line)",
                              "pairs": [{k: r[k] for k in ("source", "target", "faces", "nme", "raw_nme", "motion_error",
                                                           "mouth_motion_error")} for r in rows]}
     scored = [r for r in rows if "dist_to_target" in r]
@@ -467,10 +478,12 @@ def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> d
 
 def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = HELD_OUT_POSES, seed: int = HELD_OUT_SEED,
                     faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES,
-                    keep_shape: float = blending.KEEP_SHAPE, saved: SavedSwaps | None = None) -> dict[str, Any]:
+                    keep_shape: float = blending.KEEP_SHAPE, saved: SavedSwaps | None = None,
+                    paste_mask: str = blending.PASTE_MASK) -> dict[str, Any]:
     """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",
     "temporal", "reasons"}. A section that cannot be computed is None and `reasons` says why; only a bundle that
-    cannot be read at all raises (BundleError). keep_shape: the server's --keep-shape the served faces get.
+    cannot be read at all raises (BundleError). keep_shape, paste_mask: the server's --keep-shape and --paste-mask
+    the served faces get.
     With `saved` (load_swaps), bundle_dir names the swaps file and the real-face sections score its swaps."""
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir) if saved is None else saved.manifest
@@ -491,7 +504,8 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
         reasons.update(dict.fromkeys(sections, "no real faces given (--data DIR or --video FILE)"))
     else:
         try:
-            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces, keep_shape, saved)
+            sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces, keep_shape, saved,
+                                               paste_mask)
         except (ValueError, RuntimeError) as exc:  # e.g. a graph ONNX Runtime refuses: report it, score the rest
             sections = dict.fromkeys(("identity", "landmarks", "temporal"))
             first_line = (str(exc).strip().splitlines() or [""])[0]

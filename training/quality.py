@@ -281,13 +281,15 @@ def motion_error(predicted: np.ndarray, reference: np.ndarray, points: slice = s
 
 def blend_like_server(source: np.ndarray, swapped: np.ndarray, hull: np.ndarray, points: np.ndarray | None = None,
                       margin: float = alignment.DEFAULT_MARGIN, feather: float = blending.DEFAULT_FEATHER,
-                      keep_shape: float = blending.KEEP_SHAPE, crop_landmarks=None) -> np.ndarray:
+                      keep_shape: float = blending.KEEP_SHAPE, crop_landmarks=None, model_mask: np.ndarray | None = None,
+                      paste_mask: str = blending.PASTE_MASK) -> np.ndarray:
     """What the server returns for this face, in crop space: blending.finish_face (bent toward the
     source's face shape when its 68 landmarks `points` are given, by `crop_landmarks`' model; LAB colour match),
-    then faces.paste_back through the source hull with an identity crop->frame matrix."""
-
-    finished = blending.finish_face(source, swapped, hull, points, margin, keep_shape, crop_landmarks)
-    return blending.paste_back(source, finished, hull, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
+    then blending.paste_back with an identity crop->frame matrix, through blending.paste_mask(hull, the model's
+    mask of the swap, paste_mask): the server's --paste-mask rule."""
+    paste = blending.paste_mask(hull, model_mask, paste_mask)
+    finished = blending.finish_face(source, swapped, paste, points, margin, keep_shape, crop_landmarks)
+    return blending.paste_back(source, finished, paste, np.array([[1.0, 0, 0], [0, 1.0, 0]]), feather)
 
 
 def evenly(count: int, limit: int) -> np.ndarray:
@@ -307,13 +309,16 @@ def _change(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
 
 def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], source: RealFaces, count: int,
                references: dict[str, np.ndarray], target: str,
-               keep_shape: float = blending.KEEP_SHAPE) -> dict[str, Any]:
-    """Swaps the first `count` faces of `source` (in playing order) with `swap` ((N, R, R, 3) uint8 -> same) and
-    scores them. references: identity -> mean descriptor (the target's may be missing: identity is then None).
-    keep_shape: the server setting the served faces get (blend_like_server)."""
+               keep_shape: float = blending.KEEP_SHAPE, paste_mask: str = blending.PASTE_MASK) -> dict[str, Any]:
+    """Swaps the first `count` faces of `source` (in playing order) with `swap` ((N, R, R, 3) uint8 -> the swapped
+    faces, or (the swapped faces, the model's masks (N, R, R) or None)) and scores them. references: identity ->
+    mean descriptor (the target's may be missing: identity is then None). keep_shape, paste_mask: the server
+    settings the served faces get (blend_like_server; without the model's masks, the hull)."""
     crops = source.crops[:count]
     segments = source.segments[:count]
     swapped = swap(crops)
+    swapped, masks = swapped if isinstance(swapped, tuple) else (swapped, None)
+    masks = [None] * len(crops) if masks is None else list(masks)
     src_points = [scorer.landmarks(c) for c in crops]
     # The served face as the server makes it: bent and masked with its own landmarker (faces.FaceDetector's
     # default), while every score below reads dlib's landmarks, a judge the bend was not built from.
@@ -321,8 +326,9 @@ def score_pair(scorer: ChipScorer, swap: Callable[[np.ndarray], np.ndarray], sou
     bend_points = [server_landmarks(c, scorer.margin) for c in crops]
     hulls = [blending.face_mask(scorer.size, p, scorer.margin) for p in bend_points]
     swap_points = [scorer.landmarks(s) for s in swapped]
-    served = [blend_like_server(c, s, h, p, scorer.margin, keep_shape=keep_shape, crop_landmarks=server_landmarks)
-              for c, s, h, p in zip(crops, swapped, hulls, bend_points)]
+    served = [blend_like_server(c, s, h, p, scorer.margin, keep_shape=keep_shape, crop_landmarks=server_landmarks,
+                                model_mask=m, paste_mask=paste_mask)
+              for c, s, h, p, m in zip(crops, swapped, hulls, bend_points, masks)]
     served_points = [scorer.landmarks(s) for s in served]
     result: dict[str, Any] = {"source": source.identity, "target": target, "faces": len(crops),
                               "nme": float(np.mean([nme(s, p) for s, p in zip(served_points, src_points)])),

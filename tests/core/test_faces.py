@@ -145,6 +145,36 @@ def test_face_mask_is_the_landmark_hull_or_an_ellipse(hog, franck_frames):
     assert overlap > 0.6  # the ellipse covers where alignment puts an average face
 
 
+def test_paste_mask_keeps_what_the_models_mask_leaves_out(hog, franck_frames):
+    """hull: the landmark hull alone; model: the model's mask (>= one half); both: inside the two. A model mask
+    with a hole where a hand would be takes the hand out of the paste."""
+    frame = franck_frames[0]
+    face = hog.detect(frame)[0]
+    _, matrix = alignment.align(frame, face, 64)
+    hull = blending.face_mask(64, alignment.transform_points(face.landmarks, matrix))
+    model = np.full((64, 64), 0.9, np.float32)
+    model[30:44, 20:34] = 0.1  # a hand over the cheek
+    model[:4] = 0.4  # unsure at the top: not face
+    assert blending.paste_mask(hull, model, "hull") is hull
+    assert blending.paste_mask(hull, None, "both") is hull  # no model mask (an old saved swap): the hull
+    only_model = blending.paste_mask(hull, model, "model")
+    np.testing.assert_array_equal(only_model > 0, model >= 0.5)
+    both = blending.paste_mask(hull, model, "both")
+    assert both.dtype == np.uint8 and set(np.unique(both)) <= {0, 255}
+    np.testing.assert_array_equal(both > 0, (hull > 0) & (model >= 0.5))
+    np.testing.assert_array_equal(blending.paste_mask(hull, (model * 255).astype(np.uint8), "both"), both)
+    assert (hull[30:44, 20:34] > 0).all() and not both[30:44, 20:34].any()  # the hand is out
+    # pasted through it, a black crop leaves the frame's pixels where the hand is
+    pasted = blending.paste_back(frame, np.zeros((64, 64, 3), np.uint8), both, matrix)
+    hand = alignment.transform_points(np.array([[27.0, 37.0]]), cv2.invertAffineTransform(matrix))[0].round()
+    x, y = int(hand[0]), int(hand[1])
+    np.testing.assert_array_equal(pasted[y - 2:y + 3, x - 2:x + 3], frame[y - 2:y + 3, x - 2:x + 3])
+    with pytest.raises(ValueError, match="paste mask rule 'face' is not one of hull, model, both"):
+        blending.paste_mask(hull, model, "face")
+    with pytest.raises(ValueError, match="must match"):
+        blending.paste_mask(hull, model[:32], "both")
+
+
 def test_haar_gives_boxes_only_and_box_alignment_is_close(hog, franck_frames):
     haar = F.FaceDetector("haar")
     size, errors = 128, []

@@ -29,6 +29,13 @@ def test_invalid_values_are_rejected():
     assert ServerConfig.from_env({"FACETWIN_KEEP_SHAPE": "0.25"}).keep_shape == 0.25
 
 
+def test_paste_mask_is_one_of_the_rules():
+    assert ServerConfig().paste_mask == "both"
+    assert ServerConfig.from_env({"FACETWIN_PASTE_MASK": "hull"}).paste_mask == "hull"
+    with pytest.raises(ValueError, match="paste_mask 'face' must be one of hull, model, both"):
+        ServerConfig.from_env({}, paste_mask="face")
+
+
 def test_inference_workers_share_out_the_cores():
     from facetwin.server.backends import BACKENDS
     from facetwin.server.registry import worker_plan

@@ -63,8 +63,8 @@ def server_detector(landmarks: str = "auto") -> F.FaceDetector:
     return F.FaceDetector(ServerConfig().detector, max_side=ServerConfig().detect_max_side, landmarks=landmarks)
 
 
-def image_of(reply: pb.SwapResponse) -> np.ndarray:
-    r = reply.image.raw
+def image_of(reply: pb.SwapResponse, field: str = "image") -> np.ndarray:
+    r = getattr(reply, field).raw
     return np.frombuffer(r.pixels, np.uint8).reshape(r.height, r.width, r.channels)
 
 
@@ -295,14 +295,11 @@ def test_landmark_setting_is_checked_up_front():
         FaceDetectorPool(1, landmarks="dlib")
 
 
-def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_and_pasted(stub, served_model, franck):
-    """The server's full-frame answer, rebuilt from its aligned-face answer with fullframe.finish_face and
-    faces.paste_back: the face is bent KEEP_SHAPE of the way toward the frame's face shape before the blend."""
-    from facetwin.core.blending import finish_face
+def rebuilt_full_frame(stub, served_model, frame: np.ndarray, keep_shape: float, paste_mask: str) -> np.ndarray:
+    """The server's full-frame answer rebuilt from its aligned-face answer (the swap and the model's mask) with
+    blending.paste_mask, finish_face and paste_back."""
     from facetwin.server.fullframe import ALIGN_MARGIN, BLEND_FEATHER
 
-    frame = franck[0]
-    out = image_of(stub.Swap(frame_request(served_model, frame), timeout=60))
     detector = server_detector()
     face = detector.detect(frame)[0]
     size = served_model.resolution
@@ -310,17 +307,52 @@ def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_an
     aligned = stub.Swap(pb.SwapRequest(
         model=served_model.model, target=served_model.identities[1], kind=pb.IMAGE_KIND_ALIGNED_FACE,
         image=pb.Image(raw=pb.RawImage(pixels=crop.tobytes(), height=size, width=size, channels=3,
-                                       color_order=pb.COLOR_ORDER_RGB))), timeout=60)
-    swapped = image_of(aligned)
+                                       color_order=pb.COLOR_ORDER_RGB)), return_mask=True), timeout=60)
+    swapped, model_mask = image_of(aligned), image_of(aligned, "mask")[..., 0]
     points = alignment.transform_points(face.landmarks, matrix)
-    hull = blending.face_mask(size, points, ALIGN_MARGIN)
-    expected = {keep: blending.paste_back(frame, finish_face(crop, swapped, hull, points, ALIGN_MARGIN, keep,
-                                                             detector.crop_landmarks), hull, matrix, BLEND_FEATHER)
+    paste = blending.paste_mask(blending.face_mask(size, points, ALIGN_MARGIN), model_mask, paste_mask)
+    finished = blending.finish_face(crop, swapped, paste, points, ALIGN_MARGIN, keep_shape, detector.crop_landmarks)
+    return blending.paste_back(frame, finished, paste, matrix, BLEND_FEATHER)
+
+
+def test_full_frame_is_the_aligned_swap_bent_to_the_face_shape_colour_matched_and_pasted(stub, served_model, franck):
+    """The server's full-frame answer, rebuilt from its aligned-face answer: the face is bent KEEP_SHAPE of the way
+    toward the frame's face shape, colour-matched and pasted through the landmark hull and the model's mask."""
+    frame = franck[0]
+    out = image_of(stub.Swap(frame_request(served_model, frame), timeout=60))
+    expected = {keep: rebuilt_full_frame(stub, served_model, frame, keep, blending.PASTE_MASK)
                 for keep in (blending.KEEP_SHAPE, 0.0)}
     assert np.abs(out.astype(int) - expected[blending.KEEP_SHAPE]).max() <= 1
     assert np.abs(out.astype(int) - expected[0.0]).max() > 10  # without the bend the face would differ
     unbent = image_of(stub.Swap(frame_request(served_model, frame, keep_shape=0.0), timeout=60))  # per request
     assert np.abs(unbent.astype(int) - expected[0.0]).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def hull_stub(tiny_model_dir):
+    """A second real server on the same bundle, pasting full frames through the landmark hull alone."""
+    from ..conftest import ServerThread
+
+    config = ServerConfig.from_env({"FACETWIN_PASTE_MASK": "hull"}, address="127.0.0.1:0",
+                                   model_dir=str(tiny_model_dir), max_delay_ms=2.0, grace_s=1.0)
+    server = ServerThread(config)
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.FaceSwapStub(channel)
+    server.stop()
+
+
+def test_paste_mask_setting_picks_what_the_swap_is_pasted_through(stub, hull_stub, served_model, franck):
+    """--paste-mask hull pastes through the landmark hull alone; the default also keeps out what the model's mask
+    calls not-face (an occluder, for a model trained with them), leaving the frame's own pixels there."""
+    frame = franck[0]
+    by_rule = {"both": image_of(stub.Swap(frame_request(served_model, frame, return_mask=True), timeout=60)),
+               "hull": image_of(hull_stub.Swap(frame_request(served_model, frame, return_mask=True), timeout=60))}
+    for rule, out in by_rule.items():
+        expected = rebuilt_full_frame(stub, served_model, frame, blending.KEEP_SHAPE, rule)
+        assert np.abs(out.astype(int) - expected).max() <= 1, rule
+    changed = {rule: np.abs(out.astype(int) - frame).max(-1) > 0 for rule, out in by_rule.items()}
+    assert changed["both"].sum() < changed["hull"].sum()  # this model's mask leaves part of the hull out
+    assert not (changed["both"] & ~changed["hull"]).any()  # and never reaches past it
 
 
 @pytest.mark.parametrize("fields, message", [

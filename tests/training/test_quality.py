@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
 
-from facetwin.core import alignment
+from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib  # noqa: E402
-from facetwin.training import quality  # noqa: E402
+from facetwin.training import occlusion, quality  # noqa: E402
 
 FRAMES = 6  # per person
 
@@ -156,3 +156,30 @@ def test_faces_from_dataset_rejects_synthetic_sets(tmp_path):
         quality.faces_from_dataset(data)
     with pytest.raises(quality.MetricsError, match="index.json is missing"):
         quality.faces_from_dataset(tmp_path)
+
+
+def test_served_face_is_pasted_through_the_servers_paste_mask_rule(people):
+    """blend_like_server takes the model's mask as the server does (--paste-mask): where it says not-face (a hand),
+    the source stays; the hull alone pastes over it; without a model mask every rule is the hull."""
+    size = 64
+    frame, face = people["franck"][0]
+    crop, matrix = alignment.align(frame, face, size)
+    points = alignment.transform_points(face.landmarks, matrix)
+    hull = blending.face_mask(size, points)
+    black = np.zeros_like(crop)
+    model = np.full((size, size), 255, np.uint8)
+    model[28:46, 16:34] = 0  # a hand over the cheek
+    served = {rule: quality.blend_like_server(crop, black, hull, points, keep_shape=0.0, model_mask=model,
+                                              paste_mask=rule) for rule in blending.PASTE_MASKS}
+    hand = (slice(33, 41), slice(21, 29))  # inside the hole, past the feathered edge
+    for rule in ("both", "model"):
+        np.testing.assert_array_equal(served[rule][hand], crop[hand])
+    # the flat swapped face (colour-matched black) covers the hand through the hull, and the rest of the face
+    # through both
+    flat = served["hull"][hand].reshape(-1, 3)
+    assert (flat == flat[0]).all() and not (crop[hand].reshape(-1, 3) == flat[0]).all()
+    inside = occlusion.paste_weight(blending.paste_mask(hull, model, "both")) == 1.0
+    assert inside.sum() > 200 and (served["both"][inside] == served["both"][inside][0]).all()
+    np.testing.assert_array_equal(quality.blend_like_server(crop, black, hull, points, keep_shape=0.0),
+                                  quality.blend_like_server(crop, black, hull, points, keep_shape=0.0,
+                                                            paste_mask="hull"))
