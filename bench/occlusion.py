@@ -44,8 +44,8 @@ from facetwin.training.config import PRESETS, TrainConfig  # noqa: E402
 from facetwin.training.data import AugmentConfig, describe, load_index  # noqa: E402
 from facetwin.training.evaluate import compose_grid, synth_identities  # noqa: E402
 from facetwin.training.export import export_bundle  # noqa: E402
-from facetwin.training.losses import LossWeights  # noqa: E402
 from facetwin.training.layout import png_bytes  # noqa: E402
+from facetwin.training.losses import LossWeights  # noqa: E402
 from facetwin.training.train import train  # noqa: E402
 
 GRID_FACES = 8  # faces per row of the --grid picture

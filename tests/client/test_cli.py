@@ -225,7 +225,7 @@ def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0) -> tuple[in
 
 
 def test_ctrl_c_stops_cleanly_and_leaves_no_partial_output(full_frames, franck, tmp_path):
-    long_clip = write_clip(tmp_path / "long.mp4", franck * 8)  # 192 frames; finding faces keeps it going for a while
+    long_clip = write_clip(tmp_path / "long.mp4", franck * 24)  # 576 frames: ~10 s of swapping, stopped long before the end
     out = tmp_path / "out"
     code, stdout, stderr = interrupt_mid_way(
         ("swap", long_clip, out / "long.mp4", "-m", full_frames.model, "-t", full_frames.identities[1],
@@ -239,7 +239,7 @@ def test_folder_run_interrupted_writes_the_summary_so_far(full_frames, franck, t
     shots = tmp_path / "shots"
     shots.mkdir()
     for name in ("a.mp4", "b.mp4"):
-        write_clip(shots / name, franck * 8, audio=False)
+        write_clip(shots / name, franck * 24, audio=False)
     out = tmp_path / "out"
     code, stdout, stderr = interrupt_mid_way(
         ("swap-video", shots, out, "-m", full_frames.model, "-t", full_frames.identities[1],

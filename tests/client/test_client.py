@@ -183,11 +183,14 @@ def test_swap_errors(client, pair, served_model):
     corrupt_png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64  # passes the local magic check, fails to decode
     with pytest.raises(InvalidInputError):
         client.swap(corrupt_png, served_model.model, target, color="rgb")
+    # gRPC's deadline is a timer: an aligned face answered within a millisecond can beat even a microsecond's
+    # deadline. Searching a 2048x2048 frame for faces takes far longer than the 1 ms given.
+    slow = np.zeros((2048, 2048, 3), np.uint8)
     with pytest.raises(DeadlineExceededError):
-        client.swap(face, served_model.model, target, color="rgb", timeout=1e-6)
-    with Client(served_model.address, timeout=1e-6) as impatient:  # the client default applies too
+        client.swap(slow, served_model.model, target, color="rgb", faces="largest", timeout=1e-3)
+    with Client(served_model.address, timeout=1e-3) as impatient:  # the client default applies too
         with pytest.raises(DeadlineExceededError):
-            impatient.swap(face, served_model.model, target, color="rgb")
+            impatient.swap(slow, served_model.model, target, color="rgb", faces="largest")
     assert client.list_models()  # the client is still usable after failures
 
 
@@ -306,8 +309,10 @@ async def test_async_list_models_and_swap(served_model, pair):
             await c.swap(face, served_model.model, "no-such-identity", color="rgb")
         with pytest.raises(InvalidInputError):
             await c.swap(b"\xff\xd8\xff" + b"\x00" * 64, served_model.model, target, color="rgb")
+        # A 2048x2048 frame to search for faces (see test_swap_errors).
         with pytest.raises(DeadlineExceededError):
-            await c.swap(face, served_model.model, target, color="rgb", timeout=1e-4)
+            await c.swap(np.zeros((2048, 2048, 3), np.uint8), served_model.model, target, color="rgb",
+                         faces="largest", timeout=1e-3)
 
 
 async def test_async_stream_sync_and_async_sources(served_model):

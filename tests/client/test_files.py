@@ -58,9 +58,9 @@ def test_video_keeps_frames_rate_duration_and_audio(full_frames, client, clip, t
     assert after.audio_params == before.audio_params and after.audio_codecs == ["aac"]
     assert after.audio_packets == before.audio_packets  # same bytes, same timestamps: copied, not re-encoded
     assert all(background_error(a, b) < 2 for a, b in zip(before.frames, after.frames))  # colours kept
-    # The faces were swapped: the middle of the frame changed well beyond the codecs' loss.
+    # The faces were swapped: the middle of the frame changed well beyond the codecs' loss (< 2 on the background).
     middle = (slice(100, 200), slice(130, 230))
-    assert np.abs(after.frames[0][middle].astype(int) - before.frames[0][middle]).mean() > 10
+    assert np.abs(after.frames[0][middle].astype(int) - before.frames[0][middle]).mean() > 5
     assert leftovers(tmp_path) == []
 
 

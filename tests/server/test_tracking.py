@@ -380,15 +380,16 @@ def test_a_stream_refits_the_swapped_faces_landmarks_every_detection_interval_an
     def rebuilt(frame, reply, landmarker):
         face = Face((0, 0, 1, 1), landmarks_of(reply.faces[0]), 1.0, "blazeface")
         crop, matrix = alignment.align(frame, face, size, margin)
-        swapped = image_of(stub.Swap(pb.SwapRequest(
+        aligned = stub.Swap(pb.SwapRequest(
             model=served_model.model, target=served_model.identities[1], kind=pb.IMAGE_KIND_ALIGNED_FACE,
             image=pb.Image(raw=pb.RawImage(pixels=crop.tobytes(), height=size, width=size, channels=3,
-                                           color_order=pb.COLOR_ORDER_RGB))), timeout=60))
+                                           color_order=pb.COLOR_ORDER_RGB)), return_mask=True), timeout=60)
+        swapped, model_mask = image_of(aligned), image_of(aligned, "mask")[..., 0]
         points = alignment.transform_points(face.landmarks, matrix)
-        hull = blending.face_mask(size, points, margin)
-        pasted = blending.paste_back(frame, blending.finish_face(crop, swapped, hull, points, margin,
+        paste = blending.paste_mask(blending.face_mask(size, points, margin), model_mask, blending.PASTE_MASK)
+        pasted = blending.paste_back(frame, blending.finish_face(crop, swapped, paste, points, margin,
                                                                  blending.KEEP_SHAPE, landmarker(swapped, points)),
-                                     hull, matrix)
+                                     paste, matrix)
         return pasted, points, swapped
 
     first, points0, swapped0 = rebuilt(franck_stream[0], replies[0], lambda s, p: detector.crop_landmarks)
