@@ -83,7 +83,7 @@ def _record(run_dir: Path, seconds: float, steps: int | None, timer: str) -> Non
 
 
 def train_timed(cmd: list[str], run_dir: Path) -> None:
-    """Runs `facetwin-train train` and adds the session's training seconds to run_dir's record: the training loop's
+    """Runs `facetwin-train train` and adds this run's training seconds to run_dir's record: the training loop's
     own time from the summary train leaves in run_dir (facetwin.training.run_folder), or the wall clock when it
     was interrupted or failed (the budget errs towards less training, never more)."""
     print("$ " + " ".join(cmd), flush=True)
