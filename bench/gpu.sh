@@ -26,6 +26,7 @@
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
 # FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (8), FACETWIN_BENCH_DETECT_THREADS (8),
+# FACETWIN_BENCH_DETECT_RUNTIME (auto: blazeface and FaceMesh on the GPU through torch where torch sees one),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
 # FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360),
 # FACETWIN_BENCH_REPEATS (3 serving rounds), FACETWIN_BENCH_BUNDLES (gpu128,gpu256,demo64), FACETWIN_BENCH_BUDGET_S

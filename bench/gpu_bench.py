@@ -77,6 +77,7 @@ class Plan:
     frame_streams: int  # concurrent streams, full frames
     frames: int  # distinct full frames cycled through
     detect_threads: int  # the server's face-detection threads
+    detect_runtime: str  # where the server runs blazeface and FaceMesh (its --detect-runtime)
     timeouts_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -91,6 +92,7 @@ def gpu_plan() -> Plan:
                 clients=int(env("FACETWIN_BENCH_CLIENTS", "4")), concurrency=256, streams=8,
                 frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "8")), frames=8,
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
+                detect_runtime=env("FACETWIN_BENCH_DETECT_RUNTIME", "auto"),
                 timeouts_s={"model_only": 120, "serve": 180, "full_frame": 150})
 
 
@@ -98,7 +100,7 @@ def smoke_plan() -> Plan:
     return Plan(mode="smoke", model_only_backends=("torch-cpu", "onnxruntime"), serve_backend="onnxruntime",
                 max_batch=4, max_delay_ms=2.0, seconds=0.3, repeats=1, latency_calls=15, clients=2, concurrency=4,
                 streams=2,
-                frame_streams=2, frames=2, detect_threads=1,
+                frame_streams=2, frames=2, detect_threads=1, detect_runtime="onnxruntime",
                 timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
 
 
@@ -363,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
         phases["full_frame"] = run_phase(
             "full_frame", [*serve_common, "--full-frame", "--frames-file", str(frames), "--frames", str(plan.frames),
                            "--streams", str(plan.frame_streams), "--concurrency", str(4 * plan.frame_streams),
-                           "--detect-threads", str(plan.detect_threads), "--json", str(path)],
+                           "--detect-threads", str(plan.detect_threads), "--detect-runtime", plan.detect_runtime,
+                           "--json", str(path)],
             plan.timeouts_s["full_frame"], log, path)
     return finish(summary, out, started)
 

@@ -81,6 +81,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--frame-encoding", choices=("raw", "jpeg"), default="raw",
                    help="--full-frame: send and receive raw pixels or JPEG (quality 90)")
     p.add_argument("--detect-threads", type=int, default=2, help="--full-frame: the server's face-detection threads")
+    p.add_argument("--detect-runtime", default="onnxruntime",
+                   help="--full-frame: the server's --detect-runtime (onnxruntime, torch-cuda, torch-cpu, auto)")
     p.add_argument("--keep-shape", type=float, default=None,
                    help="--full-frame: the server's --keep-shape (default: the server's, 0.5; 0 skips the bend)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
@@ -149,7 +151,8 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
            "--stream-policy", "queue", "--log-level", "WARNING"]
     if getattr(args, "keep_shape", None) is not None:
         cmd += ["--keep-shape", str(args.keep_shape)]
-    env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads))  # read by ServerConfig.from_env
+    env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads),  # read by ServerConfig.from_env
+               FACETWIN_DETECT_RUNTIME=getattr(args, "detect_runtime", "onnxruntime"))
     if getattr(args, "detect_every", 0):
         env["FACETWIN_DETECT_EVERY"] = str(args.detect_every)
     proc = subprocess.Popen(cmd, env=env)

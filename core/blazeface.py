@@ -12,7 +12,10 @@ face: at full resolution ~16 px. It finds faces rolled up to ~60 degrees; ``rota
 Each face then gets FaceMesh's 468 points in two passes (the detector's eyes give the first crop's rotation, the
 first mesh gives a tighter second crop), which mesh68.py maps to the 68 iBUG points.
 
-InferenceSession.run is thread-safe: one session per model is shared by every detector in the process.
+Both models run on ONNX Runtime's CPU provider (``runtime="onnxruntime"``) or on torch (``"torch-cuda"`` on GPU
+hosts, ``"torch-cpu"``): onnx_torch.py runs the same converted graphs and joins concurrent calls into batches.
+One session per model and runtime is shared by every detector in the process (InferenceSession.run is thread-safe;
+a TorchSession batches the calls of all of them).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ MESH_SIZE = 192  # FaceMesh input side
 MESH_ROI_SCALE = 1.5  # FaceMesh crop side / face box side (MediaPipe's)
 MESH_PASSES = 2
 ROTATIONS = (0, 90, 180, 270)
+RUNTIMES = ("auto", "onnxruntime", "torch-cuda", "torch-cpu")  # auto: torch-cuda where torch sees a GPU
 
 
 class ModelsUnavailable(RuntimeError):
@@ -101,8 +105,45 @@ def onnx_model(filename: str, dynamic_size: bool) -> bytes:
                                dynamic_size).SerializeToString()
 
 
+def resolve_runtime(runtime: str) -> str:
+    """The runtime the face models will use: "auto" resolved, a torch runtime checked to be usable here."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown face-model runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        return runtime
+    try:
+        import torch
+    except ImportError:
+        if runtime == "auto":
+            return "onnxruntime"
+        raise ModelsUnavailable(f"the {runtime} face-model runtime needs torch: pip install torch") from None
+    if runtime == "auto":
+        return "torch-cuda" if torch.cuda.is_available() else "onnxruntime"
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        raise ModelsUnavailable("the torch-cuda face-model runtime needs a CUDA GPU that torch can see "
+                                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    return runtime
+
+
+def _session(filename: str, dynamic_size: bool, threads: int, runtime: str = "onnxruntime") -> Any:
+    """The process's session for one model: ONNX Runtime's per thread count, or one TorchSession per device, which
+    every caller shares so that their calls are batched together."""
+    if runtime == "onnxruntime":
+        return _onnxruntime_session(filename, dynamic_size, threads)
+    return _torch_session(filename, dynamic_size, "cuda" if runtime == "torch-cuda" else "cpu")
+
+
 @functools.lru_cache(maxsize=None)
-def _session(filename: str, dynamic_size: bool, threads: int) -> Any:
+def _torch_session(filename: str, dynamic_size: bool, device: str) -> Any:
+    import onnx
+
+    from .onnx_torch import TorchSession
+
+    return TorchSession(onnx.load_from_string(onnx_model(filename, dynamic_size)), device)
+
+
+@functools.lru_cache(maxsize=None)
+def _onnxruntime_session(filename: str, dynamic_size: bool, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -143,11 +184,12 @@ def _merge(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray) -> list
 class BlazeFace:
     """Faces in RGB images, on a pyramid of the full-range model's fully convolutional graph."""
 
-    def __init__(self, threshold: float = SCORE_THRESHOLD, threads: int = 0) -> None:
+    def __init__(self, threshold: float = SCORE_THRESHOLD, threads: int = 0, runtime: str = "onnxruntime") -> None:
+        """threads: ONNX Runtime's intra-op threads (0 = one per core). runtime: see RUNTIMES."""
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
         self.threshold = threshold
-        self._session = _session(DETECTOR_FILE, True, threads)
+        self._session = _session(DETECTOR_FILE, True, threads, resolve_runtime(runtime))
 
     def _run(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw detections of one pyramid level: boxes (N, 4), keypoints (N, 6, 2), scores (N,)."""
@@ -209,11 +251,11 @@ class FaceMesh:
     """FaceMesh's 468 points of faces whose boxes (and, from a detection, eye keypoints) are known. The faces of one
     image go through the graph as one batch."""
 
-    def __init__(self, threads: int = 0, passes: int = MESH_PASSES) -> None:
+    def __init__(self, threads: int = 0, passes: int = MESH_PASSES, runtime: str = "onnxruntime") -> None:
         if passes not in (1, 2, 3):
             raise ValueError(f"passes must be 1, 2 or 3, got {passes!r}")
         self.passes = passes
-        self._session = _session(MESH_FILE, False, threads)
+        self._session = _session(MESH_FILE, False, threads, resolve_runtime(runtime))
 
     @staticmethod
     def _crop_matrix(centre: np.ndarray, side: float, angle: float) -> np.ndarray:

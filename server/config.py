@@ -12,6 +12,7 @@ import os
 import typing
 from typing import Any
 
+from facetwin.core.blazeface import RUNTIMES as DETECT_RUNTIMES
 from facetwin.core.blending import KEEP_SHAPE, PASTE_MASK, PASTE_MASKS
 from facetwin.core.faces import BACKENDS as DETECTORS
 from facetwin.core.faces import LANDMARK_MODELS
@@ -69,6 +70,11 @@ class ServerConfig:
                             "else haar); see docs/faces.md")
     # dlib's detectors are not thread-safe: each thread has its own.
     detect_threads: int = setting(2, "full frames: face detection threads")
+    # On a GPU the detector's and FaceMesh's calls from all detection threads are joined into batches, so more threads
+    # (8-16) keep the GPU busier; on the CPU each thread runs its own calls.
+    detect_runtime: str = setting("onnxruntime", "full frames: where blazeface and FaceMesh run: onnxruntime (CPU), "
+                                  "torch-cuda (GPU, calls of every stream batched), torch-cpu, or auto (torch-cuda "
+                                  "where torch sees a GPU, else onnxruntime)")
     # HOG costs ~0.2 s on a whole 1080p frame; landmarks are still fitted at full resolution.
     detect_max_side: int = setting(640, "full frames: faces are searched on a copy shrunk to this side, pixels "
                                    "(faces narrower than ~80 px after shrinking are missed)")
@@ -139,6 +145,8 @@ class ServerConfig:
             raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
         if self.detect_max_side < 64:
             raise ValueError(f"detect_max_side must be >= 64 pixels, got {self.detect_max_side}")
+        if self.detect_runtime not in DETECT_RUNTIMES:
+            raise ValueError(f"detect_runtime {self.detect_runtime!r} must be one of {', '.join(DETECT_RUNTIMES)}")
         if self.detector not in DETECTORS:
             raise ValueError(f"detector {self.detector!r} must be one of {', '.join(DETECTORS)}")
         if self.landmarks not in LANDMARK_MODELS:

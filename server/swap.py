@@ -108,7 +108,7 @@ class SwapEngine:
         self.tracking = tracking or TrackingConfig(detect_every=config.detect_every, lost_faces=config.lost_faces,
                                                    lost_face_frames=config.lost_face_frames)
         detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, backend=config.detector,
-                                     landmarks=config.landmarks)
+                                     landmarks=config.landmarks, runtime=config.detect_runtime)
         self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
                                           max_faces=config.max_faces_per_frame, paste_mask=config.paste_mask)
         self.descriptors = DescriptorCache()

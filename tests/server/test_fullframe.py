@@ -367,3 +367,52 @@ def test_bad_keep_shape_is_invalid_argument(stub, served_model, franck, fields, 
     with pytest.raises(grpc.RpcError) as err:
         stub.Swap(request, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+# ------------------------------------------------------------------------------------- face models on torch
+
+
+@pytest.fixture(scope="module")
+def torch_detect_stub(tiny_model_dir):
+    """A second real server on the same bundle, running blazeface and FaceMesh on torch (the GPU hosts' runtime, on
+    the CPU here) from four detection threads."""
+    pytest.importorskip("torch", reason="torch is not installed")
+    from ..conftest import ServerThread
+
+    config = ServerConfig.from_env({"FACETWIN_DETECT_RUNTIME": "torch-cpu", "FACETWIN_DETECT_THREADS": "4"},
+                                   address="127.0.0.1:0", model_dir=str(tiny_model_dir), max_delay_ms=2.0, grace_s=1.0)
+    server = ServerThread(config)
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.FaceSwapStub(channel)
+    server.stop()
+
+
+def test_streams_on_the_torch_face_runtime_find_what_onnx_runtime_finds(stub, torch_detect_stub, served_model,
+                                                                        franck):
+    """Two streams at once through the torch runtime's shared, batching sessions: each frame's face and landmarks
+    are those the default runtime finds."""
+    import concurrent.futures
+
+    from facetwin.core import blazeface
+
+    if F.FaceDetector("auto").backend != "blazeface":
+        pytest.skip("blazeface is unavailable: the runtime setting has nothing to run")
+    mesh = blazeface._torch_session(blazeface.MESH_FILE, False, "cpu")
+    calls_before = mesh.calls
+    videos = [franck, franck[::-1]]  # the same frames played both ways: tracks (and smoothing) differ
+    expected = [stream_one_face(stub, served_model, frames)[1] for frames in videos]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda frames: stream_one_face(torch_detect_stub, served_model, frames)[1], videos))
+    for got, want in zip(results, expected):
+        np.testing.assert_allclose(got, want, atol=0.1)  # pixels
+    assert mesh.calls - calls_before >= 2 * len(franck)  # every frame's FaceMesh pass ran on torch
+
+
+def test_detect_runtime_setting_is_checked_up_front():
+    from facetwin.server.detectors import FaceDetectorPool
+
+    assert ServerConfig().detect_runtime == "onnxruntime"
+    with pytest.raises(ValueError, match="detect_runtime 'cuda' must be one of auto, onnxruntime, torch-cuda"):
+        ServerConfig.from_env({"FACETWIN_DETECT_RUNTIME": "cuda"})
+    with pytest.raises(ValueError, match="detect_runtime must be one of"):
+        FaceDetectorPool(1, runtime="gpu")
