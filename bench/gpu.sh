@@ -17,7 +17,7 @@
 #   bench/gpu.sh --real [--data DIR] [--out D] # the real pair (bench/gpu_real.py, ~8 min): the gpu-128 model
 #                                              #   trained on DIR's faces, its swaps of the held-out ones to --out
 #                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
-#   bench/gpu.sh --all [--out DIR]             # one window: serving (--data, .gpubench -> DIR/serve) then the real
+#   bench/gpu.sh --all [--out DIR]             # one short run: serving (--data, .gpubench -> DIR/serve) then the real
 #                                              #   pair (--real-data, .gpureal -> DIR/real), everything done within
 #                                              #   FACETWIN_BENCH_BUDGET_S (570) seconds; shorter serving rounds
 #                                              #   (2 x 2 s), no 256 px bundle and 150 s of training unless set
