@@ -106,6 +106,10 @@ DETECTORS: dict[str, dict[str, Any]] = {
     "blazeface": {"backend": "blazeface"},
     "blazeface-rot": {"backend": "blazeface", "rotations": (0, 90, 180, 270)},
     "blazeface-640": {"backend": "blazeface", "max_side": 640},  # the server's default detect_max_side
+    # the same graphs interpreted by torch (core/onnx_torch.py): the runtime the server uses on GPU hosts
+    "blazeface-torch": {"backend": "blazeface", "runtime": "torch-cpu"},
+    "blazeface-640-torch": {"backend": "blazeface", "max_side": 640, "runtime": "torch-cpu"},
+    "blazeface-640-cuda": {"backend": "blazeface", "max_side": 640, "runtime": "torch-cuda"},
     "hog": {"backend": "hog"},
     "hog-640": {"backend": "hog", "max_side": 640},
     "hog-up1": {"backend": "hog", "upsample": 1},
