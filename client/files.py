@@ -28,7 +28,7 @@ from .client import AsyncClient, Client
 from .errors import ServerError
 from .images import FacesArg
 from .media import PartialFile, decode_image, encode_image, output_encoding, read_image
-from .types import FileReport, SwapResult
+from .types import FileReport, SwapResult, face_counts
 from .video import VideoJob, VideoOptions
 
 __all__ = ["swap_image_file", "swap_image_file_async", "swap_video_file", "swap_video_file_async"]
@@ -50,7 +50,7 @@ class _ImageJob:
         if self.mask is not None:
             self.partials.append(PartialFile(self.mask))
 
-    def finish(self, result: SwapResult) -> FileReport:
+    def finish(self, result: SwapResult, aligned: bool) -> FileReport:
         if result.encoded is None:
             raise ServerError(grpc.StatusCode.INTERNAL, f"the server returned no {self.encoding} image")
         self.partials[0].write(result.encoded)
@@ -63,10 +63,10 @@ class _ImageJob:
             self.partials[1].write(mask)
         for partial in self.partials:
             partial.commit()
+        with_face, swapped, found = face_counts(result, aligned)
         return FileReport(
-            input=str(self.source), output=str(self.output), kind="image", frames=1,
-            frames_with_faces=int(bool(result.faces)), faces_swapped=sum(face.swapped for face in result.faces),
-            max_faces=len(result.faces), seconds=time.perf_counter() - self.started,
+            input=str(self.source), output=str(self.output), kind="image", frames=1, frames_with_faces=with_face,
+            faces_swapped=swapped, max_faces=found, seconds=time.perf_counter() - self.started,
         )
 
     def abort(self) -> None:
@@ -91,7 +91,7 @@ def swap_image_file(
     try:
         result = client.swap(job.payload, model, target, color="rgb", encoding=job.encoding, jpeg_quality=quality,
                              return_mask=mask is not None, faces=faces, keep_shape=keep_shape, timeout=timeout)
-        return job.finish(result)
+        return job.finish(result, aligned=faces is None)
     except BaseException:
         job.abort()
         raise
@@ -108,7 +108,7 @@ async def swap_image_file_async(
         result = await client.swap(job.payload, model, target, color="rgb", encoding=job.encoding,
                                    jpeg_quality=quality, return_mask=mask is not None, faces=faces,
                                    keep_shape=keep_shape, timeout=timeout)
-        return await asyncio.to_thread(job.finish, result)
+        return await asyncio.to_thread(job.finish, result, faces is None)
     except BaseException:
         job.abort()
         raise
@@ -131,7 +131,7 @@ def swap_video_file(
                                 max_in_flight=max_in_flight)
         with contextlib.closing(results):  # an error while writing cancels the call before the input closes
             for result in results:
-                job.write(result)
+                job.write(result, aligned=faces is None)
         return job.finish()
 
 
@@ -154,7 +154,7 @@ async def swap_video_file_async(
                                 max_in_flight=max_in_flight)
         async with contextlib.aclosing(results):
             async for result in results:
-                await asyncio.to_thread(job.write, result)
+                await asyncio.to_thread(job.write, result, faces is None)
         return await asyncio.to_thread(job.finish)
     except BaseException:
         job.abort()  # not on a thread: it must run even while this task is being cancelled

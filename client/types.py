@@ -127,6 +127,15 @@ class SwapResult:
     request_id: str = ""  # the call's request id: the server's log lines about it carry the same one
 
 
+def face_counts(result: SwapResult, aligned: bool) -> tuple[int, int, int]:
+    """(1 if the frame had a face else 0, faces swapped, faces reported) for a file's report. An aligned crop is one
+    face, swapped whenever the server answered it; a whole frame counts the faces the server listed."""
+    if aligned:
+        answered = int(not result.dropped and result.error is None)
+        return answered, answered, answered
+    return int(bool(result.faces)), sum(face.swapped for face in result.faces), len(result.faces)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
     """One model bundle loaded on the server."""

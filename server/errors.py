@@ -1,4 +1,5 @@
-"""Domain errors raised by the engine and registry; the servicer maps each to one gRPC status code.
+"""Domain errors raised by the engine and registry; the call interceptor ends the call with each one's gRPC
+status code.
 
 Messages are written for the caller: they say what was wrong and what to send instead.
 """

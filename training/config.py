@@ -25,7 +25,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
     # A GPU host: the 2017 deepfakes model (ModelConfig.original, 82 M parameters) at 4x the demo's batch. Its
     # 1,024-wide code diverged at the demo's lr 1e-3 (the latent-matching term reached 2e4 by step 61 on the CPU);
     # at 2e-4 it trained steadily through the 1,800 steps a CPU could afford; after 1,200 it already rebuilt held-out
-    # faces better than the demo model does after 6,000 (face SSIM 0.755 vs 0.741; README "Measured").
+    # faces better than the demo model does after 6,000 (face SSIM 0.755 vs 0.741; docs/benchmarks.md).
     # Its gradient norm (median 1.39, 99th percentile 2.4 over its first 319 steps on a CPU) clips at ~3x its
     # median, as the demo's (median 0.8) does at 2.
     "full": {"steps": 100_000, "batch_size": 16, "lr": 2e-4, "checkpoint_every": 2000, "grad_clip": 4.0},

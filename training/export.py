@@ -128,6 +128,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
                   check: bool = True, overwrite: bool = False) -> Path:
     """Writes bundle `out_dir/<name>` from a checkpoint (name defaults to the run folder's name); returns its path."""
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():  # before the name it would lend: the missing file is what to report
+        raise ExportError(f"checkpoint {checkpoint} does not exist")
     name = name if name is not None else checkpoint.resolve().parent.name
     try:
         check_name(name, "model name")

@@ -151,6 +151,7 @@ def test_aligned_crops_and_mask(served_model, tmp_path):
     run = run_cli("swap", face, out_jpg, "-m", served_model.model, "-t", target, "--aligned", "--mask", mask,
                   "-a", served_model.address)
     assert run.returncode == 0, run.stderr
+    assert "1 frame(s), 1 with a face, 1 face(s) swapped" in run.stdout  # a crop is one face
     assert out_jpg.read_bytes()[:3] == b"\xff\xd8\xff" and mask.read_bytes()[:4] == b"\x89PNG"
     assert decode_image(out_jpg.read_bytes()).shape == (r, r, 3)
     assert decode_image(mask.read_bytes(), grey=True).shape == (r, r)

@@ -184,6 +184,8 @@ def test_bad_checkpoint_paths(tiny_model_dir, tmp_path):
     models = tmp_path / "models"
     assert_user_error(run_cli("export", "--checkpoint", tmp_path / "missing.pt", "--out", models),
                       "missing.pt", "does not exist")
+    # at the file system's root the run folder has no name to lend: the missing file is still what is reported
+    assert_user_error(run_cli("export", "--checkpoint", "/facetwin-missing.pt", "--out", models), "does not exist")
     real = (tiny_model_dir.parent / "run" / "checkpoint.pt").read_bytes()
     for damage, content in (("garbage", b"definitely not a checkpoint"), ("truncated", real[: len(real) // 2])):
         bad = tmp_path / damage / "checkpoint.pt"
