@@ -70,6 +70,11 @@ class _Call:
         self.method, self.context, self.streaming, self.bound = method, context, streaming, bound
         self.started = time.perf_counter()
         self.request_id = request_id_from(context.invocation_metadata())
+        # Read while the call is alive: a streaming handler's generator may be closed by the event loop after the
+        # call is gone, and gRPC's peer() on a finished call dereferences a null pointer (the process segfaults).
+        self.peer, self.client = context.peer(), client_id(context)
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else self.started + remaining
         self.names: tuple[str, str] | None = None
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         self._log_token = logs.bind_call(request_id=self.request_id, method=method)
@@ -107,8 +112,8 @@ class _Call:
         message = " ".join(message.split())  # one line, whatever the message held
         if len(message) > MAX_LOGGED_MESSAGE:
             message = message[:MAX_LOGGED_MESSAGE] + "..."
-        fields = {"request_id": self.request_id, "method": self.method, "code": code.name, "peer": self.context.peer(),
-                  "client": client_id(self.context), "model": model, "target": target,
+        fields = {"request_id": self.request_id, "method": self.method, "code": code.name, "peer": self.peer,
+                  "client": self.client, "model": model, "target": target,
                   "duration_ms": round(seconds * 1e3, 2), "error": message}
         log.log(level, "%s %s in %.1f ms (client %s, model %s, target %s)%s", self.method, code.name, seconds * 1e3,
                 fields["client"], model or "-", target or "-", f": {message}" if message else "",
@@ -117,8 +122,7 @@ class _Call:
     async def fail(self, exc: BaseException) -> NoReturn:
         """Counts and logs the error, answers it with its status, and re-raises."""
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller left, or its deadline passed
-            remaining = self.context.time_remaining()
-            expired = remaining is not None and remaining <= 0
+            expired = self.deadline is not None and time.perf_counter() >= self.deadline
             self.finish(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
                         "the call's deadline passed" if expired else "the caller cancelled the call")
             raise exc

@@ -155,5 +155,47 @@ def test_without_resumes_the_stream_reports_the_server_going_away(server, served
     assert seen == list(range(len(seen))) and 15 < len(seen) < FRAMES  # every taken frame was answered first
 
 
+# A client process with three streams of frames in flight, killed mid-way: its connection drops with every stream
+# open, as when a user's Ctrl-C ends a folder run.
+CLIENT_KILLED_MID_STREAM = """
+import sys, threading, numpy as np
+from facetwin.client import Client
+address, model, target, side = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+face = np.random.default_rng(0).integers(0, 256, (side, side, 3), np.uint8)
+client = Client(address, timeout=60)
+def stream(n):
+    for i, _ in enumerate(client.stream(iter([face] * 10_000), model, target, color="rgb", max_in_flight=8)):
+        if n == 0 and i == 20:
+            print("streaming", flush=True)
+for n in range(3):
+    threading.Thread(target=stream, args=(n,), daemon=True).start()
+threading.Event().wait()
+"""
+
+
+def test_the_server_outlives_clients_killed_mid_stream(tiny_model_dir, served_model):
+    """The calls' end is logged when the event loop closes their handlers, which may be after gRPC has freed the
+    call: what the log line needs is read while the call lives (reading the peer later crashed the process). INFO
+    logging, the default, is what writes those lines."""
+    server = ServerProcess(tiny_model_dir, _free_port())
+    server.env["FACETWIN_LOG_LEVEL"] = "INFO"
+    server.start()
+    try:
+        for _ in range(4):
+            client = subprocess.Popen([sys.executable, "-c", CLIENT_KILLED_MID_STREAM, server.address,
+                                       served_model.model, served_model.identities[1], str(served_model.resolution)],
+                                      stdout=subprocess.PIPE, text=True, env=command_env())
+            assert client.stdout.readline().strip() == "streaming"
+            client.kill()
+            client.wait(30)
+            time.sleep(0.5)
+            assert server.proc.poll() is None, server.proc.stderr.read()[-3000:]
+        with Client(server.address, timeout=30) as client:  # and still answers
+            assert client.swap(served_model.sample_faces[served_model.identities[0]][0], served_model.model,
+                               served_model.identities[1], color="rgb").image is not None
+    finally:
+        server.stop()
+
+
 if os.name != "posix":  # signals
     pytestmark = pytest.mark.skip("needs POSIX signals")
