@@ -103,7 +103,9 @@ def _expand(inputs: Sequence[str], list_entries: Sequence[str],
         if path.is_dir():
             pairs += [(file, file.relative_to(path), False) for file in _scan(path, out_dir)]
         elif _is_glob(text) and not path.exists():
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
+            # Never the run's own outputs: a pattern like 'photos/**/*.jpg' would otherwise find them next time.
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True)
+                             if Path(m).is_file() and out_dir.resolve() not in Path(m).resolve().parents)
             if not matches:
                 raise PlanError(f"{text} matches no file")
             root = _glob_root(text)
@@ -179,18 +181,25 @@ def run_batch(
     keep_shape: float | None = None, quality: int | None = None, options: VideoOptions | None = None,
     jobs: int = 2, overwrite: bool = False, max_in_flight: int = 8,
     progress: Callable[[int], None] | None = None, on_entry: Callable[[dict[str, Any]], None] | None = None,
-    cancel: threading.Event | None = None,
+    cancel: threading.Event | None = None, describe: Callable[[FaceTwinError], str] = str,
 ) -> list[dict[str, Any]]:
     """Swaps every item, `jobs` files at a time; returns one summary entry per item, in the items' order.
 
     status: "done" (with the FileReport's numbers), "skipped" (the output exists and overwrite is False), "failed"
-    (with error), "cancelled" (cancel was set, or the server became unreachable, before it finished).
-    on_entry(entry) is called as each file ends, from a worker thread.
+    (with error: the file, then describe(the SDK error)), "cancelled" (cancel was set, or the server became
+    unreachable, before it finished). on_entry(entry) is called as each file ends, from a worker thread.
+    Ctrl-C (KeyboardInterrupt) closes `client`, so that calls in flight and streams waiting for their server to
+    come back end at once; BatchInterrupted then carries the entries.
     """
     cancel = cancel or threading.Event()
+    interrupted = threading.Event()
     items = list(items)
     entries: list[dict[str, Any] | None] = [None] * len(items)
     stop_reason: list[str] = []
+
+    def error_text(item: BatchItem, exc: FaceTwinError) -> str:
+        text = describe(exc)
+        return text if isinstance(exc, MediaFileError) else f"{item.source}: {text}"  # a media error names it
 
     def run_one(index: int, item: BatchItem) -> None:
         started = time.perf_counter()
@@ -211,12 +220,17 @@ def run_batch(
                                                 if k not in ("input", "output", "kind")})
             except CancelledError:
                 entry = _entry(item, "cancelled", error=stop_reason[0] if stop_reason else None)
-            except UnavailableError as exc:
-                # Not this file's fault: the server is gone, so the files not started yet are not tried.
-                stop_reason.append(f"not started: the server became unavailable ({exc.details})")
-                cancel.set()
-                entry = _entry(item, "failed", error=str(exc), seconds=time.perf_counter() - started)
-            except (FaceTwinError, ImportError, OSError) as exc:
+            except FaceTwinError as exc:
+                if interrupted.is_set():  # the client was closed under it: the call's error is the interruption's
+                    entry = _entry(item, "cancelled", error="interrupted")
+                elif isinstance(exc, UnavailableError):
+                    # Not this file's fault: the server is gone, so the files not started yet are not tried.
+                    stop_reason.append(f"not started: the server became unavailable ({exc.details})")
+                    cancel.set()
+                    entry = _entry(item, "failed", error=error_text(item, exc), seconds=time.perf_counter() - started)
+                else:
+                    entry = _entry(item, "failed", error=error_text(item, exc), seconds=time.perf_counter() - started)
+            except (ImportError, OSError) as exc:
                 entry = _entry(item, "failed", error=str(exc), seconds=time.perf_counter() - started)
             except Exception as exc:  # an unforeseen failure of one file must not end the run
                 entry = _entry(item, "failed", error=f"{type(exc).__name__}: {exc}",
@@ -241,15 +255,14 @@ def run_batch(
             for future in futures:
                 future.result()
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted.set()
             cancel.set()  # the workers stop at their next frame and remove their partial outputs
             stop_reason.append("interrupted")
+            client.close()  # calls in flight end now, and so does a stream's wait for its server to come back
             concurrent.futures.wait(futures)
-        else:
-            interrupted = False
     done = [entry if entry is not None else _entry(item, "cancelled", error="interrupted")
             for entry, item in zip(entries, items)]
-    if interrupted:
+    if interrupted.is_set():
         raise BatchInterrupted(done)
     return done
 

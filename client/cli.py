@@ -211,7 +211,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
         try:
             with Client(address, **credentials) as client:
                 entries = run_batch(client, items, jobs=jobs, overwrite=overwrite, progress=advance,
-                                    on_entry=on_entry, **swap)
+                                    on_entry=on_entry, describe=lambda err: _describe(err, address), **swap)
         except BatchInterrupted as exc:
             write_summary(summary, exc.entries, **header, seconds=time.perf_counter() - started, interrupted=True)
             raise

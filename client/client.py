@@ -20,7 +20,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from .credentials import PemInput, channel_credentials
-from .errors import InvalidInputError, ServerError, UnavailableError, from_rpc_error
+from .errors import CancelledError, InvalidInputError, ServerError, UnavailableError, from_rpc_error
 from .images import (
     ColorName,
     EncodingName,
@@ -41,6 +41,7 @@ DEFAULT_ADDRESS = "localhost:50051"
 _END = object()  # sentinel for an exhausted frame iterator
 _SLOT_POLL_S = 0.05  # how often a blocked sync request thread checks whether the stream was abandoned
 _SOURCE_RELEASE_S = 10.0  # how long an ended sync stream waits for a frame read under way on its request thread
+_RECONNECT_POLL_S = 0.25  # how often a sync stream waiting for its server to come back checks for close()
 
 
 def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> InvalidInputError:
@@ -308,14 +309,25 @@ class Client(_ClientBase):
 
     def _reconnect(self, ends_at: float | None) -> None:
         """Waits (up to resume_timeout) until the channel is connected again: the server drained and a replica, or
-        the same server restarted, answers at the address."""
+        the same server restarted, answers at the address. Closing the client ends the wait at once."""
         wait = self.resume_timeout if ends_at is None else min(self.resume_timeout, _remaining(ends_at))
+        give_up = time.monotonic() + wait
+        ready = grpc.channel_ready_future(self._channel)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=wait)
-        except grpc.FutureTimeoutError:
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and {self.address} "
-                                   f"did not answer again within {wait:.0f} s; the frames not yet answered were "
-                                   "not swapped") from None
+            while not self._closed:
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and "
+                                           f"{self.address} did not answer again within {wait:.0f} s; the frames "
+                                           "not yet answered were not swapped")
+                try:
+                    ready.result(timeout=min(left, _RECONNECT_POLL_S))
+                    return
+                except grpc.FutureTimeoutError:
+                    pass
+            raise CancelledError("the client was closed while its stream waited for the server to come back")
+        finally:
+            ready.cancel()
 
     def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""

@@ -347,9 +347,11 @@ class StreamState:
 
     def can_resume(self, err: grpc.RpcError, resumes: int, limit: int) -> bool:
         """Whether a stream that failed with err may go on over a new call: its server went away (UNAVAILABLE --
-        draining, restarted, connection lost), the request side is fine, and resumes are left."""
+        draining, restarted, connection lost) after answering it at least once (one that never answered was most
+        likely never reached: a wrong address fails at once), the request side is fine, and resumes are left."""
         code = err.code() if callable(getattr(err, "code", None)) else None
-        return code == grpc.StatusCode.UNAVAILABLE and self.error is None and resumes < limit
+        return (code == grpc.StatusCode.UNAVAILABLE and self.received > 0 and self.error is None
+                and resumes < limit)
 
     def on_response(self, message: pb.SwapStreamResponse) -> SwapResult:
         response = message.response

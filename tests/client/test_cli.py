@@ -100,9 +100,13 @@ def test_usage_mistakes_exit_2(photo, clip, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unreachable_server_is_one_error_line(photo, tmp_path):
+def test_unreachable_server_is_one_error_line(photo, clip, tmp_path):
     assert_one_error_line(run_cli("swap", photo, tmp_path / "out.png", "-m", "d", "-t", "b", "-a", UNREACHABLE), 1,
                           UNREACHABLE, "unavailable")
+    # A stream that was never answered was never connected: no wait for a server to "come back".
+    video = run_cli("swap", clip, tmp_path / "out.mp4", "-m", "d", "-t", "b", "-a", UNREACHABLE)
+    assert_one_error_line(video, 1, UNREACHABLE, "unavailable")
+    assert "did not answer again" not in video.stderr
     assert_one_error_line(run_cli("models", "--address", UNREACHABLE), 1, UNREACHABLE)
     assert list(tmp_path.iterdir()) == []
 
@@ -205,6 +209,25 @@ def test_folder_run_skips_done_files_and_survives_broken_ones(full_frames, franc
     assert summary["counts"] == {"done": 2}
     assert [f["frames"] for f in summary["files"]] == [3, 1]
     assert len(inspect_video(out / "clip.mp4").frames) == 3
+
+
+def test_folder_errors_name_their_file_and_patterns_skip_the_output_folder(full_frames, photo, tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    (shots / "photo.png").write_bytes(photo.read_bytes())
+    cut = shots / "cut.png"
+    cut.write_bytes(photo.read_bytes()[:3000])  # a valid header, pixels cut short: the server refuses it
+    out = shots / "swapped"  # inside the pattern's reach
+    args = ("swap", str(shots / "**" / "*.png"), out, "-m", full_frames.model, "-t", full_frames.identities[1],
+            "-a", full_frames.address)
+    first = run_cli(*args)
+    assert first.returncode == 1
+    errors = [line for line in first.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0].startswith(f"error: {cut}: INVALID_ARGUMENT: "), first.stderr
+    again = run_cli(*args)
+    summary = json.loads((out / "facetwin-summary.json").read_text())
+    assert summary["counts"] == {"skipped": 1, "failed": 1}, again.stderr  # swapped/photo.png is not an input
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["facetwin-summary.json", "photo.png"]
 
 
 def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0) -> tuple[int, str, str]:

@@ -155,6 +155,35 @@ def test_without_resumes_the_stream_reports_the_server_going_away(server, served
     assert seen == list(range(len(seen))) and 15 < len(seen) < FRAMES  # every taken frame was answered first
 
 
+def test_closing_the_client_ends_a_stream_waiting_for_its_server(server, served_model):
+    """A stream whose server went away waits up to resume_timeout for it to come back; closing the client (what a
+    folder run does on Ctrl-C) ends that wait at once, with CancelledError."""
+    from facetwin.client import CancelledError
+
+    server.start()
+    halfway = threading.Event()
+    outcome: list = []
+    client = Client(server.address, timeout=120, resume_timeout=120)
+
+    def consume():
+        try:
+            for _ in client.stream(_paced(_faces(served_model) * 10, 20, halfway), served_model.model,
+                                   served_model.identities[1], color="rgb", max_in_flight=4):
+                pass
+        except Exception as exc:
+            outcome.append(exc)
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    assert halfway.wait(60)
+    server.signal(signal.SIGKILL)  # and not restarted: the stream waits to reconnect
+    time.sleep(1.0)
+    assert consumer.is_alive() and not outcome  # waiting, well inside its 120 s
+    client.close()
+    consumer.join(30)
+    assert not consumer.is_alive() and len(outcome) == 1 and isinstance(outcome[0], CancelledError), outcome
+
+
 # A client process with three streams of frames in flight, killed mid-way: its connection drops with every stream
 # open, as when a user's Ctrl-C ends a folder run.
 CLIENT_KILLED_MID_STREAM = """
