@@ -73,12 +73,16 @@ class FaceSwapServer:
         log.info("config %s", json.dumps(self.config.as_dict(), sort_keys=True))
         names = self.registry.discover()
         log.info("found %d bundle(s) in %s: %s", len(names), self.config.model_dir, names)
-        if self.credentials is None:
-            self.port = self.grpc_server.add_insecure_port(self.config.address)
-        else:
-            self.port = self.grpc_server.add_secure_port(self.config.address, self.credentials)
+        try:  # grpcio reports a port it cannot bind as 0 or, in newer releases, as RuntimeError
+            if self.credentials is None:
+                self.port = self.grpc_server.add_insecure_port(self.config.address)
+            else:
+                self.port = self.grpc_server.add_secure_port(self.config.address, self.credentials)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {self.config.address}")
+            raise OSError(f"could not bind {self.config.address}: the port is in use or the address is not this "
+                          "host's (set --address)")
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.metrics_port:

@@ -79,6 +79,14 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_port_in_use_is_a_clear_error(tiny_model_dir, served_model):
+    result = subprocess.run([str(SERVER), "serve", "--model-dir", str(tiny_model_dir), "--address",
+                             served_model.address], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: could not bind {served_model.address}")
+    assert "Traceback" not in result.stderr
+
+
 def _free_port() -> int:
     import socket
 
