@@ -318,6 +318,12 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         except TimeoutError:
             raise DeadlineExceededError(f"the stream sent no frame for {idle:g} s (the server's idle stream "
                                         "timeout)") from None
+        if first is None:  # no message: the caller sent none, or its call ended before the first arrived
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceededError("the call's deadline passed before the stream's first frame arrived")
+            if context.cancelled():
+                raise asyncio.CancelledError
         policy = self.config.stream_policy
         lost_faces, lost_face_frames, mapping = None, None, None
         if first is not None and not isinstance(first, MalformedMessage):

@@ -436,3 +436,39 @@ def test_json_log_lines_of_the_real_process(tiny_model_dir):
     assert bad["peer"].startswith("ipv4:127.0.0.1:") and bad["client"] == "127.0.0.1" and bad["duration_ms"] > 0
     assert (by_id["json-ok"]["level"], by_id["json-ok"]["code"]) == ("DEBUG", "OK")
     assert any(line["message"].startswith("config {") for line in lines)
+
+
+def test_streams_past_their_deadline_are_counted_as_such(served_model):
+    """A stream whose deadline passes before its first frame reaches the handler ends DEADLINE_EXCEEDED in the
+    metrics too, not as a caller's empty stream (INVALID_ARGUMENT)."""
+    from prometheus_client import REGISTRY
+
+    def finished(code: str | None = None) -> float:
+        return sum(sample.value for family in REGISTRY.collect() if family.name == "facetwin_requests"
+                   for sample in family.samples if sample.name == "facetwin_requests_total"
+                   and sample.labels["method"] == "SwapStream" and code in (None, sample.labels["code"]))
+
+    face = served_model.sample_faces[served_model.identities[0]][0]
+    side = served_model.resolution
+    image = pb.Image(raw=pb.RawImage(pixels=face.tobytes(), height=side, width=side, channels=3))
+
+    def requests():
+        for frame_id in range(50):
+            yield pb.SwapStreamRequest(request=pb.SwapRequest(model=served_model.model,
+                                                              target=served_model.identities[1],
+                                                              frame_id=frame_id, image=image))
+
+    before, invalid_before = finished(), finished("INVALID_ARGUMENT")
+    with grpc.insecure_channel(served_model.address) as channel:
+        stub = pb_grpc.FaceSwapStub(channel)
+        for timeout in np.linspace(0.0005, 0.005, 150):  # some end before the handler runs, some at its first read
+            with pytest.raises(grpc.RpcError) as error:
+                for _ in stub.SwapStream(requests(), timeout=float(timeout)):
+                    pass
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    counted = None
+    while counted != finished():  # the server may finish a call after its caller has seen the deadline
+        counted = finished()
+        time.sleep(0.5)
+    assert counted > before
+    assert finished("INVALID_ARGUMENT") == invalid_before
