@@ -18,7 +18,7 @@ import numpy as np
 
 from . import imaging
 from .detectors import FaceDetectorPool, single_threaded_blas
-from .errors import DeadlineExceededError, InvalidInputError, SwapError
+from .errors import DeadlineExceededError, InvalidInputError, ResourceExhaustedError, SwapError
 from .fullframe import FrameFace, FrameRequest, FullFrameSwapper
 from .mapping import DescriptorCache, Mapping, Photo, largest_face
 from .provenance import Provenance, mark_synthetic
@@ -27,6 +27,9 @@ from .tracking import FrameTicket, StreamFaceState, TrackingConfig
 
 # Images bigger than this are decoded/encoded in a worker thread so the event loop keeps serving others.
 _INLINE_PIXELS = 256 * 256
+# Room in a response for everything but the image bytes (faces, timings, provenance): an answer whose images leave
+# less than this under the message limit is refused rather than failing in gRPC after the work.
+_RESPONSE_HEADROOM = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,7 @@ class SwapEngine:
         single_threaded_blas()
         self.registry = registry
         self.image_limits = imaging.ImageLimits(config.max_image_side, config.max_image_pixels)
+        self.max_image_bytes = config.max_message_mb * 1024 * 1024 - _RESPONSE_HEADROOM  # in one answer
         self.reference_limits = imaging.ImageLimits(config.max_reference_side, config.max_image_pixels)
         self.tracking = tracking or TrackingConfig(detect_every=config.detect_every, lost_faces=config.lost_faces,
                                                    lost_face_frames=config.lost_face_frames)
@@ -179,6 +183,7 @@ class SwapEngine:
 
         decoded = await self._maybe_in_thread(self._decode, job)
         height, width = decoded.shape[:2]
+        self._check_answer_size(job, height, width)
         size = target.manifest.resolution
         face = imaging.resize(decoded, size, size)
         decoded_at = time.perf_counter()
@@ -213,6 +218,7 @@ class SwapEngine:
             mapping = await self.describe(mapping)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
         frame = await self._maybe_in_thread(self._decode, job)
+        self._check_answer_size(job, *frame.shape[:2])
         decoded_at = time.perf_counter()
         request = FrameRequest(targets, job.target, mapping, caller, bounded=stream is None,
                                want_mask=job.return_mask, keep_shape=job.keep_shape)
@@ -242,6 +248,23 @@ class SwapEngine:
         if not 1 <= job.jpeg_quality <= 100:
             raise InvalidInputError(f"jpeg_quality {job.jpeg_quality} must be in 1..100")
 
+    def _check_answer_size(self, job: SwapJob, height: int, width: int) -> None:
+        """Raw answers have a known size: one over the message limit is refused before the work."""
+        if self._output_encoding(job) != "raw":
+            return
+        size = height * width * (4 if job.return_mask else 3)
+        if size > self.max_image_bytes:
+            raise ResourceExhaustedError(
+                f"the raw answer for this {width}x{height} image would be {size} bytes, over the server's message "
+                f"limit ({self.max_image_bytes + _RESPONSE_HEADROOM} bytes): ask for PNG or JPEG output "
+                "(output_encoding) or send a smaller image")
+
+    @staticmethod
+    def _output_encoding(job: SwapJob) -> str:
+        if job.output_encoding == "same":
+            return "raw" if job.raw is not None else "png"
+        return job.output_encoding
+
     async def _maybe_in_thread(self, fn, *args):
         job = args[0]
         pixels = job.raw.height * job.raw.width if job.raw else len(job.encoded or b"") * 4
@@ -264,9 +287,7 @@ class SwapEngine:
         self, job: SwapJob, swapped: np.ndarray, mask: np.ndarray, height: int, width: int,
         origin: Provenance,
     ) -> tuple[OutputImage, OutputImage | None]:
-        encoding = job.output_encoding
-        if encoding == "same":
-            encoding = "raw" if job.raw is not None else "png"
+        encoding = self._output_encoding(job)
         color = job.output_color or (job.raw.color if job.raw is not None else "rgb")
         swapped = imaging.resize(swapped, height, width)
         encoded = imaging.encode(swapped, encoding, color, job.jpeg_quality)
@@ -276,4 +297,10 @@ class SwapEngine:
             mask = imaging.resize(mask, height, width)
             mask_encoding = "png" if encoding == "jpeg" else encoding  # masks stay lossless
             mask_out = OutputImage(imaging.encode(mask, mask_encoding), mask_encoding, height, width, 1, color)
+        size = len(image.data) + (len(mask_out.data) if mask_out is not None else 0)
+        if size > self.max_image_bytes:  # an encoded size is known only now
+            raise ResourceExhaustedError(
+                f"the {encoding} answer is {size} bytes, over the server's message limit "
+                f"({self.max_image_bytes + _RESPONSE_HEADROOM} bytes): ask for JPEG output, a lower jpeg_quality "
+                "or send a smaller image")
         return image, mask_out

@@ -114,3 +114,40 @@ def test_peer_host_drops_the_port():
     assert peer_host("ipv4:10.0.0.7:53211") == "10.0.0.7"
     assert peer_host("ipv6:[::1]:53211") == "::1"
     assert peer_host("unix:/run/facetwin.sock") == "unix:/run/facetwin.sock"
+
+
+def test_an_answer_over_the_message_limit_is_refused_before_the_work(tiny_model_dir, served_model):
+    """A raw answer's size is known from the image: over the message limit it is RESOURCE_EXHAUSTED before the swap,
+    with what to ask for instead; in a stream only that frame fails."""
+    import cv2
+
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), max_message_mb=1,
+                                       grace_s=1.0))
+    a, b = served_model.identities[:2]
+    face = served_model.sample_faces[a][0]
+    big = cv2.resize(face, (700, 700))  # 1.47 MB raw out, from a PNG of a few hundred KB
+    png = cv2.imencode(".png", big[..., ::-1])[1].tobytes()
+    assert len(png) < 900_000
+    big_raw = pb.SwapRequest(model=served_model.model, target=b, image=pb.Image(encoded=png),
+                             output_encoding=pb.ENCODING_RAW)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Swap(big_raw, timeout=60)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "PNG or JPEG output" in error.value.details() and "1470000 bytes" in error.value.details()
+            as_png = stub.Swap(pb.SwapRequest(model=served_model.model, target=b, image=pb.Image(encoded=png),
+                                              output_encoding=pb.ENCODING_JPEG), timeout=60)
+            assert as_png.image.encoded[:2] == b"\xff\xd8"  # what the message advised fits
+
+            def frames():
+                big_raw.frame_id = 0
+                yield pb.SwapStreamRequest(request=big_raw)
+                yield pb.SwapStreamRequest(request=raw_request(face, served_model.model, b, frame_id=1))
+
+            replies = list(stub.SwapStream(frames(), timeout=60))
+    finally:
+        server.stop()
+    assert [(r.response.frame_id, r.status) for r in replies] == [(0, pb.FRAME_STATUS_ERROR), (1, pb.FRAME_STATUS_OK)]
+    assert replies[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
