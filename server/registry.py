@@ -160,6 +160,10 @@ class ModelRegistry:
             raise UnavailableError(f"model {model_name!r} failed to load: {model.error}")
         loaded = model.targets.get(target)
         if loaded is None:
+            try:
+                check_name(target, "target identity")  # bundles hold valid names only: a bad one is the caller's
+            except BundleError as exc:
+                raise InvalidInputError(str(exc)) from None
             raise NotFoundError(
                 f"model {model_name!r} has no target identity {shorten(target)}; choose one of {sorted(model.targets)}"
             )

@@ -214,12 +214,12 @@ class SwapEngine:
         model, _ = await self.registry.get(job.model, job.target, timeout=wait_s)
         targets = {name: (await self.registry.get(job.model, name, timeout=wait_s))[1]
                    for name in mapping.targets(job.target)}  # every identity a rule names: NOT_FOUND before work
-        if mapping is job.mapping:
-            mapping = await self.describe(mapping)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
-        frame = await self._maybe_in_thread(self._decode, job)
+        frame = await self._maybe_in_thread(self._decode, job)  # its limits before the reference photos' work
         self._check_answer_size(job, *frame.shape[:2])
         decoded_at = time.perf_counter()
+        if mapping is job.mapping:  # the reference photos: their time is in total_ms
+            mapping = await self.describe(mapping)
         request = FrameRequest(targets, job.target, mapping, caller, bounded=stream is None,
                                want_mask=job.return_mask, keep_shape=job.keep_shape)
         result = await self.fullframe.swap(frame, request, stream, ticket)

@@ -165,6 +165,8 @@ def _bad_requests(m):
                              grpc.StatusCode.NOT_FOUND, "choose one of"),
         "path in model name": (pb.SwapRequest(model="../tiny", target=b, image=pb.Image(encoded=b"x")),
                                grpc.StatusCode.INVALID_ARGUMENT, "is not valid"),
+        "path in identity": (pb.SwapRequest(model=m.model, target="../" + b, image=pb.Image(encoded=b"x")),
+                             grpc.StatusCode.INVALID_ARGUMENT, "target identity '../"),
         "huge side": (raw(pixels=bytes(5000 * 9 * 3), height=5000, width=9), grpc.StatusCode.RESOURCE_EXHAUSTED,
                       "at most 4096"),
         "full frame": (pb.SwapRequest(model=m.model, target=b, image=pb.Image(encoded=b"x"),
