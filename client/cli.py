@@ -9,6 +9,7 @@ line, goes on with the rest, and exits 1 if any failed.
 import datetime
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -425,7 +426,13 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(2)
+    # SIGTERM (timeout, docker stop, systemd) stops the work like Ctrl-C: no partial output is left either way.
+    signal.signal(signal.SIGTERM, _interrupt)
     build_app()(prog_name="facetwin")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

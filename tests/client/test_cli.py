@@ -230,8 +230,10 @@ def test_folder_errors_name_their_file_and_patterns_skip_the_output_folder(full_
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["facetwin-summary.json", "photo.png"]
 
 
-def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0) -> tuple[int, str, str]:
-    """Runs the command, sends Ctrl-C (SIGINT) once a partial output appears under `out`; (exit code, out, err)."""
+def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0,
+                      sig: int = signal.SIGINT) -> tuple[int, str, str]:
+    """Runs the command, sends Ctrl-C (SIGINT, or `sig`) once a partial output appears under `out`; (exit code,
+    out, err)."""
     process = subprocess.Popen([str(arg) for arg in (FACETWIN, *args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
@@ -240,7 +242,7 @@ def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0) -> tuple[in
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.05)
         time.sleep(settle_s)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sig)
         stdout, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
@@ -248,12 +250,13 @@ def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0) -> tuple[in
     return process.returncode, stdout, stderr
 
 
-def test_ctrl_c_stops_cleanly_and_leaves_no_partial_output(full_frames, franck, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_cleanly_and_leaves_no_partial_output(full_frames, franck, tmp_path, sig):
     long_clip = write_clip(tmp_path / "long.mp4", franck * 24)  # 576 frames: ~10 s of swapping, stopped long before the end
     out = tmp_path / "out"
     code, stdout, stderr = interrupt_mid_way(
         ("swap", long_clip, out / "long.mp4", "-m", full_frames.model, "-t", full_frames.identities[1],
-         "-a", full_frames.address, "--max-in-flight", 2), out, settle_s=0.5)
+         "-a", full_frames.address, "--max-in-flight", 2), out, settle_s=0.5, sig=sig)
     assert code == 130, (stdout, stderr)
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert list(out.iterdir()) == []
