@@ -32,7 +32,7 @@ from .errors import (
 from .files import swap_image_file, swap_image_file_async, swap_video_file, swap_video_file_async
 from .mapping import FaceMapping, FaceRule
 from .media import MediaInfo, probe
-from .types import DetectedFace, FileReport, ModelInfo, Provenance, StageTimings, SwapResult
+from .types import DetectedFace, FileReport, ModelInfo, Provenance, ServerInfo, StageTimings, SwapResult
 from .video import VideoOptions
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SwapResult",
     "StageTimings",
     "ModelInfo",
+    "ServerInfo",
     "DetectedFace",
     "FaceMapping",
     "FaceRule",

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .batch import BatchInterrupted, PlanError, expected_frames, plan_batch, run_batch, write_summary
+from .batch import BatchInterrupted, BatchItem, PlanError, expected_frames, plan_batch, run_batch, write_summary
 from .client import DEFAULT_ADDRESS, Client
 from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundError, UnavailableError
 from .files import swap_image_file, swap_video_file
@@ -211,7 +211,11 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
         address, credentials = swap.pop("address"), swap.pop("credentials")
         try:
             with Client(address, **credentials) as client:
-                entries = run_batch(client, items, jobs=jobs, overwrite=overwrite, progress=advance,
+                allowed = _jobs_allowed(client, jobs, pending)
+                if allowed < jobs:
+                    bar.write(f"note: -j {jobs}: the server allows {allowed} at a time per client; running {allowed}",
+                              file=sys.stderr)
+                entries = run_batch(client, items, jobs=allowed, overwrite=overwrite, progress=advance,
                                     on_entry=on_entry, describe=lambda err: _describe(err, address), **swap)
         except BatchInterrupted as exc:
             write_summary(summary, exc.entries, **header, seconds=time.perf_counter() - started, interrupted=True)
@@ -220,6 +224,19 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
     print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f"; summary: {summary}")
     if counts.get("failed"):
         raise CliError(f"{counts['failed']} of {len(entries)} file(s) failed (see {summary})")
+
+
+def _jobs_allowed(client: Client, jobs: int, pending: list[BatchItem]) -> int:
+    """-j, lowered to the server's per-client limit on open streams (videos) and calls in flight (photos), so that
+    files are not refused for running at once."""
+    try:
+        limits = client.server_info(timeout=10).limits
+    except FaceTwinError:  # a server without GetServerInfo, or none: each file reports what goes wrong
+        return jobs
+    kinds = {item.kind for item in pending}
+    caps = [limits[name] for kind, name in (("video", "max_streams_per_client"), ("image", "max_calls_per_client"))
+            if kind in kinds and limits.get(name)]
+    return min([jobs, *caps])
 
 
 def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, target: str, only: str | None = None,

