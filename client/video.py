@@ -33,6 +33,11 @@ _SWS_COLORSPACES = {1: "itu709", 4: "fcc", 5: "itu601", 6: "smpte170m", 7: "smpt
 _MPEG_RANGE = 1  # AVCOL_RANGE_MPEG: limited range, what H.264 players expect
 
 
+_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                 "placebo")
+_X26X_PRESETS = {"libx264": _X264_PRESETS, "libx265": _X264_PRESETS}
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoOptions:
     """How the output video is encoded."""
@@ -54,6 +59,14 @@ class VideoOptions:
         if self.crf is not None and (isinstance(self.crf, bool) or not isinstance(self.crf, int)
                                      or not 0 <= self.crf <= 63):
             raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT, f"crf must be an integer 0..63, got {self.crf!r}")
+        if self.codec in _X26X_PRESETS:  # checked here: the encoder itself fails only at the first frame
+            if self.crf is not None and self.crf > 51:
+                raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"crf must be 0..51 for {self.codec}, got {self.crf}")
+            if self.preset and self.preset not in _X26X_PRESETS[self.codec]:
+                raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"preset {self.preset!r} is not one of {self.codec}'s: "
+                                        f"{', '.join(_X26X_PRESETS[self.codec])}")
         if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
             raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"max_frames must be a positive integer or None, got {self.max_frames!r}")

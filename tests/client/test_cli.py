@@ -95,6 +95,10 @@ def test_usage_mistakes_exit_2(photo, clip, tmp_path):
                           "nope")
     assert_one_error_line(run_cli("swap", "no/such/*.jpg", tmp_path / "out", "-m", "d", "-t", "b"), 2,
                           "matches no file")
+    assert_one_error_line(run_cli("swap", clip, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--crf", "60"), 2,
+                          "0..51 for libx264")
+    assert_one_error_line(run_cli("swap", clip, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--preset", "quick"), 2,
+                          "'quick' is not one of libx264's")
     missing_option = run_cli("swap", photo, tmp_path / "out.png", "--target", "b")
     assert missing_option.returncode == 2 and "--model" in missing_option.stderr
     assert list(tmp_path.iterdir()) == []
