@@ -241,6 +241,12 @@ class VideoJob:
                 raise MediaFileError(self.output, f"a {self._format} file cannot hold the input's {name} audio; "
                                                   "write .mkv (it holds any audio) instead")
             self._out_audio[audio.index] = output.add_stream_from_template(audio)
+        try:  # the header now: a muxer that lists a codec may still refuse it (FLAC in .mov)
+            output.start_encoding()
+        except av.FFmpegError as exc:
+            names = ", ".join(audio.codec_context.name for audio in self._audio)
+            hint = f"; a {self._format} file may not hold the input's {names} audio: write .mkv" if names else ""
+            raise MediaFileError(self.output, f"cannot be written ({_reason(exc)}){hint}") from None
 
     def _encode(self, frame: Any | None) -> None:
         if frame is not None:

@@ -30,10 +30,10 @@ def read_frames(path: Path, count: int, start: int = 0) -> list[np.ndarray]:
 
 
 def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | None = None, rotation: int = 0,
-               audio: bool = True) -> Path:
-    """An H.264 MP4 of upright RGB `frames`. durations: each frame's, in TIME_BASE ticks (default 1/24 s each).
-    rotation: stored turned so that players, obeying the display matrix, show them upright. audio: a 440 Hz tone
-    as long as the video, AAC mono."""
+               audio: bool = True, audio_codec: str = "aac") -> Path:
+    """An H.264 video (the container by path's suffix) of upright RGB `frames`. durations: each frame's, in TIME_BASE
+    ticks (default 1/24 s each). rotation: stored turned so that players, obeying the display matrix, show them
+    upright. audio: a 440 Hz tone as long as the video, mono, in audio_codec (aac or flac)."""
     durations = durations or [512] * len(frames)  # 512 / 12288 s = 1/24 s
     with av.open(str(path), "w") as output:
         video = output.add_stream("libx264", rate=24)
@@ -43,7 +43,7 @@ def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | N
         video.codec_context.time_base = TIME_BASE
         if rotation:
             video.set_display_rotation(rotation)
-        sound = output.add_stream("aac", rate=SAMPLE_RATE) if audio else None
+        sound = output.add_stream(audio_codec, rate=SAMPLE_RATE) if audio else None
         if sound is not None:
             sound.layout = "mono"
         pts = 0
@@ -61,8 +61,11 @@ def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | N
 def _write_tone(output, stream, seconds: float) -> None:
     samples = int(seconds * SAMPLE_RATE)
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / SAMPLE_RATE)).astype(np.float32)
+    sample_format = "fltp"
+    if stream.codec_context.name == "flac":  # integer samples only
+        tone, sample_format = (tone * 32767).astype(np.int16), "s16"
     for start in range(0, samples, 1024):
-        frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
+        frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format=sample_format, layout="mono")
         frame.sample_rate, frame.pts = SAMPLE_RATE, start
         output.mux(stream.encode(frame))
     output.mux(stream.encode(None))

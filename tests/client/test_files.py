@@ -185,12 +185,16 @@ def test_files_that_cannot_be_used_say_why(served_model, client, clip, tmp_path)
         swap_video_file(client, clip, tmp_path / "e.webm", model, target)
     with pytest.raises(MediaFileError, match="no such file"):
         swap_video_file(client, tmp_path / "missing.mp4", tmp_path / "f.mp4", model, target)
+    flac = write_clip(tmp_path / "flac.mkv", served_model.sample_faces[served_model.identities[0]][:3],
+                      audio_codec="flac")
+    with pytest.raises(MediaFileError, match="may not hold the input's flac audio: write .mkv"):
+        swap_video_file(client, flac, tmp_path / "h.mov", model, target, faces=None)
     # A failure on the server side, after the output was opened, leaves nothing either.
     with pytest.raises(NotFoundError, match="nobody"):
         swap_video_file(client, clip, tmp_path / "g.mp4", model, "nobody")
     with pytest.raises(NotFoundError, match="nobody"):
         swap_image_file(client, photo, tmp_path / "g.png", model, "nobody")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photo.png", "tone.m4a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flac.mkv", "notes.txt", "photo.png", "tone.m4a"]
 
 
 def test_cancel_stops_and_leaves_nothing(served_model, client, clip, tmp_path):
