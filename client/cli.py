@@ -22,7 +22,7 @@ from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundEr
 from .files import swap_image_file, swap_video_file
 from .images import FacesArg, sniff_format
 from .mapping import FaceMapping
-from .media import IMAGE_OUTPUTS, VIDEO_OUTPUTS, check_writable, probe, read_image
+from .media import IMAGE_OUTPUTS, IMAGE_SUFFIXES, VIDEO_OUTPUTS, VIDEO_SUFFIXES, check_writable, probe, read_image
 from .types import FileReport
 from .video import VideoOptions
 
@@ -273,6 +273,9 @@ def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, targe
         raise CliError("name at least one input (a file, folder or pattern) or a --list file", 2)
     elif mask is not None:
         raise CliError("--mask applies to a single photo, not to a folder run", 2)
+    elif output.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES and not output.is_dir():
+        raise CliError(f"{output} names a file, but several inputs (a folder, a pattern or a list) go into a folder: "
+                       "give a folder as OUT", 2)
     else:
         _swap_many(inputs, output, only=only, list_file=list_file, jobs=jobs, overwrite=overwrite, summary=summary,
                    dry_run=dry_run, progress_bar=tqdm, **swap)

@@ -95,6 +95,8 @@ def test_usage_mistakes_exit_2(photo, clip, tmp_path):
                           "nope")
     assert_one_error_line(run_cli("swap", "no/such/*.jpg", tmp_path / "out", "-m", "d", "-t", "b"), 2,
                           "matches no file")
+    assert_one_error_line(run_cli("swap", str(photo.parent / "*.png"), tmp_path / "one.png", "-m", "d", "-t", "b"),
+                          2, "give a folder as OUT")
     assert_one_error_line(run_cli("swap", clip, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--crf", "60"), 2,
                           "0..51 for libx264")
     assert_one_error_line(run_cli("swap", clip, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--preset", "quick"), 2,
