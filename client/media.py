@@ -124,6 +124,17 @@ def _first_frame(container: Any, path: Path) -> Any:
     raise MediaFileError(path, "has a video stream but no decodable picture")
 
 
+def _tagged_duration(stream: Any) -> float | None:
+    """The video stream's own length from Matroska's per-stream DURATION tag ("HH:MM:SS.fffffffff"): MKV and WebM
+    record no frame count, and the container's length also covers audio that may run on past the last picture."""
+    tag = stream.metadata.get("DURATION", "")
+    try:
+        hours, minutes, seconds = tag.split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds) or None
+    except ValueError:
+        return None
+
+
 def probe(path: str | os.PathLike) -> MediaInfo:
     """Opens `path` with FFmpeg and decodes its first picture (to prove it and to read its rotation)."""
     path = Path(path)
@@ -136,7 +147,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         image = _is_image(container)
         rate = stream.average_rate or stream.guessed_rate
         duration = (float(stream.duration * stream.time_base) if stream.duration
-                    else (container.duration / 1e6 if container.duration else None))
+                    else _tagged_duration(stream) or (container.duration / 1e6 if container.duration else None))
         frames = 1 if image else (stream.frames or (round(duration * rate) if duration and rate else None))
         return MediaInfo(
             path=str(path), kind="image" if image else "video", container=container.format.name,

@@ -77,6 +77,8 @@ class VideoOptions:
             options["cq" if self.codec.endswith("_nvenc") else "crf"] = str(self.crf)
         if self.preset:
             options["preset"] = self.preset
+        if self.codec == "libx265":  # x265 prints its banner and settings to stderr itself, past FFmpeg's log level
+            options["x265-params"] = "log-level=error"
         return options
 
 

@@ -30,10 +30,10 @@ def read_frames(path: Path, count: int, start: int = 0) -> list[np.ndarray]:
 
 
 def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | None = None, rotation: int = 0,
-               audio: bool = True, audio_codec: str = "aac") -> Path:
+               audio: bool = True, audio_codec: str = "aac", audio_seconds: float | None = None) -> Path:
     """An H.264 video (the container by path's suffix) of upright RGB `frames`. durations: each frame's, in TIME_BASE
     ticks (default 1/24 s each). rotation: stored turned so that players, obeying the display matrix, show them
-    upright. audio: a 440 Hz tone as long as the video, mono, in audio_codec (aac or flac)."""
+    upright. audio: a 440 Hz tone as long as the video (or audio_seconds), mono, in audio_codec (aac or flac)."""
     durations = durations or [512] * len(frames)  # 512 / 12288 s = 1/24 s
     with av.open(str(path), "w") as output:
         video = output.add_stream("libx264", rate=24)
@@ -54,7 +54,7 @@ def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | N
             output.mux(video.encode(frame))
         output.mux(video.encode(None))
         if sound is not None:
-            _write_tone(output, sound, float(pts * TIME_BASE))
+            _write_tone(output, sound, audio_seconds or float(pts * TIME_BASE))
     return path
 
 

@@ -94,6 +94,14 @@ def test_max_frames_cuts_the_audio_with_the_video(served_model, client, clip, tm
     assert after.audio_packets == inspect_video(clip).audio_packets[:len(after.audio_packets)]
 
 
+def test_frame_count_of_a_container_that_records_none(served_model, tmp_path):
+    """MKV stores no frame count; the count comes from the video's own length, not the container's, which also
+    covers audio running past the last picture."""
+    faces = served_model.sample_faces[served_model.identities[0]][:10]
+    info = probe(write_clip(tmp_path / "clip.mkv", faces, audio_seconds=1.0))
+    assert info.frames == 10 and info.duration == pytest.approx(10 / 24, abs=1e-3)  # MKV keeps milliseconds
+
+
 def test_photos_whole_turned_upright_in_any_format(full_frames, client, franck, tmp_path):
     target = full_frames.identities[1]
     phone = tmp_path / "phone.jpg"
