@@ -186,19 +186,11 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
                         "load_average": r["stream"]["load_average"]} for r in rounds]}
 
 
-def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: int) -> None:
-    from serve import source_frames, start_server, stop_server
-
-    sources = source_frames(args.frames, args.frames_file, consecutive=True)
-    proc, address = start_server(args, bundle.parent)
-    try:
-        sizes = {f"{w}x{h}": bench_size(args, proc, address, bundle, model, target, sources, (w, h))
-                 for w, h in args.sizes}
-    finally:
-        stop_server(proc)
+def report(args: argparse.Namespace, model: str, target: str, res: int, sizes: dict[str, dict]) -> dict:
+    """The JSON of the sizes measured so far."""
     config = ServerConfig()
     first = next(iter(sizes.values()))
-    report = {
+    return {
         "bench": "serve-full-frame",
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
@@ -213,7 +205,21 @@ def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: i
         "frame": first["frame"], "unary": first["unary"], "stream": first["stream"], "streams": first["streams"],
         "sizes": sizes,
     }
-    write_report(report, args.json_path)
+
+
+def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: int) -> None:
+    from serve import source_frames, start_server, stop_server
+
+    sources = source_frames(args.frames, args.frames_file, consecutive=True)
+    proc, address = start_server(args, bundle.parent)
+    sizes: dict[str, dict] = {}
+    try:
+        for w, h in args.sizes:  # written after each size: a run stopped later keeps the sizes already measured
+            sizes[f"{w}x{h}"] = bench_size(args, proc, address, bundle, model, target, sources, (w, h))
+            write_report(report(args, model, target, res, sizes), args.json_path, echo=False)
+    finally:
+        stop_server(proc)
+    write_report(report(args, model, target, res, sizes), args.json_path)
     for name, result in sizes.items():
         print(f"{name}: one stream {result['stream']['per_s']:.1f} frames/s "
               f"({result['stream'].get('server_cpu_ms_per_frame', 0):.0f} ms of server CPU per frame; raw stages "

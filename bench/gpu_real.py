@@ -17,7 +17,8 @@ training there:
                   over the steps that fit (the ratio phase's speed says how many), exported, and run on the held-out
                   faces: into --out go real_swaps.npz (evaluate.save_swaps: the crops and the raw swaps, ~2 MB),
                   real_grid.png (held-out crops both ways), the phases' JSON and summary.json. Under a deadline
-                  (FACETWIN_BENCH_DEADLINE, as `bench/gpu.sh --all` sets) training gets what is left after the rest.
+                  (FACETWIN_BENCH_DEADLINE, as `bench/gpu.sh` sets) training gets what is left after the rest, and
+                  is skipped, with the reason, when that is under 30 s (an untrained model's swaps score nothing).
     score         here again (dlib): evaluate's identity, landmarks and temporal sections of real_swaps.npz on
                   DIR/faces-holdout, printed against the real-pair targets (demo_real.TARGETS) and written as JSON.
 
@@ -44,7 +45,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))  # examples/ (demo_real prepares the faces)
-from gpu_bench import download_wheels, host_info, run_phase, time_left  # noqa: E402  (bench/gpu_bench.py)
+from gpu_bench import DEADLINE_ENV, download_wheels, host_info, run_phase, time_left  # noqa: E402  (bench/gpu_bench.py)
 
 SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
 # In the prepared folder: the demo-real preset the faces were prepared with (examples/demo_real.py PRESETS), whose
@@ -61,9 +62,12 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
     """Sizes and time limits: the GPU host's, or the CPU smoke run's."""
     if smoke:
         return {"mode": "smoke", "demo_preset": "dry-run", "device": "cpu", "train_seconds": seconds or 3.0,
+                "min_train_seconds": 1.0,
                 "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "real": 180}}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_REAL_SECONDS", "360"))
+    # Under a deadline, training shorter than min_train_seconds is skipped: its swaps would score an untrained model.
     return {"mode": "gpu", "demo_preset": "gpu-128", "device": "cuda", "train_seconds": seconds,
+            "min_train_seconds": 30.0,
             "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "real": 240}}
 
 
@@ -87,7 +91,7 @@ def prepare(args: argparse.Namespace) -> int:
                                               + "\n").encode())
     if args.no_wheels:
         return 0
-    return download_wheels(folder / "wheels", serving=False)  # into wheels/train, where gpu.sh looks
+    return download_wheels(folder / "wheels", serving=False)  # into wheels/if-missing, where gpu.sh looks
 
 
 def one(args: argparse.Namespace) -> int:
@@ -173,14 +177,19 @@ def run(args: argparse.Namespace) -> int:
     phases[f"train_input_{preset}"] = run_phase(f"train_input_{preset}", cmd, p["timeouts_s"]["train_input"], log,
                                                 path)
     seconds = min(p["train_seconds"], time_left() - REAL_OVERHEAD_S)  # under a deadline: what is left
-    p["train_seconds_run"] = seconds = max(seconds, 1.0)
-    steps = planned_steps(seconds, phases[f"train_input_{preset}"].get("result"), fallback=prepared["steps"])
-    path = out / f"real_{preset}.json"
-    cmd = [python, str(Path(__file__).resolve()), "one", "--preset", preset, "--data", str(data), "--work", str(work),
-           "--out", str(out), "--seconds", str(seconds), "--steps", str(steps), "--device", p["device"],
-           "--faces", str(prepared["eval_faces"]), "--lr-final-fraction", str(prepared["lr_final_fraction"]),
-           *batch, "--json", str(path)]
-    phases[f"real_{preset}"] = run_phase(f"real_{preset}", cmd, seconds + p["timeouts_s"]["real"], log, path)
+    p["train_seconds_run"] = seconds = round(max(seconds, 0.0), 1)
+    if seconds < p["min_train_seconds"]:
+        phases[f"real_{preset}"] = {"status": "skipped", "reason": f"out of time: {seconds:.0f} s left for training "
+                                    f"(under {p['min_train_seconds']:.0f} s) before {DEADLINE_ENV}"}
+        print(f"[real_{preset}] skipped: {phases[f'real_{preset}']['reason']}", flush=True)
+    else:
+        steps = planned_steps(seconds, phases[f"train_input_{preset}"].get("result"), fallback=prepared["steps"])
+        path = out / f"real_{preset}.json"
+        cmd = [python, str(Path(__file__).resolve()), "one", "--preset", preset, "--data", str(data), "--work",
+               str(work), "--out", str(out), "--seconds", str(seconds), "--steps", str(steps), "--device", p["device"],
+               "--faces", str(prepared["eval_faces"]), "--lr-final-fraction", str(prepared["lr_final_fraction"]),
+               *batch, "--json", str(path)]
+        phases[f"real_{preset}"] = run_phase(f"real_{preset}", cmd, seconds + p["timeouts_s"]["real"], log, path)
     results = {name: phase.pop("result", None) for name, phase in phases.items()}
     summary["train_input"] = results[f"train_input_{preset}"]
     summary["real"] = results[f"real_{preset}"]
@@ -198,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     for name, phase in phases.items():
         if phase["status"] != "ok":
             print(f"  phase {name}: {phase['status']}: {phase.get('error')}")
-    return 1 if any(ph["status"] == "failed" for ph in phases.values()) else 0
+    return 1 if any(ph["status"] in ("failed", "partial") for ph in phases.values()) else 0
 
 
 def score(args: argparse.Namespace) -> int:
@@ -233,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     q = sub.add_parser("prepare", help="here: faces and wheels for the GPU host")
     q.add_argument("dir", nargs="?", default=".gpureal")
     q.add_argument("--no-wheels", action="store_true", help="faces only (a host whose Python has training's "
-                   "packages: onnx, safetensors, tqdm)")
+                   "packages: onnx, safetensors, tqdm and the rest of bench/gpu_bench.py's IF_MISSING_WHEELS)")
     q.add_argument("--smoke", action="store_true", help="a few frames at 32 px (the dry-run preset of demo-real)")
     q.add_argument("--preset", default=None, choices=("gpu-128", "gpu"),
                    help="the demo-real preset whose faces and settings to carry (default gpu-128)")

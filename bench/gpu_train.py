@@ -167,7 +167,7 @@ def finish(summary: dict[str, Any], out: Path, started: float) -> int:
     if summary["mode"] == "smoke":
         print("  (smoke run on the CPU with the tiny preset: the numbers mean nothing, the targets are for a GPU host)")
     print(f"wrote {out / 'summary.json'}")
-    return 1 if any(p["status"] == "failed" for p in phases.values()) else 0
+    return 1 if any(p["status"] in ("failed", "partial") for p in phases.values()) else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

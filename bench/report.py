@@ -21,10 +21,11 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
-def write_report(report: dict, json_path: str | None) -> None:
-    """Prints the report as JSON and, with json_path, also writes it there."""
+def write_report(report: dict, json_path: str | None, echo: bool = True) -> None:
+    """Prints the report as JSON (echo) and, with json_path, also writes it there."""
     text = json.dumps(report, indent=2)
-    print(text)
+    if echo:
+        print(text)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text + "\n")

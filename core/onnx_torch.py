@@ -55,14 +55,28 @@ class TorchGraph:
         self.torch, self.device = torch, torch.device(device)
         self.input_name = model.graph.input[0].name
         self.output_names = [o.name for o in model.graph.output]
-        self.constants = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()).to(self.device)
-                          for t in model.graph.initializer}
+        arrays = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+        # Shape-like inputs (pads, scales, shapes, bounds) become Python values when the node is compiled: read from
+        # device tensors at every call, each would stall the GPU on a copy back to the host.
+        self._host = arrays
         self.steps = [self._compile(node) for node in model.graph.node]
+        static = {name for _, inputs, _ in self.steps for name in inputs}
+        self.constants = {name: torch.from_numpy(array).to(self.device) for name, array in arrays.items()
+                          if name in static}
+        del self._host
+
+    def _static(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
+        """Input `index` of `node` as the constant it must be (None where it is omitted)."""
+        if index >= len(node.input) or not node.input[index]:
+            return None
+        if node.input[index] not in self._host:
+            raise UnsupportedGraph(f"{node.op_type} {node.name or node.output[0]}: input {index} must be a constant")
+        return self._host[node.input[index]]
 
     def _compile(self, node: onnx.NodeProto) -> tuple[Callable[..., Any], list[str], str]:
         """One node as (function of its input tensors, input names, output name)."""
         F, attrs = self.torch.nn.functional, _attributes(node)
-        op = node.op_type
+        op, inputs = node.op_type, node.input
         if op == "Conv":
             strides, dilations = attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1])
             kernel, group, auto_pad = attrs["kernel_shape"], attrs.get("group", 1), attrs.get("auto_pad", b"NOTSET")
@@ -92,27 +106,33 @@ class TorchGraph:
             if attrs.get("mode", b"constant") != b"constant":
                 raise UnsupportedGraph(f"Pad mode {attrs['mode']!r} is not supported")
 
-            def pad(x: Any, pads: Any, value: Any = None) -> Any:
-                begin, end = pads.tolist()[:x.ndim], pads.tolist()[x.ndim:]
-                widths = [w for axis in reversed(range(x.ndim)) for w in (begin[axis], end[axis])]
-                return F.pad(x, widths, value=0.0 if value is None else float(value))
-            function = pad
+            pads, fill = self._static(node, 1).tolist(), self._static(node, 2)
+            rank = len(pads) // 2
+            widths = [w for axis in reversed(range(rank)) for w in (pads[axis], pads[rank + axis])]
+            fill_value = 0.0 if fill is None else float(fill)
+
+            def pad(x: Any) -> Any:
+                return F.pad(x, widths, value=fill_value)
+            function, inputs = pad, node.input[:1]
         elif op == "Resize":
             mode, transform = attrs.get("mode", b"nearest"), attrs.get("coordinate_transformation_mode")
             if mode != b"linear" or transform not in (b"half_pixel", b"align_corners"):
                 raise UnsupportedGraph(f"Resize {mode!r} / {transform!r} is not supported")
 
-            def resize(x: Any, _roi: Any, scales: Any) -> Any:
-                factors = scales.tolist()
-                if factors[:2] != [1.0, 1.0]:
-                    raise UnsupportedGraph("Resize of the batch or channel axis is not supported")
+            factors = self._static(node, 2).tolist()
+            if factors[:2] != [1.0, 1.0]:
+                raise UnsupportedGraph("Resize of the batch or channel axis is not supported")
+
+            def resize(x: Any) -> Any:
                 return F.interpolate(x, scale_factor=factors[2:], mode="bilinear",
                                      align_corners=transform == b"align_corners")
-            function = resize
+            function, inputs = resize, node.input[:1]
         elif op == "Reshape":
-            def reshape(x: Any, shape: Any) -> Any:
-                return x.reshape([x.shape[i] if v == 0 else v for i, v in enumerate(shape.tolist())])
-            function = reshape
+            shape = self._static(node, 1).tolist()
+
+            def reshape(x: Any) -> Any:
+                return x.reshape([x.shape[i] if v == 0 else v for i, v in enumerate(shape)])
+            function, inputs = reshape, node.input[:1]
         elif op == "Transpose":
             perm = attrs["perm"]
 
@@ -126,9 +146,12 @@ class TorchGraph:
                 return self.torch.cat(xs, axis)
             function = concat
         elif op == "Clip":
-            def clip(x: Any, low: Any = None, high: Any = None) -> Any:
-                return x.clamp(None if low is None else float(low), None if high is None else float(high))
-            function = clip
+            low, high = self._static(node, 1), self._static(node, 2)
+            bounds = (None if low is None else float(low), None if high is None else float(high))
+
+            def clip(x: Any) -> Any:
+                return x.clamp(*bounds)
+            function, inputs = clip, node.input[:1]
         elif op == "PRelu":
             def prelu(x: Any, slope: Any) -> Any:
                 return self.torch.where(x >= 0, x, x * slope)
@@ -138,13 +161,13 @@ class TorchGraph:
             if op not in simple:
                 raise UnsupportedGraph(f"operator {op} is not supported (node {node.name or node.output[0]})")
             function = simple[op]
-        return function, list(node.input), node.output[0]
+        return function, list(inputs), node.output[0]
 
     def __call__(self, x: Any) -> list[Any]:
         values = dict(self.constants)
         values[self.input_name] = x
         for function, inputs, output in self.steps:
-            # An empty name is an omitted optional input (Resize's roi): passed as None.
+            # An empty name is an omitted optional input: passed as None.
             values[output] = function(*[values[name] if name else None for name in inputs])
         return [values[name] for name in self.output_names]
 

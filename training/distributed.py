@@ -59,6 +59,8 @@ def training_device(name: str, world: Distributed) -> torch.device:
     if world.world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
+    if device.type == "cuda":  # every step has the same shapes: cuDNN times its kernels once and keeps the fastest
+        torch.backends.cudnn.benchmark = True
     return device
 
 

@@ -95,6 +95,13 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     return ckpt_path
 
 
+def _elapsed(started: float, device: torch.device) -> float:
+    """Seconds since `started` once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
 def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_path: Path, data_info: dict[str, Any],
           world: Distributed, progress: bool) -> None:
     """The training loop proper: sample + augment, step, then (rank 0) log, preview, checkpoint and summary."""
@@ -140,9 +147,11 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
         if out_of_time or done == cfg.steps:
             stopped = STOPPED_AT_TIME_BUDGET if out_of_time else STOPPED_AT_STEPS
         if world.is_main and (done % cfg.checkpoint_every == 0 or stopped):
+            # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's does not
+            # (gigabytes at 128 px, which would make a short run's steps/s read low).
+            seconds = _elapsed(started, t.device)
             save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
                             {"world_size": world.world_size, **t.checkpoint_extra()})
-            seconds = time.perf_counter() - started
             write_summary(out_dir, _summary(t, world, ckpt_path, start_step, done, seconds, losses, stopped))
         if out_of_time:
             if world.is_main:

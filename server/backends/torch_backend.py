@@ -143,7 +143,6 @@ class TorchBackend(Backend):
 
     def _setup_cuda(self) -> None:
         torch = self._torch
-        torch.backends.cudnn.benchmark = True  # shapes are fixed per bucket: let cuDNN pick the fastest kernels
         largest = self.buckets[-1]
         shape = (largest, 3, self.resolution, self.resolution)
         self._stream = torch.cuda.Stream(self.device)
@@ -155,8 +154,16 @@ class TorchBackend(Backend):
         self._device_in = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._outputs: dict[int, tuple[Any, Any]] = {}
         if self.use_cuda_graphs:
-            for bucket in self.buckets:
-                self._capture(bucket)
+            # Shapes are fixed per bucket: cuDNN times its kernels once, here, and the graphs keep the fastest. The
+            # switch is process-wide, so it is put back: on, the face models' varying batch sizes would be timed
+            # again at every new size while frames wait.
+            benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                for bucket in self.buckets:
+                    self._capture(bucket)
+            finally:
+                torch.backends.cudnn.benchmark = benchmark
 
     def _forward(self, faces32: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         """fp32 NCHW in -> fp32 outputs; the casts run on the GPU (inside the graph when captured)."""

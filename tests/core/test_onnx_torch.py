@@ -77,6 +77,23 @@ class GatedGraph:
         return self.graph(x)
 
 
+def test_a_call_reads_nothing_back_from_the_device(frames, monkeypatch):
+    """Pads, scales, shapes and bounds are Python values from the graph's constants: a call that read a tensor back
+    (tolist, item, float) would wait for the GPU at every such node."""
+    graphs = ((detector_graph(), np.concatenate([detector_input(f) for f in frames[:2]])),
+              (mesh_graph(), np.stack([f[50:242, 100:292] for f in frames[:2]]).astype(np.float32) / 255))
+    compiled = [(onnx_torch.TorchGraph(graph, "cpu"), torch.from_numpy(batch)) for graph, batch in graphs]
+
+    def read_back(*_args, **_kwargs):
+        raise AssertionError("a tensor was read back to the host during a call")
+
+    for name in ("tolist", "item", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, read_back)
+    with torch.inference_mode():
+        for graph, batch in compiled:
+            assert all(out.shape[0] == 2 for out in graph(batch))
+
+
 def test_calls_waiting_while_the_worker_is_busy_run_as_one_batch_per_shape_and_each_gets_its_own_answer(frames):
     session = onnx_torch.TorchSession(detector_graph(), "cpu")
     inputs = [detector_input(frame) for frame in frames] + [detector_input(frames[0], 128)]  # one of another shape
