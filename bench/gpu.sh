@@ -5,9 +5,10 @@
 # bench/gpu_bench.py; this script only finds Python and makes facetwin importable on a bare GPU host.
 #
 #   bench/gpu.sh --prepare [DIR]               # here, with network: DIR (default .gpubench) gets frames.npz,
-#                                              #   MediaPipe's face models, dlib's 5-point landmark weights + wheels/
-#                                              #   (installed on the host) and wheels/if-missing/ (installed where the
-#                                              #   host lacks them) (--no-wheels: none)
+#                                              #   MediaPipe's face models (or, where they are not installed here,
+#                                              #   dlib's 5-point landmark weights), wheels/ (installed on the host)
+#                                              #   and wheels/if-missing/ (installed where the host lacks them)
+#                                              #   (--no-wheels: no wheels)
 #   bench/gpu.sh [--data DIR] [--out DIR]      # on the GPU host: DIR from --prepare (default .gpubench; its face
 #                                              #   models detect full frames where none are installed),
 #                                              #   JSON to --out (default out/gpu-bench); bundles + log in --work
