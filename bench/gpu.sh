@@ -95,15 +95,16 @@ if compgen -G "$data/wheels/*.whl" >/dev/null; then
     export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # Small packages the host may lack (wheels/if-missing of either prepared folder): only those it does not have.
+folders=("$data")
+[[ "$mode" == all ]] && folders+=("$real_data")  # --all reads two prepared folders
 missing=()
-for folder in "$data/wheels/if-missing" "$real_data/wheels/if-missing"; do
-    compgen -G "$folder/*.whl" >/dev/null || continue
-    for whl in "$folder"/*.whl; do
+for folder in "${folders[@]}"; do
+    compgen -G "$folder/wheels/if-missing/*.whl" >/dev/null || continue
+    for whl in "$folder"/wheels/if-missing/*.whl; do
         dist="$(basename "$whl")"
         "$PY" -c 'import importlib.metadata as m, sys; m.version(sys.argv[1])' "${dist%%-*}" 2>/dev/null \
             || missing+=("$whl")
     done
-    [[ "$mode" == all ]] || break  # one prepared folder per mode, two for --all
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \

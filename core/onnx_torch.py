@@ -58,23 +58,23 @@ class TorchGraph:
         arrays = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
         # Shape-like inputs (pads, scales, shapes, bounds) become Python values when the node is compiled: read from
         # device tensors at every call, each would stall the GPU on a copy back to the host.
-        self._host = arrays
-        self.steps = [self._compile(node) for node in model.graph.node]
-        static = {name for _, inputs, _ in self.steps for name in inputs}
+        self.steps = [self._compile(node, arrays) for node in model.graph.node]
+        used = {name for _, inputs, _ in self.steps for name in inputs}
         self.constants = {name: torch.from_numpy(array).to(self.device) for name, array in arrays.items()
-                          if name in static}
-        del self._host
+                          if name in used}
 
-    def _static(self, node: onnx.NodeProto, index: int) -> np.ndarray | None:
-        """Input `index` of `node` as the constant it must be (None where it is omitted)."""
-        if index >= len(node.input) or not node.input[index]:
-            return None
-        if node.input[index] not in self._host:
-            raise UnsupportedGraph(f"{node.op_type} {node.name or node.output[0]}: input {index} must be a constant")
-        return self._host[node.input[index]]
+    def _compile(self, node: onnx.NodeProto,
+                 arrays: dict[str, np.ndarray]) -> tuple[Callable[..., Any], list[str], str]:
+        """One node as (function of its input tensors, input names, output name); `arrays`: the graph's constants."""
 
-    def _compile(self, node: onnx.NodeProto) -> tuple[Callable[..., Any], list[str], str]:
-        """One node as (function of its input tensors, input names, output name)."""
+        def static(index: int) -> np.ndarray | None:
+            """Input `index` as the constant it must be (None where it is omitted)."""
+            if index >= len(node.input) or not node.input[index]:
+                return None
+            if node.input[index] not in arrays:
+                raise UnsupportedGraph(f"{node.op_type} {node.name or node.output[0]}: input {index} must be a constant")
+            return arrays[node.input[index]]
+
         F, attrs = self.torch.nn.functional, _attributes(node)
         op, inputs = node.op_type, node.input
         if op == "Conv":
@@ -106,7 +106,7 @@ class TorchGraph:
             if attrs.get("mode", b"constant") != b"constant":
                 raise UnsupportedGraph(f"Pad mode {attrs['mode']!r} is not supported")
 
-            pads, fill = self._static(node, 1).tolist(), self._static(node, 2)
+            pads, fill = static(1).tolist(), static(2)
             rank = len(pads) // 2
             widths = [w for axis in reversed(range(rank)) for w in (pads[axis], pads[rank + axis])]
             fill_value = 0.0 if fill is None else float(fill)
@@ -119,7 +119,7 @@ class TorchGraph:
             if mode != b"linear" or transform not in (b"half_pixel", b"align_corners"):
                 raise UnsupportedGraph(f"Resize {mode!r} / {transform!r} is not supported")
 
-            factors = self._static(node, 2).tolist()
+            factors = static(2).tolist()
             if factors[:2] != [1.0, 1.0]:
                 raise UnsupportedGraph("Resize of the batch or channel axis is not supported")
 
@@ -128,7 +128,7 @@ class TorchGraph:
                                      align_corners=transform == b"align_corners")
             function, inputs = resize, node.input[:1]
         elif op == "Reshape":
-            shape = self._static(node, 1).tolist()
+            shape = static(1).tolist()
 
             def reshape(x: Any) -> Any:
                 return x.reshape([x.shape[i] if v == 0 else v for i, v in enumerate(shape)])
@@ -146,7 +146,7 @@ class TorchGraph:
                 return self.torch.cat(xs, axis)
             function = concat
         elif op == "Clip":
-            low, high = self._static(node, 1), self._static(node, 2)
+            low, high = static(1), static(2)
             bounds = (None if low is None else float(low), None if high is None else float(high))
 
             def clip(x: Any) -> Any:
