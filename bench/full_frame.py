@@ -195,6 +195,7 @@ def report(args: argparse.Namespace, model: str, target: str, res: int, sizes: d
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
         "server": {"python": args.server_python or sys.executable, "max_batch": args.max_batch,
+                   "processes": args.processes,
                    "max_delay_ms": args.max_delay_ms,
                    "detect_threads": args.detect_threads, "detect_runtime": args.detect_runtime,
                    "detector": config.detector,

@@ -4,12 +4,14 @@ One asyncio client process tops out near the server's rate (one stream from one 
 on a 16-core GPU host), so throughput phases spread their calls over `clients` processes. Requests travel
 pre-serialized (bytes in, no per-call protobuf encoding on the client); replies are parsed for their stage
 timings and frame status. The processes are spawned (gRPC does not survive fork), connect and warm up, then
-start together on a barrier; each measures its own window and the rates add up.
+start together on a barrier; each measures its own window and the rates add up. Each stream has a connection of its
+own, as separate callers would: a server of several processes (--processes) hands out connections, not calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import time
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 SWAP = "/facetwin.v1.FaceSwap/Swap"
 SWAP_STREAM = "/facetwin.v1.FaceSwap/SwapStream"
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# Channels of one process with the same target and options share one connection unless each keeps its own pool.
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 START_TIMEOUT_S = 120.0  # spawn + imports + connect + one warm-up call, per client process
 
 
@@ -27,15 +31,22 @@ def split(total: int, parts: int) -> list[int]:
 
 async def _client(address: str, payloads: list[bytes], kind: str, count: int, seconds: float, barrier: Any,
                   offset: int) -> dict[str, Any]:
-    """`count` unary workers or `count` streams on one channel; returns completions, rate and stage timings."""
+    """`count` unary workers on one channel, or `count` streams on a channel each; returns completions, rate and stage
+    timings."""
     import grpc
 
     from facetwin.v1 import facetwin_pb2 as pb
 
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with contextlib.AsyncExitStack() as channels:
+        async def connect() -> grpc.aio.Channel:
+            return await channels.enter_async_context(
+                grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + OWN_CONNECTION))
+
+        channel = await connect()
         swap = channel.unary_unary(SWAP, request_serializer=None, response_deserializer=pb.SwapResponse.FromString)
-        stream = channel.stream_stream(SWAP_STREAM, request_serializer=None,
-                                       response_deserializer=pb.SwapStreamResponse.FromString)
+        streams = [(await connect() if k else channel).stream_stream(
+            SWAP_STREAM, request_serializer=None, response_deserializer=pb.SwapStreamResponse.FromString)
+            for k in range(count if kind == "stream" else 0)]
         unary_payloads = [pb.SwapStreamRequest.FromString(p).request.SerializeToString() for p in payloads] \
             if kind == "unary" else []
         warm = unary_payloads[0] if unary_payloads else pb.SwapStreamRequest.FromString(payloads[0]).request.SerializeToString()
@@ -68,7 +79,7 @@ async def _client(address: str, payloads: list[bytes], kind: str, count: int, se
                     i += 1
 
             done = 0
-            async for reply in stream(frames()):
+            async for reply in streams[k](frames()):
                 if reply.status == pb.FRAME_STATUS_DROPPED:
                     dropped += 1
                 else:

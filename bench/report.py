@@ -12,13 +12,29 @@ def host_info() -> dict:
     return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far (Linux /proc), or None where /proc is unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+def process_cpu_seconds(pid: int, descendants: bool = False) -> float | None:
+    """User + system CPU seconds a process (and, with `descendants`, the live processes it started, a server's
+    serving processes) has used so far (Linux /proc), or None where /proc is unavailable."""
+    stats = _proc_stats()
+    if pid not in stats:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    pids, tree = {pid}, {pid}
+    while descendants and pids:
+        pids = {child for child, (parent, _) in stats.items() if parent in pids} - tree
+        tree |= pids
+    return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, user + system clock ticks) of every process /proc shows."""
+    stats = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        stats[int(entry.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
+    return stats
 
 
 def write_report(report: dict, json_path: str | None, echo: bool = True) -> None:

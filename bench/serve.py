@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--inference-workers", type=int, default=0,
                    help="the server's batches at once per target (0 = the backend's default)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="the server's serving processes (its --processes); each stream has its own connection")
     p.add_argument("--latency-calls", type=int, default=300)
     p.add_argument("--full-frame", action="store_true",
                    help="bench full-frame swaps of real frames instead of aligned faces (bench/full_frame.py)")
@@ -145,6 +147,7 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
     cmd = [getattr(args, "server_python", None) or sys.executable, "-m", "facetwin.server.cli", "serve", "--model-dir", str(model_dir),
            "--address", f"127.0.0.1:{port}", "--backend", args.backend, "--max-batch", str(args.max_batch),
            "--max-delay-ms", str(args.max_delay_ms), "--inference-workers", str(args.inference_workers),
+           "--processes", str(getattr(args, "processes", 1)),
            "--max-queue", "4096", "--max-message-mb", "64",
            # every bench client connects from 127.0.0.1: one "client" to the per-client limits, which would cap the load
            "--max-calls-per-client", "0", "--max-streams-per-client", "0", "--max-calls", "0", "--max-streams", "0",
@@ -183,10 +186,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def with_server_cpu(proc: subprocess.Popen, phase):
-    """Runs phase() (a throughput phase returning a dict) and adds the CPU cores the server process kept busy."""
-    cpu0, t0 = process_cpu_seconds(proc.pid), time.perf_counter()
+    """Runs phase() (a throughput phase returning a dict) and adds the CPU cores the server's processes kept busy."""
+    cpu0, t0 = process_cpu_seconds(proc.pid, descendants=True), time.perf_counter()
     result = phase()
-    cpu1, elapsed = process_cpu_seconds(proc.pid), time.perf_counter() - t0
+    cpu1, elapsed = process_cpu_seconds(proc.pid, descendants=True), time.perf_counter() - t0
     result["server_cpu_cores"] = (cpu1 - cpu0) / elapsed if cpu0 is not None and cpu1 is not None else None
     return result
 
@@ -331,7 +334,7 @@ def main() -> None:
         "bench": "serve",
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
-        "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+        "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "processes": args.processes,
                    "inference_workers": args.inference_workers or get_backend(args.backend).default_workers},
         "repeats": args.repeats,
         "raw_faces_per_s": {"batch_1": raw_1, f"batch_{args.max_batch}": float(np.median([r["raw_per_s"] for r in rounds]))},

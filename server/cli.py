@@ -36,6 +36,12 @@ def serve(log_level: str, dry_run: bool, **settings: Any) -> None:
 
         if dry_run:
             asyncio.run(_dry_run(config))
+        elif config.processes > 1:
+            from . import processes
+
+            code = processes.run(config, log_level)
+            if code:
+                raise typer.Exit(code)
         else:
             asyncio.run(run_server(config))
     except (ValueError, FileNotFoundError, OSError) as exc:

@@ -22,6 +22,7 @@ from .mapping import MAX_THRESHOLD
 from .tracking import check_lost_faces
 
 ENV_PREFIX = "FACETWIN_"
+MAX_PROCESSES = 64
 
 
 def setting(default: Any, help: str) -> Any:
@@ -33,6 +34,11 @@ def setting(default: Any, help: str) -> Any:
 class ServerConfig:
     # Loopback by default, so a laptop never exposes the service by accident; the container sets 0.0.0.0.
     address: str = setting("127.0.0.1:50051", "host:port to listen on (port 0 picks a free port)")
+    # One process passes every message through one event loop and one GIL: ~150 raw 1080p frames/s at most on the
+    # 2-core test host, however many cores and GPUs it has (docs/server.md#processes). Each further process is a whole
+    # server (its own models, batchers, GPU memory) on the same port; the kernel spreads connections among them.
+    processes: int = setting(1, "serving processes sharing the address's port, each with every model loaded; the "
+                             "limits below apply to each process (see docs/server.md#processes)")
     model_dir: str = setting("models", "folder of model bundles, one sub-folder per model")
     # The default stays the CPU backend so the demo behaves the same on every machine.
     backend: str = setting("onnxruntime", "inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, or auto "
@@ -133,6 +139,10 @@ class ServerConfig:
         return config
 
     def validate(self) -> None:
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise ValueError(f"processes must be in 1..{MAX_PROCESSES}, got {self.processes}")
+        if self.processes > 1 and self.address.startswith("unix:"):
+            raise ValueError("processes > 1 share a TCP port: give a host:port address, not a unix: socket")
         if self.max_batch < 1 or self.max_queue < 1 or self.stream_window < 1:
             raise ValueError("max_batch, max_queue and stream_window must be >= 1")
         if self.max_delay_ms < 0 or self.grace_s < 0:

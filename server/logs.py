@@ -41,8 +41,12 @@ def current_request_id() -> str:
 
 
 class _CallFields(logging.Filter):
+    def __init__(self, fixed: dict[str, str]) -> None:
+        super().__init__()
+        self.fixed = fixed
+
     def filter(self, record: logging.LogRecord) -> bool:
-        for key, value in (*_CALL.get().items(), *tracing.current_ids().items()):
+        for key, value in (*self.fixed.items(), *_CALL.get().items(), *tracing.current_ids().items()):
             if not hasattr(record, key):  # a field passed as `extra` wins
                 setattr(record, key, value)
         return True
@@ -66,26 +70,32 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The classic line; a line that belongs to a call names its request id after the logger."""
+    """The classic line; after the logger, the serving process (where there are several) and the request id of the
+    call the line belongs to."""
 
     def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
-        self._in_call = logging.Formatter(TEXT_FORMAT.replace("%(name)s", "%(name)s [%(request_id)s]"))
+        super().__init__(TEXT_FORMAT.replace("%(name)s", "%(name)s%(tags)s"))
 
     def format(self, record: logging.LogRecord) -> str:
-        return self._in_call.format(record) if getattr(record, "request_id", "") else super().format(record)
+        tags = " ".join(t for t in (getattr(record, "server_process", ""), getattr(record, "request_id", "")) if t)
+        record.tags = f" [{tags}]" if tags else ""
+        try:
+            return super().format(record)
+        finally:
+            del record.tags
 
 
-def handler(fmt: str = "text", stream: Any = None) -> logging.Handler:
-    """A handler writing lines in the given format (to stderr by default), tagged with the current call's fields."""
+def handler(fmt: str = "text", stream: Any = None, server_process: str = "") -> logging.Handler:
+    """A handler writing lines in the given format (to stderr by default), tagged with the current call's fields and
+    with `server_process`, the name of this serving process where there are several."""
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r} must be one of {', '.join(FORMATS)}")
     out = logging.StreamHandler(stream)
     out.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    out.addFilter(_CallFields())
+    out.addFilter(_CallFields({"server_process": server_process} if server_process else {}))
     return out
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
+def configure(level: str = "INFO", fmt: str = "text", server_process: str = "") -> None:
     """Replaces the root logger's handlers with one stderr handler in the given format."""
-    logging.basicConfig(level=level.upper(), handlers=[handler(fmt)], force=True)
+    logging.basicConfig(level=level.upper(), handlers=[handler(fmt, server_process=server_process)], force=True)

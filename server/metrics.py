@@ -7,15 +7,22 @@ the number of series; calls that name no model (ListModels, GetServerInfo) have 
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 if TYPE_CHECKING:
     from .registry import ModelRegistry
     from .swap import SwapOutcome
 
+# Set by processes.py for its serving processes, before they import this module: each then writes its values to
+# files in that folder and the parent process serves the sum (prometheus_client's multiprocess mode).
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+QUEUE_DEPTH_EVERY_S = 0.5  # how often a serving process publishes its queue depth in multiprocess mode
 UNKNOWN = "unknown"  # the label of a model or target that is not loaded
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _SWAP = ("method", "model", "target")
@@ -26,8 +33,9 @@ REQUEST_SECONDS = Histogram("facetwin_request_duration_seconds", "Unary call dur
                             "its answer (or error)", ["method", "model", "target"], buckets=_LATENCY_BUCKETS)
 STREAM_SECONDS = Histogram("facetwin_stream_duration_seconds", "How long streams stayed open", ["method"],
                            buckets=(0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0))
-CALLS_IN_FLIGHT = Gauge("facetwin_calls_in_flight", "Unary calls being served", ["method"])
-STREAMS_OPEN = Gauge("facetwin_streams_open", "Streaming calls open", ["method"])
+# "livesum": with several serving processes, the sum over those alive.
+CALLS_IN_FLIGHT = Gauge("facetwin_calls_in_flight", "Unary calls being served", ["method"], multiprocess_mode="livesum")
+STREAMS_OPEN = Gauge("facetwin_streams_open", "Streaming calls open", ["method"], multiprocess_mode="livesum")
 
 SWAPS = Counter("facetwin_swaps_total", "Swapped images (unary calls and stream frames)", _SWAP)
 SWAP_SECONDS = Histogram("facetwin_swap_seconds", "Server-side time per swapped image, decode to encode", _SWAP,
@@ -40,7 +48,8 @@ BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", ["model",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 STREAM_FRAMES = Counter("facetwin_stream_frames_total", "Stream frames answered, by frame status (OK, DROPPED, "
                         "ERROR) and, for ERROR, the frame's gRPC status code", ["model", "target", "status", "code"])
-QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)")
+QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)",
+                    multiprocess_mode="livesum")
 
 
 class LabelBound:
@@ -69,8 +78,21 @@ def observe(outcome: "SwapOutcome", method: str) -> None:
     BATCH_SIZE.labels(origin.model, origin.target).observe(timings.batch_size)
 
 
-def serve_metrics(port: int, address: str = "127.0.0.1") -> WSGIServer:
+async def publish_queue_depth(queued: Callable[[], int]) -> None:
+    """Multiprocess mode: the scrape happens in the parent process, which cannot call this process's `queued`, so the
+    value is written every QUEUE_DEPTH_EVERY_S instead."""
+    while True:
+        QUEUE_DEPTH.set(queued())
+        await asyncio.sleep(QUEUE_DEPTH_EVERY_S)
+
+
+def serve_metrics(port: int, address: str = "127.0.0.1", processes_dir: str = "") -> WSGIServer:
     """Starts the /metrics HTTP endpoint on `address` (loopback unless opened on purpose: it has no credentials
-    check) in a daemon thread; returns the HTTP server, for `shutdown()`."""
-    server, _thread = start_http_server(port, addr=address)
+    check) in a daemon thread; returns the HTTP server, for `shutdown()`. With `processes_dir` it serves the sum of
+    what the serving processes wrote there (multiprocess mode) instead of this process's metrics."""
+    registry = REGISTRY
+    if processes_dir:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=processes_dir)
+    server, _thread = start_http_server(port, addr=address, registry=registry)
     return server

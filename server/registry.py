@@ -30,7 +30,7 @@ def worker_plan(config: ServerConfig, backend_cls: type[Backend]) -> tuple[int, 
     if config.intra_op_threads or workers == 1:
         return workers, config.intra_op_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return workers, max(1, cores // workers)
+    return workers, max(1, cores // (workers * config.processes))  # the serving processes share the cores too
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,13 +44,14 @@ class FaceSwapServer:
         interceptors = [CallInterceptor(metrics.LabelBound(self.registry))]
         if config.auth_tokens_file:
             interceptors.append(AuthInterceptor(TokenFile(config.auth_tokens_file)))
-        metrics.QUEUE_DEPTH.set_function(self.registry.queued)
         self.health = health_aio.HealthServicer()
         limit = config.max_message_mb * 1024 * 1024
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            # Off, so a second server on a taken port fails to bind instead of sharing its calls; on where this is
+            # one of several serving processes meant to share the port (processes.py).
+            ("grpc.so_reuseport", int(config.processes > 1)),
         ])
         self.engine = SwapEngine(self.registry)
         self.servicer = FaceSwapServicer(self.registry, self.engine, config)
@@ -62,6 +64,7 @@ class FaceSwapServer:
         self.port = 0
         self.metrics_http = None
         self._loading: asyncio.Task | None = None
+        self._publishing: asyncio.Task | None = None
 
     def _security(self) -> str:
         transport = "mutual TLS" if self.config.tls_client_ca else "TLS" if self.config.tls_cert else "plaintext"
@@ -87,6 +90,10 @@ class FaceSwapServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.metrics_port:
             self.metrics_http = metrics.serve_metrics(self.config.metrics_port, self.config.metrics_address)
+        if metrics.MULTIPROCESS:
+            self._publishing = asyncio.ensure_future(metrics.publish_queue_depth(self.registry.queued))
+        else:
+            metrics.QUEUE_DEPTH.set_function(self.registry.queued)
         await self.grpc_server.start()
         log.info("listening on port %d (%s; backend %s)", self.port, self._security(), self.registry.backend_cls.name)
         if not (self.config.auth_tokens_file or self.config.tls_client_ca or _loopback(self.config.address)):
@@ -117,9 +124,10 @@ class FaceSwapServer:
         await self.health.enter_graceful_shutdown()
         self.servicer.draining.set()
         await self.grpc_server.stop(grace)
-        if self._loading is not None:
-            self._loading.cancel()
-            await asyncio.gather(self._loading, return_exceptions=True)
+        for task in (self._loading, self._publishing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.metrics_http is not None:
             await asyncio.to_thread(self.metrics_http.shutdown)
             self.metrics_http.server_close()
@@ -133,11 +141,13 @@ def _loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.") or address.startswith("unix:")
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs until SIGTERM/SIGINT, then drains gracefully."""
+async def serve(config: ServerConfig, listening: Callable[[int], None] | None = None) -> None:
+    """Runs until SIGTERM/SIGINT, then drains gracefully. `listening(port)` is called once the port is bound."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the process is the server's: its threads are ours to schedule
     server = FaceSwapServer(config)
-    await server.start()
+    port = await server.start()
+    if listening is not None:
+        listening(port)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

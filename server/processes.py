@@ -1,0 +1,209 @@
+"""`--processes N`: N serving processes behind one address, each a whole server (server.py: its own models, batchers,
+event loop and GIL) listening on the same port with SO_REUSEPORT, so that the kernel spreads connections among them.
+
+One Python process passes every message through one event loop: receiving, parsing and answering a raw 1080p frame
+keeps it busy ~6-7 ms on the 2-core test host whatever the rest of the host could do, so full frames stop there
+(docs/server.md#processes). Processes multiply that; a connection (and so every stream on it) stays with the process
+that accepted it.
+
+This parent process loads no model and answers no call. It reserves the port, starts the processes (spawned: CUDA
+and gRPC do not survive a fork), serves their summed metrics, restarts one that dies after it was listening, and on
+SIGTERM/SIGINT passes the signal on and waits while each drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from . import logs
+from .config import ServerConfig
+
+log = logging.getLogger("facetwin.server")
+POLL_S = 0.2
+# A process that keeps dying is a fault restarts cannot mend (a GPU gone, memory short): stop and say so.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+STOP_MARGIN_S = 30.0  # past the grace period, for a process to unload its models before it is killed
+
+
+class ServingProcessError(OSError):
+    """A serving process could not start (its message says why); the server stops."""
+
+
+def run(config: ServerConfig, log_level: str) -> int:
+    """Serves with config.processes processes until SIGTERM/SIGINT; returns the exit status."""
+    with _reserved(config.address) as address, _metrics_dir(config) as metrics_dir:
+        return _Supervisor(dataclasses.replace(config, address=address, metrics_port=0), log_level,
+                           config, metrics_dir).run()
+
+
+@contextlib.contextmanager
+def _reserved(address: str) -> Iterator[str]:
+    """The address with a concrete port, held by a bound socket (SO_REUSEPORT, not listening) while the server runs:
+    port 0 becomes one port for every process, and a restarted process finds its port still ours."""
+    host, _, port = address.rpartition(":")
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    if port.isdigit() and int(port) and _answers(family, host.strip("[]"), int(port)):
+        # Another server of this user with SO_REUSEPORT would let us bind, and share its port with us unseen.
+        raise OSError(f"could not bind {address}: a server already listens there (set --address)")
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
+        except (OSError, ValueError) as exc:
+            raise OSError(f"could not bind {address}: {exc} (the port is in use or the address is not this host's; "
+                          "set --address)") from None
+        yield f"{host}:{sock.getsockname()[1]}"
+
+
+def _answers(family: socket.AddressFamily, host: str, port: int) -> bool:
+    """Whether something accepts connections on the port (a wildcard host is asked on loopback)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            return probe.connect_ex((host, port)) == 0
+        except OSError:  # a host name that does not resolve: binding it fails with the reason
+            return False
+
+
+@contextlib.contextmanager
+def _metrics_dir(config: ServerConfig) -> Iterator[str]:
+    """Where the serving processes write their metrics (prometheus_client's multiprocess mode), when served."""
+    if not config.metrics_port:
+        yield ""
+        return
+    path = tempfile.mkdtemp(prefix="facetwin-metrics-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _Supervisor:
+    def __init__(self, child_config: ServerConfig, log_level: str, config: ServerConfig, metrics_dir: str) -> None:
+        self.child_config = child_config
+        self.log_level = log_level
+        self.config = config
+        self.metrics_dir = metrics_dir
+        self.context = multiprocessing.get_context("spawn")
+        self.events = self.context.Queue()
+        self.children: dict[int, multiprocessing.process.BaseProcess] = {}
+        self.listening: set[int] = set()
+        self.restarts: list[float] = []
+        self.stopping = False
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        if self.metrics_dir:
+            # Read by each process's prometheus_client at import; the spawned processes inherit it.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        metrics_http = None
+        log.info("serving on %s with %d processes", self.child_config.address, self.config.processes)
+        try:
+            for index in range(self.config.processes):
+                self._start(index)
+            if self.metrics_dir:
+                from . import metrics
+
+                metrics_http = metrics.serve_metrics(self.config.metrics_port, self.config.metrics_address,
+                                                     self.metrics_dir)
+            self._watch()
+        finally:
+            self._stop_all()
+            if metrics_http is not None:
+                metrics_http.shutdown()
+                metrics_http.server_close()
+        log.info("stopped")
+        return 0
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+
+    def _start(self, index: int) -> None:
+        child = self.context.Process(target=_serve_one, name=f"p{index}",
+                                     args=(self.child_config, self.log_level, index, self.events))
+        child.start()
+        self.children[index] = child
+
+    def _watch(self) -> None:
+        while not self.stopping:
+            self._read_events()
+            for index, child in list(self.children.items()):
+                if child.exitcode is None:
+                    continue
+                self._forget(child)
+                if index not in self.listening:
+                    self._read_events()  # its reason, when it sent one before it exited
+                    raise ServingProcessError(f"serving process p{index} exited with status {child.exitcode} "
+                                              "before it listened (its log says why)")
+                self.listening.discard(index)
+                now = time.monotonic()
+                self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(self.restarts) > MAX_RESTARTS:
+                    raise ServingProcessError(f"serving processes died {len(self.restarts)} times within "
+                                              f"{RESTART_WINDOW_S:.0f} s; stopping")
+                log.error("serving process p%d (pid %s) exited with status %s; starting it again; its callers "
+                          "reconnect to the others", index, child.pid, child.exitcode)
+                self._start(index)
+            time.sleep(POLL_S)
+
+    def _read_events(self) -> None:
+        while True:
+            try:
+                index, error = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if error:
+                raise ServingProcessError(error)
+            self.listening.add(index)
+            if len(self.listening) == len(self.children):
+                log.info("all %d serving processes listening", len(self.children))
+
+    def _stop_all(self) -> None:
+        """SIGTERM to every process (each drains as one server would), then waits; kills what outlives the grace."""
+        alive = [c for c in self.children.values() if c.exitcode is None]
+        for child in alive:
+            child.terminate()
+        deadline = time.monotonic() + self.config.grace_s + STOP_MARGIN_S
+        for child in alive:
+            child.join(max(0.0, deadline - time.monotonic()))
+            if child.exitcode is None:
+                log.error("serving process %s (pid %s) did not stop in time; killing it", child.name, child.pid)
+                child.kill()
+                child.join()
+            self._forget(child)
+        self.events.close()
+
+    def _forget(self, child: multiprocessing.process.BaseProcess) -> None:
+        """Drops a dead process's live gauges (calls in flight, streams open, queue depth) from the metrics."""
+        if self.metrics_dir and child.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(child.pid, self.metrics_dir)
+
+
+def _serve_one(config: ServerConfig, log_level: str, index: int, events: multiprocessing.Queue) -> None:
+    """One serving process: a whole server, until SIGTERM."""
+    logs.configure(log_level, config.log_format, server_process=f"p{index}")
+    from .server import serve
+
+    try:
+        asyncio.run(serve(config, listening=lambda _port: events.put((index, ""))))
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        events.put((index, f"serving process p{index}: {exc}"))
+        sys.exit(2)
