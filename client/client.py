@@ -81,10 +81,13 @@ class _ClientBase:
         self._closed = False
 
     def _channel_options(self) -> list[tuple[str, int]]:
-        # Raw 1080p frames are ~6 MiB, over gRPC's 4 MiB default, so both directions get the configured limit.
         return [
+            # Raw 1080p frames are ~6 MiB, over gRPC's 4 MiB default, so both directions get the configured limit.
             ("grpc.max_send_message_length", self._max_bytes),
             ("grpc.max_receive_message_length", self._max_bytes),
+            # gRPC would give every channel of a program with the same address and options one shared connection:
+            # each client keeps its own, so a server of several processes can serve separate clients in separate ones.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
 
     def _deadline(self, timeout: float | None) -> float | None:

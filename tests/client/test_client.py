@@ -4,7 +4,9 @@ Swaps run one at a time or in small stream batches; results of the same face com
 different sizes may differ by a rounding step, hence the 2-level tolerance where two calls are compared.
 """
 
+import asyncio
 import itertools
+import socket
 import subprocess
 import sys
 import threading
@@ -108,6 +110,34 @@ async def test_async_unreachable_server_raises_unavailable():
     async with AsyncClient(UNREACHABLE) as c:
         with pytest.raises(UnavailableError):
             await c.list_models()
+
+
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+def test_each_client_has_a_connection_of_its_own(client_class):
+    """Two clients of one program to one address open two TCP connections, so a server of several processes
+    (--processes) can serve them in different ones. The listener accepts and never answers: each call times out."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(10)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        async def call_twice() -> None:
+            async with AsyncClient(address) as a, AsyncClient(address) as b:
+                for c in (a, b):
+                    with pytest.raises((DeadlineExceededError, UnavailableError)):
+                        await c.list_models(timeout=0.5)
+
+        if client_class is AsyncClient:
+            asyncio.run(call_twice())
+        else:
+            with Client(address) as a, Client(address) as b:
+                for c in (a, b):
+                    with pytest.raises((DeadlineExceededError, UnavailableError)):
+                        c.list_models(timeout=0.5)
+        accepted = [listener.accept()[0] for _ in range(2)]  # a shared connection leaves the second accept waiting
+        for connection in accepted:
+            connection.close()
 
 
 def test_closed_client_refuses_calls():
