@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -36,6 +37,7 @@ POLL_S = 0.2
 # A process that keeps dying is a fault restarts cannot mend (a GPU gone, memory short): stop and say so.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_MARGIN_S = 30.0  # past the grace period, for a process to unload its models before it is killed
 
 
@@ -136,7 +138,7 @@ class _Supervisor:
 
     def _start(self, index: int) -> None:
         child = self.context.Process(target=_serve_one, name=f"p{index}",
-                                     args=(self.child_config, self.log_level, index, self.events))
+                                     args=(self.child_config, self.log_level, index, self.events, os.getpid()))
         child.start()
         self.children[index] = child
 
@@ -197,8 +199,9 @@ class _Supervisor:
             multiprocess.mark_process_dead(child.pid, self.metrics_dir)
 
 
-def _serve_one(config: ServerConfig, log_level: str, index: int, events: multiprocessing.Queue) -> None:
+def _serve_one(config: ServerConfig, log_level: str, index: int, events: multiprocessing.Queue, parent: int) -> None:
     """One serving process: a whole server, until SIGTERM."""
+    _end_with(parent)
     logs.configure(log_level, config.log_format, server_process=f"p{index}")
     from .server import serve
 
@@ -207,3 +210,15 @@ def _serve_one(config: ServerConfig, log_level: str, index: int, events: multipr
     except (ValueError, FileNotFoundError, OSError) as exc:
         events.put((index, f"serving process p{index}: {exc}"))
         sys.exit(2)
+
+
+def _end_with(parent: int) -> None:
+    """Asks Linux for SIGTERM when the parent dies, even by SIGKILL, so that no serving process outlives its server
+    holding the port and GPU memory; elsewhere the parent's own stop is all there is."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)

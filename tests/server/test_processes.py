@@ -168,6 +168,28 @@ def test_a_serving_process_that_dies_is_started_again_while_the_other_serves(tin
     assert not _serving_processes(proc.pid)
 
 
+def test_the_serving_processes_end_with_their_parent_even_when_it_is_killed(tiny_model_dir):
+    proc, port = _start(tiny_model_dir, "--grace-s", "1")
+    try:
+        _wait_until(lambda: _serving(port) and len(_serving_processes(proc.pid)) == 2, 90, "never SERVING")
+        children = _serving_processes(proc.pid)
+        proc.kill()  # SIGKILL: the parent cannot pass anything on
+        proc.wait(10)
+        _wait_until(lambda: not any(Path(f"/proc/{pid}").exists() and b"zombie" not in _state(pid)
+                                    for pid in children), 60, "a serving process outlived its server")
+        assert not _serving(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return b"zombie" if Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] == b"Z" else b""
+    except OSError:
+        return b"zombie"
+
+
 def test_a_serving_process_that_cannot_start_stops_the_server_with_its_reason(tiny_model_dir, tmp_path):
     bad = tmp_path / "server.pem"
     bad.write_text("not a certificate")
