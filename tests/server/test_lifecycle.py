@@ -151,3 +151,11 @@ def test_sigterm_drains_in_flight_calls(tiny_model_dir):
     assert "draining" in log and "stopped" in log
     config_line = next(line for line in log.splitlines() if " config {" in line)
     assert json.loads(config_line.split(" config ", 1)[1])["grace_s"] == 10.0
+
+
+def test_the_server_keeps_freed_memory_where_the_c_library_is_glibc():
+    import platform
+
+    from facetwin.server.server import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
