@@ -15,7 +15,7 @@ def host_info() -> dict:
 def process_cpu_seconds(pid: int, descendants: bool = False) -> float | None:
     """User + system CPU seconds a process (and, with `descendants`, the live processes it started, a server's
     serving processes) has used so far (Linux /proc), or None where /proc is unavailable."""
-    stats = _proc_stats()
+    stats = _proc_stats() if descendants else _proc_stats([Path(f"/proc/{pid}/stat")])
     if pid not in stats:
         return None
     pids, tree = {pid}, {pid}
@@ -25,10 +25,11 @@ def process_cpu_seconds(pid: int, descendants: bool = False) -> float | None:
     return sum(stats[p][1] for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_stats() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, user + system clock ticks) of every process /proc shows."""
+def _proc_stats(files: list[Path] | None = None) -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, user + system clock ticks) of the processes whose /proc stat files are given (default:
+    every process /proc shows)."""
     stats = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*/stat") if files is None else files:
         try:
             fields = entry.read_text().rsplit(")", 1)[1].split()
         except OSError:  # the process ended meanwhile

@@ -39,9 +39,7 @@ def serve(log_level: str, dry_run: bool, **settings: Any) -> None:
         elif config.processes > 1:
             from . import processes
 
-            code = processes.run(config, log_level)
-            if code:
-                raise typer.Exit(code)
+            processes.run(config, log_level)
         else:
             asyncio.run(run_server(config))
     except (ValueError, FileNotFoundError, OSError) as exc:

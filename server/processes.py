@@ -21,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import queue
-import shutil
 import signal
 import socket
 import sys
@@ -45,11 +44,11 @@ class ServingProcessError(OSError):
     """A serving process could not start (its message says why); the server stops."""
 
 
-def run(config: ServerConfig, log_level: str) -> int:
-    """Serves with config.processes processes until SIGTERM/SIGINT; returns the exit status."""
+def run(config: ServerConfig, log_level: str) -> None:
+    """Serves with config.processes processes until SIGTERM/SIGINT; a process that cannot start raises
+    ServingProcessError."""
     with _reserved(config.address) as address, _metrics_dir(config) as metrics_dir:
-        return _Supervisor(dataclasses.replace(config, address=address, metrics_port=0), log_level,
-                           config, metrics_dir).run()
+        _Supervisor(config, address, log_level, metrics_dir).run()
 
 
 @contextlib.contextmanager
@@ -88,16 +87,14 @@ def _metrics_dir(config: ServerConfig) -> Iterator[str]:
     if not config.metrics_port:
         yield ""
         return
-    path = tempfile.mkdtemp(prefix="facetwin-metrics-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="facetwin-metrics-", ignore_cleanup_errors=True) as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class _Supervisor:
-    def __init__(self, child_config: ServerConfig, log_level: str, config: ServerConfig, metrics_dir: str) -> None:
-        self.child_config = child_config
+    def __init__(self, config: ServerConfig, address: str, log_level: str, metrics_dir: str) -> None:
+        # The parent serves the metrics: the processes only write them (metrics_dir).
+        self.child_config = dataclasses.replace(config, address=address, metrics_port=0)
         self.log_level = log_level
         self.config = config
         self.metrics_dir = metrics_dir
@@ -108,7 +105,7 @@ class _Supervisor:
         self.restarts: list[float] = []
         self.stopping = False
 
-    def run(self) -> int:
+    def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         if self.metrics_dir:
@@ -131,7 +128,6 @@ class _Supervisor:
                 metrics_http.shutdown()
                 metrics_http.server_close()
         log.info("stopped")
-        return 0
 
     def _stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
