@@ -221,7 +221,7 @@ class Client(_ClientBase):
             response = self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return result_from_response(response, color=color)
+        return result_from_response(response, color=color, sent=request)
 
     def stream(
         self,
@@ -427,7 +427,7 @@ class AsyncClient(_ClientBase):
             response = await self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
-        return result_from_response(response, color=color)
+        return result_from_response(response, color=color, sent=request)
 
     def stream(
         self,

@@ -32,6 +32,7 @@ __all__ = [
     "raw_to_array",
     "check_swap_args",
     "build_swap_request",
+    "asks_region",
     "result_from_response",
     "check_request_size",
     "StreamState",
@@ -211,7 +212,16 @@ def build_swap_request(
     request.jpeg_quality = jpeg_quality or 0
     request.return_mask = bool(return_mask)
     request.frame_id = int(frame_id)
+    request.return_region = asks_region(request)
     return request
+
+
+def asks_region(request: pb.SwapRequest) -> bool:
+    """Whether a request should ask for the changed region only: a whole frame sent and answered raw. The SDK holds
+    the frame it sent, so result_from_response rebuilds the whole answer from it, pixel for pixel, and the answer
+    carries the faces' area instead of the frame (a 1080p frame: 6 MB less to receive and parse)."""
+    return (request.kind == pb.IMAGE_KIND_FULL_FRAME and request.image.WhichOneof("data") == "raw"
+            and request.output_encoding == pb.ENCODING_RAW)
 
 
 def _fill_faces(request: pb.SwapRequest, faces: FacesArg, keep_shape: float | None = None, *, color: ColorName,
@@ -252,11 +262,16 @@ def _split_image(image: pb.Image, color: ColorName) -> tuple[np.ndarray | None, 
     return None, None
 
 
-def result_from_response(response: pb.SwapResponse, *, color: ColorName, dropped: bool = False) -> SwapResult:
-    """SwapResponse -> SwapResult; a malformed response raises ServerError (the server broke the contract)."""
+def result_from_response(response: pb.SwapResponse, *, color: ColorName, dropped: bool = False,
+                         sent: pb.SwapRequest | None = None) -> SwapResult:
+    """SwapResponse -> SwapResult; a malformed response raises ServerError (the server broke the contract).
+    sent: the request, which a region answer (return_region) is pasted over to give the whole frame."""
+    region = None
     try:
         image, encoded = _split_image(response.image, color)
         mask, encoded_mask = _split_image(response.mask, color)
+        if sent is not None and sent.return_region and not dropped:
+            image, mask, region = _whole_frame(response, sent, image, mask, color)
     except ValueError as exc:
         message = f"malformed response for frame {response.frame_id}: {exc}"
         raise ServerError(grpc.StatusCode.INTERNAL, message) from None
@@ -275,7 +290,37 @@ def result_from_response(response: pb.SwapResponse, *, color: ColorName, dropped
         faces=tuple(DetectedFace.from_proto(face) for face in response.faces),
         provenance=Provenance.from_proto(response.provenance),
         request_id=response.request_id,
+        region=region,
     )
+
+
+def _whole_frame(response: pb.SwapResponse, sent: pb.SwapRequest, image: np.ndarray | None, mask: np.ndarray | None,
+                 color: ColorName) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int] | None]:
+    """A region answer pasted over the frame that was sent: the whole swapped frame, its mask and the region."""
+    box = response.region
+    x0, y0, x1, y1 = box.x0, box.y0, box.x1, box.y1
+    if (x0, y0, x1, y1) == (0, 0, 0, 0):
+        if image is not None:  # a server that does not know return_region answered the whole frame
+            return image, mask, None
+        image, region = raw_to_array(sent.image.raw, color=color), None  # nothing changed
+    else:
+        frame = raw_to_array(sent.image.raw, color=color)
+        height, width = frame.shape[:2]
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"region ({x0}, {y0}, {x1}, {y1}) is not inside the {width}x{height} frame")
+        if image is None or image.shape[:2] != (y1 - y0, x1 - x0):
+            shape = "none" if image is None else f"{image.shape[1]}x{image.shape[0]}"
+            raise ValueError(f"the region is {x1 - x0}x{y1 - y0} but its image is {shape}")
+        frame[y0:y1, x0:x1] = image
+        image, region = frame, (x0, y0, x1, y1)
+    if not sent.return_mask:
+        return image, mask, region
+    whole = np.zeros(image.shape[:2], np.uint8)
+    if region is not None:
+        if mask is None or mask.shape != (y1 - y0, x1 - x0):
+            raise ValueError("the region's mask is missing or not the region's size")
+        whole[y0:y1, x0:x1] = mask
+    return image, whole, region
 
 
 class StreamState:
@@ -320,6 +365,7 @@ class StreamState:
                            frame_id=self.sent, faces=faces, keep_shape=self.keep_shape, into=message.request)
         if isinstance(self.faces, FaceMapping):  # a whole frame; the mapping travels in the first message only
             message.request.kind = pb.IMAGE_KIND_FULL_FRAME
+            message.request.return_region = asks_region(message.request)
         if self.sent == 0:
             self._open(message)
         check_request_size(message.request, self.max_bytes)
@@ -361,8 +407,9 @@ class StreamState:
                 f"stream result out of order: got frame {response.frame_id}, expected {self.received}",
             )
         self.received += 1
+        sent = None
         if self.unanswered and self.unanswered[0].request.frame_id == response.frame_id:
-            self.unanswered.popleft()
+            sent = self.unanswered.popleft().request
         if message.status == pb.FRAME_STATUS_DROPPED:
             timings = StageTimings.from_proto(response.timings)
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
@@ -374,7 +421,7 @@ class StreamState:
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, error=error)
         if message.status != pb.FRAME_STATUS_OK:
             raise ServerError(grpc.StatusCode.INTERNAL, f"frame {response.frame_id} has status {message.status}")
-        return result_from_response(response, color=self.color)
+        return result_from_response(response, color=self.color, sent=sent)
 
     def finish(self) -> None:
         """Called when the server closed the stream cleanly: re-raises the request side's error, checks counts."""

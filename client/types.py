@@ -125,6 +125,9 @@ class SwapResult:
     error: Exception | None = None  # streams with frame_errors="yield": why this frame failed (a FaceTwinError)
     provenance: Provenance | None = None  # the model and weights that made the image (None where none did)
     request_id: str = ""  # the call's request id: the server's log lines about it carry the same one
+    # Whole frames sent as arrays: the box (x0, y0, x1, y1) that holds every pixel the swap changed (the rest of `image`
+    # is the frame as sent); None when nothing changed, or for other requests.
+    region: tuple[int, int, int, int] | None = None
 
 
 def face_counts(result: SwapResult, aligned: bool) -> tuple[int, int, int]:

@@ -63,6 +63,7 @@ class FrameSwap:
 
     image: np.ndarray  # RGB uint8 (H, W, 3), same size as the input; the input itself when nothing was pasted
     mask: np.ndarray | None  # uint8 (H, W) blend weight of everything pasted, when asked for
+    region: tuple[int, int, int, int] | None  # (x0, y0, x1, y1): the box holding every changed pixel; None: none did
     faces: tuple[FrameFace, ...]  # found faces largest first, then lost ones
     detect_s: float  # the detector (and its landmarks)
     track_s: float  # following faces from the previous frame (streams)
@@ -247,9 +248,9 @@ class FullFrameSwapper:
                                     [a.crop for a in aligned], request.caller, request.bounded)
         inferred_at = time.perf_counter()
         keep = self.keep_shape if request.keep_shape is None else request.keep_shape
-        image, mask, finished = frame, None, []
+        image, mask, region, finished = frame, None, None, []
         if chosen or covered or request.want_mask:
-            image, mask, finished = await asyncio.to_thread(
+            image, mask, region, finished = await asyncio.to_thread(
                 self._paste_all, frame, aligned, [r[0] for r in results], keep,
                 [(plan.faces[i].face, holds.get(i)) for i in covered], request.want_mask)
         done = time.perf_counter()
@@ -263,7 +264,7 @@ class FullFrameSwapper:
         infos = [info for _, info in results] or [BatchInfo(0, 0.0, 0.0)]
         batch = BatchInfo(max(i.size for i in infos), max(i.queue_s for i in infos), max(i.inference_s for i in infos))
         faces = tuple(self._frame_face(i, face, plan, covered) for i, face in enumerate(plan.faces))
-        return FrameSwap(image, mask, faces, clock.spent["detect"], clock.spent["track"], clock.spent["embed"],
+        return FrameSwap(image, mask, region, faces, clock.spent["detect"], clock.spent["track"], clock.spent["embed"],
                          aligned_at - found_at, done - inferred_at, batch)
 
     @staticmethod
@@ -307,28 +308,30 @@ class FullFrameSwapper:
     def _paste_all(self, frame: np.ndarray, aligned: list[_Aligned], swapped: list[tuple[np.ndarray, np.ndarray]],
                    keep_shape: float,
                    covered: list[tuple[Face, _Paste | None]],
-                   want_mask: bool) -> tuple[np.ndarray, np.ndarray | None, list[_Paste]]:
-        """One copy of the frame with the swapped faces blended in and the lost ones covered (held or blurred)."""
+                   want_mask: bool) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int, int, int] | None,
+                                             list[_Paste]]:
+        """One copy of the frame with the swapped faces blended in and the lost ones covered (held or blurred), and
+        the box around every pixel that changed."""
         image = np.array(frame)  # a writable copy; every paste changes only its face's region
-        finished = self._blend(image, aligned, swapped, keep_shape)
+        finished, regions = self._blend(image, aligned, swapped, keep_shape)
         pastes = finished + [self._blurred(image, face) if paste is None else paste for face, paste in covered]
         for paste in pastes[len(finished):]:
-            blending.paste_into(image, paste.crop, paste.hull, paste.matrix, self.feather)
+            regions.append(blending.paste_into(image, paste.crop, paste.hull, paste.matrix, self.feather))
         mask = self._mask(frame.shape[:2], pastes) if want_mask else None
-        return image, mask, finished
+        return image, mask, _union([r for r in regions if r is not None]), finished
 
     def _blend(self, image: np.ndarray, aligned: list[_Aligned], swapped: list[tuple[np.ndarray, np.ndarray]],
-               keep_shape: float) -> list[_Paste]:
+               keep_shape: float) -> tuple[list[_Paste], list[tuple[int, int, int, int] | None]]:
         """Bends, colour-matches and pastes each swapped face (the model's face and mask) into `image` (in place)
-        through the paste mask rule; returns what was pasted."""
-        out = []
+        through the paste mask rule; returns what was pasted, and where (paste_into's regions)."""
+        out, regions = [], []
         for face, (new, model_mask) in zip(aligned, swapped):
             paste = blending.paste_mask(face.hull, model_mask, self.paste_mask)
             matched = blending.finish_face(face.crop, new, paste, face.points, self.margin, keep_shape,
                                            face.landmarker or self.detectors.crop_landmarks)
-            blending.paste_into(image, matched, paste, face.matrix, self.feather)
+            regions.append(blending.paste_into(image, matched, paste, face.matrix, self.feather))
             out.append(_Paste(matched, paste, face.matrix))
-        return out
+        return out, regions
 
     def _landmarker(self, face: _Aligned, offset: tuple[bool, Any] | None) -> Callable[[np.ndarray, float],
                                                                                        np.ndarray]:
@@ -370,3 +373,11 @@ class FullFrameSwapper:
                 x0, y0, x1, y1 = region
                 np.maximum(weight[y0:y1, x0:x1], face[y0:y1, x0:x1], out=weight[y0:y1, x0:x1])
         return np.ascontiguousarray(weight[..., 0])
+
+
+def _union(regions: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
+    """The smallest box (x0, y0, x1, y1) holding every box; None for none."""
+    if not regions:
+        return None
+    x0s, y0s, x1s, y1s = zip(*regions)
+    return min(x0s), min(y0s), max(x1s), max(y1s)

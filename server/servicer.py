@@ -78,6 +78,9 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         if kind != "full_frame":
             raise InvalidInputError("keep_shape applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an aligned "
                                     "face is returned as the model drew it; unset it")
+    if request.return_region and kind != "full_frame":
+        raise InvalidInputError("return_region applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an aligned "
+                                "face is answered whole; unset it")
     out_color = None
     if request.output_color_order != pb.COLOR_ORDER_UNSPECIFIED:
         out_color = _enum(_COLOR, request.output_color_order, "output_color_order")
@@ -96,6 +99,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         face_index=request.face_index,
         keep_shape=keep_shape,
         mapping=mapping,
+        return_region=request.return_region,
     )
 
 
@@ -260,9 +264,13 @@ def response_to_proto(outcome: SwapOutcome, request_id: str) -> pb.SwapResponse:
 def fill_response(response: pb.SwapResponse, outcome: SwapOutcome, request_id: str) -> None:
     """Writes a swap's outcome into a (nested) SwapResponse in place."""
     t = outcome.timings
-    _fill_image(response.image, outcome.image)
+    if outcome.image is not None:  # None: a region answer of a frame nothing changed (its region stays empty)
+        _fill_image(response.image, outcome.image)
     if outcome.mask is not None:
         _fill_image(response.mask, outcome.mask)
+    if outcome.region is not None:
+        box = response.region
+        box.x0, box.y0, box.x1, box.y1 = outcome.region
     response.timings.CopyFrom(pb.StageTimings(
         decode_ms=t.decode_ms, queue_ms=t.queue_ms, inference_ms=t.inference_ms, encode_ms=t.encode_ms,
         total_ms=t.total_ms, batch_size=t.batch_size, detect_ms=t.detect_ms, align_ms=t.align_ms,

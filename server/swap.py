@@ -62,6 +62,7 @@ class SwapJob:
     face_index: int = 0  # full frames with faces="index": the face to swap, 0 = largest
     mapping: Mapping | None = None  # full frames: which faces to swap to whom, instead of faces / face_index
     keep_shape: float | None = None  # full frames: 0..1, see blending.finish_face; None = the server's setting
+    return_region: bool = False  # full frames: answer with the changed region only (SwapOutcome.region)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +92,13 @@ class Timings:
 
 @dataclasses.dataclass(frozen=True)
 class SwapOutcome:
-    image: OutputImage
+    image: OutputImage | None  # None only for a region answer of a frame that nothing changed
     mask: OutputImage | None
     timings: Timings
     frame_id: int
     provenance: Provenance  # the bundle and weights that made the image
     faces: tuple[FrameFace, ...] = ()  # full frames: faces found largest first, then lost ones (streams)
+    region: tuple[int, int, int, int] | None = None  # return_region: (x0, y0, x1, y1) of image in the frame
 
 
 class SwapEngine:
@@ -224,9 +226,17 @@ class SwapEngine:
                                want_mask=job.return_mask, keep_shape=job.keep_shape)
         result = await self.fullframe.swap(frame, request, stream, ticket)
         blended_at = time.perf_counter()
-        height, width = frame.shape[:2]
-        image, mask_out = await self._maybe_in_thread(self._encode, job, result.image, result.mask, height, width,
-                                                       origin)
+        image, mask, region = result.image, result.mask, None
+        if job.return_region:  # the changed box only: the caller holds the rest of the frame
+            region = result.region
+            if region is not None:
+                x0, y0, x1, y1 = region
+                image = image[y0:y1, x0:x1]
+                mask = None if mask is None else mask[y0:y1, x0:x1]
+        image_out = mask_out = None
+        if region is not None or not job.return_region:
+            height, width = image.shape[:2]
+            image_out, mask_out = await self._maybe_in_thread(self._encode, job, image, mask, height, width, origin)
         done = time.perf_counter()
         timings = Timings(
             decode_ms=(decoded_at - start) * 1e3,
@@ -241,7 +251,7 @@ class SwapEngine:
             track_ms=result.track_s * 1e3,
             embed_ms=result.embed_s * 1e3,
         )
-        return SwapOutcome(image, mask_out, timings, job.frame_id, origin, result.faces)
+        return SwapOutcome(image_out, mask_out, timings, job.frame_id, origin, result.faces, region)
 
     @staticmethod
     def _check_output(job: SwapJob) -> None:
@@ -249,8 +259,9 @@ class SwapEngine:
             raise InvalidInputError(f"jpeg_quality {job.jpeg_quality} must be in 1..100")
 
     def _check_answer_size(self, job: SwapJob, height: int, width: int) -> None:
-        """Raw answers have a known size: one over the message limit is refused before the work."""
-        if self._output_encoding(job) != "raw":
+        """Raw answers have a known size: one over the message limit is refused before the work. (A region answer's
+        size is known only after it, and _encode checks it then.)"""
+        if self._output_encoding(job) != "raw" or job.return_region:
             return
         size = height * width * (4 if job.return_mask else 3)
         if size > self.max_image_bytes:

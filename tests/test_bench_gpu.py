@@ -16,7 +16,7 @@ GPU_SH = ROOT / "bench" / "gpu.sh"
 BUNDLES = {"gpu128": 128, "gpu256": 256, "demo64": 64}  # name -> resolution
 PHASE_FILES = (*(f"model_only_{name}.json" for name in BUNDLES), "serve_gpu128.json")
 TARGETS = ("served_over_model_only", "single_stream_p50_ms", "single_stream_p99_ms", "full_frame_aggregate_fps",
-           "full_frame_one_stream_fps")
+           "full_frame_one_stream_fps", "full_frame_aggregate_fps_region")
 
 
 def _bench_env() -> dict[str, str]:
@@ -120,14 +120,17 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     for name in ("served_over_model_only", "single_stream_p50_ms", "single_stream_p99_ms"):
         assert summary["targets"][name]["value"] > 0 and summary["targets"][name]["pass"] in (True, False)
 
-    frame_targets = [summary["targets"][t] for t in ("full_frame_aggregate_fps", "full_frame_one_stream_fps")]
+    frame_targets = [summary["targets"][t] for t in ("full_frame_aggregate_fps", "full_frame_one_stream_fps",
+                                                     "full_frame_aggregate_fps_region")]
     if has_frames:
         frame = summary["full_frame"]
         assert summary["phases"]["full_frame"]["status"] == "ok"
         assert frame["frame"] == [1920, 1080] and frame["frame_encoding"] == "raw"
         assert frame["streams"]["streams"] == summary["plan"]["frame_streams"]
+        assert frame["frame_encodings"] == ["raw", "raw-region"]
         for phase in ("unary", "stream", "streams"):
-            assert frame[phase]["per_s"] > 0 and frame[phase]["mean_stage_ms"]["detect_ms"] > 0
+            for measured in (frame, frame["by_encoding"]["raw-region"]):
+                assert measured[phase]["per_s"] > 0 and measured[phase]["mean_stage_ms"]["detect_ms"] > 0
         assert all(t["value"] > 0 for t in frame_targets)
     else:
         assert summary["phases"]["full_frame"]["status"] == "skipped"

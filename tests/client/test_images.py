@@ -186,6 +186,41 @@ def test_malformed_responses_raise_server_error(face):
         result_from_response(pb.SwapResponse(frame_id=3), color="rgb")
 
 
+def test_whole_frames_sent_raw_ask_for_the_changed_region_only(face):
+    assert build_swap_request(face, "demo", "bob", color="rgb", faces="largest").return_region
+    assert not build_swap_request(face, "demo", "bob", color="rgb").return_region  # an aligned face
+    assert not build_swap_request(face, "demo", "bob", color="rgb", faces="all", encoding="png").return_region
+    assert not build_swap_request(PNG_HEADER, "demo", "bob", color="rgb", faces="all").return_region
+    state = StreamState("demo", "bob", color="rgb", return_mask=False, max_bytes=2**20, faces="all")
+    assert state.make_request(face).request.return_region
+
+
+def test_a_region_answer_is_pasted_over_the_frame_that_was_sent(face):
+    sent = build_swap_request(face, "demo", "bob", color="bgr", faces="all", return_mask=True)
+    patch = np.full((2, 3, 3), 7, np.uint8)
+    response = _raw_response(patch, pb.COLOR_ORDER_BGR, np.full((2, 3), 255, np.uint8))
+    response.region.CopyFrom(pb.Box(x0=4, y0=1, x1=7, y1=3))
+    result = result_from_response(response, color="bgr", sent=sent)
+    expected = face.copy()
+    expected[1:3, 4:7] = 7
+    np.testing.assert_array_equal(result.image, expected)
+    assert result.region == (4, 1, 7, 3) and result.mask.shape == face.shape[:2]
+    assert result.mask[1:3, 4:7].all() and result.mask.sum() == 6 * 255
+    unchanged = result_from_response(pb.SwapResponse(frame_id=9), color="bgr", sent=sent)  # nothing was pasted
+    np.testing.assert_array_equal(unchanged.image, face)
+    assert unchanged.region is None and not unchanged.mask.any()
+    # A server that does not know return_region answers the whole frame, which is taken as it is.
+    older = result_from_response(_raw_response(expected, pb.COLOR_ORDER_BGR), color="bgr", sent=sent)
+    np.testing.assert_array_equal(older.image, expected)
+    assert older.region is None
+    response.region.x1 = 8  # past the frame's right edge
+    with pytest.raises(ServerError, match="not inside"):
+        result_from_response(response, color="bgr", sent=sent)
+    response.region.CopyFrom(pb.Box(x0=0, y0=0, x1=2, y1=2))  # not the image's size
+    with pytest.raises(ServerError, match="2x2 but its image is 3x2"):
+        result_from_response(response, color="bgr", sent=sent)
+
+
 def _stream_message(frame_id: int, status: int, image: np.ndarray | None = None) -> pb.SwapStreamResponse:
     response = _raw_response(image, pb.COLOR_ORDER_RGB) if image is not None else pb.SwapResponse()
     response.frame_id = frame_id

@@ -167,6 +167,46 @@ def test_face_selection_all_largest_and_index(stub, served_model, two_faces):
     assert [f.swapped for f in second.faces] == [False, True] and left == 0 and right > 0.5
 
 
+def box_of(message: pb.Box) -> tuple[int, int, int, int]:
+    return message.x0, message.y0, message.x1, message.y1
+
+
+def test_a_region_answer_is_the_whole_answer_cut_to_what_changed(stub, served_model, two_faces):
+    whole = stub.Swap(frame_request(served_model, two_faces, faces=pb.FACE_SELECTION_ALL, return_mask=True), timeout=60)
+    cut = stub.Swap(frame_request(served_model, two_faces, faces=pb.FACE_SELECTION_ALL, return_mask=True,
+                                  return_region=True), timeout=60)
+    x0, y0, x1, y1 = box_of(cut.region)
+    height, width = two_faces.shape[:2]
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    full, mask = image_of(whole), image_of(whole, "mask")[..., 0]
+    np.testing.assert_array_equal(image_of(cut), full[y0:y1, x0:x1])
+    np.testing.assert_array_equal(image_of(cut, "mask")[..., 0], mask[y0:y1, x0:x1])
+    assert box_of(whole.region) == (0, 0, 0, 0)  # not asked for: the whole frame, no region
+    inside = ~outside(two_faces.shape, (x0, y0, x1, y1), 0)
+    assert not (full != two_faces).any(-1)[~inside].any() and not mask[~inside].any()  # nothing changed outside it
+    ys, xs = np.nonzero(mask)  # and it is tight: the box of the faces' warped crops, not much more than the pasted area
+    pasted = (xs.max() + 1 - xs.min()) * (ys.max() + 1 - ys.min())
+    assert (x1 - x0) * (y1 - y0) < 1.5 * pasted, ((x0, y0, x1, y1), (xs.min(), ys.min(), xs.max(), ys.max()))
+    assert [(f.track_id, f.swapped, box_of(f.box)) for f in cut.faces] == \
+        [(f.track_id, f.swapped, box_of(f.box)) for f in whole.faces]
+
+
+def test_a_region_answer_of_a_frame_without_a_change_is_empty(stub, served_model):
+    noise = np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    reply = stub.Swap(frame_request(served_model, noise, return_mask=True, return_region=True), timeout=60)
+    assert len(reply.faces) == 0 and box_of(reply.region) == (0, 0, 0, 0)
+    assert reply.image.WhichOneof("data") is None and reply.mask.WhichOneof("data") is None
+
+
+def test_a_region_answer_of_an_aligned_face_is_invalid_argument(stub, served_model, franck):
+    request = frame_request(served_model, np.ascontiguousarray(franck[0][:128, :128]), return_region=True)
+    request.kind = pb.IMAGE_KIND_ALIGNED_FACE
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Swap(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "return_region applies to full frames" in err.value.details()
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(faces=pb.FACE_SELECTION_INDEX, face_index=2), "face_index 2 is out of range: the frame has 2 face(s)"),
     (dict(face_index=1), "faces is not FACE_SELECTION_INDEX"),
@@ -234,6 +274,25 @@ def test_sdk_swaps_full_frames_unary_and_streamed(served_model, franck, two_face
                                   keep_shape=1.0).image.astype(int) - result.image).max() > 10
         with pytest.raises(InvalidInputError, match="faces must be"):
             client.swap(franck[0], served_model.model, target, color="rgb", faces="biggest")
+
+
+def test_the_sdk_receives_the_changed_region_and_gives_back_the_whole_frame(stub, served_model, franck):
+    from facetwin.client import Client
+
+    target = served_model.identities[1]
+    whole = stub.Swap(frame_request(served_model, franck[0], return_mask=True), timeout=60)
+    with Client(served_model.address) as client:  # BGR in and out: the region is pasted in the caller's order
+        result = client.swap(np.ascontiguousarray(franck[0][..., ::-1]), served_model.model, target, color="bgr",
+                             faces="largest", return_mask=True)
+        streamed = list(client.stream(franck[:3], served_model.model, target, color="rgb", faces="largest"))
+    np.testing.assert_array_equal(result.image[..., ::-1], image_of(whole))
+    np.testing.assert_array_equal(result.mask, image_of(whole, "mask")[..., 0])
+    x0, y0, x1, y1 = result.region
+    assert (x1 - x0) * (y1 - y0) < franck[0].shape[0] * franck[0].shape[1] / 2  # the face's area, not the frame
+    replies, _ = stream_one_face(stub, served_model, franck[:3])  # the same frames as a fresh stream, whole answers
+    for got, reply in zip(streamed, replies):
+        np.testing.assert_array_equal(got.image, image_of(reply.response))
+        assert got.region is not None
 
 
 # ------------------------------------------------------------------------------------------- 5-point landmarks

@@ -149,7 +149,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
 
 class SwapRequest(_message.Message):
-    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id", "faces", "face_index", "keep_shape", "mapping")
+    __slots__ = ("model", "target", "image", "kind", "output_encoding", "output_color_order", "jpeg_quality", "return_mask", "frame_id", "faces", "face_index", "keep_shape", "mapping", "return_region")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class SwapRequest(_message.Message):
     FACE_INDEX_FIELD_NUMBER: _ClassVar[int]
     KEEP_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MAPPING_FIELD_NUMBER: _ClassVar[int]
+    RETURN_REGION_FIELD_NUMBER: _ClassVar[int]
     model: str
     target: str
     image: Image
@@ -176,7 +177,8 @@ class SwapRequest(_message.Message):
     face_index: int
     keep_shape: float
     mapping: FaceMapping
-    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Union[FaceSelection, str]] = ..., face_index: _Optional[int] = ..., keep_shape: _Optional[float] = ..., mapping: _Optional[_Union[FaceMapping, _Mapping]] = ...) -> None: ...
+    return_region: bool
+    def __init__(self, model: _Optional[str] = ..., target: _Optional[str] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., kind: _Optional[_Union[ImageKind, str]] = ..., output_encoding: _Optional[_Union[Encoding, str]] = ..., output_color_order: _Optional[_Union[ColorOrder, str]] = ..., jpeg_quality: _Optional[int] = ..., return_mask: _Optional[bool] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Union[FaceSelection, str]] = ..., face_index: _Optional[int] = ..., keep_shape: _Optional[float] = ..., mapping: _Optional[_Union[FaceMapping, _Mapping]] = ..., return_region: _Optional[bool] = ...) -> None: ...
 
 class FaceMapping(_message.Message):
     __slots__ = ("rules", "match_threshold")
@@ -277,7 +279,7 @@ class StageTimings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., detect_ms: _Optional[float] = ..., align_ms: _Optional[float] = ..., blend_ms: _Optional[float] = ..., track_ms: _Optional[float] = ..., embed_ms: _Optional[float] = ...) -> None: ...
 
 class SwapResponse(_message.Message):
-    __slots__ = ("image", "mask", "timings", "frame_id", "faces", "provenance", "request_id")
+    __slots__ = ("image", "mask", "timings", "frame_id", "faces", "provenance", "request_id", "region")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +287,7 @@ class SwapResponse(_message.Message):
     FACES_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     image: Image
     mask: Image
     timings: StageTimings
@@ -292,7 +295,8 @@ class SwapResponse(_message.Message):
     faces: _containers.RepeatedCompositeFieldContainer[DetectedFace]
     provenance: Provenance
     request_id: str
-    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[DetectedFace, _Mapping]]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    region: Box
+    def __init__(self, image: _Optional[_Union[Image, _Mapping]] = ..., mask: _Optional[_Union[Image, _Mapping]] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., frame_id: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[DetectedFace, _Mapping]]] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., request_id: _Optional[str] = ..., region: _Optional[_Union[Box, _Mapping]] = ...) -> None: ...
 
 class Provenance(_message.Message):
     __slots__ = ("synthetic", "digital_source_type", "model", "target", "manifest_sha256")
