@@ -62,6 +62,11 @@ def fit(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return canvas
 
 
+# How frames travel: raw pixels both ways; raw pixels answered with the changed region only (return_region, as the SDK
+# sends raw frames); JPEG (quality 90) both ways.
+FRAME_ENCODINGS = ("raw", "raw-region", "jpeg")
+
+
 def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int, encoding: str) -> pb.SwapRequest:
     h, w, _ = frame.shape
     if encoding == "jpeg":
@@ -71,7 +76,8 @@ def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int
                               jpeg_quality=90)
     return pb.SwapRequest(model=model, target=target, frame_id=frame_id, kind=pb.IMAGE_KIND_FULL_FRAME,
                           image=pb.Image(raw=pb.RawImage(pixels=frame.tobytes(), height=h, width=w, channels=3,
-                                                         color_order=pb.COLOR_ORDER_RGB)))
+                                                         color_order=pb.COLOR_ORDER_RGB)),
+                          return_region=encoding == "raw-region")
 
 
 def raw_stages(bundle: Path, backend_name: str, target: str, frames: list[np.ndarray], detect_every: int,
@@ -158,32 +164,42 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
     from serve import stream_payloads
 
     frames = [fit(frame, size) for frame in sources]
-    requests = [full_frame_request(model, target, frame, i, args.frame_encoding) for i, frame in enumerate(frames)]
-    payloads = stream_payloads(requests)
+    requests = {encoding: [full_frame_request(model, target, frame, i, encoding) for i, frame in enumerate(frames)]
+                for encoding in args.frame_encodings}
+    payloads = {encoding: stream_payloads(sent) for encoding, sent in requests.items()}
+    first = args.frame_encodings[0]
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        warm = pb_grpc.FaceSwapStub(channel).Swap(requests[0], timeout=120)
+        warm = pb_grpc.FaceSwapStub(channel).Swap(requests[first][0], timeout=120)
     if not warm.faces:
         sys.exit(f"error: the server found no face in the {size[0]}x{size[1]} benchmark frame")
     detect_every = args.detect_every or ServerConfig().detect_every  # the raw stages model this server's setting
     keep_shape = args.keep_shape if args.keep_shape is not None else ServerConfig().keep_shape
     rounds = []
     for _ in range(args.repeats):
-        raw = raw_stages(bundle, args.backend, target, frames, detect_every, keep_shape)
-        unary = served(proc, lambda: run_load(address, payloads, "unary", min(args.concurrency, 4 * args.streams),
-                                              args.clients, args.seconds))
-        one_stream = served(proc, lambda: run_load(address, payloads, "stream", 1, 1, args.seconds))
-        streams = served(proc, lambda: run_load(address, payloads, "stream", args.streams, args.clients,
-                                                args.seconds))
-        rounds.append({"raw": raw, "unary": unary, "stream": one_stream, "streams": streams,
-                       "stream_over_raw": one_stream["per_s"] / raw["frames_per_s"]})
-    middle = sorted(rounds, key=lambda r: r["stream"]["per_s"])[(len(rounds) - 1) // 2]
+        stages = raw_stages(bundle, args.backend, target, frames, detect_every, keep_shape)
+        served_by = {}  # encoding -> its phases; alternated within the round, so drift hits every encoding alike
+        for encoding, sent in payloads.items():
+            served_by[encoding] = {
+                "unary": served(proc, lambda: run_load(address, sent, "unary", min(args.concurrency, 4 * args.streams),
+                                                       args.clients, args.seconds)),
+                "stream": served(proc, lambda: run_load(address, sent, "stream", 1, 1, args.seconds)),
+                "streams": served(proc, lambda: run_load(address, sent, "stream", args.streams, args.clients,
+                                                         args.seconds))}
+        rounds.append({"raw_stages": stages, "served": served_by,
+                       "stream_over_raw": served_by[first]["stream"]["per_s"] / stages["frames_per_s"]})
+    middle = sorted(rounds, key=lambda r: r["served"][first]["stream"]["per_s"])[(len(rounds) - 1) // 2]
     face = warm.faces[0]
+    sent_bytes = [len(r.image.encoded) or len(r.image.raw.pixels) for r in requests[first]]
     return {"frame": list(size), "face_width": face.box.x1 - face.box.x0, "distinct_frames": len(frames),
-            "request_bytes_mean": float(np.mean([len(r.image.encoded) or len(r.image.raw.pixels) for r in requests])),
-            "landmarks": len(face.landmarks), **{k: middle[k] for k in ("raw", "unary", "stream", "streams")},
-            "rounds": [{"raw_frames_per_s": r["raw"]["frames_per_s"], "unary": r["unary"]["per_s"],
-                        "stream": r["stream"]["per_s"], "streams": r["streams"]["per_s"],
-                        "load_average": r["stream"]["load_average"]} for r in rounds]}
+            "request_bytes_mean": float(np.mean(sent_bytes)), "landmarks": len(face.landmarks),
+            # The first encoding's phases at the top level; every encoding's (same round) under by_encoding.
+            "raw": middle["raw_stages"], **middle["served"][first], "stream_over_raw": middle["stream_over_raw"],
+            "by_encoding": middle["served"],
+            "rounds": [{"raw_frames_per_s": r["raw_stages"]["frames_per_s"],
+                        "load_average": r["served"][first]["stream"]["load_average"],
+                        **{(name if encoding == first else f"{name}_{encoding}"): phases[name]["per_s"]
+                           for encoding, phases in r["served"].items() for name in ("unary", "stream", "streams")}}
+                       for r in rounds]}
 
 
 def report(args: argparse.Namespace, model: str, target: str, res: int, sizes: dict[str, dict]) -> dict:
@@ -201,10 +217,11 @@ def report(args: argparse.Namespace, model: str, target: str, res: int, sizes: d
                    "detector": config.detector,
                    "detect_every": args.detect_every or config.detect_every,
                    "keep_shape": args.keep_shape if args.keep_shape is not None else config.keep_shape},
-        "frame_encoding": args.frame_encoding, "repeats": args.repeats,
+        "frame_encoding": args.frame_encodings[0], "frame_encodings": list(args.frame_encodings),
+        "repeats": args.repeats,
         # The first size's phases at the top level, where bench/gpu_bench.py reads them.
         "frame": first["frame"], "unary": first["unary"], "stream": first["stream"], "streams": first["streams"],
-        "sizes": sizes,
+        "by_encoding": first["by_encoding"], "sizes": sizes,
     }
 
 

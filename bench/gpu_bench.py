@@ -65,6 +65,8 @@ TARGETS = {  # the serving targets on one GPU host, 128 px model: (comparison, g
     "single_stream_p99_ms": ("<=", 5.0, "one SwapStream, one aligned 128 px crop in flight, client round trip"),
     "full_frame_aggregate_fps": (">=", 500.0, "1080p frames/s over the plan's frame_streams streams (queue policy)"),
     "full_frame_one_stream_fps": (">=", 120.0, "1080p frames/s of one stream (queue policy)"),
+    "full_frame_aggregate_fps_region": (">=", 500.0, "as full_frame_aggregate_fps, answered with the changed region "
+                                                     "(return_region, as the SDK sends raw frames)"),
 }
 
 
@@ -88,6 +90,7 @@ class Plan:
     frame_max_batch: int  # the full-frame server's max batch: faces of a few streams per process, not 128 crops
     frames: int  # distinct full frames cycled through
     frame_sizes: str  # full-frame sizes, WxH[,WxH...] (the targets are for 1080p)
+    frame_encodings: str  # how full frames travel (bench/serve.py --frame-encoding): whole raw answers, then regions
     detect_threads: int  # the server's face-detection threads
     detect_runtime: str  # where the server runs blazeface and FaceMesh (its --detect-runtime)
     timeouts_s: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -107,7 +110,7 @@ def gpu_plan() -> Plan:
                 frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "16")), frames=8,
                 frame_processes=int(env("FACETWIN_BENCH_FRAME_PROCESSES", "4")),
                 frame_max_batch=int(env("FACETWIN_BENCH_FRAME_MAX_BATCH", "32")),
-                frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"),
+                frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"), frame_encodings="raw,raw-region",
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
                 detect_runtime=env("FACETWIN_BENCH_DETECT_RUNTIME", "auto"),
                 timeouts_s={"model_only": 120, "serve": 180, "full_frame": 150})
@@ -118,6 +121,7 @@ def smoke_plan() -> Plan:
                 max_batch=4, max_delay_ms=2.0, seconds=0.3, repeats=1, latency_calls=15, clients=2, concurrency=4,
                 streams=2,
                 frame_streams=2, frames=2, frame_processes=2, frame_max_batch=4, frame_sizes="1920x1080",
+                frame_encodings="raw,raw-region",
                 detect_threads=1, detect_runtime="onnxruntime",
                 timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
 
@@ -289,6 +293,10 @@ def summarize(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "single_stream_p99_ms": judge("single_stream_p99_ms", stream_latency.get("p99_ms")),
         "full_frame_aggregate_fps": judge("full_frame_aggregate_fps", frame["streams"]["per_s"] if frame else None),
         "full_frame_one_stream_fps": judge("full_frame_one_stream_fps", frame["stream"]["per_s"] if frame else None),
+        "full_frame_aggregate_fps_region": judge(
+            "full_frame_aggregate_fps_region",
+            frame["by_encoding"]["raw-region"]["streams"]["per_s"]
+            if frame and "raw-region" in frame.get("by_encoding", {}) else None),
     }
     targets["served_over_model_only"].update({"served_faces_per_s": served, "model_only_faces_per_s": model_only})
     return targets
@@ -432,7 +440,8 @@ def run(args: argparse.Namespace) -> int:
             "full_frame", [*serve_common, "--full-frame", "--max-batch", str(plan.frame_max_batch),
                            "--processes", str(plan.frame_processes),
                            "--frames-file", str(frames), "--frames", str(plan.frames),
-                           "--sizes", plan.frame_sizes, "--repeats", str(plan.repeats),
+                           "--sizes", plan.frame_sizes, "--frame-encoding", plan.frame_encodings,
+                           "--repeats", str(plan.repeats),
                            "--streams", str(plan.frame_streams), "--concurrency", str(4 * plan.frame_streams),
                            "--detect-threads", str(plan.detect_threads), "--detect-runtime", plan.detect_runtime,
                            "--json", str(path)],

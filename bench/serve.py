@@ -11,7 +11,7 @@ Measures, for the same bundle and target:
   latency  one call at a time: sequential unary calls, and one stream with one frame in flight (p50 / p99).
 With --full-frame it measures whole frames instead (bench/full_frame.py: find the faces -> align -> swap -> blend):
 one second of franck.mp4 (fetched with npm, or --frames-file from `bench/gpu.sh --prepare` on hosts without network)
-at 1920x1080 and 640x480, sent raw (or JPEG with --frame-encoding jpeg), in unary calls, in one stream and in
+at 1920x1080 and 640x480, sent raw (or as --frame-encoding says), in unary calls, in one stream and in
 --streams streams, each round against the same stages run raw in the bench's process, with the server's mean
 per-stage timings and CPU per frame.
 The server runs as a real `facetwin-server serve` subprocess on loopback. Prints JSON (and writes it with --json).
@@ -49,6 +49,17 @@ from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client
 from report import host_info, process_cpu_seconds, write_report  # noqa: E402  (bench/report.py)
 
 
+def frame_encodings(text: str) -> tuple[str, ...]:
+    from full_frame import FRAME_ENCODINGS
+
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in FRAME_ENCODINGS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"frame encodings are one or more of {', '.join(FRAME_ENCODINGS)}; "
+                                         f"got {text!r}")
+    return names
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default="out/models", help="folder of bundles (make demo writes out/models)")
@@ -80,8 +91,10 @@ def parse_args() -> argparse.Namespace:
                    help="start the server with this Python (another checkout's venv: an A/B of two versions in one run)")
     p.add_argument("--detect-every", type=int, default=0,
                    help="--full-frame: the server's --detect-every (0: its default; 1: detect every frame)")
-    p.add_argument("--frame-encoding", choices=("raw", "jpeg"), default="raw",
-                   help="--full-frame: send and receive raw pixels or JPEG (quality 90)")
+    p.add_argument("--frame-encoding", dest="frame_encodings", type=frame_encodings, default=("raw",),
+                   help="--full-frame: how frames travel, one or more of raw (raw pixels both ways), raw-region (raw "
+                        "pixels, answered with the changed region as the SDK asks), jpeg (quality 90); several "
+                        "(comma-separated) are measured in turn in each round")
     p.add_argument("--detect-threads", type=int, default=2, help="--full-frame: the server's face-detection threads")
     p.add_argument("--detect-runtime", default="onnxruntime",
                    help="--full-frame: the server's --detect-runtime (onnxruntime, torch-cuda, torch-cpu, auto)")
