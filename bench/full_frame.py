@@ -169,7 +169,9 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
     payloads = {encoding: stream_payloads(sent) for encoding, sent in requests.items()}
     first = args.frame_encodings[0]
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        warm = pb_grpc.FaceSwapStub(channel).Swap(requests[first][0], timeout=120)
+        stub = pb_grpc.FaceSwapStub(channel)
+        answers = {encoding: stub.Swap(sent[0], timeout=120) for encoding, sent in requests.items()}
+    warm = answers[first]
     if not warm.faces:
         sys.exit(f"error: the server found no face in the {size[0]}x{size[1]} benchmark frame")
     detect_every = args.detect_every or ServerConfig().detect_every  # the raw stages model this server's setting
@@ -192,6 +194,8 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
     sent_bytes = [len(r.image.encoded) or len(r.image.raw.pixels) for r in requests[first]]
     return {"frame": list(size), "face_width": face.box.x1 - face.box.x0, "distinct_frames": len(frames),
             "request_bytes_mean": float(np.mean(sent_bytes)), "landmarks": len(face.landmarks),
+            # The first frame's answer (the whole SwapResponse message) as each encoding sends it back.
+            "answer_bytes": {encoding: answer.ByteSize() for encoding, answer in answers.items()},
             # The first encoding's phases at the top level; every encoding's (same round) under by_encoding.
             "raw": middle["raw_stages"], **middle["served"][first], "stream_over_raw": middle["stream_over_raw"],
             "by_encoding": middle["served"],
@@ -244,3 +248,8 @@ def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: i
               f"{result['raw']['cpu_stream_frame_ms']:.0f} ms of CPU, {result['raw']['frames_per_s']:.1f} frames/s on "
               f"{result['raw']['cpus']} cores), {args.streams} streams {result['streams']['per_s']:.1f}, "
               f"unary {result['unary']['per_s']:.1f}", file=sys.stderr)
+        for encoding, phases in list(result["by_encoding"].items())[1:]:
+            print(f"  {encoding}: one stream {phases['stream']['per_s']:.1f}, {args.streams} streams "
+                  f"{phases['streams']['per_s']:.1f}, unary {phases['unary']['per_s']:.1f} frames/s; "
+                  f"{result['answer_bytes'][encoding] / 1e3:.0f} KB per answer (first encoding: "
+                  f"{result['answer_bytes'][args.frame_encodings[0]] / 1e3:.0f} KB)", file=sys.stderr)

@@ -10,7 +10,8 @@
                serve_gpu128.json         bench/serve.py: model-only vs served unary / streams, single-stream
                                          p50/p99 for aligned 128 px crops on the GPU backend;
                full_frame.json           bench/serve.py --full-frame: 1080p frames/s over several streams and
-                                         one stream (frames from `prepare`; skipped with a reason without them);
+                                         one stream, answered whole and as the changed region (frames from
+                                         `prepare`; skipped with a reason without them);
              and writes summary.json (every number, device, versions, pass/fail per serving target, TARGETS)
              after each phase, so a run stopped from outside keeps what it measured ("complete": false).
              --smoke runs the same pipeline on the CPU (onnxruntime / torch-cpu, tiny models, sub-second
