@@ -29,6 +29,10 @@ __all__ = ["BatchItem", "BatchInterrupted", "PlanError", "plan_batch", "expected
 _GLOB_MAGIC = frozenset("*?[")
 _VIDEO_OUTPUT_SUFFIX = ".mp4"
 _PHOTO_FALLBACK_SUFFIX = ".png"  # photos in formats the server does not encode (WebP, BMP, TIFF) come back as PNG
+# Python runs a signal's handler on the main thread, and only once that thread wakes: a signal the kernel hands to
+# another thread (it may pick any that does not block it) wakes no untimed wait, so Ctrl-C would wait for the file
+# in flight to end. The main thread waits in slices this long instead.
+_SIGNAL_POLL_S = 0.1
 
 
 class PlanError(ValueError):
@@ -252,6 +256,9 @@ def run_batch(
             if on_entry is not None:
                 on_entry(entries[index])
         try:
+            pending = set(futures)
+            while pending:
+                _, pending = concurrent.futures.wait(pending, timeout=_SIGNAL_POLL_S)
             for future in futures:
                 future.result()
         except KeyboardInterrupt:
