@@ -26,6 +26,8 @@
 #                                              #   FACETWIN_BENCH_REAL_RESERVE_S (270) s before that; shorter serving
 #                                              #   rounds (2 x 2 s), 1080p frames only, no 256 px bundle and 150 s of
 #                                              #   training unless set (--smoke: CPU); each half's bench.log in DIR
+#   bench/gpu.sh --all --part serve|real ...   # one half of --all alone, with --all's settings and wheels: two
+#                                              #   shorter runs in place of one (serving gets the whole budget)
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
@@ -42,7 +44,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-mode=run data="" real_data=".gpureal" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real=""
+mode=run data="" real_data=".gpureal" out="" work="" smoke="${FACETWIN_BENCH_SMOKE:-0}" prepare_dir="" no_wheels="" prepare="" real="" part=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --prepare) prepare=1; if [[ $# -gt 1 && "$2" != --* ]]; then prepare_dir="$2"; shift; fi ;;
@@ -51,6 +53,7 @@ while [[ $# -gt 0 ]]; do
         --smoke) smoke=1 ;;
         --train) mode=train ;;
         --all) mode=all ;;
+        --part) part="$2"; shift ;;
         --data) data="$2"; shift ;;
         --real-data) real_data="$2"; shift ;;
         --out) out="$2"; shift ;;
@@ -67,6 +70,11 @@ else PY=python3
 fi
 
 [[ -n "$real" ]] && mode=real
+case "$part" in
+    "") ;;
+    serve|real) [[ "$mode" == all ]] || { echo "bench/gpu.sh: --part goes with --all" >&2; exit 2; } ;;
+    *) echo "bench/gpu.sh: --part is serve or real, not $part" >&2; exit 2 ;;
+esac
 if [[ -n "$prepare" && -n "$real" ]]; then
     args=(prepare "${prepare_dir:-.gpureal}" $no_wheels)
     [[ "$smoke" == 1 ]] && args+=(--smoke)
@@ -82,8 +90,10 @@ if [[ "$mode" == all ]]; then  # shorter serving rounds unless asked otherwise
     export FACETWIN_BENCH_REPEATS="${FACETWIN_BENCH_REPEATS:-2}" FACETWIN_BENCH_SECONDS="${FACETWIN_BENCH_SECONDS:-2}"
     export FACETWIN_BENCH_REAL_SECONDS="${FACETWIN_BENCH_REAL_SECONDS:-150}"
     export FACETWIN_BENCH_BUNDLES="${FACETWIN_BENCH_BUNDLES:-gpu128,demo64}"  # the 256 px bundle: the largest export
-    # The serving half ends early enough to leave the real pair its input bench, some training, export and swaps.
+    # The serving half ends early enough to leave the real pair its input bench, some training, export and swaps;
+    # alone, it has the whole budget.
     serve_deadline=$(( FACETWIN_BENCH_DEADLINE - ${FACETWIN_BENCH_REAL_RESERVE_S:-270} ))
+    [[ "$part" == serve ]] && serve_deadline="$FACETWIN_BENCH_DEADLINE"
 fi
 
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
@@ -158,12 +168,16 @@ if [[ "$mode" == real ]]; then
 fi
 if [[ "$mode" == all ]]; then  # both halves run whatever the first gave; the status says whether either failed
     out="${out:-out/gpu-all}" status=0
-    FACETWIN_BENCH_DEADLINE="$serve_deadline" PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py run --out "$out/serve" \
-        --work "$work/serve" --data "$data" "${smoke_arg[@]}" || status=$?
-    cp "$work/serve/bench.log" "$out/serve/" 2>/dev/null || true  # the phases' own output comes back with the JSON
-    PYTHONUNBUFFERED=1 "$PY" bench/gpu_real.py run --out "$out/real" --work "$work/real" --data "$real_data" \
-        "${smoke_arg[@]}" || status=$?
-    cp "$work/real/bench.log" "$out/real/" 2>/dev/null || true
+    if [[ "$part" != real ]]; then
+        FACETWIN_BENCH_DEADLINE="$serve_deadline" PYTHONUNBUFFERED=1 "$PY" bench/gpu_bench.py run --out "$out/serve" \
+            --work "$work/serve" --data "$data" "${smoke_arg[@]}" || status=$?
+        cp "$work/serve/bench.log" "$out/serve/" 2>/dev/null || true  # the phases' own output comes back with the JSON
+    fi
+    if [[ "$part" != serve ]]; then
+        PYTHONUNBUFFERED=1 "$PY" bench/gpu_real.py run --out "$out/real" --work "$work/real" --data "$real_data" \
+            "${smoke_arg[@]}" || status=$?
+        cp "$work/real/bench.log" "$out/real/" 2>/dev/null || true
+    fi
     exit "$status"
 fi
 PYTHONUNBUFFERED=1 exec "$PY" bench/gpu_bench.py run --out "${out:-out/gpu-bench}" --work "$work" --data "$data" \

@@ -296,3 +296,14 @@ def test_gpu_real_smoke_prepares_here_trains_there_and_scores_back_here(clmtrack
     timed = [p for n, p in serve["phases"].items() if n.startswith(("model_only", "serve"))]
     timed += list(real_half["phases"].values())
     assert timed and all(p["status"] == "skipped" and "out of time" in p["reason"] for p in timed)
+    # Either half alone (two shorter runs in place of one): only its folder is written.
+    for part in ("serve", "real"):
+        alone = subprocess.run([str(GPU_SH), "--all", "--part", part, "--smoke", "--data", str(tmp_path / "no-frames"),
+                                "--real-data", str(data), "--out", str(tmp_path / part), "--work",
+                                str(tmp_path / f"{part}-work")],
+                               capture_output=True, text=True, env={**env, "FACETWIN_BENCH_BUDGET_S": "1"}, timeout=240)
+        assert alone.returncode == 0, alone.stdout[-4000:] + alone.stderr[-4000:]
+        assert [p.name for p in (tmp_path / part).iterdir()] == [part]
+        assert json.loads((tmp_path / part / part / "summary.json").read_text())["mode"] == "smoke"
+    wrong = subprocess.run([str(GPU_SH), "--part", "real"], capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 2 and "--part goes with --all" in wrong.stderr
