@@ -87,7 +87,7 @@ class Plan:
     concurrency: int  # unary calls in flight
     streams: int  # concurrent streams, aligned crops
     frame_streams: int  # concurrent streams, full frames
-    frame_processes: int  # the full-frame server's serving processes (one event loop passes ~150 1080p frames/s)
+    frame_processes: int  # the full-frame server's serving processes (one passes ~130 1080p frames/s: its GIL)
     frame_max_batch: int  # the full-frame server's max batch: faces of a few streams per process, not 128 crops
     frames: int  # distinct full frames cycled through
     frame_sizes: str  # full-frame sizes, WxH[,WxH...] (the targets are for 1080p)
@@ -106,10 +106,12 @@ def gpu_plan() -> Plan:
                 seconds=float(env("FACETWIN_BENCH_SECONDS", "3")), repeats=int(env("FACETWIN_BENCH_REPEATS", "3")),
                 latency_calls=500,
                 clients=int(env("FACETWIN_BENCH_CLIENTS", "4")), concurrency=256, streams=8,
-                # 16 streams over 4 processes: the kernel deals connections at random, and with 16 a process is
-                # left without one 1 % of the time (8: 10 %).
-                frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "16")), frames=8,
-                frame_processes=int(env("FACETWIN_BENCH_FRAME_PROCESSES", "4")),
+                # A serving process holds its GIL ~7.7 ms per 1080p frame with one face (docs/experiments.md), so
+                # it passes ~130 frames/s whatever the GPU does: 500 needs 4 flawless processes, and 6 leave a margin
+                # (16 cores: ~1.5 each, the rest for the load clients). The kernel deals connections to them at
+                # random: with 32 streams one of the 6 is left without any 1.7 % of the time (16 streams: 30 %).
+                frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "32")), frames=8,
+                frame_processes=int(env("FACETWIN_BENCH_FRAME_PROCESSES", "6")),
                 frame_max_batch=int(env("FACETWIN_BENCH_FRAME_MAX_BATCH", "32")),
                 frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"), frame_encodings="raw,raw-region",
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),

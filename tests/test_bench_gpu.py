@@ -220,8 +220,9 @@ def test_gpu_train_bench_smoke_trains_scores_and_judges(tmp_path):
     """bench/gpu.sh --train (the training targets on a GPU host) in its CPU smoke mode: the tiny preset trains on a fresh
     synthetic set, is exported and scored against the ground truth; the summary judges both targets."""
     out, work = tmp_path / "out", tmp_path / "work"
-    run = subprocess.run([str(GPU_SH), "--train", "--smoke", "--out", str(out), "--work", str(work)],
-                         capture_output=True, text=True, env=_bench_env(), timeout=240)
+    # --data: not the checkout's own .gpubench, whose wheels are for the GPU host's Python
+    run = subprocess.run([str(GPU_SH), "--train", "--smoke", "--data", str(tmp_path / "nothing-carried"), "--out",
+                          str(out), "--work", str(work)], capture_output=True, text=True, env=_bench_env(), timeout=240)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "Traceback" not in run.stdout + run.stderr
     summary = json.loads((out / "summary.json").read_text())
