@@ -399,36 +399,24 @@ def run(args: argparse.Namespace) -> int:
     available = [b for b in plan.model_only_backends if BACKENDS[b].available()[0]]
     summary["unavailable_backends"] = {b: BACKENDS[b].available()[1] for b in plan.model_only_backends
                                        if b not in available}
-    # 2. Model-only speed per available backend, batch 1 and the served max batch.
-    for name in summary["bundles"]:
-        if not available:
-            phases[f"model_only_{name}"] = {"status": "skipped", "reason": f"no backend of {plan.model_only_backends}"}
-            continue
-        path = out / f"model_only_{name}.json"
-        phases[f"model_only_{name}"] = run_phase(
-            f"model_only_{name}", [python, str(BENCH / "gpu_backends.py"), "--model-dir", str(work / f"models-{name}"),
-                                   "--backends", ",".join(available), "--batch-sizes", f"1,{plan.max_batch}",
-                                   "--seconds", str(plan.seconds), "--latency-calls", str(plan.latency_calls),
-                                   "--json", str(path)],
-            plan.timeouts_s["model_only"] + (TENSORRT_BUILD_S if "tensorrt" in available else 0), log, path)
-        summary["model_only"][name] = phases[f"model_only_{name}"].pop("result", None)
-        save(summary, out, started)
-
+    # The targets first, in case the deadline comes before the rest: the served phases measure their own model-only
+    # baseline in the same rounds, so the per-backend model-only phases (step 4) only add to them.
     serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / f"models-{SERVED}"),
                     "--backend", plan.serve_backend,
                     "--max-delay-ms", str(plan.max_delay_ms), "--seconds", str(plan.seconds),
                     "--clients", str(plan.clients)]
-    # 3. Served aligned 128 px crops vs the backend alone. (TensorRT engines, if any, are cached in the model
-    #    folder, <model_dir>/.engines: the model-only phase builds them, the server finds them.)
+    # The server builds TensorRT engines it does not find (cached in the model folder, <model_dir>/.engines).
+    engines_s = TENSORRT_BUILD_S if plan.serve_backend == "tensorrt" else 0
+    # 2. Served aligned 128 px crops vs the backend alone.
     path = out / f"serve_{SERVED}.json"
     phases[f"serve_{SERVED}"] = run_phase(
         f"serve_{SERVED}", [*serve_common, "--max-batch", str(plan.max_batch),
                             "--concurrency", str(plan.concurrency), "--streams", str(plan.streams),
                             "--repeats", str(plan.repeats), "--latency-calls", str(plan.latency_calls),
                             "--json", str(path)],
-        plan.timeouts_s["serve"], log, path)
+        plan.timeouts_s["serve"] + engines_s, log, path)
     save(summary, out, started)
-    # 4. 1080p full frames, from the prepared folder (the host has no network for npm).
+    # 3. 1080p full frames, from the prepared folder (the host has no network for npm).
     frames = Path(args.data) / FRAMES_FILE if args.data else None
     if frames is None or not frames.is_file():
         phases["full_frame"] = {"status": "skipped", "reason": f"no {FRAMES_FILE} in --data {args.data}: run "
@@ -448,7 +436,22 @@ def run(args: argparse.Namespace) -> int:
                            "--streams", str(plan.frame_streams), "--concurrency", str(4 * plan.frame_streams),
                            "--detect-threads", str(plan.detect_threads), "--detect-runtime", plan.detect_runtime,
                            "--json", str(path)],
-            plan.timeouts_s["full_frame"], log, path)
+            plan.timeouts_s["full_frame"] + engines_s, log, path)
+        save(summary, out, started)
+    # 4. Model-only speed per available backend, batch 1 and the served max batch, for every bundle.
+    for name in summary["bundles"]:
+        if not available:
+            phases[f"model_only_{name}"] = {"status": "skipped", "reason": f"no backend of {plan.model_only_backends}"}
+            continue
+        path = out / f"model_only_{name}.json"
+        phases[f"model_only_{name}"] = run_phase(
+            f"model_only_{name}", [python, str(BENCH / "gpu_backends.py"), "--model-dir", str(work / f"models-{name}"),
+                                   "--backends", ",".join(available), "--batch-sizes", f"1,{plan.max_batch}",
+                                   "--seconds", str(plan.seconds), "--latency-calls", str(plan.latency_calls),
+                                   "--json", str(path)],
+            plan.timeouts_s["model_only"] + (TENSORRT_BUILD_S if "tensorrt" in available else 0), log, path)
+        summary["model_only"][name] = phases[f"model_only_{name}"].pop("result", None)
+        save(summary, out, started)
     return finish(summary, out, started)
 
 
