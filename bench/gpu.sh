@@ -31,8 +31,9 @@
 #
 # Env: PYTHON (default .venv/bin/python, else python3), FACETWIN_BENCH_SMOKE=1 (= --smoke),
 # FACETWIN_BENCH_BACKEND (torch-cuda), FACETWIN_BENCH_MAX_BATCH (128), FACETWIN_BENCH_SECONDS (3),
-# FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (32), FACETWIN_BENCH_FRAME_PROCESSES (6: the full-frame
-# server's --processes), FACETWIN_BENCH_FRAME_MAX_BATCH (32), FACETWIN_BENCH_DETECT_THREADS (8 per process),
+# FACETWIN_BENCH_CLIENTS (4), FACETWIN_BENCH_FRAME_STREAMS (32), FACETWIN_BENCH_FRAME_CLIENTS (8),
+# FACETWIN_BENCH_FRAME_PROCESSES (6: the full-frame server's --processes), FACETWIN_BENCH_FRAME_MAX_BATCH (32),
+# FACETWIN_BENCH_DETECT_THREADS (8 per process),
 # FACETWIN_BENCH_DETECT_RUNTIME (auto: blazeface and FaceMesh on the GPU through torch where torch sees one),
 # FACETWIN_LANDMARKS (auto; 5 forces 5-point alignment), FACETWIN_DLIB_MODELS (a folder of dlib weight files),
 # FACETWIN_BENCH_TRAIN_SECONDS (--train: 300 s of full-preset training), FACETWIN_BENCH_REAL_SECONDS (--real: 360),

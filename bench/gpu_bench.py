@@ -87,6 +87,7 @@ class Plan:
     concurrency: int  # unary calls in flight
     streams: int  # concurrent streams, aligned crops
     frame_streams: int  # concurrent streams, full frames
+    frame_clients: int  # client processes for full frames (each parses a whole 1080p answer, 6 MB, under its GIL)
     frame_processes: int  # the full-frame server's serving processes (one passes ~130 1080p frames/s: its GIL)
     frame_max_batch: int  # the full-frame server's max batch: faces of a few streams per process, not 128 crops
     frames: int  # distinct full frames cycled through
@@ -111,6 +112,9 @@ def gpu_plan() -> Plan:
                 # (16 cores: ~1.5 each, the rest for the load clients). The kernel deals connections to them at
                 # random: with 32 streams one of the 6 is left without any 1.7 % of the time (16 streams: 30 %).
                 frame_streams=int(env("FACETWIN_BENCH_FRAME_STREAMS", "32")), frames=8,
+                # A load client spends ~15 ms of CPU on a whole 1080p answer, ~4 on a region (2-core host): 4 of
+                # them could not take 500 whole frames/s.
+                frame_clients=int(env("FACETWIN_BENCH_FRAME_CLIENTS", "8")),
                 frame_processes=int(env("FACETWIN_BENCH_FRAME_PROCESSES", "6")),
                 frame_max_batch=int(env("FACETWIN_BENCH_FRAME_MAX_BATCH", "32")),
                 frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"), frame_encodings="raw,raw-region",
@@ -123,7 +127,7 @@ def smoke_plan() -> Plan:
     return Plan(mode="smoke", model_only_backends=("torch-cpu", "onnxruntime"), serve_backend="onnxruntime",
                 max_batch=4, max_delay_ms=2.0, seconds=0.3, repeats=1, latency_calls=15, clients=2, concurrency=4,
                 streams=2,
-                frame_streams=2, frames=2, frame_processes=2, frame_max_batch=4, frame_sizes="1920x1080",
+                frame_streams=2, frame_clients=1, frames=2, frame_processes=2, frame_max_batch=4, frame_sizes="1920x1080",
                 frame_encodings="raw,raw-region",
                 detect_threads=1, detect_runtime="onnxruntime",
                 timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
@@ -403,14 +407,13 @@ def run(args: argparse.Namespace) -> int:
     # baseline in the same rounds, so the per-backend model-only phases (step 4) only add to them.
     serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / f"models-{SERVED}"),
                     "--backend", plan.serve_backend,
-                    "--max-delay-ms", str(plan.max_delay_ms), "--seconds", str(plan.seconds),
-                    "--clients", str(plan.clients)]
+                    "--max-delay-ms", str(plan.max_delay_ms), "--seconds", str(plan.seconds)]
     # The server builds TensorRT engines it does not find (cached in the model folder, <model_dir>/.engines).
     engines_s = TENSORRT_BUILD_S if plan.serve_backend == "tensorrt" else 0
     # 2. Served aligned 128 px crops vs the backend alone.
     path = out / f"serve_{SERVED}.json"
     phases[f"serve_{SERVED}"] = run_phase(
-        f"serve_{SERVED}", [*serve_common, "--max-batch", str(plan.max_batch),
+        f"serve_{SERVED}", [*serve_common, "--clients", str(plan.clients), "--max-batch", str(plan.max_batch),
                             "--concurrency", str(plan.concurrency), "--streams", str(plan.streams),
                             "--repeats", str(plan.repeats), "--latency-calls", str(plan.latency_calls),
                             "--json", str(path)],
@@ -428,7 +431,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         path = out / "full_frame.json"
         phases["full_frame"] = run_phase(
-            "full_frame", [*serve_common, "--full-frame", "--max-batch", str(plan.frame_max_batch),
+            "full_frame", [*serve_common, "--full-frame", "--clients", str(plan.frame_clients),
+                           "--max-batch", str(plan.frame_max_batch),
                            "--processes", str(plan.frame_processes),
                            "--frames-file", str(frames), "--frames", str(plan.frames),
                            "--sizes", plan.frame_sizes, "--frame-encoding", plan.frame_encodings,

@@ -127,6 +127,7 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
         assert summary["phases"]["full_frame"]["status"] == "ok"
         assert frame["frame"] == [1920, 1080] and frame["frame_encoding"] == "raw"
         assert frame["streams"]["streams"] == summary["plan"]["frame_streams"]
+        assert frame["streams"]["clients"] == summary["plan"]["frame_clients"] != summary["plan"]["clients"]
         assert frame["frame_encodings"] == ["raw", "raw-region"]
         for phase in ("unary", "stream", "streams"):
             for measured in (frame, frame["by_encoding"]["raw-region"]):
