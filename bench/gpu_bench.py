@@ -120,7 +120,7 @@ def gpu_plan() -> Plan:
                 frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"), frame_encodings="raw,raw-region",
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
                 detect_runtime=env("FACETWIN_BENCH_DETECT_RUNTIME", "auto"),
-                timeouts_s={"model_only": 120, "serve": 180, "full_frame": 150})
+                timeouts_s={"gpu_tests": 150, "model_only": 120, "serve": 180, "full_frame": 150})
 
 
 def smoke_plan() -> Plan:
@@ -130,7 +130,7 @@ def smoke_plan() -> Plan:
                 frame_streams=2, frame_clients=1, frames=2, frame_processes=2, frame_max_batch=4, frame_sizes="1920x1080",
                 frame_encodings="raw,raw-region",
                 detect_threads=1, detect_runtime="onnxruntime",
-                timeouts_s={"model_only": 90, "serve": 120, "full_frame": 120})
+                timeouts_s={"gpu_tests": 120, "model_only": 90, "serve": 120, "full_frame": 120})
 
 
 def model_configs(mode: str, only: str | None = None) -> dict[str, Any]:
@@ -322,6 +322,13 @@ def print_summary(summary: dict[str, Any]) -> None:
               f"{speeds}")
         for backend, error in model_only.get("failed", {}).items():  # the others still ran
             print(f"    {backend} FAILED: {error}")
+    tests = summary.get("gpu_tests")
+    if tests:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tests["counts"].items())) or "none selected"
+        print(f"  GPU-only tests: {counts}")
+        for test, entry in tests["tests"].items():
+            if entry["outcome"] == "failed":
+                print(f"    {test} FAILED ({entry['when']}): {entry['message'].strip().splitlines()[-1]}")
     print(f"  {'target (128 px model)':28s} {'measured':>10s} {'goal':>8s}")
     for name, t in summary["targets"].items():
         value = "-" if t["value"] is None else f"{t['value']:,.2f}"
@@ -403,14 +410,19 @@ def run(args: argparse.Namespace) -> int:
     available = [b for b in plan.model_only_backends if BACKENDS[b].available()[0]]
     summary["unavailable_backends"] = {b: BACKENDS[b].available()[1] for b in plan.model_only_backends
                                        if b not in available}
-    # The targets first, in case the deadline comes before the rest: the served phases measure their own model-only
-    # baseline in the same rounds, so the per-backend model-only phases (step 4) only add to them.
+    # 2. The GPU-only tests: whether the GPU computes what the CPU does, before its speed is timed (seconds).
+    path = out / "gpu_tests.json"
+    phases["gpu_tests"] = run_phase("gpu_tests", [python, str(BENCH / "gpu_tests.py"), "--json", str(path)],
+                                    plan.timeouts_s["gpu_tests"], log, path)
+    save(summary, out, started)
+    # The targets next, in case the deadline comes before the rest: the served phases measure their own model-only
+    # baseline in the same rounds, so the per-backend model-only phases (step 5) only add to them.
     serve_common = [python, str(BENCH / "serve.py"), "--model-dir", str(work / f"models-{SERVED}"),
                     "--backend", plan.serve_backend,
                     "--max-delay-ms", str(plan.max_delay_ms), "--seconds", str(plan.seconds)]
     # The server builds TensorRT engines it does not find (cached in the model folder, <model_dir>/.engines).
     engines_s = TENSORRT_BUILD_S if plan.serve_backend == "tensorrt" else 0
-    # 2. Served aligned 128 px crops vs the backend alone.
+    # 3. Served aligned 128 px crops vs the backend alone.
     path = out / f"serve_{SERVED}.json"
     phases[f"serve_{SERVED}"] = run_phase(
         f"serve_{SERVED}", [*serve_common, "--clients", str(plan.clients), "--max-batch", str(plan.max_batch),
@@ -419,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
                             "--json", str(path)],
         plan.timeouts_s["serve"] + engines_s, log, path)
     save(summary, out, started)
-    # 3. 1080p full frames, from the prepared folder (the host has no network for npm).
+    # 4. 1080p full frames, from the prepared folder (the host has no network for npm).
     frames = Path(args.data) / FRAMES_FILE if args.data else None
     if frames is None or not frames.is_file():
         phases["full_frame"] = {"status": "skipped", "reason": f"no {FRAMES_FILE} in --data {args.data}: run "
@@ -442,7 +454,7 @@ def run(args: argparse.Namespace) -> int:
                            "--json", str(path)],
             plan.timeouts_s["full_frame"] + engines_s, log, path)
         save(summary, out, started)
-    # 4. Model-only speed per available backend, batch 1 and the served max batch, for every bundle.
+    # 5. Model-only speed per available backend, batch 1 and the served max batch, for every bundle.
     for name in summary["bundles"]:
         if not available:
             phases[f"model_only_{name}"] = {"status": "skipped", "reason": f"no backend of {plan.model_only_backends}"}
@@ -464,7 +476,9 @@ def save(summary: dict[str, Any], out: Path, started: float, complete: bool = Fa
     phases = {name: {k: v for k, v in phase.items() if k != "result"} for name, phase in summary["phases"].items()}
     served = summary["phases"].get(f"serve_{SERVED}", {}).get("result")
     frame = summary["phases"].get("full_frame", {}).get("result")
-    written = {**summary, "complete": complete, "phases": phases, "served": served, "full_frame": frame,
+    tests = summary["phases"].get("gpu_tests", {}).get("result")
+    written = {**summary, "complete": complete, "phases": phases, "gpu_tests": tests, "served": served,
+               "full_frame": frame,
                "targets": summarize({f"serve_{SERVED}": {"result": served}, "full_frame": {"result": frame}}),
                "elapsed_s": round(time.perf_counter() - started, 1)}
     (out / "summary.json").write_text(json.dumps(written, indent=2) + "\n")

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SH = ROOT / "bench" / "gpu.sh"
 BUNDLES = {"gpu128": 128, "gpu256": 256, "demo64": 64}  # name -> resolution
-PHASE_FILES = (*(f"model_only_{name}.json" for name in BUNDLES), "serve_gpu128.json")
+PHASE_FILES = ("gpu_tests.json", *(f"model_only_{name}.json" for name in BUNDLES), "serve_gpu128.json")
 TARGETS = ("served_over_model_only", "single_stream_p50_ms", "single_stream_p99_ms", "full_frame_aggregate_fps",
            "full_frame_one_stream_fps", "full_frame_aggregate_fps_region")
 
@@ -91,6 +91,12 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     for key in ("device", "python", "torch", "onnxruntime", "tensorrt", "grpcio", "protobuf", "face_detector"):
         assert key in host
     assert summary["plan"]["serve_backend"] == "onnxruntime"
+    # The GPU-only tests ran first, each skipping on this CPU with its reason.
+    tests = summary["gpu_tests"]
+    assert tests["counts"] == {"skipped": len(tests["tests"])} and len(tests["tests"]) >= 5
+    assert all("CUDA" in entry["message"] or "not available" in entry["message"] or "not installed" in entry["message"]
+               for entry in tests["tests"].values())
+    assert "GPU-only tests:" in run.stdout
 
     assert {name: bundle["resolution"] for name, bundle in summary["bundles"].items()} == BUNDLES
     assert summary["bundles"]["gpu256"]["model_config"]["residual_blocks"] == 1  # the residual family, tiny widths

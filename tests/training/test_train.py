@@ -230,6 +230,7 @@ def test_to_device_keeps_the_values_and_leaves_device_tensors_alone():
         assert to_device(on_gpu, torch.device("cuda")) is on_gpu
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_sampling_and_augmenting_a_step_never_makes_the_cpu_wait_for_the_gpu(data, tmp_path):
     """The input pipeline draws its random numbers on the CPU; each copy to the GPU must be queued, not waited for

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""The GPU-only tests (`pytest -m gpu`) as one phase of the GPU bench: whether torch-cuda computes what the CPU does
+(conformance with ONNX Runtime, CUDA graphs per batch bucket, capture while another model serves, the face models on
+the GPU, an input pipeline that never waits for the GPU) before its speed is timed. Each test's outcome, and a
+failure's message, go to --json. Test modules that cannot be imported there (those of the client's media, whose
+libraries a GPU image lacks) are listed as not collected; the exit status is 1 where a selected test failed.
+
+    python bench/gpu_tests.py --json out/gpu_tests.json       # from the repository root, facetwin importable
+
+On a host without CUDA every selected test skips, saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE_CHARS = 3000  # the end of a failure's report: the assertion and the lines that led to it
+
+
+class Outcomes:
+    """A pytest plugin that keeps one entry per test: its call's outcome, or the setup's or teardown's where that
+    failed or skipped."""
+
+    def __init__(self) -> None:
+        self.tests: dict[str, dict[str, Any]] = {}
+        self.not_collected: dict[str, str] = {}  # module: the last line of why
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.not_collected[report.nodeid] = str(report.longrepr).strip().splitlines()[-1][-300:]
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" and report.outcome == "passed":
+            return
+        if report.nodeid in self.tests and self.tests[report.nodeid]["outcome"] != "passed":
+            return  # the first thing that went wrong is the one to read
+        entry: dict[str, Any] = {"outcome": report.outcome, "when": report.when, "seconds": round(report.duration, 2)}
+        if report.outcome != "passed":
+            entry["message"] = str(report.longrepr)[-MESSAGE_CHARS:]
+        self.tests[report.nodeid] = entry
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    outcomes = Outcomes()
+    pytest_status = int(pytest.main(["-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+                                     "--continue-on-collection-errors", str(ROOT / "tests")], plugins=[outcomes]))
+    counts: dict[str, int] = {}
+    for entry in outcomes.tests.values():
+        counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"pytest_status": pytest_status, "counts": counts, "tests": outcomes.tests,
+                                     "not_collected": outcomes.not_collected}, indent=2) + "\n")
+    return 1 if counts.get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
