@@ -54,7 +54,7 @@ while [[ $# -gt 0 ]]; do
         --smoke) smoke=1 ;;
         --train) mode=train ;;
         --all) mode=all ;;
-        --part) part="$2"; shift ;;
+        --part) [[ $# -gt 1 ]] || { echo "bench/gpu.sh: --part needs serve or real" >&2; exit 2; }; part="$2"; shift ;;
         --data) data="$2"; shift ;;
         --real-data) real_data="$2"; shift ;;
         --out) out="$2"; shift ;;
