@@ -23,7 +23,9 @@ import collections
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cv2
 import grpc
@@ -160,7 +162,9 @@ def served(proc, phase) -> dict:
 
 
 def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model: str, target: str,
-               sources: np.ndarray, size: tuple[int, int]) -> dict:
+               sources: np.ndarray, size: tuple[int, int], on_round: Callable[[dict], None] | None = None) -> dict:
+    """One frame size's rounds; on_round(the result over the rounds so far) after each, so that a run stopped
+    between rounds keeps the rounds it finished."""
     from serve import stream_payloads
 
     frames = [fit(frame, size) for frame in sources]
@@ -189,8 +193,17 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
                                                          args.seconds))}
         rounds.append({"raw_stages": stages, "served": served_by,
                        "stream_over_raw": served_by[first]["stream"]["per_s"] / stages["frames_per_s"]})
+        result = size_result(size, frames, requests, answers, first, rounds)
+        if on_round is not None:
+            on_round(result)
+    return result
+
+
+def size_result(size: tuple[int, int], frames: list[np.ndarray], requests: dict[str, list], answers: dict[str, Any],
+                first: str, rounds: list[dict]) -> dict:
+    """A size's JSON from its rounds: the round of the median one-stream rate, and every round's rates."""
     middle = sorted(rounds, key=lambda r: r["served"][first]["stream"]["per_s"])[(len(rounds) - 1) // 2]
-    face = warm.faces[0]
+    face = answers[first].faces[0]
     sent_bytes = [len(r.image.encoded) or len(r.image.raw.pixels) for r in requests[first]]
     return {"frame": list(size), "face_width": face.box.x1 - face.box.x0, "distinct_frames": len(frames),
             "request_bytes_mean": float(np.mean(sent_bytes)), "landmarks": len(face.landmarks),
@@ -236,9 +249,12 @@ def main(args: argparse.Namespace, bundle: Path, model: str, target: str, res: i
     proc, address = start_server(args, bundle.parent)
     sizes: dict[str, dict] = {}
     try:
-        for w, h in args.sizes:  # written after each size: a run stopped later keeps the sizes already measured
-            sizes[f"{w}x{h}"] = bench_size(args, proc, address, bundle, model, target, sources, (w, h))
-            write_report(report(args, model, target, res, sizes), args.json_path, echo=False)
+        for w, h in args.sizes:  # written after each round: a run stopped later keeps the rounds already measured
+            def keep(result: dict, name: str = f"{w}x{h}") -> None:
+                sizes[name] = result
+                write_report(report(args, model, target, res, sizes), args.json_path, echo=False)
+
+            bench_size(args, proc, address, bundle, model, target, sources, (w, h), on_round=keep)
     finally:
         stop_server(proc)
     write_report(report(args, model, target, res, sizes), args.json_path)

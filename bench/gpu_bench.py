@@ -121,7 +121,7 @@ def gpu_plan() -> Plan:
                 frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"), frame_encodings="raw,raw-region",
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
                 detect_runtime=env("FACETWIN_BENCH_DETECT_RUNTIME", "auto"),
-                timeouts_s={"gpu_tests": 150, "model_only": 120, "serve": 180, "full_frame": 150})
+                timeouts_s={"gpu_tests": 150, "model_only": 120, "serve": 180, "full_frame": 200})
 
 
 def smoke_plan() -> Plan:

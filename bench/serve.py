@@ -101,7 +101,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep-shape", type=float, default=None,
                    help="--full-frame: the server's --keep-shape (default: the server's, 0.5; 0 skips the bend)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    return args
 
 
 def bench_raw(bundle: Path, backend_name: str, target: str, batch: int, seconds: float, max_batch: int,
