@@ -238,10 +238,15 @@ def test_folder_errors_name_their_file_and_patterns_skip_the_output_folder(full_
 
 
 def send_to_another_thread(pid: int, sig: int) -> None:
-    """Sends `sig` to one of the process's threads other than its main thread, as the kernel may do with a signal
-    sent to the process while its main thread blocks it for a moment."""
-    others = sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid)
-    assert others, "the process has no thread besides its main one"
+    """Sends `sig` to one of the process's threads other than its main thread that does not block it, as the kernel
+    may do with a signal sent to the process while its main thread blocks it for a moment."""
+    def blocks(tid: int) -> bool:
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:")), 16)
+        return bool(mask >> (sig - 1) & 1)
+
+    others = [tid for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")) if tid != pid and not blocks(tid)]
+    assert others, "the process has no thread besides its main one that takes the signal"
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.tgkill(pid, others[0], sig) != 0:
         raise OSError(ctypes.get_errno(), "tgkill")
