@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import cv2
 import grpc
@@ -180,6 +179,12 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
         sys.exit(f"error: the server found no face in the {size[0]}x{size[1]} benchmark frame")
     detect_every = args.detect_every or ServerConfig().detect_every  # the raw stages model this server's setting
     keep_shape = args.keep_shape if args.keep_shape is not None else ServerConfig().keep_shape
+    face = warm.faces[0]
+    sent_bytes = [len(r.image.encoded) or len(r.image.raw.pixels) for r in requests[first]]
+    fixed = {"frame": list(size), "face_width": face.box.x1 - face.box.x0, "distinct_frames": len(frames),
+             "request_bytes_mean": float(np.mean(sent_bytes)), "landmarks": len(face.landmarks),
+             # The first frame's answer (the whole SwapResponse message) as each encoding sends it back.
+             "answer_bytes": {encoding: answer.ByteSize() for encoding, answer in answers.items()}}
     rounds = []
     for _ in range(args.repeats):
         stages = raw_stages(bundle, args.backend, target, frames, detect_every, keep_shape)
@@ -193,24 +198,17 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
                                                          args.seconds))}
         rounds.append({"raw_stages": stages, "served": served_by,
                        "stream_over_raw": served_by[first]["stream"]["per_s"] / stages["frames_per_s"]})
-        result = size_result(size, frames, requests, answers, first, rounds)
+        result = {**fixed, **rounds_result(first, rounds)}
         if on_round is not None:
             on_round(result)
     return result
 
 
-def size_result(size: tuple[int, int], frames: list[np.ndarray], requests: dict[str, list], answers: dict[str, Any],
-                first: str, rounds: list[dict]) -> dict:
-    """A size's JSON from its rounds: the round of the median one-stream rate, and every round's rates."""
+def rounds_result(first: str, rounds: list[dict]) -> dict:
+    """A size's measured part from its rounds: the round of the median one-stream rate, and every round's rates."""
     middle = sorted(rounds, key=lambda r: r["served"][first]["stream"]["per_s"])[(len(rounds) - 1) // 2]
-    face = answers[first].faces[0]
-    sent_bytes = [len(r.image.encoded) or len(r.image.raw.pixels) for r in requests[first]]
-    return {"frame": list(size), "face_width": face.box.x1 - face.box.x0, "distinct_frames": len(frames),
-            "request_bytes_mean": float(np.mean(sent_bytes)), "landmarks": len(face.landmarks),
-            # The first frame's answer (the whole SwapResponse message) as each encoding sends it back.
-            "answer_bytes": {encoding: answer.ByteSize() for encoding, answer in answers.items()},
-            # The first encoding's phases at the top level; every encoding's (same round) under by_encoding.
-            "raw": middle["raw_stages"], **middle["served"][first], "stream_over_raw": middle["stream_over_raw"],
+    # The first encoding's phases at the top level; every encoding's (same round) under by_encoding.
+    return {"raw": middle["raw_stages"], **middle["served"][first], "stream_over_raw": middle["stream_over_raw"],
             "by_encoding": middle["served"],
             "rounds": [{"raw_frames_per_s": r["raw_stages"]["frames_per_s"],
                         "load_average": r["served"][first]["stream"]["load_average"],
