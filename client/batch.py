@@ -37,7 +37,7 @@ _SIGNAL_POLL_S = 0.1
 
 class PlanError(ValueError):
     """The command line names something that cannot be planned (a missing folder, a pattern matching nothing,
-    two inputs that would write the same output)."""
+    two inputs that would write the same output, an output that is an input)."""
 
 
 class BatchInterrupted(KeyboardInterrupt):
@@ -142,7 +142,9 @@ def plan_batch(inputs: Sequence[str], out_dir: Path, *, list_file: Path | None =
     list_entries = read_list_file(list_file) if list_file is not None else []
     items: list[BatchItem] = []
     seen: dict[Path, Path] = {}
-    for source, relative, explicit in _expand(inputs, list_entries, out_dir):
+    expanded = _expand(inputs, list_entries, out_dir)
+    sources = {source.resolve(): source for source, _, _ in expanded}
+    for source, relative, explicit in expanded:
         try:
             kind = _kind(source)
         except MediaFileError as exc:
@@ -157,6 +159,9 @@ def plan_batch(inputs: Sequence[str], out_dir: Path, *, list_file: Path | None =
         else:
             suffix = source.suffix if source.suffix.lower() in IMAGE_OUTPUTS else _PHOTO_FALLBACK_SUFFIX
         output = out_dir / relative.with_suffix(suffix)
+        if output.resolve() in sources:
+            raise PlanError(f"{source} would be written over the input {sources[output.resolve()]}: give an OUT "
+                            "folder that holds no inputs")
         if output in seen:
             raise PlanError(f"{seen[output]} and {source} would both be written to {output}; swap them in separate "
                             "runs or rename one")

@@ -136,7 +136,7 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
     video_options, address, max_in_flight = swap.pop("options"), swap.pop("address"), swap.pop("max_in_flight")
     credentials = swap.pop("credentials")
     if dry_run:
-        check_writable(output)
+        check_writable(output, source)
         if kind == "image":
             print(f"dry run: would send {source} ({description}) to {address}: model={swap['model']} "
                   f"target={swap['target']} faces={_describe_faces(swap['faces'])} -> {output}"

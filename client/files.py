@@ -46,9 +46,9 @@ class _ImageJob:
         self.mask = Path(mask) if mask is not None else None
         self.mask_encoding = output_encoding(self.mask, "mask") if self.mask is not None else None
         self.payload = read_image(self.source)
-        self.partials = [PartialFile(self.output)]
+        self.partials = [PartialFile(self.output, self.source)]
         if self.mask is not None:
-            self.partials.append(PartialFile(self.mask))
+            self.partials.append(PartialFile(self.mask, self.source))
 
     def finish(self, result: SwapResult, aligned: bool) -> FileReport:
         if result.encoded is None:

@@ -216,10 +216,22 @@ def output_encoding(path: Path, what: str = "output") -> str:
         raise MediaFileError(path, f"{what} must end in .png, .jpg or .jpeg (it picks the encoding)") from None
 
 
-def check_writable(path: Path) -> None:
-    """Raises MediaFileError unless `path` could be created (its nearest existing folder is writable)."""
+def is_same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file (links and different spellings included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing
+        return False
+
+
+def check_writable(path: Path, source: Path | None = None) -> None:
+    """Raises MediaFileError unless `path` could be created (its nearest existing folder is writable) and is not
+    `source`, the input it is made from: the result would replace the original."""
     if path.is_dir():
         raise MediaFileError(path, "is a folder; name the output file")
+    if source is not None and is_same_file(path, source):
+        raise MediaFileError(path, "is the input itself; write the result to another file (the original would be "
+                                   "replaced)")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
@@ -231,11 +243,12 @@ def check_writable(path: Path) -> None:
 
 class PartialFile:
     """A hidden temporary file next to `path`: commit() renames it onto `path`, discard() removes it, so an output
-    is whole or absent. Created at once, so an unwritable output fails before any work is done."""
+    is whole or absent. Created at once, so an unwritable output (or one that is `source`, the input it is made
+    from) fails before any work is done."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
-        check_writable(self.path)
+        check_writable(self.path, Path(source) if source is not None else None)
         # The suffix stays last so FFmpeg can still tell the container from the name.
         self.temp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.partial{self.path.suffix}")
         try:

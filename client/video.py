@@ -105,7 +105,7 @@ class VideoJob:
             self._video = self._input.streams.video[0]
             self._video.thread_type = "AUTO"  # frame + slice threads in the decoder
             self._audio = list(self._input.streams.audio)
-            self._partial = PartialFile(self.output)
+            self._partial = PartialFile(self.output, self.source)
         except BaseException:
             self._input.close()
             raise

@@ -107,6 +107,28 @@ def test_usage_mistakes_exit_2(photo, clip, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_outputs_never_replace_their_inputs(photo, clip, tmp_path):
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    own_photo, own_clip = shots / "a.png", shots / "b.mp4"
+    own_photo.write_bytes(photo.read_bytes())
+    own_clip.write_bytes(clip.read_bytes())
+    before = {path: path.read_bytes() for path in (own_photo, own_clip)}
+    for source in (own_photo, own_clip):
+        for extra in ((), ("--dry-run",)):
+            assert_one_error_line(run_cli("swap", source, source, "-m", "d", "-t", "b", "-a", UNREACHABLE, *extra),
+                                  1, str(source), "is the input itself")
+    alias = tmp_path / "alias.png"  # another name for the same file
+    alias.symlink_to(own_photo)
+    assert_one_error_line(run_cli("swap", own_photo, alias, "-m", "d", "-t", "b", "-a", UNREACHABLE), 1,
+                          "is the input itself")
+    for extra in ((), ("--overwrite",), ("--dry-run",)):
+        assert_one_error_line(run_cli("swap", shots, shots, "-m", "d", "-t", "b", "-a", UNREACHABLE, *extra), 2,
+                              "would be written over the input", "OUT folder that holds no inputs")
+    assert {path: path.read_bytes() for path in (own_photo, own_clip)} == before
+    assert sorted(p.name for p in shots.iterdir()) == ["a.png", "b.mp4"]
+
+
 def test_unreachable_server_is_one_error_line(photo, clip, tmp_path):
     assert_one_error_line(run_cli("swap", photo, tmp_path / "out.png", "-m", "d", "-t", "b", "-a", UNREACHABLE), 1,
                           UNREACHABLE, "unavailable")
