@@ -77,6 +77,19 @@ class Rule:
                 "track": f"track {self.track_id}", "reference": "the reference's person"}[self.pick]
 
 
+def check_limits(rules: int, photos: Callable[[], int], max_rules: int, max_photos: int) -> None:
+    """At most max_rules rules and max_photos reference photos in all. `photos` counts the photos, called only once
+    the rules are known to be few: a message may hold millions of rules, and counting them is work."""
+    if rules > max_rules:
+        raise ResourceExhaustedError(f"the face mapping has {rules} rules; this server takes at most {max_rules} "
+                                     "(see GetServerInfo limits)")
+    count = photos()
+    if count > max_photos:
+        raise ResourceExhaustedError(f"the face mapping carries {count} reference photos; this server takes at most "
+                                     f"{max_photos} per request (see GetServerInfo limits): send fewer, or one or two "
+                                     "good frontal photos per person")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Mapping:
     """The rules of one request or stream, and the descriptor distance that counts as the same person."""
@@ -116,13 +129,7 @@ class Mapping:
 
     def check_limits(self, max_rules: int, max_photos: int) -> None:
         """Before any work: at most max_rules rules and max_photos reference photos in all."""
-        if len(self.rules) > max_rules:
-            raise ResourceExhaustedError(f"the face mapping has {len(self.rules)} rules; this server takes at most "
-                                         f"{max_rules} (see GetServerInfo limits)")
-        if self.photo_count > max_photos:
-            raise ResourceExhaustedError(f"the face mapping carries {self.photo_count} reference photos; this server "
-                                         f"takes at most {max_photos} per request (see GetServerInfo limits): send "
-                                         "fewer, or one or two good frontal photos per person")
+        check_limits(len(self.rules), lambda: self.photo_count, max_rules, max_photos)
 
     async def describe(self, descriptor: Callable[[Photo, str], Awaitable[np.ndarray]]) -> "Mapping":
         """This mapping with every reference photo described; descriptor(photo, where) is one photo's descriptor

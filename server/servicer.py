@@ -19,7 +19,7 @@ from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
 from .fullframe import BLURRED, HELD, NOT_SWAPPED, PASSED, SWAPPED, FrameFace
 from .limits import Admission, AdmissionLimits
-from .mapping import Mapping, Photo, Rule
+from .mapping import Mapping, Photo, Rule, check_limits
 from .provenance import DIGITAL_SOURCE_TYPE, Provenance
 from .registry import FAILED, READY, ModelRegistry
 from .streams import DROPPED, OK, FrameAnswer, StreamRun
@@ -51,8 +51,9 @@ def _enum(table: dict, value: int, field: str):
         raise InvalidInputError(f"{field} has unknown value {value}") from None
 
 
-def job_from_proto(request: pb.SwapRequest) -> SwapJob:
-    """SwapRequest -> SwapJob; rejects malformed fields with InvalidInputError."""
+def job_from_proto(request: pb.SwapRequest, config: ServerConfig) -> SwapJob:
+    """SwapRequest -> SwapJob; rejects malformed fields with InvalidInputError, a mapping past config's limits with
+    ResourceExhaustedError."""
     if not request.model:
         raise InvalidInputError("model is empty: name a bundle from ListModels")
     if not request.target:
@@ -68,7 +69,7 @@ def job_from_proto(request: pb.SwapRequest) -> SwapJob:
         if request.faces or request.face_index:
             raise InvalidInputError("faces / face_index and mapping both say which faces to swap: set one of them "
                                     "(a FaceRule with selection does what faces does)")
-        mapping = mapping_from_proto(request.mapping)
+        mapping = mapping_from_proto(request.mapping, config)
     keep_shape = None
     if request.HasField("keep_shape"):
         keep_shape = request.keep_shape
@@ -116,8 +117,11 @@ def _image_from_proto(image: pb.Image, field: str) -> tuple[bytes | None, RawPix
     raise InvalidInputError(f"{field} is empty: set {field}.encoded (JPEG/PNG bytes) or {field}.raw")
 
 
-def mapping_from_proto(message: pb.FaceMapping) -> Mapping:
-    """FaceMapping -> mapping.Mapping (photos kept as sent; SwapEngine.describe reads them)."""
+def mapping_from_proto(message: pb.FaceMapping, config: ServerConfig) -> Mapping:
+    """FaceMapping -> mapping.Mapping (photos kept as sent; SwapEngine.describe reads them). The limits are checked
+    on the message first: a mapping within the size of a message can hold millions of rules."""
+    check_limits(len(message.rules), lambda: sum(len(rule.reference.images) for rule in message.rules),
+                 config.max_face_rules, config.max_reference_images)
     rules = []
     for number, rule in enumerate(message.rules):
         field = f"mapping.rules[{number}]"
@@ -156,13 +160,13 @@ def checked(request):
     return request
 
 
-def stream_frame(message, number: int) -> tuple[int, SwapJob | SwapError]:
+def stream_frame(message, number: int, config: ServerConfig) -> tuple[int, SwapJob | SwapError]:
     """One stream message as (frame_id, job), or (frame_id, the error to answer it with)."""
     if isinstance(message, MalformedMessage):
         return 0, InvalidInputError(f"stream message {number} is not a valid SwapStreamRequest "
                                     f"({shorten(message.error)}); frame id unknown")
     try:
-        return message.request.frame_id, job_from_proto(message.request)
+        return message.request.frame_id, job_from_proto(message.request, config)
     except SwapError as exc:
         return message.request.frame_id, exc
 
@@ -306,7 +310,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
     # Errors propagate: interceptors.CallInterceptor answers a SwapError with its status code, counts and logs it.
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
         with self.admission.admit("call", client_id(context)):
-            job = job_from_proto(request)
+            job = job_from_proto(request, self.config)
             outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
         metrics.observe(outcome, "Swap")
         return response_to_proto(outcome, logs.current_request_id())
@@ -342,7 +346,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
                 lost_faces = _enum(_LOST, first.lost_faces, "lost_faces")
             lost_face_frames = first.lost_face_frames or None
             if first.request.HasField("mapping"):  # the stream's, for every frame: its photos are described once
-                mapping = mapping_from_proto(first.request.mapping)
+                mapping = mapping_from_proto(first.request.mapping, self.config)
         # Face tracks, the lost-face policy and the mapping; a bad policy or mapping refuses the stream.
         faces_over_time = await self.engine.new_stream_state(lost_faces, lost_face_frames, mapping)
 
@@ -365,7 +369,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
                         "this stream's faces are chosen by the mapping of its first message: leave faces / "
                         "face_index unset on its frames")
                 else:
-                    yield stream_frame(message, number)
+                    yield stream_frame(message, number, self.config)
                 number += 1
                 message = await anext(messages, None)
 

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from facetwin.server import imaging
+from facetwin.server.config import ServerConfig
 from facetwin.server.errors import SwapError
 from facetwin.server.servicer import job_from_proto
 from facetwin.v1 import facetwin_pb2 as pb
@@ -100,7 +101,7 @@ def test_any_field_values_translate_to_a_job_or_a_caller_error(model, target, ki
     if keep_shape is not None:
         request.keep_shape = keep_shape
     try:
-        job_from_proto(request)
+        job_from_proto(request, ServerConfig())
     except Exception as exc:
         assert_caller_error(exc)
 

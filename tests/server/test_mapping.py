@@ -131,6 +131,11 @@ def noise_png(side: int) -> bytes:
      "carries 9 reference photos; this server takes at most 8"),
     (lambda p: [pb.FaceRule(selection=pb.FACE_SELECTION_ALL)] * 17, grpc.StatusCode.RESOURCE_EXHAUSTED,
      "has 17 rules; this server takes at most 16"),
+    # Limits come before the rules are read: the first rule (or photo) is malformed, the count alone refuses them.
+    (lambda p: [pb.FaceRule()] + [pb.FaceRule(selection=pb.FACE_SELECTION_ALL)] * 100_000,
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "has 100001 rules; this server takes at most 16"),
+    (lambda p: [pb.FaceRule(reference=pb.FaceReference(images=[pb.Image()] * 9))], grpc.StatusCode.RESOURCE_EXHAUSTED,
+     "carries 9 reference photos; this server takes at most 8"),
     (lambda p: [pb.FaceRule(target="nobody", selection=pb.FACE_SELECTION_ALL)], grpc.StatusCode.NOT_FOUND, "nobody"),
     (lambda p: [pb.FaceRule(target="")], grpc.StatusCode.INVALID_ARGUMENT, "mapping.rules[0] picks no faces"),
     (lambda p: [pb.FaceRule(track_id=0)], grpc.StatusCode.INVALID_ARGUMENT, "track_id 0 names no track"),
