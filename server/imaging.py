@@ -20,6 +20,7 @@ from .errors import InvalidInputError, ResourceExhaustedError
 MIN_SIDE = 8  # smaller images carry no usable face
 FORMATS = ("jpeg", "png")  # what Image.encoded may hold
 _PIL_FORMATS = ["JPEG", "PNG"]
+_SIGNATURES = {"PNG": b"\x89PNG\r\n\x1a\n", "JPEG": b"\xff\xd8\xff"}
 # Pillow's own decompression-bomb guard is redundant here (ImageLimits is checked on the header first) and would
 # warn for large but allowed images; its error, for absurd headers, is still caught below.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -44,8 +45,9 @@ def check_size(height: int, width: int, limits: ImageLimits) -> None:
                                      f"most {limits.max_pixels}: downscale it first")
 
 
-def probe_encoded(data: bytes, limits: ImageLimits) -> str:
-    """The format of JPEG/PNG bytes ("jpeg" | "png"), its size checked against the limits from the header alone."""
+def probe_encoded(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
+    """(format, height, width) of JPEG/PNG bytes, format "jpeg" | "png", the size checked against the limits from
+    the header alone (as stored: an EXIF orientation may turn the decoded image)."""
     if not data:
         raise InvalidInputError("image.encoded is empty: send JPEG or PNG file bytes, or use image.raw")
     try:
@@ -56,10 +58,14 @@ def probe_encoded(data: bytes, limits: ImageLimits) -> str:
         raise ResourceExhaustedError(f"image.encoded claims more than {Image.MAX_IMAGE_PIXELS} pixels; this server "
                                      f"accepts at most {limits.max_pixels}: downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # Pillow's errors for unreadable headers
+        signature = next((name for name, magic in _SIGNATURES.items() if data.startswith(magic)), None)
+        if signature is not None:
+            raise InvalidInputError(f"image.encoded ({len(data)} bytes) starts like a {signature} file but its header "
+                                    "cannot be read: the file is truncated or corrupt") from None
         raise InvalidInputError(f"image.encoded ({len(data)} bytes, starting {data[:8].hex()}) is not a JPEG or PNG "
                                 f"file: this server accepts {' or '.join(FORMATS)} (or image.raw pixels)") from None
     check_size(height, width, limits)
-    return kind
+    return kind, height, width
 
 
 def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
@@ -82,12 +88,12 @@ def decode_raw(pixels: bytes, height: int, width: int, channels: int, color: str
         raise InvalidInputError(f"image.raw.pixel_type {dtype} is not supported: send PIXEL_TYPE_UINT8 (0..255)")
     if channels != 3:
         raise InvalidInputError(f"image.raw.channels is {channels}; send 3-channel colour (RGB or BGR) images")
-    check_size(height, width, limits)
     expected = height * width * channels
-    if len(pixels) != expected:
+    if len(pixels) != expected:  # before the size: a shape that disagrees with its bytes is the mistake to report
         raise InvalidInputError(
             f"image.raw.pixels holds {len(pixels)} bytes but height*width*channels = {height}*{width}*{channels} = {expected}"
         )
+    check_size(height, width, limits)
     image = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
     return image[:, :, ::-1] if color == "bgr" else image
 

@@ -25,7 +25,8 @@ from .provenance import Provenance, mark_synthetic
 from .registry import ModelRegistry
 from .tracking import FrameTicket, StreamFaceState, TrackingConfig
 
-# Images bigger than this are decoded/encoded in a worker thread so the event loop keeps serving others.
+# Encoded images bigger than this are decoded, and answers encoded, on a worker thread so the event loop keeps
+# serving others; the count comes from the image's header, since a 2 KB PNG can hold 4096x4096 pixels.
 _INLINE_PIXELS = 256 * 256
 # Room in a response for everything but the image bytes (faces, timings, provenance): an answer whose images leave
 # less than this under the message limit is refused rather than failing in gRPC after the work.
@@ -183,9 +184,8 @@ class SwapEngine:
         model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
 
-        decoded = await self._maybe_in_thread(self._decode, job)
+        decoded = await self._read_image(job)
         height, width = decoded.shape[:2]
-        self._check_answer_size(job, height, width)
         size = target.manifest.resolution
         face = imaging.resize(decoded, size, size)
         decoded_at = time.perf_counter()
@@ -193,7 +193,7 @@ class SwapEngine:
         (swapped, mask), info = await target.batcher.submit(face, caller, bounded)
 
         encoded_at = time.perf_counter()
-        image, mask_out = await self._maybe_in_thread(self._encode, job, swapped, mask, height, width, origin)
+        image, mask_out = await self._off_loop(height * width, self._encode, job, swapped, mask, height, width, origin)
         done = time.perf_counter()
         timings = Timings(
             decode_ms=(decoded_at - start) * 1e3,
@@ -217,8 +217,7 @@ class SwapEngine:
         targets = {name: (await self.registry.get(job.model, name, timeout=wait_s))[1]
                    for name in mapping.targets(job.target)}  # every identity a rule names: NOT_FOUND before work
         origin = Provenance(job.model, job.target, model.manifest_sha256)
-        frame = await self._maybe_in_thread(self._decode, job)  # its limits before the reference photos' work
-        self._check_answer_size(job, *frame.shape[:2])
+        frame = await self._read_image(job)  # its limits before the reference photos' work
         decoded_at = time.perf_counter()
         if mapping is job.mapping:  # the reference photos: their time is in total_ms
             mapping = await self.describe(mapping)
@@ -236,7 +235,8 @@ class SwapEngine:
         image_out = mask_out = None
         if region is not None or not job.return_region:
             height, width = image.shape[:2]
-            image_out, mask_out = await self._maybe_in_thread(self._encode, job, image, mask, height, width, origin)
+            image_out, mask_out = await self._off_loop(height * width, self._encode, job, image, mask, height, width,
+                                                       origin)
         done = time.perf_counter()
         timings = Timings(
             decode_ms=(decoded_at - start) * 1e3,
@@ -276,15 +276,26 @@ class SwapEngine:
             return "raw" if job.raw is not None else "png"
         return job.output_encoding
 
-    async def _maybe_in_thread(self, fn, *args):
-        job = args[0]
-        pixels = job.raw.height * job.raw.width if job.raw else len(job.encoded or b"") * 4
+    @staticmethod
+    async def _off_loop(pixels: int, fn, *args):
+        """fn(*args), on a worker thread when it works on more than _INLINE_PIXELS pixels."""
         if pixels > _INLINE_PIXELS:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _decode(self, job: SwapJob) -> np.ndarray:
-        return self._decode_image(job.encoded, job.raw, self.image_limits)
+    async def _read_image(self, job: SwapJob) -> np.ndarray:
+        """The request's image, RGB uint8. Its size comes first from the raw fields or the file's header: the
+        limits, and a raw answer's size, are checked before any pixel is decoded. Raw pixels are only viewed in
+        place (no copy: never worth a thread); a large encoded image is decoded on a worker thread."""
+        if job.raw is not None:
+            image = self._decode_image(None, job.raw, self.image_limits)
+            self._check_answer_size(job, *image.shape[:2])
+            return image
+        if job.encoded is None:
+            raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
+        _, height, width = imaging.probe_encoded(job.encoded, self.image_limits)
+        self._check_answer_size(job, height, width)
+        return await self._off_loop(height * width, imaging.decode_encoded, job.encoded, self.image_limits)
 
     @staticmethod
     def _decode_image(encoded: bytes | None, raw: RawPixels | None, limits: imaging.ImageLimits) -> np.ndarray:

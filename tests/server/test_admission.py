@@ -137,6 +137,12 @@ def test_an_answer_over_the_message_limit_is_refused_before_the_work(tiny_model_
                 stub.Swap(big_raw, timeout=60)
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "PNG or JPEG output" in error.value.details() and "1470000 bytes" in error.value.details()
+            # Refused from the header alone: these pixels are never decoded (they would be found broken).
+            broken = pb.SwapRequest(model=served_model.model, target=b, image=pb.Image(encoded=png[:len(png) // 2]),
+                                    output_encoding=pb.ENCODING_RAW)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Swap(broken, timeout=60)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "1470000 bytes" in error.value.details()
             as_png = stub.Swap(pb.SwapRequest(model=served_model.model, target=b, image=pb.Image(encoded=png),
                                               output_encoding=pb.ENCODING_JPEG), timeout=60)
             assert as_png.image.encoded[:2] == b"\xff\xd8"  # what the message advised fits

@@ -110,6 +110,17 @@ def test_a_truncated_file_is_invalid_not_internal(rgb, kind):
         imaging.decode_encoded(data[: len(data) // 2], LIMITS)
 
 
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
+def test_a_file_with_a_broken_header_says_so(rgb, kind):
+    data = bytearray(imaging.encode(rgb, kind))
+    if kind == "png":
+        data[24] = 7  # IHDR's bit depth: no PNG has 7
+    else:
+        data = data[:4] + b"\x00" * 40  # a JPEG signature and no segment after it
+    with pytest.raises(InvalidInputError, match=f"starts like a {kind.upper()} file but its header cannot be read"):
+        imaging.decode_encoded(bytes(data), LIMITS)
+
+
 def test_batch_layout_round_trip(rgb):
     faces = [rgb, rgb[::-1].copy()]
     batch = imaging.to_nchw_float(faces)

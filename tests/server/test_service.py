@@ -169,6 +169,9 @@ def _bad_requests(m):
                              grpc.StatusCode.INVALID_ARGUMENT, "target identity '../"),
         "huge side": (raw(pixels=bytes(5000 * 9 * 3), height=5000, width=9), grpc.StatusCode.RESOURCE_EXHAUSTED,
                       "at most 4096"),
+        # the bytes are the caller's mistake, not the size they were meant to have
+        "huge claim": (raw(pixels=bytes(12), height=2**31, width=2**31), grpc.StatusCode.INVALID_ARGUMENT,
+                       "holds 12 bytes"),
         "full frame": (pb.SwapRequest(model=m.model, target=b, image=pb.Image(encoded=b"x"),
                                       kind=pb.IMAGE_KIND_FULL_FRAME), grpc.StatusCode.INVALID_ARGUMENT,
                        "is not a JPEG or PNG file"),
@@ -176,7 +179,8 @@ def _bad_requests(m):
 
 
 @pytest.mark.parametrize("case", ["corrupt bytes", "wrong shape", "wrong channels", "wrong dtype", "no image",
-                                  "unknown model", "unknown identity", "path in model name", "huge side", "full frame"])
+                                  "unknown model", "unknown identity", "path in model name", "huge side", "huge claim",
+                                  "full frame"])
 def test_bad_unary_input(stub, served_model, case):
     request, code, message = _bad_requests(served_model)[case]
     with pytest.raises(grpc.RpcError) as info:
