@@ -121,7 +121,7 @@ def gpu_plan() -> Plan:
                 frame_sizes=env("FACETWIN_BENCH_FRAME_SIZES", "1920x1080"), frame_encodings="raw,raw-region",
                 detect_threads=int(env("FACETWIN_BENCH_DETECT_THREADS", "8")),
                 detect_runtime=env("FACETWIN_BENCH_DETECT_RUNTIME", "auto"),
-                timeouts_s={"gpu_tests": 150, "model_only": 120, "serve": 180, "full_frame": 200})
+                timeouts_s={"gpu_tests": 100, "model_only": 120, "serve": 180, "full_frame": 200})
 
 
 def smoke_plan() -> Plan:
@@ -326,7 +326,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     tests = summary.get("gpu_tests")
     if tests:
         counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tests["counts"].items())) or "none selected"
-        print(f"  GPU-only tests: {counts}")
+        print(f"  GPU-only tests: {counts}" + ("" if tests.get("finished") else " (cut short: the rest did not run)"))
         for test, entry in tests["tests"].items():
             if entry["outcome"] == "failed":
                 print(f"    {test} FAILED ({entry['when']}): {entry['message'].strip().splitlines()[-1]}")

@@ -13,6 +13,7 @@ On a host without CUDA every selected test skips, saying why.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -23,19 +24,38 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGE_CHARS = 3000  # the end of a failure's report: the assertion and the lines that led to it
+# One test that hangs (a CUDA call that never returns, an engine build) must not take the phase's whole time with it;
+# applied where pytest-timeout is installed.
+TEST_TIMEOUT_S = 45
 
 
 class Outcomes:
     """A pytest plugin that keeps one entry per test: its call's outcome, or the setup's or teardown's where that
-    failed or skipped."""
+    failed or skipped. The JSON is rewritten after every report, so a phase cut short by its deadline keeps the
+    outcomes it had."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.tests: dict[str, dict[str, Any]] = {}
         self.not_collected: dict[str, str] = {}  # module: the last line of why
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for entry in self.tests.values():
+            counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
+        return counts
+
+    def write(self, pytest_status: int | None = None) -> None:
+        """pytest_status None: the run has not ended."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"pytest_status": pytest_status, "finished": pytest_status is not None,
+                                         "counts": self.counts(), "tests": self.tests,
+                                         "not_collected": self.not_collected}, indent=2) + "\n")
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:
             self.not_collected[report.nodeid] = str(report.longrepr).strip().splitlines()[-1][-300:]
+            self.write()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when != "call" and report.outcome == "passed":
@@ -46,6 +66,7 @@ class Outcomes:
         if report.outcome != "passed":
             entry["message"] = str(report.longrepr)[-MESSAGE_CHARS:]
         self.tests[report.nodeid] = entry
+        self.write()
 
 
 def main() -> int:
@@ -59,16 +80,13 @@ def main() -> int:
         from facetwin.training.realdata import CACHE_ENV
 
         os.environ[CACHE_ENV] = str(args.cache.resolve())
-    outcomes = Outcomes()
-    pytest_status = int(pytest.main(["-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+    outcomes = Outcomes(args.json)
+    outcomes.write()
+    timeout = ["--timeout", str(TEST_TIMEOUT_S)] if importlib.util.find_spec("pytest_timeout") else []
+    pytest_status = int(pytest.main(["-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", *timeout,
                                      "--continue-on-collection-errors", str(ROOT / "tests")], plugins=[outcomes]))
-    counts: dict[str, int] = {}
-    for entry in outcomes.tests.values():
-        counts[entry["outcome"]] = counts.get(entry["outcome"], 0) + 1
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"pytest_status": pytest_status, "counts": counts, "tests": outcomes.tests,
-                                     "not_collected": outcomes.not_collected}, indent=2) + "\n")
-    return 1 if counts.get("failed") else 0
+    outcomes.write(pytest_status)
+    return 1 if outcomes.counts().get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from facetwin.training import synth  # noqa: E402
 from facetwin.training.amp import AMP_MODES  # noqa: E402
 from facetwin.training.config import PRESETS, TrainConfig, preset_model  # noqa: E402
 from facetwin.training.data import AugmentConfig, describe, identity_names, load_faces, load_index  # noqa: E402
-from facetwin.training.distributed import resolve_device  # noqa: E402
+from facetwin.training.distributed import Distributed, training_device  # noqa: E402
 from facetwin.training.step import Trainer, batch_seed, make_trainer, sample_batches, train_step  # noqa: E402
 
 TARGET_RATIO = 0.85
@@ -142,7 +142,7 @@ def build(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> tuple[Benc
     # (AugmentConfig.synthetic), which would time an input pipeline of almost nothing.
     augment = dataclasses.replace(AugmentConfig.footage(), warp=AugmentConfig().warp)
     cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant), augment=augment)
-    device = resolve_device(cfg.device)
+    device = training_device(cfg.device, Distributed())  # cuDNN's autotuning on, as in train.py
     loaded = load_faces(data_dir, resolution=cfg.model.resolution, regions=bool(cfg.loss.eyes_mouth))
     faces = {name: data.to(device) for name, data in loaded.items()}
     trainer = make_trainer(cfg, names, device)

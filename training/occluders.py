@@ -174,7 +174,8 @@ def face_frames(masks: torch.Tensor) -> torch.Tensor:
     centre_y = (weight * coords.view(1, side, 1)).sum(dim=(1, 2)) / safe
     radius = torch.sqrt(area / (side * side) / math.pi)
     frames = torch.stack([centre_x, centre_y, radius], dim=1)
-    empty = torch.tensor(EMPTY_FACE, device=masks.device, dtype=masks.dtype).expand_as(frames)
+    # Filled on the device from Python numbers: a tensor built from a list would be a blocking host-to-device copy.
+    empty = torch.stack([torch.full_like(centre_x, value) for value in EMPTY_FACE], dim=1)
     return torch.where((area > 0.5).unsqueeze(1), frames, empty)
 
 

@@ -12,6 +12,7 @@ Batches above the engine's profile maximum run in profile-sized chunks.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from pathlib import Path
@@ -72,6 +73,8 @@ class TensorRTBackend(Backend):
             return False, "the importable 'tensorrt' has no runtime (type stubs or a broken install?)"
         if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < MIN_TENSORRT_MAJOR:
             return False, f"TensorRT {version or '?'} is too old; needs >= {MIN_TENSORRT_MAJOR}"
+        if importlib.util.find_spec("onnxconverter_common") is None:  # an engine build converts the graph to fp16
+            return False, "onnxconverter-common is not installed (pip install 'facetwin[gpu]')"
         try:
             import pycuda.driver as cuda
 
