@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import CancelledError, InvalidInputError, MediaFileError, ServerError
 from .media import VIDEO_OUTPUTS, PartialFile, _is_image, _open_input, _reason, load_av, to_rgb, upright
-from .types import FileReport, SwapResult, face_counts
+from .types import FileReport, Provenance, SwapResult, face_counts
 
 __all__ = ["VideoOptions", "VideoJob"]
 
@@ -31,6 +31,9 @@ _FALLBACK_RATE = Fraction(25)  # when the container states no frame rate at all
 # FFmpeg colour matrices by AVColorSpace value, as swscale names them; others convert with swscale's default (601).
 _SWS_COLORSPACES = {1: "itu709", 4: "fcc", 5: "itu601", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
 _MPEG_RANGE = 1  # AVCOL_RANGE_MPEG: limited range, what H.264 players expect
+# The container tag that marks a video as synthetic: "comment" is the one key FFmpeg writes to MP4, MOV and MKV alike
+# (MP4/MOV: the ©cmt atom; MKV: a COMMENT tag), and players and ffprobe show it.
+PROVENANCE_TAG = "comment"
 
 
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
@@ -80,6 +83,16 @@ class VideoOptions:
         if self.codec == "libx265":  # x265 prints its banner and settings to stderr itself, past FFmpeg's log level
             options["x265-params"] = "log-level=error"
         return options
+
+
+def provenance_mark(provenance: Provenance | None) -> str:
+    """The text of a swapped video's synthetic-media tag: the IPTC properties the server writes as XMP into PNG and
+    JPEG answers, as `name=value` pairs. Like those, it names the weights by hash, not the model or the target (a
+    file travels beyond the operator, and a target may be a person's name)."""
+    if provenance is None:  # not expected: the frame that opens the file names the stream's model
+        return "synthetic; AISystemUsed=facetwin; AISystemVersionUsed=bundle manifest unknown"
+    return (f"DigitalSourceType={provenance.digital_source_type}; AISystemUsed=facetwin; "
+            f"AISystemVersionUsed=bundle manifest sha256 {provenance.manifest_sha256}")
 
 
 class VideoJob:
@@ -206,7 +219,7 @@ class VideoJob:
         av = load_av()
         try:
             if self._output is None:
-                self._open_output(image.shape[1], image.shape[0])
+                self._open_output(image.shape[1], image.shape[0], result.provenance)
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = pts, self._time_base
             if duration:  # the last frame's duration sets the stream's: keeps its length and average rate exact
@@ -221,13 +234,14 @@ class VideoJob:
         if self._progress is not None:
             self._progress(1)
 
-    def _open_output(self, width: int, height: int) -> None:
+    def _open_output(self, width: int, height: int, provenance: Provenance | None) -> None:
         av = load_av()
         try:
             output = av.open(str(self._partial.temp), "w", format=self._format)
         except (av.FFmpegError, OSError) as exc:
             raise MediaFileError(self.output, f"cannot be written ({_reason(exc)})") from None
         self._output = output
+        output.metadata[PROVENANCE_TAG] = provenance_mark(provenance)
         stream = output.add_stream(self.options.codec, rate=self._rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # The input's time base and timestamps go through unchanged: variable frame rates stay as they were.

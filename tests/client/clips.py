@@ -115,6 +115,7 @@ class VideoFacts:
     audio_codecs: list[str]
     audio_packets: list[tuple[int, int, str]]  # (pts, duration, md5 of the payload) of every audio packet
     audio_params: list[tuple]  # (codec, sample rate, channels, extradata) per audio stream
+    tags: dict[str, str]  # the container's metadata
 
 
 def inspect_video(path: Path) -> VideoFacts:
@@ -133,7 +134,7 @@ def inspect_video(path: Path) -> VideoFacts:
             width=width, height=height, rotation=rotation, frames=[f.to_ndarray(format="rgb24") for f in decoded],
             pts=[f.pts for f in decoded], time_base=video.time_base, average_rate=video.average_rate,
             duration=container.duration / 1e6, audio_codecs=[p[0] for p in params], audio_packets=[],
-            audio_params=params,
+            audio_params=params, tags=dict(container.metadata),
         )
     if audio:
         with av.open(str(path)) as container:

@@ -61,6 +61,11 @@ def test_video_keeps_frames_rate_duration_and_audio(full_frames, client, clip, t
     # The faces were swapped: the middle of the frame changed well beyond the codecs' loss (< 2 on the background).
     middle = (slice(100, 200), slice(130, 230))
     assert np.abs(after.frames[0][middle].astype(int) - before.frames[0][middle]).mean() > 5
+    (model,) = [m for m in client.list_models() if m.name == full_frames.model]
+    assert after.tags["comment"] == ("DigitalSourceType=http://cv.iptc.org/newscodes/digitalsourcetype/"
+                                     "trainedAlgorithmicMedia; AISystemUsed=facetwin; AISystemVersionUsed=bundle "
+                                     f"manifest sha256 {model.manifest_sha256}")  # marked synthetic, as photos are
+    assert "comment" not in before.tags
     assert leftovers(tmp_path) == []
 
 
