@@ -18,6 +18,7 @@ from typing import Any
 
 from .batch import BatchInterrupted, BatchItem, PlanError, expected_frames, plan_batch, run_batch, write_summary
 from .client import DEFAULT_ADDRESS, Client
+from .credentials import read_pem
 from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundError, UnavailableError
 from .files import swap_image_file, swap_video_file
 from .images import FacesArg, sniff_format
@@ -329,8 +330,15 @@ def build_app() -> Any:
                 token = token_file.read_text().strip()
             except OSError as exc:
                 raise CliError(f"cannot read --token-file {token_file}: {exc.strerror}", 2) from None
-        return {"token": token or None, "root_certificates": ca, "client_certificate": cert, "client_key": key,
-                "tls": tls}
+        if (cert is None) != (key is None):
+            raise CliError("--cert and --key go together (mutual TLS): give both or neither", 2)
+        try:  # read here, so that a mistake names the option
+            pems = {name: read_pem(path, flag, kind) if path is not None else None for name, path, flag, kind in (
+                ("root_certificates", ca, "--ca", "CERTIFICATE"), ("client_certificate", cert, "--cert", "CERTIFICATE"),
+                ("client_key", key, "--key", "PRIVATE KEY"))}
+        except InvalidInputError as exc:
+            raise CliError(exc.details, 2) from None
+        return {"token": token or None, **pems, "tls": tls}
 
     def guarded(action: Any, address: str, auth: tuple, **kwargs: Any) -> None:
         try:

@@ -9,7 +9,7 @@ import grpc
 
 from .errors import InvalidInputError
 
-__all__ = ["PemInput", "channel_credentials"]
+__all__ = ["PemInput", "channel_credentials", "read_pem"]
 
 PemInput = Union[bytes, str, os.PathLike]  # PEM bytes or text, or the path of a PEM file
 
@@ -18,18 +18,27 @@ def _invalid(message: str) -> InvalidInputError:
     return InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _read_pem(value: PemInput, name: str) -> bytes:
+def read_pem(value: PemInput, name: str, kind: str = "CERTIFICATE") -> bytes:
+    """PEM bytes from bytes, text or a file path, checked to hold a `kind` block ("CERTIFICATE" or "PRIVATE KEY",
+    which covers RSA and EC keys): gRPC itself would only log the problem and then fail to connect. `name` is what
+    the caller called the value, for the message."""
     if isinstance(value, bytes):
-        return value
-    if isinstance(value, str) and "-----BEGIN" in value:
-        return value.encode()
-    if not isinstance(value, (str, os.PathLike)):
+        data, where = value, "the bytes given"
+    elif isinstance(value, str) and "-----BEGIN" in value:
+        data, where = value.encode(), "the text given"
+    elif isinstance(value, (str, os.PathLike)):
+        where = os.fspath(value)
+        try:
+            with open(value, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise _invalid(f"{name}: cannot read {where}: {exc.strerror}") from None
+    else:
         raise _invalid(f"{name} must be PEM bytes or the path of a PEM file, got {type(value).__name__}")
-    try:
-        with open(value, "rb") as file:
-            return file.read()
-    except OSError as exc:
-        raise _invalid(f"{name}: cannot read {os.fspath(value)}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data or f"{kind}-----".encode() not in data:
+        what = "certificate" if kind == "CERTIFICATE" else "private key"
+        raise _invalid(f"{name}: {where} is not a PEM {what} (no '-----BEGIN ...{kind}-----' line)")
+    return data
 
 
 def channel_credentials(
@@ -56,9 +65,9 @@ def channel_credentials(
         token = token.strip()
     if tls or root_certificates or client_certificate:
         channel = grpc.ssl_channel_credentials(
-            _read_pem(root_certificates, "root_certificates") if root_certificates else None,
-            _read_pem(client_key, "client_key") if client_key else None,
-            _read_pem(client_certificate, "client_certificate") if client_certificate else None,
+            read_pem(root_certificates, "root_certificates") if root_certificates else None,
+            read_pem(client_key, "client_key", "PRIVATE KEY") if client_key else None,
+            read_pem(client_certificate, "client_certificate") if client_certificate else None,
         )
     elif token is not None:
         local = grpc.LocalConnectionType.UDS if address.startswith("unix") else grpc.LocalConnectionType.LOCAL_TCP

@@ -367,6 +367,12 @@ def test_sdk_credential_arguments_are_checked(pki):
         Client("localhost:1", token="two words")
     with pytest.raises(InvalidInputError, match="cannot read"):
         Client("localhost:1", root_certificates=pki.ca.with_name("missing.pem"))
+    # Checked here: gRPC would only log the bad file and then fail to connect.
+    with pytest.raises(InvalidInputError, match=r"root_certificates: the bytes given is not a PEM certificate"):
+        Client("localhost:1", root_certificates=b"\x89PNG\r\n")
+    with pytest.raises(InvalidInputError, match=r"client_key: .*client.pem is not a PEM private key"):
+        Client("localhost:1", root_certificates=pki.ca, client_certificate=pki.client_cert,
+               client_key=pki.client_cert)
 
 
 def test_the_cli_takes_credentials_from_flags_and_environment(tls_server, pki, tmp_path):
@@ -384,3 +390,11 @@ def test_the_cli_takes_credentials_from_flags_and_environment(tls_server, pki, t
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHENTICATED"), refused.stderr
     assert "alice-token-1" not in refused.stderr
+    # Credential files that cannot be used are usage mistakes, named by their option, in one line.
+    for flags, needle in ((["--ca", str(token_file)], "--ca: "), (["--ca", str(tmp_path / "none.pem")], "--ca: cannot read"),
+                          (["--cert", str(pki.client_cert)], "--cert and --key go together"),
+                          (["--cert", str(pki.client_cert), "--key", str(pki.client_cert)], "--key: ")):
+        mistake = subprocess.run([facetwin, "models", "--address", tls_server.address, *flags], capture_output=True,
+                                 text=True, timeout=60)
+        assert mistake.returncode == 2 and mistake.stderr.count("\n") == 1, mistake.stderr
+        assert mistake.stderr.startswith("error: ") and needle in mistake.stderr, mistake.stderr
