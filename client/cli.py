@@ -9,6 +9,7 @@ line, goes on with the rest, and exits 1 if any failed.
 import datetime
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,7 +45,11 @@ def _describe(err: FaceTwinError, address: str) -> str:
     if isinstance(err, MediaFileError):
         return details
     if isinstance(err, UnavailableError):
-        return f"server at {address} is unavailable ({details})"
+        hint = ""
+        if re.fullmatch(r"[\w.-]+|\[[0-9a-fA-F:.]+\]", address):  # a host alone: gRPC's default port is 443
+            port = DEFAULT_ADDRESS.rsplit(":", 1)[1]
+            hint = f"; no port was given, so 443 was tried: add one ({address}:{port} is facetwin-server's default)"
+        return f"server at {address} is unavailable ({details}){hint}"
     if isinstance(err, NotFoundError):
         return f"{details} (list what is loaded with: facetwin models --address {address})"
     return f"{err.code.name}: {details}"
@@ -78,6 +83,8 @@ def parse_faces(text: str | None, aligned: bool, references: list[Path] | None =
     if match_threshold is not None:
         raise CliError("--match-threshold applies with --reference only", 2)
     if aligned:
+        if text is not None:
+            raise CliError("--faces chooses among a photo's faces: an --aligned crop is one face; leave out --faces", 2)
         return None
     text = text or "largest"
     if text in ("largest", "all"):
@@ -212,6 +219,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
         address, credentials = swap.pop("address"), swap.pop("credentials")
         try:
             with Client(address, **credentials) as client:
+                _check_model(client, swap["model"], swap["target"], address)
                 allowed = _jobs_allowed(client, jobs, pending)
                 if allowed < jobs:
                     bar.write(f"note: -j {jobs}: the server allows {allowed} at a time per client; running {allowed}",
@@ -225,6 +233,21 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
     print(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + f"; summary: {summary}")
     if counts.get("failed"):
         raise CliError(f"{counts['failed']} of {len(entries)} file(s) failed (see {summary})")
+
+
+def _check_model(client: Client, model: str, target: str, address: str) -> None:
+    """A folder run's model and target, checked once before the first file: a mistyped name would fail every file,
+    one error line each."""
+    try:
+        models = {m.name: m for m in client.list_models(timeout=10)}
+    except FaceTwinError:  # an unreachable server: run_batch stops at the first file and says so
+        return
+    hint = f"(list what is loaded with: facetwin models --address {address})"
+    if model not in models:
+        raise CliError(f"model {model!r} is not loaded at {address}; loaded models: {sorted(models)} {hint}")
+    if target not in models[model].identities:
+        raise CliError(f"model {model!r} has no target identity {target!r}; choose one of "
+                       f"{list(models[model].identities)} {hint}")
 
 
 def _jobs_allowed(client: Client, jobs: int, pending: list[BatchItem]) -> int:

@@ -92,6 +92,8 @@ def test_usage_mistakes_exit_2(photo, clip, tmp_path):
     assert_one_error_line(run_cli("swap", clip, tmp_path / "out.webm", "-m", "d", "-t", "b"), 2, ".mp4")
     assert_one_error_line(run_cli("swap", photo, tmp_path / "o.png", "-m", "d", "-t", "b", "--faces", "biggest"), 2,
                           "--faces")
+    assert_one_error_line(run_cli("swap", photo, tmp_path / "o.png", "-m", "d", "-t", "b", "--aligned", "--faces",
+                                  "all"), 2, "an --aligned crop is one face")
     assert_one_error_line(run_cli("swap", clip, tmp_path / "o.mp4", "-m", "d", "-t", "b", "--codec", "nope"), 2,
                           "nope")
     assert_one_error_line(run_cli("swap", "no/such/*.jpg", tmp_path / "out", "-m", "d", "-t", "b"), 2,
@@ -137,6 +139,8 @@ def test_unreachable_server_is_one_error_line(photo, clip, tmp_path):
     assert_one_error_line(video, 1, UNREACHABLE, "unavailable")
     assert "did not answer again" not in video.stderr
     assert_one_error_line(run_cli("models", "--address", UNREACHABLE), 1, UNREACHABLE)
+    assert_one_error_line(run_cli("models", "--address", "127.0.0.1"), 1, "no port was given, so 443 was tried: add "
+                          "one (127.0.0.1:50051 is facetwin-server's default)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -195,6 +199,16 @@ def test_unknown_target_leaves_no_file(served_model, clip, photo, tmp_path):
         assert_one_error_line(run_cli("swap", source, out, "-m", served_model.model, "-t", "nobody",
                                       "-a", served_model.address), 1, "nobody")
     assert list(tmp_path.iterdir()) == []
+    # A folder run checks the names once, not once per file.
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (shots / name).write_bytes(photo.read_bytes())
+    for model, target, needle in ((served_model.model, "nobody", "has no target identity 'nobody'"),
+                                  ("nope", served_model.identities[0], "model 'nope' is not loaded")):
+        assert_one_error_line(run_cli("swap", shots, tmp_path / "out", "-m", model, "-t", target,
+                                      "-a", served_model.address), 1, needle, "facetwin models")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shots"]
 
 
 def test_folder_run_skips_done_files_and_survives_broken_ones(full_frames, franck, clip, photo, tmp_path):
