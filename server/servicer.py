@@ -79,6 +79,9 @@ def job_from_proto(request: pb.SwapRequest, config: ServerConfig) -> SwapJob:
         if kind != "full_frame":
             raise InvalidInputError("keep_shape applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an aligned "
                                     "face is returned as the model drew it; unset it")
+    if (request.faces or request.face_index) and kind != "full_frame":
+        raise InvalidInputError("faces / face_index choose among a full frame's faces (kind = IMAGE_KIND_FULL_FRAME): "
+                                "an aligned face is one face; unset them")
     if request.return_region and kind != "full_frame":
         raise InvalidInputError("return_region applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an aligned "
                                 "face is answered whole; unset it")
@@ -348,7 +351,9 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             if first.request.HasField("mapping"):  # the stream's, for every frame: its photos are described once
                 mapping = mapping_from_proto(first.request.mapping, self.config)
         # Face tracks, the lost-face policy and the mapping; a bad policy or mapping refuses the stream.
-        faces_over_time = await self.engine.new_stream_state(lost_faces, lost_face_frames, mapping)
+        faces_over_time = await self.engine.new_stream_state(
+            lost_faces, lost_face_frames, mapping, model=first.request.model if mapping is not None else "",
+            wait_s=context.time_remaining())
 
         # (model, target) of each frame taken: StreamRun answers every frame it takes, in arrival order.
         named: collections.deque[tuple[str, str]] = collections.deque()

@@ -121,15 +121,20 @@ class SwapEngine:
         self.descriptors = DescriptorCache()
 
     async def new_stream_state(self, lost_faces: str | None = None, lost_face_frames: int | None = None,
-                               mapping: Mapping | None = None) -> StreamFaceState:
+                               mapping: Mapping | None = None, model: str = "",
+                               wait_s: float | None = None) -> StreamFaceState:
         """Per-stream face tracks: pass the same object to every swap() of one stream, in frame order.
         lost_faces / lost_face_frames: the stream's lost-face policy (None = the server's). mapping: the stream's
-        face mapping, its reference photos described here, once (the stream's frames then leave theirs unset)."""
+        face mapping, its reference photos described here, once (the stream's frames then leave theirs unset), and
+        the targets its rules name checked against `model` (the first frame's), which refuses the stream rather than
+        failing every frame."""
         try:
             state = StreamFaceState(self.tracking, lost_faces, lost_face_frames)
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
         if mapping is not None:
+            for target in dict.fromkeys(rule.target for rule in mapping.rules if rule.target):
+                await self.registry.get(model, target, timeout=wait_s)
             state.mapping = await self.describe(mapping)
         return state
 
@@ -184,7 +189,7 @@ class SwapEngine:
         model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
 
-        decoded = await self._read_image(job)
+        decoded = await self._read_image(job, square=True)
         height, width = decoded.shape[:2]
         size = target.manifest.resolution
         face = imaging.resize(decoded, size, size)
@@ -258,6 +263,13 @@ class SwapEngine:
         if not 1 <= job.jpeg_quality <= 100:
             raise InvalidInputError(f"jpeg_quality {job.jpeg_quality} must be in 1..100")
 
+    def _check_shape(self, job: SwapJob, height: int, width: int, square: bool) -> None:
+        if square and height != width:  # a stretched photo would come back as one face and no background
+            raise InvalidInputError(f"the image is {width}x{height}, but an aligned face is a square crop (as "
+                                    "facetwin-train extract makes them): for a photo or a video frame, send kind = "
+                                    "IMAGE_KIND_FULL_FRAME")
+        self._check_answer_size(job, height, width)
+
     def _check_answer_size(self, job: SwapJob, height: int, width: int) -> None:
         """Raw answers have a known size: one over the message limit is refused before the work. (A region answer's
         size is known only after it, and _encode checks it then.)"""
@@ -283,18 +295,19 @@ class SwapEngine:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    async def _read_image(self, job: SwapJob) -> np.ndarray:
+    async def _read_image(self, job: SwapJob, square: bool = False) -> np.ndarray:
         """The request's image, RGB uint8. Its size comes first from the raw fields or the file's header: the
-        limits, and a raw answer's size, are checked before any pixel is decoded. Raw pixels are only viewed in
-        place (no copy: never worth a thread); a large encoded image is decoded on a worker thread."""
+        limits, a raw answer's size and (square=True, an aligned face) its shape are checked before any pixel is
+        decoded. Raw pixels are only viewed in place (no copy: never worth a thread); a large encoded image is
+        decoded on a worker thread."""
         if job.raw is not None:
             image = self._decode_image(None, job.raw, self.image_limits)
-            self._check_answer_size(job, *image.shape[:2])
+            self._check_shape(job, *image.shape[:2], square)
             return image
         if job.encoded is None:
             raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
         _, height, width = imaging.probe_encoded(job.encoded, self.image_limits)
-        self._check_answer_size(job, height, width)
+        self._check_shape(job, height, width, square)
         return await self._off_loop(height * width, imaging.decode_encoded, job.encoded, self.image_limits)
 
     @staticmethod

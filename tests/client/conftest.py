@@ -19,6 +19,13 @@ def clip(franck, tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("clips") / "clip.mp4", franck)
 
 
+@pytest.fixture(scope="session")
+def square_clip(franck, tmp_path_factory):
+    """`clip` cut to its middle 288x288: square frames, which the server takes as aligned faces (faces=None), with no
+    face finding."""
+    return write_clip(tmp_path_factory.mktemp("clips") / "square.mp4", [frame[:, 36:324] for frame in franck])
+
+
 @pytest.fixture
 def full_frames(served_model):
     """The served model, for tests whose server must find faces (needs dlib)."""

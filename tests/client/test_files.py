@@ -87,16 +87,16 @@ def test_variable_frame_rate_and_rotation_are_kept(full_frames, client, franck, 
     assert after.audio_packets == before.audio_packets
 
 
-def test_max_frames_cuts_the_audio_with_the_video(served_model, client, clip, tmp_path):
+def test_max_frames_cuts_the_audio_with_the_video(served_model, client, square_clip, tmp_path):
     options = VideoOptions(max_frames=6, crf=30, preset="ultrafast")
-    report = swap_video_file(client, clip, tmp_path / "out.mp4", served_model.model, served_model.identities[1],
+    report = swap_video_file(client, square_clip, tmp_path / "out.mp4", served_model.model, served_model.identities[1],
                              faces=None, options=options)  # aligned mode: no face finding, the frame goes as it is
     after = inspect_video(tmp_path / "out.mp4")
     assert report.frames == len(after.frames) == 6 and report.frames_with_faces == report.faces_swapped == 6  # crops
     end = 6 / 24
     starts = [pts / 44100 for pts, _, _ in after.audio_packets]
     assert starts and max(starts) <= end and max(starts) > end - 2 * 1024 / 44100
-    assert after.audio_packets == inspect_video(clip).audio_packets[:len(after.audio_packets)]
+    assert after.audio_packets == inspect_video(square_clip).audio_packets[:len(after.audio_packets)]
 
 
 def test_frame_count_of_a_container_that_records_none(served_model, tmp_path):
@@ -210,7 +210,7 @@ def test_files_that_cannot_be_used_say_why(served_model, client, clip, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flac.mkv", "notes.txt", "photo.png", "tone.m4a"]
 
 
-def test_cancel_stops_and_leaves_nothing(served_model, client, clip, tmp_path):
+def test_cancel_stops_and_leaves_nothing(served_model, client, square_clip, tmp_path):
     cancel, written = threading.Event(), []
 
     def progress(frames: int) -> None:
@@ -219,6 +219,6 @@ def test_cancel_stops_and_leaves_nothing(served_model, client, clip, tmp_path):
             cancel.set()
 
     with pytest.raises(CancelledError):
-        swap_video_file(client, clip, tmp_path / "out.mp4", served_model.model, served_model.identities[1],
+        swap_video_file(client, square_clip, tmp_path / "out.mp4", served_model.model, served_model.identities[1],
                         faces=None, progress=progress, cancel=cancel)
     assert len(written) == 3 and list(tmp_path.iterdir()) == []

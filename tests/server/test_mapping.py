@@ -221,6 +221,11 @@ def test_a_stream_with_a_bad_mapping_is_refused(stub, served_model, people, two_
         stream(stub, [request, frame_request(served_model, two_men[1])])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "reference photo 1 of rule 1 shows no face" in err.value.details()
+    # A rule's target is checked once, at the start, against the first frame's model.
+    request = mapped(served_model, two_men[0], pb.FaceRule(selection=pb.FACE_SELECTION_ALL, target="zed"))
+    with pytest.raises(grpc.RpcError) as err:
+        stream(stub, [request, frame_request(served_model, two_men[1])])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no target identity 'zed'" in err.value.details()
 
 
 def test_sdk_mapping_by_person_and_by_track(served_model, people, two_men):

@@ -169,6 +169,10 @@ def _bad_requests(m):
                              grpc.StatusCode.INVALID_ARGUMENT, "target identity '../"),
         "huge side": (raw(pixels=bytes(5000 * 9 * 3), height=5000, width=9), grpc.StatusCode.RESOURCE_EXHAUSTED,
                       "at most 4096"),
+        "faces on a crop": (pb.SwapRequest(model=m.model, target=b, image=raw().image, faces=pb.FACE_SELECTION_ALL),
+                            grpc.StatusCode.INVALID_ARGUMENT, "an aligned face is one face"),
+        "oblong crop": (raw(pixels=bytes(h * (w + 8) * 3), width=w + 8), grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the image is {w + 8}x{h}, but an aligned face is a square crop"),
         # the bytes are the caller's mistake, not the size they were meant to have
         "huge claim": (raw(pixels=bytes(12), height=2**31, width=2**31), grpc.StatusCode.INVALID_ARGUMENT,
                        "holds 12 bytes"),
@@ -180,7 +184,7 @@ def _bad_requests(m):
 
 @pytest.mark.parametrize("case", ["corrupt bytes", "wrong shape", "wrong channels", "wrong dtype", "no image",
                                   "unknown model", "unknown identity", "path in model name", "huge side", "huge claim",
-                                  "full frame"])
+                                  "full frame", "faces on a crop", "oblong crop"])
 def test_bad_unary_input(stub, served_model, case):
     request, code, message = _bad_requests(served_model)[case]
     with pytest.raises(grpc.RpcError) as info:
