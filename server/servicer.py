@@ -26,29 +26,43 @@ from .streams import DROPPED, OK, FrameAnswer, StreamRun
 from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
 from .tracking import DETECTED, LOST, TRACKED
 
-_COLOR = {pb.COLOR_ORDER_UNSPECIFIED: "rgb", pb.COLOR_ORDER_RGB: "rgb", pb.COLOR_ORDER_BGR: "bgr"}
+
+class _Accepted(dict):
+    """An enum's accepted numbers -> their domain names, with the enum, which names them in an error."""
+
+    def __init__(self, enum, values: dict) -> None:
+        super().__init__(values)
+        self.enum = enum
+
+
+_COLOR = _Accepted(pb.ColorOrder, {pb.COLOR_ORDER_UNSPECIFIED: "rgb", pb.COLOR_ORDER_RGB: "rgb",
+                                   pb.COLOR_ORDER_BGR: "bgr"})
 _COLOR_OUT = {"rgb": pb.COLOR_ORDER_RGB, "bgr": pb.COLOR_ORDER_BGR}
-_DTYPE = {pb.PIXEL_TYPE_UNSPECIFIED: "uint8", pb.PIXEL_TYPE_UINT8: "uint8", pb.PIXEL_TYPE_FLOAT32: "float32"}
-_ENCODING = {pb.ENCODING_UNSPECIFIED: "same", pb.ENCODING_RAW: "raw", pb.ENCODING_PNG: "png", pb.ENCODING_JPEG: "jpeg"}
-_KIND = {pb.IMAGE_KIND_UNSPECIFIED: "aligned_face", pb.IMAGE_KIND_ALIGNED_FACE: "aligned_face",
-         pb.IMAGE_KIND_FULL_FRAME: "full_frame"}
-_FACES = {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all",
-          pb.FACE_SELECTION_LARGEST: "largest", pb.FACE_SELECTION_INDEX: "index"}
-_POLICY = {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"}
+_DTYPE = _Accepted(pb.PixelType, {pb.PIXEL_TYPE_UNSPECIFIED: "uint8", pb.PIXEL_TYPE_UINT8: "uint8",
+                                  pb.PIXEL_TYPE_FLOAT32: "float32"})
+_ENCODING = _Accepted(pb.Encoding, {pb.ENCODING_UNSPECIFIED: "same", pb.ENCODING_RAW: "raw", pb.ENCODING_PNG: "png",
+                                    pb.ENCODING_JPEG: "jpeg"})
+_KIND = _Accepted(pb.ImageKind, {pb.IMAGE_KIND_UNSPECIFIED: "aligned_face", pb.IMAGE_KIND_ALIGNED_FACE: "aligned_face",
+                                 pb.IMAGE_KIND_FULL_FRAME: "full_frame"})
+_FACES = _Accepted(pb.FaceSelection, {pb.FACE_SELECTION_UNSPECIFIED: "largest", pb.FACE_SELECTION_ALL: "all",
+                                      pb.FACE_SELECTION_LARGEST: "largest", pb.FACE_SELECTION_INDEX: "index"})
+_POLICY = _Accepted(pb.StreamPolicy, {pb.STREAM_POLICY_QUEUE: "queue", pb.STREAM_POLICY_LATEST: "latest"})
 _POLICY_OUT = {name: value for value, name in _POLICY.items()}
 _STATUS = {"loading": pb.MODEL_STATUS_LOADING, READY: pb.MODEL_STATUS_READY, FAILED: pb.MODEL_STATUS_FAILED}
-_LOST = {pb.LOST_FACE_POLICY_PASS: "pass", pb.LOST_FACE_POLICY_HOLD: "hold", pb.LOST_FACE_POLICY_BLUR: "blur"}
+_LOST = _Accepted(pb.LostFacePolicy, {pb.LOST_FACE_POLICY_PASS: "pass", pb.LOST_FACE_POLICY_HOLD: "hold",
+                                       pb.LOST_FACE_POLICY_BLUR: "blur"})
 _LOST_OUT = {name: value for value, name in _LOST.items()}
 _STATE_OUT = {DETECTED: pb.FACE_STATE_DETECTED, TRACKED: pb.FACE_STATE_TRACKED, LOST: pb.FACE_STATE_LOST}
 _ACTION_OUT = {SWAPPED: pb.FACE_ACTION_SWAPPED, NOT_SWAPPED: pb.FACE_ACTION_NOT_SWAPPED, PASSED: pb.FACE_ACTION_PASSED,
                HELD: pb.FACE_ACTION_HELD, BLURRED: pb.FACE_ACTION_BLURRED}
 
 
-def _enum(table: dict, value: int, field: str):
+def _enum(table: _Accepted, value: int, field: str):
     try:
         return table[value]
     except KeyError:
-        raise InvalidInputError(f"{field} has unknown value {value}") from None
+        names = ", ".join(table.enum.Name(number) for number in table if number)  # 0 is "unset": leave it out
+        raise InvalidInputError(f"{field} has unknown value {value}: use one of {names}") from None
 
 
 def job_from_proto(request: pb.SwapRequest, config: ServerConfig) -> SwapJob:
@@ -61,15 +75,13 @@ def job_from_proto(request: pb.SwapRequest, config: ServerConfig) -> SwapJob:
     encoded, raw = _image_from_proto(request.image, "image")
     kind = _enum(_KIND, request.kind, "kind")
     faces = _enum(_FACES, request.faces, "faces")
+    if request.HasField("mapping") and (request.faces or request.face_index):
+        raise InvalidInputError("faces / face_index and mapping both say which faces to swap: set one of them "
+                                "(a FaceRule with selection does what faces does)")
     if request.face_index and faces != "index":
         raise InvalidInputError(f"face_index is {request.face_index} but faces is not FACE_SELECTION_INDEX: "
                                 "set faces = FACE_SELECTION_INDEX to pick a face by number")
-    mapping = None
-    if request.HasField("mapping"):
-        if request.faces or request.face_index:
-            raise InvalidInputError("faces / face_index and mapping both say which faces to swap: set one of them "
-                                    "(a FaceRule with selection does what faces does)")
-        mapping = mapping_from_proto(request.mapping, config)
+    mapping = mapping_from_proto(request.mapping, config) if request.HasField("mapping") else None
     keep_shape = None
     if request.HasField("keep_shape"):
         keep_shape = request.keep_shape

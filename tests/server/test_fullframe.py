@@ -210,7 +210,8 @@ def test_a_region_answer_of_an_aligned_face_is_invalid_argument(stub, served_mod
 @pytest.mark.parametrize("fields, message", [
     (dict(faces=pb.FACE_SELECTION_INDEX, face_index=2), "face_index 2 is out of range: the frame has 2 face(s)"),
     (dict(face_index=1), "faces is not FACE_SELECTION_INDEX"),
-    (dict(faces=9), "faces has unknown value 9"),
+    (dict(faces=9), "faces has unknown value 9: use one of FACE_SELECTION_ALL, FACE_SELECTION_LARGEST, "
+                    "FACE_SELECTION_INDEX"),
 ])
 def test_bad_face_selection_is_invalid_argument(stub, served_model, two_faces, fields, message):
     with pytest.raises(grpc.RpcError) as info:

@@ -157,6 +157,7 @@ def test_bad_mappings_are_refused_before_any_work(stub, served_model, people, tw
     ({"match_threshold": 1.5}, "match_threshold is 1.5: it must be in (0, 1]"),
     ({"match_threshold": 0.0}, "match_threshold is 0.0"),
     ({"faces": pb.FACE_SELECTION_ALL}, "faces / face_index and mapping both say which faces to swap"),
+    ({"face_index": 1}, "faces / face_index and mapping both say which faces to swap"),
     ({"kind": pb.IMAGE_KIND_ALIGNED_FACE}, "mapping applies to full frames"),
 ])
 def test_bad_mapping_fields_are_invalid_argument(stub, served_model, two_men, fields, message):
