@@ -8,6 +8,7 @@ other edit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Any
@@ -19,10 +20,24 @@ from facetwin.core.faces import LANDMARK_MODELS
 
 from .logs import FORMATS as LOG_FORMATS
 from .mapping import MAX_THRESHOLD
-from .tracking import check_lost_faces
+from .tracking import LOST_POLICIES, MAX_LOST_FACE_FRAMES
 
 ENV_PREFIX = "FACETWIN_"
 MAX_PROCESSES = 64
+# The numeric settings' allowed ranges, (least, most or None); floats must also be finite.
+BOUNDS: dict[str, tuple[float, float | None]] = {
+    "processes": (1, MAX_PROCESSES), "max_batch": (1, None), "max_queue": (1, None), "stream_window": (1, None),
+    "max_delay_ms": (0, None), "grace_s": (0, None), "inference_workers": (0, None), "intra_op_threads": (0, None),
+    "max_message_mb": (1, 1024), "max_image_side": (8, None), "max_image_pixels": (64, None),
+    "max_faces_per_frame": (1, None), "max_calls_per_client": (0, None), "max_streams_per_client": (0, None),
+    "max_calls": (0, None), "max_streams": (0, None), "stream_idle_timeout_s": (0, None), "detect_threads": (1, None),
+    "detect_max_side": (64, None), "detect_every": (1, None), "max_face_rules": (1, None),
+    "max_reference_images": (0, None), "max_reference_side": (8, None), "keep_shape": (0.0, 1.0),
+    "metrics_port": (0, 65535), "lost_face_frames": (0, MAX_LOST_FACE_FRAMES),
+}
+ZERO_MEANS = {"max_calls_per_client": "no limit", "max_streams_per_client": "no limit", "max_calls": "no limit",
+              "max_streams": "no limit", "stream_idle_timeout_s": "never", "metrics_port": "off",
+              "inference_workers": "automatic", "intra_op_threads": "automatic"}
 
 
 def setting(default: Any, help: str) -> Any:
@@ -139,52 +154,32 @@ class ServerConfig:
         return config
 
     def validate(self) -> None:
-        if not 1 <= self.processes <= MAX_PROCESSES:
-            raise ValueError(f"processes must be in 1..{MAX_PROCESSES}, got {self.processes}")
+        """Raises ValueError naming the setting as an operator gives it: its flag and environment variable."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{setting_name(field.name)} must be a number, got {value}")
+            if field.name in BOUNDS:
+                least, most = BOUNDS[field.name]
+                if value < least or (most is not None and value > most):
+                    allowed = f"in {least}..{most}" if most is not None else f">= {least}"
+                    note = f" (0: {ZERO_MEANS[field.name]})" if field.name in ZERO_MEANS else ""
+                    raise ValueError(f"{setting_name(field.name)} must be {allowed}{note}, got {value}")
+        for name, choices in (("stream_policy", ("queue", "latest")), ("log_format", LOG_FORMATS),
+                              ("detect_runtime", DETECT_RUNTIMES), ("detector", DETECTORS),
+                              ("landmarks", LANDMARK_MODELS), ("paste_mask", PASTE_MASKS), ("lost_faces", LOST_POLICIES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{setting_name(name)} {getattr(self, name)!r} must be one of {', '.join(choices)}")
+        check_address(self.address)
         if self.processes > 1 and self.address.startswith("unix:"):
-            raise ValueError("processes > 1 share a TCP port: give a host:port address, not a unix: socket")
-        if self.max_batch < 1 or self.max_queue < 1 or self.stream_window < 1:
-            raise ValueError("max_batch, max_queue and stream_window must be >= 1")
-        if self.max_delay_ms < 0 or self.grace_s < 0:
-            raise ValueError("max_delay_ms and grace_s must be >= 0")
-        if self.stream_policy not in ("queue", "latest"):
-            raise ValueError(f"stream_policy {self.stream_policy!r} must be 'queue' or 'latest'")
-        if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log_format {self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
-        if self.inference_workers < 0 or self.intra_op_threads < 0:
-            raise ValueError("inference_workers and intra_op_threads must be >= 0 (0 = automatic)")
-        if self.detect_threads < 1:
-            raise ValueError(f"detect_threads must be >= 1, got {self.detect_threads}")
-        if self.detect_max_side < 64:
-            raise ValueError(f"detect_max_side must be >= 64 pixels, got {self.detect_max_side}")
-        if self.detect_runtime not in DETECT_RUNTIMES:
-            raise ValueError(f"detect_runtime {self.detect_runtime!r} must be one of {', '.join(DETECT_RUNTIMES)}")
-        if self.detector not in DETECTORS:
-            raise ValueError(f"detector {self.detector!r} must be one of {', '.join(DETECTORS)}")
-        if self.landmarks not in LANDMARK_MODELS:
-            raise ValueError(f"landmarks {self.landmarks!r} must be one of {', '.join(LANDMARK_MODELS)}")
-        if self.detect_every < 1:
-            raise ValueError(f"detect_every must be >= 1, got {self.detect_every}")
-        check_lost_faces(self.lost_faces, self.lost_face_frames)
+            raise ValueError("--processes > 1 share a TCP port: give --address host:port, not a unix: socket")
         if not 0.0 < self.match_threshold <= MAX_THRESHOLD:
-            raise ValueError(f"match_threshold must be in (0, {MAX_THRESHOLD:g}], got {self.match_threshold}")
-        if self.max_face_rules < 1 or self.max_reference_images < 0 or self.max_reference_side < 8:
-            raise ValueError("max_face_rules must be >= 1, max_reference_images >= 0 and max_reference_side >= 8")
-        if not 0.0 <= self.keep_shape <= 1.0:
-            raise ValueError(f"keep_shape must be in 0..1, got {self.keep_shape}")
-        if self.paste_mask not in PASTE_MASKS:
-            raise ValueError(f"paste_mask {self.paste_mask!r} must be one of {', '.join(PASTE_MASKS)}")
-        if not 1 <= self.max_message_mb <= 1024:
-            raise ValueError("max_message_mb must be in 1..1024")
-        if self.max_image_side < 8 or self.max_image_pixels < 64 or self.max_faces_per_frame < 1:
-            raise ValueError("max_image_side must be >= 8, max_image_pixels >= 64 and max_faces_per_frame >= 1")
-        limits = ("max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams")
-        if any(getattr(self, name) < 0 for name in limits) or self.stream_idle_timeout_s < 0:
-            raise ValueError(f"{', '.join(limits)} and stream_idle_timeout_s must be >= 0 (0: no limit)")
+            raise ValueError(f"{setting_name('match_threshold')} must be in (0, {MAX_THRESHOLD:g}], "
+                             f"got {self.match_threshold}")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key go together: give both for TLS, or neither")
+            raise ValueError("--tls-cert and --tls-key go together: give both for TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -193,6 +188,21 @@ class ServerConfig:
 def env_name(field: str) -> str:
     """The environment variable of a setting: FACETWIN_<FIELD>."""
     return ENV_PREFIX + field.upper()
+
+
+def setting_name(field: str) -> str:
+    """A setting as an operator gives it: "--max-batch (FACETWIN_MAX_BATCH)"."""
+    return f"--{field.replace('_', '-')} ({env_name(field)})"
+
+
+def check_address(address: str) -> None:
+    """host:port with a port in 0..65535 (a socket call would wrap 99999 to another port), or a unix: socket."""
+    if address.startswith("unix:"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{setting_name('address')} must be host:port with a port in 0..65535 (or unix:PATH), "
+                         f"got {address!r}")
 
 
 def _parse(kind: type, raw: str, name: str) -> Any:

@@ -22,9 +22,23 @@ def test_bad_env_value_names_the_variable():
 
 
 def test_invalid_values_are_rejected():
-    with pytest.raises(ValueError, match="max_batch"):
+    with pytest.raises(ValueError, match=r"^--max-batch \(FACETWIN_MAX_BATCH\) must be >= 1, got 0$"):
         ServerConfig.from_env({}, max_batch=0)
-    with pytest.raises(ValueError, match="keep_shape must be in 0..1"):
+    # Each named as the operator gives it; a float must be a number; a port must fit (a socket would wrap 99999).
+    for values, message in (({"grace_s": float("nan")}, "--grace-s (FACETWIN_GRACE_S) must be a number, got nan"),
+                            ({"stream_idle_timeout_s": float("inf")}, "--stream-idle-timeout-s"),
+                            ({"max_calls": -1}, "--max-calls (FACETWIN_MAX_CALLS) must be >= 0 (0: no limit)"),
+                            ({"metrics_port": 70000}, "--metrics-port (FACETWIN_METRICS_PORT) must be in 0..65535"),
+                            ({"address": "127.0.0.1:99999"}, "a port in 0..65535"), ({"address": ":50051"}, "host:port"),
+                            ({"lost_face_frames": 301}, "--lost-face-frames (FACETWIN_LOST_FACE_FRAMES) must be in 0..300"),
+                            ({"tls_cert": "c.pem"}, "--tls-cert and --tls-key go together")):
+        with pytest.raises(ValueError) as info:
+            ServerConfig.from_env({}, **values)
+        assert message in str(info.value)
+    with pytest.raises(ValueError, match="FACETWIN_MAX_DELAY_MS"):
+        ServerConfig.from_env({"FACETWIN_MAX_DELAY_MS": "nan"})
+    assert ServerConfig.from_env({}, address="[::]:50051").address == "[::]:50051"
+    with pytest.raises(ValueError, match=r"--keep-shape \(FACETWIN_KEEP_SHAPE\) must be in 0.0..1.0"):
         ServerConfig.from_env({"FACETWIN_KEEP_SHAPE": "1.5"})
     assert ServerConfig.from_env({"FACETWIN_KEEP_SHAPE": "0.25"}).keep_shape == 0.25
 
@@ -32,7 +46,7 @@ def test_invalid_values_are_rejected():
 def test_paste_mask_is_one_of_the_rules():
     assert ServerConfig().paste_mask == "both"
     assert ServerConfig.from_env({"FACETWIN_PASTE_MASK": "hull"}).paste_mask == "hull"
-    with pytest.raises(ValueError, match="paste_mask 'face' must be one of hull, model, both"):
+    with pytest.raises(ValueError, match="--paste-mask \\(FACETWIN_PASTE_MASK\\) 'face' must be one of hull, model, both"):
         ServerConfig.from_env({}, paste_mask="face")
 
 
@@ -46,7 +60,7 @@ def test_inference_workers_share_out_the_cores():
     assert worker_plan(ServerConfig(), torch_cpu) == (1, 0)  # one worker keeps the backend's own default
     assert worker_plan(ServerConfig(inference_workers=3, intra_op_threads=5), ort) == (3, 5)  # flags win
     assert worker_plan(ServerConfig(inference_workers=1), ort) == (1, 0)
-    with pytest.raises(ValueError, match="inference_workers"):
+    with pytest.raises(ValueError, match="--inference-workers"):
         ServerConfig.from_env({"FACETWIN_INFERENCE_WORKERS": "-1"})
 
 
@@ -66,4 +80,4 @@ def test_every_setting_is_a_flag_with_its_environment_variable():
         assert flag in result.stdout and f"FACETWIN_{field.name.upper()}" in result.stdout, field.name
     bad = subprocess.run([str(server), "serve", "--max-batch", "0", "--model-dir", "."], capture_output=True,
                          text=True, timeout=60)
-    assert bad.returncode == 2 and "error: max_batch" in bad.stderr
+    assert bad.returncode == 2 and "error: --max-batch (FACETWIN_MAX_BATCH) must be >= 1, got 0" in bad.stderr
