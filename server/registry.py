@@ -85,10 +85,25 @@ class ModelRegistry:
 
     def discover(self) -> list[str]:
         """Registers every sub-folder holding a manifest.json (status LOADING); returns their names."""
+        if not self.model_dir.exists():
+            raise FileNotFoundError(f"model directory {self.model_dir} does not exist (--model-dir)")
         if not self.model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {self.model_dir} does not exist")
-        for path in sorted(self.model_dir.iterdir()):
-            if not (path / "manifest.json").is_file():
+            raise NotADirectoryError(f"model directory {self.model_dir} is a file, not a folder (--model-dir)")
+        try:
+            entries = sorted(self.model_dir.iterdir())
+        except OSError as exc:
+            raise OSError(f"model directory {self.model_dir} cannot be read: {exc.strerror or exc} (--model-dir)") \
+                from None
+        for path in entries:
+            if path.name.startswith(".") or not path.is_dir():  # .engines and other files of the folder's own
+                continue
+            try:
+                is_bundle = (path / "manifest.json").is_file()
+            except OSError as exc:  # a folder this user may not read: the other bundles still serve
+                log.warning("skipping %s: it cannot be read (%s)", path, exc.strerror or exc)
+                continue
+            if not is_bundle:
+                log.warning("skipping %s: no manifest.json (not a model bundle)", path)
                 continue
             try:
                 check_name(path.name, "model folder name")

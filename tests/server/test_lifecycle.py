@@ -32,7 +32,7 @@ def _face_request(model: str, target: str, size: int) -> pb.SwapRequest:
         pixels=face.tobytes(), height=size, width=size, channels=3)))
 
 
-def test_broken_bundle_fails_alone(tiny_model_dir, tmp_path):
+def test_broken_bundle_fails_alone(tiny_model_dir, tmp_path, caplog):
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir / "tiny", models / "good")
     shutil.copytree(tiny_model_dir / "tiny", models / "broken")
@@ -57,6 +57,7 @@ def test_broken_bundle_fails_alone(tiny_model_dir, tmp_path):
             assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop()
+    assert f"skipping {models / 'not-a-bundle'}: no manifest.json" in caplog.text
 
 
 def test_dry_run_swaps_through_real_grpc(tiny_model_dir):
@@ -77,6 +78,10 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "file").write_text("")
+    result = subprocess.run([str(SERVER), "serve", "--dry-run", "--model-dir", str(tmp_path / "file")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "is a file, not a folder (--model-dir)" in result.stderr, result.stderr
 
 
 def test_a_port_in_use_is_a_clear_error(tiny_model_dir, served_model):
