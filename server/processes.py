@@ -62,6 +62,9 @@ def _reserved(address: str) -> Iterator[str]:
         raise OSError(f"could not bind {address}: a server already listens there (set --address)")
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        # Connections of a server stopped a moment ago linger in TIME_WAIT for a minute; they must not keep its
+        # successor from the port (gRPC's own listeners set the same).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host.strip("[]") or "0.0.0.0", int(port)))
         except (OSError, ValueError) as exc:

@@ -208,3 +208,25 @@ def test_a_port_in_use_stops_the_processes_before_any_starts(tiny_model_dir):
         result = subprocess.run([str(SERVER), "serve", "--model-dir", str(tiny_model_dir), "--processes", "2",
                                  "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and f"could not bind 127.0.0.1:{port}" in result.stderr, result.stderr
+
+
+def test_the_port_of_a_server_stopped_a_moment_ago_can_be_taken_again():
+    """A stopped server's accepted connections linger in TIME_WAIT on its side for a minute: a successor started at
+    once (a supervisor's restart) must still get the port."""
+    from facetwin.server.processes import _reserved
+
+    port = _free_port()
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+        time.sleep(0.1)
+        client.close()
+    # /proc/net/tcp: local address as IP:PORT in hex, then the remote one, then the state (06: TIME_WAIT).
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    assert any(row[1].endswith(f":{port:04X}") and row[3] == "06" for row in rows)
+    with _reserved(f"127.0.0.1:{port}") as address:
+        assert address == f"127.0.0.1:{port}"
