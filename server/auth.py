@@ -8,6 +8,7 @@ open because load balancers and Kubernetes probe it without credentials.
 from __future__ import annotations
 
 import contextvars
+import datetime
 import hashlib
 import hmac
 import logging
@@ -170,8 +171,8 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     (gRPC itself only reports "Failed to bind")."""
     if not config.tls_cert:
         return None
-    chain, key = _read_pem(config.tls_cert, "tls_cert"), _read_pem(config.tls_key, "tls_key")
-    client_ca = _read_pem(config.tls_client_ca, "tls_client_ca") if config.tls_client_ca else None
+    chain, key = _read_pem(config.tls_cert, "--tls-cert"), _read_pem(config.tls_key, "--tls-key")
+    client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
     _check_tls_files(config)
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
@@ -180,19 +181,35 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 def _check_tls_files(config: ServerConfig) -> None:
     """ValueError, naming the setting, when the (readable) TLS files cannot serve."""
     def encrypted() -> bytes:
-        raise ValueError(f"tls_key {config.tls_key} is encrypted; give the server an unencrypted PEM key (keep it "
+        raise ValueError(f"--tls-key {config.tls_key} is encrypted; give the server an unencrypted PEM key (keep it "
                          "readable by the server's user only)")
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(config.tls_cert, config.tls_key, password=encrypted)
     except ssl.SSLError as exc:
-        raise ValueError(f"tls_cert {config.tls_cert} with tls_key {config.tls_key}: {_ssl_reason(exc)}") from None
+        raise ValueError(f"--tls-cert {config.tls_cert} with --tls-key {config.tls_key}: {_ssl_reason(exc)}") from None
+    _check_dates(config.tls_cert)
     if config.tls_client_ca:
         try:
             context.load_verify_locations(cafile=config.tls_client_ca)
         except ssl.SSLError as exc:
-            raise ValueError(f"tls_client_ca {config.tls_client_ca}: {_ssl_reason(exc)}") from None
+            raise ValueError(f"--tls-client-ca {config.tls_client_ca}: {_ssl_reason(exc)}") from None
+
+
+def _check_dates(path: str) -> None:
+    """ValueError when the server's certificate (the chain's first) is expired or not yet valid: every client would
+    refuse it, while the server itself would start and look healthy."""
+    from cryptography import x509
+
+    certificate = x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if certificate.not_valid_after_utc < now:
+        raise ValueError(f"--tls-cert {path} expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+                         "every client would refuse it; renew it")
+    if certificate.not_valid_before_utc > now:
+        raise ValueError(f"--tls-cert {path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                         "UTC: check this host's clock, or the certificate's dates")
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:

@@ -54,13 +54,15 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _cert(key, name: str, issuer_key=None, issuer: x509.Certificate | None = None, *, ca: bool = False,
-          sans: tuple[x509.GeneralName, ...] = ()) -> x509.Certificate:
+          sans: tuple[x509.GeneralName, ...] = (), from_days: float = -1 / 288, to_days: float = 1) -> x509.Certificate:
+    """Valid from `from_days` to `to_days` from now (by default 5 minutes ago to tomorrow)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .not_valid_before(now + datetime.timedelta(days=from_days))
+               .not_valid_after(now + datetime.timedelta(days=to_days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
@@ -335,7 +337,7 @@ def test_unusable_certificates_fail_at_start_with_the_reason(tiny_model_dir, pki
         start(tls_cert=str(pki.server_key), tls_key=str(pki.server_key))
     with pytest.raises(ValueError, match="no PEM certificate found"):
         start(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.server_key))
-    with pytest.raises(OSError, match="tls_key .* cannot be read"):
+    with pytest.raises(OSError, match="--tls-key .* cannot be read"):
         start(tls_cert=str(pki.server_cert), tls_key=str(tmp_path / "missing.key"))
     encrypted = tmp_path / "encrypted.key"
     key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
@@ -343,6 +345,12 @@ def test_unusable_certificates_fail_at_start_with_the_reason(tiny_model_dir, pki
                                             serialization.BestAvailableEncryption(b"passphrase")))
     with pytest.raises(ValueError, match="is encrypted"):
         start(tls_cert=str(pki.server_cert), tls_key=str(encrypted))
+    # Dates: the server would start and look healthy while every client refused its certificate.
+    for name, days, message in (("expired", (-30, -1), "expired on"), ("future", (1, 30), "is valid only from")):
+        cert, key = _write(tmp_path, name, _cert(server_key := _key(), "facetwin server", from_days=days[0],
+                                                  to_days=days[1]), server_key)
+        with pytest.raises(ValueError, match=f"--tls-cert {cert} {message}"):
+            start(tls_cert=str(cert), tls_key=str(key))
 
 
 def test_dry_run_checks_the_credentials_and_calls_with_a_token(tiny_model_dir, pki, tmp_path):
