@@ -159,6 +159,24 @@ def landmark_model(landmarks: str | int = "auto") -> str:
     return "68"
 
 
+def unavailable_reason(backend: str = "auto", landmarks: str | int = "auto") -> str | None:
+    """Why FaceDetector(backend, landmarks=...) would raise FaceModelsUnavailable, found without loading any weights
+    (the 68-point model alone is 100 MB); None when it would build. "auto" falls back as far as OpenCV's Haar
+    cascades, which it does not check."""
+    try:
+        if backend == "blazeface":
+            ok, why = blazeface.available()
+            return None if ok else why
+        if backend in ("hog", "cnn"):
+            _dlib()
+            model_path(LANDMARK_FILES[landmark_model(landmarks)])
+            if backend == "cnn":
+                model_path("mmod_human_face_detector.dat")
+    except FaceModelsUnavailable as exc:
+        return str(exc)
+    return None
+
+
 def dlib_available(landmarks: str | int = "68") -> bool:
     """True when dlib and the weights of this landmark model can be loaded."""
     try:

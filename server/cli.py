@@ -105,9 +105,11 @@ async def _dry_run(config: ServerConfig) -> None:
                     metadata=metadata)
                 typer.echo(f"model {info.name}: ready, identities {list(info.identities)}, {size} px, "
                            f"backend {info.backend}; test swap {reply.timings.total_ms:.1f} ms")
-        typer.echo(f"dry run ok: {len(listing.models)} model(s) in {time.perf_counter() - started:.1f} s")
-        if not any(m.status == pb.MODEL_STATUS_READY for m in listing.models):
+        ready = sum(m.status == pb.MODEL_STATUS_READY for m in listing.models)
+        if not ready:
             raise ValueError(f"no model in {config.model_dir} loaded")
+        failed = f", {len(listing.models) - ready} failed (above)" if ready < len(listing.models) else ""
+        typer.echo(f"dry run ok: {ready} model(s) ready{failed}, in {time.perf_counter() - started:.1f} s")
     finally:
         await server.stop(grace=1.0)
 

@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from facetwin.core import faces
 from facetwin.v1 import facetwin_pb2
 
 from . import metrics
@@ -83,6 +84,9 @@ class FaceSwapServer:
         log.info("config %s", json.dumps(self.config.as_dict(), sort_keys=True))
         names = self.registry.discover()
         log.info("found %d bundle(s) in %s: %s", len(names), self.config.model_dir, names)
+        if not names:
+            log.warning("no model bundle in %s (sub-folders holding a manifest.json): health stays NOT_SERVING "
+                        "(--model-dir)", self.config.model_dir)
         try:  # grpcio reports a port it cannot bind as 0 or, in newer releases, as RuntimeError
             if self.credentials is None:
                 self.port = self.grpc_server.add_insecure_port(self.config.address)
@@ -96,7 +100,11 @@ class FaceSwapServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.metrics_port:
-            self.metrics_http = metrics.serve_metrics(self.config.metrics_port, self.config.metrics_address)
+            try:
+                self.metrics_http = metrics.serve_metrics(self.config.metrics_port, self.config.metrics_address)
+            except OSError as exc:
+                raise OSError(f"could not serve metrics on {self.config.metrics_address}:{self.config.metrics_port}: "
+                              f"{exc.strerror or exc} (--metrics-address, --metrics-port)") from None
         if metrics.MULTIPROCESS:
             self._publishing = asyncio.ensure_future(metrics.publish_queue_depth(self.registry.queued))
         else:
@@ -106,6 +114,10 @@ class FaceSwapServer:
         if not (self.config.auth_tokens_file or self.config.tls_client_ca or _loopback(self.config.address)):
             log.warning("%s is reachable from other hosts and asks callers for no credentials: set "
                         "--auth-tokens-file or --tls-client-ca (docs/security.md)", self.config.address)
+        why = faces.unavailable_reason(self.config.detector, self.config.landmarks)
+        if why is not None:  # found now, not at the first full frame: the detector loads lazily
+            log.warning("full frames cannot be swapped by this server (%s): they will be answered UNAVAILABLE; "
+                        "aligned faces are served", why)
         self._loading = asyncio.ensure_future(self._load())
         return self.port
 
@@ -114,7 +126,10 @@ class FaceSwapServer:
         status = health_pb2.HealthCheckResponse.SERVING if self.registry.any_ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
-        log.info("models warm; health %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+        if self.registry.any_ready:
+            log.info("models warm; health SERVING")
+        else:
+            log.warning("no model loaded (see the errors above, or ListModels): health NOT_SERVING")
 
     async def wait_until_loaded(self) -> None:
         if self._loading is not None:

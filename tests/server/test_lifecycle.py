@@ -60,6 +60,18 @@ def test_broken_bundle_fails_alone(tiny_model_dir, tmp_path, caplog):
     assert f"skipping {models / 'not-a-bundle'}: no manifest.json" in caplog.text
 
 
+def test_a_server_that_cannot_serve_everything_says_so_at_start(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FACETWIN_DLIB_MODELS", str(tmp_path))  # a folder without dlib's weights
+    (tmp_path / "models").mkdir()
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tmp_path / "models"), detector="hog",
+                                       landmarks="68"))
+    server.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith(f"no model bundle in {tmp_path / 'models'}") for w in warnings), warnings
+    assert any(w.startswith("full frames cannot be swapped by this server (") for w in warnings), warnings
+    assert any(w.startswith("no model loaded") for w in warnings), warnings
+
+
 def test_dry_run_swaps_through_real_grpc(tiny_model_dir):
     result = subprocess.run([str(SERVER), "serve", "--dry-run", "--model-dir", str(tiny_model_dir)],
                             capture_output=True, text=True, timeout=120)
