@@ -34,8 +34,16 @@ DIR_MODE = 0o777 & ~_umask()
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """Yields a binary file to fill; when the block succeeds it is flushed to disk and renamed over `path`, so
-    readers (and a process killed mid-write) see either the old file or the whole new one, never a torn one."""
+    readers (and a process killed mid-write) see either the old file or the whole new one, never a torn one.
+    A symbolic link is followed (its target is replaced, the link kept); anything else that is not a regular file
+    (a device, a pipe) is refused rather than replaced by one."""
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: name a file to write")
+    if path.exists() and not path.is_file():
+        raise FileExistsError(f"{path} is not a regular file (a device, pipe or socket): name a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
