@@ -108,9 +108,11 @@ def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str 
     split = {"of": str(data_dir), "fraction": fraction, "train": str(train_dir), "holdout": str(holdout_dir),
              "identities": identities}
     head = {k: v for k, v in index.items() if k != "images"}
-    for part, folder in (("holdout", holdout_dir), ("train", train_dir)):
-        images = [e for e in index["images"] if (id(e) in held) == (part == "holdout")]
-        with replace_folder(folder) as staging:
+    # Both parts are staged before either replaces its folder: a failure on one side (a folder that cannot be
+    # written, a full disk, Ctrl-C) leaves both as they were, never a new held-out part beside an old train part.
+    with replace_folder(holdout_dir) as holdout_staging, replace_folder(train_dir) as train_staging:
+        for part, staging in (("holdout", holdout_staging), ("train", train_staging)):
+            images = [e for e in index["images"] if (id(e) in held) == (part == "holdout")]
             staging.chmod(0o755)  # mkdtemp's 0700 would hide the part from other users
             for entry in images:
                 for key in ("file", "mask"):

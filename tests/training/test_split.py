@@ -97,3 +97,11 @@ def test_split_again_replaces_its_parts_and_refuses_everything_else(tmp_path):
     with pytest.raises(E.ExtractError, match="'ada' has 2 face.s. from 1 frame"):
         S.split_holdout(one, tmp_path / "t3", tmp_path / "h3")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me" and not (tmp_path / "t3").exists()
+    # A part that cannot be written leaves both parts as they were: never a new held-out part beside an old train one.
+    (tmp_path / "afile").write_text("")
+    held_before = _keys(tmp_path / "holdout")
+    with pytest.raises(OSError):
+        S.split_holdout(faces, tmp_path / "afile" / "train", tmp_path / "holdout", fraction=0.2)
+    assert _keys(tmp_path / "holdout") == held_before
+    assert json.loads((tmp_path / "holdout" / "index.json").read_text())["split"]["fraction"] == 0.5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
