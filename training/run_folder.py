@@ -27,6 +27,7 @@ PREVIEW_DIR = "previews"  # preview grids go to <run>/previews/step_<N>.png
 # TrainSummary.stopped: why a train() call ended. None while it runs, and for good when it was killed or failed.
 STOPPED_AT_STEPS = "steps"  # the run reached its configured steps
 STOPPED_AT_TIME_BUDGET = "time budget"  # max_seconds ran out first; --resume continues
+STOPPED_AT_INTERRUPT = "interrupted"  # Ctrl-C (SIGINT): the step in flight finished and was saved; --resume continues
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class TrainSummary:
     """One train() call, written next to the checkpoint each time a checkpoint is written and once the call ends, so
     it always describes the checkpoint beside it."""
 
-    checkpoint: str  # path of the checkpoint this summary describes
+    checkpoint: str  # path of the checkpoint this summary describes ("" before a new run's first one)
     variant: str  # ae, vae, vae-gan or cyclegan
     precision: str  # "float32", or the autocast dtype: "bfloat16 autocast", "float16 autocast"
     world_size: int  # processes training together (torchrun); batch_size is per process
@@ -43,7 +44,7 @@ class TrainSummary:
     step_end: int  # the checkpoint's step now
     seconds: float  # the training loop's own time to step_end: no start-up, data loading or final barrier
     losses: dict[str, float]  # the loss terms (and grad_norm) at the last logged step, averaged over identities
-    stopped: str | None  # STOPPED_AT_STEPS, STOPPED_AT_TIME_BUDGET, or None: still running, or killed
+    stopped: str | None  # STOPPED_AT_STEPS, _TIME_BUDGET, _INTERRUPT, or None: still running, or killed
 
     @property
     def steps_trained(self) -> int:

@@ -12,10 +12,13 @@ under DistributedDataParallel and only rank 0 writes: distributed.py. What the r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from facetwin.training.previews import preview_grid, write_preview
 from facetwin.training.run_folder import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    STOPPED_AT_INTERRUPT,
     STOPPED_AT_STEPS,
     STOPPED_AT_TIME_BUDGET,
     TrainSummary,
@@ -116,47 +120,53 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
         write_summary(out_dir, _summary(t, world, ckpt_path, start_step, start_step, 0.0, losses, None))
     cpu_share = CpuShare(cfg.threads) if t.device.type == "cpu" and cfg.follow_free_cores else None
     started = time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        if cpu_share is not None and (threads := cpu_share.update()) is not None:
-            torch.set_num_threads(threads)  # another process took (or gave back) a core: see cpu_share.py
-        generator.manual_seed(batch_seed(cfg, step, world.rank))
-        # 1. one augmented batch per identity, on the training device
-        batches = sample_batches(t, faces, generator)
-        # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
-        terms = train_step(t, batches, step, generator)
+    with _ctrl_c_finishes_the_step(world) as interrupt:
+        for step in range(start_step, cfg.steps):
+            if cpu_share is not None and (threads := cpu_share.update()) is not None:
+                torch.set_num_threads(threads)  # another process took (or gave back) a core: see cpu_share.py
+            generator.manual_seed(batch_seed(cfg, step, world.rank))
+            # 1. one augmented batch per identity, on the training device
+            batches = sample_batches(t, faces, generator)
+            # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
+            terms = train_step(t, batches, step, generator)
 
-        smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
-        bar.update(1)
-        done = step + 1
-        if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
-            losses = {key: float(value) for key, value in terms.items()}  # a device sync, every log_every steps only
-            bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
-            if writer is not None:
-                for key, value in losses.items():
-                    writer.add_scalar(key if key == "grad_norm" else f"loss/{key}", value, done)
-                writer.add_scalar("lr", learning_rate(cfg, step), done)
-        if world.is_main and cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
-            grid = preview_grid(t.average if t.average is not None else t.model, faces)
-            write_preview(out_dir, done, grid)
-            if writer is not None:
-                writer.add_image("preview", grid, done, dataformats="HWC")
-        # Under DDP the ranks agree on the budget every log_every steps only: each agreement is an all-reduce and a
-        # device sync, which would stall every step; one process checks its own clock every step.
-        out_of_time = bool(cfg.max_seconds) and (world.world_size == 1 or done % cfg.log_every == 0) and all_agree(
-            time.perf_counter() - started > cfg.max_seconds, world, t.device)
-        if out_of_time or done == cfg.steps:
-            stopped = STOPPED_AT_TIME_BUDGET if out_of_time else STOPPED_AT_STEPS
-        if world.is_main and (done % cfg.checkpoint_every == 0 or stopped):
-            # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's does not
-            # (gigabytes at 128 px, which would make a short run's steps/s read low).
-            seconds = _elapsed(started, t.device)
-            save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
-                            {"world_size": world.world_size, **t.checkpoint_extra()})
-            write_summary(out_dir, _summary(t, world, ckpt_path, start_step, done, seconds, losses, stopped))
-        if out_of_time:
-            if world.is_main:
-                bar.write(f"stopping at step {done} of {cfg.steps}: the {cfg.max_seconds:g} s time budget is spent")
-            break
+            smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
+            bar.update(1)
+            done = step + 1
+            if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
+                losses = {key: float(value) for key, value in terms.items()}  # a device sync, every log_every steps only
+                bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
+                if writer is not None:
+                    for key, value in losses.items():
+                        writer.add_scalar(key if key == "grad_norm" else f"loss/{key}", value, done)
+                    writer.add_scalar("lr", learning_rate(cfg, step), done)
+            if world.is_main and cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
+                grid = preview_grid(t.average if t.average is not None else t.model, faces)
+                write_preview(out_dir, done, grid)
+                if writer is not None:
+                    writer.add_image("preview", grid, done, dataformats="HWC")
+            # Under DDP the ranks agree on the budget every log_every steps only: each agreement is an all-reduce and a
+            # device sync, which would stall every step; one process checks its own clock every step.
+            out_of_time = bool(cfg.max_seconds) and (world.world_size == 1 or done % cfg.log_every == 0) and all_agree(
+                time.perf_counter() - started > cfg.max_seconds, world, t.device)
+            if interrupt.is_set():
+                stopped = STOPPED_AT_INTERRUPT
+            elif out_of_time or done == cfg.steps:
+                stopped = STOPPED_AT_TIME_BUDGET if out_of_time else STOPPED_AT_STEPS
+            if world.is_main and (done % cfg.checkpoint_every == 0 or stopped):
+                # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's does not
+                # (gigabytes at 128 px, which would make a short run's steps/s read low).
+                seconds = _elapsed(started, t.device)
+                save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
+                                {"world_size": world.world_size, **t.checkpoint_extra()})
+                write_summary(out_dir, _summary(t, world, ckpt_path, start_step, done, seconds, losses, stopped))
+            if stopped == STOPPED_AT_INTERRUPT:
+                bar.write(f"interrupted at step {done} of {cfg.steps}: checkpoint saved; --resume continues")
+                break
+            if out_of_time:
+                if world.is_main:
+                    bar.write(f"stopping at step {done} of {cfg.steps}: the {cfg.max_seconds:g} s time budget is spent")
+                break
     elapsed = time.perf_counter() - started
     bar.close()
     if writer is not None:
@@ -166,6 +176,32 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
         count = done - start_step
         print(f"trained {count} steps in {elapsed:.1f} s ({count / elapsed:.2f} steps/s, "
               f"{amp.describe(t.autocast_dtype)}), loss {float(smoothed):.4f}; checkpoint {ckpt_path}")
+    if stopped == STOPPED_AT_INTERRUPT:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _ctrl_c_finishes_the_step(world: Distributed) -> Any:
+    """The first Ctrl-C (SIGINT) sets the yielded event: the loop finishes its step, saves a checkpoint and stops
+    (then KeyboardInterrupt), so an interrupted run loses no step and never stops inside an optimizer step. A second
+    one stops at once; the last checkpoint stays whole (it is written atomically). Under torchrun each rank is
+    signalled on its own and the ranks could stop at different steps, so there (and off the main thread) Ctrl-C
+    keeps its default."""
+    interrupt = threading.Event()
+    if world.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        if interrupt.is_set():
+            raise KeyboardInterrupt
+        interrupt.set()
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _tensorboard(cfg: TrainConfig, out_dir: Path, start_step: int) -> Any:
@@ -184,7 +220,7 @@ def _tensorboard(cfg: TrainConfig, out_dir: Path, start_step: int) -> Any:
 
 def _summary(t: Trainer, world: Distributed, ckpt_path: Path, start_step: int, step: int, seconds: float,
              losses: dict[str, float], stopped: str | None) -> TrainSummary:
-    return TrainSummary(checkpoint=str(ckpt_path), variant=t.cfg.variant, precision=amp.describe(t.autocast_dtype),
+    return TrainSummary(checkpoint=str(ckpt_path) if ckpt_path.exists() else "", variant=t.cfg.variant, precision=amp.describe(t.autocast_dtype),
                         world_size=world.world_size, steps=t.cfg.steps, step_start=start_step, step_end=step,
                         seconds=round(seconds, 3), losses=losses, stopped=stopped)
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import signal
 import tempfile
+import threading
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from facetwin.training.data import AugmentConfig, load_faces, to_device
 from facetwin.training.run_folder import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    STOPPED_AT_INTERRUPT,
     STOPPED_AT_STEPS,
     STOPPED_AT_TIME_BUDGET,
     SUMMARY_NAME,
@@ -395,3 +400,27 @@ def test_a_time_budget_stops_early_with_a_checkpoint_and_resume_finishes(data, t
     assert load_checkpoint(finished)["step"] == 50
     with pytest.raises(ValueError, match="max_seconds"):
         train(tiny(data, tmp_path / "bad", max_seconds=-1), progress=False)
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resumes_from_it(data, tmp_path):
+    run = tmp_path / "run"
+
+    def press_ctrl_c() -> None:  # once the loop runs: its first summary is written as it starts
+        deadline = time.monotonic() + 60
+        while not (run / SUMMARY_NAME).is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press_ctrl_c)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(data, run, steps=1_000_000, checkpoint_every=1_000_000, log_every=1), progress=False)
+    presser.join()
+    summary = read_summary(run)
+    step = load_checkpoint(run / CHECKPOINT_NAME)["step"]
+    assert summary.stopped == STOPPED_AT_INTERRUPT and 0 < step == summary.step_end < 1_000_000
+    assert summary.checkpoint == str(run / CHECKPOINT_NAME)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the caller's again
+    train(tiny(data, run, steps=step + 2, checkpoint_every=1_000_000), progress=False, resume=True)
+    assert read_summary(run).step_end == step + 2
