@@ -58,6 +58,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Raises OSError, naming `what` (the option that gave the path), unless atomic_write(path) could write there:
+    checked before the work whose result it would hold."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder: name a file")
+    if path.exists() and not path.resolve().is_file():
+        raise FileExistsError(f"{what} {path} is not a regular file (a device, pipe or socket): name a file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {path} cannot be written: {parent} is not writable")
+
+
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Deletes what atomic_write(path) left behind when its process was killed mid-write (SIGKILL, power loss:
     no cleanup runs); call it before writing `path` again, from the only process that writes it."""
@@ -82,7 +99,10 @@ def replace_folder(dest: Path, mode: int | None = None) -> Iterator[Path]:
     the old folder or the whole new one, never a half-written one; if it raises, the staging folder is deleted and
     dest is left as it was."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    try:
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    except OSError as exc:  # named after dest: the staging folder's random name means nothing to a reader
+        raise type(exc)(exc.errno, f"{exc.strerror} (no folder can be made beside it)", str(dest)) from None
     if mode is not None:
         staging.chmod(mode)
     retired = None

@@ -37,13 +37,31 @@ USAGE_ERROR = 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+# What to do about the OS's own complaints, which name only the file and the errno's text.
+_OS_HINTS = {FileExistsError: "it is in the way: choose another path", IsADirectoryError: "name a file, not a folder",
+             NotADirectoryError: "a part of the path is a file, not a folder",
+             PermissionError: "choose a path this user may write, or change its permissions"}
+
+
+def _message(exc: BaseException) -> str:
+    """One line: the exception's own message, or for an OSError carrying only the OS's words, the path, those words
+    and what to do."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        hint = next((text for kind, text in _OS_HINTS.items() if isinstance(exc, kind)), "")
+        return f"{exc.filename}: {exc.strerror}" + (f" ({hint})" if hint else "")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _run(work: Callable[[], Any]) -> Any:
     try:
         return work()
     except USER_ERRORS as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {_message(exc)}", err=True)
         raise typer.Exit(USAGE_ERROR) from None
+    except OSError as exc:  # not the caller's doing (a full disk, a read-only file system): still one line
+        typer.echo(f"error: {_message(exc)}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -242,6 +260,15 @@ def _load_real(data: Optional[Path], video: Optional[Path], video_identity: Opti
                                                     max_frames))
 
 
+def _check_outputs(**paths: Optional[Path]) -> None:
+    """Every output file given (option name -> path) can be written: checked before the work it would hold."""
+    from facetwin.core.files import check_writable
+
+    for option, path in paths.items():
+        if path is not None:
+            _run(lambda: check_writable(path, f"--{option.replace('_', '-')}"))
+
+
 def _publish(reports: list[dict[str, Any]], as_json: bool, markdown: Optional[Path], report_file: Optional[Path],
              single: bool) -> None:
     from facetwin.core.files import atomic_write_bytes
@@ -299,6 +326,7 @@ def evaluate(
 
     if bundle is None:
         _fail("evaluate needs --bundle")
+    _check_outputs(markdown=markdown, report=report_file, grid=grid)
     _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
     real = _load_real(data, video, video_identity, identity_map, every, max_frames)
     report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed, faces_per_pair=faces,
@@ -333,6 +361,7 @@ def compare(
 
     if not bundles:
         _fail("compare needs at least one --bundle")
+    _check_outputs(markdown=markdown, report=report_file)
     for path in bundles:
         _run(lambda: evaluate_mod.load_manifest(path))
     real = _load_real(data, video, video_identity, identity_map, every, max_frames)

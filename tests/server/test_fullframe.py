@@ -349,7 +349,7 @@ def test_landmark_setting_is_checked_up_front():
     from facetwin.server.detectors import FaceDetectorPool
 
     assert ServerConfig().landmarks == "auto"
-    with pytest.raises(ValueError, match="landmarks '7' must be one of auto, 68, 5"):
+    with pytest.raises(ValueError, match=r"--landmarks \(FACETWIN_LANDMARKS\) '7' must be one of auto, 68, 5"):
         ServerConfig.from_env({"FACETWIN_LANDMARKS": "7"})
     with pytest.raises(ValueError, match="landmarks must be one of auto, 68, 5"):
         FaceDetectorPool(1, landmarks="dlib")
@@ -472,7 +472,7 @@ def test_detect_runtime_setting_is_checked_up_front():
     from facetwin.server.detectors import FaceDetectorPool
 
     assert ServerConfig().detect_runtime == "onnxruntime"
-    with pytest.raises(ValueError, match="detect_runtime 'cuda' must be one of auto, onnxruntime, torch-cuda"):
+    with pytest.raises(ValueError, match=r"--detect-runtime \(FACETWIN_DETECT_RUNTIME\) 'cuda' must be one of auto, onnxruntime, torch-cuda"):
         ServerConfig.from_env({"FACETWIN_DETECT_RUNTIME": "cuda"})
     with pytest.raises(ValueError, match="detect_runtime must be one of"):
         FaceDetectorPool(1, runtime="gpu")

@@ -320,7 +320,7 @@ def test_log_lines_of_a_call_carry_its_request_id():
            ("inside the call", "abc-1", "Swap", 2)
     assert failed["request_id"] == "abc-1" and "RuntimeError: boom" in failed["exception"]
     assert "request_id" not in outside and outside["level"] == "INFO"
-    with pytest.raises(ValueError, match="log_format 'xml' must be one of text, json"):
+    with pytest.raises(ValueError, match=r"--log-format \(FACETWIN_LOG_FORMAT\) 'xml' must be one of text, json"):
         ServerConfig.from_env({"FACETWIN_LOG_FORMAT": "xml"})
 
 

@@ -312,3 +312,8 @@ def test_cli_bad_inputs(tiny_model_dir, tmp_path):
     writer.release()
     assert_user_error(run_cli("evaluate", "--bundle", tiny, "--video", noise, "--video-identity", "x"), "no face found")
     assert_user_error(run_cli("evaluate", "--bundle", tiny, "--data", tmp_path, "--map", "oops"), "--map takes")
+    # An output that cannot be written is found before the work, not after it.
+    (tmp_path / "afile").write_text("")
+    assert_user_error(run_cli("evaluate", "--bundle", tiny, "--report", tmp_path / "afile" / "r.json"),
+                      f"--report {tmp_path / 'afile' / 'r.json'} cannot be written: {tmp_path / 'afile'} is a file")
+    assert_user_error(run_cli("compare", "--bundle", tiny, "--markdown", tmp_path), "--markdown")
