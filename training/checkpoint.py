@@ -16,6 +16,7 @@ from torch import nn
 from facetwin.core.files import atomic_write
 from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, build_model
 from facetwin.training.config import TrainConfig, preset_model
+from facetwin.training.run_folder import CHECKPOINT_NAME
 
 
 class CheckpointError(ValueError):
@@ -33,17 +34,29 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: t
     return path
 
 
+def check_checkpoint_file(path: Path) -> None:
+    """CheckpointError unless `path` is a file, saying what to pass instead where it is a run folder."""
+    if path.is_file():
+        return
+    if (path / CHECKPOINT_NAME).is_file():
+        raise CheckpointError(f"{path} is a run folder: pass its checkpoint, {path / CHECKPOINT_NAME}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (pass the {CHECKPOINT_NAME} that "
+                              "facetwin-train train wrote)")
+    raise CheckpointError(f"checkpoint {path} does not exist")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Reads a checkpoint without pickle (weights_only=True) and checks its shape; adds "train_config", the
     checkpoint's config as a TrainConfig."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    check_checkpoint_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError) for bad files
-        raise CheckpointError(f"{path} is not a facetwin checkpoint (refused by the pickle-free loader: "
-                              f"{type(exc).__name__})") from exc
+        raise CheckpointError(f"{path} is not a facetwin checkpoint: it is truncated, damaged or another program's "
+                              f"file (the pickle-free loader refused it: {type(exc).__name__}); pass the "
+                              f"{CHECKPOINT_NAME} that facetwin-train train wrote") from exc
     if not isinstance(checkpoint, dict) or not {"config", "model", "optimizer", "step"} <= set(checkpoint):
         raise CheckpointError(f"{path} is not a facetwin checkpoint (needs config, model, optimizer, step)")
     try:

@@ -121,6 +121,8 @@ class IdentityFaces(Dataset):
 def load_index(data_dir: str | Path) -> dict[str, Any]:
     """Reads and checks the data set's index.json; raises DatasetError with what is wrong."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise DatasetError(f"data folder {data_dir} is a file: name the folder a data set was written to")
     if not data_dir.is_dir():
         raise DatasetError(f"data folder {data_dir} does not exist (make one with: facetwin-train synth {data_dir})")
     path = data_dir / INDEX_NAME

@@ -34,7 +34,11 @@ from facetwin.core.bundle import (
 )
 from facetwin.core.files import DIR_MODE, FILE_MODE, replace_folder, sha256_file
 from facetwin.core.model import CycleGAN, FaceSwapAutoencoder, SwapGraph
-from facetwin.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from facetwin.training.checkpoint import (
+    check_checkpoint_file,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 
 INPUT_NAME = "face"
 OUTPUT_FACE = "swapped"
@@ -128,8 +132,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
                   check: bool = True, overwrite: bool = False) -> Path:
     """Writes bundle `out_dir/<name>` from a checkpoint (name defaults to the run folder's name); returns its path."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():  # before the name it would lend: the missing file is what to report
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+    check_checkpoint_file(checkpoint)  # before the name it would lend: the missing file is what to report
     name = name if name is not None else checkpoint.resolve().parent.name
     try:
         check_name(name, "model name")

@@ -295,6 +295,14 @@ def test_a_run_of_an_older_preset_model_names_what_changed_and_stays_intact(data
 def test_load_checkpoint_rejects_what_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"is a run folder: pass its checkpoint, {tmp_path / 'run' / CHECKPOINT_NAME}"):
+        load_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="is truncated, damaged or another program's file"):
+        load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a torch file")
     with pytest.raises(CheckpointError, match="not a facetwin checkpoint"):
