@@ -98,7 +98,9 @@ def extract(
     identity: Optional[str] = typer.Option(None, help="name of the person in these inputs"),
     size: int = typer.Option(64, min=16, max=1024, help="aligned crop side, pixels (the model's resolution)"),
     every: int = typer.Option(5, min=1, help="use every N-th video frame"),
-    detector: str = typer.Option("hog", help="hog (dlib, default), cnn (dlib, slow) or haar (OpenCV, boxes only)"),
+    detector: str = typer.Option("hog", help="hog (dlib, default), cnn (dlib, slow), blazeface (MediaPipe's, "
+                                 "FaceMesh landmarks), haar (OpenCV, boxes only) or auto (blazeface, else hog, else "
+                                 "haar)"),
     min_face: int = typer.Option(40, min=1, help="skip faces narrower than this, pixels"),
     blur_threshold: float = typer.Option(40.0, min=0.0, help="skip crops whose variance of Laplacian is below this"),
     dedupe: float = typer.Option(0.02, min=0.0, help="skip crops this close to the last kept one (0 = keep all)"),
@@ -156,7 +158,8 @@ def split(
 def train(
     data: Optional[Path] = typer.Option(None, help="data set folder (from `facetwin-train synth`)"),
     out: Optional[Path] = typer.Option(None, help="run folder for checkpoint.pt and config.json"),
-    preset: str = typer.Option("demo", help="demo (CPU demo quality, minutes), tiny (seconds, tests), full (the 2017 "
+    preset: Optional[str] = typer.Option(None, show_default=False, help="demo (the default: CPU demo quality, "
+                                "minutes), tiny (seconds, tests), full (the 2017 "
                                 "deepfakes model at 64 px, 82 M parameters: GPU hosts), cpu-128 (128 px on a CPU), "
                                 "gpu-128 or gpu-256 (128 / 256 px, 119 / 147 M parameters: GPU hosts)"),
     steps: Optional[int] = typer.Option(None, min=1, help="override the preset's number of steps"),
@@ -199,6 +202,9 @@ def train(
         _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
     options = {"amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
     if dry_run:
+        given = [flag for flag, value in (("--data", data), ("--preset", preset)) if value is not None]
+        if given:
+            _fail(f"--dry-run trains the tiny preset on generated faces: leave out {' and '.join(given)}")
         summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant, **options))
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "nothing kept (temp dir)"
         typer.echo(f"dry run: trained the tiny {variant} preset for {summary['steps']} steps on generated faces of "
@@ -206,6 +212,7 @@ def train(
         return
     if data is None or out is None:
         _fail("train needs --data and --out (or --dry-run)")
+    preset = preset or "demo"
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
@@ -406,6 +413,9 @@ def dfm_import(
 
     if dfm_file is None:
         _fail("dfm-import needs a .dfm file")
+    for flag, value in (("--name", name), ("--celeb", celeb)):
+        if value is not None and not value.strip():
+            _fail(f"{flag} is empty: give a name, or leave {flag} out for the file's stem")
     bundle = _run(lambda: dfm.dfm_to_bundle(dfm_file, out, name or dfm_file.stem, celeb, dst, morph, overwrite))
     manifest = load_manifest(bundle)
     typer.echo(f"bundle {bundle}: target {sorted(manifest.targets)}, identities {list(manifest.identities)}, "

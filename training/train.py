@@ -72,8 +72,11 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         cfg = dataclasses.replace(cfg, model=saved["train_config"].model,
                                   augment=cfg.augment or saved["train_config"].augment)
         start_step = int(saved["step"])
-    elif cfg.model is None:
-        cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant))
+    else:
+        if resume and world.is_main and progress:
+            print(f"no checkpoint in {out_dir} to resume: starting a new run there")
+        if cfg.model is None:
+            cfg = dataclasses.replace(cfg, model=preset_model(cfg.preset, names, cfg.variant))
     if cfg.augment is None:
         cfg = dataclasses.replace(cfg, augment=AugmentConfig.for_data(data_info["kind"]))
     assert cfg.model is not None
@@ -96,6 +99,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         elif world.is_main:  # nothing left to train: the checkpoint stays as it is, the summary says so
             summary = _summary(trainer, world, ckpt_path, start_step, start_step, 0.0, {}, STOPPED_AT_STEPS)
             write_summary(out_dir, summary)
+            if progress:
+                print(f"nothing to train: the checkpoint is at step {start_step} of {cfg.steps} (raise --steps to "
+                      "train on)")
     return ckpt_path
 
 

@@ -88,6 +88,8 @@ def test_train_dry_run_checks_the_install_in_seconds_and_leaves_nothing(tmp_path
     assert out.startswith("dry run: trained the tiny ae preset for 5 steps on generated faces of ['ada', 'ben']")
     assert list(tmp_path.iterdir()) == []  # a temp dir only
     assert time.monotonic() - started < 60
+    assert_user_error(run_cli("train", "--dry-run", "--preset", "full", "--data", tmp_path, cwd=tmp_path),
+                      "--dry-run trains the tiny preset on generated faces: leave out --data and --preset")
 
 
 def test_synth_and_train_options_reach_the_saved_config(tmp_path):
@@ -263,6 +265,8 @@ def test_dfm_export_then_import_round_trip_and_bad_inputs(tiny_model_dir, tmp_pa
                       "no graph for target 'zed'")
     assert_user_error(run_cli("dfm-export", "--bundle", tiny), "--target")
     assert_user_error(run_cli("dfm-import", tmp_path / "missing.dfm"), "does not exist")
+    assert_user_error(run_cli("dfm-import", tmp_path / "x.dfm", "--out", tmp_path / "models", "--celeb", " "),
+                      "--celeb is empty")
     (tmp_path / "junk.dfm").write_bytes(b"not onnx at all")
     assert_user_error(run_cli("dfm-import", tmp_path / "junk.dfm", "--out", tmp_path / "models"), "not an ONNX model")
     assert_user_error(run_cli("dfm-import", tiny / manifest.targets[target], "--out", tmp_path / "models"),
