@@ -303,6 +303,12 @@ EVERY_HELP = "with --video: use every N-th frame"
 MAX_FRAMES_HELP = "with --video: read at most this many frames"
 
 
+def _stage(bundle: Path) -> Callable[[str], None]:
+    """Progress of an evaluation: one line per stage on stderr, so that --json's stdout stays the report alone."""
+    started = time.perf_counter()
+    return lambda stage: typer.echo(f"[{time.perf_counter() - started:5.1f} s] {bundle.name}: {stage} ...", err=True)
+
+
 def _keep_shape(value: float | None) -> dict[str, float]:
     """evaluate_bundle's keep_shape argument when the flag was given (its default is the server's)."""
     return {} if value is None else {"keep_shape": value}
@@ -337,7 +343,8 @@ def evaluate(
     _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
     real = _load_real(data, video, video_identity, identity_map, every, max_frames)
     report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed, faces_per_pair=faces,
-                                                       reference_faces=references, **_keep_shape(keep_shape)))
+                                                       reference_faces=references, progress=_stage(bundle),
+                                                       **_keep_shape(keep_shape)))
     if grid is not None:
         _run(lambda: evaluate_mod.swap_grid(bundle, grid))
     _publish([report], as_json, markdown, report_file, single=True)
@@ -373,7 +380,8 @@ def compare(
         _run(lambda: evaluate_mod.load_manifest(path))
     real = _load_real(data, video, video_identity, identity_map, every, max_frames)
     reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
-                                                         reference_faces=references, **_keep_shape(keep_shape)))
+                                                         reference_faces=references, progress=_stage(path),
+                                                         **_keep_shape(keep_shape)))
                for path in bundles]
     _publish(reports, as_json, markdown, report_file, single=False)
 

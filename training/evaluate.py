@@ -29,6 +29,7 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -398,11 +399,12 @@ def load_swaps(path: str | os.PathLike) -> SavedSwaps:
 def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, faces_per_pair: int = REAL_FACES,
                        reference_faces: int = REFERENCE_FACES, keep_shape: float = blending.KEEP_SHAPE,
                        saved: SavedSwaps | None = None, paste_mask: str = blending.PASTE_MASK,
+                       progress: Callable[[str], None] = lambda stage: None,
                        ) -> tuple[dict[str, Any], dict[str, str]]:
     """The identity, landmarks and temporal sections (see training/quality.py), and a reason for each that
     cannot be computed. keep_shape, paste_mask: the server settings the served faces are scored with. With `saved`, the swaps
     come from that file instead of running the bundle (bundle_dir is then unused); without, the bundle's swaps are
-    made first (swap_clips) and scored the same way."""
+    made first (swap_clips) and scored the same way. progress(stage) is told each stage as it starts."""
     reasons: dict[str, str] = {}
     sections: dict[str, Any] = {"identity": None, "landmarks": None, "temporal": None}
     missing = quality.dlib_missing()
@@ -421,12 +423,17 @@ def real_face_sections(bundle_dir: str | os.PathLike | None, real: RealInput, fa
         why = f"no target other than {sorted(clips)} to swap their faces to (targets: {sorted(manifest.targets)})"
         return sections, {k: why for k in sections}
     if runner is not None:
+        progress(f"swapping {faces_per_pair} real faces of {len(clips)} identities")
         saved = swap_clips(runner, clips, faces_per_pair)
+    progress("reference embeddings")
     scorer = quality.ChipScorer(manifest.resolution, real.margin)
     references = {name: quality.reference_embedding(scorer, faces, reference_faces)[0]
                   for name, faces in ref_faces.items()}
-    rows = [quality.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape,
-                               paste_mask) for a, b in pairs]
+    rows = []
+    for number, (a, b) in enumerate(pairs, 1):
+        progress(f"scoring {a} -> {b} ({number}/{len(pairs)})")
+        rows.append(quality.score_pair(scorer, saved.swapper(b), clips[a], faces_per_pair, references, b, keep_shape,
+                                       paste_mask))
     moving = [r for r in rows if r["motion_error"] is not None]
     if not moving:
         reasons["landmarks.motion_error"] = "one face per pair: no motion to follow (swap more faces: --faces)"
@@ -479,11 +486,12 @@ def synthetic_section(bundle_dir: str | os.PathLike, count: int, seed: int) -> d
 def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None, count: int = HELD_OUT_POSES, seed: int = HELD_OUT_SEED,
                     faces_per_pair: int = REAL_FACES, reference_faces: int = REFERENCE_FACES,
                     keep_shape: float = blending.KEEP_SHAPE, saved: SavedSwaps | None = None,
-                    paste_mask: str = blending.PASTE_MASK) -> dict[str, Any]:
+                    paste_mask: str = blending.PASTE_MASK,
+                    progress: Callable[[str], None] = lambda stage: None) -> dict[str, Any]:
     """One bundle's report: {"model", "variant", "resolution", "identities", "synthetic", "identity", "landmarks",
     "temporal", "reasons"}. A section that cannot be computed is None and `reasons` says why; only a bundle that
     cannot be read at all raises (BundleError). keep_shape, paste_mask: the server's --keep-shape and --paste-mask
-    the served faces get.
+    the served faces get. progress(stage) is told each stage as it starts.
     With `saved` (load_swaps), bundle_dir names the swaps file and the real-face sections score its swaps."""
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir) if saved is None else saved.manifest
@@ -496,6 +504,7 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
         report["synthetic"], reasons["synthetic"] = None, f"scored from saved swaps ({bundle_dir.name}), not a bundle"
     else:
         try:
+            progress(f"swapping {count} held-out synthetic poses")
             report["synthetic"] = synthetic_section(bundle_dir, count, seed)
         except (ValueError, RuntimeError) as exc:
             report["synthetic"], reasons["synthetic"] = None, str(exc)
@@ -505,7 +514,7 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
     else:
         try:
             sections, why = real_face_sections(bundle_dir, real, faces_per_pair, reference_faces, keep_shape, saved,
-                                               paste_mask)
+                                               paste_mask, progress)
         except (ValueError, RuntimeError) as exc:  # e.g. a graph ONNX Runtime refuses: report it, score the rest
             sections = dict.fromkeys(("identity", "landmarks", "temporal"))
             first_line = (str(exc).strip().splitlines() or [""])[0]

@@ -285,8 +285,11 @@ def test_cli_evaluate_and_compare(tiny_model_dir, real_data, bundle, tmp_path):
     run = run_cli("evaluate", "--bundle", tiny, "--data", real_data, *mapping, "--count", 2, "--faces", 3,
                   "--references", 3, "--json", "--markdown", tmp_path / "report.md")
     assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
+    report = json.loads(run.stdout)  # the progress went to stderr, stage by stage
     assert all(report[s] is not None for s in ("synthetic", "identity", "landmarks", "temporal"))
+    stages = [line.split("] ", 1)[1] for line in run.stderr.splitlines() if line.startswith("[")]
+    assert stages[0] == "tiny: swapping 2 held-out synthetic poses ..." and "tiny: reference embeddings ..." in stages
+    assert any(stage.startswith("tiny: scoring ") for stage in stages), run.stderr
     assert "| ae | tiny | 32 |" in (tmp_path / "report.md").read_text()
     run = run_cli("compare", "--bundle", tiny, "--bundle", bundle, "--data", real_data, *mapping, "--count", 2,
                   "--faces", 3, "--references", 3, "--markdown", tmp_path / "compare.md")
