@@ -415,8 +415,9 @@ class StreamState:
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
         if message.status == pb.FRAME_STATUS_ERROR:
             error = error_for_code(_status_code(message.error.code), message.error.message)
-            if self.raise_frame_errors:
-                raise error
+            if self.raise_frame_errors:  # the loop ends here: say which frame (a yielded result carries its frame_id)
+                raise error_for_code(_status_code(message.error.code),
+                                     f"frame {response.frame_id}: {message.error.message}")
             timings = StageTimings.from_proto(response.timings)
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, error=error)
         if message.status != pb.FRAME_STATUS_OK:

@@ -305,7 +305,7 @@ def test_when_a_stream_ends_its_frame_source_is_no_longer_being_read(client, pai
     for attempt in range(5):  # each time, the error or the break lands while the gRPC thread waits in a read
         source = SlowSource(face, read_s=0.05 * (attempt + 1))
         if stop == "error":
-            with pytest.raises(NotFoundError):
+            with pytest.raises(NotFoundError, match="^NOT_FOUND: frame 0: "):  # says the frame it ended on
                 for _ in client.stream(source, served_model.model, "no-such-identity", color="rgb"):
                     pass
         else:
