@@ -17,7 +17,10 @@ import typer
 from . import logs
 from .config import ServerConfig, env_name
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="facetwin gRPC face-swap server")
+# Plain help (no rich boxes): at a pipe's 80 columns rich cut the long flag and variable names short ("--max-stre…"),
+# where plain help wraps them whole.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="facetwin gRPC face-swap server",
+                  rich_markup_mode=None)
 
 
 @app.callback()
