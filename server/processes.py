@@ -133,6 +133,10 @@ class _Supervisor:
         log.info("stopped")
 
     def _stop(self, signum: int, _frame: object) -> None:
+        if self.stopping:  # a second signal: passed on, so that every process cuts its drain short
+            for child in self.children.values():
+                if child.exitcode is None:
+                    child.terminate()
         self.stopping = True
 
     def _start(self, index: int) -> None:

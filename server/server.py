@@ -157,6 +157,11 @@ class FaceSwapServer:
         await asyncio.to_thread(self.engine.close)
         log.info("stopped")
 
+    async def stop_now(self) -> None:
+        """Cuts a drain short: the calls still in flight end at once (UNAVAILABLE), then stop() finishes."""
+        log.warning("stopping at once: the calls still in flight end UNAVAILABLE")
+        await self.grpc_server.stop(0)
+
 
 def keep_freed_memory() -> bool:
     """Asks glibc to keep freed memory for reuse (see MMAP_THRESHOLD_BYTES); whether it could (not on other C
@@ -187,4 +192,7 @@ async def serve(config: ServerConfig, listening: Callable[[int], None] | None = 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    await server.stop()
+    draining = asyncio.ensure_future(server.stop())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second one while draining: the operator wants out now
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop_now()))
+    await draining

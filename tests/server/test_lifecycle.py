@@ -112,6 +112,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_until_serving(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 60
+    while True:  # NOT_SERVING (or not yet listening) until the models are warm
+        try:
+            if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                    health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline, "server never became SERVING"
+        time.sleep(0.1)
+
+
 def test_sigterm_drains_in_flight_calls(tiny_model_dir):
     port = _free_port()
     env = dict(os.environ, FACETWIN_MODEL_DIR=str(tiny_model_dir), FACETWIN_ADDRESS=f"127.0.0.1:{port}",
@@ -119,17 +133,7 @@ def test_sigterm_drains_in_flight_calls(tiny_model_dir):
     proc = subprocess.Popen([str(SERVER), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 60
-            while True:  # NOT_SERVING (or not yet listening) until the models are warm
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "server never became SERVING"
-                time.sleep(0.1)
+            _wait_until_serving(channel)
             probe = subprocess.run([str(SERVER), "healthcheck", "--address", f"127.0.0.1:{port}"],
                                    capture_output=True, text=True, timeout=30)
             assert probe.returncode == 0 and probe.stdout.strip() == "SERVING"
@@ -176,3 +180,47 @@ def test_the_server_keeps_freed_memory_where_the_c_library_is_glibc():
     from facetwin.server.server import keep_freed_memory
 
     assert keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_a_second_sigterm_cuts_the_drain_short(tiny_model_dir):
+    """A drain waits for every frame a stream took; a second SIGTERM (or Ctrl-C) ends those calls at once."""
+    port = _free_port()
+    env = dict(os.environ, FACETWIN_MODEL_DIR=str(tiny_model_dir), FACETWIN_ADDRESS=f"127.0.0.1:{port}",
+               FACETWIN_GRACE_S="120", FACETWIN_DETECT_THREADS="1", FACETWIN_DETECT_MAX_SIDE="1920")
+    proc = subprocess.Popen([str(SERVER), "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            _wait_until_serving(channel)
+            stub = pb_grpc.FaceSwapStub(channel)
+            target = stub.ListModels(pb.ListModelsRequest()).models[0].identities[1]
+            blank = np.full((1080, 1920, 3), 90, np.uint8).tobytes()  # searched at full size: ~0.3 s each
+            frames = [pb.SwapStreamRequest(request=pb.SwapRequest(
+                model="tiny", target=target, kind=pb.IMAGE_KIND_FULL_FRAME, frame_id=i, return_region=True,
+                image=pb.Image(raw=pb.RawImage(pixels=blank, height=1080, width=1920, channels=3))))
+                for i in range(48)]  # the server's stream window: all taken before the first signal
+            answered: list = []
+            ended: list = []
+
+            def stream():
+                try:
+                    for reply in stub.SwapStream(iter(frames), timeout=300):
+                        answered.append(reply.response.frame_id)
+                except grpc.RpcError as err:
+                    ended.append(err.code())
+
+            worker = threading.Thread(target=stream)
+            worker.start()
+            while not answered:  # the frames are in and being swapped, one at a time
+                assert worker.is_alive(), ended
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            worker.join(60)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.stdout.read()
+    assert "draining" in log and "stopping at once" in log and "stopped" in log, log
+    assert len(answered) < 48 and ended, (answered, ended)  # frames the drain would have waited for were cut
