@@ -40,10 +40,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
     path = Path(path)
     if path.is_symlink():
         path = Path(os.path.realpath(path))
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder: name a file to write")
-    if path.exists() and not path.is_file():
-        raise FileExistsError(f"{path} is not a regular file (a device, pipe or socket): name a file to write")
+    _check_regular(path, "")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -58,14 +55,20 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def _check_regular(path: Path, prefix: str) -> None:
+    """Raises unless `path` is absent or a regular file (through links): a write must never replace a folder, a
+    device or a pipe."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{prefix}{path} is a folder: name a file")
+    if path.exists() and not path.resolve().is_file():
+        raise FileExistsError(f"{prefix}{path} is not a regular file (a device, pipe or socket): name a file")
+
+
 def check_writable(path: str | os.PathLike, what: str) -> None:
     """Raises OSError, naming `what` (the option that gave the path), unless atomic_write(path) could write there:
     checked before the work whose result it would hold."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder: name a file")
-    if path.exists() and not path.resolve().is_file():
-        raise FileExistsError(f"{what} {path} is not a regular file (a device, pipe or socket): name a file")
+    _check_regular(path, f"{what} ")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

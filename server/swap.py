@@ -308,7 +308,7 @@ class SwapEngine:
             raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
         _, height, width = imaging.probe_encoded(job.encoded, self.image_limits)
         self._check_shape(job, height, width, square)
-        return await self._off_loop(height * width, imaging.decode_encoded, job.encoded, self.image_limits)
+        return await self._off_loop(height * width, imaging.decode_probed, job.encoded)
 
     @staticmethod
     def _decode_image(encoded: bytes | None, raw: RawPixels | None, limits: imaging.ImageLimits) -> np.ndarray:
