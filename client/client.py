@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
@@ -20,7 +22,15 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from .credentials import PemInput, channel_credentials
-from .errors import CancelledError, InvalidInputError, ServerError, UnavailableError, from_rpc_error
+from .errors import (
+    CancelledError,
+    FaceTwinError,
+    InvalidInputError,
+    ServerError,
+    UnavailableError,
+    error_for_code,
+    from_rpc_error,
+)
 from .images import (
     ColorName,
     EncodingName,
@@ -53,12 +63,22 @@ def _remaining(ends_at: float | None) -> float | None:
     return None if ends_at is None else max(ends_at - time.monotonic(), 1e-3)
 
 
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is None:
+def _check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """Seconds as a float; None and infinity mean no deadline."""
+    if timeout is None or (isinstance(timeout, float) and math.isinf(timeout) and timeout > 0):
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise _invalid(f"timeout must be a positive number of seconds or None (no deadline), got {timeout!r}")
+        raise _invalid(f"{name} must be a positive number of seconds or None (no deadline), got {timeout!r}")
     return float(timeout)
+
+
+def _check_address(address: object) -> str:
+    if not isinstance(address, str) or not address.strip():
+        raise _invalid(f"address must be 'host:port', got {address!r}")
+    port = re.search(r":(\d+)$", address)
+    if port and not address.startswith("unix") and int(port.group(1)) > 65535:
+        raise _invalid(f"address {address!r} names port {port.group(1)}: a port is 0..65535")
+    return address
 
 
 class _ClientBase:
@@ -66,12 +86,14 @@ class _ClientBase:
 
     def __init__(self, address: str, *, timeout: float | None, max_message_mb: float, stream_resumes: int,
                  resume_timeout: float, **credentials: Any) -> None:
-        if not isinstance(address, str) or not address.strip():
-            raise _invalid(f"address must be 'host:port', got {address!r}")
+        _check_address(address)
         if isinstance(stream_resumes, bool) or not isinstance(stream_resumes, int) or stream_resumes < 0:
             raise _invalid(f"stream_resumes must be an integer >= 0, got {stream_resumes!r}")
         self.stream_resumes = stream_resumes
-        self.resume_timeout = _check_timeout(resume_timeout)
+        # A stream resumes only while its server answers again within this; None would wait forever.
+        self.resume_timeout = _check_timeout(resume_timeout, "resume_timeout")
+        if self.resume_timeout is None:
+            raise _invalid(f"resume_timeout must be a positive number of seconds, got {resume_timeout!r}")
         if isinstance(max_message_mb, bool) or not isinstance(max_message_mb, (int, float)) or not max_message_mb > 0:
             raise _invalid(f"max_message_mb must be a positive number, got {max_message_mb!r}")
         self.address = address
@@ -100,6 +122,16 @@ class _ClientBase:
             raise _invalid(
                 f"this {type(self).__name__} is closed; create a new one", grpc.StatusCode.FAILED_PRECONDITION
             )
+
+    def _error(self, err: grpc.RpcError) -> FaceTwinError:
+        """The FaceTwinError for a failed call; a call cut off by this client's close() is CancelledError."""
+        if self._closed and err.code() == grpc.StatusCode.CANCELLED:
+            return CancelledError("the client was closed while the call ran")
+        return from_rpc_error(err)
+
+    def _stream_error(self, state: StreamState, err: grpc.RpcError) -> BaseException:
+        """The exception for a failed stream: the request side's own error wins (it caused the failure)."""
+        return state.error if state.error is not None else self._error(err)
 
     def _swap_request(self, image: ImageInput, model: str, target: str, **kwargs: Any) -> pb.SwapRequest:
         request = build_swap_request(image, model, target, **kwargs)
@@ -173,7 +205,7 @@ class Client(_ClientBase):
         try:
             response = self._stub.ListModels(pb.ListModelsRequest(), timeout=deadline)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise self._error(err) from err
         return [ModelInfo.from_proto(m) for m in response.models]
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
@@ -181,7 +213,7 @@ class Client(_ClientBase):
         try:
             response = self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._deadline(timeout))
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise self._error(err) from err
         return ServerInfo.from_proto(response)
 
     def swap(
@@ -220,7 +252,7 @@ class Client(_ClientBase):
         try:
             response = self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise self._error(err) from err
         return result_from_response(response, color=color, sent=request)
 
     def stream(
@@ -307,7 +339,7 @@ class Client(_ClientBase):
                 return
             except grpc.RpcError as err:
                 if not state.can_resume(err, resumes, self.stream_resumes):
-                    raise state.failure(err) from err
+                    raise self._stream_error(state, err) from err
                 resumes += 1
             finally:
                 call_over.set()
@@ -378,6 +410,11 @@ class AsyncClient(_ClientBase):
                          stream_resumes=stream_resumes, resume_timeout=resume_timeout,
                          root_certificates=root_certificates, client_certificate=client_certificate,
                          client_key=client_key)
+        # grpc.aio binds the channel to the running loop; used from another, it fails with a bare RuntimeError.
+        self._loop = _running_loop()
+        if self._loop is None:
+            raise _invalid("create AsyncClient inside the event loop that uses it (in an async function, e.g. under "
+                           "asyncio.run)", grpc.StatusCode.FAILED_PRECONDITION)
         options = self._channel_options()
         if self._credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
@@ -385,13 +422,19 @@ class AsyncClient(_ClientBase):
             self._channel = grpc.aio.secure_channel(address, self._credentials, options=options)
         self._stub = pb_grpc.FaceSwapStub(self._channel)
 
+    def _ensure_open(self) -> None:
+        super()._ensure_open()
+        if _running_loop() is not self._loop:
+            raise _invalid("this AsyncClient belongs to another event loop (the one it was created in); create one "
+                           "in each loop that uses it", grpc.StatusCode.FAILED_PRECONDITION)
+
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models loaded on the server, sorted by name."""
         deadline = self._deadline(timeout)
         try:
             response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=deadline)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise self._error(err) from err
         return [ModelInfo.from_proto(m) for m in response.models]
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
@@ -399,7 +442,7 @@ class AsyncClient(_ClientBase):
         try:
             response = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._deadline(timeout))
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise self._error(err) from err
         return ServerInfo.from_proto(response)
 
     async def swap(
@@ -426,7 +469,7 @@ class AsyncClient(_ClientBase):
         try:
             response = await self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+            raise self._error(err) from err
         return result_from_response(response, color=color, sent=request)
 
     def stream(
@@ -519,15 +562,11 @@ class AsyncClient(_ClientBase):
                     state.finish()
                     return
                 except grpc.RpcError as err:
-                    if not state.can_resume(err, resumes, self.stream_resumes):
-                        if state.error is None and _lost_status(err):
-                            raise ServerError(
-                                grpc.StatusCode.INTERNAL,
-                                f"the server ended the stream after {state.received} results while frames were "
-                                "still being sent, and grpc.aio hides its status in that case (grpc/grpc#36066); "
-                                "Client.stream reports it",
-                            ) from err
-                        raise state.failure(err) from err
+                    lost = state.error is None and _lost_status(err)
+                    if not state.can_resume(err, resumes, self.stream_resumes, status_lost=lost):
+                        if lost:
+                            raise await self._lost_stream_error(state.received, ends_at) from err
+                        raise self._stream_error(state, err) from err
                     resumes += 1
                 finally:
                     call_over.set()
@@ -541,15 +580,38 @@ class AsyncClient(_ClientBase):
                 await asyncio.gather(pull[0], return_exceptions=True)
             await source.aclose()
 
+    async def _lost_stream_error(self, received: int, ends_at: float | None) -> FaceTwinError:
+        """The error for a stream whose status grpc.aio lost (see _lost_status). A stream refused before its first
+        answer was refused at its opening (credentials, a stream limit, a draining server), before the server read
+        a frame: a call that sends no frame is refused the same way and keeps its status, so ask with one."""
+        if received == 0 and not self._closed:
+            probe = self._stub.SwapStream(timeout=min(_remaining(ends_at) or 10.0, 10.0))
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await probe.done_writing()
+            code = await probe.code()
+            # A server that takes the empty call answers "no frame" (INVALID_ARGUMENT): it did not refuse the opening.
+            if code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return error_for_code(code, await probe.details())
+        return ServerError(grpc.StatusCode.INTERNAL, f"the server ended the stream after {received} results while "
+                           "frames were still being sent, and grpc.aio hides its status in that case "
+                           "(grpc/grpc#36066); Client.stream reports it")
+
     async def _reconnect(self, ends_at: float | None) -> None:
         """Waits (up to resume_timeout) until the channel is connected again; see Client._reconnect."""
         wait = self.resume_timeout if ends_at is None else min(self.resume_timeout, _remaining(ends_at))
-        try:
-            await asyncio.wait_for(self._channel.channel_ready(), wait)
-        except TimeoutError:
-            raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and {self.address} "
-                                   f"did not answer again within {wait:.0f} s; the frames not yet answered were "
-                                   "not swapped") from None
+        give_up = time.monotonic() + wait
+        while not self._closed:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise UnavailableError(grpc.StatusCode.UNAVAILABLE, f"the stream's server went away and "
+                                       f"{self.address} did not answer again within {wait:.0f} s; the frames not "
+                                       "yet answered were not swapped")
+            try:
+                await asyncio.wait_for(self._channel.channel_ready(), min(left, _RECONNECT_POLL_S))
+                return
+            except TimeoutError:
+                pass
+        raise CancelledError("the client was closed while its stream waited for the server to come back")
 
     async def close(self) -> None:
         """Closes the connection; calls in progress are cancelled."""
@@ -562,6 +624,13 @@ class AsyncClient(_ClientBase):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _lost_status(err: grpc.RpcError) -> bool:

@@ -137,4 +137,8 @@ def from_rpc_error(err: grpc.RpcError) -> FaceTwinError:
     if not details:
         # A grpc.Call's str() is a multi-line debug dump; only a bare RpcError's message is worth keeping.
         details = (str(err) if not callable(code_fn) else "") or f"call failed with {code.name}"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # gRPC's own words for a message over the server's --max-message-mb, refused before the server saw it.
+        details += ("; the server's limit is Client.server_info().limits['max_message_bytes']: send a JPEG/PNG "
+                    "file's bytes or downscale")
     return error_for_code(code, details)

@@ -16,7 +16,7 @@ import numpy as np
 
 from facetwin.v1 import facetwin_pb2 as pb
 
-from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code, from_rpc_error
+from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code
 from .mapping import FaceMapping, LostFaces, fill_mapping, lost_faces_enum
 from .types import DetectedFace, Provenance, StageTimings, SwapResult
 
@@ -359,16 +359,21 @@ class StreamState:
         self.error: BaseException | None = None  # raised by the caller's frames or by request building
 
     def make_request(self, frame: Any) -> pb.SwapStreamRequest:
+        """The next frame's message. A frame this side refuses (its shape, dtype or size) ends the stream with that
+        error, naming the frame: it is the caller's own, and frames after it would most likely share it."""
         message = pb.SwapStreamRequest()
         faces = self.faces if not isinstance(self.faces, FaceMapping) else None
-        build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
-                           frame_id=self.sent, faces=faces, keep_shape=self.keep_shape, into=message.request)
-        if isinstance(self.faces, FaceMapping):  # a whole frame; the mapping travels in the first message only
-            message.request.kind = pb.IMAGE_KIND_FULL_FRAME
-            message.request.return_region = asks_region(message.request)
-        if self.sent == 0:
-            self._open(message)
-        check_request_size(message.request, self.max_bytes)
+        try:
+            build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
+                               frame_id=self.sent, faces=faces, keep_shape=self.keep_shape, into=message.request)
+            if isinstance(self.faces, FaceMapping):  # a whole frame; the mapping travels in the first message only
+                message.request.kind = pb.IMAGE_KIND_FULL_FRAME
+                message.request.return_region = asks_region(message.request)
+            if self.sent == 0:
+                self._open(message)
+            check_request_size(message.request, self.max_bytes)
+        except (InvalidInputError, ResourceExhaustedError) as exc:
+            raise type(exc)(exc.code, f"frame {self.sent}: {exc.details}") from None
         self.sent += 1
         self.unanswered.append(message)
         return message
@@ -391,12 +396,14 @@ class StreamState:
         if self._first.HasField("mapping"):
             message.request.mapping.CopyFrom(self._first.mapping)
 
-    def can_resume(self, err: grpc.RpcError, resumes: int, limit: int) -> bool:
+    def can_resume(self, err: grpc.RpcError, resumes: int, limit: int, *, status_lost: bool = False) -> bool:
         """Whether a stream that failed with err may go on over a new call: its server went away (UNAVAILABLE --
         draining, restarted, connection lost) after answering it at least once (one that never answered was most
-        likely never reached: a wrong address fails at once), the request side is fine, and resumes are left."""
+        likely never reached: a wrong address fails at once), the request side is fine, and resumes are left.
+        status_lost: gRPC replaced the server's status (grpc.aio, when the server ended the call while frames were
+        being written); a server ends a stream it has answered that way when it drains, so it is taken for that."""
         code = err.code() if callable(getattr(err, "code", None)) else None
-        return (code == grpc.StatusCode.UNAVAILABLE and self.received > 0 and self.error is None
+        return ((code == grpc.StatusCode.UNAVAILABLE or status_lost) and self.received > 0 and self.error is None
                 and resumes < limit)
 
     def on_response(self, message: pb.SwapStreamResponse) -> SwapResult:
@@ -432,10 +439,6 @@ class StreamState:
             raise ServerError(
                 grpc.StatusCode.INTERNAL, f"stream ended after {self.received} results for {self.sent} frames"
             )
-
-    def failure(self, err: grpc.RpcError) -> BaseException:
-        """The exception to raise for a failed call: the request side's own error wins (it caused the failure)."""
-        return self.error if self.error is not None else from_rpc_error(err)
 
 
 def _status_code(number: int) -> grpc.StatusCode:

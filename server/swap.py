@@ -267,7 +267,7 @@ class SwapEngine:
         if square and height != width:  # a stretched photo would come back as one face and no background
             raise InvalidInputError(f"the image is {width}x{height}, but an aligned face is a square crop (as "
                                     "facetwin-train extract makes them): for a photo or a video frame, send kind = "
-                                    "IMAGE_KIND_FULL_FRAME")
+                                    "IMAGE_KIND_FULL_FRAME (the Python SDK: faces='largest')")
         self._check_answer_size(job, height, width)
 
     def _check_answer_size(self, job: SwapJob, height: int, width: int) -> None:

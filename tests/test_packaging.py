@@ -44,3 +44,7 @@ def test_client_only_install_has_no_torch_or_onnxruntime(tmp_path):
     result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Client" in result.stdout and "AsyncClient" in result.stdout
+    for command, extra in (("facetwin-server", "server"), ("facetwin-train", "training"), ("facetwin", "cli")):
+        run = subprocess.run([str(venv / "bin" / command), "--help"], capture_output=True, text=True, cwd=tmp_path)
+        assert run.returncode == 2 and f"install facetwin[{extra}]" in run.stderr, (command, run.stderr)
+        assert "Traceback" not in run.stderr

@@ -19,6 +19,7 @@ import pytest
 import facetwin.client
 from facetwin.client import (
     AsyncClient,
+    CancelledError,
     Client,
     DeadlineExceededError,
     InvalidInputError,
@@ -87,9 +88,29 @@ def test_caller_mistakes_fail_locally_before_any_network():
             c.stream([], "m", "t", color="rgb", max_in_flight=0)  # raised by the call, not the first next()
         with pytest.raises(InvalidInputError, match="timeout"):
             c.list_models(timeout=0)
-    for kwargs in ({"timeout": -1}, {"max_message_mb": 0}, {"address": ""}):
-        with pytest.raises(InvalidInputError):
+    for kwargs, message in (({"timeout": -1}, "timeout"), ({"max_message_mb": 0}, "max_message_mb"),
+                            ({"address": ""}, "address"), ({"address": "127.0.0.1:99999"}, "port"),
+                            ({"resume_timeout": None}, "resume_timeout"), ({"resume_timeout": 0}, "resume_timeout")):
+        with pytest.raises(InvalidInputError, match=message):
             Client(**{"address": UNREACHABLE, **kwargs})
+
+
+def test_an_infinite_timeout_means_no_deadline():
+    with Client(UNREACHABLE, timeout=float("inf")) as c:
+        assert c.timeout is None
+        assert c._deadline(float("inf")) is None
+
+
+def test_an_async_client_belongs_to_the_event_loop_it_was_made_in():
+    with pytest.raises(InvalidInputError, match="inside the event loop"):
+        AsyncClient(UNREACHABLE)
+
+    async def make() -> AsyncClient:
+        return AsyncClient(UNREACHABLE)
+
+    client = asyncio.run(make())
+    with pytest.raises(InvalidInputError, match="another event loop"):
+        asyncio.run(client.list_models())
 
 
 def test_oversized_request_is_rejected_locally():
@@ -271,10 +292,36 @@ def test_stream_errors(client, pair, served_model):
     with pytest.raises(NotFoundError):
         list(client.stream([face] * 3, served_model.model, "no-such-identity", color="rgb"))
     received = []
-    with pytest.raises(InvalidInputError, match="uint8"):
+    with pytest.raises(InvalidInputError, match="INVALID_ARGUMENT: frame 2: .*uint8"):
         for result in client.stream([face, face, face.astype(np.float32)], served_model.model, target, color="rgb"):
             received.append(result.frame_id)
     assert received == [0, 1]  # frames before the bad one still come back
+
+
+def test_a_message_over_the_servers_limit_says_where_the_limit_is(client, served_model):
+    big = np.zeros((2400, 2400, 3), np.uint8)  # 17 MB raw: under this client's 64 MiB, over the server's 16 MiB
+    with pytest.raises(ResourceExhaustedError, match="max_message_bytes"):
+        client.swap(big, served_model.model, served_model.identities[1], color="rgb")
+
+
+def test_a_call_cut_off_by_close_raises_cancelled_error(served_model, pair):
+    face, target = pair
+    client = Client(served_model.address)
+    failures: list[BaseException] = []
+
+    def consume():
+        try:
+            for _ in client.stream(itertools.repeat(face), served_model.model, target, color="rgb"):
+                pass
+        except BaseException as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    time.sleep(0.5)
+    client.close()
+    thread.join(30)
+    assert len(failures) == 1 and isinstance(failures[0], CancelledError), failures
 
 
 class SlowSource:

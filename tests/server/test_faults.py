@@ -118,7 +118,10 @@ def test_a_stream_resumes_across_a_server_restart(server, served_model, sig):
     np.testing.assert_array_equal(results[late].image, expected[0])
 
 
-def test_an_async_stream_resumes_across_a_sigterm_drain(server, served_model):
+@pytest.mark.parametrize("source", ["async-generator", "plain-iterable"])
+def test_an_async_stream_resumes_across_a_sigterm_drain(server, served_model, source):
+    """A plain iterable is pulled on the event loop, so frames are still being written when the server ends the
+    call: grpc.aio then loses the server's UNAVAILABLE, and the stream must resume all the same."""
     server.start()
     faces = _faces(served_model)
     target = served_model.identities[1]
@@ -131,8 +134,9 @@ def test_an_async_stream_resumes_across_a_sigterm_drain(server, served_model):
             yield item
 
     async def main():
+        frames = paced() if source == "async-generator" else _paced(faces, 20, halfway)
         async with AsyncClient(server.address, timeout=30) as client:
-            return [r async for r in client.stream(paced(), served_model.model, target, color="rgb", max_in_flight=4)]
+            return [r async for r in client.stream(frames, served_model.model, target, color="rgb", max_in_flight=4)]
 
     results = asyncio.run(main())
     restarter.join(60)

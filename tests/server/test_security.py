@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from facetwin.client import AuthenticationError, Client, InvalidInputError, UnavailableError
+from facetwin.client import AsyncClient, AuthenticationError, Client, InvalidInputError, UnavailableError
 from facetwin.server.auth import AuthInterceptor, TokenFile, client_id
 from facetwin.server.config import ServerConfig
 from facetwin.server.server import FaceSwapServer
@@ -174,6 +174,26 @@ def test_calls_without_a_valid_token_are_unauthenticated(tls_server, pki, metada
                 call()
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert expected in info.value.details() and "not-a-token" not in info.value.details()
+
+
+def test_an_async_stream_refused_for_its_credentials_raises_authentication_error(tls_server, pki):
+    """The refusal comes before the server reads a frame, racing the SDK's first write; grpc.aio then loses the
+    status, which the SDK must learn again rather than raise INTERNAL."""
+    frames = [_face(32)] * 4
+
+    async def refused() -> list[str]:
+        outcomes = []
+        async with AsyncClient(tls_server.address, root_certificates=pki.ca, timeout=10) as client:
+            for _ in range(12):
+                try:
+                    async for _ in client.stream(frames, "tiny", "b", color="rgb"):
+                        pass
+                    outcomes.append("answered")
+                except Exception as exc:
+                    outcomes.append(type(exc).__name__)
+        return outcomes
+
+    assert asyncio.run(refused()) == ["AuthenticationError"] * 12
 
 
 def test_health_is_open_and_reflection_asks_for_the_token(tls_server, pki):
