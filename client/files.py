@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from .client import AsyncClient, Client
-from .errors import ServerError
+from .errors import MediaFileError, ServerError
 from .images import FacesArg
 from .media import PartialFile, decode_image, encode_image, output_encoding, read_image
 from .types import FileReport, SwapResult, face_counts
@@ -44,6 +44,9 @@ class _ImageJob:
         self.source, self.output = Path(source), Path(output)
         self.encoding = output_encoding(self.output)
         self.mask = Path(mask) if mask is not None else None
+        if self.mask is not None and self.mask.resolve() == self.output.resolve():
+            raise MediaFileError(self.mask, "is also the output: give the mask a file of its own (the mask would "
+                                            "replace the swapped photo)")
         self.mask_encoding = output_encoding(self.mask, "mask") if self.mask is not None else None
         self.payload = read_image(self.source)
         self.partials = [PartialFile(self.output, self.source)]

@@ -124,9 +124,12 @@ def _first_frame(container: Any, path: Path) -> Any:
     raise MediaFileError(path, "has a video stream but no decodable picture")
 
 
-def _tagged_duration(stream: Any) -> float | None:
-    """The video stream's own length from Matroska's per-stream DURATION tag ("HH:MM:SS.fffffffff"): MKV and WebM
-    record no frame count, and the container's length also covers audio that may run on past the last picture."""
+def stream_duration(stream: Any) -> float | None:
+    """A video stream's own length in seconds (None where the file does not say): its duration, else Matroska's
+    per-stream DURATION tag ("HH:MM:SS.fffffffff"): MKV and WebM record no frame count, and the container's length
+    also covers audio that may run on past the last picture."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
     tag = stream.metadata.get("DURATION", "")
     try:
         hours, minutes, seconds = tag.split(":")
@@ -146,8 +149,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         width, height = (first.height, first.width) if round(rotation / 90) % 2 else (first.width, first.height)
         image = _is_image(container)
         rate = stream.average_rate or stream.guessed_rate
-        duration = (float(stream.duration * stream.time_base) if stream.duration
-                    else _tagged_duration(stream) or (container.duration / 1e6 if container.duration else None))
+        duration = stream_duration(stream) or (container.duration / 1e6 if container.duration else None)
         frames = 1 if image else (stream.frames or (round(duration * rate) if duration and rate else None))
         return MediaInfo(
             path=str(path), kind="image" if image else "video", container=container.format.name,

@@ -22,7 +22,17 @@ import grpc
 import numpy as np
 
 from .errors import CancelledError, InvalidInputError, MediaFileError, ServerError
-from .media import VIDEO_OUTPUTS, PartialFile, _is_image, _open_input, _reason, load_av, to_rgb, upright
+from .media import (
+    VIDEO_OUTPUTS,
+    PartialFile,
+    _is_image,
+    _open_input,
+    _reason,
+    load_av,
+    stream_duration,
+    to_rgb,
+    upright,
+)
 from .types import FileReport, Provenance, SwapResult, face_counts
 
 __all__ = ["VideoOptions", "VideoJob"]
@@ -135,6 +145,7 @@ class VideoJob:
         self._out_audio: dict[int, Any] = {}
         self._size: tuple[int, int] | None = None  # decoded width, height (all frames are scaled to the first's)
         self._color: tuple[int, int, int, int] = (2, 0, 2, 2)  # colorspace, range, primaries, trc (unspecified)
+        self._first_pts: int | None = None
         self._last_pts: int | None = None
         self._read = 0
         self._truncated = False
@@ -195,6 +206,8 @@ class VideoJob:
         if self._last_pts is not None and pts <= self._last_pts:
             pts = self._last_pts + 1  # encoders refuse timestamps that do not increase
         self._last_pts = pts
+        if self._first_pts is None:
+            self._first_pts = pts
         self._sent.append((pts, duration, rgb))
         self._read += 1
         return rgb
@@ -290,6 +303,7 @@ class VideoJob:
     def _finish(self) -> FileReport:
         if self._output is None:
             raise MediaFileError(self.source, "has no decodable frames")
+        self._check_complete()
         av = load_av()
         try:
             self._encode(None)
@@ -308,6 +322,26 @@ class VideoJob:
             max_faces=stats["max_faces"], dropped=stats["dropped"], audio_streams=len(self._audio),
             seconds=time.perf_counter() - self._started,
         )
+
+    def _check_complete(self) -> None:
+        """Refuses a video that ended well before its header says: a cut-off download or a damaged file decodes
+        without an error up to the damage (FFmpeg's frame threads swallow it), and its swap would look complete."""
+        if self._truncated:
+            return  # max_frames stopped the reading
+        declared = self._video.frames
+        if declared:
+            short = self._read < declared - max(2, declared // 100)
+            found = f"{self._read} of the {declared} frames"
+        else:
+            length = stream_duration(self._video)
+            if not length:
+                return
+            reached = float((self._last_pts + self._step - self._first_pts) * self._time_base)
+            short = reached < length - max(0.5, length / 100)
+            found = f"{reached:.2f} s of the {length:.2f} s"
+        if short:
+            raise MediaFileError(self.source, f"only {found} its header declares could be read: the file is cut off or "
+                                              f"damaged (--max-frames {self._read} swaps what can be read)")
 
     def abort(self) -> None:
         """Closes both files and removes the partial output; safe to call more than once."""

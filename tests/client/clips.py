@@ -30,12 +30,14 @@ def read_frames(path: Path, count: int, start: int = 0) -> list[np.ndarray]:
 
 
 def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | None = None, rotation: int = 0,
-               audio: bool = True, audio_codec: str = "aac", audio_seconds: float | None = None) -> Path:
+               audio: bool = True, audio_codec: str = "aac", audio_seconds: float | None = None,
+               faststart: bool = False) -> Path:
     """An H.264 video (the container by path's suffix) of upright RGB `frames`. durations: each frame's, in TIME_BASE
     ticks (default 1/24 s each). rotation: stored turned so that players, obeying the display matrix, show them
-    upright. audio: a 440 Hz tone as long as the video (or audio_seconds), mono, in audio_codec (aac or flac)."""
+    upright. audio: a 440 Hz tone as long as the video (or audio_seconds), mono, in audio_codec (aac or flac).
+    faststart: an MP4's index (frame count included) goes before the frames, as for streaming."""
     durations = durations or [512] * len(frames)  # 512 / 12288 s = 1/24 s
-    with av.open(str(path), "w") as output:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as output:
         video = output.add_stream("libx264", rate=24)
         stored = [np.ascontiguousarray(np.rot90(f, -(rotation // 90))) for f in frames]
         video.height, video.width = stored[0].shape[:2]

@@ -210,6 +210,30 @@ def test_files_that_cannot_be_used_say_why(served_model, client, clip, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flac.mkv", "notes.txt", "photo.png", "tone.m4a"]
 
 
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"], ids=["frame-count", "duration"])
+def test_a_video_cut_off_before_its_declared_end_is_refused(served_model, client, franck, tmp_path, suffix):
+    """A cut-off download decodes without an error up to the cut; its swap must not pass for the whole video."""
+    whole = write_clip(tmp_path / f"whole{suffix}", [frame[:, 36:324] for frame in franck] * 2, faststart=True)
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    model, target = served_model.model, served_model.identities[1]
+    with pytest.raises(MediaFileError, match="its header declares could be read: the file is cut off or damaged"):
+        swap_video_file(client, cut, tmp_path / "out.mkv", model, target)
+    assert not (tmp_path / "out.mkv").exists() and leftovers(tmp_path) == []
+    report = swap_video_file(client, whole, tmp_path / "out.mkv", model, target)  # the whole file is not refused
+    assert report.frames == 2 * len(franck)
+
+
+def test_a_mask_written_over_the_output_is_refused(served_model, client, tmp_path):
+    photo = tmp_path / "face.png"
+    photo.write_bytes(encode_image(served_model.sample_faces[served_model.identities[0]][0], "png"))
+    with pytest.raises(MediaFileError, match="is also the output"):
+        swap_image_file(client, photo, tmp_path / "out.png", served_model.model, served_model.identities[1],
+                        mask=tmp_path / "." / "out.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.png"]
+
+
 def test_cancel_stops_and_leaves_nothing(served_model, client, square_clip, tmp_path):
     cancel, written = threading.Event(), []
 
