@@ -428,11 +428,24 @@ class AsyncClient(_ClientBase):
             raise _invalid("this AsyncClient belongs to another event loop (the one it was created in); create one "
                            "in each loop that uses it", grpc.StatusCode.FAILED_PRECONDITION)
 
+    @contextlib.contextmanager
+    def _closed_is_cancelled(self) -> Iterator[None]:
+        """grpc.aio ends a call cut off by close() with asyncio.CancelledError, as if the caller's task had been
+        cancelled: outside a real cancellation of the task, it is the client's CancelledError (a FaceTwinError)."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and getattr(task, "cancelling", lambda: 0)()):
+                raise CancelledError("the client was closed while the call ran") from None
+            raise
+
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models loaded on the server, sorted by name."""
         deadline = self._deadline(timeout)
         try:
-            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=deadline)
+            with self._closed_is_cancelled():
+                response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=deadline)
         except grpc.RpcError as err:
             raise self._error(err) from err
         return [ModelInfo.from_proto(m) for m in response.models]
@@ -440,7 +453,8 @@ class AsyncClient(_ClientBase):
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """The server's version, the credentials it wants and every limit in force."""
         try:
-            response = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._deadline(timeout))
+            with self._closed_is_cancelled():
+                response = await self._stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self._deadline(timeout))
         except grpc.RpcError as err:
             raise self._error(err) from err
         return ServerInfo.from_proto(response)
@@ -467,7 +481,8 @@ class AsyncClient(_ClientBase):
         )
         deadline = self._deadline(timeout)
         try:
-            response = await self._stub.Swap(request, timeout=deadline)
+            with self._closed_is_cancelled():
+                response = await self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
             raise self._error(err) from err
         return result_from_response(response, color=color, sent=request)
@@ -548,32 +563,33 @@ class AsyncClient(_ClientBase):
 
         resumes = 0
         try:
-            while True:
-                call = self._stub.SwapStream(timeout=_remaining(ends_at))
-                answered, call_over = asyncio.Event(), asyncio.Event()
-                writer = asyncio.create_task(write_requests(call, answered, call_over, state.resend()))
-                try:
-                    while (message := await call.read()) is not grpc.aio.EOF:
+            with self._closed_is_cancelled():
+                while True:
+                    call = self._stub.SwapStream(timeout=_remaining(ends_at))
+                    answered, call_over = asyncio.Event(), asyncio.Event()
+                    writer = asyncio.create_task(write_requests(call, answered, call_over, state.resend()))
+                    try:
+                        while (message := await call.read()) is not grpc.aio.EOF:
+                            answered.set()
+                            slots.release()
+                            yield state.on_response(message)
                         answered.set()
-                        slots.release()
-                        yield state.on_response(message)
-                    answered.set()
-                    await writer
-                    state.finish()
-                    return
-                except grpc.RpcError as err:
-                    lost = state.error is None and _lost_status(err)
-                    if not state.can_resume(err, resumes, self.stream_resumes, status_lost=lost):
-                        if lost:
-                            raise await self._lost_stream_error(state.received, ends_at) from err
-                        raise self._stream_error(state, err) from err
-                    resumes += 1
-                finally:
-                    call_over.set()
-                    answered.set()
-                    call.cancel()
-                    await asyncio.gather(writer, return_exceptions=True)
-                await self._reconnect(ends_at)
+                        await writer
+                        state.finish()
+                        return
+                    except grpc.RpcError as err:
+                        lost = state.error is None and _lost_status(err)
+                        if not state.can_resume(err, resumes, self.stream_resumes, status_lost=lost):
+                            if lost:
+                                raise await self._lost_stream_error(state.received, ends_at) from err
+                            raise self._stream_error(state, err) from err
+                        resumes += 1
+                    finally:
+                        call_over.set()
+                        answered.set()
+                        call.cancel()
+                        await asyncio.gather(writer, return_exceptions=True)
+                    await self._reconnect(ends_at)
         finally:
             if pull[0] is not None:
                 pull[0].cancel()

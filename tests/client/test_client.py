@@ -298,6 +298,31 @@ def test_stream_errors(client, pair, served_model):
     assert received == [0, 1]  # frames before the bad one still come back
 
 
+def test_an_async_call_cut_off_by_close_raises_cancelled_error(served_model, pair):
+    """Not asyncio.CancelledError: that one means the caller's own task was cancelled, and escapes
+    `except FaceTwinError`."""
+    face, target = pair
+
+    async def main() -> list[str]:
+        client = AsyncClient(served_model.address)
+
+        async def consume():
+            async for _ in client.stream(itertools.repeat(face), served_model.model, target, color="rgb"):
+                pass
+
+        async def swaps():
+            while True:
+                await client.swap(face, served_model.model, target, color="rgb")
+
+        tasks = [asyncio.create_task(consume()), asyncio.create_task(swaps())]
+        await asyncio.sleep(0.5)
+        await client.close()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        return [type(outcome).__module__ + "." + type(outcome).__name__ for outcome in outcomes]
+
+    assert asyncio.run(main()) == ["facetwin.client.errors.CancelledError"] * 2
+
+
 def test_a_message_over_the_servers_limit_says_where_the_limit_is(client, served_model):
     big = np.zeros((2400, 2400, 3), np.uint8)  # 17 MB raw: under this client's 64 MiB, over the server's 16 MiB
     with pytest.raises(ResourceExhaustedError, match="max_message_bytes"):
