@@ -579,9 +579,19 @@ class AsyncClient(_ClientBase):
                         return
                     except grpc.RpcError as err:
                         lost = state.error is None and _lost_status(err)
-                        if not state.can_resume(err, resumes, self.stream_resumes, status_lost=lost):
+                        taken = False
+                        if lost and state.received == 0:
+                            refusal = await self._opening_refusal(ends_at)
+                            if refusal is not None:
+                                raise refusal from err
+                            taken = True  # the server takes streams: the one that ended this call drained
+                        if not state.can_resume(err, resumes, self.stream_resumes, status_lost=lost, taken=taken):
                             if lost:
-                                raise await self._lost_stream_error(state.received, ends_at) from err
+                                raise ServerError(
+                                    grpc.StatusCode.INTERNAL,
+                                    f"the server ended the stream after {state.received} results while frames were "
+                                    "still being sent, and grpc.aio hides its status in that case "
+                                    "(grpc/grpc#36066); Client.stream reports it") from err
                             raise self._stream_error(state, err) from err
                         resumes += 1
                     finally:
@@ -596,21 +606,18 @@ class AsyncClient(_ClientBase):
                 await asyncio.gather(pull[0], return_exceptions=True)
             await source.aclose()
 
-    async def _lost_stream_error(self, received: int, ends_at: float | None) -> FaceTwinError:
-        """The error for a stream whose status grpc.aio lost (see _lost_status). A stream refused before its first
-        answer was refused at its opening (credentials, a stream limit, a draining server), before the server read
-        a frame: a call that sends no frame is refused the same way and keeps its status, so ask with one."""
-        if received == 0 and not self._closed:
-            probe = self._stub.SwapStream(timeout=min(_remaining(ends_at) or 10.0, 10.0))
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await probe.done_writing()
-            code = await probe.code()
-            # A server that takes the empty call answers "no frame" (INVALID_ARGUMENT): it did not refuse the opening.
-            if code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return error_for_code(code, await probe.details())
-        return ServerError(grpc.StatusCode.INTERNAL, f"the server ended the stream after {received} results while "
-                           "frames were still being sent, and grpc.aio hides its status in that case "
-                           "(grpc/grpc#36066); Client.stream reports it")
+    async def _opening_refusal(self, ends_at: float | None) -> FaceTwinError | None:
+        """Why a stream ended before its first answer with a status grpc.aio lost (see _lost_status); None when the
+        server now takes streams. A refusal at the opening (credentials, a stream limit, a server that is away)
+        comes before the server reads a frame: a call that sends no frame is refused the same way and keeps its
+        status. One that is taken ends with "no frame" (INVALID_ARGUMENT)."""
+        probe = self._stub.SwapStream(timeout=min(_remaining(ends_at) or 10.0, 10.0))
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await probe.done_writing()
+        code = await probe.code()
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK):
+            return None
+        return error_for_code(code, await probe.details())
 
     async def _reconnect(self, ends_at: float | None) -> None:
         """Waits (up to resume_timeout) until the channel is connected again; see Client._reconnect."""

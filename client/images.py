@@ -323,6 +323,9 @@ def _whole_frame(response: pb.SwapResponse, sent: pb.SwapRequest, image: np.ndar
     return image, whole, region
 
 
+RECONNECT_TRAILER = "facetwin-reconnect"  # a draining server's trailing metadata: reconnect and resend
+
+
 class StreamState:
     """Per-stream bookkeeping shared by the sync and async streams.
 
@@ -396,14 +399,17 @@ class StreamState:
         if self._first.HasField("mapping"):
             message.request.mapping.CopyFrom(self._first.mapping)
 
-    def can_resume(self, err: grpc.RpcError, resumes: int, limit: int, *, status_lost: bool = False) -> bool:
+    def can_resume(self, err: grpc.RpcError, resumes: int, limit: int, *, status_lost: bool = False,
+                   taken: bool = False) -> bool:
         """Whether a stream that failed with err may go on over a new call: its server went away (UNAVAILABLE --
-        draining, restarted, connection lost) after answering it at least once (one that never answered was most
-        likely never reached: a wrong address fails at once), the request side is fine, and resumes are left.
+        draining, restarted, connection lost) after it took the stream -- it answered a frame, or said so (its
+        drain asks for a reconnect; `taken`: the caller learnt it otherwise) -- the request side is fine, and
+        resumes are left. A stream never taken was most likely never reached: a wrong address fails at once.
         status_lost: gRPC replaced the server's status (grpc.aio, when the server ended the call while frames were
-        being written); a server ends a stream it has answered that way when it drains, so it is taken for that."""
+        being written); a server ends a stream it took that way when it drains, so it is taken for that."""
         code = err.code() if callable(getattr(err, "code", None)) else None
-        return ((code == grpc.StatusCode.UNAVAILABLE or status_lost) and self.received > 0 and self.error is None
+        taken = taken or self.received > 0 or _asks_reconnect(err)
+        return ((code == grpc.StatusCode.UNAVAILABLE or status_lost) and taken and self.error is None
                 and resumes < limit)
 
     def on_response(self, message: pb.SwapStreamResponse) -> SwapResult:
@@ -439,6 +445,12 @@ class StreamState:
             raise ServerError(
                 grpc.StatusCode.INTERNAL, f"stream ended after {self.received} results for {self.sent} frames"
             )
+
+
+def _asks_reconnect(err: grpc.RpcError) -> bool:
+    """Whether the server ended the call saying so in its trailing metadata (it took the stream and drains)."""
+    trailers = getattr(err, "trailing_metadata", None)
+    return callable(trailers) and any(key == RECONNECT_TRAILER for key, _ in (trailers() or ()))
 
 
 def _status_code(number: int) -> grpc.StatusCode:

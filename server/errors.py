@@ -18,9 +18,11 @@ def shorten(value: object, limit: int = ECHO_LIMIT) -> str:
 
 
 class SwapError(Exception):
-    """Base class: a request that cannot be served. `code` is the gRPC status the caller sees."""
+    """Base class: a request that cannot be served. `code` is the gRPC status the caller sees, `trailers` the
+    trailing metadata sent with it."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 class InvalidInputError(SwapError):
@@ -45,6 +47,21 @@ class UnavailableError(SwapError):
     """The model is still loading, failed to load, or the server is draining; retry elsewhere or later."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+# Trailing metadata of a stream the server took and ends because it drains: resending the frames it did not answer
+# to another replica (or to this one once it is back) is safe, even when it answered none.
+RECONNECT_TRAILER = ("facetwin-reconnect", "1")
+
+
+class DrainingError(UnavailableError):
+    """The server drains: a stream it took ends, every frame it took answered; the caller reconnects and resends."""
+
+    trailers = (RECONNECT_TRAILER,)
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down: every frame it took was answered; reconnect (another replica, "
+                         "or this one once it is back) and resend the frames after the last answer")
 
 
 class DeadlineExceededError(SwapError):

@@ -66,8 +66,9 @@ class _Call:
     """One call being served."""
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext, streaming: bool,
-                 bound: Callable[[str, str], tuple[str, str]], gauge: Any) -> None:
+                 bound: Callable[[str, str], tuple[str, str]], gauge: Any, cut_off_at: Callable[[], float | None]) -> None:
         self.method, self.context, self.streaming, self.bound = method, context, streaming, bound
+        self.cut_off_at = cut_off_at
         self.started = time.perf_counter()
         self.request_id = request_id_from(context.invocation_metadata())
         # Read while the call is alive: a streaming handler's generator may be closed by the event loop after the
@@ -121,22 +122,30 @@ class _Call:
 
     async def fail(self, exc: BaseException) -> NoReturn:
         """Counts and logs the error, answers it with its status, and re-raises."""
-        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller left, or its deadline passed
-            expired = self.deadline is not None and time.perf_counter() >= self.deadline
-            self.finish(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED,
-                        "the call's deadline passed" if expired else "the caller cancelled the call")
+        # The caller left, its deadline passed, or the server stopped before the call ended.
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            now = time.perf_counter()
+            cut_off = self.cut_off_at()
+            if self.deadline is not None and now >= self.deadline:
+                self.finish(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+            elif cut_off is not None and now >= cut_off:
+                self.finish(grpc.StatusCode.UNAVAILABLE, "cut off: the server stopped before the call ended (the "
+                                                         "drain's grace ran out, or a second SIGTERM)")
+            else:
+                self.finish(grpc.StatusCode.CANCELLED, "the caller cancelled the call")
             raise exc
         if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):  # the status is already set
             self.finish(self.context.code() or grpc.StatusCode.UNKNOWN, self.context.details() or "")
             raise exc
+        trailers: tuple[tuple[str, str], ...] = ()
         if isinstance(exc, SwapError):
-            code, message = exc.code, str(exc)
+            code, message, trailers = exc.code, str(exc), exc.trailers
             self.finish(code, message, exc)
         else:  # a bug: the caller learns where to look, the log gets what happened
             code = grpc.StatusCode.INTERNAL
             message = f"internal error ({type(exc).__name__}); the server log has it under request id {self.request_id}"
             self.finish(code, f"{type(exc).__name__}: {exc}", exc)
-        await self.context.abort(code, message)
+        await self.context.abort(code, message, trailers)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     def close(self) -> None:
@@ -149,6 +158,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, bound: Callable[[str, str], tuple[str, str]]) -> None:
         self.bound = bound
+        # perf_counter() time from which the server ends the calls still running (the end of its drain's grace):
+        # a call cancelled after it was cut off by the server, not by its caller.
+        self.cut_off_at: float | None = None
         # Wrapped handlers, by the identity of the handler they wrap: a service's handlers are the same objects call
         # after call; handlers made per call (an authentication refusal) are dropped when the cache fills.
         self._wrapped: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -190,7 +202,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         gauge = (metrics.STREAMS_OPEN if streaming else metrics.CALLS_IN_FLIGHT).labels(method)
 
         def begin(request, context) -> tuple[_Call, Any]:
-            call = _Call(method, context, streaming, bound, gauge)
+            call = _Call(method, context, streaming, bound, gauge, lambda: self.cut_off_at)
             if request_streaming:
                 return call, call.watch(request)
             call.read(request)

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 
 import grpc
@@ -49,7 +50,8 @@ class FaceSwapServer:
         self.credentials = server_credentials(config)
         self.registry = ModelRegistry(config)
         # The call interceptor comes first, so it accounts for the calls the others turn away too.
-        interceptors = [CallInterceptor(metrics.LabelBound(self.registry))]
+        self.calls = CallInterceptor(metrics.LabelBound(self.registry))
+        interceptors = [self.calls]
         if config.auth_tokens_file:
             interceptors.append(AuthInterceptor(TokenFile(config.auth_tokens_file)))
         self.health = health_aio.HealthServicer()
@@ -145,6 +147,7 @@ class FaceSwapServer:
         log.info("draining (grace %.1f s)", grace)
         await self.health.enter_graceful_shutdown()
         self.servicer.draining.set()
+        self.calls.cut_off_at = time.perf_counter() + grace
         await self.grpc_server.stop(grace)
         for task in (self._loading, self._publishing):
             if task is not None:
@@ -160,6 +163,7 @@ class FaceSwapServer:
     async def stop_now(self) -> None:
         """Cuts a drain short: the calls still in flight end at once (UNAVAILABLE), then stop() finishes."""
         log.warning("stopping at once: the calls still in flight end UNAVAILABLE")
+        self.calls.cut_off_at = time.perf_counter()
         await self.grpc_server.stop(0)
 
 

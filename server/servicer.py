@@ -22,7 +22,7 @@ from .limits import Admission, AdmissionLimits
 from .mapping import Mapping, Photo, Rule, check_limits
 from .provenance import DIGITAL_SOURCE_TYPE, Provenance
 from .registry import FAILED, READY, ModelRegistry
-from .streams import DROPPED, OK, FrameAnswer, StreamRun
+from .streams import DROPPED, OK, FrameAnswer, StreamRun, next_message
 from .swap import OutputImage, RawPixels, SwapEngine, SwapJob, SwapOutcome
 from .tracking import DETECTED, LOST, TRACKED
 
@@ -340,12 +340,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
     async def _run_stream(self, request_iterator, context: grpc.aio.ServicerContext):
         caller = ("stream", next(self._stream_ids))
         messages = aiter(request_iterator)
-        idle = self.config.stream_idle_timeout_s or None
-        try:
-            first = await asyncio.wait_for(anext(messages, None), idle)
-        except TimeoutError:
-            raise DeadlineExceededError(f"the stream sent no frame for {idle:g} s (the server's idle stream "
-                                        "timeout)") from None
+        first = await next_message(messages, self.config.stream_idle_timeout_s, self.draining)
         if first is None:  # no message: the caller sent none, or its call ended before the first arrived
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:

@@ -21,7 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from .errors import DeadlineExceededError, InvalidInputError, SwapError, UnavailableError
+from .errors import DeadlineExceededError, DrainingError, InvalidInputError, SwapError
 
 log = logging.getLogger(__name__)
 
@@ -110,33 +110,11 @@ class StreamRun:
     async def _next_frame(self) -> tuple[int, Any] | None:
         """The next frame; None at the end of the stream or when the server drains; DeadlineExceededError when the
         caller has sent nothing for idle_timeout_s."""
-        if self._stop is not None and self._stop.is_set():
-            return self._stopped()
-        nxt = asyncio.ensure_future(anext(self._frames, None))
-        waiters = {nxt}
-        stopping = None
-        if self._stop is not None:
-            stopping = asyncio.ensure_future(self._stop.wait())
-            waiters.add(stopping)
         try:
-            done, _ = await asyncio.wait(waiters, timeout=self.idle_timeout_s or None,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if stopping is not None:
-                stopping.cancel()
-        if nxt in done:
-            return nxt.result()
-        nxt.cancel()
-        if stopping is not None and stopping in done:
-            return self._stopped()
-        raise DeadlineExceededError(f"the stream sent no frame for {self.idle_timeout_s:g} s (the server's idle "
-                                    "stream timeout): send frames more often, or close the stream and open a new one")
-
-    def _stopped(self) -> None:
-        self._end_error = UnavailableError("the server is shutting down: every frame it took was answered; reconnect "
-                                           "(another replica, or this one once it is back) and resend the frames "
-                                           "after the last answer")
-        return None
+            return await next_message(self._frames, self.idle_timeout_s, self._stop)
+        except DrainingError as exc:
+            self._end_error = exc
+            return None
 
     # -- running frames ---------------------------------------------------------------------------------------
 
@@ -178,3 +156,28 @@ class StreamRun:
                 self._start(*self._waiting.popleft())
         if not answer.done():
             answer.set_result(result)
+
+
+async def next_message(messages: AsyncIterator[Any], idle_timeout_s: float, stop: asyncio.Event | None) -> Any:
+    """The next of a stream's messages (None at its end), waiting at most idle_timeout_s (0: no limit): after it,
+    DeadlineExceededError; DrainingError once `stop` is set (the server drains) before one arrives."""
+    if stop is not None and stop.is_set():
+        raise DrainingError()
+    nxt = asyncio.ensure_future(anext(messages, None))
+    waiters = {nxt}
+    stopping = None
+    if stop is not None:
+        stopping = asyncio.ensure_future(stop.wait())
+        waiters.add(stopping)
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=idle_timeout_s or None, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+    if nxt in done:
+        return nxt.result()
+    nxt.cancel()
+    if stopping is not None and stopping in done:
+        raise DrainingError()
+    raise DeadlineExceededError(f"the stream sent no frame for {idle_timeout_s:g} s (the server's idle stream "
+                                "timeout): send frames more often, or close the stream and open a new one")

@@ -144,6 +144,50 @@ def test_an_async_stream_resumes_across_a_sigterm_drain(server, served_model, so
     assert all(r.error is None and not r.dropped for r in results)
 
 
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+def test_a_stream_whose_first_frame_comes_after_the_drain_began_resumes(server, served_model, client_class):
+    """A stream opened just before a rolling restart: the draining server ends it at once (rather than holding
+    the drain for its first frame) and asks for a reconnect, though it answered nothing; the SDK resumes."""
+    server.start()
+    faces = _faces(served_model)[:8]
+    target = served_model.identities[1]
+    restarted = threading.Event()
+    exits: list[tuple[int, float]] = []
+
+    def restart():
+        time.sleep(1.0)  # the stream is open, waiting for its first frame
+        began = time.monotonic()
+        exits.append((server.signal(signal.SIGTERM), time.monotonic() - began))
+        server.start()
+        restarted.set()
+
+    def late_frames():
+        assert restarted.wait(60)
+        yield from faces
+
+    async def late_frames_async():
+        while not restarted.is_set():
+            await asyncio.sleep(0.05)
+        for face in faces:
+            yield face
+
+    async def stream_async():
+        async with AsyncClient(server.address, timeout=30) as client:
+            return [r async for r in client.stream(late_frames_async(), served_model.model, target, color="rgb")]
+
+    restarter = threading.Thread(target=restart, daemon=True)
+    restarter.start()
+    if client_class is Client:
+        with Client(server.address, timeout=30) as client:
+            results = list(client.stream(late_frames(), served_model.model, target, color="rgb"))
+    else:
+        results = asyncio.run(stream_async())
+    restarter.join(60)
+    assert exits and exits[0][0] == 0 and exits[0][1] < 4.0  # the 5 s grace was not waited out for the stream
+    assert [r.frame_id for r in results] == list(range(len(faces)))
+    assert all(r.error is None and not r.dropped for r in results)
+
+
 def test_without_resumes_the_stream_reports_the_server_going_away(server, served_model):
     server.start()
     halfway = threading.Event()

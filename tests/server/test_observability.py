@@ -472,3 +472,24 @@ def test_streams_past_their_deadline_are_counted_as_such(served_model):
         time.sleep(0.5)
     assert counted > before
     assert finished("INVALID_ARGUMENT") == invalid_before
+
+
+def test_calls_the_server_cuts_off_at_the_end_of_its_drain_are_logged_as_such(tiny_model_dir, caplog):
+    """A health watch lasts until the server stops: the drain's grace runs out under it. That is the server ending
+    the call (UNAVAILABLE), not the caller cancelling it."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0))
+    caplog.set_level(logging.INFO, logger="facetwin")
+    with grpc.insecure_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                          metadata=[("x-request-id", "watcher")], timeout=30)
+        next(watch)  # the watch is open
+        server.call(server.server.stop(grace=0.5))
+        with pytest.raises(grpc.RpcError):
+            for _ in watch:
+                pass
+    server.loop.call_soon_threadsafe(server.loop.stop)
+    lines = [r for r in caplog.records if getattr(r, "request_id", "") == "watcher" and hasattr(r, "code")]
+    assert len(lines) == 1 and lines[0].code == "UNAVAILABLE" and "cut off" in lines[0].error, \
+        [(r.code, r.error) for r in lines]
