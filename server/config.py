@@ -80,7 +80,8 @@ class ServerConfig:
                                            "DEADLINE_EXCEEDED, seconds (0: never)", least=0, zero="never")
     # 48: a full batch of 16 for each of two workers and one queued behind them (batcher.py), so one stream alone
     # keeps the workers busy (32: mean batch 11.4 and ~10 % fewer faces/s).
-    stream_window: int = setting(48, "frames of one stream in flight at once", least=1)
+    stream_window: int = setting(48, "frames of one stream in flight at once (started and not yet answered)",
+                                 least=1)
     stream_policy: str = setting("queue", "when a stream falls behind: queue (push back on the sender) or latest "
                                  "(drop waiting frames, answered DROPPED)")
     detector: str = setting("auto", "full frames: face detector: blazeface (MediaPipe's, with FaceMesh landmarks), "

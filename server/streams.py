@@ -62,7 +62,10 @@ class StreamRun:
         self._answers: asyncio.Queue = asyncio.Queue(maxsize=4 * window)
         self._waiting: collections.deque = collections.deque()  # "latest": frames not started yet
         self._running: set[asyncio.Task] = set()
-        self._in_flight = 0  # frames started and not finished (the window counts these)
+        # Frames started and not yet answered to the caller (the window counts these): a finished answer holds its
+        # image until it is sent, so a caller that stops reading holds at most a window of them in the server.
+        self._in_flight = 0
+        self._started: set[int] = set()  # id() of the answers of frames started and not yet sent
         self._freed = asyncio.Event()
         self._end_error: SwapError | None = None  # how the stream ends once every answer is out
 
@@ -73,6 +76,9 @@ class StreamRun:
         try:
             while not isinstance(entry := await self._answers.get(), _End):
                 yield await entry
+                if id(entry) in self._started:  # sent: its place in the window is free
+                    self._started.discard(id(entry))
+                    self._release()
             if self._end_error is not None:
                 raise self._end_error
         finally:
@@ -133,6 +139,7 @@ class StreamRun:
 
     def _start(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
         self._in_flight += 1
+        self._started.add(id(answer))
         task = asyncio.get_running_loop().create_task(self._run(frame_id, job, answer))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -149,13 +156,14 @@ class StreamRun:
             log.exception("stream frame %d failed", frame_id)
             result = FrameAnswer(frame_id, ERROR, error=SwapError(f"internal error ({type(exc).__name__}); see the "
                                                                   "server log"))
-        finally:
-            self._in_flight -= 1
-            self._freed.set()
-            while self._waiting and self._in_flight < self.window:
-                self._start(*self._waiting.popleft())
         if not answer.done():
             answer.set_result(result)
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self._freed.set()
+        while self._waiting and self._in_flight < self.window:
+            self._start(*self._waiting.popleft())
 
 
 async def next_message(messages: AsyncIterator[Any], idle_timeout_s: float, stop: asyncio.Event | None) -> Any:

@@ -81,6 +81,19 @@ async def test_queue_stops_reading_while_the_window_is_full():
     await answers.aclose()
 
 
+async def test_a_caller_that_stops_reading_answers_holds_at_most_a_window_of_them():
+    """A finished answer holds its image until it is sent: frames started and not sent count against the window,
+    so a caller that reads no answers stops the stream from swapping (and reading) more."""
+    swap = SlowSquare(0.001)
+    frames = Frames(range(200))
+    answers = StreamRun(aiter(frames), swap, window=4, policy="queue").answers()
+    assert (await anext(answers)).frame_id == 0
+    await asyncio.sleep(0.3)  # the caller reads nothing more for a while: all 200 would be done long before
+    assert len(swap.started) <= 1 + 4 and frames.read <= 1 + 4 + 1 + 4 * 4
+    rest = [answer.frame_id async for answer in answers]
+    assert rest == list(range(1, 200))
+
+
 async def test_latest_drops_waiting_frames_but_answers_all_in_order():
     swap = SlowSquare(0.02)
     out = await collect(StreamRun(aiter(Frames(range(40), gap_s=0.001)), swap, window=2, policy="latest"))
