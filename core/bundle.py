@@ -28,6 +28,11 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
 # Model and identity names: safe as folder/file names on every OS, never a path.
+MAX_MANIFEST_BYTES = 1 << 20  # read whole before it is parsed; an exported one is a few KB
+# The JSON type of each manifest field that is not a plain value.
+_FIELD_KINDS = {"input": dict, "output_face": dict, "output_mask": dict, "targets": dict, "files": dict,
+                "model_config": dict, "training_config": dict, "export": dict, "identities": list}
+_JSON_NAMES = {dict: "object", list: "array"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The training variants a manifest's `variant` names; core/model.py builds each. Here, not in model.py, so code that
 # only names a variant (a CLI's choices, the examples) needs no torch.
@@ -84,6 +89,13 @@ class Manifest:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise BundleError(f"manifest.json has unknown fields {', '.join(unknown)}")
+        for key, kind in _FIELD_KINDS.items():
+            if key in data and not isinstance(data[key], kind):
+                raise BundleError(f"manifest.json's {key} must be a JSON {_JSON_NAMES[kind]}, not "
+                                  f"{type(data[key]).__name__}")
+        for key in ("targets", "files"):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in data[key].items()):
+                raise BundleError(f"manifest.json's {key} must map names to strings")
         try:
             kwargs = dict(data)
             for key in ("input", "output_face", "output_mask"):
@@ -93,7 +105,7 @@ class Manifest:
                 kwargs[key] = TensorSpec(**spec)
             kwargs["identities"] = tuple(kwargs["identities"])
             manifest = cls(**kwargs)
-        except (TypeError, KeyError) as exc:
+        except (TypeError, KeyError, ValueError) as exc:
             raise BundleError(f"manifest.json is malformed: {exc}") from exc
         manifest.validate()
         return manifest
@@ -118,6 +130,8 @@ class Manifest:
         for filename in self.files:
             check_name(filename, "bundle file")
         for spec in (self.input, self.output_face, self.output_mask):
+            if len(spec.value_range) != 2 or not all(isinstance(v, (int, float)) for v in spec.value_range):
+                raise BundleError(f"tensor {spec.name!r}: value_range {spec.value_range!r} must be two numbers")
             if spec.dtype not in ("float32", "float16"):
                 raise BundleError(f"tensor {spec.name!r}: dtype {spec.dtype!r} must be float32 or float16")
             if spec.layout != "NCHW" or len(spec.shape) != 4 or spec.shape[0] != "B":
@@ -142,9 +156,13 @@ def load_manifest(bundle_dir: str | os.PathLike, verify: bool = True) -> Manifes
     if not path.is_file():
         raise BundleError(f"{bundle_dir} is not a model bundle: {MANIFEST_NAME} is missing")
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path} is {path.stat().st_size} bytes: a manifest is a few KB (at most "
+                              f"{MAX_MANIFEST_BYTES} bytes)")
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise BundleError(f"{path} is not valid JSON: {reason}") from None
     manifest = Manifest.from_dict(data)
     if verify:
         verify_files(bundle_dir, manifest)
