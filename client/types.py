@@ -7,6 +7,7 @@ SDK keeps working when the wire format grows fields.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -181,6 +182,14 @@ class ServerInfo:
     # Every limit in force, by ServerLimits' field names (max_streams_per_client, max_image_side, ...; 0 = none where
     # the proto says so); what each one answers past it is in the proto's comments.
     limits: dict[str, object]
+    # What a stream gets when it does not say: its policy ("queue" / "latest"), what happens to a face it loses
+    # ("pass" / "hold" / "blur") and for how many frames, and the reference distance a FaceRule matches within.
+    default_stream_policy: str = ""
+    default_lost_faces: str = ""
+    default_lost_face_frames: int = 0
+    default_match_threshold: float = 0.0
+    detect_every: int = 0  # a stream's full frames are searched for faces every this many frames, followed between
+    processes: int = 1  # serving processes behind the address, each applying `limits` to the calls it serves
 
     @classmethod
     def from_proto(cls, message: pb.GetServerInfoResponse) -> "ServerInfo":
@@ -188,7 +197,21 @@ class ServerInfo:
                   for field in message.limits.DESCRIPTOR.fields
                   for value in [getattr(message.limits, field.name)]}
         return cls(version=message.version, auth_required=message.auth_required, tls=message.tls,
-                   client_certificate_required=message.client_certificate_required, limits=limits)
+                   client_certificate_required=message.client_certificate_required, limits=limits,
+                   default_stream_policy=_enum_word(pb.StreamPolicy, message.default_stream_policy),
+                   default_lost_faces=_enum_word(pb.LostFacePolicy, message.default_lost_faces),
+                   default_lost_face_frames=message.default_lost_face_frames,
+                   default_match_threshold=message.default_match_threshold,
+                   detect_every=message.detect_every, processes=message.processes)
+
+
+def _enum_word(enum: Any, value: int) -> str:
+    """An enum value as the SDK's word for it: STREAM_POLICY_LATEST -> "latest" ("" when unset or unknown)."""
+    try:
+        name = enum.Name(value)
+    except ValueError:
+        return ""
+    return "" if name.endswith("_UNSPECIFIED") else name.rsplit("_", 1)[-1].lower()
 
 
 @dataclasses.dataclass(frozen=True)

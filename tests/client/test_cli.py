@@ -412,6 +412,11 @@ def test_folder_runs_keep_to_the_servers_per_client_limit(tiny_model_dir, served
             info = client.server_info()
         assert info.limits["max_streams_per_client"] == 1 and info.limits["image_formats"] == ["jpeg", "png"]
         assert not info.auth_required and not info.tls and info.version
+        config = ServerConfig()  # the defaults a stream gets, as the SDK's words
+        assert (info.default_stream_policy, info.default_lost_faces) == (config.stream_policy, config.lost_faces)
+        assert info.default_lost_face_frames == config.lost_face_frames and info.processes == 1
+        assert info.default_match_threshold == pytest.approx(config.match_threshold)
+        assert info.detect_every == config.detect_every
         crops = tmp_path / "crops"
         crops.mkdir()
         faces = served_model.sample_faces[served_model.identities[0]]
