@@ -96,18 +96,23 @@ class DynamicBatcher:
     def queued(self) -> int:
         return self._size
 
-    async def submit(self, item: Any, caller: Hashable, bounded: bool = True) -> tuple[Any, BatchInfo]:
-        """Queues one item and waits for its result. Cancelling the caller's task drops the item.
-
-        bounded: the item counts against max_queue and is refused (RESOURCE_EXHAUSTED) when that many bounded items
-        wait. Stream frames are submitted unbounded: each stream already holds at most its window in flight, and a
-        stream that must wait should push back on its sender, not fail."""
+    def check_room(self, bounded: bool = True) -> None:
+        """Refuses what submit() would refuse now; called first by work that must decode and find faces before it
+        submits, so a full queue turns it away before that work."""
         if self._closed:
             raise UnavailableError(f"{self.name} is shutting down; retry on another replica")
         if bounded and self._bounded >= self.max_queue:
             raise ResourceExhaustedError(
                 f"{self.name}: {self._bounded} requests are already queued (limit {self.max_queue}); retry with backoff"
             )
+
+    async def submit(self, item: Any, caller: Hashable, bounded: bool = True) -> tuple[Any, BatchInfo]:
+        """Queues one item and waits for its result. Cancelling the caller's task drops the item.
+
+        bounded: the item counts against max_queue and is refused (RESOURCE_EXHAUSTED) when that many bounded items
+        wait. Stream frames are submitted unbounded: each stream already holds at most its window in flight, and a
+        stream that must wait should push back on its sender, not fail."""
+        self.check_room(bounded)
         self._start()
         pending = _Pending(item, asyncio.get_running_loop().create_future(), time.perf_counter(), bounded)
         self._bounded += bounded

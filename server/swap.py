@@ -189,6 +189,8 @@ class SwapEngine:
         model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
 
+        if bounded:
+            target.batcher.check_room()
         decoded = await self._read_image(job, square=True)
         height, width = decoded.shape[:2]
         size = target.manifest.resolution
@@ -222,6 +224,9 @@ class SwapEngine:
         targets = {name: (await self.registry.get(job.model, name, timeout=wait_s))[1]
                    for name in mapping.targets(job.target)}  # every identity a rule names: NOT_FOUND before work
         origin = Provenance(job.model, job.target, model.manifest_sha256)
+        if stream is None:  # a full queue refuses a call now, not after its frame was decoded and searched for faces
+            for target in targets.values():
+                target.batcher.check_room()
         frame = await self._read_image(job)  # its limits before the reference photos' work
         decoded_at = time.perf_counter()
         if mapping is job.mapping:  # the reference photos: their time is in total_ms

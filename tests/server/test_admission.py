@@ -157,3 +157,43 @@ def test_an_answer_over_the_message_limit_is_refused_before_the_work(tiny_model_
         server.stop()
     assert [(r.response.frame_id, r.status) for r in replies] == [(0, pb.FRAME_STATUS_ERROR), (1, pb.FRAME_STATUS_OK)]
     assert replies[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+
+
+def test_a_full_queue_refuses_a_call_before_its_image_is_decoded(tiny_model_dir, served_model):
+    """While flooding callers keep the queue full, a call whose image is broken is refused for the queue
+    (RESOURCE_EXHAUSTED), not for its image: the queue is checked before the image is decoded or searched."""
+    config = ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), max_queue=1, max_batch=1,
+                          inference_workers=1, max_calls_per_client=0, max_calls=0, grace_s=1.0)
+    server = ServerThread(config)
+    a, b = served_model.identities[:2]
+    good = raw_request(served_model.sample_faces[a][0], served_model.model, b)
+    broken = pb.SwapRequest(model=served_model.model, target=b, kind=pb.IMAGE_KIND_FULL_FRAME,
+                            image=pb.Image(encoded=b"\x89PNG\r\n\x1a\n" + b"\0" * 64))
+    stop = threading.Event()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+
+            def flood():
+                while not stop.is_set():
+                    try:
+                        stub.Swap(good, timeout=30)
+                    except grpc.RpcError:
+                        pass
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                for _ in range(6):
+                    pool.submit(flood)
+                codes = set()
+                for _ in range(200):
+                    try:
+                        stub.Swap(broken, timeout=30)
+                    except grpc.RpcError as exc:
+                        codes.add(exc.code())
+                    if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
+                        break
+                stop.set()
+    finally:
+        stop.set()
+        server.stop()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
