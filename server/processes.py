@@ -27,9 +27,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from . import logs
 from .config import ServerConfig
+from .registry import pin_bundles
 
 log = logging.getLogger("facetwin.server")
 POLL_S = 0.2
@@ -107,6 +109,9 @@ class _Supervisor:
         self.listening: set[int] = set()
         self.restarts: list[float] = []
         self.stopping = False
+        # Every process serves the bundles found now: one started again later must not serve a bundle added,
+        # removed or replaced since under a name its siblings serve differently.
+        self.pinned = pin_bundles(Path(config.model_dir))
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,7 +146,8 @@ class _Supervisor:
 
     def _start(self, index: int) -> None:
         child = self.context.Process(target=_serve_one, name=f"p{index}",
-                                     args=(self.child_config, self.log_level, index, self.events, os.getpid()))
+                                     args=(self.child_config, self.log_level, index, self.events, os.getpid(),
+                                           self.pinned))
         child.start()
         self.children[index] = child
 
@@ -202,14 +208,15 @@ class _Supervisor:
             multiprocess.mark_process_dead(child.pid, self.metrics_dir)
 
 
-def _serve_one(config: ServerConfig, log_level: str, index: int, events: multiprocessing.Queue, parent: int) -> None:
-    """One serving process: a whole server, until SIGTERM."""
+def _serve_one(config: ServerConfig, log_level: str, index: int, events: multiprocessing.Queue, parent: int,
+               pinned: dict[str, str]) -> None:
+    """One serving process: a whole server, serving the bundles `pinned`, until SIGTERM."""
     _end_with(parent)
     logs.configure(log_level, config.log_format, server_process=f"p{index}")
     from .server import serve
 
     try:
-        asyncio.run(serve(config, listening=lambda _port: events.put((index, ""))))
+        asyncio.run(serve(config, listening=lambda _port: events.put((index, "")), pinned=pinned))
     except (ValueError, FileNotFoundError, OSError) as exc:
         events.put((index, f"serving process p{index}: {exc}"))
         sys.exit(2)

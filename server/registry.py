@@ -76,41 +76,69 @@ class LoadedModel:
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
+def find_bundles(model_dir: Path) -> dict[str, Path]:
+    """Every sub-folder of model_dir holding a manifest.json, by name; what is skipped is logged with the reason."""
+    if not model_dir.exists():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist (--model-dir)")
+    if not model_dir.is_dir():
+        raise NotADirectoryError(f"model directory {model_dir} is a file, not a folder (--model-dir)")
+    try:
+        entries = sorted(model_dir.iterdir())
+    except OSError as exc:
+        raise OSError(f"model directory {model_dir} cannot be read: {exc.strerror or exc} (--model-dir)") from None
+    bundles = {}
+    for path in entries:
+        if path.name.startswith(".") or not path.is_dir():  # .engines and other files of the folder's own
+            continue
+        try:
+            is_bundle = (path / "manifest.json").is_file()
+        except OSError as exc:  # a folder this user may not read: the other bundles still serve
+            log.warning("skipping %s: it cannot be read (%s)", path, exc.strerror or exc)
+            continue
+        if not is_bundle:
+            log.warning("skipping %s: no manifest.json (not a model bundle)", path)
+            continue
+        try:
+            check_name(path.name, "model folder name")
+        except BundleError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        bundles[path.name] = path
+    return bundles
+
+
+def pin_bundles(model_dir: Path) -> dict[str, str]:
+    """The bundles of model_dir with their manifests' sha256 ("" where unreadable): what ModelRegistry(pinned=...)
+    serves."""
+    pinned = {}
+    for name, path in find_bundles(model_dir).items():
+        try:
+            pinned[name] = manifest_sha256(path)
+        except OSError:
+            pinned[name] = ""
+    return pinned
+
+
 class ModelRegistry:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, pinned: dict[str, str] | None = None) -> None:
+        """pinned: the bundles to serve and their manifests' sha256, as found when the server started (a serving
+        process started again under --processes serves what its siblings serve, whatever the folder holds now)."""
         self.config = config
+        self.pinned = pinned
         self.model_dir = Path(config.model_dir)
         self.backend_cls = get_backend(config.backend)
         self.models: dict[str, LoadedModel] = {}
 
     def discover(self) -> list[str]:
         """Registers every sub-folder holding a manifest.json (status LOADING); returns their names."""
-        if not self.model_dir.exists():
-            raise FileNotFoundError(f"model directory {self.model_dir} does not exist (--model-dir)")
-        if not self.model_dir.is_dir():
-            raise NotADirectoryError(f"model directory {self.model_dir} is a file, not a folder (--model-dir)")
-        try:
-            entries = sorted(self.model_dir.iterdir())
-        except OSError as exc:
-            raise OSError(f"model directory {self.model_dir} cannot be read: {exc.strerror or exc} (--model-dir)") \
-                from None
-        for path in entries:
-            if path.name.startswith(".") or not path.is_dir():  # .engines and other files of the folder's own
+        for name, path in find_bundles(self.model_dir).items():
+            if self.pinned is not None and name not in self.pinned:
+                log.warning("not serving %s: it was added after the server started (restart the server to serve "
+                            "it)", path)
                 continue
-            try:
-                is_bundle = (path / "manifest.json").is_file()
-            except OSError as exc:  # a folder this user may not read: the other bundles still serve
-                log.warning("skipping %s: it cannot be read (%s)", path, exc.strerror or exc)
-                continue
-            if not is_bundle:
-                log.warning("skipping %s: no manifest.json (not a model bundle)", path)
-                continue
-            try:
-                check_name(path.name, "model folder name")
-            except BundleError as exc:
-                log.warning("skipping %s: %s", path, exc)
-                continue
-            self.models[path.name] = LoadedModel(name=path.name, path=path)
+            self.models[name] = LoadedModel(name=name, path=path)
+        for name in sorted(set(self.pinned or ()) - set(self.models)):
+            log.error("model %s is served by the other serving processes but is gone from %s", name, self.model_dir)
         return list(self.models)
 
     async def load_all(self) -> None:
@@ -131,6 +159,10 @@ class ModelRegistry:
     def _load(self, model: LoadedModel) -> None:
         model.manifest = load_manifest(model.path, verify=True)
         model.manifest_sha256 = manifest_sha256(model.path)
+        if self.pinned is not None and model.manifest_sha256 != self.pinned.get(model.name):
+            raise BundleError("the bundle changed on disk after the server started, so this serving process would "
+                              "serve other weights than its siblings under the same name; restart the server to "
+                              "serve the new bundle")
         workers, threads = worker_plan(self.config, self.backend_cls)
         for target in model.manifest.targets:
             backends = [self.backend_cls(model.path, model.manifest, target, intra_op_threads=threads,

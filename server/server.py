@@ -44,11 +44,11 @@ TRIM_THRESHOLD_BYTES = 256 << 20  # free memory an arena keeps before it gives s
 class FaceSwapServer:
     """A running server: `await start()`, then `await wait()`; `await stop()` drains it."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, pinned: dict[str, str] | None = None) -> None:
         self.config = config
         # Credentials are read first, before any model loads, so a bad certificate or tokens file fails at once.
         self.credentials = server_credentials(config)
-        self.registry = ModelRegistry(config)
+        self.registry = ModelRegistry(config, pinned)
         # The call interceptor comes first, so it accounts for the calls the others turn away too.
         self.calls = CallInterceptor(metrics.LabelBound(self.registry))
         interceptors = [self.calls]
@@ -183,11 +183,13 @@ def _loopback(address: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.") or address.startswith("unix:")
 
 
-async def serve(config: ServerConfig, listening: Callable[[int], None] | None = None) -> None:
-    """Runs until SIGTERM/SIGINT, then drains gracefully. `listening(port)` is called once the port is bound."""
+async def serve(config: ServerConfig, listening: Callable[[int], None] | None = None,
+                pinned: dict[str, str] | None = None) -> None:
+    """Runs until SIGTERM/SIGINT, then drains gracefully. `listening(port)` is called once the port is bound;
+    pinned: see ModelRegistry."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the process is the server's: its threads are ours to schedule
     keep_freed_memory()
-    server = FaceSwapServer(config)
+    server = FaceSwapServer(config, pinned)
     port = await server.start()
     if listening is not None:
         listening(port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -166,6 +167,31 @@ def test_a_serving_process_that_dies_is_started_again_while_the_other_serves(tin
         log = _stop(proc)
     assert f"(pid {victim}) exited with status -9; starting it again" in log, log
     assert not _serving_processes(proc.pid)
+
+
+def test_a_process_started_again_serves_the_bundles_its_siblings_serve(tiny_model_dir, tmp_path):
+    """A bundle added to the model folder while the server runs is not served by a process started again later:
+    one address must not answer NOT_FOUND or OK for the same model by the process a connection lands on."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models)
+    proc, port = _start(models)
+    try:
+        _wait_until(lambda: _serving(port) and len(_serving_processes(proc.pid)) == 2, 90, "never SERVING")
+        shutil.copytree(models / "tiny", models / "tiny2")
+        victim = min(_serving_processes(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        _wait_until(lambda: len(_serving_processes(proc.pid) - {victim}) == 2, 90, "the dead process was not replaced")
+        _wait_until(lambda: _serving(port), 60, "never SERVING again")
+        seen = set()
+        for _ in range(CONNECTIONS):
+            with _own_channel(port) as channel:
+                models_listed = pb_grpc.FaceSwapStub(channel).ListModels(pb.ListModelsRequest(), timeout=30,
+                                                                          wait_for_ready=True).models
+                seen.add(tuple(sorted(m.name for m in models_listed)))
+        assert seen == {("tiny",)}, seen
+    finally:
+        log = _stop(proc)
+    assert "it was added after the server started" in log, log
 
 
 def test_the_serving_processes_end_with_their_parent_even_when_it_is_killed(tiny_model_dir):
