@@ -179,6 +179,19 @@ def verify_files(bundle_dir: str | os.PathLike, manifest: Manifest) -> None:
             raise BundleError(f"bundle file {filename} is corrupt: sha256 {actual[:12]}… != manifest {expected[:12]}…")
 
 
+def bundle_in_the_way(final: Path, overwrite: bool) -> str | None:
+    """Why a new bundle cannot be written to `final` (None: it can). Only a bundle is ever replaced, and only with
+    overwrite: a folder or file of anything else at that path is the user's, whatever the flag says."""
+    if not final.exists() and not final.is_symlink():
+        return None
+    if final.is_symlink() or not final.is_dir() or not (final / MANIFEST_NAME).is_file():
+        return (f"{final} exists and is not a model bundle; choose another --name or --out (only a bundle is ever "
+                "replaced)")
+    if not overwrite:
+        return f"bundle {final} already exists; --overwrite replaces it"
+    return None
+
+
 def write_manifest(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path:
     """Validates and writes manifest.json atomically (temp file + os.replace)."""
     manifest.validate()

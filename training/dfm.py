@@ -37,6 +37,7 @@ from facetwin.core.bundle import (
     BundleError,
     Manifest,
     TensorSpec,
+    bundle_in_the_way,
     check_name,
     load_manifest,
     write_manifest,
@@ -255,8 +256,8 @@ def dfm_to_bundle(dfm_path: str | Path, model_dir: str | Path, name: str, celeb:
     celeb = celeb or props.get("facetwin.target") or dfm_path.stem
     _check_import_options(name, celeb, dst, morph)
     final = model_dir / name
-    if final.exists() and not overwrite:
-        raise DfmError(f"bundle {final} already exists; pass overwrite=True (--overwrite) to replace it")
+    if reason := bundle_in_the_way(final, overwrite):
+        raise DfmError(reason)
     model = _bundle_graph_of_dfm(original, signature, name, morph)
     error = _check_converted(model, original, signature, morph, dfm_path)
     res = signature["resolution"]

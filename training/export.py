@@ -28,6 +28,7 @@ from facetwin.core.bundle import (
     WEIGHTS_NAME,
     Manifest,
     TensorSpec,
+    bundle_in_the_way,
     check_name,
     load_manifest,
     write_manifest,
@@ -140,8 +141,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
         raise ExportError(f"{exc} (pass --name)") from exc
     out_dir = Path(out_dir)
     final = out_dir / name
-    if final.exists() and not overwrite:
-        raise ExportError(f"bundle {final} already exists; pass overwrite=True (--overwrite) to replace it")
+    if reason := bundle_in_the_way(final, overwrite):
+        raise ExportError(reason)
 
     loaded = load_checkpoint(checkpoint)
     model = model_from_checkpoint(loaded)
@@ -178,6 +179,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
         )
         write_manifest(staging, manifest)
         load_manifest(staging, verify=True)  # what the server will do: the bundle must pass its own reader
-        if final.exists() and not overwrite:
-            raise ExportError(f"bundle {final} appeared while exporting; not replacing it")
+        if reason := bundle_in_the_way(final, overwrite):
+            raise ExportError(f"while exporting: {reason}")
     return final

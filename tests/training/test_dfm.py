@@ -81,6 +81,11 @@ def test_round_trip_gives_the_same_outputs(exported, tiny, tmp_path):
         np.testing.assert_array_equal(before, after)
     with pytest.raises(dfm.DfmError, match="already exists"):
         dfm.dfm_to_bundle(path, tmp_path / "models", "from-dfm")
+    (tmp_path / "models" / "mine").mkdir()
+    (tmp_path / "models" / "mine" / "keep.txt").write_text("kept")
+    with pytest.raises(dfm.DfmError, match="is not a model bundle"):  # --overwrite replaces a bundle, nothing else
+        dfm.dfm_to_bundle(path, tmp_path / "models", "mine", overwrite=True)
+    assert (tmp_path / "models" / "mine" / "keep.txt").read_text() == "kept"
 
 
 def test_imported_bundle_is_served_by_the_real_server(exported, tiny, tiny_model_dir, tmp_path):

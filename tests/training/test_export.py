@@ -95,6 +95,19 @@ def test_refuses_to_overwrite_unless_asked(bundle, checkpoint):
     assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # no staging or retired folders
 
 
+def test_overwrite_replaces_a_bundle_and_nothing_else(checkpoint, tmp_path):
+    """--overwrite means "replace the bundle of that name": a folder of the user's, or a file, at that path stays."""
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.txt").write_text("years of work")
+    (tmp_path / "notes").write_text("a file")
+    for name in ("thesis", "notes"):
+        with pytest.raises(ExportError, match="is not a model bundle"):
+            export_bundle(checkpoint, tmp_path, name=name, overwrite=True, check=False)
+    assert (tmp_path / "thesis" / "chapter1.txt").read_text() == "years of work"
+    assert (tmp_path / "notes").read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "thesis"]
+
+
 def test_default_name_is_the_run_folder(checkpoint, tmp_path):
     assert export_bundle(checkpoint, tmp_path, check=False).name == "run"
 
