@@ -29,8 +29,15 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: t
     `extra` adds entries (the discriminators' state, the fp16 GradScaler's)."""
     payload = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "step": step, "data": data, **(extra or {})}
-    with atomic_write(path) as fh:
-        torch.save(payload, fh)
+    try:
+        with atomic_write(path) as fh:
+            torch.save(payload, fh)
+    except RuntimeError as exc:  # torch reports a failed write (a full disk) as its own error, the OSError behind it
+        failure = exc.__cause__ or exc.__context__
+        if not isinstance(failure, OSError):
+            raise
+        raise OSError(failure.errno, f"{failure.strerror} (a checkpoint there from before is left as it was)",
+                      str(path)) from None
     return path
 
 
