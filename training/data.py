@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from facetwin.training import occluders
-from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, SYNTH_SCHEMA
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, SYNTH_SCHEMA, index_problem
 
 SCHEMAS = (SYNTH_SCHEMA, FACES_SCHEMA)
 
@@ -138,6 +138,8 @@ def load_index(data_dir: str | Path) -> dict[str, Any]:
     for key in ("identities", "images"):
         if not isinstance(index.get(key), list):
             raise DatasetError(f"{path}: {key!r} must be a list")
+    if problem := index_problem(index):
+        raise DatasetError(f"{path}: {problem}")
     return index
 
 

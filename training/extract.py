@@ -27,10 +27,9 @@ import numpy as np
 
 from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib
-from facetwin.core.bundle import BundleError, check_name
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import realdata
-from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, png_bytes
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, check_identity, index_problem, png_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -198,6 +197,8 @@ def read_index(folder: Path) -> dict[str, Any]:
     if not (isinstance(index.get("identities"), list) and isinstance(index.get("images"), list)
             and isinstance(index.get("margin"), (int, float))):
         raise ExtractError(f"{path} is damaged (identities, images or margin missing): extract into a new folder")
+    if problem := index_problem(index):
+        raise ExtractError(f"{path} is damaged: {problem}")
     return index
 
 
@@ -312,8 +313,8 @@ def _open(inputs: list[Path], out_dir: Path, identity: str,
     """Checks everything before anything is written: settings, name, output folder, every input, the detector."""
     settings.check()
     try:
-        check_name(identity, "identity name")
-    except BundleError as exc:
+        check_identity(identity)
+    except ValueError as exc:
         raise ExtractError(str(exc)) from None
     if out_dir.exists() and not out_dir.is_dir():
         raise ExtractError(f"output {out_dir} exists and is not a folder: choose a folder path")

@@ -11,10 +11,13 @@ dlib so that each of them can import it.
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any
 
 import cv2
 import numpy as np
+
+from facetwin.core.bundle import check_name
 
 INDEX_NAME = "index.json"
 SYNTH_SCHEMA = "facetwin-synth/1"  # synthetic faces with ground truth (training/synth.py)
@@ -23,6 +26,36 @@ FACES_SCHEMA = "facetwin-faces/1"  # real faces extracted from photos/videos (tr
 # data set is rendered with): the same seed everywhere keeps every reported synthetic score comparable.
 HELD_OUT_SEED = 1234
 HELD_OUT_POSES = 64  # per direction
+
+
+def check_identity(name: object) -> str:
+    """Returns a training identity's name, else raises ValueError saying why: a bundle name (core.bundle.check_name)
+    without '.', since each identity names a decoder in the model and PyTorch's module names hold no dots."""
+    check_name(name, "identity name")  # BundleError is a ValueError
+    if "." in name:
+        raise ValueError(f"identity name {name!r} holds a '.': identities name the model's decoders, whose names "
+                         "cannot; use letters, digits, '_' or '-'")
+    return name
+
+
+def index_problem(index: dict[str, Any]) -> str | None:
+    """What is wrong with an index's identities and images lists (None: nothing): each identity an object with a
+    valid name, each image an object naming its identity and two files inside the data set's folder."""
+    for number, entry in enumerate(index["identities"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            return f'identities[{number}] must be an object with a "name"'
+        try:
+            check_identity(entry["name"])
+        except ValueError as exc:
+            return str(exc)
+    for number, entry in enumerate(index["images"]):
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("identity", "file", "mask")):
+            return f'images[{number}] must be an object with "identity", "file" and "mask" strings'
+        for key in ("file", "mask"):
+            relative = PurePath(entry[key])
+            if relative.is_absolute() or ".." in relative.parts:
+                return f"images[{number}].{key} {entry[key]!r} leaves the data folder; name a file inside it"
+    return None
 
 
 def png_bytes(array: np.ndarray) -> bytes:

