@@ -155,6 +155,8 @@ def check_config(cfg: TrainConfig) -> None:
     """Settings that are wrong whatever the data: fail before anything is read or written."""
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise ValueError("steps, batch_size, checkpoint_every and log_every must be at least 1")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"lr must be a positive, finite learning rate, got {cfg.lr}")
     if cfg.preview_every < 0:
         raise ValueError(f"preview_every must be 0 (off) or a number of steps, got {cfg.preview_every}")
     if cfg.max_seconds < 0:

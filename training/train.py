@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import signal
 import tempfile
 import threading
@@ -134,13 +135,20 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
             # 1. one augmented batch per identity, on the training device
             batches = sample_batches(t, faces, generator)
             # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
-            terms = train_step(t, batches, step, generator)
+            try:
+                terms = train_step(t, batches, step, generator)
+            except RuntimeError as exc:  # a loss that checks its input's range is the first to see diverged weights
+                if _weights_sane(t.model):
+                    raise
+                raise TrainingDiverged(step, cfg, ckpt_path) from exc
 
             smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
             bar.update(1)
             done = step + 1
             if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
                 losses = {key: float(value) for key, value in terms.items()}  # a device sync, every log_every steps only
+                if not math.isfinite(losses["total"]):  # before a checkpoint of diverged weights replaces a good one
+                    raise TrainingDiverged(step, cfg, ckpt_path)
                 bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
                 if writer is not None:
                     for key, value in losses.items():
@@ -163,6 +171,8 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
                 # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's does not
                 # (gigabytes at 128 px, which would make a short run's steps/s read low).
                 seconds = _elapsed(started, t.device)
+                if not _weights_sane(t.model):  # this step's update blew them up: keep the checkpoint before it
+                    raise TrainingDiverged(step, cfg, ckpt_path)
                 save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
                                 {"world_size": world.world_size, **t.checkpoint_extra()})
                 write_summary(out_dir, _summary(t, world, ckpt_path, start_step, done, seconds, losses, stopped))
@@ -184,6 +194,24 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
               f"{amp.describe(t.autocast_dtype)}), loss {float(smoothed):.4f}; checkpoint {ckpt_path}")
     if stopped == STOPPED_AT_INTERRUPT:
         raise KeyboardInterrupt
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the weights blew up, mostly for a learning rate too high for the model."""
+
+    def __init__(self, step: int, cfg: TrainConfig, ckpt_path: Path) -> None:
+        kept = f"the checkpoint at {ckpt_path} is kept as it was" if ckpt_path.exists() else "no checkpoint was written"
+        super().__init__(f"training diverged at step {step + 1} (the loss is no longer a finite number): lower --lr "
+                         f"(now {cfg.lr:g}) or clip gradients (--grad-clip, now {cfg.grad_clip:g}); {kept}")
+
+
+# Weights of a healthy run stay within a few units; far beyond, their activations overflow to NaN before any
+# weight does, and a loss that checks its input's range (binary cross-entropy) fails first.
+SANE_WEIGHT = 1e6
+
+
+def _weights_sane(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) < SANE_WEIGHT for p in model.parameters())
 
 
 @contextlib.contextmanager

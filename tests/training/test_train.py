@@ -33,7 +33,7 @@ from facetwin.training.run_folder import (
     read_summary,
 )
 from facetwin.training.step import make_trainer, sample_batches, train_step, update_average
-from facetwin.training.train import dry_run, train
+from facetwin.training.train import TrainingDiverged, dry_run, train
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,17 @@ def test_each_call_leaves_a_summary_of_what_it_trained_beside_the_checkpoint(dat
     finished = read_summary(run)
     assert (finished.step_start, finished.step_end, finished.seconds, finished.stopped) == (10, 10, 0.0, "steps")
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_that_diverges_stops_with_the_reason_and_keeps_its_last_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    first = train(tiny(data, run, steps=4, checkpoint_every=4), progress=False)
+    before = first.read_bytes()
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+ .* lower --lr .*checkpoint at .* is kept"):
+        train(tiny(data, run, steps=40, checkpoint_every=1, lr=1e9), progress=False, resume=True)
+    assert first.read_bytes() == before  # no checkpoint of blown-up weights replaced it
+    with pytest.raises(ValueError, match="lr must be a positive, finite"):
+        train(tiny(data, tmp_path / "other", lr=float("inf")), progress=False)
 
 
 def test_the_summary_of_a_call_that_did_not_finish_says_so_and_matches_its_checkpoint(data, tmp_path):
