@@ -79,11 +79,22 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | C
     """The trained model of a loaded checkpoint, in eval mode: the weights' moving average when the run kept one,
     else the last step's weights."""
     model = build_model(checkpoint["train_config"].model)
-    try:
-        model.load_state_dict(checkpoint.get("ema", checkpoint["model"]))
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint weights do not fit its model config: {exc}".splitlines()[0]) from exc
+    load_weights(model, checkpoint.get("ema", checkpoint["model"]), "weights")
     return model.eval()
+
+
+def load_weights(module: Any, state: Any, what: str) -> None:
+    """module.load_state_dict(state) (a model's or an optimizer's), with CheckpointError naming what does not fit
+    instead of torch's error."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # torch's first line names only the class
+        if len(detail) > 200:
+            detail = detail[:200] + "..."
+        raise CheckpointError(f"the checkpoint's {what} do not fit its model config ({detail}): it was altered, or "
+                              "written by another program") from exc
 
 
 def check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 
 from facetwin.core.model import CycleGAN, Discriminators, FaceSwapAutoencoder, build_discriminators, build_model
 from facetwin.training import amp
-from facetwin.training.checkpoint import CheckpointError
+from facetwin.training.checkpoint import CheckpointError, load_weights
 from facetwin.training.config import TrainConfig, learning_rate
 from facetwin.training.data import Augmented, IdentityFaces, augment, to_device
 from facetwin.training.distributed import Distributed, wrap
@@ -105,20 +105,20 @@ def make_trainer(cfg: TrainConfig, names: list[str], device: torch.device, saved
     autocast_dtype = amp.autocast_dtype(cfg.amp, device, cfg.variant)
     scaler = amp.grad_scaler(autocast_dtype, device)
     if saved is not None:
-        model.load_state_dict(saved["model"])  # optimizer state follows the parameters' device on load
-        optimizer.load_state_dict(saved["optimizer"])
+        load_weights(model, saved["model"], "weights")  # optimizer state follows the parameters' device on load
+        load_weights(optimizer, saved["optimizer"], "optimizer state")
         if critics is not None and critic_optimizer is not None:
             if "critics" not in saved or "critic_optimizer" not in saved:
                 raise CheckpointError(f"the checkpoint of this {cfg.model.variant} run lacks its discriminators")
-            critics.load_state_dict(saved["critics"])
-            critic_optimizer.load_state_dict(saved["critic_optimizer"])
+            load_weights(critics, saved["critics"], "discriminators")
+            load_weights(critic_optimizer, saved["critic_optimizer"], "discriminators' optimizer state")
         if scaler.is_enabled() and "scaler" in saved:
-            scaler.load_state_dict(saved["scaler"])
+            load_weights(scaler, saved["scaler"], "gradient scaler state")
     average = None
     if cfg.ema_decay:  # a run resumed without one starts averaging from its current weights
         average = copy.deepcopy(model).requires_grad_(False)
         if saved is not None and "ema" in saved:
-            average.load_state_dict(saved["ema"])
+            load_weights(average, saved["ema"], "averaged weights")
     forward = wrap(_TrainingForward(model), world, device)
     critics_forward = wrap(critics, world, device) if critics is not None else None
     return Trainer(cfg, names, device, model, forward, optimizer, critics, critics_forward, critic_optimizer,

@@ -94,6 +94,21 @@ def test_a_run_that_diverges_stops_with_the_reason_and_keeps_its_last_checkpoint
         train(tiny(data, tmp_path / "other", lr=float("inf")), progress=False)
 
 
+@pytest.mark.parametrize("part", ["model", "ema"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_naming_the_key(data, tmp_path, part):
+    run = tmp_path / "run"
+    ckpt = train(tiny(data, run, steps=2), progress=False)
+    saved = torch.load(ckpt, weights_only=True)
+    removed = sorted(saved[part])[0]
+    del saved[part][removed]
+    torch.save(saved, ckpt)
+    with pytest.raises(CheckpointError, match=f"do not fit its model config .*{removed}"):
+        train(tiny(data, run, steps=4), progress=False, resume=True)
+    if part == "ema":  # what export reads: the averaged weights
+        with pytest.raises(CheckpointError, match=f"do not fit its model config .*{removed}"):
+            model_from_checkpoint(load_checkpoint(ckpt))
+
+
 def test_the_summary_of_a_call_that_did_not_finish_says_so_and_matches_its_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
