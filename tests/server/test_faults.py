@@ -177,12 +177,14 @@ def test_a_stream_whose_first_frame_comes_after_the_drain_began_resumes(server, 
 
     restarter = threading.Thread(target=restart, daemon=True)
     restarter.start()
-    if client_class is Client:
-        with Client(server.address, timeout=30) as client:
-            results = list(client.stream(late_frames(), served_model.model, target, color="rgb"))
-    else:
-        results = asyncio.run(stream_async())
-    restarter.join(60)
+    try:
+        if client_class is Client:
+            with Client(server.address, timeout=30) as client:
+                results = list(client.stream(late_frames(), served_model.model, target, color="rgb"))
+        else:
+            results = asyncio.run(stream_async())
+    finally:  # the server it starts again is the fixture's to stop, whatever happened here
+        restarter.join(60)
     assert exits and exits[0][0] == 0 and exits[0][1] < 4.0  # the 5 s grace was not waited out for the stream
     assert [r.frame_id for r in results] == list(range(len(faces)))
     assert all(r.error is None and not r.dropped for r in results)
