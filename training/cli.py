@@ -173,7 +173,9 @@ def train(
         None, min=0.0, help="scale a step's gradient down to this L2 norm when larger (default 2; 0 = never): "
         "TensorBoard's grad_norm shows the norms before clipping"),
     seed: Optional[int] = typer.Option(None, min=0, help="override the seed"),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default 2)"),
+    # More threads than cores only wait on each other; tens of thousands crash OpenMP.
+    threads: Optional[int] = typer.Option(None, min=1, max=os.cpu_count() or 1,
+                                          help="torch CPU threads (default 2; at most the machine's cores)"),
     fixed_threads: bool = typer.Option(False, "--fixed-threads", help="keep --threads even when other processes "
                                        "take cores (by default a CPU run uses only the cores left free)"),
     max_seconds: Optional[float] = typer.Option(None, min=0.0, help="stop early after this many seconds of training "
