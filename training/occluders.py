@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facetwin.training import synth
+
 KINDS = ("hand", "bar", "object", "strands")
 KIND_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # hands are the commonest occluder of a talking face
 MAX_CAPSULES = 32  # per occluder: strands use the most (up to 8 strands of 4 pieces)
@@ -36,10 +38,8 @@ FAR = 1e3  # where unused capsules sit, in face units: never drawn
 EMPTY_FACE = (0.5, 0.5, 0.3)  # (centre x, centre y, radius) as fractions of the side for a face with an empty mask
 # Skin tones of hands that are not the face's own (sRGB 0..255): the synthetic renderer's range plus darker and
 # ruddier ones, so the network cannot tell a hand from a face by its colour.
-SKIN_TONES = ((250, 218, 190), (150, 98, 64), (228, 178, 136), (104, 66, 44), (255, 204, 168), (188, 126, 84),
-              (236, 196, 166), (168, 110, 70), (78, 52, 38), (214, 150, 130))
-HAIR_COLOURS = ((28, 22, 20), (96, 58, 32), (214, 176, 96), (156, 56, 28), (72, 72, 80), (222, 222, 226),
-                (46, 30, 22), (130, 96, 60))
+SKIN_TONES = synth.SKIN_TONES + ((78, 52, 38), (214, 150, 130))
+HAIR_COLOURS = synth.HAIR_COLOURS
 
 
 class Occluder(NamedTuple):
