@@ -64,7 +64,7 @@ class MediaInfo:
     audio: tuple[str, ...]  # codec of every audio stream (videos; copied unchanged into the output)
 
 
-def _open_input(path: Path) -> Any:
+def open_input(path: Path) -> Any:
     """An opened PyAV input container with a video stream, or MediaFileError saying why not."""
     av = load_av()
     if not path.exists():
@@ -74,7 +74,7 @@ def _open_input(path: Path) -> Any:
     try:
         container = av.open(str(path))
     except av.FFmpegError as exc:
-        raise MediaFileError(path, f"is not an image or video file FFmpeg can read ({_reason(exc)})") from None
+        raise MediaFileError(path, f"is not an image or video file FFmpeg can read ({ffmpeg_reason(exc)})") from None
     except OSError as exc:
         raise MediaFileError(path, f"cannot be read ({exc.strerror or exc})") from None
     if container.format.name in _CATCH_ALL_DEMUXERS:
@@ -87,12 +87,12 @@ def _open_input(path: Path) -> Any:
     return container
 
 
-def _reason(exc: Exception) -> str:
+def ffmpeg_reason(exc: Exception) -> str:
     text = getattr(exc, "strerror", None) or str(exc)
     return " ".join(str(text).split())
 
 
-def _is_image(container: Any) -> bool:
+def is_image(container: Any) -> bool:
     name = container.format.name
     return name in _IMAGE_DEMUXERS or name.endswith("_pipe")
 
@@ -120,7 +120,7 @@ def _first_frame(container: Any, path: Path) -> Any:
         for frame in container.decode(container.streams.video[0]):
             return frame
     except av.FFmpegError as exc:
-        raise MediaFileError(path, f"cannot be decoded ({_reason(exc)})") from None
+        raise MediaFileError(path, f"cannot be decoded ({ffmpeg_reason(exc)})") from None
     raise MediaFileError(path, "has a video stream but no decodable picture")
 
 
@@ -141,13 +141,13 @@ def stream_duration(stream: Any) -> float | None:
 def probe(path: str | os.PathLike) -> MediaInfo:
     """Opens `path` with FFmpeg and decodes its first picture (to prove it and to read its rotation)."""
     path = Path(path)
-    container = _open_input(path)
+    container = open_input(path)
     with container:
         stream = container.streams.video[0]
         first = _first_frame(container, path)
         rotation = first.rotation
         width, height = (first.height, first.width) if round(rotation / 90) % 2 else (first.width, first.height)
-        image = _is_image(container)
+        image = is_image(container)
         rate = stream.average_rate or stream.guessed_rate
         duration = stream_duration(stream) or (container.duration / 1e6 if container.duration else None)
         frames = 1 if image else (stream.frames or (round(duration * rate) if duration and rate else None))
@@ -173,9 +173,9 @@ def read_image(path: str | os.PathLike) -> bytes:
         raise MediaFileError(path, "is a folder, not a file") from None
     except OSError as exc:
         raise MediaFileError(path, f"cannot be read ({exc.strerror or exc})") from None
-    container = _open_input(path)
+    container = open_input(path)
     with container:
-        if not _is_image(container):
+        if not is_image(container):
             raise MediaFileError(path, "is a video, not a photo (swap it as a video)")
         frame = _first_frame(container, path)
         return encode_image(upright(to_rgb(frame), frame.rotation), "png")

@@ -25,10 +25,10 @@ from .errors import CancelledError, InvalidInputError, MediaFileError, ServerErr
 from .media import (
     VIDEO_OUTPUTS,
     PartialFile,
-    _is_image,
-    _open_input,
-    _reason,
+    ffmpeg_reason,
+    is_image,
     load_av,
+    open_input,
     stream_duration,
     to_rgb,
     upright,
@@ -121,9 +121,9 @@ class VideoJob:
         except KeyError:
             raise MediaFileError(self.output, f"a video output must end in {', '.join(VIDEO_OUTPUTS)}") from None
         self._progress, self._cancel = progress, cancel
-        self._input = _open_input(self.source)
+        self._input = open_input(self.source)
         try:
-            if _is_image(self._input):
+            if is_image(self._input):
                 raise MediaFileError(self.source, "is a photo, not a video")
             self._video = self._input.streams.video[0]
             self._video.thread_type = "AUTO"  # frame + slice threads in the decoder
@@ -181,7 +181,7 @@ class VideoJob:
                         continue
                     decoded = packet.decode()
                 except av.FFmpegError as exc:
-                    raise MediaFileError(self.source, f"frame {self._read} cannot be decoded ({_reason(exc)})") from None
+                    raise MediaFileError(self.source, f"frame {self._read} cannot be decoded ({ffmpeg_reason(exc)})") from None
                 batch = []
                 for frame in decoded:
                     if self.options.max_frames is not None and self._read >= self.options.max_frames:
@@ -240,7 +240,7 @@ class VideoJob:
             self._encode(frame)
             self._mux_audio(until=pts * self._time_base)
         except av.FFmpegError as exc:
-            raise MediaFileError(self.output, f"cannot be encoded ({_reason(exc)})") from None
+            raise MediaFileError(self.output, f"cannot be encoded ({ffmpeg_reason(exc)})") from None
         with_face, swapped, found = face_counts(result, aligned)
         self._stats.update(frames=1, dropped=int(result.dropped), faces_swapped=swapped, frames_with_faces=with_face)
         self._stats["max_faces"] = max(self._stats["max_faces"], found)
@@ -252,7 +252,7 @@ class VideoJob:
         try:
             output = av.open(str(self._partial.temp), "w", format=self._format)
         except (av.FFmpegError, OSError) as exc:
-            raise MediaFileError(self.output, f"cannot be written ({_reason(exc)})") from None
+            raise MediaFileError(self.output, f"cannot be written ({ffmpeg_reason(exc)})") from None
         self._output = output
         output.metadata[PROVENANCE_TAG] = provenance_mark(provenance)
         stream = output.add_stream(self.options.codec, rate=self._rate)
@@ -275,7 +275,7 @@ class VideoJob:
         except av.FFmpegError as exc:
             names = ", ".join(audio.codec_context.name for audio in self._audio)
             hint = f"; a {self._format} file may not hold the input's {names} audio: write .mkv" if names else ""
-            raise MediaFileError(self.output, f"cannot be written ({_reason(exc)}){hint}") from None
+            raise MediaFileError(self.output, f"cannot be written ({ffmpeg_reason(exc)}){hint}") from None
 
     def _encode(self, frame: Any | None) -> None:
         if frame is not None:
@@ -311,7 +311,7 @@ class VideoJob:
             self._mux_audio(until=(self._last_pts + self._step) * self._time_base if self._truncated else None)
             self._output.close()
         except av.FFmpegError as exc:
-            raise MediaFileError(self.output, f"cannot be encoded ({_reason(exc)})") from None
+            raise MediaFileError(self.output, f"cannot be encoded ({ffmpeg_reason(exc)})") from None
         self._output = None
         self._close_input()
         self._partial.commit()
