@@ -181,7 +181,8 @@ class VideoJob:
                         continue
                     decoded = packet.decode()
                 except av.FFmpegError as exc:
-                    raise MediaFileError(self.source, f"frame {self._read} cannot be decoded ({ffmpeg_reason(exc)})") from None
+                    raise MediaFileError(self.source,
+                                         f"frame {self._read} cannot be decoded ({ffmpeg_reason(exc)})") from None
                 batch = []
                 for frame in decoded:
                     if self.options.max_frames is not None and self._read >= self.options.max_frames:
