@@ -66,7 +66,8 @@ class _Call:
     """One call being served."""
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext, streaming: bool,
-                 bound: Callable[[str, str], tuple[str, str]], gauge: Any, cut_off_at: Callable[[], float | None]) -> None:
+                 bound: Callable[[str, str], tuple[str, str]], gauge: Any,
+                 cut_off_at: Callable[[], float | None]) -> None:
         self.method, self.context, self.streaming, self.bound = method, context, streaming, bound
         self.cut_off_at = cut_off_at
         self.started = time.perf_counter()
