@@ -67,6 +67,10 @@ class ServerConfig:
                                   least=8)
     # 4096 x 4096: a decoded RGB frame of this size is 48 MiB; the header is read before any pixel is.
     max_image_pixels: int = setting(4096 * 4096, "largest accepted image area, width x height pixels", least=64)
+    # Under load the process grows by about 1.5x this over its idle size (docs/benchmarks.md, bench/memory.py).
+    frame_memory_mb: int = setting(1024, "decoded images worked on at once, MiB (width x height x 3 bytes each, known "
+                                   "before decoding): calls and stream frames past it wait their turn (0: no limit)",
+                                   least=0, zero="no limit")
     max_faces_per_frame: int = setting(8, "most faces one full frame may swap (faces=all on a frame with more is "
                                        "RESOURCE_EXHAUSTED)", least=1)
     # A client is its bearer token's name when tokens are in use, else its IP address.
@@ -175,6 +179,11 @@ class ServerConfig:
         if not 0.0 < self.match_threshold <= MAX_THRESHOLD:
             raise ValueError(f"{setting_name('match_threshold')} must be in (0, {MAX_THRESHOLD:g}], "
                              f"got {self.match_threshold}")
+        if self.frame_memory_mb and self.frame_memory_mb * 1024 * 1024 < 3 * self.max_image_pixels:
+            need = -(-3 * self.max_image_pixels // (1024 * 1024))
+            raise ValueError(f"{setting_name('frame_memory_mb')} must hold one image of "
+                             f"{setting_name('max_image_pixels')}: at least {need}, or 0 for no limit; got "
+                             f"{self.frame_memory_mb}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: give both for TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:

@@ -1,18 +1,23 @@
-"""Admission: how many unary calls and streams each client, and the whole server, may have at once.
+"""What the server takes on at once: calls and streams (Admission), and decoded images (FrameMemory).
 
-Checked when a call arrives, before its request is decoded or a stream's first frame is read, so a caller over its
-share costs the server nothing and never slows anyone else down. All bookkeeping runs on the server's event loop,
-so plain counters suffice.
+Admission is checked when a call arrives, before its request is decoded or a stream's first frame is read, so a
+caller over its share costs the server nothing and never slows anyone else down. FrameMemory bounds the pixels
+decoded at once: a 60 KB PNG can decode to 48 MB, so the calls and streams admission allows could otherwise hold
+tens of GB. All bookkeeping runs on the server's event loop, so plain counters suffice.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
 from collections.abc import Iterator
 
-from .errors import ResourceExhaustedError
+from . import metrics
+from .errors import DeadlineExceededError, ResourceExhaustedError
+
+MIB = 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +60,79 @@ class Admission:
             if not counts[client]:
                 del counts[client]
 
+
+
+class FrameMemory:
+    """Bytes of decoded images the server works on at once (ServerConfig.frame_memory_mb; 0 = no limit).
+
+    An image claims its decoded size (width x height x 3, known from its header or raw fields before decoding) and
+    waits until it fits. Claims are granted strictly in the order they were made: a stream's frames, claimed in
+    frame order, can then never hold the memory an earlier frame of theirs waits for, and a large image is not
+    starved by smaller ones behind it. Waiting costs only the request's own bytes, which admission bounds."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.held = 0
+        self._line: collections.deque[Claim] = collections.deque()  # claims not granted yet, in claim order
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    def claim(self, size: int) -> "Claim":
+        """Takes a place in line for `size` bytes, at once (no await: the order of claims is the order of calls);
+        ResourceExhaustedError for an image that could never fit."""
+        if self.limit and size > self.limit:
+            raise ResourceExhaustedError(f"the image needs {size / MIB:.0f} MiB decoded, more than the server's frame "
+                                         f"memory ({self.limit / MIB:.0f} MiB): send a smaller image")
+        claim = Claim(self, size)
+        self._line.append(claim)
+        self._grant()
+        return claim
+
+    def _grant(self) -> None:
+        while self._line and (not self.limit or self.held + self._line[0].size <= self.limit):
+            claim = self._line.popleft()
+            self.held += claim.size
+            claim.granted = True
+            if claim.ready is not None and not claim.ready.done():
+                claim.ready.set_result(None)
+        metrics.FRAME_MEMORY_BYTES.set(self.held)
+        metrics.FRAME_MEMORY_WAITING.set(len(self._line))
+
+    def _leave(self, claim: "Claim") -> None:
+        if claim.granted:
+            self.held -= claim.size
+        else:
+            self._line.remove(claim)
+        self._grant()
+
+
+class Claim:
+    """One image's place in FrameMemory: `await claim.wait(seconds)`, then `claim.release()` once its decoded pixels
+    are no longer needed (release also gives up a place still waiting)."""
+
+    def __init__(self, memory: FrameMemory, size: int) -> None:
+        self.memory, self.size = memory, size
+        self.granted = False
+        self.ready: asyncio.Future | None = None
+        self._released = False
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Returns once granted; DeadlineExceededError after timeout_s (None: no limit)."""
+        if self.granted:
+            return
+        self.ready = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self.ready, timeout_s)
+        except asyncio.TimeoutError:
+            memory = self.memory
+            raise DeadlineExceededError(
+                f"the call's deadline passed while its image waited for the server's frame memory ({memory.held / MIB:.0f} "
+                f"of {memory.limit / MIB:.0f} MiB in use, {memory.waiting} images waiting): the server is busy; "
+                "retry with backoff or on another replica") from None
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.memory._leave(self)

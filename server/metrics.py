@@ -48,6 +48,10 @@ BATCH_SIZE = Histogram("facetwin_batch_size", "Images per model call", ["model",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 STREAM_FRAMES = Counter("facetwin_stream_frames_total", "Stream frames answered, by frame status (OK, DROPPED, "
                         "ERROR) and, for ERROR, the frame's gRPC status code", ["model", "target", "status", "code"])
+FRAME_MEMORY_BYTES = Gauge("facetwin_frame_memory_bytes", "Decoded images being worked on, bytes (--frame-memory-mb "
+                           "bounds it)", multiprocess_mode="livesum")
+FRAME_MEMORY_WAITING = Gauge("facetwin_frame_memory_waiting", "Images waiting for frame memory to be decoded (a busy "
+                             "server)", multiprocess_mode="livesum")
 QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)",
                     multiprocess_mode="livesum")
 

@@ -20,6 +20,7 @@ from . import imaging
 from .detectors import FaceDetectorPool, single_threaded_blas
 from .errors import DeadlineExceededError, InvalidInputError, ResourceExhaustedError, SwapError
 from .fullframe import FrameFace, FrameRequest, FullFrameSwapper
+from .limits import MIB, FrameMemory
 from .mapping import DescriptorCache, Mapping, Photo, largest_face
 from .provenance import Provenance, mark_synthetic
 from .registry import ModelRegistry
@@ -110,6 +111,7 @@ class SwapEngine:
         single_threaded_blas()
         self.registry = registry
         self.image_limits = imaging.ImageLimits(config.max_image_side, config.max_image_pixels)
+        self.frame_memory = FrameMemory(config.frame_memory_mb * MIB)
         self.max_image_bytes = config.max_message_mb * 1024 * 1024 - _RESPONSE_HEADROOM  # in one answer
         self.reference_limits = imaging.ImageLimits(config.max_reference_side, config.max_image_pixels)
         self.tracking = tracking or TrackingConfig(detect_every=config.detect_every, lost_faces=config.lost_faces,
@@ -165,26 +167,31 @@ class SwapEngine:
                    stream: StreamFaceState | None = None) -> SwapOutcome:
         """stream: the caller's stream state when the job is a frame of a SwapStream (full frames are then
         tracked over time); swap() must then be called in frame order."""
+        start = time.perf_counter()
         ticket = stream.ticket() if stream is not None else None  # before any await: tickets follow call order
+        claim = None
         try:
             if wait_s is not None and wait_s <= 0:  # the caller has given up: no work on its behalf
                 raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
                                             "server took it up")
+            claim = self.frame_memory.claim(self._decoded_bytes(job))  # before any await too: claims in call order
+            await claim.wait(wait_s)
             if job.kind == "full_frame":
-                return await self._swap_full_frame(job, caller, wait_s, stream, ticket)
+                return await self._swap_full_frame(job, caller, wait_s, stream, ticket, start)
             if job.mapping is not None:
                 raise InvalidInputError("mapping applies to full frames (kind = IMAGE_KIND_FULL_FRAME) only: an "
                                         "aligned face is one face; unset it")
             if ticket is not None:
                 ticket.release()  # now: aligned faces have no faces to track, later frames need not wait
-            return await self._swap_aligned(job, caller, wait_s, bounded=stream is None)
+            return await self._swap_aligned(job, caller, wait_s, stream is None, start)
         finally:
+            if claim is not None:
+                claim.release()
             if ticket is not None:
                 ticket.release()
 
-    async def _swap_aligned(self, job: SwapJob, caller: Hashable, wait_s: float | None,
-                            bounded: bool) -> SwapOutcome:
-        start = time.perf_counter()
+    async def _swap_aligned(self, job: SwapJob, caller: Hashable, wait_s: float | None, bounded: bool,
+                            start: float) -> SwapOutcome:
         self._check_output(job)
         model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
@@ -213,8 +220,8 @@ class SwapEngine:
         return SwapOutcome(image, mask_out, timings, job.frame_id, origin)
 
     async def _swap_full_frame(self, job: SwapJob, caller: Hashable, wait_s: float | None,
-                               stream: StreamFaceState | None, ticket: FrameTicket | None) -> SwapOutcome:
-        start = time.perf_counter()
+                               stream: StreamFaceState | None, ticket: FrameTicket | None,
+                               start: float) -> SwapOutcome:
         self._check_output(job)
         if stream is not None and stream.mapping is not None:
             mapping = stream.mapping
@@ -299,6 +306,19 @@ class SwapEngine:
         if pixels > _INLINE_PIXELS:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
+
+    def _decoded_bytes(self, job: SwapJob) -> int:
+        """The job's image decoded (RGB uint8), in bytes, from its raw fields or its header: what it claims of the
+        frame memory. 0 for an image that cannot be read, which _read_image then refuses with the reason."""
+        if job.raw is not None:
+            return len(job.raw.data)
+        if job.encoded is None:
+            return 0
+        try:
+            _, height, width = imaging.probe_encoded(job.encoded, self.image_limits)
+        except SwapError:
+            return 0
+        return height * width * 3
 
     async def _read_image(self, job: SwapJob, square: bool = False) -> np.ndarray:
         """The request's image, RGB uint8. Its size comes first from the raw fields or the file's header: the
