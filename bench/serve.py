@@ -170,6 +170,7 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
            "--stream-policy", "queue", "--log-level", "WARNING"]
     if getattr(args, "keep_shape", None) is not None:
         cmd += ["--keep-shape", str(args.keep_shape)]
+    cmd += getattr(args, "server_args", [])  # flags of one bench's own (bench/memory.py)
     env = dict(os.environ, FACETWIN_DETECT_THREADS=str(args.detect_threads),  # read by ServerConfig.from_env
                FACETWIN_DETECT_RUNTIME=getattr(args, "detect_runtime", "onnxruntime"))
     if getattr(args, "detect_every", 0):
