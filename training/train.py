@@ -210,6 +210,7 @@ class TrainingDiverged(ValueError):
 SANE_WEIGHT = 1e6
 
 
+@torch.no_grad()
 def _weights_sane(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) < SANE_WEIGHT for p in model.parameters())
 
