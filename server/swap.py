@@ -309,9 +309,11 @@ class SwapEngine:
 
     def _decoded_bytes(self, job: SwapJob) -> int:
         """The job's image decoded (RGB uint8), in bytes, from its raw fields or its header: what it claims of the
-        frame memory. 0 for an image that cannot be read, which _read_image then refuses with the reason."""
+        frame memory. 0 for an image that cannot be read or is over the image limits, which _read_image then refuses
+        with the reason."""
         if job.raw is not None:
-            return len(job.raw.data)
+            size = len(job.raw.data)
+            return size if size <= 3 * self.image_limits.max_pixels else 0
         if job.encoded is None:
             return 0
         try:

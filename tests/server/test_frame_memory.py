@@ -152,3 +152,13 @@ def test_streams_and_calls_sharing_one_image_of_memory_all_finish_in_order(small
                     [(i, pb.FRAME_STATUS_OK) for i in range(12)]
             assert sorted(c.result().frame_id for c in calls) == list(range(100, 106))
     _until(lambda: memory.held == 0 and memory.waiting == 0)
+
+
+def test_an_image_over_the_image_limits_is_refused_for_those_not_for_frame_memory(small_memory_server, served_model):
+    big = cv2.resize(_large_face(served_model), (SIDE + 100, SIDE + 100))  # 1.1 MiB: over both
+    with grpc.insecure_channel(small_memory_server.address) as channel:
+        stub = pb_grpc.FaceSwapStub(channel)
+        with pytest.raises(grpc.RpcError) as failed:
+            stub.Swap(raw_request(big, served_model.model, served_model.identities[1]), timeout=30)
+    assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"at most {SIDE} pixels per side" in failed.value.details()
