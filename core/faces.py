@@ -192,7 +192,7 @@ class FaceDetector:
 
     def __init__(self, backend: str = "auto", upsample: int = 0, min_size: int = 0,
                  max_side: int | None = None, landmarks: str | int = "68", rotations: tuple[int, ...] = (0,),
-                 threads: int = 0, runtime: str = "onnxruntime") -> None:
+                 threads: int = 0, runtime: str = "onnxruntime", max_faces: int | None = None) -> None:
         """upsample: image doublings before detection (each finds faces half as small at ~4x the cost).
         min_size: faces narrower than this many pixels are dropped (blazeface: and not searched for, which
         saves the finest pyramid levels).
@@ -206,7 +206,12 @@ class FaceDetector:
         threads: blazeface only: ONNX Runtime threads per call (0 = one per core); detectors on several threads at
         once want fewer each.
         runtime: blazeface only: where its graphs run, one of blazeface.RUNTIMES (onnxruntime on the CPU, torch-cuda
-        on a GPU with the calls of every detector in the process batched, auto: torch-cuda where there is a GPU)."""
+        on a GPU with the calls of every detector in the process batched, auto: torch-cuda where there is a GPU).
+        max_faces: most faces detect() returns, the largest; the others get no landmarks, which on a crowd is most of
+        the work (FaceMesh ~5 ms per face on a CPU). None = all."""
+        if max_faces is not None and (not isinstance(max_faces, int) or max_faces < 1):
+            raise ValueError(f"max_faces must be None or an integer >= 1, got {max_faces!r}")
+        self.max_faces = max_faces
         if max_side is not None and (not isinstance(max_side, int) or max_side < 64):
             raise ValueError(f"max_side must be None or an integer >= 64, got {max_side!r}")
         if backend not in BACKENDS:
@@ -246,40 +251,48 @@ class FaceDetector:
             self._predictor = shape_predictor(self.landmark_model)
 
     def detect(self, image_rgb: np.ndarray) -> list[Face]:
-        """All faces in the image, largest first."""
+        """The faces in the image, largest first (at most max_faces)."""
         image = check_rgb(image_rgb)
         height, width = image.shape[:2]
         shrink = min(1.0, self.max_side / max(height, width)) if self.max_side else 1.0
         if self.backend == "blazeface":
-            return self._sorted(self._detect_blazeface(image, shrink))
+            return self._detect_blazeface(image, shrink)
         small = image if shrink == 1.0 else cv2.resize(
             image, (max(1, round(width * shrink)), max(1, round(height * shrink))), interpolation=cv2.INTER_AREA)
         if self.backend == "haar":
-            faces = [dataclasses.replace(f, box=_scale_box(f.box, 1 / shrink)) for f in self._detect_haar(small)]
+            return self._sorted([dataclasses.replace(f, box=_scale_box(f.box, 1 / shrink))
+                                 for f in self._detect_haar(small)])
+        if self.backend == "hog":
+            rects, scores, _ = self._detector.run(small, self.upsample, 0.0)
         else:
-            if self.backend == "hog":
-                rects, scores, _ = self._detector.run(small, self.upsample, 0.0)
-            else:
-                found = self._detector(small, self.upsample)
-                rects, scores = [d.rect for d in found], [d.confidence for d in found]
-            faces = []
-            for rect, score in zip(rects, scores):
-                box = _scale_box((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1), 1 / shrink)
-                full = _dlib().rectangle(box[0], box[1], box[2] - 1, box[3] - 1)
-                faces.append(Face(box, _points(self._predictor(image, full)), float(score), self.backend))
-        return self._sorted(faces)
+            found = self._detector(small, self.upsample)
+            rects, scores = [d.rect for d in found], [d.confidence for d in found]
+        faces = self._sorted([Face(_scale_box((r.left(), r.top(), r.right() + 1, r.bottom() + 1), 1 / shrink), None,
+                                   float(score), self.backend) for r, score in zip(rects, scores)])
+        rectangle = _dlib().rectangle  # landmarks at full resolution, for the faces kept only
+        return [dataclasses.replace(f, landmarks=_points(self._predictor(image, rectangle(
+            f.box[0], f.box[1], f.box[2] - 1, f.box[3] - 1)))) for f in faces]
 
     def _sorted(self, faces: list[Face]) -> list[Face]:
-        return sorted([f for f in faces if f.width >= self.min_size], key=lambda f: f.area, reverse=True)
+        return [faces[i] for i in self._kept(faces)]
+
+    def _kept(self, faces: list[Face]) -> list[int]:
+        """Indices of the faces detect() returns: at least min_size wide, largest first, at most max_faces."""
+        kept = sorted((i for i, f in enumerate(faces) if f.width >= self.min_size), key=lambda i: faces[i].area,
+                      reverse=True)
+        return kept[:self.max_faces]
 
     def _detect_blazeface(self, image: np.ndarray, shrink: float) -> list[Face]:
         scale = shrink * 2 ** self.upsample
         if self.min_size > blazeface.SMALLEST_FACE:  # skip the fine levels that would only find dropped faces
             scale = min(scale, blazeface.SMALLEST_FACE / self.min_size)
         found = self._blazeface.detect(image, scale, self.rotations)
-        meshes = self._mesh.fit(image, [d.box for d in found], [d.keypoints[:2] for d in found])
-        return [Face(tuple(int(round(v)) for v in d.box), self._mesh_landmarks(mesh), d.score,  # type: ignore[arg-type]
-                     "blazeface", _read_only(mesh)) for d, (mesh, _) in zip(found, meshes)]
+        boxes = [Face(tuple(int(round(v)) for v in d.box), None, d.score, "blazeface")  # type: ignore[arg-type]
+                 for d in found]
+        kept = self._kept(boxes)  # before FaceMesh: it is the per-face cost
+        meshes = self._mesh.fit(image, [found[i].box for i in kept], [found[i].keypoints[:2] for i in kept])
+        return [dataclasses.replace(boxes[i], landmarks=self._mesh_landmarks(mesh), mesh=_read_only(mesh))
+                for i, (mesh, _) in zip(kept, meshes)]
 
     def _mesh_landmarks(self, mesh: np.ndarray) -> np.ndarray:
         points = mesh_to_68(mesh)

@@ -33,10 +33,10 @@ class FaceDetectorPool:
     running it off the event loop keeps the server answering, and `threads` frames are detected at once."""
 
     def __init__(self, threads: int = 2, max_side: int | None = 640, backend: str = "auto",
-                 landmarks: str = "auto", runtime: str = "onnxruntime") -> None:
+                 landmarks: str = "auto", runtime: str = "onnxruntime", max_faces: int | None = 32) -> None:
         """landmarks: "68", "5" or "auto" (68 when its weights are found, else 5): see facetwin.core.faces.
         runtime: where blazeface's graphs run (facetwin.core.blazeface.RUNTIMES); on torch the calls of all
-        `threads` detectors are joined into batches."""
+        `threads` detectors are joined into batches. max_faces: most faces a frame's detection keeps, the largest."""
         if threads < 1:
             raise ValueError(f"detect_threads must be >= 1, got {threads}")
         if max_side is not None and max_side < 64:
@@ -48,6 +48,7 @@ class FaceDetectorPool:
         if runtime not in blazeface.RUNTIMES:
             raise ValueError(f"detect_runtime must be one of {', '.join(blazeface.RUNTIMES)}, got {runtime!r}")
         self.max_side, self.backend, self.landmarks, self.runtime = max_side, backend, str(landmarks), runtime
+        self.max_faces = max_faces
         self._local = threading.local()
         self._embed_lock = threading.Lock()  # dlib's descriptor network is one per process and not thread-safe
         self._can_follow: bool | None = None
@@ -60,7 +61,7 @@ class FaceDetectorPool:
             # are shared and thread-safe; dlib's detectors are not, hence one detector per thread).
             try:
                 detector = FaceDetector(self.backend, max_side=self.max_side, landmarks=self.landmarks, threads=1,
-                                        runtime=self.runtime)
+                                        runtime=self.runtime, max_faces=self.max_faces)
             except facelib.FaceModelsUnavailable as exc:
                 raise UnavailableError(f"this server cannot detect faces ({exc}); send aligned faces "
                                        "(IMAGE_KIND_ALIGNED_FACE) or use a server with the face models installed") from None

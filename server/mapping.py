@@ -162,7 +162,8 @@ def decide(faces: list[TrackedFace], mapping: Mapping, default_target: str,
         for rule in mapping.rules:
             if rule.pick == "index" and rule.index >= count:
                 raise InvalidInputError(f"face_index {rule.index} is out of range: the frame has {count} face(s), "
-                                        f"numbered 0..{count - 1} largest first (see SwapResponse.faces)")
+                                        f"numbered 0..{count - 1} largest first (see SwapResponse.faces; the server "
+                                        "reports at most ServerLimits.max_faces_detected, the largest)")
     references = [rule for rule in mapping.rules if rule.pick == "reference"]
     out = []
     for position, (face, descriptor) in enumerate(zip(faces, descriptors)):

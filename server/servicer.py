@@ -423,7 +423,8 @@ def server_info(config: ServerConfig) -> pb.GetServerInfoResponse:
         max_streams=config.max_streams, stream_window=config.stream_window,
         stream_idle_timeout_s=config.stream_idle_timeout_s, max_queue=config.max_queue,
         max_face_rules=config.max_face_rules, max_reference_images=config.max_reference_images,
-        max_reference_side=config.max_reference_side, max_frame_memory_bytes=config.frame_memory_mb * 1024 * 1024)
+        max_reference_side=config.max_reference_side, max_frame_memory_bytes=config.frame_memory_mb * 1024 * 1024,
+        max_faces_detected=config.max_faces_detected)
     return pb.GetServerInfoResponse(
         version=__version__, auth_required=bool(config.auth_tokens_file), tls=bool(config.tls_cert),
         client_certificate_required=bool(config.tls_client_ca),

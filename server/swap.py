@@ -115,9 +115,11 @@ class SwapEngine:
         self.max_image_bytes = config.max_message_mb * 1024 * 1024 - _RESPONSE_HEADROOM  # in one answer
         self.reference_limits = imaging.ImageLimits(config.max_reference_side, config.max_image_pixels)
         self.tracking = tracking or TrackingConfig(detect_every=config.detect_every, lost_faces=config.lost_faces,
-                                                   lost_face_frames=config.lost_face_frames)
+                                                   lost_face_frames=config.lost_face_frames,
+                                                   max_faces=config.max_faces_detected)
         detectors = FaceDetectorPool(config.detect_threads, config.detect_max_side, backend=config.detector,
-                                     landmarks=config.landmarks, runtime=config.detect_runtime)
+                                     landmarks=config.landmarks, runtime=config.detect_runtime,
+                                     max_faces=config.max_faces_detected)
         self.fullframe = FullFrameSwapper(detectors, keep_shape=config.keep_shape,
                                           max_faces=config.max_faces_per_frame, paste_mask=config.paste_mask)
         self.descriptors = DescriptorCache()

@@ -56,6 +56,7 @@ class TrackingConfig:
     min_confidence: float = 0.5  # FaceMesh's face confidence below which a followed face is looked for again
     lost_faces: str = "pass"  # the default lost-face policy, one of LOST_POLICIES
     lost_face_frames: int = 10  # frames a lost face is reported (and held or blurred) before its track ends
+    max_faces: int = 32  # most faces followed at once, the largest (FaceMesh runs once per face and frame)
 
     def __post_init__(self) -> None:
         if self.min_cutoff_hz <= 0 or self.d_cutoff_hz <= 0 or self.frame_rate_hz <= 0:
@@ -66,6 +67,8 @@ class TrackingConfig:
             raise ValueError(f"min_iou must be in (0, 1], got {self.min_iou}")
         if self.detect_every < 1:
             raise ValueError(f"detect_every must be >= 1, got {self.detect_every}")
+        if self.max_faces < 1:
+            raise ValueError(f"max_faces must be >= 1, got {self.max_faces}")
         if not 0 <= self.min_confidence < 1:
             raise ValueError(f"min_confidence must be in [0, 1), got {self.min_confidence}")
         check_lost_faces(self.lost_faces, self.lost_face_frames)
@@ -208,7 +211,7 @@ class FaceTracks:
                 await self._follow(image, [t for t in present if t not in found], found, follow)
             ended = self._duplicates(found)
             self.tracks = [t for t in self.tracks if t not in ended]
-            for face in unmatched:
+            for face in self._largest(found, unmatched):
                 track = Track(self._next_id, face, face, OneEuroFilter(cfg.min_cutoff_hz, cfg.beta, cfg.d_cutoff_hz),
                               float(max(face.width, 1)), frame - 1)
                 self._next_id += 1
@@ -229,6 +232,21 @@ class FaceTracks:
                     out.append(TrackedFace(track.shown, track.id, LOST, track))
         self.tracks = [t for t in self.tracks if not t.lost or frame - t.lost_since < self.lost_face_frames]
         return ordered(out)
+
+    def _largest(self, found: dict, unmatched: list[Face]) -> list[Face]:
+        """A crowd: the max_faces largest faces of a detection frame are kept, as the detector keeps them (each
+        followed face costs a FaceMesh pass per frame). The other faces' tracks end, and the other new faces get
+        none. Returns the new faces kept."""
+        faces = [(face, track) for track, (face, _) in found.items()] + [(face, None) for face in unmatched]
+        if len(faces) <= self.config.max_faces:
+            return unmatched
+        faces.sort(key=lambda pair: pair[0].area, reverse=True)
+        for _, track in faces[self.config.max_faces:]:
+            if track is not None:
+                del found[track]
+                self.tracks.remove(track)
+        kept = {id(face) for face, track in faces[:self.config.max_faces] if track is None}
+        return [face for face in unmatched if id(face) in kept]
 
     async def _follow(self, image: np.ndarray, tracks: list[Track], found: dict, follow: Follow) -> bool:
         """Follows the tracks that have a mesh into this frame; True when one of them lost confidence."""

@@ -159,6 +159,30 @@ def test_five_points_min_size_and_max_side(frames, found):
     assert np.abs(shrunk.landmarks - face.landmarks * 3).mean() < 6
 
 
+def _crowd(frame: np.ndarray, scales: tuple[float, ...]) -> np.ndarray:
+    """The frame at each scale, side by side on one canvas: one face per scale."""
+    tiles = [cv2.resize(frame, None, fx=k, fy=k, interpolation=cv2.INTER_AREA) for k in scales]
+    canvas = np.full((max(t.shape[0] for t in tiles), sum(t.shape[1] for t in tiles), 3), 127, np.uint8)
+    x = 0
+    for tile in tiles:
+        canvas[:tile.shape[0], x:x + tile.shape[1]] = tile
+        x += tile.shape[1]
+    return canvas
+
+
+def test_max_faces_keeps_the_largest_faces_and_fits_landmarks_to_those_only(detector, frames):
+    crowd = _crowd(frames[0], (0.7, 1.3, 0.85, 1.0))
+    every = detector.detect(crowd)
+    assert len(every) == 4 and [f.area for f in every] == sorted((f.area for f in every), reverse=True)
+    capped = F.FaceDetector("blazeface", max_faces=2).detect(crowd)
+    assert [f.box for f in capped] == [f.box for f in every[:2]]
+    for kept, reference in zip(capped, every):
+        np.testing.assert_allclose(kept.landmarks, reference.landmarks, atol=1e-3)
+        assert kept.mesh is not None
+    with pytest.raises(ValueError, match="max_faces must be None or an integer >= 1"):
+        F.FaceDetector("blazeface", max_faces=0)
+
+
 def test_landmarks_for_a_known_box_and_in_an_aligned_crop(detector, frames, found):
     """Tracking gives a box: the points fitted in it match detect()'s. A swapped crop's points (keep_shape) come
     from the same landmarker and land where the frame's points were mapped."""

@@ -201,6 +201,18 @@ def test_max_side_finds_boxes_small_and_landmarks_at_full_resolution(hog, franck
     assert np.abs(shrunk[0].landmarks - expected).mean() < 6  # 3x the pixels: a few px of landmark noise
 
 
+def test_max_faces_keeps_the_largest_and_predicts_its_landmarks_only(hog, franck_frames):
+    small = cv2.resize(franck_frames[0], None, fx=0.8, fy=0.8, interpolation=cv2.INTER_AREA)
+    pair = np.full((franck_frames[0].shape[0], franck_frames[0].shape[1] + small.shape[1], 3), 127, np.uint8)
+    pair[:, :franck_frames[0].shape[1]] = franck_frames[0]
+    pair[:small.shape[0], franck_frames[0].shape[1]:] = small
+    both = hog.detect(pair)
+    assert len(both) == 2 and both[0].area > both[1].area
+    (kept,) = F.FaceDetector("hog", max_faces=1).detect(pair)
+    assert kept.box == both[0].box
+    np.testing.assert_allclose(kept.landmarks, both[0].landmarks)
+
+
 def test_embedding_separates_the_two_people(hog, franck_frames, cap_frames):
     def embeddings(frames):
         return np.stack([F.embed(frame, hog.detect(frame)[0]) for frame in frames[:5]])

@@ -167,6 +167,35 @@ def test_face_selection_all_largest_and_index(stub, served_model, two_faces):
     assert [f.swapped for f in second.faces] == [False, True] and left == 0 and right > 0.5
 
 
+def test_a_server_keeping_one_face_per_frame_reports_swaps_and_follows_the_largest_only(served_model, two_faces):
+    from ..conftest import ServerThread
+
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(served_model.model_dir),
+                                       max_faces_detected=1, grace_s=1.0))
+    width = two_faces.shape[1] // 2
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            assert stub.GetServerInfo(pb.GetServerInfoRequest()).limits.max_faces_detected == 1
+            every = stub.Swap(frame_request(served_model, two_faces, faces=pb.FACE_SELECTION_ALL), timeout=60)
+            (face,) = every.faces
+            assert face.swapped and face.box.x1 <= width  # the left, larger face
+            diff = np.abs(image_of(every).astype(int) - two_faces.astype(int)).max(-1)
+            assert diff[:, :width].mean() > 0.5 and diff[:, width:].max() == 0
+            with pytest.raises(grpc.RpcError) as second:  # the smaller face is not there to pick
+                stub.Swap(frame_request(served_model, two_faces, faces=pb.FACE_SELECTION_INDEX, face_index=1),
+                          timeout=60)
+            assert second.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the frame has 1 face(s)" in second.value.details()
+            assert "max_faces_detected" in second.value.details()
+            requests = [pb.SwapStreamRequest(request=frame_request(served_model, two_faces, frame_id=i))
+                        for i in range(4)]
+            replies = list(stub.SwapStream(iter(requests), timeout=120))
+            assert [[f.track_id for f in r.response.faces] for r in replies] == [[1]] * 4
+    finally:
+        server.stop()
+
+
 def box_of(message: pb.Box) -> tuple[int, int, int, int]:
     return message.x0, message.y0, message.x1, message.y1
 

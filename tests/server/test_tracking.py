@@ -98,12 +98,14 @@ class Scene:
 
     def __init__(self, script):
         self.script, self.detections, self.frame = script, [], 0
+        self.followed: list[int] = []  # faces passed to each follow() call
 
     async def detect(self, image):
         self.detections.append(self.frame)
         return [_meshed(face) for face in self.script(self.frame)]
 
     async def follow(self, image, faces):
+        self.followed.append(len(faces))
         here = self.script(self.frame)
         out = []
         for face in faces:
@@ -195,6 +197,26 @@ async def test_a_new_face_gets_a_new_id_and_a_track_that_drifts_onto_another_fac
     tracks.tracks.append(dataclasses.replace(duplicate, id=9, filter=OneEuroFilter()))
     faces = await scene.step(tracks, 4)
     assert sorted(f.track_id for f in faces) == [1, 2] and len(tracks.tracks) == 2
+
+
+async def test_a_crowd_is_followed_by_its_largest_faces_only():
+    def script(frame):  # three faces; from frame 4 a fourth, larger than all, walks in
+        faces = [_face(10, 50, width=100), _face(300, 50, width=90), _face(600, 50, width=80)]
+        return faces + [_face(900, 50, width=150)] if frame >= 4 else faces
+
+    scene, tracks = Scene(script), FaceTracks(TrackingConfig(detect_every=4, max_faces=2))
+    for frame in range(4):
+        faces = await scene.step(tracks, frame)
+        assert [(f.track_id, f.face.width) for f in faces] == [(1, 100), (2, 90)]
+    faces = await scene.step(tracks, 4)
+    assert [(f.track_id, f.face.width, f.state) for f in faces] == [(3, 150, DETECTED), (1, 100, DETECTED)]
+    assert len(tracks.tracks) == 2  # the 90-px face's track ended (not lost: nothing to hold or blur)
+    for frame in range(5, 8):
+        faces = await scene.step(tracks, frame)
+        assert [f.track_id for f in faces] == [3, 1]
+    assert max(scene.followed) == 2
+    with pytest.raises(ValueError, match="max_faces must be >= 1"):
+        TrackingConfig(max_faces=0)
 
 
 async def test_tracks_refuse_frames_out_of_order():

@@ -379,7 +379,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_image_side", "max_image_pixels", "image_formats", "max_faces_per_frame", "max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams", "stream_window", "stream_idle_timeout_s", "max_queue", "max_face_rules", "max_reference_images", "max_reference_side", "max_frame_memory_bytes")
+    __slots__ = ("max_message_bytes", "max_image_side", "max_image_pixels", "image_formats", "max_faces_per_frame", "max_calls_per_client", "max_streams_per_client", "max_calls", "max_streams", "stream_window", "stream_idle_timeout_s", "max_queue", "max_face_rules", "max_reference_images", "max_reference_side", "max_frame_memory_bytes", "max_faces_detected")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
@@ -396,6 +396,7 @@ class ServerLimits(_message.Message):
     MAX_REFERENCE_IMAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_REFERENCE_SIDE_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACES_DETECTED_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_image_side: int
     max_image_pixels: int
@@ -412,7 +413,8 @@ class ServerLimits(_message.Message):
     max_reference_images: int
     max_reference_side: int
     max_frame_memory_bytes: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ..., max_faces_per_frame: _Optional[int] = ..., max_calls_per_client: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_calls: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_face_rules: _Optional[int] = ..., max_reference_images: _Optional[int] = ..., max_reference_side: _Optional[int] = ..., max_frame_memory_bytes: _Optional[int] = ...) -> None: ...
+    max_faces_detected: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ..., max_faces_per_frame: _Optional[int] = ..., max_calls_per_client: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_calls: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_face_rules: _Optional[int] = ..., max_reference_images: _Optional[int] = ..., max_reference_side: _Optional[int] = ..., max_frame_memory_bytes: _Optional[int] = ..., max_faces_detected: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "auth_required", "tls", "client_certificate_required", "default_stream_policy", "limits", "default_lost_faces", "default_lost_face_frames", "default_match_threshold", "detect_every", "processes")
