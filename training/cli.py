@@ -202,11 +202,14 @@ def train(
         _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
     if amp is not None and amp not in AMP_MODES:
         _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
-    options = {"amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
+    options = {"batch_size": batch_size, "lr": lr, "lr_final_fraction": lr_final_fraction, "grad_clip": grad_clip,
+               "seed": seed, "threads": threads, "max_seconds": max_seconds, "follow_free_cores": not fixed_threads,
+               "amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
     if dry_run:
-        given = [flag for flag, value in (("--data", data), ("--preset", preset)) if value is not None]
+        given = [flag for flag, value in (("--data", data), ("--preset", preset), ("--resume", resume or None))
+                 if value is not None]
         if given:
-            _fail(f"--dry-run trains the tiny preset on generated faces: leave out {' and '.join(given)}")
+            _fail(f"--dry-run trains the tiny preset afresh on generated faces: leave out {' and '.join(given)}")
         summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant, **options))
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "nothing kept (temp dir)"
         typer.echo(f"dry run: trained the tiny {variant} preset for {summary['steps']} steps on generated faces of "
@@ -217,10 +220,7 @@ def train(
     preset = preset or "demo"
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, batch_size=batch_size, lr=lr,
-                                            lr_final_fraction=lr_final_fraction, grad_clip=grad_clip, seed=seed,
-                                            threads=threads, variant=variant, max_seconds=max_seconds,
-                                            follow_free_cores=not fixed_threads, **options)
+    cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, variant=variant, **options)
     ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")

@@ -89,7 +89,17 @@ def test_train_dry_run_checks_the_install_in_seconds_and_leaves_nothing(tmp_path
     assert list(tmp_path.iterdir()) == []  # a temp dir only
     assert time.monotonic() - started < 60
     assert_user_error(run_cli("train", "--dry-run", "--preset", "full", "--data", tmp_path, cwd=tmp_path),
-                      "--dry-run trains the tiny preset on generated faces: leave out --data and --preset")
+                      "--dry-run trains the tiny preset afresh on generated faces: leave out --data and --preset")
+    assert_user_error(run_cli("train", "--dry-run", "--resume", cwd=tmp_path), "leave out --resume")
+
+
+def test_train_dry_run_takes_the_training_options_it_is_given(tmp_path):
+    assert_ok(run_cli("train", "--dry-run", "--out", tmp_path / "run", "--steps", 2, "--batch-size", 3, "--seed", 7,
+                      "--lr", 3e-4, "--grad-clip", 0.5, "--threads", 1, "--fixed-threads", "--no-tensorboard"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["steps"], config["batch_size"], config["seed"], config["lr"], config["grad_clip"]) == \
+        (2, 3, 7, 3e-4, 0.5)
+    assert config["threads"] == 1 and config["follow_free_cores"] is False and config["tensorboard"] is False
 
 
 def test_synth_and_train_options_reach_the_saved_config(tmp_path):
