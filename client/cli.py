@@ -6,8 +6,10 @@ and leaves no half-written output; nothing prints a traceback. A folder run repo
 line, goes on with the rest, and exits 1 if any failed.
 """
 
+import dataclasses
 import datetime
 import importlib
+import json
 import os
 import re
 import signal
@@ -70,6 +72,21 @@ def run_models(address: str, credentials: dict[str, Any] | None = None) -> None:
     for m in models:
         if m.error:
             print(f"{m.name}: {m.error}")
+
+
+def run_info(address: str, credentials: dict[str, Any] | None = None, as_json: bool = False) -> None:
+    """Prints how the server is configured: version, security, stream defaults and every limit (GetServerInfo)."""
+    with Client(address, **(credentials or {})) as client:
+        info = dataclasses.asdict(client.server_info())
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    limits = info.pop("limits")
+    rows = [*info.items(), *((f"limits.{name}", value) for name, value in limits.items())]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        shown = ",".join(map(str, value)) if isinstance(value, list) else value
+        print(f"{name.ljust(width)}  {shown}")
 
 
 def parse_faces(text: str | None, aligned: bool, references: list[Path] | None = None,
@@ -381,6 +398,13 @@ def build_app() -> Any:
                cert: Cert = None, key: Key = None, tls: TLS = False) -> None:
         """List the models loaded on the server."""
         guarded(run_models, address, (token, token_file, ca, cert, key, tls))
+
+    @app.command()
+    def info(address: Address = DEFAULT_ADDRESS, as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+             token: Token = None, token_file: TokenFile = None, ca: CA = None, cert: Cert = None, key: Key = None,
+             tls: TLS = False) -> None:
+        """Show how the server is configured: version, TLS and tokens, stream defaults and every limit."""
+        guarded(run_info, address, (token, token_file, ca, cert, key, tls), as_json=as_json)
 
     def swap_command(only: str | None, help_text: str, in_help: str) -> Any:
         def command(

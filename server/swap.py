@@ -173,7 +173,8 @@ class SwapEngine:
     async def swap(self, job: SwapJob, caller: Hashable, wait_s: float | None = None,
                    stream: StreamFaceState | None = None) -> SwapOutcome:
         """stream: the caller's stream state when the job is a frame of a SwapStream (full frames are then
-        tracked over time); swap() must then be called in frame order."""
+        tracked over time); swap() must then be called in frame order. The job first waits for its images' room in
+        the frame memory (limits.FrameMemory), at most wait_s."""
         start = time.perf_counter()
         ticket = stream.ticket() if stream is not None else None  # before any await: tickets follow call order
         claim = None

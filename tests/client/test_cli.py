@@ -4,6 +4,7 @@ folders through the served model."""
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import json
 import os
 import signal
@@ -161,6 +162,21 @@ def test_models_table(served_model):
     assert header.split() == ["NAME", "IDENTITIES", "RESOLUTION", "BACKEND", "STATUS"]
     assert rows[0].split()[:3] == [served_model.model, ",".join(served_model.identities), str(served_model.resolution)]
     assert rows[0].split()[-1] == "ready"
+
+
+def test_info_shows_the_servers_settings_and_limits(served_model):
+    run = run_cli("info", "--address", served_model.address)
+    assert run.returncode == 0, run.stderr
+    shown = dict(line.split(None, 1) for line in run.stdout.strip().splitlines())
+    config = served_model.server.server.config
+    assert shown["version"] == importlib.metadata.version("facetwin") and shown["tls"] == "False" and shown["auth_required"] == "False"
+    assert shown["limits.max_frame_memory_bytes"] == str(config.frame_memory_mb * 2**20)
+    assert shown["limits.max_faces_detected"] == str(config.max_faces_detected)
+    assert shown["limits.image_formats"] == "jpeg,png"
+    as_json = run_cli("info", "--address", served_model.address, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    info = json.loads(as_json.stdout)
+    assert info["limits"]["max_calls"] == config.max_calls and info["default_stream_policy"] == "queue"
 
 
 def test_swap_a_photo_and_a_video(full_frames, photo, clip, tmp_path):
