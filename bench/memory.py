@@ -95,9 +95,10 @@ def main() -> None:
     runs = []
     for setting in settings:
         print(f"--frame-memory-mb {setting}: {args.calls} calls of {args.side}x{args.side} ...", file=sys.stderr)
-        # The largest image the server takes is this one: a frame memory of one such image (3 x side^2 bytes) is valid.
+        # The largest image the server takes is this one, and its reference photos (none here) are small: a frame
+        # memory of about one such image (3 x side^2 bytes) is valid.
         args.server_args = ["--frame-memory-mb", str(setting), "--max-image-side", str(args.side),
-                            "--max-image-pixels", str(args.side ** 2)]
+                            "--max-image-pixels", str(args.side ** 2), "--max-reference-side", "64"]
         proc, address = start_server(args, model_dir)
         try:
             idle_mb = peak_rss_mb(proc.pid)
