@@ -335,7 +335,7 @@ class SwapEngine:
         read or is over the limits, which decoding it then refuses with the reason."""
         if raw is not None:
             size = len(raw.data)
-            return size if size <= 3 * limits.max_pixels else 0
+            return size if size <= 3 * min(limits.max_pixels, limits.max_side ** 2) else 0
         if encoded is None:
             return 0
         try:
