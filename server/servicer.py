@@ -18,7 +18,7 @@ from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
 from .fullframe import BLURRED, HELD, NOT_SWAPPED, PASSED, SWAPPED, FrameFace
-from .limits import Admission, AdmissionLimits
+from .limits import Admission, AdmissionLimits, Claim
 from .mapping import Mapping, Photo, Rule, check_limits
 from .provenance import DIGITAL_SOURCE_TYPE, Provenance
 from .registry import FAILED, READY, ModelRegistry
@@ -385,11 +385,21 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
                 number += 1
                 message = await anext(messages, None)
 
-        def swap(job: SwapJob):  # StreamRun starts frames in arrival order, as the stream state requires
-            return self.engine.swap(job, caller, wait_s=context.time_remaining(), stream=faces_over_time)
+        def swap(job: SwapJob | tuple[SwapJob, Claim]):  # StreamRun starts frames in arrival order, as tracking needs
+            job, claim = job if isinstance(job, tuple) else (job, None)
+            return self.engine.swap(job, caller, wait_s=context.time_remaining(), stream=faces_over_time, claim=claim)
+
+        async def admit(job: SwapJob):  # queue policy: the stream reads on once its frame has its frame memory
+            claim = self.engine.claim_memory(job, faces_over_time)
+            try:
+                await claim.wait(context.time_remaining())
+            except BaseException:
+                claim.release()
+                raise
+            return (job, claim), claim.release
 
         run = StreamRun(frames(), swap, window=self.config.stream_window, policy=policy, stop=self.draining,
-                        idle_timeout_s=self.config.stream_idle_timeout_s)
+                        idle_timeout_s=self.config.stream_idle_timeout_s, admit=admit)
         async for answer in run.answers():
             yield stream_answer_to_proto(answer, self.registry, named.popleft(), request_id)
 

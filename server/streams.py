@@ -2,7 +2,9 @@
 
 Flow control follows the stream's policy:
 - "queue": every frame is swapped. Once `window` frames are in flight the stream stops reading, which pushes back
-  on the sender through HTTP/2 flow control; it never fails for being fast.
+  on the sender through HTTP/2 flow control; it never fails for being fast. With `admit` (the server's frame
+  memory), the stream also reads no further until the frame it holds is admitted, so it never holds more than one
+  frame waiting for memory.
 - "latest" (latest frame wins): up to `window` frames run at once; when the stream falls behind, a frame still
   waiting to start is answered DROPPED as soon as a newer frame arrives.
 
@@ -47,14 +49,17 @@ class StreamRun:
     """Runs one stream: `async for answer in StreamRun(...).answers()`.
 
     `frames` yields (frame_id, job); a job may be a SwapError (a frame that could not even be read), answered with
-    that error in its place. `swap(job)` computes one outcome; it is called in arrival order."""
+    that error in its place. `swap(job)` computes one outcome; it is called in arrival order. `admit(job)`, for the
+    queue policy: awaited before a frame starts, in arrival order; it returns (what swap() gets, a release function
+    called once the frame's task ends, however it ends), or raises a SwapError that answers the frame."""
 
     def __init__(self, frames: AsyncIterator[tuple[int, Any]], swap: Callable[[Any], Awaitable[Any]], *,
                  window: int, policy: str = "queue", stop: asyncio.Event | None = None,
-                 idle_timeout_s: float = 0.0) -> None:
+                 idle_timeout_s: float = 0.0,
+                 admit: Callable[[Any], Awaitable[tuple[Any, Callable[[], None]]]] | None = None) -> None:
         if policy not in POLICIES:
             raise InvalidInputError(f"stream policy {policy!r} is not one of {POLICIES}")
-        self._frames, self._swap = frames, swap
+        self._frames, self._swap, self._admit = frames, swap, admit
         self.window, self.policy, self.idle_timeout_s = window, policy, idle_timeout_s
         self._stop = stop
         # Answers not yet sent, in arrival order. Bounded, so a caller that stops reading its answers stops the
@@ -101,7 +106,14 @@ class StreamRun:
                     answer.set_result(FrameAnswer(frame_id, ERROR, error=job))
                 elif self.policy == "queue":
                     await self._room()
-                    self._start(frame_id, job, answer)
+                    release = None
+                    if self._admit is not None:
+                        try:
+                            job, release = await self._admit(job)
+                        except SwapError as exc:  # this frame only (its deadline passed waiting): the stream goes on
+                            answer.set_result(FrameAnswer(frame_id, ERROR, error=exc))
+                    if not answer.done():
+                        self._start(frame_id, job, answer, release)
                 else:
                     self._wait_latest(frame_id, job, answer)
                 await self._answers.put(answer)
@@ -137,12 +149,15 @@ class StreamRun:
         while self._waiting and self._in_flight < self.window:
             self._start(*self._waiting.popleft())
 
-    def _start(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
+    def _start(self, frame_id: int, job: Any, answer: asyncio.Future,
+               release: Callable[[], None] | None = None) -> None:
         self._in_flight += 1
         self._started.add(id(answer))
         task = asyncio.get_running_loop().create_task(self._run(frame_id, job, answer))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
+        if release is not None:  # a callback, not a finally: a task cancelled before its first step runs no code
+            task.add_done_callback(lambda _: release())
 
     async def _run(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
         try:

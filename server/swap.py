@@ -20,7 +20,7 @@ from . import imaging
 from .detectors import FaceDetectorPool, single_threaded_blas
 from .errors import DeadlineExceededError, InvalidInputError, ResourceExhaustedError, SwapError
 from .fullframe import FrameFace, FrameRequest, FullFrameSwapper
-from .limits import MIB, FrameMemory
+from .limits import MIB, Claim, FrameMemory
 from .mapping import DescriptorCache, Mapping, Photo, largest_face
 from .provenance import Provenance, mark_synthetic
 from .registry import ModelRegistry
@@ -170,19 +170,24 @@ class SwapEngine:
         """Stops the face-detection threads (after the server stopped taking calls)."""
         self.fullframe.detectors.close()
 
+    def claim_memory(self, job: SwapJob, stream: StreamFaceState | None = None) -> Claim:
+        """The job's place in the frame memory (limits.FrameMemory): its images' decoded bytes, known before decoding.
+        Claims are granted in the order they are made."""
+        return self.frame_memory.claim(self._decoded_bytes(job, stream))
+
     async def swap(self, job: SwapJob, caller: Hashable, wait_s: float | None = None,
-                   stream: StreamFaceState | None = None) -> SwapOutcome:
+                   stream: StreamFaceState | None = None, claim: Claim | None = None) -> SwapOutcome:
         """stream: the caller's stream state when the job is a frame of a SwapStream (full frames are then
-        tracked over time); swap() must then be called in frame order. The job first waits for its images' room in
-        the frame memory (limits.FrameMemory), at most wait_s."""
+        tracked over time); swap() must then be called in frame order. claim: the job's frame memory, granted
+        (claim_memory), released here; None: the job claims it first and waits for it, at most wait_s."""
         start = time.perf_counter()
         ticket = stream.ticket() if stream is not None else None  # before any await: tickets follow call order
-        claim = None
         try:
             if wait_s is not None and wait_s <= 0:  # the caller has given up: no work on its behalf
                 raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
                                             "server took it up")
-            claim = self.frame_memory.claim(self._decoded_bytes(job, stream))  # before any await too: call order
+            if claim is None:
+                claim = self.claim_memory(job, stream)  # before any await too: claims follow call order
             await claim.wait(wait_s)
             if job.kind == "full_frame":
                 return await self._swap_full_frame(job, caller, wait_s, stream, ticket, start)

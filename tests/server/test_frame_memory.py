@@ -210,3 +210,26 @@ def test_a_frame_with_a_reference_photo_claims_room_for_both(small_memory_server
         if held is not None:
             small_memory_server.loop.call_soon_threadsafe(held.release)
     _until(lambda: memory.held == 0 and memory.waiting == 0)
+
+
+def test_a_stream_holds_one_frame_waiting_for_memory_however_many_it_was_sent(small_memory_server, served_model):
+    """Frames waiting for memory hold their request bytes: a queue-policy stream reads no further until its frame is
+    admitted, so its other frames stay with the sender (HTTP/2 push-back) instead of in the server."""
+    memory, held = _hold_all(small_memory_server)
+    face = _large_face(served_model)
+    frames = [pb.SwapStreamRequest(request=raw_request(face, served_model.model, served_model.identities[1],
+                                                       frame_id=i)) for i in range(10)]
+    try:
+        with grpc.insecure_channel(small_memory_server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            replies = stub.SwapStream(iter(frames), timeout=60)
+            _until(lambda: memory.waiting == 1)
+            time.sleep(0.5)  # ten frames were sent at once: without admission all ten would be waiting by now
+            assert memory.waiting == 1
+            small_memory_server.loop.call_soon_threadsafe(held.release)
+            held = None
+            assert [(r.response.frame_id, r.status) for r in replies] == [(i, pb.FRAME_STATUS_OK) for i in range(10)]
+    finally:
+        if held is not None:
+            small_memory_server.loop.call_soon_threadsafe(held.release)
+    _until(lambda: memory.held == 0 and memory.waiting == 0)

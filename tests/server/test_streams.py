@@ -11,6 +11,7 @@ from facetwin.server.errors import (
     SwapError,
     UnavailableError,
 )
+from facetwin.server.limits import FrameMemory
 from facetwin.server.streams import DROPPED, ERROR, OK, StreamRun
 
 
@@ -114,6 +115,50 @@ async def test_bad_frames_are_answered_in_their_place_and_the_stream_goes_on():
     assert str(out[2].error) == "bad pixels" and isinstance(out[3].error, NotFoundError)
     assert type(out[4].error) is SwapError and "ZeroDivisionError" in str(out[4].error)  # INTERNAL, no traceback
     assert out[5].outcome == 36
+
+
+async def test_admission_reads_on_only_once_a_frame_is_admitted_and_releases_every_admitted_frame():
+    """admit() stands for the frame memory, with room for one frame: while one runs, the next waits to be admitted
+    and the stream reads nothing more; a frame refused admission is answered with its error in its place."""
+    memory = FrameMemory(1)
+    released: list[int] = []
+    frames = Frames([0, 1, 2, 3, 4])
+
+    async def admit(job):
+        if job == 3:
+            raise DeadlineExceededError("frame 3 waited too long")
+        claim = memory.claim(1)
+        await claim.wait()
+
+        def release():
+            claim.release()
+            released.append(job)
+        return job, release
+
+    answers = StreamRun(aiter(frames), SlowSquare(0.1), window=4, policy="queue", admit=admit).answers()
+    first = asyncio.ensure_future(anext(answers))
+    await asyncio.sleep(0.05)
+    assert frames.read == 2 and memory.waiting == 1  # frame 0 runs, frame 1 waits, frame 2 is not read yet
+    out = [await first] + [answer async for answer in answers]
+    assert [(a.frame_id, a.status) for a in out] == [(0, OK), (1, OK), (2, OK), (3, ERROR), (4, OK)]
+    assert "frame 3 waited" in str(out[3].error) and out[4].outcome == 16
+    assert sorted(released) == [0, 1, 2, 4] and memory.held == 0
+
+
+async def test_admitted_frames_are_released_when_the_stream_is_cut_off():
+    released = []
+
+    async def admit(job):
+        return job, lambda: released.append(job)
+
+    answers = StreamRun(aiter(Frames(range(3))), SlowSquare(5.0), window=4, policy="queue", admit=admit).answers()
+    first = asyncio.ensure_future(anext(answers))
+    await asyncio.sleep(0.05)  # every frame admitted and running
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    await answers.aclose()
+    await asyncio.sleep(0)  # done callbacks run on the next turn of the loop
+    assert sorted(released) == [0, 1, 2]
 
 
 async def test_empty_stream_is_invalid():
