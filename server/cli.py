@@ -14,8 +14,10 @@ from typing import Any, Optional
 
 import typer
 
-from . import logs
+from . import limits, logs
 from .config import ServerConfig, env_name
+
+log = logging.getLogger(__name__)
 
 # Plain help (no rich boxes): at a pipe's 80 columns rich cut the long flag and variable names short ("--max-stre…"),
 # where plain help wraps them whole.
@@ -35,6 +37,9 @@ def serve(log_level: str, dry_run: bool, **settings: Any) -> None:
             settings.update(address="127.0.0.1:0", metrics_port=0)
         config = ServerConfig.from_env(**settings)
         logs.configure(log_level, config.log_format)
+        warning = limits.frame_memory_warning(config.frame_memory_mb, config.processes, limits.memory_available())
+        if warning:
+            log.warning(warning)
         from .server import serve as run_server
 
         if dry_run:

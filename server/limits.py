@@ -12,12 +12,18 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from . import metrics
 from .errors import DeadlineExceededError, ResourceExhaustedError
 
 MIB = 1024 * 1024
+# A busy serving process grows by about this many times its frame memory over its idle size: the resize, paste and
+# encoding copy a decoded image again (bench/memory.py, docs/benchmarks.md).
+FRAME_MEMORY_GROWTH = 1.5
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v2, v1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,3 +142,34 @@ class Claim:
         if not self._released:
             self._released = True
             self.memory._leave(self)
+
+
+def memory_available() -> int | None:
+    """The memory this server may use, bytes: its container's limit (cgroup) or the host's, whichever is smaller;
+    None where neither can be read."""
+    sizes = []
+    for path in _CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            sizes.append(int(text))
+    try:
+        sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        pass
+    return min(sizes) if sizes else None
+
+
+def frame_memory_warning(frame_memory_mb: int, processes: int, available: int | None) -> str | None:
+    """A warning when busy serving could grow past half the memory available (the rest is for the models, gRPC's
+    buffers and the requests themselves), else None."""
+    if not frame_memory_mb or available is None:
+        return None
+    growth = FRAME_MEMORY_GROWTH * frame_memory_mb * MIB * processes
+    if growth <= available / 2:
+        return None
+    return (f"--frame-memory-mb {frame_memory_mb} x {processes} serving process(es) lets a busy server grow by about "
+            f"{growth / 2**30:.1f} GiB, more than half of the {available / 2**30:.1f} GiB it may use: lower "
+            "--frame-memory-mb or --processes (docs/server.md#memory)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import subprocess
+import sys
 import time
 
 import cv2
@@ -13,7 +15,7 @@ import pytest
 
 from facetwin.server.config import ServerConfig
 from facetwin.server.errors import DeadlineExceededError, ResourceExhaustedError
-from facetwin.server.limits import MIB, FrameMemory
+from facetwin.server.limits import MIB, FrameMemory, frame_memory_warning, memory_available
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 from tests.conftest import ServerThread
@@ -233,3 +235,23 @@ def test_a_stream_holds_one_frame_waiting_for_memory_however_many_it_was_sent(sm
         if held is not None:
             small_memory_server.loop.call_soon_threadsafe(held.release)
     _until(lambda: memory.held == 0 and memory.waiting == 0)
+
+
+def test_a_frame_memory_past_half_the_memory_available_is_warned_about():
+    available = memory_available()
+    assert available is not None and available > 0
+    assert frame_memory_warning(1024, 1, 16 * 2**30) is None  # 1.5 GiB of 16
+    assert frame_memory_warning(0, 8, 2**30) is None  # no limit set: nothing to compare
+    warning = frame_memory_warning(1024, 6, 16 * 2**30)  # 9 GiB of 16
+    assert warning.startswith("--frame-memory-mb 1024 x 6 serving process(es) lets a busy server grow by about 9.0 GiB, "
+                              "more than half of the 16.0 GiB it may use")
+
+
+def test_the_server_warns_at_start_about_a_frame_memory_the_host_cannot_hold(tiny_model_dir):
+    too_much = str(2 * memory_available() // MIB)
+    serve = [sys.executable, "-m", "facetwin.server.cli", "serve", "--dry-run", "--model-dir", str(tiny_model_dir)]
+    warned = subprocess.run(serve + ["--frame-memory-mb", too_much], capture_output=True, text=True, timeout=120)
+    assert warned.returncode == 0, warned.stderr
+    assert f"--frame-memory-mb {too_much} x 1 serving process(es)" in warned.stderr
+    quiet = subprocess.run(serve, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and "--frame-memory-mb" not in quiet.stderr, quiet.stderr
