@@ -34,7 +34,6 @@ and both blur what the decoder learns to draw (see ``synthetic``). The warp stay
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from facetwin.training import occluders
-from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, SYNTH_SCHEMA, index_problem
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, SYNTH_SCHEMA, IndexProblem, read_index
 
 SCHEMAS = (SYNTH_SCHEMA, FACES_SCHEMA)
 
@@ -125,22 +124,10 @@ def load_index(data_dir: str | Path) -> dict[str, Any]:
         raise DatasetError(f"data folder {data_dir} is a file: name the folder a data set was written to")
     if not data_dir.is_dir():
         raise DatasetError(f"data folder {data_dir} does not exist (make one with: facetwin-train synth {data_dir})")
-    path = data_dir / INDEX_NAME
-    if not path.is_file():
-        raise DatasetError(f"{data_dir} is not a data set: {INDEX_NAME} is missing")
     try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(index, dict) or index.get("schema") not in SCHEMAS:
-        raise DatasetError(f"{path}: schema is {index.get('schema') if isinstance(index, dict) else None!r}, "
-                           f"expected one of {SCHEMAS}")
-    for key in ("identities", "images"):
-        if not isinstance(index.get(key), list):
-            raise DatasetError(f"{path}: {key!r} must be a list")
-    if problem := index_problem(index):
-        raise DatasetError(f"{path}: {problem}")
-    return index
+        return read_index(data_dir, SCHEMAS)
+    except IndexProblem as exc:
+        raise DatasetError(f"{exc} (make a data set with facetwin-train synth or extract)") from None
 
 
 def identity_names(index: dict[str, Any]) -> list[str]:

@@ -28,8 +28,8 @@ import numpy as np
 from facetwin.core import alignment, blending
 from facetwin.core import faces as facelib
 from facetwin.core.files import atomic_write_bytes
-from facetwin.training import realdata
-from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, check_identity, index_problem, png_bytes
+from facetwin.training import layout, realdata
+from facetwin.training.layout import FACES_SCHEMA, INDEX_NAME, IndexProblem, check_identity, png_bytes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -185,20 +185,12 @@ def index_json(index: dict[str, Any]) -> str:
 
 def read_index(folder: Path) -> dict[str, Any]:
     """A data set folder's index, checked: real faces (FACES_SCHEMA) with identities, images and margin."""
-    path = folder / INDEX_NAME
     try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExtractError(f"{path} is unreadable ({exc}): extract into a new folder, or delete the folder") from exc
-    schema = index.get("schema") if isinstance(index, dict) else None
-    if schema != FACES_SCHEMA:
-        raise ExtractError(f"{folder} holds a data set of schema {schema!r}, not real faces ({FACES_SCHEMA!r}, from "
-                           "facetwin-train extract): use a new folder for real faces")
-    if not (isinstance(index.get("identities"), list) and isinstance(index.get("images"), list)
-            and isinstance(index.get("margin"), (int, float))):
-        raise ExtractError(f"{path} is damaged (identities, images or margin missing): extract into a new folder")
-    if problem := index_problem(index):
-        raise ExtractError(f"{path} is damaged: {problem}")
+        index = layout.read_index(folder, (FACES_SCHEMA,))
+    except IndexProblem as exc:
+        raise ExtractError(f"{exc}: real faces come from facetwin-train extract, into a folder of their own") from None
+    if not isinstance(index.get("margin"), (int, float)):
+        raise ExtractError(f"{folder / INDEX_NAME} is damaged (no margin): extract into a new folder")
     return index
 
 

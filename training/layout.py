@@ -11,7 +11,8 @@ dlib so that each of them can import it.
 
 from __future__ import annotations
 
-from pathlib import PurePath
+import json
+from pathlib import Path, PurePath
 from typing import Any
 
 import cv2
@@ -22,6 +23,7 @@ from facetwin.core.bundle import check_name
 INDEX_NAME = "index.json"
 SYNTH_SCHEMA = "facetwin-synth/1"  # synthetic faces with ground truth (training/synth.py)
 FACES_SCHEMA = "facetwin-faces/1"  # real faces extracted from photos/videos (training/extract.py)
+SCHEMA_NAMES = {SYNTH_SCHEMA: "synthetic faces", FACES_SCHEMA: "real faces"}
 # The held-out synthetic poses every score uses (synth.test_poses draws them from this seed, apart from the poses a
 # data set is rendered with): the same seed everywhere keeps every reported synthetic score comparable.
 HELD_OUT_SEED = 1234
@@ -36,6 +38,33 @@ def check_identity(name: object) -> str:
         raise ValueError(f"identity name {name!r} holds a '.': identities name the model's decoders, whose names "
                          "cannot; use letters, digits, '_' or '-'")
     return name
+
+
+class IndexProblem(ValueError):
+    """What is wrong with a data set's index file, naming the file; readers add what to do about it."""
+
+
+def read_index(folder: str | Path, schemas: tuple[str, ...]) -> dict[str, Any]:
+    """folder/index.json, parsed: of one of `schemas`, with identities and images lists whose entries are sound
+    (index_problem). IndexProblem otherwise."""
+    path = Path(folder) / INDEX_NAME
+    if not path.is_file():
+        raise IndexProblem(f"{folder} is not a data set: {INDEX_NAME} is missing")
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IndexProblem(f"{path} is not valid JSON ({exc})") from None
+    schema = index.get("schema") if isinstance(index, dict) else None
+    if schema not in schemas:
+        held = SCHEMA_NAMES.get(schema, "no facetwin data set")  # type: ignore[arg-type]
+        wanted = " or ".join(SCHEMA_NAMES[s] for s in schemas)
+        raise IndexProblem(f"{folder} holds {held}, not {wanted} ({INDEX_NAME} schema {schema!r})")
+    for key in ("identities", "images"):
+        if not isinstance(index.get(key), list):
+            raise IndexProblem(f"{path}: {key!r} must be a list")
+    if problem := index_problem(index):
+        raise IndexProblem(f"{path}: {problem}")
+    return index
 
 
 def index_problem(index: dict[str, Any]) -> str | None:

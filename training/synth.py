@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from facetwin.core.files import atomic_write_bytes
-from facetwin.training.layout import INDEX_NAME, SYNTH_SCHEMA, check_identity, png_bytes
+from facetwin.training.layout import INDEX_NAME, SYNTH_SCHEMA, IndexProblem, check_identity, png_bytes, read_index
 from facetwin.training.synth_render import render_face
 
 RENDERER_VERSION = 2  # bump when synth_render's output changes, so write_dataset re-renders cached datasets
@@ -307,18 +307,11 @@ def write_dataset(out_dir: str | os.PathLike, identities: int, images: int, size
 
 def load_index(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks data_dir/index.json of a dataset made by write_dataset."""
-    path = Path(data_dir) / INDEX_NAME
-    if not path.is_file():
-        raise ValueError(f"{data_dir} is not a synthetic dataset: {INDEX_NAME} is missing (create one with "
-                         f"facetwin.training.synth.write_dataset)")
     try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(index, dict) or index.get("schema") != SYNTH_SCHEMA:
-        found = index.get("schema") if isinstance(index, dict) else None
-        raise ValueError(f"{path} is not a synthetic dataset index: schema {found!r} != {SYNTH_SCHEMA!r}")
-    for key in ("size", "seed", "identities", "images"):
+        index = read_index(data_dir, (SYNTH_SCHEMA,))
+    except IndexProblem as exc:
+        raise ValueError(f"{exc} (make synthetic faces with facetwin-train synth)") from None
+    for key in ("size", "seed"):
         if key not in index:
-            raise ValueError(f"{path} lacks {key!r}")
+            raise ValueError(f"{Path(data_dir) / INDEX_NAME} lacks {key!r}")
     return index
