@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -89,6 +91,8 @@ class FaceSwapServer:
         if not names:
             log.warning("no model bundle in %s (sub-folders holding a manifest.json): health stays NOT_SERVING "
                         "(--model-dir)", self.config.model_dir)
+        if self.config.processes == 1:  # several processes share the port on purpose (SO_REUSEPORT)
+            _check_loopbacks_free(self.config.address)
         try:  # grpcio reports a port it cannot bind as 0 or, in newer releases, as RuntimeError
             if self.credentials is None:
                 self.port = self.grpc_server.add_insecure_port(self.config.address)
@@ -176,6 +180,27 @@ def keep_freed_memory() -> bool:
             bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     except (OSError, AttributeError):
         return False
+
+
+def _check_loopbacks_free(address: str) -> None:
+    """localhost:PORT listens on 127.0.0.1 and ::1; gRPC binds whichever is free and only logs that the other was
+    taken, and a client that resolves localhost to the taken one reaches another program. OSError, as for a port
+    in use, when either is taken."""
+    host, _, port = address.rpartition(":")
+    if host != "localhost" or not port.isdigit() or int(port) == 0:
+        return
+    for family, ip in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind((ip, int(port)))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(f"could not bind {address}: port {port} is in use on {ip} (localhost is both "
+                                  "127.0.0.1 and ::1): stop what holds it, or set --address to another port") from None
+                # No IPv6 on this host (EADDRNOTAVAIL, EAFNOSUPPORT): gRPC leaves that family out too.
 
 
 def _loopback(address: str) -> bool:

@@ -224,3 +224,20 @@ def test_a_second_sigterm_cuts_the_drain_short(tiny_model_dir):
     log = proc.stdout.read()
     assert "draining" in log and "stopping at once" in log and "stopped" in log, log
     assert len(answered) < 48 and ended, (answered, ended)  # frames the drain would have waited for were cut
+
+
+def test_localhost_with_one_loopback_taken_is_a_port_in_use(tiny_model_dir):
+    """gRPC would listen on the free one of 127.0.0.1 and ::1 only; clients reaching the other would find whatever
+    holds it."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([str(SERVER), "serve", "--model-dir", str(tiny_model_dir), "--address",
+                                 f"localhost:{port}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: could not bind localhost:{port}: port {port} is in use on 127.0.0.1 (localhost is both 127.0.0.1 and "
+        "::1): stop what holds it, or set --address to another port")
