@@ -190,17 +190,17 @@ def _check_loopbacks_free(address: str) -> None:
     if host != "localhost" or not port.isdigit() or int(port) == 0:
         return
     for family, ip in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no conflict
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind((ip, int(port)))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise OSError(f"could not bind {address}: port {port} is in use on {ip} (localhost is both "
-                                  "127.0.0.1 and ::1): stop what holds it, or set --address to another port") from None
-                # No IPv6 on this host (EADDRNOTAVAIL, EAFNOSUPPORT): gRPC leaves that family out too.
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"could not bind {address}: port {port} is in use on {ip} (localhost is both "
+                              "127.0.0.1 and ::1): stop what holds it, or set --address to another port") from None
+            # No IPv6 on this host (EAFNOSUPPORT, EADDRNOTAVAIL): gRPC leaves that family out too.
 
 
 def _loopback(address: str) -> bool:
