@@ -20,7 +20,7 @@ from facetwin.core.faces import LANDMARK_MODELS
 
 from .logs import FORMATS as LOG_FORMATS
 from .mapping import MAX_THRESHOLD
-from .tracking import LOST_POLICIES, MAX_LOST_FACE_FRAMES
+from .tracking import LOST_POLICIES, MAX_FACES, MAX_LOST_FACE_FRAMES
 
 ENV_PREFIX = "FACETWIN_"
 MAX_PROCESSES = 64
@@ -73,8 +73,8 @@ class ServerConfig:
                                    least=0, zero="no limit")
     max_faces_per_frame: int = setting(8, "most faces one full frame may swap (faces=all on a frame with more is "
                                        "RESOURCE_EXHAUSTED)", least=1)
-    max_faces_detected: int = setting(32, "full frames: most faces a frame reports and a stream follows, the largest; "
-                                      "smaller ones get no landmarks (FaceMesh costs ~5 ms per face on a CPU)",
+    max_faces_detected: int = setting(MAX_FACES, "full frames: most faces a frame reports and a stream follows, the "
+                                      "largest; smaller ones get no landmarks (FaceMesh costs ~6 ms per face on a CPU)",
                                       least=1, most=1024)
     # A client is its bearer token's name when tokens are in use, else its IP address.
     max_calls_per_client: int = setting(64, "unary calls one client may have in flight (0: no limit)",

@@ -33,10 +33,10 @@ class FaceDetectorPool:
     running it off the event loop keeps the server answering, and `threads` frames are detected at once."""
 
     def __init__(self, threads: int = 2, max_side: int | None = 640, backend: str = "auto",
-                 landmarks: str = "auto", runtime: str = "onnxruntime", max_faces: int | None = 32) -> None:
+                 landmarks: str = "auto", runtime: str = "onnxruntime", max_faces: int | None = None) -> None:
         """landmarks: "68", "5" or "auto" (68 when its weights are found, else 5): see facetwin.core.faces.
         runtime: where blazeface's graphs run (facetwin.core.blazeface.RUNTIMES); on torch the calls of all
-        `threads` detectors are joined into batches. max_faces: most faces a frame's detection keeps, the largest."""
+        `threads` detectors are joined into batches. max_faces: most faces a frame's detection keeps, the largest (None: all)."""
         if threads < 1:
             raise ValueError(f"detect_threads must be >= 1, got {threads}")
         if max_side is not None and max_side < 64:

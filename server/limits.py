@@ -67,7 +67,6 @@ class Admission:
                 del counts[client]
 
 
-
 class FrameMemory:
     """Bytes of decoded images the server works on at once (ServerConfig.frame_memory_mb; 0 = no limit).
 

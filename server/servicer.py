@@ -390,7 +390,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             return self.engine.swap(job, caller, wait_s=context.time_remaining(), stream=faces_over_time, claim=claim)
 
         async def admit(job: SwapJob):  # queue policy: the stream reads on once its frame has its frame memory
-            claim = self.engine.claim_memory(job, faces_over_time)
+            job, claim = self.engine.claim_memory(job, faces_over_time)
             try:
                 await claim.wait(context.time_remaining())
             except BaseException:

@@ -65,6 +65,7 @@ class SwapJob:
     mapping: Mapping | None = None  # full frames: which faces to swap to whom, instead of faces / face_index
     keep_shape: float | None = None  # full frames: 0..1, see blending.finish_face; None = the server's setting
     return_region: bool = False  # full frames: answer with the changed region only (SwapOutcome.region)
+    header: tuple[int, int] | None = None  # (height, width) of `encoded` from its header, read once (claim_memory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +171,13 @@ class SwapEngine:
         """Stops the face-detection threads (after the server stopped taking calls)."""
         self.fullframe.detectors.close()
 
-    def claim_memory(self, job: SwapJob, stream: StreamFaceState | None = None) -> Claim:
+    def claim_memory(self, job: SwapJob, stream: StreamFaceState | None = None) -> tuple[SwapJob, Claim]:
         """The job's place in the frame memory (limits.FrameMemory): its images' decoded bytes, known before decoding.
-        Claims are granted in the order they are made."""
-        return self.frame_memory.claim(self._decoded_bytes(job, stream))
+        Claims are granted in the order they are made. Returns the job with its encoded image's header read (the
+        image is then not probed again) and the claim."""
+        if job.raw is None and job.encoded is not None and job.header is None:
+            job = dataclasses.replace(job, header=self._header(job.encoded, self.image_limits))
+        return job, self.frame_memory.claim(self._decoded_bytes(job, stream))
 
     async def swap(self, job: SwapJob, caller: Hashable, wait_s: float | None = None,
                    stream: StreamFaceState | None = None, claim: Claim | None = None) -> SwapOutcome:
@@ -187,7 +191,7 @@ class SwapEngine:
                 raise DeadlineExceededError(f"the call's deadline passed {-wait_s * 1000:.1f} ms before the "
                                             "server took it up")
             if claim is None:
-                claim = self.claim_memory(job, stream)  # before any await too: claims follow call order
+                job, claim = self.claim_memory(job, stream)  # before any await too: claims follow call order
             await claim.wait(wait_s)
             if job.kind == "full_frame":
                 return await self._swap_full_frame(job, caller, wait_s, stream, ticket, start)
@@ -328,26 +332,30 @@ class SwapEngine:
         photos = []
         if job.mapping is not None and stream is None:
             photos = [photo for rule in job.mapping.rules for photo in rule.photos]
-        return (self._image_bytes(job.encoded, job.raw, self.image_limits)
-                + self._photos_bytes(photos))
+        return self._image_bytes(job.raw, job.header, self.image_limits) + self._photos_bytes(photos)
 
     def _photos_bytes(self, photos: list[Photo]) -> int:
-        return max((self._image_bytes(p.encoded, p.raw, self.reference_limits) for p in photos), default=0)
+        return max((self._image_bytes(p.raw, self._header(p.encoded, self.reference_limits) if p.encoded else None,
+                                      self.reference_limits) for p in photos), default=0)
 
     @staticmethod
-    def _image_bytes(encoded: bytes | None, raw: RawPixels | None, limits: imaging.ImageLimits) -> int:
-        """An image decoded (RGB uint8), in bytes, from its raw fields or its header. 0 for an image that cannot be
-        read or is over the limits, which decoding it then refuses with the reason."""
+    def _image_bytes(raw: RawPixels | None, header: tuple[int, int] | None, limits: imaging.ImageLimits) -> int:
+        """An image decoded (RGB uint8), in bytes, from its raw fields or its header's (height, width). 0 for an
+        image that cannot be read or is over the limits, which decoding it then refuses with the reason."""
         if raw is not None:
             size = len(raw.data)
             return size if size <= 3 * min(limits.max_pixels, limits.max_side ** 2) else 0
-        if encoded is None:
-            return 0
+        return 3 * header[0] * header[1] if header else 0
+
+    @staticmethod
+    def _header(encoded: bytes, limits: imaging.ImageLimits) -> tuple[int, int] | None:
+        """(height, width) of JPEG/PNG bytes within the limits, from the header; None where probe_encoded refuses
+        them (reading the image raises why, in its place)."""
         try:
             _, height, width = imaging.probe_encoded(encoded, limits)
         except SwapError:
-            return 0
-        return height * width * 3
+            return None
+        return height, width
 
     async def _read_image(self, job: SwapJob, square: bool = False) -> np.ndarray:
         """The request's image, RGB uint8. Its size comes first from the raw fields or the file's header: the
@@ -360,7 +368,7 @@ class SwapEngine:
             return image
         if job.encoded is None:
             raise InvalidInputError("request has no image: set image.encoded (JPEG/PNG bytes) or image.raw")
-        _, height, width = imaging.probe_encoded(job.encoded, self.image_limits)
+        height, width = job.header or imaging.probe_encoded(job.encoded, self.image_limits)[1:]
         self._check_shape(job, height, width, square)
         return await self._off_loop(height * width, imaging.decode_probed, job.encoded)
 

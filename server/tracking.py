@@ -35,6 +35,7 @@ from facetwin.core.faces import Face
 DETECTED, TRACKED, LOST = "detected", "tracked", "lost"  # how a face was found in a frame
 LOST_POLICIES = ("pass", "hold", "blur")  # what a stream pastes where a lost face was: nothing, its last swap, a blur
 MAX_LOST_FACE_FRAMES = 300  # 10 s at 30 frames/s: a stream asking to remember a lost face longer is refused
+MAX_FACES = 32  # most faces a full frame keeps and a stream follows, the largest (FaceMesh runs once per face)
 
 Detect = Callable[[np.ndarray], Awaitable[list[Face]]]
 Follow = Callable[[np.ndarray, list[Face]], Awaitable[list[tuple[Face, float]]]]
@@ -56,7 +57,7 @@ class TrackingConfig:
     min_confidence: float = 0.5  # FaceMesh's face confidence below which a followed face is looked for again
     lost_faces: str = "pass"  # the default lost-face policy, one of LOST_POLICIES
     lost_face_frames: int = 10  # frames a lost face is reported (and held or blurred) before its track ends
-    max_faces: int = 32  # most faces followed at once, the largest (FaceMesh runs once per face and frame)
+    max_faces: int = MAX_FACES  # most faces followed at once, the largest
 
     def __post_init__(self) -> None:
         if self.min_cutoff_hz <= 0 or self.d_cutoff_hz <= 0 or self.frame_rate_hz <= 0:

@@ -255,3 +255,19 @@ def test_the_server_warns_at_start_about_a_frame_memory_the_host_cannot_hold(tin
     assert f"--frame-memory-mb {too_much} x 1 serving process(es)" in warned.stderr
     quiet = subprocess.run(serve, capture_output=True, text=True, timeout=120)
     assert quiet.returncode == 0 and "--frame-memory-mb" not in quiet.stderr, quiet.stderr
+
+
+def test_an_encoded_image_has_its_header_read_once(small_memory_server, served_model, monkeypatch):
+    from facetwin.server import imaging
+
+    probed = []
+    probe = imaging.probe_encoded
+    monkeypatch.setattr(imaging, "probe_encoded", lambda data, limits: probed.append(len(data)) or probe(data, limits))
+    png = cv2.imencode(".png", _large_face(served_model))[1].tobytes()
+    request = pb.SwapRequest(model=served_model.model, target=served_model.identities[1], image=pb.Image(encoded=png))
+    with grpc.insecure_channel(small_memory_server.address) as channel:
+        stub = pb_grpc.FaceSwapStub(channel)
+        assert stub.Swap(request, timeout=30).image.encoded
+        assert [r.status for r in stub.SwapStream(iter([pb.SwapStreamRequest(request=request)]), timeout=30)] == \
+            [pb.FRAME_STATUS_OK]
+    assert probed == [len(png), len(png)]  # once for the call, once for the stream's frame
