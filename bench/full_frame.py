@@ -82,7 +82,7 @@ def full_frame_request(model: str, target: str, frame: np.ndarray, frame_id: int
 
 
 def raw_stages(bundle: Path, backend_name: str, target: str, frames: list[np.ndarray], detect_every: int,
-               keep_shape: float, repeats: int = 2) -> dict:
+               keep_shape: float, detect_runtime: str = "onnxruntime", repeats: int = 2) -> dict:
     """Median ms of each full-frame stage run alone in this process (see the module docstring)."""
     from facetwin.core import alignment, blending
     from facetwin.core.faces import FaceDetector
@@ -92,7 +92,9 @@ def raw_stages(bundle: Path, backend_name: str, target: str, frames: list[np.nda
 
     single_threaded_blas()  # as the server runs
     config = ServerConfig()
-    detector = FaceDetector(config.detector, max_side=config.detect_max_side, landmarks=config.landmarks, threads=1)
+    # The server's face-model runtime: on a GPU host the raw stages detect on the GPU as the served ones do.
+    detector = FaceDetector(config.detector, max_side=config.detect_max_side, landmarks=config.landmarks, threads=1,
+                            runtime=detect_runtime)
     manifest = load_manifest(bundle)
     backend = get_backend(backend_name)(bundle, manifest, target, max_batch=1, intra_op_threads=1)
     size = manifest.resolution
@@ -187,7 +189,7 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
              "answer_bytes": {encoding: answer.ByteSize() for encoding, answer in answers.items()}}
     rounds = []
     for _ in range(args.repeats):
-        stages = raw_stages(bundle, args.backend, target, frames, detect_every, keep_shape)
+        stages = raw_stages(bundle, args.backend, target, frames, detect_every, keep_shape, args.detect_runtime)
         served_by = {}  # encoding -> its phases; alternated within the round, so drift hits every encoding alike
         for encoding, sent in payloads.items():
             served_by[encoding] = {

@@ -100,11 +100,14 @@ fi
 [[ -n "$work" ]] || work="${TMPDIR:-/tmp}/facetwin-gpu-bench-$$"
 mkdir -p "$work"
 
+install_carried() {  # wheels into $work/site, ahead of the host's own packages
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
+        --target "$work/site" "$@"
+    [[ ":${PYTHONPATH:-}:" == *":$work/site:"* ]] || export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+}
 # Wheels carried from --prepare (the GPU image lacks grpcio-health-checking / grpcio-reflection and has no network).
 if compgen -G "$data/wheels/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
-        --target "$work/site" "$data"/wheels/*.whl
-    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+    install_carried "$data"/wheels/*.whl
 fi
 # Small packages the host may lack (wheels/if-missing of either prepared folder): only those it does not have.
 folders=("$data")
@@ -119,9 +122,20 @@ for folder in "${folders[@]}"; do
     done
 done
 if [[ ${#missing[@]} -gt 0 ]]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade \
-        --target "$work/site" "${missing[@]}"
-    export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
+    install_carried "${missing[@]}"
+fi
+# The carried protobuf (which facetwin's generated code needs) shadows the host's: an onnx installed there but
+# generated for an older protobuf then fails to import. The carried onnx matches the carried protobuf.
+if ! "$PY" -c 'import onnx' 2>/dev/null; then
+    carried=()
+    for folder in "${folders[@]}"; do
+        for whl in "$folder"/wheels/if-missing/onnx-*.whl "$folder"/wheels/if-missing/ml_dtypes-*.whl; do
+            [[ -f "$whl" ]] && carried+=("$whl")
+        done
+    done
+    if [[ ${#carried[@]} -gt 0 ]]; then
+        install_carried "${carried[@]}"
+    fi
 fi
 
 # facetwin not installed (a bare GPU host): the same package layout as pyproject.toml, through symlinks.

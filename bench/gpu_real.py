@@ -46,6 +46,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(BENCH.parent))  # examples/ (demo_real prepares the faces)
 from gpu_bench import DEADLINE_ENV, download_wheels, host_info, run_phase, time_left  # noqa: E402  (bench/gpu_bench.py)
+from report import write_json  # noqa: E402  (bench/report.py)
 
 SWAPS_FILE, GRID_FILE = "real_swaps.npz", "real_grid.png"
 # In the prepared folder: the demo-real preset the faces were prepared with (examples/demo_real.py PRESETS), whose
@@ -136,7 +137,7 @@ def one(args: argparse.Namespace) -> int:
               "steps_per_s": round(loop.steps_per_second, 2), "faces_trained": manifest.training_config.get("data"),
               "swapped": {f"{a}->{b}": len(c) for (a, b), (c, _) in swaps.pairs.items()},
               "files": [SWAPS_FILE, GRID_FILE]}
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(f"{args.preset}: {steps} steps in {trained_s:.0f} s; swapped {report['swapped']}", flush=True)
     return 0
 
@@ -194,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     summary["train_input"] = results[f"train_input_{preset}"]
     summary["real"] = results[f"real_{preset}"]
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(f"\ngpu-real bench ({summary['mode']}) on {summary['host']['device']}, {summary['elapsed_s']} s")
     if summary["train_input"]:
         print(f"  {preset}: train input ratio {summary['train_input']['ratio']:.3f} (target >= 0.85)")
@@ -229,7 +230,7 @@ def score(args: argparse.Namespace) -> int:
           f"from {args.swaps}):")
     demo_real.print_headline(numbers, report["reasons"])
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.markdown:
         Path(args.markdown).write_text(markdown_table([report]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +22,9 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from report import write_json  # noqa: E402  (bench/report.py)
+
 MESSAGE_CHARS = 3000  # the end of a failure's report: the assertion and the lines that led to it
 # One test that hangs (a CUDA call that never returns, an engine build) must not take the phase's whole time with it;
 # applied where pytest-timeout is installed.
@@ -47,10 +49,8 @@ class Outcomes:
 
     def write(self, pytest_status: int | None = None) -> None:
         """pytest_status None: the run has not ended."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"pytest_status": pytest_status, "finished": pytest_status is not None,
-                                         "counts": self.counts(), "tests": self.tests,
-                                         "not_collected": self.not_collected}, indent=2) + "\n")
+        write_json(self.path, {"pytest_status": pytest_status, "finished": pytest_status is not None,
+                               "counts": self.counts(), "tests": self.tests, "not_collected": self.not_collected})
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         if report.failed:

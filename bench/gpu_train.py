@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import sys
 import time
@@ -33,8 +32,10 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from gpu_bench import host_info, judge, run_phase  # noqa: E402  (bench/gpu_bench.py)
+from gpu_bench import DEADLINE_ENV, host_info, judge, run_phase, time_left  # noqa: E402  (bench/gpu_bench.py)
+from report import write_json  # noqa: E402  (bench/report.py)
 
+SYNTHETIC_OVERHEAD_S = 120.0  # a trained preset's start, export and scoring on the GPU host, besides its training
 TARGETS = {  # the training targets: (comparison, goal, how it is measured)
     "synthetic_ssim": (">=", 0.90, "ae at 64 px: swap vs the true rendering of the target on held-out poses, SSIM "
                        "over the target's face mask (evaluate's synthetic.ssim); the best trained preset"),
@@ -48,12 +49,14 @@ def plan(smoke: bool, seconds: float | None) -> dict[str, Any]:
     if smoke:
         return {"mode": "smoke", "speed_presets": {"tiny": None}, "trained_presets": ["tiny"], "images": 24,
                 "train_seconds": seconds or 3.0, "batch_size": None, "device": "cpu",
-                "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "synthetic": 120}}
+                "bench_args": ["--smoke", "--repeats", "1"], "timeouts_s": {"train_input": 120, "synthetic": 120},
+                "min_train_seconds": 1.0}
     seconds = seconds or float(os.environ.get("FACETWIN_BENCH_TRAIN_SECONDS", "300"))
     # preset -> batch per identity of its speed phase (None: the preset's own, gpu-128's 32)
     return {"mode": "gpu", "speed_presets": {"demo": 16, "full": 16, "gpu-128": None}, "trained_presets": ["full"],
             "images": 5000, "train_seconds": seconds, "batch_size": 16, "device": "cuda",
-            "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "synthetic": 150}}
+            "bench_args": ["--repeats", "4", "--seconds", "1.5"], "timeouts_s": {"train_input": 150, "synthetic": 150},
+            "min_train_seconds": 30.0}
 
 
 def one(args: argparse.Namespace) -> int:
@@ -89,7 +92,7 @@ def one(args: argparse.Namespace) -> int:
               "train_s": round(trained_s, 1), "loop_s": loop.seconds, "steps_per_s": round(loop.steps_per_second, 2),
               "bundle": str(bundle),
               "synthetic": synthetic}
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.json, report)
     print(f"{args.preset}: {steps} steps in {trained_s:.0f} s, synthetic.ssim {synthetic['ssim']:.3f}", flush=True)
     return 0
 
@@ -127,12 +130,20 @@ def run(args: argparse.Namespace) -> int:
         phases[f"train_input_{preset}"] = run_phase(f"train_input_{preset}", cmd, p["timeouts_s"]["train_input"],
                                                     log, path)
     for preset in p["trained_presets"]:
+        # Under a deadline the training gets what is left after export and scoring, or is skipped: a run killed
+        # before it exports scores nothing.
+        seconds = round(max(min(p["train_seconds"], time_left() - SYNTHETIC_OVERHEAD_S), 0.0), 1)
+        if seconds < p["min_train_seconds"]:
+            phases[f"synthetic_{preset}"] = {"status": "skipped", "reason": f"out of time: {seconds:.0f} s left for "
+                                             f"training (under {p['min_train_seconds']:.0f} s) before {DEADLINE_ENV}"}
+            print(f"[synthetic_{preset}] skipped: {phases[f'synthetic_{preset}']['reason']}", flush=True)
+            continue
         path = out / f"synthetic_{preset}.json"
         cmd = [python, str(Path(__file__).resolve()), "one", "--preset", preset, "--data", str(data), "--work",
-               str(work), "--seconds", str(p["train_seconds"]), "--device", p["device"],
+               str(work), "--seconds", str(seconds), "--device", p["device"],
                *(["--batch-size", str(p["batch_size"])] if p["batch_size"] else []), "--json", str(path)]
-        phases[f"synthetic_{preset}"] = run_phase(f"synthetic_{preset}", cmd,
-                                                  p["train_seconds"] + p["timeouts_s"]["synthetic"], log, path)
+        phases[f"synthetic_{preset}"] = run_phase(f"synthetic_{preset}", cmd, seconds + p["timeouts_s"]["synthetic"],
+                                                  log, path)
     return finish(summary, out, started)
 
 
@@ -149,7 +160,7 @@ def finish(summary: dict[str, Any], out: Path, started: float) -> int:
     summary["targets"] = {"synthetic_ssim": judge("synthetic_ssim", max(ssims) if ssims else None, TARGETS),
                           "train_input_ratio": judge("train_input_ratio", min(ratios) if ratios else None, TARGETS)}
     summary["elapsed_s"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     print(f"\ngpu-train bench ({summary['mode']}) on {summary['host']['device']}, {summary['elapsed_s']} s")
     for preset, r in summary["synthetic"].items():
         s = r["synthetic"]

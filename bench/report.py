@@ -6,6 +6,9 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Any
+
+from facetwin.core.files import atomic_write_bytes
 
 
 def host_info() -> dict:
@@ -44,5 +47,10 @@ def write_report(report: dict, json_path: str | None, echo: bool = True) -> None
     if echo:
         print(text)
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(text + "\n")
+        atomic_write_bytes(json_path, (text + "\n").encode())
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Writes data as JSON through a rename: a bench killed at its deadline mid-write leaves the file it had
+    (whoever reads it, such as the GPU bench's phases, never sees half a file)."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .cuda import CAPTURE_LOCK
+
 MAX_BATCH = 64  # calls joined into one run at most: bounds the memory of a batch of large pyramid levels
 
 
@@ -244,7 +246,8 @@ class TorchSession:
     def _run(self, batch: list[_Call]) -> None:
         torch = self.graph.torch
         try:
-            with torch.inference_mode():
+            # On the GPU, not while a swap model captures its CUDA graphs (core/cuda.py).
+            with torch.inference_mode(), CAPTURE_LOCK:
                 inputs = torch.from_numpy(np.concatenate([c.array for c in batch])).to(self.graph.device)
                 outputs = [o.float().cpu().numpy() for o in self.graph(inputs)]
             start = 0

@@ -207,6 +207,12 @@ def test_a_phase_never_runs_past_the_deadline(tmp_path, monkeypatch):
     assert gpu_bench.time_left() == float("inf")
     assert gpu_bench.run_phase("fine", write, 60, log, result) == {"status": "ok", "seconds": pytest.approx(0, abs=30),
                                                                     "result": {"ok": 1}}
+    # Run again into the same folder (a rerun on the same host): a phase that fails before writing reports no numbers,
+    # never the last run's; a torn file reads as none.
+    failing = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    assert gpu_bench.run_phase("rerun", failing, 60, log, result)["status"] == "failed"
+    torn = [sys.executable, "-c", f"open({str(result)!r}, 'w').write('{{\"sizes_done\": '); raise SystemExit(1)"]
+    assert gpu_bench.run_phase("torn", torn, 60, log, result)["status"] == "failed"
     monkeypatch.setenv(gpu_bench.DEADLINE_ENV, str(time.time() + 5))
     skipped = gpu_bench.run_phase("late", write, 60, log, tmp_path / "never.json")
     assert skipped["status"] == "skipped" and "left before FACETWIN_BENCH_DEADLINE" in skipped["reason"]

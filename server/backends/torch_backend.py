@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from facetwin.core.bundle import WEIGHTS_NAME, BundleError, Manifest
+from facetwin.core.cuda import CAPTURE_LOCK
 
 from ..config import ServerConfig
 from .base import Backend
@@ -156,14 +157,16 @@ class TorchBackend(Backend):
         if self.use_cuda_graphs:
             # Shapes are fixed per bucket: cuDNN times its kernels once, here, and the graphs keep the fastest. The
             # switch is process-wide, so it is put back: on, the face models' varying batch sizes would be timed
-            # again at every new size while frames wait.
-            benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
-            try:
-                for bucket in self.buckets:
-                    self._capture(bucket)
-            finally:
-                torch.backends.cudnn.benchmark = benchmark
+            # again at every new size while frames wait. The lock keeps other threads' cache releases (their own
+            # captures, the face models' autotuning while the switch is on) out of the captures.
+            with CAPTURE_LOCK:
+                benchmark = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = True
+                try:
+                    for bucket in self.buckets:
+                        self._capture(bucket)
+                finally:
+                    torch.backends.cudnn.benchmark = benchmark
 
     def _forward(self, faces32: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         """fp32 NCHW in -> fp32 outputs; the casts run on the GPU (inside the graph when captured)."""

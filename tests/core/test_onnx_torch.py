@@ -155,6 +155,23 @@ def test_a_failing_call_fails_its_callers_and_the_session_serves_on():
         session.run(None, {"input_1": np.zeros((1, 192, 192, 3), np.float32)})
 
 
+def test_face_model_runs_wait_while_a_swap_model_captures_its_cuda_graphs():
+    """A capture fails when another thread releases CUDA's cached memory meanwhile (core/cuda.py): the face models'
+    runs hold the capture lock, on every device."""
+    from facetwin.core.cuda import CAPTURE_LOCK
+
+    session = onnx_torch.TorchSession(mesh_graph(), "cpu")
+    answered = threading.Event()
+    with CAPTURE_LOCK:
+        caller = threading.Thread(target=lambda: (session.run(None, {"input_1": np.zeros((1, 192, 192, 3), np.float32)}),
+                                                  answered.set()))
+        caller.start()
+        assert not answered.wait(0.5)  # held back by the capture
+    assert answered.wait(60)
+    caller.join()
+    session.close()
+
+
 def test_an_operator_outside_the_converters_set_is_refused_when_the_session_is_built():
     graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
