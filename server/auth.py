@@ -7,6 +7,7 @@ open because load balancers and Kubernetes probe it without credentials.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import datetime
 import hashlib
@@ -129,7 +130,12 @@ def _refuse(details: str) -> grpc.RpcMethodHandler:
     # message, so an unauthenticated caller's payload (up to max_message_mb) is never parsed. The refusal is counted
     # and logged, with its request id, by interceptors.CallInterceptor.
     async def refuse(request_iterator, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+        try:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, details)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:  # the refusal could not be sent: the call had ended (cancelled, its deadline passed)
+            raise asyncio.CancelledError() from None
 
     return grpc.stream_stream_rpc_method_handler(refuse)
 

@@ -281,6 +281,37 @@ def test_tokens_rotate_when_the_file_changes(tiny_model_dir, tmp_path, caplog):
         server.stop()
 
 
+def test_unauthenticated_calls_that_end_before_their_refusal_are_logged_as_what_they_were(tiny_model_dir, tmp_path,
+                                                                                         caplog):
+    """A caller without a token who cancels at once, or whose deadline passes first, is no server fault: no INTERNAL,
+    no traceback, however many such calls arrive."""
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(TOKENS)
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0,
+                                       auth_tokens_file=str(tokens)))
+    face = _face(32)
+    request = pb.SwapRequest(model="tiny", target="ben", image=pb.Image(raw=pb.RawImage(
+        pixels=face.tobytes(), height=32, width=32, channels=3)))
+    try:
+        with caplog.at_level(logging.INFO), grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.FaceSwapStub(channel)
+            for _ in range(20):
+                stub.Swap.future(request, timeout=5).cancel()
+                with pytest.raises(grpc.RpcError):
+                    stub.Swap(request, timeout=0.0005)
+            with pytest.raises(grpc.RpcError) as refused:  # and the server still answers
+                stub.Swap(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with Client(server.address, token="alice-token-1", timeout=10) as client:
+            assert client.swap(face, "tiny", "ben", color="rgb").image.shape == face.shape
+    finally:
+        server.stop()
+    calls = [r for r in caplog.records if r.name == "facetwin.server.calls" and " Swap " in f" {r.getMessage()}"]
+    assert calls, "the calls were not logged"
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r.getMessage() for r in calls if "INTERNAL" in r.getMessage()]
+
+
 def test_a_token_is_not_sent_in_the_clear_beyond_loopback(tiny_model_dir, tmp_path):
     outward = _outward_ip()
     if outward is None:
