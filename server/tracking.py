@@ -36,6 +36,7 @@ DETECTED, TRACKED, LOST = "detected", "tracked", "lost"  # how a face was found 
 LOST_POLICIES = ("pass", "hold", "blur")  # what a stream pastes where a lost face was: nothing, its last swap, a blur
 MAX_LOST_FACE_FRAMES = 300  # 10 s at 30 frames/s: a stream asking to remember a lost face longer is refused
 MAX_FACES = 32  # most faces a full frame keeps and a stream follows, the largest (FaceMesh runs once per face)
+ASPECT_TOLERANCE = 0.02  # a stream's frame resized with width and height within 2 % of each other: the picture scaled
 
 Detect = Callable[[np.ndarray], Awaitable[list[Face]]]
 Follow = Callable[[np.ndarray, list[Face]], Awaitable[list[tuple[Face, float]]]]
@@ -183,6 +184,7 @@ class FaceTracks:
         self.lost_face_frames = self.config.lost_face_frames if lost_face_frames is None else lost_face_frames
         self.tracks: list[Track] = []
         self._next_id = 1
+        self._size: tuple[int, int] | None = None  # (height, width) of the frames the tracks' places are in
 
     def wants_detection(self, frame: int) -> bool:
         """Whether frame number `frame` is a detection frame (known up front, so its detection can start at once)."""
@@ -194,6 +196,7 @@ class FaceTracks:
         detection frame, else None), followed from the previous frame, or lost. follow: None when the detector
         cannot follow (no meshes): every frame must then be a detection frame."""
         cfg = self.config
+        ended_by_resize = self._fit_to(image)
         self.tracks = [t for t in self.tracks if not (t.lost and frame - t.lost_since >= self.lost_face_frames)]
         if any(frame <= t.last_seen for t in self.tracks):
             raise ValueError(f"frame {frame} is not after frame {max(t.last_seen for t in self.tracks)}: "
@@ -203,7 +206,8 @@ class FaceTracks:
         # Without meshes to follow, every frame is detected; with them, a face followed with too little confidence
         # makes the detector look at this very frame, and so does every frame while a face is lost (for at most
         # lost_face_frames frames), so that a face coming back is found at once.
-        if detected is None and (follow is None or await self._follow(image, present, found, follow)
+        if detected is None and (ended_by_resize or follow is None
+                                 or await self._follow(image, present, found, follow)
                                  or len(present) < len(self.tracks)):
             detected = await detect(image)
         if detected is not None:
@@ -233,6 +237,28 @@ class FaceTracks:
                     out.append(TrackedFace(track.shown, track.id, LOST, track))
         self.tracks = [t for t in self.tracks if not t.lost or frame - t.lost_since < self.lost_face_frames]
         return ordered(out)
+
+    def _fit_to(self, image: np.ndarray | None) -> bool:
+        """Keeps the tracks' places in the frame's pixels when a stream's frames change size (adaptive bitrate, a
+        new source): the same picture scaled keeps its tracks, scaled with it; a different aspect ratio (cropped,
+        letterboxed) ends them all, so that nothing is held or blurred where a face no longer is. A held face's
+        last paste, in the old frame's pixels, is not pasted again. True when tracks ended: the frame is then
+        detected, its faces starting new tracks."""
+        size = None if image is None else (int(image.shape[0]), int(image.shape[1]))
+        old, self._size = self._size, size
+        if old is None or size is None or size == old or not self.tracks:
+            return False
+        scale_y, scale_x = size[0] / old[0], size[1] / old[1]
+        if abs(scale_x / scale_y - 1.0) > ASPECT_TOLERANCE:
+            self.tracks = []
+            return True
+        scale = (scale_x + scale_y) / 2
+        for track in self.tracks:
+            # The filter works in units of the track's first face width: scaled with the faces, its state holds.
+            track.face, track.shown = _scaled(track.face, scale), _scaled(track.shown, scale)
+            track.unit *= scale
+            track.paste = None
+        return False
 
     def _largest(self, found: dict, unmatched: list[Face]) -> list[Face]:
         """A crowd: the max_faces largest faces of a detection frame are kept, as the detector keeps them (each
@@ -302,6 +328,19 @@ class FaceTracks:
             return dataclasses.replace(face, landmarks=landmarks)
         corners = track.filter(np.asarray(face.box, np.float64) / track.unit, dt) * track.unit
         return dataclasses.replace(face, box=tuple(int(round(v)) for v in corners))
+
+
+def _scaled(face: Face, scale: float) -> Face:
+    """The face in a frame scaled by `scale`."""
+    def points(array: np.ndarray | None) -> np.ndarray | None:
+        if array is None:
+            return None
+        out = (np.asarray(array, np.float64) * scale).astype(np.float32)
+        out.setflags(write=False)
+        return out
+
+    box = tuple(int(round(v * scale)) for v in face.box)
+    return dataclasses.replace(face, box=box, landmarks=points(face.landmarks), mesh=points(face.mesh))
 
 
 class FrameTicket:

@@ -116,10 +116,10 @@ class Scene:
                 out.append((face, 0.1))
         return out
 
-    async def step(self, tracks: FaceTracks, frame: int, follow: bool = True):
+    async def step(self, tracks: FaceTracks, frame: int, follow: bool = True, image: np.ndarray | None = None):
         self.frame = frame
-        detected = await self.detect(None) if tracks.wants_detection(frame) or not follow else None
-        return await tracks.update(frame, None, detected, self.detect, self.follow if follow else None)
+        detected = await self.detect(image) if tracks.wants_detection(frame) or not follow else None
+        return await tracks.update(frame, image, detected, self.detect, self.follow if follow else None)
 
 
 async def test_tracks_smooth_each_face_on_its_own_track_and_keep_their_ids():
@@ -217,6 +217,33 @@ async def test_a_crowd_is_followed_by_its_largest_faces_only():
     assert max(scene.followed) == 2
     with pytest.raises(ValueError, match="max_faces must be >= 1"):
         TrackingConfig(max_faces=0)
+
+
+async def test_frames_that_change_size_keep_their_tracks_scaled_or_end_them_when_the_picture_changes():
+    """Adaptive bitrate halves the frames: the faces' tracks follow, scaled. A crop to another aspect ratio: the
+    tracks end (nothing is held where a face no longer is) and the frame is detected at once."""
+    def script(frame):
+        if frame < 3:
+            return [_face(100, 50)]
+        if frame < 6:
+            return [_face(50, 25, width=50)]  # the same picture at half size
+        return [_face(50, 5, width=50)]  # cropped to 320 x 200
+
+    scene, tracks = Scene(script), FaceTracks(TrackingConfig(detect_every=10))
+    sizes = {0: (480, 640), 3: (240, 320), 6: (200, 320)}
+    seen, size = [], sizes[0]
+    for frame in range(8):
+        size = sizes.get(frame, size)
+        faces = await scene.step(tracks, frame, image=np.zeros((*size, 3), np.uint8))
+        seen.append([(f.track_id, f.state, f.face.box) for f in faces])
+        if frame == 2:
+            tracks.tracks[0].paste = asyncio.get_running_loop().create_future()  # a swap a lost face could hold
+        if frame == 3:
+            assert tracks.tracks[0].paste is None  # in the old frame's pixels: never pasted again
+    assert seen[1] == [(1, TRACKED, (100, 50, 200, 150))]
+    assert seen[3] == seen[4] == [(1, TRACKED, (50, 25, 100, 75))]  # followed at the new size, same track
+    assert seen[6] == [(2, DETECTED, (50, 5, 100, 55))] and seen[7] == [(2, TRACKED, (50, 5, 100, 55))]
+    assert scene.detections == [0, 6]  # the resize kept following; the crop was detected at once
 
 
 async def test_tracks_refuse_frames_out_of_order():
@@ -363,6 +390,22 @@ def test_a_stream_follows_its_face_between_detections_and_covers_it_by_policy_wh
         held = [image_of(replies[i]).astype(int) for i in (6, 7, 8)]
         region = np.abs(held[0] - franck_stream[6]).max(-1) > 0
         assert np.abs(held[0] - held[1])[region].mean() < 40  # only the noise under the feathered edge differs
+
+
+def test_a_stream_whose_frames_change_size_follows_its_face_at_the_new_size(stub, served_model, franck_stream):
+    """Half-size frames, then full-size ones (adaptive bitrate): the face keeps its track, and nothing is held where
+    it was in the small frames."""
+    import cv2
+
+    from facetwin.v1 import facetwin_pb2 as pb
+
+    small = [cv2.resize(f, (f.shape[1] // 2, f.shape[0] // 2), interpolation=cv2.INTER_AREA) for f in franck_stream[:3]]
+    replies = stream_frames(stub, served_model, small + franck_stream[3:6], lost_faces=pb.LOST_FACE_POLICY_HOLD)
+    faces = [reply.faces for reply in replies]
+    assert all(len(f) == 1 and f[0].track_id == 1 for f in faces), faces
+    assert all(f[0].state != pb.FACE_STATE_LOST for f in faces)
+    width = [f[0].box.x1 - f[0].box.x0 for f in faces]
+    assert 1.7 < width[3] / width[2] < 2.3, width  # the box in the new frame's pixels
 
 
 def test_a_lost_face_is_forgotten_after_lost_face_frames(stub, served_model, franck_stream):
