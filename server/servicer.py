@@ -180,6 +180,10 @@ def stream_frame(message, number: int, config: ServerConfig) -> tuple[int, SwapJ
     if isinstance(message, MalformedMessage):
         return 0, InvalidInputError(f"stream message {number} is not a valid SwapStreamRequest "
                                     f"({shorten(message.error)}); frame id unknown")
+    if not message.HasField("request"):  # a settings-only message, as some APIs open a stream with
+        return 0, InvalidInputError(f"stream message {number} carries no frame (SwapStreamRequest.request is unset): "
+                                    "every message carries one; put the stream's settings (policy, lost_faces, "
+                                    "lost_face_frames, request.mapping) on its first frame's message")
     try:
         return message.request.frame_id, job_from_proto(message.request, config)
     except SwapError as exc:

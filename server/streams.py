@@ -72,7 +72,7 @@ class StreamRun:
         self._in_flight = 0
         self._started: set[int] = set()  # id() of the answers of frames started and not yet sent
         self._freed = asyncio.Event()
-        self._end_error: SwapError | None = None  # how the stream ends once every answer is out
+        self._end_error: Exception | None = None  # how the stream ends once every answer is out
 
     async def answers(self) -> AsyncIterator[FrameAnswer]:
         """Every frame's answer in arrival order; raises the stream's own ending error (idle, drain, no frames)
@@ -122,6 +122,8 @@ class StreamRun:
                                                     "SwapStreamRequest")
         except SwapError as exc:  # the caller's side failed: idle, or a message that ended the stream
             self._end_error = exc
+        except Exception as exc:  # a bug reading frames: the frames taken are answered, then the stream ends with it
+            self._end_error = exc  # (INTERNAL, logged with its traceback by the interceptor), never as a clean end
         finally:  # a frame still waiting ("latest") starts when a running one finishes: taken frames are answered
             await self._answers.put(_End())
 

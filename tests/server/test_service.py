@@ -227,6 +227,17 @@ def test_a_bad_frame_gets_its_own_error_and_the_stream_goes_on(stub, served_mode
     assert_still_serving(stub, served_model)
 
 
+def test_a_settings_only_stream_message_says_where_the_settings_go(stub, served_model):
+    a, b = served_model.identities[:2]
+    settings = pb.SwapStreamRequest(policy=pb.STREAM_POLICY_LATEST)  # a "configure first" message, no frame
+    frame = pb.SwapStreamRequest(request=raw_request(served_model.sample_faces[a][0], served_model.model, b,
+                                                     frame_id=1))
+    replies = list(stub.SwapStream(iter([settings, frame]), timeout=30))
+    assert [r.status for r in replies] == [pb.FRAME_STATUS_ERROR, pb.FRAME_STATUS_OK]
+    assert replies[0].error.code_name == "INVALID_ARGUMENT"
+    assert "carries no frame" in replies[0].error.message and "on its first frame's message" in replies[0].error.message
+
+
 def test_malformed_protobuf_is_invalid_argument_not_unknown(channel, served_model):
     swap = channel.unary_unary("/facetwin.v1.FaceSwap/Swap", request_serializer=None, response_deserializer=None)
     for garbage in (b"\xff\xff\xff", b"\x0a\x05\xff\xfe\xfd\xfc\xfb"):  # a broken tag; invalid UTF-8 in `model`

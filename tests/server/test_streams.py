@@ -63,6 +63,18 @@ async def collect(run: StreamRun):
     return [answer async for answer in run.answers()]
 
 
+async def test_a_bug_reading_frames_ends_the_stream_with_it_after_the_frames_taken():
+    async def frames():
+        yield 0, 3
+        raise RuntimeError("a bug reading the next message")
+
+    answers = []
+    with pytest.raises(RuntimeError, match="a bug reading"):  # the interceptor answers it INTERNAL, and logs it
+        async for answer in StreamRun(frames(), SlowSquare(0.001), window=4).answers():
+            answers.append((answer.frame_id, answer.status, answer.outcome))
+    assert answers == [(0, OK, 9)]
+
+
 async def test_queue_answers_every_frame_in_order_within_the_window():
     swap = SlowSquare(0.005)
     out = await collect(StreamRun(aiter(Frames(range(30))), swap, window=4, policy="queue"))
