@@ -116,8 +116,10 @@ async def _dry_run(config: ServerConfig) -> None:
         ready = sum(m.status == pb.MODEL_STATUS_READY for m in listing.models)
         if not ready:
             raise ValueError(f"no model in {config.model_dir} loaded")
-        failed = f", {len(listing.models) - ready} failed (above)" if ready < len(listing.models) else ""
-        typer.echo(f"dry run ok: {ready} model(s) ready{failed}, in {time.perf_counter() - started:.1f} s")
+        if ready < len(listing.models):  # a deploy check: the server would start, without the failed ones
+            raise ValueError(f"{len(listing.models) - ready} of {len(listing.models)} model(s) in {config.model_dir} "
+                             "did not load (above): serve would serve only the others")
+        typer.echo(f"dry run ok: {ready} model(s) ready, in {time.perf_counter() - started:.1f} s")
     finally:
         await server.stop(grace=1.0)
 

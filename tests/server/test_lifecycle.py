@@ -79,6 +79,22 @@ def test_dry_run_swaps_through_real_grpc(tiny_model_dir):
     assert "model tiny: ready" in result.stdout and "dry run ok: 1 model(s)" in result.stdout
 
 
+def test_dry_run_fails_when_any_bundle_fails_to_load(tiny_model_dir, tmp_path):
+    """A deploy check: a server that would serve some bundles but not all is not ok."""
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir / "tiny", models / "tiny")
+    shutil.copytree(tiny_model_dir / "tiny", models / "broken")
+    weights = next(p for p in (models / "broken").iterdir() if p.suffix == ".onnx")
+    weights.write_bytes(weights.read_bytes()[:-10])  # its sha256 no longer matches the manifest's
+    result = subprocess.run([str(SERVER), "serve", "--dry-run", "--model-dir", str(models)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "model tiny: ready" in result.stdout and "model broken: FAILED" in result.stdout
+    assert "1 of 2 model(s)" in result.stderr and "did not load" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_healthcheck_fails_without_a_server():
     probe = subprocess.run([str(SERVER), "healthcheck", "--address", f"127.0.0.1:{_free_port()}", "--timeout", "1"],
                            capture_output=True, text=True, timeout=30)
