@@ -393,7 +393,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             job, claim = job if isinstance(job, tuple) else (job, None)
             return self.engine.swap(job, caller, wait_s=context.time_remaining(), stream=faces_over_time, claim=claim)
 
-        async def admit(job: SwapJob):  # queue policy: the stream reads on once its frame has its frame memory
+        async def admit(job: SwapJob):  # a frame starts once it has its frame memory (streams.py)
             job, claim = self.engine.claim_memory(job, faces_over_time)
             try:
                 await claim.wait(context.time_remaining())

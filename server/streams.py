@@ -6,7 +6,9 @@ Flow control follows the stream's policy:
   memory), the stream also reads no further until the frame it holds is admitted, so it never holds more than one
   frame waiting for memory.
 - "latest" (latest frame wins): up to `window` frames run at once; when the stream falls behind, a frame still
-  waiting to start is answered DROPPED as soon as a newer frame arrives.
+  waiting to start is answered DROPPED as soon as a newer frame arrives. With `admit`, a frame starts once admitted,
+  one frame at a time, and a frame still waiting for admission is dropped for a newer one like any frame not started:
+  the stream holds at most one frame waiting for memory, the newest.
 
 A frame that cannot be swapped is answered with its error, in its place, and the stream goes on: one bad frame
 never costs the caller the frames after it. The stream itself ends early only when the caller sends nothing for
@@ -49,9 +51,10 @@ class StreamRun:
     """Runs one stream: `async for answer in StreamRun(...).answers()`.
 
     `frames` yields (frame_id, job); a job may be a SwapError (a frame that could not even be read), answered with
-    that error in its place. `swap(job)` computes one outcome; it is called in arrival order. `admit(job)`, for the
-    queue policy: awaited before a frame starts, in arrival order; it returns (what swap() gets, a release function
-    called once the frame's task ends, however it ends), or raises a SwapError that answers the frame."""
+    that error in its place. `swap(job)` computes one outcome; it is called in arrival order. `admit(job)`: awaited
+    before a frame starts, in arrival order, one frame at a time; it returns (what swap() gets, a release function
+    called once the frame's task ends, however it ends), or raises a SwapError that answers the frame; under the
+    latest policy it may be cancelled (the frame dropped for a newer one)."""
 
     def __init__(self, frames: AsyncIterator[tuple[int, Any]], swap: Callable[[Any], Awaitable[Any]], *,
                  window: int, policy: str = "queue", stop: asyncio.Event | None = None,
@@ -66,6 +69,8 @@ class StreamRun:
         # stream from reading frames too (push-back both ways).
         self._answers: asyncio.Queue = asyncio.Queue(maxsize=4 * window)
         self._waiting: collections.deque = collections.deque()  # "latest": frames not started yet
+        # "latest" with admit: (task, frame id, answer) of the frame being admitted; its window place is taken
+        self._admitting: tuple[asyncio.Task, int, asyncio.Future] | None = None
         self._running: set[asyncio.Task] = set()
         # Frames started and not yet answered to the caller (the window counts these): a finished answer holds its
         # image until it is sent, so a caller that stops reading holds at most a window of them in the server.
@@ -148,8 +153,40 @@ class StreamRun:
         while len(self._waiting) > 1:  # latest frame wins: older frames not started yet are dropped
             stale_id, _, stale = self._waiting.popleft()
             stale.set_result(FrameAnswer(stale_id, DROPPED))
-        while self._waiting and self._in_flight < self.window:
-            self._start(*self._waiting.popleft())
+        if self._admitting is not None:  # so is one still waiting for admission (its admit gives its place up)
+            task, stale_id, stale = self._admitting
+            self._admitting = None
+            self._in_flight -= 1
+            task.cancel()
+            stale.set_result(FrameAnswer(stale_id, DROPPED))
+        self._start_latest()
+
+    def _start_latest(self) -> None:
+        """Starts the waiting frame where the window has room (after its admission, with admit)."""
+        while self._waiting and self._in_flight < self.window and self._admitting is None:
+            frame_id, job, answer = self._waiting.popleft()
+            if self._admit is None:
+                self._start(frame_id, job, answer)
+                continue
+            self._in_flight += 1  # the frame's place while it is admitted
+            task = asyncio.get_running_loop().create_task(self._admit_latest(frame_id, job, answer))
+            self._admitting = (task, frame_id, answer)
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _admit_latest(self, frame_id: int, job: Any, answer: asyncio.Future) -> None:
+        assert self._admit is not None
+        release = None
+        try:
+            job, release = await self._admit(job)
+        except SwapError as exc:  # this frame only (its deadline passed waiting): the stream goes on
+            answer.set_result(FrameAnswer(frame_id, ERROR, error=exc))
+        # Admitted or refused, never dropped meanwhile (a newer frame cancels this task, and only while it waits).
+        self._admitting = None
+        self._in_flight -= 1
+        if release is not None:
+            self._start(frame_id, job, answer, release)
+        self._start_latest()
 
     def _start(self, frame_id: int, job: Any, answer: asyncio.Future,
                release: Callable[[], None] | None = None) -> None:
@@ -179,8 +216,7 @@ class StreamRun:
     def _release(self) -> None:
         self._in_flight -= 1
         self._freed.set()
-        while self._waiting and self._in_flight < self.window:
-            self._start(*self._waiting.popleft())
+        self._start_latest()
 
 
 async def next_message(messages: AsyncIterator[Any], idle_timeout_s: float, stop: asyncio.Event | None) -> Any:

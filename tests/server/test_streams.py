@@ -157,6 +157,36 @@ async def test_admission_reads_on_only_once_a_frame_is_admitted_and_releases_eve
     assert sorted(released) == [0, 1, 2, 4] and memory.held == 0
 
 
+async def test_latest_admits_one_frame_at_a_time_and_drops_it_for_a_newer_one_while_it_waits():
+    """The frame memory has room for one frame: while frame 0 runs, each newer frame takes the place of the one
+    waiting for memory (dropped), so the stream holds one waiting frame, the newest, which runs next."""
+    memory = FrameMemory(1)
+    released: list[int] = []
+    most_waiting = 0
+
+    async def admit(job):
+        nonlocal most_waiting
+        claim = memory.claim(1)
+        most_waiting = max(most_waiting, memory.waiting)
+        try:
+            await claim.wait()
+        except BaseException:
+            claim.release()
+            raise
+
+        def release():
+            claim.release()
+            released.append(job)
+        return job, release
+
+    swap = SlowSquare(0.15)
+    out = await collect(StreamRun(aiter(Frames(range(6), gap_s=0.01)), swap, window=2, policy="latest",
+                                  admit=admit))
+    assert [(a.frame_id, a.status) for a in out] == [(0, OK)] + [(i, DROPPED) for i in range(1, 5)] + [(5, OK)]
+    assert swap.started == [0, 5] and sorted(released) == [0, 5]
+    assert most_waiting == 1 and memory.held == 0 and memory.waiting == 0
+
+
 async def test_admitted_frames_are_released_when_the_stream_is_cut_off():
     released = []
 
