@@ -132,6 +132,11 @@ class ServerConfig:
     log_format: str = setting("text", "log lines: text, or json (one object per line, with the request id of the "
                               "call each line is about)")
     grace_s: float = setting(10.0, "on SIGTERM: seconds in-flight calls get to finish before the server stops", least=0)
+    # A client keeps one HTTP/2 connection, so one replica gets all of its calls until the connection ends; ending
+    # connections at an age makes clients connect again (re-resolving DNS) and spreads them over replicas added since.
+    max_connection_age_s: float = setting(300.0, "a client connection older than this is asked to reconnect (new "
+                                          "calls go on a new connection; calls and streams in progress are never "
+                                          "cut), seconds (0: never)", least=0, zero="never")
     metrics_port: int = setting(0, "Prometheus /metrics HTTP port (0: off)", least=0, most=65535, zero="off")
     # Metrics carry no credentials check of their own: loopback unless an operator opens them on purpose.
     metrics_address: str = setting("127.0.0.1", "interface the Prometheus port binds (0.0.0.0: all)")

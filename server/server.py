@@ -41,6 +41,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3)
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: only blocks over 32 MiB get their own mapping
 TRIM_THRESHOLD_BYTES = 256 << 20  # free memory an arena keeps before it gives some back
+MIN_CLIENT_PING_S = 10  # the most often a client may send keepalive pings (gRPC's default: every 5 minutes)
 
 
 class FaceSwapServer:
@@ -64,6 +65,7 @@ class FaceSwapServer:
             # Off, so a second server on a taken port fails to bind instead of sharing its calls; on where this is
             # one of several serving processes meant to share the port (processes.py).
             ("grpc.so_reuseport", int(config.processes > 1)),
+            *connection_options(config),
         ])
         self.engine = SwapEngine(self.registry)
         self.servicer = FaceSwapServicer(self.registry, self.engine, config)
@@ -169,6 +171,18 @@ class FaceSwapServer:
         log.warning("stopping at once: the calls still in flight end UNAVAILABLE")
         self.calls.cut_off_at = time.perf_counter()
         await self.grpc_server.stop(0)
+
+
+def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """HTTP/2 connection settings: the connection age (ServerConfig.max_connection_age_s; no grace limit, so the
+    calls and streams on an old connection all end as they would have), and keepalive pings from clients down to one
+    every MIN_CLIENT_PING_S, with or without calls, so a client that pings to keep a NAT or proxy open, or to find a
+    dead connection early, is not sent away for pinging."""
+    options = [("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_CLIENT_PING_S * 1000),
+               ("grpc.keepalive_permit_without_calls", 1)]
+    if config.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
+    return options
 
 
 def keep_freed_memory() -> bool:

@@ -81,8 +81,6 @@ def test_dry_run_swaps_through_real_grpc(tiny_model_dir):
 
 def test_dry_run_fails_when_any_bundle_fails_to_load(tiny_model_dir, tmp_path):
     """A deploy check: a server that would serve some bundles but not all is not ok."""
-    import shutil
-
     models = tmp_path / "models"
     shutil.copytree(tiny_model_dir / "tiny", models / "tiny")
     shutil.copytree(tiny_model_dir / "tiny", models / "broken")
@@ -93,6 +91,36 @@ def test_dry_run_fails_when_any_bundle_fails_to_load(tiny_model_dir, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "model tiny: ready" in result.stdout and "model broken: FAILED" in result.stdout
     assert "1 of 2 model(s)" in result.stderr and "did not load" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("age_s", [1.0, 0.0], ids=["aged", "never"])
+def test_old_connections_are_asked_to_reconnect_and_their_streams_run_to_the_end(tiny_model_dir, age_s):
+    """Past --max-connection-age-s the server asks the client to reconnect (new replicas then get their share of a
+    long-lived client); a stream running on the old connection is never cut."""
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0,
+                                       max_connection_age_s=age_s))
+    face = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    request = pb.SwapRequest(model="tiny", target="ben", image=pb.Image(raw=pb.RawImage(
+        pixels=face.tobytes(), height=32, width=32, channels=3)))
+
+    def frames():
+        for i in range(8):  # ~2.4 s: past the connection's age
+            time.sleep(0.3)
+            yield pb.SwapStreamRequest(request=pb.SwapRequest(frame_id=i, **{f.name: v for f, v in request.ListFields()}))
+
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            channel.subscribe(states.append)
+            replies = list(pb_grpc.FaceSwapStub(channel).SwapStream(frames(), timeout=60))
+            assert [r.status for r in replies] == [pb.FRAME_STATUS_OK] * 8
+            time.sleep(1.5)
+            assert pb_grpc.FaceSwapStub(channel).Swap(request, timeout=10).image.raw.pixels  # on a new connection
+            channel.unsubscribe(states.append)
+    finally:
+        server.stop()
+    reconnected = grpc.ChannelConnectivity.IDLE in states[states.index(grpc.ChannelConnectivity.READY):]
+    assert reconnected == (age_s > 0), states
 
 
 def test_healthcheck_fails_without_a_server():
