@@ -44,6 +44,8 @@ from facetwin.core.bundle import (
 )
 from facetwin.core.files import DIR_MODE, FILE_MODE, atomic_write_bytes, replace_folder, sha256_file
 
+from .export import check_finite
+
 DFM_INPUT = "in_face:0"
 DFM_MORPH = "morph_value:0"
 DFM_FACE_MASK, DFM_CELEB, DFM_CELEB_MASK = "out_face_mask:0", "out_celeb_face:0", "out_celeb_face_mask:0"
@@ -190,6 +192,13 @@ def _bundle_run(bundle_dir: Path, manifest: Manifest, target: str, rgb_nchw: np.
                                                        {manifest.input.name: rgb_nchw.astype(dtype)})]
 
 
+def _finite(what: str, *arrays: np.ndarray) -> None:
+    try:
+        check_finite(what, *arrays)
+    except ValueError as exc:
+        raise DfmError(str(exc)) from None
+
+
 def _check_dfm_against_bundle(model: Any, bundle_dir: Path, manifest: Manifest, target: str,
                               face_mask_from: str | None, seed: int = 0) -> float:
     """Largest |.dfm output - bundle output| on random faces, run the way DeepFaceLive runs a .dfm."""
@@ -199,6 +208,8 @@ def _check_dfm_against_bundle(model: Any, bundle_dir: Path, manifest: Manifest, 
     rgb_nchw = np.ascontiguousarray(bgr[..., ::-1].transpose(0, 3, 1, 2))
     face, mask = _bundle_run(bundle_dir, manifest, target, rgb_nchw)
     want_face_mask = _bundle_run(bundle_dir, manifest, face_mask_from, rgb_nchw)[1] if face_mask_from else mask
+    _finite(f"the bundle {bundle_dir.name}", face, mask, want_face_mask)
+    _finite("the .dfm written from it", face_mask, celeb, celeb_mask)
     pairs = ((celeb, face.transpose(0, 2, 3, 1)[..., ::-1]), (celeb_mask, mask.transpose(0, 2, 3, 1)),
              (face_mask, want_face_mask.transpose(0, 2, 3, 1)))
     return max(float(np.abs(got - want).max()) for got, want in pairs)
@@ -365,5 +376,7 @@ def _check_bundle_against_dfm(model: Any, original: Any, signature: dict[str, An
         feeds[signature["morph"]] = np.full(shape, morph, np.float32)
     names = signature["outputs"]
     celeb, celeb_mask = session.run([names[_base(DFM_CELEB)], names[_base(DFM_CELEB_MASK)]], feeds)
+    _finite("the .dfm", celeb, celeb_mask)
+    _finite("the bundle converted from it", face, mask)
     return max(float(np.abs(face - celeb[..., ::-1].transpose(0, 3, 1, 2)).max()),
                float(np.abs(mask - celeb_mask.transpose(0, 3, 1, 2)).max()))

@@ -48,6 +48,14 @@ MAX_ABS_ERROR = 1e-3  # ONNX Runtime vs torch on the same inputs; float32 graphs
 CHECK_BATCHES = (1, 3)  # batch sizes run through both runtimes (1 and >1 exercise the dynamic axis)
 
 
+def check_finite(what: str, *arrays: np.ndarray) -> None:
+    """Raises ValueError when any output holds a NaN or an infinity: such a graph compares as 'no error' against
+    another broken one (every comparison with NaN is false), so its outputs are checked first."""
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError(f"{what} gives NaN or infinite outputs: its weights are broken (a diverged run, a damaged "
+                         "file); export an earlier checkpoint, or train again with a lower --lr")
+
+
 class ExportError(ValueError):
     """The export cannot proceed (bad name, bundle exists) or a graph failed its check."""
 
@@ -89,6 +97,11 @@ def check_graph(path: Path, graph: SwapGraph, resolution: int, seed: int = 0) ->
         with torch.no_grad():
             expected = [t.numpy() for t in graph(face)]
         actual = session.run([OUTPUT_FACE, OUTPUT_MASK], {INPUT_NAME: face.numpy()})
+        try:
+            check_finite("the model", *expected)
+            check_finite("its ONNX graph", *actual)
+        except ValueError as exc:
+            raise ExportError(f"{path.name}: {exc}") from None
         for want, got in zip(expected, actual):
             if want.shape != got.shape:
                 raise ExportError(f"{path.name}: ONNX output shape {got.shape} != torch {want.shape} at batch {batch}")

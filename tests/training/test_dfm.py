@@ -88,6 +88,22 @@ def test_round_trip_gives_the_same_outputs(exported, tiny, tmp_path):
     assert (tmp_path / "models" / "mine" / "keep.txt").read_text() == "kept"
 
 
+def test_a_dfm_with_broken_weights_is_refused_not_compared(exported, tmp_path):
+    """NaN weights give NaN outputs, which compare as 'no error' against NaN: they are refused by name."""
+    from onnx import numpy_helper
+
+    path, _, _ = exported
+    model = onnx.load(str(path))
+    first = next(t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) > 1)
+    broken = numpy_helper.to_array(first).copy()
+    broken[...] = np.nan
+    first.CopyFrom(numpy_helper.from_array(broken, first.name))
+    onnx.save(model, str(tmp_path / "broken.dfm"))
+    with pytest.raises(dfm.DfmError, match="NaN or infinite outputs"):
+        dfm.dfm_to_bundle(tmp_path / "broken.dfm", tmp_path / "models", "broken")
+    assert not (tmp_path / "models" / "broken").exists()
+
+
 def test_imported_bundle_is_served_by_the_real_server(exported, tiny, tiny_model_dir, tmp_path):
     from facetwin.client import Client
     from tests.conftest import ServerThread

@@ -120,6 +120,20 @@ def test_bad_names_and_checkpoints_are_clear_errors(checkpoint, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_checkpoint_with_broken_weights_is_refused(checkpoint, tmp_path):
+    """NaN weights (a diverged run, a damaged file) give NaN outputs on both sides of the export check, which would
+    compare as 'no error'."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for key in ("model", "ema"):
+        for tensor in (state.get(key) or {}).values():
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+    torch.save(state, tmp_path / "broken.pt")
+    with pytest.raises(ExportError, match="NaN or infinite outputs"):
+        export_bundle(tmp_path / "broken.pt", tmp_path / "models", name="broken")
+    assert not (tmp_path / "models" / "broken").exists()
+
+
 def test_a_failure_mid_export_leaves_no_bundle_and_no_debris(checkpoint, tmp_path, monkeypatch):
     calls = []
     real = export_mod.export_graph
