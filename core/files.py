@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -98,24 +102,86 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 @contextlib.contextmanager
 def replace_folder(dest: Path, mode: int | None = None) -> Iterator[Path]:
     """Yields an empty staging folder beside dest to fill (0700, as mkdtemp makes it, or `mode`). If the block
-    succeeds, an old dest is moved aside, the staging folder renamed to dest and the old one deleted, so readers see
-    the old folder or the whole new one, never a half-written one; if it raises, the staging folder is deleted and
-    dest is left as it was."""
+    succeeds, the staging folder takes dest's place in one step where the system can (Linux: an exchange of the two
+    names), else the old dest is moved aside first; the old one is then deleted. Readers see the old folder or the
+    whole new one, never a half-written one; if the block raises, the staging folder is deleted and dest is left as
+    it was. Staging folders of writers killed before they could clean up (SIGKILL, power loss) are deleted first;
+    a writer holds a lock on its own while it lives, so a live one's is never taken."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(dest)
     try:
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
     except OSError as exc:  # named after dest: the staging folder's random name means nothing to a reader
         raise type(exc)(exc.errno, f"{exc.strerror} (no folder can be made beside it)", str(dest)) from None
+    held = [_lock_folder(staging)]
     if mode is not None:
         staging.chmod(mode)
     retired = None
     try:
         yield staging
-        if dest.exists():
+        if not dest.exists() and not dest.is_symlink():
+            os.replace(staging, dest)
+        elif _exchange(staging, dest):
+            retired = staging  # now the old folder
+        else:
             retired = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            held.append(_lock_folder(retired))
             os.replace(dest, retired / dest.name)
-        os.replace(staging, dest)
+            os.replace(staging, dest)
     finally:
         for leftover in (staging, retired):
             if leftover is not None and leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
+        for fd in held:
+            os.close(fd)
+
+
+def remove_stale_staging(dest: Path) -> list[Path]:
+    """Deletes the staging and retired folders replace_folder(dest) left behind in processes that died mid-way:
+    those beside dest that no live writer holds locked."""
+    # mkdtemp's names: the prefix, then 8 of [a-z0-9_]
+    pattern = re.compile(rf"\.{re.escape(dest.name)}(-|\.old-)[a-z0-9_]{{8}}")
+    stale = []
+    for entry in sorted(dest.parent.iterdir()) if dest.parent.is_dir() else []:
+        if not pattern.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer's
+            continue
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            stale.append(entry)
+        finally:
+            os.close(fd)
+    return stale
+
+
+def _lock_folder(folder: Path) -> int:
+    """An open descriptor of folder holding an exclusive lock, released when the descriptor closes (or its process
+    dies)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps the two names in one step (Linux renameat2 RENAME_EXCHANGE, glibc 2.28+); False where the system or the
+    file system cannot, and nothing was changed."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))

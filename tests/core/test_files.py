@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from facetwin.core.files import atomic_write, atomic_write_bytes
+from facetwin.core.files import atomic_write, atomic_write_bytes, replace_folder
 
 
 def test_a_write_replaces_the_file_whole_or_not_at_all(tmp_path):
@@ -39,3 +39,47 @@ def test_what_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder"):
         atomic_write_bytes(tmp_path, b"report")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.md"]
+
+
+def test_a_folder_is_replaced_in_one_step_and_a_failed_fill_leaves_it_as_it_was(tmp_path):
+    dest = tmp_path / "bundle"
+    with replace_folder(dest) as staging:
+        (staging / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with replace_folder(dest) as staging:
+            (staging / "a.txt").write_text("half")
+            raise RuntimeError("stopped mid-way")
+    assert (dest / "a.txt").read_text() == "one"
+    with replace_folder(dest) as staging:
+        (staging / "b.txt").write_text("two")
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"] and [p.name for p in dest.iterdir()] == ["b.txt"]
+
+
+def test_staging_folders_of_killed_writers_are_cleared_and_a_live_writers_kept(tmp_path):
+    """SIGKILL runs no cleanup: the next writer of the same folder deletes what is left, but never the staging folder
+    of a writer still at work (it holds a lock on it)."""
+    import signal
+    import subprocess
+    import sys
+
+    dest = tmp_path / "bundle"
+    script = ("import sys, time; from pathlib import Path; from facetwin.core.files import replace_folder\n"
+              "with replace_folder(Path(sys.argv[1])) as staging:\n"
+              "    (staging / 'w.bin').write_bytes(b'x' * 1000); print(staging.name, flush=True); time.sleep(60)\n")
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(dest)], stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    try:
+        names = [writer.stdout.readline().strip() for writer in writers]
+        writers[0].send_signal(signal.SIGKILL)
+        writers[0].wait(30)
+        other = tmp_path / ".bundles-abcdefgh"  # another folder's name that merely starts alike
+        other.mkdir()
+        with replace_folder(dest) as staging:
+            (staging / "a.txt").write_text("mine")
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == sorted([".bundles-abcdefgh", "bundle", names[1]]), (left, names)
+        assert (dest / "a.txt").read_text() == "mine"
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait(30)
