@@ -21,6 +21,7 @@ from .errors import (
     FaceTwinError,
     InvalidInputError,
     MediaFileError,
+    MissingPyAVError,
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -66,6 +67,7 @@ __all__ = [
     "PermissionDeniedError",
     "ServerError",
     "MediaFileError",
+    "MissingPyAVError",
     "CancelledError",
     "from_rpc_error",
 ]

@@ -23,10 +23,11 @@ from .batch import BatchInterrupted, BatchItem, PlanError, expected_frames, plan
 from .client import DEFAULT_ADDRESS, Client
 from .credentials import read_pem
 from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundError, UnavailableError
-from .files import swap_image_file, swap_video_file
-from .images import FacesArg, sniff_format
+from .files import photo_scale, swap_image_file, swap_video_file
+from .images import FacesArg, request_headroom, sniff_format
 from .mapping import FaceMapping
 from .media import IMAGE_OUTPUTS, IMAGE_SUFFIXES, VIDEO_OUTPUTS, VIDEO_SUFFIXES, check_writable, probe, read_image
+from .scaling import FrameLimits, fit_scale
 from .types import FileReport
 from .video import VideoOptions
 
@@ -121,8 +122,41 @@ def _describe_faces(faces: FacesArg) -> str:
 def _summary_line(report: FileReport) -> str:
     per_second = report.frames / report.seconds if report.seconds else 0.0
     audio = f"; {report.audio_streams} audio stream(s) copied" if report.audio_streams else ""
+    scaled = f"; {report.scale_note}" if report.scale_note else ""
     return (f"wrote {report.output}: {report.frames} frame(s), {report.frames_with_faces} with a face, "
-            f"{report.faces_swapped} face(s) swapped, in {report.seconds:.1f} s ({per_second:.1f} frames/s){audio}")
+            f"{report.faces_swapped} face(s) swapped, in {report.seconds:.1f} s ({per_second:.1f} frames/s){audio}"
+            f"{scaled}")
+
+
+_DRY_RUN_TIMEOUT_S = 5.0
+
+
+def _dry_run_limits(address: str, credentials: dict[str, Any]) -> tuple[FrameLimits | None, str]:
+    """The limits a dry run checks sizes against (asked of the server: no work is sent), or a note saying why they
+    are not checked."""
+    try:
+        with Client(address, timeout=_DRY_RUN_TIMEOUT_S, **credentials) as client:
+            info = client.server_info()
+            return FrameLimits.from_server(info.limits, client.max_message_bytes), ""
+    except FaceTwinError as exc:
+        return None, f"note: sizes not checked against the server's limits ({_describe(exc, address)})"
+
+
+def _size_note(kind: str, source: Path, info: Any, limits: FrameLimits | None, faces: FacesArg) -> str:
+    """"" when a file goes to the server as it is; "sent at 1/k scale: why" when it will be sent scaled down. Raises
+    MediaFileError when no scale fits."""
+    if limits is None or faces is None:
+        return ""
+    if kind == "image":
+        k, reason = photo_scale(read_image(source), limits, faces)
+    else:
+        k, reason = fit_scale(info.height, info.width, limits, request_headroom(faces, color="rgb"))
+    if not reason:
+        return ""
+    if k == 0:
+        raise MediaFileError(source, f"is {info.width}x{info.height}, {reason}, and sent at any scale it would not "
+                                     "fit the server's limits")
+    return "sent as pixels: its file is " + reason if k == 1 else f"sent at 1/{k} scale: {reason}"
 
 
 def _kind_of(path: Path) -> tuple[str, Any]:
@@ -162,15 +196,23 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
     credentials = swap.pop("credentials")
     if dry_run:
         check_writable(output, source)
+        if mask is not None:
+            check_writable(mask, source)
+        limits, unchecked = _dry_run_limits(address, credentials)
+        scaled = _size_note(kind, source, info, limits, swap["faces"])
+        scaled = f"; {scaled}" if scaled else ""
         if kind == "image":
             print(f"dry run: would send {source} ({description}) to {address}: model={swap['model']} "
                   f"target={swap['target']} faces={_describe_faces(swap['faces'])} -> {output}"
-                  + (f", mask -> {mask}" if mask is not None else ""))
+                  + (f", mask -> {mask}" if mask is not None else "") + scaled)
         else:
             frames = min(info.frames, video_options.max_frames or info.frames) if info.frames else None
+            audio = ", audio copied" if info.audio else ""
             print(f"dry run: would stream {frames or 'all'} frames of {source} ({description}) to {address}: "
                   f"model={swap['model']} target={swap['target']} faces={_describe_faces(swap['faces'])} -> {output} "
-                  f"({video_options.codec} yuv420p, audio copied)")
+                  f"({video_options.codec} yuv420p{audio}){scaled}")
+        if unchecked:
+            print(unchecked)
         return
     with Client(address, **credentials) as client:
         if kind == "image":
@@ -197,11 +239,14 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
     summary = summary or out_dir / SUMMARY_NAME
     pending = [i for i in items if i.error is None and (overwrite or not i.output.exists())]
     if dry_run:
+        limits, unchecked = _dry_run_limits(swap["address"], swap["credentials"]) if pending else (None, "")
         bad = 0
         for item in items:
             if item.error is None and item in pending:
                 try:
-                    state = f"swap ({_inspect(item.source)[2]})"
+                    kind, info, description = _inspect(item.source)
+                    scaled = _size_note(kind, item.source, info, limits, swap["faces"])
+                    state = f"swap ({description}{'; ' + scaled if scaled else ''})"
                 except MediaFileError as exc:
                     state, bad = f"would fail ({exc.details})", bad + 1
             else:
@@ -209,6 +254,8 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
             print(f"{item.source}" + (f" -> {item.output}" if item.output else "") + f": {state}")
         print(f"dry run: {len(pending) - bad} of {len(items)} file(s) would be swapped through {swap['address']} "
               f"({jobs} at a time); summary -> {summary}")
+        if unchecked:
+            print(unchecked)
         return
     check_writable(summary)
     total = sum(expected_frames(item) or 0 for item in pending) or None  # a broken file counts 0 (it fails fast)

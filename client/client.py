@@ -24,6 +24,7 @@ from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 from .credentials import PemInput, channel_credentials
 from .errors import (
     CancelledError,
+    DeadlineExceededError,
     FaceTwinError,
     InvalidInputError,
     ServerError,
@@ -40,9 +41,13 @@ from .images import (
     StreamState,
     build_swap_request,
     check_request_size,
+    finish_scaled,
+    may_scale,
+    plan_scaled,
     result_from_response,
 )
 from .mapping import LostFaces
+from .scaling import FrameLimits, ScaledFrame
 from .types import ModelInfo, ServerInfo, SwapResult
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_ADDRESS"]
@@ -52,6 +57,7 @@ _END = object()  # sentinel for an exhausted frame iterator
 _SLOT_POLL_S = 0.05  # how often a blocked sync request thread checks whether the stream was abandoned
 _SOURCE_RELEASE_S = 10.0  # how long an ended sync stream waits for a frame read under way on its request thread
 _RECONNECT_POLL_S = 0.25  # how often a sync stream waiting for its server to come back checks for close()
+_LIMITS_TIMEOUT_S = 10.0  # the most a first whole frame waits for the server's limits
 
 
 def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> InvalidInputError:
@@ -101,6 +107,10 @@ class _ClientBase:
         self._max_bytes = int(max_message_mb * 2**20)
         self._credentials = channel_credentials(address, **credentials)
         self._closed = False
+        # The limits a whole frame sent as an array must fit (see scaling.py), asked of the server once, when the
+        # first whole frame is sent; None (after asking) where the server does not say.
+        self._frame_limits: FrameLimits | None = None
+        self._frame_limits_known = False
 
     def _channel_options(self) -> list[tuple[str, int]]:
         return [
@@ -137,6 +147,33 @@ class _ClientBase:
         request = build_swap_request(image, model, target, **kwargs)
         check_request_size(request, self._max_bytes)
         return request
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message this client sends or receives (max_message_mb)."""
+        return self._max_bytes
+
+    def _limits_timeout(self) -> float:
+        return min(self.timeout or _LIMITS_TIMEOUT_S, _LIMITS_TIMEOUT_S)
+
+    def _keep_limits(self, info: ServerInfo | None, error: FaceTwinError | None = None) -> FrameLimits | None:
+        """Records the server's limits. A server that could not be reached is asked again next time; one that does not
+        answer GetServerInfo (or refuses it) gets frames as they are, and says itself what is too large."""
+        if isinstance(error, (UnavailableError, DeadlineExceededError, CancelledError)):
+            return None
+        self._frame_limits_known = True
+        if info is not None:
+            self._frame_limits = FrameLimits.from_server(info.limits, self.max_message_bytes)
+        return self._frame_limits
+
+    def _prepare_swap(self, image: ImageInput, model: str, target: str, limits: FrameLimits | None,
+                      **kwargs: Any) -> tuple[pb.SwapRequest, ScaledFrame | None]:
+        """The request, with a whole frame over the server's limits sent scaled (asking for its mask to blend with)."""
+        scaled = plan_scaled(image, kwargs["faces"], limits, color=kwargs["color"])
+        if scaled is not None:
+            image = scaled.small
+            kwargs["return_mask"] = True
+        return self._swap_request(image, model, target, **kwargs), scaled
 
     def _stream_setup(
         self, model: str, target: str, color: ColorName, return_mask: bool, max_in_flight: int, timeout: float | None,
@@ -216,6 +253,15 @@ class Client(_ClientBase):
             raise self._error(err) from err
         return ServerInfo.from_proto(response)
 
+    def frame_limits(self) -> FrameLimits | None:
+        """The limits a whole frame sent as an array must fit (asked of the server once); None where it does not say."""
+        if not self._frame_limits_known:
+            try:
+                return self._keep_limits(self.server_info(timeout=self._limits_timeout()))
+            except FaceTwinError as exc:
+                return self._keep_limits(None, exc)
+        return self._frame_limits
+
     def swap(
         self,
         image: ImageInput,
@@ -244,8 +290,9 @@ class Client(_ClientBase):
         keep_shape: whole frames only: how far each swapped face is bent toward the original face's shape, 0 (the
         target's) .. 1 (the original's); None = the server's default (0.5).
         """
-        request = self._swap_request(
-            image, model, target, color=color, return_mask=return_mask, encoding=encoding,
+        limits = self.frame_limits() if may_scale(image, faces, encoding) else None
+        request, scaled = self._prepare_swap(
+            image, model, target, limits, color=color, return_mask=return_mask, encoding=encoding,
             frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces, keep_shape=keep_shape,
         )
         deadline = self._deadline(timeout)
@@ -253,7 +300,7 @@ class Client(_ClientBase):
             response = self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
             raise self._error(err) from err
-        return result_from_response(response, color=color, sent=request)
+        return finish_scaled(scaled, result_from_response(response, color=color, sent=request), return_mask)
 
     def stream(
         self,
@@ -304,6 +351,8 @@ class Client(_ClientBase):
         slots = threading.Semaphore(max_in_flight)
         pulling = threading.Lock()  # held by gRPC's request thread while it is inside `frames`
         ends_at = None if deadline is None else time.monotonic() + deadline
+        if state.faces is not None:  # whole frames: those over the server's limits are sent scaled
+            state.limits = self.frame_limits()
 
         def requests(call_over: threading.Event, resend: list[pb.SwapStreamRequest]) -> Iterator[pb.SwapStreamRequest]:
             """One call's requests: the frames sent on an earlier call and not answered, then new ones."""
@@ -459,6 +508,15 @@ class AsyncClient(_ClientBase):
             raise self._error(err) from err
         return ServerInfo.from_proto(response)
 
+    async def frame_limits(self) -> FrameLimits | None:
+        """See Client.frame_limits."""
+        if not self._frame_limits_known:
+            try:
+                return self._keep_limits(await self.server_info(timeout=self._limits_timeout()))
+            except FaceTwinError as exc:
+                return self._keep_limits(None, exc)
+        return self._frame_limits
+
     async def swap(
         self,
         image: ImageInput,
@@ -475,8 +533,9 @@ class AsyncClient(_ClientBase):
         timeout: float | None = None,
     ) -> SwapResult:
         """Swaps one aligned face to `target`; see Client.swap."""
-        request = self._swap_request(
-            image, model, target, color=color, return_mask=return_mask, encoding=encoding,
+        limits = await self.frame_limits() if may_scale(image, faces, encoding) else None
+        request, scaled = self._prepare_swap(
+            image, model, target, limits, color=color, return_mask=return_mask, encoding=encoding,
             frame_id=frame_id, jpeg_quality=jpeg_quality, faces=faces, keep_shape=keep_shape,
         )
         deadline = self._deadline(timeout)
@@ -485,7 +544,7 @@ class AsyncClient(_ClientBase):
                 response = await self._stub.Swap(request, timeout=deadline)
         except grpc.RpcError as err:
             raise self._error(err) from err
-        return result_from_response(response, color=color, sent=request)
+        return finish_scaled(scaled, result_from_response(response, color=color, sent=request), return_mask)
 
     def stream(
         self,
@@ -528,6 +587,8 @@ class AsyncClient(_ClientBase):
         source = _pull_frames(frames, slots)
         pull: list[asyncio.Future | None] = [None]  # a frame being pulled; it outlives a call that breaks meanwhile
         ends_at = None if deadline is None else time.monotonic() + deadline
+        if state.faces is not None:  # whole frames: those over the server's limits are sent scaled
+            state.limits = await self.frame_limits()
 
         async def write_requests(call, answered: asyncio.Event, call_over: asyncio.Event,
                                  resend: list[pb.SwapStreamRequest]) -> None:

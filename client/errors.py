@@ -21,6 +21,7 @@ __all__ = [
     "PermissionDeniedError",
     "ServerError",
     "MediaFileError",
+    "MissingPyAVError",
     "CancelledError",
     "from_rpc_error",
 ]
@@ -92,6 +93,20 @@ class MediaFileError(InvalidInputError):
 
     def __reduce__(self) -> tuple:
         return type(self), (self.path, self.details.removeprefix(f"{self.path}: "))
+
+
+class MissingPyAVError(MediaFileError, ImportError):
+    """The work needs PyAV (FFmpeg), which the base install lacks: video files, photos other than PNG/JPEG, and photos
+    larger than the server takes. Also an ImportError. `path` names the file, when there is one ("" otherwise)."""
+
+    def __init__(self, path: object, details: str) -> None:
+        InvalidInputError.__init__(self, grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"{path}: {details}" if path is not None else details)
+        self.path = "" if path is None else str(path)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.path or None, self.details.removeprefix(f"{self.path}: ") if self.path else
+                            self.details)
 
 
 class CancelledError(FaceTwinError):

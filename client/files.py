@@ -10,6 +10,10 @@
 Outputs are written to a hidden temporary file next to the output and renamed into place when complete, so an
 error, a cancel or Ctrl-C leaves no half-written file. PNG and JPEG photos need only the base install; other photo
 formats and every video need PyAV (pip install 'facetwin[cli]').
+
+A photo larger than the server takes (its side, its area, its file over the message limit) is decoded here, sent
+scaled down like any whole frame over the limits (see facetwin.client.scaling), and the result is encoded here at
+the photo's full size, with the same synthetic-media mark the server writes; that needs PyAV too.
 """
 
 from __future__ import annotations
@@ -26,14 +30,40 @@ import grpc
 
 from .client import AsyncClient, Client
 from .errors import MediaFileError, ServerError
-from .images import FacesArg
-from .media import PartialFile, decode_image, encode_image, output_encoding, read_image
+from .images import FacesArg, request_headroom
+from .media import (
+    PartialFile,
+    decode_image,
+    decode_photo,
+    encode_image,
+    mark_synthetic,
+    output_encoding,
+    photo_size,
+    read_image,
+)
+from .scaling import FrameLimits, fit_scale
 from .types import FileReport, SwapResult, face_counts
 from .video import VideoJob, VideoOptions
 
-__all__ = ["swap_image_file", "swap_image_file_async", "swap_video_file", "swap_video_file_async"]
+__all__ = ["swap_image_file", "swap_image_file_async", "swap_video_file", "swap_video_file_async", "photo_scale"]
 
 PathLike = str | os.PathLike
+_SERVER_JPEG_QUALITY = 90  # what the server encodes with when no quality is given
+
+
+def photo_scale(payload: bytes, limits: FrameLimits | None, faces: FacesArg) -> tuple[int, str]:
+    """(1, "") when a photo's PNG/JPEG bytes go to the server as they are; else (k, why) to decode it here and send its
+    pixels at 1/k (1: a file larger than its pixels, sent as pixels; 0: no scale fits). An aligned crop (faces=None)
+    is never scaled."""
+    size = photo_size(payload)
+    if limits is None or faces is None or size is None:
+        return 1, ""
+    width, height = size
+    headroom = request_headroom(faces, color="rgb")
+    if not limits.over(height, width, len(payload) + headroom):
+        return 1, ""
+    k, reason = fit_scale(height, width, limits, headroom)
+    return k, reason or limits.over(height, width, len(payload) + headroom)
 
 
 class _ImageJob:
@@ -53,7 +83,32 @@ class _ImageJob:
         if self.mask is not None:
             self.partials.append(PartialFile(self.mask, self.source))
 
-    def finish(self, result: SwapResult, aligned: bool) -> FileReport:
+    def pixels(self, limits: FrameLimits | None, faces: FacesArg) -> object:
+        """What to send: the file's PNG/JPEG bytes, or, for a photo over the server's limits, its pixels decoded here
+        (the SDK sends them scaled)."""
+        if not photo_scale(self.payload, limits, faces)[1]:
+            return self.payload
+        return decode_photo(self.source)
+
+    def finish(self, result: SwapResult, aligned: bool, quality: int | None = None) -> FileReport:
+        if result.image is not None:  # sent as pixels: encoded here, at the photo's own size
+            image = encode_image(result.image, self.encoding, quality=quality or _SERVER_JPEG_QUALITY)
+            manifest = result.provenance.manifest_sha256 if result.provenance is not None else ""
+            self.partials[0].write(mark_synthetic(image, self.encoding, manifest))
+            if self.mask is not None:
+                self.partials[1].write(encode_image(result.mask, self.mask_encoding))
+        else:
+            self._write_encoded(result)
+        for partial in self.partials:
+            partial.commit()
+        with_face, swapped, found = face_counts(result, aligned)
+        return FileReport(
+            input=str(self.source), output=str(self.output), kind="image", frames=1, frames_with_faces=with_face,
+            faces_swapped=swapped, max_faces=found, seconds=time.perf_counter() - self.started,
+            sent_scale=result.sent_scale, scale_note=result.scale_note,
+        )
+
+    def _write_encoded(self, result: SwapResult) -> None:
         if result.encoded is None:
             raise ServerError(grpc.StatusCode.INTERNAL, f"the server returned no {self.encoding} image")
         self.partials[0].write(result.encoded)
@@ -64,13 +119,6 @@ class _ImageJob:
             if self.mask_encoding != self.encoding:  # the server encodes the mask like the image
                 mask = encode_image(decode_image(mask, grey=True), self.mask_encoding)
             self.partials[1].write(mask)
-        for partial in self.partials:
-            partial.commit()
-        with_face, swapped, found = face_counts(result, aligned)
-        return FileReport(
-            input=str(self.source), output=str(self.output), kind="image", frames=1, frames_with_faces=with_face,
-            faces_swapped=swapped, max_faces=found, seconds=time.perf_counter() - self.started,
-        )
 
     def abort(self) -> None:
         for partial in self.partials:
@@ -92,9 +140,11 @@ def swap_image_file(
     """
     job = _ImageJob(source, output, mask)
     try:
-        result = client.swap(job.payload, model, target, color="rgb", encoding=job.encoding, jpeg_quality=quality,
+        image = job.pixels(client.frame_limits() if faces is not None else None, faces)
+        encoding = job.encoding if image is job.payload else "raw"
+        result = client.swap(image, model, target, color="rgb", encoding=encoding, jpeg_quality=quality,
                              return_mask=mask is not None, faces=faces, keep_shape=keep_shape, timeout=timeout)
-        return job.finish(result, aligned=faces is None)
+        return job.finish(result, faces is None, quality)
     except BaseException:
         job.abort()
         raise
@@ -108,10 +158,13 @@ async def swap_image_file_async(
     """swap_image_file for an AsyncClient; file work runs on a thread, off the event loop."""
     job = await asyncio.to_thread(_ImageJob, source, output, mask)
     try:
-        result = await client.swap(job.payload, model, target, color="rgb", encoding=job.encoding,
+        limits = await client.frame_limits() if faces is not None else None
+        image = await asyncio.to_thread(job.pixels, limits, faces)
+        encoding = job.encoding if image is job.payload else "raw"
+        result = await client.swap(image, model, target, color="rgb", encoding=encoding,
                                    jpeg_quality=quality, return_mask=mask is not None, faces=faces,
                                    keep_shape=keep_shape, timeout=timeout)
-        return await asyncio.to_thread(job.finish, result, faces is None)
+        return await asyncio.to_thread(job.finish, result, faces is None, quality)
     except BaseException:
         job.abort()
         raise

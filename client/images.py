@@ -18,6 +18,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 
 from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code
 from .mapping import FaceMapping, LostFaces, fill_mapping, lost_faces_enum
+from .scaling import FrameLimits, ScaledFrame, plan_frame
 from .types import DetectedFace, Provenance, StageTimings, SwapResult
 
 __all__ = [
@@ -35,6 +36,10 @@ __all__ = [
     "asks_region",
     "result_from_response",
     "check_request_size",
+    "may_scale",
+    "request_headroom",
+    "plan_scaled",
+    "finish_scaled",
     "StreamState",
 ]
 
@@ -323,6 +328,39 @@ def _whole_frame(response: pb.SwapResponse, sent: pb.SwapRequest, image: np.ndar
     return image, whole, region
 
 
+def may_scale(image: ImageInput, faces: FacesArg, encoding: EncodingName = "raw") -> bool:
+    """Whether a request could be sent scaled to fit the server's limits: a whole frame given as an array and
+    answered raw (the SDK blends the answer into the caller's frame; it cannot for encoded images)."""
+    return faces is not None and isinstance(image, np.ndarray) and encoding == "raw"
+
+
+def request_headroom(faces: FacesArg, *, color: ColorName) -> int:
+    """Bytes a whole frame's request holds besides its pixels, at most: a face mapping's reference photos count."""
+    if isinstance(faces, FaceMapping):
+        mapping = pb.FaceMapping()
+        fill_mapping(mapping, faces, color=color)
+        return _HEADROOM_BYTES + mapping.ByteSize()
+    return _HEADROOM_BYTES
+
+
+def plan_scaled(image: ImageInput, faces: FacesArg, limits: FrameLimits | None, *,
+                color: ColorName) -> ScaledFrame | None:
+    """The frame to send scaled down (see facetwin.client.scaling), or None to send `image` as it is."""
+    if limits is None or faces is None:
+        return None
+    return plan_frame(image, limits, request_headroom(faces, color=color))
+
+
+def finish_scaled(scaled: ScaledFrame | None, result: SwapResult, want_mask: bool) -> SwapResult:
+    """The result for the caller's own frame when it was sent scaled; a malformed answer raises ServerError."""
+    if scaled is None:
+        return result
+    try:
+        return scaled.finish(result, want_mask)
+    except ValueError as exc:
+        raise ServerError(grpc.StatusCode.INTERNAL, f"malformed response for frame {result.frame_id}: {exc}") from None
+
+
 RECONNECT_TRAILER = "facetwin-reconnect"  # a draining server's trailing metadata: reconnect and resend
 
 
@@ -356,6 +394,9 @@ class StreamState:
         self._first = pb.SwapRequest()  # the faces fields of the stream's first message, mapping included
         _fill_faces(self._first, faces, keep_shape, color=color)  # validates now, before the stream starts
         self.max_bytes = max_bytes
+        self.limits: FrameLimits | None = None  # the server's, once known: whole frames over them are sent scaled
+        self._scaled: dict[int, ScaledFrame] = {}  # frame id -> a frame sent scaled and not yet answered
+        self._headroom = request_headroom(faces, color=color)
         self.sent = 0  # frames handed to gRPC; also the next frame id
         self.received = 0  # results yielded
         self.unanswered: collections.deque[pb.SwapStreamRequest] = collections.deque()  # sent, no answer yet
@@ -366,9 +407,13 @@ class StreamState:
         error, naming the frame: it is the caller's own, and frames after it would most likely share it."""
         message = pb.SwapStreamRequest()
         faces = self.faces if not isinstance(self.faces, FaceMapping) else None
+        scaled = None
+        if self.faces is not None and self.limits is not None:
+            scaled = plan_frame(frame, self.limits, self._headroom)
         try:
-            build_swap_request(frame, self.model, self.target, color=self.color, return_mask=self.return_mask,
-                               frame_id=self.sent, faces=faces, keep_shape=self.keep_shape, into=message.request)
+            build_swap_request(frame if scaled is None else scaled.small, self.model, self.target, color=self.color,
+                               return_mask=self.return_mask or scaled is not None, frame_id=self.sent, faces=faces,
+                               keep_shape=self.keep_shape, into=message.request)
             if isinstance(self.faces, FaceMapping):  # a whole frame; the mapping travels in the first message only
                 message.request.kind = pb.IMAGE_KIND_FULL_FRAME
                 message.request.return_region = asks_region(message.request)
@@ -377,6 +422,8 @@ class StreamState:
             check_request_size(message.request, self.max_bytes)
         except (InvalidInputError, ResourceExhaustedError) as exc:
             raise type(exc)(exc.code, f"frame {self.sent}: {exc.details}") from None
+        if scaled is not None:
+            self._scaled[self.sent] = scaled
         self.sent += 1
         self.unanswered.append(message)
         return message
@@ -423,6 +470,7 @@ class StreamState:
         sent = None
         if self.unanswered and self.unanswered[0].request.frame_id == response.frame_id:
             sent = self.unanswered.popleft().request
+        scaled = self._scaled.pop(response.frame_id, None)
         if message.status == pb.FRAME_STATUS_DROPPED:
             timings = StageTimings.from_proto(response.timings)
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, dropped=True)
@@ -435,7 +483,8 @@ class StreamState:
             return SwapResult(image=None, mask=None, frame_id=response.frame_id, timings=timings, error=error)
         if message.status != pb.FRAME_STATUS_OK:
             raise ServerError(grpc.StatusCode.INTERNAL, f"frame {response.frame_id} has status {message.status}")
-        return result_from_response(response, color=self.color, sent=sent)
+        result = result_from_response(response, color=self.color, sent=sent)
+        return finish_scaled(scaled, result, self.return_mask)
 
     def finish(self) -> None:
         """Called when the server closed the stream cleanly: re-raises the request side's error, checks counts."""

@@ -11,18 +11,21 @@ import dataclasses
 import io
 import os
 import secrets
+import struct
+import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import MediaFileError
+from .errors import MediaFileError, MissingPyAVError
 from .images import sniff_format
 
 __all__ = [
     "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "IMAGE_OUTPUTS", "VIDEO_OUTPUTS", "MediaInfo", "PartialFile", "load_av",
-    "probe", "read_image", "encode_image", "to_rgb", "decode_image", "check_writable", "upright", "output_encoding",
+    "probe", "read_image", "decode_photo", "photo_size", "encode_image", "mark_synthetic", "to_rgb", "decode_image",
+    "check_writable", "upright", "output_encoding",
 ]
 
 # What a folder scan picks up; a file named on the command line is tried whatever its suffix.
@@ -38,12 +41,13 @@ _IMAGE_DEMUXERS = ("image2",)
 _CATCH_ALL_DEMUXERS = frozenset({"tty", "data", "bin"})
 
 
-def load_av() -> Any:
-    """The PyAV module (whose default keeps FFmpeg's own log quiet: failures come back as exceptions)."""
+def load_av(path: object = None, need: str = "reading and writing video") -> Any:
+    """The PyAV module (whose default keeps FFmpeg's own log quiet: failures come back as exceptions). path: the
+    file that needs it, named in the error; need: what it is needed for."""
     try:
         import av
     except ImportError:
-        raise ImportError("reading and writing video needs PyAV: pip install 'facetwin[cli]'") from None
+        raise MissingPyAVError(path, f"{need} needs PyAV: pip install 'facetwin[cli]'") from None
     return av
 
 
@@ -173,12 +177,40 @@ def read_image(path: str | os.PathLike) -> bytes:
         raise MediaFileError(path, "is a folder, not a file") from None
     except OSError as exc:
         raise MediaFileError(path, f"cannot be read ({exc.strerror or exc})") from None
+    return encode_image(decode_photo(path), "png")
+
+
+def decode_photo(path: str | os.PathLike, what: str = "a photo") -> np.ndarray:
+    """Any picture FFmpeg reads (PNG, JPEG, WebP, BMP, TIFF ...) -> upright uint8 RGB (H, W, 3): the EXIF orientation
+    or display matrix applied, as the server applies a JPEG's. what: the input's part, for the error on a video."""
+    path = Path(path)
+    load_av(path, "reading a photo in this format, or one larger than the server takes,")
     container = open_input(path)
     with container:
         if not is_image(container):
-            raise MediaFileError(path, "is a video, not a photo (swap it as a video)")
+            raise MediaFileError(path, f"is a video, but {what} must be a single picture")
         frame = _first_frame(container, path)
-        return encode_image(upright(to_rgb(frame), frame.rotation), "png")
+        return np.ascontiguousarray(upright(to_rgb(frame), frame.rotation))
+
+
+def photo_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of PNG or JPEG bytes, as stored, from the header alone (no PyAV); None when it cannot be read."""
+    if sniff_format(data) == "png" and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
+    at = 2
+    while data.startswith(b"\xff\xd8") and at + 9 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        # Start-of-frame markers (baseline, progressive, ...) hold the size; DHT (C4), JPG (C8) and DAC (CC) do not.
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[at + 5:at + 9])
+            return width, height
+        at += 2 + struct.unpack(">H", data[at + 2:at + 4])[0]
+    return None
 
 
 def encode_image(array: np.ndarray, encoding: str, *, quality: int = 95) -> bytes:
@@ -193,13 +225,43 @@ def encode_image(array: np.ndarray, encoding: str, *, quality: int = 95) -> byte
         context = av.CodecContext.create("mjpeg", "w")
         context.pix_fmt = "yuvj444p"
         # FFmpeg's JPEG quality scale: 2 (best) .. 31 (worst); map 1..100 onto it the way -q:v is usually chosen.
-        context.qscale = max(2, min(31, round(31 - (quality / 100) * 29)))
+        # The quantiser is pinned through qmin = qmax: PyAV's qscale alone leaves the encoder at its default.
+        context.qmin = context.qmax = max(2, min(31, round(31 - (quality / 100) * 29)))
     else:
         raise ValueError(f"encoding must be 'png' or 'jpeg', got {encoding!r}")
     context.width, context.height = frame.width, frame.height
     context.time_base = Fraction(1, 25)
     packets = context.encode(frame.reformat(format=context.pix_fmt)) + context.encode(None)
     return b"".join(bytes(packet) for packet in packets)
+
+
+def _xmp_packet(manifest_sha256: str) -> bytes:
+    """The synthetic-media XMP packet the server puts into the PNG and JPEG files it encodes (IPTC digital source
+    type trainedAlgorithmicMedia, naming the weights by hash, never the model or target)."""
+    version = f"bundle manifest sha256 {manifest_sha256}" if manifest_sha256 else "bundle manifest unknown"
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+        ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n  <rdf:Description rdf:about=""\n'
+        '    xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"\n'
+        '    Iptc4xmpExt:DigitalSourceType="http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"\n'
+        f'    Iptc4xmpExt:AISystemUsed="facetwin"\n    Iptc4xmpExt:AISystemVersionUsed="{version}"/>\n'
+        ' </rdf:RDF>\n</x:xmpmeta>\n<?xpacket end="r"?>'
+    ).encode("utf-8")
+
+
+def mark_synthetic(data: bytes, encoding: str, manifest_sha256: str) -> bytes:
+    """PNG/JPEG bytes encoded here with the server's synthetic-media XMP spliced in (PNG: an iTXt chunk after IHDR;
+    JPEG: an APP1 segment after SOI and JFIF's APP0), so a photo finished on this side is marked like one the server
+    encoded."""
+    packet = _xmp_packet(manifest_sha256)
+    if encoding == "png":
+        body = b"iTXt" + b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + packet
+        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+        ihdr_end = 8 + 12 + struct.unpack(">I", data[8:12])[0]
+        return data[:ihdr_end] + chunk + data[ihdr_end:]
+    segment_body = b"http://ns.adobe.com/xap/1.0/\x00" + packet
+    at = 4 + struct.unpack(">H", data[4:6])[0] if data[2:4] == b"\xff\xe0" else 2
+    return data[:at] + b"\xff\xe1" + struct.pack(">H", len(segment_body) + 2) + segment_body + data[at:]
 
 
 def decode_image(data: bytes, *, grey: bool = False) -> np.ndarray:

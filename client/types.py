@@ -129,6 +129,10 @@ class SwapResult:
     # Whole frames sent as arrays: the box (x0, y0, x1, y1) that holds every pixel the swap changed (the rest of `image`
     # is the frame as sent); None when nothing changed, or for other requests.
     region: tuple[int, int, int, int] | None = None
+    # A whole frame over the server's limits is sent scaled down by this factor and its swap blended back into the
+    # frame at full resolution (see facetwin.client.scaling); 1 when it was sent as it is.
+    sent_scale: int = 1
+    scale_note: str = ""  # why it was sent scaled, e.g. "sent at 1/2 scale: larger than the server's 16 MiB messages"
 
 
 def face_counts(result: SwapResult, aligned: bool) -> tuple[int, int, int]:
@@ -228,6 +232,8 @@ class FileReport:
     seconds: float  # wall time, reading to renaming the output into place
     dropped: int = 0  # stream frames the server skipped (written unchanged)
     audio_streams: int = 0  # audio streams copied unchanged into the output
+    sent_scale: int = 1  # frames were sent scaled down by this factor to fit the server's limits (1: as they are)
+    scale_note: str = ""  # why, e.g. "sent at 1/2 scale: larger than the server's 16 MiB messages"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -152,6 +152,7 @@ class VideoJob:
         self._closed = False
         self._started = time.perf_counter()
         self._stats = collections.Counter()
+        self._scale = (1, "")  # the largest factor frames were sent scaled down by, and why
 
     def __enter__(self) -> VideoJob:
         return self
@@ -245,6 +246,8 @@ class VideoJob:
         with_face, swapped, found = face_counts(result, aligned)
         self._stats.update(frames=1, dropped=int(result.dropped), faces_swapped=swapped, frames_with_faces=with_face)
         self._stats["max_faces"] = max(self._stats["max_faces"], found)
+        if result.sent_scale > self._scale[0]:
+            self._scale = (result.sent_scale, result.scale_note)
         if self._progress is not None:
             self._progress(1)
 
@@ -321,7 +324,7 @@ class VideoJob:
             input=str(self.source), output=str(self.output), kind="video", frames=stats["frames"],
             frames_with_faces=stats["frames_with_faces"], faces_swapped=stats["faces_swapped"],
             max_faces=stats["max_faces"], dropped=stats["dropped"], audio_streams=len(self._audio),
-            seconds=time.perf_counter() - self._started,
+            seconds=time.perf_counter() - self._started, sent_scale=self._scale[0], scale_note=self._scale[1],
         )
 
     def _check_complete(self) -> None:
