@@ -244,6 +244,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
         for item in items:
             if item.error is None and item in pending:
                 try:
+                    check_writable(item.output, item.source)  # as the real run does before each file
                     kind, info, description = _inspect(item.source)
                     scaled = _size_note(kind, item.source, info, limits, swap["faces"])
                     state = f"swap ({description}{'; ' + scaled if scaled else ''})"
@@ -256,6 +257,10 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
               f"({jobs} at a time); summary -> {summary}")
         if unchecked:
             print(unchecked)
+        check_writable(summary)  # the real run stops here before any file
+        failing = bad + sum(item.error is not None for item in items)
+        if failing:
+            raise CliError(f"dry run: {failing} of {len(items)} file(s) would fail")
         return
     check_writable(summary)
     total = sum(expected_frames(item) or 0 for item in pending) or None  # a broken file counts 0 (it fails fast)

@@ -70,6 +70,29 @@ def test_dry_runs_check_inputs_and_send_nothing(photo, clip, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_folder_dry_runs_check_that_outputs_and_summary_can_be_written(photo, tmp_path):
+    shots, blocker = tmp_path / "shots", tmp_path / "blocker"
+    shots.mkdir()
+    (shots / "a.png").write_bytes(photo.read_bytes())
+    blocker.write_text("a file where a folder would have to be")
+    run = run_cli("swap", shots, blocker / "out", "-m", "d", "-t", "b", "-a", UNREACHABLE, "--dry-run")
+    assert run.returncode == 1, (run.stdout, run.stderr)
+    assert "a.png: would fail (" in run.stdout and "cannot be written" in run.stdout
+    assert_one_error_line(run, 1, "facetwin-summary.json: cannot be written")  # what the real run stops at
+    run = run_cli("swap", shots, blocker / "out", "-m", "d", "-t", "b", "-a", UNREACHABLE, "--dry-run",
+                  "--summary", tmp_path / "summary.json")
+    assert "a.png -> " in run.stdout and "cannot be written" in run.stdout
+    assert_one_error_line(run, 1, "dry run: 1 of 1 file(s) would fail")
+    # Outputs that can be written, a summary that cannot: the real run would stop before the first file.
+    run = run_cli("swap", shots, tmp_path / "out", "-m", "d", "-t", "b", "-a", UNREACHABLE, "--dry-run",
+                  "--summary", blocker / "summary.json")
+    assert_one_error_line(run, 1, "summary.json: cannot be written")
+    assert "a.png -> " in run.stdout and ": swap (png 360x288)" in run.stdout
+    run = run_cli("swap", shots, tmp_path / "out", "-m", "d", "-t", "b", "-a", UNREACHABLE, "--dry-run")
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "shots"]
+
+
 def test_unusable_inputs_are_one_error_line(photo, tmp_path):
     missing = tmp_path / "missing.png"
     assert_one_error_line(run_cli("swap", missing, tmp_path / "o.png", "-m", "d", "-t", "b", "--dry-run"), 1,
