@@ -32,6 +32,7 @@ from .types import FileReport
 from .video import VideoOptions
 
 ADDRESS_ENV = "FACETWIN_ADDRESS"
+_MODEL_UNAVAILABLE = "model "  # how the server's UNAVAILABLE for a model still loading or failed begins
 SUMMARY_NAME = "facetwin-summary.json"
 
 
@@ -43,15 +44,23 @@ class CliError(Exception):
         self.exit_code = exit_code
 
 
-def _describe(err: FaceTwinError, address: str) -> str:
+def _describe(err: FaceTwinError, address: str, secure: bool = False) -> str:
+    """One line for an SDK error. secure: the call was made over TLS (--tls or --ca)."""
     details = " ".join(err.details.split())  # gRPC details can span lines; the CLI prints one
     if isinstance(err, MediaFileError):
         return details
     if isinstance(err, UnavailableError):
+        if details.startswith(_MODEL_UNAVAILABLE):  # the server answers; the model it was asked for does not
+            return f"{details} (the server at {address} answers; its models: facetwin models --address {address})"
         hint = ""
         if re.fullmatch(r"[\w.-]+|\[[0-9a-fA-F:.]+\]", address):  # a host alone: gRPC's default port is 443
             port = DEFAULT_ADDRESS.rsplit(":", 1)[1]
             hint = f"; no port was given, so 443 was tried: add one ({address}:{port} is facetwin-server's default)"
+        elif secure and "handshake failed" in details.lower():
+            hint = "; TLS handshake failed: is --ca the CA that signed the server's certificate?"
+        elif not secure and re.search(r"Socket closed|Connection reset|handshake", details, re.I):
+            # A TLS server closes a plaintext connection at its first bytes.
+            hint = "; the server may speak TLS: pass --tls (and --ca for a private CA)"
         return f"server at {address} is unavailable ({details}){hint}"
     if isinstance(err, NotFoundError):
         return f"{details} (list what is loaded with: facetwin models --address {address})"
@@ -286,6 +295,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
                     bar.set_description(f"{finished[0]}/{len(pending)} files")
 
         address, credentials = swap.pop("address"), swap.pop("credentials")
+        secure = bool(credentials.get("tls") or credentials.get("root_certificates"))
         try:
             with Client(address, **credentials) as client:
                 _check_model(client, swap["model"], swap["target"], address)
@@ -294,7 +304,8 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
                     bar.write(f"note: -j {jobs}: the server allows {allowed} at a time per client; running {allowed}",
                               file=sys.stderr)
                 entries = run_batch(client, items, jobs=allowed, overwrite=overwrite, progress=advance,
-                                    on_entry=on_entry, describe=lambda err: _describe(err, address), **swap)
+                                    on_entry=on_entry, describe=lambda err: _describe(err, address, secure),
+                                    **swap)
         except BatchInterrupted as exc:
             write_summary(summary, exc.entries, **header, seconds=time.perf_counter() - started, interrupted=True)
             raise
@@ -439,7 +450,8 @@ def build_app() -> Any:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except FaceTwinError as exc:
-            typer.echo(f"error: {_describe(exc, address)}", err=True)
+            secure = bool(auth[5] or auth[2])  # --tls or --ca
+            typer.echo(f"error: {_describe(exc, address, secure)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("error: interrupted; no partial output was left", err=True)

@@ -4,6 +4,7 @@ them, in one line, instead of a traceback (`pip install .` installs every comman
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 
@@ -18,3 +19,13 @@ def run_command(command: str, extra: str, module: str) -> None:
               file=sys.stderr)
         sys.exit(2)
     main()
+
+
+def facetwin() -> None:
+    """Console entry point `facetwin` (facetwin.client.cli), named here because importing the client package imports
+    gRPC: its C core logs some failures itself (a TLS handshake's, as an "I1206 ... ssl_transport_security.cc" line)
+    besides the error it returns, and reads its log settings when it is imported. The command line says what went
+    wrong in its own words, so those lines are off unless the caller set them."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    os.environ.setdefault("GRPC_TRACE", "")
+    run_command("facetwin", "cli", "facetwin.client.cli")

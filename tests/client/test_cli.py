@@ -187,6 +187,59 @@ def test_models_table(served_model):
     assert rows[0].split()[-1] == "ready"
 
 
+def test_tls_mismatches_say_what_to_pass_and_print_no_grpc_log_lines(tiny_model_dir, tmp_path):
+    import ipaddress
+
+    from cryptography import x509
+
+    from facetwin.server.config import ServerConfig
+
+    from ..conftest import ServerThread
+    from ..server.test_security import _cert, _key, _write
+
+    ca_key, stranger_key, server_key = _key(), _key(), _key()
+    ca = _cert(ca_key, "facetwin test CA", ca=True)
+    stranger = _write(tmp_path, "stranger", _cert(stranger_key, "a stranger's CA", ca=True))[0]
+    server_cert, key = _write(tmp_path, "server", _cert(server_key, "facetwin server", ca_key, ca, sans=(
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),)), server_key)
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0,
+                                       tls_cert=str(server_cert), tls_key=str(key)))
+    try:
+        plain = run_cli("models", "-a", server.address)
+        assert_one_error_line(plain, 1, "the server may speak TLS: pass --tls (and --ca for a private CA)")
+        for wrong in (("--tls",), ("--ca", stranger)):
+            assert_one_error_line(run_cli("models", "-a", server.address, *wrong), 1,
+                                  "TLS handshake failed: is --ca the CA that signed the server's certificate?")
+        right = run_cli("models", "-a", server.address, "--ca", _write(tmp_path, "ca", ca)[0])
+        assert right.returncode == 0 and right.stderr == "", right.stderr
+    finally:
+        server.stop()
+
+
+def test_a_model_that_failed_to_load_is_not_called_an_unavailable_server(tiny_model_dir, tmp_path):
+    from facetwin.server.config import ServerConfig
+
+    from ..conftest import ServerThread
+
+    models = tmp_path / "models"
+    bundle = models / "broken"
+    bundle.parent.mkdir()
+    import shutil
+
+    shutil.copytree(tiny_model_dir / "tiny", bundle)
+    weights = next(path for path in sorted(bundle.iterdir()) if path.suffix == ".onnx")
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")  # its sha256 no longer matches the manifest
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(models), grace_s=1.0))
+    crop = tmp_path / "crop.png"
+    crop.write_bytes(encode_image(np.zeros((64, 64, 3), np.uint8), "png"))
+    try:
+        run = run_cli("swap", crop, tmp_path / "out.png", "--aligned", "-m", "broken", "-t", "a", "-a", server.address)
+    finally:
+        server.stop()
+    assert_one_error_line(run, 1, "model 'broken' failed to load", f"the server at {server.address} answers")
+    assert "is unavailable" not in run.stderr
+
+
 def test_info_shows_the_servers_settings_and_limits(served_model):
     run = run_cli("info", "--address", served_model.address)
     assert run.returncode == 0, run.stderr
