@@ -88,6 +88,8 @@ def run_info(address: str, credentials: dict[str, Any] | None = None, as_json: b
     """Prints how the server is configured: version, security, stream defaults and every limit (GetServerInfo)."""
     with Client(address, **(credentials or {})) as client:
         info = dataclasses.asdict(client.server_info())
+    # float32 on the wire: 0.6 arrives as 0.6000000238418579; seven significant digits are all it holds.
+    info = _rounded(info)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -99,6 +101,14 @@ def run_info(address: str, credentials: dict[str, Any] | None = None, as_json: b
         print(f"{name.ljust(width)}  {shown}")
 
 
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
+
+
 def parse_faces(text: str | None, aligned: bool, references: list[Path] | None = None,
                 match_threshold: float | None = None) -> FacesArg:
     """--faces / --aligned / --reference -> the SDK's `faces`: None (aligned crops), "largest", "all", a face index,
@@ -106,7 +116,8 @@ def parse_faces(text: str | None, aligned: bool, references: list[Path] | None =
     if references:
         if aligned or text is not None:
             raise CliError("--reference picks the faces by who they are: leave out --faces and --aligned", 2)
-        return FaceMapping.person(*(read_image(path) for path in references), match_threshold=match_threshold)
+        return FaceMapping.person(*(read_image(path, "a --reference") for path in references),
+                                  match_threshold=match_threshold)
     if match_threshold is not None:
         raise CliError("--match-threshold applies with --reference only", 2)
     if aligned:
@@ -306,6 +317,9 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
                 entries = run_batch(client, items, jobs=allowed, overwrite=overwrite, progress=advance,
                                     on_entry=on_entry, describe=lambda err: _describe(err, address, secure),
                                     **swap)
+            if bar.total is not None and bar.n < bar.total:
+                # Files that failed are over with fewer frames than counted for them: the run is done, so is the bar.
+                bar.update(bar.total - bar.n)
         except BatchInterrupted as exc:
             write_summary(summary, exc.entries, **header, seconds=time.perf_counter() - started, interrupted=True)
             raise

@@ -163,7 +163,7 @@ def probe(path: str | os.PathLike) -> MediaInfo:
         )
 
 
-def read_image(path: str | os.PathLike) -> bytes:
+def read_image(path: str | os.PathLike, what: str = "a photo") -> bytes:
     """A photo's PNG or JPEG bytes for the server: PNG/JPEG files as they are, anything else FFmpeg reads as a
     picture (WebP, BMP, TIFF ...) decoded, turned upright and encoded as PNG (lossless, and far smaller than raw
     pixels, so big photos stay under the message limit)."""
@@ -177,18 +177,20 @@ def read_image(path: str | os.PathLike) -> bytes:
         raise MediaFileError(path, "is a folder, not a file") from None
     except OSError as exc:
         raise MediaFileError(path, f"cannot be read ({exc.strerror or exc})") from None
-    return encode_image(decode_photo(path), "png")
+    return encode_image(decode_photo(path, what), "png")
 
 
 def decode_photo(path: str | os.PathLike, what: str = "a photo") -> np.ndarray:
     """Any picture FFmpeg reads (PNG, JPEG, WebP, BMP, TIFF ...) -> upright uint8 RGB (H, W, 3): the EXIF orientation
-    or display matrix applied, as the server applies a JPEG's. what: the input's part, for the error on a video."""
+    or display matrix applied, as the server applies a JPEG's. what: the input's part ("a reference"), for the error
+    on a video."""
     path = Path(path)
     load_av(path, "reading a photo in this format, or one larger than the server takes,")
     container = open_input(path)
     with container:
         if not is_image(container):
-            raise MediaFileError(path, f"is a video, but {what} must be a single picture")
+            hint = " (swap it as a video)" if what == "a photo" else f": {what} must be a photo"
+            raise MediaFileError(path, f"is a video, not a photo{hint}")
         frame = _first_frame(container, path)
         return np.ascontiguousarray(upright(to_rgb(frame), frame.rotation))
 

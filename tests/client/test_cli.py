@@ -93,6 +93,11 @@ def test_folder_dry_runs_check_that_outputs_and_summary_can_be_written(photo, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "shots"]
 
 
+def test_a_video_reference_says_a_reference_must_be_a_photo(photo, clip, tmp_path):
+    run = run_cli("swap", photo, tmp_path / "out.png", "-m", "d", "-t", "b", "--reference", clip, "-a", UNREACHABLE)
+    assert_one_error_line(run, 1, f"{clip}: is a video, not a photo: a --reference must be a photo")
+
+
 def test_unusable_inputs_are_one_error_line(photo, tmp_path):
     missing = tmp_path / "missing.png"
     assert_one_error_line(run_cli("swap", missing, tmp_path / "o.png", "-m", "d", "-t", "b", "--dry-run"), 1,
@@ -185,6 +190,36 @@ def test_models_table(served_model):
     assert header.split() == ["NAME", "IDENTITIES", "RESOLUTION", "BACKEND", "STATUS"]
     assert rows[0].split()[:3] == [served_model.model, ",".join(served_model.identities), str(served_model.resolution)]
     assert rows[0].split()[-1] == "ready"
+
+
+def test_info_rounds_the_float32_settings(served_model):
+    run = run_cli("info", "--address", served_model.address)
+    assert run.returncode == 0, run.stderr
+    assert any(line.split() == ["default_match_threshold", "0.6"] for line in run.stdout.splitlines()), run.stdout
+    shown = json.loads(run_cli("info", "--address", served_model.address, "--json").stdout)
+    assert shown["default_match_threshold"] == 0.6
+
+
+def test_a_folder_run_whose_files_all_fail_ends_its_progress_bar(served_model, tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    from facetwin.client.cli import CliError, _swap_many
+
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    for name in ("a.png", "b.png", "c.mp4"):
+        (shots / name).write_bytes(b"not a picture")
+    shown = io.StringIO()
+    with pytest.raises(CliError, match="3 of 3 file"):
+        _swap_many([str(shots)], tmp_path / "out", only=None, list_file=None, jobs=1, overwrite=False, summary=None,
+                   dry_run=False, model=served_model.model, target=served_model.identities[0], faces="largest",
+                   keep_shape=None, quality=None, options=None, max_in_flight=2, address=served_model.address,
+                   credentials={},
+                   progress_bar=lambda **kwargs: tqdm(**{**kwargs, "disable": False, "file": shown}))
+    last = shown.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("3/3 files: 100%") and "2/2 [" in last, last  # two photos counted, the video unknown
 
 
 def test_tls_mismatches_say_what_to_pass_and_print_no_grpc_log_lines(tiny_model_dir, tmp_path):

@@ -144,19 +144,20 @@ def test_png_and_jpeg_photos_need_only_the_base_install(full_frames, franck, tmp
     code = (
         "import sys\n"
         "sys.modules['av'] = None  # any import of PyAV now fails\n"
-        "from facetwin.client import Client, swap_image_file\n"
+        "from facetwin.client import Client, FaceTwinError, swap_image_file\n"
         f"with Client({full_frames.address!r}) as client:\n"
         f"    report = swap_image_file(client, {str(photo)!r}, {str(tmp_path / 'out.jpg')!r}, "
         f"{full_frames.model!r}, {full_frames.identities[1]!r})\n"
         "    print('swapped', report.faces_swapped)\n"
         "    try:\n"
         f"        swap_image_file(client, {str(webp)!r}, {str(tmp_path / 'w.png')!r}, 'm', 't')\n"
-        "    except ImportError as exc:\n"
-        "        print(exc)\n"
+        "    except FaceTwinError as exc:  # the SDK's own error, saying what to install\n"
+        "        print(type(exc).__name__, exc)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert "swapped 1" in run.stdout and "pip install 'facetwin[cli]'" in run.stdout
+    assert "swapped 1" in run.stdout and "MissingPyAVError" in run.stdout and "pip install 'facetwin[cli]'" in run.stdout
+    assert f"{webp}: " in run.stdout  # names the file
     assert (tmp_path / "out.jpg").read_bytes()[:3] == b"\xff\xd8\xff" and not (tmp_path / "w.png").exists()
 
 
