@@ -28,6 +28,8 @@ from pathlib import Path
 
 import grpc
 
+from facetwin.v1.provenance import mark_synthetic
+
 from .client import AsyncClient, Client
 from .errors import MediaFileError, ServerError
 from .images import FacesArg, request_headroom
@@ -36,7 +38,6 @@ from .media import (
     decode_image,
     decode_photo,
     encode_image,
-    mark_synthetic,
     output_encoding,
     photo_size,
     read_image,

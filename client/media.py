@@ -12,7 +12,6 @@ import io
 import os
 import secrets
 import struct
-import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from .images import sniff_format
 
 __all__ = [
     "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "IMAGE_OUTPUTS", "VIDEO_OUTPUTS", "MediaInfo", "PartialFile", "load_av",
-    "probe", "read_image", "decode_photo", "photo_size", "encode_image", "mark_synthetic", "to_rgb", "decode_image",
+    "probe", "read_image", "decode_photo", "photo_size", "encode_image", "to_rgb", "decode_image",
     "check_writable", "upright", "output_encoding",
 ]
 
@@ -235,35 +234,6 @@ def encode_image(array: np.ndarray, encoding: str, *, quality: int = 95) -> byte
     context.time_base = Fraction(1, 25)
     packets = context.encode(frame.reformat(format=context.pix_fmt)) + context.encode(None)
     return b"".join(bytes(packet) for packet in packets)
-
-
-def _xmp_packet(manifest_sha256: str) -> bytes:
-    """The synthetic-media XMP packet the server puts into the PNG and JPEG files it encodes (IPTC digital source
-    type trainedAlgorithmicMedia, naming the weights by hash, never the model or target)."""
-    version = f"bundle manifest sha256 {manifest_sha256}" if manifest_sha256 else "bundle manifest unknown"
-    return (
-        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
-        ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n  <rdf:Description rdf:about=""\n'
-        '    xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"\n'
-        '    Iptc4xmpExt:DigitalSourceType="http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"\n'
-        f'    Iptc4xmpExt:AISystemUsed="facetwin"\n    Iptc4xmpExt:AISystemVersionUsed="{version}"/>\n'
-        ' </rdf:RDF>\n</x:xmpmeta>\n<?xpacket end="r"?>'
-    ).encode("utf-8")
-
-
-def mark_synthetic(data: bytes, encoding: str, manifest_sha256: str) -> bytes:
-    """PNG/JPEG bytes encoded here with the server's synthetic-media XMP spliced in (PNG: an iTXt chunk after IHDR;
-    JPEG: an APP1 segment after SOI and JFIF's APP0), so a photo finished on this side is marked like one the server
-    encoded."""
-    packet = _xmp_packet(manifest_sha256)
-    if encoding == "png":
-        body = b"iTXt" + b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + packet
-        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-        ihdr_end = 8 + 12 + struct.unpack(">I", data[8:12])[0]
-        return data[:ihdr_end] + chunk + data[ihdr_end:]
-    segment_body = b"http://ns.adobe.com/xap/1.0/\x00" + packet
-    at = 4 + struct.unpack(">H", data[4:6])[0] if data[2:4] == b"\xff\xe0" else 2
-    return data[:at] + b"\xff\xe1" + struct.pack(">H", len(segment_body) + 2) + segment_body + data[at:]
 
 
 def decode_image(data: bytes, *, grey: bool = False) -> np.ndarray:
