@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import re
 import threading
@@ -58,6 +59,18 @@ _SLOT_POLL_S = 0.05  # how often a blocked sync request thread checks whether th
 _SOURCE_RELEASE_S = 10.0  # how long an ended sync stream waits for a frame read under way on its request thread
 _RECONNECT_POLL_S = 0.25  # how often a sync stream waiting for its server to come back checks for close()
 _LIMITS_TIMEOUT_S = 10.0  # the most a first whole frame waits for the server's limits
+# Unary calls are pure functions of their request, so gRPC itself sends one again when it ends UNAVAILABLE (a
+# replica that went away mid-call: through a balancer or round_robin the retry reaches another), twice at most,
+# ~0.2 and ~0.4 s later, within the call's deadline; a server that knows a retry is pointless (a model that failed
+# to load) says so in its trailers. Calls a draining server never took are retried by gRPC in any case; streams
+# resume by their own logic (resend what was not answered), not by this.
+_SERVICE = pb.DESCRIPTOR.services_by_name["FaceSwap"].full_name
+_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": _SERVICE, "method": method} for method in ("Swap", "ListModels", "GetServerInfo")],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.2s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+KEEPALIVE_S = 60  # during calls, a ping this often finds a connection that died silently (the server allows 10 s)
 
 
 def _invalid(message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> InvalidInputError:
@@ -112,7 +125,7 @@ class _ClientBase:
         self._frame_limits: FrameLimits | None = None
         self._frame_limits_known = False
 
-    def _channel_options(self) -> list[tuple[str, int]]:
+    def _channel_options(self) -> list[tuple[str, int | str]]:
         return [
             # Raw 1080p frames are ~6 MiB, over gRPC's 4 MiB default, so both directions get the configured limit.
             ("grpc.max_send_message_length", self._max_bytes),
@@ -120,6 +133,13 @@ class _ClientBase:
             # gRPC would give every channel of a program with the same address and options one shared connection:
             # each client keeps its own, so a server of several processes can serve separate clients in separate ones.
             ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", _SERVICE_CONFIG),
+            # A request is kept for its retries only while it fits this buffer (256 KiB by default): a raw frame is
+            # megabytes.
+            ("grpc.per_rpc_retry_buffer_size", self._max_bytes),
+            ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+            ("grpc.keepalive_timeout_ms", 20_000),
         ]
 
     def _deadline(self, timeout: float | None) -> float | None:

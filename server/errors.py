@@ -49,6 +49,14 @@ class UnavailableError(SwapError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ModelFailedError(UnavailableError):
+    """The model failed to load: asking this server again cannot help until it is restarted with a good bundle (another
+    replica may have it)."""
+
+    # gRPC's retry pushback: a negative delay tells a client's automatic retries to stop (gRFC A6).
+    trailers = (("grpc-retry-pushback-ms", "-1"),)
+
+
 # Trailing metadata of a stream the server took and ends because it drains: resending the frames it did not answer
 # to another replica (or to this one once it is back) is safe, even when it answered none.
 RECONNECT_TRAILER = ("facetwin-reconnect", "1")

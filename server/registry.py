@@ -17,7 +17,7 @@ from . import imaging
 from .backends import Backend, get_backend
 from .batcher import DynamicBatcher
 from .config import ServerConfig
-from .errors import InvalidInputError, NotFoundError, UnavailableError, shorten
+from .errors import InvalidInputError, ModelFailedError, NotFoundError, UnavailableError, shorten
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ class ModelRegistry:
             except TimeoutError:
                 raise UnavailableError(f"model {model_name!r} is still loading; retry shortly") from None
         if model.status == FAILED:
-            raise UnavailableError(f"model {model_name!r} failed to load: {model.error}")
+            raise ModelFailedError(f"model {model_name!r} failed to load: {model.error}")
         loaded = model.targets.get(target)
         if loaded is None:
             try:

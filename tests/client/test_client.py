@@ -13,6 +13,7 @@ import threading
 import time
 
 import cv2
+import grpc
 import numpy as np
 import pytest
 
@@ -28,6 +29,8 @@ from facetwin.client import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from facetwin.v1 import facetwin_pb2 as pb
+from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1: connection refused at once
 TOLERANCE = 2  # uint8 levels: same face, different batch composition
@@ -159,6 +162,70 @@ def test_each_client_has_a_connection_of_its_own(client_class):
         accepted = [listener.accept()[0] for _ in range(2)]  # a shared connection leaves the second accept waiting
         for connection in accepted:
             connection.close()
+
+
+class FlakyServicer(pb_grpc.FaceSwapServicer):
+    """A FaceSwap counterpart whose ListModels fails UNAVAILABLE `failures` times (with `trailers`), then answers."""
+
+    def __init__(self, failures: int, trailers: tuple = ()):
+        self.failures, self.trailers, self.calls = failures, trailers, 0
+
+    async def ListModels(self, request, context):
+        self.calls += 1
+        if self.calls <= self.failures:
+            context.set_trailing_metadata(self.trailers)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the replica went away")
+        return pb.ListModelsResponse(models=[pb.ModelInfo(name="after-retry")])
+
+
+def _serve(servicer) -> tuple[str, asyncio.AbstractEventLoop, threading.Thread, "grpc.aio.Server"]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        server = grpc.aio.server()
+        pb_grpc.add_FaceSwapServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    return f"127.0.0.1:{port}", loop, thread, server
+
+
+@pytest.mark.parametrize("client_class", [Client, AsyncClient])
+@pytest.mark.parametrize(("failures", "trailers", "answered"), [
+    (1, (), True),  # a replica that went away: sent again
+    (5, (), False),  # three attempts in all, then the error
+    (1, (("grpc-retry-pushback-ms", "-1"),), False),  # the server says a retry cannot help: not sent again
+], ids=["retried", "gives-up", "pushback"])
+def test_unary_calls_are_sent_again_when_unavailable_unless_the_server_says_not_to(client_class, failures, trailers,
+                                                                                    answered):
+    servicer = FlakyServicer(failures, trailers)
+    address, loop, thread, server = _serve(servicer)
+    try:
+        async def call_async():
+            async with AsyncClient(address, timeout=20) as c:
+                return await c.list_models()
+
+        def call():
+            if client_class is AsyncClient:
+                return asyncio.run(call_async())
+            with Client(address, timeout=20) as c:
+                return c.list_models()
+
+        if answered:
+            assert [m.name for m in call()] == ["after-retry"]
+        else:
+            with pytest.raises(UnavailableError, match="went away"):
+                call()
+        assert servicer.calls == {"retried": 2, "gives-up": 3, "pushback": 1}[
+            "retried" if answered else "pushback" if trailers else "gives-up"]
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def test_closed_client_refuses_calls():

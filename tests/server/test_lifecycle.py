@@ -91,6 +91,18 @@ def test_dry_run_fails_when_any_bundle_fails_to_load(tiny_model_dir, tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "model tiny: ready" in result.stdout and "model broken: FAILED" in result.stdout
     assert "1 of 2 model(s)" in result.stderr and "did not load" in result.stderr and "Traceback" not in result.stderr
+    # Served: a call to the broken model is UNAVAILABLE, and tells clients' automatic retries not to ask again.
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(models), grace_s=1.0))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            face = np.zeros((32, 32, 3), np.uint8)
+            with pytest.raises(grpc.RpcError) as failed:
+                pb_grpc.FaceSwapStub(channel).Swap(pb.SwapRequest(model="broken", target="ben", image=pb.Image(
+                    raw=pb.RawImage(pixels=face.tobytes(), height=32, width=32, channels=3))), timeout=10)
+    finally:
+        server.stop()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "failed to load" in failed.value.details()
+    assert ("grpc-retry-pushback-ms", "-1") in failed.value.trailing_metadata()
 
 
 @pytest.mark.parametrize("age_s", [1.0, 0.0], ids=["aged", "never"])
