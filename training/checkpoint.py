@@ -8,7 +8,7 @@ enough for export and resume to rebuild everything.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,14 +24,19 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    step: int, data: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+                    step: int, data: dict[str, Any], extra: dict[str, Any] | None = None,
+                    abandoned: Callable[[], bool] = lambda: False) -> Path:
     """torch.save through files.atomic_write: a crash never leaves half a checkpoint.
-    `extra` adds entries (the discriminators' state, the fp16 GradScaler's)."""
+    `extra` adds entries (the discriminators' state, the fp16 GradScaler's). When `abandoned()` is true once the
+    file is written (a Ctrl-C asked to stop at once while it was), KeyboardInterrupt instead of replacing the
+    checkpoint: a write an interrupt cut into is never kept, whatever torch's writer made of the interrupt."""
     payload = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "step": step, "data": data, **(extra or {})}
     try:
         with atomic_write(path) as fh:
             torch.save(payload, fh)
+            if abandoned():
+                raise KeyboardInterrupt
     except RuntimeError as exc:  # torch reports a failed write (a full disk) as its own error, the OSError behind it
         failure = exc.__cause__ or exc.__context__
         if not isinstance(failure, OSError):
@@ -73,6 +78,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if checkpoint["train_config"].model is None:
         raise CheckpointError(f"{path} has no model config")
     return checkpoint
+
+
+def describe_kept_checkpoint(path: Path) -> str:
+    """Which checkpoint a run that stopped abruptly leaves, for its last words: "the checkpoint at P (step N) is kept
+    as it was", or that none was written. Reads only the step (the tensors are mapped, not read), so it is quick at
+    any size."""
+    if not path.is_file():
+        return f"no checkpoint was written to {path.parent} (--resume starts afresh)"
+    try:
+        step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # said as far as known: a last message must not fail
+        return f"the checkpoint at {path} is kept as it was"
+    return f"the checkpoint at {path} (step {step}) is kept as it was; --resume continues from it"
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | CycleGAN:

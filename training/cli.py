@@ -29,6 +29,7 @@ from facetwin.training.layout import HELD_OUT_POSES, HELD_OUT_SEED
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as shells report a command Ctrl-C stopped
 
 
 # Errors that mean "the input was wrong", not "the program is broken". The training modules report bad
@@ -221,7 +222,10 @@ def train(
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, variant=variant, **options)
-    ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
+    try:
+        ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
+    except KeyboardInterrupt as exc:
+        _stopped_by_ctrl_c(exc, out)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")
 
@@ -430,6 +434,23 @@ def dfm_import(
     manifest = load_manifest(bundle)
     typer.echo(f"bundle {bundle}: target {sorted(manifest.targets)}, identities {list(manifest.identities)}, "
                f"{manifest.resolution} px, max error vs the .dfm {manifest.export['max_abs_error']:.1e}")
+
+
+def _stopped_by_ctrl_c(exc: KeyboardInterrupt, run_dir: Path) -> NoReturn:
+    """Exit 130 with one line saying which checkpoint a Ctrl-C left, wherever it landed (the first Ctrl-C's save has
+    said so already)."""
+    import signal
+
+    from facetwin.training.checkpoint import describe_kept_checkpoint
+    from facetwin.training.run_folder import CHECKPOINT_NAME
+    from facetwin.training.train import InterruptedWithCheckpoint, StoppedAtOnce
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user has asked to stop: nothing may cut these last words
+    if not isinstance(exc, InterruptedWithCheckpoint) and os.environ.get("RANK", "0") == "0":
+        message = str(exc) if isinstance(exc, StoppedAtOnce) else \
+            f"stopped at once: {describe_kept_checkpoint(run_dir / CHECKPOINT_NAME)}"
+        typer.echo(message, err=True)
+    raise typer.Exit(INTERRUPTED)
 
 
 def _fail(message: str) -> NoReturn:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +30,13 @@ from tqdm import tqdm
 
 from facetwin.core.files import atomic_write_bytes, remove_stale_temporaries
 from facetwin.training import amp
-from facetwin.training.checkpoint import CheckpointError, check_resumable, load_checkpoint, save_checkpoint
+from facetwin.training.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    describe_kept_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from facetwin.training.config import TrainConfig, check_config, learning_rate, preset_model
 from facetwin.training.cpu_share import CpuShare
 from facetwin.training.data import AugmentConfig, IdentityFaces, describe, identity_names, load_faces, load_index
@@ -127,73 +134,97 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
         write_summary(out_dir, _summary(t, world, ckpt_path, start_step, start_step, 0.0, losses, None))
     cpu_share = CpuShare(cfg.threads) if t.device.type == "cpu" and cfg.follow_free_cores else None
     started = time.perf_counter()
-    with _ctrl_c_finishes_the_step(world) as interrupt:
-        for step in range(start_step, cfg.steps):
-            if cpu_share is not None and (threads := cpu_share.update()) is not None:
-                torch.set_num_threads(threads)  # another process took (or gave back) a core: see cpu_share.py
-            generator.manual_seed(batch_seed(cfg, step, world.rank))
-            # 1. one augmented batch per identity, on the training device
-            batches = sample_batches(t, faces, generator)
-            # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
-            try:
-                terms = train_step(t, batches, step, generator)
-            except RuntimeError as exc:  # a loss that checks its input's range is the first to see diverged weights
-                if _weights_sane(t.model):
-                    raise
-                raise TrainingDiverged(step, cfg, ckpt_path) from exc
+    with _ctrl_c_finishes_the_step(world) as ctrl_c:
+        try:
+            for step in range(start_step, cfg.steps):
+                if cpu_share is not None and (threads := cpu_share.update()) is not None:
+                    torch.set_num_threads(threads)  # another process took (or gave back) a core: see cpu_share.py
+                generator.manual_seed(batch_seed(cfg, step, world.rank))
+                # 1. one augmented batch per identity, on the training device
+                batches = sample_batches(t, faces, generator)
+                # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
+                try:
+                    terms = train_step(t, batches, step, generator)
+                except RuntimeError as exc:  # a loss that checks its input's range is the first to see diverged weights
+                    if _weights_sane(t.model):
+                        raise
+                    raise TrainingDiverged(step, cfg, ckpt_path) from exc
 
-            smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
-            bar.update(1)
-            done = step + 1
-            if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
-                losses = {key: float(value) for key, value in terms.items()}  # a device sync, every log_every steps only
-                if not math.isfinite(losses["total"]):  # before a checkpoint of diverged weights replaces a good one
-                    raise TrainingDiverged(step, cfg, ckpt_path)
-                bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
-                if writer is not None:
-                    for key, value in losses.items():
-                        writer.add_scalar(key if key == "grad_norm" else f"loss/{key}", value, done)
-                    writer.add_scalar("lr", learning_rate(cfg, step), done)
-            if world.is_main and cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
-                grid = preview_grid(t.average if t.average is not None else t.model, faces)
-                write_preview(out_dir, done, grid)
-                if writer is not None:
-                    writer.add_image("preview", grid, done, dataformats="HWC")
-            # Under DDP the ranks agree on the budget every log_every steps only: each agreement is an all-reduce and a
-            # device sync, which would stall every step; one process checks its own clock every step.
-            out_of_time = bool(cfg.max_seconds) and (world.world_size == 1 or done % cfg.log_every == 0) and all_agree(
-                time.perf_counter() - started > cfg.max_seconds, world, t.device)
-            if interrupt.is_set():
-                stopped = STOPPED_AT_INTERRUPT
-            elif out_of_time or done == cfg.steps:
-                stopped = STOPPED_AT_TIME_BUDGET if out_of_time else STOPPED_AT_STEPS
-            if world.is_main and (done % cfg.checkpoint_every == 0 or stopped):
-                # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's does not
-                # (gigabytes at 128 px, which would make a short run's steps/s read low).
-                seconds = _elapsed(started, t.device)
-                if not _weights_sane(t.model):  # this step's update blew them up: keep the checkpoint before it
-                    raise TrainingDiverged(step, cfg, ckpt_path)
-                save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
-                                {"world_size": world.world_size, **t.checkpoint_extra()})
-                write_summary(out_dir, _summary(t, world, ckpt_path, start_step, done, seconds, losses, stopped))
-            if stopped == STOPPED_AT_INTERRUPT:
-                bar.write(f"interrupted at step {done} of {cfg.steps}: checkpoint saved; --resume continues")
-                break
-            if out_of_time:
-                if world.is_main:
-                    bar.write(f"stopping at step {done} of {cfg.steps}: the {cfg.max_seconds:g} s time budget is spent")
-                break
-    elapsed = time.perf_counter() - started
-    bar.close()
-    if writer is not None:
-        writer.close()
-    barrier(world)  # every process returns once rank 0's final checkpoint is on disk
+                smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
+                bar.update(1)
+                done = step + 1
+                if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
+                    losses = {key: float(value) for key, value in terms.items()}  # a device sync, every log_every steps
+                    if not math.isfinite(losses["total"]):  # before a checkpoint of diverged weights replaces a good one
+                        raise TrainingDiverged(step, cfg, ckpt_path)
+                    bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
+                    if writer is not None:
+                        for key, value in losses.items():
+                            writer.add_scalar(key if key == "grad_norm" else f"loss/{key}", value, done)
+                        writer.add_scalar("lr", learning_rate(cfg, step), done)
+                if world.is_main and cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
+                    grid = preview_grid(t.average if t.average is not None else t.model, faces)
+                    write_preview(out_dir, done, grid)
+                    if writer is not None:
+                        writer.add_image("preview", grid, done, dataformats="HWC")
+                # Under DDP the ranks agree on the budget every log_every steps only: each agreement is an all-reduce
+                # and a device sync, which would stall every step; one process checks its own clock every step.
+                out_of_time = bool(cfg.max_seconds) and (world.world_size == 1 or done % cfg.log_every == 0) and \
+                    all_agree(time.perf_counter() - started > cfg.max_seconds, world, t.device)
+                if ctrl_c.pressed.is_set():
+                    stopped = STOPPED_AT_INTERRUPT
+                    # Flushed at once: the save can take seconds, and a second Ctrl-C meanwhile abandons it.
+                    bar.write(f"interrupted: saving the checkpoint at step {done} (Ctrl-C again stops at once, "
+                              "keeping the last checkpoint)", file=sys.stderr)
+                elif out_of_time or done == cfg.steps:
+                    stopped = STOPPED_AT_TIME_BUDGET if out_of_time else STOPPED_AT_STEPS
+                if world.is_main and (done % cfg.checkpoint_every == 0 or stopped):
+                    # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's
+                    # does not (gigabytes at 128 px, which would make a short run's steps/s read low).
+                    seconds = _elapsed(started, t.device)
+                    if not _weights_sane(t.model):  # this step's update blew them up: keep the checkpoint before it
+                        raise TrainingDiverged(step, cfg, ckpt_path)
+                    save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
+                                    {"world_size": world.world_size, **t.checkpoint_extra()},
+                                    abandoned=lambda: ctrl_c.at_once)
+                    write_summary(out_dir, _summary(t, world, ckpt_path, start_step, done, seconds, losses, stopped))
+                if stopped == STOPPED_AT_INTERRUPT:
+                    bar.write(f"interrupted at step {done} of {cfg.steps}: checkpoint saved; --resume continues")
+                    break
+                if out_of_time:
+                    if world.is_main:
+                        bar.write(f"stopping at step {done} of {cfg.steps}: the {cfg.max_seconds:g} s time budget "
+                                  "is spent")
+                    break
+            elapsed = time.perf_counter() - started
+            bar.close()
+            if writer is not None:
+                writer.close()
+            barrier(world)  # every process returns once rank 0's final checkpoint is on disk
+        except BaseException:
+            if not ctrl_c.at_once:
+                raise
+            # Wherever the second Ctrl-C landed (inside torch's writer it surfaces as a RuntimeError), the
+            # checkpoint on disk is whole: say which one it is. Further Ctrl-Cs are ignored until then.
+            bar.close()
+            raise StoppedAtOnce(ckpt_path) from None
     if progress and world.is_main:
         count = done - start_step
         print(f"trained {count} steps in {elapsed:.1f} s ({count / elapsed:.2f} steps/s, "
               f"{amp.describe(t.autocast_dtype)}), loss {float(smoothed):.4f}; checkpoint {ckpt_path}")
     if stopped == STOPPED_AT_INTERRUPT:
-        raise KeyboardInterrupt
+        raise InterruptedWithCheckpoint(f"interrupted at step {done}: checkpoint saved")
+
+
+class InterruptedWithCheckpoint(KeyboardInterrupt):
+    """The first Ctrl-C: the step in flight finished and was saved (the loop has said so)."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A Ctrl-C that stopped training without a checkpoint of its own; its message says which checkpoint is kept."""
+
+    def __init__(self, ckpt_path: Path) -> None:
+        super().__init__(f"stopped at once: {describe_kept_checkpoint(ckpt_path)}")
 
 
 class TrainingDiverged(ValueError):
@@ -215,26 +246,39 @@ def _weights_sane(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) < SANE_WEIGHT for p in model.parameters())
 
 
+class CtrlC:
+    """What Ctrl-C has asked of a training loop: `pressed` once it came (finish the step, save, stop); `at_once` once
+    it came again (stop now, without the save)."""
+
+    def __init__(self) -> None:
+        self.pressed = threading.Event()
+        self.at_once = False
+
+
 @contextlib.contextmanager
 def _ctrl_c_finishes_the_step(world: Distributed) -> Any:
-    """The first Ctrl-C (SIGINT) sets the yielded event: the loop finishes its step, saves a checkpoint and stops
-    (then KeyboardInterrupt), so an interrupted run loses no step and never stops inside an optimizer step. A second
-    one stops at once; the last checkpoint stays whole (it is written atomically). Under torchrun each rank is
-    signalled on its own and the ranks could stop at different steps, so there (and off the main thread) Ctrl-C
-    keeps its default."""
-    interrupt = threading.Event()
+    """The first Ctrl-C (SIGINT) sets the yielded CtrlC's `pressed`: the loop finishes its step, saves a checkpoint
+    and stops (then KeyboardInterrupt), so an interrupted run loses no step and never stops inside an optimizer step.
+    A second one sets `at_once` and raises KeyboardInterrupt wherever the loop is, a checkpoint write included (that
+    write is abandoned, the checkpoint before it kept whole); later ones are ignored while the loop says what it
+    kept. Under torchrun each rank is signalled on its own and the ranks could stop at different steps, so there
+    (and off the main thread) Ctrl-C keeps its default."""
+    ctrl_c = CtrlC()
     if world.world_size > 1 or threading.current_thread() is not threading.main_thread():
-        yield interrupt
+        yield ctrl_c
         return
 
     def handle(signum: int, frame: Any) -> None:
-        if interrupt.is_set():
+        if ctrl_c.at_once:
+            return
+        if ctrl_c.pressed.is_set():
+            ctrl_c.at_once = True
             raise KeyboardInterrupt
-        interrupt.set()
+        ctrl_c.pressed.set()
 
     previous = signal.signal(signal.SIGINT, handle)
     try:
-        yield interrupt
+        yield ctrl_c
     finally:
         signal.signal(signal.SIGINT, previous)
 

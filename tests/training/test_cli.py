@@ -3,6 +3,7 @@ user errors with exit code 2, and a training run that survives SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -357,3 +358,89 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_line(data, tmp_path):
     errors = [line for line in run.stderr.replace("\r", "\n").splitlines() if "error: " in line]
     assert len(errors) == 1 and "checkpoint.pt" in errors[0] and "File too large" in errors[0], run.stderr[-2000:]
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(64-px data, a demo-preset run folder checkpointed at step 2): its ~50 MB checkpoint takes a while to write."""
+    root = tmp_path_factory.mktemp("ctrl-c")
+    faces = synth.write_dataset(root / "data", identities=2, images=16, size=64, progress=False)
+    assert_ok(run_cli("train", "--data", faces, "--out", root / "run", "--steps", 2, "--batch-size", 2, "--threads",
+                      1, "--no-tensorboard"))
+    return faces, root / "run"
+
+
+def writing(run: Path) -> bool:
+    """Whether torch is writing the run's checkpoint: its temp file holds some of it."""
+    for temp in run.glob(".checkpoint.pt.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if temp.stat().st_size > 1 << 20:
+                return True
+    return False
+
+
+def ctrl_c_twice(demo_run, tmp_path: Path, second: str | float) -> tuple[subprocess.CompletedProcess, Path]:
+    """Resumes the demo run, presses Ctrl-C once it trains, then again: while the checkpoint it saves is being
+    written (`second` "during the save"), or that many seconds after the first. Returns the finished process (its
+    stdout and stderr as text) and the run folder."""
+    faces, start = demo_run
+    run = tmp_path / "run"
+    shutil.copytree(start, run)
+    child = subprocess.Popen([str(TRAIN), "train", "--data", str(faces), "--out", str(run), "--steps", "100000",
+                              "--batch-size", "2", "--threads", "1", "--no-tensorboard", "--resume"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    reader = ProgressReader(child.stderr)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while reader.steps(100000) < 4 and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        if second == "during the save":
+            while not writing(run) and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            assert child.poll() is None, f"the run ended before its save was seen: {reader.text[-1000:]}"
+        else:
+            time.sleep(second)
+        child.send_signal(signal.SIGINT)
+        stdout = child.stdout.read().decode()
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+    reader.join(10)
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, reader.text), run
+
+
+def last_words(run: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in run.stderr.replace("\r", "\n").splitlines() if line.startswith("stopped at once")]
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_during_the_save_abandons_it_and_says_which_checkpoint_is_kept(demo_run, tmp_path):
+    run, folder = ctrl_c_twice(demo_run, tmp_path, "during the save")
+    assert run.returncode == 130, (run.stdout, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and "Error" not in run.stderr, run.stderr[-2000:]
+    assert "interrupted: saving the checkpoint at step" in run.stderr
+    checkpoint = folder / "checkpoint.pt"
+    assert last_words(run) == [f"stopped at once: the checkpoint at {checkpoint} (step 2) is kept as it was; "
+                               "--resume continues from it"], run.stderr[-2000:]
+    assert load_checkpoint(checkpoint)["step"] == 2
+    assert not list(folder.glob(".checkpoint.pt.*.tmp"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.0, 0.04, 0.5])
+def test_a_second_ctrl_c_at_any_moment_exits_130_saying_which_checkpoint_there_is(demo_run, tmp_path, gap):
+    run, folder = ctrl_c_twice(demo_run, tmp_path, gap)
+    assert run.returncode == 130, (run.stdout, run.stderr[-2000:])
+    assert "Traceback" not in run.stderr and "Error" not in run.stderr, run.stderr[-2000:]
+    step = load_checkpoint(folder / "checkpoint.pt")["step"]
+    # Either the first Ctrl-C's save finished before the second came, or the second said what it kept.
+    saved = f"interrupted at step {step} of 100000: checkpoint saved" in run.stdout
+    words = last_words(run)
+    assert saved or words == [f"stopped at once: the checkpoint at {folder / 'checkpoint.pt'} (step {step}) is kept "
+                              "as it was; --resume continues from it"], (run.stdout, run.stderr[-2000:])
+    assert len(words) <= 1
+    assert not list(folder.glob(".checkpoint.pt.*.tmp"))
