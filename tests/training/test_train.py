@@ -22,7 +22,7 @@ from facetwin.training import synth
 from facetwin.training.amp import autocast_dtype, cpu_has_bf16
 from facetwin.training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from facetwin.training.config import TrainConfig, learning_rate, preset_model
-from facetwin.training.data import AugmentConfig, load_faces, to_device
+from facetwin.training.data import AugmentConfig, DatasetError, load_faces, to_device
 from facetwin.training.run_folder import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -458,3 +458,16 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_from_it(data, tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the caller's again
     train(tiny(data, run, steps=step + 2, checkpoint_every=1_000_000), progress=False, resume=True)
     assert read_summary(run).step_end == step + 2
+
+
+def test_faces_smaller_than_the_model_are_refused_and_larger_ones_scaled_down(data, real_data, tmp_path):
+    with pytest.raises(DatasetError, match=rf"^{data} holds 32 px faces; preset demo trains at 64 px: render again "
+                       r"with facetwin-train synth --size 64, or choose a 32-px preset \(tiny\)$"):
+        train(TrainConfig.from_preset("demo", data, tmp_path / "demo", steps=1), progress=False)
+    with pytest.raises(DatasetError, match=r"holds 64 px faces; preset cpu-128 trains at 128 px: extract again with "
+                       r"--size 128, or choose a 64-px preset \(demo, full\)$"):
+        train(TrainConfig.from_preset("cpu-128", real_data, tmp_path / "128", steps=1), progress=False)
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "128").exists()
+    checkpoint = load_checkpoint(train(tiny(real_data, tmp_path / "tiny", steps=1, tensorboard=False), progress=False))
+    assert checkpoint["step"] == 1 and checkpoint["data"]["size"] == 64
+    assert checkpoint["train_config"].model.resolution == 32
