@@ -273,6 +273,15 @@ def _load_real(data: Optional[Path], video: Optional[Path], video_identity: Opti
                                                     max_frames))
 
 
+def _check_held_out(bundles: list[Path], real: Any) -> None:
+    """Before any scoring: no bundle may be scored on "held-out" frames it trained on."""
+    from facetwin.training import evaluate as evaluate_mod
+
+    if real is not None:
+        for path in bundles:
+            _run(lambda: evaluate_mod.check_held_out(path, evaluate_mod.load_manifest(path), real.split))
+
+
 def _check_outputs(**paths: Optional[Path]) -> None:
     """Every output file given (option name -> path) can be written: checked before the work it would hold."""
     from facetwin.core.files import check_writable
@@ -348,6 +357,7 @@ def evaluate(
     _check_outputs(markdown=markdown, report=report_file, grid=grid)
     _run(lambda: evaluate_mod.load_manifest(bundle))  # a missing bundle fails before any video is read
     real = _load_real(data, video, video_identity, identity_map, every, max_frames)
+    _check_held_out([bundle], real)
     report = _run(lambda: evaluate_mod.evaluate_bundle(bundle, real, count=count, seed=seed, faces_per_pair=faces,
                                                        reference_faces=references, progress=_stage(bundle),
                                                        **_keep_shape(keep_shape)))
@@ -385,6 +395,7 @@ def compare(
     for path in bundles:
         _run(lambda: evaluate_mod.load_manifest(path))
     real = _load_real(data, video, video_identity, identity_map, every, max_frames)
+    _check_held_out(bundles, real)
     reports = [_run(lambda: evaluate_mod.evaluate_bundle(path, real, count=count, faces_per_pair=faces,
                                                          reference_faces=references, progress=_stage(path),
                                                          **_keep_shape(keep_shape)))

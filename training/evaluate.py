@@ -495,9 +495,13 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
     With `saved` (load_swaps), bundle_dir names the swaps file and the real-face sections score its swaps."""
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir) if saved is None else saved.manifest
+    if real is not None:
+        check_held_out(bundle_dir, manifest, real.split)
+    trained_on = training_folder(manifest)
     report: dict[str, Any] = {"model": bundle_dir.name if saved is None else bundle_dir.stem,
                               "bundle": str(bundle_dir), "variant": manifest.variant,
                               "resolution": manifest.resolution, "identities": list(manifest.identities),
+                              "trained_on": None if trained_on is None else str(trained_on),
                               "real_faces": real.described if real else None, "split": real.split if real else None}
     reasons: dict[str, str] = {}
     if saved is not None:
@@ -523,6 +527,29 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
     report.update(sections)
     report["reasons"] = reasons
     return report
+
+
+def training_folder(manifest: Manifest) -> Path | None:
+    """The data folder the bundle's model trained on (training records it absolute; an older relative record is
+    taken from the current folder), or None where the bundle records none (an imported one)."""
+    folder = manifest.training_config.get("data_dir")
+    return Path(folder).resolve() if isinstance(folder, str) and folder else None
+
+
+def check_held_out(bundle_dir: str | os.PathLike, manifest: Manifest, split: dict[str, Any] | None) -> None:
+    """ValueError where `split` is a held-out part whose frames the bundle trained on: it trained on the data set
+    that part was split from, or on the part itself. Scores on it would claim frames the model never saw."""
+    trained = training_folder(manifest)
+    if trained is None or not split or split.get("part") != "holdout":
+        return
+    parts = {"of": "the whole data set it was split from (its held-out frames included)",
+             "holdout": "the held-out part itself"}
+    seen = next((what for key, what in parts.items() if split.get(key) and Path(split[key]).resolve() == trained),
+                None)
+    if seen is not None:
+        raise ValueError(f"{Path(bundle_dir).name} was trained on {trained}, {seen}, so {split.get('holdout')} is "
+                         f"not held out from it: train on the training part {split.get('train')} and export again, "
+                         f"or evaluate --data {trained} to score it on frames it trained on")
 
 
 def headline(report: dict[str, Any]) -> dict[str, float | None]:
@@ -573,17 +600,27 @@ def markdown_table(reports: list[dict[str, Any]], columns: list[str] | None = No
     unique = list(dict.fromkeys(notes))
     if unique:
         lines += [""] + [f"- n/a: {note}" for note in unique]
-    splits = list(dict.fromkeys(split_note(r["split"]) for r in reports if r.get("split")))
+    splits = list(dict.fromkeys(split_note(r["split"], r.get("trained_on", "")) for r in reports if r.get("split")))
     if splits:
         lines += [""] + [f"Real faces: {note}" for note in splits]
     return "\n".join(lines) + "\n"
 
 
-def split_note(split: dict[str, Any]) -> str:
-    """What the faces of a `facetwin-train split` part are, for the Markdown report."""
+def split_note(split: dict[str, Any], trained_on: str | None = "") -> str:
+    """What the faces of a `facetwin-train split` part are, for the Markdown report. `trained_on`: the bundle's
+    training data folder (None: not recorded; "": not checked); the held-out claim is the split's alone unless the
+    bundle trained on its training part."""
     if split.get("part") == "holdout":
         kind = (f"held-out frames (the last {split['fraction']:.0%} of each identity's faces, kept out of the "
                 f"training part {split.get('train')})")
     else:
         kind = f"the {split.get('part')} part (frames a model trained on it saw)"
-    return f"{kind} of {split.get('of')}: {quality.describe_split(split)}"
+    note = f"{kind} of {split.get('of')}: {quality.describe_split(split)}"
+    if split.get("part") != "holdout" or trained_on == "":
+        return note
+    if trained_on is None:
+        return note + " (the bundle records no training data folder: whether it saw these frames is unknown)"
+    if split.get("train") and Path(trained_on).resolve() == Path(split["train"]).resolve():
+        return note
+    return note + (f" (but the bundle trained on {trained_on}, not that training part: these frames are unseen only "
+                   "if that folder holds none of them)")

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -68,6 +69,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
     """Runs (or resumes) training; returns the path of the final checkpoint. Under torchrun, every process
     calls this; rank 0 writes."""
     check_config(cfg)
+    # Recorded absolute: evaluate tells held-out frames from trained ones by it, from any folder.
+    cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     torch.set_num_threads(max(1, cfg.threads))
     world = Distributed.from_env()
     out_dir = Path(cfg.out_dir)

