@@ -87,10 +87,36 @@ def describe_kept_checkpoint(path: Path) -> str:
     if not path.is_file():
         return f"no checkpoint was written to {path.parent} (--resume starts afresh)"
     try:
-        step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        step = int(_peek(path)["step"])
     except Exception:  # said as far as known: a last message must not fail
         return f"the checkpoint at {path} is kept as it was"
     return f"the checkpoint at {path} (step {step}) is kept as it was; --resume continues from it"
+
+
+def _peek(path: Path) -> Any:
+    """A checkpoint's entries with its tensors mapped, not read: quick at any size."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def recorded_data(run_dir: Path) -> tuple[Path, str]:
+    """(the data set folder, the preset) the run in `run_dir` trains with, as its checkpoint records them;
+    CheckpointError, saying what to pass, where there is no checkpoint or the folder is gone."""
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"train needs --data: {run_dir} holds no {CHECKPOINT_NAME} to resume and take the data "
+                              "set from")
+    try:
+        config = _peek(path)["config"]
+    except Exception:  # unreadable: load_checkpoint says why, as a resume would
+        load_checkpoint(path)
+        raise
+    folder, preset = config.get("data_dir"), config.get("preset", "demo")
+    if not isinstance(folder, str) or not folder:
+        raise CheckpointError(f"{path} records no data set folder: pass --data")
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"the run in {run_dir} trained on {folder}, which is gone: pass --data with the data "
+                              "set to train on")
+    return Path(folder), preset
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | CycleGAN:

@@ -157,7 +157,8 @@ def split(
 
 @app.command()
 def train(
-    data: Optional[Path] = typer.Option(None, help="data set folder (from `facetwin-train synth`)"),
+    data: Optional[Path] = typer.Option(None, help="data set folder (facetwin-train synth or extract; with --resume, "
+                                        "default: the one the run trained on)"),
     out: Optional[Path] = typer.Option(None, help="run folder for checkpoint.pt and config.json"),
     preset: Optional[str] = typer.Option(None, show_default=False, help="demo (the default: CPU demo quality, "
                                 "minutes), tiny (seconds, tests), full (the 2017 "
@@ -216,8 +217,16 @@ def train(
         typer.echo(f"dry run: trained the tiny {variant} preset for {summary['steps']} steps on generated faces of "
                    f"{summary['identities']} in {summary['seconds']} s; {where}")
         return
-    if data is None or out is None:
+    if out is None:
         _fail("train needs --data and --out (or --dry-run)")
+    if data is None:
+        if not resume:
+            _fail("train needs --data (or --resume, which takes it from the run in --out; or --dry-run)")
+        from facetwin.training.checkpoint import recorded_data
+
+        data, recorded_preset = _run(lambda: recorded_data(out))
+        preset = preset or recorded_preset
+        typer.echo(f"resuming the run in {out} on the data set it trained on, {data} (preset {preset})")
     preset = preset or "demo"
     if preset not in PRESETS:
         _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")

@@ -131,6 +131,22 @@ def test_missing_or_wrong_data_folder(tmp_path):
     assert_user_error(run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", "--preset", "huge"), "huge")
 
 
+def test_resume_without_data_takes_the_runs_data_set_and_preset(data, tmp_path):
+    faces, run = tmp_path / "faces", tmp_path / "run"
+    shutil.copytree(data, faces)
+    assert_ok(run_cli("train", "--data", faces, "--out", run, "--preset", "tiny", "--steps", 2, "--no-tensorboard"))
+    resumed = assert_ok(run_cli("train", "--out", run, "--resume", "--steps", 3, "--no-tensorboard"))
+    assert f"resuming the run in {run} on the data set it trained on, {faces} (preset tiny)" in resumed
+    assert "trained 1 steps" in resumed and load_checkpoint(run / "checkpoint.pt")["step"] == 3
+    shutil.rmtree(faces)
+    before = snapshot(run)
+    assert_user_error(run_cli("train", "--out", run, "--resume", "--steps", 4), f"the run in {run} trained on {faces}, "
+                      "which is gone: pass --data")
+    assert snapshot(run) == before
+    assert_user_error(run_cli("train", "--out", tmp_path / "new", "--resume"), "train needs --data", "holds no")
+    assert_user_error(run_cli("train", "--out", run), "train needs --data (or --resume")
+
+
 def test_faces_smaller_than_the_preset_are_one_error_line(data, tmp_path):
     assert_user_error(run_cli("train", "--data", data, "--out", tmp_path / "run", "--preset", "demo"),
                       f"{data} holds 32 px faces; preset demo trains at 64 px", "synth --size 64", "(tiny)")
