@@ -117,13 +117,19 @@ class IdentityFaces(Dataset):
         return Sample(self.faces[idx], self.masks[idx], self.regions[idx])
 
 
+# How faces get into a data set folder, for the errors that find none there.
+_MAKE_FACES = ("extract faces into it with facetwin-train extract VIDEOS_OR_PHOTOS --out {folder} --identity NAME "
+               "(once per person), or render synthetic ones with facetwin-train synth {folder}")
+
+
 def load_index(data_dir: str | Path) -> dict[str, Any]:
     """Reads and checks the data set's index.json; raises DatasetError with what is wrong."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
         raise DatasetError(f"data folder {data_dir} is a file: name the folder a data set was written to")
     if not data_dir.is_dir():
-        raise DatasetError(f"data folder {data_dir} does not exist (make one with: facetwin-train synth {data_dir})")
+        raise DatasetError(f"data folder {data_dir} does not exist (facetwin-train extract writes it only once it "
+                           f"finds a usable face): {_MAKE_FACES.format(folder=data_dir)}")
     try:
         return read_index(data_dir, SCHEMAS)
     except IndexProblem as exc:
@@ -133,7 +139,8 @@ def load_index(data_dir: str | Path) -> dict[str, Any]:
 def identity_names(index: dict[str, Any]) -> list[str]:
     names = [str(entry["name"]) for entry in index["identities"]]
     if len(names) < 2:
-        raise DatasetError(f"a face-swap data set needs at least 2 identities, this one has {len(names)}: {names}")
+        raise DatasetError(f"a face-swap data set needs at least 2 identities, this one has {len(names)}: {names}; "
+                           f"{_MAKE_FACES.format(folder='the folder')} for another person")
     if len(set(names)) != len(names):
         raise DatasetError(f"identity names repeat in the index: {names}")
     return names

