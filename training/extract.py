@@ -365,6 +365,10 @@ def _extract_source(source: _Source, record: _IdentityRecord, detector: facelib.
             "frames_checked": checked}
 
 
+class ExtractInterrupted(KeyboardInterrupt):
+    """Ctrl-C during extraction; the index names every face written so far, and a re-run goes on from there."""
+
+
 def _no_face_error(work: list[_Source], checked: int, rejected: dict[str, int],
                    settings: ExtractSettings) -> ExtractError:
     names = ", ".join(s.path.name for s in work[:5]) + (" ..." if len(work) > 5 else "")
@@ -393,14 +397,19 @@ def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, ev
     started = time.perf_counter()
     from tqdm import tqdm
 
-    with tqdm(total=planned, desc=f"extract {identity}", unit="frame", disable=not progress) as bar:
-        try:
-            for source in work:
-                report.append(_extract_source(source, record, finder, settings, stop, rejected, bar))
-            record.keep_faceless()
-        finally:
-            if record.dirty:
-                record.save()
+    try:
+        with tqdm(total=planned, desc=f"extract {identity}", unit="frame", disable=not progress) as bar:
+            try:
+                for source in work:
+                    report.append(_extract_source(source, record, finder, settings, stop, rejected, bar))
+                record.keep_faceless()
+            finally:
+                if record.dirty:
+                    record.save()
+    except KeyboardInterrupt:
+        raise ExtractInterrupted(f"interrupted: {record.added} faces of {identity} written to {out_dir} "
+                                 f"({record.existing + record.added} in all); run the same command again to resume"
+                                 ) from None
     seconds = time.perf_counter() - started
     checked = sum(r.get("frames_checked", 0) for r in report)
     if work and record.added == 0:

