@@ -508,6 +508,7 @@ def evaluate_bundle(bundle_dir: str | os.PathLike, real: RealInput | None = None
         report["synthetic"], reasons["synthetic"] = None, f"scored from saved swaps ({bundle_dir.name}), not a bundle"
     else:
         try:
+            synth_identities(manifest)  # first: no synthetic poses are announced for a bundle that has none
             progress(f"swapping {count} held-out synthetic poses")
             report["synthetic"] = synthetic_section(bundle_dir, count, seed)
         except (ValueError, RuntimeError) as exc:

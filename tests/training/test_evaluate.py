@@ -203,8 +203,12 @@ def test_a_model_that_swaps_nothing_keeps_pose_motion_and_identity(real_data, tm
     """Pass-through graphs named after the real people: NME 0, flicker ratio exactly 1, and the 'swap' still
     looks like the source. Not trained on synthetic faces: that section is null with the reason."""
     bundle = make_bundle(tmp_path / "nothing", names=["franck", "cap"], res=64, data={"kind": "faces"})
-    report = evaluate_bundle(bundle, RealInput.load(data=real_data), count=2, faces_per_pair=6, reference_faces=6)
+    stages = []
+    report = evaluate_bundle(bundle, RealInput.load(data=real_data), count=2, faces_per_pair=6, reference_faces=6,
+                             progress=stages.append)
     assert report["synthetic"] is None and "not trained on synthetic faces" in report["reasons"]["synthetic"]
+    assert stages[0] == "swapping 6 real faces of 2 identities" and "reference embeddings" in stages
+    assert not [stage for stage in stages if "synthetic" in stage]  # no work announced that does not run
     assert report["landmarks"]["raw_nme"] == 0.0 and report["landmarks"]["nme"] < 0.01
     assert report["landmarks"]["motion_error"] == 0.0  # it moves exactly as the source does
     assert report["temporal"]["flicker_ratio"] == 1.0
