@@ -140,12 +140,14 @@ class Manifest:
                 raise BundleError(f"tensor {spec.name!r}: spatial shape {spec.shape[2:]} != resolution {self.resolution}")
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """Returns name if it is a safe single path component, else raises BundleError."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
+def check_name(name: str, what: str = "name", dots: bool = True) -> str:
+    """Returns name if it is a safe single path component (without '.' unless `dots`), else raises BundleError
+    saying which characters a name may hold."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", "..") or (not dots and "." in name):
         shown = repr(name) if len(repr(name)) <= 72 else f"{repr(name)[:64]}... ({len(name)} characters)"
-        raise BundleError(f"{what} {shown} is not valid: use 1-64 letters, digits, '_', '-' or '.', starting with a "
-                          "letter or digit")
+        allowed = "'_', '-' or '.'" if dots else "'_' or '-'"
+        raise BundleError(f"{what} {shown} is not valid: use 1-64 letters, digits, {allowed}, starting with a letter "
+                          "or digit")
     return name
 
 

@@ -33,11 +33,7 @@ HELD_OUT_POSES = 64  # per direction
 def check_identity(name: object) -> str:
     """Returns a training identity's name, else raises ValueError saying why: a bundle name (core.bundle.check_name)
     without '.', since each identity names a decoder in the model and PyTorch's module names hold no dots."""
-    check_name(name, "identity name")  # BundleError is a ValueError
-    if "." in name:
-        raise ValueError(f"identity name {name!r} holds a '.': identities name the model's decoders, whose names "
-                         "cannot; use letters, digits, '_' or '-'")
-    return name
+    return check_name(name, "identity name", dots=False)  # type: ignore[arg-type]  # BundleError is a ValueError
 
 
 class IndexProblem(ValueError):

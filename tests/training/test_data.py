@@ -99,7 +99,7 @@ def test_one_identity_is_not_enough(dataset, tmp_path):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda index: index["identities"][0].update(name="john.doe"), "holds a '.'"),
+    (lambda index: index["identities"][0].update(name="john.doe"), "use 1-64 letters, digits, '_' or '-', starting"),
     (lambda index: index["identities"].__setitem__(0, "ada"), r"identities\[0\] must be an object"),
     (lambda index: index["images"][0].pop("file"), r"images\[0\] must be an object with"),
     (lambda index: index["images"].__setitem__(1, "ada/00000.png"), r"images\[1\] must be an object"),
