@@ -87,8 +87,18 @@ def downscale(image: np.ndarray, k: int) -> np.ndarray:
     if pad_y or pad_x:
         image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
     rows, cols = image.shape[0] // k, image.shape[1] // k
-    sums = image.reshape(rows, k, cols, k, image.shape[2]).sum(axis=(1, 3), dtype=np.uint32)
-    return ((sums + k * k // 2) // (k * k)).astype(np.uint8)  # the mean, rounded
+    # k * k strided adds into a small integer accumulator, several times faster than a reshape and a sum over two
+    # axes, which walks memory in a poor order (a 4K frame at k = 2: ~330 ms that way on one core).
+    sums = np.zeros((rows, cols, image.shape[2]), np.uint16 if k * k * 255 <= 0xFFFF else np.uint32)
+    for dy in range(k):
+        for dx in range(k):
+            sums += image[dy::k, dx::k]
+    sums += k * k // 2
+    if k & (k - 1) == 0:  # a power of two: the division is a shift
+        sums >>= 2 * (k.bit_length() - 1)
+    else:
+        sums //= k * k
+    return sums.astype(np.uint8)  # the mean, rounded
 
 
 def _axis(small: int, full: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
