@@ -511,7 +511,7 @@ def build_app() -> Any:
             = False,
             keep_shape: Annotated[float | None, typer.Option(
                 "--keep-shape", min=0.0, max=1.0,
-                help="0 = the target's face shape .. 1 = the original's (default: the server's).")] = None,
+                help="0 = the target's face shape .. 1 = the original's (default: the server's, `facetwin info`).")] = None,
             quality: Annotated[int | None, typer.Option(
                 "--quality", min=1, max=100, help="JPEG quality of photo outputs (default 90).")] = None,
             mask: Annotated[Path | None, typer.Option(

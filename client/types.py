@@ -194,6 +194,7 @@ class ServerInfo:
     default_match_threshold: float = 0.0
     detect_every: int = 0  # a stream's full frames are searched for faces every this many frames, followed between
     processes: int = 1  # serving processes behind the address, each applying `limits` to the calls it serves
+    default_keep_shape: float = 0.0  # full frames: keep_shape when a request leaves it unset
 
     @classmethod
     def from_proto(cls, message: pb.GetServerInfoResponse) -> "ServerInfo":
@@ -206,7 +207,8 @@ class ServerInfo:
                    default_lost_faces=_enum_word(pb.LostFacePolicy, message.default_lost_faces),
                    default_lost_face_frames=message.default_lost_face_frames,
                    default_match_threshold=message.default_match_threshold,
-                   detect_every=message.detect_every, processes=message.processes)
+                   detect_every=message.detect_every, processes=message.processes,
+                   default_keep_shape=message.default_keep_shape)
 
 
 def _enum_word(enum: Any, value: int) -> str:

@@ -445,4 +445,4 @@ def server_info(config: ServerConfig) -> pb.GetServerInfoResponse:
         default_stream_policy=_POLICY_OUT[config.stream_policy], limits=limits,
         default_lost_faces=_LOST_OUT[config.lost_faces], default_lost_face_frames=config.lost_face_frames,
         default_match_threshold=config.match_threshold, detect_every=config.detect_every,
-        processes=config.processes)
+        processes=config.processes, default_keep_shape=config.keep_shape)

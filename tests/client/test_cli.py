@@ -284,6 +284,7 @@ def test_info_shows_the_servers_settings_and_limits(served_model):
     assert shown["limits.max_frame_memory_bytes"] == str(config.frame_memory_mb * 2**20)
     assert shown["limits.max_faces_detected"] == str(config.max_faces_detected)
     assert shown["limits.image_formats"] == "jpeg,png"
+    assert float(shown["default_keep_shape"]) == config.keep_shape  # what --keep-shape's "the server's" means
     as_json = run_cli("info", "--address", served_model.address, "--json")
     assert as_json.returncode == 0, as_json.stderr
     info = json.loads(as_json.stdout)

@@ -417,7 +417,7 @@ class ServerLimits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_image_side: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., image_formats: _Optional[_Iterable[str]] = ..., max_faces_per_frame: _Optional[int] = ..., max_calls_per_client: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_calls: _Optional[int] = ..., max_streams: _Optional[int] = ..., stream_window: _Optional[int] = ..., stream_idle_timeout_s: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_face_rules: _Optional[int] = ..., max_reference_images: _Optional[int] = ..., max_reference_side: _Optional[int] = ..., max_frame_memory_bytes: _Optional[int] = ..., max_faces_detected: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "auth_required", "tls", "client_certificate_required", "default_stream_policy", "limits", "default_lost_faces", "default_lost_face_frames", "default_match_threshold", "detect_every", "processes")
+    __slots__ = ("version", "auth_required", "tls", "client_certificate_required", "default_stream_policy", "limits", "default_lost_faces", "default_lost_face_frames", "default_match_threshold", "detect_every", "processes", "default_keep_shape")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AUTH_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     TLS_FIELD_NUMBER: _ClassVar[int]
@@ -429,6 +429,7 @@ class GetServerInfoResponse(_message.Message):
     DEFAULT_MATCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     DETECT_EVERY_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_KEEP_SHAPE_FIELD_NUMBER: _ClassVar[int]
     version: str
     auth_required: bool
     tls: bool
@@ -440,4 +441,5 @@ class GetServerInfoResponse(_message.Message):
     default_match_threshold: float
     detect_every: int
     processes: int
-    def __init__(self, version: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tls: _Optional[bool] = ..., client_certificate_required: _Optional[bool] = ..., default_stream_policy: _Optional[_Union[StreamPolicy, str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., default_lost_faces: _Optional[_Union[LostFacePolicy, str]] = ..., default_lost_face_frames: _Optional[int] = ..., default_match_threshold: _Optional[float] = ..., detect_every: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    default_keep_shape: float
+    def __init__(self, version: _Optional[str] = ..., auth_required: _Optional[bool] = ..., tls: _Optional[bool] = ..., client_certificate_required: _Optional[bool] = ..., default_stream_policy: _Optional[_Union[StreamPolicy, str]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., default_lost_faces: _Optional[_Union[LostFacePolicy, str]] = ..., default_lost_face_frames: _Optional[int] = ..., default_match_threshold: _Optional[float] = ..., detect_every: _Optional[int] = ..., processes: _Optional[int] = ..., default_keep_shape: _Optional[float] = ...) -> None: ...
