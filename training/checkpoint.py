@@ -7,6 +7,7 @@ enough for export and resume to rebuild everything.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,25 +99,38 @@ def _peek(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def recorded_data(run_dir: Path) -> tuple[Path, str]:
-    """(the data set folder, the preset) the run in `run_dir` trains with, as its checkpoint records them;
-    CheckpointError, saying what to pass, where there is no checkpoint or the folder is gone."""
+# Settings of one call rather than of the run: a resume takes them from its command line or its preset, never from
+# the checkpoint (a time budget or a thread count is this machine's and this call's; none of them changes the weights).
+PER_CALL = ("max_seconds", "threads", "follow_free_cores", "device", "tensorboard", "log_every", "preview_every")
+
+
+def resume_config(run_dir: Path, data: Path | None, preset: str | None, **given: Any) -> TrainConfig | None:
+    """The settings a resume of the run in `run_dir` trains with: the run's own, as its checkpoint records them, but
+    `data`, `preset` and the TrainConfig fields in `given` where they are not None (train() names those that differ
+    from the run's); the per-call settings (PER_CALL) come from `given` or the preset. None where the folder holds no
+    checkpoint. CheckpointError, saying what to pass, where the recorded data set folder is gone."""
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
-        raise CheckpointError(f"train needs --data: {run_dir} holds no {CHECKPOINT_NAME} to resume and take the data "
-                              "set from")
+        return None
     try:
-        config = _peek(path)["config"]
+        recorded = TrainConfig.from_dict(_peek(path)["config"])
     except Exception:  # unreadable: load_checkpoint says why, as a resume would
         load_checkpoint(path)
         raise
-    folder, preset = config.get("data_dir"), config.get("preset", "demo")
-    if not isinstance(folder, str) or not folder:
-        raise CheckpointError(f"{path} records no data set folder: pass --data")
-    if not Path(folder).is_dir():
-        raise CheckpointError(f"the run in {run_dir} trained on {folder}, which is gone: pass --data with the data "
-                              "set to train on")
-    return Path(folder), preset
+    if data is None:
+        if not recorded.data_dir:
+            raise CheckpointError(f"{path} records no data set folder: pass --data")
+        if not Path(recorded.data_dir).is_dir():
+            raise CheckpointError(f"the run in {run_dir} trained on {recorded.data_dir}, which is gone: pass --data "
+                                  "with the data set to train on")
+    preset = preset or recorded.preset
+    fresh = TrainConfig.from_preset(preset, data or recorded.data_dir, run_dir, **given)
+    settings = {name: getattr(fresh, name) for name in PER_CALL} | \
+        {name: value for name, value in given.items() if value is not None}
+    cfg = dataclasses.replace(recorded, **settings, data_dir=fresh.data_dir, out_dir=fresh.out_dir, preset=preset)
+    if (cfg.preset, cfg.variant) != (recorded.preset, recorded.variant):  # check_resumable says what to do
+        cfg = dataclasses.replace(cfg, model=None)
+    return cfg
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> FaceSwapAutoencoder | CycleGAN:
@@ -155,9 +169,10 @@ def check_resumable(saved: TrainConfig, cfg: TrainConfig, path: Path) -> None:
     wanted = preset_model(cfg.preset, saved.model.identities, variant) if cfg.model is None else cfg.model
     if (wanted.resolution, wanted.identities) != (saved.model.resolution, saved.model.identities):
         raise CheckpointError(
-            f"{path} was trained at {saved.model.resolution} px on {list(saved.model.identities)}; "
-            f"this run wants {wanted.resolution} px on {list(wanted.identities)}"
-        )
+            f"{path} was trained at {saved.model.resolution} px on {list(saved.model.identities)} (preset "
+            f"{saved.preset}); this run wants {wanted.resolution} px on {list(wanted.identities)} (preset "
+            f"{cfg.preset}): resume it with --preset {saved.preset} (or leave --preset out), or pick another --out "
+            "folder")
     if wanted != saved.model:
         if saved.preset != cfg.preset:
             raise CheckpointError(f"{path} was trained with preset {saved.preset!r}, not {cfg.preset!r}")

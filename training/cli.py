@@ -190,7 +190,8 @@ def train(
                                        "take cores (by default a CPU run uses only the cores left free)"),
     max_seconds: Optional[float] = typer.Option(None, min=0.0, help="stop early after this many seconds of training "
                                                 "(checkpoint written; --resume continues); 0 = no limit"),
-    variant: str = typer.Option("ae", help="ae (autoencoder), vae, vae-gan or cyclegan (two identities)"),
+    variant: Optional[str] = typer.Option(None, show_default=False, help="ae (autoencoder, the default), vae, "
+                                          "vae-gan or cyclegan (two identities); --resume: the run's"),
     amp: Optional[str] = typer.Option(None, help="mixed precision: auto (bf16 where the GPU or CPU has it natively; "
                                       "the demo preset's default), off (the tiny preset's), bf16 or fp16 (for CUDA; "
                                       "slow on a CPU)"),
@@ -208,8 +209,10 @@ def train(
     from facetwin.training.amp import AMP_MODES
     from facetwin.training.config import PRESETS
 
-    if variant not in VARIANTS:
+    if variant is not None and variant not in VARIANTS:
         _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    if preset is not None and preset not in PRESETS:
+        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
     if amp is not None and amp not in AMP_MODES:
         _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
     options = {"batch_size": batch_size, "lr": lr, "lr_final_fraction": lr_final_fraction, "grad_clip": grad_clip,
@@ -220,25 +223,28 @@ def train(
                  if value is not None]
         if given:
             _fail(f"--dry-run trains the tiny preset afresh on generated faces: leave out {' and '.join(given)}")
-        summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant, **options))
+        summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant or "ae",
+                                                   **options))
         where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "nothing kept (temp dir)"
-        typer.echo(f"dry run: trained the tiny {variant} preset for {summary['steps']} steps on generated faces of "
-                   f"{summary['identities']} in {summary['seconds']} s; {where}")
+        typer.echo(f"dry run: trained the tiny {summary['variant']} preset for {summary['steps']} steps on generated "
+                   f"faces of {summary['identities']} in {summary['seconds']} s; {where}")
         return
     if out is None:
         _fail("train needs --data and --out (or --dry-run)")
-    if data is None:
-        if not resume:
-            _fail("train needs --data (or --resume, which takes it from the run in --out; or --dry-run)")
-        from facetwin.training.checkpoint import recorded_data
+    cfg = None
+    if resume:  # the run's own settings, but those given here (train names any that differ from the run's)
+        from facetwin.training.checkpoint import resume_config
 
-        data, recorded_preset = _run(lambda: recorded_data(out))
-        preset = preset or recorded_preset
-        typer.echo(f"resuming the run in {out} on the data set it trained on, {data} (preset {preset})")
-    preset = preset or "demo"
-    if preset not in PRESETS:
-        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    cfg = train_mod.TrainConfig.from_preset(preset, data, out, steps=steps, variant=variant, **options)
+        cfg = _run(lambda: resume_config(out, data, preset, steps=steps, variant=variant, **options))
+        if cfg is not None and data is None:
+            typer.echo(f"resuming the run in {out} on the data set it trained on, {cfg.data_dir} (preset "
+                       f"{cfg.preset})")
+    if cfg is None:
+        if data is None:
+            _fail("train needs --data (or --resume, which takes it from the run in --out; or --dry-run)"
+                  if not resume else f"train needs --data: {out} holds no checkpoint to resume and take the data "
+                  "set from")
+        cfg = train_mod.TrainConfig.from_preset(preset or "demo", data, out, steps=steps, variant=variant or "ae", **options)
     try:
         ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     except KeyboardInterrupt as exc:

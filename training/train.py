@@ -32,6 +32,7 @@ from tqdm import tqdm
 from facetwin.core.files import atomic_write_bytes, remove_stale_temporaries
 from facetwin.training import amp
 from facetwin.training.checkpoint import (
+    PER_CALL,
     CheckpointError,
     check_resumable,
     describe_kept_checkpoint,
@@ -90,7 +91,10 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         # A resumed run keeps its own augmentation unless told otherwise, even where the default has changed since.
         cfg = dataclasses.replace(cfg, model=saved["train_config"].model,
                                   augment=cfg.augment or saved["train_config"].augment)
-        start_step = int(saved["step"])
+        start_step, saved_data_dir = int(saved["step"]), saved["train_config"].data_dir
+        if world.is_main and progress:
+            for change in resume_changes(saved["train_config"], cfg):
+                print(f"resuming with {change}")
     else:
         if resume and world.is_main and progress:
             print(f"no checkpoint in {out_dir} to resume: starting a new run there")
@@ -100,7 +104,15 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
         cfg = dataclasses.replace(cfg, augment=AugmentConfig.for_data(data_info["kind"]))
     assert cfg.model is not None
     if list(cfg.model.identities) != names:
-        raise CheckpointError(f"the model's identities {list(cfg.model.identities)} differ from the data set's {names}")
+        if saved is None:
+            raise CheckpointError(f"the model's identities {list(cfg.model.identities)} differ from the data set's "
+                                  f"{names}")
+        recorded = os.path.abspath(saved_data_dir)
+        what = (f"resume it on the data set it trained on (--data {recorded}, or leave --data out), or pick another "
+                "--out folder to train on these" if recorded != cfg.data_dir else
+                "the data set has changed since the run began: pick another --out folder to train on it")
+        raise CheckpointError(f"the run in {out_dir} trains on {list(cfg.model.identities)}, but {cfg.data_dir} "
+                              f"holds {names}: {what}")
     _check_face_size(cfg, data_info, resumed=saved is not None)
 
     device = training_device(cfg.device, world)
@@ -123,6 +135,25 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
                 print(f"nothing to train: the checkpoint is at step {start_step} of {cfg.steps} (raise --steps to "
                       "train on)")
     return ckpt_path
+
+
+# The settings facetwin-train train has a flag for, named by it; the others are named by their field.
+FLAGS = {name: "--" + name.replace("_", "-") for name in ("preset", "steps", "batch_size", "lr", "lr_final_fraction",
+                                                          "grad_clip", "seed", "variant", "amp")} | {"data_dir": "--data"}
+
+
+def resume_changes(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """How `cfg` differs from the run `saved` it resumes, in the settings that shape the training (not the per-call
+    ones): "--lr-final-fraction 0.05 (the run used 1.0)", one per setting."""
+    ours, theirs = cfg.to_dict(), saved.to_dict()
+    theirs["data_dir"] = os.path.abspath(theirs["data_dir"])
+    return [f"{FLAGS.get(name, name)} {_setting(ours[name])} (the run used "
+            f"{_setting(theirs.get(name))})"
+            for name in ours if name not in (*PER_CALL, "out_dir") and ours[name] != theirs.get(name)]
+
+
+def _setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _check_face_size(cfg: TrainConfig, data_info: dict[str, Any], resumed: bool) -> None:

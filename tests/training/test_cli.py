@@ -19,6 +19,7 @@ from typing import Callable
 import cv2
 import numpy as np
 import pytest
+import torch
 from typer.main import get_command
 
 from facetwin.core.bundle import load_manifest
@@ -131,6 +132,36 @@ def test_missing_or_wrong_data_folder(tmp_path):
     assert not (tmp_path / "run").exists()
     assert_user_error(run_cli("train", "--preset", "tiny"), "--data")
     assert_user_error(run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", "--preset", "huge"), "huge")
+
+
+def test_resume_without_flags_trains_on_with_the_runs_settings_and_names_those_changed(data, tmp_path):
+    """An interrupted run resumed with no flags ends bit-exact with an uninterrupted one; a flag given on resume that
+    differs from the run's applies and is named."""
+    from facetwin.training.train import TrainConfig, train
+
+    # Past the 50 warm-up steps, so the cosine decay's final fraction shapes the last steps.
+    run, settings = tmp_path / "run", {"steps": 60, "seed": 7, "lr_final_fraction": 0.1, "variant": "vae"}
+    flags = [arg for name, value in settings.items() for arg in (f"--{name.replace('_', '-')}", value)]
+    assert_ok(run_cli("train", "--data", data, "--out", run, "--preset", "tiny", *flags, "--max-seconds", 0.05,
+                      "--no-tensorboard"))
+    assert load_checkpoint(run / "checkpoint.pt")["step"] < 60  # the time budget stopped it
+    resumed = assert_ok(run_cli("train", "--out", run, "--resume", "--no-tensorboard"))
+    assert "resuming with" not in resumed
+    whole = train(TrainConfig.from_preset("tiny", data, tmp_path / "whole", tensorboard=False, **settings),
+                  progress=False)
+    a, b = load_checkpoint(whole), load_checkpoint(run / "checkpoint.pt")
+    assert a["step"] == b["step"] == 60 and b["config"]["max_seconds"] == 0  # a time budget is the call's own
+    for part in ("model", "ema"):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
+
+    changed = assert_ok(run_cli("train", "--out", run, "--resume", "--steps", 62, "--lr-final-fraction", 0.05,
+                                "--seed", 7, "--no-tensorboard"))
+    assert "resuming with --steps 62 (the run used 60)" in changed
+    assert "resuming with --lr-final-fraction 0.05 (the run used 0.1)" in changed
+    assert "--seed" not in changed  # given, but as the run had it
+    config = load_checkpoint(run / "checkpoint.pt")["config"]
+    assert (config["steps"], config["lr_final_fraction"], config["seed"], config["variant"]) == (62, 0.05, 7, "vae")
 
 
 def test_resume_without_data_takes_the_runs_data_set_and_preset(data, tmp_path):
