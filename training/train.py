@@ -191,7 +191,7 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
     t.model.train()
     bar = tqdm(total=cfg.steps, initial=start_step, disable=not (progress and world.is_main), desc="train",
                unit="step", dynamic_ncols=True)
-    smoothed, losses, stopped, done = None, {}, None, start_step
+    smoothed, losses, stopped, done, first_loss = None, {}, None, start_step, None
     if world.is_main:  # from now on the summary describes this call, even if it is killed before its first checkpoint
         write_summary(out_dir, _summary(t, world, ckpt_path, start_step, start_step, 0.0, losses, None))
     cpu_share = CpuShare(cfg.threads) if t.device.type == "cpu" and cfg.follow_free_cores else None
@@ -208,17 +208,19 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
                 try:
                     terms = train_step(t, batches, step, generator)
                 except RuntimeError as exc:  # a loss that checks its input's range is the first to see diverged weights
+                    if BCE_OUT_OF_RANGE in str(exc):  # a sigmoid's output is in [0, 1] unless it is NaN
+                        raise TrainingDiverged(step, cfg, ckpt_path, "the model's outputs are no longer finite "
+                                               "numbers") from exc
                     if _weights_sane(t.model):
                         raise
-                    raise TrainingDiverged(step, cfg, ckpt_path) from exc
+                    raise TrainingDiverged(step, cfg, ckpt_path, "its weights blew up") from exc
 
                 smoothed = terms["total"] if smoothed is None else 0.95 * smoothed + 0.05 * terms["total"]  # no sync
                 bar.update(1)
                 done = step + 1
                 if world.is_main and (step % cfg.log_every == 0 or done == cfg.steps):
                     losses = {key: float(value) for key, value in terms.items()}  # a device sync, every log_every steps
-                    if not math.isfinite(losses["total"]):  # before a checkpoint of diverged weights replaces a good one
-                        raise TrainingDiverged(step, cfg, ckpt_path)
+                    first_loss = _check_loss(losses["total"], first_loss, step, cfg, ckpt_path)
                     bar.set_postfix(loss=f"{float(smoothed):.4f}", lr=f"{learning_rate(cfg, step):.1e}")
                     if writer is not None:
                         for key, value in losses.items():
@@ -244,8 +246,11 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
                     # The summary's time runs to the end of this step: earlier checkpoints' writes count, this one's
                     # does not (gigabytes at 128 px, which would make a short run's steps/s read low).
                     seconds = _elapsed(started, t.device)
-                    if not _weights_sane(t.model):  # this step's update blew them up: keep the checkpoint before it
-                        raise TrainingDiverged(step, cfg, ckpt_path)
+                    # Before a checkpoint of diverged weights replaces a good one: this step's loss, and whether its
+                    # update blew the weights up.
+                    first_loss = _check_loss(float(terms["total"]), first_loss, step, cfg, ckpt_path)
+                    if not _weights_sane(t.model):
+                        raise TrainingDiverged(step, cfg, ckpt_path, "its weights blew up")
                     save_checkpoint(ckpt_path, cfg, t.model, t.optimizer, done, data_info,
                                     {"world_size": world.world_size, **t.checkpoint_extra()},
                                     abandoned=lambda: ctrl_c.at_once)
@@ -265,6 +270,7 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
             barrier(world)  # every process returns once rank 0's final checkpoint is on disk
         except BaseException:
             if not ctrl_c.at_once:
+                bar.close()  # before the error's own words
                 raise
             # Wherever the second Ctrl-C landed (inside torch's writer it surfaces as a RuntimeError), the
             # checkpoint on disk is whole: say which one it is. Further Ctrl-Cs are ignored until then.
@@ -290,17 +296,37 @@ class StoppedAtOnce(KeyboardInterrupt):
 
 
 class TrainingDiverged(ValueError):
-    """The loss became NaN or infinite: the weights blew up, mostly for a learning rate too high for the model."""
+    """The loss exploded or stopped being a number: the weights blew up, mostly for a learning rate too high for the
+    model. Raised before a checkpoint of those weights is written."""
 
-    def __init__(self, step: int, cfg: TrainConfig, ckpt_path: Path) -> None:
+    def __init__(self, step: int, cfg: TrainConfig, ckpt_path: Path, reason: str) -> None:
         kept = f"the checkpoint at {ckpt_path} is kept as it was" if ckpt_path.exists() else "no checkpoint was written"
-        super().__init__(f"training diverged at step {step + 1} (the loss is no longer a finite number): lower --lr "
-                         f"(now {cfg.lr:g}) or clip gradients (--grad-clip, now {cfg.grad_clip:g}); {kept}")
+        super().__init__(f"training diverged at step {step + 1} ({reason}): lower --lr (now {cfg.lr:g}) or clip "
+                         f"gradients (--grad-clip, now {cfg.grad_clip:g}); {kept}")
 
 
 # Weights of a healthy run stay within a few units; far beyond, their activations overflow to NaN before any
 # weight does, and a loss that checks its input's range (binary cross-entropy) fails first.
 SANE_WEIGHT = 1e6
+# What torch's binary cross-entropy says when its input holds NaN: the mask head's outputs have diverged.
+BCE_OUT_OF_RANGE = "all elements of input should be between 0 and 1"
+# How far above its first value in a call a loss may rise. A healthy run's stays within a few per cent of it (every
+# variant of the tiny preset over 200 steps, the demo model over 150: at most 1.07x); a diverging one's rises by
+# orders of magnitude (tiny at --lr 1: 1e11x within 100 steps, vae at --lr 0.05: 8e5x) while its weights stay
+# finite.
+EXPLODED = 1000.0
+
+
+def _check_loss(loss: float, first: float | None, step: int, cfg: TrainConfig, ckpt_path: Path) -> float:
+    """TrainingDiverged where `loss` is not a number or has exploded above `first`, the call's first loss (None: this
+    is it); returns the first loss."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(step, cfg, ckpt_path, "the loss is no longer a finite number")
+    if first is None:
+        return loss
+    if loss > EXPLODED * max(first, 1e-3):
+        raise TrainingDiverged(step, cfg, ckpt_path, f"the loss rose from {first:.3g} to {loss:.3g}")
+    return first
 
 
 @torch.no_grad()

@@ -164,6 +164,14 @@ def test_resume_without_flags_trains_on_with_the_runs_settings_and_names_those_c
     assert (config["steps"], config["lr_final_fraction"], config["seed"], config["variant"]) == (62, 0.05, 7, "vae")
 
 
+def test_a_diverging_run_ends_with_one_error_line_and_exit_2(data, tmp_path):
+    run = run_cli("train", "--data", data, "--out", tmp_path / "run", "--preset", "tiny", "--lr", "1e6", "--steps", 20,
+                  "--no-tensorboard")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1].startswith("error: training diverged at step "), run.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_resume_without_data_takes_the_runs_data_set_and_preset(data, tmp_path):
     faces, run = tmp_path / "faces", tmp_path / "run"
     shutil.copytree(data, faces)

@@ -94,6 +94,23 @@ def test_a_run_that_diverges_stops_with_the_reason_and_keeps_its_last_checkpoint
         train(tiny(data, tmp_path / "other", lr=float("inf")), progress=False)
 
 
+@pytest.mark.parametrize(("variant", "lr", "reason"), [
+    ("ae", 1e6, "the model's outputs are no longer finite numbers"),  # NaN masks, weights still finite
+    ("ae", 1.0, "the loss rose from"),  # a finite loss, 1e11 times its first value
+    ("vae", 10.0, "the loss rose from"),
+    ("cyclegan", 1e4, "the loss rose from"),
+])
+def test_a_loss_that_explodes_or_nan_outputs_stop_the_run_before_its_checkpoint_is_replaced(data, tmp_path, variant,
+                                                                                             lr, reason):
+    run = tmp_path / "run"
+    first = train(tiny(data, run, steps=2, variant=variant), progress=False)
+    before = first.read_bytes()
+    with pytest.raises(TrainingDiverged, match=f"diverged at step \\d+ \\({reason}.* lower --lr .*checkpoint at .* "
+                       "is kept as it was"):
+        train(tiny(data, run, steps=120, checkpoint_every=40, variant=variant, lr=lr), progress=False, resume=True)
+    assert first.read_bytes() == before
+
+
 @pytest.mark.parametrize("part", ["model", "ema"])
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_naming_the_key(data, tmp_path, part):
     run = tmp_path / "run"
