@@ -16,6 +16,8 @@ check never leaves a half bundle where the server looks.
 from __future__ import annotations
 
 import io
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,7 +131,15 @@ def _save_weights(model: FaceSwapAutoencoder | CycleGAN, path: Path) -> None:
         tensor = tensor.detach().contiguous()
         state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor
         seen.add(tensor.data_ptr())
-    save_file(state, str(path), metadata={"format": "pt", "model": f"facetwin.core.model.{type(model).__name__}"})
+    from safetensors import SafetensorError
+
+    try:
+        save_file(state, str(path), metadata={"format": "pt", "model": f"facetwin.core.model.{type(model).__name__}"})
+    except SafetensorError as exc:  # its writer reports the OS's error as text: "... (os error 28)"
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found is None:
+            raise
+        raise OSError(int(found[1]), os.strerror(int(found[1])), str(path)) from exc
 
 
 def _training_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -160,10 +170,22 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
     loaded = load_checkpoint(checkpoint)
     model = model_from_checkpoint(loaded)
     config = loaded["train_config"].model
-    resolution = config.resolution
     for identity in config.identities:
         target_file(identity)  # fail before any work if an identity cannot be a file name
 
+    try:
+        _write_bundle(final, model, loaded, opset, check, overwrite)
+    except OSError as exc:  # named after the bundle: the staging folder's hidden name means nothing to a reader
+        kept = "the bundle there from before is left as it was" if final.exists() else "no bundle was written"
+        raise type(exc)(exc.errno, f"{exc.strerror} while writing {Path(exc.filename or final).name} ({kept})",
+                        str(final)) from None
+    return final
+
+
+def _write_bundle(final: Path, model: FaceSwapAutoencoder | CycleGAN, loaded: dict[str, Any], opset: int,
+                  check: bool, overwrite: bool) -> None:
+    config = loaded["train_config"].model
+    resolution = config.resolution
     # DIR_MODE, not mkdtemp's 0700: the server may run as another user (the container's).
     with replace_folder(final, mode=DIR_MODE) as staging:
         _save_weights(model, staging / WEIGHTS_NAME)
@@ -194,4 +216,3 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, name: str | None 
         load_manifest(staging, verify=True)  # what the server will do: the bundle must pass its own reader
         if reason := bundle_in_the_way(final, overwrite):
             raise ExportError(f"while exporting: {reason}")
-    return final

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -319,6 +320,30 @@ def test_existing_bundle_needs_overwrite(tiny_model_dir):
                   "--name", "tiny")
     assert_user_error(run, "already exists", "--overwrite")
     assert snapshot(bundle) == before
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    """A child's preexec_fn: writes past `limit` bytes fail with EFBIG (File too large), as on a full disk, rather
+    than killing it (SIGXFSZ ignored)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_export_that_cannot_write_its_files_says_which_bundle_in_one_line(tiny_model_dir, exported, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(exported[1], models / "copy")
+    before = snapshot(models)
+    checkpoint = tiny_model_dir.parent / "run" / "checkpoint.pt"
+    for name, kept in (("copy", "the bundle there from before is left as it was"), ("new", "no bundle was written")):
+        run = subprocess.run([str(TRAIN), "export", "--checkpoint", str(checkpoint), "--out", str(models), "--name",
+                              name, "--overwrite"], capture_output=True, text=True, env=ENV, timeout=180,
+                             preexec_fn=_file_size_limit(50_000))  # the weights are ~400 kB
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert run.stderr.strip().splitlines() == [f"error: {models / name}: File too large while writing "
+                                                   f"weights.safetensors ({kept})"]
+        assert snapshot(models) == before  # no staging folder, no half bundle
 
 
 def test_refused_resume_leaves_the_run_untouched(tiny_model_dir, data, tmp_path):
