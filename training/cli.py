@@ -17,11 +17,14 @@ exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import typer
 
@@ -63,6 +66,29 @@ def _run(work: Callable[[], Any]) -> Any:
     except OSError as exc:  # not the caller's doing (a full disk, a read-only file system): still one line
         typer.echo(f"error: {_message(exc)}", err=True)
         raise typer.Exit(1) from None
+
+
+def _nothing_written(*paths: Path) -> Callable[[], str]:
+    """What a command that writes `paths` whole or not at all leaves when Ctrl-C stops it: for its last line."""
+    def say() -> str:
+        there = [path for path in paths if path.exists()]
+        if not there:
+            return f"interrupted: nothing was written to {' or '.join(map(str, paths))}"
+        return (f"interrupted: nothing was written; {' and '.join(map(str, there))} "
+                f"{'is' if len(there) == 1 else 'are'} as before")
+    return say
+
+
+@contextlib.contextmanager
+def _ctrl_c_says(what_is_left: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C anywhere in the block (its imports included) ends the command with exit code 130 and one line saying
+    what state is left, instead of Python's silent or traceback exit."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user has asked to stop: nothing may cut these last words
+        typer.echo(what_is_left(), err=True)
+        raise typer.Exit(INTERRUPTED) from None
 
 
 @app.command()
@@ -151,13 +177,14 @@ def split(
 ) -> None:
     """Splits an extracted data set into a training set and a held-out set (the last part of each identity's
     footage, in frame order) so evaluate scores frames the model never saw (re-runs replace both)."""
-    from facetwin.training import split as split_mod
-
     if data is None:
         _fail("split needs --data")
     train_dir = train_out or data.with_name(f"{data.name}-train")
     holdout_dir = holdout_out or data.with_name(f"{data.name}-holdout")
-    result = _run(lambda: split_mod.split_holdout(data, train_dir, holdout_dir, fraction))
+    with _ctrl_c_says(_nothing_written(train_dir, holdout_dir)):
+        from facetwin.training import split as split_mod
+
+        result = _run(lambda: split_mod.split_holdout(data, train_dir, holdout_dir, fraction))
     for name, parts in result["identities"].items():
         typer.echo(f"{name}: {parts['train']['faces']} faces to train on, {parts['holdout']['faces']} held out")
     typer.echo(f"train on {result['train']}; evaluate --data {result['holdout']}")
@@ -204,48 +231,49 @@ def train(
                                  "generated faces in a temp dir, seconds (the checkpoint is kept only with --out)"),
 ) -> None:
     """Trains a face-swap model (--variant); under `torchrun --nproc_per_node N` on N processes (DDP)."""
-    from facetwin.core.model import VARIANTS
-    from facetwin.training import train as train_mod
-    from facetwin.training.amp import AMP_MODES
-    from facetwin.training.config import PRESETS
-
-    if variant is not None and variant not in VARIANTS:
-        _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
-    if preset is not None and preset not in PRESETS:
-        _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
-    if amp is not None and amp not in AMP_MODES:
-        _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
-    options = {"batch_size": batch_size, "lr": lr, "lr_final_fraction": lr_final_fraction, "grad_clip": grad_clip,
-               "seed": seed, "threads": threads, "max_seconds": max_seconds, "follow_free_cores": not fixed_threads,
-               "amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
-    if dry_run:
-        given = [flag for flag, value in (("--data", data), ("--preset", preset), ("--resume", resume or None))
-                 if value is not None]
-        if given:
-            _fail(f"--dry-run trains the tiny preset afresh on generated faces: leave out {' and '.join(given)}")
-        summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant or "ae",
-                                                   **options))
-        where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "nothing kept (temp dir)"
-        typer.echo(f"dry run: trained the tiny {summary['variant']} preset for {summary['steps']} steps on generated "
-                   f"faces of {summary['identities']} in {summary['seconds']} s; {where}")
-        return
-    if out is None:
-        _fail("train needs --data and --out (or --dry-run)")
-    cfg = None
-    if resume:  # the run's own settings, but those given here (train names any that differ from the run's)
-        from facetwin.training.checkpoint import resume_config
-
-        cfg = _run(lambda: resume_config(out, data, preset, steps=steps, variant=variant, **options))
-        if cfg is not None and data is None:
-            typer.echo(f"resuming the run in {out} on the data set it trained on, {cfg.data_dir} (preset "
-                       f"{cfg.preset})")
-    if cfg is None:
-        if data is None:
-            _fail("train needs --data (or --resume, which takes it from the run in --out; or --dry-run)"
-                  if not resume else f"train needs --data: {out} holds no checkpoint to resume and take the data "
-                  "set from")
-        cfg = train_mod.TrainConfig.from_preset(preset or "demo", data, out, steps=steps, variant=variant or "ae", **options)
+    # Ctrl-C while it starts up (imports, reading the data set) or trains: one line saying which checkpoint is left.
     try:
+        from facetwin.core.model import VARIANTS
+        from facetwin.training import train as train_mod
+        from facetwin.training.amp import AMP_MODES
+        from facetwin.training.config import PRESETS
+
+        if variant is not None and variant not in VARIANTS:
+            _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+        if preset is not None and preset not in PRESETS:
+            _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
+        if amp is not None and amp not in AMP_MODES:
+            _fail(f"--amp must be one of {', '.join(AMP_MODES)}, not {amp!r}")
+        options = {"batch_size": batch_size, "lr": lr, "lr_final_fraction": lr_final_fraction, "grad_clip": grad_clip,
+                   "seed": seed, "threads": threads, "max_seconds": max_seconds, "follow_free_cores": not fixed_threads,
+                   "amp": amp, "tensorboard": tensorboard, "preview_every": preview_every}
+        if dry_run:
+            given = [flag for flag, value in (("--data", data), ("--preset", preset), ("--resume", resume or None))
+                     if value is not None]
+            if given:
+                _fail(f"--dry-run trains the tiny preset afresh on generated faces: leave out {' and '.join(given)}")
+            summary = _run(lambda: train_mod.dry_run(out, steps=steps or 5, progress=False, variant=variant or "ae",
+                                                       **options))
+            where = f"checkpoint {summary['checkpoint']}" if summary["checkpoint"] else "nothing kept (temp dir)"
+            typer.echo(f"dry run: trained the tiny {summary['variant']} preset for {summary['steps']} steps on generated "
+                       f"faces of {summary['identities']} in {summary['seconds']} s; {where}")
+            return
+        if out is None:
+            _fail("train needs --data and --out (or --dry-run)")
+        cfg = None
+        if resume:  # the run's own settings, but those given here (train names any that differ from the run's)
+            from facetwin.training.checkpoint import resume_config
+
+            cfg = _run(lambda: resume_config(out, data, preset, steps=steps, variant=variant, **options))
+            if cfg is not None and data is None:
+                typer.echo(f"resuming the run in {out} on the data set it trained on, {cfg.data_dir} (preset "
+                           f"{cfg.preset})")
+        if cfg is None:
+            if data is None:
+                _fail("train needs --data (or --resume, which takes it from the run in --out; or --dry-run)"
+                      if not resume else f"train needs --data: {out} holds no checkpoint to resume and take the data "
+                      "set from")
+            cfg = train_mod.TrainConfig.from_preset(preset or "demo", data, out, steps=steps, variant=variant or "ae", **options)
         ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
     except KeyboardInterrupt as exc:
         _stopped_by_ctrl_c(exc, out)
@@ -262,13 +290,14 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle of that name"),
 ) -> None:
     """Exports a checkpoint as a model bundle (ONNX per target + safetensors + manifest)."""
-    from facetwin.training import export as export_mod
-
     if checkpoint is None:
         _fail("export needs --checkpoint")
     started = time.perf_counter()
-    typer.echo(f"exporting {checkpoint} ...")
-    bundle = _run(lambda: export_mod.export_bundle(checkpoint, out, name=name, opset=opset, overwrite=overwrite))
+    with _ctrl_c_says(_nothing_written(out / (name if name is not None else checkpoint.resolve().parent.name))):
+        typer.echo(f"exporting {checkpoint} ...")
+        from facetwin.training import export as export_mod
+
+        bundle = _run(lambda: export_mod.export_bundle(checkpoint, out, name=name, opset=opset, overwrite=overwrite))
     from facetwin.core.bundle import load_manifest
 
     manifest = load_manifest(bundle)
@@ -436,11 +465,13 @@ def dfm_export(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing .dfm"),
 ) -> None:
     """Exports one bundle target as a DeepFaceLab / DeepFaceLive .dfm (in_face:0 NHWC BGR -> out_* NHWC)."""
-    from facetwin.training import dfm
-
     if bundle is None or target is None:
         _fail("dfm-export needs --bundle and --target")
-    path = _run(lambda: dfm.bundle_to_dfm(bundle, target, out or Path(f"{target}.dfm"), face_mask_from, overwrite))
+    with _ctrl_c_says(_nothing_written(out or Path(f"{target}.dfm"))):
+        from facetwin.training import dfm
+
+        path = _run(lambda: dfm.bundle_to_dfm(bundle, target, out or Path(f"{target}.dfm"), face_mask_from,
+                                              overwrite))
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {bundle.name}/{target} as a DeepFaceLab .dfm")
 
 
@@ -457,29 +488,38 @@ def dfm_import(
 ) -> None:
     """Converts a DeepFaceLab .dfm into a bundle the server loads (onnxruntime / tensorrt backends)."""
     from facetwin.core.bundle import load_manifest
-    from facetwin.training import dfm
 
     if dfm_file is None:
         _fail("dfm-import needs a .dfm file")
     for flag, value in (("--name", name), ("--celeb", celeb)):
         if value is not None and not value.strip():
             _fail(f"{flag} is empty: give a name, or leave {flag} out for the file's stem")
-    bundle = _run(lambda: dfm.dfm_to_bundle(dfm_file, out, name or dfm_file.stem, celeb, dst, morph, overwrite))
+    with _ctrl_c_says(_nothing_written(out / (name or dfm_file.stem))):
+        from facetwin.training import dfm
+
+        bundle = _run(lambda: dfm.dfm_to_bundle(dfm_file, out, name or dfm_file.stem, celeb, dst, morph, overwrite))
     manifest = load_manifest(bundle)
     typer.echo(f"bundle {bundle}: target {sorted(manifest.targets)}, identities {list(manifest.identities)}, "
                f"{manifest.resolution} px, max error vs the .dfm {manifest.export['max_abs_error']:.1e}")
 
 
-def _stopped_by_ctrl_c(exc: KeyboardInterrupt, run_dir: Path) -> NoReturn:
+def _stopped_by_ctrl_c(exc: KeyboardInterrupt, run_dir: Path | None) -> NoReturn:
     """Exit 130 with one line saying which checkpoint a Ctrl-C left, wherever it landed (the first Ctrl-C's save has
-    said so already)."""
-    import signal
-
-    from facetwin.training.checkpoint import describe_kept_checkpoint
+    said so already); `run_dir` None: a dry run into a temp dir."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user has asked to stop: nothing may cut these last words
+    if run_dir is None:
+        typer.echo("interrupted: nothing was kept (the dry run trained in a temp dir)", err=True)
+        raise typer.Exit(INTERRUPTED)
     from facetwin.training.run_folder import CHECKPOINT_NAME
+
+    if "facetwin.training.train" not in sys.modules:  # Ctrl-C cut into torch's import: importing it again can crash
+        checkpoint = run_dir / CHECKPOINT_NAME
+        typer.echo(f"interrupted while starting: nothing was written; {checkpoint} is as it was" if checkpoint.exists()
+                   else f"interrupted while starting: nothing was written to {run_dir}", err=True)
+        raise typer.Exit(INTERRUPTED)
+    from facetwin.training.checkpoint import describe_kept_checkpoint
     from facetwin.training.train import InterruptedWithCheckpoint, StoppedAtOnce
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user has asked to stop: nothing may cut these last words
     if not isinstance(exc, InterruptedWithCheckpoint) and os.environ.get("RANK", "0") == "0":
         message = str(exc) if isinstance(exc, StoppedAtOnce) else \
             f"stopped at once: {describe_kept_checkpoint(run_dir / CHECKPOINT_NAME)}"

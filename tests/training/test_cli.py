@@ -346,6 +346,23 @@ def test_export_that_cannot_write_its_files_says_which_bundle_in_one_line(tiny_m
         assert snapshot(models) == before  # no staging folder, no half bundle
 
 
+def test_ctrl_c_during_export_says_nothing_was_written(tiny_model_dir, tmp_path):
+    bundle = tmp_path / "models" / "cut"
+    child = subprocess.Popen([str(TRAIN), "export", "--checkpoint", str(tiny_model_dir.parent / "run" / "checkpoint.pt"),
+                              "--out", str(bundle.parent), "--name", "cut"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert child.stdout.readline().startswith("exporting ")  # then it loads torch and exports: seconds
+        child.send_signal(signal.SIGINT)
+        stdout, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines() == [f"interrupted: nothing was written to {bundle}"], stderr[-2000:]
+    assert not bundle.parent.exists() or not list(bundle.parent.iterdir())  # no bundle, no staging folder
+
+
 def test_refused_resume_leaves_the_run_untouched(tiny_model_dir, data, tmp_path):
     """A run trained on ada/ben at 32 px cannot be resumed at 64 px (demo preset) or on other identities."""
     run_dir = tmp_path / "run"
