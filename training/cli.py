@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -38,7 +39,8 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report a command Ctrl-C stopped
 # Errors that mean "the input was wrong", not "the program is broken". The training modules report bad
 # input with ValueError subclasses (DatasetError, CheckpointError, ExportError, ModelConfigError, BundleError);
 # synth.py and evaluate.py use ValueError itself. OS errors cover unreadable or unwritable paths.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               MemoryError)
 
 
 # What to do about the OS's own complaints, which name only the file and the errno's text.
@@ -170,7 +172,7 @@ def extract(
 def split(
     data: Optional[Path] = typer.Option(None, help="extracted data set to split (facetwin-train extract)"),
     fraction: float = typer.Option(0.2, help="share of each identity's faces held out: the end of its footage, "
-                                   "between 0 and 1"),
+                                   "from 0 to 1"),
     train_out: Optional[Path] = typer.Option(None, help="data set to train on (default: DATA-train)"),
     holdout_out: Optional[Path] = typer.Option(None, help="held-out data set for evaluate --data (default: "
                                                "DATA-holdout)"),
@@ -201,21 +203,21 @@ def train(
                                 "gpu-128 or gpu-256 (128 / 256 px, 119 / 147 M parameters: GPU hosts)"),
     steps: Optional[int] = typer.Option(None, min=1, help="override the preset's number of steps"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="override the preset's faces per identity per step "
-                                            "(per process under torchrun)"),
-    lr: Optional[float] = typer.Option(None, min=0.0, help="override the preset's learning rate"),
+                                             "(per process under torchrun; at most 1024)"),
+    lr: Optional[float] = typer.Option(None, help="override the preset's learning rate"),
     lr_final_fraction: Optional[float] = typer.Option(
-        None, min=0.0, max=1.0, help="cosine-decay the learning rate to lr x this by the last of --steps (default 1: "
+        None, help="cosine-decay the learning rate to lr x this by the last of --steps (default 1: "
         "constant); long runs on synthetic faces: 0.05"),
     grad_clip: Optional[float] = typer.Option(
-        None, min=0.0, help="scale a step's gradient down to this L2 norm when larger (default 2; 0 = never): "
+        None, help="scale a step's gradient down to this L2 norm when larger (default 2; 0 = never): "
         "TensorBoard's grad_norm shows the norms before clipping"),
-    seed: Optional[int] = typer.Option(None, min=0, help="override the seed"),
+    seed: Optional[int] = typer.Option(None, min=0, help="override the seed (at most 2^32 - 1)"),
     # More threads than cores only wait on each other; tens of thousands crash OpenMP.
     threads: Optional[int] = typer.Option(None, min=1, max=os.cpu_count() or 1,
                                           help="torch CPU threads (default 2; at most the machine's cores)"),
     fixed_threads: bool = typer.Option(False, "--fixed-threads", help="keep --threads even when other processes "
                                        "take cores (by default a CPU run uses only the cores left free)"),
-    max_seconds: Optional[float] = typer.Option(None, min=0.0, help="stop early after this many seconds of training "
+    max_seconds: Optional[float] = typer.Option(None, help="stop early after this many seconds of training "
                                                 "(checkpoint written; --resume continues); 0 = no limit"),
     variant: Optional[str] = typer.Option(None, show_default=False, help="ae (autoencoder, the default), vae, "
                                           "vae-gan or cyclegan (two identities); --resume: the run's"),
@@ -240,6 +242,14 @@ def train(
 
         if variant is not None and variant not in VARIANTS:
             _fail(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+        # Checked here, not by typer's ranges, which call NaN out of range ("should be greater than or equal to 0").
+        for flag, value, fits, what in (
+                ("--lr", lr, lambda v: v > 0, "above 0"),
+                ("--lr-final-fraction", lr_final_fraction, lambda v: 0 <= v <= 1, "from 0 to 1"),
+                ("--grad-clip", grad_clip, lambda v: v >= 0, "of 0 (no clipping) or more"),
+                ("--max-seconds", max_seconds, lambda v: v >= 0, "of 0 (no limit) or more")):
+            if value is not None and not (math.isfinite(value) and fits(value)):
+                _fail(f"{flag} must be a number {what}, got {value}")
         if preset is not None and preset not in PRESETS:
             _fail(f"--preset must be one of {', '.join(PRESETS)}, not {preset!r}")
         if amp is not None and amp not in AMP_MODES:

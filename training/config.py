@@ -151,10 +151,21 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# Faces per identity per step: the gpu presets' 32 several times over. Far more only fails to allocate (10^8 faces
+# of 32 px) or gets the process killed for its memory (2 x 10^6).
+MAX_BATCH = 1024
+# Batch seeds are seed x 1,000,003 + step (step.py), which must fit the 64-bit integer torch seeds with.
+MAX_SEED = 2**32 - 1
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Settings that are wrong whatever the data: fail before anything is read or written."""
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise ValueError("steps, batch_size, checkpoint_every and log_every must be at least 1")
+    if cfg.batch_size > MAX_BATCH:
+        raise ValueError(f"batch_size must be at most {MAX_BATCH} faces per identity, got {cfg.batch_size}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {cfg.seed}")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ValueError(f"lr must be a positive, finite learning rate, got {cfg.lr}")
     if cfg.preview_every < 0:

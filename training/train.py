@@ -175,6 +175,11 @@ def _check_face_size(cfg: TrainConfig, data_info: dict[str, Any], resumed: bool)
     raise DatasetError(f"{cfg.data_dir} holds {size} px faces; {model} trains at {resolution} px: {again}")
 
 
+def _too_big(cfg: TrainConfig, device: torch.device) -> str:
+    return (f"a step of {cfg.batch_size} faces per identity does not fit in the memory of {device}: lower "
+            "--batch-size")
+
+
 def _elapsed(started: float, device: torch.device) -> float:
     """Seconds since `started` once the device has finished the work queued so far."""
     if device.type == "cuda":
@@ -202,12 +207,16 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
                 if cpu_share is not None and (threads := cpu_share.update()) is not None:
                     torch.set_num_threads(threads)  # another process took (or gave back) a core: see cpu_share.py
                 generator.manual_seed(batch_seed(cfg, step, world.rank))
-                # 1. one augmented batch per identity, on the training device
-                batches = sample_batches(t, faces, generator)
-                # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
                 try:
+                    # 1. one augmented batch per identity, on the training device
+                    batches = sample_batches(t, faces, generator)
+                    # 2-5. forward, losses, backward, optimizer step(s), the weights' moving average
                     terms = train_step(t, batches, step, generator)
+                except torch.OutOfMemoryError as exc:
+                    raise MemoryError(_too_big(cfg, t.device)) from exc
                 except RuntimeError as exc:  # a loss that checks its input's range is the first to see diverged weights
+                    if "can't allocate memory" in str(exc):  # the CPU allocator's words
+                        raise MemoryError(_too_big(cfg, t.device)) from exc
                     if BCE_OUT_OF_RANGE in str(exc):  # a sigmoid's output is in [0, 1] unless it is NaN
                         raise TrainingDiverged(step, cfg, ckpt_path, "the model's outputs are no longer finite "
                                                "numbers") from exc

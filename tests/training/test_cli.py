@@ -117,9 +117,13 @@ def test_synth_and_train_options_reach_the_saved_config(tmp_path):
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["lr_final_fraction"] == 0.05 and config["steps"] == 2 and config["grad_clip"] == 0.5
     assert config["augment"]["warp"] == 0 and config["augment"]["rotation_deg"] == 0  # synthetic faces: no geometry
-    refused = run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "other", "--preset", "tiny",
-                      "--lr-final-fraction", 2)
-    assert refused.returncode == 2 and "lr-final-fraction" in refused.stderr and not (tmp_path / "other").exists()
+    for flags, says in ((("--lr-final-fraction", 2), "--lr-final-fraction must be a number from 0 to 1, got 2"),
+                        (("--lr", "nan"), "--lr must be a number above 0, got nan"),
+                        (("--seed", 10**14), "seed must be between 0 and 4294967295"),
+                        (("--batch-size", 10**8), "batch_size must be at most 1024")):
+        assert_user_error(run_cli("train", "--data", tmp_path / "data", "--out", tmp_path / "other", "--preset",
+                                  "tiny", *flags), says)
+        assert not (tmp_path / "other").exists()
     (tmp_path / "a-file").write_text("not a folder")
     assert_user_error(run_cli("synth", tmp_path / "a-file", "--images", 1, "--size", 16), "a-file")
 
