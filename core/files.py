@@ -46,7 +46,10 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
         path = Path(os.path.realpath(path))
     _check_regular(path, "")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # named after path: the temp file's random name means nothing to a reader
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     try:
         os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
@@ -54,6 +57,11 @@ def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename not in (None, tmp) or exc.errno is None:  # another file's error, or no OS error at all
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None  # a failed write of the temp file: of path
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

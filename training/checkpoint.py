@@ -42,8 +42,8 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: t
         failure = exc.__cause__ or exc.__context__
         if not isinstance(failure, OSError):
             raise
-        raise OSError(failure.errno, f"{failure.strerror} (a checkpoint there from before is left as it was)",
-                      str(path)) from None
+        kept = " (a checkpoint there from before is left as it was)" if path.exists() else ""
+        raise OSError(failure.errno, f"{failure.strerror}{kept}", str(path)) from None
     return path
 
 

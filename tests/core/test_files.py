@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -83,3 +85,22 @@ def test_staging_folders_of_killed_writers_are_cleared_and_a_live_writers_kept(t
         for writer in writers:
             writer.kill()
             writer.wait(30)
+
+
+def test_a_failed_write_names_the_file_not_its_hidden_temporary(tmp_path):
+    """A write the OS refuses (here: past a file size limit, as on a full disk) is reported against the file asked
+    for, and leaves nothing behind."""
+    target = tmp_path / "config.json"
+    code = (
+        "import resource, signal\n"
+        "from facetwin.core.files import atomic_write_bytes\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
+        "try:\n"
+        f"    atomic_write_bytes({str(target)!r}, bytes(100_000))\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__, exc.errno, exc.filename)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.split() == ["OSError", "27", str(target)], run.stdout + run.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -491,19 +491,14 @@ def test_sigkill_mid_run_keeps_a_checkpoint_that_resume_continues(data, tmp_path
 def test_a_checkpoint_that_cannot_be_written_is_one_error_line(data, tmp_path):
     """A full disk (here: a file size limit, the same failed write to the OS) under a checkpoint: torch reports it
     as its own RuntimeError; the CLI says which file and why, and leaves no partial file."""
-    import resource
-
-    def small_files():  # the first checkpoint (~1.6 MB) does not fit; the OS refuses the write (EFBIG)
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
     run = subprocess.run([str(TRAIN), "train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset",
                           "tiny", "--steps", "3", "--no-tensorboard"], capture_output=True, text=True, env=ENV,
-                         timeout=180, preexec_fn=small_files)
+                         timeout=180, preexec_fn=_file_size_limit(1 << 20))  # the checkpoint (~1.6 MB) does not fit
     assert run.returncode == 1, (run.stdout, run.stderr[-2000:])
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.replace("\r", "\n").splitlines() if "error: " in line]
     assert len(errors) == 1 and "checkpoint.pt" in errors[0] and "File too large" in errors[0], run.stderr[-2000:]
+    assert "from before" not in errors[0]  # there was none
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
