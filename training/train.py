@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> Path
 
     device = training_device(cfg.device, world)
     # uint8 faces live on the training device; augmentation runs there (data.py). Eye/mouth maps only when weighted.
-    loaded = load_faces(cfg.data_dir, resolution=cfg.model.resolution, regions=bool(cfg.loss.eyes_mouth))
+    loaded = load_faces(cfg.data_dir, resolution=cfg.model.resolution, regions=bool(cfg.loss.eyes_mouth),
+                        progress=progress and world.is_main)
     faces = {name: data.to(device) for name, data in loaded.items()}
     with process_group(world, device):
         trainer = make_trainer(cfg, names, device, saved, world)

@@ -174,6 +174,7 @@ def test_a_diverging_run_ends_with_one_error_line_and_exit_2(data, tmp_path):
                   "--no-tensorboard")
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
     assert run.stderr.strip().splitlines()[-1].startswith("error: training diverged at step "), run.stderr[-2000:]
+    assert "load faces: 100%" in run.stderr  # the data set's loading shows its progress too
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 

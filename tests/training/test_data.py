@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -122,6 +123,18 @@ def test_missing_image_file_names_the_file(dataset, tmp_path):
     (copy / "ben" / "00002.png").unlink()
     with pytest.raises(DatasetError, match="00002.png"):
         load_faces(copy)
+
+
+@pytest.mark.parametrize("side", [2, 400])
+def test_an_image_of_another_size_than_the_index_says_is_refused_naming_it(dataset, tmp_path, side):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    size = json.loads((copy / "index.json").read_text())["size"]
+    for name in ("00002.png", "00002_mask.png"):  # face and mask agree with each other, not with the index
+        image = cv2.imread(str(copy / "ben" / name), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(copy / "ben" / name), cv2.resize(image, (side, side)))
+    with pytest.raises(DatasetError, match=f"ben/00002.png is {side}x{side} px, but .* faces are {size} px"):
+        load_faces(copy, resolution=size)
 
 
 def test_augment_with_everything_off_is_the_identity(batch):
