@@ -48,7 +48,7 @@ from facetwin.training import evaluate as evaluate_mod
 from facetwin.training import quality, realdata
 from facetwin.training.evaluate import compose_grid
 from facetwin.training.run_folder import CHECKPOINT_NAME
-from facetwin.training.split import HOLDOUT_FRACTION
+from facetwin.training.split import HOLDOUT_FRACTION, check_pair
 
 from .common import BIN, banner, finished_training, run, serving, wait_ready
 
@@ -249,6 +249,7 @@ def prepare_faces(preset: Preset, holdout: float, out: Path, total: int) -> Face
          "--holdout-out", str(holdout_dir)])
     split = quality.dataset_split(holdout_dir)
     assert split is not None and split["part"] == "holdout"
+    check_pair(split)  # the train part trained on next is this split's
     return FaceSets(videos, faces_dir, train_dir, holdout_dir, split)
 
 

@@ -41,6 +41,7 @@ from facetwin.core.bundle import Manifest, load_manifest
 from facetwin.core.files import atomic_write_bytes
 from facetwin.training import quality, synth
 from facetwin.training.layout import HELD_OUT_POSES, HELD_OUT_SEED, png_bytes
+from facetwin.training.split import check_pair
 
 BATCH = 32  # images per ONNX Runtime call: bounds memory at large resolutions
 
@@ -547,6 +548,8 @@ def check_held_out(bundle_dir: str | os.PathLike, manifest: Manifest, split: dic
              "holdout": "the held-out part itself"}
     seen = next((what for key, what in parts.items() if split.get(key) and Path(split[key]).resolve() == trained),
                 None)
+    if split.get("train") and Path(split["train"]).resolve() == trained:
+        check_pair(split)
     if seen is not None:
         raise ValueError(f"{Path(bundle_dir).name} was trained on {trained}, {seen}, so {split.get('holdout')} is "
                          f"not held out from it: train on the training part {split.get('train')} and export again, "

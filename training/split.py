@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,14 @@ def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str 
         cut = min(cuts, key=lambda i: (abs(i - wanted), i))  # the nearest; on a tie the larger held-out part
         held.update(id(entry) for entry in entries[cut:])
         identities[name] = {"train": _frame_ranges(entries[:cut]), "holdout": _frame_ranges(entries[cut:])}
+    # "id" pairs the two parts: check_pair tells a mismatched pair by it.
     split = {"of": str(data_dir), "fraction": fraction, "train": str(train_dir), "holdout": str(holdout_dir),
-             "identities": identities}
+             "id": secrets.token_hex(8), "identities": identities}
     head = {k: v for k, v in index.items() if k != "images"}
-    # Both parts are staged before either replaces its folder: a failure on one side (a folder that cannot be
-    # written, a full disk, Ctrl-C) leaves both as they were, never a new held-out part beside an old train part.
+    # Both parts are staged before either replaces its folder: a failure while they are written (a folder that
+    # cannot be written, a full disk, Ctrl-C) leaves both as they were. The two replacements at the end are two
+    # renames, though: a process killed between them leaves the new train part beside the old held-out part, which
+    # check_pair then refuses.
     with replace_folder(holdout_dir) as holdout_staging, replace_folder(train_dir) as train_staging:
         for part, staging in (("holdout", holdout_staging), ("train", train_staging)):
             images = [e for e in index["images"] if (id(e) in held) == (part == "holdout")]
@@ -120,3 +124,19 @@ def split_holdout(data_dir: str | Path, train_dir: str | Path, holdout_dir: str 
                     _link_or_copy(data_dir / entry[key], staging / entry[key])
             (staging / INDEX_NAME).write_text(index_json({**head, "split": {"part": part, **split}, "images": images}))
     return split
+
+
+def check_pair(split: dict[str, Any]) -> None:
+    """ValueError where `split`, one part's "split" entry, and the other part's on disk are not of the same split
+    (a split killed between replacing its two parts): a model trained on one part would be scored on frames that are
+    not held out from it, or on too few."""
+    other = "train" if split.get("part") == "holdout" else "holdout"
+    if not split.get(other) or not (Path(split[other]) / INDEX_NAME).is_file():
+        return
+    try:
+        theirs = json.loads((Path(split[other]) / INDEX_NAME).read_text()).get("split") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        theirs = {}
+    if theirs.get("id") != split.get("id"):
+        raise ValueError(f"the split of {split.get('of')} was interrupted: {split.get('train')} and "
+                         f"{split.get('holdout')} are parts of different splits; run facetwin-train split again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -105,3 +106,22 @@ def test_split_again_replaces_its_parts_and_refuses_everything_else(tmp_path):
     assert _keys(tmp_path / "holdout") == held_before
     assert json.loads((tmp_path / "holdout" / "index.json").read_text())["split"]["fraction"] == 0.5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_parts_of_different_splits_are_refused_together(tmp_path):
+    """A split killed between replacing its two parts leaves a new train part beside the old held-out part."""
+    from facetwin.training import quality
+
+    faces = _faces_set(tmp_path / "faces", SPLIT_FACES)
+    S.split_holdout(faces, tmp_path / "train", tmp_path / "holdout")
+    for part in ("train", "holdout"):
+        S.check_pair(quality.dataset_split(tmp_path / part))  # one split's parts
+    old_holdout = tmp_path / "old-holdout"
+    (tmp_path / "holdout").rename(old_holdout)
+    S.split_holdout(faces, tmp_path / "train", tmp_path / "holdout", fraction=0.5)
+    shutil.rmtree(tmp_path / "holdout")
+    old_holdout.rename(tmp_path / "holdout")  # as the kill left them: the new train part, the old held-out part
+    for part in ("train", "holdout"):
+        with pytest.raises(ValueError, match=f"the split of {faces} was interrupted: .* run facetwin-train split "
+                                             "again"):
+            S.check_pair(quality.dataset_split(tmp_path / part))
