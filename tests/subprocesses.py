@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,15 @@ def run_module(module: str, *args: str, env: dict[str, str] | None = None,
     """`python -m module args...` with captured text output."""
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
                           env=command_env() if env is None else env, timeout=timeout)
+
+
+def popen_for_ctrl_c(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen for a child the test will press Ctrl-C in (send SIGINT to). A command started from a terminal
+    gets Ctrl-C; one started by a shell in the background inherits SIGINT ignored and rightly keeps ignoring it. The
+    tests may run in the background (CI): a handled signal reaches the child as the default, as from a terminal.
+    Call from the main thread."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from facetwin.client.media import decode_image, encode_image
+from tests.subprocesses import popen_for_ctrl_c
 
 from .clips import inspect_video, write_clip
 
@@ -425,15 +426,8 @@ def interrupt_mid_way(args: tuple, out: Path, settle_s: float = 0.0, sig: int = 
                       to_thread: bool = False) -> tuple[int, str, str]:
     """Runs the command, sends Ctrl-C (SIGINT, or `sig`) once a partial output appears under `out`, to the process
     or (to_thread) to a thread other than its main one; (exit code, out, err)."""
-    # A command started from a terminal gets Ctrl-C; one started by a shell in the background inherits SIGINT ignored
-    # and rightly keeps ignoring it. The tests may run in the background: a handled signal reaches the child as
-    # the default, as it would from a terminal.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        process = subprocess.Popen([str(arg) for arg in (FACETWIN, *args)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=cli_env())
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    process = popen_for_ctrl_c([str(arg) for arg in (FACETWIN, *args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
         deadline = time.monotonic() + 60
         while not (out.exists() and any(".partial" in p.name for p in out.iterdir())):

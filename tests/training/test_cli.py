@@ -28,6 +28,7 @@ from facetwin.training import synth
 from facetwin.training.checkpoint import load_checkpoint
 from facetwin.training.cli import app
 from facetwin.training.layout import FACES_SCHEMA
+from tests.subprocesses import popen_for_ctrl_c
 
 TRAIN = Path(sys.executable).with_name("facetwin-train")  # the console script installed next to this Python
 # Two OpenMP threads that spin-wait crawl (~50x) when other processes hold the cores, as on a shared 2-core
@@ -353,7 +354,7 @@ def test_export_that_cannot_write_its_files_says_which_bundle_in_one_line(tiny_m
 
 def test_ctrl_c_during_export_says_nothing_was_written(tiny_model_dir, tmp_path):
     bundle = tmp_path / "models" / "cut"
-    child = subprocess.Popen([str(TRAIN), "export", "--checkpoint", str(tiny_model_dir.parent / "run" / "checkpoint.pt"),
+    child = popen_for_ctrl_c([str(TRAIN), "export", "--checkpoint", str(tiny_model_dir.parent / "run" / "checkpoint.pt"),
                               "--out", str(bundle.parent), "--name", "cut"], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -507,7 +508,7 @@ def ctrl_c(cmd: list[str], total: int, after: int,
            then: Callable[[subprocess.Popen], None] = lambda child: None) -> subprocess.CompletedProcess:
     """Runs `cmd`, presses Ctrl-C once its progress bar shows `after` of `total` done, then calls then(child) (to
     press it again); returns the finished process with its stdout and stderr as text."""
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    child = popen_for_ctrl_c(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     reader = ProgressReader(child.stderr)
     reader.start()
     try:
