@@ -61,10 +61,8 @@ def photo_scale(payload: bytes, limits: FrameLimits | None, faces: FacesArg) -> 
         return 1, ""
     width, height = size
     headroom = request_headroom(faces, color="rgb")
-    if not limits.over(height, width, len(payload) + headroom):
-        return 1, ""
-    k, reason = fit_scale(height, width, limits, headroom)
-    return k, reason or limits.over(height, width, len(payload) + headroom)
+    reason = limits.over(height, width, len(payload) + headroom)
+    return (fit_scale(height, width, limits, headroom)[0], reason) if reason else (1, "")
 
 
 class _ImageJob:
