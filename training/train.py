@@ -279,12 +279,11 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
                 writer.close()
             barrier(world)  # every process returns once rank 0's final checkpoint is on disk
         except BaseException:
+            bar.close()  # before the error's own words
             if not ctrl_c.at_once:
-                bar.close()  # before the error's own words
                 raise
             # Wherever the second Ctrl-C landed (inside torch's writer it surfaces as a RuntimeError), the
             # checkpoint on disk is whole: say which one it is. Further Ctrl-Cs are ignored until then.
-            bar.close()
             raise StoppedAtOnce(ckpt_path) from None
     if progress and world.is_main:
         count = done - start_step
