@@ -148,10 +148,10 @@ class _ClientBase:
         return self.timeout if timeout is None else _check_timeout(timeout)
 
     def _ensure_open(self) -> None:
+        # CancelledError, as for a call that close() cut off: a loop that swaps until another thread or task closes
+        # the client ends with the same error whether close() lands during a call or between two.
         if self._closed:
-            raise _invalid(
-                f"this {type(self).__name__} is closed; create a new one", grpc.StatusCode.FAILED_PRECONDITION
-            )
+            raise CancelledError(f"this {type(self).__name__} is closed; create a new one")
 
     def _error(self, err: grpc.RpcError) -> FaceTwinError:
         """The FaceTwinError for a failed call; a call cut off by this client's close() is CancelledError."""

@@ -232,7 +232,7 @@ def test_closed_client_refuses_calls():
     c = Client(UNREACHABLE)
     c.close()
     c.close()  # idempotent
-    with pytest.raises(InvalidInputError, match="closed"):
+    with pytest.raises(CancelledError, match="closed; create a new one"):
         c.list_models()
 
 
