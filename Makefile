@@ -46,8 +46,10 @@ demo-real: venv
 compare-real: venv
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m examples.compare_real --out $(OUT)/real $(COMPARE_REAL_ARGS)
 
+# Two pytest-xdist workers keep two cores busy (one process leaves them 40 % idle); TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: venv
 	$(PY) bench/serve.py --json $(OUT)/bench_serve.json
