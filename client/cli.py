@@ -26,7 +26,16 @@ from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundEr
 from .files import photo_scale, swap_image_file, swap_video_file
 from .images import FacesArg, request_headroom, sniff_format
 from .mapping import FaceMapping
-from .media import IMAGE_OUTPUTS, IMAGE_SUFFIXES, VIDEO_OUTPUTS, VIDEO_SUFFIXES, check_writable, probe, read_image
+from .media import (
+    IMAGE_OUTPUTS,
+    IMAGE_SUFFIXES,
+    VIDEO_OUTPUTS,
+    VIDEO_SUFFIXES,
+    check_writable,
+    output_encoding,
+    probe,
+    read_image,
+)
 from .scaling import FrameLimits, fit_scale
 from .types import FileReport
 from .video import VideoOptions
@@ -162,13 +171,14 @@ def _dry_run_limits(address: str, credentials: dict[str, Any]) -> tuple[FrameLim
         return None, f"note: sizes not checked against the server's limits ({_describe(exc, address)})"
 
 
-def _size_note(kind: str, source: Path, info: Any, limits: FrameLimits | None, faces: FacesArg) -> str:
+def _size_note(kind: str, source: Path, info: Any, limits: FrameLimits | None, faces: FacesArg, output: Path,
+               mask: bool = False) -> str:
     """"" when a file goes to the server as it is; "sent at 1/k scale: why" when it will be sent scaled down. Raises
     MediaFileError when no scale fits."""
     if limits is None or faces is None:
         return ""
     if kind == "image":
-        k, reason = photo_scale(read_image(source), limits, faces)
+        k, reason = photo_scale(read_image(source), limits, faces, output_encoding(output), mask)
     else:
         k, reason = fit_scale(info.height, info.width, limits, request_headroom(faces, color="rgb"))
     if not reason:
@@ -176,7 +186,7 @@ def _size_note(kind: str, source: Path, info: Any, limits: FrameLimits | None, f
     if k == 0:
         raise MediaFileError(source, f"is {info.width}x{info.height}, {reason}, and sent at any scale it would not "
                                      "fit the server's limits")
-    return "sent as pixels: its file is " + reason if k == 1 else f"sent at 1/{k} scale: {reason}"
+    return f"sent as pixels: {reason}" if k == 1 else f"sent at 1/{k} scale: {reason}"
 
 
 def _kind_of(path: Path) -> tuple[str, Any]:
@@ -219,7 +229,7 @@ def _swap_one(source: Path, output: Path, *, only: str | None, mask: Path | None
         if mask is not None:
             check_writable(mask, source)
         limits, unchecked = _dry_run_limits(address, credentials)
-        scaled = _size_note(kind, source, info, limits, swap["faces"])
+        scaled = _size_note(kind, source, info, limits, swap["faces"], output, mask is not None)
         scaled = f"; {scaled}" if scaled else ""
         if kind == "image":
             print(f"dry run: would send {source} ({description}) to {address}: model={swap['model']} "
@@ -266,7 +276,7 @@ def _swap_many(inputs: list[str], out_dir: Path, *, only: str | None, list_file:
                 try:
                     check_writable(item.output, item.source)  # as the real run does before each file
                     kind, info, description = _inspect(item.source)
-                    scaled = _size_note(kind, item.source, info, limits, swap["faces"])
+                    scaled = _size_note(kind, item.source, info, limits, swap["faces"], item.output)
                     state = f"swap ({description}{'; ' + scaled if scaled else ''})"
                 except MediaFileError as exc:
                     state, bad = f"would fail ({exc.details})", bad + 1

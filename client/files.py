@@ -50,19 +50,30 @@ __all__ = ["swap_image_file", "swap_image_file_async", "swap_video_file", "swap_
 
 PathLike = str | os.PathLike
 _SERVER_JPEG_QUALITY = 90  # what the server encodes with when no quality is given
+_RGB = 3  # bytes a pixel
 
 
-def photo_scale(payload: bytes, limits: FrameLimits | None, faces: FacesArg) -> tuple[int, str]:
-    """(1, "") when a photo's PNG/JPEG bytes go to the server as they are; else (k, why) to decode it here and send its
-    pixels at 1/k (1: a file larger than its pixels, sent as pixels; 0: no scale fits). An aligned crop (faces=None)
-    is never scaled."""
+def photo_scale(payload: bytes, limits: FrameLimits | None, faces: FacesArg, output: str = "jpeg",
+                mask: bool = False) -> tuple[int, str]:
+    """(1, "") when a photo's PNG/JPEG bytes go to the server as they are; else (k, why) to decode it here, send its
+    pixels at 1/k (1: as they are, answered by the changed region only) and encode the answer here (0: no scale
+    fits). output: the answer's encoding ("png" or "jpeg"); mask: whether a mask is answered too. An aligned crop
+    (faces=None) is never scaled."""
     size = photo_size(payload)
     if limits is None or faces is None or size is None:
         return 1, ""
     width, height = size
     headroom = request_headroom(faces, color="rgb")
-    reason = limits.over(height, width, len(payload) + headroom)
-    return (fit_scale(height, width, limits, headroom)[0], reason) if reason else (1, "")
+    if file_over := limits.over(height, width, len(payload) + headroom):
+        k = fit_scale(height, width, limits, headroom)[0]
+        return k, f"its file is {file_over}" if k == 1 else file_over
+    if output == "png":
+        # A PNG answer's size is known only once the server has encoded it, and a photo's comes near its raw size
+        # (a JPEG sent is often a tenth of that): a 12 MP phone JPEG fits a 16 MiB message, its PNG answer does not.
+        # Pixels sent need not bring the whole picture back, only the changed region.
+        if answer_over := limits.over(height, width, height * width * (_RGB + mask) + headroom):
+            return fit_scale(height, width, limits, headroom)[0], f"its PNG answer could be {answer_over}"
+    return 1, ""
 
 
 class _ImageJob:
@@ -85,7 +96,7 @@ class _ImageJob:
     def pixels(self, limits: FrameLimits | None, faces: FacesArg) -> object:
         """What to send: the file's PNG/JPEG bytes, or, for a photo over the server's limits, its pixels decoded here
         (the SDK sends them scaled)."""
-        if not photo_scale(self.payload, limits, faces)[1]:
+        if not photo_scale(self.payload, limits, faces, self.encoding, self.mask is not None)[1]:
             return self.payload
         return decode_photo(self.source)
 

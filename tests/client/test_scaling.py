@@ -4,12 +4,14 @@ into the caller's frame at full resolution, the untouched pixels exactly the cal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import cv2
 import numpy as np
 import pytest
 
 from facetwin.client import AsyncClient, Client, ResourceExhaustedError, swap_image_file, swap_image_file_async
+from facetwin.client.files import photo_scale
 from facetwin.client.media import decode_image, decode_photo, encode_image
 from facetwin.client.scaling import FrameLimits, downscale, fit_scale, upscale
 from facetwin.server.config import ServerConfig
@@ -161,6 +163,48 @@ def test_a_photo_over_the_servers_side_is_finished_here_at_full_size(full_frames
 
     assert asyncio.run(run()).sent_scale == 2
     assert np.array_equal(decode_image((tmp_path / "async.png").read_bytes()), out)
+
+
+def test_photo_scale_counts_a_png_answer_of_a_photo_that_fits(tmp_path):
+    """A 12 MP phone JPEG fits a 16 MiB message; its PNG answer (near the raw 36 MB) cannot come back whole."""
+    photo = encode_image(np.zeros((3000, 4000, 3), np.uint8), "jpeg")
+    uhd = FrameLimits(message_bytes=16 * 2**20, max_side=4096, max_pixels=4096 * 4096, frame_memory_bytes=2**30)
+    assert photo_scale(photo, uhd, "largest", "jpeg") == (1, "")
+    assert photo_scale(photo, uhd, "largest", "png") == (2, "its PNG answer could be larger than the server's 16 MiB "
+                                                            "messages")
+    assert photo_scale(photo, uhd, None, "png") == (1, "")  # an aligned crop is never scaled
+    # Pixels that fit a message go as they are (their answer is the changed region); the mask counts in the answer.
+    roomy = dataclasses.replace(uhd, message_bytes=35 * 2**20)  # 36.7 MB: 12 MP of RGB, not RGB and a mask
+    assert photo_scale(photo, roomy, "largest", "png") == (1, "")
+    assert photo_scale(photo, roomy, "largest", "png", mask=True) == (1, "its PNG answer could be larger than the "
+                                                                         "server's 35 MiB messages")
+
+
+def test_a_jpeg_photo_asked_for_as_png_comes_back_whole(full_frames, small_messages, big_frame, tmp_path):
+    """The photo's JPEG (~0.35 MB) fits the server's 1 MiB messages; its PNG answer (~1.6 MB) would not."""
+    rng = np.random.default_rng(0)
+    frame = cv2.resize(big_frame, (1024, 800), interpolation=cv2.INTER_CUBIC).astype(np.int16)
+    frame = np.clip(frame + rng.integers(-12, 13, frame.shape), 0, 255).astype(np.uint8)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(encode_image(frame, "jpeg", quality=95))
+    original = decode_photo(photo)
+    assert photo.stat().st_size < 2**20 < len(encode_image(original, "png"))
+    target = full_frames.identities[1]
+    with Client(small_messages.address) as client:
+        report = swap_image_file(client, photo, tmp_path / "out.png", full_frames.model, target,
+                                 mask=tmp_path / "mask.png")
+        as_jpeg = swap_image_file(client, photo, tmp_path / "out.jpg", full_frames.model, target)
+    assert as_jpeg.sent_scale == 1 and as_jpeg.faces_swapped == 1  # a JPEG answer comes back from the server
+    assert report.sent_scale == 2 and report.faces_swapped == 1
+    written = (tmp_path / "out.png").read_bytes()
+    assert len(written) > 2**20 and b"trainedAlgorithmicMedia" in written
+    out, mask = decode_image(written), decode_image((tmp_path / "mask.png").read_bytes(), grey=True)
+    assert out.shape == original.shape and mask.shape == original.shape[:2]
+    assert (mask == 0).mean() > 0.8 and np.array_equal(out[mask == 0], original[mask == 0])
+    dry = run_cli("swap", photo, tmp_path / "dry.png", "-m", full_frames.model, "-t", target,
+                  "-a", small_messages.address, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "sent at 1/2 scale: its PNG answer could be larger than the server's 1 MiB messages" in dry.stdout
 
 
 def test_the_cli_sends_a_video_scaled_and_its_dry_run_says_so(full_frames, small_messages, franck, tmp_path):
