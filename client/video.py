@@ -273,13 +273,20 @@ class VideoJob:
             if name not in output.supported_codecs:
                 raise MediaFileError(self.output, f"a {self._format} file cannot hold the input's {name} audio; "
                                                   "write .mkv (it holds any audio) instead")
-            self._out_audio[audio.index] = output.add_stream_from_template(audio)
+            copied = self._out_audio[audio.index] = output.add_stream_from_template(audio)
+            layout = copied.codec_context.layout
+            if layout.nb_channels and all(channel.name == "NONE" for channel in layout.channels):
+                # Channels with no positions (stereo PCM from an AVI): MP4 cannot store them and fails only at the
+                # trailer, after every frame is swapped. FFmpeg's own guess for n channels, as its CLI makes.
+                copied.codec_context.layout = av.AudioLayout(f"{layout.nb_channels}c")
         try:  # the header now: a muxer that lists a codec may still refuse it (FLAC in .mov)
             output.start_encoding()
         except av.FFmpegError as exc:
-            names = ", ".join(audio.codec_context.name for audio in self._audio)
-            hint = f"; a {self._format} file may not hold the input's {names} audio: write .mkv" if names else ""
-            raise MediaFileError(self.output, f"cannot be written ({ffmpeg_reason(exc)}){hint}") from None
+            raise MediaFileError(self.output, f"cannot be written ({ffmpeg_reason(exc)}){self._audio_hint()}") from None
+
+    def _audio_hint(self) -> str:
+        names = ", ".join(audio.codec_context.name for audio in self._audio)
+        return f"; a {self._format} file may not hold the input's {names} audio: write .mkv" if names else ""
 
     def _encode(self, frame: Any | None) -> None:
         if frame is not None:
@@ -314,8 +321,8 @@ class VideoJob:
             # Cut at the end of the last frame when max_frames stopped early; otherwise the audio goes whole.
             self._mux_audio(until=(self._last_pts + self._step) * self._time_base if self._truncated else None)
             self._output.close()
-        except av.FFmpegError as exc:
-            raise MediaFileError(self.output, f"cannot be encoded ({ffmpeg_reason(exc)})") from None
+        except av.FFmpegError as exc:  # the trailer is where a muxer checks the audio it was given
+            raise MediaFileError(self.output, f"cannot be encoded ({ffmpeg_reason(exc)}){self._audio_hint()}") from None
         self._output = None
         self._close_input()
         self._partial.commit()

@@ -31,32 +31,34 @@ def read_frames(path: Path, count: int, start: int = 0) -> list[np.ndarray]:
 
 def write_clip(path: Path, frames: list[np.ndarray], *, durations: list[int] | None = None, rotation: int = 0,
                audio: bool = True, audio_codec: str = "aac", audio_seconds: float | None = None,
-               faststart: bool = False) -> Path:
+               audio_layout: str = "mono", faststart: bool = False) -> Path:
     """An H.264 video (the container by path's suffix) of upright RGB `frames`. durations: each frame's, in TIME_BASE
-    ticks (default 1/24 s each). rotation: stored turned so that players, obeying the display matrix, show them
-    upright. audio: a 440 Hz tone as long as the video (or audio_seconds), mono, in audio_codec (aac or flac).
+    ticks (.avi: 1/24 s ticks; default 1/24 s each). rotation: stored turned so that players, obeying the display
+    matrix, show them upright. audio: a 440 Hz tone as long as the video (or audio_seconds), in audio_layout, in
+    audio_codec (aac, flac or pcm_s16le).
     faststart: an MP4's index (frame count included) goes before the frames, as for streaming."""
-    durations = durations or [512] * len(frames)  # 512 / 12288 s = 1/24 s
+    time_base = Fraction(1, 24) if path.suffix == ".avi" else TIME_BASE  # AVI: one tick a frame, a constant rate
+    durations = durations or [round(1 / (24 * time_base))] * len(frames)  # 1/24 s each
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as output:
         video = output.add_stream("libx264", rate=24)
         stored = [np.ascontiguousarray(np.rot90(f, -(rotation // 90))) for f in frames]
         video.height, video.width = stored[0].shape[:2]
         video.pix_fmt = "yuv420p"
-        video.codec_context.time_base = TIME_BASE
+        video.codec_context.time_base = time_base
         if rotation:
             video.set_display_rotation(rotation)
         sound = output.add_stream(audio_codec, rate=SAMPLE_RATE) if audio else None
         if sound is not None:
-            sound.layout = "mono"
+            sound.layout = audio_layout
         pts = 0
         for image, duration in zip(stored, durations):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
-            frame.pts, frame.time_base = pts, TIME_BASE
+            frame.pts, frame.time_base = pts, time_base
             pts += duration
             output.mux(video.encode(frame))
         output.mux(video.encode(None))
         if sound is not None:
-            _write_tone(output, sound, audio_seconds or float(pts * TIME_BASE))
+            _write_tone(output, sound, audio_seconds or float(pts * time_base))
     return path
 
 
@@ -64,10 +66,13 @@ def _write_tone(output, stream, seconds: float) -> None:
     samples = int(seconds * SAMPLE_RATE)
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(samples) / SAMPLE_RATE)).astype(np.float32)
     sample_format = "fltp"
-    if stream.codec_context.name == "flac":  # integer samples only
+    if stream.codec_context.name in ("flac", "pcm_s16le"):  # integer samples only
         tone, sample_format = (tone * 32767).astype(np.int16), "s16"
+    channels = stream.layout.nb_channels
     for start in range(0, samples, 1024):
-        frame = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format=sample_format, layout="mono")
+        chunk = tone[start:start + 1024]  # the same on every channel: planar rows, or packed side by side
+        data = np.repeat(chunk[None], channels, 0) if sample_format == "fltp" else np.repeat(chunk, channels)[None]
+        frame = av.AudioFrame.from_ndarray(data, format=sample_format, layout=stream.layout.name)
         frame.sample_rate, frame.pts = SAMPLE_RATE, start
         output.mux(stream.encode(frame))
     output.mux(stream.encode(None))

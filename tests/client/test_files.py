@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import av
 import numpy as np
 import pytest
 
@@ -97,6 +98,22 @@ def test_max_frames_cuts_the_audio_with_the_video(served_model, client, square_c
     starts = [pts / 44100 for pts, _, _ in after.audio_packets]
     assert starts and max(starts) <= end and max(starts) > end - 2 * 1024 / 44100
     assert after.audio_packets == inspect_video(square_clip).audio_packets[:len(after.audio_packets)]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov"])
+def test_pcm_audio_with_unnamed_channels_is_copied_into_mp4_and_mov(served_model, client, tmp_path, suffix):
+    """Stereo PCM in an AVI has no channel positions, which MP4 cannot store: its muxer failed at the very end,
+    after every frame had been swapped. The copy takes FFmpeg's usual layout for its channel count (MOV too), the
+    samples as they were."""
+    faces = served_model.sample_faces[served_model.identities[0]][:4]
+    source = write_clip(tmp_path / "camera.avi", faces, audio_codec="pcm_s16le", audio_layout="stereo")
+    assert [channel.name for channel in av.open(str(source)).streams.audio[0].layout.channels] == ["NONE", "NONE"]
+    report = swap_video_file(client, source, tmp_path / f"out{suffix}", served_model.model,
+                             served_model.identities[1], faces=None)
+    after, before = inspect_video(tmp_path / f"out{suffix}"), inspect_video(source)
+    assert report.frames == len(after.frames) == 4 and report.audio_streams == 1
+    assert after.audio_codecs == ["pcm_s16le"]
+    assert [md5 for _, _, md5 in after.audio_packets] == [md5 for _, _, md5 in before.audio_packets]
 
 
 def test_frame_count_of_a_container_that_records_none(served_model, tmp_path):
