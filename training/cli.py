@@ -129,9 +129,9 @@ def extract(
     identity: Optional[str] = typer.Option(None, help="name of the person in these inputs"),
     size: int = typer.Option(64, min=16, max=1024, help="aligned crop side, pixels (the model's resolution)"),
     every: int = typer.Option(5, min=1, help="use every N-th video frame"),
-    detector: str = typer.Option("hog", help="hog (dlib, default), cnn (dlib, slow), blazeface (MediaPipe's, "
-                                 "FaceMesh landmarks), haar (OpenCV, boxes only) or auto (blazeface, else hog, else "
-                                 "haar)"),
+    detector: str = typer.Option("auto", help="auto (blazeface, else hog, else haar: the server's default), "
+                                 "blazeface (MediaPipe's, FaceMesh landmarks), hog (dlib), cnn (dlib, slow) or haar "
+                                 "(OpenCV, boxes only)"),
     min_face: int = typer.Option(40, min=1, help="skip faces narrower than this, pixels"),
     blur_threshold: float = typer.Option(40.0, min=0.0, help="skip crops whose variance of Laplacian is below this"),
     dedupe: float = typer.Option(0.02, min=0.0, help="skip crops this close to the last kept one (0 = keep all)"),

