@@ -68,13 +68,14 @@ def _serving(port: int) -> bool:
         return False
 
 
-def _connections_held(pids: set[int], port: int) -> dict[int, int]:
-    """Established connections to the port that each process holds (their sockets' inodes in /proc/PID/fd)."""
+def _connections_held(pids: set[int], port: int, state: str = "01") -> dict[int, int]:
+    """Established connections to the port (state "0A": listening sockets on it) that each process holds (their
+    sockets' inodes in /proc/PID/fd)."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # 01: ESTABLISHED
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:  # 01: ESTABLISHED, 0A: LISTEN
                 inodes.add(f"socket:[{fields[9]}]")
     held = {}
     for pid in pids:
@@ -118,6 +119,8 @@ def test_processes_share_the_port_its_connections_and_one_metrics_endpoint(tiny_
     try:
         _wait_until(lambda: _serving(port) and len(_serving_processes(proc.pid)) == 2, 90, "never SERVING")
         children = _serving_processes(proc.pid)
+        # Both listening before the connections are dealt: on a busy host one process may still be starting.
+        _wait_until(lambda: all(_connections_held(children, port, "0A").values()), 90, "a process never listened")
         channels = [_own_channel(port) for _ in range(CONNECTIONS)]
         info = pb_grpc.FaceSwapStub(channels[0]).GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
         assert info.processes == 2
