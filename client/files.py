@@ -42,7 +42,7 @@ from .media import (
     photo_size,
     read_image,
 )
-from .scaling import FrameLimits, fit_scale
+from .scaling import RAW_BYTES_PER_PIXEL, FrameLimits, fit_scale
 from .types import FileReport, SwapResult, face_counts
 from .video import VideoJob, VideoOptions
 
@@ -50,7 +50,6 @@ __all__ = ["swap_image_file", "swap_image_file_async", "swap_video_file", "swap_
 
 PathLike = str | os.PathLike
 _SERVER_JPEG_QUALITY = 90  # what the server encodes with when no quality is given
-_RGB = 3  # bytes a pixel
 
 
 def photo_scale(payload: bytes, limits: FrameLimits | None, faces: FacesArg, output: str = "jpeg",
@@ -71,7 +70,7 @@ def photo_scale(payload: bytes, limits: FrameLimits | None, faces: FacesArg, out
         # A PNG answer's size is known only once the server has encoded it, and a photo's comes near its raw size
         # (a JPEG sent is often a tenth of that): a 12 MP phone JPEG fits a 16 MiB message, its PNG answer does not.
         # Pixels sent need not bring the whole picture back, only the changed region.
-        if answer_over := limits.over(height, width, height * width * (_RGB + mask) + headroom):
+        if answer_over := limits.over(height, width, height * width * (RAW_BYTES_PER_PIXEL + mask) + headroom):
             return fit_scale(height, width, limits, headroom)[0], f"its PNG answer could be {answer_over}"
     return 1, ""
 

@@ -25,7 +25,7 @@ __all__ = ["FrameLimits", "ScaledFrame", "fit_scale", "downscale", "upscale", "p
 
 MIB = 2**20
 _MIN_SIDE = 8  # the server refuses smaller images
-_SENT_BYTES_PER_PIXEL = 3  # RGB
+RAW_BYTES_PER_PIXEL = 3  # RGB: a frame sent raw, and what any encoding of it may come near
 # The scaled answer is the changed region and its mask: at most the whole frame, 3 + 1 bytes a pixel.
 _ANSWER_BYTES_PER_PIXEL = 4
 
@@ -58,7 +58,7 @@ class FrameLimits:
         if self.message_bytes and message > self.message_bytes:
             whose = "this client's max_message_mb" if self.client_limits else "the server's"
             return f"larger than {whose} {self.message_bytes / MIB:g} MiB messages"
-        if self.frame_memory_bytes and height * width * _SENT_BYTES_PER_PIXEL > self.frame_memory_bytes:
+        if self.frame_memory_bytes and height * width * RAW_BYTES_PER_PIXEL > self.frame_memory_bytes:
             return f"larger than the server's {self.frame_memory_bytes / MIB:g} MiB frame memory"
         return ""
 
@@ -67,7 +67,7 @@ def fit_scale(height: int, width: int, limits: FrameLimits, headroom: int) -> tu
     """(1, "") when a height x width frame fits as it is; else the smallest k > 1 at which it fits (its answer, the
     changed region and its mask, included) and why it did not. k is 0 when no scale fits (the limits leave less than
     an 8 pixel side)."""
-    reason = limits.over(height, width, height * width * _SENT_BYTES_PER_PIXEL + headroom)
+    reason = limits.over(height, width, height * width * RAW_BYTES_PER_PIXEL + headroom)
     if not reason:
         return 1, ""
     k = 2
