@@ -349,7 +349,6 @@ def _extract_source(source: _Source, record: _IdentityRecord, detector: facelib.
     faces, checked = 0, 0
     for number, frame in _frames(source, state["next_frame"], stop, settings.every, position):
         checked += 1
-        bar.update(1)
         found = detector.detect(frame)
         if not found:
             rejected["no_face"] += 1
@@ -361,6 +360,7 @@ def _extract_source(source: _Source, record: _IdentityRecord, detector: facelib.
             record.add_face(source, state, number, slot, face, kept)
             faces += 1
         state["next_frame"] = number + 1
+        bar.update(1)  # once the frame's faces are written: the bar never counts one that Ctrl-C would lose
         record.save_if_due()
     record.finish_source(state, position)
     return {"path": str(source.path), "status": "done" if faces else "no_faces", "faces": faces,
