@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -328,13 +327,13 @@ def test_existing_bundle_needs_overwrite(tiny_model_dir):
     assert snapshot(bundle) == before
 
 
-def _file_size_limit(limit: int) -> Callable[[], None]:
-    """A child's preexec_fn: writes past `limit` bytes fail with EFBIG (File too large), as on a full disk, rather
-    than killing it (SIGXFSZ ignored)."""
-    def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
+def _file_size_limit(limit: int, cmd: list[str]) -> list[str]:
+    """`cmd` run with writes past `limit` bytes failing with EFBIG (File too large), as on a full disk, rather than
+    killing it (SIGXFSZ ignored). Set by a launcher that then execs `cmd`, not by a preexec_fn: Python code between
+    fork and exec in this process, which has gRPC's threads, lets gRPC's fork handler log into the child's stderr."""
+    launch = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2); os.execv(sys.argv[2], sys.argv[2:])")
+    return [sys.executable, "-c", launch, str(limit), *cmd]
 
 
 def test_export_that_cannot_write_its_files_says_which_bundle_in_one_line(tiny_model_dir, exported, tmp_path):
@@ -343,9 +342,9 @@ def test_export_that_cannot_write_its_files_says_which_bundle_in_one_line(tiny_m
     before = snapshot(models)
     checkpoint = tiny_model_dir.parent / "run" / "checkpoint.pt"
     for name, kept in (("copy", "the bundle there from before is left as it was"), ("new", "no bundle was written")):
-        run = subprocess.run([str(TRAIN), "export", "--checkpoint", str(checkpoint), "--out", str(models), "--name",
-                              name, "--overwrite"], capture_output=True, text=True, env=ENV, timeout=180,
-                             preexec_fn=_file_size_limit(50_000))  # the weights are ~400 kB
+        run = subprocess.run(_file_size_limit(50_000, [  # the weights are ~400 kB
+            str(TRAIN), "export", "--checkpoint", str(checkpoint), "--out", str(models), "--name", name, "--overwrite"]),
+            capture_output=True, text=True, env=ENV, timeout=180)
         assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-2000:]
         assert run.stderr.strip().splitlines() == [f"error: {models / name}: File too large while writing "
                                                    f"weights.safetensors ({kept})"]
@@ -493,9 +492,9 @@ def test_sigkill_mid_run_keeps_a_checkpoint_that_resume_continues(data, tmp_path
 def test_a_checkpoint_that_cannot_be_written_is_one_error_line(data, tmp_path):
     """A full disk (here: a file size limit, the same failed write to the OS) under a checkpoint: torch reports it
     as its own RuntimeError; the CLI says which file and why, and leaves no partial file."""
-    run = subprocess.run([str(TRAIN), "train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset",
-                          "tiny", "--steps", "3", "--no-tensorboard"], capture_output=True, text=True, env=ENV,
-                         timeout=180, preexec_fn=_file_size_limit(1 << 20))  # the checkpoint (~1.6 MB) does not fit
+    run = subprocess.run(_file_size_limit(1 << 20, [  # the checkpoint (~1.6 MB) does not fit
+        str(TRAIN), "train", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "3",
+        "--no-tensorboard"]), capture_output=True, text=True, env=ENV, timeout=180)
     assert run.returncode == 1, (run.stdout, run.stderr[-2000:])
     assert "Traceback" not in run.stderr
     errors = [line for line in run.stderr.replace("\r", "\n").splitlines() if "error: " in line]
