@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     FACETWIN_METRICS_ADDRESS=0.0.0.0
 
 WORKDIR /opt/facetwin
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY proto proto
 COPY core core
 COPY client client

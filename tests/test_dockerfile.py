@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,14 +64,30 @@ def test_runs_as_non_root_with_health_check_and_ports():
 
 @pytest.mark.slow
 def test_entrypoint_serves_in_a_fresh_venv(tmp_path, tiny_model_dir):
-    """`pip install .[server]` into a new venv, then the image's exact ENTRYPOINT (plus --dry-run) with its ENV."""
+    """`pip install .[server]` of what the image's COPY lines bring into a new venv, then the image's exact ENTRYPOINT
+    (plus --dry-run) with its ENV."""
     parsed = instructions()
     entrypoint = json.loads(next(args for keyword, args in parsed if keyword == "ENTRYPOINT"))
+    context = tmp_path / "image"  # only what the image gets: a file the build needs but COPY forgets fails here
+    for keyword, args in parsed:
+        if keyword == "COPY":
+            *sources, dest = args.split()
+            for source in sources:
+                target = context / dest / Path(source).name if dest.endswith("/") else context / dest
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / source, target)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{ROOT}[server]"],
+    install = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{context}[server]"],
                              capture_output=True, text=True, timeout=900)
     assert install.returncode == 0, install.stderr[-2000:]
+    licence = subprocess.run([str(venv / "bin" / "python"), "-c", "from importlib.metadata import distribution; "
+                              "print(distribution('facetwin').read_text('licenses/LICENSE'))"],
+                             capture_output=True, text=True, check=True, cwd=tmp_path)  # not this checkout's
+    assert "MIT License" in licence.stdout  # the image's install carries the licence text its metadata names
     env = {**os.environ, **env_of(parsed), "FACETWIN_MODEL_DIR": str(tiny_model_dir),
            "FACETWIN_ENGINE_CACHE_DIR": str(tmp_path / "engines"), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     result = subprocess.run(entrypoint + ["--dry-run"], env=env, capture_output=True, text=True, timeout=300)
