@@ -31,7 +31,7 @@ def _root() -> None:
 
 
 def serve(log_level: str, dry_run: bool, **settings: Any) -> None:
-    """Serve every bundle in the model directory until SIGTERM (then drain)."""
+    """Serve every bundle in the model directory until SIGTERM (then drain); SIGHUP reloads the directory."""
     try:
         if dry_run:
             settings.update(address="127.0.0.1:0", metrics_port=0)

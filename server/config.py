@@ -44,6 +44,10 @@ class ServerConfig:
                              "limits below apply to each process (see docs/server.md#processes)",
                              least=1, most=MAX_PROCESSES)
     model_dir: str = setting("models", "folder of model bundles, one sub-folder per model")
+    # Off by default: SIGHUP reloads on demand. On for a folder another program fills (a volume shared with a job).
+    model_poll_s: float = setting(0.0, "seconds between looks at the model folder; a bundle added, replaced or removed "
+                                  "is then served as on SIGHUP (0: only on SIGHUP; else at least 1)", least=0,
+                                  zero="only on SIGHUP")
     # The default stays the CPU backend so the demo behaves the same on every machine.
     backend: str = setting("onnxruntime", "inference backend: onnxruntime, torch-cpu, torch-cuda, tensorrt, or auto "
                            "(tensorrt, else torch-cuda, else onnxruntime)")
@@ -195,6 +199,9 @@ class ServerConfig:
                              f"{setting_name('max_image_pixels')} and one reference photo of "
                              f"{setting_name('max_reference_side')}: at least {need}, or 0 for no limit; got "
                              f"{self.frame_memory_mb}")
+        if 0 < self.model_poll_s < 1:  # each look reads every manifest: a tighter loop costs more than it gains
+            raise ValueError(f"{setting_name('model_poll_s')} must be 0 (only on SIGHUP) or at least 1, got "
+                             f"{self.model_poll_s}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("--tls-cert and --tls-key go together: give both for TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:

@@ -7,8 +7,9 @@ keeps it busy ~6-7 ms on the 2-core test host whatever the rest of the host coul
 that accepted it.
 
 This parent process loads no model and answers no call. It reserves the port, starts the processes (spawned: CUDA
-and gRPC do not survive a fork), serves their summed metrics, restarts one that dies after it was listening, and on
-SIGTERM/SIGINT passes the signal on and waits while each drains.
+and gRPC do not survive a fork), serves their summed metrics, restarts one that dies after it was listening, on
+SIGHUP reads the model folder once for all of them and has each reload it, and on SIGTERM/SIGINT passes the signal on
+and waits while each drains.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from . import logs
 from .config import ServerConfig
-from .registry import pin_bundles
+from .registry import folder_state, pin_bundles
 
 log = logging.getLogger("facetwin.server")
 POLL_S = 0.2
@@ -49,8 +51,9 @@ class ServingProcessError(OSError):
 def run(config: ServerConfig, log_level: str) -> None:
     """Serves with config.processes processes until SIGTERM/SIGINT; a process that cannot start raises
     ServingProcessError."""
-    with _reserved(config.address) as address, _metrics_dir(config) as metrics_dir:
-        _Supervisor(config, address, log_level, metrics_dir).run()
+    with _reserved(config.address) as address, _metrics_dir(config) as metrics_dir, \
+            tempfile.TemporaryDirectory(prefix="facetwin-pins-") as pins_dir:
+        _Supervisor(config, address, log_level, metrics_dir, Path(pins_dir) / "pins.json").run()
 
 
 @contextlib.contextmanager
@@ -97,7 +100,7 @@ def _metrics_dir(config: ServerConfig) -> Iterator[str]:
 
 
 class _Supervisor:
-    def __init__(self, config: ServerConfig, address: str, log_level: str, metrics_dir: str) -> None:
+    def __init__(self, config: ServerConfig, address: str, log_level: str, metrics_dir: str, pins_path: Path) -> None:
         # The parent serves the metrics: the processes only write them (metrics_dir).
         self.child_config = dataclasses.replace(config, address=address, metrics_port=0)
         self.log_level = log_level
@@ -109,13 +112,27 @@ class _Supervisor:
         self.listening: set[int] = set()
         self.restarts: list[float] = []
         self.stopping = False
-        # Every process serves the bundles found now: one started again later must not serve a bundle added,
-        # removed or replaced since under a name its siblings serve differently.
-        self.pinned = pin_bundles(Path(config.model_dir))
+        self.reload_wanted = False
+        # Every process serves the bundles found now (or at the last reload), which the processes read from this
+        # file: one started again later must not serve a bundle added, removed or replaced since under a name its
+        # siblings serve differently.
+        self.pins_path = pins_path
+        self.seen = folder_state(Path(config.model_dir)) if config.model_poll_s else {}  # --model-poll-s
+        self.next_look = time.monotonic() + config.model_poll_s
+        self._pin()
+        self.generation = 0  # reloads so far
+        self.seen_generation: dict[int, int] = {}  # the reloads each process has been asked for
+
+    def _pin(self) -> None:
+        pins = pin_bundles(Path(self.config.model_dir))
+        partial = self.pins_path.with_suffix(".partial")
+        partial.write_text(json.dumps(pins))
+        partial.replace(self.pins_path)  # a process reading it sees the old pins or the new, never half
 
     def run(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
+        signal.signal(signal.SIGHUP, self._want_reload)
         if self.metrics_dir:
             # Read by each process's prometheus_client at import; the spawned processes inherit it.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
@@ -144,15 +161,47 @@ class _Supervisor:
                     child.terminate()
         self.stopping = True
 
+    def _want_reload(self, _signum: int, _frame: object) -> None:
+        self.reload_wanted = True
+
+    def _reload(self) -> None:
+        """Pins what the folder holds now and has each listening process reload; one still starting is asked once it
+        listens (it may have read the pins before they changed)."""
+        self.reload_wanted = False
+        try:
+            self._pin()
+        except OSError as exc:
+            log.error("reload: %s; the serving processes keep serving what they serve", exc)
+            return
+        self.generation += 1
+        log.info("reloading %s in %d serving processes", self.config.model_dir, len(self.children))
+        for index in sorted(self.listening):
+            self._ask_reload(index)
+
+    def _ask_reload(self, index: int) -> None:
+        child = self.children[index]
+        self.seen_generation[index] = self.generation
+        if child.exitcode is None and child.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGHUP)
+
     def _start(self, index: int) -> None:
         child = self.context.Process(target=_serve_one, name=f"p{index}",
                                      args=(self.child_config, self.log_level, index, self.events, os.getpid(),
-                                           self.pinned))
+                                           str(self.pins_path)))
         child.start()
         self.children[index] = child
+        self.seen_generation[index] = self.generation
 
     def _watch(self) -> None:
         while not self.stopping:
+            if self.config.model_poll_s and time.monotonic() >= self.next_look:
+                self.next_look = time.monotonic() + self.config.model_poll_s
+                now = folder_state(Path(self.config.model_dir))
+                if now != self.seen:
+                    self.seen, self.reload_wanted = now, True
+            if self.reload_wanted:
+                self._reload()
             self._read_events()
             for index, child in list(self.children.items()):
                 if child.exitcode is None:
@@ -182,6 +231,8 @@ class _Supervisor:
             if error:
                 raise ServingProcessError(error)
             self.listening.add(index)
+            if self.seen_generation.get(index, 0) < self.generation:
+                self._ask_reload(index)
             if len(self.listening) == len(self.children):
                 log.info("all %d serving processes listening", len(self.children))
 
@@ -209,14 +260,18 @@ class _Supervisor:
 
 
 def _serve_one(config: ServerConfig, log_level: str, index: int, events: multiprocessing.Queue, parent: int,
-               pinned: dict[str, str]) -> None:
-    """One serving process: a whole server, serving the bundles `pinned`, until SIGTERM."""
+               pins_path: str) -> None:
+    """One serving process: a whole server, serving the bundles pinned in pins_path (read again at each SIGHUP),
+    until SIGTERM."""
     _end_with(parent)
     logs.configure(log_level, config.log_format, server_process=f"p{index}")
     from .server import serve
 
+    def pins() -> dict[str, str]:
+        return json.loads(Path(pins_path).read_text())
+
     try:
-        asyncio.run(serve(config, listening=lambda _port: events.put((index, "")), pinned=pinned))
+        asyncio.run(serve(config, listening=lambda _port: events.put((index, "")), pins=pins))
     except (ValueError, FileNotFoundError, OSError) as exc:
         events.put((index, f"serving process p{index}: {exc}"))
         sys.exit(2)

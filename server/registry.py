@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import queue
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,12 @@ class LoadedTarget:
         return list(zip(swapped_u8, masks_u8))
 
 
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """One bundle as the server sees it."""
@@ -74,10 +82,39 @@ class LoadedModel:
     manifest_sha256: str = ""
     targets: dict[str, LoadedTarget] = dataclasses.field(default_factory=dict)
     ready: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    users: int = 0  # calls between get() and their last batch: a model replaced or removed is freed after them
+    idle: asyncio.Event = dataclasses.field(default_factory=_set_event)
+
+    def target(self, name: str) -> LoadedTarget:
+        """A target identity of this (READY) model; NotFound, or InvalidInput for a name no bundle can hold."""
+        loaded = self.targets.get(name)
+        if loaded is None:
+            try:
+                check_name(name, "target identity")  # bundles hold valid names only: a bad one is the caller's
+            except BundleError as exc:
+                raise InvalidInputError(str(exc)) from None
+            raise NotFoundError(f"model {self.name!r} has no target identity {shorten(name)}; choose one of "
+                                f"{sorted(self.targets)}")
+        return loaded
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[LoadedModel]:
+        """Holds the model's backends for one call; taken on the event loop right after get(), with no await
+        between, so a reload can never free them under the call."""
+        self.users += 1
+        self.idle.clear()
+        try:
+            yield self
+        finally:
+            self.users -= 1
+            if not self.users:
+                self.idle.set()
 
 
-def find_bundles(model_dir: Path) -> dict[str, Path]:
-    """Every sub-folder of model_dir holding a manifest.json, by name; what is skipped is logged with the reason."""
+def find_bundles(model_dir: Path, quiet: bool = False) -> dict[str, Path]:
+    """Every sub-folder of model_dir holding a manifest.json, by name; what is skipped is logged with the reason
+    (unless quiet)."""
+    say = log.debug if quiet else log.warning
     if not model_dir.exists():
         raise FileNotFoundError(f"model directory {model_dir} does not exist (--model-dir)")
     if not model_dir.is_dir():
@@ -93,22 +130,22 @@ def find_bundles(model_dir: Path) -> dict[str, Path]:
         try:
             is_bundle = (path / "manifest.json").is_file()
         except OSError as exc:  # a folder this user may not read: the other bundles still serve
-            log.warning("skipping %s: it cannot be read (%s)", path, exc.strerror or exc)
+            say("skipping %s: it cannot be read (%s)", path, exc.strerror or exc)
             continue
         if not is_bundle:
-            log.warning("skipping %s: no manifest.json (not a model bundle)", path)
+            say("skipping %s: no manifest.json (not a model bundle)", path)
             continue
         try:
             check_name(path.name, "model folder name")
         except BundleError as exc:
-            log.warning("skipping %s: %s", path, exc)
+            say("skipping %s: %s", path, exc)
             continue
         bundles[path.name] = path
     return bundles
 
 
 def pin_bundles(model_dir: Path) -> dict[str, str]:
-    """The bundles of model_dir with their manifests' sha256 ("" where unreadable): what ModelRegistry(pinned=...)
+    """The bundles of model_dir with their manifests' sha256 ("" where unreadable): what ModelRegistry(pins=...)
     serves."""
     pinned = {}
     for name, path in find_bundles(model_dir).items():
@@ -119,50 +156,140 @@ def pin_bundles(model_dir: Path) -> dict[str, str]:
     return pinned
 
 
+def folder_state(model_dir: Path) -> dict[str, tuple] | str:
+    """What --model-poll-s compares from one look at the folder to the next: each bundle's manifest sha256 and its
+    files' names, sizes and modification times (a bundle still being copied when a reload read it changes again once
+    the copy ends, and is read again then); or why the folder cannot be read."""
+    state = {}
+    try:
+        for name, path in find_bundles(model_dir, quiet=True).items():
+            files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()))
+            state[name] = (manifest_sha256(path), files)
+    except OSError as exc:
+        return str(exc)
+    return state
+
+
 class ModelRegistry:
-    def __init__(self, config: ServerConfig, pinned: dict[str, str] | None = None) -> None:
-        """pinned: the bundles to serve and their manifests' sha256, as found when the server started (a serving
-        process started again under --processes serves what its siblings serve, whatever the folder holds now)."""
+    def __init__(self, config: ServerConfig, pins: Callable[[], dict[str, str]] | None = None) -> None:
+        """pins: the bundles to serve and their manifests' sha256, as the parent of several serving processes found
+        them at start or at its last reload (see pin_bundles), read at discover() and at each reload(): every
+        process then serves the same weights under a name, whichever process a connection lands on; a process
+        started again later serves what its siblings serve, whatever the folder holds by then. None: whatever the
+        folder holds."""
         self.config = config
-        self.pinned = pinned
+        self.pins = pins
+        self.pinned: dict[str, str] | None = None
         self.model_dir = Path(config.model_dir)
         self.backend_cls = get_backend(config.backend)
         self.models: dict[str, LoadedModel] = {}
+        self._changing = asyncio.Lock()  # one load or reload at a time
+        self._retiring: set[asyncio.Task] = set()
+
+    def _scan(self) -> dict[str, Path]:
+        """The bundles of the folder this process may serve (see pins)."""
+        found = find_bundles(self.model_dir)
+        self.pinned = None if self.pins is None else self.pins()
+        if self.pinned is None:
+            return found
+        for name in sorted(set(found) - set(self.pinned)):
+            log.warning("not serving %s: it was added after the other serving processes read the folder (reload "
+                        "the server to serve it)", found[name])
+        for name in sorted(set(self.pinned) - set(found)):
+            log.error("model %s is served by the other serving processes but is gone from %s", name, self.model_dir)
+        return {name: path for name, path in found.items() if name in self.pinned}
 
     def discover(self) -> list[str]:
         """Registers every sub-folder holding a manifest.json (status LOADING); returns their names."""
-        for name, path in find_bundles(self.model_dir).items():
-            if self.pinned is not None and name not in self.pinned:
-                log.warning("not serving %s: it was added after the server started (restart the server to serve "
-                            "it)", path)
-                continue
+        for name, path in self._scan().items():
             self.models[name] = LoadedModel(name=name, path=path)
-        for name in sorted(set(self.pinned or ()) - set(self.models)):
-            log.error("model %s is served by the other serving processes but is gone from %s", name, self.model_dir)
         return list(self.models)
 
     async def load_all(self) -> None:
         """Loads and warms every discovered bundle; a broken bundle is marked FAILED, the others still serve."""
-        for model in self.models.values():
+        async with self._changing:
+            for model in self.models.values():
+                await self._bring_up(model)
+
+    async def reload(self) -> dict[str, str]:
+        """Reads the model folder again and serves what it holds now: new bundles are loaded (LOADING, then READY or
+        FAILED, as at start); a bundle whose manifest changed, or that failed before, is loaded beside the one
+        serving and takes its name once warm; a bundle gone from the folder stops taking calls. Calls already
+        running finish on the backends they started on, which are then freed. A new version that fails to load
+        leaves the one serving in place. Returns {name: what happened}."""
+        async with self._changing:
             try:
-                await asyncio.to_thread(self._load, model)
-                await self._warm(model)
-                model.status = READY
-                log.info("model %s ready: identities %s, %d px, backend %s",
-                         model.name, list(model.manifest.identities), model.manifest.resolution, self.backend_cls.name)
-            except Exception as exc:  # any failure is contained to this one model
-                model.status, model.error = FAILED, f"{type(exc).__name__}: {exc}"
-                log.error("model %s failed to load: %s", model.name, model.error)
-            finally:
-                model.ready.set()
+                found = await asyncio.to_thread(self._scan)
+            except OSError as exc:
+                log.error("reload: %s; still serving %s", exc, sorted(self.models))
+                return {}
+            changes = {}
+            for name in sorted(set(self.models) - set(found)):
+                self._retire(self.models.pop(name))
+                changes[name] = "removed"
+            for name, path in found.items():
+                current = self.models.get(name)
+                if current is None:
+                    model = self.models[name] = LoadedModel(name=name, path=path)
+                    await self._bring_up(model)
+                    changes[name] = "added" if model.status == READY else "failed"
+                    continue
+                try:
+                    sha = await asyncio.to_thread(manifest_sha256, path)
+                except OSError:
+                    sha = ""
+                if current.status == READY and sha == current.manifest_sha256:
+                    continue
+                candidate = LoadedModel(name=name, path=path)
+                await self._bring_up(candidate)
+                if candidate.status == FAILED and current.status == READY:
+                    log.error("model %s: the new bundle failed to load, so the one loaded before (manifest %s) "
+                              "still serves", name, current.manifest_sha256[:12])
+                    self._retire(candidate)
+                    changes[name] = "kept"
+                    continue
+                self.models[name] = candidate
+                self._retire(current)
+                changes[name] = "replaced" if candidate.status == READY else "failed"
+            log.info("reloaded %s: %s", self.model_dir,
+                     ", ".join(f"{name} {what}" for name, what in changes.items()) or "nothing changed")
+            return changes
+
+    async def _bring_up(self, model: LoadedModel) -> None:
+        """Loads and warms one bundle: READY, or FAILED with the reason (a failure stays with this one model)."""
+        try:
+            await asyncio.to_thread(self._load, model)
+            await self._warm(model)
+            model.status = READY
+            log.info("model %s ready: identities %s, %d px, backend %s",
+                     model.name, list(model.manifest.identities), model.manifest.resolution, self.backend_cls.name)
+        except Exception as exc:  # any failure is contained to this one model
+            model.status, model.error = FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load: %s", model.name, model.error)
+        finally:
+            model.ready.set()
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Frees a model no longer listed once the calls that hold it (LoadedModel.lease) have finished."""
+        async def retire() -> None:
+            try:
+                await model.idle.wait()
+            finally:  # the server's close() cancels the wait: the backends are freed all the same
+                await self._unload(model)
+            if model.status == READY:
+                log.info("model %s (manifest %s) unloaded", model.name, model.manifest_sha256[:12])
+
+        task = asyncio.ensure_future(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _load(self, model: LoadedModel) -> None:
         model.manifest = load_manifest(model.path, verify=True)
         model.manifest_sha256 = manifest_sha256(model.path)
         if self.pinned is not None and model.manifest_sha256 != self.pinned.get(model.name):
-            raise BundleError("the bundle changed on disk after the server started, so this serving process would "
-                              "serve other weights than its siblings under the same name; restart the server to "
-                              "serve the new bundle")
+            raise BundleError("the bundle changed on disk after the server read the folder, so this serving process "
+                              "would serve other weights than its siblings under the same name; reload the server "
+                              "to serve the new bundle")
         workers, threads = worker_plan(self.config, self.backend_cls)
         for target in model.manifest.targets:
             backends = [self.backend_cls(model.path, model.manifest, target, intra_op_threads=threads,
@@ -205,28 +332,29 @@ class ModelRegistry:
                 raise UnavailableError(f"model {model_name!r} is still loading; retry shortly") from None
         if model.status == FAILED:
             raise ModelFailedError(f"model {model_name!r} failed to load: {model.error}")
-        loaded = model.targets.get(target)
-        if loaded is None:
-            try:
-                check_name(target, "target identity")  # bundles hold valid names only: a bad one is the caller's
-            except BundleError as exc:
-                raise InvalidInputError(str(exc)) from None
-            raise NotFoundError(
-                f"model {model_name!r} has no target identity {shorten(target)}; choose one of {sorted(model.targets)}"
-            )
-        return model, loaded
+        return model, model.target(target)
 
     def queued(self) -> int:
-        """Requests waiting in every batcher."""
-        return sum(t.batcher.queued for m in self.models.values() for t in m.targets.values())
+        """Requests waiting in every batcher. Also called from the metrics thread while a reload changes the models:
+        list() copies each dict in one step under the GIL."""
+        return sum(t.batcher.queued for m in list(self.models.values()) for t in list(m.targets.values()))
 
     @property
     def any_ready(self) -> bool:
         return any(m.status == READY for m in self.models.values())
 
     async def close(self) -> None:
+        """Frees every model (after the server stopped taking calls), those being retired too."""
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for model in self.models.values():
-            for target in model.targets.values():
-                await target.batcher.close()
-                for backend in target.backends:
-                    backend.close()
+            await self._unload(model)
+
+    @staticmethod
+    async def _unload(model: LoadedModel) -> None:
+        for target in model.targets.values():
+            await target.batcher.close()
+            for backend in target.backends:
+                backend.close()
+        model.targets = {}

@@ -25,7 +25,7 @@ from . import metrics
 from .auth import AuthInterceptor, TokenFile, server_credentials
 from .config import ServerConfig
 from .interceptors import CallInterceptor
-from .registry import ModelRegistry
+from .registry import ModelRegistry, folder_state
 from .servicer import FaceSwapServicer, add_to_server
 from .swap import SwapEngine
 
@@ -47,11 +47,11 @@ MIN_CLIENT_PING_S = 10  # the most often a client may send keepalive pings (gRPC
 class FaceSwapServer:
     """A running server: `await start()`, then `await wait()`; `await stop()` drains it."""
 
-    def __init__(self, config: ServerConfig, pinned: dict[str, str] | None = None) -> None:
+    def __init__(self, config: ServerConfig, pins: Callable[[], dict[str, str]] | None = None) -> None:
         self.config = config
         # Credentials are read first, before any model loads, so a bad certificate or tokens file fails at once.
         self.credentials = server_credentials(config)
-        self.registry = ModelRegistry(config, pinned)
+        self.registry = ModelRegistry(config, pins)
         # The call interceptor comes first, so it accounts for the calls the others turn away too.
         self.calls = CallInterceptor(metrics.LabelBound(self.registry))
         interceptors = [self.calls]
@@ -79,6 +79,8 @@ class FaceSwapServer:
         self.metrics_http = None
         self._loading: asyncio.Task | None = None
         self._publishing: asyncio.Task | None = None
+        self._reloads: set[asyncio.Task] = set()
+        self._polling: asyncio.Task | None = None
 
     def _security(self) -> str:
         transport = "mutual TLS" if self.config.tls_client_ca else "TLS" if self.config.tls_cert else "plaintext"
@@ -88,6 +90,9 @@ class FaceSwapServer:
     async def start(self) -> int:
         """Binds, starts answering (health NOT_SERVING), then loads and warms models in the background."""
         log.info("config %s", json.dumps(self.config.as_dict(), sort_keys=True))
+        # Several serving processes: their parent looks at the folder and signals them (processes.py).
+        polls = self.config.model_poll_s and self.registry.pins is None
+        seen = await asyncio.to_thread(folder_state, self.registry.model_dir) if polls else None  # before discover
         names = self.registry.discover()
         log.info("found %d bundle(s) in %s: %s", len(names), self.config.model_dir, names)
         if not names:
@@ -127,10 +132,24 @@ class FaceSwapServer:
             log.warning("full frames cannot be swapped by this server (%s): they will be answered UNAVAILABLE; "
                         "aligned faces are served", why)
         self._loading = asyncio.ensure_future(self._load())
+        if polls:
+            self._polling = asyncio.ensure_future(self._poll_models(seen))
         return self.port
+
+    async def _poll_models(self, seen: dict[str, tuple] | str) -> None:
+        """--model-poll-s: a reload each time the folder looks different."""
+        while True:
+            await asyncio.sleep(self.config.model_poll_s)
+            now = await asyncio.to_thread(folder_state, self.registry.model_dir)
+            if now != seen:
+                seen = now
+                await self.reload()
 
     async def _load(self) -> None:
         await self.registry.load_all()
+        await self._report_health()
+
+    async def _report_health(self) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if self.registry.any_ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
@@ -142,6 +161,24 @@ class FaceSwapServer:
     async def wait_until_loaded(self) -> None:
         if self._loading is not None:
             await self._loading
+
+    async def reload(self) -> dict[str, str]:
+        """Serves what the model folder holds now, without dropping a call (ModelRegistry.reload); {name: what
+        happened}."""
+        await self.wait_until_loaded()
+        if self.servicer.draining.is_set():  # loading models for no caller
+            log.info("not reloading: the server is draining")
+            return {}
+        changes = await self.registry.reload()
+        if not self.servicer.draining.is_set():  # a drain says NOT_SERVING and keeps saying it
+            await self._report_health()
+        return changes
+
+    def request_reload(self) -> None:
+        """reload() in the background (SIGHUP); reloads run one after another."""
+        task = asyncio.ensure_future(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def wait(self) -> None:
         await self.grpc_server.wait_for_termination()
@@ -155,7 +192,7 @@ class FaceSwapServer:
         self.servicer.draining.set()
         self.calls.cut_off_at = time.perf_counter() + grace
         await self.grpc_server.stop(grace)
-        for task in (self._loading, self._publishing):
+        for task in (self._loading, self._publishing, self._polling, *self._reloads):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -223,16 +260,18 @@ def _loopback(address: str) -> bool:
 
 
 async def serve(config: ServerConfig, listening: Callable[[int], None] | None = None,
-                pinned: dict[str, str] | None = None) -> None:
-    """Runs until SIGTERM/SIGINT, then drains gracefully. `listening(port)` is called once the port is bound;
-    pinned: see ModelRegistry."""
+                pins: Callable[[], dict[str, str]] | None = None) -> None:
+    """Runs until SIGTERM/SIGINT, then drains gracefully; SIGHUP reloads the model folder. `listening(port)` is called
+    once the port is bound; pins: see ModelRegistry."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # the process is the server's: its threads are ours to schedule
     keep_freed_memory()
-    server = FaceSwapServer(config, pinned)
+    server = FaceSwapServer(config, pins)
+    loop = asyncio.get_running_loop()
+    # Before start(): a SIGHUP while the models load is served after them, not lost (nor fatal, its default).
+    loop.add_signal_handler(signal.SIGHUP, server.request_reload)
     port = await server.start()
     if listening is not None:
         listening(port)
-    loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)

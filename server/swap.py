@@ -212,16 +212,15 @@ class SwapEngine:
         self._check_output(job)
         model, target = await self.registry.get(job.model, job.target, timeout=wait_s)
         origin = Provenance(job.model, job.target, model.manifest_sha256)
-
-        if bounded:
-            target.batcher.check_room()
-        decoded = await self._read_image(job, square=True)
-        height, width = decoded.shape[:2]
-        size = target.manifest.resolution
-        face = imaging.resize(decoded, size, size)
-        decoded_at = time.perf_counter()
-
-        (swapped, mask), info = await target.batcher.submit(face, caller, bounded)
+        with model.lease():  # no await since get(): a reload frees a model only after the calls holding it
+            if bounded:
+                target.batcher.check_room()
+            decoded = await self._read_image(job, square=True)
+            height, width = decoded.shape[:2]
+            size = target.manifest.resolution
+            face = imaging.resize(decoded, size, size)
+            decoded_at = time.perf_counter()
+            (swapped, mask), info = await target.batcher.submit(face, caller, bounded)
 
         encoded_at = time.perf_counter()
         image, mask_out = await self._off_loop(height * width, self._encode, job, swapped, mask, height, width, origin)
@@ -245,19 +244,19 @@ class SwapEngine:
         else:
             mapping = job.mapping or Mapping.selection(job.faces, job.face_index)
         model, _ = await self.registry.get(job.model, job.target, timeout=wait_s)
-        targets = {name: (await self.registry.get(job.model, name, timeout=wait_s))[1]
-                   for name in mapping.targets(job.target)}  # every identity a rule names: NOT_FOUND before work
+        targets = {name: model.target(name) for name in mapping.targets(job.target)}  # NOT_FOUND before any work
         origin = Provenance(job.model, job.target, model.manifest_sha256)
-        if stream is None:  # a full queue refuses a call now, not after its frame was decoded and searched for faces
-            for target in targets.values():
-                target.batcher.check_room()
-        frame = await self._read_image(job)  # its limits before the reference photos' work
-        decoded_at = time.perf_counter()
-        if mapping is job.mapping:  # the reference photos: their time is in total_ms
-            mapping = await self.describe(mapping)
-        request = FrameRequest(targets, job.target, mapping, caller, bounded=stream is None,
-                               want_mask=job.return_mask, keep_shape=job.keep_shape)
-        result = await self.fullframe.swap(frame, request, stream, ticket)
+        with model.lease():  # no await since get(): a reload frees a model only after the calls holding it
+            if stream is None:  # a full queue refuses a call now, not after its frame was decoded and searched
+                for target in targets.values():
+                    target.batcher.check_room()
+            frame = await self._read_image(job)  # its limits before the reference photos' work
+            decoded_at = time.perf_counter()
+            if mapping is job.mapping:  # the reference photos: their time is in total_ms
+                mapping = await self.describe(mapping)
+            request = FrameRequest(targets, job.target, mapping, caller, bounded=stream is None,
+                                   want_mask=job.return_mask, keep_shape=job.keep_shape)
+            result = await self.fullframe.swap(frame, request, stream, ticket)
         blended_at = time.perf_counter()
         image, mask, region = result.image, result.mask, None
         if job.return_region:  # the changed box only: the caller holds the rest of the frame

@@ -31,7 +31,9 @@ def test_invalid_values_are_rejected():
                             ({"metrics_port": 70000}, "--metrics-port (FACETWIN_METRICS_PORT) must be in 0..65535"),
                             ({"address": "127.0.0.1:99999"}, "a port in 0..65535"), ({"address": ":50051"}, "host:port"),
                             ({"lost_face_frames": 301}, "--lost-face-frames (FACETWIN_LOST_FACE_FRAMES) must be in 0..300"),
-                            ({"tls_cert": "c.pem"}, "--tls-cert and --tls-key go together")):
+                            ({"tls_cert": "c.pem"}, "--tls-cert and --tls-key go together"),
+                            ({"model_poll_s": 0.1}, "--model-poll-s (FACETWIN_MODEL_POLL_S) must be 0 (only on SIGHUP) "
+                                                    "or at least 1, got 0.1")):
         with pytest.raises(ValueError) as info:
             ServerConfig.from_env({}, **values)
         assert message in str(info.value)

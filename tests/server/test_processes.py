@@ -209,7 +209,36 @@ def test_a_process_started_again_serves_the_bundles_its_siblings_serve(tiny_mode
         assert _models_listed(port, restarted) == {("tiny",)}  # what every connection is told, whichever process
     finally:
         log = _stop(proc)
-    assert "it was added after the server started" in log, log
+    assert "it was added after the other serving processes read the folder" in log, log
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads connections from Linux /proc")
+@pytest.mark.parametrize("told_by", ["sighup", "poll"])
+def test_a_reload_has_every_serving_process_serve_what_the_folder_holds_now(tiny_model_dir, tmp_path, told_by):
+    """A reload (SIGHUP to the parent, or its own look at the folder) reaches every process, and a process started
+    again after it serves what its siblings reloaded."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model_dir, models)
+    proc, port = _start(models, *(["--model-poll-s", "1"] if told_by == "poll" else []))
+    try:
+        _wait_until(lambda: _serving(port) and len(_serving_processes(proc.pid)) == 2, 90, "never SERVING")
+        first, second = sorted(_serving_processes(proc.pid))
+        _models_listed(port, first)  # both listen: a signal to one still starting is sent once it does
+        _models_listed(port, second)
+        shutil.copytree(models / "tiny", models / ".tiny2")
+        (models / ".tiny2").rename(models / "tiny2")  # in one step: a look cannot catch it half-copied
+        if told_by == "sighup":
+            proc.send_signal(signal.SIGHUP)
+        both = {("tiny", "tiny2")}
+        _wait_until(lambda: _models_listed(port, first) | _models_listed(port, second) == both, 90,
+                    "a serving process did not reload")
+        os.kill(first, signal.SIGKILL)
+        _wait_until(lambda: len(_serving_processes(proc.pid) - {first}) == 2, 90, "the dead process was not replaced")
+        (restarted,) = _serving_processes(proc.pid) - {second}
+        assert _models_listed(port, restarted) == both
+    finally:
+        log = _stop(proc)
+    assert "reloading" in log and "tiny2 added" in log, log
 
 
 def test_the_serving_processes_end_with_their_parent_even_when_it_is_killed(tiny_model_dir):
