@@ -7,7 +7,13 @@ round-trip latency per minute (p50, p99) and its drift (last minute's p50 agains
 resident memory over time and its growth after the first minute (warm-up) to the end. The goals: no error, no lost
 frame, drift and RSS growth under 5 %.
 
+With --reload-every S, a copy of the bundle gets a new version (its manifest rewritten, the weights the same) every S
+seconds and the server is sent SIGHUP: the new version loads beside the one serving and takes over. Also reported:
+the reloads and the versions that answered (each reload's must answer); no frame may fail meanwhile, and the memory
+of the versions replaced must be freed (RSS growth under 5 % over all the reloads).
+
     python bench/soak.py --model-dir out/models --streams 32 --seconds 600 --json out/bench_soak.json
+    python bench/soak.py --model-dir out/models --streams 32 --seconds 600 --reload-every 20
     python bench/soak.py --model-dir out/models --streams 4 --seconds 5          # a smoke run
 """
 
@@ -15,7 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import json
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +35,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from facetwin.core.bundle import BundleError, load_manifest, pick_bundle
+from facetwin.core.bundle import BundleError, load_manifest, manifest_sha256, pick_bundle
 from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
@@ -47,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--inference-workers", type=int, default=0)
+    p.add_argument("--reload-every", type=float, default=0.0,
+                   help="seconds between new versions of the bundle, each served after a SIGHUP (0: none)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
     args = p.parse_args()
     args.detect_threads, args.keep_shape = 1, None  # start_server's full-frame settings: unused here
@@ -71,6 +85,7 @@ class Tally:
         self.answered = [0] * streams
         self.errors: list[str] = []  # FRAME_STATUS_ERROR / DROPPED frames and stream failures, described
         self.latencies: list[tuple[float, float]] = []  # (seconds since start, round trip ms)
+        self.versions: collections.Counter[str] = collections.Counter()  # manifest sha256 -> frames it answered
 
 
 async def one_stream(index: int, address: str, request: pb.SwapRequest, in_flight: int, stop_at: float,
@@ -100,6 +115,8 @@ async def one_stream(index: int, address: str, request: pb.SwapRequest, in_fligh
                 if reply.status != pb.FRAME_STATUS_OK:
                     tally.errors.append(f"stream {index} frame {frame_id}: {pb.FrameStatus.Name(reply.status)} "
                                         f"{reply.error.code_name} {reply.error.message}")
+                else:
+                    tally.versions[reply.response.provenance.manifest_sha256] += 1
                 tally.latencies.append((now - started, (now - sent_at.pop(frame_id)) * 1e3))
         except grpc.RpcError as err:
             tally.errors.append(f"stream {index} ended: {err.code().name} {err.details()}")
@@ -126,6 +143,21 @@ def summarise_latency(latencies: list[tuple[float, float]], seconds: float) -> l
     return windows
 
 
+def new_versions(bundle: Path, proc: subprocess.Popen, every_s: float, done: threading.Event,
+                 made: list[str]) -> None:
+    """Every every_s seconds: the bundle's manifest rewritten (the export check's error nudged, so its sha256 changes
+    and the weights stay), then SIGHUP."""
+    path = bundle / "manifest.json"
+    while not done.wait(every_s):
+        manifest = json.loads(path.read_text())
+        manifest["export"]["max_abs_error"] = float(manifest["export"]["max_abs_error"]) + 1e-9
+        partial = bundle.parent / ".manifest.partial"
+        partial.write_text(json.dumps(manifest, indent=2))
+        partial.replace(path)
+        made.append(manifest_sha256(bundle))
+        proc.send_signal(signal.SIGHUP)
+
+
 def main() -> None:
     args = parse_args()
     try:
@@ -134,6 +166,11 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     manifest = load_manifest(bundle)
     request = make_request(bundle.name, manifest.identities[-1], manifest.resolution)
+    scratch = None
+    if args.reload_every:  # versions are made in a copy: the caller's bundle stays as it is
+        scratch = Path(tempfile.mkdtemp(prefix="facetwin-soak-"))
+        bundle = Path(shutil.copytree(bundle, scratch / bundle.name))
+    made = [manifest_sha256(bundle)]
     proc, address = start_server(args, bundle.parent)
     samples: list[tuple[float, int]] = []
     done = threading.Event()
@@ -147,6 +184,9 @@ def main() -> None:
 
     watcher = threading.Thread(target=watch_memory, daemon=True)
     watcher.start()
+    versions = threading.Thread(target=new_versions, args=(bundle, proc, args.reload_every, done, made), daemon=True)
+    if args.reload_every:
+        versions.start()
     try:
         t0 = time.perf_counter()
         tally = asyncio.run(soak(args, address, request))
@@ -154,7 +194,11 @@ def main() -> None:
     finally:
         done.set()
         watcher.join(10)
+        if versions.is_alive():
+            versions.join(10)
         stop_server(proc)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     windows = summarise_latency(tally.latencies, args.seconds)
     warm = [rss for t, rss in samples if t >= min(WINDOW_S, args.seconds / 2)] or [rss for _, rss in samples]
     answered, sent = sum(tally.answered), sum(tally.sent)
@@ -169,8 +213,18 @@ def main() -> None:
         "rss_growth_after_warmup": warm[-1] / warm[0] - 1 if len(warm) > 1 else None,
         "goals": "0 errors, 0 lost frames, latency drift and RSS growth after warm-up < 5 %",
     }
+    if args.reload_every:
+        # The last version may have been made too late to answer before the end: it is not counted against the run.
+        answered_by = [tally.versions.get(sha, 0) for sha in made]
+        report.update(reload_every_s=args.reload_every, reloads=len(made) - 1,
+                      versions_that_answered=sum(1 for n in answered_by if n),
+                      frames_per_version=answered_by,
+                      unknown_versions=sorted(set(tally.versions) - set(made)))
+        report["goals"] += "; every version but perhaps the last answers"
     write_report(report, args.json_path)
     ok = report["errors"] == 0 and report["frames_lost"] == 0
+    if args.reload_every:
+        ok = ok and all(report["frames_per_version"][:-1]) and not report["unknown_versions"]
     sys.exit(0 if ok else 1)
 
 
