@@ -52,6 +52,8 @@ FRAME_MEMORY_BYTES = Gauge("facetwin_frame_memory_bytes", "Decoded images being 
                            "bounds it)", multiprocess_mode="livesum")
 FRAME_MEMORY_WAITING = Gauge("facetwin_frame_memory_waiting", "Images waiting for frame memory to be decoded (a busy "
                              "server)", multiprocess_mode="livesum")
+MODEL_LOADS = Counter("facetwin_model_loads_total", "Bundles loaded, at start and at each reload of the model "
+                      "folder, by result (ready, failed)", ["model", "result"])
 QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)",
                     multiprocess_mode="livesum")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from facetwin.core.bundle import BundleError, Manifest, check_name, load_manifest, manifest_sha256
 
-from . import imaging
+from . import imaging, metrics
 from .backends import Backend, get_backend
 from .batcher import DynamicBatcher
 from .config import ServerConfig
@@ -268,6 +268,7 @@ class ModelRegistry:
             log.error("model %s failed to load: %s", model.name, model.error)
         finally:
             model.ready.set()
+        metrics.MODEL_LOADS.labels(model.name, model.status).inc()  # names from the folder: the operator's, bounded
 
     def _retire(self, model: LoadedModel) -> None:
         """Frees a model no longer listed once the calls that hold it (LoadedModel.lease) have finished."""

@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from facetwin.core.bundle import manifest_sha256
 from facetwin.server.config import ServerConfig
@@ -171,6 +172,7 @@ def test_a_bundle_that_failed_loads_once_it_is_mended(tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir / "tiny", models / "m")
     (models / "m" / "manifest.json").rename(tmp_path / "manifest.json")
     (models / "m" / "manifest.json").write_text("{ half a manifest")
+    before = {result: _loads("m", result) for result in ("ready", "failed")}
     server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(models)))
     try:
         with grpc.insecure_channel(server.address) as channel:
@@ -186,6 +188,12 @@ def test_a_bundle_that_failed_loads_once_it_is_mended(tiny_model_dir, tmp_path):
             assert stub.Swap(_request("m", listing.identities[1]), timeout=10).image.raw.height == 32
     finally:
         server.stop()
+    assert {result: _loads("m", result) - before[result] for result in before} == {"ready": 1, "failed": 1}
+
+
+def _loads(model: str, result: str) -> float:
+    """facetwin_model_loads_total of this (test) process."""
+    return REGISTRY.get_sample_value("facetwin_model_loads_total", {"model": model, "result": result}) or 0.0
 
 
 def test_a_server_that_polls_its_folder_serves_bundles_as_they_arrive_and_leave(tiny_model_dir, tmp_path):
