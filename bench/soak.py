@@ -144,11 +144,15 @@ def summarise_latency(latencies: list[tuple[float, float]], seconds: float) -> l
 
 
 def new_versions(bundle: Path, proc: subprocess.Popen, every_s: float, done: threading.Event,
-                 made: list[str]) -> None:
-    """Every every_s seconds: the bundle's manifest rewritten (the export check's error nudged, so its sha256 changes
-    and the weights stay), then SIGHUP."""
+                 made: list[str], rss_before: list[int]) -> None:
+    """Every every_s seconds: the server's RSS noted (between two reloads: the memory a reload leaves behind, not
+    the two versions held while one loads), the bundle's manifest rewritten (the export check's error nudged, so its
+    sha256 changes and the weights stay), then SIGHUP."""
     path = bundle / "manifest.json"
     while not done.wait(every_s):
+        rss = rss_bytes(proc.pid)
+        if rss is not None:
+            rss_before.append(rss)
         manifest = json.loads(path.read_text())
         manifest["export"]["max_abs_error"] = float(manifest["export"]["max_abs_error"]) + 1e-9
         partial = bundle.parent / ".manifest.partial"
@@ -171,6 +175,7 @@ def main() -> None:
         scratch = Path(tempfile.mkdtemp(prefix="facetwin-soak-"))
         bundle = Path(shutil.copytree(bundle, scratch / bundle.name))
     made = [manifest_sha256(bundle)]
+    rss_before: list[int] = []
     proc, address = start_server(args, bundle.parent)
     samples: list[tuple[float, int]] = []
     done = threading.Event()
@@ -184,7 +189,8 @@ def main() -> None:
 
     watcher = threading.Thread(target=watch_memory, daemon=True)
     watcher.start()
-    versions = threading.Thread(target=new_versions, args=(bundle, proc, args.reload_every, done, made), daemon=True)
+    versions = threading.Thread(target=new_versions, args=(bundle, proc, args.reload_every, done, made, rss_before),
+                                daemon=True)
     if args.reload_every:
         versions.start()
     try:
@@ -219,8 +225,13 @@ def main() -> None:
         report.update(reload_every_s=args.reload_every, reloads=len(made) - 1,
                       versions_that_answered=sum(1 for n in answered_by if n),
                       frames_per_version=answered_by,
-                      unknown_versions=sorted(set(tally.versions) - set(made)))
-        report["goals"] += "; every version but perhaps the last answers"
+                      unknown_versions=sorted(set(tally.versions) - set(made)),
+                      rss_before_reload_mb=[round(rss / 2**20, 1) for rss in rss_before])
+        # From the first reload after warm-up to the last: what reloads leave behind.
+        warm_reloads = [rss for i, rss in enumerate(rss_before) if (i + 1) * args.reload_every >= WINDOW_S]
+        if len(warm_reloads) > 1:
+            report["rss_growth_over_reloads"] = warm_reloads[-1] / warm_reloads[0] - 1
+        report["goals"] += "; every version but perhaps the last answers; RSS between reloads grows < 5 % after warm-up"
     write_report(report, args.json_path)
     ok = report["errors"] == 0 and report["frames_lost"] == 0
     if args.reload_every:

@@ -83,8 +83,10 @@ def run_models(address: str, credentials: dict[str, Any] | None = None) -> None:
     if not models:
         print(f"no models loaded at {address}")
         return
-    header = ("NAME", "IDENTITIES", "RESOLUTION", "BACKEND", "STATUS")
-    rows = [(m.name, ",".join(m.identities), str(m.resolution), m.backend, m.status) for m in models]
+    # VERSION: the start of the manifest's sha256, which changes with each export (answers carry it in provenance).
+    header = ("NAME", "IDENTITIES", "RESOLUTION", "BACKEND", "VERSION", "STATUS")
+    rows = [(m.name, ",".join(m.identities), str(m.resolution), m.backend, m.manifest_sha256[:12] or "-", m.status)
+            for m in models]
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -38,7 +39,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 # glibc hands every block over ~128 KiB-32 MiB back to the kernel when it is freed, and every new one then costs a page
 # fault per 4 KiB. A raw 1080p frame is 6 MB and each call makes several (the message, its pixels, the answer): on
 # the 2-core host, building and serializing one answer took 13 ms this way and 1 ms with freed memory kept.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # mallopt(3)
 MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: only blocks over 32 MiB get their own mapping
 TRIM_THRESHOLD_BYTES = 256 << 20  # free memory an arena keeps before it gives some back
 MIN_CLIENT_PING_S = 10  # the most often a client may send keepalive pings (gRPC's default: every 5 minutes)
@@ -223,12 +224,21 @@ def connection_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def keep_freed_memory() -> bool:
-    """Asks glibc to keep freed memory for reuse (see MMAP_THRESHOLD_BYTES); whether it could (not on other C
-    libraries, where this does nothing)."""
+    """Asks glibc to keep freed memory for reuse (see MMAP_THRESHOLD_BYTES) in one arena per core at most (unless
+    MALLOC_ARENA_MAX says otherwise); whether it could (not on other C libraries, where this does nothing).
+
+    glibc gives new threads arenas up to 8 per core, each keeping its own free memory, and a reload of the model folder
+    starts new inference threads: under load, 30 reloads of the 64-px demo model on the 2-core host took the server
+    from 209 to 394 MB and rising, its memory in use flat; with one arena per core, 210-241 MB, and the same faces/s
+    without reloads (bench/soak.py --reload-every, docs/experiments.md)."""
     try:
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
+        kept = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
             bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+        if "MALLOC_ARENA_MAX" not in os.environ:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            kept = kept and bool(libc.mallopt(M_ARENA_MAX, cores))
+        return kept
     except (OSError, AttributeError):
         return False
 

@@ -38,4 +38,5 @@ def test_a_soak_through_reloads_is_answered_by_every_version_and_loses_nothing(t
     assert report["reloads"] >= 3 and report["frames_lost"] == 0 and report["errors"] == 0
     assert all(report["frames_per_version"][:-1]) and not report["unknown_versions"]
     assert report["versions_that_answered"] >= report["reloads"]
+    assert len(report["rss_before_reload_mb"]) == report["reloads"]  # the server's memory between reloads
     assert (tiny_model_dir / "tiny" / "manifest.json").read_bytes() == before  # versions were made in a copy

@@ -4,6 +4,7 @@ folders through the served model."""
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -188,9 +189,10 @@ def test_models_table(served_model):
     run = run_cli("models", "--address", served_model.address)
     assert run.returncode == 0, run.stderr
     header, *rows = run.stdout.strip().splitlines()
-    assert header.split() == ["NAME", "IDENTITIES", "RESOLUTION", "BACKEND", "STATUS"]
+    assert header.split() == ["NAME", "IDENTITIES", "RESOLUTION", "BACKEND", "VERSION", "STATUS"]
     assert rows[0].split()[:3] == [served_model.model, ",".join(served_model.identities), str(served_model.resolution)]
-    assert rows[0].split()[-1] == "ready"
+    sha = hashlib.sha256((served_model.model_dir / served_model.model / "manifest.json").read_bytes()).hexdigest()
+    assert rows[0].split()[-2:] == [sha[:12], "ready"]
 
 
 def test_info_rounds_the_float32_settings(served_model):
