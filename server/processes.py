@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import logs
 from .config import ServerConfig
-from .registry import folder_state, pin_bundles
+from .registry import FolderWatch, pin_bundles
 
 log = logging.getLogger("facetwin.server")
 POLL_S = 0.2
@@ -117,7 +117,7 @@ class _Supervisor:
         # file: one started again later must not serve a bundle added, removed or replaced since under a name its
         # siblings serve differently.
         self.pins_path = pins_path
-        self.seen = folder_state(Path(config.model_dir)) if config.model_poll_s else {}  # --model-poll-s
+        self.watch = FolderWatch(Path(config.model_dir)) if config.model_poll_s else None
         self.next_look = time.monotonic() + config.model_poll_s
         self._pin()
         self.generation = 0  # reloads so far
@@ -195,11 +195,9 @@ class _Supervisor:
 
     def _watch(self) -> None:
         while not self.stopping:
-            if self.config.model_poll_s and time.monotonic() >= self.next_look:
+            if self.watch is not None and time.monotonic() >= self.next_look:
                 self.next_look = time.monotonic() + self.config.model_poll_s
-                now = folder_state(Path(self.config.model_dir))
-                if now != self.seen:
-                    self.seen, self.reload_wanted = now, True
+                self.reload_wanted = self.reload_wanted or self.watch.changed()
             if self.reload_wanted:
                 self._reload()
             self._read_events()

@@ -144,11 +144,11 @@ def find_bundles(model_dir: Path, quiet: bool = False) -> dict[str, Path]:
     return bundles
 
 
-def pin_bundles(model_dir: Path) -> dict[str, str]:
+def pin_bundles(model_dir: Path, quiet: bool = False) -> dict[str, str]:
     """The bundles of model_dir with their manifests' sha256 ("" where unreadable): what ModelRegistry(pins=...)
     serves."""
     pinned = {}
-    for name, path in find_bundles(model_dir).items():
+    for name, path in find_bundles(model_dir, quiet).items():
         try:
             pinned[name] = manifest_sha256(path)
         except OSError:
@@ -156,18 +156,27 @@ def pin_bundles(model_dir: Path) -> dict[str, str]:
     return pinned
 
 
-def folder_state(model_dir: Path) -> dict[str, tuple] | str:
-    """What --model-poll-s compares from one look at the folder to the next: each bundle's manifest sha256 and its
-    files' names, sizes and modification times (a bundle still being copied when a reload read it changes again once
-    the copy ends, and is read again then); or why the folder cannot be read."""
-    state = {}
-    try:
-        for name, path in find_bundles(model_dir, quiet=True).items():
-            files = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()))
-            state[name] = (manifest_sha256(path), files)
-    except OSError as exc:
-        return str(exc)
-    return state
+class FolderWatch:
+    """--model-poll-s: whether the model folder looks different from the last look. A look is each bundle's manifest
+    sha256 and its files' names, sizes and modification times (a bundle still being copied when a reload read it
+    changes again once the copy ends, and is read again then), or why the folder could not be read."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.seen = self._look()
+
+    def changed(self) -> bool:
+        now = self._look()
+        changed, self.seen = now != self.seen, now
+        return changed
+
+    def _look(self) -> dict[str, tuple] | str:
+        try:
+            return {name: (sha, tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                                             for f in (self.model_dir / name).iterdir())))
+                    for name, sha in pin_bundles(self.model_dir, quiet=True).items()}
+        except OSError as exc:
+            return str(exc)
 
 
 class ModelRegistry:

@@ -26,7 +26,7 @@ from . import metrics
 from .auth import AuthInterceptor, TokenFile, server_credentials
 from .config import ServerConfig
 from .interceptors import CallInterceptor
-from .registry import ModelRegistry, folder_state
+from .registry import FolderWatch, ModelRegistry
 from .servicer import FaceSwapServicer, add_to_server
 from .swap import SwapEngine
 
@@ -93,7 +93,7 @@ class FaceSwapServer:
         log.info("config %s", json.dumps(self.config.as_dict(), sort_keys=True))
         # Several serving processes: their parent looks at the folder and signals them (processes.py).
         polls = self.config.model_poll_s and self.registry.pins is None
-        seen = await asyncio.to_thread(folder_state, self.registry.model_dir) if polls else None  # before discover
+        watch = await asyncio.to_thread(FolderWatch, self.registry.model_dir) if polls else None  # before discover
         names = self.registry.discover()
         log.info("found %d bundle(s) in %s: %s", len(names), self.config.model_dir, names)
         if not names:
@@ -134,16 +134,14 @@ class FaceSwapServer:
                         "aligned faces are served", why)
         self._loading = asyncio.ensure_future(self._load())
         if polls:
-            self._polling = asyncio.ensure_future(self._poll_models(seen))
+            self._polling = asyncio.ensure_future(self._poll_models(watch))
         return self.port
 
-    async def _poll_models(self, seen: dict[str, tuple] | str) -> None:
+    async def _poll_models(self, watch: FolderWatch) -> None:
         """--model-poll-s: a reload each time the folder looks different."""
         while True:
             await asyncio.sleep(self.config.model_poll_s)
-            now = await asyncio.to_thread(folder_state, self.registry.model_dir)
-            if now != seen:
-                seen = now
+            if await asyncio.to_thread(watch.changed):
                 await self.reload()
 
     async def _load(self) -> None:
