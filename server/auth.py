@@ -15,12 +15,14 @@ import hmac
 import logging
 import os
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import unquote
 
 import grpc
 
+from . import metrics
 from .config import ServerConfig
 
 log = logging.getLogger("facetwin.server.auth")
@@ -58,18 +60,11 @@ class TokenFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._stamp = self._stat()
+        self._stamp = file_stamp(self.path)
         self._digests = _digests(read_tokens(self.path))  # raises: a bad file at start is a startup error
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
     def _refresh(self) -> None:
-        stamp = self._stat()
+        stamp = file_stamp(self.path)
         if stamp == self._stamp:
             return
         self._stamp = stamp  # a bad version is reported once, not on every call until the file changes again
@@ -91,6 +86,16 @@ class TokenFile:
             if hmac.compare_digest(presented, digest):
                 found = name
         return found
+
+
+def file_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What tells a file changed: its mtime, size and inode (a rename puts a new inode in place); None when missing.
+    It follows links, so the files of a Kubernetes volume change when their `..data` link moves."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def read_tokens(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -171,21 +176,77 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(details)
 
 
+class TlsFiles:
+    """The server's certificate, key and (mutual TLS) client CA, re-read for new connections when a file changes.
+
+    gRPC calls `fetch` before each new connection's handshake; while the files are unchanged it answers None (keep
+    the current ones), so a connection costs a stat of each file. Connections already open keep the certificate of
+    their handshake. A rewrite that cannot serve (a new certificate before its key, an expired one, a half-written
+    file) keeps the files read before and is logged once; a file changing while it is read is read again at the next
+    connection. Kubernetes replaces a mounted Secret's files in one rename, and cert-manager renews them that way.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()  # gRPC may call fetch from several of its threads at once
+        self._stamp = self._stat()
+        self._current, expires = self._read()  # raises: unusable files at start are a startup error
+        metrics.TLS_CERT_EXPIRY.set(expires.timestamp())
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._current, self.fetch,
+                                                   require_client_authentication=bool(self.config.tls_client_ca))
+
+    def _stat(self) -> tuple[tuple[int, int, int] | None, ...]:
+        config = self.config
+        return tuple(file_stamp(path) for path in (config.tls_cert, config.tls_key, config.tls_client_ca) if path)
+
+    def _read(self) -> tuple[grpc.ServerCertificateConfiguration, datetime.datetime]:
+        """The files' configuration and when the certificate expires."""
+        config = self.config
+        chain, key = _read_pem(config.tls_cert, "--tls-cert"), _read_pem(config.tls_key, "--tls-key")
+        client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+        expires = _check_tls_files(config)
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca), expires
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """The files' new configuration when they changed and can serve, else None (gRPC keeps the current one)."""
+        try:
+            with self._lock:
+                stamp = self._stat()
+                if stamp == self._stamp:
+                    return None
+                read, error = None, None
+                try:
+                    read = self._read()
+                except (OSError, ValueError) as exc:
+                    error = exc
+                if self._stat() != stamp:  # written while it was read: look again at the next connection
+                    return None
+                self._stamp = stamp  # a bad version is reported once, not at every connection until it changes
+                if error is not None:
+                    log.error("%s; new connections keep the certificate read before", error)
+                    return None
+                self._current, expires = read
+                metrics.TLS_CERT_EXPIRY.set(expires.timestamp())
+                log.info("TLS files re-read: new connections get %s, valid until %s UTC", self.config.tls_cert,
+                         f"{expires:%Y-%m-%d %H:%M}")
+                return self._current
+        except Exception:  # raised into gRPC's handshake, it would fail the connection: keep serving instead
+            log.exception("re-reading the TLS files failed; new connections keep the certificate read before")
+            return None
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials for the listening port (None: plaintext). The files are checked with Python's ssl first, so a
-    wrong path, a key that does not match its certificate or an encrypted key fails with a message that says so
-    (gRPC itself only reports "Failed to bind")."""
-    if not config.tls_cert:
-        return None
-    chain, key = _read_pem(config.tls_cert, "--tls-cert"), _read_pem(config.tls_key, "--tls-key")
-    client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
-    _check_tls_files(config)
-    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    """TLS credentials for the listening port (None: plaintext), re-read as the files change (TlsFiles). The files are
+    checked with Python's ssl first, so a wrong path, a key that does not match its certificate or an encrypted key
+    fails with a message that says so (gRPC itself only reports "Failed to bind")."""
+    return TlsFiles(config).credentials() if config.tls_cert else None
 
 
-def _check_tls_files(config: ServerConfig) -> None:
-    """ValueError, naming the setting, when the (readable) TLS files cannot serve."""
+def _check_tls_files(config: ServerConfig) -> datetime.datetime:
+    """When the server's certificate expires; ValueError, naming the setting, when the (readable) TLS files cannot
+    serve."""
     def encrypted() -> bytes:
         raise ValueError(f"--tls-key {config.tls_key} is encrypted; give the server an unencrypted PEM key (keep it "
                          "readable by the server's user only)")
@@ -195,16 +256,17 @@ def _check_tls_files(config: ServerConfig) -> None:
         context.load_cert_chain(config.tls_cert, config.tls_key, password=encrypted)
     except ssl.SSLError as exc:
         raise ValueError(f"--tls-cert {config.tls_cert} with --tls-key {config.tls_key}: {_ssl_reason(exc)}") from None
-    _check_dates(config.tls_cert)
+    expires = _check_dates(config.tls_cert)
     if config.tls_client_ca:
         try:
             context.load_verify_locations(cafile=config.tls_client_ca)
         except ssl.SSLError as exc:
             raise ValueError(f"--tls-client-ca {config.tls_client_ca}: {_ssl_reason(exc)}") from None
+    return expires
 
 
-def _check_dates(path: str) -> None:
-    """ValueError when the server's certificate (the chain's first) is expired or not yet valid: every client would
+def _check_dates(path: str) -> datetime.datetime:
+    """The certificate's expiry; ValueError when the server's certificate (the chain's first) is expired or not yet valid: every client would
     refuse it, while the server itself would start and look healthy."""
     from cryptography import x509
 
@@ -216,6 +278,7 @@ def _check_dates(path: str) -> None:
     if certificate.not_valid_before_utc > now:
         raise ValueError(f"--tls-cert {path} is valid only from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} "
                          "UTC: check this host's clock, or the certificate's dates")
+    return certificate.not_valid_after_utc
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:

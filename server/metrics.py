@@ -54,6 +54,10 @@ FRAME_MEMORY_WAITING = Gauge("facetwin_frame_memory_waiting", "Images waiting fo
                              "server)", multiprocess_mode="livesum")
 MODEL_LOADS = Counter("facetwin_model_loads_total", "Bundles loaded, at start and at each reload of the model "
                       "folder, by result (ready, failed)", ["model", "result"])
+# "livemin": with several serving processes, the soonest expiry among those alive.
+TLS_CERT_EXPIRY = Gauge("facetwin_tls_certificate_expiry_timestamp_seconds", "When the certificate that new TLS "
+                        "connections get expires, Unix time (alert on it minus time() falling below days of "
+                        "renewal)", multiprocess_mode="livemin")
 QUEUE_DEPTH = Gauge("facetwin_queue_depth", "Requests waiting in the batchers (the autoscaling signal)",
                     multiprocess_mode="livesum")
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from facetwin.client import AsyncClient, AuthenticationError, Client, InvalidInputError, UnavailableError
 from facetwin.server.auth import AuthInterceptor, TokenFile, client_id
@@ -252,6 +254,67 @@ def test_mutual_tls_admits_only_certificates_of_its_ca(mtls_server, pki):
                             "--cert", str(pki.client_cert), "--key", str(pki.client_key)],
                            capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """As Kubernetes and cert-manager replace a mounted Secret's file: written aside, then renamed into place."""
+    time.sleep(0.02)  # past the file system's clock tick, so the new file's mtime differs too
+    path.with_name(path.name + ".new").write_bytes(data)
+    os.replace(path.with_name(path.name + ".new"), path)
+
+
+def _handshakes(address: str, trust: Path, cert: Path, key: Path) -> bool:
+    """Whether a new connection (none shared with earlier channels) trusting `trust`, presenting `cert`, is served."""
+    credentials = grpc.ssl_channel_credentials(trust.read_bytes(), key.read_bytes(), cert.read_bytes())
+    with grpc.secure_channel(address, credentials, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            return True
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return False
+
+
+def test_certificates_rotate_for_new_connections_without_a_restart(tiny_model_dir, pki, tmp_path, caplog):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    cert, key, client_ca = tls / "tls.crt", tls / "tls.key", tls / "ca.crt"
+    for source, copy in ((pki.server_cert, cert), (pki.server_key, key), (pki.ca, client_ca)):
+        copy.write_bytes(source.read_bytes())
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0,
+                                       tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(client_ca)))
+    alice, stranger = (pki.client_cert, pki.client_key), (pki.other_client_cert, pki.other_client_key)
+    try:
+        kept = Client(server.address, root_certificates=pki.ca, client_certificate=pki.client_cert,
+                      client_key=pki.client_key, timeout=10)
+        assert [m.name for m in kept.list_models()] == ["tiny"]
+        # Renewed by another CA: the certificate lands first, its key a moment later.
+        renewed_ca_key, renewed_key = _key(), _key()
+        renewed_ca = _cert(renewed_ca_key, "renewed CA", ca=True)
+        renewed = _cert(renewed_key, "facetwin server", renewed_ca_key, renewed_ca, to_days=30,
+                        sans=(x509.IPAddress(ipaddress.ip_address("127.0.0.1")),))
+        renewed_ca_file = _write(tmp_path, "renewed-ca", renewed_ca)[0]
+        renewed_cert, renewed_key_file = _write(tmp_path, "renewed", renewed, renewed_key)
+        with caplog.at_level(logging.INFO, logger="facetwin.server.auth"):
+            _replace(cert, renewed_cert.read_bytes())
+            assert _handshakes(server.address, pki.ca, *alice)  # the half-rotated files: the last good ones serve
+            assert not _handshakes(server.address, renewed_ca_file, *alice)
+            assert caplog.text.count("the key does not belong to the certificate") == 1
+            _replace(key, renewed_key_file.read_bytes())
+            assert _handshakes(server.address, renewed_ca_file, *alice)
+            assert not _handshakes(server.address, pki.ca, *alice)
+        assert caplog.text.count("TLS files re-read") == 1
+        assert REGISTRY.get_sample_value("facetwin_tls_certificate_expiry_timestamp_seconds") == \
+            renewed.not_valid_after_utc.timestamp()
+        assert [m.name for m in kept.list_models()] == ["tiny"]  # its connection keeps its handshake's certificate
+        kept.close()
+        # The client CA rotates the same way: certificates of the new CA get in, the old CA's no longer.
+        assert not _handshakes(server.address, renewed_ca_file, *stranger)
+        _replace(client_ca, pki.other_ca.read_bytes())
+        assert _handshakes(server.address, renewed_ca_file, *stranger)
+        assert not _handshakes(server.address, renewed_ca_file, *alice)
+    finally:
+        server.stop()
 
 
 def test_tokens_rotate_when_the_file_changes(tiny_model_dir, tmp_path, caplog):
