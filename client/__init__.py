@@ -7,7 +7,8 @@
         result = client.swap(face_bgr, "demo", "bob", color="bgr")   # OpenCV array in, BGR array out
 
 Photo and video files (whole frames, faces found by the server; video with its audio) go through
-swap_image_file / swap_video_file and their *_async twins (see facetwin.client.files).
+swap_image_file / swap_video_file and their *_async twins (see facetwin.client.files); a camera, network stream
+or pipe, as it plays, through swap_live / swap_live_async (facetwin.client.live).
 
 Needs only grpcio, protobuf and numpy; video files and photos other than PNG/JPEG need PyAV, and the `facetwin`
 command line lives in facetwin.client.cli (both: install facetwin[cli]).
@@ -31,6 +32,7 @@ from .errors import (
     from_rpc_error,
 )
 from .files import swap_image_file, swap_image_file_async, swap_video_file, swap_video_file_async
+from .live import LiveReport, swap_live, swap_live_async
 from .mapping import FaceMapping, FaceRule
 from .media import MediaInfo, probe
 from .types import DetectedFace, FileReport, ModelInfo, Provenance, ServerInfo, StageTimings, SwapResult
@@ -53,6 +55,9 @@ __all__ = [
     "swap_image_file_async",
     "swap_video_file",
     "swap_video_file_async",
+    "swap_live",
+    "swap_live_async",
+    "LiveReport",
     "VideoOptions",
     "MediaInfo",
     "probe",

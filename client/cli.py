@@ -25,6 +25,7 @@ from .credentials import read_pem
 from .errors import FaceTwinError, InvalidInputError, MediaFileError, NotFoundError, UnavailableError
 from .files import photo_scale, swap_image_file, swap_video_file
 from .images import FacesArg, request_headroom, sniff_format
+from .live import LiveReport, live_options, swap_live
 from .mapping import FaceMapping
 from .media import (
     IMAGE_OUTPUTS,
@@ -411,6 +412,62 @@ def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, targe
                    dry_run=dry_run, progress_bar=tqdm, **swap)
 
 
+def run_live(source: str, output: str, *, model: str, target: str, faces: str | None = None,
+             references: list[Path] | None = None, match_threshold: float | None = None,
+             keep_shape: float | None = None, input_format: str | None = None, input_options: list[str] | None = None,
+             output_format: str | None = None, realtime: bool = False, codec: str = "libx264", crf: int | None = 23,
+             preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 4,
+             address: str = DEFAULT_ADDRESS, credentials: dict[str, Any] | None = None) -> None:
+    """`facetwin live`: a live source to a live output until the source ends or Ctrl-C. Everything it prints goes to
+    stderr: stdout may be the video. The first Ctrl-C (or SIGTERM) stops reading and ends the output properly once
+    the frames in flight are written; a second stops at once, still ending the output where it can."""
+    from tqdm import tqdm
+
+    try:
+        options = live_options(codec, crf=crf, preset=preset, max_frames=max_frames)
+    except InvalidInputError as exc:
+        raise CliError(exc.details, 2) from None
+    pairs = {}
+    for option in input_options or []:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise CliError(f"--input-option {option!r}: expected KEY=VALUE (an FFmpeg option: video_size=1280x720)", 2)
+        pairs[key] = value
+    stop = threading.Event()
+
+    def graceful(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Client(address, **(credentials or {})) as client, \
+                tqdm(unit="frame", desc=Path(source).name or source, disable=None) as bar:
+            report = swap_live(client, source, output, model, target,
+                               faces=parse_faces(faces, False, references, match_threshold), keep_shape=keep_shape,
+                               options=options, input_format=input_format, input_options=pairs,
+                               output_format=output_format, realtime=realtime, max_in_flight=max_in_flight,
+                               progress=bar.update, cancel=stop)
+    except KeyboardInterrupt:
+        raise CliError("interrupted; the output was ended where it stopped", 130) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(_live_summary(report, stop.is_set()), file=sys.stderr)
+
+
+def _live_summary(report: LiveReport, stopped: bool) -> str:
+    latency = (f", latency p50 {report.latency_ms_p50:.0f} ms / p99 {report.latency_ms_p99:.0f} ms"
+               if report.latency_ms_p50 is not None else "")
+    rate = report.frames_written / report.seconds if report.seconds else 0.0
+    audio = f"; {report.audio_streams} audio stream(s) copied" if report.audio_streams else ""
+    return (f"{'stopped' if stopped else 'source ended'}: wrote {report.output}: {report.frames_written} of "
+            f"{report.frames_read} frame(s) read ({report.skipped} skipped for newer ones, {report.dropped} dropped "
+            f"by the server), {report.faces_swapped} face(s) swapped{latency}, in {report.seconds:.1f} s "
+            f"({rate:.1f} frames/s){audio}")
+
+
 def _missing_cli_packages() -> list[str]:
     missing = []
     for module, package in (("typer", "typer"), ("tqdm", "tqdm"), ("av", "av")):
@@ -449,6 +506,25 @@ def build_app() -> Any:
     TLS = Annotated[bool, typer.Option("--tls", envvar="FACETWIN_TLS",
                                        help="TLS trusting the public CAs gRPC ships (a server with a public "
                                             "certificate); --ca implies TLS.")]
+
+    # What swap, swap-video and live share.
+    Model = Annotated[str, typer.Option("--model", "-m", help="Model bundle name (see `facetwin models`).")]
+    Target = Annotated[str, typer.Option("--target", "-t", help="Target identity: the face to render.")]
+    Faces = Annotated[str | None, typer.Option(
+        "--faces", show_default=False, help="Which faces: largest (default), all, or a number (0 = largest).")]
+    Reference = Annotated[list[Path] | None, typer.Option(
+        "--reference", show_default=False,
+        help="A photo of the person to swap (repeat for more photos of them): only faces the server finds to be that "
+             "person are swapped.")]
+    MatchThreshold = Annotated[float | None, typer.Option(
+        "--match-threshold", min=0.01, max=1.0, show_default=False,
+        help="With --reference: how alike a face must be (face-descriptor distance; default the server's, 0.6; lower "
+             "is stricter).")]
+    KeepShape = Annotated[float | None, typer.Option(
+        "--keep-shape", min=0.0, max=1.0,
+        help="0 = the target's face shape .. 1 = the original's (default: the server's, `facetwin info`).")]
+    Codec = Annotated[str, typer.Option(
+        "--codec", help="Video encoder (libx264 = H.264, plays in browsers; libx265, h264_nvenc ...).")]
 
     def credentials(token: str | None, token_file: Path | None, ca: Path | None, cert: Path | None,
                     key: Path | None, tls: bool) -> dict[str, Any]:
@@ -503,34 +579,20 @@ def build_app() -> Any:
             output: Annotated[str, typer.Argument(  # str: a trailing / (a folder) must survive
                 metavar="OUT", help="Output file for one input (its suffix picks the format), else a folder.")]
             = ...,
-            model: Annotated[str, typer.Option("--model", "-m", help="Model bundle name (see `facetwin models`).")]
-            = ...,
-            target: Annotated[str, typer.Option("--target", "-t", help="Target identity: the face to render.")]
-            = ...,
-            faces: Annotated[str | None, typer.Option(
-                "--faces", show_default=False,
-                help="Which faces: largest (default), all, or a number (0 = largest).")] = None,
-            reference: Annotated[list[Path] | None, typer.Option(
-                "--reference", show_default=False,
-                help="A photo of the person to swap (repeat for more photos of them): only faces the server finds "
-                     "to be that person are swapped.")] = None,
-            match_threshold: Annotated[float | None, typer.Option(
-                "--match-threshold", min=0.01, max=1.0, show_default=False,
-                help="With --reference: how alike a face must be (face-descriptor distance; default the server's, "
-                     "0.6; lower is stricter).")] = None,
+            model: Model = ...,
+            target: Target = ...,
+            faces: Faces = None,
+            reference: Reference = None,
+            match_threshold: MatchThreshold = None,
             aligned: Annotated[bool, typer.Option(
                 "--aligned", help="Inputs are aligned face crops (from facetwin-train extract): no face finding.")]
             = False,
-            keep_shape: Annotated[float | None, typer.Option(
-                "--keep-shape", min=0.0, max=1.0,
-                help="0 = the target's face shape .. 1 = the original's (default: the server's, `facetwin info`).")] = None,
+            keep_shape: KeepShape = None,
             quality: Annotated[int | None, typer.Option(
                 "--quality", min=1, max=100, help="JPEG quality of photo outputs (default 90).")] = None,
             mask: Annotated[Path | None, typer.Option(
                 "--mask", help="One photo: also write the blend mask here (.png/.jpg).")] = None,
-            codec: Annotated[str, typer.Option(
-                "--codec", help="Video encoder (libx264 = H.264, plays in browsers; libx265, h264_nvenc ...).")]
-            = "libx264",
+            codec: Codec = "libx264",
             crf: Annotated[int, typer.Option(
                 "--crf", min=0, max=63, help="Video quality: lower is better and bigger (x264: 18 looks lossless).")]
             = 18,
@@ -569,6 +631,58 @@ def build_app() -> Any:
 
         command.__doc__ = help_text
         return command
+
+    @app.command()
+    def live(
+        source: Annotated[str, typer.Argument(
+            metavar="SOURCE", help="- (standard input), an FFmpeg URL (rtsp://, udp://, srt://, http://), a camera "
+                                   "(/dev/video0) or a file (with --realtime: played as a camera).")],
+        output: Annotated[str, typer.Argument(
+            metavar="OUT", help="- (standard output, MPEG-TS), an FFmpeg URL (udp://, srt://, rtmp://) or a file "
+                                "(.ts, .mkv, .mp4, .flv).")],
+        model: Model = ...,
+        target: Target = ...,
+        faces: Faces = None,
+        reference: Reference = None,
+        match_threshold: MatchThreshold = None,
+        keep_shape: KeepShape = None,
+        input_format: Annotated[str | None, typer.Option(
+            "--input-format", show_default=False,
+            help="FFmpeg's demuxer for SOURCE where it cannot be guessed (mpegts, v4l2, ...).")] = None,
+        input_option: Annotated[list[str] | None, typer.Option(
+            "--input-option", show_default=False,
+            help="KEY=VALUE for FFmpeg's demuxer or protocol (video_size=1280x720, framerate=30, "
+                 "rtsp_transport=tcp); repeat it.")] = None,
+        output_format: Annotated[str | None, typer.Option(
+            "--format", show_default=False,
+            help="OUT's container where its name does not tell it (mpegts, flv, matroska, ...).")] = None,
+        realtime: Annotated[bool, typer.Option(
+            "--realtime", help="Read SOURCE at its own frame rate, as a camera delivers it (for files).")] = False,
+        codec: Codec = "libx264",
+        crf: Annotated[int, typer.Option("--crf", min=0, max=63, help="Video quality: lower is better and bigger.")]
+        = 23,
+        preset: Annotated[str | None, typer.Option(
+            "--preset", show_default=False, help="Encoder speed (x264: ultrafast .. veryslow; default veryfast).")]
+        = None,
+        max_frames: Annotated[int | None, typer.Option(
+            "--max-frames", min=1, help="Stop after this many frames read.")] = None,
+        max_in_flight: Annotated[int, typer.Option(
+            "--max-in-flight", min=1, help="Frames sent ahead of results: more keeps a distant server busy, fewer "
+                                           "keeps the latency down.")] = 4,
+        address: Address = DEFAULT_ADDRESS,
+        token: Token = None,
+        token_file: TokenFile = None,
+        ca: CA = None,
+        cert: Cert = None,
+        key: Key = None,
+        tls: TLS = False,
+    ) -> None:
+        """Swap the faces of a live video (a camera, a stream, a pipe) as it plays, until it ends or Ctrl-C."""
+        guarded(run_live, address, (token, token_file, ca, cert, key, tls), source=source, output=output,
+                model=model, target=target, faces=faces, references=reference, match_threshold=match_threshold,
+                keep_shape=keep_shape, input_format=input_format, input_options=input_option,
+                output_format=output_format, realtime=realtime, codec=codec, crf=crf, preset=preset,
+                max_frames=max_frames, max_in_flight=max_in_flight)
 
     app.command("swap")(swap_command(
         None, "Swap the faces in photos and videos: one file to OUT, or folders, patterns and --list into folder OUT.",

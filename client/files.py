@@ -19,7 +19,6 @@ the photo's full size, with the same synthetic-media mark the server writes; tha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
@@ -192,12 +191,7 @@ def swap_video_file(
     setting `cancel` stops the work with CancelledError. Nothing is left at `output` unless it succeeded.
     """
     with VideoJob(source, output, options or VideoOptions(), progress=progress, cancel=cancel) as job:
-        results = client.stream(job.frames(), model, target, color="rgb", faces=faces, keep_shape=keep_shape,
-                                max_in_flight=max_in_flight)
-        with contextlib.closing(results):  # an error while writing cancels the call before the input closes
-            for result in results:
-                job.write(result, aligned=faces is None)
-        return job.finish()
+        return job.run(client, model, target, faces=faces, keep_shape=keep_shape, max_in_flight=max_in_flight)
 
 
 async def swap_video_file_async(
@@ -208,19 +202,4 @@ async def swap_video_file_async(
     """swap_video_file for an AsyncClient: decoding and encoding run on threads, off the event loop."""
     job = await asyncio.to_thread(VideoJob, source, output, options or VideoOptions(), progress=progress,
                                   cancel=cancel)
-    try:
-        frames = job.frames()
-
-        async def pull():
-            while (frame := await asyncio.to_thread(next, frames, None)) is not None:
-                yield frame
-
-        results = client.stream(pull(), model, target, color="rgb", faces=faces, keep_shape=keep_shape,
-                                max_in_flight=max_in_flight)
-        async with contextlib.aclosing(results):
-            async for result in results:
-                await asyncio.to_thread(job.write, result, faces is None)
-        return await asyncio.to_thread(job.finish)
-    except BaseException:
-        job.abort()  # not on a thread: it must run even while this task is being cancelled
-        raise
+    return await job.run_async(client, model, target, faces=faces, keep_shape=keep_shape, max_in_flight=max_in_flight)

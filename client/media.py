@@ -24,7 +24,7 @@ from .images import sniff_format
 __all__ = [
     "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "IMAGE_OUTPUTS", "VIDEO_OUTPUTS", "MediaInfo", "PartialFile", "load_av",
     "probe", "read_image", "decode_photo", "photo_size", "encode_image", "to_rgb", "decode_image",
-    "check_writable", "upright", "output_encoding",
+    "check_writable", "upright", "output_encoding", "open_stream", "live_destination",
 ]
 
 # What a folder scan picks up; a file named on the command line is tried whatever its suffix.
@@ -34,6 +34,11 @@ VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".m
 IMAGE_OUTPUTS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}  # the encodings the server returns
 # Containers that hold H.264 and the usual audio codecs; .webm is left out because it cannot take H.264 or AAC.
 VIDEO_OUTPUTS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+# Live outputs: the container a destination gets when none is named, by its URL's scheme, else its file's suffix.
+# MPEG-TS carries H.264 with its parameters at every keyframe, so a reader may join (or a pipe start) at any point.
+LIVE_SCHEMES = {"udp": "mpegts", "tcp": "mpegts", "srt": "mpegts", "rtp": "rtp_mpegts", "rtmp": "flv", "rtmps": "flv",
+                "rtsp": "rtsp", "pipe": "mpegts", "file": "mpegts"}
+LIVE_OUTPUTS = {**VIDEO_OUTPUTS, ".ts": "mpegts", ".flv": "flv", ".nut": "nut"}
 # FFmpeg demuxers that read single pictures: "image2" for files named *.jpg etc., "<codec>_pipe" when probed.
 _IMAGE_DEMUXERS = ("image2",)
 # Demuxers that accept nearly any bytes (text as ANSI art, raw data): a file only they open is not media to us.
@@ -88,6 +93,53 @@ def open_input(path: Path) -> Any:
         container.close()
         raise MediaFileError(path, "has no video stream" + (f" (only audio: {', '.join(audio)})" if audio else ""))
     return container
+
+
+def open_stream(source: str, input_format: str | None = None, options: dict[str, str] | None = None) -> Any:
+    """An opened PyAV input for a live source: "-" (standard input), an FFmpeg URL (rtsp://, udp://, srt://,
+    http:// ...), a capture device (/dev/video0: FFmpeg's v4l2 by default) or a file. input_format: FFmpeg's
+    demuxer (mpegts, v4l2 ...) where it cannot be guessed; options: the demuxer's or protocol's options
+    (video_size, framerate, rtsp_transport ...). MediaFileError says why it cannot be read."""
+    av = load_av(source, "reading a live source")
+    if input_format is None and source.startswith("/dev/video"):
+        input_format = "v4l2"
+    url = "pipe:0" if source == "-" else source
+    if "://" not in url and not url.startswith("pipe:") and input_format is None and not options:
+        return open_input(Path(url))  # a file, checked as swap checks one
+    try:
+        container = av.open(url, format=input_format, options=options or {})
+    except av.FFmpegError as exc:
+        raise MediaFileError(source, f"cannot be opened as a video source ({ffmpeg_reason(exc)})") from None
+    except ValueError:  # PyAV: no such demuxer
+        raise MediaFileError(source, f"input format {input_format!r} is not one this FFmpeg reads") from None
+    except OSError as exc:
+        raise MediaFileError(source, f"cannot be read ({exc.strerror or exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaFileError(source, "has no video stream")
+    return container
+
+
+def live_destination(destination: str, output_format: str | None = None) -> tuple[str, str, dict[str, str]]:
+    """(FFmpeg URL, container, muxer options) of a live output: "-" (standard output), an FFmpeg URL or a file.
+    An MP4 or MOV file is written fragmented, so what was written plays even if the run is killed."""
+    av = load_av(destination, "writing a live output")
+    url = "pipe:1" if destination == "-" else destination
+    scheme = url.partition(":")[0] if url.startswith("pipe:") else url.partition("://")[0] if "://" in url else ""
+    if output_format is None:
+        output_format = LIVE_SCHEMES.get(scheme) if scheme else LIVE_OUTPUTS.get(Path(url).suffix.lower())
+        if output_format is None:
+            kinds = ", ".join(LIVE_OUTPUTS) if not scheme else f"FFmpeg's for {scheme}://"
+            raise MediaFileError(destination, f"name the container with --format (mpegts, flv, matroska ...): "
+                                              f"it cannot be told from the name (files: {kinds})")
+    try:
+        av.format.ContainerFormat(output_format, "w")
+    except (ValueError, av.FFmpegError):
+        raise MediaFileError(destination, f"{output_format!r} is not a container this FFmpeg writes") from None
+    if not scheme:
+        check_writable(Path(url))
+    fragmented = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+    return url, output_format, fragmented if output_format in ("mp4", "mov") else {}
 
 
 def ffmpeg_reason(exc: Exception) -> str:

@@ -9,7 +9,9 @@ the input open while it is being read.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import threading
 import time
@@ -59,6 +61,8 @@ class VideoOptions:
     crf: int | None = 18  # constant quality: lower is better and bigger (x264: 18 looks lossless, 23 is its default)
     preset: str | None = None  # encoder speed/size trade-off (x264: ultrafast .. veryslow); None = the encoder's own
     max_frames: int | None = None  # stop after this many frames (the audio is cut at the same time)
+    tune: str | None = None  # the encoder's tuning (x264/x265: zerolatency for live output, film, animation ...)
+    keyframe_s: float | None = None  # a keyframe at least this often, seconds (None: the encoder's default)
 
     def __post_init__(self) -> None:
         av = load_av()
@@ -80,6 +84,9 @@ class VideoOptions:
                 raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
                                         f"preset {self.preset!r} is not one of {self.codec}'s: "
                                         f"{', '.join(_X26X_PRESETS[self.codec])}")
+        if self.keyframe_s is not None and not self.keyframe_s > 0:
+            raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"keyframe_s must be a positive number of seconds, got {self.keyframe_s!r}")
         if self.max_frames is not None and (not isinstance(self.max_frames, int) or self.max_frames < 1):
             raise InvalidInputError(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"max_frames must be a positive integer or None, got {self.max_frames!r}")
@@ -90,6 +97,8 @@ class VideoOptions:
             options["cq" if self.codec.endswith("_nvenc") else "crf"] = str(self.crf)
         if self.preset:
             options["preset"] = self.preset
+        if self.tune:
+            options["tune"] = self.tune
         if self.codec == "libx265":  # x265 prints its banner and settings to stderr itself, past FFmpeg's log level
             options["x265-params"] = "log-level=error"
         return options
@@ -110,25 +119,26 @@ class VideoJob:
 
     Opening checks everything that can be checked before a frame is sent: the input is a video, the output suffix
     names a container, the output can be created. Use it as a context manager: leaving it with an exception (or
-    calling abort()) removes the partial output.
+    calling abort()) removes the partial output. (live.LiveJob reads and writes streams instead of files.)
     """
+
+    # A frame the server dropped is written as it was read. Files are streamed with the queue policy, which drops
+    # none; a live output skips them instead (an unswapped face must not go out).
+    writes_dropped_frames = True
 
     def __init__(self, source: str | Path, output: str | Path, options: VideoOptions | None = None, *,
                  progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
-        self.source, self.output, self.options = Path(source), Path(output), options or VideoOptions()
-        try:
-            self._format = VIDEO_OUTPUTS[self.output.suffix.lower()]
-        except KeyError:
-            raise MediaFileError(self.output, f"a video output must end in {', '.join(VIDEO_OUTPUTS)}") from None
+        self.source, self.output, self.options = source, output, options or VideoOptions()
+        self._format = self._output_format()
         self._progress, self._cancel = progress, cancel
-        self._input = open_input(self.source)
+        self._input = self._open_input()
         try:
             if is_image(self._input):
                 raise MediaFileError(self.source, "is a photo, not a video")
             self._video = self._input.streams.video[0]
             self._video.thread_type = "AUTO"  # frame + slice threads in the decoder
             self._audio = list(self._input.streams.audio)
-            self._partial = PartialFile(self.output, self.source)
+            self._partial = self._claim_output()
         except BaseException:
             self._input.close()
             raise
@@ -157,14 +167,66 @@ class VideoJob:
     def __enter__(self) -> VideoJob:
         return self
 
+    # The ends of a file job; LiveJob replaces them.
+    def _output_format(self) -> str:
+        try:
+            return VIDEO_OUTPUTS[Path(self.output).suffix.lower()]
+        except KeyError:
+            raise MediaFileError(self.output, f"a video output must end in {', '.join(VIDEO_OUTPUTS)}") from None
+
+    def _open_input(self) -> Any:
+        return open_input(Path(self.source))
+
+    def _claim_output(self) -> PartialFile | None:
+        return PartialFile(self.output, self.source)
+
+    def _output_target(self) -> tuple[str, dict[str, str]]:
+        """Where the muxer writes, and its options."""
+        return str(self._partial.temp), {}
+
     def __exit__(self, exc_type: type | None, *rest: object) -> None:
         if exc_type is not None or not self._closed:
             self.abort()
+
+    # ------------------------------------------------------------------ driving it over a stream
+
+    def run(self, client: Any, model: str, target: str, **stream: Any) -> Any:
+        """Sends every frame over `client.stream(..., **stream)`, writes the results, and finishes."""
+        results = client.stream(self.frames(), model, target, color="rgb", **stream)
+        with contextlib.closing(results):  # an error while writing cancels the call before the input closes
+            for result in results:
+                self.write(result, aligned=stream.get("faces") is None)
+        return self.finish()
+
+    async def run_async(self, client: Any, model: str, target: str, **stream: Any) -> Any:
+        """run() over an AsyncClient: reading, decoding and encoding on threads, off the event loop. Aborts (on the
+        loop: it must run even while the task is being cancelled) when it fails."""
+        try:
+            frames = self.frames()
+
+            async def pull():
+                while (frame := await asyncio.to_thread(next, frames, None)) is not None:
+                    yield frame
+
+            results = client.stream(pull(), model, target, color="rgb", **stream)
+            async with contextlib.aclosing(results):
+                async for result in results:
+                    await asyncio.to_thread(self.write, result, stream.get("faces") is None)
+            return await asyncio.to_thread(self.finish)
+        except BaseException:
+            self.abort()
+            raise
 
     # ------------------------------------------------------------------ reading (the stream's request thread)
 
     def frames(self) -> Iterator[np.ndarray]:
         """Upright RGB uint8 frames in decode order; audio packets met on the way wait for their video."""
+        for frame in self._decoded():
+            self._sent.append(frame)  # the stream sends it as soon as it is yielded
+            yield frame[2]
+
+    def _decoded(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(pts, duration, upright RGB) of each frame in decode order, none yet sent."""
         av = load_av()
         packets = self._input.demux(self._video, *self._audio)
         while True:
@@ -194,7 +256,7 @@ class VideoJob:
             if self._truncated:
                 return
 
-    def _take(self, frame: Any) -> np.ndarray:
+    def _take(self, frame: Any) -> tuple[int, int, np.ndarray]:
         if self._size is None:
             self._size = (frame.width, frame.height)
             self._color = (frame.colorspace, frame.color_range, frame.color_primaries, frame.color_trc)
@@ -210,9 +272,8 @@ class VideoJob:
         self._last_pts = pts
         if self._first_pts is None:
             self._first_pts = pts
-        self._sent.append((pts, duration, rgb))
         self._read += 1
-        return rgb
+        return pts, duration, rgb
 
     # ------------------------------------------------------------------ writing (the caller's thread)
 
@@ -227,6 +288,9 @@ class VideoJob:
         if self._closed:
             raise CancelledError(f"{self.source}: closed")
         pts, duration, original = self._sent.popleft()
+        if result.dropped and not self.writes_dropped_frames:
+            self._stats.update(dropped=1)
+            return
         image = original if result.dropped else result.image
         if image is None or image.shape != original.shape:
             raise ServerError(grpc.StatusCode.INTERNAL, f"the server returned a {getattr(image, 'shape', None)} "
@@ -253,12 +317,15 @@ class VideoJob:
 
     def _open_output(self, width: int, height: int, provenance: Provenance | None) -> None:
         av = load_av()
+        target, container_options = self._output_target()
         try:
-            output = av.open(str(self._partial.temp), "w", format=self._format)
+            output = av.open(target, "w", format=self._format, options=container_options)
         except (av.FFmpegError, OSError) as exc:
             raise MediaFileError(self.output, f"cannot be written ({ffmpeg_reason(exc)})") from None
         self._output = output
         output.metadata[PROVENANCE_TAG] = provenance_mark(provenance)
+        if self._format == "mpegts":  # MPEG-TS has no comment tag: its service description (SDT) carries the mark
+            output.metadata.update(service_provider="facetwin", service_name=provenance_mark(provenance))
         stream = output.add_stream(self.options.codec, rate=self._rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # The input's time base and timestamps go through unchanged: variable frame rates stay as they were.
@@ -267,10 +334,15 @@ class VideoJob:
         context.colorspace, _, context.color_primaries, context.color_trc = self._color
         context.color_range = _MPEG_RANGE
         stream.options = self.options.encoder_options()
+        if self.options.keyframe_s:
+            context.gop_size = max(1, round(self.options.keyframe_s * self._rate))
         self._out_video = stream
+        # FFmpeg's list of what a muxer takes is partial for some (MPEG-TS lists neither H.264 nor AAC): it is trusted
+        # only where it lists the video codec itself; otherwise a refusal comes from the header, just below.
+        known = output.supported_codecs
         for audio in self._audio:
             name = audio.codec_context.name
-            if name not in output.supported_codecs:
+            if context.name in known and name not in known:
                 raise MediaFileError(self.output, f"a {self._format} file cannot hold the input's {name} audio; "
                                                   "write .mkv (it holds any audio) instead")
             copied = self._out_audio[audio.index] = output.add_stream_from_template(audio)
@@ -325,7 +397,8 @@ class VideoJob:
             raise MediaFileError(self.output, f"cannot be encoded ({ffmpeg_reason(exc)}){self._audio_hint()}") from None
         self._output = None
         self._close_input()
-        self._partial.commit()
+        if self._partial is not None:
+            self._partial.commit()
         stats = self._stats
         return FileReport(
             input=str(self.source), output=str(self.output), kind="video", frames=stats["frames"],
@@ -364,7 +437,8 @@ class VideoJob:
                     pass
                 self._output = None
             self._close_input()
-            self._partial.discard()
+            if self._partial is not None:
+                self._partial.discard()
 
     def _close_input(self) -> None:
         with self._reading:  # waits for a read under way on the request thread
