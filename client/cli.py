@@ -416,7 +416,7 @@ def run_live(source: str, output: str, *, model: str, target: str, faces: str | 
              references: list[Path] | None = None, match_threshold: float | None = None,
              keep_shape: float | None = None, input_format: str | None = None, input_options: list[str] | None = None,
              output_format: str | None = None, realtime: bool = False, codec: str = "libx264", crf: int | None = 23,
-             preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 4,
+             preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 2,
              address: str = DEFAULT_ADDRESS, credentials: dict[str, Any] | None = None) -> None:
     """`facetwin live`: a live source to a live output until the source ends or Ctrl-C. Everything it prints goes to
     stderr: stdout may be the video. The first Ctrl-C (or SIGTERM) stops reading and ends the output properly once
@@ -668,7 +668,7 @@ def build_app() -> Any:
             "--max-frames", min=1, help="Stop after this many frames read.")] = None,
         max_in_flight: Annotated[int, typer.Option(
             "--max-in-flight", min=1, help="Frames sent ahead of results: more keeps a distant server busy, fewer "
-                                           "keeps the latency down.")] = 4,
+                                           "keeps the latency down.")] = 2,
         address: Address = DEFAULT_ADDRESS,
         token: Token = None,
         token_file: TokenFile = None,

@@ -207,7 +207,7 @@ def swap_live(
     client: Client, source: str, output: str, model: str, target: str, *, faces: FacesArg = "largest",
     keep_shape: float | None = None, options: VideoOptions | None = None, input_format: str | None = None,
     input_options: dict[str, str] | None = None, output_format: str | None = None, realtime: bool = False,
-    max_in_flight: int = 4, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+    max_in_flight: int = 2, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
 ) -> LiveReport:
     """Swaps the faces of a live source as it plays and writes the swapped stream.
 
@@ -229,7 +229,7 @@ async def swap_live_async(
     client: AsyncClient, source: str, output: str, model: str, target: str, *, faces: FacesArg = "largest",
     keep_shape: float | None = None, options: VideoOptions | None = None, input_format: str | None = None,
     input_options: dict[str, str] | None = None, output_format: str | None = None, realtime: bool = False,
-    max_in_flight: int = 4, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+    max_in_flight: int = 2, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
 ) -> LiveReport:
     """swap_live for an AsyncClient: reading, decoding and encoding run on threads, off the event loop."""
     job = await asyncio.to_thread(LiveJob, source, output, options, input_format=input_format,
