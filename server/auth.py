@@ -2,21 +2,24 @@
 
 Every method except grpc.health.v1 asks for "authorization: Bearer <token>" when a tokens file is configured:
 the FaceSwap API and reflection alike (reflection lists the API, so it is as private as the API). Health stays
-open because load balancers and Kubernetes probe it without credentials.
+open because load balancers and Kubernetes probe it without credentials. A token may be limited to some models and
+identities (its line's `models=`): the servicer asks `authorize` before any work and lists only what it allows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import datetime
+import fnmatch
 import hashlib
 import hmac
 import logging
 import os
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -24,10 +27,63 @@ import grpc
 
 from . import metrics
 from .config import ServerConfig
+from .errors import PermissionDeniedError, shorten
 
 log = logging.getLogger("facetwin.server.auth")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 _CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("facetwin_client", default=None)
+_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("facetwin_scope", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """What one token may use: its line's `models=` patterns, each MODEL or MODEL/TARGET, with shell-style wildcards
+    (`real`, `actors-*`, `studio/cap`). A MODEL alone allows every identity of the model."""
+
+    patterns: tuple[tuple[str, str], ...]  # (model, target) patterns; target "*" when the pattern names none
+
+    @classmethod
+    def parse(cls, text: str) -> Scope:
+        """ValueError when a pattern is empty or has more than one /."""
+        patterns = []
+        for item in text.split(","):
+            model, sep, target = item.partition("/")
+            if not model or (sep and not target) or "/" in target:
+                raise ValueError(f"models={text}: each entry is MODEL or MODEL/TARGET (wildcards * ? allowed)")
+            patterns.append((model, target or "*"))
+        return cls(tuple(patterns))
+
+    def allows(self, model: str, target: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, m) and fnmatch.fnmatchcase(target, t) for m, t in self.patterns)
+
+    def allows_model(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, m) for m, _ in self.patterns)
+
+    def __str__(self) -> str:
+        return ",".join(m if t == "*" else f"{m}/{t}" for m, t in self.patterns)
+
+
+def authorize(model: str, targets: Iterable[str]) -> None:
+    """PermissionDeniedError unless the caller's token may render each of `targets` with `model`. The answer is the
+    same whether the model exists or not, so a scoped client learns nothing of other clients' models."""
+    scope = _SCOPE.get()
+    if scope is None:
+        return
+    for target in targets:
+        if not scope.allows(model, target):
+            raise PermissionDeniedError(
+                f"this client's token may not use model {shorten(model)} with target {shorten(target)}; it may use "
+                f"models={scope} (the server's operator sets this in its tokens file)")
+
+
+def visible_identities(model: str, identities: Iterable[str]) -> list[str] | None:
+    """The identities of `model` the caller's token may use, or None when it may not use the model at all."""
+    scope = _SCOPE.get()
+    if scope is None:
+        return list(identities)
+    if not scope.allows_model(model):
+        return None
+    return [identity for identity in identities if scope.allows(model, identity)]
 
 
 def client_id(context: grpc.aio.ServicerContext) -> str:
@@ -51,7 +107,8 @@ def peer_host(peer: str) -> str:
 
 
 class TokenFile:
-    """Accepted bearer tokens, one `NAME:TOKEN` per line (blank lines and # comments allowed).
+    """Accepted bearer tokens, one `NAME:TOKEN` per line (blank lines and # comments allowed), optionally followed by
+    `models=MODEL[/TARGET],...`: the models (and identities) that token may use (Scope); without it, all.
 
     Several lines may share a NAME (its old and new token while keys rotate). The file is re-read when its
     mtime, size or inode changes, so tokens rotate without a restart; a bad rewrite keeps the last good tokens
@@ -76,15 +133,15 @@ class TokenFile:
         self._digests = digests
         log.info("auth_tokens_file %s re-read: %d token(s)", self.path, len(digests))
 
-    def match(self, token: str) -> str | None:
-        """The NAME of `token`, or None. Compares against every token: the time taken says nothing about which
-        token (or how much of one) matched, and comparing digests hides the tokens' lengths too."""
+    def match(self, token: str) -> tuple[str, Scope | None] | None:
+        """The NAME and scope of `token`, or None. Compares against every token: the time taken says nothing about
+        which token (or how much of one) matched, and comparing digests hides the tokens' lengths too."""
         self._refresh()
         presented = _digest(token)
         found = None
-        for digest, name in self._digests:
+        for digest, name, scope in self._digests:
             if hmac.compare_digest(presented, digest):
-                found = name
+                found = name, scope
         return found
 
 
@@ -98,36 +155,47 @@ def file_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
-def read_tokens(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(NAME, TOKEN) of every token line of a tokens file; OSError when it cannot be read, ValueError (naming the
-    line, never the token) when it is malformed or holds no token."""
+def read_tokens(path: str | os.PathLike) -> list[tuple[str, str, Scope | None]]:
+    """(NAME, TOKEN, scope) of every token line of a tokens file; OSError when it cannot be read, ValueError (naming
+    the line, never the token) when it is malformed or holds no token."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise OSError(f"auth_tokens_file {path} cannot be read: {exc}") from None
-    tokens: dict[str, str] = {}
+    tokens: dict[str, tuple[str, Scope | None]] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, token = (part.strip() for part in line.partition(":"))
-        if not sep or not name or not token or any(c.isspace() for c in token):
-            raise ValueError(f"auth_tokens_file {path} line {number}: expected NAME:TOKEN (no spaces in TOKEN)")
-        if tokens.get(token, name) != name:
-            raise ValueError(f"auth_tokens_file {path} line {number}: this token is already given to "
-                             f"{tokens[token]!r}; each token must name one client")
-        tokens[token] = name
+        name, sep, rest = (part.strip() for part in line.partition(":"))
+        token, *more = rest.split() or [""]
+        where = f"auth_tokens_file {path} line {number}"
+        if not sep or not name or not token:
+            raise ValueError(f"{where}: expected NAME:TOKEN [models=MODEL[/TARGET],...] (no spaces in TOKEN)")
+        scope = None
+        if more:
+            key, _, value = more[0].partition("=")
+            if len(more) > 1 or key != "models" or not value:
+                raise ValueError(f"{where}: after the token only models=MODEL[/TARGET],... may follow")
+            try:
+                scope = Scope.parse(value)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        if tokens.get(token, (name,))[0] != name:
+            raise ValueError(f"{where}: this token is already given to {tokens[token][0]!r}; each token must name one "
+                             "client")
+        tokens[token] = name, scope
     if not tokens:
         raise ValueError(f"auth_tokens_file {path} holds no token; add lines NAME:TOKEN")
-    return [(name, token) for token, name in tokens.items()]
+    return [(name, token, scope) for token, (name, scope) in tokens.items()]
 
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
-def _digests(tokens: list[tuple[str, str]]) -> list[tuple[bytes, str]]:
-    return [(_digest(token), name) for name, token in tokens]
+def _digests(tokens: list[tuple[str, str, Scope | None]]) -> list[tuple[bytes, str, Scope | None]]:
+    return [(_digest(token), name, scope) for name, token, scope in tokens]
 
 
 def _refuse(details: str) -> grpc.RpcMethodHandler:
@@ -167,11 +235,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = token.strip()
         if len(values) > 1 or scheme.lower() != "bearer" or not token:
             return _refuse("malformed authorization metadata: expected exactly one 'authorization: Bearer <token>'")
-        name = self.tokens.match(token)
-        if name is None:
+        found = self.tokens.match(token)
+        if found is None:
             return _refuse("the bearer token sent is not accepted by this server (unknown or revoked); ask its "
                            "operator for a valid token")
+        name, scope = found
         _CLIENT.set(name)
+        _SCOPE.set(scope)
         log.debug("%s called by %s", method, name)
         return await continuation(details)
 

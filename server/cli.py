@@ -134,8 +134,9 @@ def _dry_run_security(config: ServerConfig) -> tuple[tuple[str, str], ...]:
     if not config.auth_tokens_file:
         return ()
     tokens = read_tokens(config.auth_tokens_file)
-    typer.echo(f"auth: {len(tokens)} token(s) in {config.auth_tokens_file}; the dry run calls as {tokens[0][0]!r}")
-    return (("authorization", f"Bearer {tokens[0][1]}"),)
+    name, token, _ = ([t for t in tokens if t[2] is None] or tokens)[0]  # one that may use every model, if any
+    typer.echo(f"auth: {len(tokens)} token(s) in {config.auth_tokens_file}; the dry run calls as {name!r}")
+    return (("authorization", f"Bearer {token}"),)
 
 
 @app.command("build-engines")

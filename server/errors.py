@@ -37,6 +37,12 @@ class NotFoundError(SwapError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class PermissionDeniedError(SwapError):
+    """The caller's credentials do not cover what it asked for (a model or identity outside its token's scope)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhaustedError(SwapError):
     """The request is too large, or the server's queue is full; retry later or send less."""
 

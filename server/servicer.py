@@ -13,7 +13,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from . import __version__, imaging, logs, metrics
-from .auth import client_id
+from .auth import authorize, client_id, visible_identities
 from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
@@ -175,6 +175,13 @@ def checked(request):
     return request
 
 
+def authorized(job: SwapJob) -> SwapJob:
+    """The job, when the caller's token may use its model with every identity it renders (PermissionDeniedError
+    otherwise), checked before any work."""
+    authorize(job.model, job.mapping.targets(job.target) if job.mapping is not None else [job.target])
+    return job
+
+
 def stream_frame(message, number: int, config: ServerConfig) -> tuple[int, SwapJob | SwapError]:
     """One stream message as (frame_id, job), or (frame_id, the error to answer it with)."""
     if isinstance(message, MalformedMessage):
@@ -185,7 +192,7 @@ def stream_frame(message, number: int, config: ServerConfig) -> tuple[int, SwapJ
                                     "every message carries one; put the stream's settings (policy, lost_faces, "
                                     "lost_face_frames, request.mapping) on its first frame's message")
     try:
-        return message.request.frame_id, job_from_proto(message.request, config)
+        return message.request.frame_id, authorized(job_from_proto(message.request, config))
     except SwapError as exc:
         return message.request.frame_id, exc
 
@@ -329,7 +336,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
     # Errors propagate: interceptors.CallInterceptor answers a SwapError with its status code, counts and logs it.
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
         with self.admission.admit("call", client_id(context)):
-            job = job_from_proto(request, self.config)
+            job = authorized(job_from_proto(request, self.config))
             outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
         metrics.observe(outcome, "Swap")
         return response_to_proto(outcome, logs.current_request_id())
@@ -361,6 +368,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             lost_face_frames = first.lost_face_frames or None
             if first.request.HasField("mapping"):  # the stream's, for every frame: its photos are described once
                 mapping = mapping_from_proto(first.request.mapping, self.config)
+                authorize(first.request.model, mapping.targets(first.request.target))
         # Face tracks, the lost-face policy and the mapping; a bad policy or mapping refuses the stream.
         faces_over_time = await self.engine.new_stream_state(
             lost_faces, lost_face_frames, mapping, model=first.request.model if mapping is not None else "",
@@ -411,9 +419,12 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         models = []
         for name, model in sorted(self.registry.models.items()):
             manifest = model.manifest
+            identities = visible_identities(name, manifest.identities if manifest else ())
+            if identities is None:  # a model this caller's token may not use is not shown to it
+                continue
             models.append(pb.ModelInfo(
                 name=name,
-                identities=list(manifest.identities) if manifest else [],
+                identities=identities,
                 resolution=manifest.resolution if manifest else 0,
                 backend=self.registry.backend_cls.name,
                 status=_STATUS[model.status],

@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,7 +27,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from facetwin.client import AsyncClient, AuthenticationError, Client, InvalidInputError, UnavailableError
+from facetwin.client import (
+    AsyncClient,
+    AuthenticationError,
+    Client,
+    FaceMapping,
+    FaceRule,
+    InvalidInputError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from facetwin.server.auth import AuthInterceptor, TokenFile, client_id
 from facetwin.server.config import ServerConfig
 from facetwin.server.server import FaceSwapServer
@@ -344,6 +354,46 @@ def test_tokens_rotate_when_the_file_changes(tiny_model_dir, tmp_path, caplog):
         server.stop()
 
 
+def test_a_token_limited_to_some_models_and_identities_sees_and_uses_only_those(tiny_model_dir, tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("alice:alice-token-1\nbob:bob-token-2  models=tiny/ada,t?ny/nobody\ncarol:carol-token-3 "
+                      "models=actors-*\n")
+    server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0,
+                                       auth_tokens_file=str(tokens)))
+    face = _face(32)
+    try:
+        with Client(server.address, token="alice-token-1", timeout=10) as alice, \
+                Client(server.address, token="bob-token-2", timeout=10) as bob, \
+                Client(server.address, token="carol-token-3", timeout=10) as carol:
+            assert [(m.name, m.identities) for m in alice.list_models()] == [("tiny", ("ada", "ben"))]
+            assert [(m.name, m.identities) for m in bob.list_models()] == [("tiny", ("ada",))]
+            assert carol.list_models() == []
+            assert alice.swap(face, "tiny", "ben", color="rgb").image.shape == face.shape
+            assert bob.swap(face, "tiny", "ada", color="rgb").image.shape == face.shape
+            # Refused before any work, alike whether the model exists or not: a scoped client learns nothing more.
+            for client, model, target, scope in ((bob, "tiny", "ben", "tiny/ada,t?ny/nobody"),
+                                                 (bob, "secret", "ada", "tiny/ada,t?ny/nobody"),
+                                                 (carol, "tiny", "ada", "actors-*")):
+                with pytest.raises(PermissionDeniedError) as denied:
+                    client.swap(face, model, target, color="rgb")
+                assert denied.value.code == grpc.StatusCode.PERMISSION_DENIED
+                assert f"may not use model '{model}' with target '{target}'; it may use models={scope}" in \
+                    denied.value.details
+            # A whole frame whose mapping renders an identity outside the scope: refused before faces are looked for.
+            mapping = FaceMapping([FaceRule(track_id=1, target="ben"), FaceRule(faces="all")])
+            with pytest.raises(PermissionDeniedError):
+                bob.swap(_face(128), "tiny", "ada", color="rgb", faces=mapping)
+            with pytest.raises(PermissionDeniedError):  # a stream's mapping, on its first message: the stream refused
+                list(bob.stream([_face(128)], "tiny", "ada", color="rgb", faces=mapping))
+            # In a stream, a frame for an identity outside the scope is that frame's error; the others are swapped.
+            results = list(bob.stream([face, face, face], "tiny", "ada", color="rgb", frame_errors="yield"))
+            assert [r.error is None for r in results] == [True, True, True]
+            outside = list(bob.stream([face], "tiny", "ben", color="rgb", frame_errors="yield"))
+            assert outside[0].error is not None and outside[0].error.code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        server.stop()
+
+
 def test_unauthenticated_calls_that_end_before_their_refusal_are_logged_as_what_they_were(tiny_model_dir, tmp_path,
                                                                                          caplog):
     """A caller without a token who cancels at once, or whose deadline passes first, is no server fault: no INTERNAL,
@@ -430,11 +480,15 @@ async def test_client_id_is_the_token_name_else_the_peer_address(tmp_path):
     ("alice:secret-1\nbob secret-2\n", "line 2: expected NAME:TOKEN"),
     ("alice:secret-1\n:secret-2\n", "line 2: expected NAME:TOKEN"),
     ("alice:secret-1\nbob:secret-1\n", "line 2: this token is already given to 'alice'"),
+    ("alice:secret-1 tiny\n", "line 1: after the token only models=MODEL[/TARGET],... may follow"),
+    ("alice:secret-1 models=tiny models=demo\n", "line 1: after the token only models="),
+    ("alice:secret-1 models=tiny/\n", "line 1: models=tiny/: each entry is MODEL or MODEL/TARGET"),
+    ("alice:secret-1 models=tiny,,demo\n", "line 1: models=tiny,,demo: each entry is MODEL or MODEL/TARGET"),
 ])
 def test_a_bad_tokens_file_is_a_startup_error(tmp_path, text, message):
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(text)
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
         TokenFile(tokens)
     assert "secret" not in str(info.value)
     with pytest.raises(OSError, match="cannot be read"):
