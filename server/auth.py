@@ -87,13 +87,20 @@ def visible_identities(model: str, identities: Iterable[str]) -> list[str] | Non
 
 
 def client_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller, for logs and per-client limits: its token's NAME when tokens are in use, else its IP address.
+    """The caller, for logs and per-client limits: its token's NAME when tokens are in use, else (mutual TLS) the
+    common name of its certificate, else its IP address.
 
     The interceptor sets the name in the call's task before the handler runs (grpc.aio runs both in one task, and
     each call in its own), so an async handler always sees its own caller.
     """
     name = _CLIENT.get()
-    return name if name is not None else peer_host(context.peer())
+    if name is not None:
+        return name
+    # Only a certificate the handshake verified against --tls-client-ca gets this far, so its name can be trusted.
+    common_names = context.auth_context().get("x509_common_name")
+    if common_names:
+        return common_names[0].decode("utf-8", "replace")
+    return peer_host(context.peer())
 
 
 def peer_host(peer: str) -> str:

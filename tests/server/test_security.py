@@ -34,6 +34,7 @@ from facetwin.client import (
     FaceMapping,
     FaceRule,
     InvalidInputError,
+    NotFoundError,
     PermissionDeniedError,
     UnavailableError,
 )
@@ -251,10 +252,14 @@ def mtls_server(tiny_model_dir, pki):
     server.stop()
 
 
-def test_mutual_tls_admits_only_certificates_of_its_ca(mtls_server, pki):
+def test_mutual_tls_admits_only_certificates_of_its_ca(mtls_server, pki, caplog):
     with Client(mtls_server.address, root_certificates=pki.ca.read_bytes(), client_certificate=pki.client_cert,
                 client_key=pki.client_key) as client:
         assert [m.name for m in client.list_models()] == ["tiny"]
+        with caplog.at_level(logging.INFO, logger="facetwin.server.calls"), pytest.raises(NotFoundError):
+            client.swap(_face(32), "tiny", "nobody", color="rgb")
+    # Without tokens, a client is named by its certificate (logs, per-client limits), not by its address.
+    assert "Swap NOT_FOUND" in caplog.text and "(client alice," in caplog.text
     refused = [dict(), dict(client_certificate=pki.other_client_cert, client_key=pki.other_client_key)]
     for credentials in refused:  # no certificate; a certificate from another CA
         with Client(mtls_server.address, root_certificates=pki.ca, timeout=5, **credentials) as client:
