@@ -16,6 +16,7 @@ command line lives in facetwin.client.cli (both: install facetwin[cli]).
 
 from .client import DEFAULT_ADDRESS, AsyncClient, Client
 from .errors import (
+    AnswerTooLargeError,
     AuthenticationError,
     CancelledError,
     DeadlineExceededError,
@@ -65,6 +66,7 @@ __all__ = [
     "InvalidInputError",
     "NotFoundError",
     "ResourceExhaustedError",
+    "AnswerTooLargeError",
     "UnavailableError",
     "DeadlineExceededError",
     "UnimplementedError",

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import grpc
 
+from facetwin.v1 import trailers
+
 __all__ = [
     "FaceTwinError",
     "InvalidInputError",
     "NotFoundError",
     "ResourceExhaustedError",
+    "AnswerTooLargeError",
     "UnavailableError",
     "DeadlineExceededError",
     "UnimplementedError",
@@ -53,6 +56,19 @@ class NotFoundError(FaceTwinError):
 
 class ResourceExhaustedError(FaceTwinError):
     """The request is too large or the server is overloaded; send less or retry later."""
+
+
+class AnswerTooLargeError(ResourceExhaustedError):
+    """The server swapped the image but its encoded answer (`answer_bytes` long) is over the message limit: send the
+    image's pixels instead (a whole frame is then answered with the changed region only), or ask for a smaller
+    encoding. swap_image_file does the first by itself."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, answer_bytes: int) -> None:
+        super().__init__(code, details)
+        self.answer_bytes = answer_bytes
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.code, self.details, self.answer_bytes)
 
 
 class UnavailableError(FaceTwinError):
@@ -156,4 +172,13 @@ def from_rpc_error(err: grpc.RpcError) -> FaceTwinError:
         # gRPC's own words for a message over the server's --max-message-mb, refused before the server saw it.
         details += ("; the server's limit is Client.server_info().limits['max_message_bytes']: send a JPEG/PNG "
                     "file's bytes or downscale")
+    answer_bytes = trailing_metadata(err).get(trailers.ANSWER_BYTES)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and answer_bytes is not None and answer_bytes.isdigit():
+        return AnswerTooLargeError(code, details, int(answer_bytes))
     return error_for_code(code, details)
+
+
+def trailing_metadata(err: grpc.RpcError) -> dict[str, str]:
+    """A failed call's trailing metadata (facetwin.v1.trailers); empty for a bare RpcError."""
+    trailing = getattr(err, "trailing_metadata", None)
+    return dict(trailing() or ()) if callable(trailing) else {}

@@ -19,6 +19,7 @@ the photo's full size, with the same synthetic-media mark the server writes; tha
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ import grpc
 from facetwin.v1.provenance import mark_synthetic
 
 from .client import AsyncClient, Client
-from .errors import MediaFileError, ServerError
+from .errors import AnswerTooLargeError, MediaFileError, ServerError
 from .images import FacesArg, request_headroom
 from .media import (
     PartialFile,
@@ -98,6 +99,14 @@ class _ImageJob:
             return self.payload
         return decode_photo(self.source)
 
+    def retry_as_pixels(self, error: AnswerTooLargeError, sent: object, faces: FacesArg) -> object:
+        """After the server swapped the photo's bytes but could not send its encoded answer (a noisy photo at a high
+        JPEG quality can come out larger than the file sent): its pixels, decoded here, to send instead. A whole
+        frame sent as pixels is answered with the changed region only, and encoded here. Re-raises otherwise."""
+        if sent is not self.payload or faces is None:
+            raise error
+        return decode_photo(self.source)
+
     def finish(self, result: SwapResult, aligned: bool, quality: int | None = None) -> FileReport:
         if result.image is not None:  # sent as pixels: encoded here, at the photo's own size
             image = encode_image(result.image, self.encoding, quality=quality or _SERVER_JPEG_QUALITY)
@@ -149,9 +158,12 @@ def swap_image_file(
     job = _ImageJob(source, output, mask)
     try:
         image = job.pixels(client.frame_limits() if faces is not None else None, faces)
-        encoding = job.encoding if image is job.payload else "raw"
-        result = client.swap(image, model, target, color="rgb", encoding=encoding, jpeg_quality=quality,
-                             return_mask=mask is not None, faces=faces, keep_shape=keep_shape, timeout=timeout)
+        swap = functools.partial(client.swap, model=model, target=target, color="rgb", jpeg_quality=quality,
+                                 return_mask=mask is not None, faces=faces, keep_shape=keep_shape, timeout=timeout)
+        try:
+            result = swap(image, encoding=job.encoding if image is job.payload else "raw")
+        except AnswerTooLargeError as exc:
+            result = swap(job.retry_as_pixels(exc, image, faces), encoding="raw")
         return job.finish(result, faces is None, quality)
     except BaseException:
         job.abort()
@@ -168,10 +180,12 @@ async def swap_image_file_async(
     try:
         limits = await client.frame_limits() if faces is not None else None
         image = await asyncio.to_thread(job.pixels, limits, faces)
-        encoding = job.encoding if image is job.payload else "raw"
-        result = await client.swap(image, model, target, color="rgb", encoding=encoding,
-                                   jpeg_quality=quality, return_mask=mask is not None, faces=faces,
-                                   keep_shape=keep_shape, timeout=timeout)
+        swap = functools.partial(client.swap, model=model, target=target, color="rgb", jpeg_quality=quality,
+                                 return_mask=mask is not None, faces=faces, keep_shape=keep_shape, timeout=timeout)
+        try:
+            result = await swap(image, encoding=job.encoding if image is job.payload else "raw")
+        except AnswerTooLargeError as exc:
+            result = await swap(await asyncio.to_thread(job.retry_as_pixels, exc, image, faces), encoding="raw")
         return await asyncio.to_thread(job.finish, result, faces is None, quality)
     except BaseException:
         job.abort()

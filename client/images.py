@@ -15,8 +15,9 @@ import grpc
 import numpy as np
 
 from facetwin.v1 import facetwin_pb2 as pb
+from facetwin.v1 import trailers
 
-from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code
+from .errors import InvalidInputError, ResourceExhaustedError, ServerError, error_for_code, trailing_metadata
 from .mapping import FaceMapping, LostFaces, fill_mapping, lost_faces_enum
 from .scaling import FrameLimits, ScaledFrame, plan_frame
 from .types import DetectedFace, Provenance, StageTimings, SwapResult
@@ -361,7 +362,6 @@ def finish_scaled(scaled: ScaledFrame | None, result: SwapResult, want_mask: boo
         raise ServerError(grpc.StatusCode.INTERNAL, f"malformed response for frame {result.frame_id}: {exc}") from None
 
 
-RECONNECT_TRAILER = "facetwin-reconnect"  # a draining server's trailing metadata: reconnect and resend
 
 
 class StreamState:
@@ -498,8 +498,7 @@ class StreamState:
 
 def _asks_reconnect(err: grpc.RpcError) -> bool:
     """Whether the server ended the call saying so in its trailing metadata (it took the stream and drains)."""
-    trailers = getattr(err, "trailing_metadata", None)
-    return callable(trailers) and any(key == RECONNECT_TRAILER for key, _ in (trailers() or ()))
+    return trailers.RECONNECT in trailing_metadata(err)
 
 
 def _status_code(number: int) -> grpc.StatusCode:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import grpc
 
+from facetwin.v1 import trailers
+
 ECHO_LIMIT = 64  # characters of a caller's value an error message repeats
 
 
@@ -49,6 +51,15 @@ class ResourceExhaustedError(SwapError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class AnswerTooLargeError(ResourceExhaustedError):
+    """The swap was done but its encoded answer is over the message limit (a JPEG or PNG size is known only once
+    encoded); the trailer says how large it was."""
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.trailers = ((trailers.ANSWER_BYTES, str(size)),)
+
+
 class UnavailableError(SwapError):
     """The model is still loading, failed to load, or the server is draining; retry elsewhere or later."""
 
@@ -63,15 +74,12 @@ class ModelFailedError(UnavailableError):
     trailers = (("grpc-retry-pushback-ms", "-1"),)
 
 
-# Trailing metadata of a stream the server took and ends because it drains: resending the frames it did not answer
-# to another replica (or to this one once it is back) is safe, even when it answered none.
-RECONNECT_TRAILER = ("facetwin-reconnect", "1")
 
 
 class DrainingError(UnavailableError):
     """The server drains: a stream it took ends, every frame it took answered; the caller reconnects and resends."""
 
-    trailers = (RECONNECT_TRAILER,)
+    trailers = ((trailers.RECONNECT, "1"),)
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down: every frame it took was answered; reconnect (another replica, "

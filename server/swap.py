@@ -18,7 +18,7 @@ import numpy as np
 
 from . import imaging
 from .detectors import FaceDetectorPool, single_threaded_blas
-from .errors import DeadlineExceededError, InvalidInputError, ResourceExhaustedError, SwapError
+from .errors import AnswerTooLargeError, DeadlineExceededError, InvalidInputError, ResourceExhaustedError, SwapError
 from .fullframe import FrameFace, FrameRequest, FullFrameSwapper
 from .limits import MIB, Claim, FrameMemory
 from .mapping import DescriptorCache, Mapping, Photo, largest_face
@@ -395,8 +395,8 @@ class SwapEngine:
             mask_out = OutputImage(imaging.encode(mask, mask_encoding), mask_encoding, height, width, 1, color)
         size = len(image.data) + (len(mask_out.data) if mask_out is not None else 0)
         if size > self.max_image_bytes:  # an encoded size is known only now
-            raise ResourceExhaustedError(
+            raise AnswerTooLargeError(
                 f"the {encoding} answer is {size} bytes, over the server's message limit "
-                f"({self.max_image_bytes + _RESPONSE_HEADROOM} bytes): ask for JPEG output, a lower jpeg_quality "
-                "or send a smaller image")
+                f"({self.max_image_bytes + _RESPONSE_HEADROOM} bytes): ask for JPEG output, a lower jpeg_quality, "
+                "send a smaller image, or send its pixels with return_region", size)
         return image, mask_out

@@ -10,7 +10,14 @@ import cv2
 import numpy as np
 import pytest
 
-from facetwin.client import AsyncClient, Client, ResourceExhaustedError, swap_image_file, swap_image_file_async
+from facetwin.client import (
+    AnswerTooLargeError,
+    AsyncClient,
+    Client,
+    ResourceExhaustedError,
+    swap_image_file,
+    swap_image_file_async,
+)
 from facetwin.client.files import photo_scale
 from facetwin.client.media import decode_image, decode_photo, encode_image
 from facetwin.client.scaling import FrameLimits, downscale, fit_scale, upscale
@@ -221,3 +228,25 @@ def test_the_cli_sends_a_video_scaled_and_its_dry_run_says_so(full_frames, small
     assert "sent at 1/2 scale: larger than the server's 1 MiB messages" in run.stdout
     facts = inspect_video(tmp_path / "out.mp4")
     assert (facts.width, facts.height, len(facts.frames)) == (720, 576, 6)
+
+
+def test_a_photo_whose_answer_outgrows_the_message_limit_is_sent_again_as_pixels(full_frames, small_messages, franck,
+                                                                                 tmp_path):
+    """A noisy photo stored at JPEG quality 50 fits the 1 MiB messages; its answer at quality 100 does not, which
+    only the server's work can tell. The SDK then sends its pixels (scaled to fit), answered by the changed region."""
+    noise = np.random.default_rng(0).normal(0, 30, (1120, 1400, 3))
+    photo = np.clip(cv2.resize(franck[0], (1400, 1120), interpolation=cv2.INTER_CUBIC) + noise, 0, 255).astype(np.uint8)
+    source = tmp_path / "noisy.jpg"
+    source.write_bytes(encode_image(photo, "jpeg", quality=50))
+    assert source.stat().st_size < 900_000
+    with Client(small_messages.address) as client:
+        with pytest.raises(AnswerTooLargeError) as refused:  # the file's bytes as they are
+            client.swap(source.read_bytes(), full_frames.model, full_frames.identities[1], color="rgb",
+                        encoding="jpeg", jpeg_quality=100, faces="largest")
+        assert refused.value.answer_bytes > 1 << 20 and "over the server's message limit" in refused.value.details
+        report = swap_image_file(client, source, tmp_path / "out.jpg", full_frames.model, full_frames.identities[1],
+                                 quality=100)
+    assert report.sent_scale > 1 and report.frames == 1
+    swapped = decode_photo(tmp_path / "out.jpg")
+    assert swapped.shape == photo.shape
+    assert b"trainedAlgorithmicMedia" in (tmp_path / "out.jpg").read_bytes()[:4096]  # marked as the server marks
