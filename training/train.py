@@ -245,7 +245,7 @@ def _loop(t: Trainer, faces: dict[str, IdentityFaces], start_step: int, ckpt_pat
                 # and a device sync, which would stall every step; one process checks its own clock every step.
                 out_of_time = bool(cfg.max_seconds) and (world.world_size == 1 or done % cfg.log_every == 0) and \
                     all_agree(time.perf_counter() - started > cfg.max_seconds, world, t.device)
-                if ctrl_c.pressed.is_set():
+                if ctrl_c.pressed:
                     stopped = STOPPED_AT_INTERRUPT
                     # Flushed at once: the save can take seconds, and a second Ctrl-C meanwhile abandons it.
                     bar.write(f"interrupted: saving the checkpoint at step {done} (Ctrl-C again stops at once, "
@@ -345,10 +345,11 @@ def _weights_sane(model: torch.nn.Module) -> bool:
 
 class CtrlC:
     """What Ctrl-C has asked of a training loop: `pressed` once it came (finish the step, save, stop); `at_once` once
-    it came again (stop now, without the save)."""
+    it came again (stop now, without the save). Plain flags, set and read on the main thread only: a second Ctrl-C can
+    run the handler again inside its first run, so the handler takes no lock (one held there is never released)."""
 
     def __init__(self) -> None:
-        self.pressed = threading.Event()
+        self.pressed = False
         self.at_once = False
 
 
@@ -368,10 +369,10 @@ def _ctrl_c_finishes_the_step(world: Distributed) -> Any:
     def handle(signum: int, frame: Any) -> None:
         if ctrl_c.at_once:
             return
-        if ctrl_c.pressed.is_set():
+        if ctrl_c.pressed:
             ctrl_c.at_once = True
             raise KeyboardInterrupt
-        ctrl_c.pressed.set()
+        ctrl_c.pressed = True
 
     previous = signal.signal(signal.SIGINT, handle)
     try:

@@ -516,8 +516,8 @@ def ctrl_c(cmd: list[str], total: int, after: int,
             time.sleep(0.01)
         child.send_signal(signal.SIGINT)
         then(child)
+        child.wait(120)  # a child that hangs fails the test (killed below) instead of hanging it
         stdout = child.stdout.read().decode()
-        child.wait(60)
     finally:
         if child.poll() is None:
             child.kill()
