@@ -433,11 +433,14 @@ def run_live(source: str, output: str, *, model: str, target: str, faces: str | 
         if not sep or not key:
             raise CliError(f"--input-option {option!r}: expected KEY=VALUE (an FFmpeg option: video_size=1280x720)", 2)
         pairs[key] = value
-    stop = threading.Event()
+    stop, pressed = threading.Event(), []
 
     def graceful(signum: int, frame: Any) -> None:
-        if stop.is_set():
+        # The flag is a plain list, not the Event: a second signal can run this inside the first run's stop.set(),
+        # which holds the Event's lock, and must not wait for it.
+        if pressed:
             raise KeyboardInterrupt
+        pressed.append(signum)
         stop.set()
 
     previous = {sig: signal.signal(sig, graceful) for sig in (signal.SIGINT, signal.SIGTERM)}
