@@ -93,14 +93,19 @@ def client_id(context: grpc.aio.ServicerContext) -> str:
     The interceptor sets the name in the call's task before the handler runs (grpc.aio runs both in one task, and
     each call in its own), so an async handler always sees its own caller.
     """
+    name = named_client(context)
+    return name if name else peer_host(context.peer())
+
+
+def named_client(context: grpc.aio.ServicerContext) -> str:
+    """The caller's token NAME, else its certificate's common name, else "": the names an operator gave out, so a
+    bounded set (a metric label; an address is not)."""
     name = _CLIENT.get()
     if name is not None:
         return name
     # Only a certificate the handshake verified against --tls-client-ca gets this far, so its name can be trusted.
     common_names = context.auth_context().get("x509_common_name")
-    if common_names:
-        return common_names[0].decode("utf-8", "replace")
-    return peer_host(context.peer())
+    return common_names[0].decode("utf-8", "replace") if common_names else ""
 
 
 def peer_host(peer: str) -> str:

@@ -1,8 +1,9 @@
 """Prometheus metrics (served on --metrics-port when set), after Triton's nv_inference_* set.
 
 Labels stay bounded: `method` is one of the service's RPCs, `code` a gRPC status name, `model` and `target` only ever
-a loaded bundle and one of its identities. A name a caller made up is counted as "unknown", so no caller can grow
-the number of series; calls that name no model (ListModels, GetServerInfo) have empty model and target labels.
+a loaded bundle and one of its identities, `client` a name the operator gave out (a token's or a certificate's). A
+name a caller made up is counted as "unknown", so no caller can grow the number of series; calls that name no model
+(ListModels, GetServerInfo) have empty model and target labels.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ CALLS_IN_FLIGHT = Gauge("facetwin_calls_in_flight", "Unary calls being served", 
 STREAMS_OPEN = Gauge("facetwin_streams_open", "Streaming calls open", ["method"], multiprocess_mode="livesum")
 
 SWAPS = Counter("facetwin_swaps_total", "Swapped images (unary calls and stream frames)", _SWAP)
+CLIENT_SWAPS = Counter("facetwin_client_swaps_total", "Swapped images by client, for usage accounting: its token's "
+                       "NAME or its certificate's common name (empty for callers known only by their address)",
+                       ["client", "model", "target"])
 SWAP_SECONDS = Histogram("facetwin_swap_seconds", "Server-side time per swapped image, decode to encode", _SWAP,
                          buckets=_LATENCY_BUCKETS)
 QUEUE_SECONDS = Histogram("facetwin_queue_seconds", "Time an image waited in the batcher for its batch to start",
@@ -75,11 +79,13 @@ class LabelBound:
         return model, target if target in loaded.targets else UNKNOWN
 
 
-def observe(outcome: "SwapOutcome", method: str) -> None:
-    """One swapped image: its total, queue and compute time. Its model and target are loaded ones (it was swapped)."""
+def observe(outcome: "SwapOutcome", method: str, client: str) -> None:
+    """One swapped image for `client` (auth.named_client): its total, queue and compute time. Its model and target
+    are loaded ones (it was swapped)."""
     origin, timings = outcome.provenance, outcome.timings
     labels = (method, origin.model, origin.target)
     SWAPS.labels(*labels).inc()
+    CLIENT_SWAPS.labels(client, origin.model, origin.target).inc()
     SWAP_SECONDS.labels(*labels).observe(timings.total_ms / 1e3)
     if timings.batch_size == 0:  # a full frame without a face to swap ran no model: no queue or compute time
         return

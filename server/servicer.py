@@ -13,7 +13,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from . import __version__, imaging, logs, metrics
-from .auth import authorize, client_id, visible_identities
+from .auth import authorize, client_id, named_client, visible_identities
 from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
@@ -198,11 +198,12 @@ def stream_frame(message, number: int, config: ServerConfig) -> tuple[int, SwapJ
 
 
 def stream_answer_to_proto(answer: FrameAnswer, registry: ModelRegistry, named: tuple[str, str],
-                           request_id: str) -> pb.SwapStreamResponse:
-    """One frame's answer; `named` is the (model, target) the frame asked for, for its provenance and labels."""
+                           request_id: str, client: str) -> pb.SwapStreamResponse:
+    """One frame's answer; `named` is the (model, target) the frame asked for, for its provenance and labels;
+    `client` the caller's name (auth.named_client), for the usage metric."""
     labels = metrics.LabelBound(registry)(*named)
     if answer.status == OK:
-        metrics.observe(answer.outcome, "SwapStream")
+        metrics.observe(answer.outcome, "SwapStream", client)
         metrics.STREAM_FRAMES.labels(*labels, "OK", "").inc()
         message = pb.SwapStreamResponse(status=pb.FRAME_STATUS_OK)
         fill_response(message.response, answer.outcome, request_id)
@@ -338,7 +339,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         with self.admission.admit("call", client_id(context)):
             job = authorized(job_from_proto(request, self.config))
             outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
-        metrics.observe(outcome, "Swap")
+        metrics.observe(outcome, "Swap", named_client(context))
         return response_to_proto(outcome, logs.current_request_id())
 
     async def SwapStream(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -376,7 +377,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
 
         # (model, target) of each frame taken: StreamRun answers every frame it takes, in arrival order.
         named: collections.deque[tuple[str, str]] = collections.deque()
-        request_id = logs.current_request_id()
+        request_id, client = logs.current_request_id(), named_client(context)
 
         async def frames():
             number = 0
@@ -413,7 +414,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         run = StreamRun(frames(), swap, window=self.config.stream_window, policy=policy, stop=self.draining,
                         idle_timeout_s=self.config.stream_idle_timeout_s, admit=admit)
         async for answer in run.answers():
-            yield stream_answer_to_proto(answer, self.registry, named.popleft(), request_id)
+            yield stream_answer_to_proto(answer, self.registry, named.popleft(), request_id, client)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         models = []

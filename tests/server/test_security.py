@@ -361,7 +361,7 @@ def test_tokens_rotate_when_the_file_changes(tiny_model_dir, tmp_path, caplog):
 
 def test_a_token_limited_to_some_models_and_identities_sees_and_uses_only_those(tiny_model_dir, tmp_path):
     tokens = tmp_path / "tokens.txt"
-    tokens.write_text("alice:alice-token-1\nbob:bob-token-2  models=tiny/ada,t?ny/nobody\ncarol:carol-token-3 "
+    tokens.write_text("web:alice-token-1\nstudio:bob-token-2  models=tiny/ada,t?ny/nobody\npartner:carol-token-3 "
                       "models=actors-*\n")
     server = ServerThread(ServerConfig(address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0,
                                        auth_tokens_file=str(tokens)))
@@ -395,6 +395,11 @@ def test_a_token_limited_to_some_models_and_identities_sees_and_uses_only_those(
             assert [r.error is None for r in results] == [True, True, True]
             outside = list(bob.stream([face], "tiny", "ben", color="rgb", frame_errors="yield"))
             assert outside[0].error is not None and outside[0].error.code == grpc.StatusCode.PERMISSION_DENIED
+        # What each client swapped, for usage accounting: unary calls and stream frames, refusals not counted.
+        swaps = {(client, target): REGISTRY.get_sample_value("facetwin_client_swaps_total",
+                                                             {"client": client, "model": "tiny", "target": target})
+                 for client, target in (("web", "ben"), ("studio", "ada"), ("studio", "ben"), ("partner", "ada"))}
+        assert swaps == {("web", "ben"): 1, ("studio", "ada"): 4, ("studio", "ben"): None, ("partner", "ada"): None}
     finally:
         server.stop()
 
