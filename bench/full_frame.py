@@ -27,9 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import grpc
 import numpy as np
-from load import CHANNEL_OPTIONS, run_load  # bench/load.py: client processes
+from load import CHANNEL_OPTIONS, open_channel, run_load  # bench/load.py: client processes
 from report import host_info, write_report  # bench/report.py
 
 from facetwin.core.bundle import load_manifest
@@ -173,8 +172,8 @@ def bench_size(args: argparse.Namespace, proc, address: str, bundle: Path, model
                 for encoding in args.frame_encodings}
     payloads = {encoding: stream_payloads(sent) for encoding, sent in requests.items()}
     first = args.frame_encodings[0]
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.FaceSwapStub(channel)
+    with open_channel(address, CHANNEL_OPTIONS, aio=False) as warm_channel:
+        stub = pb_grpc.FaceSwapStub(warm_channel)
         answers = {encoding: stub.Swap(sent[0], timeout=120) for encoding, sent in requests.items()}
     warm = answers[first]
     if not warm.faces:
@@ -228,7 +227,7 @@ def report(args: argparse.Namespace, model: str, target: str, res: int, sizes: d
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
         "server": {"python": args.server_python or sys.executable, "max_batch": args.max_batch,
-                   "processes": args.processes,
+                   "processes": args.processes, "tls": args.tls,
                    "max_delay_ms": args.max_delay_ms,
                    "detect_threads": args.detect_threads, "detect_runtime": args.detect_runtime,
                    "detector": config.detector,

@@ -45,7 +45,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import CHANNEL_OPTIONS, run_load  # noqa: E402  (bench/load.py: client processes)
+from load import BENCH_CA_ENV, CHANNEL_OPTIONS, open_channel, run_load, tls_files  # noqa: E402  (bench/load.py)
 from report import host_info, process_cpu_seconds, write_report  # noqa: E402  (bench/report.py)
 
 
@@ -100,6 +100,8 @@ def parse_args() -> argparse.Namespace:
                    help="--full-frame: the server's --detect-runtime (onnxruntime, torch-cuda, torch-cpu, auto)")
     p.add_argument("--keep-shape", type=float, default=None,
                    help="--full-frame: the server's --keep-shape (default: the server's, 0.5; 0 skips the bend)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve over TLS (a throwaway CA and certificate made for the run): what TLS costs")
     p.add_argument("--json", dest="json_path", default=None, help="also write the report here")
     args = p.parse_args()
     if args.repeats < 1:
@@ -177,8 +179,8 @@ def start_server(args, model_dir: Path) -> tuple[subprocess.Popen, str]:
         env["FACETWIN_DETECT_EVERY"] = str(args.detect_every)
     proc = subprocess.Popen(cmd, env=env)
     address = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+    with open_channel(address, aio=False) as health_channel:
+        health = health_pb2_grpc.HealthStub(health_channel)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -233,8 +235,8 @@ def percentiles(samples_ms: list[float], timings: list) -> dict:
 
 async def bench_latency(address: str, request: pb.SwapRequest, calls: int) -> dict:
     """Sequential unary calls, one in flight."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.FaceSwapStub(channel)
+    async with open_channel(address, CHANNEL_OPTIONS) as latency_channel:
+        stub = pb_grpc.FaceSwapStub(latency_channel)
         for _ in range(10):
             await stub.Swap(request)
         lat, timings = [], []
@@ -248,8 +250,8 @@ async def bench_latency(address: str, request: pb.SwapRequest, calls: int) -> di
 
 async def bench_stream_latency(address: str, request: pb.SwapRequest, calls: int) -> dict:
     """One stream, one frame in flight: the round trip a live video caller waiting on each frame sees."""
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        call = pb_grpc.FaceSwapStub(channel).SwapStream()
+    async with open_channel(address, CHANNEL_OPTIONS) as latency_channel:
+        call = pb_grpc.FaceSwapStub(latency_channel).SwapStream()
         message = pb.SwapStreamRequest(request=request, policy=pb.STREAM_POLICY_QUEUE)
         lat, timings = [], []
         for i in range(10 + calls):
@@ -296,6 +298,13 @@ def source_frames(count: int, frames_file: str | None, consecutive: bool = False
 
 def main() -> None:
     args = parse_args()
+    if args.tls:  # the server gets the certificate; every client of the run, its processes too, trusts the CA
+        import tempfile
+
+        args.tls_folder = tempfile.TemporaryDirectory(prefix="facetwin-bench-tls-")  # removed when the run ends
+        ca, cert, key = tls_files(Path(args.tls_folder.name))
+        os.environ[BENCH_CA_ENV] = str(ca)
+        args.server_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
     if args.full_frame:
         import full_frame  # bench/full_frame.py
 
@@ -352,6 +361,7 @@ def main() -> None:
         "host": host_info(),
         "bundle": {"name": model, "resolution": res, "target": target, "backend": args.backend},
         "server": {"max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms, "processes": args.processes,
+                   "tls": args.tls,
                    "inference_workers": args.inference_workers or get_backend(args.backend).default_workers},
         "repeats": args.repeats,
         "raw_faces_per_s": {"batch_1": raw_1, f"batch_{args.max_batch}": float(np.median([r["raw_per_s"] for r in rounds]))},
