@@ -415,8 +415,8 @@ def run_swap(inputs: list[Path] | None, output: str | Path, *, model: str, targe
 def run_live(source: str, output: str, *, model: str, target: str, faces: str | None = None,
              references: list[Path] | None = None, match_threshold: float | None = None,
              keep_shape: float | None = None, input_format: str | None = None, input_options: list[str] | None = None,
-             output_format: str | None = None, realtime: bool = False, codec: str = "libx264", crf: int | None = 23,
-             preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 2,
+             output_format: str | None = None, realtime: bool = False, timeout: float = 10.0, codec: str = "libx264",
+             crf: int | None = 23, preset: str | None = None, max_frames: int | None = None, max_in_flight: int = 2,
              address: str = DEFAULT_ADDRESS, credentials: dict[str, Any] | None = None) -> None:
     """`facetwin live`: a live source to a live output until the source ends or Ctrl-C. Everything it prints goes to
     stderr: stdout may be the video. The first Ctrl-C (or SIGTERM) stops reading and ends the output properly once
@@ -450,22 +450,22 @@ def run_live(source: str, output: str, *, model: str, target: str, faces: str | 
             report = swap_live(client, source, output, model, target,
                                faces=parse_faces(faces, False, references, match_threshold), keep_shape=keep_shape,
                                options=options, input_format=input_format, input_options=pairs,
-                               output_format=output_format, realtime=realtime, max_in_flight=max_in_flight,
-                               progress=bar.update, cancel=stop)
+                               output_format=output_format, realtime=realtime, timeout_s=timeout or None,
+                               max_in_flight=max_in_flight, progress=bar.update, cancel=stop)
     except KeyboardInterrupt:
         raise CliError("interrupted; the output was ended where it stopped", 130) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    print(_live_summary(report, stop.is_set()), file=sys.stderr)
+    print(_live_summary(report), file=sys.stderr)
 
 
-def _live_summary(report: LiveReport, stopped: bool) -> str:
+def _live_summary(report: LiveReport) -> str:
     latency = (f", latency p50 {report.latency_ms_p50:.0f} ms / p99 {report.latency_ms_p99:.0f} ms"
                if report.latency_ms_p50 is not None else "")
     rate = report.frames_written / report.seconds if report.seconds else 0.0
     audio = f"; {report.audio_streams} audio stream(s) copied" if report.audio_streams else ""
-    return (f"{'stopped' if stopped else 'source ended'}: wrote {report.output}: {report.frames_written} of "
+    return (f"{report.ended}: wrote {report.output}: {report.frames_written} of "
             f"{report.frames_read} frame(s) read ({report.skipped} skipped for newer ones, {report.dropped} dropped "
             f"by the server), {report.faces_swapped} face(s) swapped{latency}, in {report.seconds:.1f} s "
             f"({rate:.1f} frames/s){audio}")
@@ -661,6 +661,9 @@ def build_app() -> Any:
             help="OUT's container where its name does not tell it (mpegts, flv, matroska, ...).")] = None,
         realtime: Annotated[bool, typer.Option(
             "--realtime", help="Read SOURCE at its own frame rate, as a camera delivers it (for files).")] = False,
+        timeout: Annotated[float, typer.Option(
+            "--timeout", min=0, help="Seconds SOURCE may send nothing (opening it, then between packets) before the "
+                                     "run ends (0: wait for ever).")] = 10.0,
         codec: Codec = "libx264",
         crf: Annotated[int, typer.Option("--crf", min=0, max=63, help="Video quality: lower is better and bigger.")]
         = 23,
@@ -684,7 +687,7 @@ def build_app() -> Any:
         guarded(run_live, address, (token, token_file, ca, cert, key, tls), source=source, output=output,
                 model=model, target=target, faces=faces, references=reference, match_threshold=match_threshold,
                 keep_shape=keep_shape, input_format=input_format, input_options=input_option,
-                output_format=output_format, realtime=realtime, codec=codec, crf=crf, preset=preset,
+                output_format=output_format, realtime=realtime, timeout=timeout, codec=codec, crf=crf, preset=preset,
                 max_frames=max_frames, max_in_flight=max_in_flight)
 
     app.command("swap")(swap_command(

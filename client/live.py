@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 
 from .client import AsyncClient, Client
+from .errors import MediaFileError
 from .images import FacesArg
-from .media import live_destination, open_stream
+from .media import live_destination, load_av, open_stream
 from .video import VideoJob, VideoOptions
 
 __all__ = ["LiveReport", "LiveJob", "swap_live", "swap_live_async", "live_options"]
 
 _CLOSE_WAIT_S = 2.0  # how long closing waits for a read blocked on a silent source before leaving it behind
+SILENCE_S = 10.0  # how long a source may send nothing (opening it, then between packets) before the run ends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,7 @@ class LiveReport:
     latency_ms_p99: float | None
     seconds: float  # wall time of the run
     audio_streams: int  # audio streams copied into the output
+    ended: str  # why: "source ended", "stopped" (cancel) or "source silent for N s" (timeout_s)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -78,6 +81,10 @@ class _Latency:
         return float(np.searchsorted(np.cumsum(self.counts), q / 100 * total))
 
 
+class _SourceSilent(MediaFileError):
+    """The source sent nothing for the timeout: after frames came, the end of the run rather than its failure."""
+
+
 class LiveJob(VideoJob):
     """A live source and its output. Use it as a context manager; `frames()` feeds the stream, `write()` takes its
     results, `finish()` ends the output properly. Leaving early (an error, `cancel`) also ends the output properly:
@@ -87,15 +94,17 @@ class LiveJob(VideoJob):
 
     def __init__(self, source: str, output: str, options: VideoOptions | None = None, *,
                  input_format: str | None = None, input_options: dict[str, str] | None = None,
-                 output_format: str | None = None, realtime: bool = False,
+                 output_format: str | None = None, realtime: bool = False, timeout_s: float | None = SILENCE_S,
                  progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
         self._input_format, self._input_options, self._realtime = input_format, input_options, realtime
+        self._timeout_s = timeout_s
         self._url, self._live_format, self._muxer_options = live_destination(str(output), output_format)
         self._cancel_live = cancel
         self._stop = threading.Event()  # set when the job closes its input
         self._read_at: collections.deque[float] = collections.deque()  # read times of frames sent, in order
         self._latency = _Latency()
         self._skipped = 0
+        self._ended = "source ended"
         self._reader: threading.Thread | None = None
         super().__init__(str(source), str(output), options or live_options(), progress=progress, cancel=None)
 
@@ -103,7 +112,13 @@ class LiveJob(VideoJob):
         return self._live_format
 
     def _open_input(self) -> Any:
-        return open_stream(str(self.source), self._input_format, self._input_options)
+        return open_stream(str(self.source), self._input_format, self._input_options, self._timeout_s)
+
+    def _read_failed(self, exc: Exception) -> MediaFileError:
+        if isinstance(exc, load_av().ExitError):  # the timeout's interruption
+            return _SourceSilent(self.source, f"sent nothing to read for {self._timeout_s:g} s (--timeout) after "
+                                              f"{self._read} frame(s)")
+        return super()._read_failed(exc)
 
     def _claim_output(self) -> None:
         return None  # a stream is written as it goes; there is no whole file to rename into place
@@ -158,9 +173,12 @@ class LiveJob(VideoJob):
                 while not newest and not done and not self._stopping():
                     ready.wait(0.2)
                 if self._stopping():
+                    self._ended = "stopped"
                     return
                 if not newest:
-                    if done[0] is not None:
+                    if isinstance(done[0], _SourceSilent):  # a live source's end is often just that: silence
+                        self._ended = f"source silent for {self._timeout_s:g} s"
+                    elif done[0] is not None:
                         raise done[0]
                     return
                 frame, read_at = newest.pop()
@@ -192,7 +210,7 @@ class LiveJob(VideoJob):
             source=report.input, output=report.output, frames_read=self._read, frames_written=report.frames,
             skipped=self._skipped, dropped=report.dropped, faces_swapped=report.faces_swapped,
             latency_ms_p50=self._latency.percentile(50), latency_ms_p99=self._latency.percentile(99),
-            seconds=report.seconds, audio_streams=report.audio_streams)
+            seconds=report.seconds, audio_streams=report.audio_streams, ended=self._ended)
 
     def abort(self) -> None:
         """Ends the output as finish() does where it can (what was written stays playable), else just closes it."""
@@ -207,20 +225,23 @@ def swap_live(
     client: Client, source: str, output: str, model: str, target: str, *, faces: FacesArg = "largest",
     keep_shape: float | None = None, options: VideoOptions | None = None, input_format: str | None = None,
     input_options: dict[str, str] | None = None, output_format: str | None = None, realtime: bool = False,
-    max_in_flight: int = 2, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+    timeout_s: float | None = SILENCE_S, max_in_flight: int = 2, progress: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> LiveReport:
     """Swaps the faces of a live source as it plays and writes the swapped stream.
 
     source: "-" (standard input), an FFmpeg URL (rtsp://, udp://, srt://, http:// ...), a capture device
     (/dev/video0) or a file (realtime=True plays it at its own pace, as a camera would deliver it); input_format and
-    input_options: FFmpeg's demuxer and its options, where needed. output: "-" (standard output), an FFmpeg URL
+    input_options: FFmpeg's demuxer and its options, where needed; timeout_s: how long the source may send nothing
+    (opening it, then between packets) before the run ends with MediaFileError (None: wait for ever). output: "-" (standard output), an FFmpeg URL
     (udp://, srt://, rtmp:// ...) or a file (.ts, .mkv, .mp4 ...); output_format names the container where the name
     does not tell it. options: the encoding (live_options() by default). It runs until the source ends or `cancel` is
     set; either way the frames sent are written and the output is ended properly. progress(n) is called as frames
     are written.
     """
     with LiveJob(source, output, options, input_format=input_format, input_options=input_options,
-                 output_format=output_format, realtime=realtime, progress=progress, cancel=cancel) as job:
+                 output_format=output_format, realtime=realtime, timeout_s=timeout_s, progress=progress,
+                 cancel=cancel) as job:
         return job.run(client, model, target, faces=faces, keep_shape=keep_shape, max_in_flight=max_in_flight,
                        policy="latest")
 
@@ -229,11 +250,12 @@ async def swap_live_async(
     client: AsyncClient, source: str, output: str, model: str, target: str, *, faces: FacesArg = "largest",
     keep_shape: float | None = None, options: VideoOptions | None = None, input_format: str | None = None,
     input_options: dict[str, str] | None = None, output_format: str | None = None, realtime: bool = False,
-    max_in_flight: int = 2, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+    timeout_s: float | None = SILENCE_S, max_in_flight: int = 2, progress: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> LiveReport:
     """swap_live for an AsyncClient: reading, decoding and encoding run on threads, off the event loop."""
     job = await asyncio.to_thread(LiveJob, source, output, options, input_format=input_format,
                                   input_options=input_options, output_format=output_format, realtime=realtime,
-                                  progress=progress, cancel=cancel)
+                                  timeout_s=timeout_s, progress=progress, cancel=cancel)
     return await job.run_async(client, model, target, faces=faces, keep_shape=keep_shape,
                                max_in_flight=max_in_flight, policy="latest")

@@ -95,11 +95,14 @@ def open_input(path: Path) -> Any:
     return container
 
 
-def open_stream(source: str, input_format: str | None = None, options: dict[str, str] | None = None) -> Any:
+def open_stream(source: str, input_format: str | None = None, options: dict[str, str] | None = None,
+                timeout_s: float | None = None) -> Any:
     """An opened PyAV input for a live source: "-" (standard input), an FFmpeg URL (rtsp://, udp://, srt://,
     http:// ...), a capture device (/dev/video0: FFmpeg's v4l2 by default) or a file. input_format: FFmpeg's
     demuxer (mpegts, v4l2 ...) where it cannot be guessed; options: the demuxer's or protocol's options
-    (video_size, framerate, rtsp_transport ...). MediaFileError says why it cannot be read."""
+    (video_size, framerate, rtsp_transport ...); timeout_s: how long opening it, and then each read, may wait for
+    data (a silent network source would otherwise block for good; a pipe's reads are not cut short). MediaFileError
+    says why it cannot be read."""
     av = load_av(source, "reading a live source")
     if input_format is None and source.startswith("/dev/video"):
         input_format = "v4l2"
@@ -107,7 +110,10 @@ def open_stream(source: str, input_format: str | None = None, options: dict[str,
     if "://" not in url and not url.startswith("pipe:") and input_format is None and not options:
         return open_input(Path(url))  # a file, checked as swap checks one
     try:
-        container = av.open(url, format=input_format, options=options or {})
+        container = av.open(url, format=input_format, options=options or {},
+                            timeout=(timeout_s, timeout_s) if timeout_s else None)
+    except av.ExitError:  # the timeout's interruption
+        raise MediaFileError(source, f"sent nothing to read for {timeout_s:g} s (--timeout)") from None
     except av.FFmpegError as exc:
         raise MediaFileError(source, f"cannot be opened as a video source ({ffmpeg_reason(exc)})") from None
     except ValueError:  # PyAV: no such demuxer

@@ -244,8 +244,7 @@ class VideoJob:
                         continue
                     decoded = packet.decode()
                 except av.FFmpegError as exc:
-                    raise MediaFileError(self.source,
-                                         f"frame {self._read} cannot be decoded ({ffmpeg_reason(exc)})") from None
+                    raise self._read_failed(exc) from None
                 batch = []
                 for frame in decoded:
                     if self.options.max_frames is not None and self._read >= self.options.max_frames:
@@ -255,6 +254,9 @@ class VideoJob:
             yield from batch
             if self._truncated:
                 return
+
+    def _read_failed(self, exc: Exception) -> MediaFileError:
+        return MediaFileError(self.source, f"frame {self._read} cannot be decoded ({ffmpeg_reason(exc)})")
 
     def _take(self, frame: Any) -> tuple[int, int, np.ndarray]:
         if self._size is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -131,6 +132,42 @@ def test_ctrl_c_stops_the_command_and_ends_its_output_properly(full_frames, clmt
     written = len(inspect_video(out).frames)
     assert stderr.strip().splitlines()[-1].startswith(f"stopped: wrote {out}: {written} of "), stderr
     assert written >= 1 and stdout == ""
+
+
+def test_a_network_stream_that_falls_silent_ends_the_run_with_what_came(served_model, client, square_clip, tmp_path):
+    """One live run sends the clip over UDP as it plays; another receives it. When the sender is done, the receiver
+    hears nothing for its timeout: it ends there, its output ended properly, and says why."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"udp://127.0.0.1:{probe.getsockname()[1]}"
+    received = {}
+
+    def receive() -> None:
+        received["report"] = swap_live(client, url, str(tmp_path / "received.ts"), served_model.model,
+                                       served_model.identities[0], faces=None, input_format="mpegts", timeout_s=3)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    time.sleep(0.5)  # listening before the first packet is sent
+    sent = swap_live(client, str(square_clip), f"{url}?pkt_size=1316", served_model.model, served_model.identities[1],
+                     faces=None, realtime=True)
+    receiver.join(60)
+    report = received["report"]
+    assert report.ended == "source silent for 3 s" and sent.ended == "source ended"
+    assert 1 <= report.frames_written == len(inspect_video(tmp_path / "received.ts").frames)
+    assert report.frames_read <= sent.frames_written
+
+
+def test_a_silent_source_ends_the_run_after_its_timeout(tmp_path):
+    """A network source that sends nothing: opening it gives up after the timeout instead of waiting for ever."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    run = run_cli("live", f"udp://127.0.0.1:{port}", tmp_path / "out.ts", "--input-format", "mpegts", "--timeout", "1",
+                  "-m", "m", "-t", "t", "-a", UNREACHABLE)
+    assert_one_error_line(run, 1, f"udp://127.0.0.1:{port}: sent nothing to read for 1 s (--timeout)")
+    assert time.monotonic() - started < 60 and not (tmp_path / "out.ts").exists()
 
 
 def test_live_mistakes_are_one_error_line(clip, tmp_path):
