@@ -1,9 +1,11 @@
-"""The `facetwin` command line: list models; swap the faces in photos, videos, folders of them, through a server.
+"""The `facetwin` command line: list models; swap the faces in photos, videos, folders of them, and live video,
+through a server.
 
 Needs the `cli` extra (typer, tqdm, PyAV); the SDK itself does not. Expected failures (server unreachable, unknown
 model, a file that is not media) print one `error: ...` line and exit 1; usage mistakes exit 2; Ctrl-C exits 130
-and leaves no half-written output; nothing prints a traceback. A folder run reports each failed file on its own
-line, goes on with the rest, and exits 1 if any failed.
+and leaves no half-written output (`live` ends its output properly instead, and a first Ctrl-C is its normal end);
+nothing prints a traceback. A folder run reports each failed file on its own line, goes on with the rest, and
+exits 1 if any failed.
 """
 
 import dataclasses
