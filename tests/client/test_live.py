@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from facetwin.client import AsyncClient, Client, swap_live, swap_live_async
-from facetwin.client.live import LiveJob
+from facetwin.client.live import LiveJob, live_options
 from tests.subprocesses import popen_for_ctrl_c
 
 from .clips import inspect_video, write_clip
@@ -148,9 +148,10 @@ def test_a_network_stream_that_falls_silent_ends_the_run_with_what_came(served_m
 
     receiver = threading.Thread(target=receive)
     receiver.start()
-    time.sleep(0.5)  # listening before the first packet is sent
+    time.sleep(1)  # listening before the first packet is sent
+    # A keyframe every 0.2 s: a receiver that joins late still decodes most of the second.
     sent = swap_live(client, str(square_clip), f"{url}?pkt_size=1316", served_model.model, served_model.identities[1],
-                     faces=None, realtime=True)
+                     faces=None, realtime=True, options=live_options(keyframe_s=0.2))
     receiver.join(60)
     report = received["report"]
     assert report.ended == "source silent for 3 s" and sent.ended == "source ended"
