@@ -21,6 +21,7 @@ import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Generic, TypeVar
 from urllib.parse import unquote
 
 import grpc
@@ -30,6 +31,7 @@ from .config import ServerConfig
 from .errors import PermissionDeniedError, shorten
 
 log = logging.getLogger("facetwin.server.auth")
+T = TypeVar("T")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 _CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("facetwin_client", default=None)
 _SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("facetwin_scope", default=None)
@@ -118,43 +120,90 @@ def peer_host(peer: str) -> str:
     return unquote(peer)
 
 
+class WatchedFile(Generic[T]):
+    """What `read(path)` makes of a file, made again when the file's mtime, size or inode changes. A rewrite that
+    cannot be read keeps the last good value (logged once, until the file changes again), so a half-written file
+    never locks every client out; a bad file at start raises."""
+
+    def __init__(self, path: str | os.PathLike, read: Callable[[Path], T], describe: Callable[[T], str]) -> None:
+        self.path, self._read, self._describe = Path(path), read, describe
+        self._stamp = file_stamp(self.path)
+        self._value = read(self.path)
+
+    def current(self) -> T:
+        stamp = file_stamp(self.path)
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._value = self._read(self.path)
+            except (OSError, ValueError) as exc:
+                log.error("%s; keeping what was read before (%s)", exc, self._describe(self._value))
+            else:
+                log.info("%s re-read: %s", self.path, self._describe(self._value))
+        return self._value
+
+
 class TokenFile:
     """Accepted bearer tokens, one `NAME:TOKEN` per line (blank lines and # comments allowed), optionally followed by
     `models=MODEL[/TARGET],...`: the models (and identities) that token may use (Scope); without it, all.
 
-    Several lines may share a NAME (its old and new token while keys rotate). The file is re-read when its
-    mtime, size or inode changes, so tokens rotate without a restart; a bad rewrite keeps the last good tokens
-    (and logs why), so a half-written file never locks every client out.
+    Several lines may share a NAME (its old and new token while keys rotate). The file is re-read when it changes,
+    so tokens rotate without a restart (WatchedFile).
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._stamp = file_stamp(self.path)
-        self._digests = _digests(read_tokens(self.path))  # raises: a bad file at start is a startup error
-
-    def _refresh(self) -> None:
-        stamp = file_stamp(self.path)
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp  # a bad version is reported once, not on every call until the file changes again
-        try:
-            digests = _digests(read_tokens(self.path))
-        except (OSError, ValueError) as exc:
-            log.error("%s; keeping the %d token(s) read before", exc, len(self._digests))
-            return
-        self._digests = digests
-        log.info("auth_tokens_file %s re-read: %d token(s)", self.path, len(digests))
+        self._tokens = WatchedFile(self.path, lambda p: _digests(read_tokens(p)), lambda d: f"{len(d)} token(s)")
 
     def match(self, token: str) -> tuple[str, Scope | None] | None:
         """The NAME and scope of `token`, or None. Compares against every token: the time taken says nothing about
         which token (or how much of one) matched, and comparing digests hides the tokens' lengths too."""
-        self._refresh()
         presented = _digest(token)
         found = None
-        for digest, name, scope in self._digests:
+        for digest, name, scope in self._tokens.current():
             if hmac.compare_digest(presented, digest):
                 found = name, scope
         return found
+
+
+class CertificateScopes:
+    """Under mutual TLS, the models a client certificate may use, by its common name: one `NAME models=MODEL[/TARGET],
+    ...` per line (blank lines and # comments allowed; NAME may hold spaces). A name not listed may use every model.
+    Re-read when the file changes (WatchedFile)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._scopes = WatchedFile(path, read_certificate_scopes, lambda s: f"{len(s)} certificate name(s)")
+
+    def bind(self, context: grpc.aio.ServicerContext) -> None:
+        """Sets the call's scope from its certificate, unless a token already set one (a token is the more
+        specific credential)."""
+        if _CLIENT.get() is None and (name := named_client(context)):
+            _SCOPE.set(self._scopes.current().get(name))
+
+
+def read_certificate_scopes(path: str | os.PathLike) -> dict[str, Scope]:
+    """{common name: scope} of a certificate scopes file; OSError when it cannot be read, ValueError naming the line
+    when it is malformed."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OSError(f"tls_client_models {path} cannot be read: {exc}") from None
+    scopes: dict[str, Scope] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, patterns = line.rpartition(" models=")
+        where = f"tls_client_models {path} line {number}"
+        if not sep or not name.strip() or not patterns:
+            raise ValueError(f"{where}: expected NAME models=MODEL[/TARGET],... (NAME: a certificate's common name)")
+        if name.strip() in scopes:
+            raise ValueError(f"{where}: {name.strip()!r} is listed twice")
+        try:
+            scopes[name.strip()] = Scope.parse(patterns)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return scopes
 
 
 def file_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:

@@ -126,11 +126,14 @@ async def _dry_run(config: ServerConfig) -> None:
 
 def _dry_run_security(config: ServerConfig) -> tuple[tuple[str, str], ...]:
     """Checks the TLS files and the tokens file as serve would; returns the metadata the dry run calls with."""
-    from .auth import read_tokens, server_credentials
+    from .auth import read_certificate_scopes, read_tokens, server_credentials
 
     if server_credentials(config) is not None:
         typer.echo(f"tls: {config.tls_cert} and its key are usable"
                    + (f"; clients must hold a certificate from {config.tls_client_ca}" if config.tls_client_ca else ""))
+    if config.tls_client_models:
+        typer.echo(f"tls: {len(read_certificate_scopes(config.tls_client_models))} client certificate name(s) limited "
+                   f"to some models in {config.tls_client_models}")
     if not config.auth_tokens_file:
         return ()
     tokens = read_tokens(config.auth_tokens_file)

@@ -150,6 +150,9 @@ class ServerConfig:
     tls_key: str = setting("", "PEM private key of --tls-cert")
     tls_client_ca: str = setting("", "PEM CA certificates: every client must present a certificate they signed "
                                  "(mutual TLS; needs --tls-cert)")
+    tls_client_models: str = setting("", "file of client certificates' common names and the models each may use, "
+                                     "one 'NAME models=MODEL[/TARGET],...' per line (needs --tls-client-ca); a name "
+                                     "not listed may use every model. Re-read when it changes")
     # Several tokens let keys rotate: add the new one, move clients over, remove the old one.
     auth_tokens_file: str = setting("", "file of accepted bearer tokens, one per line as NAME:TOKEN (NAME labels "
                                     "the client); empty: no authentication. Re-read when it changes")
@@ -206,6 +209,8 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together: give both for TLS, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.tls_client_models and not self.tls_client_ca:
+            raise ValueError("--tls-client-models names client certificates: it needs --tls-client-ca (mutual TLS)")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,7 +23,7 @@ from facetwin.core import faces
 from facetwin.v1 import facetwin_pb2
 
 from . import metrics
-from .auth import AuthInterceptor, TokenFile, server_credentials
+from .auth import AuthInterceptor, CertificateScopes, TokenFile, server_credentials
 from .config import ServerConfig
 from .interceptors import CallInterceptor
 from .registry import FolderWatch, ModelRegistry
@@ -69,7 +69,8 @@ class FaceSwapServer:
             *connection_options(config),
         ])
         self.engine = SwapEngine(self.registry)
-        self.servicer = FaceSwapServicer(self.registry, self.engine, config)
+        scopes = CertificateScopes(config.tls_client_models) if config.tls_client_models else None
+        self.servicer = FaceSwapServicer(self.registry, self.engine, config, scopes)
         add_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         if config.reflection:

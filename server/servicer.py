@@ -13,7 +13,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 from . import __version__, imaging, logs, metrics
-from .auth import authorize, client_id, named_client, visible_identities
+from .auth import CertificateScopes, authorize, client_id, named_client, visible_identities
 from .batcher import InferenceFailedError
 from .config import ServerConfig
 from .errors import DeadlineExceededError, InvalidInputError, SwapError, shorten
@@ -325,8 +325,10 @@ def frame_error_to_proto(error: SwapError) -> pb.FrameError:
 
 
 class FaceSwapServicer(pb_grpc.FaceSwapServicer):
-    def __init__(self, registry: ModelRegistry, engine: SwapEngine, config: ServerConfig) -> None:
+    def __init__(self, registry: ModelRegistry, engine: SwapEngine, config: ServerConfig,
+                 certificate_scopes: CertificateScopes | None = None) -> None:
         self.registry = registry
+        self.certificate_scopes = certificate_scopes
         self.engine = engine
         self.config = config
         self.admission = Admission(AdmissionLimits(config.max_calls_per_client, config.max_streams_per_client,
@@ -335,7 +337,13 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
         self._stream_ids = itertools.count()
 
     # Errors propagate: interceptors.CallInterceptor answers a SwapError with its status code, counts and logs it.
+    def _bind_scope(self, context: grpc.aio.ServicerContext) -> None:
+        """What this call's client certificate may use, for auth.authorize (a token's scope is set before)."""
+        if self.certificate_scopes is not None:
+            self.certificate_scopes.bind(context)
+
     async def Swap(self, request: pb.SwapRequest, context: grpc.aio.ServicerContext) -> pb.SwapResponse:
+        self._bind_scope(context)
         with self.admission.admit("call", client_id(context)):
             job = authorized(job_from_proto(request, self.config))
             outcome = await self.engine.swap(job, caller=context.peer(), wait_s=context.time_remaining())
@@ -345,6 +353,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
     async def SwapStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """Frames are swapped concurrently and answered strictly in order, each with its own status
         (streams.StreamRun); the stream ends early only when idle, empty, or when the server drains."""
+        self._bind_scope(context)
         with self.admission.admit("stream", client_id(context)):
             async for answer in self._run_stream(request_iterator, context):
                 yield answer
@@ -417,6 +426,7 @@ class FaceSwapServicer(pb_grpc.FaceSwapServicer):
             yield stream_answer_to_proto(answer, self.registry, named.popleft(), request_id, client)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        self._bind_scope(context)
         models = []
         for name, model in sorted(self.registry.models.items()):
             manifest = model.manifest

@@ -271,6 +271,35 @@ def test_mutual_tls_admits_only_certificates_of_its_ca(mtls_server, pki, caplog)
     assert probe.returncode == 0, probe.stderr
 
 
+def test_a_client_certificate_may_be_limited_to_some_models(tiny_model_dir, pki, tmp_path, caplog):
+    models = tmp_path / "client-models.txt"
+    models.write_text("# certificates' common names\nalice models=tiny/ada\nmallory models=nothing-*\n")
+    with pytest.raises(ValueError, match="needs --tls-client-ca"):
+        ServerConfig(model_dir=str(tiny_model_dir), tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                     tls_client_models=str(models)).validate()
+    server = ServerThread(ServerConfig(
+        address="127.0.0.1:0", model_dir=str(tiny_model_dir), grace_s=1.0, tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key), tls_client_ca=str(pki.ca), tls_client_models=str(models)))
+    try:
+        with Client(server.address, root_certificates=pki.ca, client_certificate=pki.client_cert,
+                    client_key=pki.client_key, timeout=10) as alice:
+            assert [(m.name, m.identities) for m in alice.list_models()] == [("tiny", ("ada",))]
+            assert alice.swap(_face(32), "tiny", "ada", color="rgb").image.shape == (32, 32, 3)
+            with pytest.raises(PermissionDeniedError, match="may use models=tiny/ada"):
+                alice.swap(_face(32), "tiny", "ben", color="rgb")
+            with caplog.at_level(logging.INFO, logger="facetwin.server.auth"):
+                models.write_text("alice models=tiny\n")  # re-read when it changes
+                assert [(m.name, m.identities) for m in alice.list_models()] == [("tiny", ("ada", "ben"))]
+                assert alice.swap(_face(32), "tiny", "ben", color="rgb").image.shape == (32, 32, 3)
+                models.write_text("alice tiny\n")  # a bad rewrite keeps what was read before
+                assert [(m.name, m.identities) for m in alice.list_models()] == [("tiny", ("ada", "ben"))]
+            assert "line 1: expected NAME models=" in caplog.text
+        assert REGISTRY.get_sample_value("facetwin_client_swaps_total",
+                                         {"client": "alice", "model": "tiny", "target": "ada"}) >= 1
+    finally:
+        server.stop()
+
+
 def _replace(path: Path, data: bytes) -> None:
     """As Kubernetes and cert-manager replace a mounted Secret's file: written aside, then renamed into place."""
     time.sleep(0.02)  # past the file system's clock tick, so the new file's mtime differs too
