@@ -98,7 +98,7 @@ class LiveJob(VideoJob):
                  progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
         self._input_format, self._input_options, self._realtime = input_format, input_options, realtime
         self._timeout_s = timeout_s
-        self._url, self._live_format, self._muxer_options = live_destination(str(output), output_format)
+        self._url, self._live_format, self._muxer_options = live_destination(str(output), output_format, str(source))
         self._cancel_live = cancel
         self._stop = threading.Event()  # set when the job closes its input
         self._read_at: collections.deque[float] = collections.deque()  # read times of frames sent, in order

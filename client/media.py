@@ -126,24 +126,26 @@ def open_stream(source: str, input_format: str | None = None, options: dict[str,
     return container
 
 
-def live_destination(destination: str, output_format: str | None = None) -> tuple[str, str, dict[str, str]]:
-    """(FFmpeg URL, container, muxer options) of a live output: "-" (standard output), an FFmpeg URL or a file.
-    An MP4 or MOV file is written fragmented, so what was written plays even if the run is killed."""
+def live_destination(destination: str, output_format: str | None = None,
+                     source: str | None = None) -> tuple[str, str, dict[str, str]]:
+    """(FFmpeg URL, container, muxer options) of a live output: "-" (standard output), an FFmpeg URL or a file (never
+    `source`, the input it is made from). An MP4 or MOV file is written fragmented, so what was written plays even
+    if the run is killed."""
     av = load_av(destination, "writing a live output")
     url = "pipe:1" if destination == "-" else destination
     scheme = url.partition(":")[0] if url.startswith("pipe:") else url.partition("://")[0] if "://" in url else ""
     if output_format is None:
         output_format = LIVE_SCHEMES.get(scheme) if scheme else LIVE_OUTPUTS.get(Path(url).suffix.lower())
         if output_format is None:
-            kinds = ", ".join(LIVE_OUTPUTS) if not scheme else f"FFmpeg's for {scheme}://"
+            known = f"{scheme}:// has no usual container" if scheme else f"files end in {', '.join(LIVE_OUTPUTS)}"
             raise MediaFileError(destination, f"name the container with --format (mpegts, flv, matroska ...): "
-                                              f"it cannot be told from the name (files: {kinds})")
+                                              f"it cannot be told from the name ({known})")
     try:
         av.format.ContainerFormat(output_format, "w")
     except (ValueError, av.FFmpegError):
         raise MediaFileError(destination, f"{output_format!r} is not a container this FFmpeg writes") from None
     if not scheme:
-        check_writable(Path(url))
+        check_writable(Path(url), Path(source) if source and source != "-" and "://" not in source else None)
     fragmented = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
     return url, output_format, fragmented if output_format in ("mp4", "mov") else {}
 

@@ -176,6 +176,8 @@ def test_live_mistakes_are_one_error_line(clip, tmp_path):
                                   "-a", UNREACHABLE), 1, "missing.mp4: no such file")
     assert_one_error_line(run_cli("live", clip, tmp_path / "out.gif", "-m", "m", "-t", "t", "-a", UNREACHABLE), 1,
                           "out.gif: name the container with --format")
+    assert_one_error_line(run_cli("live", clip, clip, "--realtime", "-m", "m", "-t", "t", "-a", UNREACHABLE), 1,
+                          "is the input itself")
     assert_one_error_line(run_cli("live", clip, "-", "--format", "nonesuch", "-m", "m", "-t", "t", "-a",
                                   UNREACHABLE), 1, "'nonesuch' is not a container this FFmpeg writes")
     assert_one_error_line(run_cli("live", "-", "-", "--input-format", "nonesuch", "-m", "m", "-t", "t", "-a",
