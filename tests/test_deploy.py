@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -51,3 +52,42 @@ def test_hpa_scales_the_deployment_on_queue_depth():
     metric_names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     assert metric_names == ["facetwin_queue_depth"]  # exported by server/metrics.py
     assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_the_tls_component_serves_a_renewed_certificate_and_probes_over_tls():
+    import typer
+
+    from facetwin.server.cli import app
+    from facetwin.server.config import ServerConfig, env_name
+
+    component = DEPLOY / "tls"
+    (kustomization,) = yaml.safe_load_all((component / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
+    assert all((component / name).is_file() for name in kustomization["resources"])
+    patch_files = [p["path"] for p in kustomization["patches"] if "path" in p]
+    assert patch_files == ["deployment-patch.yaml"] and (component / patch_files[0]).is_file()
+    (certificate,) = yaml.safe_load_all((component / "certificate.yaml").read_text())
+    (patch,) = yaml.safe_load_all((component / "deployment-patch.yaml").read_text())
+    (deployment,) = load("deployment.yaml")
+    assert patch["metadata"]["name"] == deployment["metadata"]["name"]
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # Every variable is one the server or its health probe reads.
+    settings = {env_name(f.name) for f in dataclasses.fields(ServerConfig)}
+    probe = typer.main.get_command(app).commands["healthcheck"]
+    probe_vars = {p.envvar for p in probe.params if p.envvar}
+    assert set(env) <= settings | probe_vars, set(env) - settings - probe_vars
+    # The Secret cert-manager renews is mounted whole (a subPath mount is never updated) where the variables point.
+    (mount,) = container["volumeMounts"]
+    (volume,) = patch["spec"]["template"]["spec"]["volumes"]
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"] and mount["name"] == volume["name"]
+    assert "subPath" not in mount
+    assert all(env[name].startswith(mount["mountPath"] + "/") for name in ("FACETWIN_TLS_CERT", "FACETWIN_TLS_KEY",
+                                                                          "FACETWIN_HEALTH_CA"))
+    # Clients dial the Services' names, the probe checks one of them; the kubelet's gRPC probes give way to it.
+    services = {s["metadata"]["name"] for s in load("service.yaml")}
+    assert services <= set(certificate["spec"]["dnsNames"])
+    assert env["FACETWIN_HEALTH_SERVER_NAME"] in certificate["spec"]["dnsNames"]
+    for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[name]["grpc"] is None and container[name]["exec"]["command"] == ["facetwin-server",
+                                                                                          "healthcheck"]
