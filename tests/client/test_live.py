@@ -75,7 +75,8 @@ def test_a_frame_a_newer_one_replaced_is_skipped_not_sent(square_clip, tmp_path)
     assert _error(first, source.frames[0]) < 2 and _error(rest[0], source.frames[-1]) < 2
 
 
-def test_a_stop_ends_the_output_properly_with_what_was_written(served_model, client, square_clip, tmp_path):
+def test_a_stop_ends_the_output_properly_with_what_was_written(served_model, client, franck, tmp_path):
+    long_clip = write_clip(tmp_path / "long.mp4", [frame[:, 36:324] for frame in franck] * 10)  # 10 s, aligned crops
     cancel, written = threading.Event(), []
 
     def progress(frames: int) -> None:
@@ -83,10 +84,11 @@ def test_a_stop_ends_the_output_properly_with_what_was_written(served_model, cli
         if len(written) == 5:
             cancel.set()
 
-    report = swap_live(client, str(square_clip), str(tmp_path / "out.mp4"), served_model.model,
+    report = swap_live(client, str(long_clip), str(tmp_path / "out.mp4"), served_model.model,
                        served_model.identities[0], faces=None, realtime=True, progress=progress, cancel=cancel)
     out = inspect_video(tmp_path / "out.mp4")
-    assert 5 <= report.frames_written == len(out.frames) == len(written) and report.frames_read < 24
+    assert report.ended == "stopped" and report.frames_read < 240
+    assert 5 <= report.frames_written == len(out.frames) == len(written)
     assert report.audio_streams == 1 and out.audio_codecs == ["aac"]
 
 
