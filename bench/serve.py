@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import ipaddress
 import os
 import socket
 import subprocess
@@ -45,7 +47,7 @@ from facetwin.v1 import facetwin_pb2 as pb
 from facetwin.v1 import facetwin_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import BENCH_CA_ENV, CHANNEL_OPTIONS, open_channel, run_load, tls_files  # noqa: E402  (bench/load.py)
+from load import BENCH_CA_ENV, CHANNEL_OPTIONS, open_channel, run_load  # noqa: E402  (bench/load.py)
 from report import host_info, process_cpu_seconds, write_report  # noqa: E402  (bench/report.py)
 
 
@@ -151,6 +153,36 @@ def best_raw(args: argparse.Namespace, bundle: Path, target: str) -> dict:
         rates[f"{workers}_workers"] = bench_raw(bundle, args.backend, target, args.max_batch, args.seconds,
                                                 args.max_batch, workers, threads)
     return {"per_s": max(rates.values()), **rates}
+
+
+def tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it, for a bench server's TLS: (ca, cert, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(name: str, key, issuer_key, issuer=None, sans=()) -> x509.Certificate:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer.subject if issuer else subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(1))
+                   .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("facetwin bench CA", ca_key, ca_key)
+    server = certificate("facetwin bench", key, ca_key, ca, [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
 
 
 def free_port() -> int:
