@@ -325,9 +325,9 @@ class VideoJob:
         except (av.FFmpegError, OSError) as exc:
             raise MediaFileError(self.output, f"cannot be written ({ffmpeg_reason(exc)})") from None
         self._output = output
-        output.metadata[PROVENANCE_TAG] = provenance_mark(provenance)
+        mark = output.metadata[PROVENANCE_TAG] = provenance_mark(provenance)
         if self._format == "mpegts":  # MPEG-TS has no comment tag: its service description (SDT) carries the mark
-            output.metadata.update(service_provider="facetwin", service_name=provenance_mark(provenance))
+            output.metadata.update(service_provider="facetwin", service_name=mark)
         stream = output.add_stream(self.options.codec, rate=self._rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # The input's time base and timestamps go through unchanged: variable frame rates stay as they were.

@@ -19,7 +19,7 @@ import logging
 import os
 import ssl
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 from urllib.parse import unquote
@@ -181,20 +181,25 @@ class CertificateScopes:
             _SCOPE.set(self._scopes.current().get(name))
 
 
-def read_certificate_scopes(path: str | os.PathLike) -> dict[str, Scope]:
-    """{common name: scope} of a certificate scopes file; OSError when it cannot be read, ValueError naming the line
-    when it is malformed."""
+def _setting_lines(path: str | os.PathLike, setting: str) -> Iterator[tuple[str, str]]:
+    """("<setting> <path> line N", the line) of each line of a file that holds something (blank lines and # comments
+    skipped); OSError, naming the setting, when it cannot be read."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise OSError(f"tls_client_models {path} cannot be read: {exc}") from None
-    scopes: dict[str, Scope] = {}
+        raise OSError(f"{setting} {path} cannot be read: {exc}") from None
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+        if line and not line.startswith("#"):
+            yield f"{setting} {path} line {number}", line
+
+
+def read_certificate_scopes(path: str | os.PathLike) -> dict[str, Scope]:
+    """{common name: scope} of a certificate scopes file; OSError when it cannot be read, ValueError naming the line
+    when it is malformed."""
+    scopes: dict[str, Scope] = {}
+    for where, line in _setting_lines(path, "tls_client_models"):
         name, sep, patterns = line.rpartition(" models=")
-        where = f"tls_client_models {path} line {number}"
         if not sep or not name.strip() or not patterns:
             raise ValueError(f"{where}: expected NAME models=MODEL[/TARGET],... (NAME: a certificate's common name)")
         if name.strip() in scopes:
@@ -219,18 +224,10 @@ def file_stamp(path: str | os.PathLike) -> tuple[int, int, int] | None:
 def read_tokens(path: str | os.PathLike) -> list[tuple[str, str, Scope | None]]:
     """(NAME, TOKEN, scope) of every token line of a tokens file; OSError when it cannot be read, ValueError (naming
     the line, never the token) when it is malformed or holds no token."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OSError(f"auth_tokens_file {path} cannot be read: {exc}") from None
     tokens: dict[str, tuple[str, Scope | None]] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for where, line in _setting_lines(path, "auth_tokens_file"):
         name, sep, rest = (part.strip() for part in line.partition(":"))
         token, *more = rest.split() or [""]
-        where = f"auth_tokens_file {path} line {number}"
         if not sep or not name or not token:
             raise ValueError(f"{where}: expected NAME:TOKEN [models=MODEL[/TARGET],...] (no spaces in TOKEN)")
         scope = None
